@@ -1,0 +1,49 @@
+"""The preference-loss core: pure functions of per-example scores, one registry by name.
+
+>>> from diffalign import losses
+>>> loss = losses.get("dpo")(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1)
+
+Call conventions by kind (see each module's docstring):
+
+- pairwise, soft-label, unpaired, reference-free, ``sft``:
+  ``fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, **options)``
+- listwise: ``fn(policy, reference, *, beta, scores=None, **options)`` on (B, K) scores
+- ``z_loss``: ``fn(logits, mask=None, *, weight)``
+
+Every function returns the per-example loss; reduction is the caller's. Scores are any
+per-sample log-likelihood or proxy, higher = more likely: summed token log-probs for a text
+LM, minus the weighted denoising error for a diffusion model.
+"""
+
+from diffalign.losses import listwise, pairwise, reference_free, regularisers, soft, unpaired
+from diffalign.losses.metrics import combine, preference_metrics
+from diffalign.losses.registry import (
+    KINDS,
+    LossSpec,
+    UnknownLossError,
+    get,
+    names,
+    spec,
+    specs,
+)
+from diffalign.losses.unpaired import RewardShift, udm_weights
+
+__all__ = [
+    "KINDS",
+    "LossSpec",
+    "RewardShift",
+    "UnknownLossError",
+    "combine",
+    "get",
+    "listwise",
+    "names",
+    "pairwise",
+    "preference_metrics",
+    "reference_free",
+    "regularisers",
+    "soft",
+    "spec",
+    "specs",
+    "udm_weights",
+    "unpaired",
+]

@@ -1,0 +1,93 @@
+"""Run TRL's own loss code on score tensors we choose, for parity tests.
+
+TRL 1.x computes DPO-family losses inline in ``DPOTrainer._compute_loss``. We call that
+method unbound with a minimal stand-in for the trainer and a fake model whose per-token
+log-probs sum to the scores we want (one completion token per sequence), with the reference
+log-probs precomputed. What comes back is TRL's batch-mean loss.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+from trl.trainer.dpo_trainer import DPOTrainer
+
+
+class _Accelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+    gather = gather_for_metrics
+
+    @staticmethod
+    def unwrap_model(m):
+        return m
+
+
+class _FakeLM:
+    """Returns log_probs whose completion-token entry is the requested sequence score."""
+
+    training = True
+
+    def __init__(self, scores: torch.Tensor):
+        self.scores = scores
+
+    def __call__(self, input_ids, **kwargs):
+        n, length = input_ids.shape
+        log_probs = torch.zeros(n, length - 1)
+        log_probs[:, -1] = self.scores
+        return SimpleNamespace(
+            log_probs=log_probs,
+            entropy=torch.zeros(n, length - 1),
+            mean_logits=torch.zeros(n, length - 1),
+            is_top1=torch.zeros(n, length - 1, dtype=torch.bool),
+        )
+
+
+def trl_dpo_loss(
+    loss_type: str,
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+) -> torch.Tensor:
+    """TRL's batch-mean DPOTrainer loss for these scores (completion length 1)."""
+    b = pc.shape[0]
+    fake = _FakeLM(torch.cat([pc, pr]).float())
+    trainer = SimpleNamespace(
+        model=fake,
+        accelerator=_Accelerator(),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        args=SimpleNamespace(discopop_tau=discopop_tau),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.zeros(2 * b, 2, dtype=torch.long),
+        "attention_mask": torch.ones(2 * b, 2, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 1]] * (2 * b)),
+        "ref_chosen_logps": rc.float(),
+        "ref_rejected_logps": rr.float(),
+    }
+    return DPOTrainer._compute_loss(trainer, fake, inputs, return_outputs=False)
