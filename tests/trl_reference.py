@@ -30,17 +30,16 @@ class _Accelerator:
 
 
 class _FakeLM:
-    """Returns log_probs whose completion-token entry is the requested sequence score."""
+    """Returns the given per-token log-probs (N, T-1) as TRL's fused LM head would."""
 
     training = True
 
-    def __init__(self, scores: torch.Tensor):
-        self.scores = scores
+    def __init__(self, token_logps: torch.Tensor):
+        self.token_logps = token_logps
 
     def __call__(self, input_ids, **kwargs):
         n, length = input_ids.shape
-        log_probs = torch.zeros(n, length - 1)
-        log_probs[:, -1] = self.scores
+        log_probs = self.token_logps
         return SimpleNamespace(
             log_probs=log_probs,
             entropy=torch.zeros(n, length - 1),
@@ -64,7 +63,40 @@ def trl_dpo_loss(
 ) -> torch.Tensor:
     """TRL's batch-mean DPOTrainer loss for these scores (completion length 1)."""
     b = pc.shape[0]
-    fake = _FakeLM(torch.cat([pc, pr]).float())
+    token_logps = torch.zeros(2 * b, 1)
+    token_logps[:, -1] = torch.cat([pc, pr]).float()
+    mask = torch.tensor([[0, 1]] * (2 * b))
+    return trl_dpo_loss_from_token_logps(
+        loss_type,
+        token_logps,
+        mask,
+        rc,
+        rr,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
+    )
+
+
+def trl_dpo_loss_from_token_logps(
+    loss_type: str,
+    token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+) -> torch.Tensor:
+    """TRL's loss given the policy's per-token log-probs (2B, T-1) of a [chosen; rejected] batch."""
+    n, length = completion_mask.shape
+    # TRL's fused head gets labels = -100 outside the completion and returns 0 log-prob there
+    fake = _FakeLM(token_logps.float() * completion_mask[:, 1:])
     trainer = SimpleNamespace(
         model=fake,
         accelerator=_Accelerator(),
@@ -84,9 +116,9 @@ def trl_dpo_loss(
         _tp_size=1,
     )
     inputs = {
-        "input_ids": torch.zeros(2 * b, 2, dtype=torch.long),
-        "attention_mask": torch.ones(2 * b, 2, dtype=torch.long),
-        "completion_mask": torch.tensor([[0, 1]] * (2 * b)),
+        "input_ids": torch.zeros(n, length, dtype=torch.long),
+        "attention_mask": torch.ones(n, length, dtype=torch.long),
+        "completion_mask": completion_mask,
         "ref_chosen_logps": rc.float(),
         "ref_rejected_logps": rr.float(),
     }

@@ -1,0 +1,33 @@
+"""The command line: help, the losses listing, and clean errors for what is not built."""
+
+import subprocess
+import sys
+
+from diffalign import losses
+from diffalign.cli import main
+
+
+def test_help_lists_every_subcommand(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "train", "eval", "generate-ranked", "export", "losses"):
+        assert command in out
+
+
+def test_losses_lists_every_registered_loss_with_paper(capsys):
+    assert main(["losses"]) == 0
+    out = capsys.readouterr().out
+    for name in losses.names():
+        assert f"  {name} " in out
+    assert out.count("paper:") == len(losses.names())
+
+
+def test_unbuilt_command_exits_nonzero_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffalign", "export"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "not built yet" in proc.stderr and "Traceback" not in proc.stderr

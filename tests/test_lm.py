@@ -1,0 +1,118 @@
+"""Text-LM target: sequence log-probs, LD-DPO, and DPO end to end on a tiny GPT-2."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from trl.trainer.utils import selective_log_softmax
+from trl_reference import trl_dpo_loss_from_token_logps
+
+from diffalign.lm import preference_loss, sequence_logps, token_logps
+
+VOCAB, PROMPT, COMPLETION = 32, 4, 6
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def preference_batch(n_pairs: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Chosen completions count upwards from the last prompt token; rejected are random.
+
+    Completion lengths vary per pair (right padding with token 0, masked out).
+    """
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(1, VOCAB, (n_pairs, PROMPT), generator=g)
+    steps = torch.arange(1, COMPLETION + 1)
+    chosen = (prompts[:, -1:] + steps) % (VOCAB - 1) + 1
+    rejected = torch.randint(1, VOCAB, (n_pairs, COMPLETION), generator=g)
+    ids = torch.cat([torch.cat([prompts, chosen], 1), torch.cat([prompts, rejected], 1)])
+    lengths = torch.randint(3, COMPLETION + 1, (2 * n_pairs,), generator=g)
+    position = torch.arange(PROMPT + COMPLETION)
+    completion = (position >= PROMPT) & (position < PROMPT + lengths.unsqueeze(1))
+    attention = (position < PROMPT + lengths.unsqueeze(1)).long()
+    ids = ids * attention
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion.long()}
+
+
+def test_token_logps_match_log_softmax():
+    logits = torch.randn(3, 5, 7)
+    ids = torch.randint(0, 7, (3, 5))
+    expected = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(token_logps(logits, ids), expected)
+
+
+def test_sequence_logps_sum_mean_and_ld():
+    """Tokens' log-probs fixed by hand: chosen has 3 completion tokens, rejected 1."""
+    logits = torch.zeros(2, 5, 4)  # uniform: every token log p = -log 4
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]])
+    lp = -torch.log(torch.tensor(4.0))
+    total, lengths = sequence_logps(logits, ids, mask)
+    torch.testing.assert_close(total, torch.stack([3 * lp, lp]))
+    torch.testing.assert_close(lengths, torch.tensor([3.0, 1.0]))
+    mean, _ = sequence_logps(logits, ids, mask, average=True)
+    torch.testing.assert_close(mean, torch.stack([lp, lp]))
+    # LD-DPO: shared length 1; the chosen's 2 extra tokens count with alpha = 0.5
+    ld, _ = sequence_logps(logits, ids, mask, ld_alpha=0.5)
+    torch.testing.assert_close(ld, torch.stack([lp + 0.5 * 2 * lp, lp]))
+
+
+@pytest.mark.parametrize("loss_type,name", [("sigmoid", "dpo"), ("ipo", "ipo"), ("hinge", "hinge")])
+def test_loss_on_model_matches_trl(loss_type, name):
+    policy, reference = tiny_gpt2(0), tiny_gpt2(1)
+    batch = preference_batch(4)
+    ours, _ = preference_loss(policy, reference, batch, loss=name, beta=0.1)
+
+    with torch.no_grad():
+        def trl_token_logps(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
+
+        ref_seq = (trl_token_logps(reference) * batch["completion_mask"][:, 1:]).sum(1)
+        rc, rr = ref_seq.chunk(2)
+        theirs = trl_dpo_loss_from_token_logps(
+            loss_type, trl_token_logps(policy), batch["completion_mask"], rc, rr, beta=0.1
+        )
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_training_raises_implicit_accuracy():
+    torch.manual_seed(0)
+    policy, reference = tiny_gpt2(0), tiny_gpt2(0)
+    batch = preference_batch(16, seed=1)
+    _, before = preference_loss(policy, reference, batch, loss="dpo", beta=0.1)
+    assert before["implicit_acc"].item() == pytest.approx(0.5)  # policy == reference: all ties
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, _ = preference_loss(policy, reference, batch, loss="dpo", beta=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    loss_after, after = preference_loss(policy, reference, batch, loss="dpo", beta=0.1)
+    assert after["implicit_acc"].item() >= 0.9
+    assert loss_after.item() < 0.5 < torch.log(torch.tensor(2.0)).item()
+
+
+def test_lora_policy_uses_disabled_adapters_as_reference():
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(tiny_gpt2(0), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    batch = preference_batch(4)
+    loss, metrics = preference_loss(policy, None, batch, loss="dpo", beta=0.1)
+    # LoRA starts as the identity (B = 0), so policy == reference: loss log 2, zero rewards
+    torch.testing.assert_close(loss, torch.log(torch.tensor(2.0)))
+    assert metrics["rewards/margins"].item() == 0.0
+
+
+def test_reference_free_loss_needs_no_reference():
+    loss, _ = preference_loss(tiny_gpt2(0), None, preference_batch(2), loss="simpo", beta=2.0, average_logps=True)
+    assert torch.isfinite(loss)
+
+
+def test_missing_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match="reference model"):
+        preference_loss(tiny_gpt2(0), None, preference_batch(2), loss="dpo")
