@@ -1,0 +1,49 @@
+"""Diffusion side of "likelihood proxy + core loss": backbone adapters over diffusers models,
+noise schedules and targets, the denoising-likelihood proxy, and latent/prompt caching."""
+
+from diffalign.diffusion.backbones import (
+    BACKBONES,
+    Backbone,
+    Conditioning,
+    backbone_for,
+    configure_denoiser,
+)
+from diffalign.diffusion.cache import CachedEncoder, TensorCache, content_key
+from diffalign.diffusion.likelihood import (
+    NoisedGroup,
+    adapters_disabled,
+    denoising_scores,
+    group_scores,
+    noised_group,
+)
+from diffalign.diffusion.loading import build_random_pipeline, load_pipeline
+from diffalign.diffusion.schedule import (
+    DiffusionSchedule,
+    FlowSchedule,
+    Schedule,
+    TimestepSampler,
+    schedule_for,
+)
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "CachedEncoder",
+    "Conditioning",
+    "DiffusionSchedule",
+    "FlowSchedule",
+    "NoisedGroup",
+    "Schedule",
+    "TensorCache",
+    "TimestepSampler",
+    "adapters_disabled",
+    "backbone_for",
+    "build_random_pipeline",
+    "configure_denoiser",
+    "content_key",
+    "denoising_scores",
+    "group_scores",
+    "load_pipeline",
+    "noised_group",
+    "schedule_for",
+]

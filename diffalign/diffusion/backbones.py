@@ -1,0 +1,295 @@
+"""One adapter interface over diffusers pipelines: SD 1.x/2.x, SDXL, SD3/3.5, PixArt.
+
+An objective is written once against :class:`Backbone`: encode prompts, encode images to
+latents, and call the denoiser on noisy latents. Each family's adapter knows its own text
+encoders (through the pipeline's own ``encode_prompt``), conditioning (SDXL's pooled
+embeddings and size/crop time ids, SD3's pooled projections, PixArt's attention mask and
+learned-sigma output) and latent scaling (SD3's shift factor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from diffalign.errors import UserError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of N prompts: what the family's denoiser consumes.
+
+    Attributes:
+        embeds: (N, L, D) token embeddings.
+        pooled: (N, P) pooled embeddings (SDXL text_embeds, SD3 pooled_projections), or None.
+        mask: (N, L) attention mask of the tokens (PixArt), or None.
+    """
+
+    embeds: Tensor
+    pooled: Tensor | None = None
+    mask: Tensor | None = None
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                               for f in fields(self)})
+
+    def repeat_items(self, k: int) -> "Conditioning":
+        """Each prompt repeated k times in a row: prompt i serves items i*k .. i*k+k-1."""
+        return self if k == 1 else self._map(lambda t: t.repeat_interleave(k, dim=0))
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        """Move to a device; floating tensors (not the mask) also to ``dtype``."""
+        return Conditioning(
+            embeds=self.embeds.to(device=device, dtype=dtype),
+            pooled=None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+            mask=None if self.mask is None else self.mask.to(device=device),
+        )
+
+    def __getitem__(self, index) -> "Conditioning":
+        return self._map(lambda t: t[index])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The non-empty fields, for caching as safetensors."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def cat(cls, items: list["Conditioning"]) -> "Conditioning":
+        first = items[0]
+        return cls(**{
+            f.name: None if getattr(first, f.name) is None else torch.cat([getattr(c, f.name) for c in items])
+            for f in fields(cls)
+        })
+
+
+class Backbone:
+    """A diffusers pipeline seen through the one interface the objectives use.
+
+    ``denoiser`` is the trainable network (UNet or transformer). Methods that take a
+    ``denoiser`` argument run that module instead (a frozen reference copy, say).
+    """
+
+    family: ClassVar[str]
+    denoiser_attr: ClassVar[str] = "unet"
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    # --- latents -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels in [-1, 1], (N, 3, H, W) -> scaled latents (N, C, H/f, W/f).
+
+        Takes the posterior mean unless a ``generator`` is given (then one sample from it),
+        so that latents cached once equal latents recomputed later.
+        """
+        vae = self.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> pixels in [-1, 1]."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
+        return vae.decode(latents).sample.clamp(-1, 1)
+
+    # --- text ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    # --- denoiser ------------------------------------------------------------------------
+    def predict(
+        self, latents: Tensor, timesteps: Tensor, cond: Conditioning, denoiser: nn.Module | None = None
+    ) -> Tensor:
+        """The denoiser's prediction for noisy ``latents`` (N, C, h, w) at ``timesteps`` (N,)."""
+        raise NotImplementedError
+
+
+class SDBackbone(Backbone):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, epsilon or v-prediction UNet."""
+
+    family = "sd"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return Conditioning(embeds=embeds)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        return net(latents, timesteps, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+
+class SDXLBackbone(Backbone):
+    """SDXL: two CLIP text encoders, pooled text embeddings and size/crop micro-conditioning.
+
+    Time ids are (original h, original w, crop top, crop left, target h, target w) with the
+    image taken as uncropped at the latents' pixel size, as diffusers' SDXL DPO example does.
+    """
+
+    family = "sdxl"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(list(prompts), device=self.device,
+                                                       do_classifier_free_guidance=False)
+        return Conditioning(embeds=embeds, pooled=pooled)
+
+    def time_ids(self, latents: Tensor) -> Tensor:
+        h, w = (s * self.vae_scale_factor for s in latents.shape[-2:])
+        ids = torch.tensor([h, w, 0, 0, h, w], device=latents.device, dtype=latents.dtype)
+        return ids.expand(latents.shape[0], 6)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        added = {"text_embeds": cond.pooled, "time_ids": self.time_ids(latents)}
+        return net(
+            latents, timesteps, encoder_hidden_states=cond.embeds, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+
+class SD3Backbone(Backbone):
+    """SD3 / SD3.5 MMDiT: two CLIPs and T5, flow matching, latents shifted then scaled."""
+
+    family = "sd3"
+    denoiser_attr = "transformer"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        prompts = list(prompts)
+        max_len = self.pipe.tokenizer_3.model_max_length if self.pipe.tokenizer_3 is not None else 77
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
+            max_sequence_length=min(max_len, 256),
+        )
+        return Conditioning(embeds=embeds, pooled=pooled)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        return net(
+            hidden_states=latents,
+            timestep=timesteps,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+            return_dict=False,
+        )[0]
+
+
+class PixArtBackbone(Backbone):
+    """PixArt-alpha / sigma DiT: T5 text encoder with attention mask, learned-sigma output."""
+
+    family = "pixart"
+    denoiser_attr = "transformer"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        max_len = min(self.pipe.tokenizer.model_max_length, 300)
+        embeds, mask, _, _ = self.pipe.encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, device=self.device, max_sequence_length=max_len
+        )
+        return Conditioning(embeds=embeds, mask=mask)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        added = {"resolution": None, "aspect_ratio": None}
+        if getattr(net.config, "use_additional_conditions", False):
+            h, w = (s * self.vae_scale_factor for s in latents.shape[-2:])
+            n = latents.shape[0]
+            added = {
+                "resolution": torch.tensor([[h, w]], device=latents.device, dtype=latents.dtype).expand(n, 2),
+                "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=latents.dtype).expand(n, 1),
+            }
+        out = net(
+            latents,
+            encoder_hidden_states=cond.embeds,
+            encoder_attention_mask=cond.mask,
+            timestep=timesteps,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        if out.shape[1] == 2 * latents.shape[1]:  # learned variance: keep the mean prediction
+            out = out.chunk(2, dim=1)[0]
+        return out
+
+
+BACKBONES: dict[str, type[Backbone]] = {
+    "StableDiffusionPipeline": SDBackbone,
+    "StableDiffusionXLPipeline": SDXLBackbone,
+    "StableDiffusion3Pipeline": SD3Backbone,
+    "PixArtAlphaPipeline": PixArtBackbone,
+    "PixArtSigmaPipeline": PixArtBackbone,
+}
+
+
+def backbone_for(pipe) -> Backbone:
+    """The adapter for a diffusers pipeline, chosen by its class name."""
+    name = type(pipe).__name__
+    if name not in BACKBONES:
+        raise UserError(
+            f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
+        )
+    return BACKBONES[name](pipe)
+
+
+def configure_denoiser(
+    denoiser: nn.Module,
+    *,
+    attention: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    channels_last: bool = False,
+) -> nn.Module:
+    """Attention kernel, gradient checkpointing and memory format of a denoiser.
+
+    ``attention="sdpa"`` keeps diffusers' default processors, which call PyTorch's
+    scaled_dot_product_attention (flash / memory-efficient kernels where available);
+    ``"xformers"`` switches to xformers' memory-efficient attention (CUDA, optional extra).
+    """
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "attention=xformers needs the xformers package (pip install 'diffalign[xformers]', CUDA only); "
+                "the default attention=sdpa needs nothing extra."
+            ) from None
+        denoiser.enable_xformers_memory_efficient_attention()
+    elif attention != "sdpa":
+        raise UserError(f"unknown attention {attention!r}; choose 'sdpa' (default) or 'xformers'")
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    return denoiser

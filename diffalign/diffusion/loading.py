@@ -1,0 +1,127 @@
+"""Load a diffusers pipeline from a local folder or a single file, or build it with random weights.
+
+Nothing here downloads: folders are read with ``local_files_only=True``, and a single-file
+checkpoint needs a local diffusers folder (``config=``) that says what architecture it is.
+Weights are read from safetensors only (``use_safetensors=True``): nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from diffalign.errors import UserError
+
+MODEL_INDEX = "model_index.json"
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / MODEL_INDEX
+    if not path.is_file():
+        raise UserError(
+            f"{folder} is not a diffusers model folder: it has no {MODEL_INDEX}. Point model.path at "
+            "a folder saved with pipeline.save_pretrained(), or at a .safetensors file together with "
+            "model.config (a diffusers folder of the same architecture)."
+        )
+    return json.loads(path.read_text())
+
+
+def _component_class(library: str, class_name: str):
+    module = importlib.import_module(library)
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise UserError(f"{library} has no class {class_name!r} named in {MODEL_INDEX}") from None
+
+
+def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: torch.dtype | None = None):
+    """Build the pipeline described by ``folder``'s configs, with random weights.
+
+    Each model component is constructed from its config (diffusers ``from_config`` or a
+    transformers config class); tokenizers and schedulers load from their files. Weights are
+    initialised under ``torch.manual_seed(seed)`` in component order, so a seed gives the
+    same model every time.
+    """
+    folder = Path(folder)
+    index = _read_index(folder)
+    pipeline_cls = _component_class("diffusers", index["_class_name"])
+    components = {}
+    torch.manual_seed(seed)
+    for name, spec in sorted(index.items()):
+        if name.startswith("_"):
+            continue
+        library, class_name = spec if isinstance(spec, (list, tuple)) else (None, None)
+        if library is None:
+            components[name] = None
+            continue
+        cls = _component_class(library, class_name)
+        sub = folder / name
+        if "tokenizer" in name.lower() or "scheduler" in name.lower():
+            components[name] = cls.from_pretrained(sub, local_files_only=True)
+        elif library == "diffusers":
+            components[name] = cls.from_config(cls.load_config(sub))
+        else:
+            from transformers import AutoConfig
+
+            components[name] = cls(AutoConfig.from_pretrained(sub, local_files_only=True))
+    # optional components the pipeline accepts but the folder does not name
+    for optional in getattr(pipeline_cls, "_optional_components", []):
+        components.setdefault(optional, None)
+    pipe = pipeline_cls(**{k: v for k, v in components.items() if k in _init_params(pipeline_cls)})
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    return pipe
+
+
+def _init_params(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def load_pipeline(
+    source: str | Path,
+    *,
+    config: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    torch_dtype: torch.dtype | None = None,
+) -> DiffusionPipeline:
+    """A diffusers pipeline from a local folder, a single file, or configs with random weights.
+
+    Args:
+        source: a diffusers folder (``model_index.json`` inside) or a ``.safetensors`` file.
+        config: for a single file, the local diffusers folder giving its architecture.
+        random_init: build from the folder's configs with random weights (tests, benchmarks).
+        seed: seed of the random weights.
+        torch_dtype: dtype to load the weights in.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"model path {source} does not exist. Set model.path to a local diffusers folder or file.")
+    if random_init:
+        return build_random_pipeline(source, seed=seed, torch_dtype=torch_dtype)
+    if source.is_file():
+        if source.suffix != ".safetensors":
+            raise UserError(
+                f"{source} is not a .safetensors file; diffalign never unpickles .ckpt/.bin weights. "
+                "Convert it to safetensors first."
+            )
+        if config is None:
+            raise UserError(
+                f"loading the single file {source} needs model.config: a local diffusers folder of the "
+                "same architecture (its configs say how to read the file; nothing is downloaded)."
+            )
+        index = _read_index(Path(config))
+        pipeline_cls = _component_class("diffusers", index["_class_name"])
+        return pipeline_cls.from_single_file(
+            str(source), config=str(config), local_files_only=True, torch_dtype=torch_dtype
+        )
+    _read_index(source)
+    return DiffusionPipeline.from_pretrained(
+        source, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
+    )

@@ -1,0 +1,334 @@
+"""Write the model-config folders shipped in assets/models/ (configs and tokenizers, no weights).
+
+Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder per
+component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
+random_init=True)`` builds the model with random weights and no download:
+
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-pixart``: a few hundred thousand
+  parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
+- ``sd15``, ``sdxl``, ``sd3-medium``, ``pixart-alpha-1024``: the real architectures' denoiser,
+  VAE and text-encoder configs, for GPU benchmarks at real size with random weights.
+
+The tokenizers are small character-level vocabularies (the real ones are not redistributed
+here); prompts tokenise to one id per character. Re-run to regenerate:
+``python scripts/make_model_configs.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import CLIPTokenizer, T5TokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+ROOT = Path(__file__).resolve().parent.parent / "assets" / "models"
+CHAR_VOCAB = 512 + 2  # every byte, with and without "</w>", plus start/end of text
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """A CLIP BPE tokenizer with no merges: one token per character."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
+    tok.model_max_length = 77
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).unlink()
+    tok.save_pretrained(folder)
+
+
+def t5_tokenizer(folder: Path, max_length: int = 64) -> None:
+    """A T5 unigram tokenizer over single characters (pad 0, eos 1, unk 2)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(i), -2.0) for i in range(33, 127)]
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    tok.model_max_length = max_length
+    tok.save_pretrained(folder)
+
+
+def clip_text(hidden: int, layers: int, heads: int, projection: int | None = None, **extra) -> dict:
+    config = {
+        "architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 4,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "vocab_size": CHAR_VOCAB,
+        "max_position_embeddings": 77,
+        "bos_token_id": 512,
+        "eos_token_id": 513,
+        "pad_token_id": 513,
+        "hidden_act": "quick_gelu",
+        "projection_dim": projection or hidden,
+    }
+    config.update(extra)
+    return config
+
+
+def t5_encoder(d_model: int, layers: int, heads: int, d_ff: int, d_kv: int) -> dict:
+    return {
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "d_model": d_model,
+        "d_ff": d_ff,
+        "d_kv": d_kv,
+        "num_layers": layers,
+        "num_heads": heads,
+        "vocab_size": 128,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+        "relative_attention_num_buckets": 32,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }
+
+
+def vae(channels: list[int], latent: int, sample: int, **extra) -> dict:
+    config = {
+        "_class_name": "AutoencoderKL",
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+        "latent_channels": latent,
+        "layers_per_block": 2 if len(channels) > 2 else 1,
+        "norm_num_groups": 32,
+        "sample_size": sample,
+        "scaling_factor": 0.18215,
+    }
+    config.update(extra)
+    return config
+
+
+def ddpm_scheduler(prediction_type: str = "epsilon", **extra) -> dict:
+    config = {
+        "_class_name": "DDPMScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "prediction_type": prediction_type,
+        "timestep_spacing": "leading",
+    }
+    config.update(extra)
+    return config
+
+
+def flow_scheduler(shift: float = 3.0) -> dict:
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
+
+
+def index(pipeline: str, components: dict[str, tuple[str, str]]) -> dict:
+    data = {"_class_name": pipeline, "_diffusers_version": "0.31.0"}
+    data.update({name: list(lib_cls) for name, lib_cls in components.items()})
+    return data
+
+
+def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, dict | str]]) -> None:
+    """parts: component -> (library, class, config dict or a tokenizer kind)."""
+    folder = ROOT / name
+    shutil.rmtree(folder, ignore_errors=True)
+    for component, (library, cls, config) in parts.items():
+        sub = folder / component
+        if library is None:  # an optional component the pipeline is built without
+            continue
+        if config == "clip-tokenizer":
+            clip_tokenizer(sub)
+        elif config == "clip-tokenizer-pad!":
+            clip_tokenizer(sub, pad_token="!")
+        elif config == "t5-tokenizer":
+            t5_tokenizer(sub)
+        elif library == "transformers":
+            write_json(sub / "config.json", config)
+        elif component == "scheduler":
+            write_json(sub / "scheduler_config.json", config)
+        else:
+            write_json(sub / "config.json", {"_class_name": cls, **config})
+    write_json(folder / "model_index.json", index(pipeline, {c: (lib, cls) for c, (lib, cls, _) in parts.items()}))
+
+
+def unet(**config) -> dict:
+    base = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "norm_num_groups": 32}
+    base.update(config)
+    return base
+
+
+def tiny() -> None:
+    tiny_vae = vae([32, 64], latent=4, sample=64)
+    write_pipeline(
+        "tiny-sd15",
+        "StableDiffusionPipeline",
+        {
+            "unet": ("diffusers", "UNet2DConditionModel", unet(
+                block_out_channels=[32, 64], layers_per_block=1, sample_size=16, cross_attention_dim=32,
+                attention_head_dim=8,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])),
+            "vae": ("diffusers", "AutoencoderKL", tiny_vae),
+            "text_encoder": ("transformers", "CLIPTextModel", clip_text(32, 2, 4)),
+            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler()),
+            "safety_checker": (None, None, None),
+            "feature_extractor": (None, None, None),
+        },
+    )
+    write_pipeline(
+        "tiny-sdxl",
+        "StableDiffusionXLPipeline",
+        {
+            "unet": ("diffusers", "UNet2DConditionModel", unet(
+                block_out_channels=[32, 64], layers_per_block=1, sample_size=16, cross_attention_dim=64,
+                attention_head_dim=[2, 4], use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=8, transformer_layers_per_block=[1, 2],
+                projection_class_embeddings_input_dim=80,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])),
+            "vae": ("diffusers", "AutoencoderKL", {**tiny_vae, "scaling_factor": 0.13025}),
+            "text_encoder": ("transformers", "CLIPTextModel", clip_text(32, 2, 4)),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_text(32, 2, 4, projection=32)),
+            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "tokenizer_2": ("transformers", "CLIPTokenizer", "clip-tokenizer-pad!"),
+            "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler()),
+        },
+    )
+    write_pipeline(
+        "tiny-sd3",
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": ("diffusers", "SD3Transformer2DModel", {
+                "sample_size": 16, "patch_size": 1, "in_channels": 4, "out_channels": 4, "num_layers": 2,
+                "attention_head_dim": 8, "num_attention_heads": 4, "caption_projection_dim": 32,
+                "joint_attention_dim": 64, "pooled_projection_dim": 64, "pos_embed_max_size": 32}),
+            "vae": ("diffusers", "AutoencoderKL", {
+                **tiny_vae, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                "use_quant_conv": False, "use_post_quant_conv": False}),
+            "text_encoder": ("transformers", "CLIPTextModelWithProjection", clip_text(32, 2, 4, projection=32)),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_text(32, 2, 4, projection=32)),
+            "text_encoder_3": ("transformers", "T5EncoderModel", t5_encoder(64, 2, 4, 128, 16)),
+            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "tokenizer_2": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "tokenizer_3": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", flow_scheduler()),
+        },
+    )
+    write_pipeline(
+        "tiny-pixart",
+        "PixArtAlphaPipeline",
+        {
+            "transformer": ("diffusers", "PixArtTransformer2DModel", {
+                "sample_size": 16, "num_layers": 2, "patch_size": 2, "attention_head_dim": 8,
+                "num_attention_heads": 3, "caption_channels": 32, "in_channels": 4, "cross_attention_dim": 24,
+                "out_channels": 8, "attention_bias": True, "activation_fn": "gelu-approximate",
+                "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single", "norm_elementwise_affine": False,
+                "norm_eps": 1e-6}),
+            "vae": ("diffusers", "AutoencoderKL", tiny_vae),
+            "text_encoder": ("transformers", "T5EncoderModel", t5_encoder(32, 2, 4, 64, 8)),
+            "tokenizer": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+            "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler(beta_schedule="linear", beta_start=0.0001,
+                                                                       beta_end=0.02)),
+        },
+    )
+
+
+def full_size() -> None:
+    """Real architectures (configs as published with SD1.5, SDXL 1.0, SD3-medium, PixArt-alpha)."""
+    sd_vae = vae([128, 256, 512, 512], latent=4, sample=512)
+    clip_l = clip_text(768, 12, 12, max_position_embeddings=77)
+    clip_g = clip_text(1280, 32, 20, projection=1280, hidden_act="gelu", intermediate_size=5120)
+    clip_l_proj = clip_text(768, 12, 12, projection=768)
+    write_pipeline(
+        "sd15",
+        "StableDiffusionPipeline",
+        {
+            "unet": ("diffusers", "UNet2DConditionModel", unet(
+                block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, sample_size=64,
+                cross_attention_dim=768, attention_head_dim=8,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)),
+            "vae": ("diffusers", "AutoencoderKL", sd_vae),
+            "text_encoder": ("transformers", "CLIPTextModel", clip_l),
+            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler()),
+            "safety_checker": (None, None, None),
+            "feature_extractor": (None, None, None),
+        },
+    )
+    write_pipeline(
+        "sdxl",
+        "StableDiffusionXLPipeline",
+        {
+            "unet": ("diffusers", "UNet2DConditionModel", unet(
+                block_out_channels=[320, 640, 1280], layers_per_block=2, sample_size=128,
+                cross_attention_dim=2048, attention_head_dim=[5, 10, 20], use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                transformer_layers_per_block=[1, 2, 10], projection_class_embeddings_input_dim=2816,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])),
+            "vae": ("diffusers", "AutoencoderKL", {**sd_vae, "sample_size": 1024, "scaling_factor": 0.13025,
+                                                   "force_upcast": True}),
+            "text_encoder": ("transformers", "CLIPTextModel", clip_l),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_g),
+            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "tokenizer_2": ("transformers", "CLIPTokenizer", "clip-tokenizer-pad!"),
+            "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler()),
+        },
+    )
+    write_pipeline(
+        "sd3-medium",
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": ("diffusers", "SD3Transformer2DModel", {
+                "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+                "attention_head_dim": 64, "num_attention_heads": 24, "caption_projection_dim": 1536,
+                "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}),
+            "vae": ("diffusers", "AutoencoderKL", {
+                **sd_vae, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
+                "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}),
+            "text_encoder": ("transformers", "CLIPTextModelWithProjection", clip_l_proj),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_g),
+            "text_encoder_3": ("transformers", "T5EncoderModel", t5_encoder(4096, 24, 64, 10240, 64)),
+            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "tokenizer_2": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+            "tokenizer_3": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", flow_scheduler()),
+        },
+    )
+    write_pipeline(
+        "pixart-alpha-1024",
+        "PixArtAlphaPipeline",
+        {
+            "transformer": ("diffusers", "PixArtTransformer2DModel", {
+                "sample_size": 128, "num_layers": 28, "patch_size": 2, "attention_head_dim": 72,
+                "num_attention_heads": 16, "caption_channels": 4096, "in_channels": 4, "out_channels": 8,
+                "cross_attention_dim": 1152, "attention_bias": True, "activation_fn": "gelu-approximate",
+                "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single", "norm_elementwise_affine": False,
+                "norm_eps": 1e-6, "use_additional_conditions": True}),
+            "vae": ("diffusers", "AutoencoderKL", sd_vae),
+            "text_encoder": ("transformers", "T5EncoderModel", t5_encoder(4096, 24, 64, 10240, 64)),
+            "tokenizer": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+            "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler(beta_schedule="linear", beta_start=0.0001,
+                                                                       beta_end=0.02)),
+        },
+    )
+
+
+if __name__ == "__main__":
+    tiny()
+    full_size()
+    print(f"wrote {sorted(p.name for p in ROOT.iterdir())} under {ROOT}")
