@@ -11,11 +11,11 @@ from diffalign.diffusion.backbones import (
 from diffalign.diffusion.cache import CachedEncoder, TensorCache, content_key
 from diffalign.diffusion.likelihood import (
     NoisedGroup,
-    adapters_disabled,
     denoising_scores,
     group_scores,
     noised_group,
 )
+from diffalign.diffusion.lora import adapters_disabled, add_lora, has_lora
 from diffalign.diffusion.loading import build_random_pipeline, load_pipeline
 from diffalign.diffusion.schedule import (
     DiffusionSchedule,
@@ -37,12 +37,14 @@ __all__ = [
     "TensorCache",
     "TimestepSampler",
     "adapters_disabled",
+    "add_lora",
     "backbone_for",
     "build_random_pipeline",
     "configure_denoiser",
     "content_key",
     "denoising_scores",
     "group_scores",
+    "has_lora",
     "load_pipeline",
     "noised_group",
     "schedule_for",

@@ -17,13 +17,13 @@ groups go through the denoiser in one batched forward.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
+from diffalign.diffusion.lora import adapters_disabled
 from diffalign.diffusion.schedule import Schedule, TimestepSampler
 
 Tensor = torch.Tensor
@@ -90,25 +90,6 @@ def denoising_scores(backbone: Backbone, group: NoisedGroup, denoiser: nn.Module
     )
     err = (pred.float() - group.target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
     return -(group.weight.to(err.device) * err).view(group.groups, group.items)
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: nn.Module):
-    """Run a LoRA-adapted module as its base: diffusers' PEFT integration or a PeftModel."""
-    if getattr(module, "_hf_peft_config_loaded", False):
-        module.disable_adapters()
-        try:
-            yield module
-        finally:
-            module.enable_adapters()
-    elif hasattr(module, "disable_adapter"):
-        with module.disable_adapter():
-            yield module
-    else:
-        raise ValueError(
-            "no reference model: pass a frozen reference denoiser, or train LoRA adapters so that "
-            "the base with adapters disabled serves as the reference"
-        )
 
 
 def group_scores(

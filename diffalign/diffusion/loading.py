@@ -68,6 +68,8 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
             from transformers import AutoConfig
 
             components[name] = cls(AutoConfig.from_pretrained(sub, local_files_only=True))
+        if isinstance(components[name], torch.nn.Module):
+            components[name].eval()  # as from_pretrained leaves them: no dropout until a trainer asks
     # optional components the pipeline accepts but the folder does not name
     for optional in getattr(pipeline_cls, "_optional_components", []):
         components.setdefault(optional, None)
