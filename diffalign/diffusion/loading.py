@@ -89,6 +89,7 @@ def load_pipeline(
     source: str | Path,
     *,
     config: str | Path | None = None,
+    denoiser_file: str | Path | None = None,
     random_init: bool = False,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
@@ -98,11 +99,34 @@ def load_pipeline(
     Args:
         source: a diffusers folder (``model_index.json`` inside) or a ``.safetensors`` file.
         config: for a single file, the local diffusers folder giving its architecture.
+        denoiser_file: a single ``.safetensors`` file with only the UNet/transformer (a
+            community fine-tune, or an exported one), in diffusers or original key names;
+            it replaces the pipeline's denoiser.
         random_init: build from the folder's configs with random weights (tests, benchmarks).
         seed: seed of the random weights.
         torch_dtype: dtype to load the weights in.
     """
-    source = Path(source)
+    pipe = _load(Path(source), config, random_init, seed, torch_dtype)
+    if denoiser_file is not None:
+        _replace_denoiser(pipe, Path(source if config is None else config), Path(denoiser_file), torch_dtype)
+    return pipe
+
+
+def _replace_denoiser(pipe, folder: Path, file: Path, torch_dtype) -> None:
+    if not file.is_file() or file.suffix != ".safetensors":
+        raise UserError(f"denoiser file {file} must be an existing .safetensors file")
+    attr = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    cls = type(getattr(pipe, attr))
+    if not hasattr(cls, "from_single_file"):
+        raise UserError(f"diffusers cannot load {cls.__name__} from a single file; save it as a diffusers folder")
+    model = cls.from_single_file(
+        str(file), config=str(folder), subfolder=attr, local_files_only=True, torch_dtype=torch_dtype
+    )
+    setattr(pipe, attr, model.eval())
+    pipe.register_modules(**{attr: model})
+
+
+def _load(source: Path, config, random_init: bool, seed: int, torch_dtype) -> DiffusionPipeline:
     if not source.exists():
         raise UserError(f"model path {source} does not exist. Set model.path to a local diffusers folder or file.")
     if random_init:
