@@ -49,35 +49,12 @@ class _FakeLM:
 
 
 def trl_dpo_loss(
-    loss_type: str,
-    pc: torch.Tensor,
-    pr: torch.Tensor,
-    rc: torch.Tensor,
-    rr: torch.Tensor,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
+    loss_type: str, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, **kwargs
 ) -> torch.Tensor:
-    """TRL's batch-mean DPOTrainer loss for these scores (completion length 1)."""
-    b = pc.shape[0]
-    token_logps = torch.zeros(2 * b, 1)
-    token_logps[:, -1] = torch.cat([pc, pr]).float()
-    mask = torch.tensor([[0, 1]] * (2 * b))
-    return trl_dpo_loss_from_token_logps(
-        loss_type,
-        token_logps,
-        mask,
-        rc,
-        rr,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef,
-        discopop_tau=discopop_tau,
-    )
+    """TRL's batch-mean DPOTrainer loss for these scores (one completion token per sequence)."""
+    token_logps = torch.cat([pc, pr]).float().unsqueeze(1)
+    mask = torch.tensor([[0, 1]] * token_logps.shape[0])
+    return trl_dpo_loss_from_token_logps(loss_type, token_logps, mask, rc, rr, **kwargs)
 
 
 def trl_dpo_loss_from_token_logps(
