@@ -27,6 +27,16 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from diffalign.train import load_config, train
+
+    config = load_config(args.config, args.overrides)
+    summary = train(config)
+    state = "interrupted; resume with train.resume=latest" if summary["interrupted"] else "done"
+    print(f"{state}: {summary['steps']} steps, run directory {config.output_dir}")
+    return 0
+
+
 def _not_built(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise UserError(
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with a YAML config: diffalign train CONFIG [key=value ...]")
     p.add_argument("config", help="path to a YAML config under configs/")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as objective.beta=5000")
-    p.set_defaults(run=_not_built("train", "the trainer"))
+    p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("eval", help="generate with base and aligned models on prompts and report rewards")
     p.set_defaults(run=_not_built("eval", "evaluation reports"))

@@ -1,0 +1,27 @@
+"""Deterministic data order: a fresh permutation per epoch from (seed, epoch).
+
+The k-th example of the whole run is a pure function of (seed, k), so resuming at step s
+reads exactly what an uninterrupted run reads at step s, and N processes with batch B read
+the same examples as one process with batch N*B.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeterministicOrder:
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][offset])
+
+
+def example_generator(seed: int, position: int) -> torch.Generator:
+    """The RNG of one example of the run (its timestep and noise), independent of batching."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + position)

@@ -1,0 +1,193 @@
+"""Pairwise preference data in the Pick-a-Pic v2 layout, from local files.
+
+Columns (names configurable): ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes, or
+paths relative to a .jsonl index) and ``label_0`` (1: first image preferred, 0: second,
+0.5: tie). Sources: a parquet file or folder, a ``datasets`` folder saved with
+``save_to_disk``, or a JSON-lines index next to an image folder.
+
+Bad rows (undecodable image, missing caption, NaN label) are skipped and counted, or with
+``on_error="raise"`` stop the run with the row index and column. Missing columns are an
+error before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from diffalign.errors import UserError
+
+Tensor = torch.Tensor
+
+
+class RowSource:
+    """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"data.path {self.path} does not exist")
+        self.base = self.path.parent if self.path.is_file() else self.path
+        if self.path.suffix == ".jsonl":
+            lines = self.path.read_text().splitlines()
+            self._rows = [json.loads(line) for line in lines if line.strip()]
+            self.columns = sorted({k for r in self._rows for k in r})
+            self._table = None
+        elif (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
+            import datasets
+
+            self._table = datasets.load_from_disk(str(self.path))
+            self.columns = list(self._table.column_names)
+            self._rows = None
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.parquet"))
+            if not files:
+                raise UserError(f"data.path {self.path} holds no .parquet files, datasets folder or .jsonl index")
+            self._table = pa.concat_tables([pq.read_table(f) for f in files])
+            self.columns = list(self._table.column_names)
+            self._rows = None
+
+    def __len__(self) -> int:
+        return len(self._rows) if self._rows is not None else len(self._table)
+
+    def row(self, i: int) -> dict[str, Any]:
+        if self._rows is not None:
+            return self._rows[i]
+        if hasattr(self._table, "slice"):
+            return self._table.slice(i, 1).to_pylist()[0]
+        return self._table[i]
+
+    def column(self, name: str) -> list:
+        if self._rows is not None:
+            return [r.get(name) for r in self._rows]
+        col = self._table[name] if not hasattr(self._table, "column") else self._table.column(name)
+        return col.to_pylist() if hasattr(col, "to_pylist") else list(col)
+
+
+class BadRow(Exception):
+    """A row that cannot be used; carries the row index and the column at fault."""
+
+    def __init__(self, index: int, column: str, reason: str) -> None:
+        super().__init__(f"row {index}, column '{column}': {reason}")
+        self.index, self.column, self.reason = index, column, reason
+
+
+def load_image(value: Any, base: Path) -> tuple[Image.Image, bytes]:
+    """An RGB image and its raw bytes, from bytes, a {"bytes": ...} struct or a relative path."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        value = (base / value).read_bytes()
+    if not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"expected image bytes or a path, got {type(value).__name__}")
+    image = Image.open(io.BytesIO(value))
+    image.load()
+    return image.convert("RGB"), bytes(value)
+
+
+def to_pixels(image: Image.Image, resolution: int) -> Tensor:
+    """Resize the shorter side to ``resolution``, centre-crop a square, scale to [-1, 1]: (3, R, R)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class PairExample:
+    index: int
+    caption: str
+    pixels: Tensor  # (2, 3, R, R), preferred image first
+    image_ids: tuple[str, str]  # content hashes of the two images (cache keys)
+    preference: float  # P(first image preferred): 1.0, or 0.5 for a kept tie
+
+
+class PairDataset:
+    """Usable pairs of a :class:`RowSource`, winner first; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        resolution: int,
+        caption_column: str = "caption",
+        image_columns: tuple[str, str] = ("jpg_0", "jpg_1"),
+        label_column: str = "label_0",
+        ties: str = "drop",
+        on_error: str = "skip",
+    ) -> None:
+        self.source = RowSource(path)
+        self.resolution = resolution
+        self.caption_column, self.image_columns, self.label_column = caption_column, tuple(image_columns), label_column
+        self.on_error = on_error
+        required = [caption_column, *image_columns, label_column]
+        missing = [c for c in required if c not in self.source.columns]
+        if missing:
+            raise UserError(
+                f"data.path {path} has no column {', '.join(repr(c) for c in missing)}; it has "
+                f"{', '.join(self.source.columns)}. Rename the columns or set data.caption_column / "
+                "data.image_columns / data.label_column."
+            )
+        self.skipped: dict[str, int] = {}
+        self.indices: list[int] = []
+        for i, label in enumerate(self.source.column(label_column)):
+            if label is None or (isinstance(label, float) and math.isnan(label)):
+                self._bad(BadRow(i, label_column, "label is missing or NaN"))
+            elif float(label) == 0.5 and ties == "drop":
+                continue
+            else:
+                self.indices.append(i)
+        if not self.indices:
+            raise UserError(f"data.path {path} has no usable pair (all rows are ties or bad)")
+
+    def _bad(self, err: BadRow) -> None:
+        if self.on_error == "raise":
+            raise UserError(
+                f"bad data in {self.source.path}, {err}. Fix or remove the row, or set data.on_error=skip "
+                "to skip such rows (they are counted in the log)."
+            )
+        self.skipped[err.column] = self.skipped.get(err.column, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def example(self, position: int) -> PairExample | None:
+        """The pair at ``position`` of the usable pairs; None (counted) for a bad row in skip mode."""
+        index = self.indices[position]
+        row = self.source.row(index)
+        caption = row.get(self.caption_column)
+        try:
+            if not isinstance(caption, str) or not caption.strip():
+                raise BadRow(index, self.caption_column, "caption is missing or empty")
+            images, ids = [], []
+            for column in self.image_columns:
+                try:
+                    image, raw = load_image(row.get(column), self.source.base)
+                except (UnidentifiedImageError, OSError, ValueError) as err:
+                    raise BadRow(index, column, f"image cannot be decoded ({err})") from None
+                images.append(to_pixels(image, self.resolution))
+                ids.append(hashlib.sha1(raw).hexdigest())
+        except BadRow as err:
+            self._bad(err)
+            return None
+        label = float(row[self.label_column])
+        if label < 0.5:  # the second image won: put it first
+            images.reverse()
+            ids.reverse()
+        return PairExample(index, caption, torch.stack(images), (ids[0], ids[1]), max(label, 1 - label))

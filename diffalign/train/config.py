@@ -1,0 +1,248 @@
+"""Typed run configuration: YAML file + dotted ``key=value`` overrides, validated before any model loads.
+
+Every field has a docstring (the comment above it). Unknown keys are errors that name the key
+and the closest valid one; values are checked against the field's type; choices are checked
+by :meth:`Config.validate`. The resolved config is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffalign.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    # local diffusers folder, or a .safetensors file (then set `config`)
+    path: str = ""
+    # for a single-file `path`: the local diffusers folder giving its architecture
+    config: str | None = None
+    # a .safetensors file holding only the UNet/transformer, replacing the folder's
+    denoiser_file: str | None = None
+    # build from `path`'s configs with random weights (tests and benchmarks; no weights needed)
+    random_init: bool = False
+    # attention kernel: "sdpa" (PyTorch, default) or "xformers" (optional CUDA extra)
+    attention: str = "sdpa"
+    # recompute activations in the backward pass: less memory, ~30% more compute
+    gradient_checkpointing: bool = False
+    # channels_last memory format for UNets (faster convolutions on tensor cores)
+    channels_last: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    # method, from diffalign.objectives.OBJECTIVES
+    name: str = "diffusion_dpo"
+    # core loss by registry name (`diffalign losses`): dpo, ipo, hinge, kto-style, ...
+    loss: str = "dpo"
+    # implicit-reward scale; Diffusion-DPO uses thousands because errors are per-pixel means
+    beta: float = 2500.0
+    # extra keyword options of the core loss (label_smoothing, gamma, ...)
+    loss_options: dict = field(default_factory=dict)
+    # timestep sampler: uniform, logit_normal or mode
+    timestep_sampler: str = "uniform"
+    # fraction [lo, hi) of the noise schedule to train on
+    t_range: list = field(default_factory=lambda: [0.0, 1.0])
+    # weight of the squared error: uniform, min_snr (eps/v models), sigma_sqrt or cosmap (flow)
+    weighting: str = "uniform"
+
+
+@dataclass
+class DataConfig:
+    # parquet file or folder of parquet files, a `datasets` folder saved to disk, or a .jsonl index
+    path: str = ""
+    # training resolution (square crops, pixels)
+    resolution: int = 512
+    # a bad row (undecodable image, missing caption, NaN label): "skip" (counted) or "raise"
+    on_error: str = "skip"
+    # tied pairs (label 0.5/0.5): "drop", or "soft" to keep them with preference 0.5
+    ties: str = "drop"
+    # folder for cached VAE latents and prompt embeddings (safetensors shards); none = encode each step
+    cache_dir: str | None = None
+    # caption column
+    caption_column: str = "caption"
+    # the two image columns (JPEG/PNG bytes, or paths relative to a .jsonl index)
+    image_columns: list = field(default_factory=lambda: ["jpg_0", "jpg_1"])
+    # the label column of the first image (1 = first wins, 0 = second wins, 0.5 = tie)
+    label_column: str = "label_0"
+
+
+@dataclass
+class TrainConfig:
+    # pairs per process per optimiser step (before gradient accumulation)
+    batch_size: int = 1
+    # micro-batches accumulated per optimiser step
+    gradient_accumulation: int = 1
+    # optimiser steps in total
+    max_steps: int = 1000
+    # peak learning rate
+    learning_rate: float = 1e-5
+    # learning-rate schedule (diffusers.optimization.get_scheduler names): constant, linear, cosine, ...
+    lr_scheduler: str = "constant_with_warmup"
+    # warm-up steps of the schedule
+    warmup_steps: int = 0
+    # LoRA rank; 0 = full fine-tune with a frozen reference copy
+    lora_rank: int = 0
+    # LoRA alpha (scale alpha/rank); default = rank
+    lora_alpha: float | None = None
+    # seed of weights init, data order, timesteps and noise
+    seed: int = 0
+    # write a checkpoint every N steps (0 = only at the end)
+    checkpoint_every: int = 500
+    # keep only the newest N checkpoints
+    checkpoints_keep: int = 2
+    # resume from "latest" or a checkpoint folder; none = start fresh
+    resume: str | None = None
+    # no, fp16 or bf16 (accelerate's mixed precision)
+    mixed_precision: str = "no"
+    # dtype of the frozen reference copy in a full fine-tune: fp32, bf16 or fp16
+    reference_dtype: str = "bf16"
+    # gradient clipping by global norm (0 = off)
+    max_grad_norm: float = 1.0
+    # AdamW weight decay
+    weight_decay: float = 0.0
+    # bitsandbytes 8-bit AdamW (CUDA)
+    adam_8bit: bool = False
+    # stop the run after this many steps with a NaN/inf loss (each is skipped and logged)
+    max_bad_steps: int = 5
+    # log metrics every N steps
+    log_every: int = 10
+    # tensorboard, wandb or none
+    report_to: str = "tensorboard"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # run directory: resolved config, metrics, checkpoints, samples, final weights
+    output_dir: str = "runs/diffalign"
+
+    def validate(self) -> "Config":
+        """Check choices and cross-field rules; raises :class:`UserError` naming the key."""
+        from diffalign import losses
+        from diffalign.objectives import OBJECTIVES
+
+        def choose(key: str, value: Any, choices) -> None:
+            if value not in choices:
+                raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+        choose("objective.name", self.objective.name, sorted(OBJECTIVES))
+        try:
+            losses.spec(self.objective.loss)
+        except losses.UnknownLossError as err:
+            raise UserError(f"objective.loss: {err}") from None
+        choose("data.on_error", self.data.on_error, ("skip", "raise"))
+        choose("data.ties", self.data.ties, ("drop", "soft"))
+        choose("train.mixed_precision", self.train.mixed_precision, ("no", "fp16", "bf16"))
+        choose("train.reference_dtype", self.train.reference_dtype, ("fp32", "bf16", "fp16"))
+        choose("train.report_to", self.train.report_to, ("tensorboard", "wandb", "none"))
+        choose("model.attention", self.model.attention, ("sdpa", "xformers"))
+        for key, value in (("train.batch_size", self.train.batch_size), ("train.max_steps", self.train.max_steps),
+                           ("train.gradient_accumulation", self.train.gradient_accumulation),
+                           ("data.resolution", self.data.resolution)):
+            if value < 1:
+                raise UserError(f"{key} must be >= 1, got {value}")
+        if self.train.lora_rank < 0:
+            raise UserError(f"train.lora_rank must be >= 0 (0 = full fine-tune), got {self.train.lora_rank}")
+        if not self.model.path:
+            raise UserError("model.path is empty: set it to a local diffusers folder or .safetensors file")
+        if not self.data.path:
+            raise UserError("data.path is empty: set it to a parquet file/folder, a datasets folder or a .jsonl index")
+        if len(self.data.image_columns) != 2:
+            raise UserError("data.image_columns must name exactly two columns (the pair's images)")
+        if self.data.ties == "soft" and losses.spec(self.objective.loss).kind != "soft-label":
+            raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
+                            "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")
+        return self
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**vars(typing), "dict": dict, "list": list})  # noqa: S307 - field annotations
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'the config'} must be a mapping of keys, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise UserError(f"unknown config key '{dotted}'{hint} Valid keys here: {', '.join(known)}")
+        f = known[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[key] = _build(f.default_factory, value or {}, dotted + ".")
+            continue
+        if isinstance(value, str) and "float" in str(f.type):
+            try:  # YAML 1.1 reads "1e-3" as a string; a float field takes it as the number it is
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, f.type):
+            raise UserError(f"config key '{dotted}' expects {f.type}, got {value!r}")
+        kwargs[key] = float(value) if f.type == "float" and isinstance(value, int) else value
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value, e.g. train.max_steps=100")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, build and validate the typed config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; the recipes live in configs/")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path} is not valid YAML: {err}") from None
+    data = apply_overrides(data, overrides or [])
+    return _build(Config, data, "").validate()
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

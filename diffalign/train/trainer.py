@@ -1,0 +1,331 @@
+"""The trainer: config -> models -> data -> objective(batch, policy, reference) -> core loss.
+
+It knows nothing of any objective's maths; it owns devices, precision, LoRA or full
+fine-tuning, the optimiser, checkpoints, resume, logging and failure handling.
+
+Exact resume: the data order and each example's timestep/noise are pure functions of
+(seed, position in the run) (:mod:`diffalign.data.order`), and a checkpoint holds the
+weights, optimiser and LR-scheduler state and the step. Resuming from step s therefore
+replays the same computation as an uninterrupted run. The same rule makes N processes at
+batch B compute what one process at batch N*B computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from diffalign.data import DeterministicOrder, PairDataset, example_generator
+from diffalign.diffusion import (
+    CachedEncoder,
+    TensorCache,
+    add_lora,
+    backbone_for,
+    configure_denoiser,
+    load_pipeline,
+)
+from diffalign.errors import UserError
+from diffalign.objectives import OBJECTIVES
+from diffalign.train.config import Config, save_config, to_dict
+from diffalign.train.weights import save_final_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+CHECKPOINTS = "checkpoints"
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / CHECKPOINTS
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.name.startswith("step-") and not p.name.endswith(".tmp")),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(config: Config) -> Path | None:
+    """The checkpoint folder to resume from, or None for a fresh start."""
+    resume = config.train.resume
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = _checkpoint_dirs(Path(config.output_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"train.resume={resume} is not a diffalign checkpoint (no trainer_state.json inside)")
+    return path
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the step's end."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class PreferenceTrainer:
+    """Trains a diffusion backbone on preference pairs with one objective; see the module docstring."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.resume_from = resolve_resume(config)
+        tc = config.train
+        self.accelerator = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            gradient_accumulation_steps=tc.gradient_accumulation,
+            log_with=None if tc.report_to == "none" else tc.report_to,
+            project_dir=str(self.output_dir),
+        )
+        set_seed(tc.seed)
+        self.dataset = PairDataset(
+            config.data.path,
+            resolution=config.data.resolution,
+            caption_column=config.data.caption_column,
+            image_columns=tuple(config.data.image_columns),
+            label_column=config.data.label_column,
+            ties=config.data.ties,
+            on_error=config.data.on_error,
+        )
+        self.order = DeterministicOrder(len(self.dataset), tc.seed)
+        self._build_models()
+        self.objective = OBJECTIVES[config.objective.name](config.objective, self.backbone)
+        self._build_optimizer()
+
+    # --- setup ---------------------------------------------------------------------------
+    def _build_models(self) -> None:
+        mc, tc = self.config.model, self.config.train
+        device = self.accelerator.device
+        weight_dtype = DTYPES[tc.mixed_precision]
+        pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
+                             random_init=mc.random_init, seed=tc.seed)
+        self.backbone = backbone_for(pipe)
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module) and module is not self.backbone.denoiser:
+                module.requires_grad_(False).to(device, dtype=weight_dtype if name != "vae" else torch.float32)
+        denoiser = self.backbone.denoiser
+        configure_denoiser(denoiser, attention=mc.attention, gradient_checkpointing=mc.gradient_checkpointing,
+                           channels_last=mc.channels_last)
+        self.reference = None
+        if tc.lora_rank > 0:
+            denoiser.requires_grad_(False)
+            add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha)
+        else:
+            self.reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            self.reference.to(device, dtype=DTYPES[tc.reference_dtype])
+        denoiser.to(device).train()
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        cache_dir = self.config.data.cache_dir
+        self.encoder = None if cache_dir is None else CachedEncoder(
+            self.backbone, TensorCache(cache_dir), model_id=str(Path(mc.path).resolve()))
+
+    def _build_optimizer(self) -> None:
+        tc = self.config.train
+        if tc.adam_8bit:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise UserError("train.adam_8bit=true needs bitsandbytes (CUDA): pip install bitsandbytes") from None
+            optimizer = bnb.optim.AdamW8bit(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        else:
+            fused = self.accelerator.device.type == "cuda"
+            optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused)
+        scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                                  num_training_steps=tc.max_steps)
+        denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.backbone.denoiser, optimizer, scheduler)
+        self.denoiser = denoiser  # the prepared (possibly DDP-wrapped) module
+
+    # --- data ----------------------------------------------------------------------------
+    def _micro_batch(self, step: int, micro: int) -> dict[str, Any] | None:
+        """This process's share of the global micro-batch (step, micro), encoded."""
+        tc, acc = self.config.train, self.accelerator
+        global_batch = tc.batch_size * acc.num_processes
+        first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
+        positions = range(first, first + tc.batch_size)
+        examples = [(p, self.dataset.example(self.order[p])) for p in positions]
+        examples = [(p, e) for p, e in examples if e is not None]
+        if not examples:
+            return None
+        pixels = torch.cat([e.pixels for _, e in examples])  # (2B, 3, R, R)
+        captions = [e.caption for _, e in examples]
+        if self.encoder is None:
+            latents = self.backbone.encode_images(pixels)
+            cond = self.backbone.encode_prompts(captions)
+        else:
+            ids = [i for _, e in examples for i in e.image_ids]
+            latents = self.encoder.latents(ids, lambda idx: pixels[idx])
+            cond = self.encoder.prompts(captions)
+        latents = latents.view(len(examples), 2, *latents.shape[1:])
+        draws = [self.objective.draw(1, tuple(latents.shape[2:]), example_generator(tc.seed, p)) for p, _ in examples]
+        device = self.accelerator.device
+        return {
+            "latents": latents.to(device),
+            "cond": cond.to(device),
+            "randomness": {k: torch.cat([d[k] for d in draws]).to(device) for k in draws[0]},
+            "preference": torch.tensor([e.preference for _, e in examples], device=device),
+        }
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
+        root = self.output_dir / CHECKPOINTS
+        final = root / f"step-{step:07d}"
+        tmp = root / (final.name + ".tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a checkpoint is complete or absent, never half-written
+            for old in _checkpoint_dirs(self.output_dir)[: -self.config.train.checkpoints_keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        self.accelerator.load_state(str(path))
+        return json.loads((path / "trainer_state.json").read_text())
+
+    # --- the loop ------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        tc, acc = self.config.train, self.accelerator
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process:
+            save_config(self.config, self.output_dir / "config.yaml")
+        if acc.log_with:
+            acc.init_trackers("diffalign", config=json.loads(json.dumps(to_dict(self.config), default=str)))
+        state = {"step": 0, "bad_steps": 0, "last_good_checkpoint": None}
+        if self.resume_from is not None:
+            state = self._load_checkpoint(self.resume_from)
+        metrics_path = self.output_dir / "metrics.jsonl"
+        step = state["step"]
+        bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_local_main_process, desc="train")
+        history: list[dict[str, float]] = []
+        interrupted = False
+        started, pairs_done = time.perf_counter(), 0
+        with _StopSignal() as stop:
+            while step < tc.max_steps:
+                logs, finite = self._optimizer_step(step)
+                if not finite:
+                    state["bad_steps"] += 1
+                    acc.print(f"step {step}: non-finite loss; step skipped "
+                              f"({state['bad_steps']}/{tc.max_bad_steps} allowed)")
+                    if state["bad_steps"] > tc.max_bad_steps:
+                        raise UserError(
+                            f"the loss was NaN/inf on {state['bad_steps']} steps (train.max_bad_steps="
+                            f"{tc.max_bad_steps}); stopped at step {step}. The last good checkpoint is "
+                            f"{state['last_good_checkpoint']}. Lower the learning rate or beta, or check the data."
+                        )
+                step += 1
+                pairs_done += logs.pop("pairs", 0)
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    logs = {k: float(v) for k, v in logs.items()}  # the one host sync per log interval
+                    logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
+                                pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
+                                skipped_rows=sum(self.dataset.skipped.values()))
+                    history.append(logs)
+                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
+                                    acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
+                                    pairs_s=f"{logs['pairs_per_s']:.2f}")
+                    if acc.is_main_process:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps(logs) + "\n")
+                    acc.log(logs, step=step)
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested:
+                    state["last_good_checkpoint"] = str(self._save_checkpoint(step, state))
+                if stop.requested:
+                    interrupted = True
+                    break
+        bar.close()
+        summary = self._finish(step, state, history, interrupted)
+        acc.end_training()
+        return summary
+
+    def _optimizer_step(self, step: int) -> tuple[dict[str, Any], bool]:
+        tc, acc = self.config.train, self.accelerator
+        totals: dict[str, Any] = {}
+        pairs = 0
+        finite = torch.ones((), dtype=torch.bool, device=acc.device)
+        for micro in range(tc.gradient_accumulation):
+            batch = self._micro_batch(step, micro)
+            with acc.accumulate(self.denoiser):
+                if batch is None:  # every pair of this micro-batch was a skipped bad row
+                    continue
+                with acc.autocast():
+                    loss, metrics = self.objective(
+                        self.backbone, batch["latents"], batch["cond"], batch["randomness"],
+                        self.reference, preference=batch["preference"],
+                    )
+                finite = finite & torch.isfinite(loss.detach())
+                acc.backward(loss)
+                pairs += batch["latents"].shape[0] * acc.num_processes
+                for k, v in {"loss": loss.detach(), **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + v.detach() / tc.gradient_accumulation
+        ok = bool(finite.item())  # NaN guard: one boolean read per step
+        if ok:
+            if tc.max_grad_norm > 0 and acc.sync_gradients:
+                acc.clip_grad_norm_(self.params, tc.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["pairs"] = pairs
+        return totals, ok
+
+    def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool):
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final_dir = None
+        if not interrupted and acc.is_main_process:
+            final_dir = save_final_weights(self.backbone, acc.unwrap_model(self.denoiser), self.output_dir / "final",
+                                           lora=self.config.train.lora_rank > 0)
+        summary = {
+            "steps": step,
+            "interrupted": interrupted,
+            "bad_steps": state["bad_steps"],
+            "skipped_rows": dict(self.dataset.skipped),
+            "final": None if final_dir is None else str(final_dir),
+            "last": history[-1] if history else {},
+        }
+        if acc.is_main_process:
+            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run a training job described by a validated :class:`Config`; returns the summary."""
+    if config.train.resume is None and _checkpoint_dirs(Path(config.output_dir)):
+        raise UserError(
+            f"{config.output_dir} already holds checkpoints; continue with train.resume=latest, or choose "
+            "another output_dir"
+        )
+    return PreferenceTrainer(config).train()

@@ -1,0 +1,42 @@
+"""Small on-disk datasets written by the tests (no downloads)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 32, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    array = np.clip(np.array(color, dtype=np.float32) + rng.normal(0, 20, (size, size, 3)), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), tie_rows=(), size: int = 32) -> Path:
+    """Pick-a-Pic v2 columns: reddish images preferred over bluish ones (label_0 alternates)."""
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(n):
+        good, bad = png_bytes((200, 60, 60), size, i), png_bytes((60, 60, 200), size, 100 + i)
+        first_wins = i % 2 == 0
+        rows["caption"].append(f"a picture number {i}")
+        rows["jpg_0"].append(good if first_wins else bad)
+        rows["jpg_1"].append(bad if first_wins else good)
+        label = 1.0 if first_wins else 0.0
+        if i in tie_rows:
+            label = 0.5
+        if i in nan_rows:
+            label = float("nan")
+        if i in corrupt_rows:
+            rows["jpg_1"][-1] = b"definitely not an image"
+        rows["label_0"].append(label)
+        rows["label_1"].append(1.0 - label if label == label else label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+    return path

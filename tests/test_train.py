@@ -1,0 +1,200 @@
+"""Configs, data handling and the trainer on a tiny SDXL (LoRA and full fine-tuning)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures import pickapic_parquet
+from safetensors.torch import load_file
+
+from diffalign.data import PairDataset
+from diffalign.errors import UserError
+from diffalign.train import load_config, train
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", 8)
+
+
+def tiny_config(data: Path, out: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml",
+                       [f"data.path={data}", f"output_dir={out}", "model.path=" + str(ROOT / "assets/models/tiny-sdxl"),
+                        *overrides])
+
+
+# --- configs -----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config.objective.name and config.train.max_steps > 0
+
+
+def test_unknown_key_names_the_closest_valid_one():
+    with pytest.raises(UserError, match=r"unknown config key 'train.learning_rat'.*'train.learning_rate'"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["train.learning_rat=1e-3"])
+    with pytest.raises(UserError, match="objective.loss"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["objective.loss=dpoo"])
+    with pytest.raises(UserError, match="data.on_error"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["data.on_error=ignore"])
+    with pytest.raises(UserError, match="expects"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["train.max_steps=many"])
+
+
+def test_overrides_are_typed():
+    config = load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["objective.beta=5000", "train.resume=latest"])
+    assert config.objective.beta == 5000.0 and isinstance(config.objective.beta, float)
+    assert config.train.resume == "latest"
+
+
+def test_cli_reports_a_bad_config_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"),
+                           "model.pathh=x"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model.path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- Diffusion-DPO parity ----------------------------------------------------------------
+def test_diffusion_dpo_matches_the_diffusers_example_formula():
+    """diffusers examples/research_projects/diffusion_dpo: logits = ref_diff - model_diff,
+    loss = -logsigmoid(beta_dpo * logits).mean() with beta_dpo = 2500; and the official code's
+    -0.5 * 5000 * (model_diff - ref_diff) is the same number."""
+    from diffalign import losses
+
+    g = torch.Generator().manual_seed(0)
+    model_w, model_l, ref_w, ref_l = (torch.rand(6, generator=g) * 0.1 + 0.9 for _ in range(4))
+    model_diff, ref_diff = model_w - model_l, ref_w - ref_l
+    diffusers_loss = -F.logsigmoid(2500 * (ref_diff - model_diff)).mean()
+    official_loss = -F.logsigmoid(-0.5 * 5000 * (model_diff - ref_diff)).mean()
+    ours = losses.get("dpo")(-model_w, -model_l, -ref_w, -ref_l, beta=2500.0).mean()
+    torch.testing.assert_close(ours, diffusers_loss)
+    torch.testing.assert_close(ours, official_loss)
+
+
+# --- data --------------------------------------------------------------------------------
+def test_pairs_put_the_preferred_image_first_and_drop_ties(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", 6, tie_rows=(2,))
+    data = PairDataset(path, resolution=16)
+    assert len(data) == 5
+    for pos in range(len(data)):
+        pixels = data.example(pos).pixels
+        assert pixels[0, 0].mean() > pixels[0, 2].mean()  # reddish (preferred) first
+        assert pixels[1, 2].mean() > pixels[1, 0].mean()
+    soft = PairDataset(path, resolution=16, ties="soft")
+    assert len(soft) == 6 and soft.example(2).preference == 0.5
+
+
+def test_bad_rows_are_skipped_and_counted_or_raise_with_row_and_column(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", 6, corrupt_rows=(1,), nan_rows=(4,))
+    data = PairDataset(path, resolution=16)
+    assert data.skipped == {"label_0": 1}
+    assert [data.example(i) is None for i in range(len(data))].count(True) == 1
+    assert data.skipped == {"label_0": 1, "jpg_1": 1}
+    with pytest.raises(UserError, match=r"row 4, column 'label_0'"):
+        PairDataset(path, resolution=16, on_error="raise")
+    raising = PairDataset(pickapic_parquet(tmp_path / "q.parquet", 3, corrupt_rows=(1,)), resolution=16,
+                          on_error="raise")
+    with pytest.raises(UserError, match=r"row 1, column 'jpg_1'"):
+        raising.example(1)
+
+
+def test_missing_column_is_an_error_before_training(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"caption": ["x"], "jpg_0": [b""], "label_0": [1.0]}), tmp_path / "m.parquet")
+    with pytest.raises(UserError, match="no column 'jpg_1'"):
+        PairDataset(tmp_path / "m.parquet", resolution=16)
+
+
+# --- training ----------------------------------------------------------------------------
+def _lora_weights(run: Path) -> dict:
+    return load_file(run / "final" / "pytorch_lora_weights.safetensors")
+
+
+def test_lora_run_writes_metrics_checkpoints_and_loadable_weights(pairs, tmp_path):
+    summary = train(tiny_config(pairs, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert summary["steps"] == 4 and not summary["interrupted"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert {"loss", "implicit_acc", "raw_model_loss", "ref_loss", "pairs_per_s"} <= set(lines[0])
+    assert math.isclose(lines[0]["loss"], math.log(2), rel_tol=1e-3)  # LoRA starts at the reference
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+    assert (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    weights = _lora_weights(run)
+    assert weights and all(k.startswith("unet.") for k in weights)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora.up" in k)  # LoRA B (up) moved off zero
+
+    from diffalign.diffusion import load_pipeline
+
+    pipe = load_pipeline(ROOT / "assets/models/tiny-sdxl", random_init=True)
+    pipe.load_lora_weights(str(run / "final"))  # what users do with the result
+
+
+def test_resume_is_exact(pairs, tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_config(pairs, straight, "train.max_steps=6", "train.checkpoint_every=3"))
+    split = tmp_path / "split"
+    train(tiny_config(pairs, split, "train.max_steps=3", "train.checkpoint_every=3"))
+    with pytest.raises(UserError, match="resume=latest"):
+        train(tiny_config(pairs, split, "train.max_steps=6", "train.checkpoint_every=3"))
+    train(tiny_config(pairs, split, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest"))
+    a, b = _lora_weights(straight), _lora_weights(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_full_finetune_keeps_a_frozen_reference_and_saves_the_unet(pairs, tmp_path):
+    summary = train(tiny_config(pairs, tmp_path / "full", "train.lora_rank=0", "train.max_steps=2",
+                                "train.learning_rate=1e-3", "train.reference_dtype=fp32"))
+    assert summary["last"]["ref_loss"] != summary["last"]["raw_model_loss"]
+    assert (tmp_path / "full" / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_cached_latents_train_identically(pairs, tmp_path):
+    plain = tmp_path / "plain"
+    train(tiny_config(pairs, plain, "train.max_steps=2"))
+    cached = tmp_path / "cached"
+    train(tiny_config(pairs, cached, "train.max_steps=2", f"data.cache_dir={tmp_path / 'cache'}"))
+    assert any((tmp_path / "cache").glob("shard-*.safetensors"))
+
+    def losses_of(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # identical inputs give the identical first loss; later steps agree to float rounding,
+    # which Adam's normalised first updates amplify
+    assert losses_of(plain)[0] == losses_of(cached)[0]
+    assert losses_of(plain) == pytest.approx(losses_of(cached), rel=1e-3)
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(pairs, tmp_path, monkeypatch):
+    from diffalign.objectives import DiffusionDPO
+
+    original = DiffusionDPO.__call__
+
+    def nan_after_two(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        nan_after_two.calls += 1
+        return (loss * float("nan") if nan_after_two.calls > 2 else loss), metrics
+
+    nan_after_two.calls = 0
+    monkeypatch.setattr(DiffusionDPO, "__call__", nan_after_two)
+    with pytest.raises(UserError, match=r"NaN/inf on 3 steps.*stopped at step 4.*checkpoints/step-0000004") as err:
+        train(tiny_config(pairs, tmp_path / "nan", "train.max_steps=8", "train.max_bad_steps=2"))
+    # skipped steps never update the weights, so the checkpoints written meanwhile are good ones
+    checkpoint = Path(str(err.value).split("checkpoint is ")[1].split(". ")[0])
+    assert (checkpoint / "trainer_state.json").is_file()
+    first = load_file(tmp_path / "nan" / "checkpoints" / "step-0000002" / "model.safetensors")
+    last = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(first[k], last[k]) for k in first)
