@@ -99,6 +99,8 @@ class PreferenceTrainer:
         self.resume_from = resolve_resume(config)
         tc = config.train
         self.accelerator = Accelerator(
+            # on a machine without CUDA, torchrun processes join one gloo group (accelerate's MULTI_CPU)
+            cpu=not torch.cuda.is_available(),
             mixed_precision=tc.mixed_precision,
             gradient_accumulation_steps=tc.gradient_accumulation,
             log_with=None if tc.report_to == "none" else tc.report_to,
@@ -200,6 +202,7 @@ class PreferenceTrainer:
         tmp = root / (final.name + ".tmp")
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
         if self.accelerator.is_main_process:
@@ -249,7 +252,7 @@ class PreferenceTrainer:
                 pairs_done += logs.pop("pairs", 0)
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    logs = {k: float(v) for k, v in logs.items()}  # the one host sync per log interval
+                    logs = {k: float(v) for k, v in logs.items()}  # main process's metrics; one host sync
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
                                 pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
                                 skipped_rows=sum(self.dataset.skipped.values()))
