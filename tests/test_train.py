@@ -198,3 +198,26 @@ def test_nan_losses_are_skipped_then_stop_the_run(pairs, tmp_path, monkeypatch):
     first = load_file(tmp_path / "nan" / "checkpoints" / "step-0000002" / "model.safetensors")
     last = load_file(checkpoint / "model.safetensors")
     assert all(torch.equal(first[k], last[k]) for k in first)
+
+
+def test_datasets_folder_and_jsonl_index_read_the_same_pairs(pairs, tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pairs)
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "images").mkdir()
+    with (tmp_path / "index.jsonl").open("w") as index:
+        for i, row in enumerate(table.to_pylist()):
+            for column in ("jpg_0", "jpg_1"):
+                (tmp_path / "images" / f"{i}_{column}.png").write_bytes(row[column])
+                row[column] = f"images/{i}_{column}.png"
+            index.write(json.dumps(row) + "\n")
+    reference = PairDataset(pairs, resolution=16)
+    for source in (tmp_path / "disk", tmp_path / "index.jsonl"):
+        data = PairDataset(source, resolution=16)
+        assert len(data) == len(reference)
+        for pos in range(len(data)):
+            a, b = data.example(pos), reference.example(pos)
+            assert a.caption == b.caption and a.image_ids == b.image_ids
+            assert torch.equal(a.pixels, b.pixels)

@@ -30,24 +30,26 @@ Tensor = torch.Tensor
 
 
 class RowSource:
-    """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``."""
+    """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``.
+
+    A .jsonl index is read as a list of dicts; parquet files and ``datasets`` folders as one
+    pyarrow table (a datasets folder through its underlying, index-flattened arrow table).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"data.path {self.path} does not exist")
         self.base = self.path.parent if self.path.is_file() else self.path
+        self._rows: list[dict] | None = None
         if self.path.suffix == ".jsonl":
-            lines = self.path.read_text().splitlines()
-            self._rows = [json.loads(line) for line in lines if line.strip()]
+            self._rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.columns = sorted({k for r in self._rows for k in r})
-            self._table = None
-        elif (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
+            return
+        if (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
             import datasets
 
-            self._table = datasets.load_from_disk(str(self.path))
-            self.columns = list(self._table.column_names)
-            self._rows = None
+            self._table = datasets.load_from_disk(str(self.path)).flatten_indices().data.table
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -56,24 +58,18 @@ class RowSource:
             if not files:
                 raise UserError(f"data.path {self.path} holds no .parquet files, datasets folder or .jsonl index")
             self._table = pa.concat_tables([pq.read_table(f) for f in files])
-            self.columns = list(self._table.column_names)
-            self._rows = None
+        self.columns = list(self._table.column_names)
 
     def __len__(self) -> int:
-        return len(self._rows) if self._rows is not None else len(self._table)
+        return len(self._rows) if self._rows is not None else self._table.num_rows
 
     def row(self, i: int) -> dict[str, Any]:
-        if self._rows is not None:
-            return self._rows[i]
-        if hasattr(self._table, "slice"):
-            return self._table.slice(i, 1).to_pylist()[0]
-        return self._table[i]
+        return self._rows[i] if self._rows is not None else self._table.slice(i, 1).to_pylist()[0]
 
     def column(self, name: str) -> list:
         if self._rows is not None:
             return [r.get(name) for r in self._rows]
-        col = self._table[name] if not hasattr(self._table, "column") else self._table.column(name)
-        return col.to_pylist() if hasattr(col, "to_pylist") else list(col)
+        return self._table.column(name).to_pylist()
 
 
 class BadRow(Exception):
