@@ -225,7 +225,7 @@ class PixArtBackbone(Backbone):
     def predict(self, latents, timesteps, cond, denoiser=None):
         net = denoiser or self.denoiser
         added = {"resolution": None, "aspect_ratio": None}
-        if getattr(net.config, "use_additional_conditions", False):
+        if getattr(self.denoiser.config, "use_additional_conditions", False):  # net may be a DDP wrapper
             h, w = (s * self.vae_scale_factor for s in latents.shape[-2:])
             n = latents.shape[0]
             added = {

@@ -96,21 +96,24 @@ def group_scores(
     backbone: Backbone,
     group: NoisedGroup,
     *,
+    policy: nn.Module | None = None,
     reference: nn.Module | None = None,
     need_reference: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Policy scores (with grad) and reference scores (no grad) on the same noised group.
 
-    The reference is ``reference`` when given (a frozen copy, e.g. in bf16), else the
-    policy's own base with its LoRA adapters disabled: no second copy of the weights.
+    ``policy`` is the module to train through, e.g. the DDP/FSDP wrapper accelerate returns
+    (its forward is what synchronises gradients); default: the backbone's denoiser. The
+    reference is ``reference`` when given (a frozen copy, e.g. in bf16), else the policy's
+    own base with its LoRA adapters disabled: no second copy of the weights.
     """
-    policy = denoising_scores(backbone, group)
+    scores = denoising_scores(backbone, group, denoiser=policy)
     if not need_reference:
-        return policy, None
+        return scores, None
     with torch.no_grad():
         if reference is not None:
             ref = denoising_scores(backbone, group, denoiser=reference)
         else:
             with adapters_disabled(backbone.denoiser) as base:
                 ref = denoising_scores(backbone, group, denoiser=base)
-    return policy, ref
+    return scores, ref

@@ -62,6 +62,7 @@ class DiffusionDPO:
         latents: Tensor,
         cond: Conditioning,
         randomness: dict[str, Tensor],
+        policy: nn.Module,
         reference: nn.Module | None,
         preference: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
@@ -70,20 +71,24 @@ class DiffusionDPO:
         Args:
             latents: (B, 2, C, h, w), winner first.
             randomness: shared ``timesteps`` (B,) and ``noise`` (B, C, h, w) from :meth:`draw`.
+            policy: the trained denoiser as the trainer runs it (possibly DDP-wrapped).
+            reference: a frozen reference denoiser, or None for the LoRA-disabled base.
             preference: (B,) P(winner preferred), for soft-label losses.
         """
         group = noised_group(
             latents, cond, self.schedule, timesteps=randomness["timesteps"], noise=randomness["noise"],
             weighting=self.weighting,
         )
-        policy, ref = group_scores(backbone, group, reference=reference, need_reference=self.needs_reference)
+        scores, ref = group_scores(
+            backbone, group, policy=policy, reference=reference, need_reference=self.needs_reference
+        )
         rc, rr = (None, None) if ref is None else (ref[:, 0], ref[:, 1])
         options = dict(self.options)
         if self.spec.kind == "soft-label":
-            options["preference"] = preference if preference is not None else torch.ones_like(policy[:, 0])
-        per_pair = self.spec.fn(policy[:, 0], policy[:, 1], rc, rr, beta=self.beta, **options)
-        metrics = {"raw_model_loss": -policy.detach().mean()}
+            options["preference"] = preference if preference is not None else torch.ones_like(scores[:, 0])
+        per_pair = self.spec.fn(scores[:, 0], scores[:, 1], rc, rr, beta=self.beta, **options)
+        metrics = {"raw_model_loss": -scores.detach().mean()}
         if ref is not None:
-            metrics.update(losses.preference_metrics(policy[:, 0], policy[:, 1], rc, rr, beta=self.beta))
+            metrics.update(losses.preference_metrics(scores[:, 0], scores[:, 1], rc, rr, beta=self.beta))
             metrics["ref_loss"] = -ref.mean()
         return per_pair.mean(), metrics

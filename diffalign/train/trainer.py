@@ -166,16 +166,25 @@ class PreferenceTrainer:
         self.denoiser = denoiser  # the prepared (possibly DDP-wrapped) module
 
     # --- data ----------------------------------------------------------------------------
-    def _micro_batch(self, step: int, micro: int) -> dict[str, Any] | None:
+    def _example_at(self, position: int):
+        """The pair read at ``position`` of the run; a bad row is replaced by the next usable one.
+
+        The replacement depends only on the position and the data, so batches keep their
+        size, every process stays in step (no rank without a backward pass) and resume and
+        sharding invariance hold with bad rows too. Each bad row met is counted.
+        """
+        for candidate in range(position, position + len(self.dataset)):
+            example = self.dataset.example(self.order[candidate])
+            if example is not None:
+                return example
+        raise UserError(f"no pair of {self.config.data.path} can be decoded; check the data")
+
+    def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's share of the global micro-batch (step, micro), encoded."""
         tc, acc = self.config.train, self.accelerator
         global_batch = tc.batch_size * acc.num_processes
         first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
-        positions = range(first, first + tc.batch_size)
-        examples = [(p, self.dataset.example(self.order[p])) for p in positions]
-        examples = [(p, e) for p, e in examples if e is not None]
-        if not examples:
-            return None
+        examples = [(p, self._example_at(p)) for p in range(first, first + tc.batch_size)]
         pixels = torch.cat([e.pixels for _, e in examples])  # (2B, 3, R, R)
         captions = [e.caption for _, e in examples]
         if self.encoder is None:
@@ -252,7 +261,8 @@ class PreferenceTrainer:
                 pairs_done += logs.pop("pairs", 0)
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    logs = {k: float(v) for k, v in logs.items()}  # main process's metrics; one host sync
+                    # means over processes (every rank has the same keys), then one host sync
+                    logs = {k: float(acc.reduce(v.float().reshape(1), "mean")) for k, v in sorted(logs.items())}
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
                                 pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
                                 skipped_rows=sum(self.dataset.skipped.values()))
@@ -277,31 +287,28 @@ class PreferenceTrainer:
     def _optimizer_step(self, step: int) -> tuple[dict[str, Any], bool]:
         tc, acc = self.config.train, self.accelerator
         totals: dict[str, Any] = {}
-        pairs = 0
         finite = torch.ones((), dtype=torch.bool, device=acc.device)
         for micro in range(tc.gradient_accumulation):
             batch = self._micro_batch(step, micro)
             with acc.accumulate(self.denoiser):
-                if batch is None:  # every pair of this micro-batch was a skipped bad row
-                    continue
                 with acc.autocast():
                     loss, metrics = self.objective(
                         self.backbone, batch["latents"], batch["cond"], batch["randomness"],
-                        self.reference, preference=batch["preference"],
+                        self.denoiser, self.reference, preference=batch["preference"],
                     )
                 finite = finite & torch.isfinite(loss.detach())
                 acc.backward(loss)
-                pairs += batch["latents"].shape[0] * acc.num_processes
                 for k, v in {"loss": loss.detach(), **metrics}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach() / tc.gradient_accumulation
-        ok = bool(finite.item())  # NaN guard: one boolean read per step
+        # NaN guard, agreed by all processes (one boolean read per step): all step or none do
+        ok = bool(acc.gather(finite.reshape(1)).all().item())
         if ok:
             if tc.max_grad_norm > 0 and acc.sync_gradients:
                 acc.clip_grad_norm_(self.params, tc.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals["pairs"] = pairs
+        totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
         return totals, ok
 
     def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool):
