@@ -8,6 +8,7 @@ Weights are read from safetensors only (``use_safetensors=True``): nothing is un
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -73,16 +74,11 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
     # optional components the pipeline accepts but the folder does not name
     for optional in getattr(pipeline_cls, "_optional_components", []):
         components.setdefault(optional, None)
-    pipe = pipeline_cls(**{k: v for k, v in components.items() if k in _init_params(pipeline_cls)})
+    accepted = set(inspect.signature(pipeline_cls.__init__).parameters)
+    pipe = pipeline_cls(**{k: v for k, v in components.items() if k in accepted})
     if torch_dtype is not None:
         pipe.to(dtype=torch_dtype)
     return pipe
-
-
-def _init_params(cls) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
 
 
 def load_pipeline(
