@@ -20,8 +20,14 @@ def png_bytes(color: tuple[int, int, int], size: int = 32, seed: int = 0) -> byt
 
 
 def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), tie_rows=(), size: int = 32) -> Path:
-    """Pick-a-Pic v2 columns: reddish images preferred over bluish ones (label_0 alternates)."""
-    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    """Pick-a-Pic v2 columns: reddish images preferred over bluish ones (label_0 alternates).
+
+    Also two reward models' scores of each image (``pick_0/1``, ``aes_0/1``): pick prefers the
+    reddish image by a margin of 0.01 i, aes by 0.6 on even rows and the bluish one by 0.5 on
+    odd rows.
+    """
+    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [],
+            "pick_0": [], "pick_1": [], "aes_0": [], "aes_1": []}
     for i in range(n):
         good, bad = png_bytes((200, 60, 60), size, i), png_bytes((60, 60, 200), size, 100 + i)
         first_wins = i % 2 == 0
@@ -37,6 +43,11 @@ def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), ti
             rows["jpg_1"][-1] = b"definitely not an image"
         rows["label_0"].append(label)
         rows["label_1"].append(1.0 - label if label == label else label)
+        pick = {"good": 0.20 + 0.01 * i, "bad": 0.20}
+        aes = {"good": 5.0, "bad": 5.5} if i % 2 else {"good": 5.6, "bad": 5.0}
+        for name, score in (("pick", pick), ("aes", aes)):
+            rows[f"{name}_0"].append(score["good"] if first_wins else score["bad"])
+            rows[f"{name}_1"].append(score["bad"] if first_wins else score["good"])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path

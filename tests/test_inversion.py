@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffalign.diffusion import backbone_for, load_pipeline
-from diffalign.diffusion.inversion import ddim_invert, ddim_sample
+from diffalign.diffusion.inversion import ddim_invert, ddim_invert_to, ddim_sample
 from diffalign.paths import TOY_BASE
 from diffalign.toy import random_scene, render
 
@@ -52,3 +52,19 @@ def test_inversion_then_sampling_reconstructs_toy_images_and_renoise_is_tighter(
     # measured on this model: plain DDIM inversion 0.29, ReNoise (3 iterations) 0.009
     assert plain < 0.4 and renoised < 0.02 and renoised < plain / 10
     assert (backbone.decode_latents(rebuilt) - pixels).abs().mean() < 0.03  # pixels in [-1, 1]; VAE floor ~0.018
+
+
+def test_inverting_each_latent_to_its_own_timestep_in_one_batch_matches_the_full_inversion():
+    backbone = backbone_for(load_pipeline(TOY_BASE))
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = backbone.encode_prompts(["a red circle", "a blue square", "a green triangle", "a red square"])
+    timesteps = torch.tensor([0, 300, 450, 900])
+    batched = ddim_invert_to(backbone, latents, cond, timesteps, steps=10)
+    trajectory = ddim_invert(backbone, latents, cond, steps=10)  # points at t = 0, 100, ..., 900
+    for i, t in enumerate([0, 300, None, 900]):
+        if t is not None:
+            torch.testing.assert_close(batched[i], trajectory[t // 100 + 1][i], rtol=1e-4, atol=1e-5)
+    alone = ddim_invert_to(backbone, latents[2:3], cond[2:3], timesteps[2:3], steps=10)
+    torch.testing.assert_close(batched[2:3], alone, rtol=1e-4, atol=1e-5)
+    between = trajectory[5][2]  # t = 400, the last grid point below 450
+    assert (batched[2] - between).norm() < (trajectory[6][2] - between).norm()  # 450 lies between 400 and 500

@@ -83,3 +83,107 @@ def test_rank_dpo_trains_from_the_cli_config_on_tiny_sdxl(tmp_path):
 def test_a_pairwise_loss_for_rank_dpo_is_a_config_error():
     with pytest.raises(UserError, match="rank_dpo takes listwise losses: .*lambda_dpo"):
         load_config(None, ["model.path=x", "data.path=y", "objective.name=rank_dpo", "objective.loss=dpo"])
+
+
+def test_inpo_scores_each_image_at_its_ddim_inverted_latent_by_hand():
+    import torch.nn.functional as F
+
+    from diffalign.objectives import InPO
+    from diffalign.paths import TOY_BASE
+
+    backbone = backbone_for(load_pipeline(TOY_BASE))
+    reference = load_pipeline(TOY_BASE).unet
+    torch.manual_seed(0)
+    for p in backbone.denoiser.parameters():  # a policy that differs from the reference
+        p.data.add_(0.01 * torch.randn_like(p))
+    objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, inversion_steps=10, inversion_eta=0.0), backbone)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 2, 4, 16, 16, generator=g)
+    cond = backbone.encode_prompts(["a red circle", "a blue square"])
+    randomness = {"timesteps": torch.tensor([450, 120]), "inversion_seed": torch.tensor([7])}
+    loss, _ = objective(backbone, latents, cond, randomness, backbone.denoiser, reference)
+
+    # by hand, per pair: DDIM-invert each image over the grid 0, 100, ... below t, then to t;
+    # the noise that x_t implies is the target
+    a = backbone.scheduler.alphas_cumprod
+    expected = []
+    for pair, t, path in [(0, 450, [None, 0, 100, 200, 300, 400, 450]), (1, 120, [None, 0, 100, 120])]:
+        embeds = cond[pair:pair + 1].repeat_items(2).embeds
+        with torch.no_grad():
+            x = latents[pair].clone()
+            for prev, nxt in zip(path[:-1], path[1:]):
+                a_prev = torch.tensor(1.0) if prev is None else a[prev]
+                eps = backbone.denoiser(x, torch.full((2,), prev or 0), encoder_hidden_states=embeds).sample
+                x = a[nxt].sqrt() * (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt() + (1 - a[nxt]).sqrt() * eps
+            implied = (x - a[t].sqrt() * latents[pair]) / (1 - a[t]).sqrt()
+            step = torch.full((2,), t)
+            mse = lambda net: (net(x, step, encoder_hidden_states=embeds).sample - implied).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+            policy, ref = mse(backbone.denoiser), mse(reference)
+            expected.append(-F.logsigmoid(-2500.0 * ((policy[0] - ref[0]) - (policy[1] - ref[1]))))
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+
+
+def test_inpo_refuses_flow_matching_models():
+    from diffalign.objectives import InPO
+
+    backbone = backbone_for(load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True))
+    with pytest.raises(ValueError, match="flow matching"):
+        InPO(ObjectiveConfig(name="inpo"), backbone)
+
+
+@pytest.mark.parametrize("overrides", [["objective.name=inpo"], [
+    "objective.name=smpo", "objective.loss=smpo", "objective.beta=25000",
+    "data.score_columns=[[pick_0, pick_1], [aes_0, aes_1]]"]])
+def test_pair_objective_trains_from_the_cli_on_tiny_sdxl(tmp_path, overrides):
+    from diffalign.cli import main
+    from fixtures import pickapic_parquet
+
+    data = pickapic_parquet(tmp_path / "pairs.parquet", n=4)
+    assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}",
+                 f"output_dir={tmp_path / 'run'}", "train.max_steps=2", *overrides]) == 0
+    metrics = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file() and metrics
+
+
+def test_smpo_scores_each_image_at_its_renoise_inverted_latent_with_the_smoothed_margin_by_hand():
+    import torch.nn.functional as F
+
+    from diffalign.objectives import SmPO
+    from diffalign.paths import TOY_BASE
+
+    backbone = backbone_for(load_pipeline(TOY_BASE))
+    reference = load_pipeline(TOY_BASE).unet
+    torch.manual_seed(0)
+    for p in backbone.denoiser.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    objective = SmPO(ObjectiveConfig(name="smpo", loss="smpo", beta=25000.0), backbone)
+    latents = torch.randn(1, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = backbone.encode_prompts(["a red circle"])
+    randomness = {"timesteps": torch.tensor([250]), "inversion_seed": torch.tensor([3])}
+    preference = torch.tensor([0.6])
+    loss, _ = objective(backbone, latents, cond, randomness, backbone.denoiser, reference, preference=preference)
+
+    # by hand: each move of the 10-point grid below 250 (then to 250) averages the DDIM epsilon at the
+    # start with one ReNoise re-evaluation at the point it leads to (the authors' code); no eta
+    a = backbone.scheduler.alphas_cumprod
+    embeds = cond.repeat_items(2).embeds
+    eps_at = lambda x, t: backbone.denoiser(x, torch.full((2,), t), encoder_hidden_states=embeds).sample  # noqa: E731
+    with torch.no_grad():
+        x = latents[0].clone()
+        path = [None, 0, 100, 200, 250]
+        for prev, nxt in zip(path[:-1], path[1:]):
+            a_prev = torch.tensor(1.0) if prev is None else a[prev]
+            move = lambda eps: a[nxt].sqrt() * (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt() + (1 - a[nxt]).sqrt() * eps  # noqa: E731,B023
+            first = eps_at(x, prev or 0)
+            x = move((first + eps_at(move(first), nxt)) / 2)
+        implied = (x - a[250].sqrt() * latents[0]) / (1 - a[250]).sqrt()
+        mse = lambda net: (net(x, torch.full((2,), 250), encoder_hidden_states=embeds).sample - implied).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+        policy, ref = mse(backbone.denoiser), mse(reference)
+        delta = -(policy[0] - ref[0]) + (policy[1] - ref[1])
+        expected = -F.logsigmoid((2 * 0.6 - 1) * 25000.0 * delta)  # Eq. 9 with gamma = 1
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_smpo_takes_only_soft_label_losses():
+    with pytest.raises(UserError, match="smpo takes soft-label losses: .*smpo"):
+        load_config(None, ["model.path=x", "data.path=y", "objective.name=smpo", "objective.loss=dpo"])

@@ -106,6 +106,35 @@ def test_bad_rows_are_skipped_and_counted_or_raise_with_row_and_column(tmp_path)
         raising.example(1)
 
 
+def test_reward_scores_give_a_smoothed_preference_and_the_order_of_the_pair(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = pickapic_parquet(tmp_path / "p.parquet", 4)
+    table = pq.read_table(path).to_pylist()
+    table[2]["aes_1"] = float("nan")
+    pq.write_table(pa.Table.from_pylist(table).drop(["label_0"]), path)
+    data = PairDataset(path, resolution=16, score_columns=[("pick_0", "pick_1"), ("aes_0", "aes_1")])
+    assert len(data) == 3 and data.skipped == {"aes_1": 1}  # no label column needed; row 2 has a NaN score
+    # by hand (SmPO's preprocessing, averaged over the two models): sigmoid of the score gap over each
+    # model's range over the usable rows (pick: 0.20 .. 0.23; aes: 5.0 .. 5.6)
+    pick = [1 / (1 + math.exp(-0.01 * i / 0.03)) for i in (0, 1, 3)]
+    aes = [1 / (1 + math.exp(-0.6 / 0.6)), 1 / (1 + math.exp(0.5 / 0.6)), 1 / (1 + math.exp(0.5 / 0.6))]
+    for position, (p_pick, p_aes) in enumerate(zip(pick, aes)):
+        example = data.example(position)
+        p = (p_pick + p_aes) / 2
+        assert example.preference == pytest.approx(max(p, 1 - p), abs=1e-12)
+        reddish_first = example.pixels[0, 0].mean() > example.pixels[0, 2].mean()
+        assert reddish_first == (p > 0.5)  # row 1: aes outvotes pick, so the bluish image comes first
+    assert [data.example(i).pixels[0, 0].mean() > data.example(i).pixels[0, 2].mean() for i in range(3)] == [
+        True, False, True]
+    with pytest.raises(UserError, match=r"row 2, column 'aes_1'"):
+        PairDataset(path, resolution=16, score_columns=[("pick_0", "pick_1"), ("aes_0", "aes_1")], on_error="raise")
+    with pytest.raises(UserError, match="one positive scale per"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["data.score_columns=[[pick_0, pick_1]]",
+                                                          "data.score_scales=[1.0, 2.0]"])
+
+
 def test_missing_column_is_an_error_before_training(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

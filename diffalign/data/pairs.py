@@ -2,7 +2,9 @@
 
 Columns (names configurable): ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes, or
 paths relative to a .jsonl index) and ``label_0`` (1: first image preferred, 0: second,
-0.5: tie). Sources: a parquet file or folder, a ``datasets`` folder saved with
+0.5: tie; values in between are soft labels). Instead of the label, reward-model scores of
+both images (one column pair per model) can give a smoothed preference
+(:mod:`diffalign.data.smoothing`), which also decides which image comes first. Sources: a parquet file or folder, a ``datasets`` folder saved with
 ``save_to_disk``, or a JSON-lines index next to an image folder.
 
 Bad rows (undecodable image, missing caption, NaN label) are skipped and counted, or with
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
 
 Tensor = torch.Tensor
@@ -175,22 +178,46 @@ class PairDataset(ImageRows):
         caption_column: str = "caption",
         image_columns: tuple[str, str] = ("jpg_0", "jpg_1"),
         label_column: str = "label_0",
+        score_columns: list[tuple[str, str]] | None = None,
+        score_scales: list[float] | None = None,
         ties: str = "drop",
         on_error: str = "skip",
     ) -> None:
-        super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, label_column],
+        labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
+        super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from],
                          on_error=on_error)
-        self.caption_column, self.image_columns, self.label_column = caption_column, tuple(image_columns), label_column
+        self.caption_column, self.image_columns = caption_column, tuple(image_columns)
+        self.labels = self._labels(label_column, score_columns, score_scales)
         self.indices: list[int] = []
-        for i, label in enumerate(self.source.column(label_column)):
-            if label is None or (isinstance(label, float) and math.isnan(label)):
-                self._bad(BadRow(i, label_column, "label is missing or NaN"))
-            elif float(label) == 0.5 and ties == "drop":
+        for i, label in enumerate(self.labels):
+            if isinstance(label, BadRow):
+                self._bad(label)
+            elif label == 0.5 and ties == "drop":
                 continue
             else:
                 self.indices.append(i)
         if not self.indices:
             raise UserError(f"data.path {path} has no usable pair (all rows are ties or bad)")
+
+    def _labels(self, label_column: str, score_columns: list[tuple[str, str]] | None,
+                 score_scales: list[float] | None) -> list[float | BadRow]:
+        """P(first image preferred) of every row, from the label or smoothed from the scores; BadRow where missing."""
+        def missing(value: object) -> bool:
+            return value is None or (isinstance(value, float) and math.isnan(value))
+
+        if not score_columns:
+            return [BadRow(i, label_column, "label is missing or NaN") if missing(v) else float(v)
+                    for i, v in enumerate(self.source.column(label_column))]
+        columns = [(name, self.source.column(name)) for pair in score_columns for name in pair]
+        bad = {i: BadRow(i, name, "score is missing or NaN")
+               for name, values in reversed(columns) for i, v in enumerate(values) if missing(v)}
+        good = [i for i in range(len(self.source)) if i not in bad]
+        scores = torch.tensor([[float(values[i]) for _, values in columns] for i in good], dtype=torch.float64)
+        scores = scores.view(len(good), len(score_columns), 2)
+        scales = None if not score_scales else torch.tensor(score_scales, dtype=torch.float64)
+        p = smoothed_preference(scores[..., 0], scores[..., 1], scales).tolist() if good else []
+        smoothed = dict(zip(good, p, strict=True))
+        return [bad[i] if i in bad else smoothed[i] for i in range(len(self.source))]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -209,7 +236,7 @@ class PairDataset(ImageRows):
         except BadRow as err:
             self._bad(err)
             return None
-        label = float(row[self.label_column])
+        label = self.labels[index]
         if label < 0.5:  # the second image won: put it first
             decoded.reverse()
         pixels = torch.stack([p for p, _ in decoded]) if decode else None

@@ -1,11 +1,15 @@
 """One file per method: likelihood proxy + core loss. ``OBJECTIVES`` maps config names to them."""
 
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
+from diffalign.objectives.inpo import InPO
 from diffalign.objectives.rank_dpo import RankDPO
+from diffalign.objectives.smpo import SmPO
 
 OBJECTIVES = {
     "diffusion_dpo": DiffusionDPO,
+    "inpo": InPO,
     "rank_dpo": RankDPO,
+    "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "DiffusionDPO", "RankDPO"]
+__all__ = ["OBJECTIVES", "DiffusionDPO", "InPO", "RankDPO", "SmPO"]

@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from diffalign import losses
-from diffalign.diffusion import Backbone, Conditioning, TimestepSampler, group_scores, noised_group, schedule_for
+from diffalign.diffusion import (
+    Backbone,
+    Conditioning,
+    NoisedGroup,
+    TimestepSampler,
+    group_scores,
+    noised_group,
+    schedule_for,
+)
 
 if TYPE_CHECKING:  # the trainer imports the objectives; only the type hint goes the other way
     from diffalign.train.config import ObjectiveConfig
@@ -47,6 +55,12 @@ class OfflineDenoisingObjective:
             "noise": torch.randn((n, *latent_shape), generator=generator),
         }
 
+    def noise(self, backbone: Backbone, latents: Tensor, cond: Conditioning,
+              randomness: dict[str, Tensor]) -> NoisedGroup:
+        """Where each item sits on its trajectory: by default x_t from the group's shared random noise."""
+        return noised_group(latents, cond, self.schedule, timesteps=randomness["timesteps"],
+                            noise=randomness["noise"], weighting=self.weighting)
+
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
                        scores: Tensor | None) -> Tensor:
         """(B,) loss from (B, K) policy and reference scores; see the subclasses."""
@@ -73,8 +87,7 @@ class OfflineDenoisingObjective:
             preference: (B,) P(first item preferred), for soft-label losses on pairs.
             scores: (B, K) relevance of each item (ranked lists), higher is better.
         """
-        group = noised_group(latents, cond, self.schedule, timesteps=randomness["timesteps"],
-                             noise=randomness["noise"], weighting=self.weighting)
+        group = self.noise(backbone, latents, cond, randomness)
         policy_scores, ref = group_scores(backbone, group, policy=policy, reference=reference,
                                           need_reference=self.needs_reference)
         per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores)

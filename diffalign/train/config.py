@@ -56,6 +56,11 @@ class ObjectiveConfig:
     t_range: list = field(default_factory=lambda: [0.0, 1.0])
     # weight of the squared error: uniform, min_snr (eps/v models), sigma_sqrt or cosmap (flow)
     weighting: str = "uniform"
+    # inpo, smpo: DDIM inversion grid (points over the whole schedule), its stochastic term eta,
+    # and ReNoise refinements per move; empty = the method's default (inpo: 10, 0.1, 0; smpo: 10, 0, 1)
+    inversion_steps: int | None = None
+    inversion_eta: float | None = None
+    renoise_iterations: int | None = None
 
 
 @dataclass
@@ -76,6 +81,11 @@ class DataConfig:
     image_columns: list = field(default_factory=lambda: ["jpg_0", "jpg_1"])
     # the label column of the first image (1 = first wins, 0 = second wins, 0.5 = tie)
     label_column: str = "label_0"
+    # smoothed preferences (smpo) in place of the label: per reward model the two columns holding
+    # its scores of the pair's images, e.g. [[pickscore_0, pickscore_1], [hps_0, hps_1]]
+    score_columns: list = field(default_factory=list)
+    # the score scale of each of those models; empty = its max - min over the dataset
+    score_scales: list = field(default_factory=list)
     # ranked lists (rank_dpo): the column holding each prompt's list of images
     images_column: str = "images"
     # ranked lists: the column holding one score per image (higher is better)
@@ -192,6 +202,12 @@ class Config:
             raise UserError("data.path is empty: set it to a parquet file/folder, a datasets folder or a .jsonl index")
         if len(self.data.image_columns) != 2:
             raise UserError("data.image_columns must name exactly two columns (the pair's images)")
+        for pair in self.data.score_columns:
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
+                raise UserError(f"data.score_columns holds one [first, second] column pair per reward model; got {pair!r}")
+        if self.data.score_scales and (len(self.data.score_scales) != len(self.data.score_columns)
+                                       or min(self.data.score_scales) <= 0):
+            raise UserError("data.score_scales needs one positive scale per data.score_columns pair, or none")
         if self.data.ties == "soft" and losses.spec(self.objective.loss).kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
                             "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")

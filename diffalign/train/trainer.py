@@ -84,8 +84,9 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset:
                                  images_column=dc.images_column, scores_column=dc.scores_column,
                                  on_error=dc.on_error)
     return PairDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
-                       image_columns=tuple(dc.image_columns), label_column=dc.label_column, ties=dc.ties,
-                       on_error=dc.on_error)
+                       image_columns=tuple(dc.image_columns), label_column=dc.label_column,
+                       score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
+                       ties=dc.ties, on_error=dc.on_error)
 
 
 class _StopSignal:

@@ -1,0 +1,72 @@
+"""What InPO and SmPO share: Diffusion-DPO scored at latents found by inverting the images.
+
+Diffusion-DPO places x^w and x^l at x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps with random eps,
+which ties x_t to the image only loosely. Both methods instead run the model's own DDIM
+inversion (optionally stochastic, optionally ReNoise-refined; :mod:`diffalign.diffusion.inversion`)
+from the clean latent up to the pair's timestep t, and score each image there against the
+noise that x_t implies:
+
+    x_t   = Inv_theta(x_0 -> t)                       (the policy inverts, without gradients)
+    eps^  = (x_t - sqrt(a_t) x_0) / sqrt(1 - a_t)
+    s(x)  = -w(t) ||eps^ - eps_theta(x_t, t)||^2      (and s_ref with the reference)
+
+after which the pairwise or soft-label core loss is the same as Diffusion-DPO's. Only eps-
+and v-prediction models have a DDIM inversion here, so flow-matching models (SD3) are refused.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffalign.diffusion import Backbone, Conditioning, NoisedGroup, schedule_for
+from diffalign.diffusion.inversion import ddim_invert_to
+from diffalign.diffusion.schedule import DiffusionSchedule
+from diffalign.objectives.diffusion_dpo import DiffusionDPO
+
+if TYPE_CHECKING:
+    from diffalign.train.config import ObjectiveConfig
+
+Tensor = torch.Tensor
+
+
+class InvertedDiffusionDPO(DiffusionDPO):
+    """Diffusion-DPO at inverted latents; subclasses set the inversion's defaults."""
+
+    default_inversion_steps = 10
+    default_inversion_eta = 0.0
+    default_renoise_iterations = 0
+    renoise_average_from = 1
+
+    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
+        if not isinstance(schedule_for(backbone.scheduler), DiffusionSchedule):
+            raise ValueError(f"{config.name} needs a DDIM-invertible (epsilon or v-prediction) model; "
+                             f"{type(backbone.scheduler).__name__} is flow matching")
+        super().__init__(config, backbone)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        self.inversion_steps = pick(config.inversion_steps, self.default_inversion_steps)
+        self.inversion_eta = pick(config.inversion_eta, self.default_inversion_eta)
+        self.renoise_iterations = pick(config.renoise_iterations, self.default_renoise_iterations)
+
+    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
+        """The pairs' timesteps, and a seed for the inversion's stochastic term."""
+        timesteps = self.sampler.sample(n, self.schedule.num_timesteps, generator)
+        return {"timesteps": timesteps, "inversion_seed": torch.randint(0, 2**62, (1,), generator=generator)}
+
+    def noise(self, backbone: Backbone, latents: Tensor, cond: Conditioning,
+              randomness: dict[str, Tensor]) -> NoisedGroup:
+        """Every item inverted to its pair's timestep (one batched walk), and the noise that implies."""
+        b, k = latents.shape[:2]
+        x0 = latents.flatten(0, 1).float()
+        t = randomness["timesteps"].to(latents.device).repeat_interleave(k)
+        cond = cond.repeat_items(k)
+        generator = torch.Generator().manual_seed(int(randomness["inversion_seed"][0]))
+        x_t = ddim_invert_to(backbone, x0, cond, t, steps=self.inversion_steps, eta=self.inversion_eta,
+                             renoise_iterations=self.renoise_iterations,
+                             renoise_average_from=self.renoise_average_from, generator=generator)
+        a = backbone.scheduler.alphas_cumprod.to(x_t)[t].view(-1, *([1] * (x0.dim() - 1)))
+        implied = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return NoisedGroup(noisy=x_t.to(latents.dtype), target=self.schedule.target(x0, implied, t).to(latents.dtype),
+                           model_timesteps=self.schedule.model_timesteps(t), weight=self.schedule.loss_weight(t, self.weighting),
+                           cond=cond, groups=b, items=k)
