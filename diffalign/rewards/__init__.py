@@ -1,19 +1,76 @@
-"""Reward models behind one interface (:class:`RewardModel`), looked up by name."""
+"""Reward models behind one interface (:class:`RewardModel`), looked up by name.
+
+A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/models/HPS_v2.1.pt"``,
+``"aesthetic:/models/aesthetic.pth:clip=/models/ViT-L-14.pt"`` (options as ``key=value`` after
+the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. The toy rewards take no path.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 from diffalign.errors import UserError
 from diffalign.rewards.base import RewardModel
+from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
+from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.toy import ToyAdherence, ToyPreference
 
-REWARDS = {"toy_preference": ToyPreference, "toy_adherence": ToyAdherence}
+REWARDS: dict[str, type] = {
+    "toy_preference": ToyPreference,
+    "toy_adherence": ToyAdherence,
+    "pickscore": PickScore,
+    "hps_v2": HPSv2,
+    "hps_v2.1": HPSv2,
+    "clip_score": ClipScore,
+    "aesthetic": Aesthetic,
+}
+NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic"}
 
 
-def load_reward(name: str) -> RewardModel:
-    """A reward model by name (``toy_preference``, ``toy_adherence``)."""
-    if name not in REWARDS:
-        raise UserError(f"unknown reward model {name!r}; choose one of {', '.join(REWARDS)}")
-    return REWARDS[name]()
+@dataclass
+class RewardSpec:
+    """Which reward model, where its weights are, and its options (device, batch_size, arch, ...)."""
+
+    name: str
+    path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: str | dict | RewardSpec) -> RewardSpec:
+        """From ``name[:path[:key=value...]]`` or a mapping with ``name``, ``path`` and options."""
+        if isinstance(value, RewardSpec):
+            spec = value
+        elif isinstance(value, dict):
+            rest = {k: v for k, v in value.items() if k not in ("name", "path")}
+            spec = cls(str(value.get("name", "")), value.get("path"), rest)
+        else:
+            name, _, tail = str(value).partition(":")
+            parts = tail.split(":") if tail else []
+            path = parts[0] if parts and "=" not in parts[0] else None
+            options = dict(p.split("=", 1) for p in parts[1 if path is not None else 0:] if "=" in p)
+            spec = cls(name, path, options)
+        if spec.name not in REWARDS:
+            from difflib import get_close_matches
+
+            close = get_close_matches(spec.name, REWARDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"unknown reward model {spec.name!r}{hint}; choose one of {', '.join(REWARDS)}")
+        if spec.name in NEEDS_PATH and not spec.path:
+            raise UserError(f"reward model {spec.name} needs the path of its weights, e.g. {spec.name}:/models/...")
+        return spec
 
 
-__all__ = ["REWARDS", "RewardModel", "ToyAdherence", "ToyPreference", "load_reward"]
+def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
+    """The reward model a spec names (see the module docstring), ready to score."""
+    spec = RewardSpec.parse(spec)
+    options = dict(spec.options)
+    if "batch_size" in options:
+        options["batch_size"] = int(options["batch_size"])
+    model = REWARDS[spec.name](spec.path, **options) if spec.name in NEEDS_PATH else REWARDS[spec.name]()
+    model.name = spec.name
+    return model
+
+
+__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "PickScore", "RewardModel", "RewardSpec",
+           "ToyAdherence", "ToyPreference", "ensemble", "load_reward", "normalise_per_prompt"]

@@ -213,10 +213,10 @@ class Config:
                             "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
-        from diffalign.rewards import REWARDS
+        from diffalign.rewards import RewardSpec
 
-        for name in self.validation.rewards:
-            choose("validation.rewards", name, sorted(REWARDS))
+        for spec in self.validation.rewards:
+            RewardSpec.parse(spec)
         return self
 
 

@@ -1,0 +1,207 @@
+"""CLIP-based reward models: PickScore, HPS v2 / v2.1, CLIP score and the LAION aesthetic predictor.
+
+Each is loaded from local files the user points to (no downloads) and scores a batch of images
+in [0, 1] against their prompts:
+
+- PickScore (Kirstain et al. 2023): a CLIP-H fine-tuned on Pick-a-Pic, through transformers.
+  score = exp(logit_scale) * cos(image embedding, text embedding), as in the model card.
+- HPS v2 / v2.1 (Wu et al. 2023): open_clip ViT-H-14 with the HPS checkpoint.
+  score = cos(image embedding, text embedding), as in ``hpsv2.score`` (no logit scale).
+- CLIP score (Hessel et al. 2021): any open_clip model; score = 100 * max(cos, 0).
+- LAION aesthetic predictor v2 (improved-aesthetic-predictor): an MLP over the L2-normalised
+  CLIP ViT-L/14 image embedding; the prompt is not used.
+
+Preprocessing is each model's own: the transformers processor saved with PickScore, and
+open_clip's evaluation transform (resize the shorter side, centre crop, CLIP mean/std) for the
+others. On CUDA the towers run in float16 under autocast; similarities are taken in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from diffalign.errors import UserError
+from diffalign.rewards.checkpoints import load_strict, read_state_dict
+
+Tensor = torch.Tensor
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """Float (N, 3, H, W) images in [0, 1] as 8-bit PIL images (what the models' processors expect)."""
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def _batches(n: int, size: int):
+    return (slice(i, i + size) for i in range(0, n, size))
+
+
+class PickScore:
+    """PickScore from a local folder holding the CLIPModel (and its processor, or ``processor=`` another folder)."""
+
+    name = "pickscore"
+
+    def __init__(self, path: str | Path, *, processor: str | Path | None = None,
+                 device: str | torch.device | None = None, batch_size: int = 32) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        path = Path(path)
+        processor_path = Path(processor) if processor is not None else path
+        for folder, wanted, what in ((path, ("config.json",), "a CLIPModel config"),
+                                     (processor_path, ("preprocessor_config.json", "processor_config.json"),
+                                      "a CLIP processor")):
+            if not any((folder / name).is_file() for name in wanted):
+                raise UserError(f"pickscore: {folder / wanted[0]} not found; expected {what} there "
+                                "(the folder of yuvalkirstain/PickScore_v1, and processor= the folder of "
+                                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K if it has no processor files)")
+        self.device = _device(device)
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        self.processor = AutoProcessor.from_pretrained(processor_path, local_files_only=True)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        out = []
+        for chunk in _batches(len(prompts), self.batch_size):
+            pixels = self.processor(images=to_pil(images[chunk]), return_tensors="pt")["pixel_values"]
+            text = self.processor(text=list(prompts[chunk]), padding=True, truncation=True, max_length=77,
+                                  return_tensors="pt")
+            with _autocast(self.device):
+                image_features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+                text_features = _features(self.model.get_text_features(
+                    input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)))
+            cosine = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+            out.append((self.model.logit_scale.exp().float() * cosine).cpu())
+        return torch.cat(out)
+
+
+def _features(output) -> Tensor:
+    """Projected embeddings from ``get_*_features`` (a tensor, or an output whose pooler_output holds them)."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def open_clip_model(arch: str | Path, checkpoint: str | Path, *, what: str) -> nn.Module:
+    """An open_clip model of ``arch`` (a registered name like ``ViT-H-14``, or a model-config JSON file)
+    with the weights of ``checkpoint``, in eval mode."""
+    import open_clip
+
+    name = str(arch)
+    if name.endswith(".json"):
+        config = Path(name)
+        if not config.is_file():
+            raise UserError(f"{what}: model config {config} does not exist")
+        json.loads(config.read_text())  # a clear JSON error before open_clip's
+        open_clip.add_model_config(config)
+        name = config.stem
+    if name not in open_clip.list_models():
+        raise UserError(f"{what}: unknown open_clip architecture {name!r}")
+    model = open_clip.create_model(name, pretrained=None)
+    load_strict(model, read_state_dict(checkpoint, what=what), path=checkpoint, what=what,
+                expected=f"open_clip {name}")
+    return model.eval()
+
+
+class _OpenClipReward(ABC):
+    """Shared by the open_clip rewards: model, its evaluation transform and tokenizer, batched features."""
+
+    name = "open_clip"
+
+    def __init__(self, checkpoint: str | Path, *, arch: str | Path, device: str | torch.device | None,
+                 batch_size: int) -> None:
+        import open_clip
+
+        self.device = _device(device)
+        self.model = open_clip_model(arch, checkpoint, what=self.name).to(self.device)
+        self.preprocess = open_clip.image_transform(self.model.visual.image_size, is_train=False)
+        self.tokenizer = open_clip.get_tokenizer(Path(str(arch)).stem if str(arch).endswith(".json") else str(arch))
+        self.batch_size = batch_size
+
+    def image_features(self, images: Tensor) -> Tensor:
+        pixels = torch.stack([self.preprocess(im) for im in to_pil(images)]).to(self.device)
+        with _autocast(self.device):
+            return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        with _autocast(self.device):
+            return F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
+
+    @abstractmethod
+    def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """(N,) scores from L2-normalised (N, D) image and text features."""
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return torch.cat([self.score(self.image_features(images[c]), self.text_features(prompts[c])).cpu()
+                          for c in _batches(len(prompts), self.batch_size)])
+
+
+class HPSv2(_OpenClipReward):
+    """HPS v2 or v2.1 from its checkpoint file (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``)."""
+
+    name = "hps_v2"
+
+    def __init__(self, path: str | Path, *, arch: str | Path = "ViT-H-14", device: str | torch.device | None = None,
+                 batch_size: int = 32) -> None:
+        super().__init__(path, arch=arch, device=device, batch_size=batch_size)
+
+    def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        return (image_features * text_features).sum(dim=-1)
+
+
+class ClipScore(_OpenClipReward):
+    """CLIP score, 100 * max(cos, 0), with any open_clip checkpoint (``arch`` names its architecture)."""
+
+    name = "clip_score"
+
+    def __init__(self, path: str | Path, *, arch: str | Path = "ViT-L-14", device: str | torch.device | None = None,
+                 batch_size: int = 32) -> None:
+        super().__init__(path, arch=arch, device=device, batch_size=batch_size)
+
+    def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        return 100 * (image_features * text_features).sum(dim=-1).clamp(min=0)
+
+
+def aesthetic_head(embed_dim: int = 768) -> nn.Sequential:
+    """The LAION aesthetic predictor v2 MLP (layers.0 ... layers.7 in its checkpoint)."""
+    return nn.Sequential(nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
+class Aesthetic(_OpenClipReward):
+    """LAION aesthetic predictor v2: ``path`` is the MLP (``sac+logos+ava1-l14-linearMSE.pth``),
+    ``clip`` the CLIP ViT-L/14 checkpoint whose image embeddings it reads."""
+
+    name = "aesthetic"
+
+    def __init__(self, path: str | Path, *, clip: str | Path | None = None, arch: str | Path = "ViT-L-14",
+                 device: str | torch.device | None = None, batch_size: int = 32) -> None:
+        if clip is None:
+            raise UserError("aesthetic: give clip= the CLIP ViT-L/14 checkpoint file the predictor was trained on")
+        super().__init__(clip, arch=arch, device=device, batch_size=batch_size)
+        state = {k.removeprefix("layers."): v for k, v in read_state_dict(path, what=self.name).items()}
+        self.head = aesthetic_head(self.model.visual.output_dim).eval()
+        load_strict(self.head, state, path=path, what=self.name,
+                    expected=f"the aesthetic MLP over {self.model.visual.output_dim}-d CLIP embeddings")
+        self.head.to(self.device)
+
+    def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        return self.head(image_features).squeeze(-1).float()
+
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        return torch.empty(len(prompts), 0)  # the aesthetic score ignores the prompt

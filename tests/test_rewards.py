@@ -1,0 +1,188 @@
+"""Reward models loaded from tiny random checkpoints written here (same architectures, no
+downloads): each score against its formula computed by hand, the ensemble's normalisations,
+and the errors for missing or mismatched checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffalign.errors import UserError
+from diffalign.rewards import (
+    Aesthetic,
+    ClipScore,
+    HPSv2,
+    PickScore,
+    RewardSpec,
+    ensemble,
+    load_reward,
+    normalise_per_prompt,
+)
+from diffalign.rewards.clip_rewards import aesthetic_head
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def _images() -> torch.Tensor:
+    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _as_8bit(images: torch.Tensor) -> torch.Tensor:
+    """What the processors see: the images quantised to 8 bits, back in [0, 1]."""
+    return (images * 255).round() / 255
+
+
+def _clip_normalised(images: torch.Tensor) -> torch.Tensor:
+    return (_as_8bit(images) - OPENAI_MEAN) / OPENAI_STD  # 32 px in, 32 px model: resize and crop are no-ops
+
+
+@pytest.fixture(scope="module")
+def pickscore_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = tmp_path_factory.mktemp("pickscore")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets/models/tiny-sd15/tokenizer")
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16, logit_scale_init_value=4.6052)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_pickscore_is_the_scaled_cosine_of_clip_embeddings_by_hand(pickscore_dir):
+    from transformers import AutoTokenizer, CLIPModel
+
+    reward = load_reward(f"pickscore:{pickscore_dir}:batch_size=2")
+    assert isinstance(reward, PickScore) and reward.name == "pickscore"
+    scores = reward(_images(), PROMPTS)
+
+    model = CLIPModel.from_pretrained(pickscore_dir).eval()
+    tokens = AutoTokenizer.from_pretrained(pickscore_dir)(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.visual_projection(model.vision_model(pixel_values=_clip_normalised(_images())).pooler_output)
+        text = model.text_projection(model.text_model(**tokens).pooler_output)
+    expected = model.logit_scale.exp() * F.cosine_similarity(image, text, dim=-1)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert abs(float(model.logit_scale.detach().exp()) - 100.0) < 0.01  # scores are on PickScore's scale
+
+
+def test_pickscore_without_a_processor_names_the_file_it_needs(tmp_path, pickscore_dir):
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(pickscore_dir).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"preprocessor_config.json not found.*processor="):
+        PickScore(tmp_path)
+
+
+def _tiny_open_clip(folder: Path, *, embed_dim: int, width: int = 64, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """An open_clip model config (a tiny ViT-H-14 look-alike) and a random model of it."""
+    import open_clip
+
+    config = folder / f"tiny-clip-{embed_dim}-{width}.json"
+    config.write_text(json.dumps({
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": width, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
+    }))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    return config, open_clip.create_model(config.stem, pretrained=None).eval()
+
+
+def _hand_features(model, images: torch.Tensor, prompts: list[str], arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import open_clip
+
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(_clip_normalised(images)), dim=-1)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(prompts)), dim=-1)
+    return image, text
+
+
+def test_hps_and_clip_score_are_cosines_of_open_clip_embeddings_by_hand(tmp_path):
+    config, model = _tiny_open_clip(tmp_path, embed_dim=32)
+    checkpoint = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)  # HPS's own layout
+    image, text = _hand_features(model, _images(), PROMPTS, config.stem)
+    cosine = (image * text).sum(dim=-1)
+
+    hps = load_reward({"name": "hps_v2.1", "path": str(checkpoint), "arch": str(config)})
+    assert isinstance(hps, HPSv2) and hps.name == "hps_v2.1"
+    torch.testing.assert_close(hps(_images(), PROMPTS), cosine, rtol=1e-4, atol=1e-5)
+    clip_score = ClipScore(checkpoint, arch=config)
+    torch.testing.assert_close(clip_score(_images(), PROMPTS), 100 * cosine.clamp(min=0), rtol=1e-4, atol=1e-3)
+
+
+def test_aesthetic_is_the_mlp_over_normalised_clip_image_embeddings_by_hand(tmp_path):
+    config, model = _tiny_open_clip(tmp_path, embed_dim=768)
+    clip_file = tmp_path / "ViT-L-14.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clip_file))
+    torch.manual_seed(1)
+    head = aesthetic_head(768).eval()
+    mlp_file = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, mlp_file)  # the published key names
+
+    reward = load_reward(f"aesthetic:{mlp_file}:clip={clip_file}:arch={config}")
+    assert isinstance(reward, Aesthetic)
+    image, _ = _hand_features(model, _images(), PROMPTS, config.stem)
+    with torch.no_grad():
+        expected = head(image).squeeze(-1)
+    torch.testing.assert_close(reward(_images(), PROMPTS), expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(reward(_images(), ["x", "y", "z"]), reward(_images(), PROMPTS))  # the prompt is not used
+
+
+def test_a_mismatched_or_missing_checkpoint_names_the_file_and_what_was_expected(tmp_path):
+    config, _ = _tiny_open_clip(tmp_path, embed_dim=32)
+    _, wider = _tiny_open_clip(tmp_path, embed_dim=32, width=96)
+    checkpoint = tmp_path / "HPS_v2_compressed.pt"
+    torch.save(wider.state_dict(), checkpoint)
+    with pytest.raises(UserError, match=rf"{checkpoint.name} does not match open_clip {config.stem}: .*shape mismatch"):
+        HPSv2(checkpoint, arch=config)
+    with pytest.raises(UserError, match=r"checkpoint file .*nothing.pt does not exist"):
+        HPSv2(tmp_path / "nothing.pt", arch=config)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"cannot read .*garbage.pt"):
+        HPSv2(tmp_path / "garbage.pt", arch=config)
+
+
+def test_reward_specs_parse_paths_and_options_and_reject_unknown_names():
+    spec = RewardSpec.parse("aesthetic:/m/aes.pth:clip=/m/clip.pt:batch_size=8")
+    assert (spec.name, spec.path, spec.options) == ("aesthetic", "/m/aes.pth", {"clip": "/m/clip.pt", "batch_size": "8"})
+    assert RewardSpec.parse("toy_preference") == RewardSpec("toy_preference")
+    with pytest.raises(UserError, match="did you mean 'pickscore'"):
+        RewardSpec.parse("pickscroe:/m")
+    with pytest.raises(UserError, match="hps_v2 needs the path"):
+        RewardSpec.parse("hps_v2")
+
+
+def test_ensemble_normalises_each_model_per_prompt_before_averaging():
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    pick = torch.tensor([21.0, 20.0, 22.0, 19.0, 19.0, 18.0])
+    aes = torch.tensor([5.0, 6.0, 7.0, 4.0, 4.0, 4.0])
+    z_pick_0 = [(21 - 21) / (2 / 3) ** 0.5, (20 - 21) / (2 / 3) ** 0.5, (22 - 21) / (2 / 3) ** 0.5]
+    mean_1, std_1 = 56 / 3, (2 * (1 / 3) ** 2 + (2 / 3) ** 2) ** 0.5 / 3 ** 0.5
+    z_pick_1 = [(19 - mean_1) / std_1, (19 - mean_1) / std_1, (18 - mean_1) / std_1]
+    z_aes = [-(1.5 ** 0.5), 0.0, 1.5 ** 0.5]  # 5, 6, 7: mean 6, std sqrt(2/3)
+    torch.testing.assert_close(normalise_per_prompt(pick, groups), torch.tensor(z_pick_0 + z_pick_1, dtype=torch.float64))
+    torch.testing.assert_close(normalise_per_prompt(aes, groups), torch.tensor(z_aes + [0.0] * 3, dtype=torch.float64))
+    ranks = normalise_per_prompt(pick, groups, "rank")  # 0 worst .. 1 best; the tie shares ranks 1 and 2
+    assert ranks.tolist() == [0.5, 0.0, 1.0, 0.75, 0.75, 0.0]
+    averaged = ensemble({"pick": pick, "aes": aes}, groups, "rank")
+    assert averaged.tolist() == [(0.5 + 0.0) / 2, (0.0 + 0.5) / 2, 1.0, 0.75 / 2 + 0.25, 0.75 / 2 + 0.25, 0.25]
