@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from typing import Callable, Sequence
+from typing import Sequence
 
 from diffalign.errors import UserError
 from diffalign.losses.registry import KINDS
@@ -87,14 +87,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise UserError(
-            f"'diffalign {name}' is not built yet in this version of diffalign ({issue}). "
-            "Run 'diffalign --help' for the commands that work today."
-        )
+def _cmd_generate_ranked(args: argparse.Namespace) -> int:
+    from diffalign.generate import GenerateConfig, generate_ranked
+    from diffalign.generate.ranked import summary_table
+    from diffalign.train import load_config
 
-    return run
+    config = load_config(args.config, args.overrides, schema=GenerateConfig)
+    summary = generate_ranked(config)
+    print(f"\n{summary['prompts']} ranked lists in {config.output_dir} "
+          f"({summary['images_generated_now']} images generated in this run)\n")
+    print(summary_table(summary))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_eval)
 
     p = sub.add_parser("generate-ranked", help="build a synthetic ranked dataset with reward models")
-    p.add_argument("config", nargs="?")
-    p.set_defaults(run=_not_built("generate-ranked", "synthetic ranked datasets"))
+    p.add_argument("config", help="a YAML config, e.g. configs/toy_generate_ranked.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as seeds_per_generator=4")
+    p.set_defaults(run=_cmd_generate_ranked)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")
     p.add_argument("run_dir", help="a finished run directory (config.yaml and final/ inside)")

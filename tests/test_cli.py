@@ -1,4 +1,4 @@
-"""The command line: help, the losses listing, and clean errors for what is not built."""
+"""The command line: help, the losses listing, and clean errors without tracebacks."""
 
 import subprocess
 import sys
@@ -25,9 +25,10 @@ def test_losses_lists_every_registered_loss_with_paper(capsys):
     assert out.count("paper:") == len(losses.names())
 
 
-def test_unbuilt_command_exits_nonzero_without_traceback():
+def test_a_bad_generate_ranked_config_exits_nonzero_without_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "diffalign", "generate-ranked"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "diffalign", "generate-ranked", "configs/toy_generate_ranked.yaml", "generators=[]"],
+        capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 2
-    assert "not built yet" in proc.stderr and "Traceback" not in proc.stderr
+    assert "generators is empty" in proc.stderr and "Traceback" not in proc.stderr

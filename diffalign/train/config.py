@@ -280,8 +280,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply overrides, build and validate the typed config."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, schema: type = None) -> Any:
+    """Read a YAML config, apply overrides, build and validate the typed config (``schema``, default :class:`Config`)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -292,7 +292,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as err:
             raise UserError(f"{path} is not valid YAML: {err}") from None
     data = apply_overrides(data, overrides or [])
-    return _build(Config, data, "").validate()
+    return _build(schema or Config, data, "").validate()
 
 
 def to_dict(config: Config) -> dict:

@@ -1,0 +1,213 @@
+"""``diffalign generate-ranked``: a synthetic ranked dataset the way RankDPO's Syn-Pic was built.
+
+For every prompt, every generator makes K images (the same K seeds for all generators), every
+reward model scores every image, and the per-prompt normalised scores are averaged
+(:mod:`diffalign.rewards.ensemble`) into one score that ranks the list. The output folder is a
+dataset that ``rank_dpo`` trains on directly (``data.path=OUTPUT_DIR``):
+
+    images/p000000/<generator>-<seed>.png
+    shard-00000.parquet    caption, images (paths), scores (ensemble), generators, seeds,
+                           reward_<name> (every raw score), one row per prompt
+    pairs.jsonl            Pick-a-Pic layout for pairwise objectives: caption, jpg_0, jpg_1,
+                           label_0, score_0/1 and <reward>_0/1 (``data.score_columns`` for smpo)
+    summary.json           per generator: mean ensemble score and mean rank
+
+Resumable without duplicates or losses: images are written atomically and never regenerated;
+a shard (a fixed block of prompts) is written atomically once all its images exist, so a
+stopped run continues where it was. Generation is generator-major (each model is loaded once)
+and reward models are loaded only after generation, so the two never share GPU memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffalign.errors import UserError
+from diffalign.eval.prompts import read_prompts
+from diffalign.eval.report import to_pil
+from diffalign.generate.config import GenerateConfig, GeneratorConfig
+from diffalign.rewards import RewardSpec, ensemble, load_reward
+
+Tensor = torch.Tensor
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _seeds(config: GenerateConfig, prompt_index: int) -> list[int]:
+    k = config.seeds_per_generator
+    return [config.seed + prompt_index * k + j for j in range(k)]
+
+
+def _image_path(prompt_index: int, generator: str, seed: int) -> str:
+    """Relative to the output folder (what the dataset stores)."""
+    return f"images/p{prompt_index:06d}/{generator}-{seed}.png"
+
+
+def _save_png(image: Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    to_pil(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _check_same_dataset(config: GenerateConfig, out: Path) -> None:
+    """A resumed run must be the run that started the folder; anything else would mix two datasets."""
+    record = out / "generate_config.yaml"
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
+    if record.is_file():
+        previous = yaml.safe_load(record.read_text())
+        if previous != identity:
+            changed = sorted(k for k in identity if previous.get(k) != identity[k])
+            raise UserError(f"{out} holds a dataset generated with a different config (changed: {', '.join(changed)}); "
+                            "use a new output_dir, or restore the settings to resume it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(identity, sort_keys=False))
+
+
+def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> int:
+    """Every image of every generator that is not on disk yet; returns how many were generated."""
+    from diffalign.diffusion.finetuned import load_finetuned
+    from diffalign.diffusion.sampling import generate
+
+    todo = {g.name: [(i, s) for i in range(len(prompts)) for s in _seeds(config, i)
+                     if not (out / _image_path(i, g.name, s)).is_file()] for g in config.generators}
+    total = sum(map(len, todo.values()))
+    device = _device()
+    with tqdm(total=total, desc="generate", unit="img", disable=total == 0) as bar:
+        for generator in config.generators:
+            jobs = todo[generator.name]
+            if not jobs:
+                continue
+            dtype = DTYPES.get(generator.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+            pipe = load_finetuned(generator.path, base=generator.base, torch_dtype=dtype).to(device)
+            bar.set_postfix(generator=generator.name)
+            for start in range(0, len(jobs), config.batch_size):
+                batch = jobs[start:start + config.batch_size]
+                images = generate(pipe, [prompts[i] for i, _ in batch], [s for _, s in batch], steps=generator.steps,
+                                  guidance_scale=generator.guidance_scale, resolution=generator.resolution,
+                                  batch_size=config.batch_size)
+                for (i, s), image in zip(batch, images, strict=True):
+                    _save_png(image, out / _image_path(i, generator.name, s))
+                bar.update(len(batch))
+            del pipe
+    return total
+
+
+def _load_png(path: Path) -> Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out: Path, rewards: list) -> dict:
+    """The rows of one shard: each prompt's list with raw and ensemble scores."""
+    items = [(i, g.name, s) for i in indices for g in config.generators for s in _seeds(config, i)]
+    paths = [_image_path(i, g, s) for i, g, s in items]
+    images = torch.stack([_load_png(out / p) for p in paths])
+    captions = [prompts[i] for i, _, _ in items]
+    raw = {r.name: r(images, captions).double() for r in rewards}
+    groups = torch.tensor([i for i, _, _ in items])
+    combined = ensemble(raw, groups, config.ensemble)
+    per_prompt = len(config.generators) * config.seeds_per_generator
+    rows: dict[str, list] = {"caption": [], "images": [], "scores": [], "generators": [], "seeds": [],
+                             **{f"reward_{name}": [] for name in raw}}
+    for start in range(0, len(items), per_prompt):
+        block = slice(start, start + per_prompt)
+        rows["caption"].append(captions[start])
+        rows["images"].append(paths[block])
+        rows["scores"].append(combined[block].tolist())
+        rows["generators"].append([g for _, g, _ in items[block]])
+        rows["seeds"].append([s for _, _, s in items[block]])
+        for name, values in raw.items():
+            rows[f"reward_{name}"].append(values[block].tolist())
+    return rows
+
+
+def _write_parquet(rows: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(rows), tmp)
+    os.replace(tmp, path)
+
+
+def _pairs(rows: list[dict], mode: str) -> list[dict]:
+    """Pairwise rows from ranked rows: best vs worst, or every pair with different scores."""
+    out = []
+    reward_keys = [k for k in rows[0] if k.startswith("reward_")]
+    for row in rows:
+        order = sorted(range(len(row["scores"])), key=lambda j: -row["scores"][j])
+        if mode == "best_worst":
+            candidates = [(order[0], order[-1])]
+        else:
+            candidates = [(a, b) for n, a in enumerate(order) for b in order[n + 1:]]
+        for a, b in candidates:
+            if row["scores"][a] == row["scores"][b]:
+                continue
+            pair = {"caption": row["caption"], "jpg_0": row["images"][a], "jpg_1": row["images"][b], "label_0": 1.0,
+                    "score_0": row["scores"][a], "score_1": row["scores"][b]}
+            for key in reward_keys:
+                name = key.removeprefix("reward_")
+                pair[f"{name}_0"], pair[f"{name}_1"] = row[key][a], row[key][b]
+            out.append(pair)
+    return out
+
+
+def _summary(config: GenerateConfig, rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per generator: mean ensemble score and mean rank within its prompt's list (1 = best)."""
+    totals = {g.name: {"score": 0.0, "rank": 0.0, "images": 0} for g in config.generators}
+    for row in rows:
+        order = sorted(range(len(row["scores"])), key=lambda j: -row["scores"][j])
+        for rank, j in enumerate(order, 1):
+            t = totals[row["generators"][j]]
+            t["score"] += row["scores"][j]
+            t["rank"] += rank
+            t["images"] += 1
+    return {name: {"mean_score": t["score"] / t["images"], "mean_rank": t["rank"] / t["images"],
+                   "images": t["images"]} for name, t in totals.items()}
+
+
+def generate_ranked(config: GenerateConfig) -> dict:
+    """Build (or resume) the dataset in ``config.output_dir``; returns the summary (also in summary.json)."""
+    out = Path(config.output_dir)
+    prompts = read_prompts(config.prompts)
+    _check_same_dataset(config, out)
+    generated = _generate_missing(config, prompts, out)
+    shards = [range(s, min(s + config.shard_size, len(prompts))) for s in range(0, len(prompts), config.shard_size)]
+    rewards = None
+    for number, indices in enumerate(tqdm(shards, desc="score", unit="shard")):
+        path = out / f"shard-{number:05d}.parquet"
+        if path.is_file():
+            continue
+        rewards = rewards or [load_reward(RewardSpec.parse(spec)) for spec in config.rewards]
+        _write_parquet(_score_shard(config, prompts, indices, out, rewards), path)
+    rows = [r for number in range(len(shards)) for r in pq.read_table(out / f"shard-{number:05d}.parquet").to_pylist()]
+    if config.pairs != "none":
+        tmp = out / "pairs.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in _pairs(rows, config.pairs)))
+        os.replace(tmp, out / "pairs.jsonl")
+    summary = {"prompts": len(rows), "images_generated_now": generated, "generators": _summary(config, rows)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """A markdown table of the per-generator summary."""
+    lines = ["| generator | mean score | mean rank | images |", "|---|---|---|---|"]
+    for name, s in summary["generators"].items():
+        lines.append(f"| {name} | {s['mean_score']:.3f} | {s['mean_rank']:.2f} | {s['images']} |")
+    return "\n".join(lines)
+
+
+__all__ = ["GenerateConfig", "GeneratorConfig", "generate_ranked", "summary_table"]
