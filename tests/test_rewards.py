@@ -22,7 +22,7 @@ from diffalign.rewards import (
     load_reward,
     normalise_per_prompt,
 )
-from diffalign.rewards.clip_rewards import aesthetic_head
+from diffalign.rewards.clip_rewards import mlp_head
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -135,7 +135,7 @@ def test_aesthetic_is_the_mlp_over_normalised_clip_image_embeddings_by_hand(tmp_
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(clip_file))
     torch.manual_seed(1)
-    head = aesthetic_head(768).eval()
+    head = mlp_head(768).eval()
     mlp_file = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, mlp_file)  # the published key names
 
@@ -186,3 +186,93 @@ def test_ensemble_normalises_each_model_per_prompt_before_averaging():
     assert ranks.tolist() == [0.5, 0.0, 1.0, 0.75, 0.75, 0.0]
     averaged = ensemble({"pick": pick, "aes": aes}, groups, "rank")
     assert averaged.tolist() == [(0.5 + 0.0) / 2, (0.0 + 0.5) / 2, 1.0, 0.75 / 2 + 0.25, 0.75 / 2 + 0.25, 0.25]
+
+
+def _blip_checkpoint(folder: Path, vocab_size: int) -> dict[str, torch.Tensor]:
+    """A tiny ImageReward.pt in BLIP's own key layout: ViT width 128 (2 heads), BERT width 64 (1 head)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: 0.2 * torch.randn(*shape, generator=g)  # noqa: E731
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    state = {f"{v}cls_token": r(1, 1, 128), f"{v}pos_embed": r(1, 17, 128), f"{v}patch_embed.proj.weight": r(128, 3, 8, 8),
+             f"{v}patch_embed.proj.bias": r(128), f"{v}norm.weight": 1 + r(128), f"{v}norm.bias": r(128),
+             f"{t}embeddings.word_embeddings.weight": r(vocab_size, 64), f"{t}embeddings.position_embeddings.weight": r(40, 64),
+             f"{t}embeddings.LayerNorm.weight": 1 + r(64), f"{t}embeddings.LayerNorm.bias": r(64),
+             f"{t}embeddings.position_ids": torch.arange(40)[None], "blip.vision_proj.weight": r(16, 128)}
+    for i in range(2):
+        b = f"{v}blocks.{i}."
+        state |= {f"{b}norm1.weight": 1 + r(128), f"{b}norm1.bias": r(128), f"{b}attn.qkv.weight": r(384, 128),
+                  f"{b}attn.qkv.bias": r(384), f"{b}attn.proj.weight": r(128, 128), f"{b}attn.proj.bias": r(128),
+                  f"{b}norm2.weight": 1 + r(128), f"{b}norm2.bias": r(128), f"{b}mlp.fc1.weight": r(256, 128),
+                  f"{b}mlp.fc1.bias": r(256), f"{b}mlp.fc2.weight": r(128, 256), f"{b}mlp.fc2.bias": r(128)}
+        b = f"{t}encoder.layer.{i}."
+        for block, kv_width in (("attention", 64), ("crossattention", 128)):
+            state |= {f"{b}{block}.self.query.weight": r(64, 64), f"{b}{block}.self.query.bias": r(64),
+                      f"{b}{block}.self.key.weight": r(64, kv_width), f"{b}{block}.self.key.bias": r(64),
+                      f"{b}{block}.self.value.weight": r(64, kv_width), f"{b}{block}.self.value.bias": r(64),
+                      f"{b}{block}.output.dense.weight": r(64, 64), f"{b}{block}.output.dense.bias": r(64),
+                      f"{b}{block}.output.LayerNorm.weight": 1 + r(64), f"{b}{block}.output.LayerNorm.bias": r(64)}
+        state |= {f"{b}intermediate.dense.weight": r(128, 64), f"{b}intermediate.dense.bias": r(128),
+                  f"{b}output.dense.weight": r(64, 128), f"{b}output.dense.bias": r(64),
+                  f"{b}output.LayerNorm.weight": 1 + r(64), f"{b}output.LayerNorm.bias": r(64)}
+    for k, tensor in mlp_head(64).state_dict().items():
+        state[f"mlp.layers.{k}"] = r(*tensor.shape)
+    torch.save(state, folder / "ImageReward.pt")
+    return state
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
+    split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    scores = split(q) @ split(k).transpose(-1, -2) / 64 ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :].bool(), float("-inf"))
+    out = scores.softmax(-1) @ split(v)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def _hand_image_reward(s: dict, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BLIP's ViT (pre-norm, timm layout) and med.py BERT (post-norm, cross-attention) written out."""
+    lin = lambda x, p: F.linear(x, s[f"{p}.weight"], s[f"{p}.bias"])  # noqa: E731
+    ln = lambda x, p, eps: F.layer_norm(x, x.shape[-1:], s[f"{p}.weight"], s[f"{p}.bias"], eps)  # noqa: E731
+    v, t = "blip.visual_encoder", "blip.text_encoder"
+    x = F.conv2d(pixels, s[f"{v}.patch_embed.proj.weight"], s[f"{v}.patch_embed.proj.bias"], stride=8)
+    x = torch.cat([s[f"{v}.cls_token"].expand(len(x), 1, 128), x.flatten(2).transpose(1, 2)], 1) + s[f"{v}.pos_embed"]
+    for i in range(2):
+        b = f"{v}.blocks.{i}"
+        q, k, val = lin(ln(x, f"{b}.norm1", 1e-6), f"{b}.attn.qkv").chunk(3, dim=-1)
+        x = x + lin(_attention(q, k, val, 2), f"{b}.attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, f"{b}.norm2", 1e-6), f"{b}.mlp.fc1")), f"{b}.mlp.fc2")
+    image = ln(x, f"{v}.norm", 1e-6)
+    h = ln(s[f"{t}.embeddings.word_embeddings.weight"][ids] + s[f"{t}.embeddings.position_embeddings.weight"][:ids.shape[1]],
+           f"{t}.embeddings.LayerNorm", 1e-12)
+    for i in range(2):
+        b = f"{t}.encoder.layer.{i}"
+        for block, context, context_mask in (("attention", None, mask), ("crossattention", image, None)):
+            c = h if context is None else context
+            a = _attention(lin(h, f"{b}.{block}.self.query"), lin(c, f"{b}.{block}.self.key"),
+                           lin(c, f"{b}.{block}.self.value"), 1, context_mask)
+            h = ln(h + lin(a, f"{b}.{block}.output.dense"), f"{b}.{block}.output.LayerNorm", 1e-12)
+        h = ln(h + lin(F.gelu(lin(h, f"{b}.intermediate.dense")), f"{b}.output.dense"), f"{b}.output.LayerNorm", 1e-12)
+    head = mlp_head(64)
+    head.load_state_dict({k.removeprefix("mlp.layers."): w for k, w in s.items() if k.startswith("mlp.layers.")})
+    return ((head.eval()(h[:, 0]).squeeze(-1)) - 0.16717362830052426) / 1.0333394966054072
+
+
+def test_image_reward_equals_blip_written_out_by_hand_from_the_checkpoint(tmp_path):
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    state = _blip_checkpoint(tmp_path, vocab_size=len(words) + 2)  # BLIP adds [DEC] and [ENC]
+    reward = load_reward(f"image_reward:{tmp_path / 'ImageReward.pt'}:batch_size=2")
+    scores = reward(_images(), PROMPTS)
+
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+    tokens = tokenizer(PROMPTS, padding="max_length", max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        expected = _hand_image_reward(state, _clip_normalised(_images()), tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert scores.std() > 0.01  # the images and prompts really change the score
+
+    torch.save({k: w for k, w in state.items() if not k.startswith("mlp.")}, tmp_path / "no_head.pt")
+    with pytest.raises(UserError, match=r"no_head.pt is not an ImageReward checkpoint: it has no mlp weights"):
+        load_reward(f"image_reward:{tmp_path / 'no_head.pt'}")

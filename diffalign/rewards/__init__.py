@@ -14,6 +14,7 @@ from diffalign.errors import UserError
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
+from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference
 
 REWARDS: dict[str, type] = {
@@ -24,8 +25,9 @@ REWARDS: dict[str, type] = {
     "hps_v2.1": HPSv2,
     "clip_score": ClipScore,
     "aesthetic": Aesthetic,
+    "image_reward": ImageReward,
 }
-NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic"}
+NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward"}
 
 
 @dataclass
@@ -72,5 +74,5 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     return model
 
 
-__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "PickScore", "RewardModel", "RewardSpec",
+__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "PickScore", "RewardModel", "RewardSpec",
            "ToyAdherence", "ToyPreference", "ensemble", "load_reward", "normalise_per_prompt"]

@@ -177,8 +177,9 @@ class ClipScore(_OpenClipReward):
         return 100 * (image_features * text_features).sum(dim=-1).clamp(min=0)
 
 
-def aesthetic_head(embed_dim: int = 768) -> nn.Sequential:
-    """The LAION aesthetic predictor v2 MLP (layers.0 ... layers.7 in its checkpoint)."""
+def mlp_head(embed_dim: int = 768) -> nn.Sequential:
+    """The 5-layer MLP of the LAION aesthetic predictor v2 and of ImageReward (``layers.0`` ... ``layers.7``
+    in their checkpoints; linear layers with dropout, no activations, as published)."""
     return nn.Sequential(nn.Linear(embed_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                          nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
@@ -195,7 +196,7 @@ class Aesthetic(_OpenClipReward):
             raise UserError("aesthetic: give clip= the CLIP ViT-L/14 checkpoint file the predictor was trained on")
         super().__init__(clip, arch=arch, device=device, batch_size=batch_size)
         state = {k.removeprefix("layers."): v for k, v in read_state_dict(path, what=self.name).items()}
-        self.head = aesthetic_head(self.model.visual.output_dim).eval()
+        self.head = mlp_head(self.model.visual.output_dim).eval()
         load_strict(self.head, state, path=path, what=self.name,
                     expected=f"the aesthetic MLP over {self.model.visual.output_dim}-d CLIP embeddings")
         self.head.to(self.device)
