@@ -1,0 +1,148 @@
+"""Stochastic sampling that records its trajectory and each step's log-probability.
+
+Online objectives (D3PO, DDO's self-play rounds) treat denoising as a Markov decision process:
+each sampler step x_k -> x_{k+1} is a Gaussian policy p_theta(x_{k+1} | x_k, c), and training
+re-scores recorded steps under the current policy and the reference. Two step rules:
+
+- DDIM with eta > 0 (Song et al. 2021, Eq. 12; DDPO's ``ddim_step_with_logprob``), for epsilon-
+  and v-prediction models: the mean is diffusers' ``DDIMScheduler.step`` with zero noise, the
+  standard deviation eta * sqrt(((1 - a_prev) / (1 - a_t)) (1 - a_t / a_prev)).
+- The flow-matching SDE of Flow-GRPO (Liu et al. 2025, Eq. 9) for SD3: from sigma to sigma'
+  (dt = sigma' - sigma < 0) with velocity v and std_t = a sqrt(sigma / (1 - sigma)),
+
+      mean = x + (v + std_t^2 / (2 sigma) (x + (1 - sigma) v)) dt,   std = std_t sqrt(-dt),
+
+  whose marginals match the deterministic flow; ``eta`` plays the role of a (0.7 in Flow-GRPO).
+
+A step's log-probability is the Gaussian log-density of the recorded next latent averaged over
+its elements, as DDPO and D3PO compute it (comparable across resolutions). Classifier-free
+guidance, when used, is part of the policy: the guided prediction defines the mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+from torch import nn
+
+from diffalign.diffusion.backbones import Backbone, Conditioning
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Trajectory:
+    """What a stochastic sampler did, enough to re-score any step under another model.
+
+    Attributes:
+        latents: (B, T + 1, C, h, w) x_0 (the starting noise) ... x_T (the clean latent).
+        timesteps: (T,) the model timesteps of the steps.
+        log_probs: (B, T) log p(x_{k+1} | x_k) under the sampling model.
+    """
+
+    latents: Tensor
+    timesteps: Tensor
+    log_probs: Tensor
+
+    @property
+    def final(self) -> Tensor:
+        return self.latents[:, -1]
+
+
+class StepRule:
+    """One sampler's grid and Gaussian step, for a backbone's scheduler family."""
+
+    def __init__(self, backbone: Backbone, steps: int, eta: float) -> None:
+        if eta <= 0:
+            raise ValueError("a stochastic sampler needs eta > 0 (eta = 0 is deterministic: no log-probability)")
+        self.flow = "FlowMatch" in type(backbone.scheduler).__name__
+        self.eta = eta
+        if self.flow:
+            scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
+            scheduler.set_timesteps(steps)
+            self.sigmas = scheduler.sigmas.float()  # steps + 1 values, the last 0
+            self.timesteps = scheduler.timesteps.float()
+        else:
+            self.scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
+            self.scheduler.set_timesteps(steps)
+            self.timesteps = self.scheduler.timesteps
+
+    def distribution(self, k: int, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation (a scalar tensor) of step k from x, given the model's (guided) output."""
+        x, output = x.float(), output.float()
+        if self.flow:
+            sigma, nxt = self.sigmas[k].item(), self.sigmas[k + 1].item()
+            dt = nxt - sigma
+            # at sigma = 1 the ratio diverges; Flow-GRPO uses the next sigma there
+            std_t = self.eta * math.sqrt(sigma / (1 - (self.sigmas[1].item() if sigma >= 1 else sigma)))
+            mean = x + (output + std_t ** 2 / (2 * sigma) * (x + (1 - sigma) * output)) * dt
+            return mean, torch.tensor(std_t * math.sqrt(-dt))
+        t = int(self.timesteps[k])
+        mean = self.scheduler.step(output, t, x, eta=self.eta, variance_noise=torch.zeros_like(x)).prev_sample
+        prev = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+        return mean, self.eta * self.scheduler._get_variance(t, prev).float().sqrt()
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(B,) log N(sample; mean, std^2 I) averaged over each sample's elements."""
+    std = std.to(mean)
+    log_density = -((sample.float() - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(dim=1)
+
+
+def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
+            guidance_scale: float, denoiser: nn.Module | None) -> Tensor:
+    timesteps = t.expand(x.shape[0]).to(x.device)
+    if uncond is None or guidance_scale == 1.0:
+        return backbone.predict(x, timesteps, cond, denoiser)
+    both = backbone.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
+                            Conditioning.cat([uncond, cond]), denoiser)
+    unconditional, conditional = both.float().chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+@torch.no_grad()
+def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *, steps: int = 20, eta: float = 1.0,
+                        guidance_scale: float = 1.0, uncond: Conditioning | None = None,
+                        generator: torch.Generator | None = None, denoiser: nn.Module | None = None) -> Trajectory:
+    """Sample from ``noise`` (B, C, h, w) with the stochastic rule, recording every step.
+
+    ``uncond`` (one prompt's conditioning, e.g. the empty prompt, repeated to B) enables
+    classifier-free guidance at ``guidance_scale``. ``generator`` (on the CPU) draws the step noise.
+    """
+    rule = StepRule(backbone, steps, eta)
+    x = noise.float()
+    latents, log_probs = [x], []
+    for k, t in enumerate(rule.timesteps):
+        mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser))
+        z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        x = mean + std.to(mean) * z
+        log_probs.append(gaussian_log_prob(x, mean, std))
+        latents.append(x)
+    return Trajectory(torch.stack(latents, dim=1), rule.timesteps.clone(), torch.stack(log_probs, dim=1))
+
+
+def step_log_prob(backbone: Backbone, trajectory: Trajectory, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
+                  guidance_scale: float = 1.0, uncond: Conditioning | None = None,
+                  denoiser: nn.Module | None = None) -> Tensor:
+    """(B,) log-probability of recorded step k (one index, or one per trajectory) under ``denoiser``.
+
+    Differentiable when called with gradients enabled: this is the policy term of D3PO.
+    """
+    rule = StepRule(backbone, len(trajectory.timesteps), eta)
+    b = trajectory.latents.shape[0]
+    index = torch.as_tensor(k).expand(b) if torch.as_tensor(k).dim() == 0 else torch.as_tensor(k)
+    rows = torch.arange(b)
+    x, nxt = trajectory.latents[rows, index], trajectory.latents[rows, index + 1]
+    order, values = [], []
+    for step in index.unique().tolist():  # one forward per distinct step in the batch
+        members = (index == step).nonzero().squeeze(1).tolist()
+        output = _guided(backbone, x[members], trajectory.timesteps[step], cond[members],
+                         None if uncond is None else uncond[members], guidance_scale, denoiser)
+        mean, std = rule.distribution(step, x[members], output)
+        order += members
+        values.append(gaussian_log_prob(nxt[members], mean, std))
+    return torch.cat(values)[torch.argsort(torch.tensor(order))]
