@@ -2,7 +2,8 @@
 
 One set of candidates is sampled from the shipped toy base model (K images per group for the
 training prompts, scored by the toy preference); pair objectives train on each group's best vs
-worst image, ranked-list objectives on the whole group. Each objective trains from its
+worst image, ranked-list objectives on the whole group; online objectives (d3po) sample their
+own rounds from the policy and score them with the same toy preference. Each objective trains from its
 ``configs/toy_<objective>.yaml`` (the same number of optimiser steps and of images through the
 denoiser per step) and is evaluated against the base on the held-out prompts at the same seeds.
 
@@ -34,10 +35,12 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, default=16)
     args = parser.parse_args()
     base = load_pipeline(TOY_BASE)
-    candidates = sample_candidates(base, prompts("train"), groups_per_prompt=args.groups_per_prompt,
-                                   candidates=args.candidates, seed=0, steps=20, guidance_scale=5.0)
-    data = {"pairs": write_pairs(candidates, args.out / "data" / "pairs.parquet"),
-            "ranked": write_ranked(candidates, args.out / "data" / "ranked.parquet")}
+    data: dict[str, Path | None] = {"online": None}  # online objectives sample their own rounds
+    if any(OBJECTIVES[name].dataset != "online" for name in args.objectives.split(",")):
+        candidates = sample_candidates(base, prompts("train"), groups_per_prompt=args.groups_per_prompt,
+                                       candidates=args.candidates, seed=0, steps=20, guidance_scale=5.0)
+        data |= {"pairs": write_pairs(candidates, args.out / "data" / "pairs.parquet"),
+                 "ranked": write_ranked(candidates, args.out / "data" / "ranked.parquet")}
     rows = {}
     for name in args.objectives.split(","):
         started = time.perf_counter()

@@ -103,6 +103,11 @@ class Backbone:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a square image of ``resolution`` pixels."""
+        side = resolution // self.vae_scale_factor
+        return (self.latent_channels, side, side)
+
     # --- latents -------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -1,15 +1,17 @@
 """One file per method: likelihood proxy + core loss. ``OBJECTIVES`` maps config names to them."""
 
+from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.rank_dpo import RankDPO
 from diffalign.objectives.smpo import SmPO
 
 OBJECTIVES = {
+    "d3po": D3PO,
     "diffusion_dpo": DiffusionDPO,
     "inpo": InPO,
     "rank_dpo": RankDPO,
     "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "DiffusionDPO", "InPO", "RankDPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DiffusionDPO", "InPO", "RankDPO", "SmPO"]

@@ -17,10 +17,17 @@ the policy terms, the core ``dpo`` loss is exactly this; other pairwise losses a
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from diffalign import losses
+from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
+from diffalign.diffusion.logprob import Trajectory, step_log_prob
+
+if TYPE_CHECKING:
+    from diffalign.train.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 
@@ -39,3 +46,48 @@ def d3po_step_loss(policy_w: Tensor, policy_l: Tensor, reference_w: Tensor, refe
     chosen = reference_w + clipped_log_ratio(policy_w, reference_w, eps)
     rejected = reference_l + clipped_log_ratio(policy_l, reference_l, eps)
     return spec.fn(chosen, rejected, reference_w, reference_l, beta=beta, **loss_options)
+
+
+class D3PO:
+    """The online objective: per-step D3PO loss on recorded trajectory pairs (winner first).
+
+    Called like the offline objectives with ``latents`` (B, 2, T + 1, C, h, w) trajectory pairs
+    and ``randomness["step"]`` (B,) the denoising step trained for each pair; the rounds that
+    produce them live in :mod:`diffalign.train.online`.
+    """
+
+    online = True
+    dataset = "online"
+    loss_kinds = ("pairwise",)
+
+    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
+        self.spec = losses.spec(config.loss)
+        if self.spec.kind not in self.loss_kinds:
+            raise ValueError(f"D3PO takes a pairwise loss; {config.loss!r} is {self.spec.kind}")
+        self.beta, self.eps, self.options = config.beta, config.ratio_clip, dict(config.loss_options)
+        self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
+        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+
+    def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
+                 policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        b = latents.shape[0]
+        trajectory = Trajectory(latents.flatten(0, 1), randomness["timesteps"][0], torch.zeros(2 * b, 1))
+        step = randomness["step"].repeat_interleave(2)
+        cond = cond.repeat_items(2)
+        uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(2 * b)
+        score = lambda net: step_log_prob(backbone, trajectory, step, cond, eta=self.eta,  # noqa: E731
+                                          guidance_scale=self.guidance_scale, uncond=uncond, denoiser=net)
+        logp = score(policy).view(b, 2)
+        with torch.no_grad():
+            if reference is not None:
+                ref = score(reference).view(b, 2)
+            else:
+                with adapters_disabled(backbone.denoiser) as base:
+                    ref = score(base).view(b, 2)
+        per_pair = d3po_step_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, eps=self.eps,
+                                  loss=self.spec.name, **self.options)
+        margin = (logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])
+        metrics = {"implicit_acc": (margin > 0).float().mean().detach(),
+                   "log_ratio_winner": (logp[:, 0] - ref[:, 0]).mean().detach(),
+                   "log_ratio_loser": (logp[:, 1] - ref[:, 1]).mean().detach()}
+        return per_pair.mean(), metrics

@@ -92,12 +92,13 @@ def _write(rows: dict[str, list], out: Path) -> Path:
     return out
 
 
-def align_and_compare(base, data: Path, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),
+def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),
                       eval_seeds: int, steps: int, guidance_scale: float):
-    """Train ``config`` on ``data`` from the toy base into ``run_dir``; evaluate base and aligned on the
-    held-out prompts at the same seeds. Returns the :class:`~diffalign.eval.Evaluation`."""
-    train(load_config(config, [f"model.path={TOY_BASE}", f"data.path={data}", f"output_dir={run_dir}",
-                               *overrides]))
+    """Train ``config`` on ``data`` (None for online objectives, which sample their own) from the toy base
+    into ``run_dir``; evaluate base and aligned on the held-out prompts at the same seeds. Returns the
+    :class:`~diffalign.eval.Evaluation`."""
+    data_key = [] if data is None else [f"data.path={data}"]
+    train(load_config(config, [f"model.path={TOY_BASE}", *data_key, f"output_dir={run_dir}", *overrides]))
     aligned = load_finetuned(run_dir)
     # evaluation seeds start far from the sampling ones, so no evaluation noise was trained on
     return evaluate_models({"base": base, "aligned": aligned}, toy_prompts("heldout"),

@@ -61,6 +61,13 @@ class ObjectiveConfig:
     inversion_steps: int | None = None
     inversion_eta: float | None = None
     renoise_iterations: int | None = None
+    # online objectives (d3po): the stochastic sampler of the rounds (DDIM eta or the flow SDE's noise
+    # level), its steps and guidance scale; the guided prediction is the policy that is trained
+    sample_steps: int = 20
+    sample_eta: float = 1.0
+    sample_guidance_scale: float = 5.0
+    # d3po: the probability ratio p_theta / p_ref is clipped to [1 - ratio_clip, 1 + ratio_clip]
+    ratio_clip: float = 0.1
 
 
 @dataclass
@@ -90,6 +97,21 @@ class DataConfig:
     images_column: str = "images"
     # ranked lists: the column holding one score per image (higher is better)
     scores_column: str = "scores"
+
+
+@dataclass
+class OnlineConfig:
+    # online objectives: prompts sampled in rounds (a .txt/.jsonl file or a shipped set such as toy_train)
+    prompts: str = ""
+    # trajectory pairs sampled per round (each pair shares its starting noise)
+    pairs_per_round: int = 32
+    # optimiser steps trained on each round's pairs before the next round is sampled
+    steps_per_round: int = 10
+    # who prefers: a reward model spec (see diffalign.rewards) ...
+    reward: str | None = None
+    # ... or a JSON-lines file of human labels {"round": r, "pair": i, "winner": 0 or 1}; a round
+    # without labels writes its images and to_label.jsonl, checkpoints and stops until they exist
+    labels: str | None = None
 
 
 @dataclass
@@ -161,6 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     # run directory: resolved config, metrics, checkpoints, samples, final weights
     output_dir: str = "runs/diffalign"
 
@@ -198,7 +221,10 @@ class Config:
             raise UserError(f"train.lora_rank must be >= 0 (0 = full fine-tune), got {self.train.lora_rank}")
         if not self.model.path:
             raise UserError("model.path is empty: set it to a local diffusers folder or .safetensors file")
-        if not self.data.path:
+        online = OBJECTIVES[self.objective.name].dataset == "online"
+        if online:
+            self._validate_online()
+        elif not self.data.path:
             raise UserError("data.path is empty: set it to a parquet file/folder, a datasets folder or a .jsonl index")
         if len(self.data.image_columns) != 2:
             raise UserError("data.image_columns must name exactly two columns (the pair's images)")
@@ -218,6 +244,26 @@ class Config:
         for spec in self.validation.rewards:
             RewardSpec.parse(spec)
         return self
+
+
+    def _validate_online(self) -> None:
+        from diffalign.rewards import RewardSpec
+
+        oc = self.online
+        if not oc.prompts:
+            raise UserError(f"{self.objective.name} samples in rounds: set online.prompts to a prompt file or set")
+        if (oc.reward is None) == (oc.labels is None):
+            raise UserError("online objectives need exactly one source of preferences: online.reward (a reward "
+                            "model spec) or online.labels (a JSON-lines file of human labels)")
+        if oc.reward is not None:
+            RewardSpec.parse(oc.reward)
+        for key in ("pairs_per_round", "steps_per_round"):
+            if getattr(oc, key) < 1:
+                raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
+        if self.objective.sample_eta <= 0:
+            raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step log-probabilities")
+        if not 0 < self.objective.ratio_clip < 1:
+            raise UserError(f"objective.ratio_clip must be in (0, 1), got {self.objective.ratio_clip}")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

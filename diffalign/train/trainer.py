@@ -40,6 +40,7 @@ from diffalign.diffusion import (
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
+from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.validation import Validator
 from diffalign.train.weights import save_final_weights
 
@@ -130,9 +131,13 @@ class PreferenceTrainer:
         )
         set_seed(tc.seed)
         objective_cls = OBJECTIVES[config.objective.name]
-        self.dataset = _dataset(config, objective_cls.dataset)
-        self.order = DeterministicOrder(len(self.dataset), tc.seed)
+        self.online = objective_cls.dataset == "online"
+        if not self.online:
+            self.dataset = _dataset(config, objective_cls.dataset)
+            self.order = DeterministicOrder(len(self.dataset), tc.seed)
         self._build_models()
+        if self.online:  # batches come from rounds of on-policy samples instead of a dataset
+            self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator)
         self.objective = objective_cls(config.objective, self.backbone)
         self._build_optimizer()
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution)
@@ -212,6 +217,8 @@ class PreferenceTrainer:
 
     def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's share of the global micro-batch (step, micro), encoded."""
+        if self.online:
+            return self.dataset.micro_batch(step, micro)
         tc, acc = self.config.train, self.accelerator
         global_batch = tc.batch_size * acc.num_processes
         first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
@@ -283,7 +290,11 @@ class PreferenceTrainer:
         started, pairs_done = time.perf_counter(), 0
         with _StopSignal() as stop:
             while step < tc.max_steps:
-                logs, finite = self._optimizer_step(step)
+                try:
+                    logs, finite = self._optimizer_step(step)
+                except NeedsLabels as waiting:  # nothing of this step ran: checkpoint it and stop
+                    self._save_checkpoint(step, state)
+                    raise UserError(str(waiting)) from None
                 if not finite:
                     state["bad_steps"] += 1
                     acc.print(f"step {step}: non-finite loss; step skipped "

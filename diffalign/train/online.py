@@ -1,0 +1,157 @@
+"""Rounds of on-policy samples for online objectives (D3PO): sample, prefer, train, repeat.
+
+Round r covers optimiser steps [r * S, (r + 1) * S) with S = ``online.steps_per_round``. At its
+first step the current policy (the backbone's denoiser, LoRA enabled) samples ``online.pairs_per_round`` trajectory pairs without
+gradients (each pair shares its starting noise; prompts cycle through ``online.prompts``), a
+reward model or a person says which final image of each pair is better, and the round is
+written to ``run/rounds/round-NNNNN/``: the trajectories and log-probabilities
+(safetensors), the images (PNG), and ``pairs.json`` (prompts, rewards, winners). Everything
+in a round is a pure function of (seed, r) and the weights at its start, and a resumed run reads
+the round from disk instead of sampling it again, so resume stays exact.
+
+Human labels: with ``online.labels`` set, a round whose pairs are not all labelled in that
+file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
+stops, and ``train.resume=latest`` continues once the labels are there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffalign.diffusion import Backbone
+from diffalign.diffusion.logprob import sample_trajectories
+from diffalign.errors import UserError
+from diffalign.eval.prompts import read_prompts
+from diffalign.eval.report import to_pil
+from diffalign.rewards import load_reward
+from diffalign.train.config import Config
+
+Tensor = torch.Tensor
+
+
+class NeedsLabels(Exception):
+    """A round waits for human labels; the message says where to put them."""
+
+
+def _generator(*parts: int) -> torch.Generator:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class OnlineRounds:
+    """The online objectives' batch source; see the module docstring."""
+
+    def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator) -> None:
+        self.config, self.backbone, self.accelerator = config, backbone, accelerator
+        self.root = output_dir / "rounds"
+        self.prompts = read_prompts(config.online.prompts)
+        self.reward = load_reward(config.online.reward) if config.online.reward else None
+        self.skipped: dict[str, int] = {}
+        self._loaded: tuple[int, dict[str, Any]] | None = None
+
+    # --- one round -----------------------------------------------------------------------
+    def _round_dir(self, r: int) -> Path:
+        return self.root / f"round-{r:05d}"
+
+    def _sample(self, r: int) -> None:
+        """Sample, score and write round r (main process); atomic: the folder appears complete or not at all."""
+        oc, obj = self.config.online, self.config.objective
+        n = oc.pairs_per_round
+        prompts = [self.prompts[(r * n + i) % len(self.prompts)] for i in range(n)]
+        backbone, device = self.backbone, self.accelerator.device
+        shape = backbone.latent_shape(self.config.data.resolution)
+        g = _generator(self.config.train.seed, r, 1)
+        noise = torch.randn((n, *shape), generator=g).repeat_interleave(2, dim=0).to(device)  # shared start per pair
+        cond = backbone.encode_prompts(prompts).repeat_items(2)
+        uncond = backbone.encode_prompts([""] * 2 * n) if obj.sample_guidance_scale != 1.0 else None
+        with torch.no_grad(), self.accelerator.autocast():
+            trajectory = sample_trajectories(backbone, noise, cond, steps=obj.sample_steps, eta=obj.sample_eta,
+                                             guidance_scale=obj.sample_guidance_scale, uncond=uncond, generator=g)
+            images = backbone.decode_latents(trajectory.final.to(device)).float().cpu().add(1).div(2)
+        tmp = self._round_dir(r).with_name(self._round_dir(r).name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "images").mkdir(parents=True)
+        for i, image in enumerate(images):
+            to_pil(image).save(tmp / "images" / f"pair{i // 2:04d}-{i % 2}.png")
+        save_file({"latents": trajectory.latents.cpu().contiguous(), "timesteps": trajectory.timesteps.float().cpu(),
+                   "log_probs": trajectory.log_probs.cpu().contiguous()}, str(tmp / "trajectories.safetensors"))
+        rewards = self.reward(images, [p for p in prompts for _ in (0, 1)]).view(n, 2).tolist() if self.reward else None
+        (tmp / "pairs.json").write_text(json.dumps({"prompts": prompts, "rewards": rewards}))
+        os.replace(tmp, self._round_dir(r))
+
+    def _winners(self, r: int, record: dict) -> list[int]:
+        """Index (0 or 1) of the preferred trajectory of each pair: the higher reward, or the human label."""
+        if record["rewards"] is not None:
+            return [0 if a >= b else 1 for a, b in record["rewards"]]
+        labels_path = Path(self.config.online.labels)
+        labels = {}
+        if labels_path.is_file():
+            for number, line in enumerate(labels_path.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        labels[(int(row["round"]), int(row["pair"]))] = int(row["winner"])
+                    except (ValueError, KeyError, TypeError) as err:
+                        raise UserError(f"{labels_path}:{number} is not a label {{round, pair, winner}} ({err})") from None
+        missing = [i for i in range(len(record["prompts"])) if (r, i) not in labels]
+        if missing:
+            folder = self._round_dir(r)
+            (folder / "to_label.jsonl").write_text("".join(
+                json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
+                            "images": [f"images/pair{i:04d}-0.png", f"images/pair{i:04d}-1.png"], "winner": None}) + "\n"
+                for i in missing))
+            raise NeedsLabels(f"round {r} waits for {len(missing)} human labels: see {folder / 'to_label.jsonl'}, "
+                              f"append lines {{\"round\": {r}, \"pair\": i, \"winner\": 0 or 1}} to {labels_path}, "
+                              "then run again with train.resume=latest")
+        bad = [i for i in range(len(record["prompts"])) if labels[(r, i)] not in (0, 1)]
+        if bad:
+            raise UserError(f"{labels_path}: round {r} pairs {bad} have a winner other than 0 or 1")
+        return [labels[(r, i)] for i in range(len(record["prompts"]))]
+
+    def _round(self, r: int) -> dict[str, Any]:
+        if self._loaded is not None and self._loaded[0] == r:
+            return self._loaded[1]
+        if not self._round_dir(r).is_dir():
+            if self.accelerator.is_main_process:
+                self._sample(r)
+            self.accelerator.wait_for_everyone()
+        folder = self._round_dir(r)
+        tensors = load_file(str(folder / "trajectories.safetensors"))
+        record = json.loads((folder / "pairs.json").read_text())
+        winners = torch.tensor(self._winners(r, record))
+        n = len(record["prompts"])
+        latents = tensors["latents"].view(n, 2, *tensors["latents"].shape[1:])
+        order = torch.stack([winners, 1 - winners], dim=1)  # winner first
+        data = {"latents": latents[torch.arange(n)[:, None], order], "timesteps": tensors["timesteps"],
+                "prompts": record["prompts"]}
+        self._loaded = (r, data)
+        return data
+
+    # --- the trainer's interface ---------------------------------------------------------
+    def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
+        """This process's pairs and denoising steps for (step, micro): a pure function of (seed, step, micro)."""
+        tc, acc = self.config.train, self.accelerator
+        data = self._round(step // self.config.online.steps_per_round)
+        global_batch = tc.batch_size * acc.num_processes
+        g = _generator(tc.seed, step, micro, 2)
+        pairs = torch.randint(0, len(data["prompts"]), (global_batch,), generator=g)
+        steps = torch.randint(0, len(data["timesteps"]), (global_batch,), generator=g)
+        mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
+        pairs, steps = pairs[mine], steps[mine]
+        device = acc.device
+        return {
+            "latents": data["latents"][pairs].to(device),
+            "cond": self.backbone.encode_prompts([data["prompts"][i] for i in pairs]).to(device),
+            "randomness": {"step": steps.to(device),
+                           "timesteps": data["timesteps"].to(device).expand(len(pairs), -1)},
+            "targets": {},
+        }
