@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
+from tqdm.auto import tqdm
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
 
@@ -107,16 +108,18 @@ def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond
 @torch.no_grad()
 def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *, steps: int = 20, eta: float = 1.0,
                         guidance_scale: float = 1.0, uncond: Conditioning | None = None,
-                        generator: torch.Generator | None = None, denoiser: nn.Module | None = None) -> Trajectory:
+                        generator: torch.Generator | None = None, denoiser: nn.Module | None = None,
+                        progress: str | None = None) -> Trajectory:
     """Sample from ``noise`` (B, C, h, w) with the stochastic rule, recording every step.
 
     ``uncond`` (one prompt's conditioning, e.g. the empty prompt, repeated to B) enables
     classifier-free guidance at ``guidance_scale``. ``generator`` (on the CPU) draws the step noise.
+    ``progress`` names a progress bar over the steps (none when None).
     """
     rule = StepRule(backbone, steps, eta)
     x = noise.float()
     latents, log_probs = [x], []
-    for k, t in enumerate(rule.timesteps):
+    for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
         mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser))
         z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         x = mean + std.to(mean) * z

@@ -75,7 +75,8 @@ class OnlineRounds:
         uncond = backbone.encode_prompts([""] * 2 * n) if obj.sample_guidance_scale != 1.0 else None
         with torch.no_grad(), self.accelerator.autocast():
             trajectory = sample_trajectories(backbone, noise, cond, steps=obj.sample_steps, eta=obj.sample_eta,
-                                             guidance_scale=obj.sample_guidance_scale, uncond=uncond, generator=g)
+                                             guidance_scale=obj.sample_guidance_scale, uncond=uncond, generator=g,
+                                             progress=f"round {r}: sampling {n} pairs")
             images = backbone.decode_latents(trajectory.final.to(device)).float().cpu().add(1).div(2)
         tmp = self._round_dir(r).with_name(self._round_dir(r).name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
