@@ -9,6 +9,7 @@ denoiser per step) and is evaluated against the base on the held-out prompts at 
 
     python scripts/bench_alignment.py                       # every objective with a toy config
     python scripts/bench_alignment.py --objectives rank_dpo
+    python scripts/bench_alignment.py --objectives d3po --set train.batch_size=16   # config overrides
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--groups-per-prompt", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--eval-seeds", type=int, default=16)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every objective's toy config (repeatable)")
     args = parser.parse_args()
     base = load_pipeline(TOY_BASE)
     data: dict[str, Path | None] = {"online": None}  # online objectives sample their own rounds
@@ -45,8 +48,8 @@ def main() -> None:
     for name in args.objectives.split(","):
         started = time.perf_counter()
         evaluation = align_and_compare(base, data[OBJECTIVES[name].dataset], args.out / name,
-                                       config=CONFIGS / f"toy_{name}.yaml", eval_seeds=args.eval_seeds, steps=20,
-                                       guidance_scale=5.0)
+                                       config=CONFIGS / f"toy_{name}.yaml", overrides=args.set,
+                                       eval_seeds=args.eval_seeds, steps=20, guidance_scale=5.0)
         rows[name] = {**headline(evaluation.summary()), "seconds": time.perf_counter() - started}
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| objective | reward base | reward aligned | gain | win rate [95% CI] | adherence change | train+eval s |")
