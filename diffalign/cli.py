@@ -75,6 +75,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for item in args.aligned:
         name, _, source = item.rpartition("=")
         models[name or Path(source).name] = load_finetuned(source, base=args.base, torch_dtype=dtype)
+    if args.negative:
+        from diffalign.diffusion.negative_guidance import with_negative_guidance
+
+        negative = load_finetuned(args.negative, base=args.base, torch_dtype=dtype)
+        denoiser = negative.unet if getattr(negative, "unet", None) is not None else negative.transformer
+        models["base+negative"] = with_negative_guidance(load_pipeline(args.base, torch_dtype=dtype).to(device),
+                                                         denoiser, mix=args.negative_mix)
     for pipe in models.values():
         pipe.to(device)
     evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
@@ -131,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--negative", help="a negative model (run, LoRA or folder): adds a 'base+negative' row whose "
+                   "guidance uses it in the unconditional branch (Diffusion-NPO / Self-NPO)")
+    p.add_argument("--negative-mix", type=float, default=1.0,
+                   help="weight of the negative model in the unconditional branch (1 = replace it)")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 

@@ -1,0 +1,72 @@
+"""Classifier-free guidance with a negative model (Diffusion-NPO, Wang et al. 2025; Self-NPO).
+
+A negative model is trained to be preferred by nobody: fine-tuned on reversed preferences
+(Diffusion-NPO) or, without preference data, on the model's own weak outputs (Self-NPO). At
+sampling time it replaces (or is mixed into) the unconditional branch of classifier-free guidance,
+
+    eps_u = (1 - mix) * eps_base(x, c_neg) + mix * eps_negative(x, c_neg)
+    eps   = eps_u + w * (eps_base(x, c) - eps_u),
+
+so guidance pushes away from what the negative model would draw. ``with_negative_guidance``
+does this to any diffusers pipeline that stacks [unconditional; conditional] along the batch
+for guidance (SD 1.x/2.x, SDXL, SD3, PixArt), by wrapping its denoiser: the pipeline, its
+schedulers, callbacks and options work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def _half(value: Any, batch: int, first: bool) -> Any:
+    """The unconditional (first) or conditional half of every tensor with the guided batch size."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[: batch // 2] if first else value[batch // 2:]
+    if isinstance(value, dict):
+        return {k: _half(v, batch, first) for k, v in value.items()}
+    return value
+
+
+class NegativeGuidedDenoiser(nn.Module):
+    """A pipeline's denoiser whose unconditional half also runs through ``negative`` (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, negative: nn.Module, mix: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must be in [0, 1], got {mix}")
+        self.base, self.negative, self.mix = base, negative, mix
+        self.guiding = lambda: True  # set by with_negative_guidance to the pipeline's own flag
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # config, dtype, device, ... are the base model's
+            return getattr(super().__getattr__("base"), name)
+
+    def forward(self, sample: Tensor, timestep: Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(sample, timestep, *args, **kwargs)
+        if not self.guiding() or self.mix == 0.0:
+            return out
+        batch = sample.shape[0]
+        negative = self.negative(_half(sample, batch, True), _half(timestep, batch, True),
+                                 *[_half(a, batch, True) for a in args],
+                                 **{k: _half(v, batch, True) for k, v in kwargs.items()})
+        prediction = out[0] if isinstance(out, tuple) else out.sample
+        negative = negative[0] if isinstance(negative, tuple) else negative.sample
+        unconditional = (1 - self.mix) * prediction[: batch // 2] + self.mix * negative.to(prediction.dtype)
+        prediction = torch.cat([unconditional, prediction[batch // 2:]])
+        return (prediction,) if isinstance(out, tuple) else type(out)(sample=prediction)
+
+
+def with_negative_guidance(pipe, negative: nn.Module, mix: float = 1.0):
+    """``pipe`` with its denoiser wrapped so that guidance uses ``negative``; returns the same pipeline."""
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    wrapper = NegativeGuidedDenoiser(getattr(pipe, name), negative.to(pipe.device), mix)
+    wrapper.guiding = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+    setattr(pipe, name, wrapper)
+    return pipe
