@@ -95,8 +95,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate_ranked(args: argparse.Namespace) -> int:
-    from diffalign.generate import GenerateConfig, generate_ranked
-    from diffalign.generate.ranked import summary_table
+    from diffalign.synth import GenerateConfig, generate_ranked
+    from diffalign.synth.ranked import summary_table
     from diffalign.train import load_config
 
     config = load_config(args.config, args.overrides, schema=GenerateConfig)

@@ -12,7 +12,7 @@ import torch
 
 from diffalign.data import PairDataset, RankedListDataset
 from diffalign.errors import UserError
-from diffalign.generate import GenerateConfig, generate_ranked
+from diffalign.synth import GenerateConfig, generate_ranked
 from diffalign.rewards import ensemble
 from diffalign.train import load_config
 

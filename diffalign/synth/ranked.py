@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.report import to_pil
-from diffalign.generate.config import GenerateConfig, GeneratorConfig
+from diffalign.synth.config import GenerateConfig, GeneratorConfig
 from diffalign.rewards import RewardSpec, ensemble, load_reward
 
 Tensor = torch.Tensor
