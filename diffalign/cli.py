@@ -58,17 +58,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from diffalign.diffusion import load_pipeline
+    from diffalign.diffusion import DTYPES, default_device, load_pipeline
     from diffalign.diffusion.finetuned import load_finetuned
     from diffalign.eval import evaluate_models
     from diffalign.eval.prompts import read_prompts
     from diffalign.eval.report import markdown_table, write_evaluation_report
     from diffalign.rewards import load_reward
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = default_device()
+    dtype = DTYPES[args.dtype]
     rewards = [load_reward(name) for name in args.rewards.split(",")]
     prompts = read_prompts(args.prompts)
     models = {"base": load_pipeline(args.base, torch_dtype=dtype)}

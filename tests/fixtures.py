@@ -67,3 +67,17 @@ def ranked_parquet(path: Path, n: int = 4, k: int = 3, *, bad_rows=(), size: int
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path
+
+
+def toy_policy_and_reference():
+    """The shipped toy model as a backbone whose denoiser is nudged (seeded), and the untouched UNet as reference."""
+    import torch
+
+    from diffalign.diffusion import backbone_for, load_pipeline
+    from diffalign.paths import TOY_BASE
+
+    backbone = backbone_for(load_pipeline(TOY_BASE))
+    torch.manual_seed(0)
+    for p in backbone.denoiser.parameters():  # a policy that differs from the reference
+        p.data.add_(0.01 * torch.randn_like(p))
+    return backbone, load_pipeline(TOY_BASE).unet

@@ -28,13 +28,13 @@ def test_recomputed_log_prob_of_every_recorded_step_equals_the_recorded_one(mode
     assert traj.latents.shape[:2] == (2, 7) and traj.log_probs.shape == (2, 6)
     assert torch.isfinite(traj.log_probs).all()
     for k in range(6):
-        again = step_log_prob(backbone, traj, k, cond, eta=0.7, guidance_scale=3.0, uncond=uncond)
+        again = step_log_prob(backbone, traj.latents, k, cond, eta=0.7, guidance_scale=3.0, uncond=uncond)
         torch.testing.assert_close(again, traj.log_probs[:, k], rtol=1e-4, atol=1e-4)
-    mixed = step_log_prob(backbone, traj, torch.tensor([4, 1]), cond, eta=0.7, guidance_scale=3.0, uncond=uncond)
+    mixed = step_log_prob(backbone, traj.latents, torch.tensor([4, 1]), cond, eta=0.7, guidance_scale=3.0, uncond=uncond)
     torch.testing.assert_close(mixed, torch.stack([traj.log_probs[0, 4], traj.log_probs[1, 1]]), rtol=1e-4, atol=1e-4)
 
     other = load_pipeline(path, random_init=True, seed=5).components["unet" if model == "toy" else "transformer"]
-    elsewhere = step_log_prob(backbone, traj, 2, cond, eta=0.7, guidance_scale=3.0, uncond=uncond, denoiser=other)
+    elsewhere = step_log_prob(backbone, traj.latents, 2, cond, eta=0.7, guidance_scale=3.0, uncond=uncond, denoiser=other)
     assert (elsewhere - traj.log_probs[:, 2]).abs().max() > 1e-3  # well above the 1e-4 recompute tolerance
 
 

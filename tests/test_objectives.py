@@ -14,7 +14,7 @@ from diffalign.errors import UserError
 from diffalign.objectives import RankDPO
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
-from fixtures import ranked_parquet
+from fixtures import ranked_parquet, toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,13 +89,8 @@ def test_inpo_scores_each_image_at_its_ddim_inverted_latent_by_hand():
     import torch.nn.functional as F
 
     from diffalign.objectives import InPO
-    from diffalign.paths import TOY_BASE
 
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    reference = load_pipeline(TOY_BASE).unet
-    torch.manual_seed(0)
-    for p in backbone.denoiser.parameters():  # a policy that differs from the reference
-        p.data.add_(0.01 * torch.randn_like(p))
+    backbone, reference = toy_policy_and_reference()
     objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, inversion_steps=10, inversion_eta=0.0), backbone)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 2, 4, 16, 16, generator=g)
@@ -149,13 +144,8 @@ def test_smpo_scores_each_image_at_its_renoise_inverted_latent_with_the_smoothed
     import torch.nn.functional as F
 
     from diffalign.objectives import SmPO
-    from diffalign.paths import TOY_BASE
 
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    reference = load_pipeline(TOY_BASE).unet
-    torch.manual_seed(0)
-    for p in backbone.denoiser.parameters():
-        p.data.add_(0.01 * torch.randn_like(p))
+    backbone, reference = toy_policy_and_reference()
     objective = SmPO(ObjectiveConfig(name="smpo", loss="smpo", beta=25000.0), backbone)
     latents = torch.randn(1, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = backbone.encode_prompts(["a red circle"])

@@ -10,14 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.diffusion.logprob import sample_trajectories, step_log_prob
 from diffalign.errors import UserError
 from diffalign.objectives import D3PO
 from diffalign.objectives.d3po import d3po_step_loss
-from diffalign.paths import TOY_BASE
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
+from fixtures import toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,11 +29,7 @@ def _config(out: Path, *extra: str):
 
 
 def test_d3po_objective_is_the_step_loss_on_the_winner_first_pairs():
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    reference = load_pipeline(TOY_BASE).unet
-    torch.manual_seed(0)
-    for p in backbone.denoiser.parameters():
-        p.data.add_(0.01 * torch.randn_like(p))
+    backbone, reference = toy_policy_and_reference()
     objective = D3PO(ObjectiveConfig(name="d3po", loss="dpo", beta=0.1, sample_steps=4, sample_eta=1.0,
                                      sample_guidance_scale=3.0), backbone)
     cond = backbone.encode_prompts(["a red circle", "a blue square"])
@@ -44,11 +39,10 @@ def test_d3po_objective_is_the_step_loss_on_the_winner_first_pairs():
                                uncond=uncond, generator=torch.Generator().manual_seed(1))
     latents = traj.latents.view(2, 2, *traj.latents.shape[1:])
     steps = torch.tensor([1, 3])
-    loss, metrics = objective(backbone, latents, cond, {"step": steps, "timesteps": traj.timesteps.expand(2, -1)},
-                              backbone.denoiser, reference)
+    loss, metrics = objective(backbone, latents, cond, {"step": steps}, backbone.denoiser, reference)
 
     k = steps.repeat_interleave(2)
-    score = lambda net: step_log_prob(backbone, traj, k, cond.repeat_items(2), eta=1.0, guidance_scale=3.0,  # noqa: E731
+    score = lambda net: step_log_prob(backbone, traj.latents, k, cond.repeat_items(2), eta=1.0, guidance_scale=3.0,  # noqa: E731
                                       uncond=uncond, denoiser=net).view(2, 2)
     with torch.no_grad():
         logp, ref = score(backbone.denoiser), score(reference)

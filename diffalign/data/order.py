@@ -22,6 +22,13 @@ class DeterministicOrder:
         return int(self._perms[epoch][offset])
 
 
-def example_generator(seed: int, position: int) -> torch.Generator:
-    """The RNG of one example of the run (its timestep and noise), independent of batching."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + position)
+def example_generator(seed: int, *position: int) -> torch.Generator:
+    """The RNG of one example of the run (its timestep and noise), independent of batching.
+
+    ``position`` may have several parts (an online round and a tag, say); for one part the
+    seed is ``seed * 1_000_003 + position``.
+    """
+    mixed = seed
+    for part in position:
+        mixed = (mixed * 1_000_003 + int(part)) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)

@@ -18,6 +18,19 @@ from diffusers import DiffusionPipeline
 from diffalign.errors import UserError
 
 MODEL_INDEX = "model_index.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype by config name (fp32, fp16, bf16); ``auto`` is bf16 on GPUs and fp32 on CPUs, where bf16 matmuls are slow."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def _read_index(folder: Path) -> dict:

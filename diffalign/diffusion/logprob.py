@@ -128,22 +128,25 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     return Trajectory(torch.stack(latents, dim=1), rule.timesteps.clone(), torch.stack(log_probs, dim=1))
 
 
-def step_log_prob(backbone: Backbone, trajectory: Trajectory, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
+def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
                   guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                   denoiser: nn.Module | None = None) -> Tensor:
     """(B,) log-probability of recorded step k (one index, or one per trajectory) under ``denoiser``.
 
-    Differentiable when called with gradients enabled: this is the policy term of D3PO.
+    ``latents`` are recorded trajectories (B, T + 1, C, h, w) (:attr:`Trajectory.latents`); the
+    sampler's T steps and their timesteps follow from T and ``eta``. Differentiable when called
+    with gradients enabled: this is the policy term of D3PO.
     """
-    rule = StepRule(backbone, len(trajectory.timesteps), eta)
-    b = trajectory.latents.shape[0]
-    index = torch.as_tensor(k).expand(b) if torch.as_tensor(k).dim() == 0 else torch.as_tensor(k)
+    b, steps = latents.shape[0], latents.shape[1] - 1
+    rule = StepRule(backbone, steps, eta)
+    index = torch.as_tensor(k)
+    index = index.expand(b) if index.dim() == 0 else index
     rows = torch.arange(b)
-    x, nxt = trajectory.latents[rows, index], trajectory.latents[rows, index + 1]
+    x, nxt = latents[rows, index], latents[rows, index + 1]
     order, values = [], []
     for step in index.unique().tolist():  # one forward per distinct step in the batch
         members = (index == step).nonzero().squeeze(1).tolist()
-        output = _guided(backbone, x[members], trajectory.timesteps[step], cond[members],
+        output = _guided(backbone, x[members], rule.timesteps[step], cond[members],
                          None if uncond is None else uncond[members], guidance_scale, denoiser)
         mean, std = rule.distribution(step, x[members], output)
         order += members

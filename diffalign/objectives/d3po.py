@@ -24,7 +24,7 @@ from torch import nn
 
 from diffalign import losses
 from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
-from diffalign.diffusion.logprob import Trajectory, step_log_prob
+from diffalign.diffusion.logprob import step_log_prob
 
 if TYPE_CHECKING:
     from diffalign.train.config import ObjectiveConfig
@@ -53,7 +53,7 @@ class D3PO:
 
     Called like the offline objectives with ``latents`` (B, 2, T + 1, C, h, w) trajectory pairs
     and ``randomness["step"]`` (B,) the denoising step trained for each pair; the rounds that
-    produce them live in :mod:`diffalign.train.online`.
+    produce them live in :mod:`diffalign.train.online`. T must be ``objective.sample_steps``.
     """
 
     online = True
@@ -71,11 +71,11 @@ class D3PO:
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b = latents.shape[0]
-        trajectory = Trajectory(latents.flatten(0, 1), randomness["timesteps"][0], torch.zeros(2 * b, 1))
+        trajectories = latents.flatten(0, 1)
         step = randomness["step"].repeat_interleave(2)
         cond = cond.repeat_items(2)
         uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(2 * b)
-        score = lambda net: step_log_prob(backbone, trajectory, step, cond, eta=self.eta,  # noqa: E731
+        score = lambda net: step_log_prob(backbone, trajectories, step, cond, eta=self.eta,  # noqa: E731
                                           guidance_scale=self.guidance_scale, uncond=uncond, denoiser=net)
         logp = score(policy).view(b, 2)
         with torch.no_grad():

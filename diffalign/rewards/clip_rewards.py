@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from diffalign.diffusion.loading import default_device
 from diffalign.errors import UserError
 from diffalign.rewards.checkpoints import load_strict, read_state_dict
 
@@ -41,7 +42,7 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device) if device is not None else default_device()
 
 
 def _autocast(device: torch.device):
@@ -96,9 +97,9 @@ def _features(output) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output
 
 
-def open_clip_model(arch: str | Path, checkpoint: str | Path, *, what: str) -> nn.Module:
-    """An open_clip model of ``arch`` (a registered name like ``ViT-H-14``, or a model-config JSON file)
-    with the weights of ``checkpoint``, in eval mode."""
+def open_clip_arch(arch: str | Path, *, what: str) -> str:
+    """The open_clip model name of ``arch``: a registered name like ``ViT-H-14``, or a model-config
+    JSON file, which is registered under its file stem."""
     import open_clip
 
     name = str(arch)
@@ -111,6 +112,14 @@ def open_clip_model(arch: str | Path, checkpoint: str | Path, *, what: str) -> n
         name = config.stem
     if name not in open_clip.list_models():
         raise UserError(f"{what}: unknown open_clip architecture {name!r}")
+    return name
+
+
+def open_clip_model(arch: str | Path, checkpoint: str | Path, *, what: str) -> nn.Module:
+    """An open_clip model of ``arch`` (see :func:`open_clip_arch`) with the weights of ``checkpoint``, in eval mode."""
+    import open_clip
+
+    name = open_clip_arch(arch, what=what)
     model = open_clip.create_model(name, pretrained=None)
     load_strict(model, read_state_dict(checkpoint, what=what), path=checkpoint, what=what,
                 expected=f"open_clip {name}")
@@ -121,15 +130,17 @@ class _OpenClipReward(ABC):
     """Shared by the open_clip rewards: model, its evaluation transform and tokenizer, batched features."""
 
     name = "open_clip"
+    default_arch = "ViT-L-14"
 
-    def __init__(self, checkpoint: str | Path, *, arch: str | Path, device: str | torch.device | None,
-                 batch_size: int) -> None:
+    def __init__(self, path: str | Path, *, arch: str | Path | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 32) -> None:
         import open_clip
 
+        arch = open_clip_arch(arch or self.default_arch, what=self.name)
         self.device = _device(device)
-        self.model = open_clip_model(arch, checkpoint, what=self.name).to(self.device)
+        self.model = open_clip_model(arch, path, what=self.name).to(self.device)
         self.preprocess = open_clip.image_transform(self.model.visual.image_size, is_train=False)
-        self.tokenizer = open_clip.get_tokenizer(Path(str(arch)).stem if str(arch).endswith(".json") else str(arch))
+        self.tokenizer = open_clip.get_tokenizer(arch)
         self.batch_size = batch_size
 
     def image_features(self, images: Tensor) -> Tensor:
@@ -155,23 +166,16 @@ class HPSv2(_OpenClipReward):
     """HPS v2 or v2.1 from its checkpoint file (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``)."""
 
     name = "hps_v2"
-
-    def __init__(self, path: str | Path, *, arch: str | Path = "ViT-H-14", device: str | torch.device | None = None,
-                 batch_size: int = 32) -> None:
-        super().__init__(path, arch=arch, device=device, batch_size=batch_size)
+    default_arch = "ViT-H-14"
 
     def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         return (image_features * text_features).sum(dim=-1)
 
 
 class ClipScore(_OpenClipReward):
-    """CLIP score, 100 * max(cos, 0), with any open_clip checkpoint (``arch`` names its architecture)."""
+    """CLIP score, 100 * max(cos, 0), with any open_clip checkpoint (``arch`` names its architecture, ViT-L-14 by default)."""
 
     name = "clip_score"
-
-    def __init__(self, path: str | Path, *, arch: str | Path = "ViT-L-14", device: str | torch.device | None = None,
-                 batch_size: int = 32) -> None:
-        super().__init__(path, arch=arch, device=device, batch_size=batch_size)
 
     def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         return 100 * (image_features * text_features).sum(dim=-1).clamp(min=0)
@@ -190,7 +194,7 @@ class Aesthetic(_OpenClipReward):
 
     name = "aesthetic"
 
-    def __init__(self, path: str | Path, *, clip: str | Path | None = None, arch: str | Path = "ViT-L-14",
+    def __init__(self, path: str | Path, *, clip: str | Path | None = None, arch: str | Path | None = None,
                  device: str | torch.device | None = None, batch_size: int = 32) -> None:
         if clip is None:
             raise UserError("aesthetic: give clip= the CLIP ViT-L/14 checkpoint file the predictor was trained on")

@@ -40,11 +40,6 @@ from diffalign.synth.config import GenerateConfig, GeneratorConfig
 from diffalign.rewards import RewardSpec, ensemble, load_reward
 
 Tensor = torch.Tensor
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _seeds(config: GenerateConfig, prompt_index: int) -> list[int]:
@@ -81,20 +76,21 @@ def _check_same_dataset(config: GenerateConfig, out: Path) -> None:
 
 def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> int:
     """Every image of every generator that is not on disk yet; returns how many were generated."""
+    from diffalign.diffusion import default_device, resolve_dtype
     from diffalign.diffusion.finetuned import load_finetuned
     from diffalign.diffusion.sampling import generate
 
     todo = {g.name: [(i, s) for i in range(len(prompts)) for s in _seeds(config, i)
                      if not (out / _image_path(i, g.name, s)).is_file()] for g in config.generators}
     total = sum(map(len, todo.values()))
-    device = _device()
+    device = default_device()
     with tqdm(total=total, desc="generate", unit="img", disable=total == 0) as bar:
         for generator in config.generators:
             jobs = todo[generator.name]
             if not jobs:
                 continue
-            dtype = DTYPES.get(generator.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-            pipe = load_finetuned(generator.path, base=generator.base, torch_dtype=dtype).to(device)
+            pipe = load_finetuned(generator.path, base=generator.base,
+                                  torch_dtype=resolve_dtype(generator.dtype, device)).to(device)
             bar.set_postfix(generator=generator.name)
             for start in range(0, len(jobs), config.batch_size):
                 batch = jobs[start:start + config.batch_size]

@@ -18,11 +18,11 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
 from diffalign.diffusion.finetuned import LORA_FILE, load_finetuned
+from diffalign.diffusion.loading import DTYPES
 from diffalign.errors import UserError
 from diffalign.train import ldm_keys
 
 FORMATS = ("lora", "diffusers", "single-file")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def merged_pipeline(run_dir: Path) -> DiffusionPipeline:

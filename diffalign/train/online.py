@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffalign.data import example_generator
 from diffalign.diffusion import Backbone
 from diffalign.diffusion.logprob import sample_trajectories
 from diffalign.errors import UserError
@@ -38,13 +39,6 @@ Tensor = torch.Tensor
 
 class NeedsLabels(Exception):
     """A round waits for human labels; the message says where to put them."""
-
-
-def _generator(*parts: int) -> torch.Generator:
-    seed = 0
-    for p in parts:
-        seed = (seed * 1_000_003 + int(p)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 class OnlineRounds:
@@ -69,7 +63,7 @@ class OnlineRounds:
         prompts = [self.prompts[(r * n + i) % len(self.prompts)] for i in range(n)]
         backbone, device = self.backbone, self.accelerator.device
         shape = backbone.latent_shape(self.config.data.resolution)
-        g = _generator(self.config.train.seed, r, 1)
+        g = example_generator(self.config.train.seed, r, 1)
         noise = torch.randn((n, *shape), generator=g).repeat_interleave(2, dim=0).to(device)  # shared start per pair
         cond = backbone.encode_prompts(prompts).repeat_items(2)
         uncond = backbone.encode_prompts([""] * 2 * n) if obj.sample_guidance_scale != 1.0 else None
@@ -132,8 +126,7 @@ class OnlineRounds:
         n = len(record["prompts"])
         latents = tensors["latents"].view(n, 2, *tensors["latents"].shape[1:])
         order = torch.stack([winners, 1 - winners], dim=1)  # winner first
-        data = {"latents": latents[torch.arange(n)[:, None], order], "timesteps": tensors["timesteps"],
-                "prompts": record["prompts"]}
+        data = {"latents": latents[torch.arange(n)[:, None], order], "prompts": record["prompts"]}
         self._loaded = (r, data)
         return data
 
@@ -143,16 +136,15 @@ class OnlineRounds:
         tc, acc = self.config.train, self.accelerator
         data = self._round(step // self.config.online.steps_per_round)
         global_batch = tc.batch_size * acc.num_processes
-        g = _generator(tc.seed, step, micro, 2)
+        g = example_generator(tc.seed, step, micro, 2)
         pairs = torch.randint(0, len(data["prompts"]), (global_batch,), generator=g)
-        steps = torch.randint(0, len(data["timesteps"]), (global_batch,), generator=g)
+        steps = torch.randint(0, data["latents"].shape[2] - 1, (global_batch,), generator=g)
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
         pairs, steps = pairs[mine], steps[mine]
         device = acc.device
         return {
             "latents": data["latents"][pairs].to(device),
             "cond": self.backbone.encode_prompts([data["prompts"][i] for i in pairs]).to(device),
-            "randomness": {"step": steps.to(device),
-                           "timesteps": data["timesteps"].to(device).expand(len(pairs), -1)},
+            "randomness": {"step": steps.to(device)},
             "targets": {},
         }

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 
 from diffalign.data import DeterministicOrder, PairDataset, RankedListDataset, example_generator
 from diffalign.diffusion import (
+    DTYPES,
     CachedEncoder,
     TensorCache,
     add_lora,
     backbone_for,
     configure_denoiser,
     load_pipeline,
+    resolve_dtype,
 )
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
@@ -44,7 +46,6 @@ from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.validation import Validator
 from diffalign.train.weights import save_final_weights
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 CHECKPOINTS = "checkpoints"
 
 
@@ -68,13 +69,6 @@ def resolve_resume(config: Config) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"train.resume={resume} is not a diffalign checkpoint (no trainer_state.json inside)")
     return path
-
-
-def _reference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on GPUs (half the memory of the frozen copy), fp32 on CPUs (bf16 matmuls are slow there)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset:
@@ -146,7 +140,7 @@ class PreferenceTrainer:
     def _build_models(self) -> None:
         mc, tc = self.config.model, self.config.train
         device = self.accelerator.device
-        weight_dtype = DTYPES[tc.mixed_precision]
+        weight_dtype = torch.float32 if tc.mixed_precision == "no" else DTYPES[tc.mixed_precision]
         pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
                              random_init=mc.random_init, seed=tc.seed)
         self.backbone = backbone_for(pipe)
@@ -162,7 +156,7 @@ class PreferenceTrainer:
             add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha)
         else:
             self.reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
-            self.reference.to(device, dtype=_reference_dtype(tc.reference_dtype, device))
+            self.reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
         denoiser.to(device).train()
         if mc.compile:  # after LoRA, so the compiled graph includes the adapters
             denoiser.compile()
