@@ -3,7 +3,9 @@
 One set of candidates is sampled from the shipped toy base model (K images per group for the
 training prompts, scored by the toy preference); pair objectives train on each group's best vs
 worst image, ranked-list objectives on the whole group; online objectives (d3po) sample their
-own rounds from the policy and score them with the same toy preference. Each objective trains from its
+own rounds from the policy and score them with the same toy preference. Self-NPO trains a
+negative model on every candidate without scores; its row compares the base model guided by
+that negative model (in place of the unconditional branch) with plain CFG. Each objective trains from its
 ``configs/toy_<objective>.yaml`` (the same number of optimiser steps and of images through the
 denoiser per step) and is evaluated against the base on the held-out prompts at the same seeds.
 
@@ -22,7 +24,14 @@ from pathlib import Path
 from diffalign.diffusion import load_pipeline
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
-from diffalign.toy.demo import align_and_compare, headline, sample_candidates, write_pairs, write_ranked
+from diffalign.toy.demo import (
+    align_and_compare,
+    headline,
+    sample_candidates,
+    write_images,
+    write_pairs,
+    write_ranked,
+)
 from diffalign.toy.world import prompts
 
 
@@ -43,7 +52,8 @@ def main() -> None:
         candidates = sample_candidates(base, prompts("train"), groups_per_prompt=args.groups_per_prompt,
                                        candidates=args.candidates, seed=0, steps=20, guidance_scale=5.0)
         data |= {"pairs": write_pairs(candidates, args.out / "data" / "pairs.parquet"),
-                 "ranked": write_ranked(candidates, args.out / "data" / "ranked.parquet")}
+                 "ranked": write_ranked(candidates, args.out / "data" / "ranked.parquet"),
+                 "images": write_images(candidates, args.out / "data" / "images.parquet")}
     rows = {}
     for name in args.objectives.split(","):
         started = time.perf_counter()

@@ -81,3 +81,13 @@ def toy_policy_and_reference():
     for p in backbone.denoiser.parameters():  # a policy that differs from the reference
         p.data.add_(0.01 * torch.randn_like(p))
     return backbone, load_pipeline(TOY_BASE).unet
+
+
+def images_parquet(path: Path, n: int = 6, *, bad_rows=(), size: int = 32) -> Path:
+    """Captioned images without labels (Self-NPO's layout); ``bad_rows`` hold bytes that are no image."""
+    rows = {"caption": [f"a picture number {i}" for i in range(n)],
+            "image": [b"not an image" if i in bad_rows else png_bytes((40 * i % 255, 90, 160), size, i)
+                      for i in range(n)]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+    return path

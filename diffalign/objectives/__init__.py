@@ -4,6 +4,7 @@ from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.rank_dpo import RankDPO
+from diffalign.objectives.self_npo import SelfNPO
 from diffalign.objectives.smpo import SmPO
 
 OBJECTIVES = {
@@ -11,7 +12,8 @@ OBJECTIVES = {
     "diffusion_dpo": DiffusionDPO,
     "inpo": InPO,
     "rank_dpo": RankDPO,
+    "self_npo": SelfNPO,
     "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DiffusionDPO", "InPO", "RankDPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DiffusionDPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]

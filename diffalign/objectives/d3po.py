@@ -25,6 +25,7 @@ from torch import nn
 from diffalign import losses
 from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
 from diffalign.diffusion.logprob import step_log_prob
+from diffalign.objectives.base import Objective
 
 if TYPE_CHECKING:
     from diffalign.train.config import ObjectiveConfig
@@ -48,7 +49,7 @@ def d3po_step_loss(policy_w: Tensor, policy_l: Tensor, reference_w: Tensor, refe
     return spec.fn(chosen, rejected, reference_w, reference_l, beta=beta, **loss_options)
 
 
-class D3PO:
+class D3PO(Objective):
     """The online objective: per-step D3PO loss on recorded trajectory pairs (winner first).
 
     Called like the offline objectives with ``latents`` (B, 2, T + 1, C, h, w) trajectory pairs

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffalign import losses
+from diffalign.objectives.base import Objective
 from diffalign.diffusion import (
     Backbone,
     Conditioning,
@@ -29,12 +30,8 @@ if TYPE_CHECKING:  # the trainer imports the objectives; only the type hint goes
 Tensor = torch.Tensor
 
 
-class OfflineDenoisingObjective:
+class OfflineDenoisingObjective(Objective):
     """Base of the offline objectives: no sampling during training; see the module docstring."""
-
-    online = False
-    dataset = "pairs"  # the data layout the trainer must load: "pairs" or "ranked"
-    loss_kinds: tuple[str, ...] = ()
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.spec = losses.spec(config.loss)

@@ -24,9 +24,11 @@ import torch
 
 from diffalign.diffusion import load_pipeline
 from diffalign.diffusion.finetuned import load_finetuned
+from diffalign.diffusion.negative_guidance import with_negative_guidance
 from diffalign.diffusion.sampling import generate
 from diffalign.eval import evaluate_models
 from diffalign.eval.report import image_grid, line_plot, markdown_table, to_pil, write_evaluation_report
+from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.rewards import ToyAdherence, ToyPreference
 from diffalign.toy.world import prompts as toy_prompts
@@ -86,6 +88,13 @@ def write_ranked(candidates: Candidates, out: Path) -> Path:
     return _write(rows, out)
 
 
+def write_images(candidates: Candidates, out: Path) -> Path:
+    """Every candidate as a captioned image, without scores (Self-NPO's data: the model's own samples)."""
+    rows = {"caption": [p for p in candidates.prompts for _ in range(candidates.images.shape[1])],
+            "image": [_png(im) for images in candidates.images for im in images]}
+    return _write(rows, out)
+
+
 def _write(rows: dict[str, list], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), out)
@@ -98,8 +107,11 @@ def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | P
     into ``run_dir``; evaluate base and aligned on the held-out prompts at the same seeds. Returns the
     :class:`~diffalign.eval.Evaluation`."""
     data_key = [] if data is None else [f"data.path={data}"]
-    train(load_config(config, [f"model.path={TOY_BASE}", *data_key, f"output_dir={run_dir}", *overrides]))
+    config = load_config(config, [f"model.path={TOY_BASE}", *data_key, f"output_dir={run_dir}", *overrides])
+    train(config)
     aligned = load_finetuned(run_dir)
+    if getattr(OBJECTIVES[config.objective.name], "negative_model", False):  # Self-NPO: base guided by it
+        aligned = with_negative_guidance(load_pipeline(TOY_BASE), aligned.unet)
     # evaluation seeds start far from the sampling ones, so no evaluation noise was trained on
     return evaluate_models({"base": base, "aligned": aligned}, toy_prompts("heldout"),
                            [ToyPreference(), ToyAdherence()], seeds_per_prompt=eval_seeds, seed=EVAL_SEED,

@@ -68,6 +68,15 @@ class ObjectiveConfig:
     sample_guidance_scale: float = 5.0
     # d3po: the probability ratio p_theta / p_ref is clipped to [1 - ratio_clip, 1 + ratio_clip]
     ratio_clip: float = 0.1
+    # self_npo (truncated diffusion fine-tuning): the DDIM grid the teacher walks, the number of
+    # teacher moves from the noised image, the teacher's guidance scale (diffusers convention:
+    # 0 = the unconditional prediction, the authors' w = -1), the EMA rate of the teacher
+    # (1.0 = the frozen base model) and the pseudo-Huber constant of objective.loss=huber
+    truncation_grid: int = 25
+    truncated_steps: int = 5
+    teacher_guidance_scale: float = 0.0
+    teacher_ema: float = 0.999
+    huber_c: float = 0.001
 
 
 @dataclass
@@ -93,6 +102,8 @@ class DataConfig:
     score_columns: list = field(default_factory=list)
     # the score scale of each of those models; empty = its max - min over the dataset
     score_scales: list = field(default_factory=list)
+    # captioned images (self_npo): the column holding each row's image
+    image_column: str = "image"
     # ranked lists (rank_dpo): the column holding each prompt's list of images
     images_column: str = "images"
     # ranked lists: the column holding one score per image (higher is better)
@@ -197,11 +208,17 @@ class Config:
                 raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
         choose("objective.name", self.objective.name, sorted(OBJECTIVES))
-        try:
-            kind = losses.spec(self.objective.loss).kind
-        except losses.UnknownLossError as err:
-            raise UserError(f"objective.loss: {err}") from None
-        accepted = OBJECTIVES[self.objective.name].loss_kinds
+        objective = OBJECTIVES[self.objective.name]
+        regression = getattr(objective, "regression_losses", None)  # objectives that are not preference losses
+        if regression:
+            choose("objective.loss", self.objective.loss, regression)
+            kind = "regression"
+        else:
+            try:
+                kind = losses.spec(self.objective.loss).kind
+            except losses.UnknownLossError as err:
+                raise UserError(f"objective.loss: {err}") from None
+        accepted = objective.loss_kinds
         if kind not in accepted:
             names = [s.name for s in losses.specs() if s.kind in accepted]
             raise UserError(f"objective.loss={self.objective.loss} is a {kind} loss; {self.objective.name} takes "
@@ -234,17 +251,28 @@ class Config:
         if self.data.score_scales and (len(self.data.score_scales) != len(self.data.score_columns)
                                        or min(self.data.score_scales) <= 0):
             raise UserError("data.score_scales needs one positive scale per data.score_columns pair, or none")
-        if self.data.ties == "soft" and losses.spec(self.objective.loss).kind != "soft-label":
+        if self.data.ties == "soft" and kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
                             "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        if regression:
+            self._validate_truncation()
         from diffalign.rewards import RewardSpec
 
         for spec in self.validation.rewards:
             RewardSpec.parse(spec)
         return self
 
+
+    def _validate_truncation(self) -> None:
+        oc = self.objective
+        if oc.truncation_grid < 1 or oc.truncated_steps < 1:
+            raise UserError("objective.truncation_grid and objective.truncated_steps must be >= 1")
+        if not 0.0 <= oc.teacher_ema <= 1.0:
+            raise UserError(f"objective.teacher_ema must be in [0, 1] (1 = frozen base teacher), got {oc.teacher_ema}")
+        if oc.huber_c <= 0:
+            raise UserError(f"objective.huber_c must be > 0, got {oc.huber_c}")
 
     def _validate_online(self) -> None:
         from diffalign.rewards import RewardSpec

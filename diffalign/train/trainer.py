@@ -28,7 +28,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from diffalign.data import DeterministicOrder, PairDataset, RankedListDataset, example_generator
+from diffalign.data import (
+    CaptionedImageDataset,
+    DeterministicOrder,
+    PairDataset,
+    RankedListDataset,
+    example_generator,
+)
 from diffalign.diffusion import (
     DTYPES,
     CachedEncoder,
@@ -71,9 +77,12 @@ def resolve_resume(config: Config) -> Path | None:
     return path
 
 
-def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset:
+def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | CaptionedImageDataset:
     """The dataset in the layout the objective trains on."""
     dc = config.data
+    if layout == "images":
+        return CaptionedImageDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
+                                     image_column=dc.image_column, on_error=dc.on_error)
     if layout == "ranked":
         return RankedListDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                                  images_column=dc.images_column, scores_column=dc.scores_column,
@@ -129,15 +138,18 @@ class PreferenceTrainer:
         if not self.online:
             self.dataset = _dataset(config, objective_cls.dataset)
             self.order = DeterministicOrder(len(self.dataset), tc.seed)
-        self._build_models()
+        self._build_models(frozen_reference=objective_cls.frozen_reference)
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
             self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator)
         self.objective = objective_cls(config.objective, self.backbone)
         self._build_optimizer()
+        # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
+        for stateful in self.objective.attach(self.backbone.denoiser):
+            self.accelerator.register_for_checkpointing(stateful)
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution)
 
     # --- setup ---------------------------------------------------------------------------
-    def _build_models(self) -> None:
+    def _build_models(self, frozen_reference: bool) -> None:
         mc, tc = self.config.model, self.config.train
         device = self.accelerator.device
         weight_dtype = torch.float32 if tc.mixed_precision == "no" else DTYPES[tc.mixed_precision]
@@ -154,7 +166,7 @@ class PreferenceTrainer:
         if tc.lora_rank > 0:
             denoiser.requires_grad_(False)
             add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha)
-        else:
+        elif frozen_reference:  # a full fine-tune compares against a frozen copy of the base
             self.reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
             self.reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
         denoiser.to(device).train()
@@ -352,6 +364,7 @@ class PreferenceTrainer:
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.step(self.params)
+            self.objective.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
         return totals, ok

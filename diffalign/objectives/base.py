@@ -1,0 +1,28 @@
+"""What the trainer may ask of any objective, with the defaults most objectives need."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+class Objective:
+    """Base of the objectives: the data layout, whether a frozen reference is needed, and two hooks.
+
+    ``dataset`` names what the trainer loads: "pairs", "ranked", "images" or "online" (rounds
+    sampled during training). ``frozen_reference`` False tells a full fine-tune not to keep a
+    frozen copy of the base, for objectives that never compare with it.
+    """
+
+    online = False
+    dataset = "pairs"
+    frozen_reference = True
+    loss_kinds: tuple[str, ...] = ()
+
+    def attach(self, denoiser: nn.Module) -> list[Any]:
+        """Called once with the trained denoiser; returns state to save in checkpoints (default none)."""
+        return []
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step that was taken (default: nothing)."""
