@@ -5,7 +5,8 @@ training prompts, scored by the toy preference); pair objectives train on each g
 worst image, ranked-list objectives on the whole group; online objectives (d3po) sample their
 own rounds from the policy and score them with the same toy preference. Self-NPO trains a
 negative model on every candidate without scores; its row compares the base model guided by
-that negative model (in place of the unconditional branch) with plain CFG. Each objective trains from its
+that negative model (in place of the unconditional branch) with plain CFG. DDO trains on
+rendered scenes of the toy world (its real data) against the policy's own samples. Each objective trains from its
 ``configs/toy_<objective>.yaml`` (the same number of optimiser steps and of images through the
 denoiser per step) and is evaluated against the base on the held-out prompts at the same seeds.
 
@@ -29,10 +30,16 @@ from diffalign.toy.demo import (
     headline,
     sample_candidates,
     write_images,
+    write_world_images,
     write_pairs,
     write_ranked,
 )
 from diffalign.toy.world import prompts
+
+
+def data_for(name: str) -> str:
+    """The toy data an objective trains on: DDO real data (rendered scenes), the others their layout."""
+    return "world" if name == "ddo" else OBJECTIVES[name].dataset
 
 
 def main() -> None:
@@ -47,17 +54,22 @@ def main() -> None:
                         help="config override applied to every objective's toy config (repeatable)")
     args = parser.parse_args()
     base = load_pipeline(TOY_BASE)
+    names = args.objectives.split(",")
+    layouts = {data_for(name) for name in names}
     data: dict[str, Path | None] = {"online": None}  # online objectives sample their own rounds
-    if any(OBJECTIVES[name].dataset != "online" for name in args.objectives.split(",")):
+    if layouts & {"pairs", "ranked", "images"}:  # the base model's own candidates
         candidates = sample_candidates(base, prompts("train"), groups_per_prompt=args.groups_per_prompt,
                                        candidates=args.candidates, seed=0, steps=20, guidance_scale=5.0)
         data |= {"pairs": write_pairs(candidates, args.out / "data" / "pairs.parquet"),
                  "ranked": write_ranked(candidates, args.out / "data" / "ranked.parquet"),
                  "images": write_images(candidates, args.out / "data" / "images.parquet")}
+    if "world" in layouts:  # real data: rendered scenes, as many as the candidates
+        data["world"] = write_world_images(prompts("train"), args.groups_per_prompt * args.candidates,
+                                           args.out / "data" / "world.parquet")
     rows = {}
-    for name in args.objectives.split(","):
+    for name in names:
         started = time.perf_counter()
-        evaluation = align_and_compare(base, data[OBJECTIVES[name].dataset], args.out / name,
+        evaluation = align_and_compare(base, data[data_for(name)], args.out / name,
                                        config=CONFIGS / f"toy_{name}.yaml", overrides=args.set,
                                        eval_seeds=args.eval_seeds, steps=20, guidance_scale=5.0)
         rows[name] = {**headline(evaluation.summary()), "seconds": time.perf_counter() - started}

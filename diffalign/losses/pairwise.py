@@ -57,6 +57,24 @@ def dpo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_sm
 
 
 @register(
+    "ddo",
+    kind=PAIRWISE,
+    summary="Direct Discriminative Optimization: -log sigma(beta r(data)) - alpha log(1 - sigma(beta r(sample)))",
+    paper="Zheng et al. 2025, arXiv 2503.01103 (the DDO objective, METHODS.md)",
+)
+def ddo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
+    """DDO (Zheng et al. 2025): the likelihood ratio r = log p_theta / p_ref as a GAN discriminator.
+
+    ``chosen`` is a real data point, ``rejected`` a sample drawn from the reference model:
+    ``-log sigma(beta r(x_data)) - alpha log(1 - sigma(beta r(x_ref)))``, i.e.
+    ``softplus(-beta r_w) + alpha softplus(beta r_l)``. Unlike DPO the two terms are separate
+    (the pair need not share a prompt): data is pushed up, the reference's samples down.
+    """
+    rw, rl = _pair_logratios("ddo", pc, pr, rc, rr)
+    return F.softplus(-beta * rw) + alpha * F.softplus(beta * rl)
+
+
+@register(
     "cdpo",
     kind=PAIRWISE,
     summary="conservative DPO: DPO against a label flipped with probability eps (default 0.1)",

@@ -1,6 +1,7 @@
 """One file per method: likelihood proxy + core loss. ``OBJECTIVES`` maps config names to them."""
 
 from diffalign.objectives.d3po import D3PO
+from diffalign.objectives.ddo import DDO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.rank_dpo import RankDPO
@@ -9,6 +10,7 @@ from diffalign.objectives.smpo import SmPO
 
 OBJECTIVES = {
     "d3po": D3PO,
+    "ddo": DDO,
     "diffusion_dpo": DiffusionDPO,
     "inpo": InPO,
     "rank_dpo": RankDPO,
@@ -16,4 +18,4 @@ OBJECTIVES = {
     "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DiffusionDPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]

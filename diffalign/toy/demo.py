@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from diffalign.eval.report import image_grid, line_plot, markdown_table, to_pil,
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.rewards import ToyAdherence, ToyPreference
+from diffalign.toy.world import parse_caption, random_scene, render
 from diffalign.toy.world import prompts as toy_prompts
 from diffalign.train import load_config, train
 
@@ -92,6 +94,19 @@ def write_images(candidates: Candidates, out: Path) -> Path:
     """Every candidate as a captioned image, without scores (Self-NPO's data: the model's own samples)."""
     rows = {"caption": [p for p in candidates.prompts for _ in range(candidates.images.shape[1])],
             "image": [_png(im) for images in candidates.images for im in images]}
+    return _write(rows, out)
+
+
+def write_world_images(prompts: Sequence[str], per_prompt: int, out: Path, seed: int = 0) -> Path:
+    """Rendered scenes of the toy world itself (its "real data"), ``per_prompt`` per caption."""
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"caption": [], "image": []}
+    for prompt in prompts:
+        colour, shape = parse_caption(prompt)
+        for _ in range(per_prompt):
+            image = torch.from_numpy(render(random_scene(rng, colour, shape))).permute(2, 0, 1).float() / 255
+            rows["caption"].append(prompt)
+            rows["image"].append(_png(image))
     return _write(rows, out)
 
 

@@ -77,6 +77,8 @@ class ObjectiveConfig:
     teacher_guidance_scale: float = 0.0
     teacher_ema: float = 0.999
     huber_c: float = 0.001
+    # ddo: optimiser steps per self-play round; after each round the reference becomes the policy
+    refresh_every: int = 100
 
 
 @dataclass
@@ -258,6 +260,8 @@ class Config:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         if regression:
             self._validate_truncation()
+        if self.objective.refresh_every < 1:
+            raise UserError(f"objective.refresh_every must be >= 1, got {self.objective.refresh_every}")
         from diffalign.rewards import RewardSpec
 
         for spec in self.validation.rewards:
