@@ -106,3 +106,14 @@ def test_d3po_trains_from_the_cli_on_tiny_sdxl_and_sd3(tmp_path, model):
     assert (run / "final/pytorch_lora_weights.safetensors").is_file()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def test_t_range_restricts_the_trained_denoising_steps_to_those_noise_levels(tmp_path):
+    from diffalign.train.trainer import PreferenceTrainer
+
+    trainer = PreferenceTrainer(_config(tmp_path / "run", "objective.t_range=[0.5, 1.0]", "train.batch_size=32"))
+    steps = trainer._micro_batch(0, 0)["randomness"]["step"]
+    timesteps = load_file(str(tmp_path / "run/rounds/round-00000/trajectories.safetensors"))["timesteps"]
+    assert (timesteps[steps] >= 500).all() and len(set(steps.tolist())) == int((timesteps >= 500).sum())
+    with pytest.raises(UserError, match="keeps none"):
+        PreferenceTrainer(_config(tmp_path / "none", "objective.t_range=[0.99, 1.0]"))._micro_batch(0, 0)

@@ -109,11 +109,13 @@ def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond
 def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *, steps: int = 20, eta: float = 1.0,
                         guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                         generator: torch.Generator | None = None, denoiser: nn.Module | None = None,
-                        progress: str | None = None) -> Trajectory:
+                        progress: str | None = None, step_noise: Tensor | None = None) -> Trajectory:
     """Sample from ``noise`` (B, C, h, w) with the stochastic rule, recording every step.
 
     ``uncond`` (one prompt's conditioning, e.g. the empty prompt, repeated to B) enables
-    classifier-free guidance at ``guidance_scale``. ``generator`` (on the CPU) draws the step noise.
+    classifier-free guidance at ``guidance_scale``. ``generator`` (on the CPU) draws the step noise,
+    unless ``step_noise`` (B, steps, C, h, w) gives it, e.g. drawn per item so that a sample does
+    not depend on the batch it is drawn in.
     ``progress`` names a progress bar over the steps (none when None).
     """
     rule = StepRule(backbone, steps, eta)
@@ -121,7 +123,8 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     latents, log_probs = [x], []
     for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
         mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser))
-        z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        z = (torch.randn(x.shape, generator=generator, dtype=torch.float32) if step_noise is None
+             else step_noise[:, k].float()).to(x.device)
         x = mean + std.to(mean) * z
         log_probs.append(gaussian_log_prob(x, mean, std))
         latents.append(x)

@@ -85,18 +85,19 @@ class DDO(OfflineDenoisingObjective):
     @torch.no_grad()
     def reference_samples(self, backbone: Backbone, cond: Conditioning, seeds: Tensor,
                           latent_shape: tuple[int, ...]) -> Tensor:
-        """One sample of the round's reference per caption, each from its own seed (B, C, h, w)."""
-        device = seeds.device
-        samples = []
-        for i, seed in enumerate(seeds.tolist()):  # per item, so a sample never depends on its batch
+        """One sample of the round's reference per caption (B, C, h, w), in one batched walk; the
+        start and step noise of item i come from its own seed, so a sample never depends on its batch."""
+        noise, step_noise = [], []
+        for seed in seeds.tolist():
             g = torch.Generator().manual_seed(int(seed))
-            noise = torch.randn((1, *latent_shape), generator=g).to(device)
-            uncond = None if self.uncond is None else self.uncond.to(device)
-            trajectory = sample_trajectories(backbone, noise, cond[i:i + 1], steps=self.steps, eta=self.eta,
-                                             guidance_scale=self.guidance_scale, uncond=uncond, generator=g,
-                                             denoiser=self.reference_weights.denoiser())
-            samples.append(trajectory.final)
-        return torch.cat(samples).to(device)
+            noise.append(torch.randn((1, *latent_shape), generator=g))
+            step_noise.append(torch.randn((1, self.steps, *latent_shape), generator=g))
+        device = seeds.device
+        uncond = None if self.uncond is None else self.uncond.to(device).repeat_items(len(seeds))
+        trajectory = sample_trajectories(backbone, torch.cat(noise).to(device), cond, steps=self.steps, eta=self.eta,
+                                         guidance_scale=self.guidance_scale, uncond=uncond,
+                                         step_noise=torch.cat(step_noise), denoiser=self.reference_weights.denoiser())
+        return trajectory.final.to(device)
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Any]]:

@@ -52,7 +52,7 @@ class ObjectiveConfig:
     loss_options: dict = field(default_factory=dict)
     # timestep sampler: uniform, logit_normal or mode
     timestep_sampler: str = "uniform"
-    # fraction [lo, hi) of the noise schedule to train on
+    # fraction [lo, hi) of the noise schedule to train on (d3po: the sampler steps whose t / T is in it)
     t_range: list = field(default_factory=lambda: [0.0, 1.0])
     # weight of the squared error: uniform, min_snr (eps/v models), sigma_sqrt or cosmap (flow)
     weighting: str = "uniform"

@@ -7,7 +7,9 @@ reward model or a person says which final image of each pair is better, and the 
 written to ``run/rounds/round-NNNNN/``: the trajectories and log-probabilities
 (safetensors), the images (PNG), and ``pairs.json`` (prompts, rewards, winners). Everything
 in a round is a pure function of (seed, r) and the weights at its start, and a resumed run reads
-the round from disk instead of sampling it again, so resume stays exact.
+the round from disk instead of sampling it again, so resume stays exact. Each optimiser step
+trains one random denoising step per pair, among the steps whose noise level t / T lies in
+``objective.t_range`` (all by default).
 
 Human labels: with ``online.labels`` set, a round whose pairs are not all labelled in that
 file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
@@ -126,9 +128,20 @@ class OnlineRounds:
         n = len(record["prompts"])
         latents = tensors["latents"].view(n, 2, *tensors["latents"].shape[1:])
         order = torch.stack([winners, 1 - winners], dim=1)  # winner first
-        data = {"latents": latents[torch.arange(n)[:, None], order], "prompts": record["prompts"]}
+        data = {"latents": latents[torch.arange(n)[:, None], order], "prompts": record["prompts"],
+                "trained_steps": self._trained_steps(tensors["timesteps"])}
         self._loaded = (r, data)
         return data
+
+    def _trained_steps(self, timesteps: Tensor) -> Tensor:
+        """Indices of the denoising steps whose noise level t / T lies in ``objective.t_range`` (both ends kept)."""
+        lo, hi = self.config.objective.t_range
+        level = timesteps.float() / self.backbone.scheduler.config.num_train_timesteps
+        steps = ((level >= lo) & (level <= hi)).nonzero().squeeze(1)
+        if len(steps) == 0:
+            raise UserError(f"objective.t_range={[lo, hi]} keeps none of the sampler's noise levels "
+                            f"{[round(v, 3) for v in level.tolist()]}")
+        return steps
 
     # --- the trainer's interface ---------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
@@ -138,7 +151,8 @@ class OnlineRounds:
         global_batch = tc.batch_size * acc.num_processes
         g = example_generator(tc.seed, step, micro, 2)
         pairs = torch.randint(0, len(data["prompts"]), (global_batch,), generator=g)
-        steps = torch.randint(0, data["latents"].shape[2] - 1, (global_batch,), generator=g)
+        trained = data["trained_steps"]
+        steps = trained[torch.randint(0, len(trained), (global_batch,), generator=g)]
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
         pairs, steps = pairs[mine], steps[mine]
         device = acc.device

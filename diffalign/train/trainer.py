@@ -321,9 +321,10 @@ class PreferenceTrainer:
                                 pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
                                 skipped_rows=sum(self.dataset.skipped.values()))
                     history.append(logs)
-                    bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}",
-                                    acc=f"{logs.get('implicit_acc', float('nan')):.2f}",
-                                    pairs_s=f"{logs['pairs_per_s']:.2f}")
+                    shown = {"loss": f"{logs.get('loss', float('nan')):.4f}", "pairs_s": f"{logs['pairs_per_s']:.2f}"}
+                    if "implicit_acc" in logs:  # preference objectives; Self-NPO has none
+                        shown["acc"] = f"{logs['implicit_acc']:.2f}"
+                    bar.set_postfix(**shown)
                     if acc.is_main_process:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(logs) + "\n")
