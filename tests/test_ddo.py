@@ -3,6 +3,7 @@ reference refreshes, and the trainer wiring (resume included)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -92,10 +93,16 @@ def _tiny(data: Path, out: Path, *overrides: str):
         "train.checkpoint_every=2", *overrides])
 
 
-def test_trains_on_tiny_sdxl_and_resumes_exactly_across_a_round(tmp_path):
+def test_trains_from_the_cli_on_tiny_sdxl_and_resumes_exactly_across_a_round(tmp_path):
     data = images_parquet(tmp_path / "images.parquet", n=6)
+    from diffalign.cli import main
+
     straight = tmp_path / "straight"
-    summary = train(_tiny(data, straight, "train.max_steps=4"))
+    assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", f"output_dir={straight}",
+                 "objective.name=ddo", "objective.loss=ddo", "objective.sample_steps=3",
+                 "objective.sample_guidance_scale=1.0", "objective.refresh_every=3", "train.checkpoint_every=2",
+                 "train.max_steps=4"]) == 0
+    summary = json.loads((straight / "metrics.json").read_text())
     assert math.isfinite(summary["last"]["loss"]) and summary["last"]["round"] == 1.0
     split = tmp_path / "split"
     train(_tiny(data, split, "train.max_steps=2"))
