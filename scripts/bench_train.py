@@ -10,7 +10,8 @@ config folder in assets/models (no download) and a synthetic dataset of random i
   examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (SD1.5) and
   train_diffusion_dpo_sdxl.py: every step VAE-encodes the concatenated winner/loser pixels,
   text-encodes the prompts, noises both halves with one shared noise and timestep, runs the
-  LoRA UNet on the 2B batch, runs the reference as the same UNet with adapters disabled
+  LoRA UNet on the 2B batch (the frozen UNet and text encoders cast to the mixed-precision
+  dtype, the VAE in fp32, no autocast; LoRA weights upcast to fp32 under fp16 only), runs the reference as the same UNet with adapters disabled
   (``disable_adapters``/``enable_adapters``), computes -logsigmoid(beta_dpo (ref_diff - model_diff))
   and logs loss, raw model loss, reference loss and implicit accuracy with ``.item()`` every step.
   Image decoding is excluded for both (the example decodes in DataLoader workers).
@@ -123,8 +124,10 @@ def run_example_loop(args: dict, data: Path, work: Path) -> dict:
     """The diffusers example's training step (see the module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from diffusers.training_utils import cast_training_params
+
     from diffalign.data import PairDataset
-    from diffalign.diffusion import add_lora, backbone_for, load_pipeline
+    from diffalign.diffusion import Conditioning, add_lora, backbone_for, load_pipeline
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args["precision"]]
@@ -134,11 +137,13 @@ def run_example_loop(args: dict, data: Path, work: Path) -> dict:
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module) and module is not unet:
             module.requires_grad_(False).to(device, dtype=torch.float32 if name == "vae" else dtype)
-    unet.requires_grad_(False)
+    unet.requires_grad_(False).to(device, dtype=dtype)  # the example casts the frozen UNet first
     add_lora(unet, args["lora_rank"])
+    if dtype == torch.float16:  # and upcasts the adapters to fp32 under fp16 only
+        cast_training_params(unet, dtype=torch.float32)
     if args["grad_ckpt"]:
         unet.enable_gradient_checkpointing()
-    unet.to(device).train()
+    unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     dataset = PairDataset(data, resolution=args["resolution"])
@@ -150,26 +155,27 @@ def run_example_loop(args: dict, data: Path, work: Path) -> dict:
         batch = [examples[(i * args["batch"] + j) % len(examples)] for j in range(args["batch"])]
         # pixel_values: winners then losers, as the example's collate_fn concatenates them
         pixels = torch.cat([torch.stack([e.pixels[0] for e in batch]), torch.stack([e.pixels[1] for e in batch])])
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            latents = backbone.encode_images(pixels.to(device)).to(dtype)
-            cond = backbone.encode_prompts([e.caption for e in batch] * 2)
-            noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
-            t = torch.randint(0, schedule.config.num_train_timesteps, (args["batch"],), device=device).repeat(2)
-            noisy = schedule.add_noise(latents, noise, t)
-            pred = backbone.predict(noisy, t, cond, denoiser=unet)
-            model_losses = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-            model_w, model_l = model_losses.chunk(2)
-            model_diff = model_w - model_l
-            with torch.no_grad():
-                unet.disable_adapters()
-                ref_pred = backbone.predict(noisy, t, cond, denoiser=unet)
-                unet.enable_adapters()
-                ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-                ref_w, ref_l = ref_losses.chunk(2)
-                ref_diff = ref_w - ref_l
-            logits = ref_diff - model_diff
-            inside = beta * logits
-            loss = -F.logsigmoid(inside).mean()
+        # no autocast: the example runs the bf16/fp16 UNet on inputs cast to that dtype
+        latents = backbone.encode_images(pixels.to(device)).to(dtype)
+        cond = backbone.encode_prompts([e.caption for e in batch])  # then repeated for the loser half
+        cond = Conditioning.cat([cond, cond])
+        noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
+        t = torch.randint(0, schedule.config.num_train_timesteps, (args["batch"],), device=device).repeat(2)
+        noisy = schedule.add_noise(latents, noise, t)
+        pred = backbone.predict(noisy, t, cond, denoiser=unet)
+        model_losses = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        model_w, model_l = model_losses.chunk(2)
+        model_diff = model_w - model_l
+        with torch.no_grad():
+            unet.disable_adapters()
+            ref_pred = backbone.predict(noisy, t, cond, denoiser=unet)
+            unet.enable_adapters()
+            ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+            ref_w, ref_l = ref_losses.chunk(2)
+            ref_diff = ref_w - ref_l
+        logits = ref_diff - model_diff
+        inside = beta * logits
+        loss = -F.logsigmoid(inside).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

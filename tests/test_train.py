@@ -184,6 +184,31 @@ def test_resume_is_exact(pairs, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate fixes one precision per process; this test's bf16 must not meet the others' fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_lora_stores_the_frozen_base_in_bf16_and_trains_fp32_adapters(pairs, tmp_path, fresh_accelerate_state):
+    """As diffusers' LoRA examples: no fp32 master copy of weights that never change."""
+    from diffalign.train.trainer import PreferenceTrainer
+
+    trainer = PreferenceTrainer(tiny_config(pairs, tmp_path / "bf16", "train.mixed_precision=bf16",
+                                            "train.max_steps=2"))
+    unet = trainer.backbone.denoiser
+    frozen = {p.dtype for p in unet.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for p in trainer.params} == {torch.float32} and trainer.params
+    summary = trainer.train()
+    assert math.isfinite(summary["last"]["loss"]) and summary["steps"] == 2
+    assert all(v.dtype == torch.float32 for v in _lora_weights(tmp_path / "bf16").values())
+
+
 def test_full_finetune_keeps_a_frozen_reference_and_saves_the_unet(pairs, tmp_path):
     summary = train(tiny_config(pairs, tmp_path / "full", "train.lora_rank=0", "train.max_steps=2",
                                 "train.learning_rate=1e-3", "train.reference_dtype=fp32"))

@@ -12,7 +12,6 @@ batch B compute what one process at batch N*B computes.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -35,19 +34,11 @@ from diffalign.data import (
     RankedListDataset,
     example_generator,
 )
-from diffalign.diffusion import (
-    DTYPES,
-    CachedEncoder,
-    TensorCache,
-    add_lora,
-    backbone_for,
-    configure_denoiser,
-    load_pipeline,
-    resolve_dtype,
-)
+from diffalign.diffusion import CachedEncoder, TensorCache
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
+from diffalign.train.models import build_models
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.validation import Validator
 from diffalign.train.weights import save_final_weights
@@ -131,6 +122,9 @@ class PreferenceTrainer:
             gradient_accumulation_steps=tc.gradient_accumulation,
             log_with=None if tc.report_to == "none" else tc.report_to,
             project_dir=str(self.output_dir),
+            # DDP's gradients become views of its all-reduce buckets instead of a second copy
+            # (saves one gradient-sized buffer per GPU: 9.6 GiB for a full SDXL fine-tune)
+            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         )
         set_seed(tc.seed)
         objective_cls = OBJECTIVES[config.objective.name]
@@ -150,29 +144,9 @@ class PreferenceTrainer:
 
     # --- setup ---------------------------------------------------------------------------
     def _build_models(self, frozen_reference: bool) -> None:
-        mc, tc = self.config.model, self.config.train
-        device = self.accelerator.device
-        weight_dtype = torch.float32 if tc.mixed_precision == "no" else DTYPES[tc.mixed_precision]
-        pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
-                             random_init=mc.random_init, seed=tc.seed)
-        self.backbone = backbone_for(pipe)
-        for name, module in pipe.components.items():
-            if isinstance(module, torch.nn.Module) and module is not self.backbone.denoiser:
-                module.requires_grad_(False).to(device, dtype=weight_dtype if name != "vae" else torch.float32)
-        denoiser = self.backbone.denoiser
-        configure_denoiser(denoiser, attention=mc.attention, gradient_checkpointing=mc.gradient_checkpointing,
-                           channels_last=mc.channels_last)
-        self.reference = None
-        if tc.lora_rank > 0:
-            denoiser.requires_grad_(False)
-            add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha)
-        elif frozen_reference:  # a full fine-tune compares against a frozen copy of the base
-            self.reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
-            self.reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
-        denoiser.to(device).train()
-        if mc.compile:  # after LoRA, so the compiled graph includes the adapters
-            denoiser.compile()
-        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        mc = self.config.model
+        self.backbone, self.reference = build_models(self.config, self.accelerator.device, frozen_reference)
+        self.params = [p for p in self.backbone.denoiser.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir
         self.encoder = None if cache_dir is None else CachedEncoder(
             # the key covers model and resolution: the same image at another size has other latents

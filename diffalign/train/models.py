@@ -1,0 +1,60 @@
+"""The models of a run: the pipeline's backbone (LoRA or full weights trained) and the frozen reference.
+
+One function, so the trainer and the memory estimate (``scripts/bench_memory.py``, which
+builds the same models on the meta device) cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers.training_utils import cast_training_params
+from torch import nn
+
+from diffalign.diffusion import (
+    DTYPES,
+    Backbone,
+    add_lora,
+    backbone_for,
+    configure_denoiser,
+    load_pipeline,
+    resolve_dtype,
+)
+from diffalign.train.config import Config
+
+
+def build_models(config: Config, device: torch.device, frozen_reference: bool) -> tuple[Backbone, nn.Module | None]:
+    """Load the pipeline, freeze what is not trained and place everything on ``device``.
+
+    Text encoders are kept in the mixed-precision dtype and the VAE in fp32. Trained weights
+    are fp32 master weights (accelerate autocasts the forward). With ``train.lora_rank`` > 0
+    only the adapters train: the frozen base is stored in the mixed-precision dtype too (half
+    the memory of fp32; autocast computes in that dtype anyway), as diffusers' LoRA examples
+    do, and the reference is the same module with adapters disabled, so no reference copy
+    exists. A full fine-tune keeps a frozen copy of the base in ``train.reference_dtype``
+    when the objective compares against it. Returns the backbone and that copy (or None).
+    """
+    mc, tc = config.model, config.train
+    weight_dtype = torch.float32 if tc.mixed_precision == "no" else DTYPES[tc.mixed_precision]
+    pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
+                         random_init=mc.random_init, seed=tc.seed)
+    backbone = backbone_for(pipe)
+    denoiser = backbone.denoiser
+    for name, module in pipe.components.items():
+        if isinstance(module, nn.Module) and module is not denoiser:
+            module.requires_grad_(False).to(device, dtype=weight_dtype if name != "vae" else torch.float32)
+    configure_denoiser(denoiser, attention=mc.attention, gradient_checkpointing=mc.gradient_checkpointing,
+                       channels_last=mc.channels_last)
+    reference = None
+    if tc.lora_rank > 0:
+        denoiser.requires_grad_(False).to(dtype=weight_dtype)
+        add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha)
+        cast_training_params(denoiser, dtype=torch.float32)
+    elif frozen_reference:  # a full fine-tune compares against a frozen copy of the base
+        reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+        reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
+    denoiser.to(device).train()
+    if mc.compile:  # after LoRA, so the compiled graph includes the adapters
+        denoiser.compile()
+    return backbone, reference

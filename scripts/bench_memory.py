@@ -1,0 +1,332 @@
+"""Peak memory of one training step of a config, the largest batch that fits, and how sharding divides it.
+
+Two ways to get the figure:
+
+- ``estimate`` (the default; any machine, no GPU, no weights): builds the run's models exactly
+  as the trainer does (``diffalign.train.models.build_models``) on the meta device, gives them
+  fake storage (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes and dtypes, no data),
+  and runs one real training step of the configured objective on them (forward of policy and
+  reference, backward, gradient clipping) under autocast, counting the bytes of every tensor
+  storage alive at each moment. Optimiser state is allocated as the optimiser allocates it:
+  torch AdamW keeps two fp32 tensors per trained tensor; bitsandbytes AdamW8bit (with
+  ``train.adam_8bit``) keeps two uint8 tensors plus one fp32 absmax per 256 values for
+  tensors of at least 4096 values, and fp32 states for smaller ones. What it leaves out: the
+  CUDA context and library workspaces (about 0.5-1 GB), the caching allocator's rounding and
+  fragmentation, and kernels whose scratch memory differs between CPU and CUDA (the step runs
+  CPU kernels: SDPA picks the flash kernel on both). Read it as a lower bound. CPU autocast
+  keeps group_norm and layer_norm in bf16 where CUDA autocast runs them in fp32 (PyTorch's
+  AMP op reference, "CUDA Ops that can autocast to float32"); the estimate runs them in fp32
+  as CUDA does, since their fp32 outputs are what a GPU step saves for backward.
+- ``--measure`` (CUDA): runs real steps with random weights and reads
+  ``torch.cuda.max_memory_allocated``; the batch search then uses real out-of-memory errors
+  under ``torch.cuda.set_per_process_memory_fraction`` for the budget.
+
+The largest batch is found by doubling then bisection over ``train.batch_size`` (pairs per
+GPU), each try in a fresh process. The sharding table divides what the strategies shard over N
+GPUs: ZeRO-1 the optimiser state, ZeRO-2 also the gradients, ZeRO-3 / FSDP FULL_SHARD also
+the trained weights (plus one gathered block at a time, not counted); activations are never
+sharded, and the frozen models (text encoders, VAE, the reference copy) are replicated unless
+they are wrapped too. DDP keeps no second copy of the gradients: the trainer sets
+``gradient_as_bucket_view``, so they are views of its all-reduce buckets.
+
+    python scripts/bench_memory.py configs/sdxl_dpo.yaml --model assets/models/sdxl --batches 1,2
+    python scripts/bench_memory.py configs/sdxl_dpo_full.yaml --model assets/models/sdxl \\
+        --set train.adam_8bit=true --max-batch --budget-gb 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from typing import Callable
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes Optimizer2State defaults
+
+
+class LiveStorage(TorchDispatchMode):
+    """Bytes of tensor storage alive while active, and their peak.
+
+    Every op's outputs are looked at; a storage is counted once, from the first time it is
+    seen until it is freed (a weakref finalizer), so views and in-place ops add nothing.
+    Tensors made before the mode starts are counted after ``add``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in self._live:
+                continue
+            self._live[key] = storage.nbytes()
+            self.current += self._live[key]
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.add(*(t for t in tree_leaves(out) if isinstance(t, torch.Tensor)))
+        return out
+
+
+def optimizer_state(params: list[torch.Tensor], adam_8bit: bool) -> list[torch.Tensor]:
+    """The tensors AdamW keeps per trained tensor (see the module docstring for the 8-bit rule)."""
+    state = []
+    for p in params:
+        if adam_8bit and p.numel() >= BNB_MIN_8BIT_SIZE:
+            blocks = -(-p.numel() // BNB_BLOCK)
+            state += [torch.empty_like(p, dtype=torch.uint8) for _ in range(2)]
+            state += [torch.empty(blocks, dtype=torch.float32, device=p.device) for _ in range(2)]
+        else:
+            state += [torch.empty_like(p, dtype=torch.float32) for _ in range(2)]
+    return state
+
+
+@contextlib.contextmanager
+def cuda_autocast_norms():
+    """Run group_norm and layer_norm in fp32 under autocast, as CUDA autocast does (CPU's does not)."""
+
+    def in_fp32(norm):
+        def run(input, *args, **kwargs):
+            if not torch.is_autocast_enabled(input.device.type):
+                return norm(input, *args, **kwargs)
+            to_fp32 = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            return norm(to_fp32(input), *map(to_fp32, args), **{k: to_fp32(v) for k, v in kwargs.items()})
+        return run
+
+    with mock.patch.object(F, "group_norm", in_fp32(F.group_norm)), \
+            mock.patch.object(F, "layer_norm", in_fp32(F.layer_norm)):
+        yield
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
+
+
+def group_size(objective, list_size: int) -> int:
+    """Images per example the objective reads: 2 for pairs, K for ranked lists, 1 for images."""
+    return {"pairs": 2, "ranked": list_size, "images": 1}[objective.dataset]
+
+
+def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[str, float]:
+    """Peak bytes of one training step of ``config`` and what the models and states hold.
+
+    With ``fake`` the models are built on the meta device and given fake storage; without,
+    the step runs for real on the CPU (the tests compare the two on a tiny model).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from diffalign.data import example_generator
+    from diffalign.objectives import OBJECTIVES
+    from diffalign.train.models import build_models
+
+    tc = config.train
+    objective_cls = OBJECTIVES[config.objective.name]
+    if objective_cls.dataset == "online":
+        raise SystemExit(f"{config.objective.name} samples inside training; its memory is not estimated here")
+    device = torch.device("meta" if fake else "cpu")
+    with device:
+        backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
+    modules = [m for m in backbone.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    modules += [reference] if reference is not None else []
+    tracker = LiveStorage()
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        if fake:
+            for module in modules:
+                module.to_empty(device="cpu")  # fake storage; dtypes and requires_grad kept
+        objective = objective_cls(config.objective, backbone)
+        denoiser = backbone.denoiser
+        params = [p for p in denoiser.parameters() if p.requires_grad]
+        weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.mixed_precision != "no")
+        with torch.no_grad(), autocast:
+            cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
+        with tracker:
+            tracker.add(*weights, *cond.tensors().values())
+            states = optimizer_state(params, tc.adam_8bit)
+            if tc.ema_decay > 0:
+                states += [p.detach().clone() for p in params]
+            states += [t for s in objective.attach(denoiser) for t in s.state_dict().values()
+                       if isinstance(t, torch.Tensor)]
+            at_rest = tracker.current
+            k = group_size(objective, list_size)
+            latent_shape = backbone.latent_shape(config.data.resolution)
+            latents = torch.randn(tc.batch_size, k, *latent_shape)
+            draws = [objective.draw(1, latent_shape, example_generator(tc.seed, p)) for p in range(tc.batch_size)]
+            randomness = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
+            targets = {"preference": torch.ones(tc.batch_size)}
+            if objective.dataset == "ranked":
+                targets["scores"] = torch.randn(tc.batch_size, k)
+            with torch.enable_grad(), cuda_autocast_norms():
+                with autocast:
+                    loss, _ = objective(backbone, latents, cond.repeat_items(tc.batch_size), randomness,
+                                        denoiser, reference, **targets)
+                loss.backward()
+            grads = _nbytes(p.grad for p in params if p.grad is not None)
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+    return {
+        "peak_gb": tracker.peak / GIB,
+        "weights_gb": _nbytes(weights) / GIB,
+        "trained_weights_gb": _nbytes(params) / GIB,
+        "grads_gb": grads / GIB,
+        "optimizer_and_ema_gb": _nbytes(states) / GIB,
+        "activations_gb": (tracker.peak - at_rest - grads) / GIB,  # and temporaries, at the peak
+        "trained_params": sum(p.numel() for p in params),
+    }
+
+
+def measured_step_memory(config, list_size: int = 4) -> dict[str, float]:
+    """Peak CUDA memory of real training steps with random weights (needs a GPU)."""
+    from diffalign.train.trainer import PreferenceTrainer
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--measure needs a CUDA GPU")
+    trainer = PreferenceTrainer(config)
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(3):  # the optimiser state exists from the first step on
+        trainer._optimizer_step(step)
+    return {"peak_gb": torch.cuda.max_memory_allocated() / GIB}
+
+
+def sharded_per_gpu(row: dict[str, float], gpus: int) -> dict[str, float]:
+    """Per-GPU GiB when N GPUs shard what each strategy shards (see the module docstring)."""
+    optimizer, grads, weights = row["optimizer_and_ema_gb"], row["grads_gb"], row["trained_weights_gb"]
+    saved = {"DDP": 0.0, "ZeRO-1": optimizer, "ZeRO-2": optimizer + grads,
+             "ZeRO-3 / FSDP": optimizer + grads + weights}
+    return {name: row["peak_gb"] - (1 - 1 / gpus) * part for name, part in saved.items()}
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int = 1024) -> int:
+    """The largest n in [1, limit] with fits(n), assuming fits is monotone; 0 if even 1 does not fit."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _load(args, batch: int):
+    from diffalign.train import load_config
+
+    overrides = [f"model.path={args.model}", "model.random_init=true", "model.compile=false",
+                 f"train.batch_size={batch}", "data.cache_dir=null",
+                 "data.path=no-data-is-read", *args.set]
+    config = load_config(args.config, overrides)
+    if config.train.reference_dtype == "auto" and config.train.mixed_precision != "no":
+        config.train.reference_dtype = config.train.mixed_precision  # what ``auto`` means on a GPU
+    return config
+
+
+def _row(args, batch: int) -> dict | None:
+    """One measurement in a fresh process; None when the batch ran out of memory."""
+    spec = {"config": str(args.config), "model": str(args.model), "set": args.set, "batch": batch,
+            "measure": args.measure, "budget_gb": args.budget_gb, "list_size": args.list_size}
+    done = subprocess.run([sys.executable, __file__, str(args.config), "--row", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if done.returncode == 3:
+        return None
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"batch {batch} failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_row(spec: dict) -> None:
+    config = _load(argparse.Namespace(**{**spec, "config": Path(spec["config"])}), spec["batch"])
+    if spec["measure"]:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["budget_gb"] * GIB / total))
+        try:
+            row = measured_step_memory(config, spec["list_size"])
+        except torch.OutOfMemoryError:
+            raise SystemExit(3)
+    else:
+        row = training_step_memory(config, spec["list_size"])
+        if row["peak_gb"] > spec["budget_gb"]:
+            print(json.dumps(row))
+            raise SystemExit(3)
+    print(json.dumps({"batch": spec["batch"], **row}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path, help="a training config (configs/*.yaml)")
+    parser.add_argument("--model", type=Path, required=False, default=None,
+                        help="an architecture folder to build with random weights (assets/models/sdxl); "
+                             "default: the config's model.path")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    parser.add_argument("--batches", help="pairs per GPU to report (comma-separated); default: the config's")
+    parser.add_argument("--max-batch", action="store_true", help="also search the largest batch within --budget-gb")
+    parser.add_argument("--budget-gb", type=float, default=80.0, help="GPU memory budget in GiB")
+    parser.add_argument("--gpus", default="1,2,4,8", help="GPU counts for the sharding table")
+    parser.add_argument("--list-size", type=int, default=4, help="images per example for ranked-list objectives")
+    parser.add_argument("--measure", action="store_true", help="measure on the CUDA GPU instead of estimating")
+    parser.add_argument("--json", type=Path, default=Path("bench_memory.json"))
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.row:
+        return _run_row(json.loads(args.row))
+    from diffalign.train import load_config
+
+    if args.model is None:
+        args.model = Path(load_config(args.config, args.set).model.path)
+    if args.batches is None:
+        args.batches = str(load_config(args.config, [f"model.path={args.model}", *args.set]).train.batch_size)
+    budget = args.budget_gb
+    args.budget_gb = float("inf")  # the listed batches are reported whatever they need
+    rows = [_row(args, int(b)) for b in args.batches.split(",")]
+    largest = None
+    if args.max_batch:
+        args.budget_gb = budget
+        largest = largest_fitting(lambda n: _row(args, n) is not None)
+    kind = "measured (CUDA max_memory_allocated)" if args.measure else "estimated (fake tensors; a lower bound)"
+    print(f"\n{args.config} on {args.model} {' '.join(args.set)}: peak memory per GPU, {kind}\n")
+    print("| pairs per GPU | peak GiB | weights | trained weights | grads | optimiser + EMA | activations |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        cells = [f"{row.get(key, float('nan')):.2f}" for key in
+                 ("peak_gb", "weights_gb", "trained_weights_gb", "grads_gb", "optimizer_and_ema_gb", "activations_gb")]
+        print(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    if largest is not None:
+        print(f"\nlargest batch within {budget:g} GiB: {largest} pairs per GPU")
+    if not args.measure:
+        gpus = [int(n) for n in args.gpus.split(",")]
+        print(f"\nper GPU at {rows[0]['batch']} pairs per GPU, GiB, when N GPUs shard the model state:\n")
+        print("| strategy | " + " | ".join(f"N={n}" for n in gpus) + " |")
+        print("|---|" + "---|" * len(gpus))
+        for name in sharded_per_gpu(rows[0], 1):
+            print(f"| {name} | " + " | ".join(f"{sharded_per_gpu(rows[0], n)[name]:.1f}" for n in gpus) + " |")
+    args.json.write_text(json.dumps({"config": str(args.config), "model": str(args.model), "set": args.set,
+                                     "kind": kind, "rows": rows, "largest_batch": largest,
+                                     "budget_gb": budget}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""scripts/bench_memory.py: the storage counter, the fake-tensor step against a real one, the search."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
+bench_memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_memory)
+
+
+def _config(model: str, batch: int = 1, *overrides: str):
+    args = argparse.Namespace(config=None, model=ROOT / "assets" / "models" / model,
+                              set=["data.resolution=64", *overrides])
+    return bench_memory._load(args, batch)
+
+
+def test_live_storage_counts_each_storage_once_until_it_is_freed():
+    with bench_memory.LiveStorage() as live:
+        a = torch.empty(256)  # 1 KiB
+        view = a.view(16, 16)
+        view.add_(1)  # in place: no new storage
+        b = torch.empty(512)  # 2 KiB
+        assert live.current == 3072
+        del a, view  # the last references: a's KiB is freed
+        assert live.current == 2048
+        c = torch.empty(128)  # 0.5 KiB
+        assert live.current == 2048 + 512
+    assert live.peak == 3072
+    del b, c
+
+
+@pytest.mark.parametrize("model,overrides", [
+    ("tiny-sd15", ["train.lora_rank=0"]),
+    ("tiny-sdxl", ["train.lora_rank=4", "model.gradient_checkpointing=true", "train.ema_decay=0.9"]),
+])
+def test_the_fake_tensor_step_counts_what_the_real_step_allocates(model, overrides):
+    """Same step, fake storage versus real CPU tensors: the same bytes at every moment, so the same peak."""
+    fake = bench_memory.training_step_memory(_config(model, 2, *overrides), fake=True)
+    real = bench_memory.training_step_memory(_config(model, 2, *overrides), fake=False)
+    assert fake == real
+    assert fake["activations_gb"] > 0 and fake["peak_gb"] > fake["weights_gb"]
+
+
+def test_memory_grows_with_the_batch_and_checkpointing_saves_activations():
+    one, four = (bench_memory.training_step_memory(_config("tiny-sdxl", b)) for b in (1, 4))
+    assert four["weights_gb"] == one["weights_gb"]
+    assert 3.0 < four["activations_gb"] / one["activations_gb"] < 4.5
+    checkpointed = bench_memory.training_step_memory(_config("tiny-sdxl", 4, "model.gradient_checkpointing=true"))
+    assert checkpointed["activations_gb"] < 0.8 * four["activations_gb"]
+
+
+def test_bf16_lora_counts_the_frozen_base_at_two_bytes_and_the_adapters_at_four():
+    fp32 = bench_memory.training_step_memory(_config("tiny-sd15", 1, "train.lora_rank=4"))
+    bf16 = bench_memory.training_step_memory(_config("tiny-sd15", 1, "train.lora_rank=4", "train.mixed_precision=bf16"))
+    assert bf16["trained_weights_gb"] == fp32["trained_weights_gb"]
+    from diffalign.diffusion import load_pipeline
+
+    with torch.device("meta"):
+        pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
+    halved = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())  # the VAE stays fp32
+    assert (fp32["weights_gb"] - bf16["weights_gb"]) * 2**30 == 2 * halved
+
+
+def test_optimizer_state_bytes_follow_adamw_and_bitsandbytes_8bit():
+    big, small = torch.zeros(5000), torch.zeros(100)
+    adamw = bench_memory.optimizer_state([big, small], adam_8bit=False)
+    assert sum(t.nbytes for t in adamw) == 2 * 4 * 5100
+    eight = bench_memory.optimizer_state([big, small], adam_8bit=True)
+    # uint8 m and v, one fp32 absmax per 256-value block each; tensors under 4096 values stay fp32
+    assert sum(t.nbytes for t in eight) == 2 * 5000 + 2 * 4 * 20 + 2 * 4 * 100
+
+
+def test_largest_fitting_finds_the_boundary_with_few_tries():
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 37
+
+    assert bench_memory.largest_fitting(fits) == 37
+    assert len(tried) <= 12
+    assert bench_memory.largest_fitting(lambda n: False) == 0
+    assert bench_memory.largest_fitting(lambda n: True, limit=100) == 100
+
+
+def test_sharding_divides_only_what_each_strategy_shards():
+    row = {"peak_gb": 40.0, "optimizer_and_ema_gb": 8.0, "grads_gb": 4.0, "trained_weights_gb": 4.0}
+    per_gpu = bench_memory.sharded_per_gpu(row, 4)
+    assert per_gpu == {"DDP": 40.0, "ZeRO-1": 34.0, "ZeRO-2": 31.0, "ZeRO-3 / FSDP": 28.0}
+    assert bench_memory.sharded_per_gpu(row, 1) == {name: 40.0 for name in per_gpu}
+
+
+def test_online_objectives_are_refused():
+    with pytest.raises(SystemExit, match="samples inside training"):
+        bench_memory.training_step_memory(_config("tiny-sd15", 1, "objective.name=d3po", "online.prompts=toy_train",
+                                                       "online.reward=toy_preference"))
