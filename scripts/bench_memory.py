@@ -17,6 +17,8 @@ Two ways to get the figure:
   keeps group_norm and layer_norm in bf16 where CUDA autocast runs them in fp32 (PyTorch's
   AMP op reference, "CUDA Ops that can autocast to float32"); the estimate runs them in fp32
   as CUDA does, since their fp32 outputs are what a GPU step saves for backward.
+  With ``data.precompute`` the text encoders and the VAE are not counted: the trainer keeps
+  them on the CPU during the steps.
 - ``--measure`` (CUDA): runs real steps with random weights and reads
   ``torch.cuda.max_memory_allocated``; the batch search then uses real out-of-memory errors
   under ``torch.cuda.set_per_process_memory_fraction`` for the budget.
@@ -148,44 +150,51 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
     device = torch.device("meta" if fake else "cpu")
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
-    modules = [m for m in backbone.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    pipe = backbone.pipe
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its tables real, not meta
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     modules += [reference] if reference is not None else []
-    tracker = LiveStorage()
-    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        if fake:
+    if fake:
+        with FakeTensorMode(allow_non_fake_inputs=True):
             for module in modules:
                 module.to_empty(device="cpu")  # fake storage; dtypes and requires_grad kept
-        objective = objective_cls(config.objective, backbone)
-        denoiser = backbone.denoiser
-        params = [p for p in denoiser.parameters() if p.requires_grad]
-        weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.mixed_precision != "no")
-        with torch.no_grad(), autocast:
-            cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
-        with tracker:
-            tracker.add(*weights, *cond.tensors().values())
-            states = optimizer_state(params, tc.adam_8bit)
-            if tc.ema_decay > 0:
-                states += [p.detach().clone() for p in params]
-            states += [t for s in objective.attach(denoiser) for t in s.state_dict().values()
-                       if isinstance(t, torch.Tensor)]
-            at_rest = tracker.current
-            k = group_size(objective, list_size)
-            latent_shape = backbone.latent_shape(config.data.resolution)
-            latents = torch.randn(tc.batch_size, k, *latent_shape)
-            draws = [objective.draw(1, latent_shape, example_generator(tc.seed, p)) for p in range(tc.batch_size)]
-            randomness = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
-            targets = {"preference": torch.ones(tc.batch_size)}
-            if objective.dataset == "ranked":
-                targets["scores"] = torch.randn(tc.batch_size, k)
-            with torch.enable_grad(), cuda_autocast_norms():
-                with autocast:
-                    loss, _ = objective(backbone, latents, cond.repeat_items(tc.batch_size), randomness,
-                                        denoiser, reference, **targets)
-                loss.backward()
-            grads = _nbytes(p.grad for p in params if p.grad is not None)
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+    # Everything else runs outside the fake mode: ops on fake tensors stay fake (FakeTensor
+    # dispatches itself), while real tensors (the schedule's tables, the random draws) keep
+    # the values objectives read with .item() or nonzero.
+    objective = objective_cls(config.objective, backbone)
+    k = group_size(objective, list_size)
+    latent_shape = backbone.latent_shape(config.data.resolution)
+    draws = [objective.draw(1, latent_shape, example_generator(tc.seed, p)) for p in range(tc.batch_size)]
+    randomness = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
+    targets = {"preference": torch.ones(tc.batch_size)}
+    if objective.dataset == "ranked":
+        targets["scores"] = torch.randn(tc.batch_size, k)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.mixed_precision != "no")
+    with torch.no_grad(), autocast:
+        cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
+    cond = cond.repeat_items(tc.batch_size)
+    latents = torch.randn(tc.batch_size, k, *latent_shape)
+    denoiser = backbone.denoiser
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    # with data.precompute the text encoders and the VAE wait on the CPU during the steps
+    on_gpu = [backbone.denoiser, reference] if config.data.precompute else modules
+    weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
+    tracker = LiveStorage()
+    with tracker:
+        tracker.add(*weights, *cond.tensors().values(), latents, *randomness.values(), *targets.values())
+        states = optimizer_state(params, tc.adam_8bit)
+        if tc.ema_decay > 0:
+            states += [p.detach().clone() for p in params]
+        states += [t for s in objective.attach(denoiser) for t in s.state_dict().values()
+                   if isinstance(t, torch.Tensor)]
+        at_rest = tracker.current
+        with cuda_autocast_norms():
+            with autocast:
+                loss, _ = objective(backbone, latents, cond, randomness, denoiser, reference, **targets)
+            loss.backward()
+        grads = _nbytes(p.grad for p in params if p.grad is not None)
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
     return {
         "peak_gb": tracker.peak / GIB,
         "weights_gb": _nbytes(weights) / GIB,
@@ -236,7 +245,7 @@ def _load(args, batch: int):
     from diffalign.train import load_config
 
     overrides = [f"model.path={args.model}", "model.random_init=true", "model.compile=false",
-                 f"train.batch_size={batch}", "data.cache_dir=null",
+                 f"train.batch_size={batch}",
                  "data.path=no-data-is-read", *args.set]
     config = load_config(args.config, overrides)
     if config.train.reference_dtype == "auto" and config.train.mixed_precision != "no":
@@ -308,7 +317,7 @@ def main() -> None:
         largest = largest_fitting(lambda n: _row(args, n) is not None)
     kind = "measured (CUDA max_memory_allocated)" if args.measure else "estimated (fake tensors; a lower bound)"
     print(f"\n{args.config} on {args.model} {' '.join(args.set)}: peak memory per GPU, {kind}\n")
-    print("| pairs per GPU | peak GiB | weights | trained weights | grads | optimiser + EMA | activations |")
+    print("| batch per GPU | peak GiB | weights | trained weights | grads | optimiser + EMA | activations + temporaries |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{row.get(key, float('nan')):.2f}" for key in
@@ -318,7 +327,7 @@ def main() -> None:
         print(f"\nlargest batch within {budget:g} GiB: {largest} pairs per GPU")
     if not args.measure:
         gpus = [int(n) for n in args.gpus.split(",")]
-        print(f"\nper GPU at {rows[0]['batch']} pairs per GPU, GiB, when N GPUs shard the model state:\n")
+        print(f"\nper GPU at batch {rows[0]['batch']}, GiB, when N GPUs shard the model state:\n")
         print("| strategy | " + " | ".join(f"N={n}" for n in gpus) + " |")
         print("|---|" + "---|" * len(gpus))
         for name in sharded_per_gpu(rows[0], 1):

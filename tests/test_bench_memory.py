@@ -21,6 +21,13 @@ def _config(model: str, batch: int = 1, *overrides: str):
     return bench_memory._load(args, batch)
 
 
+def _meta_pipeline(model: str):
+    from diffalign.diffusion import load_pipeline
+
+    with torch.device("meta"):
+        return load_pipeline(ROOT / "assets/models" / model, random_init=True)
+
+
 def test_live_storage_counts_each_storage_once_until_it_is_freed():
     with bench_memory.LiveStorage() as live:
         a = torch.empty(256)  # 1 KiB
@@ -60,12 +67,18 @@ def test_bf16_lora_counts_the_frozen_base_at_two_bytes_and_the_adapters_at_four(
     fp32 = bench_memory.training_step_memory(_config("tiny-sd15", 1, "train.lora_rank=4"))
     bf16 = bench_memory.training_step_memory(_config("tiny-sd15", 1, "train.lora_rank=4", "train.mixed_precision=bf16"))
     assert bf16["trained_weights_gb"] == fp32["trained_weights_gb"]
-    from diffalign.diffusion import load_pipeline
-
-    with torch.device("meta"):
-        pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
+    pipe = _meta_pipeline("tiny-sd15")
     halved = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())  # the VAE stays fp32
     assert (fp32["weights_gb"] - bf16["weights_gb"]) * 2**30 == 2 * halved
+
+
+def test_precompute_leaves_the_text_encoder_and_vae_off_the_gpu():
+    kept = bench_memory.training_step_memory(_config("tiny-sd15", 1))
+    offloaded = bench_memory.training_step_memory(_config("tiny-sd15", 1, "data.precompute=true",
+                                                          "data.cache_dir=never-written"))
+    pipe = _meta_pipeline("tiny-sd15")
+    encoders = sum(t.nbytes for m in (pipe.text_encoder, pipe.vae) for t in (*m.parameters(), *m.buffers()))
+    assert (kept["weights_gb"] - offloaded["weights_gb"]) * 2**30 == encoders
 
 
 def test_optimizer_state_bytes_follow_adamw_and_bitsandbytes_8bit():

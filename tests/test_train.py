@@ -232,6 +232,44 @@ def test_cached_latents_train_identically(pairs, tmp_path):
     assert losses_of(plain) == pytest.approx(losses_of(cached), rel=1e-3)
 
 
+def test_precompute_caches_what_the_run_reads_first_and_no_step_encodes(tmp_path, monkeypatch):
+    from diffalign.diffusion import TensorCache
+    from diffalign.train.trainer import PreferenceTrainer
+
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 8, corrupt_rows=(3,))
+    lazy = tmp_path / "lazy"
+    train(tiny_config(data, lazy, "train.max_steps=3", f"data.cache_dir={tmp_path / 'lazy-cache'}"))
+    trainer = PreferenceTrainer(tiny_config(data, tmp_path / "pre", "train.max_steps=3", "data.precompute=true",
+                                            f"data.cache_dir={tmp_path / 'cache'}"))
+    precompute, moved = trainer._precompute, []
+
+    def precompute_then_forbid_encoding(first_step):
+        precompute(first_step)
+        # exactly what the run reads: what a run that caches as it goes has cached at its end
+        assert set(TensorCache(tmp_path / "cache").index) == set(TensorCache(tmp_path / "lazy-cache").index)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("a step encoded after data.precompute")
+        monkeypatch.setattr(trainer.backbone, "encode_images", forbidden)
+        monkeypatch.setattr(trainer.backbone, "encode_prompts", forbidden)
+
+    monkeypatch.setattr(trainer, "_precompute", precompute_then_forbid_encoding)
+    monkeypatch.setattr(trainer, "_encoders_to", moved.append)
+    trainer.train()
+    assert moved == [torch.device("cpu")]  # the text encoders and the VAE leave the accelerator once
+
+    def logs(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [x["skipped_rows"] for x in logs(tmp_path / "pre")] == [x["skipped_rows"] for x in logs(lazy)]
+    assert [x["loss"] for x in logs(tmp_path / "pre")] == pytest.approx([x["loss"] for x in logs(lazy)], rel=1e-3)
+
+
+def test_precompute_needs_a_cache_dir(pairs, tmp_path):
+    with pytest.raises(UserError, match="data.precompute=true needs data.cache_dir"):
+        tiny_config(pairs, tmp_path / "run", "data.precompute=true")
+
+
 def test_nan_losses_are_skipped_then_stop_the_run(pairs, tmp_path, monkeypatch):
     from diffalign.objectives import DiffusionDPO
 

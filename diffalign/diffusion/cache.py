@@ -34,7 +34,7 @@ def content_key(*parts: str | bytes) -> str:
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks may write at once
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
@@ -50,6 +50,12 @@ class TensorCache:
         index_path = self.folder / self.INDEX
         self.index: dict[str, str] = json.loads(index_path.read_text()) if index_path.exists() else {}
         self._handles: dict[str, object] = {}
+
+    def refresh(self) -> None:
+        """Re-read the index, to see what other processes have written."""
+        index_path = self.folder / self.INDEX
+        if index_path.exists():
+            self.index = {**self.index, **json.loads(index_path.read_text())}
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -75,9 +81,10 @@ class TensorCache:
             for key, fields in entries.items()
             for field, tensor in fields.items()
         }
-        tmp = self.folder / (shard + ".tmp")
+        tmp = self.folder / f"{shard}.{os.getpid()}.tmp"
         save_file(flat, str(tmp))
         os.replace(tmp, self.folder / shard)
+        self.refresh()  # keep what other processes published meanwhile
         self.index.update({key: shard for key in entries})
         _atomic_write_json(self.folder / self.INDEX, self.index)
 
@@ -102,6 +109,9 @@ class CachedEncoder:
             encoded = encode_missing(missing)
             self.cache.put_many({keys[i]: fields for i, fields in zip(missing, encoded)})
         return [self.cache.get(k) for k in keys]
+
+    def has_prompt(self, prompt: str) -> bool:
+        return content_key("prompt", self.model_id, prompt) in self.cache
 
     def prompts(self, prompts: Sequence[str]) -> Conditioning:
         keys = [content_key("prompt", self.model_id, p) for p in prompts]

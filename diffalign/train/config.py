@@ -93,6 +93,10 @@ class DataConfig:
     ties: str = "drop"
     # folder for cached VAE latents and prompt embeddings (safetensors shards); none = encode each step
     cache_dir: str | None = None
+    # encode every example into cache_dir before the first step, then keep the text encoders and
+    # the VAE off the GPU for the whole run (they come back only to sample validation images):
+    # frees their memory (SDXL: 1.8 GiB; SD3 with T5: 11 GiB) and all encoding from the steps
+    precompute: bool = False
     # caption column
     caption_column: str = "caption"
     # the two image columns (JPEG/PNG bytes, or paths relative to a .jsonl index)
@@ -225,6 +229,9 @@ class Config:
             names = [s.name for s in losses.specs() if s.kind in accepted]
             raise UserError(f"objective.loss={self.objective.loss} is a {kind} loss; {self.objective.name} takes "
                             f"{' or '.join(accepted)} losses: {', '.join(names)}")
+        if self.data.precompute and (self.data.cache_dir is None or objective.dataset == "online"):
+            raise UserError("data.precompute=true needs data.cache_dir (where the encodings go) and an objective "
+                            f"that reads a dataset; {self.objective.name} with cache_dir={self.data.cache_dir!r}")
         choose("data.on_error", self.data.on_error, ("skip", "raise"))
         choose("data.ties", self.data.ties, ("drop", "soft"))
         choose("train.mixed_precision", self.train.mixed_precision, ("no", "fp16", "bf16"))

@@ -195,24 +195,21 @@ class PreferenceTrainer:
                 return example
         raise UserError(f"no pair of {self.config.data.path} can be decoded; check the data")
 
+    def _examples(self, step: int, micro: int) -> list[tuple[int, Any]]:
+        """(position, example) of this process's share of the global micro-batch (step, micro)."""
+        tc, acc = self.config.train, self.accelerator
+        global_batch = tc.batch_size * acc.num_processes
+        first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
+        return [(p, self._example_at(p)) for p in range(first, first + tc.batch_size)]
+
     def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's share of the global micro-batch (step, micro), encoded."""
         if self.online:
             return self.dataset.micro_batch(step, micro)
-        tc, acc = self.config.train, self.accelerator
-        global_batch = tc.batch_size * acc.num_processes
-        first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
-        examples = [(p, self._example_at(p)) for p in range(first, first + tc.batch_size)]
+        tc = self.config.train
+        examples = self._examples(step, micro)
         items = len(examples[0][1].image_ids)  # 2 for pairs, K for ranked lists
-        captions = [e.caption for _, e in examples]
-        if self.encoder is None:
-            latents = self.backbone.encode_images(torch.cat([e.pixels for _, e in examples]))  # (B*K, 3, R, R)
-            cond = self.backbone.encode_prompts(captions)
-        else:
-            ids = [i for _, e in examples for i in e.image_ids]
-            images = [e.pixels[k] if e.pixels is not None else None for _, e in examples for k in range(items)]
-            latents = self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]))
-            cond = self.encoder.prompts(captions)
+        latents, cond = self._encode([e for _, e in examples])
         latents = latents.view(len(examples), items, *latents.shape[1:])
         draws = [self.objective.draw(1, tuple(latents.shape[2:]), example_generator(tc.seed, p)) for p, _ in examples]
         device = self.accelerator.device
@@ -225,6 +222,47 @@ class PreferenceTrainer:
             "randomness": {k: torch.cat([d[k] for d in draws]).to(device) for k in draws[0]},
             "targets": targets,
         }
+
+    def _encode(self, examples: list) -> tuple[torch.Tensor, Any]:
+        """Latents (all images of the examples, in order) and prompt embeddings, through the cache if any."""
+        captions = [e.caption for e in examples]
+        if self.encoder is None:
+            return self.backbone.encode_images(torch.cat([e.pixels for e in examples])), \
+                self.backbone.encode_prompts(captions)
+        ids = [i for e in examples for i in e.image_ids]
+        images = [e.pixels[k] if e.pixels is not None else None for e in examples for k in range(len(e.image_ids))]
+        latents = self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]))
+        return latents, self.encoder.prompts(captions)
+
+    def _precompute(self, first_step: int) -> None:
+        """``data.precompute``: cache what the rest of the run reads, then move the encoders off the GPU.
+
+        The run's examples are known in advance (a pure function of seed and position, bad
+        rows replaced as in training), so exactly those are encoded, by the process that will
+        read them; examples cached already are only hashed. After this no step needs the text
+        encoders or the VAE (objectives that guide with an empty prompt encoded it when they
+        were built), so they wait on the CPU.
+        """
+        tc = self.config.train
+        skipped = dict(self.dataset.skipped)  # this pass does not count toward the run's skipped rows
+        for step in tqdm(range(first_step, tc.max_steps), desc="caching",
+                         disable=not self.accelerator.is_local_main_process):
+            for micro in range(tc.gradient_accumulation):
+                examples = [e for _, e in self._examples(step, micro)]
+                images = [e for e in examples if e.pixels is not None]  # decoded: their latents are not cached
+                if images:
+                    self._encode(images)
+                prompts = [e.caption for e in examples if not self.encoder.has_prompt(e.caption)]
+                if prompts:
+                    self.encoder.prompts(prompts)
+        self.dataset.skipped.clear()
+        self.dataset.skipped.update(skipped)
+        self._encoders_to(torch.device("cpu"))
+
+    def _encoders_to(self, device: torch.device) -> None:
+        for module in self.backbone.pipe.components.values():
+            if isinstance(module, torch.nn.Module) and module is not self.backbone.denoiser:
+                module.to(device)
 
     # --- checkpoints ---------------------------------------------------------------------
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
@@ -262,6 +300,8 @@ class PreferenceTrainer:
             state = self._load_checkpoint(self.resume_from)
         metrics_path = self.output_dir / "metrics.jsonl"
         step = state["step"]
+        if self.config.data.precompute:
+            self._precompute(step)
         bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_local_main_process, desc="train")
         history: list[dict[str, float]] = []
         interrupted = False
@@ -349,8 +389,12 @@ class PreferenceTrainer:
         if not self.validator.due(step, self.config.train.max_steps):
             return
         if self.accelerator.is_main_process:
+            if self.config.data.precompute:  # the encoders wait on the CPU between validations
+                self._encoders_to(self.accelerator.device)
             with self.accelerator.autocast():
                 scores = self.validator.run(self.backbone.pipe, step)
+            if self.config.data.precompute:
+                self._encoders_to(torch.device("cpu"))
             if scores:
                 self.accelerator.log(scores, step=step)
         self.accelerator.wait_for_everyone()
