@@ -43,6 +43,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_train's synthetic data
 GIB = 2**30
 BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes Optimizer2State defaults
 
@@ -206,17 +208,34 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
     }
 
 
-def measured_step_memory(config, list_size: int = 4) -> dict[str, float]:
-    """Peak CUDA memory of real training steps with random weights (needs a GPU)."""
+def measured_step_memory(config, work: Path) -> dict[str, float]:
+    """Peak memory of three real training steps with random weights on synthetic pairs.
+
+    CUDA: ``torch.cuda.max_memory_allocated``; elsewhere the process's peak RSS (which also
+    holds the Python runtime and the data). Runs in ``work``: data, cache and run folder.
+    """
+    import resource
+
+    from bench_train import synthetic_pairs
+
+    from diffalign.objectives import OBJECTIVES
     from diffalign.train.trainer import PreferenceTrainer
 
-    if not torch.cuda.is_available():
-        raise SystemExit("--measure needs a CUDA GPU")
+    if OBJECTIVES[config.objective.name].dataset != "pairs" or config.data.score_columns:
+        raise SystemExit("--measure trains on synthetic labelled pairs: it takes pair objectives without "
+                         f"score columns, not {config.objective.name}")
+    tc = config.train
+    config.data.path = str(synthetic_pairs(work / "pairs.parquet", 3 * tc.batch_size, config.data.resolution))
+    config.data.cache_dir, config.output_dir = str(work / "cache"), str(work / "run")
+    tc.gradient_accumulation, tc.max_steps, tc.checkpoint_every, tc.report_to = 1, 3, 0, "none"
     trainer = PreferenceTrainer(config)
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     for step in range(3):  # the optimiser state exists from the first step on
         trainer._optimizer_step(step)
-    return {"peak_gb": torch.cuda.max_memory_allocated() / GIB}
+    if torch.cuda.is_available():
+        return {"peak_gb": torch.cuda.max_memory_allocated() / GIB}
+    return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}  # KiB on Linux
 
 
 def sharded_per_gpu(row: dict[str, float], gpus: int) -> dict[str, float]:
@@ -257,8 +276,8 @@ def _row(args, batch: int) -> dict | None:
     """One measurement in a fresh process; None when the batch ran out of memory."""
     spec = {"config": str(args.config), "model": str(args.model), "set": args.set, "batch": batch,
             "measure": args.measure, "budget_gb": args.budget_gb, "list_size": args.list_size}
-    done = subprocess.run([sys.executable, __file__, str(args.config), "--row", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT)
+    command = [sys.executable, __file__, str(args.config), "--row", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode == 3:
         return None
     if done.returncode != 0:
@@ -270,10 +289,13 @@ def _row(args, batch: int) -> dict | None:
 def _run_row(spec: dict) -> None:
     config = _load(argparse.Namespace(**{**spec, "config": Path(spec["config"])}), spec["batch"])
     if spec["measure"]:
+        if not torch.cuda.is_available():
+            raise SystemExit("--measure needs a CUDA GPU")
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["budget_gb"] * GIB / total))
         try:
-            row = measured_step_memory(config, spec["list_size"])
+            with tempfile.TemporaryDirectory() as work:
+                row = measured_step_memory(config, Path(work))
         except torch.OutOfMemoryError:
             raise SystemExit(3)
     else:

@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak (H100 SXM bf16: 989)")
     parser.add_argument("--json", type=Path, default=Path("bench_train.json"))
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -231,8 +232,8 @@ def main() -> None:
         print(json.dumps(run_row(json.loads(args.row))))
         return
     peak = args.peak_tflops * 1e12 if torch.cuda.is_available() else cpu_peak_flops()
-    rows = []
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    specs = []
     for model in args.models.split(","):
         for mode in args.modes.split(","):
             for grad_ckpt in checkpointing:
@@ -241,20 +242,28 @@ def main() -> None:
                 impls = ["diffalign", "diffusers-example"] if has_example else ["diffalign"]
                 if args.compile:
                     impls.insert(1, "diffalign+compile")
-                for impl in impls:
-                    spec = {"model": model, "impl": impl.split("+")[0], "compile": impl.endswith("+compile"),
-                            "lora_rank": args.lora_rank if mode == "lora" else 0,
-                            "grad_ckpt": grad_ckpt, "batch": args.batch, "resolution": args.resolution,
-                            "precision": args.precision, "steps": args.steps, "warmup": args.warmup}
-                    done = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True,
-                                          text=True, cwd=ROOT)
-                    if done.returncode != 0:
-                        print(done.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"row {spec} failed")
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
-                    row["impl"] = impl
-                    rows.append(row)
-                    print(f"{model} {mode} ckpt={grad_ckpt} {impl}: {row['pairs_per_s']:.2f} pairs/s", file=sys.stderr)
+                specs += [{"model": model, "impl": impl, "compile": impl.endswith("+compile"),
+                           "lora_rank": args.lora_rank if mode == "lora" else 0,
+                           "grad_ckpt": grad_ckpt, "batch": args.batch, "resolution": args.resolution,
+                           "precision": args.precision, "steps": args.steps, "warmup": args.warmup}
+                          for impl in impls]
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+    for _ in range(args.repeats):  # rounds over all rows, so slow spells of a shared machine hit every row
+        for i, spec in enumerate(specs):
+            row_spec = {**spec, "impl": spec["impl"].split("+")[0]}
+            done = subprocess.run([sys.executable, __file__, "--row", json.dumps(row_spec)],
+                                  capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"row {spec} failed")
+            runs[i].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{spec['model']} ckpt={spec['grad_ckpt']} {spec['impl']}: {runs[i][-1]['pairs_per_s']:.2f} pairs/s",
+                  file=sys.stderr)
+    rows = []
+    for i, spec in enumerate(specs):  # the median run by time per step; the largest peak memory of all runs
+        ordered = sorted(runs[i], key=lambda r: r["seconds_per_step"])
+        rows.append({**ordered[len(ordered) // 2], "impl": spec["impl"],
+                     "peak_memory_gb": max(r["peak_memory_gb"] for r in runs[i]), "repeats": len(ordered)})
     for row in rows:  # MFU counts the denoiser's work, the same for every implementation of a row:
         # diffalign's cached step runs only the denoiser; the example's count adds VAE/text encoding
         same = [r for r in rows if r["impl"] == "diffalign" and r["model"] == row["model"]

@@ -114,3 +114,16 @@ def test_online_objectives_are_refused():
     with pytest.raises(SystemExit, match="samples inside training"):
         bench_memory.training_step_memory(_config("tiny-sd15", 1, "objective.name=d3po", "online.prompts=toy_train",
                                                        "online.reward=toy_preference"))
+
+
+def test_measure_trains_real_steps_on_synthetic_pairs(tmp_path):
+    """The GPU path, run on the CPU: the real trainer on the config, three steps."""
+    row = bench_memory.measured_step_memory(_config("tiny-sdxl", 2, "train.gradient_accumulation=4"), tmp_path)
+    assert row["peak_gb"] > 0
+    assert (tmp_path / "pairs.parquet").is_file() and any((tmp_path / "cache").iterdir())
+
+
+def test_measure_refuses_objectives_that_need_more_than_labelled_pairs(tmp_path):
+    with pytest.raises(SystemExit, match="pair objectives"):
+        bench_memory.measured_step_memory(_config("tiny-sd15", 1, "objective.name=self_npo",
+                                                  "objective.loss=huber"), tmp_path)
