@@ -229,6 +229,8 @@ def measured_step_memory(config, work: Path) -> dict[str, float]:
     config.data.cache_dir, config.output_dir = str(work / "cache"), str(work / "run")
     tc.gradient_accumulation, tc.max_steps, tc.checkpoint_every, tc.report_to = 1, 3, 0, "none"
     trainer = PreferenceTrainer(config)
+    if config.data.precompute:  # as train() does before the first step
+        trainer._precompute(0)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for step in range(3):  # the optimiser state exists from the first step on

@@ -118,7 +118,8 @@ def test_online_objectives_are_refused():
 
 def test_measure_trains_real_steps_on_synthetic_pairs(tmp_path):
     """The GPU path, run on the CPU: the real trainer on the config, three steps."""
-    row = bench_memory.measured_step_memory(_config("tiny-sdxl", 2, "train.gradient_accumulation=4"), tmp_path)
+    row = bench_memory.measured_step_memory(_config("tiny-sdxl", 2, "train.gradient_accumulation=4",
+                                                    "data.precompute=true", "data.cache_dir=replaced"), tmp_path)
     assert row["peak_gb"] > 0
     assert (tmp_path / "pairs.parquet").is_file() and any((tmp_path / "cache").iterdir())
 
