@@ -198,8 +198,12 @@ def test_bf16_lora_stores_the_frozen_base_in_bf16_and_trains_fp32_adapters(pairs
     """As diffusers' LoRA examples: no fp32 master copy of weights that never change."""
     from diffalign.train.trainer import PreferenceTrainer
 
-    trainer = PreferenceTrainer(tiny_config(pairs, tmp_path / "bf16", "train.mixed_precision=bf16",
-                                            "train.max_steps=2"))
+    trainer = PreferenceTrainer(tiny_config(
+        pairs, tmp_path / "bf16", "train.mixed_precision=bf16", "train.max_steps=2",
+        # with precompute the encoders come back to the device for validation samples only
+        "data.precompute=true", f"data.cache_dir={tmp_path / 'cache'}",
+        "validation.prompts=[a red circle]", "validation.every=2", "validation.steps=2",
+        "validation.images_per_prompt=1"))
     unet = trainer.backbone.denoiser
     frozen = {p.dtype for p in unet.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16}
@@ -207,6 +211,8 @@ def test_bf16_lora_stores_the_frozen_base_in_bf16_and_trains_fp32_adapters(pairs
     summary = trainer.train()
     assert math.isfinite(summary["last"]["loss"]) and summary["steps"] == 2
     assert all(v.dtype == torch.float32 for v in _lora_weights(tmp_path / "bf16").values())
+    assert sorted(p.name for p in (tmp_path / "bf16" / "samples").iterdir()) == ["step-0000000.png",
+                                                                                  "step-0000002.png"]
 
 
 def test_full_finetune_keeps_a_frozen_reference_and_saves_the_unet(pairs, tmp_path):
