@@ -22,6 +22,9 @@ reference forward), for the example it adds VAE and text encoding. MFU uses the 
 (diffalign's count) for both, divided by the time per step and a stated peak: on CUDA the dense bf16 peak of the GPU (``--peak-tflops``); on CPU the
 measured FLOP/s of a large fp32 matmul on this machine.
 
+Each row runs ``--repeats`` times (3), in rounds over all rows so that a slow spell of a shared
+machine hits every row alike; the median run by time per step is reported.
+
     python scripts/bench_train.py                         # tiny pipelines on CPU
     python scripts/bench_train.py --models sdxl --resolution 1024 --precision bf16   # on a GPU
 """
