@@ -128,3 +128,20 @@ def test_measure_refuses_objectives_that_need_more_than_labelled_pairs(tmp_path)
     with pytest.raises(SystemExit, match="pair objectives"):
         bench_memory.measured_step_memory(_config("tiny-sd15", 1, "objective.name=self_npo",
                                                   "objective.loss=huber"), tmp_path)
+
+
+def test_the_script_reports_each_batch_in_its_own_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "configs/tiny_sdxl_dpo.yaml",
+                           "--batches", "1,2", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    one, two = report["rows"]
+    assert (one["batch"], two["batch"]) == (1, 2) and two["peak_gb"] > one["peak_gb"]
+    assert report["largest_batch"] is None  # no search asked for
+    assert "| ZeRO-3 / FSDP |" in done.stdout
