@@ -133,14 +133,69 @@ def group_size(objective, list_size: int) -> int:
     return {"pairs": 2, "ranked": list_size, "images": 1}[objective.dataset]
 
 
+def materialise(backbone, extra: list[torch.nn.Module], fake: bool) -> list[torch.nn.Module]:
+    """Give models built on the meta device fake storage; returns the pipeline's modules and ``extra``.
+
+    The scheduler is rebuilt from its config so that its tables hold real values.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pipe = backbone.pipe
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)] + extra
+    if fake:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            for module in modules:
+                module.to_empty(device="cpu")  # fake storage; dtypes and requires_grad kept
+    return modules
+
+
+def example_loop_memory(config) -> dict[str, float]:
+    """Peak bytes of one step of diffusers' example loop (``bench_train.py``) on the config's settings.
+
+    Model, batch, resolution, precision, LoRA rank, gradient checkpointing and 8-bit Adam come
+    from the config; the step VAE-encodes the 2B images and text-encodes the prompts as the
+    example does every step.
+    """
+    from bench_train import DTYPES, build_example_models, example_step
+
+    mc, tc = config.model, config.train
+    if tc.lora_rank == 0:
+        raise SystemExit("diffusers' Diffusion-DPO example trains LoRA only; set train.lora_rank")
+    spec = {"model": str(Path(mc.path).resolve()), "precision": tc.mixed_precision, "lora_rank": tc.lora_rank,
+            "grad_ckpt": mc.gradient_checkpointing}
+    with torch.device("meta"):
+        backbone = build_example_models(spec, torch.device("meta"))
+    modules = materialise(backbone, [], fake=True)
+    params = [p for p in backbone.denoiser.parameters() if p.requires_grad]
+    weights = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    tracker = LiveStorage()
+    with tracker:
+        resolution = config.data.resolution  # winners then losers, fp32 as the example's collate_fn makes them
+        pixels = weights[0].new_empty((2 * tc.batch_size, 3, resolution, resolution), dtype=torch.float32)
+        tracker.add(*weights, pixels)
+        states = optimizer_state(params, tc.adam_8bit)
+        at_rest = tracker.current
+        example_step(backbone, pixels, ["a photograph of an astronaut riding a horse"] * tc.batch_size,
+                     DTYPES[tc.mixed_precision])
+        grads = _nbytes(p.grad for p in params if p.grad is not None)
+    return {
+        "peak_gb": tracker.peak / GIB,
+        "weights_gb": _nbytes(weights) / GIB,
+        "trained_weights_gb": _nbytes(params) / GIB,
+        "grads_gb": grads / GIB,
+        "optimizer_and_ema_gb": _nbytes(states) / GIB,
+        "activations_gb": (tracker.peak - at_rest - grads) / GIB,
+        "trained_params": sum(p.numel() for p in params),
+    }
+
+
 def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[str, float]:
     """Peak bytes of one training step of ``config`` and what the models and states hold.
 
     With ``fake`` the models are built on the meta device and given fake storage; without,
     the step runs for real on the CPU (the tests compare the two on a tiny model).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from diffalign.data import example_generator
     from diffalign.objectives import OBJECTIVES
     from diffalign.train.models import build_models
@@ -152,14 +207,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
     device = torch.device("meta" if fake else "cpu")
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
-    pipe = backbone.pipe
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its tables real, not meta
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    modules += [reference] if reference is not None else []
-    if fake:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            for module in modules:
-                module.to_empty(device="cpu")  # fake storage; dtypes and requires_grad kept
+    modules = materialise(backbone, [reference] if reference is not None else [], fake)
     # Everything else runs outside the fake mode: ops on fake tensors stay fake (FakeTensor
     # dispatches itself), while real tensors (the schedule's tables, the random draws) keep
     # the values objectives read with .item() or nonzero.
@@ -277,7 +325,8 @@ def _load(args, batch: int):
 def _row(args, batch: int) -> dict | None:
     """One measurement in a fresh process; None when the batch ran out of memory."""
     spec = {"config": str(args.config), "model": str(args.model), "set": args.set, "batch": batch,
-            "measure": args.measure, "budget_gb": args.budget_gb, "list_size": args.list_size}
+            "measure": args.measure, "budget_gb": args.budget_gb, "list_size": args.list_size,
+            "example_loop": args.example_loop}
     command = [sys.executable, __file__, str(args.config), "--row", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode == 3:
@@ -301,7 +350,7 @@ def _run_row(spec: dict) -> None:
         except torch.OutOfMemoryError:
             raise SystemExit(3)
     else:
-        row = training_step_memory(config, spec["list_size"])
+        row = example_loop_memory(config) if spec["example_loop"] else training_step_memory(config, spec["list_size"])
         if row["peak_gb"] > spec["budget_gb"]:
             print(json.dumps(row))
             raise SystemExit(3)
@@ -321,11 +370,15 @@ def main() -> None:
     parser.add_argument("--gpus", default="1,2,4,8", help="GPU counts for the sharding table")
     parser.add_argument("--list-size", type=int, default=4, help="images per example for ranked-list objectives")
     parser.add_argument("--measure", action="store_true", help="measure on the CUDA GPU instead of estimating")
+    parser.add_argument("--example-loop", action="store_true",
+                        help="estimate diffusers' Diffusion-DPO example loop (bench_train.py) on the config's settings")
     parser.add_argument("--json", type=Path, default=Path("bench_memory.json"))
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
         return _run_row(json.loads(args.row))
+    if args.measure and args.example_loop:
+        raise SystemExit("--measure runs diffalign's trainer; the example loop's measured memory is in bench_train.py")
     from diffalign.train import load_config
 
     if args.model is None:
@@ -340,6 +393,7 @@ def main() -> None:
         args.budget_gb = budget
         largest = largest_fitting(lambda n: _row(args, n) is not None)
     kind = "measured (CUDA max_memory_allocated)" if args.measure else "estimated (fake tensors; a lower bound)"
+    kind += ", diffusers' example loop" if args.example_loop else ""
     print(f"\n{args.config} on {args.model} {' '.join(args.set)}: peak memory per GPU, {kind}\n")
     print("| batch per GPU | peak GiB | weights | trained weights | grads | optimiser + EMA | activations + temporaries |")
     print("|---|---|---|---|---|---|---|")

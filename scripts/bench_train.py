@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
@@ -123,17 +124,13 @@ def _count(counter_cls, fn) -> float:
     return float(counter.get_total_flops())
 
 
-def run_example_loop(args: dict, data: Path, work: Path) -> dict:
-    """The diffusers example's training step (see the module docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def build_example_models(args: dict, device: torch.device):
+    """The pipeline as diffusers' example builds it: frozen parts cast, LoRA added (see the module docstring)."""
     from diffusers.training_utils import cast_training_params
 
-    from diffalign.data import PairDataset
-    from diffalign.diffusion import Conditioning, add_lora, backbone_for, load_pipeline
+    from diffalign.diffusion import add_lora, backbone_for, load_pipeline
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args["precision"]]
+    dtype = DTYPES[args["precision"]]
     pipe = load_pipeline(ROOT / "assets/models" / args["model"], random_init=True)
     backbone = backbone_for(pipe)
     unet = backbone.denoiser
@@ -147,44 +144,60 @@ def run_example_loop(args: dict, data: Path, work: Path) -> dict:
     if args["grad_ckpt"]:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    return backbone
+
+
+def example_step(backbone, pixels: torch.Tensor, captions: list[str], dtype: torch.dtype,
+                 beta: float = 2500.0) -> dict[str, torch.Tensor]:
+    """The example's forward and backward on winners-then-losers ``pixels``; returns what it logs."""
+    from diffalign.diffusion import Conditioning
+
+    unet, schedule = backbone.denoiser, backbone.scheduler
+    batch = len(captions)
+    # no autocast: the example runs the bf16/fp16 UNet on inputs cast to that dtype
+    latents = backbone.encode_images(pixels).to(dtype)
+    cond = backbone.encode_prompts(captions)  # then repeated for the loser half
+    cond = Conditioning.cat([cond, cond])
+    noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), device=latents.device).repeat(2)
+    noisy = schedule.add_noise(latents, noise, t)
+    pred = backbone.predict(noisy, t, cond, denoiser=unet)
+    model_losses = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    model_w, model_l = model_losses.chunk(2)
+    with torch.no_grad():
+        unet.disable_adapters()
+        ref_pred = backbone.predict(noisy, t, cond, denoiser=unet)
+        unet.enable_adapters()
+        ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        ref_w, ref_l = ref_losses.chunk(2)
+    inside = beta * ((ref_w - ref_l) - (model_w - model_l))
+    loss = -F.logsigmoid(inside).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], 1.0)
+    return {"loss": loss.detach(), "raw_model_loss": model_losses.mean().detach(), "ref_loss": ref_losses.mean(),
+            "implicit_acc": (inside > 0).float().mean()}
+
+
+def run_example_loop(args: dict, data: Path, work: Path) -> dict:
+    """The diffusers example's training loop (see the module docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffalign.data import PairDataset
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = build_example_models(args, device)
+    optimizer = torch.optim.AdamW([p for p in backbone.denoiser.parameters() if p.requires_grad], lr=1e-5)
     dataset = PairDataset(data, resolution=args["resolution"])
     examples = [dataset.example(i) for i in range(len(dataset))]
-    schedule = pipe.scheduler
-    beta = 2500.0
 
     def step(i: int) -> dict:
         batch = [examples[(i * args["batch"] + j) % len(examples)] for j in range(args["batch"])]
         # pixel_values: winners then losers, as the example's collate_fn concatenates them
         pixels = torch.cat([torch.stack([e.pixels[0] for e in batch]), torch.stack([e.pixels[1] for e in batch])])
-        # no autocast: the example runs the bf16/fp16 UNet on inputs cast to that dtype
-        latents = backbone.encode_images(pixels.to(device)).to(dtype)
-        cond = backbone.encode_prompts([e.caption for e in batch])  # then repeated for the loser half
-        cond = Conditioning.cat([cond, cond])
-        noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
-        t = torch.randint(0, schedule.config.num_train_timesteps, (args["batch"],), device=device).repeat(2)
-        noisy = schedule.add_noise(latents, noise, t)
-        pred = backbone.predict(noisy, t, cond, denoiser=unet)
-        model_losses = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-        model_w, model_l = model_losses.chunk(2)
-        model_diff = model_w - model_l
-        with torch.no_grad():
-            unet.disable_adapters()
-            ref_pred = backbone.predict(noisy, t, cond, denoiser=unet)
-            unet.enable_adapters()
-            ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-            ref_w, ref_l = ref_losses.chunk(2)
-            ref_diff = ref_w - ref_l
-        logits = ref_diff - model_diff
-        inside = beta * logits
-        loss = -F.logsigmoid(inside).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        logs = example_step(backbone, pixels.to(device), [e.caption for e in batch], DTYPES[args["precision"]])
         optimizer.step()
         optimizer.zero_grad()
-        return {"loss": loss.detach().item(), "raw_model_loss": model_losses.mean().detach().item(),
-                "ref_loss": ref_losses.mean().item(), "implicit_acc": (inside > 0).float().mean().item()}
+        return {k: v.item() for k, v in logs.items()}  # the example logs these every step
 
     for i in range(args["warmup"]):
         step(i)

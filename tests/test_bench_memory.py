@@ -145,3 +145,13 @@ def test_the_script_reports_each_batch_in_its_own_process(tmp_path):
     assert (one["batch"], two["batch"]) == (1, 2) and two["peak_gb"] > one["peak_gb"]
     assert report["largest_batch"] is None  # no search asked for
     assert "| ZeRO-3 / FSDP |" in done.stdout
+
+
+def test_the_example_loop_estimate_holds_the_same_models_and_encodes_in_the_step():
+    config = _config("tiny-sdxl", 2, "train.lora_rank=4")
+    ours = bench_memory.training_step_memory(config)
+    example = bench_memory.example_loop_memory(_config("tiny-sdxl", 2, "train.lora_rank=4"))
+    assert example["weights_gb"] == ours["weights_gb"] and example["trained_params"] == ours["trained_params"]
+    assert example["activations_gb"] > ours["activations_gb"]  # it VAE- and text-encodes inside the step
+    with pytest.raises(SystemExit, match="LoRA only"):
+        bench_memory.example_loop_memory(_config("tiny-sdxl", 2, "train.lora_rank=0"))
