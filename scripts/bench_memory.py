@@ -128,6 +128,19 @@ def _nbytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
 
 
+def _breakdown(tracker: LiveStorage, at_rest: int, grads: int, weights, params, states) -> dict[str, float]:
+    """The step's peak and what holds it, in GiB."""
+    return {
+        "peak_gb": tracker.peak / GIB,
+        "weights_gb": _nbytes(weights) / GIB,
+        "trained_weights_gb": _nbytes(params) / GIB,
+        "grads_gb": grads / GIB,
+        "optimizer_and_ema_gb": _nbytes(states) / GIB,
+        "activations_gb": (tracker.peak - at_rest - grads) / GIB,  # and temporaries, at the peak
+        "trained_params": sum(p.numel() for p in params),
+    }
+
+
 def group_size(objective, list_size: int) -> int:
     """Images per example the objective reads: 2 for pairs, K for ranked lists, 1 for images."""
     return {"pairs": 2, "ranked": list_size, "images": 1}[objective.dataset]
@@ -179,15 +192,7 @@ def example_loop_memory(config) -> dict[str, float]:
         example_step(backbone, pixels, ["a photograph of an astronaut riding a horse"] * tc.batch_size,
                      DTYPES[tc.mixed_precision])
         grads = _nbytes(p.grad for p in params if p.grad is not None)
-    return {
-        "peak_gb": tracker.peak / GIB,
-        "weights_gb": _nbytes(weights) / GIB,
-        "trained_weights_gb": _nbytes(params) / GIB,
-        "grads_gb": grads / GIB,
-        "optimizer_and_ema_gb": _nbytes(states) / GIB,
-        "activations_gb": (tracker.peak - at_rest - grads) / GIB,
-        "trained_params": sum(p.numel() for p in params),
-    }
+    return _breakdown(tracker, at_rest, grads, weights, params, states)
 
 
 def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[str, float]:
@@ -245,15 +250,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
         grads = _nbytes(p.grad for p in params if p.grad is not None)
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-    return {
-        "peak_gb": tracker.peak / GIB,
-        "weights_gb": _nbytes(weights) / GIB,
-        "trained_weights_gb": _nbytes(params) / GIB,
-        "grads_gb": grads / GIB,
-        "optimizer_and_ema_gb": _nbytes(states) / GIB,
-        "activations_gb": (tracker.peak - at_rest - grads) / GIB,  # and temporaries, at the peak
-        "trained_params": sum(p.numel() for p in params),
-    }
+    return _breakdown(tracker, at_rest, grads, weights, params, states)
 
 
 def measured_step_memory(config, work: Path) -> dict[str, float]:
