@@ -170,7 +170,9 @@ def example_loop_memory(config) -> dict[str, float]:
     from the config; the step VAE-encodes the 2B images and text-encodes the prompts as the
     example does every step.
     """
-    from bench_train import DTYPES, build_example_models, example_step
+    from bench_train import build_example_models, example_step
+
+    from diffalign.diffusion import mixed_precision_dtype
 
     mc, tc = config.model, config.train
     if tc.lora_rank == 0:
@@ -190,7 +192,7 @@ def example_loop_memory(config) -> dict[str, float]:
         states = optimizer_state(params, tc.adam_8bit)
         at_rest = tracker.current
         example_step(backbone, pixels, ["a photograph of an astronaut riding a horse"] * tc.batch_size,
-                     DTYPES[tc.mixed_precision])
+                     mixed_precision_dtype(tc.mixed_precision))
         grads = _nbytes(p.grad for p in params if p.grad is not None)
     return _breakdown(tracker, at_rest, grads, weights, params, states)
 
@@ -202,6 +204,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
     the step runs for real on the CPU (the tests compare the two on a tiny model).
     """
     from diffalign.data import example_generator
+    from diffalign.diffusion import mixed_precision_dtype
     from diffalign.objectives import OBJECTIVES
     from diffalign.train.models import build_models
 
@@ -224,7 +227,8 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
     targets = {"preference": torch.ones(tc.batch_size)}
     if objective.dataset == "ranked":
         targets["scores"] = torch.randn(tc.batch_size, k)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.mixed_precision != "no")
+    autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
+                              enabled=tc.mixed_precision != "no")
     with torch.no_grad(), autocast:
         cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
     cond = cond.repeat_items(tc.batch_size)
@@ -368,7 +372,8 @@ def main() -> None:
     parser.add_argument("--list-size", type=int, default=4, help="images per example for ranked-list objectives")
     parser.add_argument("--measure", action="store_true", help="measure on the CUDA GPU instead of estimating")
     parser.add_argument("--example-loop", action="store_true",
-                        help="estimate diffusers' Diffusion-DPO example loop (bench_train.py) on the config's settings")
+                        help="estimate diffusers' Diffusion-DPO example loop (bench_train.py) "
+                             "on the config's settings")
     parser.add_argument("--json", type=Path, default=Path("bench_memory.json"))
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -392,7 +397,8 @@ def main() -> None:
     kind = "measured (CUDA max_memory_allocated)" if args.measure else "estimated (fake tensors; a lower bound)"
     kind += ", diffusers' example loop" if args.example_loop else ""
     print(f"\n{args.config} on {args.model} {' '.join(args.set)}: peak memory per GPU, {kind}\n")
-    print("| batch per GPU | peak GiB | weights | trained weights | grads | optimiser + EMA | activations + temporaries |")
+    print("| batch per GPU | peak GiB | weights | trained weights | grads | optimiser + EMA "
+          "| activations + temporaries |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{row.get(key, float('nan')):.2f}" for key in

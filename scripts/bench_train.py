@@ -11,8 +11,8 @@ config folder in assets/models (no download) and a synthetic dataset of random i
   train_diffusion_dpo_sdxl.py: every step VAE-encodes the concatenated winner/loser pixels,
   text-encodes the prompts, noises both halves with one shared noise and timestep, runs the
   LoRA UNet on the 2B batch (the frozen UNet and text encoders cast to the mixed-precision
-  dtype, the VAE in fp32, no autocast; LoRA weights upcast to fp32 under fp16 only), runs the reference as the same UNet with adapters disabled
-  (``disable_adapters``/``enable_adapters``), computes -logsigmoid(beta_dpo (ref_diff - model_diff))
+  dtype, the VAE in fp32, no autocast; LoRA weights upcast to fp32 under fp16 only), runs the
+  reference as the same UNet with adapters disabled (``disable_adapters``/``enable_adapters``), computes -logsigmoid(beta_dpo (ref_diff - model_diff))
   and logs loss, raw model loss, reference loss and implicit accuracy with ``.item()`` every step.
   Image decoding is excluded for both (the example decodes in DataLoader workers).
 
@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
@@ -128,15 +127,14 @@ def build_example_models(args: dict, device: torch.device):
     """The pipeline as diffusers' example builds it: frozen parts cast, LoRA added (see the module docstring)."""
     from diffusers.training_utils import cast_training_params
 
-    from diffalign.diffusion import add_lora, backbone_for, load_pipeline
+    from diffalign.diffusion import add_lora, backbone_for, load_pipeline, mixed_precision_dtype
 
-    dtype = DTYPES[args["precision"]]
+    dtype = mixed_precision_dtype(args["precision"])
     pipe = load_pipeline(ROOT / "assets/models" / args["model"], random_init=True)
     backbone = backbone_for(pipe)
     unet = backbone.denoiser
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module) and module is not unet:
-            module.requires_grad_(False).to(device, dtype=torch.float32 if name == "vae" else dtype)
+    for name, module in backbone.frozen_components().items():
+        module.requires_grad_(False).to(device, dtype=torch.float32 if name == "vae" else dtype)
     unet.requires_grad_(False).to(device, dtype=dtype)  # the example casts the frozen UNet first
     add_lora(unet, args["lora_rank"])
     if dtype == torch.float16:  # and upcasts the adapters to fp32 under fp16 only
@@ -183,6 +181,7 @@ def run_example_loop(args: dict, data: Path, work: Path) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffalign.data import PairDataset
+    from diffalign.diffusion import mixed_precision_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = build_example_models(args, device)
@@ -194,7 +193,8 @@ def run_example_loop(args: dict, data: Path, work: Path) -> dict:
         batch = [examples[(i * args["batch"] + j) % len(examples)] for j in range(args["batch"])]
         # pixel_values: winners then losers, as the example's collate_fn concatenates them
         pixels = torch.cat([torch.stack([e.pixels[0] for e in batch]), torch.stack([e.pixels[1] for e in batch])])
-        logs = example_step(backbone, pixels.to(device), [e.caption for e in batch], DTYPES[args["precision"]])
+        logs = example_step(backbone, pixels.to(device), [e.caption for e in batch],
+                            mixed_precision_dtype(args["precision"]))
         optimizer.step()
         optimizer.zero_grad()
         return {k: v.item() for k, v in logs.items()}  # the example logs these every step
@@ -263,7 +263,7 @@ def main() -> None:
                            "grad_ckpt": grad_ckpt, "batch": args.batch, "resolution": args.resolution,
                            "precision": args.precision, "steps": args.steps, "warmup": args.warmup}
                           for impl in impls]
-    runs: dict[int, list[dict]] = {i: [] for i in range(len(specs))}
+    runs: list[list[dict]] = [[] for _ in specs]
     for _ in range(args.repeats):  # rounds over all rows, so slow spells of a shared machine hit every row
         for i, spec in enumerate(specs):
             row_spec = {**spec, "impl": spec["impl"].split("+")[0]}

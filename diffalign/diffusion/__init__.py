@@ -17,7 +17,14 @@ from diffalign.diffusion.likelihood import (
     noised_group,
 )
 from diffalign.diffusion.lora import adapters_disabled, add_lora, has_lora
-from diffalign.diffusion.loading import DTYPES, build_random_pipeline, default_device, load_pipeline, resolve_dtype
+from diffalign.diffusion.loading import (
+    DTYPES,
+    build_random_pipeline,
+    default_device,
+    load_pipeline,
+    mixed_precision_dtype,
+    resolve_dtype,
+)
 from diffalign.diffusion.schedule import (
     DiffusionSchedule,
     FlowSchedule,
@@ -29,6 +36,7 @@ from diffalign.diffusion.schedule import (
 __all__ = [
     "DTYPES",
     "default_device",
+    "mixed_precision_dtype",
     "resolve_dtype",
     "BACKBONES",
     "Backbone",

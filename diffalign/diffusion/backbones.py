@@ -87,6 +87,11 @@ class Backbone:
     def vae(self) -> nn.Module:
         return self.pipe.vae
 
+    def frozen_components(self) -> dict[str, nn.Module]:
+        """The pipeline's networks other than the denoiser (text encoders, VAE), by component name."""
+        return {name: module for name, module in self.pipe.components.items()
+                if isinstance(module, nn.Module) and module is not self.denoiser}
+
     @property
     def scheduler(self):
         return self.pipe.scheduler

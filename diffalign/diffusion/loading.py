@@ -26,6 +26,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def mixed_precision_dtype(name: str) -> torch.dtype:
+    """The compute dtype of a ``train.mixed_precision`` setting: fp32 for "no", else fp16 or bf16."""
+    return torch.float32 if name == "no" else DTYPES[name]
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A dtype by config name (fp32, fp16, bf16); ``auto`` is bf16 on GPUs and fp32 on CPUs, where bf16 matmuls are slow."""
     if name == "auto":

@@ -13,12 +13,12 @@ from diffusers.training_utils import cast_training_params
 from torch import nn
 
 from diffalign.diffusion import (
-    DTYPES,
     Backbone,
     add_lora,
     backbone_for,
     configure_denoiser,
     load_pipeline,
+    mixed_precision_dtype,
     resolve_dtype,
 )
 from diffalign.train.config import Config
@@ -36,14 +36,13 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     when the objective compares against it. Returns the backbone and that copy (or None).
     """
     mc, tc = config.model, config.train
-    weight_dtype = torch.float32 if tc.mixed_precision == "no" else DTYPES[tc.mixed_precision]
+    weight_dtype = mixed_precision_dtype(tc.mixed_precision)
     pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
                          random_init=mc.random_init, seed=tc.seed)
     backbone = backbone_for(pipe)
     denoiser = backbone.denoiser
-    for name, module in pipe.components.items():
-        if isinstance(module, nn.Module) and module is not denoiser:
-            module.requires_grad_(False).to(device, dtype=weight_dtype if name != "vae" else torch.float32)
+    for name, module in backbone.frozen_components().items():
+        module.requires_grad_(False).to(device, dtype=weight_dtype if name != "vae" else torch.float32)
     configure_denoiser(denoiser, attention=mc.attention, gradient_checkpointing=mc.gradient_checkpointing,
                        channels_last=mc.channels_last)
     reference = None

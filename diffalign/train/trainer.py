@@ -260,9 +260,8 @@ class PreferenceTrainer:
         self._encoders_to(torch.device("cpu"))
 
     def _encoders_to(self, device: torch.device) -> None:
-        for module in self.backbone.pipe.components.values():
-            if isinstance(module, torch.nn.Module) and module is not self.backbone.denoiser:
-                module.to(device)
+        for module in self.backbone.frozen_components().values():
+            module.to(device)
 
     # --- checkpoints ---------------------------------------------------------------------
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
