@@ -172,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as err:
-        print(textwrap.fill(f"error: {err}", width=100), file=sys.stderr)
+        # wrapped between words only: a path in the message stays whole, to copy
+        print(textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False),
+              file=sys.stderr)
         return 2
 
 
