@@ -374,7 +374,7 @@ def main() -> None:
     parser.add_argument("--example-loop", action="store_true",
                         help="estimate diffusers' Diffusion-DPO example loop (bench_train.py) "
                              "on the config's settings")
-    parser.add_argument("--json", type=Path, default=Path("bench_memory.json"))
+    parser.add_argument("--json", type=Path, default=Path("runs/bench_memory.json"))
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -413,6 +413,7 @@ def main() -> None:
         print("|---|" + "---|" * len(gpus))
         for name in sharded_per_gpu(rows[0], 1):
             print(f"| {name} | " + " | ".join(f"{sharded_per_gpu(rows[0], n)[name]:.1f}" for n in gpus) + " |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"config": str(args.config), "model": str(args.model), "set": args.set,
                                      "kind": kind, "rows": rows, "largest_batch": largest,
                                      "budget_gb": budget}, indent=2))

@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak (H100 SXM bf16: 989)")
-    parser.add_argument("--json", type=Path, default=Path("bench_train.json"))
+    parser.add_argument("--json", type=Path, default=Path("runs/bench_train.json"))
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -298,6 +298,7 @@ def main() -> None:
         print(f"| {row['model']} | {mode} | {row['grad_ckpt']} | {row['impl']} | {row['pairs_per_s']:.2f} | "
               f"{row['seconds_per_step']:.3f} | {row['peak_memory_gb']:.2f} | {row['denoiser_flops'] / 1e9:.1f} | "
               f"{row['mfu']:.1%} | {ratio} |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "peak_flops": peak, "rows": rows},
                                     indent=2))
 

@@ -102,6 +102,8 @@ def test_cached_and_uncached_scores_agree(backbone, tmp_path):
     encoder = CachedEncoder(backbone, TensorCache(tmp_path / "cache"), model_id=backbone.family)
     ids = [f"img{i}" for i in range(4)]
     first = encoder.latents(ids, lambda idx: images[idx])
+    encoder.prompts(PROMPTS)
+    encoder.cache.flush()
     reopened = CachedEncoder(backbone, TensorCache(tmp_path / "cache"), model_id=backbone.family)
     cached_lat = reopened.latents(ids, lambda idx: pytest.fail("re-encoded a cached image"))
     cached_cond = reopened.prompts(PROMPTS)

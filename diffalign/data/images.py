@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.data.pairs import BadRow, GroupExample, ImageRows
+from diffalign.data.pairs import GroupExample, ImageRows
 
 
 class CaptionedImageDataset(ImageRows):
@@ -24,13 +24,9 @@ class CaptionedImageDataset(ImageRows):
     def __len__(self) -> int:
         return len(self.source)
 
-    def example(self, position: int, decode: bool = True) -> GroupExample | None:
-        """The image at ``position``; None (counted) for a bad row in skip mode. ``decode=False``: hash only."""
+    def read(self, position: int, decode: bool = True) -> GroupExample:
+        """The image at ``position`` as a group of one; raises :class:`BadRow`."""
         row = self.source.row(position)
-        try:
-            caption = self._caption(row, position, self.caption_column)
-            pixels, image_id = self._decode(row.get(self.image_column), position, self.image_column, decode)
-        except BadRow as err:
-            self._bad(err)
-            return None
+        caption = self._caption(row, position, self.caption_column)
+        pixels, image_id = self._decode(row.get(self.image_column), position, self.image_column, decode)
         return GroupExample(position, caption, None if pixels is None else pixels[None], (image_id,))

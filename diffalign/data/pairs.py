@@ -4,8 +4,9 @@ Columns (names configurable): ``caption``, ``jpg_0``, ``jpg_1`` (encoded image b
 paths relative to a .jsonl index) and ``label_0`` (1: first image preferred, 0: second,
 0.5: tie; values in between are soft labels). Instead of the label, reward-model scores of
 both images (one column pair per model) can give a smoothed preference
-(:mod:`diffalign.data.smoothing`), which also decides which image comes first. Sources: a parquet file or folder, a ``datasets`` folder saved with
-``save_to_disk``, or a JSON-lines index next to an image folder.
+(:mod:`diffalign.data.smoothing`), which also decides which image comes first. Sources: a
+parquet file or folder, a ``datasets`` folder saved with ``save_to_disk``, or a JSON-lines
+index next to an image folder; tables are memory-mapped (see :class:`RowSource`).
 
 Bad rows (undecodable image, missing caption, NaN label) are skipped and counted, or with
 ``on_error="raise"`` stop the run with the row index and column. Missing columns are an
@@ -35,8 +36,12 @@ Tensor = torch.Tensor
 class RowSource:
     """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``.
 
-    A .jsonl index is read as a list of dicts; parquet files and ``datasets`` folders as one
-    pyarrow table (a datasets folder through its underlying, index-flattened arrow table).
+    A .jsonl index is read as a list of dicts (it holds paths, not images). Parquet files and
+    ``datasets`` folders are read through ``datasets`` as memory-mapped Arrow, so a table of
+    images far larger than RAM costs almost no memory, shared by every process of the
+    machine: parquet is converted once into the ``datasets`` cache (``HF_DATASETS_CACHE``),
+    as ``load_dataset`` would, and reused by later runs. Image columns come as raw bytes:
+    decoding is ours, so a corrupt image is a counted bad row, not a crash inside a reader.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -49,30 +54,40 @@ class RowSource:
             self._rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.columns = sorted({k for r in self._rows for k in r})
             return
+        import datasets
+
         if (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
-            import datasets
-
-            self._table = datasets.load_from_disk(str(self.path)).flatten_indices().data.table
+            dataset = datasets.load_from_disk(str(self.path))
         else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
             files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.parquet"))
             if not files:
                 raise UserError(f"data.path {self.path} holds no .parquet files, datasets folder or .jsonl index")
-            self._table = pa.concat_tables([pq.read_table(f) for f in files])
-        self.columns = list(self._table.column_names)
+            dataset = datasets.Dataset.from_parquet([str(f) for f in files])
+        self._dataset = dataset.with_format("arrow")  # raw cells: image bytes undecoded, rows as arrow slices
+        self.columns = list(dataset.column_names)
 
     def __len__(self) -> int:
-        return len(self._rows) if self._rows is not None else self._table.num_rows
+        return len(self._rows) if self._rows is not None else len(self._dataset)
 
     def row(self, i: int) -> dict[str, Any]:
-        return self._rows[i] if self._rows is not None else self._table.slice(i, 1).to_pylist()[0]
+        return self._rows[i] if self._rows is not None else self._dataset[i].to_pylist()[0]
 
     def column(self, name: str) -> list:
         if self._rows is not None:
             return [r.get(name) for r in self._rows]
-        return self._table.column(name).to_pylist()
+        return self._dataset[name].to_pylist()
+
+    def list_lengths(self, name: str) -> list[int]:
+        """The length of each list cell of a column (0 where not a list), without reading the lists."""
+        if self._rows is not None:
+            return [len(v) if isinstance(v, (list, tuple)) else 0 for v in self.column(name)]
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = self._dataset[name]
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+            return [0] * len(column)
+        return pc.fill_null(pc.list_value_length(column), 0).to_pylist()
 
 
 class BadRow(Exception):
@@ -141,7 +156,24 @@ class ImageRows:
                 f"{', '.join(self.source.columns)}. Rename the columns or set the data.*_column keys."
             )
 
-    def _bad(self, err: BadRow) -> None:
+    def read(self, position: int, decode: bool = True) -> GroupExample:
+        """The group at ``position``; raises :class:`BadRow`. Pure (counts nothing), so threads may call it.
+
+        ``decode=False`` reads and hashes the images without decoding them (pixels None): for
+        images whose latents are cached, which were decoded successfully when they were cached.
+        """
+        raise NotImplementedError
+
+    def example(self, position: int, decode: bool = True) -> GroupExample | None:
+        """The group at ``position``; None for a bad row, counted (``on_error=skip``) or raised."""
+        try:
+            return self.read(position, decode)
+        except BadRow as err:
+            self.count_bad(err)
+            return None
+
+    def count_bad(self, err: BadRow) -> None:
+        """Apply the bad-row policy: count the row's column, or stop with a clear error."""
         if self.on_error == "raise":
             raise UserError(
                 f"bad data in {self.source.path}, {err}. Fix or remove the row, or set data.on_error=skip "
@@ -191,7 +223,7 @@ class PairDataset(ImageRows):
         self.indices: list[int] = []
         for i, label in enumerate(self.labels):
             if isinstance(label, BadRow):
-                self._bad(label)
+                self.count_bad(label)
             elif label == 0.5 and ties == "drop":
                 continue
             else:
@@ -222,20 +254,12 @@ class PairDataset(ImageRows):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def example(self, position: int, decode: bool = True) -> GroupExample | None:
-        """The pair at ``position`` of the usable pairs; None (counted) for a bad row in skip mode.
-
-        ``decode=False`` reads and hashes the images without decoding them (pixels None): for
-        images whose latents are cached, which were decoded successfully when they were cached.
-        """
+    def read(self, position: int, decode: bool = True) -> GroupExample:
+        """The pair at ``position`` of the usable pairs, winner first; raises :class:`BadRow`."""
         index = self.indices[position]
         row = self.source.row(index)
-        try:
-            caption = self._caption(row, index, self.caption_column)
-            decoded = [self._decode(row.get(column), index, column, decode) for column in self.image_columns]
-        except BadRow as err:
-            self._bad(err)
-            return None
+        caption = self._caption(row, index, self.caption_column)
+        decoded = [self._decode(row.get(column), index, column, decode) for column in self.image_columns]
         label = self.labels[index]
         if label < 0.5:  # the second image won: put it first
             decoded.reverse()

@@ -36,7 +36,7 @@ class RankedListDataset(ImageRows):
         super().__init__(path, resolution=resolution, required=[caption_column, images_column, scores_column],
                          on_error=on_error)
         self.caption_column, self.images_column, self.scores_column = caption_column, images_column, scores_column
-        lengths = [len(v) if isinstance(v, (list, tuple)) else 0 for v in self.source.column(images_column)]
+        lengths = self.source.list_lengths(images_column)  # not the images: they stay on disk until read
         usable = [n for n in lengths if n >= 2]
         if not usable:
             raise UserError(f"data.path {path}: no row of '{images_column}' holds a list of two or more images")
@@ -44,11 +44,11 @@ class RankedListDataset(ImageRows):
         self.indices: list[int] = []
         for i, (n, scores) in enumerate(zip(lengths, self.source.column(scores_column))):
             if n != self.list_size:
-                self._bad(BadRow(i, images_column, f"holds {n} images where the lists hold {self.list_size}"))
+                self.count_bad(BadRow(i, images_column, f"holds {n} images where the lists hold {self.list_size}"))
             elif not isinstance(scores, (list, tuple)) or len(scores) != n:
-                self._bad(BadRow(i, scores_column, f"needs one score per image ({n})"))
+                self.count_bad(BadRow(i, scores_column, f"needs one score per image ({n})"))
             elif any(s is None or math.isnan(float(s)) for s in scores):
-                self._bad(BadRow(i, scores_column, "a score is missing or NaN"))
+                self.count_bad(BadRow(i, scores_column, "a score is missing or NaN"))
             else:
                 self.indices.append(i)
         if not self.indices:
@@ -57,17 +57,12 @@ class RankedListDataset(ImageRows):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def example(self, position: int, decode: bool = True) -> GroupExample | None:
-        """The list at ``position``, best first; None (counted) for a bad row in skip mode.
-        ``decode=False``: hashes only, as for pairs."""
+    def read(self, position: int, decode: bool = True) -> GroupExample:
+        """The list at ``position``, best first; raises :class:`BadRow`."""
         index = self.indices[position]
         row = self.source.row(index)
-        try:
-            caption = self._caption(row, index, self.caption_column)
-            decoded = [self._decode(value, index, self.images_column, decode) for value in row[self.images_column]]
-        except BadRow as err:
-            self._bad(err)
-            return None
+        caption = self._caption(row, index, self.caption_column)
+        decoded = [self._decode(value, index, self.images_column, decode) for value in row[self.images_column]]
         scores = torch.tensor([float(s) for s in row[self.scores_column]])
         order = torch.argsort(scores, descending=True, stable=True)
         pixels = torch.stack([decoded[i][0] for i in order]) if decode else None

@@ -1,10 +1,17 @@
 """Encode once, reuse every epoch: VAE latents and prompt embeddings cached as safetensors shards.
 
-A cache is a folder of ``shard-NNNNN.safetensors`` files plus ``index.json`` mapping each
-entry's key to its shard. Keys are content hashes (of the prompt text or the image bytes,
-salted with the model's name), so a changed image or another model never reads stale
-entries. Each write is a new shard and a new index, both moved into place atomically, so an
-interrupted run leaves a cache that is complete for every key its index lists.
+A cache is a folder of ``shard-*.safetensors`` files and ``index-*.jsonl`` files, one index
+per writer (each :class:`TensorCache` object, so each process of a multi-GPU run, writes its
+own; nobody rewrites anyone's file). Keys are content hashes (of the prompt text or the image
+bytes, salted with the model's name), so a changed image or another model never reads stale
+entries.
+
+Writes are buffered and published in large shards: a shard is written in full and moved into
+place before its index lines are appended, so every listed key is complete. A crash loses at
+most the unpublished buffer (those entries are encoded again) and at most a torn last index
+line, which readers ignore. Publishing costs the new entries only, whatever the cache's size:
+a Pick-a-Pic-sized run caches millions of entries, and rewriting a whole index per write, or
+writing a shard per step, would make the cache slower than the encoders it replaces.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
+from diffalign.errors import UserError
 
 Tensor = torch.Tensor
 
@@ -33,60 +43,87 @@ def content_key(*parts: str | bytes) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: ranks may write at once
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 class TensorCache:
-    """A folder of safetensors shards: key -> {field: tensor}."""
+    """A folder of safetensors shards: key -> {field: tensor}.
 
-    INDEX = "index.json"
+    ``put_many`` buffers entries (readable at once through ``get``) and publishes them as one
+    shard when the buffer reaches ``shard_bytes``; ``flush`` publishes the rest (the trainer
+    calls it at every checkpoint and at the end). At most ``open_shards`` shards are kept open.
+    """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, shard_bytes: int = 256 * 2**20, open_shards: int = 64) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        index_path = self.folder / self.INDEX
-        self.index: dict[str, str] = json.loads(index_path.read_text()) if index_path.exists() else {}
-        self._handles: dict[str, object] = {}
+        self.shard_bytes = shard_bytes
+        self.open_shards = open_shards
+        self.writer = uuid.uuid4().hex[:12]
+        self.index: dict[str, tuple[str, list[str]]] = {}  # key -> (shard, field names)
+        self._read_up_to: dict[Path, int] = {}
+        self._pending: dict[str, dict[str, Tensor]] = {}
+        self._pending_bytes = 0
+        self._shards_written = 0
+        self._handles: OrderedDict[str, object] = OrderedDict()
+        self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the index, to see what other processes have written."""
-        index_path = self.folder / self.INDEX
-        if index_path.exists():
-            self.index = {**self.index, **json.loads(index_path.read_text())}
+        """Read the index lines published since the last call, by this or any other writer."""
+        for path in sorted(self.folder.glob("index-*.jsonl")):
+            with path.open("rb") as f:
+                f.seek(self._read_up_to.get(path, 0))
+                new = f.read()
+            complete = new.rfind(b"\n") + 1  # a line still being written, or torn by a crash, waits
+            for line in new[:complete].splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.index[entry["key"]] = (entry["shard"], entry["fields"])
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"the cache index {path} has a damaged line: {line[:200]!r}. The cache "
+                                    f"can be rebuilt: delete {self.folder} (or point data.cache_dir elsewhere).")
+            self._read_up_to[path] = self._read_up_to.get(path, 0) + complete
 
     def __contains__(self, key: str) -> bool:
-        return key in self.index
+        return key in self._pending or key in self.index
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.index) + sum(key not in self.index for key in self._pending)
 
     def get(self, key: str) -> dict[str, Tensor]:
-        shard = self.index[key]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-        handle = self._handles[shard]
-        prefix = f"{key}."
-        return {name[len(prefix):]: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
+        if key in self._pending:
+            return dict(self._pending[key])
+        shard, fields = self.index[key]
+        handle = self._handles.pop(shard, None)
+        if handle is None:
+            handle = safe_open(str(self.folder / shard), framework="pt")
+            if len(self._handles) >= self.open_shards:
+                self._handles.popitem(last=False)  # least recently used
+        self._handles[shard] = handle
+        return {field: handle.get_tensor(f"{key}.{field}") for field in fields}
 
     def put_many(self, entries: dict[str, dict[str, Tensor]]) -> None:
-        """Write the entries as one new shard, then publish them in the index."""
-        if not entries:
+        """Buffer the entries; publish a shard once the buffer holds ``shard_bytes``."""
+        for key, fields in entries.items():
+            stored = {field: tensor.detach().to("cpu").contiguous() for field, tensor in fields.items()}
+            self._pending[key] = stored
+            self._pending_bytes += sum(t.numel() * t.element_size() for t in stored.values())
+        if self._pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the buffered entries: write their shard, then append their index lines."""
+        if not self._pending:
             return
-        shard = f"shard-{len(set(self.index.values())):05d}-{content_key(*sorted(entries))[:8]}.safetensors"
-        flat = {
-            f"{key}.{field}": tensor.detach().to("cpu").contiguous()
-            for key, fields in entries.items()
-            for field, tensor in fields.items()
-        }
-        tmp = self.folder / f"{shard}.{os.getpid()}.tmp"
-        save_file(flat, str(tmp))
+        shard = f"shard-{self.writer}-{self._shards_written:05d}.safetensors"
+        tmp = self.folder / f"{shard}.tmp"
+        save_file({f"{key}.{field}": tensor for key, fields in self._pending.items()
+                   for field, tensor in fields.items()}, str(tmp))
         os.replace(tmp, self.folder / shard)
-        self.refresh()  # keep what other processes published meanwhile
-        self.index.update({key: shard for key in entries})
-        _atomic_write_json(self.folder / self.INDEX, self.index)
+        lines = [json.dumps({"key": key, "shard": shard, "fields": sorted(fields)})
+                 for key, fields in self._pending.items()]
+        with (self.folder / f"index-{self.writer}.jsonl").open("a") as index:
+            index.write("\n".join(lines) + "\n")
+        self.index.update({key: (shard, sorted(fields)) for key, fields in self._pending.items()})
+        self._shards_written += 1
+        self._pending, self._pending_bytes = {}, 0
 
 
 class CachedEncoder:

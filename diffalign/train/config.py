@@ -97,6 +97,9 @@ class DataConfig:
     # the VAE off the GPU for the whole run (they come back only to sample validation images):
     # frees their memory (SDXL: 1.8 GiB; SD3 with T5: 11 GiB) and all encoding from the steps
     precompute: bool = False
+    # threads that read and decode the next examples while the GPU trains on this one (per
+    # process); 0 = read inside the training loop
+    workers: int = 4
     # caption column
     caption_column: str = "caption"
     # the two image columns (JPEG/PNG bytes, or paths relative to a .jsonl index)
@@ -243,6 +246,8 @@ class Config:
                            ("data.resolution", self.data.resolution)):
             if value < 1:
                 raise UserError(f"{key} must be >= 1, got {value}")
+        if self.data.workers < 0:
+            raise UserError(f"data.workers must be >= 0 (0 = read in the training loop), got {self.data.workers}")
         if self.train.lora_rank < 0:
             raise UserError(f"train.lora_rank must be >= 0 (0 = full fine-tune), got {self.train.lora_rank}")
         if not self.model.path:

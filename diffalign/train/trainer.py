@@ -34,6 +34,7 @@ from diffalign.data import (
     RankedListDataset,
     example_generator,
 )
+from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import CachedEncoder, TensorCache
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
@@ -131,8 +132,12 @@ class PreferenceTrainer:
         self.online = objective_cls.dataset == "online"
         if not self.online:
             self.dataset = _dataset(config, objective_cls.dataset)
-            self.order = DeterministicOrder(len(self.dataset), tc.seed)
         self._build_models(frozen_reference=objective_cls.frozen_reference)
+        if not self.online:
+            # examples whose latents are cached are only hashed, not decoded
+            order = DeterministicOrder(len(self.dataset), tc.seed)
+            self.reader = ExampleReader(self.dataset, order, config.data.workers,
+                                        is_cached=None if self.encoder is None else self.encoder.has_latents)
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
             self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator)
         self.objective = objective_cls(config.objective, self.backbone)
@@ -174,33 +179,23 @@ class PreferenceTrainer:
             self.accelerator.register_for_checkpointing(self.ema)  # saved and restored with the checkpoint
 
     # --- data ----------------------------------------------------------------------------
-    def _example_at(self, position: int):
-        """The group read at ``position`` of the run; a bad row is replaced by the next usable one.
-
-        The replacement depends only on the position and the data, so batches keep their
-        size, every process stays in step (no rank without a backward pass) and resume and
-        sharding invariance hold with bad rows too. Each bad row met is counted. With a latent
-        cache, images already cached are only hashed, not decoded.
-        """
-        for candidate in range(position, position + len(self.dataset)):
-            item = self.order[candidate]
-            if self.encoder is not None:
-                hashed = self.dataset.example(item, decode=False)
-                if hashed is None:  # a bad row (counted)
-                    continue
-                if self.encoder.has_latents(hashed.image_ids):
-                    return hashed
-            example = self.dataset.example(item)  # decodes, which also checks the images
-            if example is not None:
-                return example
-        raise UserError(f"no pair of {self.config.data.path} can be decoded; check the data")
-
-    def _examples(self, step: int, micro: int) -> list[tuple[int, Any]]:
-        """(position, example) of this process's share of the global micro-batch (step, micro)."""
+    def _positions(self, step: int, micro: int) -> range:
+        """Positions in the run's order of this process's share of the global micro-batch (step, micro)."""
         tc, acc = self.config.train, self.accelerator
         global_batch = tc.batch_size * acc.num_processes
         first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
-        return [(p, self._example_at(p)) for p in range(first, first + tc.batch_size)]
+        return range(first, first + tc.batch_size)
+
+    def _examples(self, step: int, micro: int) -> list[tuple[int, Any]]:
+        """(position, example) of this process's share of micro-batch (step, micro); the next ones start reading."""
+        tc = self.config.train
+        ahead, later, last = [], step * tc.gradient_accumulation + micro + 1, tc.max_steps * tc.gradient_accumulation
+        while len(ahead) < 2 * max(tc.batch_size, self.config.data.workers) and later < last:
+            ahead.extend(self._positions(*divmod(later, tc.gradient_accumulation)))  # the following micro-batches
+            later += 1
+        positions = self._positions(step, micro)
+        self.reader.prefetch([*positions, *ahead])
+        return [(p, self.reader.take(p)) for p in positions]
 
     def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's share of the global micro-batch (step, micro), encoded."""
@@ -257,7 +252,13 @@ class PreferenceTrainer:
                     self.encoder.prompts(prompts)
         self.dataset.skipped.clear()
         self.dataset.skipped.update(skipped)
+        self._publish_cache()
         self._encoders_to(torch.device("cpu"))
+
+    def _publish_cache(self) -> None:
+        """Write out what this process has cached but not yet published (at checkpoints and at the end)."""
+        if self.encoder is not None:
+            self.encoder.cache.flush()
 
     def _encoders_to(self, device: torch.device) -> None:
         for module in self.backbone.frozen_components().values():
@@ -268,6 +269,7 @@ class PreferenceTrainer:
         root = self.output_dir / CHECKPOINTS
         final = root / f"step-{step:07d}"
         tmp = root / (final.name + ".tmp")
+        self._publish_cache()  # a resumed run then reads, not re-encodes, what this one encoded
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -288,6 +290,13 @@ class PreferenceTrainer:
 
     # --- the loop ------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        try:
+            return self._train()
+        finally:
+            if not self.online:
+                self.reader.close()
+
+    def _train(self) -> dict[str, Any]:
         tc, acc = self.config.train, self.accelerator
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if acc.is_main_process:
@@ -400,6 +409,7 @@ class PreferenceTrainer:
 
     def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool):
         acc = self.accelerator
+        self._publish_cache()
         acc.wait_for_everyone()
         final_dir = None
         if self.ema is not None and not interrupted:

@@ -1,0 +1,77 @@
+"""The run's examples by position, read and decoded ahead of the step that needs them.
+
+Reading an example is the CPU's share of a step: fetch the row, decode the images (JPEG/PNG),
+resize and crop. Done in the training loop it leaves the GPU idle for that long every step
+(about 0.1 s for a pair of 1024 px images on one core, a large part of an SDXL LoRA step on
+an H100). The run's order is known in advance, so a thread pool reads the next examples while
+the GPU works: PIL's decode and resize release the GIL, so threads overlap for real.
+
+What a position gives is a pure function of the data and the position: a bad row is replaced
+by the next usable one in the run's order. The threads only read; the bad rows met on the way
+are counted (or raised, with ``on_error=raise``) when the training loop takes the example, in
+position order. So the counts, the errors and the examples are the same with any number of
+threads, and resume and multi-process runs stay exact.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence
+
+from diffalign.data.order import DeterministicOrder
+from diffalign.data.pairs import BadRow, GroupExample, ImageRows
+from diffalign.errors import UserError
+
+
+class ExampleReader:
+    """The usable example at each position of the run, optionally read ahead by ``workers`` threads.
+
+    ``is_cached(image_ids)`` says whether the images' latents are cached already; those
+    examples are only hashed, not decoded (their pixels are never needed).
+    """
+
+    def __init__(self, dataset: ImageRows, order: DeterministicOrder, workers: int,
+                 is_cached: Callable[[Sequence[str]], bool] | None = None) -> None:
+        self.dataset = dataset
+        self.order = order
+        self.is_cached = is_cached
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffalign-read") if workers > 0 else None
+        self._ahead: dict[int, Future] = {}
+
+    def _find(self, position: int) -> tuple[GroupExample, list[BadRow]]:
+        """The example for ``position`` and the bad rows skipped to reach it; counts nothing."""
+        bad: list[BadRow] = []
+        for candidate in range(position, position + len(self.dataset)):
+            item = self.order[candidate]
+            try:
+                if self.is_cached is not None:
+                    hashed = self.dataset.read(item, decode=False)
+                    if self.is_cached(hashed.image_ids):
+                        return hashed, bad
+                return self.dataset.read(item), bad  # decodes, which also checks the images
+            except BadRow as err:
+                bad.append(err)
+        raise UserError(f"no example of {self.dataset.source.path} can be decoded; check the data "
+                        f"(first problem: {bad[0] if bad else 'none'})")
+
+    def prefetch(self, positions: Iterable[int]) -> None:
+        """Start reading these positions in the background (no-op without workers)."""
+        if self._pool is None:
+            return
+        for position in positions:
+            if position not in self._ahead:
+                self._ahead[position] = self._pool.submit(self._find, position)
+
+    def take(self, position: int) -> GroupExample:
+        """The example at ``position`` (read now unless prefetched), its skipped rows counted."""
+        ahead = self._ahead.pop(position, None)
+        example, bad = ahead.result() if ahead is not None else self._find(position)
+        for err in bad:
+            self.dataset.count_bad(err)
+        return example
+
+    def close(self) -> None:
+        """Stop the threads; reads not started are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()

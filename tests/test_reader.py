@@ -1,0 +1,76 @@
+"""Examples read ahead by threads: the same examples, counts and errors as reading in the loop."""
+
+import json
+import threading
+
+import pytest
+import torch
+from fixtures import pickapic_parquet
+from test_train import tiny_config
+
+from diffalign.data import DeterministicOrder, PairDataset
+from diffalign.data.reader import ExampleReader
+from diffalign.errors import UserError
+from diffalign.train import train
+
+
+def read_all(dataset, workers: int, positions, ahead: int = 4):
+    reader = ExampleReader(dataset, DeterministicOrder(len(dataset), seed=3), workers)
+    taken = []
+    for n, position in enumerate(positions):
+        reader.prefetch(positions[n:n + ahead])
+        taken.append(reader.take(position))
+    reader.close()
+    return taken
+
+
+def test_threads_give_the_same_examples_and_bad_row_counts_as_the_loop(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", 10, corrupt_rows=(2, 5, 6))
+    positions = list(range(25))  # past one epoch: bad rows met again are counted again
+    in_loop, threaded = PairDataset(path, resolution=16), PairDataset(path, resolution=16)
+    a, b = read_all(in_loop, 0, positions), read_all(threaded, 3, positions)
+    assert [e.index for e in a] == [e.index for e in b]
+    assert not {2, 5, 6} & {e.index for e in a}  # bad rows replaced by the next usable ones
+    assert all(torch.equal(x.pixels, y.pixels) and x.image_ids == y.image_ids for x, y in zip(a, b))
+    assert in_loop.skipped == threaded.skipped and in_loop.skipped["jpg_1"] > 0
+
+
+def test_reads_run_in_the_threads_and_a_bad_row_raises_only_when_taken(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", 6, corrupt_rows=(4,))
+    dataset = PairDataset(path, resolution=16, on_error="raise")
+    order = DeterministicOrder(len(dataset), seed=0)
+    bad_position = [order[p] for p in range(6)].index(4)
+    read_by, read = [], dataset.read
+
+    def recording_read(*args, **kwargs):
+        read_by.append(threading.current_thread().name)
+        return read(*args, **kwargs)
+
+    dataset.read = recording_read
+    reader = ExampleReader(dataset, order, workers=2)
+    reader.prefetch(range(6))  # the bad row is among them: reading it ahead raises nothing
+    good = [p for p in range(6) if p != bad_position]
+    assert [reader.take(p).index for p in good] == [order[p] for p in good]
+    assert read_by and all(name.startswith("diffalign-read") for name in read_by)
+    with pytest.raises(UserError, match=r"row 4, column 'jpg_1'"):
+        reader.take(bad_position)
+    reader.close()
+
+
+def test_no_usable_row_is_a_clear_error(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", 3, corrupt_rows=(0, 1, 2))
+    reader = ExampleReader(PairDataset(path, resolution=16), DeterministicOrder(3, seed=0), workers=2)
+    reader.prefetch([0])
+    with pytest.raises(UserError, match="can be decoded"):
+        reader.take(0)
+
+
+def test_training_is_identical_with_and_without_reader_threads(tmp_path):
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 8, corrupt_rows=(3,))
+    runs = {}
+    for workers in (0, 3):
+        out = tmp_path / f"workers-{workers}"
+        summary = train(tiny_config(data, out, "train.max_steps=4", "train.batch_size=2", f"data.workers={workers}"))
+        runs[workers] = ([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()],
+                         summary["skipped_rows"])
+    assert runs[0] == runs[3] and runs[0][1] == {"jpg_1": 1}
