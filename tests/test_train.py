@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fixtures import pickapic_parquet
 from safetensors.torch import load_file
 
-from diffalign.data import PairDataset
+from diffalign.data import PairDataset, RowSource
 from diffalign.errors import UserError
 from diffalign.train import load_config, train
 
@@ -425,3 +425,34 @@ def test_cached_images_are_decoded_once_and_the_cache_key_covers_resolution(pair
     summary = train(tiny_config(pairs, tmp_path / "run16", "train.max_steps=1", "data.resolution=16",
                                 f"data.cache_dir={cache}"))
     assert len(decoded) == 4 and summary["steps"] == 1  # another resolution: new latents, not the 32px ones
+
+
+def test_parquet_images_stay_on_disk_memory_mapped(tmp_path):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blobs = [os.urandom(64 * 1024) for _ in range(40)]  # 2.5 MiB of image cells
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"caption": ["c"] * 20, "jpg_0": blobs[:20], "jpg_1": blobs[20:],
+                             "label_0": [1.0] * 20}), path)
+    before = pa.total_allocated_bytes()
+    source = RowSource(path)
+    rows = [source.row(i) for i in range(0, 20, 5)]
+    assert [r["jpg_0"] for r in rows] == blobs[0:20:5]
+    # the table is memory-mapped, not read into Arrow's heap (reading it whole allocated 2.5 MiB)
+    assert pa.total_allocated_bytes() - before < 256 * 1024
+
+
+def test_a_datasets_folder_with_image_features_reads_the_encoded_bytes(pairs, tmp_path):
+    import datasets
+
+    rows = PairDataset(pairs, resolution=16)
+    table = datasets.Dataset.from_parquet(str(pairs))
+    features = table.features.copy()
+    features["jpg_0"] = features["jpg_1"] = datasets.Image()
+    table.cast(features).shuffle(seed=0).save_to_disk(str(tmp_path / "disk"))  # as load_dataset users save it
+    data = PairDataset(tmp_path / "disk", resolution=16)
+    assert sorted(data.example(p).image_ids for p in range(len(data))) == \
+        sorted(rows.example(p).image_ids for p in range(len(rows)))
