@@ -2,6 +2,7 @@
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -74,3 +75,15 @@ def test_training_is_identical_with_and_without_reader_threads(tmp_path):
         runs[workers] = ([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()],
                          summary["skipped_rows"])
     assert runs[0] == runs[3] and runs[0][1] == {"jpg_1": 1}
+
+
+def test_the_order_across_an_epoch_boundary_is_the_same_however_it_is_visited():
+    size = 7
+    fresh = [DeterministicOrder(size, seed=5)[p] for p in range(3 * size)]  # one new order per lookup
+    assert [DeterministicOrder(size, seed=5)[p] for p in range(size)] != fresh[size:2 * size]  # epochs differ
+    order = DeterministicOrder(size, seed=5)
+    zigzag = [p for k in range(size, 3 * size) for p in (k, k - size)]  # alternating epochs, as read-ahead does
+    assert [order[p] for p in zigzag] == [fresh[p] for p in zigzag]
+    assert sorted(fresh[:size]) == list(range(size))
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(order.__getitem__, zigzag * 3)) == [fresh[p] for p in zigzag] * 3

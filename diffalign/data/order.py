@@ -11,15 +11,24 @@ import torch
 
 
 class DeterministicOrder:
+    """``order[k]``: the dataset index read at position k of the run.
+
+    Safe to call from the reader's threads: reads near an epoch's end mix two epochs, so the
+    permutations of neighbouring epochs are kept, and each call works on its own reference.
+    """
+
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed = size, seed
         self._perms: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, position: int) -> int:
         epoch, offset = divmod(position, self.size)
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))}
-        return int(self._perms[epoch][offset])
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+            kept = {e: p for e, p in self._perms.items() if abs(e - epoch) <= 1}
+            self._perms = {**kept, epoch: perm}  # one atomic swap: another thread's lookup never fails
+        return int(perm[offset])
 
 
 def example_generator(seed: int, *position: int) -> torch.Generator:
