@@ -84,7 +84,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pipe.to(device)
     evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
                                  steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
-                                 batch_size=args.batch_size, progress=True)
+                                 batch_size=args.batch_size, progress=True,
+                                 keep_images=args.report_prompts * args.seeds,
+                                 images_dir=Path(args.out) / "images" if args.save_images else None)
     summary = write_evaluation_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}")
     keys = [k for r in rewards for k in (r.name, f"{r.name}_win_rate")]
     print(markdown_table(summary, keys))
@@ -140,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "guidance uses it in the unconditional branch (Diffusion-NPO / Self-NPO)")
     p.add_argument("--negative-mix", type=float, default=1.0,
                    help="weight of the negative model in the unconditional branch (1 = replace it)")
+    p.add_argument("--report-prompts", type=int, default=32,
+                   help="prompts shown as image grids in the report (the first ones); the scores cover all")
+    p.add_argument("--save-images", action="store_true", help="also write every image, full size, to OUT/images/")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from tqdm.auto import tqdm
 
 from diffalign.diffusion.sampling import generate
+from diffalign.eval.report import to_pil
 from diffalign.eval.stats import mean_interval, win_rate
 from diffalign.rewards import RewardModel
+
+REPORT_PX = 256  # the longer side of the images an Evaluation keeps for its report
 
 
 @dataclass
@@ -19,7 +25,7 @@ class Evaluation:
 
     prompts: list[str]
     seeds: list[int]
-    images: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> (N, 3, H, W) in [0, 1]
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> the kept (K, 3, h, w) in [0, 1]
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> reward -> (N,)
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -46,15 +52,47 @@ def evaluate_models(
     *,
     seeds_per_prompt: int = 4,
     seed: int = 0,
+    batch_size: int = 64,
+    keep_images: int | None = None,
+    images_dir: Path | None = None,
+    progress: bool = False,
     **generate_kwargs,
 ) -> Evaluation:
     """Generate ``seeds_per_prompt`` images per prompt with every model (the same seeds for all
-    models) and score each with every reward model. The first model is the baseline."""
+    models) and score each with every reward model. The first model is the baseline.
+
+    Images are generated, scored and let go one batch at a time, so memory does not grow with
+    the prompt set (a thousand prompts at 1024 px are 50 GB of float images per model).
+    ``Evaluation.images`` keeps the first ``keep_images`` images per model (whole prompts in
+    order; None: all), with the longer side at most ``REPORT_PX``, for grids and reports;
+    ``images_dir`` receives every image at full size as ``<model>/<index>.png``.
+    """
     expanded = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(expanded))]
     result = Evaluation(prompts=expanded, seeds=seeds)
+    keep = len(expanded) if keep_images is None else keep_images
     for name, pipe in models.items():
-        images = generate(pipe, expanded, seeds, **generate_kwargs)
-        result.images[name] = images
-        result.scores[name] = {r.name: r(images, expanded) for r in rewards}
+        kept, scores = [], {r.name: [] for r in rewards}
+        for start in tqdm(range(0, len(expanded), batch_size), desc=f"generate {name}", disable=not progress):
+            chunk = slice(start, start + batch_size)
+            images = generate(pipe, expanded[chunk], seeds[chunk], batch_size=batch_size, **generate_kwargs)
+            for reward in rewards:
+                scores[reward.name].append(reward(images, expanded[chunk]))
+            if images_dir is not None:
+                (images_dir / name).mkdir(parents=True, exist_ok=True)
+                for offset, image in enumerate(images):
+                    to_pil(image).save(images_dir / name / f"{start + offset:06d}.png")
+            if start < keep:
+                kept.append(report_size(images[: keep - start]))
+        result.images[name] = torch.cat(kept) if kept else torch.empty(0)
+        result.scores[name] = {reward: torch.cat(values) for reward, values in scores.items()}
     return result
+
+
+def report_size(images: torch.Tensor) -> torch.Tensor:
+    """The images shrunk (never enlarged) so the longer side is at most ``REPORT_PX``."""
+    factor = REPORT_PX / max(images.shape[-2:])
+    if factor >= 1:
+        return images
+    size = (max(1, round(images.shape[-2] * factor)), max(1, round(images.shape[-1] * factor)))
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)

@@ -18,12 +18,18 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, label_width: int = 90,
+def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, max_tile: int = 256, label_width: int = 90,
                columns: int | None = None) -> Image.Image:
-    """One labelled row per model, images side by side (the same column = the same prompt and seed)."""
+    """One labelled row per model, images side by side (the same column = the same prompt and seed).
+
+    Small images are enlarged ``scale`` times with square pixels; no tile is larger than
+    ``max_tile`` px (a grid of 1024 px samples stays a few MB, not 3072 px tiles).
+    """
     first = next(iter(rows.values()))
     n = first.shape[0] if columns is None else min(columns, first.shape[0])
-    h, w = first.shape[-2] * scale, first.shape[-1] * scale
+    factor = min(scale, max_tile / max(first.shape[-2:]))
+    h, w = max(1, round(first.shape[-2] * factor)), max(1, round(first.shape[-1] * factor))
+    resample = Image.NEAREST if factor >= 1 else Image.LANCZOS
     pad = 2
     grid = Image.new("RGB", (label_width + n * (w + pad), len(rows) * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
@@ -31,7 +37,7 @@ def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, label_width:
         y = r * (h + pad)
         draw.text((4, y + h // 2 - 6), label, fill="black")
         for c in range(n):
-            tile = to_pil(images[c]).resize((w, h), Image.NEAREST)
+            tile = to_pil(images[c]).resize((w, h), resample)
             grid.paste(tile, (label_width + c * (w + pad), y))
     return grid
 
@@ -110,7 +116,10 @@ def markdown_table(summary: Mapping[str, Mapping[str, float]], keys: Sequence[st
 
 def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Sequence[tuple[str, Path]] = (),
                             notes: Sequence[str] = ()) -> dict[str, dict[str, float]]:
-    """metrics.json, one grid per prompt (rows: models; columns: seeds) and report.html under ``out``."""
+    """metrics.json, one grid per prompt (rows: models; columns: seeds) and report.html under ``out``.
+
+    Grids are drawn for the prompts whose images the evaluation kept (all, or the first ones).
+    """
     import json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +127,12 @@ def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Seque
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     grids = []
     prompts = list(dict.fromkeys(evaluation.prompts))
-    for number, prompt in enumerate(prompts):
+    kept = min(len(images) for images in evaluation.images.values())
+    last = {prompt: i for i, prompt in enumerate(evaluation.prompts)}
+    shown = [p for p in prompts if last[p] < kept]
+    if len(shown) < len(prompts):
+        notes = [*notes, f"Image grids: the first {len(shown)} of {len(prompts)} prompts; the scores cover all."]
+    for number, prompt in enumerate(shown):
         index = [i for i, p in enumerate(evaluation.prompts) if p == prompt]
         rows = {name: images[index] for name, images in evaluation.images.items()}
         path = out / "grids" / f"prompt-{number:03d}.png"

@@ -1,0 +1,37 @@
+"""Evaluation at scale: batch by batch, a bounded set of report images, bounded grid tiles."""
+
+import torch
+from PIL import Image
+
+from diffalign.diffusion import load_pipeline
+from diffalign.diffusion.sampling import generate
+from diffalign.eval import evaluate_models
+from diffalign.eval.report import image_grid, write_evaluation_report
+from diffalign.paths import TOY_BASE
+from diffalign.rewards import ToyPreference
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def test_evaluation_scores_every_image_but_keeps_only_the_report_images(tmp_path):
+    pipe = load_pipeline(TOY_BASE)
+    reward = ToyPreference()
+    evaluation = evaluate_models({"base": pipe}, PROMPTS, [reward], seeds_per_prompt=2, seed=7, batch_size=4,
+                                 keep_images=4, images_dir=tmp_path / "images", steps=4)
+    expanded = [p for p in PROMPTS for _ in range(2)]
+    everything = generate(pipe, expanded, list(range(7, 13)), steps=4)  # all six at once, as before
+    torch.testing.assert_close(evaluation.scores["base"]["toy_preference"], reward(everything, expanded))
+    assert torch.equal(evaluation.images["base"], everything[:4])  # 32 px: kept at full size
+    saved = sorted((tmp_path / "images" / "base").glob("*.png"))
+    assert [p.name for p in saved] == [f"{i:06d}.png" for i in range(6)]
+    assert Image.open(saved[5]).size == (32, 32)
+
+    write_evaluation_report(evaluation, tmp_path / "report", title="t")
+    assert len(list((tmp_path / "report" / "grids").glob("*.png"))) == 2  # the two prompts kept whole
+    assert "the first 2 of 3 prompts" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_grids_enlarge_small_images_and_bound_large_ones():
+    small, large = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 1024, 768)
+    assert image_grid({"a": small}, label_width=0).size == (2 * (96 + 2), 96 + 2)
+    assert image_grid({"a": large}, label_width=0).size == (2 * (192 + 2), 256 + 2)
