@@ -15,7 +15,7 @@ config folder in assets/models (no download) and a synthetic dataset of random i
   reference as the same UNet with adapters disabled (``disable_adapters``/``enable_adapters``), computes -logsigmoid(beta_dpo (ref_diff - model_diff))
   and logs loss, raw model loss, reference loss and implicit accuracy with ``.item()`` every step.
   Image decoding is excluded for both (the example decodes in DataLoader workers, diffalign in
-  its reader threads; `scripts/bench_reader.py` measures what is left of it).
+  its reader threads; `scripts/bench_data.py reader` measures what is left of it).
 
 FLOPs: every FLOP of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` on the
 step itself; for diffalign's cached step that is the denoiser alone (policy forward + backward,
