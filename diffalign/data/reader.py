@@ -7,7 +7,8 @@ an H100). The run's order is known in advance, so a thread pool reads the next e
 the GPU works: PIL's decode and resize release the GIL, so threads overlap for real.
 
 What a position gives is a pure function of the data and the position: a bad row is replaced
-by the next usable one in the run's order. The threads only read; the bad rows met on the way
+by the next usable one in the run's order, so batches keep their size and every process stays
+in step (no rank without a backward pass). The threads only read; the bad rows met on the way
 are counted (or raised, with ``on_error=raise``) when the training loop takes the example, in
 position order. So the counts, the errors and the examples are the same with any number of
 threads, and resume and multi-process runs stay exact.

@@ -133,13 +133,12 @@ class PreferenceTrainer:
         if not self.online:
             self.dataset = _dataset(config, objective_cls.dataset)
         self._build_models(frozen_reference=objective_cls.frozen_reference)
-        if not self.online:
-            # examples whose latents are cached are only hashed, not decoded
-            order = DeterministicOrder(len(self.dataset), tc.seed)
-            self.reader = ExampleReader(self.dataset, order, config.data.workers,
-                                        is_cached=None if self.encoder is None else self.encoder.has_latents)
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
             self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator)
+        else:  # examples whose latents are cached are only hashed, not decoded
+            self.reader = ExampleReader(self.dataset, DeterministicOrder(len(self.dataset), tc.seed),
+                                        config.data.workers,
+                                        is_cached=None if self.encoder is None else self.encoder.has_latents)
         self.objective = objective_cls(config.objective, self.backbone)
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
