@@ -456,3 +456,16 @@ def test_a_datasets_folder_with_image_features_reads_the_encoded_bytes(pairs, tm
     data = PairDataset(tmp_path / "disk", resolution=16)
     assert sorted(data.example(p).image_ids for p in range(len(data))) == \
         sorted(rows.example(p).image_ids for p in range(len(rows)))
+
+
+def test_a_rewritten_parquet_is_read_anew_not_from_the_converted_copy(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"caption": ["a", "b"]}), path)
+    assert RowSource(path).column("caption") == ["a", "b"]
+    pq.write_table(pa.table({"caption": ["c", "d"]}), path)  # regenerated in place, same size
+    assert RowSource(path).column("caption") == ["c", "d"]
+    pq.write_table(pa.table({"caption": ["e"]}), tmp_path / "more.parquet")
+    assert sorted(RowSource(tmp_path).column("caption")) == ["c", "d", "e"]
