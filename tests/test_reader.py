@@ -87,3 +87,13 @@ def test_the_order_across_an_epoch_boundary_is_the_same_however_it_is_visited():
     assert sorted(fresh[:size]) == list(range(size))
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(order.__getitem__, zigzag * 3)) == [fresh[p] for p in zigzag] * 3
+
+
+def test_reader_threads_default_to_none_on_cpu_and_negative_counts_are_refused(tmp_path):
+    from diffalign.train.trainer import PreferenceTrainer
+
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    # on CPU the step's own compute needs every core; on a GPU the default is 4 threads
+    assert PreferenceTrainer(tiny_config(data, tmp_path / "run")).reader.workers == 0
+    with pytest.raises(UserError, match="data.workers must be >= 0"):
+        tiny_config(data, tmp_path / "bad", "data.workers=-1")

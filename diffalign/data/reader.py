@@ -36,6 +36,7 @@ class ExampleReader:
         self.dataset = dataset
         self.order = order
         self.is_cached = is_cached
+        self.workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffalign-read") if workers > 0 else None
         self._ahead: dict[int, Future] = {}
 

@@ -61,7 +61,7 @@ class GenerateConfig:
     pairs: str = "best_worst"
     # prompts per output shard (a shard is written once all its images are generated and scored)
     shard_size: int = 64
-    # images per generation batch
+    # images per generation batch, and per reward-scoring batch
     batch_size: int = 16
     # the dataset folder (shard-*.parquet, images/, pairs.jsonl, summary.json)
     output_dir: str = ""

@@ -112,9 +112,14 @@ def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out
     """The rows of one shard: each prompt's list with raw and ensemble scores."""
     items = [(i, g.name, s) for i in indices for g in config.generators for s in _seeds(config, i)]
     paths = [_image_path(i, g, s) for i, g, s in items]
-    images = torch.stack([_load_png(out / p) for p in paths])
     captions = [prompts[i] for i, _, _ in items]
-    raw = {r.name: r(images, captions).double() for r in rewards}
+    per_batch: dict[str, list[Tensor]] = {r.name: [] for r in rewards}
+    for start in range(0, len(items), config.batch_size):  # a batch of images in memory at a time, not a shard
+        batch = slice(start, start + config.batch_size)
+        images = torch.stack([_load_png(out / p) for p in paths[batch]])
+        for reward in rewards:
+            per_batch[reward.name].append(reward(images, captions[batch]).double())
+    raw = {name: torch.cat(scores) for name, scores in per_batch.items()}
     groups = torch.tensor([i for i, _, _ in items])
     combined = ensemble(raw, groups, config.ensemble)
     per_prompt = len(config.generators) * config.seeds_per_generator

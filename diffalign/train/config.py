@@ -98,8 +98,9 @@ class DataConfig:
     # frees their memory (SDXL: 1.8 GiB; SD3 with T5: 11 GiB) and all encoding from the steps
     precompute: bool = False
     # threads that read and decode the next examples while the GPU trains on this one (per
-    # process); 0 = read inside the training loop
-    workers: int = 4
+    # process); 0 = read inside the training loop; none = 4 on a GPU, 0 on CPU (where the step's
+    # own compute needs every core)
+    workers: int | None = None
     # caption column
     caption_column: str = "caption"
     # the two image columns (JPEG/PNG bytes, or paths relative to a .jsonl index)
@@ -246,7 +247,7 @@ class Config:
                            ("data.resolution", self.data.resolution)):
             if value < 1:
                 raise UserError(f"{key} must be >= 1, got {value}")
-        if self.data.workers < 0:
+        if self.data.workers is not None and self.data.workers < 0:
             raise UserError(f"data.workers must be >= 0 (0 = read in the training loop), got {self.data.workers}")
         if self.train.lora_rank < 0:
             raise UserError(f"train.lora_rank must be >= 0 (0 = full fine-tune), got {self.train.lora_rank}")

@@ -136,8 +136,10 @@ class PreferenceTrainer:
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
             self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator)
         else:  # examples whose latents are cached are only hashed, not decoded
-            self.reader = ExampleReader(self.dataset, DeterministicOrder(len(self.dataset), tc.seed),
-                                        config.data.workers,
+            workers = config.data.workers
+            if workers is None:
+                workers = 4 if self.accelerator.device.type == "cuda" else 0
+            self.reader = ExampleReader(self.dataset, DeterministicOrder(len(self.dataset), tc.seed), workers,
                                         is_cached=None if self.encoder is None else self.encoder.has_latents)
         self.objective = objective_cls(config.objective, self.backbone)
         self._build_optimizer()
@@ -189,7 +191,7 @@ class PreferenceTrainer:
         """(position, example) of this process's share of micro-batch (step, micro); the next ones start reading."""
         tc = self.config.train
         ahead, later, last = [], step * tc.gradient_accumulation + micro + 1, tc.max_steps * tc.gradient_accumulation
-        while len(ahead) < 2 * max(tc.batch_size, self.config.data.workers) and later < last:
+        while self.reader.workers and len(ahead) < 2 * max(tc.batch_size, self.reader.workers) and later < last:
             ahead.extend(self._positions(*divmod(later, tc.gradient_accumulation)))  # the following micro-batches
             later += 1
         positions = self._positions(step, micro)
