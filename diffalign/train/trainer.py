@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -340,9 +340,10 @@ class PreferenceTrainer:
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     # means over processes (every rank has the same keys), then one host sync
                     logs = {k: float(acc.reduce(v.float().reshape(1), "mean")) for k, v in sorted(logs.items())}
+                    skipped = torch.tensor([float(sum(self.dataset.skipped.values()))], device=acc.device)
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
                                 pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
-                                skipped_rows=sum(self.dataset.skipped.values()))
+                                skipped_rows=int(acc.reduce(skipped, "sum")))  # every process's bad rows
                     history.append(logs)
                     shown = {"loss": f"{logs.get('loss', float('nan')):.4f}", "pairs_s": f"{logs['pairs_per_s']:.2f}"}
                     if "implicit_acc" in logs:  # preference objectives; Self-NPO has none
@@ -408,6 +409,14 @@ class PreferenceTrainer:
                 self.accelerator.log(scores, step=step)
         self.accelerator.wait_for_everyone()
 
+    def _skipped_rows_of_all_processes(self) -> dict[str, int]:
+        """Bad rows met by every process, per column (each process counts the rows it read)."""
+        total: dict[str, int] = {}
+        for counts in gather_object([dict(self.dataset.skipped)]):
+            for column, n in counts.items():
+                total[column] = total.get(column, 0) + n
+        return total
+
     def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool):
         acc = self.accelerator
         self._publish_cache()
@@ -422,7 +431,7 @@ class PreferenceTrainer:
             "steps": step,
             "interrupted": interrupted,
             "bad_steps": state["bad_steps"],
-            "skipped_rows": dict(self.dataset.skipped),
+            "skipped_rows": self._skipped_rows_of_all_processes(),
             "final": None if final_dir is None else str(final_dir),
             "last": history[-1] if history else {},
         }
