@@ -325,11 +325,12 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) at 1 pair each vs 1 process at 2 pairs.
 
     The data holds a corrupt row, so the bad-row replacement is exercised across ranks too, and
-    the two ranks read ahead in threads while the one process reads in its loop. Gradients are
+    the two ranks read ahead in threads while the one process reads in its loop. A ninth row with
+    a NaN label is dropped on load by every rank and must be counted once. Gradients are
     all-reduced by DDP, so the weights agree to float rounding; the tolerance is far below the
     size of the updates themselves.
     """
-    data = pickapic_parquet(tmp_path / "pairs.parquet", 8, corrupt_rows=(3,))
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 9, corrupt_rows=(3,), nan_rows=(8,))
     common = [str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}",
               "model.path=" + str(ROOT / "assets/models/tiny-sdxl"), "train.max_steps=3", "train.checkpoint_every=0"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
@@ -348,11 +349,11 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     two_log = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert two_log["raw_model_loss"] == pytest.approx(one_log["raw_model_loss"], rel=1e-5)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 writes alone
-    # the bad row is met by one rank; the summary and the log count it for the run, as one process does
+    # the corrupt image is met by one rank, the NaN label by both on load; each is counted once for the run
     one_summary, two_summary = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
-    assert two_summary["skipped_rows"] == one_summary["skipped_rows"] == {"jpg_1": 1}
+    assert two_summary["skipped_rows"] == one_summary["skipped_rows"] == {"jpg_1": 1, "label_0": 1}
     last_logs = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("one", "two")]
-    assert last_logs[0]["skipped_rows"] == last_logs[1]["skipped_rows"] == 1
+    assert last_logs[0]["skipped_rows"] == last_logs[1]["skipped_rows"] == 2
 
 
 def test_validation_samples_at_intervals_and_ema_resumes_exactly(pairs, tmp_path):

@@ -141,6 +141,8 @@ class PreferenceTrainer:
                 workers = 4 if self.accelerator.device.type == "cuda" else 0
             self.reader = ExampleReader(self.dataset, DeterministicOrder(len(self.dataset), tc.seed), workers,
                                         is_cached=None if self.encoder is None else self.encoder.has_latents)
+        # rows dropped while loading the table: every process loaded it, so they are counted once
+        self._skipped_on_load = dict(self.dataset.skipped)
         self.objective = objective_cls(config.objective, self.backbone)
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
@@ -340,10 +342,10 @@ class PreferenceTrainer:
                 if step % tc.log_every == 0 or step == tc.max_steps:
                     # means over processes (every rank has the same keys), then one host sync
                     logs = {k: float(acc.reduce(v.float().reshape(1), "mean")) for k, v in sorted(logs.items())}
-                    skipped = torch.tensor([float(sum(self.dataset.skipped.values()))], device=acc.device)
+                    read = torch.tensor([float(sum(self._skipped_while_reading().values()))], device=acc.device)
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
                                 pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
-                                skipped_rows=int(acc.reduce(skipped, "sum")))  # every process's bad rows
+                                skipped_rows=sum(self._skipped_on_load.values()) + int(acc.reduce(read, "sum")))
                     history.append(logs)
                     shown = {"loss": f"{logs.get('loss', float('nan')):.4f}", "pairs_s": f"{logs['pairs_per_s']:.2f}"}
                     if "implicit_acc" in logs:  # preference objectives; Self-NPO has none
@@ -409,10 +411,15 @@ class PreferenceTrainer:
                 self.accelerator.log(scores, step=step)
         self.accelerator.wait_for_everyone()
 
+    def _skipped_while_reading(self) -> dict[str, int]:
+        """Bad rows this process met while reading its own examples, per column."""
+        return {column: n - self._skipped_on_load.get(column, 0) for column, n in self.dataset.skipped.items()
+                if n > self._skipped_on_load.get(column, 0)}
+
     def _skipped_rows_of_all_processes(self) -> dict[str, int]:
-        """Bad rows met by every process, per column (each process counts the rows it read)."""
-        total: dict[str, int] = {}
-        for counts in gather_object([dict(self.dataset.skipped)]):
+        """Bad rows of the run, per column: those dropped on load once, those met while reading by every process."""
+        total = dict(self._skipped_on_load)
+        for counts in gather_object([self._skipped_while_reading()]):
             for column, n in counts.items():
                 total[column] = total.get(column, 0) + n
         return total
