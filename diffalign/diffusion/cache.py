@@ -117,11 +117,11 @@ class TensorCache:
         save_file({f"{key}.{field}": tensor for key, fields in self._pending.items()
                    for field, tensor in fields.items()}, str(tmp))
         os.replace(tmp, self.folder / shard)
-        lines = [json.dumps({"key": key, "shard": shard, "fields": sorted(fields)})
-                 for key, fields in self._pending.items()]
+        published = {key: (shard, sorted(fields)) for key, fields in self._pending.items()}
         with (self.folder / f"index-{self.writer}.jsonl").open("a") as index:
-            index.write("\n".join(lines) + "\n")
-        self.index.update({key: (shard, sorted(fields)) for key, fields in self._pending.items()})
+            index.write("".join(json.dumps({"key": key, "shard": shard, "fields": names}) + "\n"
+                                for key, (shard, names) in published.items()))
+        self.index.update(published)
         self._shards_written += 1
         self._pending, self._pending_bytes = {}, 0
 

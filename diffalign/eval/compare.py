@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from diffalign.diffusion.sampling import generate
-from diffalign.eval.report import to_pil
+from diffalign.eval.report import scaled_size, to_pil
 from diffalign.eval.stats import mean_interval, win_rate
 from diffalign.rewards import RewardModel
 
@@ -94,5 +94,5 @@ def report_size(images: torch.Tensor) -> torch.Tensor:
     factor = REPORT_PX / max(images.shape[-2:])
     if factor >= 1:
         return images
-    size = (max(1, round(images.shape[-2] * factor)), max(1, round(images.shape[-1] * factor)))
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return F.interpolate(images, size=scaled_size(*images.shape[-2:], factor), mode="bilinear", antialias=True,
+                         align_corners=False).clamp(0, 1)

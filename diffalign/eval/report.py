@@ -18,6 +18,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """(height, width) times ``factor``, rounded, at least one pixel each."""
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, max_tile: int = 256, label_width: int = 90,
                columns: int | None = None) -> Image.Image:
     """One labelled row per model, images side by side (the same column = the same prompt and seed).
@@ -28,7 +33,7 @@ def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, max_tile: in
     first = next(iter(rows.values()))
     n = first.shape[0] if columns is None else min(columns, first.shape[0])
     factor = min(scale, max_tile / max(first.shape[-2:]))
-    h, w = max(1, round(first.shape[-2] * factor)), max(1, round(first.shape[-1] * factor))
+    h, w = scaled_size(*first.shape[-2:], factor)
     resample = Image.NEAREST if factor >= 1 else Image.LANCZOS
     pad = 2
     grid = Image.new("RGB", (label_width + n * (w + pad), len(rows) * (h + pad)), "white")
