@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from typing import Sequence
@@ -184,6 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False),
               file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader closed early (`diffalign losses | head`): not an error. Point stdout at devnull so the
+        # interpreter's final flush does not raise again (the recipe of the Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The command line: help, the losses listing, and clean errors without tracebacks."""
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,14 @@ def test_a_bad_generate_ranked_config_exits_nonzero_without_traceback():
     )
     assert proc.returncode == 2
     assert "generators is empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_reader_that_closes_early_is_not_an_error():
+    """`diffalign losses | head`: the pipe's reader is gone before the listing is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, "-m", "diffalign", "losses"], stdout=write_end, stderr=subprocess.PIPE,
+                          text=True, check=False)
+    os.close(write_end)
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
