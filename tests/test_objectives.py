@@ -155,6 +155,81 @@ def test_diffusion_kto_trains_from_the_cli_on_tiny_sdxl(tmp_path):
         load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["objective.name=diffusion_kto"])
 
 
+def test_diffusion_kto_takes_its_reference_point_over_all_processes(tiny_sd15):
+    """The batch mean in z_0 goes through ``mean_over_processes`` (here a stand-in for a second process
+    whose batch mean is 0.01); ``loss_options.kl`` fixes z_0 instead."""
+    from diffalign.objectives.diffusion_kto import DiffusionKTO
+
+    other_mean = 0.01
+    objective = DiffusionKTO(ObjectiveConfig(name="diffusion_kto", loss="kto", beta=50.0), tiny_sd15)
+    objective.mean_over_processes = lambda value: (value + other_mean) / 2
+    policy, reference = torch.tensor([[0.02], [-0.01], [0.03]]), torch.zeros(3, 1)
+    liked = torch.tensor([1.0, 0.0, 1.0])
+    z0 = (0.04 / 3 + other_mean) / 2
+    expected = losses.get("kto")(policy[[0, 2], 0], policy[[1], 0], reference[[0, 2], 0], reference[[1], 0],
+                                 beta=50.0, kl=z0)
+    got = objective.per_group_loss(policy, reference, preference=liked, scores=None)
+    torch.testing.assert_close(got, expected[[0, 2, 1]], rtol=1e-6, atol=0)
+    assert objective.reward_metrics(policy, reference, preference=liked)["implicit_acc"].item() == 1.0
+    objective.options["kl"] = 0.025  # between the two liked rewards
+    got = objective.per_group_loss(policy, reference, preference=liked, scores=None)
+    expected = losses.get("kto")(policy[[0, 2], 0], policy[[1], 0], reference[[0, 2], 0], reference[[1], 0],
+                                 beta=50.0, kl=0.025)
+    torch.testing.assert_close(got, expected[[0, 2, 1]], rtol=1e-6, atol=0)
+    assert objective.reward_metrics(policy, reference, preference=liked)["implicit_acc"].item() == pytest.approx(2 / 3)
+
+
+def test_positive_ratio_draws_liked_images_at_that_rate_and_only_for_labelled_images(tmp_path):
+    from diffalign.data import CaptionedImageDataset
+    from diffalign.train.trainer import _run_order
+    from fixtures import images_parquet
+
+    data = images_parquet(tmp_path / "liked.parquet", 6, labels=[1, 0, 0, 0, None, 0])
+    kto = ["objective.name=diffusion_kto", "objective.loss=kto", f"data.path={data}", "data.label_column=label"]
+    config = load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", [*kto, "data.positive_ratio=0.8"])
+    dataset = CaptionedImageDataset(data, resolution=32, label_column="label")
+    order = _run_order(config, dataset)
+    liked = [dataset.example(order[k]).preference for k in range(2000)]
+    assert sum(liked) / len(liked) == pytest.approx(0.8, abs=0.03)  # the data's own share is 1 in 5
+    assert {order[k] for k in range(2000)} == set(range(5))
+    with pytest.raises(UserError, match="positive_ratio must be in"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", [*kto, "data.positive_ratio=1"])
+    with pytest.raises(UserError, match="diffusion_dpo reads pairs"):
+        load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["data.positive_ratio=0.5"])
+    only_liked = images_parquet(tmp_path / "only.parquet", 3, labels=[1, 1, 1])
+    with pytest.raises(UserError, match="has 3 liked and 0 other"):
+        _run_order(load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", [*kto, f"data.path={only_liked}",
+                                                                     "data.positive_ratio=0.8"]),
+                   CaptionedImageDataset(only_liked, resolution=32, label_column="label"))
+
+
+def test_diffusion_kto_on_two_processes_computes_what_one_process_at_double_batch_does(tmp_path):
+    """KTO's reference point is a batch statistic: on two processes it is the mean over both (the
+    global batch, as the authors' code reduces it), so two processes at 2 images each train exactly
+    as one process at 4. The liked/other ratio is drawn by position, so both read the same images."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fixtures import images_parquet
+
+    data = images_parquet(tmp_path / "liked.parquet", 8, labels=[1, 0, 1, 0, 0, 1, 0, 0])
+    common = [str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", "data.label_column=label",
+              "data.positive_ratio=0.75", "objective.name=diffusion_kto", "objective.loss=kto", "objective.beta=5000",
+              "model.path=" + str(ROOT / "assets/models/tiny-sdxl"), "train.max_steps=4", "train.checkpoint_every=0"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
+                          "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=2"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
+    one_logs, two_logs = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                          for run in ("one", "two"))
+    # DDP rounding at beta 5000 leaves 3e-4; a z_0 of each process's own batch is 2e-2 off
+    assert [x["loss"] for x in two_logs] == pytest.approx([x["loss"] for x in one_logs], rel=2e-3)
+    assert [x["implicit_acc"] for x in two_logs] == pytest.approx([x["implicit_acc"] for x in one_logs])
+
+
 def test_ranked_lists_come_best_first_and_bad_rows_are_counted(tmp_path):
     data = ranked_parquet(tmp_path / "lists.parquet", n=4, k=3, bad_rows=(2,))
     dataset = RankedListDataset(data, resolution=16)

@@ -9,7 +9,7 @@ import torch
 from fixtures import pickapic_parquet
 from test_train import tiny_config
 
-from diffalign.data import DeterministicOrder, PairDataset
+from diffalign.data import ClassRatioOrder, DeterministicOrder, PairDataset
 from diffalign.data.reader import ExampleReader
 from diffalign.errors import UserError
 from diffalign.train import train
@@ -97,3 +97,15 @@ def test_reader_threads_default_to_none_on_cpu_and_negative_counts_are_refused(t
     assert PreferenceTrainer(tiny_config(data, tmp_path / "run")).reader.workers == 0
     with pytest.raises(UserError, match="data.workers must be >= 0"):
         tiny_config(data, tmp_path / "bad", "data.workers=-1")
+
+
+def test_a_class_ratio_order_is_a_pure_function_of_seed_and_position():
+    """Each position draws its class with the given probability, then a member uniformly; the k-th
+    example does not depend on what was read before it (resume, processes, threads)."""
+    order = ClassRatioOrder([[10, 11, 12], [20]], [0.25, 0.75], seed=3)
+    read = [order[k] for k in range(4000)]
+    assert sum(x >= 20 for x in read) / len(read) == pytest.approx(0.75, abs=0.03)
+    assert {x for x in read if x < 20} == {10, 11, 12}
+    again = ClassRatioOrder([[10, 11, 12], [20]], [0.25, 0.75], seed=3)
+    assert [again[k] for k in (3999, 7, 7)] == [read[3999], read[7], read[7]]
+    assert [ClassRatioOrder([[10, 11, 12], [20]], [0.25, 0.75], seed=4)[k] for k in range(50)] != read[:50]

@@ -54,6 +54,13 @@ class CaptionedImageDataset(ImageRows):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def positions_by_label(self) -> tuple[list[int], list[int]]:
+        """The positions (of the usable rows) of the liked images and of the others."""
+        if self.labels is None:
+            raise ValueError("positions_by_label needs a dataset read with label_column")
+        liked = [position for position, index in enumerate(self.indices) if self.labels[index] == 1.0]
+        return liked, [position for position, index in enumerate(self.indices) if self.labels[index] != 1.0]
+
     def read(self, position: int, decode: bool = True) -> GroupExample:
         """The image at ``position`` (of the usable rows) as a group of one; raises :class:`BadRow`."""
         index = self.indices[position]

@@ -7,7 +7,15 @@ the same examples as one process with batch N*B.
 
 from __future__ import annotations
 
+from typing import Protocol, Sequence
+
 import torch
+
+
+class RunOrder(Protocol):
+    """What the reader asks of an order: the dataset index read at each position of the run."""
+
+    def __getitem__(self, position: int) -> int: ...
 
 
 class DeterministicOrder:
@@ -29,6 +37,30 @@ class DeterministicOrder:
             kept = {e: p for e, p in self._perms.items() if abs(e - epoch) <= 1}
             self._perms = {**kept, epoch: perm}  # one atomic swap: another thread's lookup never fails
         return int(perm[offset])
+
+
+class ClassRatioOrder:
+    """``order[k]``: a member of class c with probability ``ratios[c]``, uniform within the class.
+
+    Each position draws its class, then its member, with replacement, from its own generator
+    (seed, position), so like :class:`DeterministicOrder` the k-th example is a pure function
+    of (seed, k). This is what torch's ``WeightedRandomSampler`` does with class-balanced weights,
+    as Diffusion-KTO's training script samples liked images with ``--positive_ratio``.
+    """
+
+    _TAG = 7919  # keeps these draws apart from the examples' timestep and noise generators
+
+    def __init__(self, members: Sequence[Sequence[int]], ratios: Sequence[float], seed: int) -> None:
+        if len(members) != len(ratios) or any(not m for m in members):
+            raise ValueError("ClassRatioOrder needs one non-empty member list per ratio")
+        self.members = [torch.as_tensor(list(m)) for m in members]
+        self.ratios = torch.tensor(ratios, dtype=torch.float64)
+        self.seed = seed
+
+    def __getitem__(self, position: int) -> int:
+        generator = example_generator(self.seed, self._TAG, position)
+        members = self.members[int(torch.multinomial(self.ratios, 1, generator=generator))]
+        return int(members[torch.randint(len(members), (), generator=generator)])
 
 
 def example_generator(seed: int, *position: int) -> torch.Generator:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
-from diffalign.data.order import DeterministicOrder
+from diffalign.data.order import RunOrder
 from diffalign.data.pairs import BadRow, GroupExample, ImageRows
 from diffalign.errors import UserError
 
@@ -31,7 +31,7 @@ class ExampleReader:
     examples are only hashed, not decoded (their pixels are never needed).
     """
 
-    def __init__(self, dataset: ImageRows, order: DeterministicOrder, workers: int,
+    def __init__(self, dataset: ImageRows, order: RunOrder, workers: int,
                  is_cached: Callable[[Sequence[str]], bool] | None = None) -> None:
         self.dataset = dataset
         self.order = order

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class Objective:
@@ -23,6 +23,13 @@ class Objective:
     frozen_reference = True
     shadow_weights = False
     loss_kinds: tuple[str, ...] = ()
+
+    @staticmethod
+    def mean_over_processes(value: Tensor) -> Tensor:
+        """The mean of ``value`` over the data-parallel processes, so a statistic of the batch (KTO's
+        reference point) is taken over the global batch. One process: ``value``; the trainer replaces
+        this with its accelerator's reduction, which every process must call alike."""
+        return value
 
     def attach(self, denoiser: nn.Module) -> list[Any]:
         """Called once with the trained denoiser; returns state to save in checkpoints (default none)."""

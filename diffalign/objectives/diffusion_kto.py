@@ -11,10 +11,10 @@ function (Ethayarajh et al. 2024, Eq. 8) then applies per image:
 with the reference point z_0 = max(0, mean r over the batch), detached: the ``kto`` core loss with
 its batch estimate of z_0. The authors' code (``train_kto_sd_v1.5.py`` with its defaults
 ``--halo sigmoid --bce_offset none``) computes the same, with beta = 1000 (``--beta_dpo``) and
-lambda_D = lambda_U = 1. Two differences: there z_0 is also averaged over the GPUs (here each
-process uses its own batch), and their example samples liked images with probability 0.8
-(``--positive_ratio``) where the data order here is uniform. Other unpaired core losses (bco, npo)
-are one config key away.
+lambda_D = lambda_U = 1. As there, the batch mean in z_0 is averaged over the processes (the
+global batch), and ``data.positive_ratio`` draws liked images with a set probability, their
+``--positive_ratio`` (0.8 in their example; the data's own mix by default here). Other unpaired core
+losses (bco, npo) are one config key away.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class DiffusionKTO(OfflineDenoisingObjective):
             return [part if part is not None and len(part) else None for part in parts]
 
         (pc, pr), (rc, rr) = split(policy), split(reference)
-        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **self.options)
+        options = {**self.options, "kl": self.reference_point(policy, reference)} if self.spec.name == "kto" \
+            else self.options
+        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **options)
         per_image = policy.new_zeros(len(policy), dtype=loss.dtype)
         if len(loss) == len(policy):
             per_image[liked], per_image[~liked] = loss[: int(liked.sum())], loss[int(liked.sum()):]
@@ -51,12 +53,21 @@ class DiffusionKTO(OfflineDenoisingObjective):
             per_image[~liked] = loss
         return per_image
 
+    def reference_point(self, policy: Tensor, reference: Tensor) -> Tensor:
+        """KTO's z_0: ``loss_options.kl`` when set, else max(0, mean implicit reward r) over the global batch,
+        detached (the authors' ``accelerator.reduce(kl_gpu, reduction="mean")``, a mean of the processes'
+        batch means)."""
+        if self.options.get("kl") is not None:
+            return torch.as_tensor(float(self.options["kl"]))
+        batch_mean = (policy - reference)[:, 0].detach().float().mean()
+        return kto_kl_baseline(fallback=[self.mean_over_processes(batch_mean)[None]])
+
     def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None) -> dict[str, Tensor]:
         """Mean implicit reward of the liked and of the other images, and the fraction of images whose
         reward lies on their label's side of the batch's reference point (the authors' logged accuracy)."""
         r = (policy - reference)[:, 0].float()
         liked = (preference > 0.5).float()
-        z0 = kto_kl_baseline(fallback=[r])  # the reference point the kto loss used on this batch
+        z0 = self.reference_point(policy, reference)  # the one the kto loss uses
         agree = torch.where(liked.bool(), r > z0, r < z0).float()
         return {
             "rewards/desirable": self.beta * (r * liked).sum() / liked.sum().clamp(min=1.0),

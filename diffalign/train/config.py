@@ -111,6 +111,10 @@ class DataConfig:
     # the label column of the first image (1 = first wins, 0 = second wins, 0.5 = tie); for
     # diffusion_kto the column of each image's binary label (1/true liked, 0/false not)
     label_column: str = "label_0"
+    # diffusion_kto: the probability that an example is a liked image (drawn with replacement within its
+    # class, as the authors' --positive_ratio, 0.8 in their example); none = the data's own mix, read
+    # as a fresh permutation each epoch
+    positive_ratio: float | None = None
     # smoothed preferences (smpo) in place of the label: per reward model the two columns holding
     # its scores of the pair's images, e.g. [[pickscore_0, pickscore_1], [hps_0, hps_1]]
     score_columns: list = field(default_factory=list)
@@ -274,6 +278,12 @@ class Config:
         if self.data.ties == "soft" and kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
                             "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")
+        if self.data.positive_ratio is not None:
+            if objective.dataset != "labelled_images":
+                raise UserError(f"data.positive_ratio sets the share of liked images among labelled ones "
+                                f"(diffusion_kto); {self.objective.name} reads {objective.dataset}")
+            if not 0.0 < self.data.positive_ratio < 1.0:
+                raise UserError(f"data.positive_ratio must be in (0, 1), got {self.data.positive_ratio}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         if regression:

@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 
 from diffalign.data import (
     CaptionedImageDataset,
+    ClassRatioOrder,
     DeterministicOrder,
     PairDataset,
     RankedListDataset,
     example_generator,
 )
+from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import CachedEncoder, TensorCache
 from diffalign.errors import UserError
@@ -86,6 +88,19 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
                        image_columns=tuple(dc.image_columns), label_column=dc.label_column,
                        score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
                        ties=dc.ties, on_error=dc.on_error)
+
+
+def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
+    """Which example each position of the run reads: a permutation per epoch, or with
+    ``data.positive_ratio`` liked and other images in that ratio."""
+    ratio = config.data.positive_ratio
+    if ratio is None:
+        return DeterministicOrder(len(dataset), config.train.seed)
+    liked, other = dataset.positions_by_label()
+    if not liked or not other:
+        raise UserError(f"data.positive_ratio={ratio} needs both liked and other images, but {config.data.path} "
+                        f"has {len(liked)} liked and {len(other)} other usable rows")
+    return ClassRatioOrder([liked, other], [ratio, 1.0 - ratio], config.train.seed)
 
 
 class _StopSignal:
@@ -150,11 +165,12 @@ class PreferenceTrainer:
             workers = config.data.workers
             if workers is None:
                 workers = 4 if self.accelerator.device.type == "cuda" else 0
-            self.reader = ExampleReader(self.dataset, DeterministicOrder(len(self.dataset), tc.seed), workers,
+            self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
                                         is_cached=None if self.encoder is None else self.encoder.has_latents)
         # rows dropped while loading the table: every process loaded it, so they are counted once
         self._skipped_on_load = dict(self.dataset.skipped)
         self.objective = objective_cls(config.objective, self.backbone)
+        self.objective.mean_over_processes = lambda value: self.accelerator.reduce(value.reshape(1), "mean")[0]
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
         for stateful in self.objective.attach(self.backbone.denoiser):
@@ -320,6 +336,7 @@ class PreferenceTrainer:
             "data.path": str(Path(c.data.path).resolve()) if c.data.path else "",
             "data.resolution": c.data.resolution,
             "data.ties": c.data.ties,
+            "data.positive_ratio": c.data.positive_ratio,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
         }
