@@ -108,6 +108,8 @@ def test_reward_shift_is_running_mean_across_batches():
     restored = losses.RewardShift()
     restored.load_state_dict(shift.state_dict())
     assert restored.value == pytest.approx(3.0)
+    assert restored.update(T([1.0, float("nan")])) == pytest.approx(3.0)  # a skipped step leaves it alone
+    assert restored.count == 3
 
 
 def test_udm_weights_density_ratio_clipped():

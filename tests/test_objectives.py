@@ -99,6 +99,30 @@ def test_every_unpaired_loss_on_pairs_is_its_mean_over_the_images_it_scores(tiny
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_bco_on_diffusion_keeps_the_running_mean_of_the_rewards_as_its_shift(tiny_sd15):
+    """BCO (Jung et al. 2024, Eq. 6) with delta = the running mean of beta * r over the steps so far,
+    this one included (as TRL's BCOTrainer); ``loss_options.delta`` fixes it and keeps no state."""
+    from diffalign.objectives import OBJECTIVES
+
+    beta = 500.0
+    objective = OBJECTIVES["diffusion_dpo"](ObjectiveConfig(name="diffusion_dpo", loss="bco", beta=beta), tiny_sd15)
+    assert objective.attach(tiny_sd15.denoiser) == [objective.reward_shift]
+    policy, reference = torch.tensor([[0.002, -0.001], [0.003, 0.0]]), torch.zeros(2, 2)
+    later = torch.tensor([[0.004, 0.001], [0.005, 0.002]])
+    objective.per_group_loss(policy, reference, preference=None, scores=None)
+    got = objective.per_group_loss(later, reference, preference=None, scores=None)
+    delta = beta * (policy.mean() + later.mean()).item() / 2
+    hand = [(-math.log(1 / (1 + math.exp(-(beta * w - delta)))) - math.log(1 / (1 + math.exp(beta * l - delta)))) / 2
+            for w, l in later.tolist()]
+    assert got.tolist() == pytest.approx(hand, rel=1e-5)
+    fixed = OBJECTIVES["diffusion_dpo"](ObjectiveConfig(name="diffusion_dpo", loss="bco", beta=beta,
+                                                        loss_options={"delta": 0.0}), tiny_sd15)
+    assert fixed.attach(tiny_sd15.denoiser) == []
+    expected = losses.get("bco")(later[:, 0], later[:, 1], reference[:, 0], reference[:, 1], beta=beta, delta=0.0)
+    torch.testing.assert_close(fixed.per_group_loss(later, reference, preference=None, scores=None),
+                               expected.view(2, 2).mean(0))
+
+
 def test_diffusion_kto_scores_each_labelled_image_by_hand(tiny_sd15):
     """Diffusion-KTO: KTO Eq. 8 per image, liked images against z_0 from above, the others from below,
     z_0 = max(0, mean r of the batch); the loss is the mean over the images in batch order."""

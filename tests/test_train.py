@@ -189,20 +189,21 @@ def test_lora_run_writes_metrics_checkpoints_and_loadable_weights(pairs, tmp_pat
     pipe.load_lora_weights(str(run / "final"))  # what users do with the result
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(tmp_path, workers):
+@pytest.mark.parametrize("workers, loss", [(0, "dpo"), (2, "bco")])
+def test_resume_is_exact(tmp_path, workers, loss):
     """Weights, logged losses and the bad-row counts of a split run equal those of a straight one.
 
     Row 3's image is corrupt and is met before the checkpoint: the resumed half does not read it
     again, yet the run's summary must still count it. With reader threads, the resumed run must
-    start reading at the checkpoint's position, not where the threads had read ahead to. Resuming
+    start reading at the checkpoint's position, not where the threads had read ahead to. BCO's
+    running reward shift is state of the run, so it must come back from the checkpoint. Resuming
     with settings that change what the steps read (seed, pairs per step) is refused.
     """
     data = pickapic_parquet(tmp_path / "pairs.parquet", 8, corrupt_rows=(3,))
 
     def run(out, max_steps, *more):
         return train(tiny_config(data, out, f"train.max_steps={max_steps}", "train.checkpoint_every=3",
-                                 f"data.workers={workers}", *more))
+                                 f"data.workers={workers}", f"objective.loss={loss}", *more))
 
     straight = tmp_path / "straight"
     run(straight, 6)

@@ -92,8 +92,9 @@ class RewardShift:
     """BCO's reward shift delta: the running mean of all implicit rewards seen so far.
 
     Call :meth:`update` with each batch's rewards (``beta * r`` of chosen and rejected,
-    gathered over processes) before computing the loss; read :attr:`value`. The state is two
-    floats, saved with the checkpoint through :meth:`state_dict`.
+    gathered over processes) before computing the loss; read :attr:`value`. A batch with a
+    non-finite reward leaves the mean as it was (its step is one a trainer skips). The state is
+    two floats, saved with the checkpoint through :meth:`state_dict`.
     """
 
     def __init__(self) -> None:
@@ -103,7 +104,7 @@ class RewardShift:
     def update(self, rewards: Tensor) -> float:
         rewards = rewards.detach().float().flatten()
         n = rewards.numel()
-        if n:
+        if n and bool(rewards.isfinite().all()):
             total = self.count + n
             self.mean += (rewards.mean().item() - self.mean) * n / total
             self.count = total

@@ -14,14 +14,13 @@ its batch estimate of z_0. The authors' code (``train_kto_sd_v1.5.py`` with its 
 lambda_D = lambda_U = 1. As there, the batch mean in z_0 is averaged over the processes (the
 global batch), and ``data.positive_ratio`` draws liked images with a set probability, their
 ``--positive_ratio`` (0.8 in their example; the data's own mix by default here). Other unpaired core
-losses (bco, npo) are one config key away.
+losses (bco, with its running reward shift; npo) are one config key away.
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffalign.losses.unpaired import kto_kl_baseline
 from diffalign.objectives.offline import OfflineDenoisingObjective
 
 Tensor = torch.Tensor
@@ -43,24 +42,13 @@ class DiffusionKTO(OfflineDenoisingObjective):
             return [part if part is not None and len(part) else None for part in parts]
 
         (pc, pr), (rc, rr) = split(policy), split(reference)
-        options = {**self.options, "kl": self.reference_point(policy, reference)} if self.spec.name == "kto" \
-            else self.options
-        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **options)
+        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **{**self.options, **self.batch_options(policy, reference)})
         per_image = policy.new_zeros(len(policy), dtype=loss.dtype)
         if len(loss) == len(policy):
             per_image[liked], per_image[~liked] = loss[: int(liked.sum())], loss[int(liked.sum()):]
         else:  # NPO without its retain term scores the undesirable images only
             per_image[~liked] = loss
         return per_image
-
-    def reference_point(self, policy: Tensor, reference: Tensor) -> Tensor:
-        """KTO's z_0: ``loss_options.kl`` when set, else max(0, mean implicit reward r) over the global batch,
-        detached (the authors' ``accelerator.reduce(kl_gpu, reduction="mean")``, a mean of the processes'
-        batch means)."""
-        if self.options.get("kl") is not None:
-            return torch.as_tensor(float(self.options["kl"]))
-        batch_mean = (policy - reference)[:, 0].detach().float().mean()
-        return kto_kl_baseline(fallback=[self.mean_over_processes(batch_mean)[None]])
 
     def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None) -> dict[str, Tensor]:
         """Mean implicit reward of the liked and of the other images, and the fraction of images whose

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffalign import losses
+from diffalign.losses.unpaired import RewardShift, kto_kl_baseline
 from diffalign.objectives.base import Objective
 from diffalign.diffusion import (
     Backbone,
@@ -44,6 +45,32 @@ class OfflineDenoisingObjective(Objective):
         self.weighting = config.weighting
         self.schedule = schedule_for(backbone.scheduler)
         self.sampler = TimestepSampler(config.timestep_sampler, t_range=tuple(config.t_range))
+        # BCO's reward shift delta (Jung et al. 2024, Sec. 3.2): unless loss_options.delta fixes it, the running
+        # mean of the implicit rewards over the run, as TRL's BCOTrainer keeps it; saved with every checkpoint
+        self.reward_shift = RewardShift() if self.spec.name == "bco" and "delta" not in self.options else None
+
+    def attach(self, denoiser: nn.Module) -> list[Any]:
+        """BCO's running reward shift, when the run keeps one, goes into the checkpoints."""
+        return [] if self.reward_shift is None else [self.reward_shift]
+
+    def reference_point(self, policy: Tensor, reference: Tensor) -> Tensor:
+        """KTO's z_0 (Eq. 8): ``loss_options.kl`` when set, else max(0, mean implicit reward) over the global
+        batch, detached. Diffusion-KTO's code reduces it over the GPUs (``accelerator.reduce(kl_gpu, "mean")``)."""
+        if self.options.get("kl") is not None:
+            return torch.as_tensor(float(self.options["kl"]))
+        return kto_kl_baseline(fallback=[self.mean_over_processes((policy - reference).detach().float().mean())[None]])
+
+    def batch_options(self, policy: Tensor, reference: Tensor | None) -> dict[str, Any]:
+        """Options of an unpaired loss that are statistics of the implicit rewards of the whole batch
+        (every item, every process): KTO's reference point and BCO's running reward shift."""
+        if reference is None:
+            return {}
+        if self.spec.name == "kto":
+            return {"kl": self.reference_point(policy, reference)}
+        if self.reward_shift is not None:
+            batch_mean = self.mean_over_processes((policy - reference).detach().float().mean())
+            return {"delta": self.reward_shift.update(self.beta * batch_mean[None])}
+        return {}
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """One group's shared timestep and noise, from the group's own generator."""
