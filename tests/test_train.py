@@ -227,6 +227,8 @@ def test_resume_is_exact(tmp_path, workers, loss):
     assert logged(split, "step") == logged(straight, "step") == [1, 2, 3, 4, 5, 6]
     assert logged(split, "skipped_rows") == logged(straight, "skipped_rows")
     assert logged(split, "loss") == logged(straight, "loss")
+    if loss == "bco":
+        assert logged(split, "delta") == logged(straight, "delta") and logged(split, "delta")[-1] != 0
 
 
 @pytest.fixture

@@ -116,6 +116,8 @@ class OfflineDenoisingObjective(Objective):
                                           need_reference=self.needs_reference)
         per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores)
         metrics = {"raw_model_loss": -policy_scores.detach().mean()}
+        if self.reward_shift is not None:  # BCO's delta, as TRL's BCOTrainer logs it
+            metrics["delta"] = torch.tensor(self.reward_shift.value)
         if ref is not None:
             metrics.update(self.reward_metrics(policy_scores.detach(), ref, preference=preference))
             metrics["ref_loss"] = -ref.mean()
