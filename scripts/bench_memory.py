@@ -297,6 +297,14 @@ def sharded_per_gpu(row: dict[str, float], gpus: int) -> dict[str, float]:
     return {name: row["peak_gb"] - (1 - 1 / gpus) * part for name, part in saved.items()}
 
 
+def sharding_refusal(config) -> list[str]:
+    """Why the trainer would refuse ``config`` under ZeRO-3 / FSDP (empty: it would not)."""
+    from diffalign.objectives import OBJECTIVES
+    from diffalign.train.sharding import sharding_conflicts
+
+    return sharding_conflicts(config, OBJECTIVES[config.objective.name])
+
+
 def largest_fitting(fits: Callable[[int], bool], limit: int = 1024) -> int:
     """The largest n in [1, limit] with fits(n), assuming fits is monotone; 0 if even 1 does not fit."""
     if not fits(1):
@@ -411,8 +419,13 @@ def main() -> None:
         print(f"\nper GPU at batch {rows[0]['batch']}, GiB, when N GPUs shard the model state:\n")
         print("| strategy | " + " | ".join(f"N={n}" for n in gpus) + " |")
         print("|---|" + "---|" * len(gpus))
+        refused = sharding_refusal(load_config(args.config, [f"model.path={args.model}", *args.set]))
         for name in sharded_per_gpu(rows[0], 1):
-            print(f"| {name} | " + " | ".join(f"{sharded_per_gpu(rows[0], n)[name]:.1f}" for n in gpus) + " |")
+            cells = ["refused" if refused and name == "ZeRO-3 / FSDP" else f"{sharded_per_gpu(rows[0], n)[name]:.1f}"
+                     for n in gpus]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        if refused:
+            print(f"\nZeRO-3 / FSDP: the trainer refuses this config sharded: {'; '.join(refused)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"config": str(args.config), "model": str(args.model), "set": args.set,
                                      "kind": kind, "rows": rows, "largest_batch": largest,
