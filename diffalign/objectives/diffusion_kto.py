@@ -9,7 +9,7 @@ function (Ethayarajh et al. 2024, Eq. 8) then applies per image:
     undesirable:  lambda_U * (1 - sigma(beta * (z_0 - r)))
 
 with the reference point z_0 = max(0, mean r over the batch), detached: the ``kto`` core loss with
-its batch estimate of z_0. The authors' code (``train_kto_sd_v1.5.py`` with its defaults
+that estimate passed as its ``kl``. The authors' code (``train_kto_sd_v1.5.py`` with its defaults
 ``--halo sigmoid --bce_offset none``) computes the same, with beta = 1000 (``--beta_dpo``) and
 lambda_D = lambda_U = 1. As there, the batch mean in z_0 is averaged over the processes (the
 global batch), and ``data.positive_ratio`` draws liked images with a set probability, their

@@ -54,10 +54,8 @@ class OfflineDenoisingObjective(Objective):
         return [] if self.reward_shift is None else [self.reward_shift]
 
     def reference_point(self, policy: Tensor, reference: Tensor) -> Tensor:
-        """KTO's z_0 (Eq. 8): ``loss_options.kl`` when set, else max(0, mean implicit reward) over the global
-        batch, detached. Diffusion-KTO's code reduces it over the GPUs (``accelerator.reduce(kl_gpu, "mean")``)."""
-        if self.options.get("kl") is not None:
-            return torch.as_tensor(float(self.options["kl"]))
+        """KTO's z_0 (Eq. 8): max(0, mean implicit reward) over the global batch, detached. Diffusion-KTO's
+        code reduces it over the GPUs (``accelerator.reduce(kl_gpu, reduction="mean")``)."""
         return kto_kl_baseline(fallback=[self.mean_over_processes((policy - reference).detach().float().mean())[None]])
 
     def batch_options(self, policy: Tensor, reference: Tensor | None) -> dict[str, Any]:
