@@ -27,8 +27,8 @@ class Objective:
     @staticmethod
     def mean_over_processes(value: Tensor) -> Tensor:
         """The mean of ``value`` over the data-parallel processes, so a statistic of the batch (KTO's
-        reference point, BCO's reward shift) is taken over the global batch. One process: ``value``; the trainer replaces
-        this with its accelerator's reduction, which every process must call alike."""
+        reference point, BCO's reward shift) is taken over the global batch. One process: ``value``;
+        the trainer replaces this with its accelerator's reduction, which every process must call alike."""
         return value
 
     def attach(self, denoiser: nn.Module) -> list[Any]:

@@ -12,7 +12,7 @@ Unpaired losses (kto, bco, npo) read each pair as one desirable and one undesira
 KTO's paper does with preference pairs; a pair's loss is the mean of its images' losses, so
 the batch mean equals the unpaired loss's own mean over the images it scores (NPO scores only the
 undesirable ones unless its retain term is on). KTO's reference point and BCO's running reward
-shift come from the whole batch's rewards (see ``OfflineDenoisingObjective.batch_options``).
+shift come from the whole batch's rewards (see ``OfflineDenoisingObjective.loss_options``).
 
 Constants: the official code computes ``-0.5 * beta * (model_diff - ref_diff)`` with
 beta = 5000 (SD1.5); diffusers' port computes ``beta * (ref_diff - model_diff)`` with 2500.
@@ -37,7 +37,7 @@ class DiffusionDPO(OfflineDenoisingObjective):
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
                        scores: Tensor | None) -> Tensor:
         rc, rr = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
-        options = {**self.options, **self.batch_options(policy, reference)}
+        options = self.loss_options(policy, reference)
         if self.spec.kind == "soft-label":
             options["preference"] = preference if preference is not None else torch.ones_like(policy[:, 0])
         loss = self.spec.fn(policy[:, 0], policy[:, 1], rc, rr, beta=self.beta, **options)

@@ -42,7 +42,7 @@ class DiffusionKTO(OfflineDenoisingObjective):
             return [part if part is not None and len(part) else None for part in parts]
 
         (pc, pr), (rc, rr) = split(policy), split(reference)
-        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **{**self.options, **self.batch_options(policy, reference)})
+        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **self.loss_options(policy, reference))
         per_image = policy.new_zeros(len(policy), dtype=loss.dtype)
         if len(loss) == len(policy):
             per_image[liked], per_image[~liked] = loss[: int(liked.sum())], loss[int(liked.sum()):]

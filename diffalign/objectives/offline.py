@@ -53,22 +53,25 @@ class OfflineDenoisingObjective(Objective):
         """BCO's running reward shift, when the run keeps one, goes into the checkpoints."""
         return [] if self.reward_shift is None else [self.reward_shift]
 
+    def _mean_reward(self, policy: Tensor, reference: Tensor) -> Tensor:
+        """The mean implicit reward r = s_policy - s_ref over every item of the global batch, detached."""
+        return self.mean_over_processes((policy - reference).detach().float().mean())
+
     def reference_point(self, policy: Tensor, reference: Tensor) -> Tensor:
         """KTO's z_0 (Eq. 8): max(0, mean implicit reward) over the global batch, detached. Diffusion-KTO's
         code reduces it over the GPUs (``accelerator.reduce(kl_gpu, reduction="mean")``)."""
-        return kto_kl_baseline(fallback=[self.mean_over_processes((policy - reference).detach().float().mean())[None]])
+        return kto_kl_baseline(fallback=[self._mean_reward(policy, reference)[None]])
 
-    def batch_options(self, policy: Tensor, reference: Tensor | None) -> dict[str, Any]:
-        """Options of an unpaired loss that are statistics of the implicit rewards of the whole batch
-        (every item, every process): KTO's reference point and BCO's running reward shift."""
-        if reference is None:
-            return {}
-        if self.spec.name == "kto":
-            return {"kl": self.reference_point(policy, reference)}
-        if self.reward_shift is not None:
-            batch_mean = self.mean_over_processes((policy - reference).detach().float().mean())
-            return {"delta": self.reward_shift.update(self.beta * batch_mean[None])}
-        return {}
+    def loss_options(self, policy: Tensor, reference: Tensor | None) -> dict[str, Any]:
+        """The core loss's options for this batch: the config's ``loss_options`` plus those an unpaired loss
+        takes from the implicit rewards of the whole batch (every item, every process), KTO's reference point
+        and BCO's running reward shift."""
+        if reference is not None and self.spec.name == "kto":
+            return {**self.options, "kl": self.reference_point(policy, reference)}
+        if reference is not None and self.reward_shift is not None:
+            delta = self.reward_shift.update(self.beta * self._mean_reward(policy, reference)[None])
+            return {**self.options, "delta": delta}
+        return dict(self.options)
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """One group's shared timestep and noise, from the group's own generator."""
