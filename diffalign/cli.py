@@ -32,10 +32,17 @@ def _cmd_losses(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from diffalign.train import load_config, train
 
     config = load_config(args.config, args.overrides)
-    summary = train(config)
+    try:
+        summary = train(config)
+    finally:
+        # under torchrun: an undestroyed gloo/NCCL group can abort the interpreter's exit ("terminate called
+        # without an active exception", exit -6) after a run that succeeded
+        PartialState().destroy_process_group()
     state = "interrupted; resume with train.resume=latest" if summary["interrupted"] else "done"
     print(f"{state}: {summary['steps']} steps, run directory {config.output_dir}")
     return 0
