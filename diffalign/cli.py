@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import textwrap
+from pathlib import Path
 from typing import Sequence
 
 from diffalign.errors import UserError
@@ -67,8 +68,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from diffalign.diffusion import DTYPES, default_device, load_pipeline
     from diffalign.diffusion.finetuned import load_finetuned
     from diffalign.eval import evaluate_models
@@ -118,6 +117,21 @@ def _cmd_generate_ranked(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pairs_to_labels(args: argparse.Namespace) -> int:
+    from diffalign.data.labels import pairs_to_labelled_images
+
+    summary = pairs_to_labelled_images(args.pairs, args.out, mixed=args.mixed, caption_column=args.caption_column,
+                                       image_columns=tuple(args.image_columns), label_column=args.label_column,
+                                       rows_per_shard=args.rows_per_shard)
+    skipped = sum(summary["bad_rows"].values())
+    print(f"{summary['pairs_used']} pairs ({skipped} bad rows skipped) -> {summary['images']} images: "
+          f"{summary['liked']} liked, {summary['not_liked']} not; {summary['won_and_lost']} both won and lost "
+          f"(mixed={summary['mixed']})")
+    index = Path(args.out) / "images.jsonl"
+    print(f"train Diffusion-KTO on it: data.path={index if index.exists() else args.out} data.label_column=label")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
@@ -163,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML config, e.g. configs/toy_generate_ranked.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as seeds_per_generator=4")
     p.set_defaults(run=_cmd_generate_ranked)
+
+    p = sub.add_parser("pairs-to-labels", help="per-image liked/not-liked labels from a pairs dataset "
+                       "(Diffusion-KTO's data from Pick-a-Pic)")
+    p.add_argument("pairs", help="a pairs dataset: parquet file/folder, datasets folder or .jsonl index")
+    p.add_argument("out", help="a new folder for the labelled images "
+                   "(parquet shards, or images.jsonl for a .jsonl index)")
+    p.add_argument("--mixed", default="liked", choices=("liked", "disliked", "drop"),
+                   help="label of an image that both won and lost (default liked, the authors' gt_label_wi_l)")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--image-columns", nargs=2, default=["jpg_0", "jpg_1"], metavar=("FIRST", "SECOND"))
+    p.add_argument("--label-column", default="label_0", help="P(first image preferred): 1, 0, 0.5 for a tie")
+    p.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per parquet shard")
+    p.set_defaults(run=_cmd_pairs_to_labels)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")
     p.add_argument("run_dir", help="a finished run directory (config.yaml and final/ inside)")

@@ -14,7 +14,7 @@ def test_help_lists_every_subcommand(capsys):
     except SystemExit as exit_:
         assert exit_.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "train", "eval", "generate-ranked", "export", "losses"):
+    for command in ("demo", "train", "eval", "generate-ranked", "pairs-to-labels", "export", "losses"):
         assert command in out
 
 
