@@ -59,7 +59,8 @@ def test_a_jsonl_index_of_pairs_gives_an_index_of_the_same_files(tmp_path):
     folder.mkdir(parents=True)
     for name, data in IMAGES.items():
         (folder / f"{name}.png").write_bytes(data)
-    lines = [{"caption": c, "jpg_0": f"images/{a}.png", "jpg_1": f"images/{b}.png", "label_0": p} for c, a, b, p in PAIRS]
+    lines = [{"caption": c, "jpg_0": f"images/{a}.png", "jpg_1": f"images/{b}.png", "label_0": p}
+             for c, a, b, p in PAIRS]
     lines.append({"caption": "four", "jpg_0": "images/missing.png", "jpg_1": "images/A.png", "label_0": 1.0})
     (tmp_path / "pick" / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
 

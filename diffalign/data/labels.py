@@ -61,7 +61,8 @@ def tally_images(pairs: PairDataset) -> tuple[dict[tuple[str, str], _ImageRecord
         used += 1
         columns = pairs.image_columns if pairs.labels[example.index] >= 0.5 else pairs.image_columns[::-1]
         for place, (image_id, column) in enumerate(zip(example.image_ids, columns, strict=True)):
-            record = images.setdefault((example.caption, image_id), _ImageRecord(example.caption, example.index, column))
+            record = images.setdefault((example.caption, image_id),
+                                       _ImageRecord(example.caption, example.index, column))
             if place == 0:
                 record.wins += 1
             else:
