@@ -120,9 +120,13 @@ def pairs_to_labelled_images(pairs_path: str | Path, out: str | Path, *, mixed: 
 
 
 def _rows(pairs: PairDataset, labelled: list[tuple[_ImageRecord, int]]) -> Iterator[tuple[_ImageRecord, int, object]]:
-    """Each labelled image with its image cell as stored in the pairs table."""
+    """Each labelled image with its image cell as stored in the pairs table. Records come in row order (of
+    first appearance), so each row is read once, not once per image."""
+    index, row = -1, {}
     for record, label in labelled:
-        yield record, label, pairs.source.row(record.row).get(record.column)
+        if record.row != index:
+            index, row = record.row, pairs.source.row(record.row)
+        yield record, label, row.get(record.column)
 
 
 def _write_shards(pairs: PairDataset, labelled: list[tuple[_ImageRecord, int]], folder: Path,
