@@ -1,13 +1,15 @@
-"""Text-LM target: sequence log-probs, LD-DPO, and DPO end to end on a tiny GPT-2."""
+"""Text-LM target: sequence log-probs, LD-DPO, DPO end to end, and KTO/BCO/NPO on labelled completions, on a
+tiny GPT-2 (KTO against TRL's KTOTrainer)."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from trl.trainer.utils import selective_log_softmax
-from trl_reference import trl_dpo_loss_from_token_logps
+from trl_reference import trl_dpo_loss_from_token_logps, trl_kto_loss
 
 from diffalign import losses
-from diffalign.lm import preference_loss, ranked_preference_loss, sequence_logps, token_logps
+from diffalign.lm import (mismatched_completions, preference_loss, ranked_preference_loss, sequence_logps, token_logps,
+                          unpaired_preference_loss)
 
 VOCAB, PROMPT, COMPLETION = 32, 4, 6
 
@@ -156,3 +158,107 @@ def test_losses_of_the_other_signature_are_pointed_to_the_right_function():
         ranked_preference_loss(tiny_gpt2(0), tiny_gpt2(1), preference_batch(2), list_size=2, loss="dpo")
     with pytest.raises(ValueError, match="list_size"):
         ranked_preference_loss(tiny_gpt2(0), tiny_gpt2(1), preference_batch(2), list_size=3)
+
+
+def labelled_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Six completions labelled one by one, unbalanced and interleaved: three counting (desirable) and
+    three random ones, from preference_batch's chosen rows 0-3 and rejected rows 4-7."""
+    pairs = preference_batch(4, seed=2)
+    rows = torch.tensor([0, 5, 6, 1, 7, 2])
+    return {k: v[rows] for k, v in pairs.items()}, rows < 4
+
+
+def _trl_token_logps(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return selective_log_softmax(logits[:, :-1], batch["input_ids"][:, 1:])
+
+
+def test_mismatched_completions_are_the_kl_rows_trl_builds():
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "label": True},
+                {"prompt_ids": [7, 8], "completion_ids": [9], "label": False},
+                {"prompt_ids": [6], "completion_ids": [10, 11, 12], "label": False}]
+    completions = [e["completion_ids"] for e in examples]
+    for example, kl_completion in zip(examples, completions[-1:] + completions[:-1]):  # TRL's add_kl_completion_ids
+        example["KL_completion_ids"] = kl_completion
+    theirs = DataCollatorForUnpairedPreference(pad_token_id=0)(examples)
+    ours = mismatched_completions({k: theirs[k] for k in ("input_ids", "attention_mask", "completion_mask")})
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(ours[key], theirs[f"KL_{key}"]), key
+
+
+def test_kto_on_labelled_completions_matches_trl():
+    policy, reference = tiny_gpt2(0), tiny_gpt2(1)
+    batch, labels = labelled_batch()
+    kl_batch = mismatched_completions(batch)
+    weights = {"desirable_weight": 1.3, "undesirable_weight": 0.8}
+    ours, metrics = unpaired_preference_loss(policy, reference, batch, labels=labels, loss="kto", beta=0.5,
+                                             kl_batch=kl_batch, **weights)
+    assert metrics["kl"] > 0.2  # the reference point is not clamped to 0, so it matters here
+    with torch.no_grad():
+        ref = (_trl_token_logps(reference, batch) * batch["completion_mask"][:, 1:]).sum(1)
+        ref_kl = (_trl_token_logps(reference, kl_batch) * kl_batch["completion_mask"][:, 1:]).sum(1)
+        theirs = trl_kto_loss(_trl_token_logps(policy, batch), batch["completion_mask"], labels, ref,
+                              _trl_token_logps(policy, kl_batch), kl_batch["completion_mask"], ref_kl, beta=0.5,
+                              **weights)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    # without a KL batch, the rows' own log-ratios set the reference point (as on diffusion)
+    _, own = unpaired_preference_loss(policy, reference, batch, labels=labels, loss="kto", beta=0.5)
+    r = _log_ratios(policy, reference, batch)
+    torch.testing.assert_close(own["kl"], r.mean().clamp(min=0))
+    torch.testing.assert_close(own["rewards/chosen"], 0.5 * r[labels].mean())
+
+
+def _log_ratios(policy, reference, batch):
+    """log pi_policy - log pi_ref of each row's completion, by sequence_logps."""
+    with torch.no_grad():
+        scores = [sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["input_ids"], batch["completion_mask"])[0] for model in (policy, reference)]
+    return scores[0] - scores[1]
+
+
+def test_bco_keeps_its_running_shift_and_npo_scores_only_the_undesirable_completions():
+    policy, reference = tiny_gpt2(0), tiny_gpt2(1)
+    batch, labels = labelled_batch()
+    r = _log_ratios(policy, reference, batch)
+    shift = losses.RewardShift()
+    shift.update(torch.tensor([0.25]))  # an earlier batch's mean reward
+    loss, metrics = unpaired_preference_loss(policy, reference, batch, labels=labels, loss="bco", beta=0.5,
+                                             reward_shift=shift)
+    delta = (0.25 + 0.5 * r.mean()) / 2
+    assert shift.count == 2 and metrics["delta"].item() == pytest.approx(delta.item(), abs=1e-6)
+    by_hand = torch.cat([-torch.nn.functional.logsigmoid(0.5 * r[labels] - delta),
+                         -torch.nn.functional.logsigmoid(-(0.5 * r[~labels] - delta))]).mean()
+    torch.testing.assert_close(loss, by_hand, atol=1e-6, rtol=1e-5)
+
+    loss, metrics = unpaired_preference_loss(policy, reference, batch, labels=labels, loss="npo", beta=0.5)
+    torch.testing.assert_close(loss, (-(2 / 0.5) * torch.nn.functional.logsigmoid(-0.5 * r[~labels])).mean(),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_kto_training_raises_the_desirable_completions_reward_above_the_others():
+    torch.manual_seed(0)
+    policy, reference = tiny_gpt2(0), tiny_gpt2(0)
+    batch, labels = labelled_batch()
+    kl_batch = mismatched_completions(batch)
+    first, _ = unpaired_preference_loss(policy, reference, batch, labels=labels, beta=0.1, kl_batch=kl_batch)
+    assert first.item() == pytest.approx(0.5)  # policy == reference: every value is 1 - sigma(0)
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss, metrics = unpaired_preference_loss(policy, reference, batch, labels=labels, beta=0.1, kl_batch=kl_batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    loss, metrics = unpaired_preference_loss(policy, reference, batch, labels=labels, beta=0.1, kl_batch=kl_batch)
+    assert loss.item() < 0.45 and metrics["rewards/chosen"] > 0 > metrics["rewards/rejected"]
+
+
+def test_unpaired_loss_refuses_other_losses_and_misshapen_labels():
+    batch, labels = labelled_batch()
+    with pytest.raises(ValueError, match="pairwise loss: use preference_loss"):
+        unpaired_preference_loss(tiny_gpt2(0), tiny_gpt2(1), batch, labels=labels, loss="dpo")
+    with pytest.raises(ValueError, match="one flag per row"):
+        unpaired_preference_loss(tiny_gpt2(0), tiny_gpt2(1), batch, labels=labels[:4])

@@ -100,3 +100,48 @@ def trl_dpo_loss_from_token_logps(
         "ref_rejected_logps": rr.float(),
     }
     return DPOTrainer._compute_loss(trainer, fake, inputs, return_outputs=False)
+
+
+def trl_kto_loss(
+    token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    kl_token_logps: torch.Tensor,
+    kl_completion_mask: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """TRL's KTOTrainer loss given the policy's per-token log-probs of the rows (B, T-1) and of the
+    mismatched KL rows, with the reference's sequence log-probs precomputed."""
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    n, length = completion_mask.shape
+    kl_ids = torch.zeros_like(kl_completion_mask)
+    fake = _FakeLM(token_logps.float() * completion_mask[:, 1:])
+    fake_kl = _FakeLM(kl_token_logps.float() * kl_completion_mask[:, 1:])
+
+    def model(input_ids, **kwargs):  # the KL rows come as their own tensor
+        return (fake_kl if input_ids is kl_ids else fake)(input_ids, **kwargs)
+
+    model.training = True
+    trainer = SimpleNamespace(model=model, accelerator=_Accelerator(), aux_loss_enabled=False, calculate_KL=True,
+                              precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight, _metrics={"train": defaultdict(list)},
+                              _total_train_tokens=0, _tp_size=1)
+    trainer._compute_kl_logps = lambda m, batch: KTOTrainer._compute_kl_logps(trainer, m, batch)
+    inputs = {
+        "input_ids": torch.zeros(n, length, dtype=torch.long),
+        "attention_mask": torch.ones(n, length, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": torch.ones_like(kl_completion_mask),
+        "KL_completion_mask": kl_completion_mask,
+        "label": labels,
+        "ref_logps": ref_logps.float(),
+        "ref_KL_logps": ref_kl_logps.float(),
+    }
+    return KTOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)

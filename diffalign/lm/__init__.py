@@ -2,5 +2,7 @@
 
 from diffalign.lm.logprobs import ld_scores, sequence_logps, token_logps
 from diffalign.lm.preference import preference_loss, ranked_preference_loss
+from diffalign.lm.unpaired import mismatched_completions, unpaired_preference_loss
 
-__all__ = ["ld_scores", "preference_loss", "ranked_preference_loss", "sequence_logps", "token_logps"]
+__all__ = ["ld_scores", "mismatched_completions", "preference_loss", "ranked_preference_loss", "sequence_logps",
+           "token_logps", "unpaired_preference_loss"]

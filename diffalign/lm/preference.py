@@ -6,7 +6,9 @@ prompt stacks K such blocks, best first: (K * B, T), row k * B + i the k-th comp
 i (a pair batch is the case K = 2). One forward of the policy (and one of the reference, in
 no_grad) covers the whole batch. Pairwise-signature losses of :mod:`diffalign.losses` (pairwise,
 unpaired, reference-free, soft-label) go through :func:`preference_loss`, listwise ones through
-:func:`ranked_preference_loss`.
+:func:`ranked_preference_loss`; an unpaired loss there reads each pair as one desirable and one
+undesirable completion. Completions labelled one by one go through
+:func:`diffalign.lm.unpaired_preference_loss`.
 """
 
 from __future__ import annotations
