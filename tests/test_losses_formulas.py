@@ -96,6 +96,14 @@ def test_kto_accepts_unbalanced_and_missing_sides():
     assert out.shape == (3,)
 
 
+def test_apo_zero_unpaired_is_apo_zeros_two_terms_each_on_its_examples():
+    """APO Eq. 7 apart: desirable 1 - sigma(beta r_w), undesirable sigma(beta r_l), with KTO's weights."""
+    out = losses.get("apo_zero_unpaired")(PC, PR, RC, RR, beta=2.0, desirable_weight=1.0, undesirable_weight=1.5)
+    close(out, [1 - sig(2.0 * 0.5), 1.5 * sig(2.0 * -0.5)])
+    close(out.sum(), losses.get("apo_zero")(PC, PR, RC, RR, beta=2.0)[0] + 0.5 * sig(2.0 * -0.5))
+    close(losses.get("apo_zero_unpaired")(None, PR, None, RR, beta=2.0), [sig(2.0 * -0.5)])
+
+
 def test_bco_with_shift_and_udm_weights():
     out = losses.get("bco")(PC, PR, RC, RR, beta=1.0, delta=0.2, rejected_weights=T([3.0]))
     close(out, [-logsig(0.5 - 0.2), 3.0 * -logsig(-(-0.5 - 0.2))])

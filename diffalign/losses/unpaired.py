@@ -88,6 +88,31 @@ def kto(
     return _concat(chosen, rejected)
 
 
+@register(
+    "apo_zero_unpaired",
+    kind=UNPAIRED,
+    summary="APO-zero on unpaired examples: each desirable likelihood up, each undesirable one down",
+    paper="D'Oosterlinck et al. 2024 (APO), arXiv 2408.06266, Eq. 7 (its terms apart, as TRL's KTOTrainer)",
+)
+def apo_zero_unpaired(
+    pc: Tensor | None,
+    pr: Tensor | None,
+    rc: Tensor | None,
+    rr: Tensor | None,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """APO-zero's two terms (Eq. 7) on their own examples: ``lambda_D (1 - sigma(beta r_w))`` for
+    desirable and ``lambda_U sigma(beta r_l)`` for undesirable ones; no reference point. For data
+    whose desirable answers are better than the model's own (APO's "zero" case)."""
+    rw, rl = _side("apo_zero_unpaired", pc, rc), _side("apo_zero_unpaired", pr, rr)
+    chosen = None if rw is None else desirable_weight * (1 - torch.sigmoid(beta * rw))
+    rejected = None if rl is None else undesirable_weight * torch.sigmoid(beta * rl)
+    return _concat(chosen, rejected)
+
+
 class RewardShift:
     """BCO's reward shift delta: the running mean of all implicit rewards seen so far.
 
