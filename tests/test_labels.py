@@ -15,9 +15,10 @@ from diffalign.errors import UserError
 
 IMAGES = {name: png_bytes((30 * i, 80, 200 - 30 * i), 16, i) for i, name in enumerate("ABCDEF")}
 # (caption, first image, second image, label_0): A beats B and C, B beats C, D-E is a tie, F beats D by a
-# soft label, row 5 has no caption, and A-B again under another caption (other images: a label is per prompt).
+# soft label, row 5 has no caption, A-B again under another caption (other images: a label is per prompt), and C
+# against itself (no information).
 PAIRS = [("one", "A", "B", 1.0), ("one", "C", "A", 0.0), ("one", "B", "C", 1.0), ("two", "D", "E", 0.5),
-         ("two", "D", "F", 0.3), ("", "A", "C", 1.0), ("three", "A", "B", 1.0)]
+         ("two", "D", "F", 0.3), ("", "A", "C", 1.0), ("three", "A", "B", 1.0), ("one", "C", "C", 1.0)]
 # (caption, image, wins, losses) in order of first appearance; B under "one" both won and lost.
 TALLY = [("one", "A", 2, 0), ("one", "B", 1, 1), ("one", "C", 0, 2), ("two", "F", 1, 0), ("two", "D", 0, 1),
          ("three", "A", 1, 0), ("three", "B", 0, 1)]

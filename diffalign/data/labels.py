@@ -9,8 +9,8 @@ liked and ``gt_label_w_l`` drops it. :func:`pairs_to_labelled_images` does the s
 dataset :class:`~diffalign.data.PairDataset` reads: ``mixed="liked" | "disliked" | "drop"``.
 
 An image is identified by its caption and the hash of its encoded bytes, so the same picture in
-many pairs is one row. Ties carry no win or loss (an image seen only in ties is left out), and a
-soft label counts as a win for the image it prefers. Bad rows (missing image file, missing
+many pairs is one row. Ties and pairs of two identical images carry no win or loss (an image seen
+only in those is left out), and a soft label counts as a win for the image it prefers. Bad rows (missing image file, missing
 caption) are skipped and counted; images are not decoded here, so a corrupt image is counted when
 a training run reads it.
 
@@ -51,12 +51,13 @@ class _ImageRecord:
 
 def tally_images(pairs: PairDataset) -> tuple[dict[tuple[str, str], _ImageRecord], int]:
     """Every image of the usable pairs, keyed by (caption, content hash), in order of first appearance,
-    and the number of pairs read (bad rows are counted in ``pairs.skipped``)."""
+    and the number of pairs used: bad rows are counted in ``pairs.skipped``, and a pair of two identical
+    images is left out."""
     images: dict[tuple[str, str], _ImageRecord] = {}
     used = 0
     for position in range(len(pairs)):
         example = pairs.example(position, decode=False)
-        if example is None:
+        if example is None or example.image_ids[0] == example.image_ids[1]:  # a picture against itself tells nothing
             continue
         used += 1
         columns = pairs.image_columns if pairs.labels[example.index] >= 0.5 else pairs.image_columns[::-1]
