@@ -10,9 +10,9 @@ dataset :class:`~diffalign.data.PairDataset` reads: ``mixed="liked" | "disliked"
 
 An image is identified by its caption and the hash of its encoded bytes, so the same picture in
 many pairs is one row. Ties and pairs of two identical images carry no win or loss (an image seen
-only in those is left out), and a soft label counts as a win for the image it prefers. Bad rows (missing image file, missing
-caption) are skipped and counted; images are not decoded here, so a corrupt image is counted when
-a training run reads it.
+only in those is left out), and a soft label counts as a win for the image it prefers. Bad rows
+(missing image file, missing caption) are skipped and counted; images are not decoded here, so a
+corrupt image is counted when a training run reads it.
 
 The output is a folder, written whole or not at all: parquet shards with the columns ``caption``,
 ``image`` (encoded bytes), ``label`` (1 liked, 0 not), ``wins`` and ``losses``, or, when the
