@@ -12,7 +12,6 @@ whose label is missing or not binary is dropped when the table loads.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 from diffalign.data.pairs import BadRow, GroupExample, ImageRows
@@ -40,7 +39,6 @@ class CaptionedImageDataset(ImageRows):
                          on_error=on_error)
         self.caption_column, self.image_column = caption_column, image_column
         self.labels: list[float] | None = None
-        self.indices: Sequence[int] = range(len(self.source))
         if label_column:
             labels = [_binary_label(v, i, label_column) for i, v in enumerate(self.source.column(label_column))]
             for label in labels:
@@ -50,9 +48,6 @@ class CaptionedImageDataset(ImageRows):
             self.labels = labels
             if not self.indices:
                 raise UserError(f"data.path {path} has no row with a usable label in column {label_column!r}")
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def positions_by_label(self) -> tuple[list[int], list[int]]:
         """The positions (of the usable rows) of the liked images and of the others."""

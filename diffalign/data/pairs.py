@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,7 @@ class ImageRows:
 
     def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str) -> None:
         self.source = RowSource(path)
+        self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
         self.resolution = resolution
         self.on_error = on_error
         self.skipped: dict[str, int] = {}
@@ -155,6 +157,9 @@ class ImageRows:
                 f"data.path {path} has no column {', '.join(repr(c) for c in missing)}; it has "
                 f"{', '.join(self.source.columns)}. Rename the columns or set the data.*_column keys."
             )
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
     def read(self, position: int, decode: bool = True) -> GroupExample:
         """The group at ``position``; raises :class:`BadRow`. Pure (counts nothing), so threads may call it.
@@ -250,9 +255,6 @@ class PairDataset(ImageRows):
         p = smoothed_preference(scores[..., 0], scores[..., 1], scales).tolist() if good else []
         smoothed = dict(zip(good, p, strict=True))
         return [bad[i] if i in bad else smoothed[i] for i in range(len(self.source))]
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def read(self, position: int, decode: bool = True) -> GroupExample:
         """The pair at ``position`` of the usable pairs, winner first; raises :class:`BadRow`."""

@@ -54,9 +54,6 @@ class RankedListDataset(ImageRows):
         if not self.indices:
             raise UserError(f"data.path {path} has no usable ranked list")
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def read(self, position: int, decode: bool = True) -> GroupExample:
         """The list at ``position``, best first; raises :class:`BadRow`."""
         index = self.indices[position]
