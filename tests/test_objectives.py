@@ -99,6 +99,12 @@ def test_every_unpaired_loss_on_pairs_is_its_mean_over_the_images_it_scores(tiny
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def _per_group_loss(objective, policy, reference, preference=None):
+    """The objective's per-group loss with the options (batch statistics included) it computes for the batch."""
+    return objective.per_group_loss(policy, reference, preference=preference, scores=None,
+                                    options=objective.loss_options(policy, reference))
+
+
 def test_bco_on_diffusion_keeps_the_running_mean_of_the_rewards_as_its_shift(tiny_sd15):
     """BCO (Jung et al. 2024, Eq. 6) with delta = the running mean of beta * r over the steps so far,
     this one included (as TRL's BCOTrainer); ``loss_options.delta`` fixes it and keeps no state."""
@@ -109,8 +115,8 @@ def test_bco_on_diffusion_keeps_the_running_mean_of_the_rewards_as_its_shift(tin
     assert objective.attach(tiny_sd15.denoiser) == [objective.reward_shift]
     policy, reference = torch.tensor([[0.002, -0.001], [0.003, 0.0]]), torch.zeros(2, 2)
     later = torch.tensor([[0.004, 0.001], [0.005, 0.002]])
-    objective.per_group_loss(policy, reference, preference=None, scores=None)
-    got = objective.per_group_loss(later, reference, preference=None, scores=None)
+    _per_group_loss(objective, policy, reference)
+    got = _per_group_loss(objective, later, reference)
     delta = beta * (policy.mean() + later.mean()).item() / 2
     hand = [(-math.log(1 / (1 + math.exp(-(beta * w - delta)))) - math.log(1 / (1 + math.exp(beta * l - delta)))) / 2
             for w, l in later.tolist()]
@@ -119,7 +125,7 @@ def test_bco_on_diffusion_keeps_the_running_mean_of_the_rewards_as_its_shift(tin
                                                         loss_options={"delta": 0.0}), tiny_sd15)
     assert fixed.attach(tiny_sd15.denoiser) == []
     expected = losses.get("bco")(later[:, 0], later[:, 1], reference[:, 0], reference[:, 1], beta=beta, delta=0.0)
-    torch.testing.assert_close(fixed.per_group_loss(later, reference, preference=None, scores=None),
+    torch.testing.assert_close(_per_group_loss(fixed, later, reference),
                                expected.view(2, 2).mean(0))
 
 
@@ -174,8 +180,8 @@ def test_diffusion_kto_trains_from_the_cli_on_tiny_sdxl(tmp_path):
                  "objective.name=diffusion_kto", "objective.loss=kto", "objective.beta=1000",
                  f"output_dir={tmp_path / 'run'}", "train.max_steps=2"]) == 0
     logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {"rewards/desirable", "rewards/undesirable", "implicit_acc"} <= set(logs[-1])
-    with pytest.raises(UserError, match="diffusion_kto takes unpaired losses: bco, kto, npo"):
+    assert {"rewards/desirable", "rewards/undesirable", "implicit_acc", "kl"} <= set(logs[-1])
+    with pytest.raises(UserError, match="diffusion_kto takes unpaired losses: apo_zero_unpaired, bco, kto, npo"):
         load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["objective.name=diffusion_kto"])
 
 
@@ -192,11 +198,13 @@ def test_diffusion_kto_takes_its_reference_point_over_all_processes(tiny_sd15):
     z0 = (0.04 / 3 + other_mean) / 2
     expected = losses.get("kto")(policy[[0, 2], 0], policy[[1], 0], reference[[0, 2], 0], reference[[1], 0],
                                  beta=50.0, kl=z0)
-    got = objective.per_group_loss(policy, reference, preference=liked, scores=None)
+    got = _per_group_loss(objective, policy, reference, liked)
     torch.testing.assert_close(got, expected[[0, 2, 1]], rtol=1e-6, atol=0)
-    assert objective.reward_metrics(policy, reference, preference=liked)["implicit_acc"].item() == 1.0
+    accuracy = lambda: objective.reward_metrics(policy, reference, preference=liked,  # noqa: E731
+                                                options=objective.loss_options(policy, reference))["implicit_acc"]
+    assert accuracy().item() == 1.0
     objective.mean_over_processes = lambda value: (value + 0.03) / 2  # z_0 = 0.0217: above the liked 0.02
-    assert objective.reward_metrics(policy, reference, preference=liked)["implicit_acc"].item() == pytest.approx(2 / 3)
+    assert accuracy().item() == pytest.approx(2 / 3)
 
 
 def test_positive_ratio_draws_liked_images_at_that_rate_and_only_for_labelled_images(tmp_path):

@@ -110,6 +110,5 @@ class DDO(OfflineDenoisingObjective):
         return loss, metrics
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
-                       scores: Tensor | None) -> Tensor:
-        return self.spec.fn(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=self.beta,
-                            **self.options)
+                       scores: Tensor | None, options: dict[str, Any]) -> Tensor:
+        return self.spec.fn(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=self.beta, **options)

@@ -21,6 +21,8 @@ Both equal ``dpo`` here with beta = 2500 (the 0.5 is folded in); errors are per-
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from diffalign.objectives.offline import OfflineDenoisingObjective
@@ -35,11 +37,11 @@ class DiffusionDPO(OfflineDenoisingObjective):
     loss_kinds = ("pairwise", "soft-label", "reference-free", "regulariser", "unpaired")
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
-                       scores: Tensor | None) -> Tensor:
+                       scores: Tensor | None, options: dict[str, Any]) -> Tensor:
         rc, rr = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
-        options = self.loss_options(policy, reference)
         if self.spec.kind == "soft-label":
-            options["preference"] = preference if preference is not None else torch.ones_like(policy[:, 0])
+            certain = torch.ones_like(policy[:, 0])
+            options = {**options, "preference": preference if preference is not None else certain}
         loss = self.spec.fn(policy[:, 0], policy[:, 1], rc, rr, beta=self.beta, **options)
         if self.spec.kind == "unpaired":  # (desirable losses, then undesirable ones) -> one per pair
             return loss.view(-1, len(policy)).mean(0)  # NPO without its retain term has undesirable ones only

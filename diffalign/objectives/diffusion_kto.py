@@ -19,6 +19,8 @@ losses (bco, with its running reward shift; npo) are one config key away.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from diffalign.objectives.offline import OfflineDenoisingObjective
@@ -33,7 +35,7 @@ class DiffusionKTO(OfflineDenoisingObjective):
     loss_kinds = ("unpaired",)
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
-                       scores: Tensor | None) -> Tensor:
+                       scores: Tensor | None, options: dict[str, Any]) -> Tensor:
         """(B,) loss of the images, in batch order, from the unpaired loss's (liked, then not liked) losses."""
         liked = preference > 0.5
 
@@ -42,7 +44,7 @@ class DiffusionKTO(OfflineDenoisingObjective):
             return [part if part is not None and len(part) else None for part in parts]
 
         (pc, pr), (rc, rr) = split(policy), split(reference)
-        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **self.loss_options(policy, reference))
+        loss = self.spec.fn(pc, pr, rc, rr, beta=self.beta, **options)
         per_image = policy.new_zeros(len(policy), dtype=loss.dtype)
         if len(loss) == len(policy):
             per_image[liked], per_image[~liked] = loss[: int(liked.sum())], loss[int(liked.sum()):]
@@ -50,12 +52,13 @@ class DiffusionKTO(OfflineDenoisingObjective):
             per_image[~liked] = loss
         return per_image
 
-    def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None) -> dict[str, Tensor]:
+    def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None,
+                       options: dict[str, Any]) -> dict[str, Tensor]:
         """Mean implicit reward of the liked and of the other images, and the fraction of images whose
         reward lies on their label's side of the batch's reference point (the authors' logged accuracy)."""
         r = (policy - reference)[:, 0].float()
         liked = (preference > 0.5).float()
-        z0 = self.reference_point(policy, reference)  # the one the kto loss uses
+        z0 = options["kl"] if "kl" in options else self.reference_point(policy, reference)  # the kto loss's one
         agree = torch.where(liked.bool(), r > z0, r < z0).float()
         return {
             "rewards/desirable": self.beta * (r * liked).sum() / liked.sum().clamp(min=1.0),

@@ -87,7 +87,7 @@ class OfflineDenoisingObjective(Objective):
                             noise=randomness["noise"], weighting=self.weighting)
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
-                       scores: Tensor | None) -> Tensor:
+                       scores: Tensor | None, options: dict[str, Any]) -> Tensor:
         """(B,) loss from (B, K) policy and reference scores; see the subclasses."""
         raise NotImplementedError
 
@@ -115,15 +115,18 @@ class OfflineDenoisingObjective(Objective):
         group = self.noise(backbone, latents, cond, randomness)
         policy_scores, ref = group_scores(backbone, group, policy=policy, reference=reference,
                                           need_reference=self.needs_reference)
-        per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores)
+        options = self.loss_options(policy_scores, ref)
+        per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores, options=options)
         metrics = {"raw_model_loss": -policy_scores.detach().mean()}
-        if self.reward_shift is not None:  # BCO's delta, as TRL's BCOTrainer logs it
-            metrics["delta"] = torch.tensor(self.reward_shift.value)
+        # the batch statistics the loss used, as TRL logs them: KTO's reference point kl, BCO's shift delta
+        metrics.update({name: torch.as_tensor(options[name]) for name in ("kl", "delta") if name in options})
         if ref is not None:
-            metrics.update(self.reward_metrics(policy_scores.detach(), ref, preference=preference))
+            metrics.update(self.reward_metrics(policy_scores.detach(), ref, preference=preference, options=options))
             metrics["ref_loss"] = -ref.mean()
         return per_group.mean(), metrics
 
-    def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None) -> dict[str, Tensor]:
-        """Implicit-reward metrics of (B, K) scores: best against worst item (for pairs, TRL's DPO metrics)."""
+    def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None,
+                       options: dict[str, Any]) -> dict[str, Tensor]:
+        """Implicit-reward metrics of (B, K) scores: best against worst item (for pairs, TRL's DPO metrics).
+        ``options`` are the core loss's options for this batch (:meth:`loss_options`)."""
         return losses.preference_metrics(policy[:, 0], policy[:, -1], reference[:, 0], reference[:, -1], beta=self.beta)

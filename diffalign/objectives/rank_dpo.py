@@ -19,6 +19,8 @@ follows Diffusion-DPO (the paper builds on it; 2500 here equals its 5000 with th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from diffalign.objectives.offline import OfflineDenoisingObjective
@@ -33,5 +35,5 @@ class RankDPO(OfflineDenoisingObjective):
     loss_kinds = ("listwise",)
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
-                       scores: Tensor | None) -> Tensor:
-        return self.spec.fn(policy, reference, beta=self.beta, scores=scores, **self.options)
+                       scores: Tensor | None, options: dict[str, Any]) -> Tensor:
+        return self.spec.fn(policy, reference, beta=self.beta, scores=scores, **options)
