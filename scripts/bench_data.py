@@ -9,6 +9,8 @@
   order through ``ExampleReader`` at ``--resolution`` with ``--workers`` threads each; between
   two takes the script waits ``--step-s`` seconds, standing in for the GPU's share of a step.
   With read-ahead threads the decoding hides behind it; in the loop it adds to it.
+- ``labels``: ``diffalign pairs-to-labels`` on a parquet of ``--pairs`` JPEG pairs (``--source-px``):
+  seconds for the one-time parquet-to-Arrow conversion and for the conversion itself, and MB/s.
 
 To compare with an earlier version, run it with that version first on the path:
 ``git worktree add /tmp/old COMMIT && PYTHONPATH=/tmp/old python scripts/bench_data.py cache``.
@@ -16,6 +18,7 @@ To compare with an earlier version, run it with that version first on the path:
     python scripts/bench_data.py cache --puts 1000,2000,4000,100000
     python scripts/bench_data.py rows --pairs 2000 --blob-kib 256
     python scripts/bench_data.py reader --pairs 32 --resolution 1024 --workers 0,1,2,4 --step-s 0.25
+    python scripts/bench_data.py labels --pairs 1000 --source-px 512
 """
 
 from __future__ import annotations
@@ -147,13 +150,31 @@ def bench_reader(args: argparse.Namespace) -> None:
             print(f"| {workers} | {wait:.3f} | {wait / (wait + args.step_s):.0%} |")
 
 
+def bench_labels(pairs: int, source_px: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["HF_DATASETS_CACHE"] = str(Path(folder) / "hf_cache")  # cold, so the conversion is timed
+        from diffalign.data import RowSource, pairs_to_labelled_images
+
+        path = jpeg_pairs(Path(folder) / "pairs.parquet", pairs, source_px)
+        megabytes = path.stat().st_size / 1e6
+        start = time.perf_counter()
+        RowSource(path)
+        arrow = time.perf_counter() - start
+        start = time.perf_counter()
+        summary = pairs_to_labelled_images(path, Path(folder) / "labelled")
+        convert = time.perf_counter() - start
+        print(f"{pairs} pairs of {source_px} px JPEGs ({megabytes:.0f} MB) -> {summary['images']} labelled images: "
+              f"parquet to Arrow {arrow:.1f} s (once per table); pairs-to-labels {convert:.1f} s, "
+              f"{megabytes / convert:.0f} MB/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("cache", "rows", "reader"))
+    parser.add_argument("what", choices=("cache", "rows", "reader", "labels"))
     parser.add_argument("--puts", default="1000,2000,4000,100000", help="cache: entries written, per run")
-    parser.add_argument("--pairs", type=int, default=None, help="rows: 2000; reader: 32")
+    parser.add_argument("--pairs", type=int, default=None, help="rows: 2000; reader: 32; labels: 1000")
     parser.add_argument("--blob-kib", type=int, default=256, help="rows: size of each image cell")
-    parser.add_argument("--source-px", type=int, default=1024, help="reader: side of the stored JPEGs")
+    parser.add_argument("--source-px", type=int, default=1024, help="reader, labels: side of the stored JPEGs")
     parser.add_argument("--resolution", type=int, default=1024, help="reader: training resolution")
     parser.add_argument("--workers", default="0,1,2,4", help="reader: data.workers values")
     parser.add_argument("--step-s", type=float, default=0.25, help="reader: simulated GPU seconds per pair")
@@ -162,6 +183,8 @@ def main() -> None:
         bench_cache([int(n) for n in args.puts.split(",")])
     elif args.what == "rows":
         bench_rows(args.pairs or 2000, args.blob_kib)
+    elif args.what == "labels":
+        bench_labels(args.pairs or 1000, args.source_px)
     else:
         args.pairs = args.pairs or 32
         bench_reader(args)
