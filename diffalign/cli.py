@@ -127,8 +127,7 @@ def _cmd_pairs_to_labels(args: argparse.Namespace) -> int:
     print(f"{summary['pairs_used']} pairs ({skipped} bad rows skipped) -> {summary['images']} images: "
           f"{summary['liked']} liked, {summary['not_liked']} not; {summary['won_and_lost']} both won and lost "
           f"(mixed={summary['mixed']})")
-    index = Path(args.out) / "images.jsonl"
-    print(f"train Diffusion-KTO on it: data.path={index if index.exists() else args.out} data.label_column=label")
+    print(f"train Diffusion-KTO on it: data.path={args.out} data.label_column=label")
     return 0
 
 

@@ -67,8 +67,9 @@ def test_a_jsonl_index_of_pairs_gives_an_index_of_the_same_files(tmp_path):
 
     summary = pairs_to_labelled_images(tmp_path / "pick" / "pairs.jsonl", tmp_path / "labels" / "kto")
     assert summary["bad_rows"] == {"caption": 1, "jpg_0": 1}
-    dataset = CaptionedImageDataset(tmp_path / "labels" / "kto" / "images.jsonl", resolution=16,
-                                    label_column="label", on_error="raise")
+    dataset = CaptionedImageDataset(tmp_path / "labels" / "kto", resolution=16, label_column="label",
+                                    on_error="raise")  # the folder: it holds one index
+    assert dataset.source.path == tmp_path / "labels" / "kto" / "images.jsonl"
     assert len(dataset) == len(TALLY) and not list((tmp_path / "labels" / "kto").glob("*.png"))
     for position, (caption, image, wins, losses) in enumerate(TALLY):
         example = dataset.read(position)

@@ -37,7 +37,7 @@ Tensor = torch.Tensor
 class RowSource:
     """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``.
 
-    A .jsonl index is read as a list of dicts (it holds paths, not images). Parquet files and
+    A .jsonl index (or a folder holding one index and no parquet) is read as a list of dicts (it holds paths, not images). Parquet files and
     ``datasets`` folders are read through ``datasets`` as memory-mapped Arrow, so a table of
     images far larger than RAM costs almost no memory, shared by every process of the
     machine: parquet is converted once into the ``datasets`` cache (``HF_DATASETS_CACHE``),
@@ -49,6 +49,9 @@ class RowSource:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"data.path {self.path} does not exist")
+        indexes = sorted(self.path.glob("*.jsonl")) if self.path.is_dir() else []
+        if len(indexes) == 1 and not any(self.path.glob("*.parquet")):  # a folder holding one index
+            self.path = indexes[0]
         self.base = self.path.parent if self.path.is_file() else self.path
         self._rows: list[dict] | None = None
         if self.path.suffix == ".jsonl":
