@@ -213,6 +213,10 @@ def test_without_a_kl_batch_kto_takes_its_reference_point_from_the_rows_as_on_di
     r = _log_ratios(policy, reference, batch)
     torch.testing.assert_close(own["kl"], r.mean().clamp(min=0))
     torch.testing.assert_close(own["rewards/chosen"], 0.5 * r[labels].mean())
+    # on several processes the estimate is the global batch's: here a stand-in second process whose mean is 1
+    _, shared = unpaired_preference_loss(policy, reference, batch, labels=labels, loss="kto", beta=0.5,
+                                         mean_over_processes=lambda value: (value + 1.0) / 2)
+    torch.testing.assert_close(shared["kl"], ((r.mean() + 1.0) / 2).clamp(min=0))
 
 
 def _log_ratios(policy, reference, batch):

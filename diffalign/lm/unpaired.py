@@ -11,7 +11,7 @@ rotation TRL's ``KTOTrainer`` uses), scored under policy and reference without g
 such a batch the rows' own log-ratios give the estimate, as on diffusion. BCO (Jung et al. 2024,
 arXiv 2404.04656, Sec. 3.2) shifts its rewards by the running mean that a :class:`RewardShift`
 keeps. Both statistics are means over the global batch when ``mean_over_processes`` is given
-(e.g. ``lambda v: accelerator.reduce(v, "mean")``), as TRL gathers them.
+(e.g. ``lambda v: accelerator.reduce(v.reshape(1), "mean")[0]``), as TRL gathers them.
 """
 
 from __future__ import annotations
