@@ -91,6 +91,19 @@ def test_an_existing_folder_is_never_overwritten_and_bad_options_are_refused(tmp
     assert not (tmp_path / "new").exists()
 
 
+def test_an_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    import diffalign.data.labels as labels
+
+    def interrupted(pairs, labelled, folder, rows_per_shard):
+        (folder / "labelled-00000.parquet").write_bytes(b"half a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labels, "_write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pairs_to_labelled_images(_pairs_parquet(tmp_path / "pairs.parquet"), tmp_path / "out" / "kto")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_the_command_prints_the_counts_and_the_data_path_to_train_on(tmp_path, capsys):
     pairs = _pairs_parquet(tmp_path / "pairs.parquet")
     assert main(["pairs-to-labels", str(pairs), str(tmp_path / "kto"), "--mixed", "drop"]) == 0

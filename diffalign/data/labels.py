@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,21 +103,23 @@ def pairs_to_labelled_images(pairs_path: str | Path, out: str | Path, *, mixed: 
                 if (label := image_label(record, mixed)) is not None]
     if not labelled:
         raise UserError(f"{pairs_path} gives no labelled image (no usable pair, or every image dropped)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if pairs.source.path.suffix == ".jsonl":
-        _write_index(pairs, labelled, tmp, out)
-    else:
-        _write_shards(pairs, labelled, tmp, rows_per_shard)
-    both = sum(1 for r in images.values() if r.wins and r.losses)
     summary = {
-        "pairs": str(pairs_path), "pairs_used": used,
-        "bad_rows": dict(pairs.skipped), "images": len(images), "mixed": mixed, "won_and_lost": both,
+        "pairs": str(pairs_path), "pairs_used": used, "bad_rows": dict(pairs.skipped), "images": len(images),
+        "mixed": mixed, "won_and_lost": sum(1 for r in images.values() if r.wins and r.losses),
         "liked": sum(label for _, label in labelled), "not_liked": sum(1 - label for _, label in labelled),
     }
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # this run's own: nothing else is removed
+    try:
+        if pairs.source.path.suffix == ".jsonl":
+            _write_index(pairs, labelled, tmp, out)
+        else:
+            _write_shards(pairs, labelled, tmp, rows_per_shard)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return summary
 
 
