@@ -80,19 +80,19 @@ def unpaired_preference_loss(
         raise ValueError(f"labels must hold one flag per row: got shape {tuple(labels.shape)} for "
                          f"{len(batch['input_ids'])} rows")
     scores, ref_scores, _ = _policy_and_reference_scores(policy, reference, batch, spec, average_logps, ld_alpha)
-    reduce = mean_over_processes or (lambda value: value)
     metrics: dict[str, Tensor] = {}
     if spec.name == "kto" and "kl" not in options:
+        policy_kl = ref_kl = None
         if kl_batch is not None:
             with torch.no_grad():
                 policy_kl, ref_kl, _ = _policy_and_reference_scores(policy, reference, kl_batch, spec,
                                                                     average_logps, ld_alpha)
-            estimate = logratios(policy_kl, ref_kl).mean()
-        else:
-            estimate = logratios(scores, ref_scores).detach().mean()
-        options["kl"] = metrics["kl"] = kto_kl_baseline(fallback=[reduce(estimate)[None]])
+        options["kl"] = metrics["kl"] = kto_kl_baseline(policy_kl, ref_kl, fallback=[logratios(scores, ref_scores)],
+                                                        mean_over_processes=mean_over_processes)
     if spec.name == "bco" and reward_shift is not None and "delta" not in options:
-        mean_reward = reduce(beta * logratios(scores, ref_scores).detach().mean())
+        mean_reward = beta * logratios(scores, ref_scores).detach().mean()
+        if mean_over_processes is not None:
+            mean_reward = mean_over_processes(mean_reward)
         options["delta"] = reward_shift.update(mean_reward[None])
         metrics["delta"] = torch.tensor(options["delta"])
 

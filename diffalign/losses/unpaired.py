@@ -11,6 +11,8 @@ shape (n_chosen + n_rejected,).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -38,20 +40,26 @@ def kto_kl_baseline(
     policy_kl: Tensor | None = None,
     ref_kl: Tensor | None = None,
     fallback: list[Tensor] | None = None,
+    mean_over_processes: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """KTO's reference point z_0 = max(0, E[log pi_theta(y'|x) - log pi_ref(y'|x)]), detached.
 
     The paper (Section 4.1) estimates it on mismatched pairs (x, y') of the batch: pass their
     scores as ``policy_kl``/``ref_kl``. Without them the log-ratios of the batch's own
     examples (``fallback``) give the estimate, a cheaper and biased-upward stand-in.
+    ``mean_over_processes`` averages the estimate over data-parallel processes before the clamp,
+    as TRL's KTOTrainer and Diffusion-KTO's code gather it, so z_0 is the global batch's.
     """
     if policy_kl is not None:
         if ref_kl is None:
             raise ValueError("KTO's KL baseline needs ref_kl together with policy_kl")
         estimate = logratios(policy_kl, ref_kl).mean()
     else:
-        estimate = torch.cat([t for t in (fallback or []) if t is not None]).mean()
-    return estimate.detach().clamp(min=0.0)
+        estimate = torch.cat([t.flatten() for t in (fallback or []) if t is not None]).mean()
+    estimate = estimate.detach()
+    if mean_over_processes is not None:
+        estimate = mean_over_processes(estimate)
+    return estimate.clamp(min=0.0)
 
 
 @register(

@@ -60,7 +60,7 @@ class OfflineDenoisingObjective(Objective):
     def reference_point(self, policy: Tensor, reference: Tensor) -> Tensor:
         """KTO's z_0 (Eq. 8): max(0, mean implicit reward) over the global batch, detached. Diffusion-KTO's
         code reduces it over the GPUs (``accelerator.reduce(kl_gpu, reduction="mean")``)."""
-        return kto_kl_baseline(fallback=[self._mean_reward(policy, reference)[None]])
+        return kto_kl_baseline(fallback=[(policy - reference).float()], mean_over_processes=self.mean_over_processes)
 
     def loss_options(self, policy: Tensor, reference: Tensor | None) -> dict[str, Any]:
         """The core loss's options for this batch: the config's ``loss_options`` plus those an unpaired loss
