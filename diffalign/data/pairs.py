@@ -37,12 +37,13 @@ Tensor = torch.Tensor
 class RowSource:
     """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``.
 
-    A .jsonl index (or a folder holding one index and no parquet) is read as a list of dicts (it holds paths, not images). Parquet files and
-    ``datasets`` folders are read through ``datasets`` as memory-mapped Arrow, so a table of
-    images far larger than RAM costs almost no memory, shared by every process of the
-    machine: parquet is converted once into the ``datasets`` cache (``HF_DATASETS_CACHE``),
-    as ``load_dataset`` would, and reused by later runs. Image columns come as raw bytes:
-    decoding is ours, so a corrupt image is a counted bad row, not a crash inside a reader.
+    A .jsonl index (or a folder holding one index and no parquet) is read as a list of dicts (it
+    holds paths, not images). Parquet files and ``datasets`` folders are read through ``datasets``
+    as memory-mapped Arrow, so a table of images far larger than RAM costs almost no memory,
+    shared by every process of the machine: parquet is converted once into the ``datasets`` cache
+    (``HF_DATASETS_CACHE``), as ``load_dataset`` would, and reused by later runs. Image columns
+    come as raw bytes: decoding is ours, so a corrupt image is a counted bad row, not a crash
+    inside a reader.
     """
 
     def __init__(self, path: str | Path) -> None:
