@@ -116,8 +116,9 @@ def trl_kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> torch.Tensor:
-    """TRL's KTOTrainer loss (``loss_type`` kto or apo_zero_unpaired) given the policy's per-token log-probs of the rows (B, T-1) and of the
-    mismatched KL rows, with the reference's sequence log-probs precomputed."""
+    """TRL's KTOTrainer loss (``loss_type`` kto or apo_zero_unpaired) given the policy's per-token
+    log-probs of the rows (B, T-1) and of the mismatched KL rows, with the reference's sequence
+    log-probs precomputed."""
     from trl.trainer.kto_trainer import KTOTrainer
 
     n, length = completion_mask.shape
@@ -130,9 +131,9 @@ def trl_kto_loss(
 
     model.training = True
     trainer = SimpleNamespace(model=model, accelerator=_Accelerator(), aux_loss_enabled=False, calculate_KL=True,
-                              precompute_ref_logps=True, loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
-                              undesirable_weight=undesirable_weight, _metrics={"train": defaultdict(list)},
-                              _total_train_tokens=0, _tp_size=1)
+                              precompute_ref_logps=True, loss_type=loss_type, beta=beta,
+                              desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                              _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     trainer._compute_kl_logps = lambda m, batch: KTOTrainer._compute_kl_logps(trainer, m, batch)
     inputs = {
         "input_ids": torch.zeros(n, length, dtype=torch.long),
