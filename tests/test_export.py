@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from diffalign.cli import main
@@ -17,11 +17,13 @@ from diffalign.diffusion import load_pipeline
 from diffalign.diffusion.finetuned import load_finetuned
 from diffalign.errors import UserError
 from diffalign.train import load_config, train
-from diffalign.train.export import export_run
+from diffalign.train.export import export_run, save_single_file, single_file_state
 from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINES = {"tiny-sd15": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
+PIPELINES = {"tiny-sd15": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline,
+             "tiny-sd3": StableDiffusion3Pipeline}
+UNET_PIPELINES = ("tiny-sd15", "tiny-sdxl")
 
 
 def _sdxl_with_distinct_text_widths(folder: Path) -> Path:
@@ -31,27 +33,52 @@ def _sdxl_with_distinct_text_widths(folder: Path) -> Path:
     widths (the shipped tiny config) it would read the first encoder into both.
     """
     shutil.copytree(ROOT / "assets/models/tiny-sdxl", folder)
-    edit = {"text_encoder_2/config.json": {"hidden_size": 48, "intermediate_size": 192, "projection_dim": 48},
-            "unet/config.json": {"cross_attention_dim": 80, "projection_class_embeddings_input_dim": 96}}
+    _edit_configs(folder, {
+        "text_encoder_2/config.json": {"hidden_size": 48, "intermediate_size": 192, "projection_dim": 48},
+        "unet/config.json": {"cross_attention_dim": 80, "projection_class_embeddings_input_dim": 96}})
+    return folder
+
+
+def _edit_configs(folder: Path, edit: dict[str, dict]) -> None:
     for name, changes in edit.items():
         config = json.loads((folder / name).read_text())
         (folder / name).write_text(json.dumps({**config, **changes}))
-    return folder
+
+
+def _sd3_like_the_real_one(folder: Path, **transformer: object) -> Path:
+    """tiny-sd3 saved with weights, made like the real SD3 where diffusers' single-file loader relies on it.
+
+    The loader tells CLIP-L from CLIP-G by width (768 vs 1280 in SD3), and it reads CLIP-L's
+    projection as the identity, which SD3's CLIP-L is (its pooled output is used unprojected).
+    ``transformer`` changes the MMDiT's config, e.g. SD3.5's RMS norms and dual attention.
+    """
+    shutil.copytree(ROOT / "assets/models/tiny-sd3", folder / "config")
+    _edit_configs(folder / "config", {
+        "text_encoder_2/config.json": {"hidden_size": 48, "intermediate_size": 192, "projection_dim": 48},
+        "transformer/config.json": {"pooled_projection_dim": 80, "joint_attention_dim": 80, **transformer},
+        "text_encoder_3/config.json": {"d_model": 80}})
+    pipe = load_pipeline(folder / "config", random_init=True)
+    with torch.no_grad():
+        pipe.text_encoder.text_projection.weight.copy_(torch.eye(32))
+    pipe.save_pretrained(folder / "weights")
+    return folder / "weights"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A LoRA run and a full fine-tune on each UNet family (2 steps; weights moved off the base)."""
+    """A LoRA run and a full fine-tune on each UNet family, a LoRA run on SD3 (2 steps; weights moved off the base)."""
     root = tmp_path_factory.mktemp("export")
     data = pickapic_parquet(root / "pairs.parquet", 4)
     models = {"tiny-sd15": ROOT / "assets/models/tiny-sd15",
-              "tiny-sdxl": _sdxl_with_distinct_text_widths(root / "tiny-sdxl")}
+              "tiny-sdxl": _sdxl_with_distinct_text_widths(root / "tiny-sdxl"),
+              "tiny-sd3": _sd3_like_the_real_one(root / "tiny-sd3")}
     made = {}
     for model, folder in models.items():
-        for lora in (4, 0):
+        for lora in (4, 0) if model in UNET_PIPELINES else (4,):
             out = root / f"{model}-{lora}"
             train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
                 f"data.path={data}", f"output_dir={out}", f"model.path={folder}",
+                f"model.random_init={model in UNET_PIPELINES}",
                 f"train.lora_rank={lora}", "train.max_steps=2", "train.learning_rate=1e-2", "train.checkpoint_every=0",
                 "train.reference_dtype=fp32"]))
             made[model, lora] = out
@@ -59,9 +86,17 @@ def runs(tmp_path_factory):
     return made
 
 
-def _unet_outputs(pipe, seed: int = 0) -> torch.Tensor:
-    unet = pipe.unet
+def _denoiser_outputs(pipe, seed: int = 0) -> torch.Tensor:
+    """The UNet's or the SD3 transformer's prediction for fixed random inputs."""
     g = torch.Generator().manual_seed(seed)
+    if getattr(pipe, "transformer", None) is not None:
+        config = pipe.transformer.config
+        x = torch.randn(1, config.in_channels, 8, 8, generator=g)
+        with torch.no_grad():
+            return pipe.transformer(x, encoder_hidden_states=torch.randn(1, 5, config.joint_attention_dim, generator=g),
+                                    pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+                                    timestep=torch.tensor([500])).sample
+    unet = pipe.unet
     x = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)
     text = torch.randn(1, 5, unet.config.cross_attention_dim, generator=g)
     extra = {}
@@ -78,11 +113,11 @@ def test_lora_export_loads_with_load_lora_weights(runs, model, tmp_path):
     run = runs[model, 4]
     written = export_run(run, "lora", tmp_path / "lora")
     trained = load_finetuned(run)
-    base = load_pipeline(runs["folders"][model], random_init=True)
-    base_out = _unet_outputs(base)
+    base = load_pipeline(runs["folders"][model], random_init=model in UNET_PIPELINES)
+    base_out = _denoiser_outputs(base)
     base.load_lora_weights(str(written.parent))
-    torch.testing.assert_close(_unet_outputs(base), _unet_outputs(trained))
-    assert not torch.allclose(_unet_outputs(base), base_out)  # the LoRA changes the model
+    torch.testing.assert_close(_denoiser_outputs(base), _denoiser_outputs(trained))
+    assert not torch.allclose(_denoiser_outputs(base), base_out)  # the LoRA changes the model
 
 
 @pytest.mark.parametrize("lora", [4, 0])
@@ -90,7 +125,7 @@ def test_merged_diffusers_folder_equals_the_trained_model(runs, lora, tmp_path):
     run = runs["tiny-sd15", lora]
     export_run(run, "diffusers", tmp_path / "merged", dtype="fp32")
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
-    torch.testing.assert_close(_unet_outputs(merged), _unet_outputs(load_finetuned(run)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_denoiser_outputs(merged), _denoiser_outputs(load_finetuned(run)), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model", PIPELINES)
@@ -98,14 +133,19 @@ def test_single_file_is_read_back_by_diffusers_single_file_loader(runs, model, t
     run = runs[model, 4]
     path = export_run(run, "single-file", tmp_path / "model.safetensors", dtype="fp32")
     keys = load_file(path).keys()
-    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    denoiser = "joint_blocks.0.x_block.attn.qkv." if model == "tiny-sd3" else "input_blocks."
+    assert any(k.startswith("model.diffusion_model." + denoiser) for k in keys)
     assert any(k.startswith("first_stage_model.encoder.down.0.block.0.") for k in keys)
-    pipe = PIPELINES[model].from_single_file(str(path), config=str(runs["folders"][model]),
-                                             local_files_only=True)
     reference = load_finetuned(run)
     reference.fuse_lora()
     reference.unload_lora_weights()
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    _assert_read_back_equal(path, PIPELINES[model], runs["folders"][model], reference)
+
+
+def _assert_read_back_equal(path: Path, pipeline_class, config_folder: Path, reference) -> None:
+    """diffusers' single-file loader reads every weight of ``reference`` back from ``path``, unchanged."""
+    pipe = pipeline_class.from_single_file(str(path), config=str(config_folder), local_files_only=True)
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(reference, name, None) is None:
             continue
         expected, got = getattr(reference, name).state_dict(), getattr(pipe, name).state_dict()
@@ -113,6 +153,25 @@ def test_single_file_is_read_back_by_diffusers_single_file_loader(runs, model, t
         assert not missing, f"{name}: {sorted(missing)[:5]}"
         for k, v in expected.items():
             torch.testing.assert_close(got[k], v, msg=f"{name}.{k}")
+
+
+def test_sd35_single_file_keeps_rms_norms_and_dual_attention(tmp_path):
+    """SD3.5-medium's MMDiT adds q/k RMS norms and a second image attention (``attn2``) per block."""
+    folder = _sd3_like_the_real_one(tmp_path, qk_norm="rms_norm", dual_attention_layers=[0])
+    pipe = load_pipeline(folder)
+    state = single_file_state(pipe)
+    for key in ("joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.0.x_block.attn2.ln_q.weight",
+                "joint_blocks.1.context_block.attn.ln_k.weight"):
+        assert "model.diffusion_model." + key in state
+    path = save_single_file(pipe, tmp_path / "sd35.safetensors")
+    _assert_read_back_equal(path, StableDiffusion3Pipeline, folder, pipe)
+
+
+def test_sd3_single_file_refuses_a_projected_clip_l(tmp_path):
+    """SD3 files' loaders pool CLIP-L unprojected: a pipeline that projects it cannot be written faithfully."""
+    pipe = load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True)
+    with pytest.raises(UserError, match="text_projection is not the identity"):
+        single_file_state(pipe)
 
 
 def _unwrapped(message: str) -> str:

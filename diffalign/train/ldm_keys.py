@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-UNET_PREFIX = "model.diffusion_model."
+DENOISER_PREFIX = "model.diffusion_model."  # the UNet, or the MMDiT in SD3 files
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
