@@ -150,6 +150,56 @@ def test_captioned_images_skip_or_raise_on_bad_rows(tmp_path):
         CaptionedImageDataset(data, resolution=16, image_column="img")
 
 
+def _image_folder(folder: Path, table: Path) -> Path:
+    """The rows of a captioned-images parquet as image files with caption files beside them, in nested folders."""
+    import pyarrow.parquet as pq
+
+    for i, row in enumerate(pq.read_table(table).to_pylist()):
+        image = folder / f"part-{i // 3}" / f"image-{i:02d}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(row["image"])
+        image.with_suffix(".txt" if i % 2 else ".caption").write_text(row["caption"] + "\n")
+    return folder
+
+
+def test_a_folder_of_images_with_caption_files_is_read_like_the_same_table(tmp_path):
+    table = images_parquet(tmp_path / "images.parquet", n=6)
+    folder = _image_folder(tmp_path / "folder", table)
+    (folder / "notes.json").write_text("{}")  # not an image: ignored
+    from_table, from_folder = (CaptionedImageDataset(p, resolution=16) for p in (table, folder))
+    assert len(from_folder) == 6
+    for i in range(6):
+        a, b = from_table.example(i), from_folder.example(i)
+        assert (a.caption, a.image_ids) == (b.caption, b.image_ids)
+        torch.testing.assert_close(a.pixels, b.pixels, rtol=0, atol=0)
+
+    (folder / "part-0" / "image-01.txt").unlink()  # an image without a caption
+    (folder / "part-9").mkdir()
+    (folder / "part-9" / "broken.jpg").write_bytes(b"not an image")
+    (folder / "part-9" / "broken.txt").write_text("a broken picture")
+    dataset = CaptionedImageDataset(folder, resolution=16)
+    assert len(dataset) == 7 and dataset.example(1) is None and dataset.example(6) is None
+    assert dataset.skipped == {"caption": 1, "image": 1}
+    with pytest.raises(UserError, match="row 1, column 'caption'"):
+        CaptionedImageDataset(folder, resolution=16, on_error="raise").example(1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .parquet files, datasets folder, .jsonl index or images"):
+        CaptionedImageDataset(tmp_path / "empty", resolution=16)
+    with pytest.raises(UserError, match="no column 'label'; it has caption, image"):
+        CaptionedImageDataset(folder, resolution=16, label_column="label")
+
+
+def test_training_on_an_image_folder_equals_training_on_the_same_table(tmp_path):
+    table = images_parquet(tmp_path / "images.parquet", n=6)
+    folder = _image_folder(tmp_path / "folder", table)
+    for name, data in (("table", table), ("folder", folder)):
+        train(_tiny(data, tmp_path / name, "train.max_steps=2", "train.checkpoint_every=0"))
+    a = load_file(str(tmp_path / "table" / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "folder" / "final" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_config_takes_a_regression_loss():
     with pytest.raises(UserError, match="choose one of huber, l2"):
         load_config(ROOT / "configs/toy_self_npo.yaml", ["objective.loss=dpo"])

@@ -4,8 +4,9 @@ with a binary label each (Diffusion-KTO's layout: liked or not).
 Columns (names configurable): ``caption`` and ``image`` (encoded bytes, or a path relative to
 a .jsonl index), and with labels a ``label`` column: 1 / true for a desirable image, 0 / false
 for an undesirable one. A parquet file/folder, a ``datasets`` folder or a .jsonl index, as for
-pairs. Any image folder with captions works: real photos, or the model's own samples, which makes
-Self-NPO need no data beyond the model itself. Bad rows are skipped and counted, or raise; a row
+pairs, or a plain folder of images with a ``.txt`` caption beside each (``photo.jpg`` and
+``photo.txt``; no labels). Any captioned images work: real photos, or the model's own samples,
+which makes Self-NPO need no data beyond the model itself. Bad rows are skipped and counted, or raise; a row
 whose label is missing or not binary is dropped when the table loads.
 """
 

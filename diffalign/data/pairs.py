@@ -6,7 +6,8 @@ paths relative to a .jsonl index) and ``label_0`` (1: first image preferred, 0: 
 both images (one column pair per model) can give a smoothed preference
 (:mod:`diffalign.data.smoothing`), which also decides which image comes first. Sources: a
 parquet file or folder, a ``datasets`` folder saved with ``save_to_disk``, or a JSON-lines
-index next to an image folder; tables are memory-mapped (see :class:`RowSource`).
+index next to an image folder; tables are memory-mapped (see :class:`RowSource`). Captioned
+images (one per row) may also be a plain folder of images with a caption file beside each.
 
 Bad rows (undecodable image, missing caption, NaN label) are skipped and counted, or with
 ``on_error="raise"`` stop the run with the row index and column. Missing columns are an
@@ -38,8 +39,11 @@ class RowSource:
     """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``.
 
     A .jsonl index (or a folder holding one index and no parquet) is read as a list of dicts (it
-    holds paths, not images). Parquet files and ``datasets`` folders are read through ``datasets``
-    as memory-mapped Arrow, so a table of images far larger than RAM costs almost no memory,
+    holds paths, not images). A folder holding neither tables nor an index but images is read as
+    captioned images, the layout of kohya's and most LoRA trainers' datasets: one row per image
+    file (any depth, sorted by path) with columns ``image`` (its path) and ``caption`` (the text of
+    the ``.txt`` or ``.caption`` file of the same name beside it; missing if there is none).
+    Parquet files and ``datasets`` folders are read through ``datasets`` as memory-mapped Arrow, so a table of images far larger than RAM costs almost no memory,
     shared by every process of the machine: parquet is converted once into the ``datasets`` cache
     (``HF_DATASETS_CACHE``), as ``load_dataset`` would, and reused by later runs. Image columns
     come as raw bytes: decoding is ours, so a corrupt image is a counted bad row, not a crash
@@ -66,7 +70,9 @@ class RowSource:
         else:
             files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.parquet"))
             if not files:
-                raise UserError(f"data.path {self.path} holds no .parquet files, datasets folder or .jsonl index")
+                self._rows = _captioned_image_files(self.path)
+                self.columns = ["caption", "image"]
+                return
             dataset = datasets.Dataset.from_parquet([str(f) for f in files])
         self._dataset = dataset.with_format("arrow")  # raw cells: image bytes undecoded, rows as arrow slices
         self.columns = list(dataset.column_names)
@@ -93,6 +99,24 @@ class RowSource:
         if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
             return [0] * len(column)
         return pc.fill_null(pc.list_value_length(column), 0).to_pylist()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+def _captioned_image_files(folder: Path) -> list[dict[str, Any]]:
+    """Rows ``{"image": relative path, "caption": text or None}`` of the images under ``folder``."""
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise UserError(f"data.path {folder} holds no .parquet files, datasets folder, .jsonl index or images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    rows = []
+    for image in images:
+        sidecars = [image.with_suffix(suffix) for suffix in CAPTION_SUFFIXES]
+        caption = next((p.read_text(encoding="utf-8").strip() for p in sidecars if p.is_file()), None)
+        rows.append({"image": image.relative_to(folder).as_posix(), "caption": caption})
+    return rows
 
 
 class BadRow(Exception):

@@ -266,7 +266,8 @@ class Config:
         if online:
             self._validate_online()
         elif not self.data.path:
-            raise UserError("data.path is empty: set it to a parquet file/folder, a datasets folder or a .jsonl index")
+            raise UserError("data.path is empty: set it to a parquet file/folder, a datasets folder, a .jsonl index "
+                            "or (captioned images) a folder of images with .txt captions")
         if len(self.data.image_columns) != 2:
             raise UserError("data.image_columns must name exactly two columns (the pair's images)")
         for pair in self.data.score_columns:
