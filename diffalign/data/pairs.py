@@ -43,8 +43,9 @@ class RowSource:
     captioned images, the layout of kohya's and most LoRA trainers' datasets: one row per image
     file (any depth, sorted by path) with columns ``image`` (its path) and ``caption`` (the text of
     the ``.txt`` or ``.caption`` file of the same name beside it; missing if there is none).
-    Parquet files and ``datasets`` folders are read through ``datasets`` as memory-mapped Arrow, so a table of images far larger than RAM costs almost no memory,
-    shared by every process of the machine: parquet is converted once into the ``datasets`` cache
+    Parquet files and ``datasets`` folders are read through ``datasets`` as memory-mapped Arrow,
+    so a table of images far larger than RAM costs almost no memory, shared by every process of
+    the machine: parquet is converted once into the ``datasets`` cache
     (``HF_DATASETS_CACHE``), as ``load_dataset`` would, and reused by later runs. Image columns
     come as raw bytes: decoding is ours, so a corrupt image is a counted bad row, not a crash
     inside a reader.
