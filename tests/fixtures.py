@@ -1,8 +1,9 @@
-"""Small on-disk datasets written by the tests (no downloads)."""
+"""Small on-disk datasets (and a Hugging Face cache) written by the tests (no downloads)."""
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,12 @@ def images_parquet(path: Path, n: int = 6, *, bad_rows=(), size: int = 32, label
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path
+
+
+def hub_cache_with(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+    """A Hugging Face cache (``HF_HUB_CACHE`` layout) holding ``folder`` as ``repo_id``'s main revision."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit

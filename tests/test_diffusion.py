@@ -21,6 +21,7 @@ from diffalign.diffusion import (
     noised_group,
     schedule_for,
 )
+from diffalign.diffusion.loading import resolve_model_path
 from diffalign.diffusion.schedule import DiffusionSchedule
 from diffalign.errors import UserError
 
@@ -245,6 +246,21 @@ def test_same_seed_same_random_weights():
     a = load_pipeline(MODELS / "tiny-sd3", random_init=True, seed=1).transformer
     b = load_pipeline(MODELS / "tiny-sd3", random_init=True, seed=1).transformer
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_hub_id_loads_the_copy_in_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from fixtures import hub_cache_with
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = hub_cache_with(tmp_path, "someone/tiny-sd3", MODELS / "tiny-sd3")
+    assert resolve_model_path("someone/tiny-sd3") == snapshot
+    a = load_pipeline("someone/tiny-sd3", random_init=True).transformer
+    b = load_pipeline(MODELS / "tiny-sd3", random_init=True).transformer
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    with pytest.raises(UserError, match="no Hugging Face model of that name is in the local cache.*hf download other/m"):
+        load_pipeline("other/model")
+    assert resolve_model_path(MODELS / "tiny-sd3") == MODELS / "tiny-sd3"  # a local path wins
 
 
 def test_loading_errors_are_clear(tmp_path):

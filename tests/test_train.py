@@ -279,6 +279,24 @@ def test_full_finetune_keeps_a_frozen_reference_and_saves_the_unet(pairs, tmp_pa
         torch.testing.assert_close(saved[key], trained[key], rtol=0, atol=0)
 
 
+def test_a_run_from_a_cached_hub_id_trains_resumes_and_loads(pairs, tmp_path, monkeypatch):
+    """model.path may name a model in the local Hugging Face cache; the run, its resume and its result use it."""
+    import huggingface_hub.constants
+    from fixtures import hub_cache_with
+
+    from diffalign.diffusion.finetuned import load_finetuned
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_cache_with(tmp_path / "hub", "someone/tiny-sdxl", ROOT / "assets/models/tiny-sdxl")
+    for name, model in (("hub-run", "someone/tiny-sdxl"), ("local-run", ROOT / "assets/models/tiny-sdxl")):
+        same = [f"model.path={model}", f"data.cache_dir={tmp_path / 'cache'}"]
+        train(tiny_config(pairs, tmp_path / name, *same, "train.max_steps=2"))
+        train(tiny_config(pairs, tmp_path / name, *same, "train.max_steps=4", "train.resume=latest"))
+    for k, v in _lora_weights(tmp_path / "local-run").items():
+        torch.testing.assert_close(_lora_weights(tmp_path / "hub-run")[k], v, rtol=0, atol=0)
+    assert load_finetuned(tmp_path / "hub-run").unet is not None
+
+
 def test_cached_latents_train_identically(pairs, tmp_path):
     plain = tmp_path / "plain"
     train(tiny_config(pairs, plain, "train.max_steps=2"))

@@ -14,7 +14,7 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
-from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline
+from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline, resolve_model_path
 from diffalign.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -52,10 +52,11 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
 
 def load_finetuned(source: str | Path, *, base: str | Path | None = None,
                    torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """A pipeline with trained weights from a run directory, a LoRA (with ``base``), or a pipeline folder."""
-    source = Path(source)
-    if not source.exists():
-        raise UserError(f"{source} does not exist")
+    """A pipeline with trained weights from a run directory, a LoRA (with ``base``), or a pipeline folder.
+
+    A LoRA or pipeline may also be given by the Hub id of its copy in the local Hugging Face cache.
+    """
+    source = resolve_model_path(source, what="model")
     if (source / "config.yaml").is_file() and (source / "final").is_dir():
         pipe = _base_of_run(source, torch_dtype) if base is None else load_pipeline(base, torch_dtype=torch_dtype)
         return apply_weights(pipe, source / "final", torch_dtype)

@@ -1,8 +1,10 @@
 """Load a diffusers pipeline from a local folder or a single file, or build it with random weights.
 
 Nothing here downloads: folders are read with ``local_files_only=True``, and a single-file
-checkpoint needs a local diffusers folder (``config=``) that says what architecture it is.
-Weights are read from safetensors only (``use_safetensors=True``): nothing is unpickled.
+checkpoint needs a local diffusers folder (``config=``) that says what architecture it is. A
+Hugging Face Hub id (``stabilityai/stable-diffusion-xl-base-1.0``) names the copy already in the
+local Hugging Face cache (:func:`resolve_model_path`). Weights are read from safetensors only
+(``use_safetensors=True``): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from diffalign.errors import UserError
 
@@ -36,6 +41,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def resolve_model_path(source: str | Path, *, what: str = "model.path") -> Path:
+    """``source`` as a local path if it exists, else the cached snapshot of the Hub id it names.
+
+    Nothing is downloaded: an id such as ``stabilityai/stable-diffusion-xl-base-1.0`` resolves
+    only when ``hf download`` (or an earlier ``from_pretrained``) has put its files in the local
+    Hugging Face cache (``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``). The snapshot's
+    folder name is the commit, so caches keyed by the resolved path follow the model's revision.
+    """
+    path = Path(source)
+    if path.exists():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        try:
+            return Path(snapshot_download(str(source), local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError):
+            pass
+    raise UserError(f"{what} {source} does not exist, and no Hugging Face model of that name is in the local cache "
+                    f"(diffalign never downloads). Set {what} to a local diffusers folder or .safetensors file, or "
+                    f"download the model first: hf download {source}")
 
 
 def _read_index(folder: Path) -> dict:
@@ -111,8 +137,9 @@ def load_pipeline(
     """A diffusers pipeline from a local folder, a single file, or configs with random weights.
 
     Args:
-        source: a diffusers folder (``model_index.json`` inside) or a ``.safetensors`` file.
-        config: for a single file, the local diffusers folder giving its architecture.
+        source: a diffusers folder (``model_index.json`` inside) or a ``.safetensors`` file, or
+            the Hub id of a model in the local Hugging Face cache.
+        config: for a single file, the local diffusers folder (or cached Hub id) giving its architecture.
         denoiser_file: a single ``.safetensors`` file with only the UNet/transformer (a
             community fine-tune, or an exported one), in diffusers or original key names;
             it replaces the pipeline's denoiser.
@@ -120,9 +147,11 @@ def load_pipeline(
         seed: seed of the random weights.
         torch_dtype: dtype to load the weights in.
     """
-    pipe = _load(Path(source), config, random_init, seed, torch_dtype)
+    source = resolve_model_path(source)
+    config = None if config is None else resolve_model_path(config, what="model.config")
+    pipe = _load(source, config, random_init, seed, torch_dtype)
     if denoiser_file is not None:
-        _replace_denoiser(pipe, Path(source if config is None else config), Path(denoiser_file), torch_dtype)
+        _replace_denoiser(pipe, source if config is None else config, Path(denoiser_file), torch_dtype)
     return pipe
 
 
@@ -140,9 +169,7 @@ def _replace_denoiser(pipe, folder: Path, file: Path, torch_dtype) -> None:
     pipe.register_modules(**{attr: model})
 
 
-def _load(source: Path, config, random_init: bool, seed: int, torch_dtype) -> DiffusionPipeline:
-    if not source.exists():
-        raise UserError(f"model path {source} does not exist. Set model.path to a local diffusers folder or file.")
+def _load(source: Path, config: Path | None, random_init: bool, seed: int, torch_dtype) -> DiffusionPipeline:
     if random_init:
         return build_random_pipeline(source, seed=seed, torch_dtype=torch_dtype)
     if source.is_file():
@@ -156,7 +183,7 @@ def _load(source: Path, config, random_init: bool, seed: int, torch_dtype) -> Di
                 f"loading the single file {source} needs model.config: a local diffusers folder of the "
                 "same architecture (its configs say how to read the file; nothing is downloaded)."
             )
-        index = _read_index(Path(config))
+        index = _read_index(config)
         pipeline_cls = _component_class("diffusers", index["_class_name"])
         return pipeline_cls.from_single_file(
             str(source), config=str(config), local_files_only=True, torch_dtype=torch_dtype

@@ -261,7 +261,8 @@ class Config:
         if self.train.lora_rank < 0:
             raise UserError(f"train.lora_rank must be >= 0 (0 = full fine-tune), got {self.train.lora_rank}")
         if not self.model.path:
-            raise UserError("model.path is empty: set it to a local diffusers folder or .safetensors file")
+            raise UserError("model.path is empty: set it to a local diffusers folder or .safetensors file, "
+                            "or the Hub id of a model in the local Hugging Face cache")
         online = OBJECTIVES[self.objective.name].dataset == "online"
         if online:
             self._validate_online()

@@ -39,6 +39,7 @@ from diffalign.data import (
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import CachedEncoder, TensorCache
+from diffalign.diffusion.loading import resolve_model_path
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
@@ -145,6 +146,8 @@ class PreferenceTrainer:
             # (saves one gradient-sized buffer per GPU: 9.6 GiB for a full SDXL fine-tune)
             kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         )
+        # the model's folder; for a Hub id, the cached snapshot, whose name is the revision
+        self.model_folder = resolve_model_path(config.model.path).resolve()
         # the checkpoint's own state, read once; checked before any model loads
         self._resumed_state = None if self.resume_from is None else \
             json.loads((self.resume_from / "trainer_state.json").read_text())
@@ -179,12 +182,11 @@ class PreferenceTrainer:
 
     # --- setup ---------------------------------------------------------------------------
     def _build_models(self, frozen_reference: bool) -> None:
-        mc = self.config.model
         self.backbone, self.reference = build_models(self.config, self.accelerator.device, frozen_reference)
         self.params = [p for p in self.backbone.denoiser.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir
         # the key covers model and resolution: the same image at another size has other latents
-        model_id = f"{Path(mc.path).resolve()}@{self.config.data.resolution}px"
+        model_id = f"{self.model_folder}@{self.config.data.resolution}px"
         self.encoder = None if cache_dir is None else CachedEncoder(self.backbone, TensorCache(cache_dir), model_id)
 
     def _build_optimizer(self) -> None:
@@ -327,7 +329,7 @@ class PreferenceTrainer:
         """
         c = self.config
         return {
-            "model.path": str(Path(c.model.path).resolve()),
+            "model.path": str(self.model_folder),
             "objective.name": c.objective.name,
             "train.lora_rank": c.train.lora_rank,
             "train.seed": c.train.seed,
