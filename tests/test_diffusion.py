@@ -258,7 +258,7 @@ def test_a_hub_id_loads_the_copy_in_the_local_hugging_face_cache(tmp_path, monke
     a = load_pipeline("someone/tiny-sd3", random_init=True).transformer
     b = load_pipeline(MODELS / "tiny-sd3", random_init=True).transformer
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    with pytest.raises(UserError, match="no Hugging Face model of that name is in the local cache.*hf download other/m"):
+    with pytest.raises(UserError, match="not.* in the local cache.*hf download other/model"):
         load_pipeline("other/model")
     assert resolve_model_path(MODELS / "tiny-sd3") == MODELS / "tiny-sd3"  # a local path wins
 
