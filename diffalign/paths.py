@@ -1,12 +1,50 @@
-"""Where the files shipped with diffalign live (the repository's assets/ and configs/).
+"""Where files live: those shipped with diffalign, and models a user names by Hugging Face Hub id.
 
-diffalign installs in editable mode (``pip install -e .``), so these sit next to the package.
+diffalign installs in editable mode (``pip install -e .``), so assets/ and configs/ sit next to
+the package.
 """
 
+import re
 from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from diffalign.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 CONFIGS = ROOT / "configs"
 TOY_BASE = ASSETS / "models" / "toy-base"
 PROMPTS = ASSETS / "prompts"
+
+
+def cached_hub_path(name: str | Path) -> Path | None:
+    """What a Hub name points to in the local Hugging Face cache, or None; never downloads.
+
+    ``owner/name`` is a model repository's cached snapshot (a folder); ``owner/name/some/file``
+    is a file or folder inside it (``xswu/HPSv2/HPS_v2.1_compressed.pt``). A name resolves only
+    when ``hf download`` (or an earlier ``from_pretrained``) has put the files in the cache
+    (``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``). The snapshot's folder name is the
+    commit, so anything keyed by the resolved path follows the model's revision.
+    """
+    match = re.fullmatch(r"([\w.-]+/[\w.-]+)(?:/(.+))?", str(name))
+    if not match:
+        return None
+    try:
+        found = Path(snapshot_download(match[1], local_files_only=True)) / (match[2] or "")
+    except (LocalEntryNotFoundError, HFValidationError):
+        return None
+    return found if found.exists() else None
+
+
+def resolve_model_path(source: str | Path, *, what: str = "model.path") -> Path:
+    """``source`` as a local path if it exists, else what it names in the local Hugging Face cache
+    (:func:`cached_hub_path`); a clear error if neither."""
+    path = Path(source)
+    found = path if path.exists() else cached_hub_path(source)
+    if found is None:
+        raise UserError(f"{what} {source} does not exist, and it names nothing in the local Hugging Face cache "
+                        "(diffalign never downloads). Give a local path, or download the model first: "
+                        f"hf download {'/'.join(str(source).split('/')[:2])}")
+    return found

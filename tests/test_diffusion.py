@@ -21,7 +21,7 @@ from diffalign.diffusion import (
     noised_group,
     schedule_for,
 )
-from diffalign.diffusion.loading import resolve_model_path
+from diffalign.paths import resolve_model_path
 from diffalign.diffusion.schedule import DiffusionSchedule
 from diffalign.errors import UserError
 
@@ -258,7 +258,7 @@ def test_a_hub_id_loads_the_copy_in_the_local_hugging_face_cache(tmp_path, monke
     a = load_pipeline("someone/tiny-sd3", random_init=True).transformer
     b = load_pipeline(MODELS / "tiny-sd3", random_init=True).transformer
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    with pytest.raises(UserError, match="not.* in the local cache.*hf download other/model"):
+    with pytest.raises(UserError, match="names nothing in the local Hugging Face cache.*hf download other/model"):
         load_pipeline("other/model")
     assert resolve_model_path(MODELS / "tiny-sd3") == MODELS / "tiny-sd3"  # a local path wins
 

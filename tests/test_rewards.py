@@ -148,6 +148,27 @@ def test_aesthetic_is_the_mlp_over_normalised_clip_image_embeddings_by_hand(tmp_
     assert torch.equal(reward(_images(), ["x", "y", "z"]), reward(_images(), PROMPTS))  # the prompt is not used
 
 
+def test_reward_files_may_be_named_by_their_place_in_the_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from fixtures import hub_cache_with
+    from safetensors.torch import save_file
+
+    config, model = _tiny_open_clip(tmp_path, embed_dim=768)
+    files = tmp_path / "repo"
+    files.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files / "ViT-L-14.safetensors"))
+    torch.save({f"layers.{k}": v for k, v in mlp_head(768).state_dict().items()}, files / "aesthetic.pth")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_cache_with(tmp_path / "hub", "someone/aesthetic", files)
+
+    local = load_reward(f"aesthetic:{files / 'aesthetic.pth'}:clip={files / 'ViT-L-14.safetensors'}:arch={config}")
+    cached = load_reward(f"aesthetic:someone/aesthetic/aesthetic.pth:clip=someone/aesthetic/ViT-L-14.safetensors"
+                         f":arch={config}")
+    assert torch.equal(cached(_images(), PROMPTS), local(_images(), PROMPTS))
+    with pytest.raises(UserError, match="checkpoint file someone/aesthetic/missing.pth does not exist"):
+        load_reward(f"aesthetic:someone/aesthetic/missing.pth:clip={files / 'ViT-L-14.safetensors'}:arch={config}")
+
+
 def test_a_mismatched_or_missing_checkpoint_names_the_file_and_what_was_expected(tmp_path):
     config, _ = _tiny_open_clip(tmp_path, embed_dim=32)
     _, wider = _tiny_open_clip(tmp_path, embed_dim=32, width=96)

@@ -14,7 +14,8 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
-from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline, resolve_model_path
+from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline
+from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -12,15 +12,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import re
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from diffalign.errors import UserError
+from diffalign.paths import resolve_model_path
 
 MODEL_INDEX = "model_index.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,27 +39,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def resolve_model_path(source: str | Path, *, what: str = "model.path") -> Path:
-    """``source`` as a local path if it exists, else the cached snapshot of the Hub id it names.
-
-    Nothing is downloaded: an id such as ``stabilityai/stable-diffusion-xl-base-1.0`` resolves
-    only when ``hf download`` (or an earlier ``from_pretrained``) has put its files in the local
-    Hugging Face cache (``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``). The snapshot's
-    folder name is the commit, so caches keyed by the resolved path follow the model's revision.
-    """
-    path = Path(source)
-    if path.exists():
-        return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        try:
-            return Path(snapshot_download(str(source), local_files_only=True))
-        except (LocalEntryNotFoundError, HFValidationError):
-            pass
-    raise UserError(f"{what} {source} does not exist, and no Hugging Face model of that name is in the local cache "
-                    f"(diffalign never downloads). Set {what} to a local diffusers folder or .safetensors file, or "
-                    f"download the model first: hf download {source}")
 
 
 def _read_index(folder: Path) -> dict:

@@ -3,14 +3,18 @@
 A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/models/HPS_v2.1.pt"``,
 ``"aesthetic:/models/aesthetic.pth:clip=/models/ViT-L-14.pt"`` (options as ``key=value`` after
 the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. The toy rewards take no path.
+Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
+``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.cached_hub_path`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from diffalign.errors import UserError
+from diffalign.paths import cached_hub_path
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
@@ -28,6 +32,13 @@ REWARDS: dict[str, type] = {
     "image_reward": ImageReward,
 }
 NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward"}
+PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder
+
+
+def _local(path: str) -> str:
+    """A path as given when it exists (or nothing in the Hugging Face cache has that name), else the cached file."""
+    found = None if Path(path).exists() else cached_hub_path(path)
+    return path if found is None else str(found)
 
 
 @dataclass
@@ -66,10 +77,10 @@ class RewardSpec:
 def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     """The reward model a spec names (see the module docstring), ready to score."""
     spec = RewardSpec.parse(spec)
-    options = dict(spec.options)
+    options = {k: _local(v) if k in PATH_OPTIONS else v for k, v in spec.options.items()}
     if "batch_size" in options:
         options["batch_size"] = int(options["batch_size"])
-    model = REWARDS[spec.name](spec.path, **options) if spec.name in NEEDS_PATH else REWARDS[spec.name]()
+    model = REWARDS[spec.name](_local(spec.path), **options) if spec.name in NEEDS_PATH else REWARDS[spec.name]()
     model.name = spec.name
     return model
 

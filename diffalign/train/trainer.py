@@ -39,7 +39,7 @@ from diffalign.data import (
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import CachedEncoder, TensorCache
-from diffalign.diffusion.loading import resolve_model_path
+from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
