@@ -122,7 +122,7 @@ def _cmd_pairs_to_labels(args: argparse.Namespace) -> int:
 
     summary = pairs_to_labelled_images(args.pairs, args.out, mixed=args.mixed, caption_column=args.caption_column,
                                        image_columns=tuple(args.image_columns), label_column=args.label_column,
-                                       rows_per_shard=args.rows_per_shard)
+                                       rows_per_shard=args.rows_per_shard, split=args.split)
     skipped = sum(summary["bad_rows"].values())
     print(f"{summary['pairs_used']} pairs ({skipped} bad rows skipped) -> {summary['images']} images: "
           f"{summary['liked']} liked, {summary['not_liked']} not; {summary['won_and_lost']} both won and lost "
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pairs-to-labels", help="per-image liked/not-liked labels from a pairs dataset "
                        "(Diffusion-KTO's data from Pick-a-Pic)")
-    p.add_argument("pairs", help="a pairs dataset: parquet file/folder, datasets folder or .jsonl index")
+    p.add_argument("pairs", help="a pairs dataset: parquet file/folder, datasets folder, .jsonl index, "
+                   "or the id of a dataset in the local Hugging Face cache")
     p.add_argument("out", help="a new folder for the labelled images "
                    "(parquet shards, or images.jsonl for a .jsonl index)")
     p.add_argument("--mixed", default="liked", choices=("liked", "disliked", "drop"),
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-columns", nargs=2, default=["jpg_0", "jpg_1"], metavar=("FIRST", "SECOND"))
     p.add_argument("--label-column", default="label_0", help="P(first image preferred): 1, 0, 0.5 for a tie")
     p.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per parquet shard")
+    p.add_argument("--split", default="train", help="the split to read where shards sit in sub-folders "
+                   "(data/train-*.parquet, as on the Hub)")
     p.set_defaults(run=_cmd_pairs_to_labels)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")

@@ -19,20 +19,21 @@ TOY_BASE = ASSETS / "models" / "toy-base"
 PROMPTS = ASSETS / "prompts"
 
 
-def cached_hub_path(name: str | Path) -> Path | None:
+def cached_hub_path(name: str | Path, repo_type: str = "model") -> Path | None:
     """What a Hub name points to in the local Hugging Face cache, or None; never downloads.
 
-    ``owner/name`` is a model repository's cached snapshot (a folder); ``owner/name/some/file``
-    is a file or folder inside it (``xswu/HPSv2/HPS_v2.1_compressed.pt``). A name resolves only
-    when ``hf download`` (or an earlier ``from_pretrained``) has put the files in the cache
-    (``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``). The snapshot's folder name is the
-    commit, so anything keyed by the resolved path follows the model's revision.
+    ``owner/name`` is a repository's cached snapshot (a folder; ``repo_type="dataset"`` for a
+    dataset repository); ``owner/name/some/file`` is a file or folder inside it
+    (``xswu/HPSv2/HPS_v2.1_compressed.pt``). A name resolves only when ``hf download`` (or an
+    earlier ``from_pretrained``) has put the files in the cache (``HF_HUB_CACHE``, by default
+    ``~/.cache/huggingface/hub``). The snapshot's folder name is the commit, so anything keyed by
+    the resolved path follows the repository's revision.
     """
     match = re.fullmatch(r"([\w.-]+/[\w.-]+)(?:/(.+))?", str(name))
     if not match:
         return None
     try:
-        found = Path(snapshot_download(match[1], local_files_only=True)) / (match[2] or "")
+        found = Path(snapshot_download(match[1], repo_type=repo_type, local_files_only=True)) / (match[2] or "")
     except (LocalEntryNotFoundError, HFValidationError):
         return None
     return found if found.exists() else None

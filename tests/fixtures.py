@@ -97,9 +97,10 @@ def images_parquet(path: Path, n: int = 6, *, bad_rows=(), size: int = 32, label
     return path
 
 
-def hub_cache_with(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+def hub_cache_with(cache: Path, repo_id: str, folder: Path, commit: str = "0123456789abcdef" * 2 + "01234567",
+                   repo_type: str = "model") -> Path:
     """A Hugging Face cache (``HF_HUB_CACHE`` layout) holding ``folder`` as ``repo_id``'s main revision."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)

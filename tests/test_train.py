@@ -1,6 +1,7 @@
 """Configs, data handling and the trainer on a tiny SDXL (LoRA and full fine-tuning)."""
 
 import json
+import shutil
 import math
 import subprocess
 import sys
@@ -615,3 +616,49 @@ def test_a_rewritten_parquet_is_read_anew_not_from_the_converted_copy(tmp_path):
     assert RowSource(path).column("caption") == ["c", "d"]
     pq.write_table(pa.table({"caption": ["e"]}), tmp_path / "more.parquet")
     assert sorted(RowSource(tmp_path).column("caption")) == ["c", "d", "e"]
+
+
+def _hub_layout(folder: Path, splits: dict[str, list[list[str]]]) -> Path:
+    """Parquet shards as a Hub dataset repository holds them: data/<split>-0000i-of-0000n-<hash>.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "data").mkdir(parents=True)
+    (folder / "README.md").write_text("a dataset card")
+    for split, shards in splits.items():
+        for i, captions in enumerate(shards):
+            pq.write_table(pa.table({"caption": captions}),
+                           folder / "data" / f"{split}-{i:05d}-of-{len(shards):05d}-{i}f3a.parquet")
+    return folder
+
+
+def test_a_split_is_read_from_shards_named_as_on_the_hub(tmp_path):
+    folder = _hub_layout(tmp_path / "pickapic", {"train": [["a", "b"], ["c"]], "validation": [["v"]],
+                                                 "validation_unique": [["u"]]})
+    assert RowSource(folder).column("caption") == ["a", "b", "c"]
+    assert RowSource(folder, "validation").column("caption") == ["v"]  # not validation_unique
+    with pytest.raises(UserError, match="none of split 'test'.*one of train, validation, validation_unique"):
+        RowSource(folder, "test")
+    (tmp_path / "by_folder" / "train").mkdir(parents=True)
+    shutil.copy(folder / "data" / "validation-00000-of-00001-0f3a.parquet",
+                tmp_path / "by_folder" / "train" / "0.parquet")
+    assert RowSource(tmp_path / "by_folder").column("caption") == ["v"]
+
+
+def test_a_dataset_in_the_local_hugging_face_cache_is_read_by_its_hub_id(pairs, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import pyarrow.parquet as pq
+    from fixtures import hub_cache_with
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pq.read_table(pairs), repo / "data" / "train-00000-of-00001-0f3a.parquet")
+    hub_cache_with(tmp_path / "hub", "someone/pairs", repo, repo_type="dataset")
+    from_hub, local = PairDataset("someone/pairs", resolution=16), PairDataset(pairs, resolution=16)
+    assert [from_hub.example(i).image_ids for i in range(len(local))] == \
+        [local.example(i).image_ids for i in range(len(local))]
+    summary = train(tiny_config("someone/pairs", tmp_path / "run", "train.max_steps=1"))
+    assert summary["steps"] == 1
+    with pytest.raises(UserError, match="names no dataset in the local Hugging Face cache.*--repo-type dataset"):
+        PairDataset("someone/other", resolution=16)

@@ -34,10 +34,11 @@ class CaptionedImageDataset(ImageRows):
     """
 
     def __init__(self, path: str | Path, *, resolution: int, caption_column: str = "caption",
-                 image_column: str = "image", label_column: str | None = None, on_error: str = "skip") -> None:
+                 image_column: str = "image", label_column: str | None = None, on_error: str = "skip",
+                 split: str = "train") -> None:
         labelled = [label_column] if label_column else []
         super().__init__(path, resolution=resolution, required=[caption_column, image_column, *labelled],
-                         on_error=on_error)
+                         on_error=on_error, split=split)
         self.caption_column, self.image_column = caption_column, image_column
         self.labels: list[float] | None = None
         if label_column:

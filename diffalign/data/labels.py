@@ -83,7 +83,8 @@ def image_label(record: _ImageRecord, mixed: str) -> int | None:
 
 def pairs_to_labelled_images(pairs_path: str | Path, out: str | Path, *, mixed: str = "liked",
                              caption_column: str = "caption", image_columns: tuple[str, str] = ("jpg_0", "jpg_1"),
-                             label_column: str = "label_0", rows_per_shard: int = 10_000) -> dict:
+                             label_column: str = "label_0", rows_per_shard: int = 10_000,
+                             split: str = "train") -> dict:
     """Write the per-image labelled dataset of a pairs dataset to the folder ``out``; returns the summary.
 
     ``mixed`` decides the images that both won and lost: ``"liked"`` (the authors' example),
@@ -97,7 +98,7 @@ def pairs_to_labelled_images(pairs_path: str | Path, out: str | Path, *, mixed: 
     if out.exists():
         raise UserError(f"{out} exists; choose a new folder (nothing is overwritten)")
     pairs = PairDataset(pairs_path, resolution=1, caption_column=caption_column, image_columns=image_columns,
-                        label_column=label_column, ties="drop")
+                        label_column=label_column, ties="drop", split=split)
     images, used = tally_images(pairs)
     labelled = [(record, label) for record in images.values()
                 if (label := image_label(record, mixed)) is not None]

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
+from diffalign.paths import cached_hub_path
 
 Tensor = torch.Tensor
 
@@ -51,10 +52,14 @@ class RowSource:
     inside a reader.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, split: str = "train") -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise UserError(f"data.path {self.path} does not exist")
+            found = cached_hub_path(path, repo_type="dataset")
+            if found is None:
+                raise UserError(f"data.path {path} does not exist, and it names no dataset in the local Hugging Face "
+                                f"cache (diffalign never downloads; hf download {path} --repo-type dataset)")
+            self.path = found
         indexes = sorted(self.path.glob("*.jsonl")) if self.path.is_dir() else []
         if len(indexes) == 1 and not any(self.path.glob("*.parquet")):  # a folder holding one index
             self.path = indexes[0]
@@ -69,7 +74,8 @@ class RowSource:
         if (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
             dataset = datasets.load_from_disk(str(self.path))
         else:
-            files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.parquet"))
+            files = [self.path] if self.path.is_file() else (sorted(self.path.glob("*.parquet"))
+                                                             or _split_files(self.path, split))
             if not files:
                 self._rows = _captioned_image_files(self.path)
                 self.columns = ["caption", "image"]
@@ -100,6 +106,19 @@ class RowSource:
         if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
             return [0] * len(column)
         return pc.fill_null(pc.list_value_length(column), 0).to_pylist()
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The parquet shards of one split below ``folder``, named as the Hub names them:
+    ``data/train-00000-of-00645-....parquet`` or ``train/0000.parquet``."""
+    shards = sorted(folder.rglob("*.parquet"))
+    chosen = [p for p in shards if p.name.startswith(f"{split}-") or p.parent.name == split]
+    if shards and not chosen:
+        names = sorted({p.parent.name if p.parent not in (folder, folder / "data") else p.name.split("-")[0]
+                        for p in shards})
+        raise UserError(f"data.path {folder} holds parquet shards, but none of split {split!r} (named "
+                        f"{split}-*.parquet or in a {split}/ folder); set data.split to one of {', '.join(names)}")
+    return chosen
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -174,8 +193,9 @@ class GroupExample:
 class ImageRows:
     """Shared by the datasets: a :class:`RowSource`, column checks, image decoding and the bad-row policy."""
 
-    def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str) -> None:
-        self.source = RowSource(path)
+    def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str,
+                 split: str = "train") -> None:
+        self.source = RowSource(path, split)
         self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
         self.resolution = resolution
         self.on_error = on_error
@@ -248,10 +268,11 @@ class PairDataset(ImageRows):
         score_scales: list[float] | None = None,
         ties: str = "drop",
         on_error: str = "skip",
+        split: str = "train",
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from],
-                         on_error=on_error)
+                         on_error=on_error, split=split)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.indices: list[int] = []

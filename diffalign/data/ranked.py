@@ -32,9 +32,10 @@ class RankedListDataset(ImageRows):
         images_column: str = "images",
         scores_column: str = "scores",
         on_error: str = "skip",
+        split: str = "train",
     ) -> None:
         super().__init__(path, resolution=resolution, required=[caption_column, images_column, scores_column],
-                         on_error=on_error)
+                         on_error=on_error, split=split)
         self.caption_column, self.images_column, self.scores_column = caption_column, images_column, scores_column
         lengths = self.source.list_lengths(images_column)  # not the images: they stay on disk until read
         usable = [n for n in lengths if n >= 2]

@@ -86,8 +86,13 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    # parquet file or folder of parquet files, a `datasets` folder saved to disk, or a .jsonl index
+    # parquet file or folder of parquet files, a `datasets` folder saved to disk, a .jsonl index,
+    # (captioned images) a folder of images with .txt captions, or the Hub id of a dataset in the
+    # local Hugging Face cache (hf download yuvalkirstain/pickapic_v2 --repo-type dataset)
     path: str = ""
+    # which split's parquet shards to read from a folder (or cached Hub dataset) whose shards sit in
+    # sub-folders, named as the Hub names them (data/train-00000-of-00645.parquet, or train/*.parquet)
+    split: str = "train"
     # training resolution (square crops, pixels)
     resolution: int = 512
     # a bad row (undecodable image, missing caption, NaN label): "skip" (counted) or "raise"

@@ -79,16 +79,16 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
     dc = config.data
     if layout in ("images", "labelled_images"):
         return CaptionedImageDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
-                                     image_column=dc.image_column, on_error=dc.on_error,
+                                     image_column=dc.image_column, on_error=dc.on_error, split=dc.split,
                                      label_column=dc.label_column if layout == "labelled_images" else None)
     if layout == "ranked":
         return RankedListDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                                  images_column=dc.images_column, scores_column=dc.scores_column,
-                                 on_error=dc.on_error)
+                                 on_error=dc.on_error, split=dc.split)
     return PairDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                        image_columns=tuple(dc.image_columns), label_column=dc.label_column,
                        score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
-                       ties=dc.ties, on_error=dc.on_error)
+                       ties=dc.ties, on_error=dc.on_error, split=dc.split)
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
@@ -335,7 +335,10 @@ class PreferenceTrainer:
             "train.seed": c.train.seed,
             "train.gradient_accumulation": c.train.gradient_accumulation,
             "train.batch_size x processes": c.train.batch_size * self.accelerator.num_processes,
-            "data.path": str(Path(c.data.path).resolve()) if c.data.path else "",
+            # a local path as an absolute one; a Hub dataset id as given
+            "data.path": str(Path(c.data.path).resolve()) if c.data.path and Path(c.data.path).exists()
+            else c.data.path,
+            "data.split": c.data.split,
             "data.resolution": c.data.resolution,
             "data.ties": c.data.ties,
             "data.positive_ratio": c.data.positive_ratio,
