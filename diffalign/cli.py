@@ -152,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the base model: a local diffusers folder")
     p.add_argument("--aligned", nargs="*", default=[], metavar="[NAME=]SOURCE",
                    help="run directories, LoRA files/folders (applied to --base) or diffusers folders")
-    p.add_argument("--prompts", required=True, help="a .txt/.jsonl prompt file, or a shipped set (toy_heldout, ...)")
+    p.add_argument("--prompts", required=True,
+                   help="a .txt/.jsonl/.json/.tsv/.csv prompt file (PartiPrompts.tsv, HPSv2's benchmark .json), a "
+                        "table or cached Hub dataset with :split (yuvalkirstain/pickapic_v2:validation_unique), "
+                        "or a shipped set (general, toy_heldout, ...)")
     p.add_argument("--rewards", default="toy_preference,toy_adherence", help="comma-separated reward specs: name or name:path[:key=value...], "
                    "e.g. toy_preference or pickscore:/models/PickScore_v1")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (the same seeds for every model)")

@@ -35,3 +35,40 @@ def test_grids_enlarge_small_images_and_bound_large_ones():
     small, large = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 1024, 768)
     assert image_grid({"a": small}, label_width=0).size == (2 * (96 + 2), 96 + 2)
     assert image_grid({"a": large}, label_width=0).size == (2 * (192 + 2), 256 + 2)
+
+
+def test_prompt_sets_are_read_from_the_files_benchmarks_publish(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub.constants
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+    from fixtures import hub_cache_with
+
+    from diffalign.errors import UserError
+    from diffalign.eval.prompts import read_prompts
+
+    parti = tmp_path / "PartiPrompts.tsv"  # PartiPrompts' layout: a header, the prompt in the first column
+    parti.write_text("Prompt\tCategory\tChallenge\tNote\nA red apple\tFood\tColors\t\n"
+                     "\"a sign that says \"\"hi\"\"\"\tArts\tWriting\tquoted\n")
+    assert read_prompts(parti) == ["A red apple", 'a sign that says "hi"']
+    (tmp_path / "anime.json").write_text(json.dumps(["a cat, anime style", {"prompt": "a dog"}]))  # HPSv2 benchmark
+    assert read_prompts(tmp_path / "anime.json") == ["a cat, anime style", "a dog"]
+    (tmp_path / "p.csv").write_text("id,Caption\n1,a fox\n2,\n")
+    assert read_prompts(tmp_path / "p.csv") == ["a fox"]
+    (tmp_path / "bad.tsv").write_text("id\tscore\n1\t2\n")
+    with pytest.raises(UserError, match="no prompt/caption/text column; it has id, score"):
+        read_prompts(tmp_path / "bad.tsv")
+
+    repo = tmp_path / "repo" / "data"  # a pairs dataset as on the Hub: a caption per pair, repeated
+    repo.mkdir(parents=True)
+    pq.write_table(pa.table({"caption": ["x", "y", "x", "z"]}), repo / "validation_unique-00000-of-00001-a.parquet")
+    pq.write_table(pa.table({"caption": ["t"]}), repo / "train-00000-of-00001-a.parquet")
+    assert read_prompts(f"{tmp_path / 'repo'}:validation_unique") == ["x", "y", "z"]
+    assert read_prompts(tmp_path / "repo") == ["t"]  # the train split
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_cache_with(tmp_path / "hub", "someone/pairs", tmp_path / "repo", repo_type="dataset")
+    assert read_prompts("someone/pairs:validation_unique") == ["x", "y", "z"]
+    with pytest.raises(UserError, match="prompt source someone/other:test does not exist"):
+        read_prompts("someone/other:test")

@@ -45,7 +45,8 @@ class GeneratorConfig:
 
 @dataclass
 class GenerateConfig:
-    # prompts: a .txt file (one per line), a .jsonl file ({"prompt": ...}) or a shipped set (toy_train, general)
+    # prompts: a .txt file (one per line), .jsonl ({"prompt": ...}), .json list, .tsv/.csv with a Prompt
+    # column, a table or cached Hub dataset with :split, or a shipped set (toy_train, general)
     prompts: str = ""
     # the generators, each {name, path, base, steps, guidance_scale, resolution, dtype}
     generators: list = field(default_factory=list)
