@@ -81,7 +81,8 @@ def _from_table(source: str, split: str) -> list[str]:
 
 
 def _from_text(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 READERS = {".jsonl": _from_jsonl, ".json": _from_json, ".tsv": _from_delimited, ".csv": _from_delimited}
