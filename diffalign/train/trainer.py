@@ -195,7 +195,8 @@ class PreferenceTrainer:
             try:
                 import bitsandbytes as bnb
             except ImportError:
-                raise UserError('train.adam_8bit=true needs bitsandbytes (CUDA): pip install -e ".[adam8bit]"') from None
+                raise UserError('train.adam_8bit=true needs bitsandbytes (CUDA): '
+                                'pip install -e ".[adam8bit]"') from None
             optimizer = bnb.optim.AdamW8bit(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
         else:
             fused = self.accelerator.device.type == "cuda"
