@@ -352,6 +352,22 @@ def test_precompute_needs_a_cache_dir(pairs, tmp_path):
         tiny_config(pairs, tmp_path / "run", "data.precompute=true")
 
 
+def test_8bit_adam_without_bitsandbytes_names_the_extra_to_install(pairs, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[adam8bit\]"'):
+        train(tiny_config(pairs, tmp_path / "run", "train.adam_8bit=true", "train.max_steps=1"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_nan_losses_are_skipped_then_stop_the_run(pairs, tmp_path, monkeypatch):
     from diffalign.objectives import DiffusionDPO
 
