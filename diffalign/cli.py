@@ -122,7 +122,7 @@ def _cmd_pairs_to_labels(args: argparse.Namespace) -> int:
 
     summary = pairs_to_labelled_images(args.pairs, args.out, mixed=args.mixed, caption_column=args.caption_column,
                                        image_columns=tuple(args.image_columns), label_column=args.label_column,
-                                       rows_per_shard=args.rows_per_shard, split=args.split)
+                                       rows_per_shard=args.rows_per_shard, split=args.split, verify=args.verify)
     skipped = sum(summary["bad_rows"].values())
     print(f"{summary['pairs_used']} pairs ({skipped} bad rows skipped) -> {summary['images']} images: "
           f"{summary['liked']} liked, {summary['not_liked']} not; {summary['won_and_lost']} both won and lost "
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per parquet shard")
     p.add_argument("--split", default="train", help="the split to read where shards sit in sub-folders "
                    "(data/train-*.parquet, as on the Hub)")
+    p.add_argument("--verify", action="store_true",
+                   help="decode every image and skip pairs whose images do not decode (slower: images are "
+                        "otherwise only hashed, and a corrupt one is skipped when training reads it)")
     p.set_defaults(run=_cmd_pairs_to_labels)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")

@@ -9,7 +9,8 @@
   order through ``ExampleReader`` at ``--resolution`` with ``--workers`` threads each; between
   two takes the script waits ``--step-s`` seconds, standing in for the GPU's share of a step.
   With read-ahead threads the decoding hides behind it; in the loop it adds to it.
-- ``labels``: ``diffalign pairs-to-labels`` on a parquet of ``--pairs`` JPEG pairs (``--source-px``):
+- ``labels``: ``diffalign pairs-to-labels``, with and without ``--verify``, on a parquet of ``--pairs``
+  JPEG pairs (``--source-px``):
   seconds for the one-time parquet-to-Arrow conversion and for the conversion itself, and MB/s.
 
 To compare with an earlier version, run it with that version first on the path:
@@ -160,12 +161,13 @@ def bench_labels(pairs: int, source_px: int) -> None:
         start = time.perf_counter()
         RowSource(path)
         arrow = time.perf_counter() - start
-        start = time.perf_counter()
-        summary = pairs_to_labelled_images(path, Path(folder) / "labelled")
-        convert = time.perf_counter() - start
-        print(f"{pairs} pairs of {source_px} px JPEGs ({megabytes:.0f} MB) -> {summary['images']} labelled images: "
-              f"parquet to Arrow {arrow:.1f} s (once per table); pairs-to-labels {convert:.1f} s, "
-              f"{megabytes / convert:.0f} MB/s")
+        for verify in (False, True):
+            start = time.perf_counter()
+            summary = pairs_to_labelled_images(path, Path(folder) / f"labelled-{verify}", verify=verify)
+            convert = time.perf_counter() - start
+            print(f"{pairs} pairs of {source_px} px JPEGs ({megabytes:.0f} MB) -> {summary['images']} labelled images: "
+                  f"parquet to Arrow {arrow:.1f} s (once per table); pairs-to-labels{' --verify' * verify} "
+                  f"{convert:.1f} s, {megabytes / convert:.0f} MB/s")
 
 
 def main() -> None:

@@ -111,3 +111,16 @@ def test_the_command_prints_the_counts_and_the_data_path_to_train_on(tmp_path, c
     assert "5 pairs (1 bad rows skipped) -> 7 images: 3 liked, 3 not; 1 both won and lost (mixed=drop)" in out
     assert f"data.path={tmp_path / 'kto'} data.label_column=label" in out
     assert main(["pairs-to-labels", str(pairs), str(tmp_path / "kto")]) == 2
+
+
+def test_verify_skips_pairs_whose_images_do_not_decode(tmp_path):
+    from fixtures import pickapic_parquet
+
+    pairs = pickapic_parquet(tmp_path / "pairs.parquet", 6, corrupt_rows=(2,))
+    hashed = pairs_to_labelled_images(pairs, tmp_path / "hashed")
+    verified = pairs_to_labelled_images(pairs, tmp_path / "verified", verify=True)
+    assert hashed["pairs_used"] == 6 and hashed["bad_rows"] == {}  # the corrupt image passes unnoticed
+    assert verified["pairs_used"] == 5 and verified["bad_rows"] == {"jpg_1": 1}
+    assert verified["images"] == hashed["images"] - 2
+    assert b"definitely not an image" in [row["image"] for row in _rows(tmp_path / "hashed")]
+    assert b"definitely not an image" not in [row["image"] for row in _rows(tmp_path / "verified")]

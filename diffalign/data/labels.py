@@ -11,8 +11,9 @@ dataset :class:`~diffalign.data.PairDataset` reads: ``mixed="liked" | "disliked"
 An image is identified by its caption and the hash of its encoded bytes, so the same picture in
 many pairs is one row. Ties and pairs of two identical images carry no win or loss (an image seen
 only in those is left out), and a soft label counts as a win for the image it prefers. Bad rows
-(missing image file, missing caption) are skipped and counted; images are not decoded here, so a
-corrupt image is counted when a training run reads it.
+(missing image file, missing caption) are skipped and counted. Images are only hashed, not
+decoded, unless ``verify=True``: then a pair with an image that does not decode is a counted bad
+row too (decoding every image costs most of the run), instead of being counted by training.
 
 The output is a folder, written whole or not at all: parquet shards with the columns ``caption``,
 ``image`` (encoded bytes), ``label`` (1 liked, 0 not), ``wins`` and ``losses``, or, when the
@@ -50,14 +51,14 @@ class _ImageRecord:
     losses: int = 0
 
 
-def tally_images(pairs: PairDataset) -> tuple[dict[tuple[str, str], _ImageRecord], int]:
+def tally_images(pairs: PairDataset, verify: bool = False) -> tuple[dict[tuple[str, str], _ImageRecord], int]:
     """Every image of the usable pairs, keyed by (caption, content hash), in order of first appearance,
-    and the number of pairs used: bad rows are counted in ``pairs.skipped``, and a pair of two identical
-    images is left out."""
+    and the number of pairs used: bad rows (with ``verify``, also undecodable images) are counted in
+    ``pairs.skipped``, and a pair of two identical images is left out."""
     images: dict[tuple[str, str], _ImageRecord] = {}
     used = 0
     for position in range(len(pairs)):
-        example = pairs.example(position, decode=False)
+        example = pairs.example(position, decode=verify)
         if example is None or example.image_ids[0] == example.image_ids[1]:  # a picture against itself tells nothing
             continue
         used += 1
@@ -84,7 +85,7 @@ def image_label(record: _ImageRecord, mixed: str) -> int | None:
 def pairs_to_labelled_images(pairs_path: str | Path, out: str | Path, *, mixed: str = "liked",
                              caption_column: str = "caption", image_columns: tuple[str, str] = ("jpg_0", "jpg_1"),
                              label_column: str = "label_0", rows_per_shard: int = 10_000,
-                             split: str = "train") -> dict:
+                             split: str = "train", verify: bool = False) -> dict:
     """Write the per-image labelled dataset of a pairs dataset to the folder ``out``; returns the summary.
 
     ``mixed`` decides the images that both won and lost: ``"liked"`` (the authors' example),
@@ -99,7 +100,7 @@ def pairs_to_labelled_images(pairs_path: str | Path, out: str | Path, *, mixed: 
         raise UserError(f"{out} exists; choose a new folder (nothing is overwritten)")
     pairs = PairDataset(pairs_path, resolution=1, caption_column=caption_column, image_columns=image_columns,
                         label_column=label_column, ties="drop", split=split)
-    images, used = tally_images(pairs)
+    images, used = tally_images(pairs, verify)
     labelled = [(record, label) for record in images.values()
                 if (label := image_label(record, mixed)) is not None]
     if not labelled:
