@@ -20,8 +20,9 @@ config folder in assets/models (no download) and a synthetic dataset of random i
 FLOPs: every FLOP of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` on the
 step itself; for diffalign's cached step that is the denoiser alone (policy forward + backward,
 reference forward), for the example it adds VAE and text encoding. MFU uses the denoiser FLOPs
-(diffalign's count) for both, divided by the time per step and a stated peak: on CUDA the dense bf16 peak of the GPU (``--peak-tflops``); on CPU the
-measured FLOP/s of a large fp32 matmul on this machine.
+(diffalign's count) for both, divided by the time per step and a stated peak: on CUDA the dense
+bf16 peak of the GPU from its data sheet (:data:`GPU_PEAK_TFLOPS`, or ``--peak-tflops``); on CPU
+the measured FLOP/s of a large fp32 matmul on this machine.
 
 Each row runs ``--repeats`` times (3), in rounds over all rows so that a slow spell of a shared
 machine hits every row alike; the median run by time per step is reported.
@@ -70,6 +71,21 @@ def synthetic_pairs(path: Path, n: int, resolution: int, seed: int = 0) -> Path:
             "jpg_1": [png() for _ in range(n)], "label_0": [float(i % 2) for i in range(n)]}
     pq.write_table(pa.table(rows), path)
     return path
+
+
+# dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's data sheets, by device-name substring
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "B200": 2250.0,
+                   "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def gpu_peak_flops(name: str, override_tflops: float | None) -> float:
+    """The dense bf16 FLOP/s that MFU divides by: ``override_tflops``, else the data-sheet figure for ``name``."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    for part, tflops in GPU_PEAK_TFLOPS.items():  # the first match, so "H100 PCIe" is tried before "H100"
+        if part in name:
+            return tflops * 1e12
+    raise SystemExit(f"no bf16 peak known for {name!r}: pass --peak-tflops from its data sheet")
 
 
 def cpu_peak_flops() -> float:
@@ -241,14 +257,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense peak (H100 SXM bf16: 989)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="GPU dense bf16 peak; default: the data-sheet figure for the GPU's name (H100 SXM: 989)")
     parser.add_argument("--json", type=Path, default=Path("runs/bench_train.json"))
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
         print(json.dumps(run_row(json.loads(args.row))))
         return
-    peak = args.peak_tflops * 1e12 if torch.cuda.is_available() else cpu_peak_flops()
+    peak = gpu_peak_flops(torch.cuda.get_device_name(), args.peak_tflops) if torch.cuda.is_available() \
+        else cpu_peak_flops()
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
     specs = []
     for model in args.models.split(","):
