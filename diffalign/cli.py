@@ -79,17 +79,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     rewards = [load_reward(name) for name in args.rewards.split(",")]
     prompts = read_prompts(args.prompts)
-    models = {"base": load_pipeline(args.base, torch_dtype=dtype)}
+    models = {"base": load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}
     for item in args.aligned:
         name, _, source = item.rpartition("=")
-        models[name or Path(source).name] = load_finetuned(source, base=args.base, torch_dtype=dtype)
+        models[name or Path(source).name] = load_finetuned(source, base=args.base, torch_dtype=dtype,
+                                                           base_variant=args.variant)
     if args.negative:
         from diffalign.diffusion.negative_guidance import with_negative_guidance
 
-        negative = load_finetuned(args.negative, base=args.base, torch_dtype=dtype)
+        negative = load_finetuned(args.negative, base=args.base, torch_dtype=dtype, base_variant=args.variant)
         denoiser = negative.unet if getattr(negative, "unet", None) is not None else negative.transformer
-        models["base+negative"] = with_negative_guidance(load_pipeline(args.base, torch_dtype=dtype).to(device),
-                                                         denoiser, mix=args.negative_mix)
+        base = load_pipeline(args.base, torch_dtype=dtype, variant=args.variant).to(device)
+        models["base+negative"] = with_negative_guidance(base, denoiser, mix=args.negative_mix)
     for pipe in models.values():
         pipe.to(device)
     evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
@@ -149,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("eval", help="generate with base and aligned models on prompts and report rewards")
-    p.add_argument("--base", required=True, help="the base model: a local diffusers folder")
+    p.add_argument("--base", required=True,
+                   help="the base model: a local diffusers folder, or the Hub id of one in the local Hugging Face cache")
+    p.add_argument("--variant", help="weights variant of --base, e.g. fp16 (when only *.fp16.safetensors are there)")
     p.add_argument("--aligned", nargs="*", default=[], metavar="[NAME=]SOURCE",
                    help="run directories, LoRA files/folders (applied to --base) or diffusers folders")
     p.add_argument("--prompts", required=True,

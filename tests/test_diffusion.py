@@ -297,3 +297,20 @@ def test_full_size_configs_describe_the_real_architectures():
             model = cls.from_config(cls.load_config(MODELS / name / sub))
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - count) / count < 0.01, (name, n)
+
+
+def test_a_weights_variant_loads_when_asked_for_and_is_named_when_not(tmp_path):
+    pipe = load_pipeline(MODELS / "tiny-sd15", random_init=True)
+    pipe.save_pretrained(tmp_path / "fp16-only", variant="fp16")  # as `hf download --include "*fp16*"` leaves it
+    loaded = load_pipeline(tmp_path / "fp16-only", variant="fp16")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.parameters(), pipe.unet.parameters()))
+    with pytest.raises(UserError, match="holds fp16 weights: load them with model.variant=fp16"):
+        load_pipeline(tmp_path / "fp16-only")
+    from diffalign.train import load_config
+    from diffalign.train.models import build_models
+
+    config = load_config(MODELS.parent.parent / "configs/tiny_sdxl_dpo.yaml",
+                         [f"model.path={tmp_path / 'fp16-only'}", "model.random_init=false", "model.variant=fp16",
+                          "train.lora_rank=0"])
+    backbone, _ = build_models(config, torch.device("cpu"), frozen_reference=False)
+    assert all(torch.equal(a, b) for a, b in zip(backbone.denoiser.parameters(), pipe.unet.parameters()))

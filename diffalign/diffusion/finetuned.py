@@ -29,7 +29,8 @@ def _base_of_run(run_dir: Path, torch_dtype) -> DiffusionPipeline:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     model, seed = config["model"], config["train"]["seed"]
     return load_pipeline(model["path"], config=model.get("config"), denoiser_file=model.get("denoiser_file"),
-                         random_init=model.get("random_init", False), seed=seed, torch_dtype=torch_dtype)
+                         random_init=model.get("random_init", False), seed=seed, torch_dtype=torch_dtype,
+                         variant=model.get("variant"))
 
 
 def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
@@ -51,19 +52,21 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
     raise UserError(f"{weights} holds neither {LORA_FILE} nor a {attr}/ folder of trained weights")
 
 
-def load_finetuned(source: str | Path, *, base: str | Path | None = None,
-                   torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
+def load_finetuned(source: str | Path, *, base: str | Path | None = None, torch_dtype: torch.dtype | None = None,
+                   base_variant: str | None = None) -> DiffusionPipeline:
     """A pipeline with trained weights from a run directory, a LoRA (with ``base``), or a pipeline folder.
 
     A LoRA or pipeline may also be given by the Hub id of its copy in the local Hugging Face cache.
+    ``base_variant`` is the weights variant of ``base`` (``"fp16"``); a run's own base loads as it trained.
     """
     source = resolve_model_path(source, what="model")
     if (source / "config.yaml").is_file() and (source / "final").is_dir():
-        pipe = _base_of_run(source, torch_dtype) if base is None else load_pipeline(base, torch_dtype=torch_dtype)
+        pipe = _base_of_run(source, torch_dtype) if base is None else \
+            load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
         return apply_weights(pipe, source / "final", torch_dtype)
     if source.is_dir() and (source / MODEL_INDEX).is_file():
         return load_pipeline(source, torch_dtype=torch_dtype)
     if base is None:
         raise UserError(f"{source} is not a run directory or a diffusers folder; to apply it as a LoRA or "
                         "denoiser, also give the base model")
-    return apply_weights(load_pipeline(base, torch_dtype=torch_dtype), source, torch_dtype)
+    return apply_weights(load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant), source, torch_dtype)

@@ -110,6 +110,7 @@ def load_pipeline(
     random_init: bool = False,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ) -> DiffusionPipeline:
     """A diffusers pipeline from a local folder, a single file, or configs with random weights.
 
@@ -123,10 +124,11 @@ def load_pipeline(
         random_init: build from the folder's configs with random weights (tests, benchmarks).
         seed: seed of the random weights.
         torch_dtype: dtype to load the weights in.
+        variant: the folder's weights variant (``"fp16"`` reads ``*.fp16.safetensors``).
     """
     source = resolve_model_path(source)
     config = None if config is None else resolve_model_path(config, what="model.config")
-    pipe = _load(source, config, random_init, seed, torch_dtype)
+    pipe = _load(source, config, random_init, seed, torch_dtype, variant)
     if denoiser_file is not None:
         _replace_denoiser(pipe, source if config is None else config, Path(denoiser_file), torch_dtype)
     return pipe
@@ -146,7 +148,8 @@ def _replace_denoiser(pipe, folder: Path, file: Path, torch_dtype) -> None:
     pipe.register_modules(**{attr: model})
 
 
-def _load(source: Path, config: Path | None, random_init: bool, seed: int, torch_dtype) -> DiffusionPipeline:
+def _load(source: Path, config: Path | None, random_init: bool, seed: int, torch_dtype,
+          variant: str | None) -> DiffusionPipeline:
     if random_init:
         return build_random_pipeline(source, seed=seed, torch_dtype=torch_dtype)
     if source.is_file():
@@ -166,6 +169,17 @@ def _load(source: Path, config: Path | None, random_init: bool, seed: int, torch
             str(source), config=str(config), local_files_only=True, torch_dtype=torch_dtype
         )
     _read_index(source)
-    return DiffusionPipeline.from_pretrained(
-        source, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
-    )
+    try:
+        return DiffusionPipeline.from_pretrained(
+            source, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype, variant=variant
+        )
+    except OSError as err:  # a component's weights are missing, or only another variant's are there
+        raise UserError(f"cannot load the pipeline in {source}: {err}{_variant_hint(source, variant)}") from None
+
+
+def _variant_hint(folder: Path, variant: str | None) -> str:
+    """Which weight variants the folder holds, when the one asked for is not among them."""
+    found = sorted({p.suffixes[-2][1:].split("-")[0] for p in folder.glob("*/*.safetensors") if len(p.suffixes) > 1})
+    if not found or variant in found:
+        return ""
+    return f". The folder holds {'/'.join(found)} weights: load them with model.variant={found[0]} (eval: --variant)"

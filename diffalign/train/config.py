@@ -25,8 +25,12 @@ if TYPE_CHECKING:  # the registry is imported where the config is validated
 
 @dataclass
 class ModelConfig:
-    # local diffusers folder, or a .safetensors file (then set `config`)
+    # local diffusers folder, a .safetensors file (then set `config`), or the Hub id of a model in the
+    # local Hugging Face cache (stabilityai/stable-diffusion-xl-base-1.0; nothing is downloaded)
     path: str = ""
+    # weights variant of a diffusers folder, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
+    # (when only those were downloaded); trained weights are fp32 either way
+    variant: str | None = None
     # for a single-file `path`: the local diffusers folder giving its architecture
     config: str | None = None
     # a .safetensors file holding only the UNet/transformer, replacing the folder's

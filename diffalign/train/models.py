@@ -38,7 +38,7 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     mc, tc = config.model, config.train
     weight_dtype = mixed_precision_dtype(tc.mixed_precision)
     pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
-                         random_init=mc.random_init, seed=tc.seed)
+                         random_init=mc.random_init, seed=tc.seed, variant=mc.variant)
     backbone = backbone_for(pipe)
     denoiser = backbone.denoiser
     for name, module in backbone.frozen_components().items():
