@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="generate with base and aligned models on prompts and report rewards")
     p.add_argument("--base", required=True,
-                   help="the base model: a local diffusers folder, or the Hub id of one in the local Hugging Face cache")
+                   help="the base model: a local diffusers folder, or the Hub id of one in the local "
+                        "Hugging Face cache")
     p.add_argument("--variant", help="weights variant of --base, e.g. fp16 (when only *.fp16.safetensors are there)")
     p.add_argument("--aligned", nargs="*", default=[], metavar="[NAME=]SOURCE",
                    help="run directories, LoRA files/folders (applied to --base) or diffusers folders")
