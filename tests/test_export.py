@@ -189,3 +189,27 @@ def test_export_cli_and_clear_errors(runs, tmp_path, capsys):
     assert main(["export", str(runs["tiny-sd15", 4]), "--format", "single-file",
                  "--out", str(tmp_path / "m.safetensors")]) == 0
     assert (tmp_path / "m.safetensors").stat().st_size > 0
+
+
+def test_a_lora_alpha_other_than_the_rank_keeps_its_scale_when_loaded(tmp_path):
+    """LoRA scales B A by alpha / rank: the saved adapter must say so, or loaders assume alpha = rank."""
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+        f"data.path={data}", f"output_dir={run}", f"model.path={ROOT / 'assets/models/tiny-sd15'}",
+        "train.lora_rank=4", "train.lora_alpha=2", "train.max_steps=2", "train.learning_rate=1e-2",
+        "train.checkpoint_every=0", "train.reference_dtype=fp32"]))
+    saved = load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = (saved[f"unet.{layer}.lora.{part}.weight"] for part in ("down", "up"))
+    base = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True).unet.get_submodule(layer).weight
+    for pipe in (load_finetuned(run), _lora_loaded(run)):
+        pipe.fuse_lora()
+        torch.testing.assert_close(pipe.unet.get_submodule(layer).weight, base + 0.5 * up @ down)
+
+
+def _lora_loaded(run: Path):
+    """The base with the exported LoRA file loaded the way users load it."""
+    pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
+    pipe.load_lora_weights(str(export_run(run, "lora", run.parent / "lora").parent))
+    return pipe

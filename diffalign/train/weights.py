@@ -39,5 +39,10 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
     if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written directly
         save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
     else:
-        saver(str(folder), **{f"{backbone.denoiser_attr}_lora_layers": layers}, safe_serialization=True)
+        # the adapter's config (rank, alpha, targets) goes into the file's metadata: without it loaders
+        # assume alpha = rank, and a run with train.lora_alpha != rank would load at the wrong scale
+        attr, (adapter,) = backbone.denoiser_attr, denoiser.peft_config
+        saver(str(folder), **{f"{attr}_lora_layers": layers,
+                              f"{attr}_lora_adapter_metadata": denoiser.peft_config[adapter].to_dict()},
+              safe_serialization=True)
     return folder
