@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from diffalign.cli import main
@@ -213,3 +213,29 @@ def _lora_loaded(run: Path):
     pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
     pipe.load_lora_weights(str(export_run(run, "lora", run.parent / "lora").parent))
     return pipe
+
+
+def test_a_pixart_lora_run_loads_evaluates_and_exports_merged(tmp_path):
+    """diffusers has no LoRA loader for PixArt: diffalign loads and merges the adapter with peft, at alpha / rank."""
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+        f"data.path={data}", f"output_dir={run}", f"model.path={ROOT / 'assets/models/tiny-pixart'}",
+        "train.lora_rank=4", "train.lora_alpha=2", "train.max_steps=2", "train.learning_rate=1e-2",
+        "train.checkpoint_every=0", "train.reference_dtype=fp32"]))
+    saved = load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    layer = "transformer_blocks.0.attn1.to_q"
+    down, up = (saved[f"transformer.{layer}.lora.{part}.weight"] for part in ("down", "up"))
+    base = load_pipeline(ROOT / "assets/models/tiny-pixart", random_init=True).transformer
+    export_run(run, "diffusers", tmp_path / "merged", dtype="fp32")
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True).transformer
+    torch.testing.assert_close(merged.get_submodule(layer).weight, base.get_submodule(layer).weight + 0.5 * up @ down)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    text = torch.randn(1, 5, base.config.caption_channels, generator=torch.Generator().manual_seed(1))
+    extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    with torch.no_grad():
+        adapted = load_finetuned(run).transformer(x, encoder_hidden_states=text, timestep=t, **extra).sample
+        folded = merged(x, encoder_hidden_states=text, timestep=t, **extra).sample
+        plain = base(x, encoder_hidden_states=text, timestep=t, **extra).sample
+    torch.testing.assert_close(folded, adapted, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(adapted, plain)

@@ -15,6 +15,7 @@ import yaml
 from diffusers import DiffusionPipeline
 
 from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline
+from diffalign.diffusion.lora import load_lora_file
 from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
 
@@ -39,10 +40,10 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
     lora_file = weights if weights.is_file() else weights / LORA_FILE
     attr = _denoiser_attr(pipe)
     if lora_file.is_file():
-        if not hasattr(pipe, "load_lora_weights"):
-            raise UserError(f"{type(pipe).__name__} has no LoRA loader in diffusers; export the run merged "
-                            "(diffalign export RUN --format diffusers) and load that folder")
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        if hasattr(pipe, "load_lora_weights"):
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        else:  # PixArt: diffusers has no LoRA loader for it
+            load_lora_file(getattr(pipe, attr), lora_file, prefix=attr)
         return pipe
     if (weights / attr).is_dir():
         cls = type(getattr(pipe, attr))

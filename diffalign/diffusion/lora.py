@@ -1,12 +1,26 @@
-"""LoRA adapters on any denoiser, and running it as its base (the reference) for free."""
+"""LoRA adapters on any denoiser, and running it as its base (the reference) for free.
+
+Denoisers whose diffusers pipeline has a LoRA loader (SD, SDXL, SD3) save and load adapters through
+it. For the others (PixArt) :func:`save_lora_file`, :func:`load_lora_file` and :func:`merge_lora`
+do the same with peft: the file has diffusers' layout (``transformer.<module>.lora.down/up.weight``)
+and its adapter config (rank, alpha, targets) in the metadata, as ``save_lora_weights`` writes it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
-from peft import LoraConfig, inject_adapter_in_model
+import torch
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' metadata key: the adapter config as JSON
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -61,3 +75,37 @@ def adapters_disabled(module: nn.Module):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def save_lora_file(layers: dict[str, torch.Tensor], config: LoraConfig, path: Path, prefix: str) -> None:
+    """Write diffusers-format LoRA ``layers`` of the denoiser ``prefix`` (e.g. ``transformer``) and their config."""
+    settings = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    save_file({f"{prefix}.{k}": v.contiguous() for k, v in layers.items()}, path,
+              metadata={"format": "pt", ADAPTER_METADATA: json.dumps(settings, sort_keys=True, default=str)})
+
+
+def load_lora_file(denoiser: nn.Module, path: Path, prefix: str) -> nn.Module:
+    """Add the adapter saved by :func:`save_lora_file` (or ``save_lora_weights``) to ``denoiser``."""
+    with safe_open(str(path), "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get(ADAPTER_METADATA, "{}"))
+        layers = {k.removeprefix(f"{prefix}."): f.get_tensor(k) for k in f.keys() if k.startswith(f"{prefix}.")}
+    if not layers:
+        raise ValueError(f"{path} holds no LoRA layers of the {prefix}")
+    settings = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    peft_layers = convert_unet_state_dict_to_peft(layers)
+    rank = next(v.shape[0] for k, v in peft_layers.items() if "lora_A" in k)
+    targets = settings.get("target_modules") or sorted({k.split(".lora_")[0] for k in peft_layers})
+    config = LoraConfig(r=settings.get("r", rank), lora_alpha=settings.get("lora_alpha", rank), target_modules=targets)
+    inject_adapter_in_model(config, denoiser)
+    set_peft_model_state_dict(denoiser, peft_layers)
+    return denoiser
+
+
+def merge_lora(module: nn.Module) -> nn.Module:
+    """Fold every LoRA layer of ``module`` into its base weight and put the plain base layer back."""
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
+    return module

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from diffalign.diffusion.finetuned import LORA_FILE, load_finetuned
 from diffalign.diffusion.loading import DTYPES
+from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
 from diffalign.train import ldm_keys, mmdit_keys
 
@@ -29,8 +30,11 @@ def merged_pipeline(run_dir: Path) -> DiffusionPipeline:
     """The run's pipeline with a LoRA (if any) fused into the base weights and the adapters removed."""
     pipe = load_finetuned(run_dir)
     if (run_dir / "final" / LORA_FILE).is_file():
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
+        if hasattr(pipe, "fuse_lora"):
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        else:  # PixArt: no diffusers LoRA loader, so peft merges it
+            merge_lora(pipe.transformer)
     return pipe
 
 

@@ -9,10 +9,10 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import save_torch_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 from torch import nn
 
 from diffalign.diffusion import Backbone
+from diffalign.diffusion.lora import save_lora_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' own names, so from_pretrained finds the file (or the index of its shards)
@@ -35,13 +35,13 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
         save_torch_state_dict(weights, target, filename_pattern=DIFFUSERS_WEIGHTS, max_shard_size="10GB")
         return folder
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=weights))
+    # the adapter's config (rank, alpha, targets) goes into the file's metadata: without it loaders
+    # assume alpha = rank, and a run with train.lora_alpha != rank would load at the wrong scale
+    attr, (adapter,) = backbone.denoiser_attr, denoiser.peft_config
     saver = getattr(type(backbone.pipe), "save_lora_weights", None)
-    if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written directly
-        save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
+    if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written with peft
+        save_lora_file(layers, denoiser.peft_config[adapter], folder / LORA_FILE, prefix=attr)
     else:
-        # the adapter's config (rank, alpha, targets) goes into the file's metadata: without it loaders
-        # assume alpha = rank, and a run with train.lora_alpha != rank would load at the wrong scale
-        attr, (adapter,) = backbone.denoiser_attr, denoiser.peft_config
         saver(str(folder), **{f"{attr}_lora_layers": layers,
                               f"{attr}_lora_adapter_metadata": denoiser.peft_config[adapter].to_dict()},
               safe_serialization=True)
