@@ -191,21 +191,26 @@ def test_export_cli_and_clear_errors(runs, tmp_path, capsys):
     assert (tmp_path / "m.safetensors").stat().st_size > 0
 
 
-def test_a_lora_alpha_other_than_the_rank_keeps_its_scale_when_loaded(tmp_path):
-    """LoRA scales B A by alpha / rank: the saved adapter must say so, or loaders assume alpha = rank."""
-    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+def _half_scale_lora_run(tmp_path: Path, model: str, layer: str) -> tuple[Path, torch.Tensor]:
+    """A 2-step LoRA run at rank 4, alpha 2 (scale 0.5), and the update 0.5 * B A it saved for ``layer``."""
     run = tmp_path / "run"
     train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
-        f"data.path={data}", f"output_dir={run}", f"model.path={ROOT / 'assets/models/tiny-sd15'}",
-        "train.lora_rank=4", "train.lora_alpha=2", "train.max_steps=2", "train.learning_rate=1e-2",
-        "train.checkpoint_every=0", "train.reference_dtype=fp32"]))
+        f"data.path={pickapic_parquet(tmp_path / 'pairs.parquet', 4)}", f"output_dir={run}",
+        f"model.path={ROOT / 'assets/models' / model}", "train.lora_rank=4", "train.lora_alpha=2", "train.max_steps=2",
+        "train.learning_rate=1e-2", "train.checkpoint_every=0", "train.reference_dtype=fp32"]))
     saved = load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    down, up = (saved[f"{layer}.lora.{part}.weight"] for part in ("down", "up"))
+    return run, 0.5 * up @ down
+
+
+def test_a_lora_alpha_other_than_the_rank_keeps_its_scale_when_loaded(tmp_path):
+    """LoRA scales B A by alpha / rank: the saved adapter must say so, or loaders assume alpha = rank."""
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    down, up = (saved[f"unet.{layer}.lora.{part}.weight"] for part in ("down", "up"))
+    run, update = _half_scale_lora_run(tmp_path, "tiny-sd15", f"unet.{layer}")
     base = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True).unet.get_submodule(layer).weight
     for pipe in (load_finetuned(run), _lora_loaded(run)):
         pipe.fuse_lora()
-        torch.testing.assert_close(pipe.unet.get_submodule(layer).weight, base + 0.5 * up @ down)
+        torch.testing.assert_close(pipe.unet.get_submodule(layer).weight, base + update)
 
 
 def _lora_loaded(run: Path):
@@ -217,19 +222,12 @@ def _lora_loaded(run: Path):
 
 def test_a_pixart_lora_run_loads_evaluates_and_exports_merged(tmp_path):
     """diffusers has no LoRA loader for PixArt: diffalign loads and merges the adapter with peft, at alpha / rank."""
-    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
-    run = tmp_path / "run"
-    train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
-        f"data.path={data}", f"output_dir={run}", f"model.path={ROOT / 'assets/models/tiny-pixart'}",
-        "train.lora_rank=4", "train.lora_alpha=2", "train.max_steps=2", "train.learning_rate=1e-2",
-        "train.checkpoint_every=0", "train.reference_dtype=fp32"]))
-    saved = load_file(run / "final" / "pytorch_lora_weights.safetensors")
     layer = "transformer_blocks.0.attn1.to_q"
-    down, up = (saved[f"transformer.{layer}.lora.{part}.weight"] for part in ("down", "up"))
+    run, update = _half_scale_lora_run(tmp_path, "tiny-pixart", f"transformer.{layer}")
     base = load_pipeline(ROOT / "assets/models/tiny-pixart", random_init=True).transformer
     export_run(run, "diffusers", tmp_path / "merged", dtype="fp32")
     merged = DiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True).transformer
-    torch.testing.assert_close(merged.get_submodule(layer).weight, base.get_submodule(layer).weight + 0.5 * up @ down)
+    torch.testing.assert_close(merged.get_submodule(layer).weight, base.get_submodule(layer).weight + update)
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     text = torch.randn(1, 5, base.config.caption_channels, generator=torch.Generator().manual_seed(1))
     extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
