@@ -205,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")
     p.add_argument("run_dir", help="a finished run directory (config.yaml and final/ inside)")
-    p.add_argument("--format", required=True, choices=("lora", "diffusers", "single-file"),
-                   help="lora: for pipe.load_lora_weights; diffusers: merged pipeline folder; "
+    p.add_argument("--format", required=True, choices=("lora", "kohya", "diffusers", "single-file"),
+                   help="lora: for pipe.load_lora_weights; kohya: one LoRA .safetensors for A1111/Forge/ComfyUI; "
+                        "diffusers: merged pipeline folder; "
                         "single-file: original SD 1.x/2.x, SDXL or SD3 layout for ComfyUI/A1111")
-    p.add_argument("--out", required=True, help="output folder (lora, diffusers) or .safetensors file")
+    p.add_argument("--out", required=True,
+                   help="output folder (lora, diffusers) or .safetensors file (kohya, single-file)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"), help="weights dtype (default fp16)")
     p.set_defaults(run=_cmd_export)
 

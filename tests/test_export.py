@@ -186,6 +186,8 @@ def test_export_cli_and_clear_errors(runs, tmp_path, capsys):
     assert "not a finished run directory" in _unwrapped(capsys.readouterr().err)
     with pytest.raises(UserError, match=".safetensors"):
         export_run(runs["tiny-sd15", 4], "single-file", tmp_path / "model.ckpt")
+    with pytest.raises(UserError, match="kohya export covers SD 1.x/2.x and SDXL UNet LoRAs"):
+        export_run(runs["tiny-sd3", 4], "kohya", tmp_path / "sd3.safetensors")
     assert main(["export", str(runs["tiny-sd15", 4]), "--format", "single-file",
                  "--out", str(tmp_path / "m.safetensors")]) == 0
     assert (tmp_path / "m.safetensors").stat().st_size > 0
@@ -208,15 +210,23 @@ def test_a_lora_alpha_other_than_the_rank_keeps_its_scale_when_loaded(tmp_path):
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     run, update = _half_scale_lora_run(tmp_path, "tiny-sd15", f"unet.{layer}")
     base = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True).unet.get_submodule(layer).weight
-    for pipe in (load_finetuned(run), _lora_loaded(run)):
+    for pipe in (load_finetuned(run), _lora_loaded(run, "lora"), _lora_loaded(run, "kohya")):
         pipe.fuse_lora()
         torch.testing.assert_close(pipe.unet.get_submodule(layer).weight, base + update)
 
 
-def _lora_loaded(run: Path):
-    """The base with the exported LoRA file loaded the way users load it."""
+def _lora_loaded(run: Path, fmt: str):
+    """The base with the exported LoRA (diffusers' folder, or one kohya file) loaded the way users load it."""
     pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
-    pipe.load_lora_weights(str(export_run(run, "lora", run.parent / "lora").parent))
+    if fmt == "lora":
+        pipe.load_lora_weights(str(export_run(run, "lora", run.parent / "lora").parent))
+        return pipe
+    kohya = export_run(run, "kohya", run.parent / "kohya.safetensors", dtype="fp32")
+    state = load_file(kohya)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(state)
+    assert state[f"{name}.alpha"].item() == 2.0 and not any(k.startswith("unet.") for k in state)
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
     return pipe
 
 

@@ -1,6 +1,9 @@
 """``diffalign export``: a run's trained weights in the formats people load.
 
 - ``lora``: the LoRA as ``pytorch_lora_weights.safetensors`` in a folder, for ``pipe.load_lora_weights``.
+- ``kohya``: the LoRA of an SD 1.x/2.x or SDXL run as one ``.safetensors`` file in kohya-ss names
+  (``lora_unet_<module>.lora_down/lora_up.weight`` and ``.alpha``), the layout A1111/Forge and
+  ComfyUI's LoRA loaders read (and diffusers' ``load_lora_weights`` too).
 - ``diffusers``: the whole pipeline with the trained weights merged in (LoRA fused), a folder for
   ``DiffusionPipeline.from_pretrained``.
 - ``single-file``: one ``.safetensors`` checkpoint in the original layout, which ComfyUI's
@@ -10,20 +13,23 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, SD3Transformer2DModel
+from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.diffusion.finetuned import LORA_FILE, load_finetuned
 from diffalign.diffusion.loading import DTYPES
-from diffalign.diffusion.lora import merge_lora
+from diffalign.diffusion.lora import ADAPTER_METADATA, merge_lora
 from diffalign.errors import UserError
 from diffalign.train import ldm_keys, mmdit_keys
 
-FORMATS = ("lora", "diffusers", "single-file")
+FORMATS = ("lora", "kohya", "diffusers", "single-file")
 
 
 def merged_pipeline(run_dir: Path) -> DiffusionPipeline:
@@ -36,6 +42,20 @@ def merged_pipeline(run_dir: Path) -> DiffusionPipeline:
         else:  # PixArt: no diffusers LoRA loader, so peft merges it
             merge_lora(pipe.transformer)
     return pipe
+
+
+def kohya_lora_state(lora_file: Path) -> dict[str, torch.Tensor]:
+    """A run's UNet LoRA file in kohya-ss names, each layer's alpha the one it trained with."""
+    with safe_open(str(lora_file), "pt") as f:
+        settings = json.loads((f.metadata() or {}).get(ADAPTER_METADATA, "{}"))
+        layers = {k: f.get_tensor(k) for k in f.keys()}
+    if not all(k.startswith("unet.") for k in layers):
+        raise UserError("kohya export covers SD 1.x/2.x and SDXL UNet LoRAs; use --format lora or diffusers")
+    state = convert_state_dict_to_kohya(convert_unet_state_dict_to_peft(layers))
+    alpha = settings.get("unet.lora_alpha")  # diffusers' converter writes alpha = rank, i.e. scale 1
+    if alpha is not None:
+        state = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in state.items()}
+    return state
 
 
 def single_file_state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
@@ -106,10 +126,16 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not (run_dir / "final").is_dir() or not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a finished run directory (it needs config.yaml and final/)")
-    if fmt == "lora":
+    if fmt in ("lora", "kohya"):
         lora = run_dir / "final" / LORA_FILE
         if not lora.is_file():
             raise UserError(f"{run_dir} trained the full model, not a LoRA; use --format diffusers or single-file")
+        if fmt == "kohya":
+            _check_suffix(out, "a kohya LoRA")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in kohya_lora_state(lora).items()}
+            save_file(state, out, metadata={"format": "pt", "diffalign_run": str(run_dir.resolve())})
+            return out
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(lora, out / LORA_FILE)
         return out / LORA_FILE
@@ -118,9 +144,13 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
     if fmt == "diffusers":
         pipe.save_pretrained(out, safe_serialization=True)
         return out
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out {out} must end in .safetensors for a single-file checkpoint")
+    _check_suffix(out, "a single-file checkpoint")
     return save_single_file(pipe, out, {"diffalign_run": str(run_dir.resolve())})
+
+
+def _check_suffix(out: Path, what: str) -> None:
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors for {what}")
 
 
 def save_single_file(pipe: DiffusionPipeline, out: Path, metadata: dict[str, str] | None = None) -> Path:
