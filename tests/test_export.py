@@ -194,21 +194,22 @@ def test_export_cli_and_clear_errors(runs, tmp_path, capsys):
 
 
 def _half_scale_lora_run(tmp_path: Path, model: str, layer: str) -> tuple[Path, torch.Tensor]:
-    """A 2-step LoRA run at rank 4, alpha 2 (scale 0.5), and the update 0.5 * B A it saved for ``layer``."""
+    """A 2-step LoRA run at rank 4, alpha 2 (scale 0.5), and the update 0.5 * B A that ``layer`` trained
+    with, read from the raw adapter in the run's last checkpoint."""
     run = tmp_path / "run"
     train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
         f"data.path={pickapic_parquet(tmp_path / 'pairs.parquet', 4)}", f"output_dir={run}",
         f"model.path={ROOT / 'assets/models' / model}", "train.lora_rank=4", "train.lora_alpha=2", "train.max_steps=2",
-        "train.learning_rate=1e-2", "train.checkpoint_every=0", "train.reference_dtype=fp32"]))
-    saved = load_file(run / "final" / "pytorch_lora_weights.safetensors")
-    down, up = (saved[f"{layer}.lora.{part}.weight"] for part in ("down", "up"))
+        "train.learning_rate=1e-2", "train.checkpoint_every=2", "train.reference_dtype=fp32"]))
+    state = load_file(run / "checkpoints" / "step-0000002" / "model.safetensors")
+    down, up = (state[f"{layer}.lora_{part}.default.weight"] for part in ("A", "B"))
     return run, 0.5 * up @ down
 
 
 def test_a_lora_alpha_other_than_the_rank_keeps_its_scale_when_loaded(tmp_path):
-    """LoRA scales B A by alpha / rank: the saved adapter must say so, or loaders assume alpha = rank."""
+    """LoRA scales B A by alpha / rank; loaders assume alpha = rank unless told, so the saved B has the scale in it."""
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    run, update = _half_scale_lora_run(tmp_path, "tiny-sd15", f"unet.{layer}")
+    run, update = _half_scale_lora_run(tmp_path, "tiny-sd15", layer)
     base = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True).unet.get_submodule(layer).weight
     for pipe in (load_finetuned(run), _lora_loaded(run, "lora"), _lora_loaded(run, "kohya")):
         pipe.fuse_lora()
@@ -225,7 +226,7 @@ def _lora_loaded(run: Path, fmt: str):
     state = load_file(kohya)
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(state)
-    assert state[f"{name}.alpha"].item() == 2.0 and not any(k.startswith("unet.") for k in state)
+    assert state[f"{name}.alpha"].item() == 4 and not any(k.startswith("unet.") for k in state)  # scale folded in
     pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
     return pipe
 
@@ -233,7 +234,7 @@ def _lora_loaded(run: Path, fmt: str):
 def test_a_pixart_lora_run_loads_evaluates_and_exports_merged(tmp_path):
     """diffusers has no LoRA loader for PixArt: diffalign loads and merges the adapter with peft, at alpha / rank."""
     layer = "transformer_blocks.0.attn1.to_q"
-    run, update = _half_scale_lora_run(tmp_path, "tiny-pixart", f"transformer.{layer}")
+    run, update = _half_scale_lora_run(tmp_path, "tiny-pixart", layer)
     base = load_pipeline(ROOT / "assets/models/tiny-pixart", random_init=True).transformer
     export_run(run, "diffusers", tmp_path / "merged", dtype="fp32")
     merged = DiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True).transformer

@@ -1,9 +1,9 @@
 """LoRA adapters on any denoiser, and running it as its base (the reference) for free.
 
-Denoisers whose diffusers pipeline has a LoRA loader (SD, SDXL, SD3) save and load adapters through
-it. For the others (PixArt) :func:`save_lora_file`, :func:`load_lora_file` and :func:`merge_lora`
-do the same with peft: the file has diffusers' layout (``transformer.<module>.lora.down/up.weight``)
-and its adapter config (rank, alpha, targets) in the metadata, as ``save_lora_weights`` writes it.
+Denoisers whose diffusers pipeline has a LoRA loader (SD, SDXL, SD3) load adapters through it. For
+the others (PixArt) :func:`load_lora_file` and :func:`merge_lora` do the same with peft, from a file
+in diffusers' layout (``transformer.<module>.lora.down/up.weight``, the adapter config in the
+metadata if ``save_lora_weights`` wrote one, else alpha = rank).
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import contextlib
 import json
 from pathlib import Path
 
-import torch
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' metadata key: the adapter config as JSON
@@ -77,15 +75,8 @@ def adapters_disabled(module: nn.Module):
             layer.enable_adapters(True)
 
 
-def save_lora_file(layers: dict[str, torch.Tensor], config: LoraConfig, path: Path, prefix: str) -> None:
-    """Write diffusers-format LoRA ``layers`` of the denoiser ``prefix`` (e.g. ``transformer``) and their config."""
-    settings = {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
-    save_file({f"{prefix}.{k}": v.contiguous() for k, v in layers.items()}, path,
-              metadata={"format": "pt", ADAPTER_METADATA: json.dumps(settings, sort_keys=True, default=str)})
-
-
 def load_lora_file(denoiser: nn.Module, path: Path, prefix: str) -> nn.Module:
-    """Add the adapter saved by :func:`save_lora_file` (or ``save_lora_weights``) to ``denoiser``."""
+    """Add the adapter of a diffusers-layout LoRA file to ``denoiser``."""
     with safe_open(str(path), "pt") as f:
         metadata = json.loads((f.metadata() or {}).get(ADAPTER_METADATA, "{}"))
         layers = {k.removeprefix(f"{prefix}."): f.get_tensor(k) for k in f.keys() if k.startswith(f"{prefix}.")}

@@ -13,19 +13,17 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, SD3Transformer2DModel
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from diffalign.diffusion.finetuned import LORA_FILE, load_finetuned
 from diffalign.diffusion.loading import DTYPES
-from diffalign.diffusion.lora import ADAPTER_METADATA, merge_lora
+from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
 from diffalign.train import ldm_keys, mmdit_keys
 
@@ -45,17 +43,11 @@ def merged_pipeline(run_dir: Path) -> DiffusionPipeline:
 
 
 def kohya_lora_state(lora_file: Path) -> dict[str, torch.Tensor]:
-    """A run's UNet LoRA file in kohya-ss names, each layer's alpha the one it trained with."""
-    with safe_open(str(lora_file), "pt") as f:
-        settings = json.loads((f.metadata() or {}).get(ADAPTER_METADATA, "{}"))
-        layers = {k: f.get_tensor(k) for k in f.keys()}
+    """A run's UNet LoRA file in kohya-ss names (its scale is folded in, so alpha = rank)."""
+    layers = load_file(str(lora_file))
     if not all(k.startswith("unet.") for k in layers):
         raise UserError("kohya export covers SD 1.x/2.x and SDXL UNet LoRAs; use --format lora or diffusers")
-    state = convert_state_dict_to_kohya(convert_unet_state_dict_to_peft(layers))
-    alpha = settings.get("unet.lora_alpha")  # diffusers' converter writes alpha = rank, i.e. scale 1
-    if alpha is not None:
-        state = {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in state.items()}
-    return state
+    return convert_state_dict_to_kohya(convert_unet_state_dict_to_peft(layers))
 
 
 def single_file_state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:

@@ -9,14 +9,25 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import save_torch_state_dict
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from torch import nn
 
 from diffalign.diffusion import Backbone
-from diffalign.diffusion.lora import save_lora_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' own names, so from_pretrained finds the file (or the index of its shards)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
+
+
+def scale_folded_in(layers: dict[str, torch.Tensor], denoiser: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """LoRA weights with each layer's scale (alpha / r, or alpha / sqrt(r) with rsLoRA) folded into B.
+
+    A LoRA file has no standard place for alpha: loaders (diffusers without adapter metadata,
+    ComfyUI, A1111, kohya tools) assume alpha = r, i.e. scale 1. Folded in, the adapter means what
+    it trained as in every one of them, whatever ``train.lora_alpha`` was.
+    """
+    return {key: value * denoiser.get_submodule(key.split(".lora_B.")[0]).scaling[adapter] if ".lora_B." in key
+            else value for key, value in layers.items()}
 
 
 def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[str, torch.Tensor], folder: Path,
@@ -34,15 +45,12 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
         denoiser.save_config(target)
         save_torch_state_dict(weights, target, filename_pattern=DIFFUSERS_WEIGHTS, max_shard_size="10GB")
         return folder
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=weights))
-    # the adapter's config (rank, alpha, targets) goes into the file's metadata: without it loaders
-    # assume alpha = rank, and a run with train.lora_alpha != rank would load at the wrong scale
-    attr, (adapter,) = backbone.denoiser_attr, denoiser.peft_config
+    (adapter,) = denoiser.peft_config
+    layers = convert_state_dict_to_diffusers(scale_folded_in(get_peft_model_state_dict(denoiser, state_dict=weights),
+                                                             denoiser, adapter))
     saver = getattr(type(backbone.pipe), "save_lora_weights", None)
-    if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written with peft
-        save_lora_file(layers, denoiser.peft_config[adapter], folder / LORA_FILE, prefix=attr)
+    if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written directly
+        save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
     else:
-        saver(str(folder), **{f"{attr}_lora_layers": layers,
-                              f"{attr}_lora_adapter_metadata": denoiser.peft_config[adapter].to_dict()},
-              safe_serialization=True)
+        saver(str(folder), **{f"{backbone.denoiser_attr}_lora_layers": layers}, safe_serialization=True)
     return folder
