@@ -248,3 +248,20 @@ def test_a_pixart_lora_run_loads_evaluates_and_exports_merged(tmp_path):
         plain = base(x, encoder_hidden_states=text, timestep=t, **extra).sample
     torch.testing.assert_close(folded, adapted, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(adapted, plain)
+
+
+def test_a_published_denoiser_folder_in_the_hugging_face_cache_applies_to_its_base(runs, tmp_path, monkeypatch):
+    """As the Diffusion-DPO authors publish their SDXL model: a Hub repository holding only ``unet/``."""
+    import huggingface_hub.constants
+    from fixtures import hub_cache_with
+
+    run = runs["tiny-sd15", 0]
+    published = tmp_path / "repo"
+    shutil.copytree(run / "final" / "unet", published / "unet")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_cache_with(tmp_path / "hub", "someone/dpo-sd15", published)
+    base = tmp_path / "base"
+    load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True).save_pretrained(base)
+    aligned = load_finetuned("someone/dpo-sd15", base=base)
+    torch.testing.assert_close(_denoiser_outputs(aligned), _denoiser_outputs(load_finetuned(run)))
+    assert not torch.allclose(_denoiser_outputs(aligned), _denoiser_outputs(load_pipeline(base)))
