@@ -265,3 +265,6 @@ def test_a_published_denoiser_folder_in_the_hugging_face_cache_applies_to_its_ba
     aligned = load_finetuned("someone/dpo-sd15", base=base)
     torch.testing.assert_close(_denoiser_outputs(aligned), _denoiser_outputs(load_finetuned(run)))
     assert not torch.allclose(_denoiser_outputs(aligned), _denoiser_outputs(load_pipeline(base)))
+    (published / "unet" / "diffusion_pytorch_model.safetensors").rename(published / "unet" / "weights.bin")
+    with pytest.raises(UserError, match="cannot load the trained unet in"):
+        load_finetuned(published, base=base)

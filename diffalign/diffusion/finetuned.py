@@ -47,7 +47,10 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
         return pipe
     if (weights / attr).is_dir():
         cls = type(getattr(pipe, attr))
-        model = cls.from_pretrained(weights / attr, use_safetensors=True, torch_dtype=torch_dtype).eval()
+        try:
+            model = cls.from_pretrained(weights / attr, use_safetensors=True, torch_dtype=torch_dtype).eval()
+        except OSError as err:  # no safetensors weights there (diffalign never unpickles .bin files)
+            raise UserError(f"cannot load the trained {attr} in {weights / attr}: {err}") from None
         pipe.register_modules(**{attr: model})
         return pipe
     raise UserError(f"{weights} holds neither {LORA_FILE} nor a {attr}/ folder of trained weights")
