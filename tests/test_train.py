@@ -621,6 +621,18 @@ def test_a_datasets_folder_with_image_features_reads_the_encoded_bytes(pairs, tm
         sorted(rows.example(p).image_ids for p in range(len(rows)))
 
 
+def test_a_saved_dataset_dict_is_read_by_split(pairs, tmp_path):
+    import datasets
+
+    table = datasets.Dataset.from_parquet(str(pairs))
+    datasets.DatasetDict({"train": table.select(range(6)), "validation": table.select(range(6, 8))}).save_to_disk(
+        str(tmp_path / "dict"))  # what load_dataset(...).save_to_disk(...) leaves
+    assert len(RowSource(tmp_path / "dict")) == 6 and len(RowSource(tmp_path / "dict", "validation")) == 2
+    assert PairDataset(tmp_path / "dict", resolution=16, split="validation").example(0).caption == "a picture number 6"
+    with pytest.raises(UserError, match="has the splits train, validation, not 'test'; set data.split"):
+        RowSource(tmp_path / "dict", "test")
+
+
 def test_a_rewritten_parquet_is_read_anew_not_from_the_converted_copy(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -39,6 +39,7 @@ Tensor = torch.Tensor
 class RowSource:
     """Random access to rows of a local table: ``len(source)``, ``source.row(i)``, ``source.column(name)``.
 
+    A ``datasets`` folder (``save_to_disk``; of a ``DatasetDict``, its ``split``) is read as it is.
     A .jsonl index (or a folder holding one index and no parquet) is read as a list of dicts (it
     holds paths, not images). A folder holding neither tables nor an index but images is read as
     captioned images, the layout of kohya's and most LoRA trainers' datasets: one row per image
@@ -71,7 +72,13 @@ class RowSource:
             return
         import datasets
 
-        if (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
+        if (self.path / "dataset_dict.json").exists():  # save_to_disk of a DatasetDict: one folder per split
+            splits = datasets.load_from_disk(str(self.path))
+            if split not in splits:
+                raise UserError(f"data.path {self.path} has the splits {', '.join(splits)}, not {split!r}; "
+                                "set data.split")
+            dataset = splits[split]
+        elif (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
             dataset = datasets.load_from_disk(str(self.path))
         else:
             files = [self.path] if self.path.is_file() else (sorted(self.path.glob("*.parquet"))
