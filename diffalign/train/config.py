@@ -94,8 +94,8 @@ class DataConfig:
     # (captioned images) a folder of images with .txt captions, or the Hub id of a dataset in the
     # local Hugging Face cache (hf download yuvalkirstain/pickapic_v2 --repo-type dataset)
     path: str = ""
-    # which split's parquet shards to read from a folder (or cached Hub dataset) whose shards sit in
-    # sub-folders, named as the Hub names them (data/train-00000-of-00645.parquet, or train/*.parquet)
+    # the split to read: of a saved DatasetDict, or the parquet shards of a folder (or cached Hub
+    # dataset) that names them as the Hub does (data/train-00000-of-00645.parquet, or train/*.parquet)
     split: str = "train"
     # training resolution (square crops, pixels)
     resolution: int = 512
