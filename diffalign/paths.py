@@ -19,17 +19,20 @@ TOY_BASE = ASSETS / "models" / "toy-base"
 PROMPTS = ASSETS / "prompts"
 
 
-def cached_hub_path(name: str | Path, repo_type: str = "model") -> Path | None:
-    """What a Hub name points to in the local Hugging Face cache, or None; never downloads.
+def find_locally(source: str | Path, repo_type: str = "model") -> Path | None:
+    """``source`` as a local path if it exists, else what it names in the local Hugging Face cache,
+    else None; never downloads.
 
-    ``owner/name`` is a repository's cached snapshot (a folder; ``repo_type="dataset"`` for a
+    As a Hub name, ``owner/name`` is a repository's cached snapshot (a folder; ``repo_type="dataset"`` for a
     dataset repository); ``owner/name/some/file`` is a file or folder inside it
     (``xswu/HPSv2/HPS_v2.1_compressed.pt``). A name resolves only when ``hf download`` (or an
     earlier ``from_pretrained``) has put the files in the cache (``HF_HUB_CACHE``, by default
     ``~/.cache/huggingface/hub``). The snapshot's folder name is the commit, so anything keyed by
     the resolved path follows the repository's revision.
     """
-    match = re.fullmatch(r"([\w.-]+/[\w.-]+)(?:/(.+))?", str(name))
+    if Path(source).exists():
+        return Path(source)
+    match = re.fullmatch(r"([\w.-]+/[\w.-]+)(?:/(.+))?", str(source))
     if not match:
         return None
     try:
@@ -41,9 +44,8 @@ def cached_hub_path(name: str | Path, repo_type: str = "model") -> Path | None:
 
 def resolve_model_path(source: str | Path, *, what: str = "model.path") -> Path:
     """``source`` as a local path if it exists, else what it names in the local Hugging Face cache
-    (:func:`cached_hub_path`); a clear error if neither."""
-    path = Path(source)
-    found = path if path.exists() else cached_hub_path(source)
+    (:func:`find_locally`); a clear error if neither."""
+    found = find_locally(source)
     if found is None:
         raise UserError(f"{what} {source} does not exist, and it names nothing in the local Hugging Face cache "
                         "(diffalign never downloads). Give a local path, or download the model first: "

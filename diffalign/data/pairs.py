@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
-from diffalign.paths import cached_hub_path
+from diffalign.paths import find_locally
 
 Tensor = torch.Tensor
 
@@ -54,13 +54,11 @@ class RowSource:
     """
 
     def __init__(self, path: str | Path, split: str = "train") -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            found = cached_hub_path(path, repo_type="dataset")
-            if found is None:
-                raise UserError(f"data.path {path} does not exist, and it names no dataset in the local Hugging Face "
-                                f"cache (diffalign never downloads; hf download {path} --repo-type dataset)")
-            self.path = found
+        found = find_locally(path, repo_type="dataset")
+        if found is None:
+            raise UserError(f"data.path {path} does not exist, and it names no dataset in the local Hugging Face "
+                            f"cache (diffalign never downloads; hf download {path} --repo-type dataset)")
+        self.path = found
         indexes = sorted(self.path.glob("*.jsonl")) if self.path.is_dir() else []
         if len(indexes) == 1 and not any(self.path.glob("*.parquet")):  # a folder holding one index
             self.path = indexes[0]

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from diffalign.errors import UserError
-from diffalign.paths import PROMPTS, cached_hub_path
+from diffalign.paths import PROMPTS, find_locally
 
 PROMPT_FIELDS = ("prompt", "caption", "text")  # the field holding the prompt, in order of preference
 
@@ -98,7 +98,7 @@ def read_prompts(source: str | Path) -> list[str]:
         prompts = READERS.get(path.suffix, _from_text)(path)
     else:
         table, split = (text, "train") if path.exists() or ":" not in text else text.rsplit(":", 1)
-        if not Path(table).exists() and cached_hub_path(table, repo_type="dataset") is None:
+        if find_locally(table, repo_type="dataset") is None:
             shipped = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.txt")))
             raise UserError(f"prompt source {source} does not exist: give a prompt file (.txt, .jsonl, .json, .tsv, "
                             f".csv), a table (with :split), a dataset in the local Hugging Face cache, or a shipped "

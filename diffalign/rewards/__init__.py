@@ -4,17 +4,16 @@ A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/
 ``"aesthetic:/models/aesthetic.pth:clip=/models/ViT-L-14.pt"`` (options as ``key=value`` after
 the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. The toy rewards take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
-``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.cached_hub_path`).
+``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from diffalign.errors import UserError
-from diffalign.paths import cached_hub_path
+from diffalign.paths import find_locally
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
@@ -37,8 +36,7 @@ PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or
 
 def _local(path: str) -> str:
     """A path as given when it exists (or nothing in the Hugging Face cache has that name), else the cached file."""
-    found = None if Path(path).exists() else cached_hub_path(path)
-    return path if found is None else str(found)
+    return str(find_locally(path) or path)
 
 
 @dataclass
