@@ -2,23 +2,20 @@
 
 Denoisers whose diffusers pipeline has a LoRA loader (SD, SDXL, SD3) load adapters through it. For
 the others (PixArt) :func:`load_lora_file` and :func:`merge_lora` do the same with peft, from a file
-in diffusers' layout (``transformer.<module>.lora.down/up.weight``, the adapter config in the
-metadata if ``save_lora_weights`` wrote one, else alpha = rank).
+in diffusers' layout (``transformer.<module>.lora.down/up.weight``) whose scale is folded into the
+up weights, as diffalign saves them, so alpha = rank.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
-
-ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' metadata key: the adapter config as JSON
 
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -76,18 +73,14 @@ def adapters_disabled(module: nn.Module):
 
 
 def load_lora_file(denoiser: nn.Module, path: Path, prefix: str) -> nn.Module:
-    """Add the adapter of a diffusers-layout LoRA file to ``denoiser``."""
-    with safe_open(str(path), "pt") as f:
-        metadata = json.loads((f.metadata() or {}).get(ADAPTER_METADATA, "{}"))
-        layers = {k.removeprefix(f"{prefix}."): f.get_tensor(k) for k in f.keys() if k.startswith(f"{prefix}.")}
+    """Add the adapter of a diffusers-layout LoRA file (scale folded in) to ``denoiser``."""
+    layers = {k.removeprefix(f"{prefix}."): v for k, v in load_file(str(path)).items() if k.startswith(f"{prefix}.")}
     if not layers:
         raise ValueError(f"{path} holds no LoRA layers of the {prefix}")
-    settings = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
     peft_layers = convert_unet_state_dict_to_peft(layers)
     rank = next(v.shape[0] for k, v in peft_layers.items() if "lora_A" in k)
-    targets = settings.get("target_modules") or sorted({k.split(".lora_")[0] for k in peft_layers})
-    config = LoraConfig(r=settings.get("r", rank), lora_alpha=settings.get("lora_alpha", rank), target_modules=targets)
-    inject_adapter_in_model(config, denoiser)
+    targets = sorted({k.split(".lora_")[0] for k in peft_layers})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), denoiser)
     set_peft_model_state_dict(denoiser, peft_layers)
     return denoiser
 
