@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from diffalign.data import PairDataset, RankedListDataset
 from diffalign.errors import UserError
@@ -65,3 +67,18 @@ def test_generate_ranked_writes_lists_pairs_and_a_summary_and_resumes_exactly(tm
 
     with pytest.raises(UserError, match="different config .*seeds_per_generator"):
         generate_ranked(_config(out, "seeds_per_generator=3"))
+
+
+def test_a_generator_reads_a_folder_of_fp16_variant_weights_when_given_its_variant(tmp_path):
+    from diffalign.diffusion import load_pipeline
+
+    load_pipeline(ROOT / "assets/models/toy-base").save_pretrained(tmp_path / "fp16-only", variant="fp16")
+    out = tmp_path / "ranked"
+    generators = (f"generators=[{{name: plain, path: assets/models/toy-base, steps: 2}}, "
+                  f"{{name: variant, path: {tmp_path / 'fp16-only'}, variant: fp16, steps: 2}}]")
+    generate_ranked(_config(out, generators, "seeds_per_generator=1"))
+    row = pq.read_table(out / "shard-00000.parquet").to_pylist()[0]
+    plain, variant = (Image.open(out / path) for path in row["images"])
+    assert row["generators"] == ["plain", "variant"] and np.array_equal(np.asarray(plain), np.asarray(variant))
+    with pytest.raises(UserError, match="holds fp16 weights.*generator's variant"):
+        generate_ranked(_config(tmp_path / "again", generators.replace(", variant: fp16", "")))

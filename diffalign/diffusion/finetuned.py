@@ -57,11 +57,12 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
 
 
 def load_finetuned(source: str | Path, *, base: str | Path | None = None, torch_dtype: torch.dtype | None = None,
-                   base_variant: str | None = None) -> DiffusionPipeline:
+                   base_variant: str | None = None, variant: str | None = None) -> DiffusionPipeline:
     """A pipeline with trained weights from a run directory, a LoRA (with ``base``), or a pipeline folder.
 
     A LoRA or pipeline may also be given by the Hub id of its copy in the local Hugging Face cache.
-    ``base_variant`` is the weights variant of ``base`` (``"fp16"``); a run's own base loads as it trained.
+    ``base_variant`` is the weights variant of ``base`` (``"fp16"``; a run's own base loads as it
+    trained), ``variant`` that of ``source`` when it is itself a diffusers folder.
     """
     source = resolve_model_path(source, what="model")
     if (source / "config.yaml").is_file() and (source / "final").is_dir():
@@ -69,7 +70,7 @@ def load_finetuned(source: str | Path, *, base: str | Path | None = None, torch_
             load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
         return apply_weights(pipe, source / "final", torch_dtype)
     if source.is_dir() and (source / MODEL_INDEX).is_file():
-        return load_pipeline(source, torch_dtype=torch_dtype)
+        return load_pipeline(source, torch_dtype=torch_dtype, variant=variant)
     if base is None:
         raise UserError(f"{source} is not a run directory or a diffusers folder; to apply it as a LoRA or "
                         "denoiser, also give the base model")

@@ -182,4 +182,5 @@ def _variant_hint(folder: Path, variant: str | None) -> str:
     found = sorted({p.suffixes[-2][1:].split("-")[0] for p in folder.glob("*/*.safetensors") if len(p.suffixes) > 1})
     if not found or variant in found:
         return ""
-    return f". The folder holds {'/'.join(found)} weights: load them with model.variant={found[0]} (eval: --variant)"
+    return (f". The folder holds {'/'.join(found)} weights: load them with model.variant={found[0]} "
+            "(eval: --variant; generate-ranked: the generator's variant)")

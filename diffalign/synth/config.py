@@ -24,6 +24,9 @@ class GeneratorConfig:
     resolution: int | None = None
     # weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16
     dtype: str = "auto"
+    # weights variant of the pipeline folder read (path, or base for a LoRA / denoiser file):
+    # fp16 reads *.fp16.safetensors, as `hf download ... --include "*fp16*"` leaves a folder
+    variant: str | None = None
 
     @classmethod
     def parse(cls, value: object, index: int) -> GeneratorConfig:
@@ -48,7 +51,7 @@ class GenerateConfig:
     # prompts: a .txt file (one per line), .jsonl ({"prompt": ...}), .json list, .tsv/.csv with a Prompt
     # column, a table or cached Hub dataset with :split, or a shipped set (toy_train, general)
     prompts: str = ""
-    # the generators, each {name, path, base, steps, guidance_scale, resolution, dtype}
+    # the generators, each {name, path, base, steps, guidance_scale, resolution, dtype, variant}
     generators: list = field(default_factory=list)
     # images per prompt from each generator (seeds seed + i*K .. seed + i*K + K-1 for prompt i, the same for all)
     seeds_per_generator: int = 2

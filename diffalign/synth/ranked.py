@@ -89,8 +89,8 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> 
             jobs = todo[generator.name]
             if not jobs:
                 continue
-            pipe = load_finetuned(generator.path, base=generator.base,
-                                  torch_dtype=resolve_dtype(generator.dtype, device)).to(device)
+            pipe = load_finetuned(generator.path, base=generator.base, torch_dtype=resolve_dtype(generator.dtype, device),
+                                  base_variant=generator.variant, variant=generator.variant).to(device)
             bar.set_postfix(generator=generator.name)
             for start in range(0, len(jobs), config.batch_size):
                 batch = jobs[start:start + config.batch_size]
