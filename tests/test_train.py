@@ -646,6 +646,44 @@ def test_a_rewritten_parquet_is_read_anew_not_from_the_converted_copy(tmp_path):
     assert sorted(RowSource(tmp_path).column("caption")) == ["c", "d", "e"]
 
 
+def test_a_disk_too_small_for_the_arrow_copy_is_refused_before_converting_and_a_full_one_keeps_nothing(
+        tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.arrow_writer import ArrowWriter
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"caption": ["a", "b"], "jpg_0": [b"x" * 4096] * 2}), path)
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: disk._replace(free=1000))
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    def written() -> set[Path]:  # datasets' own .lock files aside
+        return {p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+    before = written()
+    with pytest.raises(UserError, match=r"needs at least as much free space; the disk has 0.0 GB\. Set "
+                                        r"HF_DATASETS_CACHE \(now .+\) to a folder on a disk with more room"):
+        RowSource(path)
+    assert written() == before  # refused before writing anything
+
+    def disk_full(self, table, *args, **kwargs):  # the disk fills up while the Arrow copy is written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: disk)
+    with monkeypatch.context() as patched:
+        patched.setattr(ArrowWriter, "write_table", disk_full)
+        with pytest.raises(UserError, match="the disk filled up while converting .* \\(nothing was kept\\)"):
+            RowSource(path)
+    assert written() == before
+    assert RowSource(path).column("caption") == ["a", "b"]  # converted once there is room...
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: disk._replace(free=0))
+    assert RowSource(path).column("caption") == ["a", "b"]  # ...and then read with no room needed
+
+
 def _hub_layout(folder: Path, splits: dict[str, list[list[str]]]) -> Path:
     """Parquet shards as a Hub dataset repository holds them: data/<split>-0000i-of-0000n-<hash>.parquet."""
     import pyarrow as pa

@@ -16,10 +16,12 @@ error before training starts.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +87,7 @@ class RowSource:
                 self._rows = _captioned_image_files(self.path)
                 self.columns = ["caption", "image"]
                 return
-            dataset = datasets.Dataset.from_parquet([str(f) for f in files])
+            dataset = _parquet_as_arrow(files)
         self._dataset = dataset.with_format("arrow")  # raw cells: image bytes undecoded, rows as arrow slices
         self.columns = list(dataset.column_names)
 
@@ -111,6 +113,37 @@ class RowSource:
         if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
             return [0] * len(column)
         return pc.fill_null(pc.list_value_length(column), 0).to_pylist()
+
+
+def _parquet_as_arrow(files: list[Path]) -> Any:
+    """The parquet files as one memory-mapped ``datasets.Dataset``, converted into the ``datasets``
+    cache on first use (under a lock, so the processes of a multi-GPU run convert it once).
+
+    The Arrow copy is about as large as the parquet (encoded images do not compress further):
+    Pick-a-Pic v2's train split wants some 300 GB more. A disk without that much room is refused
+    before the conversion starts, and one that fills up during it is reported the same way; in both
+    cases ``datasets`` leaves no partial copy behind.
+    """
+    import datasets
+    from datasets.io.parquet import ParquetDatasetReader
+
+    reader = ParquetDatasetReader([str(f) for f in files])
+    target = Path(reader.builder.cache_dir)
+    needed = sum(f.stat().st_size for f in files)
+    room = f"HF_DATASETS_CACHE (now {datasets.config.HF_DATASETS_CACHE}) to a folder on a disk with more room"
+    if not (target / datasets.config.DATASET_INFO_FILENAME).is_file():
+        free = shutil.disk_usage(next(p for p in (target, *target.parents) if p.exists())).free
+        if free < needed:
+            raise UserError(f"reading {len(files)} parquet file(s) ({needed / 1e9:.1f} GB) converts them once into "
+                            f"memory-mapped Arrow at {target}, which needs at least as much free space; the disk "
+                            f"has {free / 1e9:.1f} GB. Set {room}")
+    try:
+        return reader.read()
+    except Exception as err:  # datasets wraps the writer's OSError in a DatasetGenerationError
+        if not any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in (err, err.__cause__, err.__context__)):
+            raise
+        raise UserError(f"the disk filled up while converting {needed / 1e9:.1f} GB of parquet into Arrow at "
+                        f"{target} (nothing was kept). Set {room}") from None
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
