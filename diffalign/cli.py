@@ -7,10 +7,13 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from diffalign.errors import UserError
 from diffalign.losses.registry import KINDS
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it, so --help stays fast
+    import torch
 
 
 def _cmd_losses(args: argparse.Namespace) -> int:
@@ -67,32 +70,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _negative_guided_loader(args: argparse.Namespace, dtype: torch.dtype) -> Callable[[], Any]:
+    """``--negative``: the base pipeline sampling with the negative model in guidance's unconditional branch."""
+    from diffalign.diffusion import load_pipeline
+    from diffalign.diffusion.finetuned import finetuned_loader
+    from diffalign.diffusion.negative_guidance import with_negative_guidance
+
+    load_negative = finetuned_loader(args.negative, base=args.base, torch_dtype=dtype, base_variant=args.variant)
+
+    def load() -> Any:
+        negative = load_negative()
+        denoiser = negative.unet if getattr(negative, "unet", None) is not None else negative.transformer
+        base = load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)
+        return with_negative_guidance(base, denoiser, mix=args.negative_mix)
+    return load
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion import DTYPES, default_device, load_pipeline
-    from diffalign.diffusion.finetuned import load_finetuned
+    from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.eval import evaluate_models
     from diffalign.eval.prompts import read_prompts
     from diffalign.eval.report import markdown_table, write_evaluation_report
+    from diffalign.paths import resolve_model_path
     from diffalign.rewards import load_reward
 
     device = default_device()
     dtype = DTYPES[args.dtype]
     rewards = [load_reward(name) for name in args.rewards.split(",")]
     prompts = read_prompts(args.prompts)
-    models = {"base": load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}
+    # every model is checked now and loaded in its turn, so only one is in memory at a time
+    resolve_model_path(args.base, what="--base")
+    models = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}
     for item in args.aligned:
         name, _, source = item.rpartition("=")
-        models[name or Path(source).name] = load_finetuned(source, base=args.base, torch_dtype=dtype,
-                                                           base_variant=args.variant)
+        models[name or Path(source).name] = finetuned_loader(source, base=args.base, torch_dtype=dtype,
+                                                             base_variant=args.variant)
     if args.negative:
-        from diffalign.diffusion.negative_guidance import with_negative_guidance
-
-        negative = load_finetuned(args.negative, base=args.base, torch_dtype=dtype, base_variant=args.variant)
-        denoiser = negative.unet if getattr(negative, "unet", None) is not None else negative.transformer
-        base = load_pipeline(args.base, torch_dtype=dtype, variant=args.variant).to(device)
-        models["base+negative"] = with_negative_guidance(base, denoiser, mix=args.negative_mix)
-    for pipe in models.values():
-        pipe.to(device)
+        models["base+negative"] = _negative_guided_loader(args, dtype)
+    models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
     evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
                                  steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
                                  batch_size=args.batch_size, progress=True,

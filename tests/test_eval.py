@@ -72,3 +72,40 @@ def test_prompt_sets_are_read_from_the_files_benchmarks_publish(tmp_path, monkey
     assert read_prompts("someone/pairs:validation_unique") == ["x", "y", "z"]
     with pytest.raises(UserError, match="prompt source someone/other:test does not exist"):
         read_prompts("someone/other:test")
+
+
+def test_models_given_as_loaders_are_loaded_in_turn_and_freed_before_the_next(tmp_path):
+    import weakref
+
+    reward, events, alive = ToyPreference(), [], []
+
+    def loader(name):
+        def load():
+            events.append((name, [ref() is not None for ref in alive]))  # is any earlier pipeline still held?
+            pipe = load_pipeline(TOY_BASE)
+            alive.append(weakref.ref(pipe))
+            return pipe
+        return load
+
+    lazy = evaluate_models({"a": loader("a"), "b": loader("b"), "c": loader("c")}, PROMPTS[:2], [reward],
+                           seeds_per_prompt=1, steps=2)
+    assert events == [("a", []), ("b", [False]), ("c", [False, False])]
+    eager = evaluate_models({"a": load_pipeline(TOY_BASE)}, PROMPTS[:2], [reward], seeds_per_prompt=1, steps=2)
+    torch.testing.assert_close(lazy.scores["c"]["toy_preference"], eager.scores["a"]["toy_preference"])
+
+
+def test_eval_names_a_missing_model_before_generating_with_any(tmp_path, monkeypatch, capsys):
+    import diffalign.eval.compare
+    from diffalign.cli import main
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before every model was checked")
+
+    monkeypatch.setattr(diffalign.eval.compare, "generate", no_generation)
+    empty = tmp_path / "lora"
+    empty.mkdir()
+    for aligned, error in ((tmp_path / "missing", "does not exist"),
+                           (empty, "holds neither pytorch_lora_weights.safetensors nor a unet/")):
+        assert main(["eval", "--base", str(TOY_BASE), "--aligned", f"ok={TOY_BASE}", f"bad={aligned}",
+                     "--prompts", "toy_heldout", "--out", str(tmp_path / "report")]) == 2
+        assert error in " ".join(capsys.readouterr().err.split())

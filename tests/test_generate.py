@@ -82,3 +82,12 @@ def test_a_generator_reads_a_folder_of_fp16_variant_weights_when_given_its_varia
     assert row["generators"] == ["plain", "variant"] and np.array_equal(np.asarray(plain), np.asarray(variant))
     with pytest.raises(UserError, match="holds fp16 weights.*generator's variant"):
         generate_ranked(_config(tmp_path / "again", generators.replace(", variant: fp16", "")))
+
+
+def test_a_missing_generator_is_named_before_any_image_is_generated(tmp_path):
+    out = tmp_path / "ranked"
+    generators = (f"generators=[{{name: fine, path: assets/models/toy-base, steps: 2}}, "
+                  f"{{name: lost, path: {tmp_path / 'nowhere'}, steps: 2}}]")
+    with pytest.raises(UserError, match="nowhere does not exist"):
+        generate_ranked(_config(out, generators))
+    assert not list(out.rglob("*.png"))

@@ -9,6 +9,7 @@ the full denoiser as a diffusers sub-folder. The base is loaded exactly as train
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -56,6 +57,37 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
     raise UserError(f"{weights} holds neither {LORA_FILE} nor a {attr}/ folder of trained weights")
 
 
+PipelineLoader = Callable[[], DiffusionPipeline]
+
+
+def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torch_dtype: torch.dtype | None = None,
+                     base_variant: str | None = None, variant: str | None = None) -> PipelineLoader:
+    """What :func:`load_finetuned` loads, checked now and loaded when the returned function is called.
+
+    Every path is resolved and every file the load needs is looked for here, so a command that
+    loads several models one after another (``diffalign eval``, ``generate-ranked``) names a
+    mistake in the last of them before it spends an hour on the first.
+    """
+    source = resolve_model_path(source, what="model")
+    is_run = (source / "config.yaml").is_file() and (source / "final").is_dir()
+    if not is_run and (source / MODEL_INDEX).is_file():
+        return lambda: load_pipeline(source, torch_dtype=torch_dtype, variant=variant)
+    if not is_run and base is None:
+        raise UserError(f"{source} is not a run directory or a diffusers folder; to apply it as a LoRA or "
+                        "denoiser, also give the base model")
+    weights = source / "final" if is_run else source
+    if not ((weights if weights.is_file() else weights / LORA_FILE).is_file()
+            or any((weights / attr).is_dir() for attr in ("unet", "transformer"))):
+        raise UserError(f"{weights} holds neither {LORA_FILE} nor a unet/ or transformer/ folder of trained weights")
+    if base is None:  # the run's own base, loaded as it trained
+        resolve_model_path(yaml.safe_load((source / "config.yaml").read_text())["model"]["path"],
+                           what=f"the base model of {source}")
+        return lambda: apply_weights(_base_of_run(source, torch_dtype), weights, torch_dtype)
+    base = resolve_model_path(base, what="the base model")
+    return lambda: apply_weights(load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant), weights,
+                                 torch_dtype)
+
+
 def load_finetuned(source: str | Path, *, base: str | Path | None = None, torch_dtype: torch.dtype | None = None,
                    base_variant: str | None = None, variant: str | None = None) -> DiffusionPipeline:
     """A pipeline with trained weights from a run directory, a LoRA (with ``base``), or a pipeline folder.
@@ -64,14 +96,4 @@ def load_finetuned(source: str | Path, *, base: str | Path | None = None, torch_
     ``base_variant`` is the weights variant of ``base`` (``"fp16"``; a run's own base loads as it
     trained), ``variant`` that of ``source`` when it is itself a diffusers folder.
     """
-    source = resolve_model_path(source, what="model")
-    if (source / "config.yaml").is_file() and (source / "final").is_dir():
-        pipe = _base_of_run(source, torch_dtype) if base is None else \
-            load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
-        return apply_weights(pipe, source / "final", torch_dtype)
-    if source.is_dir() and (source / MODEL_INDEX).is_file():
-        return load_pipeline(source, torch_dtype=torch_dtype, variant=variant)
-    if base is None:
-        raise UserError(f"{source} is not a run directory or a diffusers folder; to apply it as a LoRA or "
-                        "denoiser, also give the base model")
-    return apply_weights(load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant), source, torch_dtype)
+    return finetuned_loader(source, base=base, torch_dtype=torch_dtype, base_variant=base_variant, variant=variant)()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from diffalign.diffusion.sampling import generate
@@ -46,7 +47,7 @@ class Evaluation:
 
 
 def evaluate_models(
-    models: Mapping[str, DiffusionPipeline],
+    models: Mapping[str, DiffusionPipeline | Callable[[], DiffusionPipeline]],
     prompts: Sequence[str],
     rewards: Sequence[RewardModel],
     *,
@@ -66,12 +67,17 @@ def evaluate_models(
     ``Evaluation.images`` keeps the first ``keep_images`` images per model (whole prompts in
     order; None: all), with the longer side at most ``REPORT_PX``, for grids and reports;
     ``images_dir`` receives every image at full size as ``<model>/<index>.png``.
+
+    A model may be given as a loader, a function returning its pipeline (on its device). It is
+    called when the model's turn comes and its pipeline let go before the next, so comparing N
+    SDXL or SD3 models needs the memory of one (``diffalign eval`` passes loaders).
     """
     expanded = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(expanded))]
     result = Evaluation(prompts=expanded, seeds=seeds)
     keep = len(expanded) if keep_images is None else keep_images
-    for name, pipe in models.items():
+    for name, model in models.items():
+        pipe = model if isinstance(model, DiffusionPipeline) else model()
         kept, scores = [], {r.name: [] for r in rewards}
         for start in tqdm(range(0, len(expanded), batch_size), desc=f"generate {name}", disable=not progress):
             chunk = slice(start, start + batch_size)
@@ -86,6 +92,9 @@ def evaluate_models(
                 kept.append(report_size(images[: keep - start]))
         result.images[name] = torch.cat(kept) if kept else torch.empty(0)
         result.scores[name] = {reward: torch.cat(values) for reward, values in scores.items()}
+        del pipe
+        if not isinstance(model, DiffusionPipeline):  # loaded here: freed before the next model loads
+            free_memory()
     return result
 
 

@@ -76,21 +76,26 @@ def _check_same_dataset(config: GenerateConfig, out: Path) -> None:
 
 def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> int:
     """Every image of every generator that is not on disk yet; returns how many were generated."""
+    from diffusers.training_utils import free_memory
+
     from diffalign.diffusion import default_device, resolve_dtype
-    from diffalign.diffusion.finetuned import load_finetuned
+    from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.diffusion.sampling import generate
 
     todo = {g.name: [(i, s) for i in range(len(prompts)) for s in _seeds(config, i)
                      if not (out / _image_path(i, g.name, s)).is_file()] for g in config.generators}
     total = sum(map(len, todo.values()))
     device = default_device()
+    # every generator with work left is checked before the first one starts
+    loaders = {g.name: finetuned_loader(g.path, base=g.base, torch_dtype=resolve_dtype(g.dtype, device),
+                                        base_variant=g.variant, variant=g.variant)
+               for g in config.generators if todo[g.name]}
     with tqdm(total=total, desc="generate", unit="img", disable=total == 0) as bar:
         for generator in config.generators:
             jobs = todo[generator.name]
             if not jobs:
                 continue
-            pipe = load_finetuned(generator.path, base=generator.base, torch_dtype=resolve_dtype(generator.dtype, device),
-                                  base_variant=generator.variant, variant=generator.variant).to(device)
+            pipe = loaders[generator.name]().to(device)
             bar.set_postfix(generator=generator.name)
             for start in range(0, len(jobs), config.batch_size):
                 batch = jobs[start:start + config.batch_size]
@@ -101,6 +106,7 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> 
                     _save_png(image, out / _image_path(i, generator.name, s))
                 bar.update(len(batch))
             del pipe
+            free_memory()
     return total
 
 
