@@ -186,6 +186,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # AdamW weight decay
     weight_decay: float = 0.0
+    # AdamW betas and epsilon (torch's defaults, as diffusers' DPO example's --adam_beta1/2, --adam_epsilon)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     # bitsandbytes 8-bit AdamW (CUDA)
     adam_8bit: bool = False
     # stop the run after this many steps with a NaN/inf loss (each is skipped and logged)
@@ -297,6 +301,11 @@ class Config:
                 raise UserError(f"data.positive_ratio must be in (0, 1), got {self.data.positive_ratio}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        for key, beta in (("train.adam_beta1", self.train.adam_beta1), ("train.adam_beta2", self.train.adam_beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise UserError(f"{key} must be in [0, 1), got {beta}")
+        if self.train.adam_epsilon <= 0:
+            raise UserError(f"train.adam_epsilon must be > 0, got {self.train.adam_epsilon}")
         if regression:
             self._validate_truncation()
         if self.objective.refresh_every < 1:

@@ -197,10 +197,12 @@ class PreferenceTrainer:
             except ImportError:
                 raise UserError('train.adam_8bit=true needs bitsandbytes (CUDA): '
                                 'pip install -e ".[adam8bit]"') from None
-            optimizer = bnb.optim.AdamW8bit(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+            optimizer = bnb.optim.AdamW8bit(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                                            betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
         else:
             fused = self.accelerator.device.type == "cuda"
-            optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused)
+            optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
+                                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, fused=fused)
         scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                   num_training_steps=tc.max_steps)
         denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
