@@ -101,19 +101,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     # every model is checked now and loaded in its turn, so only one is in memory at a time
     resolve_model_path(args.base, what="--base")
-    models = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}
+    models, made_by = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}, {}
     for item in args.aligned:
         name, _, source = item.rpartition("=")
-        models[name or Path(source).name] = finetuned_loader(source, base=args.base, torch_dtype=dtype,
-                                                             base_variant=args.variant)
+        name = name or Path(source).name
+        models[name], made_by[name] = finetuned_loader(source, base=args.base, torch_dtype=dtype,
+                                                       base_variant=args.variant), source
     if args.negative:
         models["base+negative"] = _negative_guided_loader(args, dtype)
+        made_by["base+negative"] = f"{args.negative} (mix {args.negative_mix})"
     models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
+    # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
+    settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
+                       "dtype": args.dtype} for name in models}
     evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
                                  steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
                                  batch_size=args.batch_size, progress=True,
                                  keep_images=args.report_prompts * args.seeds,
-                                 images_dir=Path(args.out) / "images" if args.save_images else None)
+                                 images_dir=Path(args.out) / "images" if args.save_images else None,
+                                 model_settings=settings)
     summary = write_evaluation_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}")
     keys = [k for r in rewards for k in (r.name, f"{r.name}_win_rate")]
     print(markdown_table(summary, keys))

@@ -20,8 +20,9 @@ def test_evaluation_scores_every_image_but_keeps_only_the_report_images(tmp_path
                                  keep_images=4, images_dir=tmp_path / "images", steps=4)
     expanded = [p for p in PROMPTS for _ in range(2)]
     everything = generate(pipe, expanded, list(range(7, 13)), steps=4)  # all six at once, as before
-    torch.testing.assert_close(evaluation.scores["base"]["toy_preference"], reward(everything, expanded))
-    assert torch.equal(evaluation.images["base"], everything[:4])  # 32 px: kept at full size
+    as_saved = (everything.clamp(0, 1) * 255).round() / 255  # with images_dir, images are scored as saved (8-bit)
+    torch.testing.assert_close(evaluation.scores["base"]["toy_preference"], reward(as_saved, expanded))
+    torch.testing.assert_close(evaluation.images["base"], as_saved[:4])  # 32 px: kept at full size
     saved = sorted((tmp_path / "images" / "base").glob("*.png"))
     assert [p.name for p in saved] == [f"{i:06d}.png" for i in range(6)]
     assert Image.open(saved[5]).size == (32, 32)
@@ -109,3 +110,49 @@ def test_eval_names_a_missing_model_before_generating_with_any(tmp_path, monkeyp
         assert main(["eval", "--base", str(TOY_BASE), "--aligned", f"ok={TOY_BASE}", f"bad={aligned}",
                      "--prompts", "toy_heldout", "--out", str(tmp_path / "report")]) == 2
         assert error in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_stopped_evaluation_with_saved_images_resumes_to_the_same_scores(tmp_path, monkeypatch, capsys):
+    import json
+
+    import diffalign.diffusion
+    import diffalign.eval.compare
+    from diffalign.cli import main
+
+    generated, base_loads = [], []
+    real_generate, real_load = diffalign.eval.compare.generate, diffalign.diffusion.load_pipeline
+
+    def counted_generate(pipe, prompts, seeds, **kw):
+        generated.append(seeds)
+        return real_generate(pipe, prompts, seeds, **kw)
+
+    def counted_load(*args, **kw):
+        base_loads.append(args)
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(diffalign.eval.compare, "generate", counted_generate)
+    monkeypatch.setattr(diffalign.diffusion, "load_pipeline", counted_load)
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "report"
+    prompts.write_text("a red circle\na blue square\n")
+
+    def evaluate(*extra: str) -> int:
+        return main(["eval", "--base", str(TOY_BASE), "--prompts", str(prompts), "--seeds", "2", "--steps", "2",
+                     "--batch-size", "2", "--save-images", "--out", str(out), *extra])
+
+    assert evaluate("--aligned", f"dpo={TOY_BASE}") == 0
+    whole = json.loads((out / "metrics.json").read_text())
+    assert len(generated) == 4 and len(base_loads) == 1  # 2 batches per model
+    (out / "images" / "dpo" / "000003.png").unlink()  # stopped while writing dpo's second batch
+    generated.clear(), base_loads.clear()
+    assert evaluate("--aligned", f"dpo={TOY_BASE}") == 0
+    assert generated == [[2, 3]] and base_loads == []  # only that batch made again; the base not even loaded
+    assert json.loads((out / "metrics.json").read_text()) == whole
+
+    generated.clear()
+    assert evaluate("--aligned", f"dpo={TOY_BASE}", f"more={TOY_BASE}") == 0  # a model added: it alone generates
+    assert generated == [[0, 1], [2, 3]]
+    assert evaluate("--aligned", f"dpo={TOY_BASE}", "--steps", "3") == 2
+    assert "different config (changed: steps)" in capsys.readouterr().err
+    real_load(TOY_BASE).save_pretrained(tmp_path / "other")
+    assert evaluate("--aligned", f"dpo={tmp_path / 'other'}") == 2  # another model under the same name
+    assert "images of dpo made with a different config (changed: model)" in " ".join(capsys.readouterr().err.split())

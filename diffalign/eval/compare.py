@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -13,7 +14,8 @@ from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
 from diffalign.diffusion.sampling import generate
-from diffalign.eval.report import scaled_size, to_pil
+from diffalign.eval.report import scaled_size
+from diffalign.eval.saved import check_same_settings, load_saved, save_png
 from diffalign.eval.stats import mean_interval, win_rate
 from diffalign.rewards import RewardModel
 
@@ -56,6 +58,7 @@ def evaluate_models(
     batch_size: int = 64,
     keep_images: int | None = None,
     images_dir: Path | None = None,
+    model_settings: Mapping[str, dict] | None = None,
     progress: bool = False,
     **generate_kwargs,
 ) -> Evaluation:
@@ -65,8 +68,15 @@ def evaluate_models(
     Images are generated, scored and let go one batch at a time, so memory does not grow with
     the prompt set (a thousand prompts at 1024 px are 50 GB of float images per model).
     ``Evaluation.images`` keeps the first ``keep_images`` images per model (whole prompts in
-    order; None: all), with the longer side at most ``REPORT_PX``, for grids and reports;
-    ``images_dir`` receives every image at full size as ``<model>/<index>.png``.
+    order; None: all), with the longer side at most ``REPORT_PX``, for grids and reports.
+
+    ``images_dir`` receives every image at full size as ``<model>/<index>.png``, and makes the
+    evaluation resumable: a batch whose images are all there already is read back, not generated
+    (a model whose images are all there is not even loaded), and every image is scored as saved
+    (8-bit), so a stopped and rerun evaluation gives the same scores as one that ran through.
+    Each model's folder records the prompts, seeds and sampling settings, with what made the
+    model (``model_settings[name]``: its source, dtype, ...), and a rerun with other ones is
+    refused before anything is generated; a model added to the rerun is generated alone.
 
     A model may be given as a loader, a function returning its pipeline (on its device). It is
     called when the model's turn comes and its pipeline let go before the next, so comparing N
@@ -76,24 +86,36 @@ def evaluate_models(
     seeds = [seed + i for i in range(len(expanded))]
     result = Evaluation(prompts=expanded, seeds=seeds)
     keep = len(expanded) if keep_images is None else keep_images
+    if images_dir is not None:
+        prompts_sha = hashlib.sha256("\n".join(expanded).encode()).hexdigest()
+        for name in models:
+            settings = {"prompts_sha256": prompts_sha, "images": len(expanded), "first_seed": seed,
+                        **generate_kwargs, **(model_settings or {}).get(name, {})}
+            check_same_settings(images_dir / name / "settings.yaml", settings, what=f"images of {name}",
+                                fix="use another --out, or the same settings to resume")
     for name, model in models.items():
-        pipe = model if isinstance(model, DiffusionPipeline) else model()
-        kept, scores = [], {r.name: [] for r in rewards}
+        pipe, kept, scores = None, [], {r.name: [] for r in rewards}
         for start in tqdm(range(0, len(expanded), batch_size), desc=f"generate {name}", disable=not progress):
             chunk = slice(start, start + batch_size)
-            images = generate(pipe, expanded[chunk], seeds[chunk], batch_size=batch_size, **generate_kwargs)
+            saved = None if images_dir is None else \
+                [images_dir / name / f"{i:06d}.png" for i in range(start, min(start + batch_size, len(expanded)))]
+            images = None if saved is None else load_saved(saved)  # made by an earlier, stopped run
+            if images is None:
+                if pipe is None:
+                    pipe = model if isinstance(model, DiffusionPipeline) else model()
+                images = generate(pipe, expanded[chunk], seeds[chunk], batch_size=batch_size, **generate_kwargs)
+                if saved is not None:  # scored as saved, so a resumed run scores the same
+                    for image, path in zip(images, saved, strict=True):
+                        save_png(image, path)
+                    images = load_saved(saved)
             for reward in rewards:
                 scores[reward.name].append(reward(images, expanded[chunk]))
-            if images_dir is not None:
-                (images_dir / name).mkdir(parents=True, exist_ok=True)
-                for offset, image in enumerate(images):
-                    to_pil(image).save(images_dir / name / f"{start + offset:06d}.png")
             if start < keep:
                 kept.append(report_size(images[: keep - start]))
         result.images[name] = torch.cat(kept) if kept else torch.empty(0)
         result.scores[name] = {reward: torch.cat(values) for reward, values in scores.items()}
-        del pipe
-        if not isinstance(model, DiffusionPipeline):  # loaded here: freed before the next model loads
+        if pipe is not None and not isinstance(model, DiffusionPipeline):  # loaded here: freed before the next
+            del pipe
             free_memory()
     return result
 

@@ -25,17 +25,13 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
-from PIL import Image
 from tqdm.auto import tqdm
 
-from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
-from diffalign.eval.report import to_pil
+from diffalign.eval.saved import check_same_settings, load_png, save_png
 from diffalign.synth.config import GenerateConfig, GeneratorConfig
 from diffalign.rewards import RewardSpec, ensemble, load_reward
 
@@ -50,28 +46,6 @@ def _seeds(config: GenerateConfig, prompt_index: int) -> list[int]:
 def _image_path(prompt_index: int, generator: str, seed: int) -> str:
     """Relative to the output folder (what the dataset stores)."""
     return f"images/p{prompt_index:06d}/{generator}-{seed}.png"
-
-
-def _save_png(image: Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    to_pil(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _check_same_dataset(config: GenerateConfig, out: Path) -> None:
-    """A resumed run must be the run that started the folder; anything else would mix two datasets."""
-    record = out / "generate_config.yaml"
-    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
-    if record.is_file():
-        previous = yaml.safe_load(record.read_text())
-        if previous != identity:
-            changed = sorted(k for k in identity if previous.get(k) != identity[k])
-            raise UserError(f"{out} holds a dataset generated with a different config (changed: {', '.join(changed)}); "
-                            "use a new output_dir, or restore the settings to resume it")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    record.write_text(yaml.safe_dump(identity, sort_keys=False))
 
 
 def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> int:
@@ -103,15 +77,11 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> 
                                   guidance_scale=generator.guidance_scale, resolution=generator.resolution,
                                   batch_size=config.batch_size)
                 for (i, s), image in zip(batch, images, strict=True):
-                    _save_png(image, out / _image_path(i, generator.name, s))
+                    save_png(image, out / _image_path(i, generator.name, s))
                 bar.update(len(batch))
             del pipe
             free_memory()
     return total
-
-
-def _load_png(path: Path) -> Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out: Path, rewards: list) -> dict:
@@ -122,7 +92,7 @@ def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out
     per_batch: dict[str, list[Tensor]] = {r.name: [] for r in rewards}
     for start in range(0, len(items), config.batch_size):  # a batch of images in memory at a time, not a shard
         batch = slice(start, start + config.batch_size)
-        images = torch.stack([_load_png(out / p) for p in paths[batch]])
+        images = torch.stack([load_png(out / p) for p in paths[batch]])
         for reward in rewards:
             per_batch[reward.name].append(reward(images, captions[batch]).double())
     raw = {name: torch.cat(scores) for name, scores in per_batch.items()}
@@ -189,7 +159,9 @@ def generate_ranked(config: GenerateConfig) -> dict:
     """Build (or resume) the dataset in ``config.output_dir``; returns the summary (also in summary.json)."""
     out = Path(config.output_dir)
     prompts = read_prompts(config.prompts)
-    _check_same_dataset(config, out)
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
+    check_same_settings(out / "generate_config.yaml", identity, what="a dataset",
+                        fix="use a new output_dir, or restore the settings to resume it")
     generated = _generate_missing(config, prompts, out)
     shards = [range(s, min(s + config.shard_size, len(prompts))) for s in range(0, len(prompts), config.shard_size)]
     rewards = None
