@@ -87,7 +87,7 @@ def _negative_guided_loader(args: argparse.Namespace, dtype: torch.dtype) -> Cal
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from diffalign.diffusion import DTYPES, default_device, load_pipeline
+    from diffalign.diffusion import default_device, load_pipeline, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.eval import evaluate_models
     from diffalign.eval.prompts import read_prompts
@@ -96,7 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.rewards import load_reward
 
     device = default_device()
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     rewards = [load_reward(name) for name in args.rewards.split(",")]
     prompts = read_prompts(args.prompts)
     # every model is checked now and loaded in its turn, so only one is in memory at a time
@@ -113,7 +113,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
     # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
     settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
-                       "dtype": args.dtype} for name in models}
+                       "dtype": str(dtype).removeprefix("torch.")} for name in models}
     evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
                                  steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
                                  batch_size=args.batch_size, progress=True,
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--negative", help="a negative model (run, LoRA or folder): adds a 'base+negative' row whose "
                    "guidance uses it in the unconditional branch (Diffusion-NPO / Self-NPO)")
     p.add_argument("--negative-mix", type=float, default=1.0,

@@ -365,6 +365,20 @@ def test_adam_settings_reach_the_optimizer_and_bad_ones_are_refused(pairs, tmp_p
         tiny_config(pairs, tmp_path / "bad", "train.adam_epsilon=0")
 
 
+def test_lora_targets_choose_the_adapted_modules_and_one_matching_nothing_is_refused(pairs, tmp_path):
+    train(tiny_config(pairs, tmp_path / "run", "train.lora_targets=[to_q, ff.net.2]", "train.max_steps=1"))
+    saved = _lora_weights(tmp_path / "run")
+    assert {key.split(".lora")[0].rsplit(".", 1)[-1] for key in saved} == {"to_q", "2"}  # and ff.net.2, nothing else
+    assert all(".lora_A." in key or ".lora_B." in key for key in saved)  # one naming in the file, peft's
+    from diffalign.diffusion.finetuned import load_finetuned
+    from diffalign.diffusion.lora import lora_layers
+
+    loaded = lora_layers(load_finetuned(tmp_path / "run").unet)  # through diffusers' load_lora_weights
+    assert len(loaded) == len(saved) // 2  # every saved layer found its module
+    with pytest.raises(UserError, match=r"train.lora_targets=\['to_qq'\]: Target modules \{'to_qq'\} not found"):
+        train(tiny_config(pairs, tmp_path / "bad", "train.lora_targets=[to_qq]", "train.max_steps=1"))
+
+
 def test_8bit_adam_without_bitsandbytes_names_the_extra_to_install(pairs, tmp_path, monkeypatch):
     import builtins
 

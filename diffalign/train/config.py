@@ -170,6 +170,10 @@ class TrainConfig:
     lora_rank: int = 0
     # LoRA alpha (scale alpha/rank); default = rank
     lora_alpha: float | None = None
+    # modules that get LoRA adapters (names or name suffixes, as peft's target_modules): the attention
+    # projections, as diffusers' DPO example; SD3's context stream adds add_q_proj, add_k_proj,
+    # add_v_proj and to_add_out (diffusers' SD3 LoRA default)
+    lora_targets: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # seed of weights init, data order, timesteps and noise
     seed: int = 0
     # write a checkpoint every N steps (0 = only at the end)
@@ -273,6 +277,8 @@ class Config:
             raise UserError(f"data.workers must be >= 0 (0 = read in the training loop), got {self.data.workers}")
         if self.train.lora_rank < 0:
             raise UserError(f"train.lora_rank must be >= 0 (0 = full fine-tune), got {self.train.lora_rank}")
+        if not self.train.lora_targets or not all(isinstance(t, str) and t for t in self.train.lora_targets):
+            raise UserError(f"train.lora_targets must list module names, got {self.train.lora_targets!r}")
         if not self.model.path:
             raise UserError("model.path is empty: set it to a local diffusers folder or .safetensors file, "
                             "or the Hub id of a model in the local Hugging Face cache")

@@ -21,6 +21,7 @@ from diffalign.diffusion import (
     mixed_precision_dtype,
     resolve_dtype,
 )
+from diffalign.errors import UserError
 from diffalign.train.config import Config
 
 
@@ -48,7 +49,10 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     reference = None
     if tc.lora_rank > 0:
         denoiser.requires_grad_(False).to(dtype=weight_dtype)
-        add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha)
+        try:
+            add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha, target_modules=list(tc.lora_targets))
+        except ValueError as err:  # peft: a target that names no module of this denoiser
+            raise UserError(f"train.lora_targets={list(tc.lora_targets)}: {err}") from None
         cast_training_params(denoiser, dtype=torch.float32)
     elif frozen_reference:  # a full fine-tune compares against a frozen copy of the base
         reference = copy.deepcopy(denoiser).requires_grad_(False).eval()

@@ -335,6 +335,7 @@ class PreferenceTrainer:
             "model.path": str(self.model_folder),
             "objective.name": c.objective.name,
             "train.lora_rank": c.train.lora_rank,
+            "train.lora_targets": list(c.train.lora_targets) if c.train.lora_rank > 0 else None,
             "train.seed": c.train.seed,
             "train.gradient_accumulation": c.train.gradient_accumulation,
             "train.batch_size x processes": c.train.batch_size * self.accelerator.num_processes,

@@ -46,8 +46,13 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
         save_torch_state_dict(weights, target, filename_pattern=DIFFUSERS_WEIGHTS, max_shard_size="10GB")
         return folder
     (adapter,) = denoiser.peft_config
-    layers = convert_state_dict_to_diffusers(scale_folded_in(get_peft_model_state_dict(denoiser, state_dict=weights),
-                                                             denoiser, adapter))
+    layers = scale_folded_in(get_peft_model_state_dict(denoiser, state_dict=weights), denoiser, adapter)
+    renamed = convert_state_dict_to_diffusers(layers)
+    # diffusers' names (to_q.lora.down, as its SD/SDXL scripts and DPO example write) cover only the
+    # attention projections; with other targets (SD3's add_q_proj, ff.net.2) a file half in each
+    # naming would confuse loaders, so it keeps peft's lora_A/lora_B, as diffusers' SD3 scripts write
+    if not any(".lora_A." in key or ".lora_B." in key for key in renamed):
+        layers = renamed
     saver = getattr(type(backbone.pipe), "save_lora_weights", None)
     if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written directly
         save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
