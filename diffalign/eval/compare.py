@@ -92,7 +92,7 @@ def evaluate_models(
             settings = {"prompts_sha256": prompts_sha, "images": len(expanded), "first_seed": seed,
                         **generate_kwargs, **(model_settings or {}).get(name, {})}
             check_same_settings(images_dir / name / "settings.yaml", settings, what=f"images of {name}",
-                                fix="use another --out, or the same settings to resume")
+                                fix="use another folder (eval: --out), or the same settings to resume")
     for name, model in models.items():
         pipe, kept, scores = None, [], {r.name: [] for r in rewards}
         for start in tqdm(range(0, len(expanded), batch_size), desc=f"generate {name}", disable=not progress):
