@@ -314,6 +314,33 @@ def test_cached_latents_train_identically(pairs, tmp_path):
     assert losses_of(plain) == pytest.approx(losses_of(cached), rel=1e-3)
 
 
+def test_bf16_cached_latents_take_half_the_disk_and_come_back_as_rounded_fp32(pairs, tmp_path):
+    from safetensors import safe_open
+
+    from diffalign.diffusion import CachedEncoder, TensorCache
+    from diffalign.train.trainer import PreferenceTrainer
+
+    cache = tmp_path / "cache"
+    train(tiny_config(pairs, tmp_path / "fp32", "train.max_steps=1", f"data.cache_dir={cache}"))
+    train(tiny_config(pairs, tmp_path / "bf16", "train.max_steps=1", f"data.cache_dir={cache}",
+                      "data.cache_latent_dtype=bf16"))  # the same folder: the two never mix
+    stored = {}
+    for shard in cache.glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            stored.update({k: f.get_tensor(k).dtype for k in f.keys() if k.endswith(".latents")})
+    assert sorted(set(stored.values()), key=str) == [torch.bfloat16, torch.float32]
+    assert sum(d == torch.bfloat16 for d in stored.values()) == sum(d == torch.float32 for d in stored.values())
+
+    trainer = PreferenceTrainer(tiny_config(pairs, tmp_path / "read", f"data.cache_dir={cache}"))
+    ids = trainer.dataset.example(0).image_ids
+    fp32 = trainer.encoder.latents(ids, pixels=None)  # both cached already: the pixels are never asked for
+    bf16 = CachedEncoder(trainer.backbone, TensorCache(cache), trainer.encoder.model_id,
+                         latent_dtype=torch.bfloat16).latents(ids, pixels=None)
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, fp32.to(torch.bfloat16).float())
+    with pytest.raises(UserError, match="data.cache_latent_dtype"):
+        tiny_config(pairs, tmp_path / "bad", "data.cache_latent_dtype=fp16")
+
+
 def test_precompute_caches_what_the_run_reads_first_and_no_step_encodes(tmp_path, monkeypatch):
     from diffalign.diffusion import TensorCache
     from diffalign.train.trainer import PreferenceTrainer

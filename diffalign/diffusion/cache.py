@@ -131,12 +131,18 @@ class CachedEncoder:
 
     Entries missing from the cache are encoded in one batch and stored; the rest are read.
     ``model_id`` salts the keys (use the model path), so caches of two models never mix.
+    ``latent_dtype`` (e.g. bf16) stores latents in that dtype, for half the disk of fp32; they
+    are read back as fp32 (rounded alike whether just encoded or read), and salted apart from
+    fp32 entries.
     """
 
-    def __init__(self, backbone: Backbone, cache: TensorCache, model_id: str) -> None:
+    def __init__(self, backbone: Backbone, cache: TensorCache, model_id: str,
+                 latent_dtype: torch.dtype | None = None) -> None:
         self.backbone = backbone
         self.cache = cache
         self.model_id = model_id
+        self.latent_dtype = latent_dtype
+        self._latent_salt = model_id if latent_dtype in (None, torch.float32) else f"{model_id}@{latent_dtype}"
 
     def _cached(
         self, keys: list[str], encode_missing: Callable[[list[int]], list[dict[str, Tensor]]]
@@ -162,7 +168,7 @@ class CachedEncoder:
 
     def has_latents(self, image_ids: Sequence[str | bytes]) -> bool:
         """Whether every one of these images is cached (then their pixels are never needed)."""
-        return all(content_key("latent", self.model_id, i) in self.cache for i in image_ids)
+        return all(content_key("latent", self._latent_salt, i) in self.cache for i in image_ids)
 
     def latents(self, image_ids: Sequence[str | bytes], pixels: Callable[[list[int]], Tensor]) -> Tensor:
         """Latents of images identified by ``image_ids`` (their bytes, or a stable id).
@@ -170,10 +176,11 @@ class CachedEncoder:
         ``pixels(indices)`` returns the (n, 3, H, W) pixels in [-1, 1] of the images at those
         indices; it is only called for images not in the cache.
         """
-        keys = [content_key("latent", self.model_id, i) for i in image_ids]
+        keys = [content_key("latent", self._latent_salt, i) for i in image_ids]
 
         def encode(indices: list[int]) -> list[dict[str, Tensor]]:
             lat = self.backbone.encode_images(pixels(indices))
-            return [{"latents": lat[j]} for j in range(len(indices))]
+            return [{"latents": lat[j].to(self.latent_dtype or lat.dtype)} for j in range(len(indices))]
 
-        return torch.stack([row["latents"] for row in self._cached(keys, encode)])
+        latents = torch.stack([row["latents"] for row in self._cached(keys, encode)])
+        return latents if self.latent_dtype is None else latents.float()

@@ -38,7 +38,7 @@ from diffalign.data import (
 )
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
-from diffalign.diffusion import CachedEncoder, TensorCache
+from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
 from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
@@ -187,7 +187,8 @@ class PreferenceTrainer:
         cache_dir = self.config.data.cache_dir
         # the key covers model and resolution: the same image at another size has other latents
         model_id = f"{self.model_folder}@{self.config.data.resolution}px"
-        self.encoder = None if cache_dir is None else CachedEncoder(self.backbone, TensorCache(cache_dir), model_id)
+        self.encoder = None if cache_dir is None else CachedEncoder(
+            self.backbone, TensorCache(cache_dir), model_id, latent_dtype=DTYPES[self.config.data.cache_latent_dtype])
 
     def _build_optimizer(self) -> None:
         tc = self.config.train
