@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the negative model in the unconditional branch (1 = replace it)")
     p.add_argument("--report-prompts", type=int, default=32,
                    help="prompts shown as image grids in the report (the first ones); the scores cover all")
-    p.add_argument("--save-images", action="store_true", help="also write every image, full size, to OUT/images/")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write every image, full size, to OUT/images/; the same command run again after a stop "
+                        "then resumes, generating only what is missing")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 
