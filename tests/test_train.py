@@ -232,6 +232,28 @@ def test_resume_is_exact(tmp_path, workers, loss):
         assert logged(split, "delta") == logged(straight, "delta") and logged(split, "delta")[-1] != 0
 
 
+def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(pairs, tmp_path):
+    """The advice after a NaN stop is to resume with a lower learning rate; the checkpoint's
+    optimiser and scheduler state must not bring the old one back."""
+    from diffalign.train.trainer import PreferenceTrainer
+
+    schedule = ["train.lr_scheduler=linear", "train.warmup_steps=2", "train.max_steps=4", "train.log_every=1"]
+    train(tiny_config(pairs, tmp_path / "straight", *schedule, "train.learning_rate=1e-4"))
+    train(tiny_config(pairs, tmp_path / "split", *schedule, "train.learning_rate=1e-3", "train.max_steps=2",
+                      "train.checkpoint_every=2"))
+    lower = [*schedule, "train.learning_rate=1e-4", "train.resume=latest", "train.adam_epsilon=1e-6"]
+    train(tiny_config(pairs, tmp_path / "split", *lower))
+
+    def lrs(run):
+        return [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lrs(tmp_path / "split")[:2] == [5e-4, 0.0]  # the first rate, on its own 2-step schedule
+    assert lrs(tmp_path / "split")[2:] == lrs(tmp_path / "straight")[2:] == [5e-5, 0.0]  # then the new one, decaying
+    trainer = PreferenceTrainer(tiny_config(pairs, tmp_path / "split", *lower, "train.max_steps=8"))
+    trainer._load_checkpoint()
+    assert {(g["eps"], g["initial_lr"]) for g in trainer.optimizer.param_groups} == {(1e-6, 1e-4)}
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate fixes one precision per process; this test's bf16 must not meet the others' fp32."""

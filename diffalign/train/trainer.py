@@ -324,7 +324,23 @@ class PreferenceTrainer:
 
     def _load_checkpoint(self) -> dict[str, Any]:
         self.accelerator.load_state(str(self.resume_from))
+        self._apply_optimizer_settings()
         return self._resumed_state
+
+    def _apply_optimizer_settings(self) -> None:
+        """Train on with this config's learning rate and AdamW settings, not the checkpoint's.
+
+        Loading the optimiser's state also restores its hyperparameters, and the scheduler's its
+        base learning rate, so a run resumed with a lower ``train.learning_rate`` (the advice after
+        a NaN stop) would silently keep the old one. The schedule's shape (warm-up, decay) already
+        follows the config; the current rate is recomputed from it at the resumed step.
+        """
+        tc = self.config.train
+        scheduler = self.lr_scheduler.scheduler
+        scheduler.base_lrs = [tc.learning_rate] * len(scheduler.base_lrs)
+        for group, scale in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=tc.learning_rate, lr=tc.learning_rate * scale(scheduler.last_epoch),
+                         betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
 
     def _run_identity(self) -> dict[str, Any]:
         """The settings that decide which examples, timesteps and noise each step sees, and what is trained.
