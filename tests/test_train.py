@@ -234,14 +234,15 @@ def test_resume_is_exact(tmp_path, workers, loss):
 
 def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(pairs, tmp_path):
     """The advice after a NaN stop is to resume with a lower learning rate; the checkpoint's
-    optimiser and scheduler state must not bring the old one back."""
+    optimiser, scheduler and EMA state must not bring the old settings back."""
     from diffalign.train.trainer import PreferenceTrainer
 
     schedule = ["train.lr_scheduler=linear", "train.warmup_steps=2", "train.max_steps=4", "train.log_every=1"]
     train(tiny_config(pairs, tmp_path / "straight", *schedule, "train.learning_rate=1e-4"))
     train(tiny_config(pairs, tmp_path / "split", *schedule, "train.learning_rate=1e-3", "train.max_steps=2",
-                      "train.checkpoint_every=2"))
-    lower = [*schedule, "train.learning_rate=1e-4", "train.resume=latest", "train.adam_epsilon=1e-6"]
+                      "train.checkpoint_every=2", "train.ema_decay=0.99"))
+    lower = [*schedule, "train.learning_rate=1e-4", "train.resume=latest", "train.adam_epsilon=1e-6",
+             "train.ema_decay=0.9"]
     train(tiny_config(pairs, tmp_path / "split", *lower))
 
     def lrs(run):
@@ -252,6 +253,7 @@ def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(pairs, tmp_path):
     trainer = PreferenceTrainer(tiny_config(pairs, tmp_path / "split", *lower, "train.max_steps=8"))
     trainer._load_checkpoint()
     assert {(g["eps"], g["initial_lr"]) for g in trainer.optimizer.param_groups} == {(1e-6, 1e-4)}
+    assert trainer.ema.decay == 0.9
 
 
 @pytest.fixture

@@ -324,16 +324,16 @@ class PreferenceTrainer:
 
     def _load_checkpoint(self) -> dict[str, Any]:
         self.accelerator.load_state(str(self.resume_from))
-        self._apply_optimizer_settings()
+        self._settings_from_config()
         return self._resumed_state
 
-    def _apply_optimizer_settings(self) -> None:
-        """Train on with this config's learning rate and AdamW settings, not the checkpoint's.
+    def _settings_from_config(self) -> None:
+        """Train on with this config's learning rate, AdamW settings and EMA decay, not the checkpoint's.
 
-        Loading the optimiser's state also restores its hyperparameters, and the scheduler's its
-        base learning rate, so a run resumed with a lower ``train.learning_rate`` (the advice after
-        a NaN stop) would silently keep the old one. The schedule's shape (warm-up, decay) already
-        follows the config; the current rate is recomputed from it at the resumed step.
+        Loading the optimiser's state also restores its hyperparameters, the scheduler's its base
+        learning rate and the EMA's its decay, so a run resumed with a lower ``train.learning_rate``
+        (the advice after a NaN stop) would silently keep the old one. The schedule's shape (warm-up,
+        decay) already follows the config; the current rate is recomputed from it at the resumed step.
         """
         tc = self.config.train
         scheduler = self.lr_scheduler.scheduler
@@ -341,6 +341,8 @@ class PreferenceTrainer:
         for group, scale in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
             group.update(initial_lr=tc.learning_rate, lr=tc.learning_rate * scale(scheduler.last_epoch),
                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
+        if self.ema is not None:
+            self.ema.decay = tc.ema_decay
 
     def _run_identity(self) -> dict[str, Any]:
         """The settings that decide which examples, timesteps and noise each step sees, and what is trained.
