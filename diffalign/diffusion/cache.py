@@ -137,12 +137,12 @@ class CachedEncoder:
     """
 
     def __init__(self, backbone: Backbone, cache: TensorCache, model_id: str,
-                 latent_dtype: torch.dtype | None = None) -> None:
+                 latent_dtype: torch.dtype = torch.float32) -> None:
         self.backbone = backbone
         self.cache = cache
         self.model_id = model_id
         self.latent_dtype = latent_dtype
-        self._latent_salt = model_id if latent_dtype in (None, torch.float32) else f"{model_id}@{latent_dtype}"
+        self._latent_salt = model_id if latent_dtype == torch.float32 else f"{model_id}@{latent_dtype}"
 
     def _cached(
         self, keys: list[str], encode_missing: Callable[[list[int]], list[dict[str, Tensor]]]
@@ -180,7 +180,6 @@ class CachedEncoder:
 
         def encode(indices: list[int]) -> list[dict[str, Tensor]]:
             lat = self.backbone.encode_images(pixels(indices))
-            return [{"latents": lat[j].to(self.latent_dtype or lat.dtype)} for j in range(len(indices))]
+            return [{"latents": lat[j].to(self.latent_dtype)} for j in range(len(indices))]
 
-        latents = torch.stack([row["latents"] for row in self._cached(keys, encode)])
-        return latents if self.latent_dtype is None else latents.float()
+        return torch.stack([row["latents"] for row in self._cached(keys, encode)]).float()

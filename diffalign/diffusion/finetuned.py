@@ -27,8 +27,8 @@ def _denoiser_attr(pipe: DiffusionPipeline) -> str:
     return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
 
 
-def _base_of_run(run_dir: Path, torch_dtype) -> DiffusionPipeline:
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+def _base_of_run(config: dict, torch_dtype) -> DiffusionPipeline:
+    """The base model as the run (its parsed ``config.yaml``) loaded it."""
     model, seed = config["model"], config["train"]["seed"]
     return load_pipeline(model["path"], config=model.get("config"), denoiser_file=model.get("denoiser_file"),
                          random_init=model.get("random_init", False), seed=seed, torch_dtype=torch_dtype,
@@ -38,7 +38,7 @@ def _base_of_run(run_dir: Path, torch_dtype) -> DiffusionPipeline:
 def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Put trained weights on ``pipe``: a LoRA file/folder, or a folder holding ``unet/``/``transformer/``."""
     weights = Path(weights)
-    lora_file = weights if weights.is_file() else weights / LORA_FILE
+    lora_file = _lora_file(weights)
     attr = _denoiser_attr(pipe)
     if lora_file.is_file():
         if hasattr(pipe, "load_lora_weights"):
@@ -55,6 +55,11 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
         pipe.register_modules(**{attr: model})
         return pipe
     raise UserError(f"{weights} holds neither {LORA_FILE} nor a {attr}/ folder of trained weights")
+
+
+def _lora_file(weights: Path) -> Path:
+    """Where a LoRA is in ``weights``: the file itself, or the diffusers-named file in the folder."""
+    return weights if weights.is_file() else weights / LORA_FILE
 
 
 PipelineLoader = Callable[[], DiffusionPipeline]
@@ -76,13 +81,12 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
         raise UserError(f"{source} is not a run directory or a diffusers folder; to apply it as a LoRA or "
                         "denoiser, also give the base model")
     weights = source / "final" if is_run else source
-    if not ((weights if weights.is_file() else weights / LORA_FILE).is_file()
-            or any((weights / attr).is_dir() for attr in ("unet", "transformer"))):
+    if not (_lora_file(weights).is_file() or any((weights / attr).is_dir() for attr in ("unet", "transformer"))):
         raise UserError(f"{weights} holds neither {LORA_FILE} nor a unet/ or transformer/ folder of trained weights")
     if base is None:  # the run's own base, loaded as it trained
-        resolve_model_path(yaml.safe_load((source / "config.yaml").read_text())["model"]["path"],
-                           what=f"the base model of {source}")
-        return lambda: apply_weights(_base_of_run(source, torch_dtype), weights, torch_dtype)
+        config = yaml.safe_load((source / "config.yaml").read_text())
+        resolve_model_path(config["model"]["path"], what=f"the base model of {source}")
+        return lambda: apply_weights(_base_of_run(config, torch_dtype), weights, torch_dtype)
     base = resolve_model_path(base, what="the base model")
     return lambda: apply_weights(load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant), weights,
                                  torch_dtype)

@@ -190,6 +190,12 @@ class PreferenceTrainer:
         self.encoder = None if cache_dir is None else CachedEncoder(
             self.backbone, TensorCache(cache_dir), model_id, latent_dtype=DTYPES[self.config.data.cache_latent_dtype])
 
+    def _adamw_settings(self) -> dict[str, Any]:
+        """The optimiser's hyperparameters from the config (at its start, and again on resume)."""
+        tc = self.config.train
+        return {"lr": tc.learning_rate, "betas": (tc.adam_beta1, tc.adam_beta2), "eps": tc.adam_epsilon,
+                "weight_decay": tc.weight_decay}
+
     def _build_optimizer(self) -> None:
         tc = self.config.train
         if tc.adam_8bit:
@@ -198,12 +204,10 @@ class PreferenceTrainer:
             except ImportError:
                 raise UserError('train.adam_8bit=true needs bitsandbytes (CUDA): '
                                 'pip install -e ".[adam8bit]"') from None
-            optimizer = bnb.optim.AdamW8bit(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                                            betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+            optimizer = bnb.optim.AdamW8bit(self.params, **self._adamw_settings())
         else:
             fused = self.accelerator.device.type == "cuda"
-            optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                                          betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, fused=fused)
+            optimizer = torch.optim.AdamW(self.params, **self._adamw_settings(), fused=fused)
         scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                   num_training_steps=tc.max_steps)
         denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
@@ -339,8 +343,8 @@ class PreferenceTrainer:
         scheduler = self.lr_scheduler.scheduler
         scheduler.base_lrs = [tc.learning_rate] * len(scheduler.base_lrs)
         for group, scale in zip(self.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-            group.update(initial_lr=tc.learning_rate, lr=tc.learning_rate * scale(scheduler.last_epoch),
-                         betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon, weight_decay=tc.weight_decay)
+            group.update(self._adamw_settings(), initial_lr=tc.learning_rate,
+                         lr=tc.learning_rate * scale(scheduler.last_epoch))
         if self.ema is not None:
             self.ema.decay = tc.ema_decay
 

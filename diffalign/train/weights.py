@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffalign.diffusion import Backbone
+from diffalign.diffusion.finetuned import LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' own names, so from_pretrained finds the file (or the index of its shards)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
 
