@@ -377,3 +377,47 @@ def test_smpo_scores_each_image_at_its_renoise_inverted_latent_with_the_smoothed
 def test_smpo_takes_only_soft_label_losses():
     with pytest.raises(UserError, match="smpo takes soft-label losses: .*smpo"):
         load_config(None, ["model.path=x", "data.path=y", "objective.name=smpo", "objective.loss=dpo"])
+
+
+_ON_ANY_DEVICE = [  # (objective, core loss, items per group, loss options, targets)
+    ("diffusion_dpo", "dpo", 2, {}, {}),
+    ("diffusion_dpo", "bco", 2, {"delta": 0.5}, {}),  # a fixed shift: the running one reads a host number
+    ("diffusion_kto", "kto", 1, {}, {"preference": torch.tensor([1.0, 0.0])}),
+    ("rank_dpo", "lambda_dpo", 3, {}, {"scores": torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 0.0]])}),
+    ("self_npo", "huber", 1, {}, {}),
+    ("ddo", "ddo", 1, {}, {}),
+]
+
+
+@pytest.mark.parametrize("name, loss, items, options, targets", _ON_ANY_DEVICE, ids=lambda v: str(v)[:20])
+def test_objectives_keep_the_loss_and_every_metric_on_the_models_device(name, loss, items, options, targets):
+    """On a GPU, a tensor an objective makes on the CPU and mixes with the model's breaks the step,
+    and a metric left on the CPU breaks the NCCL all-reduce of the first log step on many GPUs (DDO's
+    round counter and a fixed BCO shift once did). With the model, latents and randomness on the meta
+    device, any CPU tensor mixed in raises here, and the loss and metrics must come back on meta.
+    InPO, SmPO and BCO's running shift read host numbers (meta tensors have none); their device
+    handling is the same code as the rows here, past that read."""
+    from torch.fx.experimental import _config as fx_config
+
+    from diffalign.objectives import OBJECTIVES
+
+    meta = torch.device("meta")
+    backbone, reference = toy_policy_and_reference()
+    prompts = ["a red circle", "a blue square"]
+    cond = backbone.encode_prompts(prompts).to(meta)
+    objective = OBJECTIVES[name](ObjectiveConfig(name=name, loss=loss, beta=100.0, loss_options=options,
+                                                 sample_steps=2, sample_guidance_scale=1.0), backbone)
+    backbone.pipe.to(meta)
+    objective.attach(backbone.denoiser)
+    g = torch.Generator().manual_seed(0)
+    draws = [objective.draw(1, (4, 16, 16), g) for _ in prompts]
+    randomness = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+    randomness = {k: v if k == "sample_seed" else v.to(meta) for k, v in randomness.items()}  # seeds are read
+    latents = torch.randn(2, items, 4, 16, 16, device=meta)
+    uses_reference = objective.dataset != "images"
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):  # boolean masks on meta tensors
+        loss_value, metrics = objective(backbone, latents, cond, randomness, backbone.denoiser,
+                                        reference.to(meta) if uses_reference else None,
+                                        **{k: v.to(meta) for k, v in targets.items()})
+    assert loss_value.device == meta
+    assert metrics and {k: v.device for k, v in metrics.items() if v.device != meta} == {}

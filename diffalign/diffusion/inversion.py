@@ -123,7 +123,7 @@ def ddim_invert_to(backbone: Backbone, latents: Tensor, cond: Conditioning, time
     draws z. ``renoise_iterations`` refines each move as in :func:`ddim_invert` (SmPO's x_t).
     """
     grid = ddim_timesteps(backbone.scheduler.config.num_train_timesteps, steps)
-    paths = [[g for g in grid if g < int(t)] + [int(t)] for t in timesteps]
+    paths = [[g for g in grid if g < t] + [t] for t in timesteps.tolist()]  # one host read, not one per item
     alphas = backbone.scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
     x = latents.float().clone()
     for move in range(max(len(p) for p in paths)):

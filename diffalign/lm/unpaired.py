@@ -94,7 +94,7 @@ def unpaired_preference_loss(
         if mean_over_processes is not None:
             mean_reward = mean_over_processes(mean_reward)
         options["delta"] = reward_shift.update(mean_reward[None])
-        metrics["delta"] = torch.tensor(options["delta"])
+        metrics["delta"] = torch.tensor(options["delta"], device=scores.device)
 
     def side(values: Tensor | None, wanted: Tensor) -> Tensor | None:  # an empty side is None for the core loss
         return None if values is None or not bool(wanted.any()) else values[wanted]

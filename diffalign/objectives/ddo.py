@@ -93,7 +93,7 @@ class DDO(OfflineDenoisingObjective):
             g = torch.Generator().manual_seed(int(seed))
             noise.append(torch.randn((1, *latent_shape), generator=g))
             step_noise.append(torch.randn((1, self.steps, *latent_shape), generator=g))
-        device = seeds.device
+        device = cond.embeds.device  # the seeds may stay on the CPU: they are read as numbers
         uncond = None if self.uncond is None else self.uncond.to(device).repeat_items(len(seeds))
         trajectory = sample_trajectories(backbone, torch.cat(noise).to(device), cond, steps=self.steps, eta=self.eta,
                                          guidance_scale=self.guidance_scale, uncond=uncond,
@@ -106,7 +106,7 @@ class DDO(OfflineDenoisingObjective):
         fake = self.reference_samples(backbone, cond, randomness["sample_seed"], tuple(latents.shape[2:]))
         pairs = torch.stack([latents[:, 0], fake.to(latents.dtype)], dim=1)
         loss, metrics = super().__call__(backbone, pairs, cond, randomness, policy, self.reference_weights.denoiser())
-        metrics["round"] = torch.tensor(float(self.optimizer_steps // self.refresh_every))
+        metrics["round"] = torch.tensor(float(self.optimizer_steps // self.refresh_every), device=loss.device)
         return loss, metrics
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,

@@ -119,7 +119,8 @@ class OfflineDenoisingObjective(Objective):
         per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores, options=options)
         metrics = {"raw_model_loss": -policy_scores.detach().mean()}
         # the batch statistics the loss used, as TRL logs them: KTO's reference point kl, BCO's shift delta
-        metrics.update({name: torch.as_tensor(options[name]) for name in ("kl", "delta") if name in options})
+        metrics.update({name: torch.as_tensor(options[name], device=policy_scores.device)
+                        for name in ("kl", "delta") if name in options})
         if ref is not None:
             metrics.update(self.reward_metrics(policy_scores.detach(), ref, preference=preference, options=options))
             metrics["ref_loss"] = -ref.mean()
