@@ -432,8 +432,10 @@ class PreferenceTrainer:
                 pairs_done += logs.pop("pairs", 0)
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    # means over processes (every rank has the same keys), then one host sync
-                    logs = {k: float(acc.reduce(v.float().reshape(1), "mean")) for k, v in sorted(logs.items())}
+                    # means over processes (every rank has the same keys) in one all-reduce and one host sync
+                    names = sorted(logs)
+                    means = acc.reduce(torch.stack([logs[k].float().reshape(()).to(acc.device) for k in names]), "mean")
+                    logs = dict(zip(names, means.tolist()))
                     read = torch.tensor([float(sum(self._skipped_while_reading().values()))], device=acc.device)
                     earlier = sum(self._skipped_on_load.values()) + sum(self._skipped_before_resume.values())
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
