@@ -813,3 +813,20 @@ def test_a_dataset_in_the_local_hugging_face_cache_is_read_by_its_hub_id(pairs, 
     assert summary["steps"] == 1
     with pytest.raises(UserError, match="names no dataset in the local Hugging Face cache.*--repo-type dataset"):
         PairDataset("someone/other", resolution=16)
+
+
+def test_processes_wait_in_collectives_as_long_as_the_config_says(tmp_path):
+    """The other GPUs wait in a collective while the main process alone samples validation images or
+    an online round; torch's NCCL default of 10 minutes would kill a run whose validation takes longer.
+    accelerate hands the handler's kwargs to ``torch.distributed.init_process_group``."""
+    from datetime import timedelta
+
+    from diffalign.train.trainer import PreferenceTrainer
+
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    trainer = PreferenceTrainer(tiny_config(data, tmp_path / "run", "train.distributed_timeout_s=3600"))
+    assert trainer.accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=3600)}
+    assert PreferenceTrainer(tiny_config(data, tmp_path / "default")).accelerator.init_handler.timeout == \
+        timedelta(minutes=30)
+    with pytest.raises(UserError, match="train.distributed_timeout_s must be >= 1"):
+        tiny_config(data, tmp_path / "bad", "train.distributed_timeout_s=0")

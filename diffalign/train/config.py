@@ -204,6 +204,10 @@ class TrainConfig:
     max_bad_steps: int = 5
     # log metrics every N steps
     log_every: int = 10
+    # seconds a process may wait in a collective before the run fails (torch's NCCL default: 600). The other
+    # GPUs wait while the main process alone samples validation images or an online round, or saves the final
+    # weights; on a slow GPU that can take longer than 10 minutes
+    distributed_timeout_s: int = 1800
     # tensorboard, wandb or none
     report_to: str = "tensorboard"
     # exponential moving average of the trained weights (0 = off; e.g. 0.999). Final weights are the EMA's
@@ -275,7 +279,8 @@ class Config:
         choose("model.attention", self.model.attention, ("sdpa", "xformers"))
         for key, value in (("train.batch_size", self.train.batch_size), ("train.max_steps", self.train.max_steps),
                            ("train.gradient_accumulation", self.train.gradient_accumulation),
-                           ("data.resolution", self.data.resolution)):
+                           ("data.resolution", self.data.resolution),
+                           ("train.distributed_timeout_s", self.train.distributed_timeout_s)):
             if value < 1:
                 raise UserError(f"{key} must be >= 1, got {value}")
         if self.data.workers is not None and self.data.workers < 0:

@@ -17,13 +17,14 @@ import os
 import shutil
 import signal
 import time
+from datetime import timedelta
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -144,7 +145,8 @@ class PreferenceTrainer:
             project_dir=str(self.output_dir),
             # DDP's gradients become views of its all-reduce buckets instead of a second copy
             # (saves one gradient-sized buffer per GPU: 9.6 GiB for a full SDXL fine-tune)
-            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                             InitProcessGroupKwargs(timeout=timedelta(seconds=tc.distributed_timeout_s))],
         )
         # the model's folder; for a Hub id, the cached snapshot, whose name is the revision
         self.model_folder = resolve_model_path(config.model.path).resolve()
