@@ -509,7 +509,8 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     data = pickapic_parquet(tmp_path / "pairs.parquet", 9, corrupt_rows=(3,), nan_rows=(8,))
     common = [str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}",
               "model.path=" + str(ROOT / "assets/models/tiny-sdxl"), "train.max_steps=3", "train.checkpoint_every=0",
-              "objective.beta=1.0", "train.adam_epsilon=1e-3", "train.learning_rate=0.1"]
+              "objective.beta=1.0", "train.adam_epsilon=1e-3", "train.learning_rate=0.1",
+              "train.lr_scheduler=linear", "train.warmup_steps=1"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=1",
@@ -526,6 +527,11 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     two_log = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert two_log["raw_model_loss"] == pytest.approx(one_log["raw_model_loss"], rel=1e-5)
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 writes alone
+    # the schedule moves once per optimiser step, however many processes take it (accelerate's default
+    # steps it once per process, which would warm up and decay N times too fast on N GPUs)
+    lrs = [[json.loads(line)["lr"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+           for run in ("one", "two")]
+    assert lrs[0] == lrs[1] == pytest.approx([0.1, 0.05, 0.0])
     # the corrupt image is met by one rank, the NaN label by both on load; each is counted once for the run
     one_summary, two_summary = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert two_summary["skipped_rows"] == one_summary["skipped_rows"] == {"jpg_1": 1, "label_0": 1}

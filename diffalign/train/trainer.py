@@ -141,6 +141,10 @@ class PreferenceTrainer:
             cpu=not torch.cuda.is_available(),
             mixed_precision=tc.mixed_precision,
             gradient_accumulation_steps=tc.gradient_accumulation,
+            # the schedule counts optimiser steps: accelerate's default steps it once per process instead,
+            # so on N GPUs the warm-up and decay would run N times too fast (diffusers' scripts multiply
+            # their step counts by N to make up for it; resuming on another number of GPUs would then shift it)
+            step_scheduler_with_optimizer=False,
             log_with=None if tc.report_to == "none" else tc.report_to,
             project_dir=str(self.output_dir),
             # DDP's gradients become views of its all-reduce buckets instead of a second copy
