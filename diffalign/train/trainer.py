@@ -179,7 +179,11 @@ class PreferenceTrainer:
         # rows dropped while loading the table: every process loaded it, so they are counted once
         self._skipped_on_load = dict(self.dataset.skipped)
         self.objective = objective_cls(config.objective, self.backbone)
-        self.objective.mean_over_processes = lambda value: self.accelerator.reduce(value.reshape(1), "mean")[0]
+        # closes over the accelerator, not the trainer: a trainer -> objective -> trainer cycle would keep the
+        # DDP wrapper, and with it the process group, alive until the interpreter exits, whose teardown
+        # then aborts a finished torchrun worker now and then ("terminate called without an active exception")
+        accelerator = self.accelerator
+        self.objective.mean_over_processes = lambda value: accelerator.reduce(value.reshape(1), "mean")[0]
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
         for stateful in self.objective.attach(self.backbone.denoiser):
@@ -323,6 +327,8 @@ class PreferenceTrainer:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        # every process writes its own random state into tmp: all must be done before it is renamed
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
