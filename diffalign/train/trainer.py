@@ -17,8 +17,8 @@ import os
 import shutil
 import signal
 import time
-from datetime import timedelta
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
