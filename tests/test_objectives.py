@@ -381,7 +381,8 @@ def test_smpo_takes_only_soft_label_losses():
 
 _ON_ANY_DEVICE = [  # (objective, core loss, items per group, loss options, targets)
     ("diffusion_dpo", "dpo", 2, {}, {}),
-    ("diffusion_dpo", "bco", 2, {"delta": 0.5}, {}),  # a fixed shift: the running one reads a host number
+    ("diffusion_dpo", "bco", 2, {"delta": 0.5}, {}),  # a fixed shift
+    ("diffusion_dpo", "bco", 2, {}, {}),  # the running shift, kept on the device
     ("diffusion_kto", "kto", 1, {}, {"preference": torch.tensor([1.0, 0.0])}),
     ("rank_dpo", "lambda_dpo", 3, {}, {"scores": torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 0.0]])}),
     ("self_npo", "huber", 1, {}, {}),
@@ -395,8 +396,8 @@ def test_objectives_keep_the_loss_and_every_metric_on_the_models_device(name, lo
     and a metric left on the CPU breaks the NCCL all-reduce of the first log step on many GPUs (DDO's
     round counter and a fixed BCO shift once did). With the model, latents and randomness on the meta
     device, any CPU tensor mixed in raises here, and the loss and metrics must come back on meta.
-    InPO, SmPO and BCO's running shift read host numbers (meta tensors have none); their device
-    handling is the same code as the rows here, past that read."""
+    InPO and SmPO read their timesteps to the host (meta tensors have none); their device handling
+    is the same code as the rows here, past that read."""
     from torch.fx.experimental import _config as fx_config
 
     from diffalign.objectives import OBJECTIVES

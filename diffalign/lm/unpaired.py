@@ -93,8 +93,7 @@ def unpaired_preference_loss(
         mean_reward = beta * logratios(scores, ref_scores).detach().mean()
         if mean_over_processes is not None:
             mean_reward = mean_over_processes(mean_reward)
-        options["delta"] = reward_shift.update(mean_reward[None])
-        metrics["delta"] = torch.tensor(options["delta"], device=scores.device)
+        options["delta"] = metrics["delta"] = reward_shift.update(mean_reward[None])
 
     def side(values: Tensor | None, wanted: Tensor) -> Tensor | None:  # an empty side is None for the core loss
         return None if values is None or not bool(wanted.any()) else values[wanted]

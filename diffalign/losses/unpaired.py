@@ -126,32 +126,41 @@ class RewardShift:
 
     Call :meth:`update` with each batch's rewards (``beta * r`` of chosen and rejected,
     gathered over processes) before computing the loss; read :attr:`value`. A batch with a
-    non-finite reward leaves the mean as it was (its step is one a trainer skips). The state is
-    two floats, saved with the checkpoint through :meth:`state_dict`.
+    non-finite reward leaves the mean as it was (its step is one a trainer skips). The mean and
+    count stay on the rewards' device, so a training step never waits for the GPU to read them;
+    :meth:`state_dict` reads them, as two numbers, when a checkpoint is saved.
     """
 
     def __init__(self) -> None:
-        self.mean = 0.0
-        self.count = 0
+        self._mean = torch.zeros((), dtype=torch.float32)
+        self._count = torch.zeros((), dtype=torch.long)
 
-    def update(self, rewards: Tensor) -> float:
+    def update(self, rewards: Tensor) -> Tensor:
+        """Fold one batch's rewards into the running mean and return it (a 0-d tensor)."""
         rewards = rewards.detach().float().flatten()
-        n = rewards.numel()
-        if n and bool(rewards.isfinite().all()):
-            total = self.count + n
-            self.mean += (rewards.mean().item() - self.mean) * n / total
-            self.count = total
-        return self.mean
+        mean, count = self._mean.to(rewards.device), self._count.to(rewards.device)
+        if rewards.numel():
+            finite = rewards.isfinite().all()
+            total = count + rewards.numel()
+            mean = torch.where(finite, mean + (rewards.mean() - mean) * (rewards.numel() / total), mean)
+            count = torch.where(finite, total, count)
+        self._mean, self._count = mean, count
+        return mean
 
     @property
-    def value(self) -> float:
-        return self.mean
+    def value(self) -> Tensor:
+        return self._mean
+
+    @property
+    def count(self) -> int:
+        return int(self._count)
 
     def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "count": self.count}
+        return {"mean": float(self._mean), "count": int(self._count)}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.mean, self.count = float(state["mean"]), int(state["count"])
+        self._mean = torch.tensor(float(state["mean"]), dtype=torch.float32)
+        self._count = torch.tensor(int(state["count"]), dtype=torch.long)
 
 
 def udm_weights(
