@@ -17,6 +17,22 @@ ASSETS = ROOT / "assets"
 CONFIGS = ROOT / "configs"
 TOY_BASE = ASSETS / "models" / "toy-base"
 PROMPTS = ASSETS / "prompts"
+_HUB_NAME = re.compile(r"([\w.-]+/[\w.-]+)(?:/(.+))?")  # owner/name, optionally a path inside the repository
+
+
+def how_to_get(source: str | Path, repo_type: str = "model") -> str:
+    """The advice for a ``source`` that :func:`find_locally` did not find: where a shipped file is, when a
+    shipped config's relative path is read from another folder; the ``hf download`` command, when it reads
+    as a Hub name; else to give an existing local path."""
+    shipped = ROOT / source
+    if not Path(source).is_absolute() and shipped.exists():
+        return (f"Relative paths are read from the current directory ({Path.cwd()}); diffalign ships this one "
+                f"as {shipped}: run from {ROOT}, or give the full path")
+    match = None if str(source).startswith(".") else _HUB_NAME.fullmatch(str(source))
+    if match is None:
+        return "Give the path of an existing file or folder"
+    more = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    return f"Give a local path, or download it first (diffalign never downloads): hf download {match[1]}{more}"
 
 
 def find_locally(source: str | Path, repo_type: str = "model") -> Path | None:
@@ -32,7 +48,7 @@ def find_locally(source: str | Path, repo_type: str = "model") -> Path | None:
     """
     if Path(source).exists():
         return Path(source)
-    match = re.fullmatch(r"([\w.-]+/[\w.-]+)(?:/(.+))?", str(source))
+    match = _HUB_NAME.fullmatch(str(source))
     if not match:
         return None
     try:
@@ -47,7 +63,6 @@ def resolve_model_path(source: str | Path, *, what: str = "model.path") -> Path:
     (:func:`find_locally`); a clear error if neither."""
     found = find_locally(source)
     if found is None:
-        raise UserError(f"{what} {source} does not exist, and it names nothing in the local Hugging Face cache "
-                        "(diffalign never downloads). Give a local path, or download the model first: "
-                        f"hf download {'/'.join(str(source).split('/')[:2])}")
+        raise UserError(f"{what} {source} does not exist, and it names nothing in the local Hugging Face cache. "
+                        f"{how_to_get(source)}.")
     return found

@@ -263,6 +263,20 @@ def test_a_hub_id_loads_the_copy_in_the_local_hugging_face_cache(tmp_path, monke
     assert resolve_model_path(MODELS / "tiny-sd3") == MODELS / "tiny-sd3"  # a local path wins
 
 
+def test_a_missing_model_path_gets_advice_that_fits_it(tmp_path, monkeypatch):
+    """configs/toy_*.yaml name assets/models/toy-base relative to the checkout; run from another folder,
+    the error says where the shipped model is. A path that cannot be a Hub name gets no Hub advice."""
+    from diffalign.paths import TOY_BASE
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"ships this one as {TOY_BASE}: run from") as error:
+        resolve_model_path("assets/models/toy-base", what="model.path")
+    assert "hf download" not in str(error.value)
+    with pytest.raises(UserError, match="Give the path of an existing file or folder") as error:
+        resolve_model_path(tmp_path / "nothing" / "here", what="model.path")  # no Hub name either
+    assert "hf download" not in str(error.value)
+
+
 def test_loading_errors_are_clear(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_pipeline(tmp_path / "nope")

@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
-from diffalign.paths import find_locally
+from diffalign.paths import find_locally, how_to_get
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,7 @@ class RowSource:
         found = find_locally(path, repo_type="dataset")
         if found is None:
             raise UserError(f"data.path {path} does not exist, and it names no dataset in the local Hugging Face "
-                            f"cache (diffalign never downloads; hf download {path} --repo-type dataset)")
+                            f"cache. {how_to_get(path, repo_type='dataset')}.")
         self.path = found
         indexes = sorted(self.path.glob("*.jsonl")) if self.path.is_dir() else []
         if len(indexes) == 1 and not any(self.path.glob("*.parquet")):  # a folder holding one index
