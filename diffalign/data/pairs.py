@@ -81,10 +81,12 @@ class RowSource:
         elif (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
             dataset = datasets.load_from_disk(str(self.path))
         else:
-            files = [self.path] if self.path.is_file() else (sorted(self.path.glob("*.parquet"))
-                                                             or _split_files(self.path, split))
+            below = [] if self.path.is_file() else sorted(self.path.rglob("*"))  # one walk of a folder
+            files = [self.path] if self.path.is_file() else ([p for p in below if p.parent == self.path
+                                                              and p.suffix == ".parquet"]
+                                                             or _split_files(self.path, split, below))
             if not files:
-                self._rows = _captioned_image_files(self.path)
+                self._rows = _captioned_image_files(self.path, below)
                 self.columns = ["caption", "image"]
                 return
             dataset = _parquet_as_arrow(files)
@@ -146,10 +148,10 @@ def _parquet_as_arrow(files: list[Path]) -> Any:
                         f"{target} (nothing was kept). Set {room}") from None
 
 
-def _split_files(folder: Path, split: str) -> list[Path]:
-    """The parquet shards of one split below ``folder``, named as the Hub names them:
-    ``data/train-00000-of-00645-....parquet`` or ``train/0000.parquet``."""
-    shards = sorted(folder.rglob("*.parquet"))
+def _split_files(folder: Path, split: str, below: list[Path]) -> list[Path]:
+    """The parquet shards of one split among the sorted paths ``below`` a folder, named as the Hub names
+    them: ``data/train-00000-of-00645-....parquet`` or ``train/0000.parquet``."""
+    shards = [p for p in below if p.suffix == ".parquet"]
     chosen = [p for p in shards if p.name.startswith(f"{split}-") or p.parent.name == split]
     if shards and not chosen:
         names = sorted({p.parent.name if p.parent not in (folder, folder / "data") else p.name.split("-")[0]
@@ -163,9 +165,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
 
 
-def _captioned_image_files(folder: Path) -> list[dict[str, Any]]:
-    """Rows ``{"image": relative path, "caption": text or None}`` of the images under ``folder``."""
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _captioned_image_files(folder: Path, below: list[Path]) -> list[dict[str, Any]]:
+    """Rows ``{"image": relative path, "caption": text or None}`` of the images among the sorted paths
+    ``below`` a folder."""
+    images = [p for p in below if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not images:
         raise UserError(f"data.path {folder} holds no .parquet files, datasets folder, .jsonl index or images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
