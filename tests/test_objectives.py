@@ -322,7 +322,9 @@ def test_inpo_refuses_flow_matching_models():
     from diffalign.objectives import InPO
 
     backbone = backbone_for(load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True))
-    with pytest.raises(ValueError, match="flow matching"):
+    with pytest.raises(UserError, match="objective.name=inpo inverts each image along a DDIM grid.*"
+                                        "FlowMatchEulerDiscreteScheduler is flow matching. With this model, "
+                                        "train d3po, ddo, diffusion_dpo, diffusion_kto, rank_dpo."):
         InPO(ObjectiveConfig(name="inpo"), backbone)
 
 

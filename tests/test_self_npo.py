@@ -135,7 +135,8 @@ def test_the_ema_teacher_follows_the_student_and_runs_without_copying_the_model(
 
 def test_flow_matching_models_are_refused():
     backbone = backbone_for(load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True))
-    with pytest.raises(ValueError, match="flow matching"):
+    with pytest.raises(UserError, match="self_npo samples its teacher's targets along a truncated DDIM grid.*"
+                                        "is flow matching"):
         SelfNPO(ObjectiveConfig(name="self_npo", loss="huber"), backbone)
 
 

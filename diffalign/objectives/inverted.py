@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffalign.diffusion import Backbone, Conditioning, NoisedGroup, schedule_for
+from diffalign.diffusion import Backbone, Conditioning, NoisedGroup
 from diffalign.diffusion.inversion import ddim_invert_to
-from diffalign.diffusion.schedule import DiffusionSchedule
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 
 if TYPE_CHECKING:
@@ -34,15 +33,14 @@ Tensor = torch.Tensor
 class InvertedDiffusionDPO(DiffusionDPO):
     """Diffusion-DPO at inverted latents; subclasses set the inversion's defaults."""
 
+    walks_ddim_grid = "inverts each image along a DDIM grid"
     default_inversion_steps = 10
     default_inversion_eta = 0.0
     default_renoise_iterations = 0
     renoise_average_from = 1
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        if not isinstance(schedule_for(backbone.scheduler), DiffusionSchedule):
-            raise ValueError(f"{config.name} needs a DDIM-invertible (epsilon or v-prediction) model; "
-                             f"{type(backbone.scheduler).__name__} is flow matching")
+        self.refuse_flow_matching(config.name, backbone)
         super().__init__(config, backbone)
         pick = lambda value, default: default if value is None else value  # noqa: E731
         self.inversion_steps = pick(config.inversion_steps, self.default_inversion_steps)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from diffalign.diffusion import Backbone, Conditioning, DiffusionSchedule, schedule_for
+from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.base import Objective
 
@@ -63,11 +63,10 @@ class SelfNPO(Objective):
     frozen_reference = False
     loss_kinds = ("regression",)
     regression_losses = ("huber", "l2")
+    walks_ddim_grid = "samples its teacher's targets along a truncated DDIM grid"
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        if not isinstance(schedule_for(backbone.scheduler), DiffusionSchedule):
-            raise ValueError(f"self_npo walks a DDIM grid and needs an epsilon or v-prediction model; "
-                             f"{type(backbone.scheduler).__name__} is flow matching")
+        self.refuse_flow_matching(config.name, backbone)
         self.num_timesteps = backbone.scheduler.config.num_train_timesteps
         self.prediction_type = backbone.scheduler.config.prediction_type
         self.grid = truncation_grid(self.num_timesteps, config.truncation_grid)
