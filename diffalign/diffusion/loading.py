@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,17 @@ from diffalign.paths import resolve_model_path
 
 MODEL_INDEX = "model_index.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _names_modules_to_keep_in_fp32(record: logging.LogRecord) -> bool:
+    """False for diffusers' "should be kept in float32: []" warning, which ``ModelMixin.to`` logs on every dtype
+    cast of a model that keeps no module in fp32 (its check reads ``_keep_in_fp32_modules or []`` and then
+    tests for None; diffusers PR #13872): a user would see it for the VAE and the denoiser of every run.
+    The warning for a model that does name such modules is kept."""
+    return "should be kept in float32: []." not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_names_modules_to_keep_in_fp32)
 
 
 def default_device() -> torch.device:
