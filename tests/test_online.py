@@ -48,7 +48,13 @@ def test_d3po_objective_is_the_step_loss_on_the_winner_first_pairs():
         logp, ref = score(backbone.denoiser), score(reference)
     expected = d3po_step_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta=0.1, eps=0.1).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert (ref - logp).abs().max() > 0 and set(metrics) >= {"implicit_acc"}
+    assert (ref - logp).abs().max() > 0
+    margin = (logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])
+    assert metrics["rewards/chosen"].item() == pytest.approx(0.1 * (logp[:, 0] - ref[:, 0]).mean().item(), rel=1e-5)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.1 * margin.mean().item(), rel=1e-5)
+    assert metrics["implicit_acc"].item() == (margin > 0).float().mean().item()
+    _, untrained = objective(backbone, latents, cond, {"step": steps}, backbone.denoiser, backbone.denoiser)
+    assert untrained["implicit_acc"].item() == 0.5  # a tie counts one half, as in every pairwise objective
 
 
 def test_online_rounds_are_sampled_scored_and_resumed_exactly(tmp_path):

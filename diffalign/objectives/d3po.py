@@ -87,8 +87,5 @@ class D3PO(Objective):
                     ref = score(base).view(b, 2)
         per_pair = d3po_step_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, eps=self.eps,
                                   loss=self.spec.name, **self.options)
-        margin = (logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])
-        metrics = {"implicit_acc": (margin > 0).float().mean().detach(),
-                   "log_ratio_winner": (logp[:, 0] - ref[:, 0]).mean().detach(),
-                   "log_ratio_loser": (logp[:, 1] - ref[:, 1]).mean().detach()}
-        return per_pair.mean(), metrics
+        # the implicit rewards beta * log pi/pi_ref of the step, named and tie-counted as every pairwise objective's
+        return per_pair.mean(), losses.preference_metrics(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta=self.beta)
