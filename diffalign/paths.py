@@ -1,10 +1,13 @@
-"""Where files live: those shipped with diffalign, and models a user names by Hugging Face Hub id.
+"""Where files live: those shipped with diffalign, and models a user names by Hugging Face Hub id;
+and who may read the weights diffalign writes.
 
 diffalign installs in editable mode (``pip install -e .``), so assets/ and configs/ sit next to
 the package.
 """
 
+import os
 import re
+import threading
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -18,6 +21,27 @@ CONFIGS = ROOT / "configs"
 TOY_BASE = ASSETS / "models" / "toy-base"
 PROMPTS = ASSETS / "prompts"
 _HUB_NAME = re.compile(r"([\w.-]+/[\w.-]+)(?:/(.+))?")  # owner/name, optionally a path inside the repository
+
+
+def with_usual_permissions(path: Path) -> Path:
+    """Give ``path`` (a .safetensors file), or every .safetensors file under the folder ``path``, the mode
+    any new file of this process gets (``0o666`` less the umask, as config.json beside it); returns ``path``.
+
+    safetensors 0.8 writes each file through a temporary file created 0600 and renames it into place
+    (safetensors issues #782 and PR #789, open), and so do diffusers' and accelerate's savers that call it.
+    The weights would be readable by their writer alone: an inference server, a container or a colleague
+    running as another user could not load a model whose config they can read.
+    """
+    folder = path if path.is_dir() else path.parent
+    probe = folder / f".diffalign-mode-{os.getpid()}-{threading.get_ident()}"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as to any new file
+    try:
+        mode = probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+    for file in (path.rglob("*.safetensors") if path.is_dir() else [path]):
+        file.chmod(mode)
+    return path
 
 
 def how_to_get(source: str | Path, repo_type: str = "model") -> str:

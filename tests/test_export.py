@@ -4,6 +4,7 @@ read back by diffusers' own single-file loader (an independent implementation of
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -273,3 +274,28 @@ def test_a_published_denoiser_folder_in_the_hugging_face_cache_applies_to_its_ba
     (published / "unet" / "diffusion_pytorch_model.safetensors").rename(published / "unet" / "weights.bin")
     with pytest.raises(UserError, match="cannot load the trained unet in"):
         load_finetuned(published, base=base)
+
+
+def test_every_weights_file_diffalign_writes_is_as_readable_as_its_other_files(tmp_path):
+    """safetensors 0.8 (and diffusers' and accelerate's savers through it) creates files 0600 (safetensors
+    issue #782), so another user, a container or an inference server could not read the weights. Under an
+    unusual umask (027: 0640 for a new file), the final weights, a checkpoint, the latent cache and every
+    export get the mode of the run's config.yaml."""
+    old = os.umask(0o027)
+    try:
+        run = tmp_path / "run"
+        train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+            f"data.path={pickapic_parquet(tmp_path / 'pairs.parquet', 4)}", f"output_dir={run}",
+            f"model.path={ROOT / 'assets/models/tiny-sd15'}", "train.max_steps=1", "train.checkpoint_every=1",
+            f"data.cache_dir={tmp_path / 'cache'}"]))
+        export_run(run, "kohya", tmp_path / "kohya.safetensors")
+        export_run(run, "single-file", tmp_path / "single.safetensors")
+        export_run(run, "diffusers", tmp_path / "merged")
+    finally:
+        os.umask(old)
+    assert (run / "config.yaml").stat().st_mode & 0o777 == 0o640
+    written = {str(path.relative_to(tmp_path)): path.stat().st_mode & 0o777 for path in tmp_path.rglob("*.safetensors")}
+    assert {"run/final/pytorch_lora_weights.safetensors", "run/checkpoints/step-0000001/model.safetensors",
+            "kohya.safetensors", "single.safetensors", "merged/unet/diffusion_pytorch_model.safetensors"} <= set(written)
+    assert any(name.startswith("cache/") for name in written)
+    assert {name: mode for name, mode in written.items() if mode != 0o640} == {}

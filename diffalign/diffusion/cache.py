@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
 from diffalign.errors import UserError
+from diffalign.paths import with_usual_permissions
 
 Tensor = torch.Tensor
 
@@ -116,7 +117,7 @@ class TensorCache:
         tmp = self.folder / f"{shard}.tmp"
         save_file({f"{key}.{field}": tensor for key, fields in self._pending.items()
                    for field, tensor in fields.items()}, str(tmp))
-        os.replace(tmp, self.folder / shard)
+        os.replace(with_usual_permissions(tmp), self.folder / shard)
         published = {key: (shard, sorted(fields)) for key, fields in self._pending.items()}
         with (self.folder / f"index-{self.writer}.jsonl").open("a") as index:
             index.write("".join(json.dumps({"key": key, "shard": shard, "fields": names}) + "\n"

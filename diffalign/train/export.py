@@ -25,6 +25,7 @@ from diffalign.diffusion.finetuned import LORA_FILE, load_finetuned
 from diffalign.diffusion.loading import DTYPES
 from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
+from diffalign.paths import with_usual_permissions
 from diffalign.train import ldm_keys, mmdit_keys
 
 FORMATS = ("lora", "kohya", "diffusers", "single-file")
@@ -127,7 +128,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
             out.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in kohya_lora_state(lora).items()}
             save_file(state, out, metadata={"format": "pt", "diffalign_run": str(run_dir.resolve())})
-            return out
+            return with_usual_permissions(out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(lora, out / LORA_FILE)
         return out / LORA_FILE
@@ -135,7 +136,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "
     pipe.to(dtype=DTYPES[dtype])
     if fmt == "diffusers":
         pipe.save_pretrained(out, safe_serialization=True)
-        return out
+        return with_usual_permissions(out)
     _check_suffix(out, "a single-file checkpoint")
     return save_single_file(pipe, out, {"diffalign_run": str(run_dir.resolve())})
 
@@ -150,4 +151,4 @@ def save_single_file(pipe: DiffusionPipeline, out: Path, metadata: dict[str, str
     state = _untied({k: v.detach().contiguous().cpu() for k, v in single_file_state(pipe).items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, out, metadata={"format": "pt", **(metadata or {})})
-    return out
+    return with_usual_permissions(out)

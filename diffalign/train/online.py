@@ -33,6 +33,7 @@ from diffalign.diffusion.logprob import sample_trajectories
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.report import to_pil
+from diffalign.paths import with_usual_permissions
 from diffalign.rewards import load_reward
 from diffalign.train.config import Config
 
@@ -83,7 +84,7 @@ class OnlineRounds:
                    "log_probs": trajectory.log_probs.cpu().contiguous()}, str(tmp / "trajectories.safetensors"))
         rewards = self.reward(images, [p for p in prompts for _ in (0, 1)]).view(n, 2).tolist() if self.reward else None
         (tmp / "pairs.json").write_text(json.dumps({"prompts": prompts, "rewards": rewards}))
-        os.replace(tmp, self._round_dir(r))
+        os.replace(with_usual_permissions(tmp), self._round_dir(r))
 
     def _winners(self, r: int, record: dict) -> list[int]:
         """Index (0 or 1) of the preferred trajectory of each pair: the higher reward, or the human label."""

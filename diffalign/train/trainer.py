@@ -40,7 +40,7 @@ from diffalign.data import (
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
-from diffalign.paths import resolve_model_path
+from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
@@ -331,6 +331,7 @@ class PreferenceTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(state))
+            with_usual_permissions(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # a checkpoint is complete or absent, never half-written
             for old in _checkpoint_dirs(self.output_dir)[: -self.config.train.checkpoints_keep]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from diffalign.diffusion import Backbone
 from diffalign.diffusion.finetuned import LORA_FILE
+from diffalign.paths import with_usual_permissions
 
 # diffusers' own names, so from_pretrained finds the file (or the index of its shards)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
@@ -44,7 +45,7 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
         target = folder / backbone.denoiser_attr
         denoiser.save_config(target)
         save_torch_state_dict(weights, target, filename_pattern=DIFFUSERS_WEIGHTS, max_shard_size="10GB")
-        return folder
+        return with_usual_permissions(folder)
     (adapter,) = denoiser.peft_config
     layers = scale_folded_in(get_peft_model_state_dict(denoiser, state_dict=weights), denoiser, adapter)
     renamed = convert_state_dict_to_diffusers(layers)
@@ -58,4 +59,4 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
         save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
     else:
         saver(str(folder), **{f"{backbone.denoiser_attr}_lora_layers": layers}, safe_serialization=True)
-    return folder
+    return with_usual_permissions(folder)
