@@ -30,8 +30,14 @@ def test_recomputed_log_prob_of_every_recorded_step_equals_the_recorded_one(mode
     for k in range(6):
         again = step_log_prob(backbone, traj.latents, k, cond, eta=0.7, guidance_scale=3.0, uncond=uncond)
         torch.testing.assert_close(again, traj.log_probs[:, k], rtol=1e-4, atol=1e-4)
+    calls = []
+    hook = backbone.denoiser.register_forward_pre_hook(  # the UNet takes its latents by position, SD3 by name
+        lambda module, args, kwargs: calls.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True)
     mixed = step_log_prob(backbone, traj.latents, torch.tensor([4, 1]), cond, eta=0.7, guidance_scale=3.0, uncond=uncond)
+    hook.remove()
     torch.testing.assert_close(mixed, torch.stack([traj.log_probs[0, 4], traj.log_probs[1, 1]]), rtol=1e-4, atol=1e-4)
+    assert calls == [4]  # one guided forward (2 trajectories x unconditional and conditional), not one per step
 
     other = load_pipeline(path, random_init=True, seed=5).components["unet" if model == "toy" else "transformer"]
     elsewhere = step_log_prob(backbone, traj.latents, 2, cond, eta=0.7, guidance_scale=3.0, uncond=uncond, denoiser=other)

@@ -96,6 +96,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
             guidance_scale: float, denoiser: nn.Module | None) -> Tensor:
+    """The (guided) model output at timestep ``t``: one for the batch, or one per item."""
     timesteps = t.expand(x.shape[0]).to(x.device)
     if uncond is None or guidance_scale == 1.0:
         return backbone.predict(x, timesteps, cond, denoiser)
@@ -146,12 +147,13 @@ def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Co
     index = index.expand(b) if index.dim() == 0 else index
     rows = torch.arange(b)
     x, nxt = latents[rows, index], latents[rows, index + 1]
+    # one forward for the whole batch, each trajectory at its own step's timestep; only the step rule's
+    # arithmetic (scalar per step) goes step by step
+    output = _guided(backbone, x, rule.timesteps[index], cond, uncond, guidance_scale, denoiser)
     order, values = [], []
-    for step in index.unique().tolist():  # one forward per distinct step in the batch
+    for step in index.unique().tolist():
         members = (index == step).nonzero().squeeze(1).tolist()
-        output = _guided(backbone, x[members], rule.timesteps[step], cond[members],
-                         None if uncond is None else uncond[members], guidance_scale, denoiser)
-        mean, std = rule.distribution(step, x[members], output)
+        mean, std = rule.distribution(step, x[members], output[members])
         order += members
         values.append(gaussian_log_prob(nxt[members], mean, std))
     return torch.cat(values)[torch.argsort(torch.tensor(order))]
