@@ -48,7 +48,7 @@ from diffalign.train.models import build_models
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.sharding import check_sharding
 from diffalign.train.validation import Validator
-from diffalign.train.weights import save_final_weights
+from diffalign.train.weights import keep_trained_weights_only, load_trained_weights, save_final_weights
 
 CHECKPOINTS = "checkpoints"
 
@@ -223,6 +223,9 @@ class PreferenceTrainer:
         denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.backbone.denoiser, optimizer, scheduler)
         self.denoiser = denoiser  # the prepared (possibly DDP-wrapped) module
+        # a checkpoint keeps the trained weights, not a LoRA run's frozen base (which the resumed run loads)
+        self.accelerator.register_save_state_pre_hook(keep_trained_weights_only)
+        self.accelerator.register_load_state_pre_hook(load_trained_weights)
         self.ema = None
         if tc.ema_decay > 0:
             self.ema = EMAModel(self.params, decay=tc.ema_decay)
