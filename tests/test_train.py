@@ -471,6 +471,31 @@ def test_8bit_adam_without_bitsandbytes_names_the_extra_to_install(pairs, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_disk_without_room_stops_the_run_before_a_checkpoint_or_the_final_weights_are_written(
+        pairs, tmp_path, monkeypatch):
+    """A disk that fills up mid-write fails in torch's or safetensors' words after minutes of writing; the
+    trainer stops first, naming the room needed and free and the last complete checkpoint, which after a
+    resume is the one resumed from."""
+    import collections
+    import shutil
+
+    train(tiny_config(pairs, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 * size, size, size - 1))  # one byte short
+    with pytest.raises(UserError, match=f"checkpoint step-0000004 .* would take about .* GiB, and the disk of .* has "
+                                        f".* free, so diffalign stopped before writing it. The last complete "
+                                        f"checkpoint is {checkpoint}: free some space and resume"):
+        train(tiny_config(pairs, tmp_path / "run", "train.max_steps=4", "train.checkpoint_every=2",
+                          "train.resume=latest"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]  # nothing half-written
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 * size, size, 1000))
+    with pytest.raises(UserError, match="the final weights would take about .* The run has no checkpoint yet"):
+        train(tiny_config(pairs, tmp_path / "fresh", "train.max_steps=1", "train.checkpoint_every=0"))
+    assert not (tmp_path / "fresh" / "final").exists()
+
+
 def test_nan_losses_are_skipped_then_stop_the_run(pairs, tmp_path, monkeypatch):
     from diffalign.objectives import DiffusionDPO
 

@@ -318,10 +318,32 @@ class PreferenceTrainer:
             module.to(device)
 
     # --- checkpoints ---------------------------------------------------------------------
+    def _trained_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
+
+    def _check_room(self, needed: int, what: str, last_checkpoint: str | None) -> None:
+        """A clear stop, agreed by every process, before writing ``needed`` bytes that the disk of output_dir
+        has no room for: a disk that fills up mid-write fails in torch's or safetensors' own words, after
+        minutes of writing, with whatever the processes had written left behind."""
+        free = shutil.disk_usage(self.output_dir).free
+        short = torch.tensor([float(needed > free)], device=self.accelerator.device)
+        if self.accelerator.reduce(short, "sum").item() == 0:
+            return
+        resume = (f"The last complete checkpoint is {last_checkpoint}: free some space and resume with "
+                  "train.resume=latest." if last_checkpoint else "The run has no checkpoint yet.")
+        raise UserError(f"{what} would take about {needed / 2**30:.2f} GiB, and the disk of {self.output_dir} has "
+                        f"{free / 2**30:.2f} GiB free, so diffalign stopped before writing it. {resume}")
+
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
         root = self.output_dir / CHECKPOINTS
         final = root / f"step-{step:07d}"
         tmp = root / (final.name + ".tmp")
+        latest = _checkpoint_dirs(self.output_dir)[-1:]
+        # as large as the last one; the first: the trained weights and AdamW's two moments (and an EMA copy)
+        needed = sum(f.stat().st_size for f in latest[0].rglob("*") if f.is_file()) if latest else \
+            self._trained_bytes() * (3 + (self.ema is not None))
+        self._check_room(needed, f"checkpoint {final.name} (written before the oldest of train.checkpoints_keep "
+                                 "is removed)", state["last_good_checkpoint"])
         self._publish_cache()  # a resumed run then reads, not re-encodes, what this one encoded
         state = {**state, "step": step, "skipped_while_reading": self._skipped_read_by_all_processes(),
                  "run": self._run_identity()}
@@ -415,8 +437,8 @@ class PreferenceTrainer:
         if acc.log_with:
             acc.init_trackers("diffalign", config=json.loads(json.dumps(to_dict(self.config), default=str)))
         state = {"step": 0, "bad_steps": 0, "last_good_checkpoint": None}
-        if self.resume_from is not None:
-            state = self._load_checkpoint()
+        if self.resume_from is not None:  # its state names the checkpoint before it as the last good one
+            state = {**self._load_checkpoint(), "last_good_checkpoint": str(self.resume_from)}
         metrics_path = self.output_dir / "metrics.jsonl"
         step = state["step"]
         if self.config.data.precompute:
@@ -546,6 +568,7 @@ class PreferenceTrainer:
         if self.ema is not None and not interrupted:
             self.ema.copy_to(self.params)  # the final weights are the averaged ones
         if not interrupted:
+            self._check_room(self._trained_bytes(), "the final weights", state["last_good_checkpoint"])
             # every process takes part: under FSDP / ZeRO-3 this gathers the shards onto the main process
             weights = acc.get_state_dict(self.denoiser)
             if acc.is_main_process:
