@@ -128,15 +128,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate_ranked(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from diffalign.synth import GenerateConfig, generate_ranked
     from diffalign.synth.ranked import summary_table
     from diffalign.train import load_config
 
     config = load_config(args.config, args.overrides, schema=GenerateConfig)
-    summary = generate_ranked(config)
-    print(f"\n{summary['prompts']} ranked lists in {config.output_dir} "
-          f"({summary['images_generated_now']} images generated in this run)\n")
-    print(summary_table(summary))
+    try:
+        summary = generate_ranked(config)
+    finally:
+        PartialState().destroy_process_group()  # as after train
+    if PartialState().is_main_process:
+        print(f"\n{summary['prompts']} ranked lists in {config.output_dir} "
+              f"({summary['images_generated_now']} images generated in this run)\n")
+        print(summary_table(summary))
     return 0
 
 

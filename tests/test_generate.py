@@ -4,6 +4,9 @@ the ensemble ranking, and a resume that neither duplicates nor loses anything.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +24,16 @@ from diffalign.train import load_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _config(out: Path, *extra: str) -> GenerateConfig:
+def _overrides(out: Path, *extra: str) -> list[str]:
     prompts = out.parent / "prompts.txt"
     prompts.write_text("a red circle\nan orange square\na blue triangle\n")
-    return load_config(ROOT / "configs/toy_generate_ranked.yaml", [
-        f"prompts={prompts}", f"output_dir={out}", "shard_size=2",
-        "generators=[{name: cfg5, path: assets/models/toy-base, steps: 4}, "
-        "{name: cfg1, path: assets/models/toy-base, steps: 4, guidance_scale: 1.0}]", *extra], schema=GenerateConfig)
+    return [f"prompts={prompts}", f"output_dir={out}", "shard_size=2",
+            "generators=[{name: cfg5, path: assets/models/toy-base, steps: 4}, "
+            "{name: cfg1, path: assets/models/toy-base, steps: 4, guidance_scale: 1.0}]", *extra]
+
+
+def _config(out: Path, *extra: str) -> GenerateConfig:
+    return load_config(ROOT / "configs/toy_generate_ranked.yaml", _overrides(out, *extra), schema=GenerateConfig)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*generate_ranked.yaml")), ids=lambda p: p.name)
@@ -67,6 +73,32 @@ def test_generate_ranked_writes_lists_pairs_and_a_summary_and_resumes_exactly(tm
 
     with pytest.raises(UserError, match="different config .*seeds_per_generator"):
         generate_ranked(_config(out, "seeds_per_generator=3"))
+
+
+def test_two_processes_write_the_dataset_one_process_writes(tmp_path):
+    """Under torchrun each process generates every other missing image and scores every other shard;
+    images, shards and pairs are byte for byte those of one process (one image per batch and one
+    thread per process, so every image is computed alike), and the summary is printed once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["-m", "diffalign", "generate-ranked", str(ROOT / "configs/toy_generate_ranked.yaml"), "batch_size=1"]
+    runs = {"one": [sys.executable, *command],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command]}
+    printed = {}
+    for name, launch in runs.items():
+        (tmp_path / name).mkdir()
+        done = subprocess.run([*launch, *_overrides(tmp_path / name / "ranked")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed[name] = done.stdout
+    assert printed["two"].count("images generated in this run") == 1 and "(12 images generated" in printed["two"]
+
+    def files(run: str) -> dict[str, bytes]:
+        folder = tmp_path / run / "ranked"
+        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+    one, two = files("one"), files("two")
+    assert one.keys() == two.keys() and len([f for f in one if f.endswith(".png")]) == 12
+    assert {f for f in one if one[f] != two[f]} == {"generate_config.yaml"}  # it names each run's prompts file
 
 
 def test_a_generator_reads_a_folder_of_fp16_variant_weights_when_given_its_variant(tmp_path):

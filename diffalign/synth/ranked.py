@@ -16,6 +16,10 @@ Resumable without duplicates or losses: images are written atomically and never 
 a shard (a fixed block of prompts) is written atomically once all its images exist, so a
 stopped run continues where it was. Generation is generator-major (each model is loaded once)
 and reward models are loaded only after generation, so the two never share GPU memory.
+
+Launched on N processes (``accelerate launch`` or ``torchrun``, one per GPU), process r generates
+every N-th missing image of each generator and scores every N-th shard, on its own GPU; the
+output is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from diffalign.eval.prompts import read_prompts
@@ -48,8 +54,8 @@ def _image_path(prompt_index: int, generator: str, seed: int) -> str:
     return f"images/p{prompt_index:06d}/{generator}-{seed}.png"
 
 
-def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> int:
-    """Every image of every generator that is not on disk yet; returns how many were generated."""
+def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, state: PartialState) -> int:
+    """This process's share of the images not on disk yet, of every generator; returns how many it generated."""
     from diffusers.training_utils import free_memory
 
     from diffalign.diffusion import default_device, resolve_dtype
@@ -57,14 +63,15 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path) -> 
     from diffalign.diffusion.sampling import generate
 
     todo = {g.name: [(i, s) for i in range(len(prompts)) for s in _seeds(config, i)
-                     if not (out / _image_path(i, g.name, s)).is_file()] for g in config.generators}
+                     if not (out / _image_path(i, g.name, s)).is_file()][state.process_index::state.num_processes]
+            for g in config.generators}
     total = sum(map(len, todo.values()))
-    device = default_device()
+    device = default_device()  # this process's GPU: PartialState made it the current one
     # every generator with work left is checked before the first one starts
     loaders = {g.name: finetuned_loader(g.path, base=g.base, torch_dtype=resolve_dtype(g.dtype, device),
                                         base_variant=g.variant, variant=g.variant)
                for g in config.generators if todo[g.name]}
-    with tqdm(total=total, desc="generate", unit="img", disable=total == 0) as bar:
+    with tqdm(total=total, desc="generate", unit="img", disable=total == 0 or not state.is_local_main_process) as bar:
         for generator in config.generators:
             jobs = todo[generator.name]
             if not jobs:
@@ -158,26 +165,35 @@ def _summary(config: GenerateConfig, rows: list[dict]) -> dict[str, dict[str, fl
 def generate_ranked(config: GenerateConfig) -> dict:
     """Build (or resume) the dataset in ``config.output_dir``; returns the summary (also in summary.json)."""
     out = Path(config.output_dir)
+    # one process, or those of accelerate launch / torchrun: each on its own GPU; without CUDA, one gloo group
+    state = PartialState(cpu=not torch.cuda.is_available())
     prompts = read_prompts(config.prompts)
     identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
-    check_same_settings(out / "generate_config.yaml", identity, what="a dataset",
-                        fix="use a new output_dir, or restore the settings to resume it")
-    generated = _generate_missing(config, prompts, out)
+    with state.main_process_first():  # the main process records the settings; the others then compare with them
+        check_same_settings(out / "generate_config.yaml", identity, what="a dataset",
+                            fix="use a new output_dir, or restore the settings to resume it")
+    generated = _generate_missing(config, prompts, out, state)
+    state.wait_for_everyone()  # every image exists before any shard is scored
     shards = [range(s, min(s + config.shard_size, len(prompts))) for s in range(0, len(prompts), config.shard_size)]
     rewards = None
-    for number, indices in enumerate(tqdm(shards, desc="score", unit="shard")):
+    mine = list(enumerate(shards))[state.process_index::state.num_processes]
+    for number, indices in tqdm(mine, desc="score", unit="shard", disable=not state.is_local_main_process):
         path = out / f"shard-{number:05d}.parquet"
         if path.is_file():
             continue
         rewards = rewards or [load_reward(RewardSpec.parse(spec)) for spec in config.rewards]
         _write_parquet(_score_shard(config, prompts, indices, out, rewards), path)
+    state.wait_for_everyone()
     rows = [r for number in range(len(shards)) for r in pq.read_table(out / f"shard-{number:05d}.parquet").to_pylist()]
-    if config.pairs != "none":
-        tmp = out / "pairs.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in _pairs(rows, config.pairs)))
-        os.replace(tmp, out / "pairs.jsonl")
-    summary = {"prompts": len(rows), "images_generated_now": generated, "generators": _summary(config, rows)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {"prompts": len(rows), "images_generated_now": sum(gather_object([generated])),
+               "generators": _summary(config, rows)}
+    if state.is_main_process:
+        if config.pairs != "none":
+            tmp = out / "pairs.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in _pairs(rows, config.pairs)))
+            os.replace(tmp, out / "pairs.jsonl")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    state.wait_for_everyone()
     return summary
 
 
