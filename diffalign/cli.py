@@ -87,7 +87,7 @@ def _negative_guided_loader(args: argparse.Namespace, dtype: torch.dtype) -> Cal
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from diffalign.diffusion import default_device, load_pipeline, resolve_dtype
+    from diffalign.diffusion import default_device, load_pipeline, process_state, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.eval import evaluate_models
     from diffalign.eval.prompts import read_prompts
@@ -95,6 +95,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.paths import resolve_model_path
     from diffalign.rewards import load_reward
 
+    state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
     rewards = [load_reward(name) for name in args.rewards.split(",")]
@@ -114,12 +115,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
     settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
                        "dtype": str(dtype).removeprefix("torch.")} for name in models}
-    evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
-                                 steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
-                                 batch_size=args.batch_size, progress=True,
-                                 keep_images=args.report_prompts * args.seeds,
-                                 images_dir=Path(args.out) / "images" if args.save_images else None,
-                                 model_settings=settings)
+    try:
+        evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
+                                     steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
+                                     batch_size=args.batch_size, progress=True,
+                                     keep_images=args.report_prompts * args.seeds,
+                                     images_dir=Path(args.out) / "images" if args.save_images else None,
+                                     model_settings=settings)
+    finally:
+        state.destroy_process_group()  # as after train
+    if not state.is_main_process:
+        return 0
     summary = write_evaluation_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}")
     keys = [k for r in rewards for k in (r.name, f"{r.name}_win_rate")]
     print(markdown_table(summary, keys))
@@ -128,18 +134,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate_ranked(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
+    from diffalign.diffusion import process_state
     from diffalign.synth import GenerateConfig, generate_ranked
     from diffalign.synth.ranked import summary_table
     from diffalign.train import load_config
 
     config = load_config(args.config, args.overrides, schema=GenerateConfig)
+    state = process_state()
     try:
         summary = generate_ranked(config)
     finally:
-        PartialState().destroy_process_group()  # as after train
-    if PartialState().is_main_process:
+        state.destroy_process_group()  # as after train
+    if state.is_main_process:
         print(f"\n{summary['prompts']} ranked lists in {config.output_dir} "
               f"({summary['images_generated_now']} images generated in this run)\n")
         print(summary_table(summary))

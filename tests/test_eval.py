@@ -156,3 +156,36 @@ def test_a_stopped_evaluation_with_saved_images_resumes_to_the_same_scores(tmp_p
     real_load(TOY_BASE).save_pretrained(tmp_path / "other")
     assert evaluate("--aligned", f"dpo={tmp_path / 'other'}") == 2  # another model under the same name
     assert "images of dpo made with a different config (changed: model)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_two_processes_evaluate_as_one_does(tmp_path):
+    """Under torchrun each process makes and scores every other batch; the report's figures, the saved
+    images and the kept report images are those of one process (one thread each, so every batch is
+    computed alike), and the report is written once."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    command = ["-m", "diffalign", "eval", "--base", str(TOY_BASE), "--aligned", f"again={TOY_BASE}", "--prompts",
+               str(prompts), "--rewards", "toy_preference,toy_adherence", "--seeds", "2", "--steps", "3",
+               "--batch-size", "2", "--save-images"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    printed = {}
+    for name, launch in {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run",
+                                                          "--nproc_per_node", "2"]}.items():
+        done = subprocess.run([*launch, *command, "--out", str(tmp_path / name)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed[name] = done.stdout
+    assert printed["two"].count("report: ") == 1
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert one == two and set(one) == {"base", "again"}
+    for run in ("one", "two"):  # 3 batches of 2: process 0 made the first and last, process 1 the middle one
+        assert len(list((tmp_path / run / "images" / "again").glob("*.png"))) == 6
+    assert [(tmp_path / "one" / "images" / "again" / f"{i:06d}.png").read_bytes() for i in range(6)] == \
+        [(tmp_path / "two" / "images" / "again" / f"{i:06d}.png").read_bytes() for i in range(6)]
+    grids = {run: {g.name: g.read_bytes() for g in (tmp_path / run / "grids").iterdir()} for run in ("one", "two")}
+    assert grids["one"] and grids["one"] == grids["two"]  # the kept report images, gathered in order

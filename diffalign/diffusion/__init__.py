@@ -16,15 +16,16 @@ from diffalign.diffusion.likelihood import (
     group_scores,
     noised_group,
 )
-from diffalign.diffusion.lora import adapters_disabled, add_lora, has_lora
 from diffalign.diffusion.loading import (
     DTYPES,
     build_random_pipeline,
     default_device,
     load_pipeline,
     mixed_precision_dtype,
+    process_state,
     resolve_dtype,
 )
+from diffalign.diffusion.lora import adapters_disabled, add_lora, has_lora
 from diffalign.diffusion.schedule import (
     DiffusionSchedule,
     FlowSchedule,
@@ -37,6 +38,7 @@ __all__ = [
     "DTYPES",
     "default_device",
     "mixed_precision_dtype",
+    "process_state",
     "resolve_dtype",
     "BACKBONES",
     "Backbone",

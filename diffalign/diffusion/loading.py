@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from diffusers import DiffusionPipeline
 
 from diffalign.errors import UserError
@@ -37,8 +38,15 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(_names_modules_to
 
 
 def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
+    """The GPU when there is one, else the CPU. Under accelerate launch or torchrun, once
+    :func:`process_state` has run, "cuda" is this process's own GPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def process_state() -> PartialState:
+    """This process's place among those of ``accelerate launch`` or ``torchrun`` (or the only one): each
+    process then works on its own GPU; without CUDA they join one gloo group, as the trainer's do."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def mixed_precision_dtype(name: str) -> torch.dtype:

@@ -9,10 +9,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
+from diffalign.diffusion.loading import process_state
 from diffalign.diffusion.sampling import generate
 from diffalign.eval.report import scaled_size
 from diffalign.eval.saved import check_same_settings, load_saved, save_png
@@ -81,21 +83,27 @@ def evaluate_models(
     A model may be given as a loader, a function returning its pipeline (on its device). It is
     called when the model's turn comes and its pipeline let go before the next, so comparing N
     SDXL or SD3 models needs the memory of one (``diffalign eval`` passes loaders).
+
+    Under ``accelerate launch`` or ``torchrun`` each process makes and scores every N-th batch on its
+    own GPU, and every process gets the whole result, as one process would have made it.
     """
     expanded = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(expanded))]
     result = Evaluation(prompts=expanded, seeds=seeds)
     keep = len(expanded) if keep_images is None else keep_images
+    state = process_state()
     if images_dir is not None:
         prompts_sha = hashlib.sha256("\n".join(expanded).encode()).hexdigest()
-        for name in models:
-            settings = {"prompts_sha256": prompts_sha, "images": len(expanded), "first_seed": seed,
-                        **generate_kwargs, **(model_settings or {}).get(name, {})}
-            check_same_settings(images_dir / name / "settings.yaml", settings, what=f"images of {name}",
-                                fix="use another folder (eval: --out), or the same settings to resume")
+        with state.main_process_first():  # the main process records the settings; the others compare
+            for name in models:
+                settings = {"prompts_sha256": prompts_sha, "images": len(expanded), "first_seed": seed,
+                            **generate_kwargs, **(model_settings or {}).get(name, {})}
+                check_same_settings(images_dir / name / "settings.yaml", settings, what=f"images of {name}",
+                                    fix="use another folder (eval: --out), or the same settings to resume")
+    starts = range(0, len(expanded), batch_size)[state.process_index::state.num_processes]
     for name, model in models.items():
-        pipe, kept, scores = None, [], {r.name: [] for r in rewards}
-        for start in tqdm(range(0, len(expanded), batch_size), desc=f"generate {name}", disable=not progress):
+        pipe, done = None, []  # (start, scores per reward, kept images or None) of this process's batches
+        for start in tqdm(starts, desc=f"generate {name}", disable=not (progress and state.is_local_main_process)):
             chunk = slice(start, start + batch_size)
             saved = None if images_dir is None else \
                 [images_dir / name / f"{i:06d}.png" for i in range(start, min(start + batch_size, len(expanded)))]
@@ -108,12 +116,12 @@ def evaluate_models(
                     for image, path in zip(images, saved, strict=True):
                         save_png(image, path)
                     images = load_saved(saved)
-            for reward in rewards:
-                scores[reward.name].append(reward(images, expanded[chunk]))
-            if start < keep:
-                kept.append(report_size(images[: keep - start]))
+            done.append((start, {reward.name: reward(images, expanded[chunk]) for reward in rewards},
+                         report_size(images[: keep - start]) if start < keep else None))
+        done = sorted(gather_object(done), key=lambda batch: batch[0])  # every process's batches, in order
+        kept = [images for _, _, images in done if images is not None]
         result.images[name] = torch.cat(kept) if kept else torch.empty(0)
-        result.scores[name] = {reward: torch.cat(values) for reward, values in scores.items()}
+        result.scores[name] = {r.name: torch.cat([scores[r.name] for _, scores, _ in done]) for r in rewards}
         if pipe is not None and not isinstance(model, DiffusionPipeline):  # loaded here: freed before the next
             del pipe
             free_memory()

@@ -36,6 +36,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from diffalign.diffusion import process_state
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.saved import check_same_settings, load_png, save_png
 from diffalign.synth.config import GenerateConfig, GeneratorConfig
@@ -165,8 +166,7 @@ def _summary(config: GenerateConfig, rows: list[dict]) -> dict[str, dict[str, fl
 def generate_ranked(config: GenerateConfig) -> dict:
     """Build (or resume) the dataset in ``config.output_dir``; returns the summary (also in summary.json)."""
     out = Path(config.output_dir)
-    # one process, or those of accelerate launch / torchrun: each on its own GPU; without CUDA, one gloo group
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()  # one process, or those of accelerate launch / torchrun, each on its own GPU
     prompts = read_prompts(config.prompts)
     identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
     with state.main_process_first():  # the main process records the settings; the others then compare with them
