@@ -21,11 +21,13 @@ from fixtures import toy_policy_and_reference
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_SMALL = ["online.pairs_per_round=4", "online.steps_per_round=2", "objective.sample_steps=4", "train.batch_size=2",
+          "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "validation.every=0",
+          "validation.prompt_file=null"]
+
+
 def _config(out: Path, *extra: str):
-    return load_config(ROOT / "configs/toy_d3po.yaml", [
-        f"output_dir={out}", "online.pairs_per_round=4", "online.steps_per_round=2", "objective.sample_steps=4",
-        "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1",
-        "validation.every=0", "validation.prompt_file=null", *extra])
+    return load_config(ROOT / "configs/toy_d3po.yaml", [f"output_dir={out}", *_SMALL, *extra])
 
 
 def test_d3po_objective_is_the_step_loss_on_the_winner_first_pairs():
@@ -76,6 +78,43 @@ def test_online_rounds_are_sampled_scored_and_resumed_exactly(tmp_path):
     b = load_file(str(tmp_path / "split/final/pytorch_lora_weights.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
+    """Each of two processes samples and scores every other pair of a round on its own device; each pair
+    has its own generator, so the round is the one a single process samples, up to the rounding of
+    another batch size (measured: latents up to 1e-4 apart, log-probabilities 2e-7, rewards equal; a pair
+    drawn from another pair's noise would be O(1) apart)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["-m", "diffalign", "train", str(ROOT / "configs/toy_d3po.yaml"), *_SMALL, "train.max_steps=1"]
+    launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command,
+                         "train.batch_size=1"]}
+    shown = {}
+    for name, launch in launchers.items():
+        done = subprocess.run([*launch, f"output_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        shown[name] = done.stderr
+    # the main process's progress bar: its own share, not the whole round
+    assert "round 0: sampling 4 pairs" in shown["one"] and "round 0: sampling 2 pairs" in shown["two"]
+    assert "sampling 4 pairs" not in shown["two"]
+    one, two = (tmp_path / run / "rounds" / "round-00000" for run in ("one", "two"))
+    a, b = (load_file(str(folder / "trajectories.safetensors")) for folder in (one, two))
+    assert a.keys() == b.keys() == {"latents", "timesteps", "log_probs"} and a["latents"].shape[0] == 8
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
+    record = {run: json.loads((folder / "pairs.json").read_text()) for run, folder in (("one", one), ("two", two))}
+    assert record["one"]["prompts"] == record["two"]["prompts"]
+    torch.testing.assert_close(torch.tensor(record["one"]["rewards"]), torch.tensor(record["two"]["rewards"]),
+                               rtol=0, atol=1e-3)
+    assert sorted(p.name for p in (two / "images").iterdir()) == [f"pair{i:04d}-{j}.png" for i in range(4)
+                                                                   for j in (0, 1)]
+    assert not list(two.glob("part-*"))
 
 
 def test_human_labels_stop_the_run_until_a_person_has_labelled_the_round(tmp_path):

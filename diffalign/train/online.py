@@ -1,13 +1,14 @@
 """Rounds of on-policy samples for online objectives (D3PO): sample, prefer, train, repeat.
 
 Round r covers optimiser steps [r * S, (r + 1) * S) with S = ``online.steps_per_round``. At its
-first step the current policy (the backbone's denoiser, LoRA enabled) samples ``online.pairs_per_round`` trajectory pairs without
-gradients (each pair shares its starting noise; prompts cycle through ``online.prompts``), a
-reward model or a person says which final image of each pair is better, and the round is
-written to ``run/rounds/round-NNNNN/``: the trajectories and log-probabilities
-(safetensors), the images (PNG), and ``pairs.json`` (prompts, rewards, winners). Everything
-in a round is a pure function of (seed, r) and the weights at its start, and a resumed run reads
-the round from disk instead of sampling it again, so resume stays exact. Each optimiser step
+first step the current policy (the backbone's denoiser, LoRA enabled) samples
+``online.pairs_per_round`` trajectory pairs without gradients (each pair shares its starting
+noise; prompts cycle through ``online.prompts``), a reward model or a person says which final
+image of each pair is better, and the round is written to ``run/rounds/round-NNNNN/``: the
+trajectories and log-probabilities (safetensors), the images (PNG), and ``pairs.json`` (prompts,
+rewards, winners). On N processes each samples and scores every N-th pair. Everything in a round
+is a pure function of (seed, r) and the weights at its start (each pair has its own generator),
+and a resumed run reads the round from disk instead of sampling it again, so resume stays exact. Each optimiser step
 trains one random denoising step per pair, among the steps whose noise level t / T lies in
 ``objective.t_range`` (all by default).
 
@@ -60,31 +61,65 @@ class OnlineRounds:
         return self.root / f"round-{r:05d}"
 
     def _sample(self, r: int) -> None:
-        """Sample, score and write round r (main process); atomic: the folder appears complete or not at all."""
-        oc, obj = self.config.online, self.config.objective
-        n = oc.pairs_per_round
+        """Sample, score and write round r: every process samples and scores every N-th pair on its own GPU,
+        and the main process joins their parts. Atomic: the folder appears complete or not at all."""
+        acc, n = self.accelerator, self.config.online.pairs_per_round
         prompts = [self.prompts[(r * n + i) % len(self.prompts)] for i in range(n)]
-        backbone, device = self.backbone, self.accelerator.device
+        final = self._round_dir(r)
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "images").mkdir(parents=True)
+        acc.wait_for_everyone()
+        mine = list(range(acc.process_index, n, acc.num_processes))
+        if mine:
+            self._sample_part(r, mine, [prompts[i] for i in mine], tmp)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._join_parts(tmp, prompts)
+            os.replace(with_usual_permissions(tmp), final)
+
+    def _sample_part(self, r: int, pairs: list[int], prompts: list[str], tmp: Path) -> None:
+        """Round r's pairs ``pairs``: their trajectories, log-probabilities and rewards into
+        ``part-<process>.safetensors``, their images into ``images/``. Each pair draws its starting noise and
+        step noise from its own generator, so a pair is the same whichever process samples it."""
+        obj, acc, backbone = self.config.objective, self.accelerator, self.backbone
         shape = backbone.latent_shape(self.config.data.resolution)
-        g = example_generator(self.config.train.seed, r, 1)
-        noise = torch.randn((n, *shape), generator=g).repeat_interleave(2, dim=0).to(device)  # shared start per pair
+        generators = [example_generator(self.config.train.seed, r, 1, i) for i in pairs]
+        noise = torch.cat([torch.randn((1, *shape), generator=g).repeat(2, *[1] * len(shape)) for g in generators])
+        step_noise = torch.cat([torch.randn((2, obj.sample_steps, *shape), generator=g) for g in generators])
         cond = backbone.encode_prompts(prompts).repeat_items(2)
-        uncond = backbone.encode_prompts([""] * 2 * n) if obj.sample_guidance_scale != 1.0 else None
-        with torch.no_grad(), self.accelerator.autocast():
-            trajectory = sample_trajectories(backbone, noise, cond, steps=obj.sample_steps, eta=obj.sample_eta,
-                                             guidance_scale=obj.sample_guidance_scale, uncond=uncond, generator=g,
-                                             progress=f"round {r}: sampling {n} pairs")
-            images = backbone.decode_latents(trajectory.final.to(device)).float().cpu().add(1).div(2)
-        tmp = self._round_dir(r).with_name(self._round_dir(r).name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "images").mkdir(parents=True)
-        for i, image in enumerate(images):
-            to_pil(image).save(tmp / "images" / f"pair{i // 2:04d}-{i % 2}.png")
-        save_file({"latents": trajectory.latents.cpu().contiguous(), "timesteps": trajectory.timesteps.float().cpu(),
-                   "log_probs": trajectory.log_probs.cpu().contiguous()}, str(tmp / "trajectories.safetensors"))
-        rewards = self.reward(images, [p for p in prompts for _ in (0, 1)]).view(n, 2).tolist() if self.reward else None
+        uncond = backbone.encode_prompts([""] * 2 * len(pairs)) if obj.sample_guidance_scale != 1.0 else None
+        with torch.no_grad(), acc.autocast():
+            trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
+                                             eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
+                                             uncond=uncond, step_noise=step_noise,
+                                             progress=f"round {r}: sampling {len(pairs)} pairs"
+                                             if acc.is_local_main_process else None)
+            images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
+        for k, image in enumerate(images):
+            to_pil(image).save(tmp / "images" / f"pair{pairs[k // 2]:04d}-{k % 2}.png")
+        part = {"pairs": torch.tensor(pairs), "latents": trajectory.latents.cpu().contiguous(),
+                "timesteps": trajectory.timesteps.float().cpu(), "log_probs": trajectory.log_probs.cpu().contiguous()}
+        if self.reward is not None:
+            part["rewards"] = self.reward(images, [p for p in prompts for _ in (0, 1)]).float().view(-1, 2)
+        save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
+
+    def _join_parts(self, tmp: Path, prompts: list[str]) -> None:
+        """The processes' parts as the round's ``trajectories.safetensors`` and ``pairs.json``, in pair order."""
+        files = sorted(tmp.glob("part-*.safetensors"))
+        parts = [load_file(str(f)) for f in files]
+        order = torch.argsort(torch.cat([part["pairs"] for part in parts]))
+
+        def by_pair(key: str) -> Tensor:  # rows come two per pair (pair-major) in each part
+            return torch.cat([part[key].view(-1, 2, *part[key].shape[1:]) for part in parts])[order]
+
+        save_file({"latents": by_pair("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
+                   "log_probs": by_pair("log_probs").flatten(0, 1)}, str(tmp / "trajectories.safetensors"))
+        rewards = torch.cat([part["rewards"] for part in parts])[order].tolist() if self.reward is not None else None
         (tmp / "pairs.json").write_text(json.dumps({"prompts": prompts, "rewards": rewards}))
-        os.replace(with_usual_permissions(tmp), self._round_dir(r))
+        for f in files:
+            f.unlink()
 
     def _winners(self, r: int, record: dict) -> list[int]:
         """Index (0 or 1) of the preferred trajectory of each pair: the higher reward, or the human label."""
@@ -119,8 +154,7 @@ class OnlineRounds:
         if self._loaded is not None and self._loaded[0] == r:
             return self._loaded[1]
         if not self._round_dir(r).is_dir():
-            if self.accelerator.is_main_process:
-                self._sample(r)
+            self._sample(r)
             self.accelerator.wait_for_everyone()
         folder = self._round_dir(r)
         tensors = load_file(str(folder / "trajectories.safetensors"))
