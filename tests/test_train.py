@@ -51,6 +51,12 @@ def test_unknown_key_names_the_closest_valid_one():
         load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["train.max_steps=many"])
 
 
+def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: 3\n")
+    with pytest.raises(UserError, match="config section 'model' must be a mapping of keys, got int 3"):
+        load_config(tmp_path / "config.yaml")
+
+
 def test_loss_options_are_checked_against_the_chosen_loss_before_any_model_loads():
     def load(*overrides):
         return load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["objective.loss=dpop", *overrides])

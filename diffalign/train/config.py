@@ -406,7 +406,8 @@ def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None) -> No
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'the config'} must be a mapping of keys, got {type(data).__name__}")
+        where = f"config section '{prefix.rstrip('.')}'" if prefix else "the config"
+        raise UserError(f"{where} must be a mapping of keys, got {type(data).__name__} {data!r:.60}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
