@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -45,8 +46,13 @@ def default_device() -> torch.device:
 
 def process_state() -> PartialState:
     """This process's place among those of ``accelerate launch`` or ``torchrun`` (or the only one): each
-    process then works on its own GPU; without CUDA they join one gloo group, as the trainer's do."""
-    return PartialState(cpu=not torch.cuda.is_available())
+    process then works on its own GPU; without CUDA they join one gloo group, as the trainer's do.
+
+    Processes that finish their share of a long generation first wait for the others in a collective;
+    the wait may last much longer than torch's NCCL default of 10 minutes allows, so it is given 6 hours
+    (a process that fails ends the others at once through the launcher, not through this timeout).
+    """
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=6))
 
 
 def mixed_precision_dtype(name: str) -> torch.dtype:
