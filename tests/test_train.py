@@ -287,6 +287,27 @@ def test_a_checkpoint_keeps_the_trained_weights_only_and_resumes_exactly(pairs, 
         train(tiny_config(pairs, tmp_path / "split", *settings, "train.max_steps=6", "train.resume=latest"))
 
 
+def test_a_damaged_checkpoint_is_named_with_the_earlier_ones_to_resume_from(pairs, tmp_path):
+    """A checkpoint is written whole or not at all, but a file can still be cut short later (a full disk
+    during a copy): resuming names the damaged checkpoint and the earlier ones, and one of those resumes."""
+    settings = ["train.checkpoint_every=1", "train.checkpoints_keep=3"]
+    train(tiny_config(pairs, tmp_path / "run", *settings, "train.max_steps=3"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    weights = checkpoints / "step-0000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"checkpoint .*step-0000003 cannot be read \(SafetensorError: .*cut short "
+                                        r"after it was written. Resume from an earlier one with train.resume=PATH: "
+                                        r".*step-0000001, .*step-0000002\."):
+        train(tiny_config(pairs, tmp_path / "run", *settings, "train.max_steps=4", "train.resume=latest"))
+    (checkpoints / "step-0000001" / "trainer_state.json").write_text("{")
+    with pytest.raises(UserError, match="step-0000001 cannot be read .* no earlier checkpoint of this run"):
+        train(tiny_config(pairs, tmp_path / "run", *settings, "train.max_steps=4",
+                          f"train.resume={checkpoints / 'step-0000001'}"))
+    resumed = train(tiny_config(pairs, tmp_path / "run", *settings, "train.max_steps=4",
+                                f"train.resume={checkpoints / 'step-0000002'}"))
+    assert resumed["steps"] == 4
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate fixes one precision per process; this test's bf16 must not meet the others' fp32."""

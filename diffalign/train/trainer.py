@@ -75,6 +75,15 @@ def resolve_resume(config: Config) -> Path | None:
     return path
 
 
+def _unreadable_checkpoint(checkpoint: Path, err: Exception) -> UserError:
+    """The error for a checkpoint that cannot be read back: it names the earlier checkpoints to resume from."""
+    earlier = [str(p) for p in _checkpoint_dirs(checkpoint.parent.parent) if p.name < checkpoint.name]
+    way_out = (f"Resume from an earlier one with train.resume=PATH: {', '.join(earlier[-3:])}" if earlier
+               else "There is no earlier checkpoint of this run to resume from")
+    return UserError(f"checkpoint {checkpoint} cannot be read ({type(err).__name__}: {str(err)[:200]}); a file in "
+                     f"it was damaged or cut short after it was written. {way_out}.")
+
+
 def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | CaptionedImageDataset:
     """The dataset in the layout the objective trains on."""
     dc = config.data
@@ -155,8 +164,12 @@ class PreferenceTrainer:
         # the model's folder; for a Hub id, the cached snapshot, whose name is the revision
         self.model_folder = resolve_model_path(config.model.path).resolve()
         # the checkpoint's own state, read once; checked before any model loads
-        self._resumed_state = None if self.resume_from is None else \
-            json.loads((self.resume_from / "trainer_state.json").read_text())
+        self._resumed_state = None
+        if self.resume_from is not None:
+            try:
+                self._resumed_state = json.loads((self.resume_from / "trainer_state.json").read_text())
+            except (OSError, ValueError) as err:
+                raise _unreadable_checkpoint(self.resume_from, err) from err
         if self._resumed_state is not None:
             self._check_same_run(self._resumed_state.get("run", {}))
         # bad rows met while reading before the checkpoint: the resumed run does not read them again
@@ -365,7 +378,12 @@ class PreferenceTrainer:
         return final
 
     def _load_checkpoint(self) -> dict[str, Any]:
-        self.accelerator.load_state(str(self.resume_from))
+        try:
+            self.accelerator.load_state(str(self.resume_from))
+        except UserError:
+            raise
+        except Exception as err:  # a truncated or damaged file, in safetensors', torch's or pickle's own words
+            raise _unreadable_checkpoint(self.resume_from, err) from err
         self._settings_from_config()
         return self._resumed_state
 
