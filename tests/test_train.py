@@ -587,7 +587,10 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     common = [str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}",
               "model.path=" + str(ROOT / "assets/models/tiny-sdxl"), "train.max_steps=3", "train.checkpoint_every=0",
               "objective.beta=1.0", "train.adam_epsilon=1e-3", "train.learning_rate=0.1",
-              "train.lr_scheduler=linear", "train.warmup_steps=1"]
+              "train.lr_scheduler=linear", "train.warmup_steps=1",
+              # validation at steps 0 and 3, the two processes sampling 2 and 1 of the 3 images
+              "validation.prompts=[a red circle, a blue square, a green triangle]", "validation.every=3",
+              "validation.images_per_prompt=1", "validation.steps=2", "validation.rewards=[toy_preference]"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=1",
@@ -612,6 +615,12 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     assert two_summary["skipped_rows"] == one_summary["skipped_rows"] == {"jpg_1": 1, "label_0": 1}
     last_logs = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in ("one", "two")]
     assert last_logs[0]["skipped_rows"] == last_logs[1]["skipped_rows"] == 2
+    validated = {run: [json.loads(x) for x in (tmp_path / run / "validation.jsonl").read_text().splitlines()]
+                 for run in ("one", "two")}
+    assert [x["step"] for x in validated["two"]] == [0, 3]  # measured: the same numbers to the last digit
+    assert validated["two"] == [{**x, "val_toy_preference": pytest.approx(x["val_toy_preference"], rel=1e-6)}
+                                for x in validated["one"]]
+    assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step-0000000.png", "step-0000003.png"]
 
 
 def test_a_run_resumes_on_two_processes_at_the_same_global_batch(tmp_path):
@@ -675,6 +684,48 @@ def test_sharded_weights_refuse_what_runs_the_bare_denoiser_and_allow_the_fsdp_r
                             (DistributedType.MULTI_GPU, None), (DistributedType.NO, None)):
         accelerator = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=deepspeed))
         check_sharding(accelerator, lora, OBJECTIVES["diffusion_dpo"])  # whole weights on every process
+
+
+def test_each_process_samples_its_share_of_the_validation_images(tmp_path, monkeypatch):
+    """Of 5 validation images, process 1 of 2 samples and scores images 1 and 3 and returns nothing;
+    process 0 samples 0, 2 and 4 and, with the other's share gathered, writes the grid of all five and
+    logs the mean over all five."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    import diffalign.train.validation as validation
+    from diffalign.diffusion import load_pipeline
+    from diffalign.train.config import ValidationConfig
+
+    asked = []
+
+    def flat_grey(pipe, prompts, seeds, **kwargs):  # image i is flat grey i / 10
+        asked.append(list(seeds))
+        return torch.stack([torch.full((3, 8, 8), s / 10) for s in seeds])
+
+    class Grey:
+        name = "grey"
+
+        def __call__(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
+
+    validator = validation.Validator(ValidationConfig(prompts=list("abcde"), every=1, images_per_prompt=1),
+                                     tmp_path, 8)
+    validator.rewards = [Grey()]
+    pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
+    monkeypatch.setattr(validation, "generate", flat_grey)
+    from_process_1 = []
+    monkeypatch.setattr(validation, "gather_object", lambda mine: from_process_1.extend(mine) or list(mine))
+    assert validator.run(pipe, 3, SimpleNamespace(process_index=1, num_processes=2, is_main_process=False)) == {}
+    assert asked == [[1, 3]] and not (tmp_path / "samples").exists()
+    monkeypatch.setattr(validation, "gather_object", lambda mine: list(mine) + from_process_1)
+    scores = validator.run(pipe, 3, SimpleNamespace(process_index=0, num_processes=2, is_main_process=True))
+    assert asked[1] == [0, 2, 4] and scores == {"val_grey": pytest.approx(0.2)}  # (0 + 1 + 2 + 3 + 4) / 10 / 5
+    assert json.loads((tmp_path / "validation.jsonl").read_text()) == {"step": 3, **scores}
+    levels = set(np.asarray(Image.open(tmp_path / "samples" / "step-0000003.png")).flatten().tolist())
+    assert {round(i / 10 * 255) for i in range(1, 5)} <= levels  # every process's images are in the grid
 
 
 def test_validation_samples_at_intervals_and_ema_resumes_exactly(pairs, tmp_path):

@@ -205,8 +205,8 @@ class TrainConfig:
     # log metrics every N steps
     log_every: int = 10
     # seconds a process may wait in a collective before the run fails (torch's NCCL default: 600). The other
-    # GPUs wait while the main process alone samples validation images or saves the final weights; on a slow
-    # GPU that can take longer than 10 minutes
+    # GPUs wait while the main process alone saves the final weights (a full SDXL: gathered, then 5-10 GB
+    # written), or while the slowest process finishes its share of the validation samples
     distributed_timeout_s: int = 1800
     # tensorboard, wandb or none
     report_to: str = "tensorboard"

@@ -2,8 +2,8 @@
 
 Under FSDP or ZeRO-3 no process holds the whole denoiser: each keeps a shard and gathers the
 rest inside the wrapper's forward. Whatever runs the bare module outside that wrapper would see
-a shard: validation samples (main process only), online rounds (each process its share of the
-pairs, through the bare module), the LoRA reference (the base with adapters disabled) and shadow weights
+a shard: validation samples and online rounds (each process its share, through the bare
+module), the LoRA reference (the base with adapters disabled) and shadow weights
 (Self-NPO's EMA teacher, DDO's round snapshot). Such runs are refused before any model loads,
 with the way out, instead of failing on a shape mismatch or hanging in a collective.
 """

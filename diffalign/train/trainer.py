@@ -548,19 +548,17 @@ class PreferenceTrainer:
         return totals, ok
 
     def _validate(self, step: int) -> None:
-        """Sample the validation prompts on the main process when due; the others wait."""
+        """Sample the validation prompts when due, each process its share."""
         if not self.validator.due(step, self.config.train.max_steps):
             return
-        if self.accelerator.is_main_process:
-            if self.config.data.precompute:  # the encoders wait on the CPU between validations
-                self._encoders_to(self.accelerator.device)
-            with self.accelerator.autocast():
-                scores = self.validator.run(self.backbone.pipe, step)
-            if self.config.data.precompute:
-                self._encoders_to(torch.device("cpu"))
-            if scores:
-                self.accelerator.log(scores, step=step)
-        self.accelerator.wait_for_everyone()
+        if self.config.data.precompute:  # the encoders wait on the CPU between validations
+            self._encoders_to(self.accelerator.device)
+        with self.accelerator.autocast():
+            scores = self.validator.run(self.backbone.pipe, step, self.accelerator.state)
+        if self.config.data.precompute:
+            self._encoders_to(torch.device("cpu"))
+        if scores:
+            self.accelerator.log(scores, step=step)
 
     def _skipped_while_reading(self) -> dict[str, int]:
         """Bad rows this process met while reading its own examples, per column."""

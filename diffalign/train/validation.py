@@ -1,11 +1,15 @@
 """Validation samples during training: fixed prompts and seeds every N steps, a grid per
-interval under ``samples/``, and the mean of each configured reward in ``validation.jsonl``."""
+interval under ``samples/``, and the mean of each configured reward in ``validation.jsonl``.
+On N processes each samples and scores every N-th image; the main process writes grid and log."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 
 from diffalign.diffusion.sampling import generate
@@ -33,17 +37,29 @@ class Validator:
     def due(self, step: int, max_steps: int) -> bool:
         return self.enabled and (step % self.config.every == 0 or step == max_steps)
 
-    def run(self, pipe: DiffusionPipeline, step: int) -> dict[str, float]:
-        """Sample, save the grid, score; returns {"val_<reward>": mean} (also appended to the log)."""
-        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-        was_training = denoiser.training
-        denoiser.eval()
-        images = generate(pipe, self.prompts, self.seeds, steps=self.config.steps,
-                          guidance_scale=self.config.guidance_scale, resolution=self.resolution)
-        denoiser.train(was_training)
+    def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState) -> dict[str, float]:
+        """Sample and score this process's share (every N-th image), then on the main process save the grid
+        and log; returns {"val_<reward>": mean over every image} there, {} on the others."""
+        mine = list(range(processes.process_index, len(self.prompts), processes.num_processes))
+        done = []  # (index, 8-bit image, score per reward) of this process's images
+        if mine:
+            denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+            was_training = denoiser.training
+            denoiser.eval()
+            prompts = [self.prompts[i] for i in mine]
+            images = generate(pipe, prompts, [self.seeds[i] for i in mine], steps=self.config.steps,
+                              guidance_scale=self.config.guidance_scale, resolution=self.resolution)
+            denoiser.train(was_training)
+            scores = {r.name: r(images, prompts).tolist() for r in self.rewards}
+            as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what the grid keeps anyway
+            done = [(i, as_bytes[k], {name: values[k] for name, values in scores.items()}) for k, i in enumerate(mine)]
+        done = sorted(gather_object(done), key=lambda item: item[0])
+        if not processes.is_main_process:
+            return {}
         self.samples.mkdir(parents=True, exist_ok=True)
+        images = torch.stack([image for _, image, _ in done]).float() / 255
         image_grid({f"step {step}": images}).save(self.samples / f"step-{step:07d}.png")
-        scores = {f"val_{r.name}": float(r(images, self.prompts).mean()) for r in self.rewards}
+        scores = {f"val_{r.name}": sum(s[r.name] for _, _, s in done) / len(done) for r in self.rewards}
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
         return scores
