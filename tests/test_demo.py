@@ -57,6 +57,23 @@ def test_eval_compares_a_run_with_its_base_on_a_prompt_file(demo, tmp_path):
     assert len(list((out / "grids").glob("prompt-*.png"))) == len(prompts("heldout"))
 
 
+def test_the_demo_and_the_benchmark_start_their_run_folder_over_when_run_again(tmp_path):
+    """``train`` refuses an output_dir that holds a run; the demo's (and bench_alignment's) run folder is
+    their own, so running them again into the same --out retrains instead of stopping there."""
+    from diffalign.paths import CONFIGS
+    from diffalign.toy.demo import align_and_compare, sample_candidates, write_pairs
+
+    base = load_pipeline(TOY_BASE)
+    pairs = write_pairs(sample_candidates(base, prompts("train")[:2], groups_per_prompt=1, candidates=2, seed=0,
+                                         steps=2, guidance_scale=5.0), tmp_path / "pairs.parquet")
+    quick = ["train.max_steps=2", "train.batch_size=2", "validation.every=0", "train.checkpoint_every=1"]
+    for _ in range(2):
+        evaluation = align_and_compare(base, pairs, tmp_path / "run", config=CONFIGS / "toy_diffusion_dpo.yaml",
+                                       overrides=quick, eval_seeds=1, steps=2, guidance_scale=5.0)
+        assert set(evaluation.scores) == {"base", "aligned"}
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # the second run's log alone
+
+
 def test_base_model_script_is_deterministic(tmp_path):
     def run(out: Path) -> dict:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy_base.py"), "--out", str(out), "--scenes", "64",

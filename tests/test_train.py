@@ -241,6 +241,16 @@ def test_resume_is_exact(tmp_path, workers, loss):
         assert logged(split, "delta") == logged(straight, "delta") and logged(split, "delta")[-1] != 0
 
 
+def test_a_new_run_does_not_overwrite_a_finished_one_without_checkpoints(pairs, tmp_path):
+    """Without checkpoints a finished run has only its final weights and logs; a second run into the same
+    output_dir would overwrite the one and append to the other, so it is refused."""
+    train(tiny_config(pairs, tmp_path / "run", "train.max_steps=1", "train.checkpoint_every=0"))
+    before = (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a run .* mix its logs into; choose another output_dir"):
+        train(tiny_config(pairs, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=0"))
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").read_bytes() == before
+
+
 def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(pairs, tmp_path):
     """The advice after a NaN stop is to resume with a lower learning rate; the checkpoint's
     optimiser, scheduler and EMA state must not bring the old settings back."""

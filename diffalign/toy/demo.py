@@ -134,6 +134,7 @@ def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | P
     :class:`~diffalign.eval.Evaluation`."""
     data_key = [] if data is None else [f"data.path={data}"]
     config = load_config(config, [f"model.path={TOY_BASE}", *data_key, f"output_dir={run_dir}", *overrides])
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's and the benchmark's own folder: a rerun starts over
     train(config)
     aligned = load_finetuned(run_dir)
     if getattr(OBJECTIVES[config.objective.name], "negative_model", False):  # Self-NPO: base guided by it

@@ -605,9 +605,14 @@ class PreferenceTrainer:
 
 def train(config: Config) -> dict[str, Any]:
     """Run a training job described by a validated :class:`Config`; returns the summary."""
-    if config.train.resume is None and _checkpoint_dirs(Path(config.output_dir)):
+    out = Path(config.output_dir)
+    if config.train.resume is None and _checkpoint_dirs(out):
         raise UserError(
             f"{config.output_dir} already holds checkpoints; continue with train.resume=latest, or choose "
             "another output_dir"
         )
+    if config.train.resume is None and ((out / "final").exists() or (out / "metrics.jsonl").exists()):
+        raise UserError(f"{config.output_dir} already holds a run (its final weights or its metrics), which a new "
+                        "one would overwrite and mix its logs into; choose another output_dir, or delete that one "
+                        "to start over")
     return PreferenceTrainer(config).train()
