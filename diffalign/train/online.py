@@ -138,10 +138,12 @@ class OnlineRounds:
         missing = [i for i in range(len(record["prompts"])) if (r, i) not in labels]
         if missing:
             folder = self._round_dir(r)
-            (folder / "to_label.jsonl").write_text("".join(
-                json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
-                            "images": [f"images/pair{i:04d}-0.png", f"images/pair{i:04d}-1.png"], "winner": None}) + "\n"
-                for i in missing))
+            if self.accelerator.is_main_process:  # every process stops here; one writes what to label
+                (folder / "to_label.jsonl").write_text("".join(
+                    json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
+                                "images": [f"images/pair{i:04d}-0.png", f"images/pair{i:04d}-1.png"],
+                                "winner": None}) + "\n"
+                    for i in missing))
             raise NeedsLabels(f"round {r} waits for {len(missing)} human labels: see {folder / 'to_label.jsonl'}, "
                               f"append lines {{\"round\": {r}, \"pair\": i, \"winner\": 0 or 1}} to {labels_path}, "
                               "then run again with train.resume=latest")
