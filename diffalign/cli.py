@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Hugging Face cache")
     p.add_argument("--variant", help="weights variant of --base, e.g. fp16 (when only *.fp16.safetensors are there)")
     p.add_argument("--aligned", nargs="*", default=[], metavar="[NAME=]SOURCE",
-                   help="run directories, LoRA files/folders (applied to --base) or diffusers folders")
+                   help="run directories or their checkpoints (run/checkpoints/step-N), LoRA files/folders "
+                        "(applied to --base) or diffusers folders")
     p.add_argument("--prompts", required=True,
                    help="a .txt/.jsonl/.json/.tsv/.csv prompt file (PartiPrompts.tsv, HPSv2's benchmark .json), a "
                         "table or cached Hub dataset with :split (yuvalkirstain/pickapic_v2:validation_unique), "

@@ -185,6 +185,26 @@ def _unwrapped(message: str) -> str:
     return " ".join(message.split())
 
 
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_a_checkpoint_loads_as_the_run_stood_at_its_step(tmp_path, lora_rank):
+    """A checkpoint (``run/checkpoints/step-N``) evaluates a run part-way: at the last step it is the
+    final model (LoRA scale alpha / r included), at an earlier step an earlier one, on the run's base or on
+    a base given for it; ``diffalign eval --aligned`` takes it like a run."""
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+        f"data.path={pickapic_parquet(tmp_path / 'pairs.parquet', 4)}", f"output_dir={run}",
+        f"model.path={ROOT / 'assets/models/tiny-sd15'}", f"train.lora_rank={lora_rank}", "train.lora_alpha=2",
+        "train.max_steps=2", "train.learning_rate=1e-2", "train.checkpoint_every=1", "train.reference_dtype=fp32"]))
+    final = _denoiser_outputs(load_finetuned(run))
+    last = _denoiser_outputs(load_finetuned(run / "checkpoints" / "step-0000002"))
+    torch.testing.assert_close(last, final, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(_denoiser_outputs(load_finetuned(run / "checkpoints" / "step-0000001")), final)
+    base = tmp_path / "base"
+    load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True, seed=0).save_pretrained(base)
+    on_base = load_finetuned(run / "checkpoints" / "step-0000002", base=base)
+    torch.testing.assert_close(_denoiser_outputs(on_base), final, atol=1e-5, rtol=1e-4)
+
+
 def test_export_cli_and_clear_errors(runs, tmp_path, capsys):
     assert main(["export", str(runs["tiny-sd15", 0]), "--format", "lora", "--out", str(tmp_path / "x")]) == 2
     assert "full model, not a LoRA" in _unwrapped(capsys.readouterr().err)

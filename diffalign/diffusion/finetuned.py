@@ -1,9 +1,12 @@
-"""Load what training produced: a run directory, a LoRA file or folder, or a diffusers folder.
+"""Load what training produced: a run directory, one of its checkpoints, a LoRA file or folder, or a
+diffusers folder.
 
 A run directory (``diffalign train``'s ``output_dir``) knows its base model from its
 ``config.yaml``; its ``final/`` holds either a LoRA (``pytorch_lora_weights.safetensors``) or
 the full denoiser as a diffusers sub-folder. The base is loaded exactly as training loaded it
-(including ``random_init`` and its seed), then the trained weights go on top.
+(including ``random_init`` and its seed), then the trained weights go on top. A checkpoint
+(``run/checkpoints/step-N``) holds the trained parameters as the run left them at step N (its LoRA
+layers, or the whole denoiser), so a run can be evaluated part-way.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import yaml
 from diffusers import DiffusionPipeline
 
 from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline
-from diffalign.diffusion.lora import load_lora_file
+from diffalign.diffusion.lora import add_lora, load_lora_file
 from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
 
@@ -65,6 +68,33 @@ def _lora_file(weights: Path) -> Path:
 PipelineLoader = Callable[[], DiffusionPipeline]
 
 
+def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.dtype | None,
+                       base_variant: str | None) -> PipelineLoader:
+    """A run's checkpoint on its base (or on ``base``): the run's LoRA layers, as it configured them, then the
+    checkpoint's trained parameters. A run with an EMA is evaluated at its raw weights here (its final
+    weights are the averaged ones)."""
+    from diffalign.train.weights import load_trained_weights  # the checkpoint format is the trainer's
+
+    config = yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())
+    if not (checkpoint / "model.safetensors").is_file():
+        raise UserError(f"{checkpoint} holds no model.safetensors (a checkpoint of an FSDP or DeepSpeed run keeps "
+                        "its own shards); evaluate the run's final weights instead")
+    if base is None:
+        resolve_model_path(config["model"]["path"], what=f"the base model of {checkpoint}")
+
+    def load() -> DiffusionPipeline:
+        pipe = _base_of_run(config, torch_dtype) if base is None else \
+            load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
+        denoiser, train = getattr(pipe, _denoiser_attr(pipe)), config["train"]
+        if train["lora_rank"] > 0:
+            add_lora(denoiser, train["lora_rank"], alpha=train.get("lora_alpha"),
+                     target_modules=list(train["lora_targets"]))
+        load_trained_weights([denoiser], str(checkpoint))
+        return pipe
+
+    return load
+
+
 def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torch_dtype: torch.dtype | None = None,
                      base_variant: str | None = None, variant: str | None = None) -> PipelineLoader:
     """What :func:`load_finetuned` loads, checked now and loaded when the returned function is called.
@@ -74,6 +104,9 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
     mistake in the last of them before it spends an hour on the first.
     """
     source = resolve_model_path(source, what="model")
+    if (source / "trainer_state.json").is_file() and (source.parent.parent / "config.yaml").is_file():
+        base = None if base is None else resolve_model_path(base, what="the base model")
+        return _checkpoint_loader(source, base, torch_dtype, base_variant)
     is_run = (source / "config.yaml").is_file() and (source / "final").is_dir()
     if not is_run and (source / MODEL_INDEX).is_file():
         return lambda: load_pipeline(source, torch_dtype=torch_dtype, variant=variant)

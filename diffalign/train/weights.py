@@ -93,7 +93,7 @@ def load_trained_weights(models: list[nn.Module], input_dir: str) -> None:
         unexpected = target.load_state_dict(state, strict=False).unexpected_keys
         missing = sorted(_trained_names(target) - state.keys())
         if unexpected or missing:
-            raise UserError(f"{path} does not hold this run's trained weights ({len(missing)} missing, e.g. "
-                            f"{missing[:2]}; {len(unexpected)} unknown, e.g. {unexpected[:2]}): resume it with the "
-                            "model and LoRA settings of the run that wrote it")
+            raise UserError(f"{path} does not hold the trained weights of this model and LoRA settings "
+                            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unknown, e.g. "
+                            f"{unexpected[:2]}): load it with the model and LoRA settings of the run that wrote it")
     models.clear()
