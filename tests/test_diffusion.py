@@ -348,3 +348,18 @@ def test_a_dtype_cast_of_a_model_that_keeps_nothing_in_fp32_logs_no_warning():
         assert [m for m in logged if "should be kept in float32: ['encoder']" in m]
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
+
+
+def test_random_weights_keep_the_pipeline_settings_of_the_model_index(tmp_path):
+    """A model index's settings (SDXL's force_zeros_for_empty_prompt, SD's requires_safety_checker) reach the
+    random pipeline as written; they used to arrive as None, which reads as False."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(MODELS / "tiny-sdxl", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for value in (True, False):
+        (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": value}))
+        assert load_pipeline(folder, random_init=True).config.force_zeros_for_empty_prompt is value
+    assert load_pipeline(MODELS / "tiny-sd15", random_init=True).config.requires_safety_checker is False

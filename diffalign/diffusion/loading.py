@@ -102,7 +102,10 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
     for name, spec in sorted(index.items()):
         if name.startswith("_"):
             continue
-        library, class_name = spec if isinstance(spec, (list, tuple)) else (None, None)
+        if not isinstance(spec, (list, tuple)):  # a pipeline setting (SDXL's force_zeros_for_empty_prompt): as is
+            components[name] = spec
+            continue
+        library, class_name = spec
         if library is None:
             components[name] = None
             continue
@@ -121,6 +124,8 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
     # optional components the pipeline accepts but the folder does not name
     for optional in getattr(pipeline_cls, "_optional_components", []):
         components.setdefault(optional, None)
+    # random weights are no Stable Diffusion release: no safety checker to miss (diffusers warns otherwise)
+    components.setdefault("requires_safety_checker", False)
     accepted = set(inspect.signature(pipeline_cls.__init__).parameters)
     pipe = pipeline_cls(**{k: v for k, v in components.items() if k in accepted})
     if torch_dtype is not None:
