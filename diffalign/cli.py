@@ -47,8 +47,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # under torchrun: an undestroyed gloo/NCCL group can abort the interpreter's exit ("terminate called
         # without an active exception", exit -6) after a run that succeeded
         PartialState().destroy_process_group()
-    state = "interrupted; resume with train.resume=latest" if summary["interrupted"] else "done"
-    print(f"{state}: {summary['steps']} steps, run directory {config.output_dir}")
+    if PartialState().is_main_process:  # once, not once per process
+        state = "interrupted; resume with train.resume=latest" if summary["interrupted"] else "done"
+        print(f"{state}: {summary['steps']} steps, run directory {config.output_dir}")
     return 0
 
 

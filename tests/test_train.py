@@ -607,6 +607,7 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
                           "data.workers=2"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("done: 3 steps") == 1  # the main process reports, not every one
     train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}", "train.batch_size=2"]))
     one_w, two_w = _lora_weights(tmp_path / "one"), _lora_weights(tmp_path / "two")
     moved = max(v.abs().max().item() for k, v in one_w.items() if "lora.up" in k)
