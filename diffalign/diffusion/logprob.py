@@ -144,16 +144,16 @@ def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Co
     b, steps = latents.shape[0], latents.shape[1] - 1
     rule = StepRule(backbone, steps, eta)
     index = torch.as_tensor(k)
-    index = index.expand(b) if index.dim() == 0 else index
-    rows = torch.arange(b)
+    step_of = (index.expand(b) if index.dim() == 0 else index).tolist()  # one host read: the rule is per step
+    rows, index = torch.arange(b, device=latents.device), torch.tensor(step_of, device=latents.device)
     x, nxt = latents[rows, index], latents[rows, index + 1]
-    # one forward for the whole batch, each trajectory at its own step's timestep; only the step rule's
-    # arithmetic (scalar per step) goes step by step
-    output = _guided(backbone, x, rule.timesteps[index], cond, uncond, guidance_scale, denoiser)
+    # one forward for the whole batch, each trajectory at its own step's timestep (the sampler's grid, on the
+    # CPU); only the step rule's arithmetic (scalar per step) goes step by step
+    output = _guided(backbone, x, rule.timesteps[step_of], cond, uncond, guidance_scale, denoiser)
     order, values = [], []
-    for step in index.unique().tolist():
-        members = (index == step).nonzero().squeeze(1).tolist()
+    for step in sorted(set(step_of)):
+        members = [i for i, s in enumerate(step_of) if s == step]
         mean, std = rule.distribution(step, x[members], output[members])
         order += members
         values.append(gaussian_log_prob(nxt[members], mean, std))
-    return torch.cat(values)[torch.argsort(torch.tensor(order))]
+    return torch.cat(values)[torch.argsort(torch.tensor(order, device=latents.device))]
