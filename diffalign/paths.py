@@ -34,13 +34,16 @@ def with_usual_permissions(path: Path) -> Path:
     """
     folder = path if path.is_dir() else path.parent
     probe = folder / f".diffalign-mode-{os.getpid()}-{threading.get_ident()}"
-    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as to any new file
-    try:
-        mode = probe.stat().st_mode & 0o777
-    finally:
-        probe.unlink()
-    for file in (path.rglob("*.safetensors") if path.is_dir() else [path]):
-        file.chmod(mode)
+    try:  # best effort: a file system without Unix modes (a mounted bucket, say) keeps what it has
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as to any new file
+        try:
+            mode = probe.stat().st_mode & 0o777
+        finally:
+            probe.unlink()
+        for file in (path.rglob("*.safetensors") if path.is_dir() else [path]):
+            file.chmod(mode)
+    except OSError:
+        pass
     return path
 
 

@@ -319,3 +319,20 @@ def test_every_weights_file_diffalign_writes_is_as_readable_as_its_other_files(t
             "kohya.safetensors", "single.safetensors", "merged/unet/diffusion_pytorch_model.safetensors"} <= set(written)
     assert any(name.startswith("cache/") for name in written)
     assert {name: mode for name, mode in written.items() if mode != 0o640} == {}
+
+
+def test_weights_are_kept_where_the_file_system_has_no_unix_modes(tmp_path, monkeypatch):
+    """Setting the mode is best effort: on a file system that refuses chmod (a mounted bucket) the file
+    written stays, and nothing fails."""
+    from pathlib import Path
+
+    from diffalign.paths import with_usual_permissions
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+
+    def refuse(self, mode):
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    assert with_usual_permissions(weights) == weights and weights.read_bytes() == b"weights"
