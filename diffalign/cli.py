@@ -268,8 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as err:
+        # under torchrun / accelerate launch every process that meets the mistake says so: name which
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        who = f" (process {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
         # wrapped between words only: a path in the message stays whole, to copy
-        print(textwrap.fill(f"error: {err}", width=100, break_long_words=False, break_on_hyphens=False),
+        print(textwrap.fill(f"error{who}: {err}", width=100, break_long_words=False, break_on_hyphens=False),
               file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -37,6 +37,17 @@ def test_a_bad_generate_ranked_config_exits_nonzero_without_traceback():
     assert "generators is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_under_a_launcher_an_error_names_the_process_that_met_it(capsys, monkeypatch):
+    """Under torchrun every process that meets a mistake prints it; each says which process it is."""
+    bad = ["train", "configs/tiny_sdxl_dpo.yaml", "train.max_stpes=3"]
+    assert main(bad) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key 'train.max_stpes'")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(bad) == 2
+    assert capsys.readouterr().err.startswith("error (process 1 of 2): unknown config key 'train.max_stpes'")
+
+
 def test_a_reader_that_closes_early_is_not_an_error():
     """`diffalign losses | head`: the pipe's reader is gone before the listing is written."""
     read_end, write_end = os.pipe()
