@@ -28,7 +28,7 @@ def with_usual_permissions(path: Path) -> Path:
     any new file of this process gets (``0o666`` less the umask, as config.json beside it); returns ``path``.
 
     safetensors 0.8 writes each file through a temporary file created 0600 and renames it into place
-    (safetensors issues #782 and PR #789, open), and so do diffusers' and accelerate's savers that call it.
+    (safetensors issue #782; its fix, PR #789, is open), and so do diffusers' and accelerate's savers that call it.
     The weights would be readable by their writer alone: an inference server, a container or a colleague
     running as another user could not load a model whose config they can read.
     """
