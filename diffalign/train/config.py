@@ -147,6 +147,9 @@ class OnlineConfig:
     prompts: str = ""
     # trajectory pairs sampled per round (each pair shares its starting noise)
     pairs_per_round: int = 32
+    # pairs each process samples in one batch (x 2 trajectories, x 2 again with guidance): bounds the
+    # sampler's memory whatever pairs_per_round is; a pair's samples do not depend on it
+    sample_batch_size: int = 8
     # optimiser steps trained on each round's pairs before the next round is sampled
     steps_per_round: int = 10
     # who prefers: a reward model spec (see diffalign.rewards) ...
@@ -353,7 +356,7 @@ class Config:
                             "model spec) or online.labels (a JSON-lines file of human labels)")
         if oc.reward is not None:
             RewardSpec.parse(oc.reward)
-        for key in ("pairs_per_round", "steps_per_round"):
+        for key in ("pairs_per_round", "steps_per_round", "sample_batch_size"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
         if self.objective.sample_eta <= 0:

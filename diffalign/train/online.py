@@ -81,8 +81,25 @@ class OnlineRounds:
 
     def _sample_part(self, r: int, pairs: list[int], prompts: list[str], tmp: Path) -> None:
         """Round r's pairs ``pairs``: their trajectories, log-probabilities and rewards into
-        ``part-<process>.safetensors``, their images into ``images/``. Each pair draws its starting noise and
-        step noise from its own generator, so a pair is the same whichever process samples it."""
+        ``part-<process>.safetensors``, their images into ``images/``, ``online.sample_batch_size`` pairs
+        at a time."""
+        acc, n = self.accelerator, self.config.online.sample_batch_size
+        label = f"round {r}: sampling {len(pairs)} pairs" if acc.is_local_main_process else None
+        batches = [self._sample_pairs(r, pairs[i:i + n], prompts[i:i + n], label) for i in range(0, len(pairs), n)]
+        latents, log_probs, images = (torch.cat([batch[k] for batch in batches]) for k in range(3))
+        for k, image in enumerate(images):
+            to_pil(image).save(tmp / "images" / f"pair{pairs[k // 2]:04d}-{k % 2}.png")
+        part = {"pairs": torch.tensor(pairs), "latents": latents, "log_probs": log_probs,
+                "timesteps": batches[0][3]}
+        if self.reward is not None:
+            part["rewards"] = self.reward(images, [p for p in prompts for _ in (0, 1)]).float().view(-1, 2)
+        save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
+
+    def _sample_pairs(self, r: int, pairs: list[int], prompts: list[str],
+                      label: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One batch of pairs: (latents, log-probabilities, images in [0, 1], timesteps), on the CPU. Each
+        pair draws its starting noise and step noise from its own generator, so a pair is the same
+        whichever process, and whichever batch, samples it."""
         obj, acc, backbone = self.config.objective, self.accelerator, self.backbone
         shape = backbone.latent_shape(self.config.data.resolution)
         generators = [example_generator(self.config.train.seed, r, 1, i) for i in pairs]
@@ -93,17 +110,10 @@ class OnlineRounds:
         with torch.no_grad(), acc.autocast():
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
-                                             uncond=uncond, step_noise=step_noise,
-                                             progress=f"round {r}: sampling {len(pairs)} pairs"
-                                             if acc.is_local_main_process else None)
+                                             uncond=uncond, step_noise=step_noise, progress=label)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
-        for k, image in enumerate(images):
-            to_pil(image).save(tmp / "images" / f"pair{pairs[k // 2]:04d}-{k % 2}.png")
-        part = {"pairs": torch.tensor(pairs), "latents": trajectory.latents.cpu().contiguous(),
-                "timesteps": trajectory.timesteps.float().cpu(), "log_probs": trajectory.log_probs.cpu().contiguous()}
-        if self.reward is not None:
-            part["rewards"] = self.reward(images, [p for p in prompts for _ in (0, 1)]).float().view(-1, 2)
-        save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
+        return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
+                trajectory.timesteps.float().cpu())
 
     def _join_parts(self, tmp: Path, prompts: list[str]) -> None:
         """The processes' parts as the round's ``trajectories.safetensors`` and ``pairs.json``, in pair order."""
