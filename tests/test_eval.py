@@ -189,3 +189,14 @@ def test_two_processes_evaluate_as_one_does(tmp_path):
         [(tmp_path / "two" / "images" / "again" / f"{i:06d}.png").read_bytes() for i in range(6)]
     grids = {run: {g.name: g.read_bytes() for g in (tmp_path / run / "grids").iterdir()} for run in ("one", "two")}
     assert grids["one"] and grids["one"] == grids["two"]  # the kept report images, gathered in order
+
+
+def test_generation_decodes_one_image_at_a_time():
+    """A batch of 1024 px SDXL images decoded at once wants 3.8 GiB each in fp32: the VAE decodes them one by
+    one (diffusers' sliced decoding), whatever the generation batch."""
+
+    pipe = load_pipeline(TOY_BASE)
+    decoded = []
+    pipe.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
+    images = generate(pipe, ["a red circle"] * 3, [0, 1, 2], steps=2, batch_size=3)
+    assert images.shape[0] == 3 and decoded == [1, 1, 1]
