@@ -200,3 +200,4 @@ def test_generation_decodes_one_image_at_a_time():
     pipe.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
     images = generate(pipe, ["a red circle"] * 3, [0, 1, 2], steps=2, batch_size=3)
     assert images.shape[0] == 3 and decoded == [1, 1, 1]
+    assert not pipe.vae.use_slicing  # put back: it slices encoding too, which a trainer sharing the VAE does
