@@ -119,11 +119,16 @@ def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
 
 def test_a_round_sampled_a_pair_at_a_time_is_the_round_sampled_at_once(tmp_path):
     """``online.sample_batch_size`` bounds the sampler's memory; since each pair has its own generator, the
-    round it samples is the same (up to the rounding of another batch size; measured: equal), and the VAE
-    decodes ``DECODE_BATCH`` images at a time."""
-    from diffalign.diffusion.backbones import DECODE_BATCH
+    round it samples is the same (up to the rounding of another batch size; measured: equal). The VAE
+    decodes one image at a time, and leaves its slicing as it found it."""
+    from diffalign.diffusion import backbone_for, load_pipeline
+    from diffalign.paths import TOY_BASE
 
-    assert DECODE_BATCH < 8  # the 8 images of the round are decoded in more than one call
+    backbone = backbone_for(load_pipeline(TOY_BASE))
+    decoded = []
+    backbone.vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
+    assert backbone.decode_latents(torch.randn(3, 4, 4, 4)).shape[0] == 3
+    assert decoded == [1, 1, 1] and not backbone.vae.use_slicing
     for name, size in (("at_once", 4), ("one_by_one", 1)):
         train(_config(tmp_path / name, "train.max_steps=1", f"online.sample_batch_size={size}"))
     a, b = (load_file(str(tmp_path / name / "rounds/round-00000/trajectories.safetensors"))
