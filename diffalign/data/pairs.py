@@ -81,14 +81,14 @@ class RowSource:
         elif (self.path / "dataset_info.json").exists() or (self.path / "state.json").exists():
             dataset = datasets.load_from_disk(str(self.path))
         else:
-            below = [] if self.path.is_file() else sorted(self.path.rglob("*"))  # one walk of a folder
-            files = [self.path] if self.path.is_file() else ([p for p in below if p.parent == self.path
-                                                              and p.suffix == ".parquet"]
-                                                             or _split_files(self.path, split, below))
-            if not files:
-                self._rows = _captioned_image_files(self.path, below)
-                self.columns = ["caption", "image"]
-                return
+            files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.parquet"))
+            if not files:  # Hub-style split shards, else captioned images: one walk of the folder for both
+                below = sorted(self.path.rglob("*"))
+                files = _split_files(self.path, split, below)
+                if not files:
+                    self._rows = _captioned_image_files(self.path, below)
+                    self.columns = ["caption", "image"]
+                    return
             dataset = _parquet_as_arrow(files)
         self._dataset = dataset.with_format("arrow")  # raw cells: image bytes undecoded, rows as arrow slices
         self.columns = list(dataset.column_names)

@@ -8,9 +8,9 @@ image of each pair is better, and the round is written to ``run/rounds/round-NNN
 trajectories and log-probabilities (safetensors), the images (PNG), and ``pairs.json`` (prompts,
 rewards, winners). On N processes each samples and scores every N-th pair. Everything in a round
 is a pure function of (seed, r) and the weights at its start (each pair has its own generator),
-and a resumed run reads the round from disk instead of sampling it again, so resume stays exact. Each optimiser step
-trains one random denoising step per pair, among the steps whose noise level t / T lies in
-``objective.t_range`` (all by default).
+and a resumed run reads the round from disk instead of sampling it again, so resume stays exact.
+Each optimiser step trains one random denoising step per pair, among the steps whose noise level
+t / T lies in ``objective.t_range`` (all by default).
 
 Human labels: with ``online.labels`` set, a round whose pairs are not all labelled in that
 file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
