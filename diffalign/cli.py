@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_pairs_to_labels)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")
-    p.add_argument("run_dir", help="a finished run directory (config.yaml and final/ inside)")
+    p.add_argument("run_dir", help="a finished run directory (config.yaml and final/ inside), or one of its "
+                                   "checkpoints (RUN/checkpoints/step-N; with an EMA, its raw weights, as eval reads them)")
     p.add_argument("--format", required=True, choices=("lora", "kohya", "diffusers", "single-file"),
                    help="lora: for pipe.load_lora_weights; kohya: one LoRA .safetensors for A1111/Forge/ComfyUI; "
                         "diffusers: merged pipeline folder; "

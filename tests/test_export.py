@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffalign.cli import main
@@ -203,6 +204,43 @@ def test_a_checkpoint_loads_as_the_run_stood_at_its_step(tmp_path, lora_rank):
     load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True, seed=0).save_pretrained(base)
     on_base = load_finetuned(run / "checkpoints" / "step-0000002", base=base)
     torch.testing.assert_close(_denoiser_outputs(on_base), final, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_a_checkpoint_exports_as_the_run_stood_at_its_step(tmp_path, lora_rank):
+    """The step that ``eval`` picked exports like a finished run: the last step's checkpoint gives the run's own
+    exports (the LoRA file and kohya file equal, its alpha / r scale folded in the same way; the merged model
+    equal), an earlier step another model; a full fine-tune's checkpoint is refused as a LoRA."""
+    run = tmp_path / "run"
+    train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+        f"data.path={pickapic_parquet(tmp_path / 'pairs.parquet', 4)}", f"output_dir={run}",
+        f"model.path={ROOT / 'assets/models/tiny-sd15'}", f"train.lora_rank={lora_rank}", "train.lora_alpha=2",
+        "train.max_steps=2", "train.learning_rate=1e-2", "train.checkpoint_every=1", "train.reference_dtype=fp32"]))
+    last, earlier = run / "checkpoints" / "step-0000002", run / "checkpoints" / "step-0000001"
+    merged = {}
+    for name, source in (("run", run), ("last", last), ("earlier", earlier)):
+        export_run(source, "diffusers", tmp_path / name / "merged", dtype="fp32")
+        merged[name] = _denoiser_outputs(
+            StableDiffusionPipeline.from_pretrained(tmp_path / name / "merged", local_files_only=True))
+    torch.testing.assert_close(merged["last"], merged["run"], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(merged["earlier"], merged["run"], atol=1e-4)
+    single = export_run(earlier, "single-file", tmp_path / "earlier.safetensors", dtype="fp32")
+    with safe_open(single, "pt") as f:
+        assert f.metadata()["diffalign_step"] == "1" and f.metadata()["diffalign_run"] == str(run.resolve())
+    if lora_rank == 0:
+        with pytest.raises(UserError, match="trained the full model, not a LoRA"):
+            export_run(last, "lora", tmp_path / "lora")
+        return
+    for fmt, out in (("lora", "lora"), ("kohya", "kohya.safetensors")):
+        ours = load_file(export_run(last, fmt, tmp_path / "last" / out, dtype="fp32"))
+        theirs = load_file(export_run(run, fmt, tmp_path / "run" / out, dtype="fp32"))
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, msg=key)
+    assert main(["export", str(earlier), "--format", "lora", "--out", str(tmp_path / "earlier" / "lora")]) == 0
+    pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
+    pipe.load_lora_weights(str(tmp_path / "earlier" / "lora"))
+    torch.testing.assert_close(_denoiser_outputs(pipe), merged["earlier"], atol=1e-5, rtol=1e-4)
 
 
 def test_export_cli_and_clear_errors(runs, tmp_path, capsys):

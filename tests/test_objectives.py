@@ -205,6 +205,9 @@ def test_diffusion_kto_takes_its_reference_point_over_all_processes(tiny_sd15):
     assert accuracy().item() == 1.0
     objective.mean_over_processes = lambda value: (value + 0.03) / 2  # z_0 = 0.0217: above the liked 0.02
     assert accuracy().item() == pytest.approx(2 / 3)
+    policy = torch.zeros(3, 1)  # an untrained LoRA: every reward is 0 = z_0, all ties
+    objective.mean_over_processes = lambda value: value
+    assert accuracy().item() == 0.5
 
 
 def test_positive_ratio_draws_liked_images_at_that_rate_and_only_for_labelled_images(tmp_path):

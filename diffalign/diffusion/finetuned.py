@@ -68,6 +68,11 @@ def _lora_file(weights: Path) -> Path:
 PipelineLoader = Callable[[], DiffusionPipeline]
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is one of a run's checkpoints (``run/checkpoints/step-N``, its run's config two levels up)."""
+    return (path / "trainer_state.json").is_file() and (path.parent.parent / "config.yaml").is_file()
+
+
 def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.dtype | None,
                        base_variant: str | None) -> PipelineLoader:
     """A run's checkpoint on its base (or on ``base``): the run's LoRA layers, as it configured them, then the
@@ -104,7 +109,7 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
     mistake in the last of them before it spends an hour on the first.
     """
     source = resolve_model_path(source, what="model")
-    if (source / "trainer_state.json").is_file() and (source.parent.parent / "config.yaml").is_file():
+    if is_checkpoint(source):
         base = None if base is None else resolve_model_path(base, what="the base model")
         return _checkpoint_loader(source, base, torch_dtype, base_variant)
     is_run = (source / "config.yaml").is_file() and (source / "final").is_dir()

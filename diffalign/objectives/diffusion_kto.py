@@ -55,11 +55,12 @@ class DiffusionKTO(OfflineDenoisingObjective):
     def reward_metrics(self, policy: Tensor, reference: Tensor, *, preference: Tensor | None,
                        options: dict[str, Any]) -> dict[str, Tensor]:
         """Mean implicit reward of the liked and of the other images, and the fraction of images whose
-        reward lies on their label's side of the batch's reference point (the authors' logged accuracy)."""
+        reward lies on their label's side of the batch's reference point (the authors' logged accuracy; an
+        image exactly at the reference point counts one half, as a tie in every pairwise objective)."""
         r = (policy - reference)[:, 0].float()
         liked = (preference > 0.5).float()
         z0 = options["kl"] if "kl" in options else self.reference_point(policy, reference)  # the kto loss's one
-        agree = torch.where(liked.bool(), r > z0, r < z0).float()
+        agree = torch.where(liked.bool(), r > z0, r < z0).float() + 0.5 * (r == z0).float()
         return {
             "rewards/desirable": self.beta * (r * liked).sum() / liked.sum().clamp(min=1.0),
             "rewards/undesirable": self.beta * (r * (1 - liked)).sum() / (1 - liked).sum().clamp(min=1.0),

@@ -9,32 +9,58 @@
 - ``single-file``: one ``.safetensors`` checkpoint in the original layout, which ComfyUI's
   checkpoint loader, A1111/Forge and diffusers' ``from_single_file`` read: SD 1.x/2.x and SDXL
   (:mod:`diffalign.train.ldm_keys`), SD3 and SD3.5 (:mod:`diffalign.train.mmdit_keys`).
+
+The source is a finished run (its ``final/`` weights) or one of its checkpoints
+(``run/checkpoints/step-N``), so the step that ``diffalign eval`` picked exports in every format;
+a checkpoint's LoRA is written exactly as the run writes its final one (scale folded in), and a
+checkpoint of a run with an EMA exports its raw weights, as ``eval`` evaluates them.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from diffusers import DiffusionPipeline, SD3Transformer2DModel
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
-from diffalign.diffusion.finetuned import LORA_FILE, load_finetuned
+from diffalign.diffusion import backbone_for
+from diffalign.diffusion.finetuned import LORA_FILE, is_checkpoint, load_finetuned
 from diffalign.diffusion.loading import DTYPES
 from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
 from diffalign.paths import with_usual_permissions
 from diffalign.train import ldm_keys, mmdit_keys
+from diffalign.train.weights import save_final_weights
 
 FORMATS = ("lora", "kohya", "diffusers", "single-file")
 
 
-def merged_pipeline(run_dir: Path) -> DiffusionPipeline:
-    """The run's pipeline with a LoRA (if any) fused into the base weights and the adapters removed."""
-    pipe = load_finetuned(run_dir)
-    if (run_dir / "final" / LORA_FILE).is_file():
+def trained_lora(source: Path) -> bool:
+    """Whether the run (or the run of the checkpoint) ``source`` trained a LoRA rather than the full denoiser."""
+    if is_checkpoint(source):
+        return yaml.safe_load((source.parent.parent / "config.yaml").read_text())["train"]["lora_rank"] > 0
+    return (source / "final" / LORA_FILE).is_file()
+
+
+def lora_file(source: Path, scratch: Path) -> Path:
+    """The LoRA file of a run (``final/``), or of a checkpoint: written into ``scratch`` as the run writes its final
+    one, from the run's base with the checkpoint's adapters on it."""
+    if not is_checkpoint(source):
+        return source / "final" / LORA_FILE
+    backbone = backbone_for(load_finetuned(source))
+    return save_final_weights(backbone, backbone.denoiser, backbone.denoiser.state_dict(), scratch, lora=True) / LORA_FILE
+
+
+def merged_pipeline(source: Path) -> DiffusionPipeline:
+    """The pipeline of a run or checkpoint with a LoRA (if any) fused into the base weights and the adapters removed."""
+    pipe = load_finetuned(source)
+    if trained_lora(source):
         if hasattr(pipe, "fuse_lora"):
             pipe.fuse_lora()
             pipe.unload_lora_weights()
@@ -110,35 +136,48 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp16") -> Path:
-    """Write ``run_dir``'s trained weights to ``out`` in format ``fmt``; returns what was written."""
-    run_dir, out = Path(run_dir), Path(out)
+def _provenance(source: Path) -> dict[str, str]:
+    """What a single-file export records of where it came from: the run, and the step of a checkpoint."""
+    if is_checkpoint(source):
+        step = json.loads((source / "trainer_state.json").read_text()).get("step")
+        return {"diffalign_run": str(source.parent.parent.resolve()), "diffalign_step": str(step)}
+    return {"diffalign_run": str(source.resolve())}
+
+
+def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp16") -> Path:
+    """Write the trained weights of ``source`` (a finished run or one of its checkpoints) to ``out`` in format
+    ``fmt``; returns what was written."""
+    source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not (run_dir / "final").is_dir() or not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a finished run directory (it needs config.yaml and final/)")
+    if not is_checkpoint(source) and not ((source / "final").is_dir() and (source / "config.yaml").is_file()):
+        raise UserError(f"{source} is not a finished run directory (it needs config.yaml and final/) or one of its "
+                        "checkpoints (RUN/checkpoints/step-N)")
     if fmt in ("lora", "kohya"):
-        lora = run_dir / "final" / LORA_FILE
-        if not lora.is_file():
-            raise UserError(f"{run_dir} trained the full model, not a LoRA; use --format diffusers or single-file")
+        if not trained_lora(source):
+            raise UserError(f"{source} trained the full model, not a LoRA; use --format diffusers or single-file")
         if fmt == "kohya":
             _check_suffix(out, "a kohya LoRA")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in kohya_lora_state(lora).items()}
-            save_file(state, out, metadata={"format": "pt", "diffalign_run": str(run_dir.resolve())})
-            return with_usual_permissions(out)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(lora, out / LORA_FILE)
-        return out / LORA_FILE
-    pipe = merged_pipeline(run_dir)
+        with tempfile.TemporaryDirectory() as scratch:
+            lora = lora_file(source, Path(scratch))
+            if fmt == "kohya":
+                out.parent.mkdir(parents=True, exist_ok=True)
+                state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in kohya_lora_state(lora).items()}
+                save_file(state, out, metadata={"format": "pt", **_provenance(source)})
+                return with_usual_permissions(out)
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(lora, out / LORA_FILE)
+            return out / LORA_FILE
+    if fmt == "single-file":
+        _check_suffix(out, "a single-file checkpoint")
+    pipe = merged_pipeline(source)
     pipe.to(dtype=DTYPES[dtype])
     if fmt == "diffusers":
         pipe.save_pretrained(out, safe_serialization=True)
         return with_usual_permissions(out)
-    _check_suffix(out, "a single-file checkpoint")
-    return save_single_file(pipe, out, {"diffalign_run": str(run_dir.resolve())})
+    return save_single_file(pipe, out, _provenance(source))
 
 
 def _check_suffix(out: Path, what: str) -> None:
