@@ -5,7 +5,7 @@ config folder in assets/models (no download) and a synthetic dataset of random i
 
 - ``diffalign``: the real trainer (``PreferenceTrainer``), latents and prompt embeddings cached
   after the first epoch, winner and loser (and the reference) in one batched forward each, one
-  host sync per step (the NaN guard), fused AdamW on CUDA.
+  host sync per step (the NaN guard), fused AdamW (one kernel for all trained tensors, on CUDA and CPU).
 - ``diffusers-example``: a faithful re-implementation of the loop in diffusers'
   examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (SD1.5) and
   train_diffusion_dpo_sdxl.py: every step VAE-encodes the concatenated winner/loser pixels,

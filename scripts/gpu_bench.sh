@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU rows of README.md's "Speed" and "Memory" sections, sized for a lent GPU machine's calls
+# (at most 10 minutes a command). Prepare the wheels here first (bash scripts/gpu_wheels.sh), then:
+#
+#     run(command="bash scripts/gpu_bench.sh 1", carry=[".whl"], timeout_s=590)   # SDXL 1024 px, LoRA, bf16:
+#                                               # diffalign vs the example loop; measured peak of configs/sdxl_dpo.yaml
+#     run(command="bash scripts/gpu_bench.sh 2", carry=[".whl"], timeout_s=590)   # the same with gradient
+#                                               # checkpointing, and diffalign with model.compile=true
+#
+# Every table, JSON file and log lands in $OUT (runs/gpu_bench without one). Each step has its own
+# time limit, so a slow step leaves the others' figures. For a dry run on a CPU with a tiny model:
+#     GPU_BENCH_MODEL=tiny-sdxl GPU_BENCH_RESOLUTION=64 GPU_BENCH_PRECISION=no bash scripts/gpu_bench.sh 1
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: gpu_bench.sh 1|2}
+out=${OUT:-runs/gpu_bench}
+mkdir -p "$out"
+model=${GPU_BENCH_MODEL:-sdxl}
+resolution=${GPU_BENCH_RESOLUTION:-1024}
+precision=${GPU_BENCH_PRECISION:-bf16}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then  # what the device image lacks (scripts/gpu_wheels.sh)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+    python3 -c "import sys, torch, diffusers, transformers, accelerate, peft, diffalign; print('python', sys.version.split()[0]); print(*(f'{m.__name__} {m.__version__}' for m in (torch, diffusers, transformers, accelerate, peft)), sep='\n'); print('cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+} 2>&1 | tee "$out/versions-$part.txt"
+
+# bench_train on the model at resolution and precision, one pair per step, one round
+bench=(python3 scripts/bench_train.py --models "$model" --resolution "$resolution" --precision "$precision" --batch 1
+       --repeats 1 --warmup 2 --steps 5)
+
+case "$part" in
+1)
+    timeout 330 "${bench[@]}" --grad-ckpt off --json "$out/train-$model-ckpt-off.json" 2>&1 | tee "$out/train-$model-ckpt-off.log"
+    timeout 200 python3 scripts/bench_memory.py configs/sdxl_dpo.yaml --model "assets/models/$model" --measure \
+        --batches 1 --set "data.resolution=$resolution" --set "train.mixed_precision='$precision'" \
+        --json "$out/memory-sdxl_dpo.json" 2>&1 | tee "$out/memory-sdxl_dpo.log"
+    ;;
+2)
+    timeout 540 "${bench[@]}" --grad-ckpt on --compile --json "$out/train-$model-ckpt-on.json" 2>&1 \
+        | tee "$out/train-$model-ckpt-on.log"
+    ;;
+*)
+    echo "usage: gpu_bench.sh 1|2" >&2
+    exit 2
+    ;;
+esac
