@@ -6,16 +6,20 @@
 #                                               # diffalign vs the example loop; measured peak of configs/sdxl_dpo.yaml
 #     run(command="bash scripts/gpu_bench.sh 2", carry=[".whl"], timeout_s=590)   # the same with gradient
 #                                               # checkpointing, and diffalign with model.compile=true
+#     run(command="bash scripts/gpu_bench.sh 3", carry=[".whl"], timeout_s=590)   # SD3-medium (no example loop
+#                                               # exists for it) and the measured peak of configs/sd3_dpo.yaml
 #
 # Every table, JSON file and log lands in $OUT (runs/gpu_bench without one). Each step has its own
 # time limit, so a slow step leaves the others' figures. For a dry run on a CPU with a tiny model:
-#     GPU_BENCH_MODEL=tiny-sdxl GPU_BENCH_RESOLUTION=64 GPU_BENCH_PRECISION=no bash scripts/gpu_bench.sh 1
+#     GPU_BENCH_MODEL=tiny-sdxl GPU_BENCH_DIT=tiny-sd3 GPU_BENCH_RESOLUTION=64 GPU_BENCH_PRECISION=no \
+#         bash scripts/gpu_bench.sh 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_bench.sh 1|2}
+part=${1:?usage: gpu_bench.sh 1|2|3}
 out=${OUT:-runs/gpu_bench}
 mkdir -p "$out"
 model=${GPU_BENCH_MODEL:-sdxl}
+dit=${GPU_BENCH_DIT:-sd3-medium}
 resolution=${GPU_BENCH_RESOLUTION:-1024}
 precision=${GPU_BENCH_PRECISION:-bf16}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,23 +35,33 @@ fi
     python3 -c "import sys, torch, diffusers, transformers, accelerate, peft, diffalign; print('python', sys.version.split()[0]); print(*(f'{m.__name__} {m.__version__}' for m in (torch, diffusers, transformers, accelerate, peft)), sep='\n'); print('cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 } 2>&1 | tee "$out/versions-$part.txt"
 
-# bench_train on the model at resolution and precision, one pair per step, one round
-bench=(python3 scripts/bench_train.py --models "$model" --resolution "$resolution" --precision "$precision" --batch 1
-       --repeats 1 --warmup 2 --steps 5)
+# bench_train at the resolution and precision, one pair per step, one round
+train_rows() {  # NAME LIMIT_S ARGS...: its table and JSON as $out/train-NAME.{log,json}
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python3 scripts/bench_train.py --resolution "$resolution" --precision "$precision" --batch 1 \
+        --repeats 1 --warmup 2 --steps 5 "$@" --json "$out/train-$name.json" 2>&1 | tee "$out/train-$name.log"
+}
+peak_memory() {  # CONFIG MODEL: torch.cuda.max_memory_allocated of real steps of configs/CONFIG.yaml
+    timeout 200 python3 scripts/bench_memory.py "configs/$1.yaml" --model "assets/models/$2" --measure --batches 1 \
+        --set "data.resolution=$resolution" --set "train.mixed_precision='$precision'" \
+        --json "$out/memory-$1.json" 2>&1 | tee "$out/memory-$1.log"
+}
 
 case "$part" in
 1)
-    timeout 330 "${bench[@]}" --grad-ckpt off --json "$out/train-$model-ckpt-off.json" 2>&1 | tee "$out/train-$model-ckpt-off.log"
-    timeout 200 python3 scripts/bench_memory.py configs/sdxl_dpo.yaml --model "assets/models/$model" --measure \
-        --batches 1 --set "data.resolution=$resolution" --set "train.mixed_precision='$precision'" \
-        --json "$out/memory-sdxl_dpo.json" 2>&1 | tee "$out/memory-sdxl_dpo.log"
+    train_rows "$model-ckpt-off" 330 --models "$model" --grad-ckpt off
+    peak_memory sdxl_dpo "$model"
     ;;
 2)
-    timeout 540 "${bench[@]}" --grad-ckpt on --compile --json "$out/train-$model-ckpt-on.json" 2>&1 \
-        | tee "$out/train-$model-ckpt-on.log"
+    train_rows "$model-ckpt-on" 540 --models "$model" --grad-ckpt on --compile
+    ;;
+3)
+    train_rows "$dit-ckpt-off" 330 --models "$dit" --grad-ckpt off
+    peak_memory sd3_dpo "$dit"
     ;;
 *)
-    echo "usage: gpu_bench.sh 1|2" >&2
+    echo "usage: gpu_bench.sh 1|2|3" >&2
     exit 2
     ;;
 esac
