@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
+IMPLS = ("diffalign", "diffalign+compile", "diffusers-example")
 
 
 def _sync(device: torch.device) -> None:
@@ -250,6 +251,9 @@ def main() -> None:
     parser.add_argument("--modes", default="lora", help="lora and/or full (comma-separated)")
     parser.add_argument("--grad-ckpt", default="off", help="off, on, or both")
     parser.add_argument("--compile", action="store_true", help="also time diffalign with model.compile=true")
+    parser.add_argument("--impls", help=f"which loops to time, comma-separated from {', '.join(IMPLS)} (default: "
+                                        "diffalign and the example loop where diffusers has one, with --compile "
+                                        "also diffalign+compile)")
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"))
@@ -268,15 +272,17 @@ def main() -> None:
     peak = gpu_peak_flops(torch.cuda.get_device_name(), args.peak_tflops) if torch.cuda.is_available() \
         else cpu_peak_flops()
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    chosen = args.impls.split(",") if args.impls else \
+        ["diffalign", *["diffalign+compile"] * args.compile, "diffusers-example"]
+    if unknown := set(chosen) - set(IMPLS):
+        raise SystemExit(f"--impls: {', '.join(sorted(unknown))} unknown; choose from {', '.join(IMPLS)}")
     specs = []
     for model in args.models.split(","):
         for mode in args.modes.split(","):
             for grad_ckpt in checkpointing:
                 # diffusers ships the DPO example for SD1.5 and SDXL LoRA only
                 has_example = mode == "lora" and any(family in model for family in ("sd15", "sdxl"))
-                impls = ["diffalign", "diffusers-example"] if has_example else ["diffalign"]
-                if args.compile:
-                    impls.insert(1, "diffalign+compile")
+                impls = [impl for impl in chosen if impl != "diffusers-example" or has_example]
                 specs += [{"model": model, "impl": impl, "compile": impl.endswith("+compile"),
                            "lora_rank": args.lora_rank if mode == "lora" else 0,
                            "grad_ckpt": grad_ckpt, "batch": args.batch, "resolution": args.resolution,
@@ -300,10 +306,12 @@ def main() -> None:
         rows.append({**ordered[len(ordered) // 2], "impl": spec["impl"],
                      "peak_memory_gb": max(r["peak_memory_gb"] for r in runs[i]), "repeats": len(ordered)})
     for row in rows:  # MFU counts the denoiser's work, the same for every implementation of a row:
-        # diffalign's cached step runs only the denoiser; the example's count adds VAE/text encoding
-        same = [r for r in rows if r["impl"] == "diffalign" and r["model"] == row["model"]
+        # diffalign's cached step runs only the denoiser (uncompiled, where the counter sees every op);
+        # the example's count adds VAE/text encoding, so without a diffalign row its MFU is left out
+        same = [r for r in rows if r["impl"].startswith("diffalign") and r["model"] == row["model"]
                 and r["grad_ckpt"] == row["grad_ckpt"] and r["lora_rank"] == row["lora_rank"]]
-        row["mfu"] = same[0]["denoiser_flops"] / row["seconds_per_step"] / peak
+        same.sort(key=lambda r: r["impl"] != "diffalign")
+        row["mfu"] = same[0]["denoiser_flops"] / row["seconds_per_step"] / peak if same else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{device}, torch {torch.__version__}, peak {peak / 1e12:.3f} TFLOP/s, batch {args.batch} pairs, "
           f"{args.resolution}px, precision {args.precision}\n")
@@ -316,7 +324,7 @@ def main() -> None:
         mode = "lora" if row["lora_rank"] else "full"
         print(f"| {row['model']} | {mode} | {row['grad_ckpt']} | {row['impl']} | {row['pairs_per_s']:.2f} | "
               f"{row['seconds_per_step']:.3f} | {row['peak_memory_gb']:.2f} | {row['denoiser_flops'] / 1e9:.1f} | "
-              f"{row['mfu']:.1%} | {ratio} |")
+              f"{'-' if row['mfu'] is None else format(row['mfu'], '.1%')} | {ratio} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "peak_flops": peak, "rows": rows},
                                     indent=2))

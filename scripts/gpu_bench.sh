@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The GPU rows of README.md's "Speed" and "Memory" sections, sized for a lent GPU machine's calls
-# (at most 10 minutes a command). Prepare the wheels here first (bash scripts/gpu_wheels.sh), then:
+# The GPU rows of README.md's "Speed" and "Memory" sections, in parts sized for a lent GPU machine's
+# calls (at most 10 minutes a command), most wanted first. Prepare the wheels here first
+# (bash scripts/gpu_wheels.sh), then run each part as one call:
 #
-#     run(command="bash scripts/gpu_bench.sh 1", carry=[".whl"], timeout_s=590)   # SDXL 1024 px, LoRA, bf16:
-#                                               # diffalign vs the example loop; measured peak of configs/sdxl_dpo.yaml
-#     run(command="bash scripts/gpu_bench.sh 2", carry=[".whl"], timeout_s=590)   # the same with gradient
-#                                               # checkpointing, and diffalign with model.compile=true
-#     run(command="bash scripts/gpu_bench.sh 3", carry=[".whl"], timeout_s=590)   # SD3-medium (no example loop
-#                                               # exists for it) and the measured peak of configs/sd3_dpo.yaml
+#     run(command="bash scripts/gpu_bench.sh 1", carry=[".whl"], timeout_s=590)
+#         SDXL at 1024 px, LoRA, bf16, with and without gradient checkpointing: diffalign against the
+#         example loop; the measured peak memory of configs/sdxl_dpo.yaml
+#     run(command="bash scripts/gpu_bench.sh 2", carry=[".whl"], timeout_s=590)
+#         the same rows of diffalign with model.compile=true
+#     run(command="bash scripts/gpu_bench.sh 3", carry=[".whl"], timeout_s=590)
+#         SD3-medium (diffusers has no example loop for it); the measured peak of configs/sd3_dpo.yaml
 #
 # Every table, JSON file and log lands in $OUT (runs/gpu_bench without one). Each step has its own
-# time limit, so a slow step leaves the others' figures. For a dry run on a CPU with a tiny model:
+# time limit, and bench_train logs each row's pairs/s as it finishes, so a slow step leaves the
+# others' figures. A dry run on a CPU, with tiny models:
 #     GPU_BENCH_MODEL=tiny-sdxl GPU_BENCH_DIT=tiny-sd3 GPU_BENCH_RESOLUTION=64 GPU_BENCH_PRECISION=no \
 #         bash scripts/gpu_bench.sh 1
 set -uo pipefail
@@ -43,21 +46,21 @@ train_rows() {  # NAME LIMIT_S ARGS...: its table and JSON as $out/train-NAME.{l
         --repeats 1 --warmup 2 --steps 5 "$@" --json "$out/train-$name.json" 2>&1 | tee "$out/train-$name.log"
 }
 peak_memory() {  # CONFIG MODEL: torch.cuda.max_memory_allocated of real steps of configs/CONFIG.yaml
-    timeout 200 python3 scripts/bench_memory.py "configs/$1.yaml" --model "assets/models/$2" --measure --batches 1 \
+    timeout 160 python3 scripts/bench_memory.py "configs/$1.yaml" --model "assets/models/$2" --measure --batches 1 \
         --set "data.resolution=$resolution" --set "train.mixed_precision='$precision'" \
         --json "$out/memory-$1.json" 2>&1 | tee "$out/memory-$1.log"
 }
 
 case "$part" in
 1)
-    train_rows "$model-ckpt-off" 330 --models "$model" --grad-ckpt off
+    train_rows "$model" 400 --models "$model" --grad-ckpt both
     peak_memory sdxl_dpo "$model"
     ;;
 2)
-    train_rows "$model-ckpt-on" 540 --models "$model" --grad-ckpt on --compile
+    train_rows "$model-compile" 560 --models "$model" --grad-ckpt both --impls diffalign+compile
     ;;
 3)
-    train_rows "$dit-ckpt-off" 330 --models "$dit" --grad-ckpt off
+    train_rows "$dit" 400 --models "$dit" --grad-ckpt both
     peak_memory sd3_dpo "$dit"
     ;;
 *)

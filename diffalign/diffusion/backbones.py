@@ -187,7 +187,9 @@ class SDXLBackbone(Backbone):
     """SDXL: two CLIP text encoders, pooled text embeddings and size/crop micro-conditioning.
 
     Time ids are (original h, original w, crop top, crop left, target h, target w) with the
-    image taken as uncropped at the latents' pixel size, as diffusers' SDXL DPO example does.
+    image taken as uncropped at the latents' pixel size, as the Diffusion-DPO authors' train.py does
+    (``[resolution, resolution, 0, 0, resolution, resolution]``). diffusers' SDXL DPO example passes
+    the image's size before resizing and its crop corner instead.
     """
 
     family = "sdxl"
