@@ -28,14 +28,18 @@ class ExampleReader:
     """The usable example at each position of the run, optionally read ahead by ``workers`` threads.
 
     ``is_cached(image_ids)`` says whether the images' latents are cached already; those
-    examples are only hashed, not decoded (their pixels are never needed).
+    examples are only hashed, not decoded (their pixels are never needed). ``augment(position,
+    example)`` changes the example read for a position (:class:`~diffalign.data.augment.RandomFlip`),
+    its image ids included, before the cache is asked.
     """
 
     def __init__(self, dataset: ImageRows, order: RunOrder, workers: int,
-                 is_cached: Callable[[Sequence[str]], bool] | None = None) -> None:
+                 is_cached: Callable[[Sequence[str]], bool] | None = None,
+                 augment: Callable[[int, GroupExample], GroupExample] | None = None) -> None:
         self.dataset = dataset
         self.order = order
         self.is_cached = is_cached
+        self.augment = augment or (lambda position, example: example)
         self.workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="diffalign-read") if workers > 0 else None
         self._ahead: dict[int, Future] = {}
@@ -47,10 +51,11 @@ class ExampleReader:
             item = self.order[candidate]
             try:
                 if self.is_cached is not None:
-                    hashed = self.dataset.read(item, decode=False)
+                    hashed = self.augment(position, self.dataset.read(item, decode=False))
                     if self.is_cached(hashed.image_ids):
                         return hashed, bad
-                return self.dataset.read(item), bad  # decodes, which also checks the images
+                # decodes, which also checks the images
+                return self.augment(position, self.dataset.read(item)), bad
             except BadRow as err:
                 bad.append(err)
         raise UserError(f"no example of {self.dataset.source.path} can be decoded; check the data "

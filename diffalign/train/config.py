@@ -100,6 +100,10 @@ class DataConfig:
     split: str = "train"
     # training resolution (square crops, pixels)
     resolution: int = 512
+    # flip each image left-right with probability 1/2, as the Diffusion-DPO authors' train.py does
+    # (each image on its own); decided by (seed, position), so resumes stay exact; a flipped image's
+    # latents are cached as an image of their own
+    random_flip: bool = False
     # a bad row (undecodable image, missing caption, NaN label): "skip" (counted) or "raise"
     on_error: str = "skip"
     # tied pairs (label 0.5/0.5): "drop", or "soft" to keep them with preference 0.5

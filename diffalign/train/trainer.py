@@ -37,6 +37,7 @@ from diffalign.data import (
     RankedListDataset,
     example_generator,
 )
+from diffalign.data.augment import RandomFlip
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
@@ -188,7 +189,8 @@ class PreferenceTrainer:
             if workers is None:
                 workers = 4 if self.accelerator.device.type == "cuda" else 0
             self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
-                                        is_cached=None if self.encoder is None else self.encoder.has_latents)
+                                        is_cached=None if self.encoder is None else self.encoder.has_latents,
+                                        augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         # rows dropped while loading the table: every process loaded it, so they are counted once
         self._skipped_on_load = dict(self.dataset.skipped)
         self.objective = objective_cls(config.objective, self.backbone)
@@ -425,6 +427,7 @@ class PreferenceTrainer:
             else c.data.path,
             "data.split": c.data.split,
             "data.resolution": c.data.resolution,
+            "data.random_flip": c.data.random_flip,
             "data.ties": c.data.ties,
             "data.positive_ratio": c.data.positive_ratio,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
