@@ -241,6 +241,9 @@ def test_a_checkpoint_exports_as_the_run_stood_at_its_step(tmp_path, lora_rank):
     pipe = load_pipeline(ROOT / "assets/models/tiny-sd15", random_init=True)
     pipe.load_lora_weights(str(tmp_path / "earlier" / "lora"))
     torch.testing.assert_close(_denoiser_outputs(pipe), merged["earlier"], atol=1e-5, rtol=1e-4)
+    (earlier / "model.safetensors").unlink()  # as an FSDP or DeepSpeed checkpoint, which keeps its own shards
+    with pytest.raises(UserError, match="holds no model.safetensors .* use the run's final weights instead"):
+        export_run(earlier, "lora", tmp_path / "sharded")
 
 
 def test_export_cli_and_clear_errors(runs, tmp_path, capsys):

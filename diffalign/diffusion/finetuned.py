@@ -83,7 +83,7 @@ def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.d
     config = yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())
     if not (checkpoint / "model.safetensors").is_file():
         raise UserError(f"{checkpoint} holds no model.safetensors (a checkpoint of an FSDP or DeepSpeed run keeps "
-                        "its own shards); evaluate the run's final weights instead")
+                        "its own shards); use the run's final weights instead")
     if base is None:
         resolve_model_path(config["model"]["path"], what=f"the base model of {checkpoint}")
 
