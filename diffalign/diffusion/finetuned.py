@@ -73,6 +73,11 @@ def is_checkpoint(path: Path) -> bool:
     return (path / "trainer_state.json").is_file() and (path.parent.parent / "config.yaml").is_file()
 
 
+def is_finished_run(path: Path) -> bool:
+    """Whether ``path`` is a finished run directory: its ``config.yaml`` and its ``final/`` weights."""
+    return (path / "config.yaml").is_file() and (path / "final").is_dir()
+
+
 def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.dtype | None,
                        base_variant: str | None) -> PipelineLoader:
     """A run's checkpoint on its base (or on ``base``): the run's LoRA layers, as it configured them, then the
@@ -112,7 +117,7 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
     if is_checkpoint(source):
         base = None if base is None else resolve_model_path(base, what="the base model")
         return _checkpoint_loader(source, base, torch_dtype, base_variant)
-    is_run = (source / "config.yaml").is_file() and (source / "final").is_dir()
+    is_run = is_finished_run(source)
     if not is_run and (source / MODEL_INDEX).is_file():
         return lambda: load_pipeline(source, torch_dtype=torch_dtype, variant=variant)
     if not is_run and base is None:

@@ -30,7 +30,7 @@ from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict
 from safetensors.torch import load_file, save_file
 
 from diffalign.diffusion import backbone_for
-from diffalign.diffusion.finetuned import LORA_FILE, is_checkpoint, load_finetuned
+from diffalign.diffusion.finetuned import LORA_FILE, is_checkpoint, is_finished_run, load_finetuned
 from diffalign.diffusion.loading import DTYPES
 from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
@@ -152,7 +152,7 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "f
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not is_checkpoint(source) and not ((source / "final").is_dir() and (source / "config.yaml").is_file()):
+    if not is_checkpoint(source) and not is_finished_run(source):
         raise UserError(f"{source} is not a finished run directory (it needs config.yaml and final/) or one of its "
                         "checkpoints (RUN/checkpoints/step-N)")
     if fmt in ("lora", "kohya"):
