@@ -519,6 +519,12 @@ class PreferenceTrainer:
                     break
         bar.close()
         summary = self._finish(step, state, history, interrupted)
+        # A barrier is the last collective before teardown. Under gloo, a worker thread destroys a
+        # finished all-gather (its tensors are Python-owned, so that takes the GIL), while freeing the
+        # DDP wrapper joins those threads with the GIL held: a process that went from _finish's
+        # gather_object straight to teardown was seen to hang there (torch 2.11; pytorch/pytorch#56297).
+        # The barrier waits with the GIL released, so those destructors have run when it returns.
+        acc.wait_for_everyone()
         acc.end_training()
         return summary
 
