@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffalign.toy import random_scene, render
@@ -125,6 +126,16 @@ def train_denoiser(vae, text_encoder, unet, tokenizer, pixels, captions, steps: 
     text_encoder.eval()
 
 
+def write_hub_key_layout(text_encoder_file: Path) -> None:
+    """Rename the text encoder's weights to ``text_model.*``, as the Hub's CLIP checkpoints (SD1.5's
+    among them) name them. Recent transformers save a ``CLIPTextModel`` without the prefix and read
+    both; transformers 5.0 reads only the prefixed names, and loads a file without them as a text
+    encoder with random weights, warning only in its load report."""
+    weights = load_file(text_encoder_file)
+    save_file({key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in weights.items()},
+              text_encoder_file, metadata={"format": "pt"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "models" / "toy-base")
@@ -146,6 +157,7 @@ def main() -> None:
                                    feature_extractor=None, requires_safety_checker=False)
     shutil.rmtree(args.out, ignore_errors=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
+    write_hub_key_layout(args.out / "text_encoder" / "model.safetensors")
     print(f"wrote {args.out}")
 
 

@@ -82,3 +82,13 @@ def test_base_model_script_is_deterministic(tmp_path):
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    for base in (tmp_path / "a", TOY_BASE):  # what the script writes, and what is shipped
+        _assert_hub_key_layout(base / "text_encoder" / "model.safetensors")
+
+
+def _assert_hub_key_layout(text_encoder_file: Path) -> None:
+    """The text encoder's weights are named as the Hub's CLIP checkpoints name them (``text_model.*``):
+    transformers 5.0 reads only those names and would load the toy base's text encoder with random
+    weights (seen: held-out adherence 0.06), where later versions read both."""
+    keys = load_file(text_encoder_file).keys()
+    assert keys and all(key.startswith("text_model.") for key in keys), sorted(keys)[:3]
