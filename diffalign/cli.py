@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from diffalign.errors import UserError
+from diffalign.errors import Interrupted, UserError
 from diffalign.losses.registry import KINDS
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, so --help stays fast
@@ -47,9 +48,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # under torchrun: an undestroyed gloo/NCCL group can abort the interpreter's exit ("terminate called
         # without an active exception", exit -6) after a run that succeeded
         PartialState().destroy_process_group()
+    if summary["interrupted"]:  # 128 + the signal, as a shell reports it: a script sees the run did not finish
+        raise Interrupted(f"{summary['steps']} steps done; the checkpoint is in {config.output_dir}. Continue with "
+                          f"the same command and train.resume=latest", summary["signal"] or signal.SIGINT)
     if PartialState().is_main_process:  # once, not once per process
-        state = "interrupted; resume with train.resume=latest" if summary["interrupted"] else "done"
-        print(f"{state}: {summary['steps']} steps, run directory {config.output_dir}")
+        print(f"done: {summary['steps']} steps, run directory {config.output_dir}")
     return 0
 
 
@@ -67,7 +70,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from diffalign.toy.demo import run_demo
 
     out = args.out or f"runs/demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    run_demo(out, overrides=args.overrides)
+    try:
+        run_demo(out, overrides=args.overrides)
+    except (Interrupted, KeyboardInterrupt) as stopped:
+        raise Interrupted(f"the demo stopped ({stopped or 'Ctrl-C'}); run `diffalign demo --out {out}` to continue "
+                          "where it stopped", getattr(stopped, "signum", signal.SIGINT)) from None
     return 0
 
 
@@ -91,6 +98,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion import default_device, load_pipeline, process_state, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.eval import evaluate_models
+    from diffalign.eval.naming import model_names
     from diffalign.eval.prompts import read_prompts
     from diffalign.eval.report import markdown_table, write_evaluation_report
     from diffalign.paths import resolve_model_path
@@ -104,9 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # every model is checked now and loaded in its turn, so only one is in memory at a time
     resolve_model_path(args.base, what="--base")
     models, made_by = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}, {}
-    for item in args.aligned:
-        name, _, source = item.rpartition("=")
-        name = name or Path(source).name
+    for name, source in model_names(args.aligned, taken=["base", "base+negative"]).items():
         models[name], made_by[name] = finetuned_loader(source, base=args.base, torch_dtype=dtype,
                                                        base_variant=args.variant), source
     if args.negative:
@@ -276,6 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(textwrap.fill(f"error{who}: {err}", width=100, break_long_words=False, break_on_hyphens=False),
               file=sys.stderr)
         return 2
+    except Interrupted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(textwrap.fill(f"interrupted: {stopped}", width=100, break_long_words=False, break_on_hyphens=False),
+                  file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a loop that saves its work: nothing half-written to report
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         # the reader closed early (`diffalign losses | head`): not an error. Point stdout at devnull so the
         # interpreter's final flush does not raise again (the recipe of the Python docs, "Note on SIGPIPE").

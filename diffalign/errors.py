@@ -9,3 +9,15 @@ class UserError(Exception):
     The message says what went wrong, where, and how to fix it; the CLI prints it as one
     paragraph and exits with status 2.
     """
+
+
+class Interrupted(Exception):
+    """A command stopped by Ctrl-C or SIGTERM after saving what it had: the message says how to continue.
+
+    The CLI prints it and exits with 128 + the signal's number (130 for Ctrl-C), as a shell reports an
+    interrupted program, so a script that ran the command sees that it did not finish.
+    """
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.signum = signum

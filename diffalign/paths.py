@@ -47,6 +47,23 @@ def with_usual_permissions(path: Path) -> Path:
     return path
 
 
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow", ".csv", ".tsv", ".txt", ".safetensors")
+# folders that hold a project's own files (the recipes write and read these), never a Hub owner's name
+LOCAL_FOLDERS = ("runs", "data", "cache", "models", "outputs", "reports", "export", "assets", "configs")
+
+
+def is_clearly_local(source: str | Path) -> bool:
+    """Whether a path that does not exist can only mean a local file: absolute, starting with ``.``,
+    starting in a folder that exists here or in one the recipes use for local files (``runs/x``, ``data/y``),
+    or a single table or weights file name.
+    A Hub name is ``owner/name`` (optionally with a path inside, as ``xswu/HPSv2/HPS_v2.1_compressed.pt``),
+    whose owner is no folder here."""
+    text = str(source)
+    parts = Path(text).parts
+    return (Path(text).is_absolute() or text.startswith(".") or (len(parts) > 1 and (Path(parts[0]).is_dir() or parts[0] in LOCAL_FOLDERS))
+            or (len(parts) == 1 and text.endswith(LOCAL_SUFFIXES)))
+
+
 def how_to_get(source: str | Path, repo_type: str = "model") -> str:
     """The advice for a ``source`` that :func:`find_locally` did not find: where a shipped file is, when a
     shipped config's relative path is read from another folder; the ``hf download`` command, when it reads
@@ -55,7 +72,13 @@ def how_to_get(source: str | Path, repo_type: str = "model") -> str:
     if not Path(source).is_absolute() and shipped.exists():
         return (f"Relative paths are read from the current directory ({Path.cwd()}); diffalign ships this one "
                 f"as {shipped}: run from {ROOT}, or give the full path")
-    match = None if str(source).startswith(".") else _HUB_NAME.fullmatch(str(source))
+    if is_clearly_local(source):
+        made_by = (" The toy configs read toy:pairs, toy:ranked, toy:images, toy:labelled or toy:world, which "
+                   "diffalign makes from the shipped toy model on first use;" if repo_type == "dataset" else "")
+        return (f"It reads as a local path (relative to {Path.cwd()}), not a Hub name, so nothing was looked up."
+                f"{made_by} make the file first (`diffalign generate-ranked CONFIG` writes ranked lists and "
+                "pairs.jsonl), or give the path of an existing file or folder")
+    match = _HUB_NAME.fullmatch(str(source))
     if match is None:
         return "Give the path of an existing file or folder"
     more = "" if repo_type == "model" else f" --repo-type {repo_type}"

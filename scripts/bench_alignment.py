@@ -26,17 +26,12 @@ from pathlib import Path
 from diffalign.diffusion import load_pipeline
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
-from diffalign.toy.demo import (
-    align_and_compare,
-    headline,
-    sample_candidates,
-    write_images,
-    write_labelled_images,
-    write_world_images,
-    write_pairs,
-    write_ranked,
-)
-from diffalign.toy.world import prompts
+from diffalign.toy.datasets import make_toy_datasets
+from diffalign.toy.demo import align_and_compare, headline
+
+
+# the toy dataset (diffalign.toy.datasets) of each layout an objective reads
+TABLES = {"pairs": "pairs", "ranked": "ranked", "images": "images", "labelled_images": "labelled", "world": "world"}
 
 
 def data_for(name: str) -> str:
@@ -57,18 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     base = load_pipeline(TOY_BASE)
     names = args.objectives.split(",")
-    layouts = {data_for(name) for name in names}
+    # the toy datasets the toy configs read (toy:pairs ...): at the default size, the very same tables
+    folder = make_toy_datasets(args.out / "data", groups_per_prompt=args.groups_per_prompt,
+                               candidates=args.candidates, seed=0)
     data: dict[str, Path | None] = {"online": None}  # online objectives sample their own rounds
-    if layouts & {"pairs", "ranked", "images", "labelled_images"}:  # the base model's own candidates
-        candidates = sample_candidates(base, prompts("train"), groups_per_prompt=args.groups_per_prompt,
-                                       candidates=args.candidates, seed=0, steps=20, guidance_scale=5.0)
-        data |= {"pairs": write_pairs(candidates, args.out / "data" / "pairs.parquet"),
-                 "ranked": write_ranked(candidates, args.out / "data" / "ranked.parquet"),
-                 "images": write_images(candidates, args.out / "data" / "images.parquet"),
-                 "labelled_images": write_labelled_images(candidates, args.out / "data" / "labelled.parquet")}
-    if "world" in layouts:  # real data: rendered scenes, as many as the candidates
-        data["world"] = write_world_images(prompts("train"), args.groups_per_prompt * args.candidates,
-                                           args.out / "data" / "world.parquet")
+    data |= {layout: folder / f"{table}.parquet" for layout, table in TABLES.items()}
     rows = {}
     for name in names:
         started = time.perf_counter()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,6 +38,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from diffalign.diffusion import process_state
+from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.saved import check_same_settings, load_png, save_png
 from diffalign.synth.config import GenerateConfig, GeneratorConfig
@@ -164,8 +166,27 @@ def _summary(config: GenerateConfig, rows: list[dict]) -> dict[str, dict[str, fl
 
 
 def generate_ranked(config: GenerateConfig) -> dict:
-    """Build (or resume) the dataset in ``config.output_dir``; returns the summary (also in summary.json)."""
+    """Build (or resume) the dataset in ``config.output_dir``; returns the summary (also in summary.json).
+
+    A run that fails before it made anything removes the output folder it created; one that made images or
+    shards keeps them (the same command continues from them) and its error says where they are.
+    """
     out = Path(config.output_dir)
+    existed = out.exists()
+    try:
+        return _generate_ranked(config, out)
+    except BaseException as err:
+        made = [p for p in out.rglob("*") if p.is_file() and p.name != "generate_config.yaml"] if out.exists() else []
+        if not existed and not made:
+            if process_state().is_main_process:
+                shutil.rmtree(out, ignore_errors=True)
+        elif isinstance(err, UserError):
+            raise UserError(f"{err} (What this run made is kept in {out}: {len(made)} files; run the same command "
+                            "again to continue from them.)") from None
+        raise
+
+
+def _generate_ranked(config: GenerateConfig, out: Path) -> dict:
     state = process_state()  # one process, or those of accelerate launch / torchrun, each on its own GPU
     prompts = read_prompts(config.prompts)
     identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import time
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from diffalign.diffusion import load_pipeline
-from diffalign.diffusion.finetuned import load_finetuned
+from diffalign.diffusion.finetuned import is_finished_run, load_finetuned
 from diffalign.diffusion.negative_guidance import with_negative_guidance
 from diffalign.diffusion.sampling import generate
 from diffalign.eval import evaluate_models
@@ -34,7 +35,9 @@ from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.rewards import ToyAdherence, ToyPreference
 from diffalign.toy.world import parse_caption, random_scene, render
 from diffalign.toy.world import prompts as toy_prompts
-from diffalign.train import load_config, train
+from diffalign.errors import Interrupted, UserError
+from diffalign.train import Config, load_config, train
+
 
 EVAL_SEED = 10**6
 
@@ -122,20 +125,38 @@ def write_world_images(prompts: Sequence[str], per_prompt: int, out: Path, seed:
 
 
 def _write(rows: dict[str, list], out: Path) -> Path:
+    """Write the table beside ``out`` and rename it into place: a stopped run leaves no half-written file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), out)
+    partial = out.with_name(f".{out.name}.partial")
+    pq.write_table(pa.table(rows), partial)
+    os.replace(partial, out)
     return out
 
 
-def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),
-                      eval_seeds: int, steps: int, guidance_scale: float):
+def align(data: Path | None, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),
+          resume: bool = False) -> Config:
     """Train ``config`` on ``data`` (None for online objectives, which sample their own) from the toy base
-    into ``run_dir``; evaluate base and aligned on the held-out prompts at the same seeds. Returns the
-    :class:`~diffalign.eval.Evaluation`."""
+    into ``run_dir``; returns the config it trained. With ``resume`` (the demo) a run stopped part-way
+    continues from its last checkpoint and a finished one is kept; otherwise (the benchmark) the folder,
+    its own, starts over. Raises :class:`~diffalign.errors.Interrupted` when the run was stopped."""
     data_key = [] if data is None else [f"data.path={data}"]
     config = load_config(config, [f"model.path={TOY_BASE}", *data_key, f"output_dir={run_dir}", *overrides])
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's and the benchmark's own folder: a rerun starts over
-    train(config)
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    if resume and is_finished_run(run_dir):
+        return config
+    if not (resume and checkpoints):  # a run killed before its first checkpoint has nothing to continue
+        shutil.rmtree(run_dir, ignore_errors=True)
+    config.train.resume = "latest" if resume and checkpoints else None
+    summary = train(config)
+    if summary["interrupted"]:
+        raise Interrupted(f"training stopped at step {summary['steps']} (checkpoint saved in {run_dir})",
+                          summary.get("signal") or 2)
+    return config
+
+
+def compare_with_base(base, run_dir: Path, config: Config, *, eval_seeds: int, steps: int, guidance_scale: float):
+    """Generate with the base and the run's model on the held-out prompts at the same seeds and score both;
+    returns the :class:`~diffalign.eval.Evaluation`."""
     aligned = load_finetuned(run_dir)
     if getattr(OBJECTIVES[config.objective.name], "negative_model", False):  # Self-NPO: base guided by it
         aligned = with_negative_guidance(load_pipeline(TOY_BASE), aligned.unet)
@@ -143,6 +164,13 @@ def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | P
     return evaluate_models({"base": base, "aligned": aligned}, toy_prompts("heldout"),
                            [ToyPreference(), ToyAdherence()], seeds_per_prompt=eval_seeds, seed=EVAL_SEED,
                            steps=steps, guidance_scale=guidance_scale)
+
+
+def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),
+                      eval_seeds: int, steps: int, guidance_scale: float):
+    """:func:`align` from scratch, then :func:`compare_with_base` (scripts/bench_alignment.py)."""
+    trained = align(data, run_dir, config=config, overrides=overrides)
+    return compare_with_base(base, run_dir, trained, eval_seeds=eval_seeds, steps=steps, guidance_scale=guidance_scale)
 
 
 def headline(summary: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -170,16 +198,27 @@ def run_demo(
     guidance_scale: float = 5.0,
     seed: int = 0,
 ) -> dict:
-    """Run the demo into ``out``; returns the metrics written to ``out/metrics.json``."""
+    """Run the demo into ``out``; returns the metrics written to ``out/metrics.json``.
+
+    A demo stopped part-way (Ctrl-C) continues when run again into the same ``out``: its pairs are kept,
+    its training resumes from the last checkpoint. A finished demo is never overwritten.
+    """
     out = Path(out)
+    if (out / "metrics.json").is_file():
+        raise UserError(f"{out} holds a finished demo (its report: {out / 'report.html'}); choose another --out, "
+                        "or delete that folder to run the demo again there")
     started = time.perf_counter()
     base = load_pipeline(TOY_BASE)
-    candidates = sample_candidates(base, toy_prompts("train"), groups_per_prompt=groups_per_prompt,
-                                   candidates=candidates_per_group, seed=seed, steps=steps, guidance_scale=guidance_scale)
-    pairs = write_pairs(candidates, out / "data" / "pairs.parquet")
+    pairs = out / "data" / "pairs.parquet"
+    if not pairs.is_file():  # written whole or not at all, so a pairs file from a stopped demo is complete
+        candidates = sample_candidates(base, toy_prompts("train"), groups_per_prompt=groups_per_prompt,
+                                       candidates=candidates_per_group, seed=seed, steps=steps,
+                                       guidance_scale=guidance_scale)
+        write_pairs(candidates, pairs)
     run_dir = out / "run"
-    evaluation = align_and_compare(base, pairs, run_dir, config=config, overrides=overrides, eval_seeds=eval_seeds,
-                                   steps=steps, guidance_scale=guidance_scale)
+    trained = align(pairs, run_dir, config=config, overrides=overrides, resume=True)
+    evaluation = compare_with_base(base, run_dir, trained, eval_seeds=eval_seeds, steps=steps,
+                                   guidance_scale=guidance_scale)
     figures = [("Base (top) and aligned (bottom): the same held-out prompts and seeds", out / "grid.png")]
     image_grid({"base": evaluation.images["base"], "aligned": evaluation.images["aligned"]},
                columns=24).save(figures[0][1])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from diffusers.optimization import get_scheduler
@@ -41,6 +42,7 @@ from diffalign.data.augment import RandomFlip
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
+from diffalign.diffusion.finetuned import is_finished_run
 from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
@@ -48,6 +50,7 @@ from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.models import build_models
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.sharding import check_sharding
+from diffalign.train.tracking import flat_hyperparameters, log_image
 from diffalign.train.validation import Validator
 from diffalign.train.weights import keep_trained_weights_only, load_trained_weights, save_final_weights
 
@@ -68,7 +71,14 @@ def resolve_resume(config: Config) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
-        found = _checkpoint_dirs(Path(config.output_dir))
+        out = Path(config.output_dir)
+        if not out.is_dir():
+            raise UserError(f"train.resume=latest, but output_dir {out} does not exist (a typo?), so there is no run "
+                            "to continue; give the run's folder, or leave train.resume unset to start a new run")
+        found = _checkpoint_dirs(out)
+        if not found and is_finished_run(out):
+            raise UserError(f"train.resume=latest, but {out} holds a finished run (its final weights) and no checkpoint "
+                            "to continue from: it is done. Start a new run in another output_dir to train more")
         return found[-1] if found else None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
@@ -120,6 +130,7 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the signal that asked, for the exit status (128 + it)
         self._previous = {}
 
     def __enter__(self):
@@ -132,6 +143,7 @@ class _StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -162,6 +174,8 @@ class PreferenceTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
                              InitProcessGroupKwargs(timeout=timedelta(seconds=tc.distributed_timeout_s))],
         )
+        if tc.resume == "latest" and self.resume_from is None:
+            self.accelerator.print(f"train.resume=latest: {self.output_dir} holds no checkpoint yet; starting at step 0")
         # the model's folder; for a Hub id, the cached snapshot, whose name is the revision
         self.model_folder = resolve_model_path(config.model.path).resolve()
         # the checkpoint's own state, read once; checked before any model loads
@@ -458,7 +472,7 @@ class PreferenceTrainer:
         if acc.is_main_process:
             save_config(self.config, self.output_dir / "config.yaml")
         if acc.log_with:
-            acc.init_trackers("diffalign", config=json.loads(json.dumps(to_dict(self.config), default=str)))
+            acc.init_trackers("diffalign", config=flat_hyperparameters(to_dict(self.config)))
         state = {"step": 0, "bad_steps": 0, "last_good_checkpoint": None}
         if self.resume_from is not None:  # its state names the checkpoint before it as the last good one
             state = {**self._load_checkpoint(), "last_good_checkpoint": str(self.resume_from)}
@@ -518,7 +532,7 @@ class PreferenceTrainer:
                     interrupted = True
                     break
         bar.close()
-        summary = self._finish(step, state, history, interrupted)
+        summary = self._finish(step, state, history, interrupted, stop.signum)
         # A barrier is the last collective before teardown. Under gloo, a worker thread destroys a
         # finished all-gather (its tensors are Python-owned, so that takes the GIL), while freeing the
         # DDP wrapper joins those threads with the GIL held: a process that went from _finish's
@@ -570,6 +584,10 @@ class PreferenceTrainer:
             self._encoders_to(torch.device("cpu"))
         if scores:
             self.accelerator.log(scores, step=step)
+        grid = self.validator.grid_path(step)
+        if self.accelerator.is_main_process and self.accelerator.trackers and grid.is_file():
+            with Image.open(grid) as image:
+                log_image(self.accelerator.trackers, "validation/samples", image, step)
 
     def _skipped_while_reading(self) -> dict[str, int]:
         """Bad rows this process met while reading its own examples, per column."""
@@ -587,7 +605,8 @@ class PreferenceTrainer:
         """Bad rows of the run, per column: those dropped on load (counted once) and those met while reading."""
         return dict(Counter(self._skipped_on_load) + Counter(self._skipped_read_by_all_processes()))  # counts > 0
 
-    def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool):
+    def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool,
+                signum: int | None = None):
         acc = self.accelerator
         self._publish_cache()
         acc.wait_for_everyone()
@@ -604,6 +623,7 @@ class PreferenceTrainer:
         summary = {
             "steps": step,
             "interrupted": interrupted,
+            "signal": signum if interrupted else None,  # SIGINT (2) or SIGTERM (15) that stopped the run
             "bad_steps": state["bad_steps"],
             "skipped_rows": self._skipped_rows_of_all_processes(),
             "final": None if final_dir is None else str(final_dir),

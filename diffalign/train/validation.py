@@ -37,6 +37,10 @@ class Validator:
     def due(self, step: int, max_steps: int) -> bool:
         return self.enabled and (step % self.config.every == 0 or step == max_steps)
 
+    def grid_path(self, step: int) -> Path:
+        """Where the grid of ``step``'s samples is written (by the main process)."""
+        return self.samples / f"step-{step:07d}.png"
+
     def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState) -> dict[str, float]:
         """Sample and score this process's share (every N-th image), then on the main process save the grid
         and log; returns {"val_<reward>": mean over every image} there, {} on the others."""
@@ -58,7 +62,7 @@ class Validator:
             return {}
         self.samples.mkdir(parents=True, exist_ok=True)
         images = torch.stack([image for _, image, _ in done]).float() / 255
-        image_grid({f"step {step}": images}).save(self.samples / f"step-{step:07d}.png")
+        image_grid({f"step {step}": images}).save(self.grid_path(step))
         scores = {f"val_{r.name}": sum(s[r.name] for _, _, s in done) / len(done) for r in self.rewards}
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")

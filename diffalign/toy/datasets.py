@@ -1,0 +1,101 @@
+"""The toy world's training data by name, made from the shipped base model on first use.
+
+Every ``configs/toy_*.yaml`` that reads a dataset names one of these (``data.path: toy:pairs``), so
+each trains on a fresh clone with no other command first. The first run that asks samples the
+candidates once (``GROUPS_PER_PROMPT`` groups of ``CANDIDATES`` images per training prompt, seed 0,
+about a minute on 2 CPU cores), writes every layout from them and keeps them in the cache folder
+(``$DIFFALIGN_CACHE``, default ``~/.cache/diffalign``); later runs read them back. The data is a pure
+function of the shipped model and these settings, so every machine makes the same tables, and
+``scripts/bench_alignment.py`` trains on the very same ones.
+
+| name | layout | what |
+| --- | --- | --- |
+| ``toy:pairs`` | caption, jpg_0, jpg_1, label_0, score_0, score_1 | each group's best vs worst image |
+| ``toy:ranked`` | caption, images, scores | each whole group, with the toy preference's scores |
+| ``toy:images`` | caption, image | every candidate, no scores (Self-NPO's data) |
+| ``toy:labelled`` | caption, image, label | every candidate, liked when above the mean score (Diffusion-KTO) |
+| ``toy:world`` | caption, image | rendered scenes of the world itself, as many (DDO's real data) |
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffalign.errors import UserError
+
+PREFIX = "toy:"
+NAMES = ("pairs", "ranked", "images", "labelled", "world")
+GROUPS_PER_PROMPT = 16
+CANDIDATES = 4
+SEED = 0
+
+
+def is_toy_dataset(source: str | Path) -> bool:
+    """Whether ``source`` names a toy dataset (``toy:pairs`` ...) rather than a path."""
+    return str(source).startswith(PREFIX)
+
+
+def cache_root() -> Path:
+    """Where diffalign keeps what it makes once and reuses: ``$DIFFALIGN_CACHE``, else ``~/.cache/diffalign``."""
+    return Path(os.environ.get("DIFFALIGN_CACHE") or Path.home() / ".cache" / "diffalign")
+
+
+def _folder(groups_per_prompt: int, candidates: int, seed: int) -> Path:
+    # the settings are in the name: a smaller set made for a quick check is never read as the full one
+    return cache_root() / "toy-data" / f"groups{groups_per_prompt}-candidates{candidates}-seed{seed}"
+
+
+def make_toy_datasets(folder: Path, *, groups_per_prompt: int = GROUPS_PER_PROMPT, candidates: int = CANDIDATES,
+                      seed: int = SEED) -> Path:
+    """Sample the candidates from the shipped base model and write every layout of the table above into
+    ``folder`` as ``<name>.parquet``. Written beside it and renamed into place, so an interrupted run leaves
+    no half-made folder."""
+    from diffalign.diffusion import load_pipeline
+    from diffalign.paths import TOY_BASE
+    from diffalign.toy.demo import (
+        sample_candidates,
+        write_images,
+        write_labelled_images,
+        write_pairs,
+        write_ranked,
+        write_world_images,
+    )
+    from diffalign.toy.world import prompts
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        found = sample_candidates(load_pipeline(TOY_BASE), prompts("train"), groups_per_prompt=groups_per_prompt,
+                                  candidates=candidates, seed=seed, steps=20, guidance_scale=5.0)
+        write_pairs(found, partial / "pairs.parquet")
+        write_ranked(found, partial / "ranked.parquet")
+        write_images(found, partial / "images.parquet")
+        write_labelled_images(found, partial / "labelled.parquet")
+        write_world_images(prompts("train"), groups_per_prompt * candidates, partial / "world.parquet", seed=seed)
+        shutil.rmtree(folder, ignore_errors=True)  # made again: a folder is replaced whole
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def toy_dataset(source: str | Path) -> Path:
+    """The parquet file of the toy dataset ``source`` names (``toy:pairs`` ...), made first if it is not
+    in the cache. Under several processes the main one makes it while the others wait."""
+    name = str(source).removeprefix(PREFIX)
+    if name not in NAMES:
+        raise UserError(f"{source} names no toy dataset; the toy datasets are "
+                        f"{', '.join(PREFIX + n for n in NAMES)}")
+    folder = _folder(GROUPS_PER_PROMPT, CANDIDATES, SEED)
+    if not folder.is_dir():
+        from diffalign.diffusion.loading import process_state
+
+        with process_state().main_process_first():
+            if not folder.is_dir():
+                print(f"making the toy datasets from the shipped base model into {folder} (once; about a minute "
+                      f"on 2 CPU cores)", flush=True)
+                make_toy_datasets(folder)
+    return folder / f"{name}.parquet"
