@@ -48,8 +48,7 @@ def _folder(groups_per_prompt: int, candidates: int, seed: int) -> Path:
     return cache_root() / "toy-data" / f"groups{groups_per_prompt}-candidates{candidates}-seed{seed}"
 
 
-def make_toy_datasets(folder: Path, *, groups_per_prompt: int = GROUPS_PER_PROMPT, candidates: int = CANDIDATES,
-                      seed: int = SEED) -> Path:
+def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
     """Sample the candidates from the shipped base model and write every layout of the table above into
     ``folder`` as ``<name>.parquet``. Written beside it and renamed into place, so an interrupted run leaves
     no half-made folder."""
@@ -97,5 +96,5 @@ def toy_dataset(source: str | Path) -> Path:
             if not folder.is_dir():
                 print(f"making the toy datasets from the shipped base model into {folder} (once; about a minute "
                       f"on 2 CPU cores)", flush=True)
-                make_toy_datasets(folder)
+                make_toy_datasets(folder, groups_per_prompt=GROUPS_PER_PROMPT, candidates=CANDIDATES, seed=SEED)
     return folder / f"{name}.parquet"

@@ -1,0 +1,71 @@
+"""Every toy config trains on a fresh clone with no other command first: the data it names
+(``toy:pairs`` ...) is made from the shipped toy model on first use, cached, the same on every machine.
+
+The test runs each config from the repository's root, as a newcomer would, overriding only the output
+folder, the size (steps, batch, validation images, an online round or an inversion's length) and the
+toy data's size (1 group of 2 candidates per prompt instead of 16 of 4), in :data:`SMALLER`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from test_every_backbone import SHORTER
+
+from diffalign.errors import UserError
+from diffalign.paths import CONFIGS, ROOT
+from diffalign.toy import datasets
+from diffalign.train import load_config, train
+
+TOY_CONFIGS = sorted(p.name for p in CONFIGS.glob("toy_*.yaml") if p.name != "toy_generate_ranked.yaml")
+SMALLER = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "validation.images_per_prompt=1",
+           "validation.steps=2"]
+
+
+@pytest.fixture(scope="module")
+def empty_cache(tmp_path_factory):
+    """A cache folder of its own (nothing made yet), and smaller toy data, for the whole module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setattr(datasets, "GROUPS_PER_PROMPT", 1)
+        patch.setattr(datasets, "CANDIDATES", 2)
+        yield datasets.cache_root()
+
+
+@pytest.mark.parametrize("name", TOY_CONFIGS)
+def test_the_toy_config_trains_from_the_repository_root_with_nothing_made_first(name, empty_cache, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(ROOT)
+    objective = name.removeprefix("toy_").removesuffix(".yaml")
+    shorter = [key for key in SHORTER.get(objective, []) if not key.startswith("data.")]  # the config's own data
+    config = load_config(CONFIGS / name, [f"output_dir={tmp_path / 'run'}", *SMALLER, *shorter])
+    summary = train(config)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and all(math.isfinite(v) for v in losses)
+    if datasets.is_toy_dataset(config.data.path) and objective != "d3po":
+        assert datasets.toy_dataset(config.data.path).is_file()  # made on first use, in the cache
+
+
+def test_the_toy_datasets_are_the_same_every_time_they_are_made(tmp_path):
+    first = datasets.make_toy_datasets(tmp_path / "a", groups_per_prompt=1, candidates=2)
+    second = datasets.make_toy_datasets(tmp_path / "b", groups_per_prompt=1, candidates=2)
+    for name in datasets.NAMES:
+        a, b = pq.read_table(first / f"{name}.parquet"), pq.read_table(second / f"{name}.parquet")
+        assert a.num_rows > 0 and a.equals(b), name
+    pairs = pq.read_table(first / "pairs.parquet").to_pydict()
+    assert all(s0 > s1 for s0, s1 in zip(pairs["score_0"], pairs["score_1"]))  # winner first
+    assert not list(tmp_path.glob(".*"))  # nothing half-made left beside them
+
+
+def test_a_missing_local_data_path_is_reported_as_a_missing_file_not_a_hub_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={ROOT / 'assets/models/toy-base'}",
+                                                               "data.path=runs/toy_pairs/pairs.parquet"])
+    with pytest.raises(UserError, match="reads as a local path") as err:
+        train(config)
+    assert "hf download" not in str(err.value) and "toy:pairs" in str(err.value)
+    with pytest.raises(UserError, match="no toy dataset; the toy datasets are toy:pairs"):
+        datasets.toy_dataset("toy:pears")
