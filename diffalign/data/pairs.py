@@ -22,6 +22,8 @@ import io
 import json
 import math
 import shutil
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,11 @@ class RowSource:
 
     def __len__(self) -> int:
         return len(self._rows) if self._rows is not None else len(self._dataset)
+
+    @property
+    def holds_files(self) -> bool:
+        """Whether rows name image files (a folder of images, a .jsonl index) rather than hold the images."""
+        return self._rows is not None
 
     def row(self, i: int) -> dict[str, Any]:
         return self._rows[i] if self._rows is not None else self._dataset[i].to_pylist()[0]
@@ -234,6 +241,9 @@ class GroupExample:
     scores: Tensor | None = None  # (K,) relevance scores, higher is better (ranked lists)
 
 
+PRINTED_PER_COLUMN = 10  # bad rows of one column said one by one as they are met; the rest only counted
+
+
 class ImageRows:
     """Shared by the datasets: a :class:`RowSource`, column checks, image decoding and the bad-row policy."""
 
@@ -243,7 +253,9 @@ class ImageRows:
         self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
         self.resolution = resolution
         self.on_error = on_error
-        self.skipped: dict[str, int] = {}
+        # each bad row once, by (row, column), with where to find it and why: a row met again in a later
+        # epoch, or by the read-ahead threads, is the same bad row
+        self.bad_rows: dict[tuple[int, str], str] = {}
         missing = [c for c in required if c not in self.source.columns]
         if missing:
             raise UserError(
@@ -270,14 +282,37 @@ class ImageRows:
             self.count_bad(err)
             return None
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Bad rows met so far, per column at fault."""
+        return dict(Counter(column for _, column in self.bad_rows))
+
     def count_bad(self, err: BadRow) -> None:
-        """Apply the bad-row policy: count the row's column, or stop with a clear error."""
+        """Apply the bad-row policy: stop with a clear error, or record the row (once) and say so the first
+        times (``PRINTED_PER_COLUMN`` per column; the rest are counted, not printed)."""
         if self.on_error == "raise":
-            raise UserError(
-                f"bad data in {self.source.path}, {err}. Fix or remove the row, or set data.on_error=skip "
-                "to skip such rows (they are counted in the log)."
-            )
-        self.skipped[err.column] = self.skipped.get(err.column, 0) + 1
+            raise UserError(f"bad data: {self.where(err)}: {err.reason}. Fix or remove the row, or set "
+                            "data.on_error=skip to skip such rows (they are counted and reported).")
+        key = (err.index, err.column)
+        if key in self.bad_rows:
+            return
+        self.bad_rows[key] = f"{self.where(err)}: {err.reason}"
+        printed = self.skipped[err.column]
+        if printed <= PRINTED_PER_COLUMN:
+            more = (f" (further bad rows of column '{err.column}' are counted, not printed)"
+                    if printed == PRINTED_PER_COLUMN else "")
+            print(f"skipped a bad row: {self.bad_rows[key]}{more}", file=sys.stderr, flush=True)
+
+    def where(self, err: BadRow) -> str:
+        """Where a person finds the bad row: the image file, for a folder of images or a .jsonl index of
+        files; else the table's row and column."""
+        if self.source.holds_files:
+            row = self.source.row(err.index)  # the cell's own file, or (a bad caption) its image's
+            files = [v for v in (row.get(err.column), row.get("image"))
+                     if isinstance(v, str) and v.lower().endswith(IMAGE_SUFFIXES)]
+            if files:
+                return f"{self.source.base / files[0]} (row {err.index}, column '{err.column}')"
+        return f"{self.source.path}, row {err.index}, column '{err.column}'"
 
     def _caption(self, row: dict, index: int, column: str) -> str:
         caption = row.get(column)

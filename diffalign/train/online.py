@@ -53,7 +53,7 @@ class OnlineRounds:
         self.root = output_dir / "rounds"
         self.prompts = read_prompts(config.online.prompts)
         self.reward = load_reward(config.online.reward) if config.online.reward else None
-        self.skipped: dict[str, int] = {}
+        self.bad_rows: dict[tuple[int, str], str] = {}  # none: the trainer's bad-row accounting, empty
         self._loaded: tuple[int, dict[str, Any]] | None = None
 
     # --- one round -----------------------------------------------------------------------

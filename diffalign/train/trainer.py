@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from datetime import timedelta
@@ -187,8 +188,8 @@ class PreferenceTrainer:
                 raise _unreadable_checkpoint(self.resume_from, err) from err
         if self._resumed_state is not None:
             self._check_same_run(self._resumed_state.get("run", {}))
-        # bad rows met while reading before the checkpoint: the resumed run does not read them again
-        self._skipped_before_resume = Counter((self._resumed_state or {}).get("skipped_while_reading", {}))
+        # bad rows met while reading before the checkpoint, as (row, column): the resumed run may meet them again
+        self._bad_before_resume = {(i, c) for i, c in (self._resumed_state or {}).get("bad_rows_read", [])}
         set_seed(tc.seed)
         objective_cls = OBJECTIVES[config.objective.name]
         check_sharding(self.accelerator, config, objective_cls)
@@ -206,7 +207,7 @@ class PreferenceTrainer:
                                         is_cached=None if self.encoder is None else self.encoder.has_latents,
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         # rows dropped while loading the table: every process loaded it, so they are counted once
-        self._skipped_on_load = dict(self.dataset.skipped)
+        self._bad_on_load = set(self.dataset.bad_rows)
         self.objective = objective_cls(config.objective, self.backbone)
         # closes over the accelerator, not the trainer: a trainer -> objective -> trainer cycle would keep the
         # DDP wrapper, and with it the process group, alive until the interpreter exits, whose teardown
@@ -323,7 +324,7 @@ class PreferenceTrainer:
         were built), so they wait on the CPU.
         """
         tc = self.config.train
-        skipped = dict(self.dataset.skipped)  # this pass does not count toward the run's skipped rows
+        met = dict(self.dataset.bad_rows)  # this pass does not count toward the run's skipped rows
         for step in tqdm(range(first_step, tc.max_steps), desc="caching",
                          disable=not self.accelerator.is_local_main_process):
             for micro in range(tc.gradient_accumulation):
@@ -334,8 +335,8 @@ class PreferenceTrainer:
                 prompts = [e.caption for e in examples if not self.encoder.has_prompt(e.caption)]
                 if prompts:
                     self.encoder.prompts(prompts)
-        self.dataset.skipped.clear()
-        self.dataset.skipped.update(skipped)
+        self.dataset.bad_rows.clear()
+        self.dataset.bad_rows.update(met)
         self._publish_cache()
         self._encoders_to(torch.device("cpu"))
 
@@ -376,7 +377,7 @@ class PreferenceTrainer:
         self._check_room(needed, f"checkpoint {final.name} (written before the oldest of train.checkpoints_keep "
                                  "is removed)", state["last_good_checkpoint"])
         self._publish_cache()  # a resumed run then reads, not re-encodes, what this one encoded
-        state = {**state, "step": step, "skipped_while_reading": self._skipped_read_by_all_processes(),
+        state = {**state, "step": step, "bad_rows_read": sorted(self._bad_read_by_all_processes()),
                  "run": self._run_identity()}
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -511,11 +512,9 @@ class PreferenceTrainer:
                     names = sorted(logs)
                     means = acc.reduce(torch.stack([logs[k].float().reshape(()).to(acc.device) for k in names]), "mean")
                     logs = dict(zip(names, means.tolist()))
-                    read = torch.tensor([float(sum(self._skipped_while_reading().values()))], device=acc.device)
-                    earlier = sum(self._skipped_on_load.values()) + sum(self._skipped_before_resume.values())
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
                                 pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
-                                skipped_rows=earlier + int(acc.reduce(read, "sum")))
+                                skipped_rows=len(self._bad_on_load | self._bad_read_by_all_processes()))
                     history.append(logs)
                     shown = {"loss": f"{logs.get('loss', float('nan')):.4f}", "pairs_s": f"{logs['pairs_per_s']:.2f}"}
                     if "implicit_acc" in logs:  # preference objectives; Self-NPO has none
@@ -589,21 +588,15 @@ class PreferenceTrainer:
             with Image.open(grid) as image:
                 log_image(self.accelerator.trackers, "validation/samples", image, step)
 
-    def _skipped_while_reading(self) -> dict[str, int]:
-        """Bad rows this process met while reading its own examples, per column."""
-        return {column: n - self._skipped_on_load.get(column, 0) for column, n in self.dataset.skipped.items()
-                if n > self._skipped_on_load.get(column, 0)}
-
-    def _skipped_read_by_all_processes(self) -> dict[str, int]:
-        """Bad rows every process met while reading, per column, since the run began (before a resume too)."""
-        total = Counter(self._skipped_before_resume)
-        for counts in gather_object([self._skipped_while_reading()]):
-            total.update(counts)
-        return dict(total)
+    def _bad_read_by_all_processes(self) -> set[tuple[int, str]]:
+        """Bad rows, as (row, column), that any process met while reading since the run began (before a
+        resume too); a row met by two processes, or in two epochs, is one bad row."""
+        mine = [key for key in self.dataset.bad_rows if key not in self._bad_on_load]
+        return self._bad_before_resume.union(*(set(keys) for keys in gather_object([mine])))
 
     def _skipped_rows_of_all_processes(self) -> dict[str, int]:
-        """Bad rows of the run, per column: those dropped on load (counted once) and those met while reading."""
-        return dict(Counter(self._skipped_on_load) + Counter(self._skipped_read_by_all_processes()))  # counts > 0
+        """Bad rows of the run, per column: those dropped on load and those met while reading, each once."""
+        return dict(Counter(column for _, column in self._bad_on_load | self._bad_read_by_all_processes()))
 
     def _finish(self, step: int, state: dict[str, Any], history: list[dict[str, float]], interrupted: bool,
                 signum: int | None = None):
@@ -631,6 +624,10 @@ class PreferenceTrainer:
         }
         if acc.is_main_process:
             (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if summary["skipped_rows"]:
+                columns = ", ".join(f"{c}: {n}" for c, n in sorted(summary["skipped_rows"].items()))
+                print(f"skipped {sum(summary['skipped_rows'].values())} bad rows ({columns}); see "
+                      f"{self.output_dir / 'metrics.json'}", file=sys.stderr)
         return summary
 
 
