@@ -103,12 +103,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.eval.report import markdown_table, write_evaluation_report
     from diffalign.paths import resolve_model_path
     from diffalign.rewards import load_reward
+    from diffalign.rewards.toy import TOY_REWARDS, check_toy_prompts
 
     state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
-    rewards = [load_reward(name) for name in args.rewards.split(",")]
     prompts = read_prompts(args.prompts)
+    if args.rewards is None:  # the toy world's own judges fit its prompts, and nothing else
+        check_toy_prompts(prompts, "--rewards is not given, and its default, toy_preference and toy_adherence,")
+    specs = (args.rewards or ",".join(TOY_REWARDS)).split(",")
+    if set(specs) & set(TOY_REWARDS):  # before any image is made
+        check_toy_prompts(prompts, " and ".join(sorted(set(specs) & set(TOY_REWARDS))))
+    rewards = [load_reward(name) for name in specs]
     # every model is checked now and loaded in its turn, so only one is in memory at a time
     resolve_model_path(args.base, what="--base")
     models, made_by = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}, {}
@@ -202,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .txt/.jsonl/.json/.tsv/.csv prompt file (PartiPrompts.tsv, HPSv2's benchmark .json), a "
                         "table or cached Hub dataset with :split (yuvalkirstain/pickapic_v2:validation_unique), "
                         "or a shipped set (general, toy_heldout, ...)")
-    p.add_argument("--rewards", default="toy_preference,toy_adherence", help="comma-separated reward specs: name or name:path[:key=value...], "
-                   "e.g. toy_preference or pickscore:/models/PickScore_v1")
+    p.add_argument("--rewards", help="comma-separated reward specs: name or name:path[:key=value...], e.g. "
+                   "pickscore:yuvalkirstain/PickScore_v1 (a local folder or the local Hugging Face cache), "
+                   "hps_v2.1:FILE, image_reward:FILE:tokenizer=DIR, aesthetic:FILE:clip=FILE, clip_score:FILE; "
+                   "default for toy-world prompts: toy_preference,toy_adherence")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (the same seeds for every model)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")

@@ -73,11 +73,12 @@ def how_to_get(source: str | Path, repo_type: str = "model") -> str:
         return (f"Relative paths are read from the current directory ({Path.cwd()}); diffalign ships this one "
                 f"as {shipped}: run from {ROOT}, or give the full path")
     if is_clearly_local(source):
-        made_by = (" The toy configs read toy:pairs, toy:ranked, toy:images, toy:labelled or toy:world, which "
-                   "diffalign makes from the shipped toy model on first use;" if repo_type == "dataset" else "")
-        return (f"It reads as a local path (relative to {Path.cwd()}), not a Hub name, so nothing was looked up."
-                f"{made_by} make the file first (`diffalign generate-ranked CONFIG` writes ranked lists and "
-                "pairs.jsonl), or give the path of an existing file or folder")
+        made_by = (" Make the data first (`diffalign generate-ranked CONFIG` writes ranked lists and pairs.jsonl; "
+                   "the toy configs read toy:pairs, toy:ranked, toy:images, toy:labelled or toy:world, which "
+                   "diffalign makes from the shipped toy model on first use), or give" if repo_type == "dataset"
+                   else " Give")
+        return (f"It reads as a local path (relative to {Path.cwd()}), not a Hub name.{made_by} the path of an "
+                "existing file or folder")
     match = _HUB_NAME.fullmatch(str(source))
     if match is None:
         return "Give the path of an existing file or folder"

@@ -165,7 +165,8 @@ def test_reward_files_may_be_named_by_their_place_in_the_hugging_face_cache(tmp_
     cached = load_reward(f"aesthetic:someone/aesthetic/aesthetic.pth:clip=someone/aesthetic/ViT-L-14.safetensors"
                          f":arch={config}")
     assert torch.equal(cached(_images(), PROMPTS), local(_images(), PROMPTS))
-    with pytest.raises(UserError, match="checkpoint file someone/aesthetic/missing.pth does not exist"):
+    with pytest.raises(UserError, match="reward aesthetic: someone/aesthetic/missing.pth does not exist, and it names "
+                       "nothing in the local Hugging Face cache.*hf download someone/aesthetic"):
         load_reward(f"aesthetic:someone/aesthetic/missing.pth:clip={files / 'ViT-L-14.safetensors'}:arch={config}")
 
 

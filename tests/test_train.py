@@ -51,6 +51,17 @@ def test_unknown_key_names_the_closest_valid_one():
         load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", ["train.max_steps=many"])
 
 
+def test_an_unquoted_no_for_mixed_precision_means_no(tmp_path):
+    """YAML 1.1 reads `no` as false; for train.mixed_precision it can only mean the choice "no". Elsewhere a
+    yes/no word where text is expected is still refused with the fix (quote it)."""
+    text = (ROOT / "configs" / "tiny_sdxl_dpo.yaml").read_text().replace("train:\n", "train:\n  mixed_precision: no\n")
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_config(tmp_path / "config.yaml").train.mixed_precision == "no"
+    assert load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="quote the word"):
+        load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", ["train.report_to=no"])
+
+
 def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path):
     (tmp_path / "config.yaml").write_text("model: 3\n")
     with pytest.raises(UserError, match="config section 'model' must be a mapping of keys, got int 3"):

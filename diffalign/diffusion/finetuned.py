@@ -18,7 +18,7 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
-from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline
+from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline, without_diffusers_noise
 from diffalign.diffusion.lora import add_lora, load_lora_file
 from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
@@ -45,14 +45,16 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
     attr = _denoiser_attr(pipe)
     if lora_file.is_file():
         if hasattr(pipe, "load_lora_weights"):
-            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+            with without_diffusers_noise():
+                pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
         else:  # PixArt: diffusers has no LoRA loader for it
             load_lora_file(getattr(pipe, attr), lora_file, prefix=attr)
         return pipe
     if (weights / attr).is_dir():
         cls = type(getattr(pipe, attr))
         try:
-            model = cls.from_pretrained(weights / attr, use_safetensors=True, torch_dtype=torch_dtype).eval()
+            with without_diffusers_noise():
+                model = cls.from_pretrained(weights / attr, use_safetensors=True, torch_dtype=torch_dtype).eval()
         except OSError as err:  # no safetensors weights there (diffalign never unpickles .bin files)
             raise UserError(f"cannot load the trained {attr} in {weights / attr}: {err}") from None
         pipe.register_modules(**{attr: model})

@@ -13,8 +13,11 @@ import importlib
 import inspect
 import json
 import logging
+import warnings
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import PartialState
@@ -36,6 +39,31 @@ def _names_modules_to_keep_in_fp32(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_names_modules_to_keep_in_fp32)
+
+
+def _no_text_encoder_lora(record: logging.LogRecord) -> bool:
+    """False for diffusers' "No LoRA keys associated to CLIPTextModel found ..." message: diffalign trains the
+    denoiser alone, so none of its LoRAs holds text-encoder weights, and loading one says so for each encoder."""
+    return "No LoRA keys associated to" not in record.getMessage()
+
+
+@contextmanager
+def without_diffusers_noise() -> Iterator[None]:
+    """Inside: diffusers does not warn about what diffalign's own calls do on purpose, and only there (a user's
+    own calls in the same process still get the warnings). That is the text-encoder LoRA message above, and
+    the ``torch_dtype`` deprecation of diffusers 0.42, whose new ``dtype`` keyword the oldest diffusers this
+    package supports (0.36) does not take."""
+    loggers = [logging.getLogger(name) for name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft",
+                                                    "diffusers.loaders.lora_pipeline")]
+    for logger in loggers:
+        logger.addFilter(_no_text_encoder_lora)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_no_text_encoder_lora)
 
 
 def default_device() -> torch.device:
@@ -159,9 +187,10 @@ def load_pipeline(
     """
     source = resolve_model_path(source)
     config = None if config is None else resolve_model_path(config, what="model.config")
-    pipe = _load(source, config, random_init, seed, torch_dtype, variant)
-    if denoiser_file is not None:
-        _replace_denoiser(pipe, source if config is None else config, Path(denoiser_file), torch_dtype)
+    with without_diffusers_noise():
+        pipe = _load(source, config, random_init, seed, torch_dtype, variant)
+        if denoiser_file is not None:
+            _replace_denoiser(pipe, source if config is None else config, Path(denoiser_file), torch_dtype)
     return pipe
 
 

@@ -61,7 +61,8 @@ def dpo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, label_sm
     "ddo",
     kind=PAIRWISE,
     summary="Direct Discriminative Optimization: -log sigma(beta r(data)) - alpha log(1 - sigma(beta r(sample)))",
-    paper="Zheng et al. 2025, arXiv 2503.01103 (the DDO objective, METHODS.md)",
+    paper="Zheng et al. 2025 (ICML), arXiv 2503.01103: the DDO objective, "
+          "-E_data log sigma(beta r) - alpha E_ref log(1 - sigma(beta r)), r = log p_theta / p_ref",
 )
 def ddo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, alpha: float = 1.0) -> Tensor:
     """DDO (Zheng et al. 2025): the likelihood ratio r = log p_theta / p_ref as a GAN discriminator.
@@ -70,6 +71,8 @@ def ddo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, alpha: f
     ``-log sigma(beta r(x_data)) - alpha log(1 - sigma(beta r(x_ref)))``, i.e.
     ``softplus(-beta r_w) + alpha softplus(beta r_l)``. Unlike DPO the two terms are separate
     (the pair need not share a prompt): data is pushed up, the reference's samples down.
+    (The paper's equation number could not be read here; the loss is the method section's
+    objective as written above.)
     """
     rw, rl = _pair_logratios("ddo", pc, pr, rc, rr)
     return F.softplus(-beta * rw) + alpha * F.softplus(beta * rl)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffalign.errors import UserError
-from diffalign.paths import find_locally
+from diffalign.paths import find_locally, how_to_get
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
@@ -34,9 +34,14 @@ NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "ima
 PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder
 
 
-def _local(path: str) -> str:
-    """A path as given when it exists (or nothing in the Hugging Face cache has that name), else the cached file."""
-    return str(find_locally(path) or path)
+def _local(path: str, what: str) -> str:
+    """A path as given when it exists, else what it names in the local Hugging Face cache; neither is an error
+    that says how to get it (the ``hf download`` command for a Hub name), before any model is built."""
+    found = find_locally(path)
+    if found is None:
+        raise UserError(f"{what} {path} does not exist, and it names nothing in the local Hugging Face cache. "
+                        f"{how_to_get(path)}.")
+    return str(found)
 
 
 @dataclass
@@ -75,10 +80,14 @@ class RewardSpec:
 def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     """The reward model a spec names (see the module docstring), ready to score."""
     spec = RewardSpec.parse(spec)
-    options = {k: _local(v) if k in PATH_OPTIONS else v for k, v in spec.options.items()}
+    options = {k: _local(v, f"reward {spec.name}, option {k}:") if k in PATH_OPTIONS else v
+               for k, v in spec.options.items()}
     if "batch_size" in options:
         options["batch_size"] = int(options["batch_size"])
-    model = REWARDS[spec.name](_local(spec.path), **options) if spec.name in NEEDS_PATH else REWARDS[spec.name]()
+    if spec.name not in NEEDS_PATH:
+        model = REWARDS[spec.name]()
+    else:
+        model = REWARDS[spec.name](_local(spec.path, f"reward {spec.name}:"), **options)
     model.name = spec.name
     return model
 

@@ -6,7 +6,21 @@ from typing import Sequence
 
 import torch
 
+from diffalign.errors import UserError
 from diffalign.toy.judge import adheres, images_to_arrays, measure, preference_score
+from diffalign.toy.world import parse_caption
+
+TOY_REWARDS = ("toy_preference", "toy_adherence")
+
+
+def check_toy_prompts(prompts: Sequence[str], reward: str = "the toy rewards") -> None:
+    """Stop with the fix when a prompt is no toy-world caption: the toy rewards judge colour and shape."""
+    other = next((p for p in prompts if parse_caption(p) is None), None)
+    if other is not None:
+        raise UserError(f"{reward} can judge only toy-world prompts (a colour and a shape, 'a red circle'), and "
+                        f"{other!r} is not one. Score other prompts with reward models that fit them, e.g. "
+                        "--rewards pickscore:yuvalkirstain/PickScore_v1,hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt "
+                        "(validation.rewards in a training config); `diffalign eval --help` lists the specs")
 
 
 class ToyPreference:
@@ -16,6 +30,7 @@ class ToyPreference:
     name = "toy_preference"
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_toy_prompts(prompts, self.name)
         return torch.tensor([preference_score(measure(im), p) for im, p in zip(images_to_arrays(images), prompts)])
 
 
@@ -25,4 +40,5 @@ class ToyAdherence:
     name = "toy_adherence"
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_toy_prompts(prompts, self.name)
         return torch.tensor([adheres(measure(im), p) for im, p in zip(images_to_arrays(images), prompts)])

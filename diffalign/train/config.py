@@ -432,6 +432,8 @@ def _build(cls, data: dict, prefix: str):
                 value = float(value)
             except ValueError:
                 pass
+        if dotted == "train.mixed_precision" and value is False:  # YAML 1.1 reads an unquoted `no` as false
+            value = "no"
         if isinstance(value, bool) and not _type_ok(value, f.type) and _type_ok("", f.type):
             raise UserError(f"config key '{dotted}' got {value!r}: YAML reads yes/no/on/off as true/false; "
                             f"quote the word, e.g. {dotted}='no'")
