@@ -291,9 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Interrupted as stopped:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(textwrap.fill(f"interrupted: {stopped}", width=100, break_long_words=False, break_on_hyphens=False),
-                  file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # unwrapped: the command in it stays whole, to copy
+            print(f"interrupted: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:  # Ctrl-C outside a loop that saves its work: nothing half-written to report
         print("interrupted", file=sys.stderr)

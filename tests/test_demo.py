@@ -47,6 +47,39 @@ def test_demo_aligns_the_toy_model_and_writes_the_report(demo):
     assert "data:image/png;base64," in html and "toy_preference_win_rate" in html
 
 
+def test_the_report_reads_in_a_browser(demo):
+    """The report as a person sees it in Chromium: labels as text, a column per seed under its prompt, every
+    image decoded and shown at 128 px or more with its scores under it, each seed's winner marked, a
+    sentence per metric, and intervals inside [0, 1] where the score is."""
+    from browser import chromium
+
+    metrics = json.loads((demo / "eval" / "metrics.json").read_text())
+    for row in metrics.values():  # adherence is a 0/1 score: its interval stays in [0, 1]
+        assert 0.0 <= row["toy_adherence_low"] <= row["toy_adherence"] <= row["toy_adherence_high"] <= 1.0
+    browser = chromium()
+    try:
+        browser.get((demo / "report.html").as_uri())
+        sections = browser.execute_script("""return [...document.querySelectorAll('section')].map(s => ({
+            prompt: s.querySelector('h3').innerText,
+            heads: [...s.querySelectorAll('tr:first-child th')].map(th => th.innerText).slice(1),
+            models: [...s.querySelectorAll('tr th:first-child')].slice(1).map(th => th.innerText),
+            shown: [...s.querySelectorAll('img')].map(i => [i.naturalWidth, i.getBoundingClientRect().width]),
+            scores: [...s.querySelectorAll('td .score')].map(d => d.innerText),
+            won: s.querySelectorAll('td.won').length}))""")
+        text = browser.find_element("tag name", "body").text
+    finally:
+        browser.quit()
+    assert [s["prompt"] for s in sections] == prompts("heldout")
+    for section in sections:
+        assert section["models"] == ["base", "aligned"] and len(section["heads"]) == 16
+        assert all(head.startswith("seed ") for head in section["heads"])
+        assert len(section["shown"]) == 32 and all(natural == 32 and shown >= 128 for natural, shown in section["shown"])
+        assert all("toy_preference" in s and "toy_adherence" in s for s in section["scores"])
+        assert 0 < section["won"] <= 16
+    assert "larger and more centred" in text and "share of images that do" in text  # what each metric measures
+    assert "Step 0 is the base model" in text  # why the curve does not start at the table's base value
+
+
 def test_eval_compares_a_run_with_its_base_on_a_prompt_file(demo, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "--base", str(TOY_BASE), "--aligned", f"dpo={demo / 'run'}", "--prompts", "toy_heldout",

@@ -122,4 +122,17 @@ def test_a_missing_generator_is_named_before_any_image_is_generated(tmp_path):
                   f"{{name: lost, path: {tmp_path / 'nowhere'}, steps: 2}}]")
     with pytest.raises(UserError, match="nowhere does not exist"):
         generate_ranked(_config(out, generators))
-    assert not list(out.rglob("*.png"))
+    assert not out.exists()  # it made nothing: the folder it created is gone, not left behind untracked
+
+
+def test_a_run_that_fails_after_making_images_keeps_them_and_says_where(tmp_path, monkeypatch):
+    out = tmp_path / "ranked"
+    import diffalign.synth.ranked as ranked
+
+    def no_reward(spec):
+        raise UserError("the reward model cannot be read")
+
+    monkeypatch.setattr(ranked, "load_reward", no_reward)  # fails after every image is made, before scoring
+    with pytest.raises(UserError, match=f"What this run made is kept in {out}: .*run the same command again"):
+        generate_ranked(_config(out))
+    assert list(out.rglob("*.png"))

@@ -101,3 +101,15 @@ def test_win_rate_counts_ties_half_and_has_a_wilson_interval():
     assert (low, high) == pytest.approx((centre - half, centre + half))
     mean, lo, hi = mean_interval(torch.tensor([1.0, 3.0]))
     assert mean == 2.0 and hi - mean == pytest.approx(1.959963984540054 * math.sqrt(2) / math.sqrt(2))
+
+
+def test_the_mean_of_a_0_1_score_gets_a_wilson_interval_inside_0_1():
+    """toy_adherence is 0 or 1 per image: its normal interval passed 1 ([0.804, 1.030] in a demo report)."""
+    values = torch.tensor([1.0] * 23 + [0.0])
+    mean, low, high = mean_interval(values)
+    z, n, p = 1.959963984540054, 24, 23 / 24
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert mean == pytest.approx(p) and (low, high) == pytest.approx((centre - half, centre + half))
+    assert 0.0 <= low < mean < high <= 1.0
+    assert mean_interval(torch.ones(8))[2] <= 1.0

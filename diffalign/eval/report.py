@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -21,6 +22,14 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
     """(height, width) times ``factor``, rounded, at least one pixel each."""
     return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+def _label_font(size: int) -> ImageFont.ImageFont:
+    """PIL's own font at ``size`` px (Pillow 10.1 and newer), else its fixed small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, max_tile: int = 256, label_width: int = 90,
@@ -38,9 +47,10 @@ def image_grid(rows: Mapping[str, torch.Tensor], *, scale: int = 3, max_tile: in
     pad = 2
     grid = Image.new("RGB", (label_width + n * (w + pad), len(rows) * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
+    font = _label_font(min(20, max(10, h // 4)))
     for r, (label, images) in enumerate(rows.items()):
         y = r * (h + pad)
-        draw.text((4, y + h // 2 - 6), label, fill="black")
+        draw.text((4, y + h // 2), label, fill="black", font=font, anchor="lm")
         for c in range(n):
             tile = to_pil(images[c]).resize((w, h), resample)
             grid.paste(tile, (label_width + c * (w + pad), y))
@@ -73,6 +83,14 @@ def _embed(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
+def _embed_image(image: torch.Tensor) -> str:
+    """One (3, H, W) image as a data URL: PNG for small ones (exact pixels), JPEG for photographs."""
+    buffer = io.BytesIO()
+    small = max(image.shape[-2:]) <= 64
+    to_pil(image).save(buffer, format="PNG" if small else "JPEG", quality=90)
+    return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
     columns = sorted({k for row in summary.values() for k in row if not k.endswith(("_low", "_high"))})
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -89,24 +107,79 @@ def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
                 interval = f" <small>[{row[low_key]:.3f}, {row[low_key[:-4] + '_high']:.3f}]</small>"
             cells += f"<td>{row[c]:.3f}{interval}</td>"
         body += f"<tr><th>{html.escape(model)}</th>{cells}</tr>"
-    return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
+    return f"<table class='summary'><tr><th>model</th>{head}</tr>{body}</table>"
+
+
+def _meanings(rewards: Sequence[str]) -> str:
+    """One sentence per column of the summary table."""
+    from diffalign.rewards import describe
+
+    items = [f"<dt>{html.escape(name)}</dt><dd>{html.escape(describe(name) or 'A reward model; higher is better.')}"
+             f"</dd>" for name in rewards]
+    items.append("<dt>&lt;reward&gt;_win_rate</dt><dd>How often the model's image beats the base model's image of "
+                 "the same prompt and seed under that reward (a tie counts one half): above 0.5, the model wins "
+                 "more often than it loses.</dd>")
+    items.append("<dt>[low, high]</dt><dd>95% intervals: Wilson intervals for win rates and for 0/1 scores, the "
+                 "normal approximation for other means.</dd>")
+    return f"<h2>What the numbers mean</h2><dl>{''.join(items)}</dl>"
+
+
+def comparison(prompt: str, seeds: Sequence[int], images: Mapping[str, torch.Tensor],
+               scores: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
+    """One prompt's images as an HTML table: a row per model, a column per seed, each image large with its
+    scores under it, and in each column the image that scores highest on the first reward marked as that
+    seed's winner (none where the best score is tied)."""
+    rewards = list(next(iter(scores.values())))
+    first = rewards[0]
+    models = list(images)
+    head = "".join(f"<th>seed {seed}</th>" for seed in seeds)
+    columns = []
+    for k in range(len(seeds)):
+        column = [scores[m][first][k] for m in models]
+        best = max(column)
+        columns.append(models[column.index(best)] if column.count(best) == 1 and len(models) > 1 else None)
+    rows = ""
+    for model in models:
+        cells = ""
+        for k, image in enumerate(images[model]):
+            width = min(256, max(128, image.shape[-1]))
+            won = columns[k] == model
+            lines = "<br>".join(f"{html.escape(r)} {scores[model][r][k]:.3f}" for r in rewards)
+            cells += (f"<td class='{'won' if won else ''}'><img src='{_embed_image(image)}' width='{width}' "
+                      f"alt='{html.escape(model)}, seed {seeds[k]}'><div class='score'>{lines}"
+                      f"{'<br><b>&#9733; best of this seed</b>' if won else ''}</div></td>")
+        rows += f"<tr><th>{html.escape(model)}</th>{cells}</tr>"
+    return (f"<section><h3>{html.escape(prompt)}</h3><table class='images'><tr><th></th>{head}</tr>{rows}"
+            "</table></section>")
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
+         "table.summary td,table.summary th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+         "table.images td{padding:6px;vertical-align:top;text-align:center;border:3px solid transparent}"
+         "table.images td.won{border-color:#2a9d3f;background:#eef8f0}table.images th{padding:4px 8px}"
+         "img{image-rendering:pixelated;display:block;margin:auto}.score{font-size:12px;color:#333}"
+         "figure{margin:1.5em 0}dt{font-weight:bold;margin-top:.5em}section{overflow-x:auto}")
 
 
 def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, float]],
-               figures: Sequence[tuple[str, Path]], notes: Sequence[str] = ()) -> Path:
-    """A self-contained HTML report (images embedded): the summary table, then each figure."""
+               figures: Sequence[tuple[str, Path]] = (), notes: Sequence[str] = (),
+               sections: Sequence[str] = ()) -> Path:
+    """A self-contained HTML report (images embedded): the summary table and what its columns mean, each
+    figure with its caption, then the ``sections`` (per-prompt image tables)."""
+    rewards = sorted({k for row in summary.values() for k in row if not k.endswith(("_low", "_high", "_win_rate"))})
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts.append(_table(summary))
-    parts.append("<p><small>Brackets: 95% intervals (means: normal approximation; win rates: Wilson, "
-                 "paired by prompt and seed, ties count one half).</small></p>")
+    parts.append(_meanings(rewards))
     for caption, figure in figures:
-        parts.append(f"<figure><img src='{_embed(figure)}' style='image-rendering:pixelated;max-width:100%'>"
+        parts.append(f"<figure><img src='{_embed(figure)}' style='max-width:100%'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}figure{margin:1.5em 0}")
+    if sections:
+        parts.append("<h2>Images, by prompt</h2><p>Same prompt and seed in each column, so each column compares "
+                     "the models on the same starting noise; the green image scores highest on the first reward.</p>")
+        parts += sections
     path.write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                    f"<style>{style}</style>{''.join(parts)}\n")
+                    f"<style>{STYLE}</style>{''.join(parts)}\n")
     return path
 
 
@@ -121,16 +194,18 @@ def markdown_table(summary: Mapping[str, Mapping[str, float]], keys: Sequence[st
 
 def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Sequence[tuple[str, Path]] = (),
                             notes: Sequence[str] = ()) -> dict[str, dict[str, float]]:
-    """metrics.json, one grid per prompt (rows: models; columns: seeds) and report.html under ``out``.
+    """metrics.json, report.html (the summary, what each number means, and each prompt's images as a table
+    with their scores and each seed's winner) and one grid PNG per prompt (rows: models; columns: seeds) in
+    grids/ under ``out``.
 
-    Grids are drawn for the prompts whose images the evaluation kept (all, or the first ones).
+    Images are shown for the prompts whose images the evaluation kept (all, or the first ones).
     """
     import json
 
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluation.summary()
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    grids = []
+    sections = []
     prompts = list(dict.fromkeys(evaluation.prompts))
     kept = min(len(images) for images in evaluation.images.values())
     last = {prompt: i for i, prompt in enumerate(evaluation.prompts)}
@@ -143,6 +218,8 @@ def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Seque
         path = out / "grids" / f"prompt-{number:03d}.png"
         path.parent.mkdir(exist_ok=True)
         image_grid(rows).save(path)
-        grids.append((prompt, path))
-    write_html(out / "report.html", title=title, summary=summary, figures=[*figures, *grids], notes=notes)
+        scores = {name: {r: values[index].tolist() for r, values in per_reward.items()}
+                  for name, per_reward in evaluation.scores.items()}
+        sections.append(comparison(prompt, [evaluation.seeds[i] for i in index], rows, scores))
+    write_html(out / "report.html", title=title, summary=summary, figures=figures, notes=notes, sections=sections)
     return summary

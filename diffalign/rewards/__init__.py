@@ -77,6 +77,11 @@ class RewardSpec:
         return spec
 
 
+def describe(name: str) -> str:
+    """The one-sentence description of the reward model registered as ``name`` ("" for none)."""
+    return getattr(REWARDS.get(name), "description", "")
+
+
 def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     """The reward model a spec names (see the module docstring), ready to score."""
     spec = RewardSpec.parse(spec)
@@ -93,4 +98,4 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "PickScore", "RewardModel", "RewardSpec",
-           "ToyAdherence", "ToyPreference", "ensemble", "load_reward", "normalise_per_prompt"]
+           "ToyAdherence", "describe", "ToyPreference", "ensemble", "load_reward", "normalise_per_prompt"]

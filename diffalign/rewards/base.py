@@ -17,5 +17,6 @@ class RewardModel(Protocol):
     """
 
     name: str
+    description: str  # one sentence for a report: what the score measures, its range, which way is better
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...

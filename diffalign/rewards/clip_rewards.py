@@ -57,6 +57,8 @@ class PickScore:
     """PickScore from a local folder holding the CLIPModel (and its processor, or ``processor=`` another folder)."""
 
     name = "pickscore"
+    description = ("PickScore: how much people on Pick-a-Pic would prefer the image for its prompt (a CLIP-H "
+                   "similarity trained on their choices, about 18-24); higher is better.")
 
     def __init__(self, path: str | Path, *, processor: str | Path | None = None,
                  device: str | torch.device | None = None, batch_size: int = 32) -> None:
@@ -166,6 +168,8 @@ class HPSv2(_OpenClipReward):
     """HPS v2 or v2.1 from its checkpoint file (``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``)."""
 
     name = "hps_v2"
+    description = ("HPS v2: human preference for the image given its prompt (a CLIP-H similarity trained on HPD "
+                   "choices, about 0.2-0.35); higher is better.")
     default_arch = "ViT-H-14"
 
     def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
@@ -176,6 +180,7 @@ class ClipScore(_OpenClipReward):
     """CLIP score, 100 * max(cos, 0), with any open_clip checkpoint (``arch`` names its architecture, ViT-L-14 by default)."""
 
     name = "clip_score"
+    description = "CLIP score: how well the image matches its prompt, 100 x cosine similarity; higher is better."
 
     def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         return 100 * (image_features * text_features).sum(dim=-1).clamp(min=0)
@@ -193,6 +198,8 @@ class Aesthetic(_OpenClipReward):
     ``clip`` the CLIP ViT-L/14 checkpoint whose image embeddings it reads."""
 
     name = "aesthetic"
+    description = ("LAION aesthetic score: how beautiful the image looks, whatever the prompt (about 1-10); "
+                   "higher is better.")
 
     def __init__(self, path: str | Path, *, clip: str | Path | None = None, arch: str | Path | None = None,
                  device: str | torch.device | None = None, batch_size: int = 32) -> None:

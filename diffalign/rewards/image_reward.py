@@ -95,6 +95,8 @@ class ImageReward:
     """ImageReward from ``ImageReward.pt``; ``tokenizer`` is a local bert-base-uncased folder."""
 
     name = "image_reward"
+    description = ("ImageReward: human preference for the image given its prompt, standardised (0 is the "
+                   "average image of its training set); higher is better.")
 
     def __init__(self, path: str | Path, *, tokenizer: str | Path | None = None,
                  device: str | torch.device | None = None, batch_size: int = 32) -> None:

@@ -28,6 +28,9 @@ class ToyPreference:
     (see ``preference_score``)."""
 
     name = "toy_preference"
+    description = ("The toy world's stand-in for a person's taste: a picture of what was asked scores higher the "
+                   "larger and more centred its shape (about -0.5 to 0.7), and one of the wrong colour or shape "
+                   "1 lower than that; higher is better.")
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_toy_prompts(prompts, self.name)
@@ -38,6 +41,8 @@ class ToyAdherence:
     """1 when the image shows the prompt's colour and shape, else 0."""
 
     name = "toy_adherence"
+    description = ("The toy world's judge of prompt adherence: 1 when the image shows the prompt's colour and "
+                   "shape, else 0, so its mean is the share of images that do; higher is better.")
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_toy_prompts(prompts, self.name)

@@ -219,16 +219,22 @@ def run_demo(
     trained = align(pairs, run_dir, config=config, overrides=overrides, resume=True)
     evaluation = compare_with_base(base, run_dir, trained, eval_seeds=eval_seeds, steps=steps,
                                    guidance_scale=guidance_scale)
-    figures = [("Base (top) and aligned (bottom): the same held-out prompts and seeds", out / "grid.png")]
+    # a picture for elsewhere (README): the first 24 held-out images of each model; the report shows them all
     image_grid({"base": evaluation.images["base"], "aligned": evaluation.images["aligned"]},
-               columns=24).save(figures[0][1])
+               columns=24).save(out / "grid.png")
+    figures = []
     validation = run_dir / "validation.jsonl"
     if validation.is_file():
         points = [json.loads(line) for line in validation.read_text().splitlines()]
         plot = line_plot(out / "reward_over_steps.png",
                          {"held-out prompts": ([p["step"] for p in points], [p["val_toy_preference"] for p in points])},
                          xlabel="optimiser step", ylabel="mean toy reward", title="Toy reward during Diffusion-DPO")
-        figures.append(("Toy reward of the validation samples during training", plot))
+        per_prompt = trained.validation.images_per_prompt
+        figures.append((f"Mean toy reward of the validation samples during training. Step 0 is the base model. "
+                        f"The validation set is {per_prompt} images per held-out prompt at seeds of its own, "
+                        f"the table above {eval_seeds} per prompt at other seeds: two samples of the same "
+                        "models, so the curve's step-0 value and the table's base value differ by sampling "
+                        "noise (a picture of the wrong colour or shape costs 1).", plot))
     summary = write_evaluation_report(evaluation, out / "eval", title="diffalign demo: Diffusion-DPO on the toy world",
                                       figures=figures)
     metrics = {**headline(summary), "pairs": pq.read_metadata(pairs).num_rows,
