@@ -19,3 +19,16 @@ atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def small_toy_datasets(tmp_path_factory):
+    """The toy datasets (toy:pairs ...) in a cache folder of the test session's own, made on first use at a size
+    a test affords: 1 group of 2 candidates per training prompt instead of 16 of 4."""
+    from diffalign.toy import datasets
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFALIGN_CACHE", str(tmp_path_factory.mktemp("diffalign-cache")))
+        patch.setattr(datasets, "GROUPS_PER_PROMPT", 1)
+        patch.setattr(datasets, "CANDIDATES", 2)
+        yield datasets.cache_root()

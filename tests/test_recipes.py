@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from fixtures import images_parquet, pickapic_parquet, ranked_parquet
@@ -30,20 +31,21 @@ RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml")
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}  # a recipe's prefix -> its tiny architecture
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """Tiny data of each layout an objective reads, with the columns the recipes name."""
-    root = tmp_path_factory.mktemp("recipe-data")
+def recipe_data(root: Path) -> dict[str, Path]:
+    """Tiny data of each layout an objective reads, with the columns the recipes name, in ``root``."""
     pairs = pickapic_parquet(root / "pairs.parquet", 4)
     # sdxl_smpo.yaml reads PickScore's scores of both images as pickscore_0 / pickscore_1
-    import pyarrow.parquet as pq
-
     table = pq.read_table(pairs)
     table = table.append_column("pickscore_0", table["pick_0"]).append_column("pickscore_1", table["pick_1"])
     pq.write_table(table, pairs)
     return {"pairs": pairs, "ranked": ranked_parquet(root / "ranked.parquet"),
             "images": images_parquet(root / "images.parquet", 4),
             "labelled_images": images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0])}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return recipe_data(tmp_path_factory.mktemp("recipe-data"))
 
 
 def cpu_overrides(recipe: str, data: dict[str, Path]) -> list[str]:

@@ -3,7 +3,8 @@
 
 The test runs each config from the repository's root, as a newcomer would, overriding only the output
 folder, the size (steps, batch, validation images, an online round or an inversion's length) and the
-toy data's size (1 group of 2 candidates per prompt instead of 16 of 4), in :data:`SMALLER`.
+toy data's size (1 group of 2 candidates per prompt instead of 16 of 4, the session's
+``small_toy_datasets``), in :func:`toy_size_overrides`.
 """
 
 from __future__ import annotations
@@ -25,23 +26,18 @@ SMALLER = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1"
            "validation.steps=2"]
 
 
-@pytest.fixture(scope="module")
-def empty_cache(tmp_path_factory):
-    """A cache folder of its own (nothing made yet), and smaller toy data, for the whole module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIFFALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setattr(datasets, "GROUPS_PER_PROMPT", 1)
-        patch.setattr(datasets, "CANDIDATES", 2)
-        yield datasets.cache_root()
+def toy_size_overrides(name: str) -> list[str]:
+    """What a test changes in the toy config ``name`` (toy_<objective>.yaml): its size, nothing else."""
+    objective = name.removeprefix("toy_").removesuffix(".yaml")
+    return [*SMALLER, *(key for key in SHORTER.get(objective, []) if not key.startswith("data."))]
 
 
 @pytest.mark.parametrize("name", TOY_CONFIGS)
-def test_the_toy_config_trains_from_the_repository_root_with_nothing_made_first(name, empty_cache, tmp_path,
+def test_the_toy_config_trains_from_the_repository_root_with_nothing_made_first(name, small_toy_datasets, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.chdir(ROOT)
     objective = name.removeprefix("toy_").removesuffix(".yaml")
-    shorter = [key for key in SHORTER.get(objective, []) if not key.startswith("data.")]  # the config's own data
-    config = load_config(CONFIGS / name, [f"output_dir={tmp_path / 'run'}", *SMALLER, *shorter])
+    config = load_config(CONFIGS / name, [f"output_dir={tmp_path / 'run'}", *toy_size_overrides(name)])
     summary = train(config)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and all(math.isfinite(v) for v in losses)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -159,6 +160,10 @@ class PreferenceTrainer:
         self.output_dir = Path(config.output_dir)
         self.resume_from = resolve_resume(config)
         tc = config.train
+        # accelerate keeps one mixed precision per process: a second run in the same process (a notebook, the
+        # README's commands run one after another) with another precision would be refused. The process
+        # group (PartialState) stays; only the precision and its autocast settings start afresh.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             # on a machine without CUDA, torchrun processes join one gloo group (accelerate's MULTI_CPU)
             cpu=not torch.cuda.is_available(),

@@ -1,0 +1,186 @@
+"""Every command and snippet in README.md runs as written, read from README.md itself: a README line
+that does not run fails this test.
+
+The commands are the lines of its ``bash`` blocks and the ``diffalign ...`` / ``python scripts/...``
+commands quoted in its text; the snippets are its ``python`` blocks. Each runs in one scratch folder
+holding links to the repository's assets/, configs/ and scripts/ (the README's relative paths), in
+README order, so a later line finds what an earlier one made (``runs/toy_ranked``, ``runs/sdxl_dpo``).
+
+What a CPU cannot do is changed, and only that, in one place each:
+
+- recipes (``configs/sdxl_*.yaml`` ...): :func:`test_recipes.cpu_overrides` (tiny random architecture,
+  tiny data, size, CUDA-only 8-bit AdamW), appended after the README's own keys; a recipe's second line
+  gets an output_dir of its own (the README lists alternatives, not a sequence), and the sdxl_dpo run
+  checkpoints every 2 steps (its 200 of 2000, scaled) so that its checkpoint can be exported;
+- toy configs: :func:`test_toy_configs.toy_size_overrides`, on the session's small toy datasets;
+- ``diffalign eval``: ``--seeds 1 --steps 2`` (the size); the export of ``step-0002000`` exports step 2;
+- placeholders (RUN, NPO_RUN, DDO_RUN, PAIRS, OUT, FOLDER, CONFIG) and the demo's ``runs/demo-*/run``:
+  runs and data the test makes first, named in :func:`scratch`;
+- what cannot run here at all is in :data:`NOT_RUN` with the reason (downloads, real SDXL/SD3 weights,
+  several GPUs, and what another test runs already); a command only mentioned in the text (a subcommand
+  and its flags) must name flags that subcommand has.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures import pickapic_parquet
+from test_recipes import cpu_overrides, recipe_data
+from test_toy_configs import toy_size_overrides
+
+from diffalign.cli import build_parser, main
+from diffalign.paths import ROOT
+
+README = ROOT / "README.md"
+
+# (pattern, why the test does not run it): every command of README.md that matches one
+NOT_RUN = [
+    (r"^pip install .* && diffalign demo$|^diffalign demo$",
+     "tests/test_demo.py runs `diffalign demo --out DIR`, its figures checked"),
+    (r"^pip install .* && python -m pytest -q$", "the suite itself: .ci/run runs exactly this"),
+    (r"^hf download ", "downloads from the Hub"),
+    (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU"),
+    (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
+    (r"^python scripts/bench_(alignment|train)\.py ", "a benchmark of minutes to hours on a CPU"),
+    (r"^python scripts/bench_memory\.py ", "tests/test_bench_memory.py runs the script on the tiny models"),
+    (r"stabilityai/|mhdang/|sdxl_generate_ranked\.yaml", "needs real SDXL, SD3 or PixArt weights and reward models"),
+]
+PLACEHOLDERS = ("RUN", "NPO_RUN", "DDO_RUN", "PAIRS", "OUT", "FOLDER", "CONFIG")
+# the checkpoint at step 2000 of 2000, as the 2-step run here has it: at step 2 of 2
+SCALED = {"checkpoints/step-0002000": "checkpoints/step-0000002"}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The shell commands of README.md: the lines of its bash blocks (continuations joined, comments dropped)
+    and the ``diffalign``, ``python scripts/`` and ``accelerate launch`` commands quoted in its prose."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())  # a comment dropped, spaces folded
+            if line:
+                commands.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for quoted in re.findall(r"`((?:diffalign |python scripts/|accelerate launch )[^`]*)`", prose):
+        commands.append(" ".join(quoted.split()))
+    return commands
+
+
+def readme_snippets(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def why_not_run(command: str) -> str | None:
+    return next((why for pattern, why in NOT_RUN if re.search(pattern, command)), None)
+
+
+def is_mention(words: list[str]) -> bool:
+    """A subcommand named in the text with one of its flags, not a command to run (``diffalign eval
+    --negative RUN``, ``diffalign generate-ranked``): no argument of its own and at most one flag."""
+    after = words[2:]
+    flags = [w for w in after if w.startswith("--")]
+    own = [w for i, w in enumerate(after) if not w.startswith("--") and not (i and after[i - 1].startswith("--"))]
+    return words[0] == "diffalign" and words[1] != "losses" and not own and len(flags) <= 1
+
+
+def check_flags(words: list[str]) -> None:
+    """Every ``--flag`` of a mentioned ``diffalign`` subcommand is one it has."""
+    parser = build_parser()
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[words[1]]
+    flags = {option for action in sub._actions for option in action.option_strings}
+    for word in words[2:]:
+        if word.startswith("--"):
+            assert word in flags, f"README: `{shlex.join(words)}`: diffalign {words[1]} has no {word}"
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, small_toy_datasets):
+    """A folder like a fresh clone's root (links to assets/, configs/, scripts/), where the runs and data
+    the README's placeholders stand for are made first: a toy Diffusion-DPO run as a demo's run (the demo
+    itself takes minutes), toy Self-NPO and DDO runs, a pairs table."""
+    root = tmp_path_factory.mktemp("readme")
+    for name in ("assets", "configs", "scripts"):
+        (root / name).symlink_to(ROOT / name)
+    made = {"PAIRS": str(pickapic_parquet(root / "data" / "pairs.parquet", 4)), "OUT": "runs/labelled",
+            "FOLDER": "export/folder", "CONFIG": "configs/toy_generate_ranked.yaml"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for placeholder, config, out in (("RUN", "toy_diffusion_dpo.yaml", "runs/demo-1/run"),
+                                         ("NPO_RUN", "toy_self_npo.yaml", "runs/toy_self_npo"),
+                                         ("DDO_RUN", "toy_ddo.yaml", "runs/toy_ddo")):
+            assert main(["train", f"configs/{config}", f"output_dir={out}", *toy_size_overrides(config)]) == 0
+            made[placeholder] = out
+        yield root, made
+
+
+def _filled(words: list[str], made: dict[str, str]) -> list[str]:
+    """Placeholders replaced (also inside NAME=RUN), shell globs expanded as a shell would."""
+    out = []
+    for word in words:
+        for written, here in SCALED.items():
+            word = word.replace(written, here)
+        word = re.sub(r"\b(" + "|".join(sorted(PLACEHOLDERS, key=len, reverse=True)) + r")\b",
+                      lambda m: made[m[1]], word)
+        out += sorted(glob.glob(word)) if "*" in word else [word]
+    return out
+
+
+def _train_argv(words: list[str], seen: set[str], data: dict[str, Path], line: int) -> list[str]:
+    """A README training command with the CPU's changes (see the module docstring)."""
+    config = Path(words[2]).name
+    if config.startswith(("toy_", "tiny_")):
+        return [*words[1:], *toy_size_overrides(config)]
+    extra = cpu_overrides(config, data)
+    if config in seen or any(w.startswith("train.resume=") for w in words):
+        extra.append(f"output_dir=runs/readme-line-{line}")
+    elif config == "sdxl_dpo.yaml":
+        extra.append("train.checkpoint_every=2")
+    seen.add(config)
+    return [*words[1:], *extra]
+
+
+def test_every_readme_command_runs_as_written(scratch, capsys):
+    root, made = scratch
+    commands = readme_commands(README.read_text())
+    assert len(commands) > 30 and any(c.startswith("diffalign train configs/sdxl_dpo.yaml") for c in commands)
+    seen: set[str] = set()
+    data = recipe_data(root / "data")  # what the recipes' real datasets stand in for
+    ran, skipped = [], []
+    for line, command in enumerate(commands):
+        words = shlex.split(command)
+        if (why := why_not_run(command)) is not None:
+            skipped.append((command, why))
+            if words[0] == "diffalign":
+                check_flags(words)
+            continue
+        if is_mention(words):
+            check_flags(words)
+            continue
+        words = _filled(words, made)
+        if words[0] == "python":  # a script, in its own process as a user runs it
+            done = subprocess.run([sys.executable, *words[1:]], cwd=root, capture_output=True, text=True)
+            assert done.returncode == 0, f"README: `{command}` failed:\n{done.stderr[-3000:]}"
+        else:
+            argv = _train_argv(words, seen, data, line) if words[1] == "train" else words[1:]
+            if words[1] == "eval":
+                argv += ["--seeds", "1", "--steps", "2"]
+            if any(w.startswith("train.resume=") for w in argv):  # first the run it continues, stopped at step 1
+                first = [a for a in argv if not a.startswith("train.resume=")]
+                assert main([*first, "train.max_steps=1", "train.checkpoint_every=1"]) == 0
+            code = main(argv)
+            assert code == 0, f"README: `{command}` exited {code}:\n{capsys.readouterr().err[-3000:]}"
+        ran.append(command)
+    print(f"ran {len(ran)} README commands; not run: " + "; ".join(f"`{c}` ({w})" for c, w in skipped))
+    assert len(ran) >= 20
+
+
+@pytest.mark.parametrize("number", range(len(readme_snippets(README.read_text()))))
+def test_every_readme_python_snippet_runs_as_written(number, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    exec(compile(readme_snippets(README.read_text())[number], f"README.md python block {number}", "exec"), {})
