@@ -46,6 +46,7 @@ NOT_RUN = [
      "tests/test_demo.py runs `diffalign demo --out DIR`, its figures checked"),
     (r"^pip install .* && python -m pytest -q$", "the suite itself: .ci/run runs exactly this"),
     (r"^hf download ", "downloads from the Hub"),
+    (r"^tensorboard ", "serves a page until stopped; tests/test_tracking.py reads the event files it shows"),
     (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU"),
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
     (r"^python scripts/bench_(alignment|train)\.py ", "a benchmark of minutes to hours on a CPU"),
