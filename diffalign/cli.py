@@ -179,6 +179,16 @@ def _cmd_pairs_to_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from diffalign.label import open_source, serve
+
+    try:
+        serve(open_source(args.source, args.out), host=args.host, port=args.port, token=args.token)
+    except KeyboardInterrupt:  # every label given is on disk already: stopping the page is not a failure
+        print("stopped; every label is kept. Run the same command to go on labelling.", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
@@ -267,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (lora, diffusers) or .safetensors file (kohya, single-file)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"), help="weights dtype (default fp16)")
     p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("label", help="a local web page to pick preferred images: a D3PO round waiting for labels, "
+                       "a pairs dataset or ranked lists")
+    p.add_argument("source", help="a D3PO run stopped for labels (its run directory), a pairs dataset (caption, jpg_0, "
+                   "jpg_1: parquet, datasets folder or .jsonl index such as generate-ranked's pairs.jsonl), or "
+                   "ranked lists (generate-ranked's output folder)")
+    p.add_argument("--out", help="where the labels go: for a D3PO run its online.labels file (the default); for a "
+                   "dataset a folder (default: SOURCE-labelled beside it) holding labels.jsonl and the pairs.jsonl "
+                   "or ranked.jsonl dataset they make")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another than this machine's needs --token)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--token", help="a secret every request must carry (?token=); needed for a non-local --host")
+    p.set_defaults(run=_cmd_label)
 
     p = sub.add_parser("losses", help="list every preference loss with its paper")
     p.add_argument("--kind", choices=KINDS, help="only losses of this kind")

@@ -48,6 +48,8 @@ NOT_RUN = [
     (r"^hf download ", "downloads from the Hub"),
     (r"^tensorboard ", "serves a page until stopped; tests/test_tracking.py reads the event files it shows"),
     (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU"),
+    (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
+     "commands as README gives them, with a person's labels given in Chromium"),
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
     (r"^python scripts/bench_(alignment|train)\.py ", "a benchmark of minutes to hours on a CPU"),
     (r"^python scripts/bench_memory\.py ", "tests/test_bench_memory.py runs the script on the tiny models"),

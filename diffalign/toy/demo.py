@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ from diffalign.diffusion import load_pipeline
 from diffalign.diffusion.finetuned import is_finished_run, load_finetuned
 from diffalign.diffusion.negative_guidance import with_negative_guidance
 from diffalign.diffusion.sampling import generate
+from diffalign.errors import Interrupted, UserError
 from diffalign.eval import evaluate_models
 from diffalign.eval.report import image_grid, line_plot, markdown_table, to_pil, write_evaluation_report
 from diffalign.objectives import OBJECTIVES
@@ -35,9 +37,7 @@ from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.rewards import ToyAdherence, ToyPreference
 from diffalign.toy.world import parse_caption, random_scene, render
 from diffalign.toy.world import prompts as toy_prompts
-from diffalign.errors import Interrupted, UserError
 from diffalign.train import Config, load_config, train
-
 
 EVAL_SEED = 10**6
 
@@ -150,7 +150,7 @@ def align(data: Path | None, run_dir: Path, *, config: str | Path, overrides: Se
     summary = train(config)
     if summary["interrupted"]:
         raise Interrupted(f"training stopped at step {summary['steps']} (checkpoint saved in {run_dir})",
-                          summary.get("signal") or 2)
+                          summary["signal"] or signal.SIGINT)
     return config
 
 

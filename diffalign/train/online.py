@@ -14,7 +14,9 @@ t / T lies in ``objective.t_range`` (all by default).
 
 Human labels: with ``online.labels`` set, a round whose pairs are not all labelled in that
 file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
-stops, and ``train.resume=latest`` continues once the labels are there.
+stops, and ``train.resume=latest`` continues once the labels are there (``diffalign label RUN``
+serves them as a page). A later line for a pair replaces an earlier one, and ``"winner": null``
+withdraws the pair's label (an undo, a tie or a skip on the page).
 """
 
 from __future__ import annotations
@@ -142,7 +144,11 @@ class OnlineRounds:
                 if line.strip():
                     try:
                         row = json.loads(line)
-                        labels[(int(row["round"]), int(row["pair"]))] = int(row["winner"])
+                        key = (int(row["round"]), int(row["pair"]))
+                        if row["winner"] is None:  # withdrawn (an undo), or a tie or skip: no winner to train on
+                            labels.pop(key, None)
+                        else:  # a later line for the same pair replaces an earlier one
+                            labels[key] = int(row["winner"])
                     except (ValueError, KeyError, TypeError) as err:
                         raise UserError(f"{labels_path}:{number} is not a label {{round, pair, winner}} ({err})") from None
         missing = [i for i in range(len(record["prompts"])) if (r, i) not in labels]

@@ -1,0 +1,258 @@
+"""`diffalign label`: the labels log loses nothing, the server refuses bad requests without touching a file,
+a killed server loses no label and resumes at the first unlabelled item, and a person labels pairs, ranked
+lists and a D3PO round in a real browser (headless Chromium), by keyboard and by click."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures import pickapic_parquet, ranked_parquet
+
+from diffalign.cli import main
+from diffalign.errors import UserError
+from diffalign.label import LabelLog, LabelServer, open_source
+from diffalign.paths import CONFIGS
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- the log ---------------------------------------------------------------------------------
+def test_the_log_keeps_every_line_and_the_last_one_per_labeller_counts(tmp_path):
+    log = LabelLog(tmp_path / "labels.jsonl")
+    log.append("row-0", 0, "ann")
+    log.append("row-0", 1, "bob")
+    log.append("row-1", "tie", "ann")
+    log.append("row-1", None, "ann")  # undone
+    log.append("row-2", "skip", "ann")
+    assert log.choices("ann") == {"row-0": 0, "row-2": "skip"}
+    assert log.labels() == {"row-0": {"ann": 0, "bob": 1}}
+    assert log.agreement() == {"items": 1, "agreeing": 0, "share": 0.0}
+    assert log.last_label_of("ann") == "row-2" and log.last_label_of("carl") is None
+    again = LabelLog(tmp_path / "labels.jsonl")  # read back: the same state
+    assert again.current == log.current and len(_lines(tmp_path / "labels.jsonl")) == 5
+
+
+def test_a_line_cut_short_by_a_crash_is_ignored_named_and_cut_off_by_the_next_label(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"item": "row-0", "choice": 0, "labeller": "ann"}) + '\n{"item": "row-1", "cho')
+    log = LabelLog(path)
+    assert log.torn == f"{path}:2" and log.choices("ann") == {"row-0": 0}
+    log.append("row-1", 1, "ann")
+    assert LabelLog(path).choices("ann") == {"row-0": 0, "row-1": 1} and len(_lines(path)) == 2
+    path.write_text('{"item": "row-0", "cho\n' + json.dumps({"item": "row-1", "choice": 0, "labeller": "ann"}) + "\n")
+    with pytest.raises(ValueError, match="labels.jsonl:1 is not a label line"):
+        LabelLog(path)
+
+
+# --- the server over HTTP ------------------------------------------------------------------------
+class Running:
+    """A LabelServer on a free port, serving in a thread."""
+
+    def __init__(self, source, token: str | None = None) -> None:
+        self.app = LabelServer(source, port=0, token=token)
+        self.thread = threading.Thread(target=self.app.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.app.httpd.server_address[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.app.httpd.shutdown()
+        self.app.httpd.server_close()
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_a_malformed_request_gets_a_4xx_and_changes_no_file(tmp_path):
+    source = open_source(pickapic_parquet(tmp_path / "pairs.parquet", 3), tmp_path / "out")
+    with Running(source) as server:
+        assert _request(f"{server.base}/api/label", b'{"index": 0, "choice": 1, "labeller": "ann"}')[0] == 200
+        before = (tmp_path / "out" / "labels.jsonl").read_bytes(), (tmp_path / "out" / "pairs.jsonl").read_bytes()
+        for body, message in ((b"not json", "not JSON"), (b"[1, 2]", "JSON object"),
+                              (b'{"index": 9, "choice": 0, "labeller": "ann"}', "index must be"),
+                              (b'{"index": 1, "choice": 5, "labeller": "ann"}', "choice must be 0 or 1"),
+                              (b'{"index": 1, "choice": true, "labeller": "ann"}', "choice must be"),
+                              (b'{"index": 1, "labeller": "ann"}', "needs a choice"),
+                              (b'{"index": 1, "choice": 0, "labeller": "<script>"}', "labeller must be")):
+            status, answer = _request(f"{server.base}/api/label", body)
+            assert status == 400 and message in answer["error"], (body, answer)
+        assert _request(f"{server.base}/api/undo", b'{"labeller": "bob"}') == (400, {"error": "bob has no label to undo"})
+        assert _request(f"{server.base}/api/nothing", b"{}")[0] == 404
+        assert _request(f"{server.base}/image/7/0")[0] == 404
+        after = (tmp_path / "out" / "labels.jsonl").read_bytes(), (tmp_path / "out" / "pairs.jsonl").read_bytes()
+        assert after == before
+
+
+def test_another_host_needs_a_token_and_every_request_must_carry_it(tmp_path):
+    source = open_source(pickapic_parquet(tmp_path / "pairs.parquet", 3), tmp_path / "out")
+    with pytest.raises(UserError, match="give --token"):
+        LabelServer(source, host="0.0.0.0", port=0)
+    with Running(source, token="s3cret") as server:
+        assert _request(f"{server.base}/api/state?labeller=ann")[0] == 403
+        assert _request(f"{server.base}/api/state?labeller=ann&token=wrong")[0] == 403
+        assert _request(f"{server.base}/api/state?labeller=ann&token=s3cret")[0] == 200
+
+
+def _start(source: Path, out: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-m", "diffalign", "label", str(source), "--out", str(out),
+                                "--port", "0"], stdout=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    return process, re.search(r"(http://\S+?)/", first)[1]
+
+
+def test_a_killed_server_loses_no_label_and_resumes_at_the_first_unlabelled_item(tmp_path):
+    pairs = pickapic_parquet(tmp_path / "pairs.parquet", 5)
+    process, base = _start(pairs, tmp_path / "out")
+    try:
+        for index, choice in ((0, 0), (1, "tie"), (2, 1)):
+            body = json.dumps({"index": index, "choice": choice, "labeller": "ann"}).encode()
+            assert _request(f"{base}/api/label", body)[0] == 200
+    finally:
+        process.send_signal(signal.SIGKILL)  # no chance to save anything on the way out
+        process.wait(timeout=30)
+    process, base = _start(pairs, tmp_path / "out")
+    try:
+        status, state = _request(f"{base}/api/state?labeller=ann")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0  # Ctrl-C stops the page cleanly
+    assert status == 200 and state["start"] == 3 and state["counts"] == {"labelled": 3, "skipped": 0}
+    rows = _lines(tmp_path / "out" / "pairs.jsonl")
+    assert [(r["source_row"], r["label_0"]) for r in rows] == [(0, 1.0), (1, 0.5), (2, 0.0)]
+    assert all((tmp_path / "out" / r["jpg_0"]).is_file() for r in rows)
+
+
+# --- in a browser --------------------------------------------------------------------------------
+@pytest.fixture
+def browser():
+    from browser import chromium
+
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, condition: str, timeout: float = 20.0):
+    """Until the JavaScript expression ``condition`` is true on the page (the page answers asynchronously)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: d.execute_script(f"return {condition}"))
+
+
+def _on_item(driver, number: int) -> None:
+    _wait(driver, f"document.getElementById('progress').textContent.startsWith('item {number} ')"
+                  " && document.querySelectorAll('figure img').length > 0"
+                  " && [...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)")
+
+
+def _press(driver, key: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).send_keys(key).perform()
+
+
+def test_a_person_labels_pairs_by_keyboard_and_click_with_a_tie_an_undo_and_a_skip(tmp_path, browser):
+    source = open_source(pickapic_parquet(tmp_path / "pairs.parquet", 6), tmp_path / "out")
+    with Running(source) as server:
+        browser.get(f"{server.base}/?labeller=ann")
+        _on_item(browser, 1)
+        assert browser.execute_script("return getComputedStyle(document.querySelector('.scores')).display") == "none"
+        assert browser.find_element("id", "prompt").text == "a picture number 0"
+        assert min(browser.execute_script(
+            "return [...document.querySelectorAll('figure img')].map(i => i.getBoundingClientRect().width)")) >= 128
+        _press(browser, "1")  # item 1: the first image
+        _on_item(browser, 2)
+        browser.find_elements("css selector", "figure")[1].click()  # item 2: a click on the second
+        _on_item(browser, 3)
+        _press(browser, "0")  # item 3: a tie ...
+        _on_item(browser, 4)
+        _press(browser, "u")  # ... undone: back at item 3
+        _on_item(browser, 3)
+        _press(browser, "2")
+        _on_item(browser, 4)
+        _press(browser, "s")  # item 4 skipped
+        _on_item(browser, 5)
+        _press(browser, "r")  # reward scores on demand
+        assert browser.execute_script("return getComputedStyle(document.querySelector('.scores')).display") == "block"
+        assert "3 labelled" in browser.find_element("id", "progress").text
+    log = _lines(tmp_path / "out" / "labels.jsonl")
+    assert [(r["item"], r["choice"]) for r in log] == [("row-0", 0), ("row-1", 1), ("row-2", "tie"), ("row-2", None),
+                                                       ("row-2", 1), ("row-3", "skip")]
+    assert all(r["labeller"] == "ann" for r in log)
+    rows = _lines(tmp_path / "out" / "pairs.jsonl")
+    assert [(r["source_row"], r["label_0"]) for r in rows] == [(0, 1.0), (1, 0.0), (2, 0.0)]
+    from diffalign.data import PairDataset
+
+    trained_on = PairDataset(tmp_path / "out" / "pairs.jsonl", resolution=16)  # what the trainer reads
+    assert len(trained_on) == 3
+
+
+def test_a_person_ranks_a_list_by_picking_the_best_then_the_next(tmp_path, browser):
+    source = open_source(ranked_parquet(tmp_path / "ranked.parquet", n=2, k=3), tmp_path / "out")
+    with Running(source) as server:
+        browser.get(f"{server.base}/?labeller=bob")
+        _on_item(browser, 1)
+        _press(browser, "3")
+        browser.find_elements("css selector", "figure")[0].click()  # the last one follows by itself
+        _on_item(browser, 2)
+    assert [r["choice"] for r in _lines(tmp_path / "out" / "labels.jsonl")] == [[2, 0, 1]]
+    (row,) = _lines(tmp_path / "out" / "ranked.jsonl")
+    assert row["scores"] == [1.0, 0.0, 2.0] and row["labeller"] == "bob"
+    from diffalign.data import RankedListDataset
+
+    assert len(RankedListDataset(tmp_path / "out" / "ranked.jsonl", resolution=16)) == 1
+
+
+def test_the_d3po_human_feedback_loop_end_to_end_as_readme_gives_it(tmp_path, browser, monkeypatch, capsys):
+    """README's three commands: train stops for labels; `diffalign label RUN` serves the round; a person labels
+    it in the browser; train.resume=latest continues. Run from a folder like a fresh clone's root, with only
+    the toy config's size changed (test_toy_configs.toy_size_overrides)."""
+    from test_readme import README, readme_commands
+    from test_toy_configs import toy_size_overrides
+
+    stop, label, resume = [c.split() for c in readme_commands(README.read_text())
+                           if "online.labels=" in c or c.startswith("diffalign label runs/")]
+    assert stop[:3] == resume[:3] == ["diffalign", "train", "configs/toy_d3po.yaml"] and resume[-1] == "train.resume=latest"
+    for name in ("assets", "configs"):
+        (tmp_path / name).symlink_to(Path(CONFIGS).parent / name)
+    monkeypatch.chdir(tmp_path)
+    smaller = toy_size_overrides("toy_d3po.yaml")
+    assert main([*stop[1:], *smaller]) == 2
+    assert "round 0 waits for 2 human labels" in capsys.readouterr().err
+    with Running(open_source(label[2])) as server:
+        assert server.app.log.path == Path("labels.jsonl")  # the run's online.labels file
+        browser.get(f"{server.base}/?labeller=ann")
+        _on_item(browser, 1)
+        assert not browser.find_element("id", "tie-key").is_displayed()  # D3PO needs a winner per pair
+        _press(browser, "2")
+        _on_item(browser, 2)
+        browser.find_elements("css selector", "figure")[0].click()
+        _wait(browser, "document.getElementById('prompt').textContent === 'All items are labelled.'")
+    assert [(r["round"], r["pair"], r["winner"]) for r in _lines(tmp_path / "labels.jsonl")] == [(0, 0, 1), (0, 1, 0)]
+    assert main([*resume[1:], *smaller]) == 0
+    assert json.loads((tmp_path / "runs" / "toy_d3po" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_an_unknown_source_says_what_it_takes(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"caption": "a", "image": "x.png"}\n')
+    with pytest.raises(UserError, match="neither a D3PO run waiting for labels"):
+        open_source(tmp_path / "t.jsonl")
