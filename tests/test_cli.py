@@ -26,6 +26,7 @@ def test_losses_lists_every_registered_loss_with_paper(capsys):
     assert out.count("paper:") == len(losses.names())
     assert "options: lambda_dpop=50.0" in out and "options: divergence=reverse_kl, alpha=0.5" in out
     assert out.count("options:") == sum(bool(s.options) for s in losses.specs())
+    assert "METHODS.md" not in out  # papers are cited, not files a user does not have
 
 
 def test_a_bad_generate_ranked_config_exits_nonzero_without_traceback():

@@ -256,3 +256,35 @@ def test_an_unknown_source_says_what_it_takes(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"caption": "a", "image": "x.png"}\n')
     with pytest.raises(UserError, match="neither a D3PO run waiting for labels"):
         open_source(tmp_path / "t.jsonl")
+
+
+def test_two_labellers_are_kept_apart_and_their_agreement_is_counted(tmp_path):
+    source = open_source(pickapic_parquet(tmp_path / "pairs.parquet", 3), tmp_path / "out")
+    with Running(source) as server:
+        for labeller, choices in (("ann", [0, 1]), ("bob", [0, 0])):
+            for index, choice in enumerate(choices):
+                body = json.dumps({"index": index, "choice": choice, "labeller": labeller}).encode()
+                assert _request(f"{server.base}/api/label", body)[0] == 200
+        status, state = _request(f"{server.base}/api/state?labeller=bob")
+    assert state["agreement"] == {"items": 2, "agreeing": 1, "share": 0.5} and state["start"] == 2
+    rows = _lines(tmp_path / "out" / "pairs.jsonl")
+    assert [(r["source_row"], r["labeller"], r["label_0"]) for r in rows] == [
+        (0, "ann", 1.0), (0, "bob", 1.0), (1, "ann", 0.0), (1, "bob", 1.0)]
+
+
+def test_the_page_gets_large_images_shrunk_and_small_ones_as_they_are():
+    import io
+
+    from PIL import Image
+
+    from diffalign.label.sources import PAGE_PX, page_image
+
+    def encoded(size: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (size, size // 2), "red").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    body, kind = page_image(encoded(2048))
+    assert kind == "image/jpeg" and Image.open(io.BytesIO(body)).size == (PAGE_PX, PAGE_PX // 2)
+    body, kind = page_image(encoded(32))
+    assert kind == "image/png" and Image.open(io.BytesIO(body)).size == (32, 16)

@@ -99,3 +99,31 @@ def test_eval_names_two_runs_of_the_same_folder_name_apart(tmp_path):
     assert list(json.loads((out / "metrics.json").read_text())) == ["base", "demo-1/run", "demo-2/run"]
     assert main(["eval", "--base", str(TOY_BASE), "--aligned", f"a={tmp_path / 'demo-1/run'}",
                  f"a={tmp_path / 'demo-2/run'}", "--prompts", "toy_heldout", "--out", str(out)]) == 2
+
+
+def test_eval_of_prompts_the_toy_judges_cannot_score_stops_before_generating(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--base", str(TOY_BASE), "--prompts", "general", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--rewards is not given" in err and "pickscore:" in err and "Traceback" not in err and not out.exists()
+
+
+def test_loading_a_run_says_nothing_diffusers_says_about_what_diffalign_does_on_purpose(tmp_path, caplog, recwarn):
+    """A diffalign LoRA holds no text-encoder weights (diffusers says so for each encoder) and the dtype goes
+    by torch_dtype, the keyword every supported diffusers takes (0.42 warns it is deprecated): neither is
+    the user's business."""
+    import logging
+    import warnings
+
+    import torch
+
+    from diffalign.diffusion.finetuned import load_finetuned
+
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    assert main(["train", str(CONFIGS / "toy_diffusion_dpo.yaml"), f"model.path={TOY_BASE}", f"data.path={data}",
+                 f"output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=2", "validation.every=0"]) == 0
+    warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING):
+        load_finetuned(tmp_path / "run", torch_dtype=torch.float32)
+    assert not [r for r in caplog.records if "No LoRA keys associated" in r.getMessage()]
+    assert not [w for w in recwarn.list if "torch_dtype" in str(w.message)]
