@@ -32,6 +32,7 @@ from diffalign.data.pairs import RowSource, read_image_bytes
 from diffalign.errors import UserError
 from diffalign.label.store import Choice, LabelLog
 
+JPEG_MAGIC = b"\xff\xd8\xff"  # a copied image keeps its encoding, and a name that says it
 PAGE_PX = 768  # the longer side of an image as the page gets it; smaller images are sent as they are
 
 
@@ -122,6 +123,7 @@ class _TableSource(Source):
         source = Path(path)
         self.out = Path(out) if out else source.with_name(f"{source.stem}-labelled")
         self.log_path = self.out / "labels.jsonl"
+        self._copied: dict[int, tuple[str, list[str]]] = {}  # row -> (caption, its images' paths in out)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -132,19 +134,39 @@ class _TableSource(Source):
     def index_of(self, item_id: str) -> int:
         return int(item_id.removeprefix("row-"))
 
-    def _copy(self, index: int, cells: list[Any]) -> list[str]:
-        """The row's images copied into ``out/images/`` (once), as paths relative to ``out``."""
-        paths = []
-        for k, cell in enumerate(cells):
-            raw = read_image_bytes(cell, self.rows.base)
-            suffix = ".jpg" if raw[:3] == b"\xff\xd8\xff" else ".png"
-            relative = f"images/row-{index:07d}-{k}{suffix}"
-            target = self.out / relative
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(raw)
-            paths.append(relative)
-        return paths
+    def _image_cells(self, row: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _dataset_row(self, caption: str, images: list[str], choice: Choice) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _copied_row(self, index: int) -> tuple[str, list[str]]:
+        """Row ``index``'s caption and its images copied into ``out/images/``, as paths relative to ``out``; the
+        row is read and its images written once, so rewriting the dataset after each label stays cheap."""
+        if index not in self._copied:
+            row, paths = self.rows.row(index), []
+            for k, cell in enumerate(self._image_cells(row)):
+                raw = read_image_bytes(cell, self.rows.base)
+                suffix = ".jpg" if raw.startswith(JPEG_MAGIC) else ".png"
+                relative = f"images/row-{index:07d}-{k}{suffix}"
+                target = self.out / relative
+                if not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(raw)
+                paths.append(relative)
+            self._copied[index] = (str(row["caption"]), paths)
+        return self._copied[index]
+
+    def write(self, log: LabelLog) -> Path:
+        """The dataset of every current label, one row per item and labeller, in the source's order."""
+        rows = []
+        for item, by_labeller in sorted(log.labels().items(), key=lambda kv: self.index_of(kv[0])):
+            index = self.index_of(item)
+            caption, images = self._copied_row(index)
+            for labeller, choice in sorted(by_labeller.items()):
+                rows.append({**self._dataset_row(caption, images, choice), "labeller": labeller,
+                             "source_row": index})
+        return _write_atomically(self.dataset_path, rows)
 
 
 class PairsSource(_TableSource):
@@ -167,17 +189,12 @@ class PairsSource(_TableSource):
     def image(self, index: int, k: int) -> bytes:
         return read_image_bytes(self.rows.row(index)[f"jpg_{k}"], self.rows.base)
 
-    def write(self, log: LabelLog) -> Path:
-        rows = []
-        for item, by_labeller in sorted(log.labels().items(), key=lambda kv: self.index_of(kv[0])):
-            index = self.index_of(item)
-            row = self.rows.row(index)
-            images = self._copy(index, [row["jpg_0"], row["jpg_1"]])
-            for labeller, choice in sorted(by_labeller.items()):
-                label = 0.5 if choice == "tie" else 1.0 - float(choice)
-                rows.append({"caption": row["caption"], "jpg_0": images[0], "jpg_1": images[1], "label_0": label,
-                             "labeller": labeller, "source_row": index})
-        return _write_atomically(self.dataset_path, rows)
+    def _image_cells(self, row: dict[str, Any]) -> list[Any]:
+        return [row["jpg_0"], row["jpg_1"]]
+
+    def _dataset_row(self, caption: str, images: list[str], choice: Choice) -> dict[str, Any]:
+        label = 0.5 if choice == "tie" else 1.0 - float(choice)  # P(first image preferred)
+        return {"caption": caption, "jpg_0": images[0], "jpg_1": images[1], "label_0": label}
 
 
 class RankedSource(_TableSource):
@@ -197,19 +214,14 @@ class RankedSource(_TableSource):
     def image(self, index: int, k: int) -> bytes:
         return read_image_bytes(self.rows.row(index)["images"][k], self.rows.base)
 
-    def write(self, log: LabelLog) -> Path:
-        rows = []
-        for item, by_labeller in sorted(log.labels().items(), key=lambda kv: self.index_of(kv[0])):
-            index = self.index_of(item)
-            row = self.rows.row(index)
-            images = self._copy(index, row["images"])
-            for labeller, ranking in sorted(by_labeller.items()):
-                scores = [0.0] * len(ranking)
-                for place, k in enumerate(ranking):  # best first: the best gets K - 1, the worst 0
-                    scores[k] = float(len(ranking) - 1 - place)
-                rows.append({"caption": row["caption"], "images": images, "scores": scores, "labeller": labeller,
-                             "source_row": index})
-        return _write_atomically(self.dataset_path, rows)
+    def _image_cells(self, row: dict[str, Any]) -> list[Any]:
+        return list(row["images"])
+
+    def _dataset_row(self, caption: str, images: list[str], choice: Choice) -> dict[str, Any]:
+        scores = [0.0] * len(choice)
+        for place, k in enumerate(choice):  # a ranking, best first: the best scores K - 1, the worst 0
+            scores[k] = float(len(choice) - 1 - place)
+        return {"caption": caption, "images": images, "scores": scores}
 
 
 class D3poRoundSource(Source):
