@@ -239,6 +239,8 @@ class GroupExample:
     image_ids: tuple[str, ...]  # content hashes of the images (cache keys)
     preference: float = 1.0  # P(first image preferred): 1.0, or 0.5 for a kept tie (pairs)
     scores: Tensor | None = None  # (K,) relevance scores, higher is better (ranked lists)
+    weight: float = 1.0  # how many times the pair's loss counts (data.weight_column; pairs)
+    margin: float | None = None  # the pair's target margin (data.margin_column, for dpo_margin; pairs)
 
 
 PRINTED_PER_COLUMN = 10  # bad rows of one column said one by one as they are met; the rest only counted
@@ -348,22 +350,40 @@ class PairDataset(ImageRows):
         ties: str = "drop",
         on_error: str = "skip",
         split: str = "train",
+        weight_column: str | None = None,
+        margin_column: str | None = None,
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
-        super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from],
+        per_pair = [c for c in (weight_column, margin_column) if c is not None]
+        super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
                          on_error=on_error, split=split)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
+        self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
+        self.margins = self._per_pair(margin_column, "margin", lambda m: True)
         self.indices: list[int] = []
         for i, label in enumerate(self.labels):
-            if isinstance(label, BadRow):
-                self.count_bad(label)
+            bad = next((v for v in (label, self.weights[i], self.margins[i]) if isinstance(v, BadRow)), None)
+            if bad is not None:
+                self.count_bad(bad)
             elif label == 0.5 and ties == "drop":
                 continue
             else:
                 self.indices.append(i)
         if not self.indices:
             raise UserError(f"data.path {path} has no usable pair (all rows are ties or bad)")
+
+    def _per_pair(self, column: str | None, what: str, valid) -> list[float | BadRow | None]:
+        """Each row's number from ``column`` (a per-pair weight or margin); None for every row without a column,
+        a :class:`BadRow` where it is missing, not finite or not ``valid``."""
+        if column is None:
+            return [None] * len(self.source)
+        values = []
+        for i, v in enumerate(self.source.column(column)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and valid(v)
+            values.append(float(v) if ok else BadRow(i, column, f"{what} is missing, not a finite number, or invalid "
+                                                                f"({v!r}{'; weights are >= 0' if what == 'weight' else ''})"))
+        return values
 
     def _labels(self, label_column: str, score_columns: list[tuple[str, str]] | None,
                  score_scales: list[float] | None) -> list[float | BadRow]:
@@ -395,4 +415,6 @@ class PairDataset(ImageRows):
         if label < 0.5:  # the second image won: put it first
             decoded.reverse()
         pixels = torch.stack([p for p, _ in decoded]) if decode else None
-        return GroupExample(index, caption, pixels, tuple(i for _, i in decoded), preference=max(label, 1 - label))
+        weight, margin = self.weights[index], self.margins[index]
+        return GroupExample(index, caption, pixels, tuple(i for _, i in decoded), preference=max(label, 1 - label),
+                            weight=1.0 if weight is None else weight, margin=margin)

@@ -77,13 +77,16 @@ def preference_loss(
     beta: float = 0.1,
     average_logps: bool = False,
     ld_alpha: float | None = None,
+    weights: Tensor | None = None,
     **options: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean preference loss of the batch and its metrics (implicit rewards, accuracy).
 
     ``average_logps`` scores each completion by its mean token log-prob (SimPO/ORPO);
     otherwise by the sum, and losses that take ``chosen_lengths``/``rejected_lengths`` (IPO,
-    RPO, ...) receive the completion lengths.
+    RPO, ...) receive the completion lengths. ``weights`` (one per pair) make the loss the mean of
+    weight x loss, as a diffusion run's ``data.weight_column`` does; a per-pair margin goes in as the
+    ``margin`` option of ``dpo_margin`` (a tensor, one per pair).
     """
     spec = losses.spec(loss)
     if spec.kind == LISTWISE:
@@ -97,6 +100,8 @@ def preference_loss(
     metrics = losses.preference_metrics(pc, pr, rc, rr, beta=beta)
     metrics["logps/chosen"] = pc.detach().mean()
     metrics["logps/rejected"] = pr.detach().mean()
+    if weights is not None:
+        per_example = per_example * weights
     return per_example.mean(), metrics
 
 

@@ -101,8 +101,10 @@ class OfflineDenoisingObjective(Objective):
         reference: nn.Module | None,
         preference: Tensor | None = None,
         scores: Tensor | None = None,
+        weight: Tensor | None = None,
+        margin: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
-        """Mean loss over the groups and detached metrics.
+        """Mean loss over the groups (each times its weight) and detached metrics.
 
         Args:
             latents: (B, K, C, h, w), best first.
@@ -111,12 +113,19 @@ class OfflineDenoisingObjective(Objective):
             reference: a frozen reference denoiser, or None for the LoRA-disabled base.
             preference: (B,) P(first item preferred), for soft-label losses on pairs.
             scores: (B, K) relevance of each item (ranked lists), higher is better.
+            weight: (B,) each pair's weight (``data.weight_column``): the loss is the mean of weight x loss,
+                as MADPO weights each pair's DPO loss.
+            margin: (B,) each pair's target margin (``data.margin_column``), the margin option of the loss.
         """
         group = self.noise(backbone, latents, cond, randomness)
         policy_scores, ref = group_scores(backbone, group, policy=policy, reference=reference,
                                           need_reference=self.needs_reference)
         options = self.loss_options(policy_scores, ref)
+        if margin is not None:
+            options = {**options, "margin": margin}
         per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores, options=options)
+        if weight is not None:
+            per_group = per_group * weight
         metrics = {"raw_model_loss": -policy_scores.detach().mean()}
         # the batch statistics the loss used, as TRL logs them: KTO's reference point kl, BCO's shift delta
         metrics.update({name: torch.as_tensor(options[name], device=policy_scores.device)

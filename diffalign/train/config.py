@@ -137,6 +137,12 @@ class DataConfig:
     score_columns: list = field(default_factory=list)
     # the score scale of each of those models; empty = its max - min over the dataset
     score_scales: list = field(default_factory=list)
+    # pairs: a column holding each pair's weight (>= 0): its loss counts that many times in the batch mean
+    # (per-pair weights such as MADPO's or DA-DPO's, computed beforehand); none = every pair 1
+    weight_column: str | None = None
+    # pairs: a column holding each pair's target margin, for objective.loss=dpo_margin (ODPO's per-pair
+    # offset, Amini et al. 2024); none = the loss's fixed loss_options.margin
+    margin_column: str | None = None
     # captioned images (self_npo): the column holding each row's image
     image_column: str = "image"
     # ranked lists (rank_dpo): the column holding each prompt's list of images
@@ -313,6 +319,15 @@ class Config:
         if self.data.score_scales and (len(self.data.score_scales) != len(self.data.score_columns)
                                        or min(self.data.score_scales) <= 0):
             raise UserError("data.score_scales needs one positive scale per data.score_columns pair, or none")
+        for key in ("weight_column", "margin_column"):
+            if getattr(self.data, key) is not None and objective.dataset != "pairs":
+                raise UserError(f"data.{key} gives each pair its own number; {self.objective.name} reads "
+                                f"{objective.dataset}, not pairs")
+        spec = None if regression else losses.spec(self.objective.loss)
+        if self.data.margin_column is not None and (spec is None or "margin" not in spec.options):
+            margins = [s.name for s in losses.specs() if "margin" in s.options]
+            raise UserError(f"data.margin_column sets each pair's margin, which objective.loss={self.objective.loss} "
+                            f"does not take; use a loss with a margin: {', '.join(margins)}")
         if self.data.ties == "soft" and kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
                             "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")

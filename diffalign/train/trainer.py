@@ -111,7 +111,8 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
     return PairDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                        image_columns=tuple(dc.image_columns), label_column=dc.label_column,
                        score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
-                       ties=dc.ties, on_error=dc.on_error, split=dc.split)
+                       ties=dc.ties, on_error=dc.on_error, split=dc.split, weight_column=dc.weight_column,
+                       margin_column=dc.margin_column)
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
@@ -301,6 +302,10 @@ class PreferenceTrainer:
         targets = {"preference": torch.tensor([e.preference for _, e in examples], device=device)}
         if examples[0][1].scores is not None:
             targets["scores"] = torch.stack([e.scores for _, e in examples]).to(device)
+        if self.config.data.weight_column is not None:
+            targets["weight"] = torch.tensor([e.weight for _, e in examples], device=device)
+        if self.config.data.margin_column is not None:
+            targets["margin"] = torch.tensor([e.margin for _, e in examples], device=device)
         return {
             "latents": latents.to(device),
             "cond": cond.to(device),
@@ -450,6 +455,8 @@ class PreferenceTrainer:
             "data.random_flip": c.data.random_flip,
             "data.ties": c.data.ties,
             "data.positive_ratio": c.data.positive_ratio,
+            "data.weight_column": c.data.weight_column,
+            "data.margin_column": c.data.margin_column,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
         }
