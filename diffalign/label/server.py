@@ -202,7 +202,7 @@ def serve(source: Source, *, host: str, port: int, token: str | None) -> None:
     """Start the page over ``source`` and serve until Ctrl-C."""
     app = LabelServer(source, host=host, port=port, token=token)
     where = app.source.dataset_path or app.log.path
-    print(f"labelling {len(source)} {source.kind} items at {app.url}\nlabels: {app.log.path} (every label written "
+    print(f"labelling {len(source)} items ({source.kind}) at {app.url}\nlabels: {app.log.path} (every label written "
           f"as it is given); the dataset they make: {where}\nCtrl-C stops the page; running the same command "
           "again continues at the first unlabelled item", flush=True)
     if app.log.torn:
