@@ -97,3 +97,31 @@ def test_pairs_of_weight_zero_train_nothing_and_the_weights_go_into_the_run(tmp_
     assert all(v.abs().max() == 0 for k, v in zero.items() if ".lora.up." in k or "lora_B" in k)
     trained = run("one", [1.0] * 4)
     assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora.up." in k or "lora_B" in k)
+
+
+def test_the_curriculum_reads_each_epoch_easy_to_hard_as_a_pure_function_of_the_position():
+    from diffalign.data import CurriculumOrder
+
+    ease = [0.1, 0.4, 0.4, 0.0, 0.3]
+    order = CurriculumOrder(ease, seed=3)
+    first, second = [order[k] for k in range(5)], [order[k] for k in range(5, 10)]
+    assert [ease[i] for i in first] == sorted(ease, reverse=True) == [ease[i] for i in second]
+    assert first[:2] in ([1, 2], [2, 1])  # the tie between 1 and 2 follows the epoch's permutation
+    fresh = CurriculumOrder(ease, seed=3)
+    assert [fresh[k] for k in reversed(range(10))] == list(reversed(first + second))  # any access order, any process
+
+
+def test_curriculum_score_gap_orders_the_runs_pairs_by_their_smoothed_preference(tmp_path):
+    from diffalign.train.trainer import _dataset, _run_order
+
+    data = pickapic_parquet(tmp_path / "p.parquet", 6)  # pick_0/1: the reddish image wins by 0.01 x row
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={TOY_BASE}", f"data.path={data}",
+                                                                "data.score_columns=[[pick_0, pick_1]]",
+                                                                "data.curriculum=score_gap"])
+    dataset = _dataset(config, "pairs")
+    order = _run_order(config, dataset)
+    # widest gap first; row 0's gap is 0, a tie, which data.ties=drop leaves out
+    assert [dataset.indices[order[k]] for k in range(len(dataset))] == [5, 4, 3, 2, 1]
+    with pytest.raises(UserError, match="needs a pairs objective and data.score_columns"):
+        load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={TOY_BASE}", "data.path=x",
+                                                          "data.curriculum=score_gap"])

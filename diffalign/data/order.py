@@ -39,6 +39,32 @@ class DeterministicOrder:
         return int(perm[offset])
 
 
+class CurriculumOrder:
+    """``order[k]``: each epoch reads the examples from the easiest to the hardest, as Curry-DPO orders its
+    pairs (Pattnaik et al. 2024, EMNLP, arXiv 2403.07230, Fig. 1: the larger the rating gap between chosen and
+    rejected, the easier, and the earlier); ``ease[i]`` is example i's, higher is easier. Examples of equal ease
+    come in the order of a fresh permutation per epoch from (seed, epoch), so like :class:`DeterministicOrder`
+    the k-th example is a pure function of (seed, k): resumes and several processes read what one
+    uninterrupted process reads. (The paper's iterations, which make each stage's policy the next stage's
+    reference, are not this order's business.)
+    """
+
+    def __init__(self, ease: Sequence[float], seed: int) -> None:
+        self.ease = torch.as_tensor(list(ease), dtype=torch.float64)
+        self.size, self.seed = len(self.ease), seed
+        self._epochs: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        order = self._epochs.get(epoch)
+        if order is None:
+            shuffled = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = shuffled[torch.sort(self.ease[shuffled], descending=True, stable=True).indices]
+            kept = {e: o for e, o in self._epochs.items() if abs(e - epoch) <= 1}
+            self._epochs = {**kept, epoch: order}  # one atomic swap, as DeterministicOrder's
+        return int(order[offset])
+
+
 class ClassRatioOrder:
     """``order[k]``: a member of class c with probability ``ratios[c]``, uniform within the class.
 

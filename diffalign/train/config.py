@@ -137,6 +137,9 @@ class DataConfig:
     score_columns: list = field(default_factory=list)
     # the score scale of each of those models; empty = its max - min over the dataset
     score_scales: list = field(default_factory=list)
+    # pairs: "score_gap" reads each epoch's pairs easy to hard, Curry-DPO's curriculum (Pattnaik et al. 2024):
+    # the clearest win first, by the pair's smoothed preference from data.score_columns; "none": shuffled
+    curriculum: str = "none"
     # pairs: a column holding each pair's weight (>= 0): its loss counts that many times in the batch mean
     # (per-pair weights such as MADPO's or DA-DPO's, computed beforehand); none = every pair 1
     weight_column: str | None = None
@@ -319,6 +322,11 @@ class Config:
         if self.data.score_scales and (len(self.data.score_scales) != len(self.data.score_columns)
                                        or min(self.data.score_scales) <= 0):
             raise UserError("data.score_scales needs one positive scale per data.score_columns pair, or none")
+        choose("data.curriculum", self.data.curriculum, ("none", "score_gap"))
+        if self.data.curriculum == "score_gap" and (objective.dataset != "pairs" or not self.data.score_columns):
+            raise UserError("data.curriculum=score_gap orders pairs by the gap between their reward scores: it needs "
+                            f"a pairs objective and data.score_columns; {self.objective.name} with score_columns="
+                            f"{self.data.score_columns!r}")
         for key in ("weight_column", "margin_column"):
             if getattr(self.data, key) is not None and objective.dataset != "pairs":
                 raise UserError(f"data.{key} gives each pair its own number; {self.objective.name} reads "

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from diffalign.data import (
     CaptionedImageDataset,
     ClassRatioOrder,
+    CurriculumOrder,
     DeterministicOrder,
     PairDataset,
     RankedListDataset,
@@ -116,9 +117,11 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
-    """Which example each position of the run reads: a permutation per epoch, or with
-    ``data.positive_ratio`` liked and other images in that ratio."""
+    """Which example each position of the run reads: a permutation per epoch, with ``data.curriculum``
+    the pairs easy to hard, or with ``data.positive_ratio`` liked and other images in that ratio."""
     ratio = config.data.positive_ratio
+    if config.data.curriculum == "score_gap":  # easy to hard: the strength |p - 1/2| of each usable pair
+        return CurriculumOrder([abs(dataset.labels[i] - 0.5) for i in dataset.indices], config.train.seed)
     if ratio is None:
         return DeterministicOrder(len(dataset), config.train.seed)
     liked, other = dataset.positions_by_label()
@@ -456,6 +459,7 @@ class PreferenceTrainer:
             "data.ties": c.data.ties,
             "data.positive_ratio": c.data.positive_ratio,
             "data.weight_column": c.data.weight_column,
+            "data.curriculum": c.data.curriculum,
             "data.margin_column": c.data.margin_column,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
