@@ -18,28 +18,43 @@ class RunOrder(Protocol):
     def __getitem__(self, position: int) -> int: ...
 
 
-class DeterministicOrder:
-    """``order[k]``: the dataset index read at position k of the run.
+class _EpochOrder:
+    """An order made one epoch at a time: ``order[k]`` is entry k mod size of epoch k // size's order.
 
     Safe to call from the reader's threads: reads near an epoch's end mix two epochs, so the
-    permutations of neighbouring epochs are kept, and each call works on its own reference.
+    orders of neighbouring epochs are kept, and each call works on its own reference.
     """
 
     def __init__(self, size: int, seed: int) -> None:
         self.size, self.seed = size, seed
-        self._perms: dict[int, torch.Tensor] = {}
+        self._epochs: dict[int, torch.Tensor] = {}
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The dataset indices of one epoch, in the order they are read."""
+        raise NotImplementedError
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        """A fresh permutation of the dataset from (seed, epoch)."""
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
 
     def __getitem__(self, position: int) -> int:
         epoch, offset = divmod(position, self.size)
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            kept = {e: p for e, p in self._perms.items() if abs(e - epoch) <= 1}
-            self._perms = {**kept, epoch: perm}  # one atomic swap: another thread's lookup never fails
-        return int(perm[offset])
+        order = self._epochs.get(epoch)
+        if order is None:
+            order = self._epoch_order(epoch)
+            kept = {e: o for e, o in self._epochs.items() if abs(e - epoch) <= 1}
+            self._epochs = {**kept, epoch: order}  # one atomic swap: another thread's lookup never fails
+        return int(order[offset])
 
 
-class CurriculumOrder:
+class DeterministicOrder(_EpochOrder):
+    """``order[k]``: the dataset index read at position k of the run, a fresh permutation per epoch."""
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        return self._permutation(epoch)
+
+
+class CurriculumOrder(_EpochOrder):
     """``order[k]``: each epoch reads the examples from the easiest to the hardest, as Curry-DPO orders its
     pairs (Pattnaik et al. 2024, EMNLP, arXiv 2403.07230, Fig. 1: the larger the rating gap between chosen and
     rejected, the easier, and the earlier); ``ease[i]`` is example i's, higher is easier. Examples of equal ease
@@ -51,18 +66,11 @@ class CurriculumOrder:
 
     def __init__(self, ease: Sequence[float], seed: int) -> None:
         self.ease = torch.as_tensor(list(ease), dtype=torch.float64)
-        self.size, self.seed = len(self.ease), seed
-        self._epochs: dict[int, torch.Tensor] = {}
+        super().__init__(len(self.ease), seed)
 
-    def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
-        order = self._epochs.get(epoch)
-        if order is None:
-            shuffled = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            order = shuffled[torch.sort(self.ease[shuffled], descending=True, stable=True).indices]
-            kept = {e: o for e, o in self._epochs.items() if abs(e - epoch) <= 1}
-            self._epochs = {**kept, epoch: order}  # one atomic swap, as DeterministicOrder's
-        return int(order[offset])
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        shuffled = self._permutation(epoch)  # equal ease keeps this order: a stable sort
+        return shuffled[torch.sort(self.ease[shuffled], descending=True, stable=True).indices]
 
 
 class ClassRatioOrder:

@@ -258,6 +258,7 @@ class ImageRows:
         # each bad row once, by (row, column), with where to find it and why: a row met again in a later
         # epoch, or by the read-ahead threads, is the same bad row
         self.bad_rows: dict[tuple[int, str], str] = {}
+        self._said = Counter()  # bad rows printed so far, per column (the first PRINTED_PER_COLUMN are)
         missing = [c for c in required if c not in self.source.columns]
         if missing:
             raise UserError(
@@ -299,10 +300,10 @@ class ImageRows:
         if key in self.bad_rows:
             return
         self.bad_rows[key] = f"{self.where(err)}: {err.reason}"
-        printed = self.skipped[err.column]
-        if printed <= PRINTED_PER_COLUMN:
+        if self._said[err.column] < PRINTED_PER_COLUMN:
+            self._said[err.column] += 1
             more = (f" (further bad rows of column '{err.column}' are counted, not printed)"
-                    if printed == PRINTED_PER_COLUMN else "")
+                    if self._said[err.column] == PRINTED_PER_COLUMN else "")
             print(f"skipped a bad row: {self.bad_rows[key]}{more}", file=sys.stderr, flush=True)
 
     def where(self, err: BadRow) -> str:
