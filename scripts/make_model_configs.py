@@ -4,10 +4,11 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-pixart``: a few hundred thousand
-  parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
-- ``sd15``, ``sdxl``, ``sd3-medium``, ``pixart-alpha-1024``: the real architectures' denoiser,
-  VAE and text-encoder configs, for GPU benchmarks at real size with random weights.
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-pixart``: a few hundred
+  thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
+- ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
+  ``flux-schnell``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
 here); prompts tokenise to one id per character. Re-run to regenerate:
@@ -134,6 +135,27 @@ def flow_scheduler(shift: float = 3.0) -> dict:
     return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}
 
 
+def flux_scheduler(dynamic: bool) -> dict:
+    """FLUX.1-dev shifts its sampling grid by the image's token count; FLUX.1-schnell does not shift."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "shift": 3.0 if dynamic else 1.0, "use_dynamic_shifting": dynamic, "base_shift": 0.5, "max_shift": 1.15,
+            "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def flux_parts(transformer: dict, vae_config: dict, clip: dict, t5: dict, dynamic: bool) -> dict:
+    """A FluxPipeline's components: CLIP-L (pooled) and T5 text encoders, transformer, VAE, scheduler."""
+    return {
+        "transformer": ("diffusers", "FluxTransformer2DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKL", {**vae_config, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                                               "use_quant_conv": False, "use_post_quant_conv": False}),
+        "text_encoder": ("transformers", "CLIPTextModel", clip),
+        "text_encoder_2": ("transformers", "T5EncoderModel", t5),
+        "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+        "tokenizer_2": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", flux_scheduler(dynamic)),
+    }
+
+
 def index(pipeline: str, components: dict[str, tuple[str, str]]) -> dict:
     data = {"_class_name": pipeline, "_diffusers_version": "0.31.0"}
     data.update({name: list(lib_cls) for name, lib_cls in components.items()})
@@ -227,6 +249,11 @@ def tiny() -> None:
             "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", flow_scheduler()),
         },
     )
+    write_pipeline("tiny-flux", "FluxPipeline", flux_parts(
+        {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+         "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
+         "axes_dims_rope": [4, 6, 6]},
+        tiny_vae, clip_text(32, 2, 4), t5_encoder(32, 2, 4, 64, 8), dynamic=True))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -247,7 +274,7 @@ def tiny() -> None:
 
 
 def full_size() -> None:
-    """Real architectures (configs as published with SD1.5, SDXL 1.0, SD3-medium, PixArt-alpha)."""
+    """Real architectures (configs as published with SD1.5, SDXL 1.0, SD3-medium, SD3.5, FLUX.1, PixArt-alpha)."""
     sd_vae = vae([128, 256, 512, 512], latent=4, sample=512)
     clip_l = clip_text(768, 12, 12, max_position_embeddings=77)
     clip_g = clip_text(1280, 32, 20, projection=1280, hidden_act="gelu", intermediate_size=5120)
@@ -289,26 +316,44 @@ def full_size() -> None:
             "scheduler": ("diffusers", "DDPMScheduler", ddpm_scheduler()),
         },
     )
-    write_pipeline(
-        "sd3-medium",
-        "StableDiffusion3Pipeline",
-        {
-            "transformer": ("diffusers", "SD3Transformer2DModel", {
-                "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-                "attention_head_dim": 64, "num_attention_heads": 24, "caption_projection_dim": 1536,
-                "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}),
-            "vae": ("diffusers", "AutoencoderKL", {
-                **sd_vae, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
-                "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}),
-            "text_encoder": ("transformers", "CLIPTextModelWithProjection", clip_l_proj),
-            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_g),
-            "text_encoder_3": ("transformers", "T5EncoderModel", t5_encoder(4096, 24, 64, 10240, 64)),
-            "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
-            "tokenizer_2": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
-            "tokenizer_3": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", flow_scheduler()),
-        },
-    )
+    sd3_parts = lambda transformer: {  # noqa: E731  SD3's text encoders, VAE and scheduler around an MMDiT
+        "transformer": ("diffusers", "SD3Transformer2DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKL", {
+            **sd_vae, "latent_channels": 16, "sample_size": 1024, "scaling_factor": 1.5305,
+            "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection", clip_l_proj),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", clip_g),
+        "text_encoder_3": ("transformers", "T5EncoderModel", t5_encoder(4096, 24, 64, 10240, 64)),
+        "tokenizer": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer", "clip-tokenizer"),
+        "tokenizer_3": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", flow_scheduler()),
+    }
+    write_pipeline("sd3-medium", "StableDiffusion3Pipeline", sd3_parts({
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+        "attention_head_dim": 64, "num_attention_heads": 24, "caption_projection_dim": 1536,
+        "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}))
+    sd35 = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "attention_head_dim": 64,
+            "joint_attention_dim": 4096, "pooled_projection_dim": 2048, "qk_norm": "rms_norm"}
+    # SD3.5 medium: MMDiT-X (self-attention in the image stream of the first 13 blocks), 2.5B parameters
+    write_pipeline("sd35-medium", "StableDiffusion3Pipeline", sd3_parts({
+        **sd35, "num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536, "pos_embed_max_size": 384,
+        "dual_attention_layers": list(range(13))}))
+    # SD3.5 large: 38 blocks of width 38 x 64, 8.1B parameters
+    write_pipeline("sd35-large", "StableDiffusion3Pipeline", sd3_parts({
+        **sd35, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+        "pos_embed_max_size": 192}))
+    # FLUX.1: 19 double-stream and 38 single-stream blocks of width 24 x 128, 11.9B parameters; dev is
+    # guidance-distilled (a guidance embedding) and shifts its grid by resolution, schnell neither
+    flux = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+            "axes_dims_rope": [16, 56, 56]}
+    flux_vae = {**sd_vae, "latent_channels": 16, "sample_size": 1024}
+    t5_xxl = t5_encoder(4096, 24, 64, 10240, 64)
+    write_pipeline("flux-dev", "FluxPipeline", flux_parts({**flux, "guidance_embeds": True}, flux_vae, clip_l, t5_xxl,
+                                                          dynamic=True))
+    write_pipeline("flux-schnell", "FluxPipeline", flux_parts({**flux, "guidance_embeds": False}, flux_vae, clip_l,
+                                                              t5_xxl, dynamic=False))
     write_pipeline(
         "pixart-alpha-1024",
         "PixArtAlphaPipeline",

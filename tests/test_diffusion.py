@@ -26,7 +26,7 @@ from diffalign.diffusion.schedule import DiffusionSchedule
 from diffalign.errors import UserError
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-pixart"]
+FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
 PROMPTS = ["a red circle", "a small blue square"]
 
 
@@ -69,9 +69,9 @@ def test_score_equals_direct_computation(backbone):
     ours = denoising_scores(backbone, group).squeeze(1)
 
     x0 = lat[:, 0]
-    if backbone.family == "sd3":
+    if backbone.family in ("sd3", "flux"):
         ref_sched = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler.config)
-        model_t = ref_sched.timesteps[t]
+        model_t = ref_sched.timesteps[999 - t]  # diffusers indexes its grid from the noisy end; ours grows with noise
         noisy = ref_sched.scale_noise(x0, model_t, noise)
         target = noise - x0
     else:

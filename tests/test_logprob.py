@@ -48,7 +48,7 @@ def test_ddim_step_is_the_eta_gaussian_of_song_et_al_by_hand():
     from diffalign.diffusion.logprob import StepRule
 
     backbone = backbone_for(load_pipeline(ROOT / "assets/models/toy-base"))
-    rule = StepRule(backbone, 10, 0.5)
+    rule = StepRule(backbone, 10, 0.5, (4, 8, 8))
     a = backbone.scheduler.alphas_cumprod
     k = 3
     t = int(rule.timesteps[k])
@@ -69,7 +69,7 @@ def test_flow_step_is_flow_grpo_sde_by_hand():
     from diffalign.diffusion.logprob import StepRule
 
     backbone = backbone_for(load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True))
-    rule = StepRule(backbone, 8, 0.7)
+    rule = StepRule(backbone, 8, 0.7, (4, 8, 8))
     k = 2
     sigma, nxt = rule.sigmas[k].item(), rule.sigmas[k + 1].item()
     x, v = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)

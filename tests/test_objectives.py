@@ -321,16 +321,6 @@ def test_inpo_scores_each_image_at_its_ddim_inverted_latent_by_hand():
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
 
 
-def test_inpo_refuses_flow_matching_models():
-    from diffalign.objectives import InPO
-
-    backbone = backbone_for(load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True))
-    with pytest.raises(UserError, match="objective.name=inpo inverts each image along a DDIM grid.*"
-                                        "FlowMatchEulerDiscreteScheduler is flow matching. With this model, "
-                                        "train d3po, ddo, diffusion_dpo, diffusion_kto, rank_dpo."):
-        InPO(ObjectiveConfig(name="inpo"), backbone)
-
-
 @pytest.mark.parametrize("overrides", [["objective.name=inpo"], [
     "objective.name=smpo", "objective.loss=smpo", "objective.beta=25000",
     "data.score_columns=[[pick_0, pick_1], [aes_0, aes_1]]"], ["objective.loss=kto"]])

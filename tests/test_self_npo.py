@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from diffalign.data import CaptionedImageDataset
-from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.errors import UserError
 from diffalign.objectives import SelfNPO
@@ -131,13 +130,6 @@ def test_the_ema_teacher_follows_the_student_and_runs_without_copying_the_model(
     restored = ShadowWeights(unet)
     restored.load_state_dict({n: v + 1 for n, v in shadow.state_dict().items()})
     assert torch.equal(restored.tensors[name], shadow.tensors[name].cpu() + 1)
-
-
-def test_flow_matching_models_are_refused():
-    backbone = backbone_for(load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True))
-    with pytest.raises(UserError, match="self_npo samples its teacher's targets along a truncated DDIM grid.*"
-                                        "is flow matching"):
-        SelfNPO(ObjectiveConfig(name="self_npo", loss="huber"), backbone)
 
 
 def test_captioned_images_skip_or_raise_on_bad_rows(tmp_path):

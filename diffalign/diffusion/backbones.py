@@ -1,10 +1,12 @@
-"""One adapter interface over diffusers pipelines: SD 1.x/2.x, SDXL, SD3/3.5, PixArt.
+"""One adapter interface over diffusers pipelines: SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, PixArt.
 
 An objective is written once against :class:`Backbone`: encode prompts, encode images to
 latents, and call the denoiser on noisy latents. Each family's adapter knows its own text
 encoders (through the pipeline's own ``encode_prompt``), conditioning (SDXL's pooled
-embeddings and size/crop time ids, SD3's pooled projections, PixArt's attention mask and
-learned-sigma output) and latent scaling (SD3's shift factor).
+embeddings and size/crop time ids, SD3's pooled projections, FLUX.1's packed latents, position
+ids and guidance embedding, PixArt's attention mask and learned-sigma output) and latent scaling
+(SD3's and FLUX.1's shift factor). Latents are (N, C, h, w) for every family: FLUX.1's 2x2
+packing into tokens happens inside :meth:`FluxBackbone.predict`, so objectives never see it.
 """
 
 from __future__ import annotations
@@ -95,8 +97,11 @@ class Backbone:
     family: ClassVar[str]
     denoiser_attr: ClassVar[str] = "unet"
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5) -> None:
+        """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
+        embedding when it predicts; denoisers without that embedding ignore it."""
         self.pipe = pipe
+        self.distilled_guidance = distilled_guidance
 
     @property
     def denoiser(self) -> nn.Module:
@@ -131,6 +136,13 @@ class Backbone:
         """(C, h, w) of the latents of a square image of ``resolution`` pixels."""
         side = resolution // self.vae_scale_factor
         return (self.latent_channels, side, side)
+
+    def sampling_scheduler(self, steps: int, latent_shape: tuple[int, ...]):
+        """A fresh copy of the scheduler set to the ``steps``-step inference grid its pipeline samples latents of
+        ``latent_shape`` (C, h, w) on."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
 
     # --- latents -------------------------------------------------------------------------
     @torch.no_grad()
@@ -240,6 +252,72 @@ class SD3Backbone(Backbone):
         )[0]
 
 
+class FluxBackbone(Backbone):
+    """FLUX.1 (dev, schnell) MMDiT: CLIP-L pooled and T5 token embeddings, flow matching, 2x2-packed latents.
+
+    The transformer sees each 2x2 patch of the (N, C, h, w) latents as one token of 4C channels
+    (FluxPipeline's ``_pack_latents``) with (0, row, column) position ids for its rotary embedding, the
+    text tokens with zero ids, and the timestep as sigma (FluxPipeline divides by 1000). FLUX.1-dev is
+    guidance-distilled: it takes the guidance scale through an embedding instead of a second,
+    unconditional pass, and is trained with a fixed value there (``distilled_guidance``, 3.5 as in
+    diffusers' FLUX training scripts). FLUX.1-schnell has no such embedding.
+    """
+
+    family = "flux"
+    denoiser_attr = "transformer"
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        shape = super().latent_shape(resolution)
+        if shape[1] % 2:
+            raise UserError(f"FLUX packs 2x2 latent patches, so the resolution must be a multiple of "
+                            f"{2 * self.vae_scale_factor}; got {resolution}")
+        return shape
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        prompts = list(prompts)
+        max_len = min(self.pipe.tokenizer_2.model_max_length, 512)
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
+                                                    max_sequence_length=max_len)
+        return Conditioning(embeds=embeds, pooled=pooled)
+
+    def sampling_scheduler(self, steps, latent_shape):
+        """FluxPipeline's grid: sigmas linspace(1, 1/steps), shifted by the image's token count (``mu``) when the
+        scheduler shifts dynamically (FLUX.1-dev)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        config = scheduler.config
+        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+        return scheduler
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        n, c, h, w = latents.shape
+        tokens = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
+        image_ids = torch.zeros(h // 2, w // 2, 3, device=latents.device, dtype=latents.dtype)
+        image_ids[..., 1] += torch.arange(h // 2, device=latents.device, dtype=latents.dtype)[:, None]
+        image_ids[..., 2] += torch.arange(w // 2, device=latents.device, dtype=latents.dtype)[None, :]
+        text_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
+            guidance = torch.full((n,), self.distilled_guidance, device=latents.device, dtype=torch.float32)
+        out = net(
+            hidden_states=tokens,
+            timestep=timesteps.to(latents.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids.reshape(-1, 3),
+            return_dict=False,
+        )[0]
+        return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
 class PixArtBackbone(Backbone):
     """PixArt-alpha / sigma DiT: T5 text encoder with attention mask, learned-sigma output."""
 
@@ -281,19 +359,20 @@ BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": SDBackbone,
     "StableDiffusionXLPipeline": SDXLBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
+    "FluxPipeline": FluxBackbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
 }
 
 
-def backbone_for(pipe) -> Backbone:
-    """The adapter for a diffusers pipeline, chosen by its class name."""
+def backbone_for(pipe, *, distilled_guidance: float = 3.5) -> Backbone:
+    """The adapter for a diffusers pipeline, chosen by its class name (:class:`Backbone` for the option)."""
     name = type(pipe).__name__
     if name not in BACKBONES:
         raise UserError(
             f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
         )
-    return BACKBONES[name](pipe)
+    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance)
 
 
 def configure_denoiser(

@@ -1,21 +1,28 @@
-"""Deterministic DDIM sampling and its inversions: plain DDIM inversion and ReNoise.
+"""Deterministic DDIM sampling and its inversions (plain and ReNoise), on diffusion and flow models.
 
-With alpha-bar a_t, an epsilon prediction e at x_t gives the clean estimate
-x0 = (x_t - sqrt(1 - a_t) e) / sqrt(a_t), and DDIM (eta = 0; Song et al. 2021, Eq. 12) moves
-to any other timestep s with
+Write every supported schedule as ``x_t = a_t x_0 + b_t eps`` (DDPM: a = sqrt(alpha-bar),
+b = sqrt(1 - alpha-bar); rectified flow: a = 1 - sigma, b = sigma). A model output at x_t gives
+the pair (x0, eps) it implies (:meth:`~diffalign.diffusion.schedule.Schedule.split`), and DDIM
+(eta = 0; Song et al. 2021, Eq. 12) moves to any other timestep s by keeping both:
 
-    x_s = sqrt(a_s) x0 + sqrt(1 - a_s) e.
+    x_s = a_s x0 + b_s eps.
 
-Sampling runs it from noise down to t = 0; inversion runs it upwards from a clean latent,
-approximating the unknown e(x_{t+1}) by e(x_t) (Dhariwal & Nichol 2021; the inversion InPO
-uses). ReNoise (Garibi et al. 2024, "ReNoise: Real Image Inversion Through Iterative
-Noising", Alg. 1) removes most of that approximation error: each upward step is repeated,
-re-evaluating e at the current estimate of x_{t+1}, and the step uses the mean of the later
-estimates. SmPO estimates its trajectories this way.
+On a flow model with velocity v, x0 = x_t - sigma_t v and eps = x_t + (1 - sigma_t) v, so the move is
+x_s = x_t + (sigma_s - sigma_t) v: exactly the Euler step of the probability-flow ODE
+dx / dsigma = v that FlowMatchEulerDiscreteScheduler takes. One walk therefore serves both families.
 
-Both work on any epsilon- or v-prediction backbone (:class:`~diffalign.diffusion.Backbone`),
-with the backbone's conditioning and classifier-free guidance scale 1 (the conditional model),
-which is what makes inversion followed by sampling reproduce the image.
+Sampling runs it from noise down to the clean end (a = 1, b = 0); inversion runs it upwards from a
+clean latent, approximating the unknown prediction at x_{t+1} by the one at x_t (Dhariwal & Nichol
+2021; the inversion InPO uses; on a flow model, the explicit Euler inversion of the ODE). ReNoise
+(Garibi et al. 2024, "ReNoise: Real Image Inversion Through Iterative Noising", Alg. 1) removes most
+of that approximation error: each upward step is repeated, re-evaluating the model at the current
+estimate of x_{t+1}, and the step uses the mean of the later estimates. SmPO estimates its
+trajectories this way; ReNoise was introduced for few-step models, where one Euler step is large.
+
+The grid is the schedule's "leading" one (:meth:`~diffalign.diffusion.schedule.Schedule.grid`),
+over training timesteps that grow with the noise on both families. Conditioning is the backbone's,
+with classifier-free guidance scale 1 (the conditional model), which is what makes inversion
+followed by sampling reproduce the image.
 """
 
 from __future__ import annotations
@@ -23,36 +30,28 @@ from __future__ import annotations
 import torch
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
+from diffalign.diffusion.schedule import Schedule, schedule_for
 
 Tensor = torch.Tensor
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """``steps`` evenly spaced training timesteps, increasing from 0 (diffusers' "leading" spacing)."""
-    ratio = num_train_timesteps // steps
-    return [i * ratio for i in range(steps)]
+def _column(values: Tensor, like: Tensor) -> Tensor:
+    return values.to(like).view(-1, *([1] * (like.dim() - 1)))
 
 
-def _epsilon(backbone: Backbone, x: Tensor, t: int, cond: Conditioning) -> Tensor:
-    """The epsilon the denoiser implies at (x, t), for epsilon and v prediction."""
-    return _epsilon_at(backbone, x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
+def _epsilon_at(backbone: Backbone, schedule: Schedule, x: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+    """The eps the denoiser implies at (x, t), each item at its own timestep."""
+    out = backbone.predict(x, schedule.model_timesteps(timesteps), cond)
+    return schedule.split(out, x, timesteps)[1]
 
 
-def _epsilon_at(backbone: Backbone, x: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
-    """As :func:`_epsilon`, each item at its own timestep."""
-    out = backbone.predict(x, timesteps, cond).float()
-    if backbone.scheduler.config.prediction_type == "v_prediction":
-        a = backbone.scheduler.alphas_cumprod.to(x)[timesteps].view(-1, *([1] * (x.dim() - 1)))
-        return a.sqrt() * out + (1 - a).sqrt() * x
-    return out
+def _move(x: Tensor, eps: Tensor, start: tuple[Tensor, Tensor], end: tuple[Tensor, Tensor]) -> Tensor:
+    """The DDIM move from coefficients ``start`` = (a, b) to ``end`` keeping (x0, eps)."""
+    x0 = (x - start[1] * eps) / start[0]
+    return end[0] * x0 + end[1] * eps
 
 
-def _move(x: Tensor, eps: Tensor, a_from: Tensor, a_to: Tensor) -> Tensor:
-    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
-
-
-def _renoise(backbone: Backbone, x: Tensor, eps: Tensor, a_from: Tensor, a_to: Tensor, t_to: Tensor,
+def _renoise(backbone: Backbone, schedule: Schedule, x: Tensor, eps: Tensor, start, end, t_to: Tensor,
              cond: Conditioning, iterations: int, average_from: int) -> Tensor:
     """The epsilon of one upward step after ``iterations`` ReNoise refinements (Alg. 1).
 
@@ -62,25 +61,34 @@ def _renoise(backbone: Backbone, x: Tensor, eps: Tensor, a_from: Tensor, a_to: T
     """
     estimates = [eps]
     for _ in range(iterations):
-        estimates.append(_epsilon_at(backbone, _move(x, estimates[-1], a_from, a_to), t_to, cond))
+        estimates.append(_epsilon_at(backbone, schedule, _move(x, estimates[-1], start, end), t_to, cond))
     return torch.stack(estimates[min(average_from, iterations):]).mean(dim=0)
 
 
-def _alpha(backbone: Backbone, t: int | None, like: Tensor) -> Tensor:
-    """alpha-bar at t; t = None is the clean end (alpha-bar 1)."""
+def _coefficients(schedule: Schedule, t: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) of the timesteps ``t`` as columns like ``like``; t = None is the clean end (1, 0)."""
     if t is None:
-        return torch.ones((), dtype=like.dtype, device=like.device)
-    return backbone.scheduler.alphas_cumprod[t].to(like)
+        return torch.ones((), dtype=like.dtype, device=like.device), torch.zeros((), dtype=like.dtype, device=like.device)
+    a, b = schedule.coefficients(t.to(like.device))
+    return _column(a, like), _column(b, like)
+
+
+def _full(t: int, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), t, device=like.device, dtype=torch.long)
 
 
 @torch.no_grad()
 def ddim_sample(backbone: Backbone, noise: Tensor, cond: Conditioning, *, steps: int = 50) -> Tensor:
-    """Deterministic DDIM (eta = 0) from ``noise`` at the last of ``steps`` timesteps down to a clean latent."""
-    timesteps = ddim_timesteps(backbone.scheduler.config.num_train_timesteps, steps)
+    """Deterministic DDIM (eta = 0; Euler on a flow model) from ``noise`` at the last of ``steps`` grid points
+    down to a clean latent."""
+    schedule = schedule_for(backbone.scheduler)
+    grid = schedule.grid(steps)
     x = noise.float()
     for i in reversed(range(steps)):
-        t, s = timesteps[i], (timesteps[i - 1] if i > 0 else None)
-        x = _move(x, _epsilon(backbone, x, t, cond), _alpha(backbone, t, x), _alpha(backbone, s, x))
+        t = _full(grid[i], x)
+        s = _full(grid[i - 1], x) if i > 0 else None
+        eps = _epsilon_at(backbone, schedule, x, t, cond)
+        x = _move(x, eps, _coefficients(schedule, t, x), _coefficients(schedule, s, x))
     return x
 
 
@@ -94,16 +102,16 @@ def ddim_invert(backbone: Backbone, latents: Tensor, cond: Conditioning, *, step
     the estimates from iteration ``renoise_average_from`` on (the paper averages the later ones;
     0 includes the plain DDIM estimate, as SmPO's code does).
     """
-    timesteps = ddim_timesteps(backbone.scheduler.config.num_train_timesteps, steps)
+    schedule = schedule_for(backbone.scheduler)
     x = latents.float()
     trajectory = [x]
-    previous: int | None = None
-    for t in timesteps:
-        a_from, a_to = _alpha(backbone, previous, x), _alpha(backbone, t, x)
-        eps = _epsilon(backbone, x, previous if previous is not None else 0, cond)
-        eps = _renoise(backbone, x, eps, a_from, a_to, torch.full((x.shape[0],), t, device=x.device), cond,
-                       renoise_iterations, renoise_average_from)
-        x = _move(x, eps, a_from, a_to)
+    previous: Tensor | None = None
+    for point in schedule.grid(steps):
+        t = _full(point, x)
+        start, end = _coefficients(schedule, previous, x), _coefficients(schedule, t, x)
+        eps = _epsilon_at(backbone, schedule, x, previous if previous is not None else _full(0, x), cond)
+        eps = _renoise(backbone, schedule, x, eps, start, end, t, cond, renoise_iterations, renoise_average_from)
+        x = _move(x, eps, start, end)
         trajectory.append(x)
         previous = t
     return trajectory
@@ -120,28 +128,36 @@ def ddim_invert_to(backbone: Backbone, latents: Tensor, cond: Conditioning, time
     forward over the items still on their way. ``eta`` > 0 adds ``eta * sigma * z`` after each
     move but the first, sigma being the DDPM posterior standard deviation between the two
     timesteps (InPO's optional stochastic inversion, 0.1 in the authors' code); ``generator``
-    draws z. ``renoise_iterations`` refines each move as in :func:`ddim_invert` (SmPO's x_t).
+    draws z. On a flow model, whose x_t is the variance-preserving one scaled by
+    sqrt(a_t^2 + b_t^2), sigma is the same deviation computed at alpha-bar = a^2 / (a^2 + b^2) and
+    scaled alike. ``renoise_iterations`` refines each move as in :func:`ddim_invert` (SmPO's x_t).
     """
-    grid = ddim_timesteps(backbone.scheduler.config.num_train_timesteps, steps)
+    schedule = schedule_for(backbone.scheduler)
+    grid = schedule.grid(steps)
     paths = [[g for g in grid if g < t] + [t] for t in timesteps.tolist()]  # one host read, not one per item
-    alphas = backbone.scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
     x = latents.float().clone()
     for move in range(max(len(p) for p in paths)):
         active = [i for i, p in enumerate(paths) if move < len(p)]
         source = torch.tensor([paths[i][move - 1] if move else 0 for i in active], device=x.device)
         target = torch.tensor([paths[i][move] for i in active], device=x.device)
-        a_from = alphas[source] if move else torch.ones(len(active), device=x.device)
-        a_to = alphas[target]
         x_active, cond_active = x[active], cond[active]
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        a_from, a_to = a_from.view(shape), a_to.view(shape)
-        eps = _epsilon_at(backbone, x_active, source, cond_active)
-        eps = _renoise(backbone, x_active, eps, a_from, a_to, target, cond_active, renoise_iterations,
+        start = _coefficients(schedule, source if move else None, x_active)
+        end = _coefficients(schedule, target, x_active)
+        eps = _epsilon_at(backbone, schedule, x_active, source, cond_active)
+        eps = _renoise(backbone, schedule, x_active, eps, start, end, target, cond_active, renoise_iterations,
                        renoise_average_from)
-        moved = _move(x_active, eps, a_from, a_to)
+        moved = _move(x_active, eps, start, end)
         if eta > 0 and move:
-            variance = ((1 - a_from) / (1 - a_to) * (1 - a_to / a_from)).clamp(min=0)
-            z = torch.randn(moved.shape, generator=generator, dtype=moved.dtype).to(moved.device)
-            moved = moved + eta * variance.sqrt() * z
+            moved = moved + eta * _posterior_std(start, end) * torch.randn(
+                moved.shape, generator=generator, dtype=moved.dtype).to(moved.device)
         x[active] = moved
     return x
+
+
+def _posterior_std(start: tuple[Tensor, Tensor], end: tuple[Tensor, Tensor]) -> Tensor:
+    """DDPM's posterior standard deviation between two levels (Song et al. 2021, Eq. 16 at eta 1), in the
+    scale of x at ``end``: for DDPM ``sqrt((1 - a_from) / (1 - a_to) (1 - a_to / a_from))`` in alpha-bars."""
+    scale = (end[0] ** 2 + end[1] ** 2).sqrt()
+    a_from = start[0] ** 2 / (start[0] ** 2 + start[1] ** 2)
+    a_to = end[0] ** 2 / (end[0] ** 2 + end[1] ** 2)
+    return scale * ((1 - a_from) / (1 - a_to) * (1 - a_to / a_from)).clamp(min=0).sqrt()

@@ -7,7 +7,8 @@ re-scores recorded steps under the current policy and the reference. Two step ru
 - DDIM with eta > 0 (Song et al. 2021, Eq. 12; DDPO's ``ddim_step_with_logprob``), for epsilon-
   and v-prediction models: the mean is diffusers' ``DDIMScheduler.step`` with zero noise, the
   standard deviation eta * sqrt(((1 - a_prev) / (1 - a_t)) (1 - a_t / a_prev)).
-- The flow-matching SDE of Flow-GRPO (Liu et al. 2025, Eq. 9) for SD3: from sigma to sigma'
+- The flow-matching SDE of Flow-GRPO (Liu et al. 2025, Eq. 9) for SD3/SD3.5 and FLUX.1 (on the grid
+  their pipelines sample on, :meth:`~diffalign.diffusion.backbones.Backbone.sampling_scheduler`): from sigma to sigma'
   (dt = sigma' - sigma < 0) with velocity v and std_t = a sqrt(sigma / (1 - sigma)),
 
       mean = x + (v + std_t^2 / (2 sigma) (x + (1 - sigma) v)) dt,   std = std_t sqrt(-dt),
@@ -56,14 +57,14 @@ class Trajectory:
 class StepRule:
     """One sampler's grid and Gaussian step, for a backbone's scheduler family."""
 
-    def __init__(self, backbone: Backbone, steps: int, eta: float) -> None:
+    def __init__(self, backbone: Backbone, steps: int, eta: float, latent_shape: tuple[int, ...]) -> None:
+        """``latent_shape`` (.., h, w) of the sampled latents: FLUX.1's grid shifts with the image size."""
         if eta <= 0:
             raise ValueError("a stochastic sampler needs eta > 0 (eta = 0 is deterministic: no log-probability)")
         self.flow = "FlowMatch" in type(backbone.scheduler).__name__
         self.eta = eta
         if self.flow:
-            scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
-            scheduler.set_timesteps(steps)
+            scheduler = backbone.sampling_scheduler(steps, latent_shape)
             self.sigmas = scheduler.sigmas.float()  # steps + 1 values, the last 0
             self.timesteps = scheduler.timesteps.float()
         else:
@@ -119,7 +120,7 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     not depend on the batch it is drawn in.
     ``progress`` names a progress bar over the steps (none when None).
     """
-    rule = StepRule(backbone, steps, eta)
+    rule = StepRule(backbone, steps, eta, tuple(noise.shape[1:]))
     x = noise.float()
     latents, log_probs = [x], []
     for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
@@ -142,7 +143,7 @@ def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Co
     with gradients enabled: this is the policy term of D3PO.
     """
     b, steps = latents.shape[0], latents.shape[1] - 1
-    rule = StepRule(backbone, steps, eta)
+    rule = StepRule(backbone, steps, eta, tuple(latents.shape[2:]))
     index = torch.as_tensor(k)
     step_of = (index.expand(b) if index.dim() == 0 else index).tolist()  # one host read: the rule is per step
     rows, index = torch.arange(b, device=latents.device), torch.tensor(step_of, device=latents.device)

@@ -5,12 +5,18 @@ Two families cover the supported backbones:
 - :class:`DiffusionSchedule` (DDPM-type: SD 1.x/2.x, SDXL, PixArt):
   ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` with ``a_t`` the scheduler's alphas_cumprod;
   target eps (epsilon), ``sqrt(a_t) eps - sqrt(1 - a_t) x_0`` (v_prediction) or x_0 (sample).
-- :class:`FlowSchedule` (rectified flow: SD3): ``x_t = (1 - sigma) x_0 + sigma eps`` with the
-  scheduler's shifted sigmas; target ``eps - x_0``; the transformer sees ``sigma * 1000``.
+- :class:`FlowSchedule` (rectified flow: SD3/SD3.5, FLUX.1): ``x_t = (1 - sigma) x_0 + sigma eps``
+  with the scheduler's (shifted) sigmas; target ``eps - x_0``; the transformer sees ``sigma * 1000``.
 
-A timestep is an integer index ``t`` in [0, num_train_timesteps) in both; the schedule maps it
-to what the denoiser expects. Samplers draw ``u`` in [0, 1) (uniform, logit-normal or SD3's
-mode sampling, via diffusers.training_utils) and restrict it to a fraction range.
+Both are ``x_t = a_t x_0 + b_t eps`` (:meth:`Schedule.coefficients`), and any model output gives
+back the pair (x_0, eps) it implies at x_t (:meth:`Schedule.split`): the two facts the inversion
+and truncated-sampling methods are written in, so they run on either family.
+
+A timestep is an integer index ``t`` in [0, num_train_timesteps) in both, and in both a larger
+``t`` is noisier; the schedule maps it to what the denoiser expects. Samplers draw ``u`` in
+[0, 1) (uniform, logit-normal or SD3's mode sampling, via diffusers.training_utils) and restrict
+it to a fraction range; on a flow model ``u`` is then SD3's noise level t before the shift
+(Esser et al. 2024, Eq. 19-20: sigma = shift t / (1 + (shift - 1) t)).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class TimestepSampler:
         logit_mean, logit_std: parameters of the logit-normal.
         mode_scale: scale of the mode sampler.
         t_range: the fraction [lo, hi) of the schedule to draw from, e.g. (0.0, 0.5) keeps
-            the less noisy half (Self-NPO's truncated fine-tuning uses such a range).
+            the less noisy half, on either family.
     """
 
     kind: str = "uniform"
@@ -84,6 +90,20 @@ class Schedule:
     def loss_weight(self, t: Tensor, weighting: str) -> Tensor:
         raise NotImplementedError
 
+    def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(a_t, b_t), each (N,) float32, of ``x_t = a_t x_0 + b_t eps`` at integer timesteps ``t``."""
+        raise NotImplementedError
+
+    def split(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The (x_0, eps) that the model's ``output`` at (x, t) implies, in float32."""
+        raise NotImplementedError
+
+    def grid(self, steps: int) -> list[int]:
+        """``steps`` evenly spaced timesteps, increasing from 0 (diffusers' "leading" DDIM spacing): the grid
+        that inversion and truncated sampling walk."""
+        ratio = self.num_timesteps // steps
+        return [i * ratio for i in range(steps)]
+
 
 def _bcast(values: Tensor, like: Tensor) -> Tensor:
     return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
@@ -122,6 +142,20 @@ class DiffusionSchedule(Schedule):
     def model_timesteps(self, t):
         return t
 
+    def coefficients(self, t):
+        a = self.alphas_cumprod.to(t.device)[t]
+        return a.sqrt(), (1 - a).sqrt()
+
+    def split(self, output, x, t):
+        """Epsilon, v (``v = a eps - b x_0``, Salimans & Ho 2022) or x_0 prediction -> (x_0, eps)."""
+        a, b = (_bcast(c, x) for c in self.coefficients(t))
+        output, x = output.float(), x.float()
+        if self.prediction_type == "epsilon":
+            return (x - b * output) / a, output
+        if self.prediction_type == "v_prediction":
+            return a * x - b * output, a * output + b * x
+        return output, (x - a * output) / b
+
     def snr(self, t: Tensor) -> Tensor:
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a)
@@ -142,7 +176,13 @@ class DiffusionSchedule(Schedule):
 
 
 class FlowSchedule(Schedule):
-    """Rectified-flow noising with the scheduler's (shifted) sigmas, as SD3 trains."""
+    """Rectified-flow noising with the scheduler's (shifted) sigmas, as SD3 and FLUX.1 train.
+
+    The training grid is the scheduler's: SD3's sigmas shifted by ``shift`` (3.0), FLUX.1's unshifted
+    (its scheduler shifts by resolution only when sampling, ``use_dynamic_shifting``), as diffusers'
+    training scripts use them. Index t holds the t-th smallest sigma, so that t grows with the noise as
+    a DDPM timestep does; diffusers' scripts index the same grid from the noisy end.
+    """
 
     WEIGHTINGS = ("uniform", "sigma_sqrt", "cosmap")
 
@@ -152,9 +192,9 @@ class FlowSchedule(Schedule):
         self.scheduler = scheduler
         self.num_timesteps = scheduler.config.num_train_timesteps
         self.prediction_type = "flow"
-        # index i <-> (sigma_i, timestep_i): the scheduler's training grid (descending noise)
-        self.sigmas = scheduler.sigmas[: self.num_timesteps].float()
-        self.timesteps = scheduler.timesteps[: self.num_timesteps].float()
+        # index i <-> (sigma_i, timestep_i), increasing noise: the scheduler's training grid read from its clean end
+        self.sigmas = scheduler.sigmas[: self.num_timesteps].flip(0).float()
+        self.timesteps = scheduler.timesteps[: self.num_timesteps].flip(0).float()
 
     def sigma(self, t: Tensor) -> Tensor:
         return self.sigmas.to(t.device)[t]
@@ -168,6 +208,16 @@ class FlowSchedule(Schedule):
 
     def model_timesteps(self, t):
         return self.timesteps.to(t.device)[t]
+
+    def coefficients(self, t):
+        sigma = self.sigma(t)
+        return 1 - sigma, sigma
+
+    def split(self, output, x, t):
+        """Velocity v = eps - x_0 at x_t = (1 - sigma) x_0 + sigma eps -> x_0 = x_t - sigma v, eps = x_t + (1 - sigma) v."""
+        sigma = _bcast(self.sigma(t), x)
+        output, x = output.float(), x.float()
+        return x - sigma * output, x + (1 - sigma) * output
 
     def loss_weight(self, t, weighting="uniform"):
         """SD3's weightings (diffusers.training_utils.compute_loss_weighting_for_sd3)."""

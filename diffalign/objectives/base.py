@@ -6,9 +6,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from diffalign.diffusion import Backbone, DiffusionSchedule, schedule_for
-from diffalign.errors import UserError
-
 
 class Objective:
     """Base of the objectives: the data layout, whether a frozen reference is needed, and two hooks.
@@ -26,22 +23,6 @@ class Objective:
     frozen_reference = True
     shadow_weights = False
     loss_kinds: tuple[str, ...] = ()
-    # why the method walks a DDIM grid (an inversion, truncated sampling), for those that do: they need an
-    # epsilon- or v-prediction model and refuse flow-matching ones (see :meth:`refuse_flow_matching`)
-    walks_ddim_grid: str | None = None
-
-    @classmethod
-    def refuse_flow_matching(cls, name: str, backbone: Backbone) -> None:
-        """A clear error when a method that walks a DDIM grid meets a flow-matching model (SD3, FLUX):
-        there is no DDIM grid to walk, and the user can pick a method that has none."""
-        if cls.walks_ddim_grid is None or isinstance(schedule_for(backbone.scheduler), DiffusionSchedule):
-            return
-        from diffalign.objectives import OBJECTIVES
-
-        others = ", ".join(n for n, objective in OBJECTIVES.items() if objective.walks_ddim_grid is None)
-        raise UserError(f"objective.name={name} {cls.walks_ddim_grid}, so it needs an epsilon- or v-prediction model "
-                        f"(SD1.5, SDXL, PixArt); this model's {type(backbone.scheduler).__name__} is flow matching. "
-                        f"With this model, train {others}.")
 
     @staticmethod
     def mean_over_processes(value: Tensor) -> Tensor:

@@ -1,17 +1,19 @@
 """What InPO and SmPO share: Diffusion-DPO scored at latents found by inverting the images.
 
-Diffusion-DPO places x^w and x^l at x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps with random eps,
-which ties x_t to the image only loosely. Both methods instead run the model's own DDIM
-inversion (optionally stochastic, optionally ReNoise-refined; :mod:`diffalign.diffusion.inversion`)
-from the clean latent up to the pair's timestep t, and score each image there against the
-noise that x_t implies:
+Diffusion-DPO places x^w and x^l at x_t = a_t x_0 + b_t eps with random eps, which ties x_t to
+the image only loosely. Both methods instead run the model's own DDIM inversion (optionally
+stochastic, optionally ReNoise-refined; :mod:`diffalign.diffusion.inversion`) from the clean
+latent up to the pair's timestep t, and score each image there against the noise that x_t implies:
 
     x_t   = Inv_theta(x_0 -> t)                       (the policy inverts, without gradients)
-    eps^  = (x_t - sqrt(a_t) x_0) / sqrt(1 - a_t)
-    s(x)  = -w(t) ||eps^ - eps_theta(x_t, t)||^2      (and s_ref with the reference)
+    eps^  = (x_t - a_t x_0) / b_t
+    s(x)  = -w(t) ||target(x_0, eps^, t) - f_theta(x_t, t)||^2      (and s_ref with the reference)
 
-after which the pairwise or soft-label core loss is the same as Diffusion-DPO's. Only eps-
-and v-prediction models have a DDIM inversion here, so flow-matching models (SD3) are refused.
+after which the pairwise or soft-label core loss is the same as Diffusion-DPO's. With DDPM's
+a_t = sqrt(alpha-bar_t), b_t = sqrt(1 - alpha-bar_t) this is InPO's Eq. 12 (the reparametrised
+reward at the inverted latent). On a flow model (SD3/SD3.5, FLUX.1) a_t = 1 - sigma_t, b_t = sigma_t,
+the inversion is the Euler inversion of the probability-flow ODE, and the target is the velocity
+eps^ - x_0 = (x_t - x_0) / sigma_t: the straight line from the image through the inverted latent.
 """
 
 from __future__ import annotations
@@ -33,14 +35,12 @@ Tensor = torch.Tensor
 class InvertedDiffusionDPO(DiffusionDPO):
     """Diffusion-DPO at inverted latents; subclasses set the inversion's defaults."""
 
-    walks_ddim_grid = "inverts each image along a DDIM grid"
     default_inversion_steps = 10
     default_inversion_eta = 0.0
     default_renoise_iterations = 0
     renoise_average_from = 1
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        self.refuse_flow_matching(config.name, backbone)
         super().__init__(config, backbone)
         pick = lambda value, default: default if value is None else value  # noqa: E731
         self.inversion_steps = pick(config.inversion_steps, self.default_inversion_steps)
@@ -63,8 +63,8 @@ class InvertedDiffusionDPO(DiffusionDPO):
         x_t = ddim_invert_to(backbone, x0, cond, t, steps=self.inversion_steps, eta=self.inversion_eta,
                              renoise_iterations=self.renoise_iterations,
                              renoise_average_from=self.renoise_average_from, generator=generator)
-        a = backbone.scheduler.alphas_cumprod.to(x_t)[t].view(-1, *([1] * (x0.dim() - 1)))
-        implied = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        signal, noise = (c.to(x_t).view(-1, *([1] * (x0.dim() - 1))) for c in self.schedule.coefficients(t))
+        implied = (x_t - signal * x0) / noise
         return NoisedGroup(noisy=x_t.to(latents.dtype), target=self.schedule.target(x0, implied, t).to(latents.dtype),
                            model_timesteps=self.schedule.model_timesteps(t), weight=self.schedule.loss_weight(t, self.weighting),
                            cond=cond, groups=b, items=k)

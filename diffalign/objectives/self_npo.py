@@ -7,12 +7,14 @@ Self-NPO gets such a model without preference data, by teaching the model its ow
 predictions (truncated diffusion fine-tuning, as in the authors' ``Self-NPO/train.py``):
 
 1. noise a clean latent x_0 to t_i, a point of an N-point DDIM grid (t_i = (i + 1) T / N - 1,
-   i uniform), with DDPM's forward process;
+   i uniform), with the forward process x_t = a_t x_0 + b_t eps;
 2. the teacher walks at most K DDIM moves (eta 0) down the grid from there, with guidance
    scale w_T (the authors use the unconditional prediction: w = -1 in their cond + w (cond -
-   uncond), 0 in diffusers' convention), reaching x_e at t_e, and predicts x^_0(x_e, t_e);
+   uncond), 0 in diffusers' convention), reaching x_e at t_e, and predicts x^_0(x_e, t_e), its
+   Tweedie estimate of the clean latent;
 3. x_e is noised further, consistently with the forward process, to s uniform in (t_e, T):
-   x_s = alpha_s (x_e / alpha_e + sqrt(nsr_s^2 - nsr_e^2) z), nsr = sigma / alpha;
+   x_s = a_s (x_e / a_e + sqrt(nsr_s^2 - nsr_e^2) z) with nsr = b / a, written here as
+   x_s = (a_s / a_e) x_e + sqrt(b_s^2 - (a_s b_e / a_e)^2) z, which stays finite at pure noise (a_s = 0);
 4. the student, conditioned on the caption, predicts x_0 from (x_s, s) and is regressed onto
    the teacher's x^_0 with the pseudo-Huber loss sqrt(d^2 + c^2) - c (c = 0.001; the authors
    omit the constant -c, which changes no gradient) or the squared error;
@@ -23,8 +25,13 @@ Defaults are the authors' SD1.5 recipe (train.sh): N = 25, K = 5, w = -1, EMA 0.
 c = 0.001, learning rate 1e-6, 1000 steps, full fine-tune. The teacher is a
 :class:`~diffalign.diffusion.shadow.ShadowWeights` of the trained weights (only the LoRA weights
 in a LoRA run), so it costs no second copy of the base; ``objective.teacher_ema=1.0`` keeps the
-base itself as the teacher. Only DDIM-type (epsilon or v-prediction) models are supported, as
-in the authors' code; flow matching (SD3) is refused.
+base itself as the teacher.
+
+The authors' code is for DDPM-type models (a_t = sqrt(alpha-bar_t), b_t = sqrt(1 - alpha-bar_t)).
+Written with (a_t, b_t) and the model's implied (x_0, eps) (:meth:`~diffalign.diffusion.schedule.Schedule.split`),
+the same steps run on flow models (SD3/SD3.5, FLUX.1): a_t = 1 - sigma_t, b_t = sigma_t, the x_0
+estimate of a velocity v is x_t - sigma_t v, a DDIM move is an Euler step of the probability-flow ODE
+(:mod:`diffalign.diffusion.inversion`), and the grid runs over the flow schedule's training sigmas.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from diffalign.diffusion import Backbone, Conditioning
+from diffalign.diffusion import Backbone, Conditioning, schedule_for
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.base import Objective
 
@@ -63,18 +70,15 @@ class SelfNPO(Objective):
     frozen_reference = False
     loss_kinds = ("regression",)
     regression_losses = ("huber", "l2")
-    walks_ddim_grid = "samples its teacher's targets along a truncated DDIM grid"
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        self.refuse_flow_matching(config.name, backbone)
-        self.num_timesteps = backbone.scheduler.config.num_train_timesteps
-        self.prediction_type = backbone.scheduler.config.prediction_type
+        self.schedule = schedule_for(backbone.scheduler)
+        self.num_timesteps = self.schedule.num_timesteps
         self.grid = truncation_grid(self.num_timesteps, config.truncation_grid)
         self.moves = config.truncated_steps
         self.guidance_scale = config.teacher_guidance_scale
         self.ema = config.teacher_ema
         self.loss, self.huber_c = config.loss, config.huber_c
-        self.alphas_cumprod = backbone.scheduler.alphas_cumprod.float()
         self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
         self.teacher: ShadowWeights | None = None
 
@@ -96,28 +100,25 @@ class SelfNPO(Objective):
         }
 
     # --- the maths -----------------------------------------------------------------------
-    def _alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        return self.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))
+    def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(a_t, b_t) as columns broadcasting against ``like``."""
+        return tuple(c.to(like).view(-1, *([1] * (like.dim() - 1))) for c in self.schedule.coefficients(t))
 
     def _eps_and_x0(self, output: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The (epsilon, x_0) pair a model output implies at (x, t)."""
-        a = self._alpha_bar(t, x)
-        output = output.float()
-        if self.prediction_type == "v_prediction":
-            eps = a.sqrt() * output + (1 - a).sqrt() * x
-        elif self.prediction_type == "sample":
-            eps = (x - a.sqrt() * output) / (1 - a).sqrt()
-        else:
-            eps = output
-        return eps, (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0, eps = self.schedule.split(output, x, t)
+        return eps, x0
+
+    def _predict(self, backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, net: nn.Module) -> Tensor:
+        return backbone.predict(x, self.schedule.model_timesteps(t), cond, denoiser=net)
 
     def _teacher(self, backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
         """The teacher's guided (epsilon, x_0) at (x, t): uncond + w (cond - uncond)."""
         net = self.teacher.denoiser()
         if self.uncond is None:
-            return self._eps_and_x0(backbone.predict(x, t, cond, denoiser=net), x, t)
+            return self._eps_and_x0(self._predict(backbone, x, t, cond, net), x, t)
         uncond = self.uncond.to(x.device).repeat_items(x.shape[0])
-        both = backbone.predict(torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]), denoiser=net)
+        both = self._predict(backbone, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]), net)
         unconditional, conditional = both.float().chunk(2)
         return self._eps_and_x0(unconditional + self.guidance_scale * (conditional - unconditional), x, t)
 
@@ -130,7 +131,8 @@ class SelfNPO(Objective):
         grid = self.grid.to(x0.device)
         levels = lambda index: torch.where(index >= 0, grid[index.clamp(min=0)], torch.zeros_like(index))  # noqa: E731
         t = grid[start]
-        x = self._alpha_bar(t, x0).sqrt() * x0 + (1 - self._alpha_bar(t, x0)).sqrt() * randomness["noise"].to(x0)
+        a, b = self._coefficients(t, x0)
+        x = a * x0 + b * randomness["noise"].to(x0)
         moves = torch.clamp(start + 1, max=self.moves)
         for move in range(self.moves):
             active = (moves > move).nonzero().squeeze(1)
@@ -139,8 +141,8 @@ class SelfNPO(Objective):
             here = t[active]
             eps, x0_hat = self._teacher(backbone, x[active], here, cond[active])
             below = levels(start[active] - move - 1)
-            a = self._alpha_bar(below, x0_hat)
-            x[active] = a.sqrt() * x0_hat + (1 - a).sqrt() * eps
+            a, b = self._coefficients(below, x0_hat)
+            x[active] = a * x0_hat + b * eps
             t[active] = below
         _, target = self._teacher(backbone, x, t, cond)
         return x, t, target
@@ -156,11 +158,11 @@ class SelfNPO(Objective):
         x0 = latents[:, 0].float()
         x_end, t_end, target = self.truncated_rollout(backbone, x0, cond, randomness)
         s = self.student_timesteps(t_end, randomness["level"])
-        a_end, a_s = self._alpha_bar(t_end, x0), self._alpha_bar(s, x0)
-        nsr_end, nsr_s = ((1 - a_end) / a_end).sqrt(), ((1 - a_s) / a_s).sqrt()
-        x_s = a_s.sqrt() * (x_end / a_end.sqrt() + (nsr_s**2 - nsr_end**2).clamp(min=0).sqrt() * randomness["renoise"].to(x0))
+        (a_end, b_end), (a_s, b_s) = self._coefficients(t_end, x0), self._coefficients(s, x0)
+        carried = a_s / a_end  # x_end's noise, b_end, becomes carried * b_end at s; z makes up the rest
+        x_s = carried * x_end + (b_s**2 - (carried * b_end) ** 2).clamp(min=0).sqrt() * randomness["renoise"].to(x0)
         dtype = next(policy.parameters()).dtype
-        output = backbone.predict(x_s.to(dtype), s, cond.to(dtype=dtype), denoiser=policy)
+        output = self._predict(backbone, x_s.to(dtype), s, cond.to(dtype=dtype), policy)
         _, prediction = self._eps_and_x0(output, x_s, s)
         if self.loss == "huber":
             loss = pseudo_huber(prediction, target, self.huber_c)

@@ -37,6 +37,9 @@ class ModelConfig:
     denoiser_file: str | None = None
     # build from `path`'s configs with random weights (tests and benchmarks; no weights needed)
     random_init: bool = False
+    # the guidance value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance embedding
+    # while it trains and samples rounds (3.5, as diffusers' FLUX training scripts); others ignore it
+    distilled_guidance: float = 3.5
     # attention kernel: "sdpa" (PyTorch, default) or "xformers" (optional CUDA extra)
     attention: str = "sdpa"
     # recompute activations in the backward pass: less memory, ~30% more compute
