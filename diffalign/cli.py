@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -94,6 +95,26 @@ def _negative_guided_loader(args: argparse.Namespace, dtype: torch.dtype) -> Cal
     return load
 
 
+def _true_cfg_options(args: argparse.Namespace) -> dict[str, Any]:
+    """FluxPipeline's true-CFG arguments for ``--true-cfg``; a FLUX base with ``--negative`` and without it is refused,
+    since the negative model would never be called (:mod:`diffalign.diffusion.negative_guidance`)."""
+    from diffalign.paths import resolve_model_path
+
+    base = resolve_model_path(args.base, what="--base")
+    index = base / "model_index.json" if base.is_dir() else None
+    flux = index is not None and index.is_file() and json.loads(index.read_text()).get("_class_name") == "FluxPipeline"
+    if args.true_cfg is None:
+        if flux and args.negative:
+            raise UserError("--negative on a FLUX pipeline needs --true-cfg SCALE (e.g. 4): FLUX.1-dev is "
+                            "guidance-distilled and computes no unconditional branch for the negative model to join "
+                            "unless diffusers' true classifier-free guidance is on")
+        return {}
+    if not flux:
+        raise UserError("--true-cfg is FluxPipeline's true classifier-free guidance; other pipelines guide with "
+                        "--guidance alone")
+    return {"true_cfg_scale": args.true_cfg, "negative_prompt": ""}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion import default_device, load_pipeline, process_state, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
@@ -125,13 +146,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models["base+negative"] = _negative_guided_loader(args, dtype)
         made_by["base+negative"] = f"{args.negative} (mix {args.negative_mix})"
     models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
+    extra = _true_cfg_options(args)
     # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
     settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
                        "dtype": str(dtype).removeprefix("torch.")} for name in models}
     try:
         evaluation = evaluate_models(models, prompts, rewards, seeds_per_prompt=args.seeds, seed=args.seed,
                                      steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
-                                     batch_size=args.batch_size, progress=True,
+                                     batch_size=args.batch_size, progress=True, **extra,
                                      keep_images=args.report_prompts * args.seeds,
                                      images_dir=Path(args.out) / "images" if args.save_images else None,
                                      model_settings=settings)
@@ -234,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "guidance uses it in the unconditional branch (Diffusion-NPO / Self-NPO)")
     p.add_argument("--negative-mix", type=float, default=1.0,
                    help="weight of the negative model in the unconditional branch (1 = replace it)")
+    p.add_argument("--true-cfg", type=float, metavar="SCALE",
+                   help="FLUX.1: diffusers' true classifier-free guidance at SCALE with an empty negative prompt "
+                        "(FLUX.1-dev is guidance-distilled, has no unconditional branch otherwise, and takes "
+                        "--guidance as its guidance embedding); --negative on FLUX needs it")
     p.add_argument("--report-prompts", type=int, default=32,
                    help="prompts shown as image grids in the report (the first ones); the scores cover all")
     p.add_argument("--save-images", action="store_true",

@@ -5,7 +5,9 @@ through the wrapper is the plain pipeline when the negative model is the base it
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import pytest
 import torch
 
 from diffalign.diffusion import load_pipeline
@@ -13,12 +15,14 @@ from diffalign.diffusion.negative_guidance import NegativeGuidedDenoiser, with_n
 from diffalign.diffusion.sampling import generate
 from diffalign.paths import TOY_BASE
 
+MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 
-def _perturbed(unet: torch.nn.Module) -> torch.nn.Module:
+
+def _perturbed(unet: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     other = copy.deepcopy(unet)
     torch.manual_seed(0)
     for p in other.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+        p.data.add_(scale * torch.randn_like(p))
     return other
 
 
@@ -50,6 +54,26 @@ def test_a_pipeline_with_the_base_as_negative_samples_what_the_plain_pipeline_do
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("model, options", [("tiny-sd3", {}), ("tiny-flux", {"true_cfg_scale": 4.0, "negative_prompt": ""})])
+def test_flow_pipelines_sample_with_a_negative_model(model, options):
+    """SD3 stacks its guided batch; FLUX.1-dev, guidance-distilled, has an unconditional call only with diffusers'
+    true CFG (``true_cfg_scale`` and a negative prompt), and that call is where the negative model goes."""
+    folder = MODELS / model
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    settings = {"steps": 3, "resolution": 32, **options}
+    plain = generate(load_pipeline(folder, random_init=True), prompts, seeds, **settings)
+    pipe = load_pipeline(folder, random_init=True)
+    same = generate(with_negative_guidance(pipe, copy.deepcopy(pipe.transformer)), prompts, seeds, **settings)
+    torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-4)
+    pipe = load_pipeline(folder, random_init=True)
+    guided = with_negative_guidance(pipe, _perturbed(pipe.transformer, scale=0.5))
+    assert (generate(guided, prompts, seeds, **settings) - plain).abs().mean() > 1e-3
+    if model == "tiny-flux":  # without true CFG no unconditional branch is computed: the negative model is unused
+        without = {"steps": 3, "resolution": 32}
+        torch.testing.assert_close(generate(guided, prompts, seeds, **without),
+                                   generate(load_pipeline(folder, random_init=True), prompts, seeds, **without))
+
+
 def test_eval_adds_a_negative_guided_row(tmp_path):
     import json
 
@@ -62,3 +86,23 @@ def test_eval_adds_a_negative_guided_row(tmp_path):
     summary = json.loads((tmp_path / "report/metrics.json").read_text())
     row = summary["base+negative"]
     assert row["toy_preference_win_rate"] == 0.5  # the base as its own negative: identical images, all ties
+
+
+def test_eval_on_flux_guides_with_a_negative_model_through_true_cfg(tmp_path, capsys):
+    import json
+
+    from diffalign.cli import main
+
+    folder = tmp_path / "tiny-flux"
+    load_pipeline(MODELS / "tiny-flux", random_init=True).save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    command = ["eval", "--base", str(folder), "--negative", str(folder), "--prompts", str(prompts), "--seeds", "2",
+               "--steps", "2", "--resolution", "32", "--out", str(tmp_path / "report")]
+    assert main(command) != 0 and "--negative on a FLUX pipeline needs --true-cfg" in capsys.readouterr().err
+    assert main([*command, "--true-cfg", "4"]) == 0
+    row = json.loads((tmp_path / "report/metrics.json").read_text())["base+negative"]
+    assert row["toy_preference_win_rate"] == 0.5  # the base as its own negative: the same images as the base
+    assert main(["eval", "--base", str(TOY_BASE), "--prompts", str(prompts), "--true-cfg", "4",
+                 "--out", str(tmp_path / "x")]) != 0
+    assert "--true-cfg is FluxPipeline's" in capsys.readouterr().err

@@ -8,14 +8,22 @@ sampling time it replaces (or is mixed into) the unconditional branch of classif
     eps   = eps_u + w * (eps_base(x, c) - eps_u),
 
 so guidance pushes away from what the negative model would draw. ``with_negative_guidance``
-does this to any diffusers pipeline that stacks [unconditional; conditional] along the batch
-for guidance (SD 1.x/2.x, SDXL, SD3, PixArt), by wrapping its denoiser: the pipeline, its
-schedulers, callbacks and options work unchanged.
+does this to a diffusers pipeline by wrapping its denoiser, so the pipeline, its schedulers,
+callbacks and options work unchanged. Two kinds of pipeline are covered:
+
+- those that stack [unconditional; conditional] along the batch (SD 1.x/2.x, SDXL, SD3, PixArt):
+  the first half of each guided call also runs through the negative model;
+- FluxPipeline, whose FLUX.1-dev is guidance-distilled and has no unconditional branch at all: its
+  ``guidance_scale`` is an input embedding. diffusers offers "true" classifier-free guidance there
+  (``true_cfg_scale`` > 1 with a ``negative_prompt``), a second call per step inside the
+  transformer's ``cache_context("uncond")``; that call is the one the negative model joins. Without
+  true CFG a FLUX pipeline never calls an unconditional branch, so a negative model changes nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +49,17 @@ class NegativeGuidedDenoiser(nn.Module):
             raise ValueError(f"mix must be in [0, 1], got {mix}")
         self.base, self.negative, self.mix = base, negative, mix
         self.guiding = lambda: True  # set by with_negative_guidance to the pipeline's own flag
+        self.context: str | None = None  # the pipeline's cache_context: "uncond" marks FLUX's true-CFG call
+
+    @contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """The base model's cache context, remembering which branch the pipeline is computing."""
+        self.context = name
+        try:
+            with self.base.cache_context(name):
+                yield
+        finally:
+            self.context = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -48,19 +67,31 @@ class NegativeGuidedDenoiser(nn.Module):
         except AttributeError:  # config, dtype, device, ... are the base model's
             return getattr(super().__getattr__("base"), name)
 
-    def forward(self, sample: Tensor, timestep: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.base(sample, timestep, *args, **kwargs)
-        if not self.guiding() or self.mix == 0.0:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        if self.mix == 0.0 or self.context == "cond":
             return out
-        batch = sample.shape[0]
-        negative = self.negative(_half(sample, batch, True), _half(timestep, batch, True),
-                                 *[_half(a, batch, True) for a in args],
-                                 **{k: _half(v, batch, True) for k, v in kwargs.items()})
-        prediction = out[0] if isinstance(out, tuple) else out.sample
-        negative = negative[0] if isinstance(negative, tuple) else negative.sample
+        prediction = _prediction(out)
+        if self.context == "uncond":  # a separate unconditional call (FLUX true CFG): the whole batch mixes
+            negative = _prediction(self.negative(*args, **kwargs))
+            return _like(out, (1 - self.mix) * prediction + self.mix * negative.to(prediction.dtype))
+        if not self.guiding():
+            return out
+        batch = prediction.shape[0]
+        negative = _prediction(self.negative(*[_half(a, batch, True) for a in args],
+                                             **{k: _half(v, batch, True) for k, v in kwargs.items()}))
         unconditional = (1 - self.mix) * prediction[: batch // 2] + self.mix * negative.to(prediction.dtype)
-        prediction = torch.cat([unconditional, prediction[batch // 2:]])
-        return (prediction,) if isinstance(out, tuple) else type(out)(sample=prediction)
+        return _like(out, torch.cat([unconditional, prediction[batch // 2:]]))
+
+
+def _prediction(out: Any) -> Tensor:
+    """The prediction in a denoiser's output: a tuple's first item or the output's ``sample``."""
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _like(out: Any, prediction: Tensor) -> Any:
+    """``prediction`` in the form of the denoiser's output ``out``."""
+    return (prediction,) if isinstance(out, tuple) else type(out)(sample=prediction)
 
 
 def with_negative_guidance(pipe, negative: nn.Module, mix: float = 1.0):
