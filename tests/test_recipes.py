@@ -28,7 +28,7 @@ from diffalign.train import load_config, train
 
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml")
                  if not p.name.startswith(("toy_", "tiny_")) and not p.name.endswith("generate_ranked.yaml"))
-TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3"}  # a recipe's prefix -> its tiny architecture
+TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux"}  # a recipe's prefix -> its tiny architecture
 
 
 def recipe_data(root: Path) -> dict[str, Path]:

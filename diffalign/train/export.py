@@ -1,14 +1,17 @@
 """``diffalign export``: a run's trained weights in the formats people load.
 
 - ``lora``: the LoRA as ``pytorch_lora_weights.safetensors`` in a folder, for ``pipe.load_lora_weights``.
-- ``kohya``: the LoRA of an SD 1.x/2.x or SDXL run as one ``.safetensors`` file in kohya-ss names
+- ``kohya``: the LoRA of an SD 1.x/2.x, SDXL or FLUX.1 run as one ``.safetensors`` file in kohya-ss names
   (``lora_unet_<module>.lora_down/lora_up.weight`` and ``.alpha``), the layout A1111/Forge and
-  ComfyUI's LoRA loaders read (and diffusers' ``load_lora_weights`` too).
+  ComfyUI's LoRA loaders read (and diffusers' ``load_lora_weights`` too); FLUX's in the original
+  block names with fused projections (:mod:`diffalign.train.flux_keys`).
 - ``diffusers``: the whole pipeline with the trained weights merged in (LoRA fused), a folder for
   ``DiffusionPipeline.from_pretrained``.
 - ``single-file``: one ``.safetensors`` checkpoint in the original layout, which ComfyUI's
   checkpoint loader, A1111/Forge and diffusers' ``from_single_file`` read: SD 1.x/2.x and SDXL
-  (:mod:`diffalign.train.ldm_keys`), SD3 and SD3.5 (:mod:`diffalign.train.mmdit_keys`).
+  (:mod:`diffalign.train.ldm_keys`), SD3 and SD3.5 (:mod:`diffalign.train.mmdit_keys`). For FLUX.1 it is
+  the transformer alone, as Black Forest Labs ship ``flux1-dev.safetensors`` (:mod:`diffalign.train.flux_keys`;
+  ComfyUI's diffusion-model loader, ``FluxTransformer2DModel.from_single_file``, ``model.denoiser_file``).
 
 The source is a finished run (its ``final/`` weights) or one of its checkpoints
 (``run/checkpoints/step-N``), so the step that ``diffalign eval`` picked exports in every format;
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DiffusionPipeline, SD3Transformer2DModel
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
@@ -34,8 +37,8 @@ from diffalign.diffusion.finetuned import LORA_FILE, is_checkpoint, is_finished_
 from diffalign.diffusion.loading import DTYPES
 from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
-from diffalign.paths import with_usual_permissions
-from diffalign.train import ldm_keys, mmdit_keys
+from diffalign.paths import resolve_model_path, with_usual_permissions
+from diffalign.train import flux_keys, ldm_keys, mmdit_keys
 from diffalign.train.weights import save_final_weights
 
 FORMATS = ("lora", "kohya", "diffusers", "single-file")
@@ -69,20 +72,33 @@ def merged_pipeline(source: Path) -> DiffusionPipeline:
     return pipe
 
 
-def kohya_lora_state(lora_file: Path) -> dict[str, torch.Tensor]:
-    """A run's UNet LoRA file in kohya-ss names (its scale is folded in, so alpha = rank)."""
+def base_folder(source: Path) -> Path:
+    """The diffusers folder of the base model a run (or the run of a checkpoint) trained on."""
+    run = source.parent.parent if is_checkpoint(source) else source
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    return resolve_model_path(model.get("config") or model["path"], what="the run's model.path")
+
+
+def kohya_lora_state(lora_file: Path, base: Path) -> dict[str, torch.Tensor]:
+    """A run's LoRA file in kohya-ss names (its scale is folded in, so alpha = rank); ``base`` is the run's base
+    model folder, whose pipeline class says which naming applies."""
     layers = load_file(str(lora_file))
+    if json.loads((base / "model_index.json").read_text())["_class_name"] == "FluxPipeline":
+        transformer = json.loads((base / "transformer" / "config.json").read_text())
+        return flux_keys.flux_lora_to_kohya(layers, transformer["num_attention_heads"] * transformer["attention_head_dim"])
     if not all(k.startswith("unet.") for k in layers):
-        raise UserError("kohya export covers SD 1.x/2.x and SDXL UNet LoRAs; use --format lora or diffusers")
+        raise UserError("kohya export covers SD 1.x/2.x, SDXL and FLUX LoRAs; use --format lora or diffusers")
     return convert_state_dict_to_kohya(convert_unet_state_dict_to_peft(layers))
 
 
 def single_file_state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
-    """Every component of an SD 1.x/2.x, SDXL or SD3 pipeline under its original-layout key."""
+    """Every component of an SD 1.x/2.x, SDXL or SD3 pipeline under its original-layout key; FLUX.1's transformer."""
     if isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel):
         return _sd3_single_file_state(pipe)
+    if isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel):
+        return flux_keys.flux_transformer_to_original(pipe.transformer.state_dict())
     if getattr(pipe, "unet", None) is None:
-        raise UserError(f"single-file export covers SD 1.x/2.x, SDXL and SD3 pipelines, not {type(pipe).__name__}; "
+        raise UserError(f"single-file export covers SD 1.x/2.x, SDXL, SD3 and FLUX pipelines, not {type(pipe).__name__}; "
                         "use --format diffusers (ComfyUI loads diffusers folders too)")
     state = {ldm_keys.DENOISER_PREFIX + k: v for k, v in
              ldm_keys.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
@@ -164,7 +180,8 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "f
             lora = lora_file(source, Path(scratch))
             if fmt == "kohya":
                 out.parent.mkdir(parents=True, exist_ok=True)
-                state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in kohya_lora_state(lora).items()}
+                state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in
+                         kohya_lora_state(lora, base_folder(source)).items()}
                 save_file(state, out, metadata={"format": "pt", **_provenance(source)})
                 return with_usual_permissions(out)
             out.mkdir(parents=True, exist_ok=True)
