@@ -118,25 +118,23 @@ def test_inversion_dpo_scores_each_image_at_its_euler_inverted_latent_by_hand(fl
         x0 = latents[pair]
         x = x0.clone()
         for prev, nxt in zip(path[:-1], path[1:]):
-            at = sig[prev or 0]
-            v = _velocity(flow, x, at, c)
-            if prev is None:  # from the clean latent itself: x0 = x, eps from the model at the grid's first point
-                start = lambda eps: eps  # noqa: E731
-                moved = lambda eps: (1 - sig[nxt]) * x + sig[nxt] * eps  # noqa: E731
-                eps = x + (1 - at) * v
-            else:  # an Euler step in sigma, written through the eps it keeps
-                moved = lambda eps, x=x, at=at: x + (sig[nxt] - at) * (eps - x) / (1 - at)  # noqa: E731
-                eps = x + (1 - at) * v
-            estimates = [eps]
+            at = sig[prev or 0]  # from the clean latent the model is asked at the grid's first point
+            start = 0.0 if prev is None else at  # ... but x is the clean latent itself: sigma 0, x0 = x
+
+            def moved(eps, x=x, start=start, end=sig[nxt]):
+                """The DDIM move keeping (x0, eps): x0 = (x - start eps) / (1 - start)."""
+                return (1 - end) * (x - start * eps) / (1 - start) + end * eps
+
+            estimates = [x + (1 - at) * _velocity(flow, x, at, c)]  # eps = x + (1 - sigma) v
             for _ in range(renoise):
-                v_next = _velocity(flow, moved(estimates[-1]), sig[nxt], c)
-                estimates.append(moved(estimates[-1]) + (1 - sig[nxt]) * v_next)
+                ahead = moved(estimates[-1])
+                estimates.append(ahead + (1 - sig[nxt]) * _velocity(flow, ahead, sig[nxt], c))
             x = moved(torch.stack(estimates).mean(0))
         target = (x - x0) / sig[t]  # velocity eps^ - x0 with eps^ = (x_t - (1 - sigma) x0) / sigma
         step = torch.full((2,), float(sig[t] * 1000))
         with torch.no_grad():
-            mse = lambda net: (flow.predict(x, step, c, denoiser=net) - target).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
-            policy, ref = mse(flow.denoiser), mse(reference)
+            policy, ref = ((flow.predict(x, step, c, denoiser=net) - target).pow(2).mean(dim=(1, 2, 3))
+                           for net in (flow.denoiser, reference))
         expected.append(-F.logsigmoid(-2500.0 * ((policy[0] - ref[0]) - (policy[1] - ref[1]))))
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
 
