@@ -15,7 +15,11 @@ config folder in assets/models (no download) and a synthetic dataset of random i
   reference as the same UNet with adapters disabled (``disable_adapters``/``enable_adapters``), computes -logsigmoid(beta_dpo (ref_diff - model_diff))
   and logs loss, raw model loss, reference loss and implicit accuracy with ``.item()`` every step.
   Image decoding is excluded for both (the example decodes in DataLoader workers, diffalign in
-  its reader threads; `scripts/bench_data.py reader` measures what is left of it).
+  its reader threads; `scripts/bench_data.py reader` measures what is left of it). diffusers has no
+  DPO example for flow-matching models (SD3, FLUX.1); for them the same loop noises as diffusers'
+  SD3 and FLUX LoRA training scripts do (a training-grid index drawn uniformly, x_t = (1 - sigma) x_0
+  + sigma eps, the velocity eps - x_0 as the target; FLUX's latents packed inside the backbone's
+  forward as FluxPipeline packs them).
 
 FLOPs: every FLOP of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` on the
 step itself; for diffalign's cached step that is the denoiser alone (policy forward + backward,
@@ -176,15 +180,19 @@ def example_step(backbone, pixels: torch.Tensor, captions: list[str], dtype: tor
     cond = Conditioning.cat([cond, cond])
     noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
     t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), device=latents.device).repeat(2)
-    noisy = schedule.add_noise(latents, noise, t)
+    if "FlowMatch" in type(schedule).__name__:  # diffusers' SD3/FLUX scripts: the training grid's sigmas
+        sigma = schedule.sigmas[t.cpu()].to(latents).view(-1, 1, 1, 1)
+        noisy, target, t = (1 - sigma) * latents + sigma * noise, noise - latents, schedule.timesteps[t.cpu()].to(latents)
+    else:
+        noisy, target = schedule.add_noise(latents, noise, t), noise
     pred = backbone.predict(noisy, t, cond, denoiser=unet)
-    model_losses = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    model_losses = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     model_w, model_l = model_losses.chunk(2)
     with torch.no_grad():
         unet.disable_adapters()
         ref_pred = backbone.predict(noisy, t, cond, denoiser=unet)
         unet.enable_adapters()
-        ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         ref_w, ref_l = ref_losses.chunk(2)
     inside = beta * ((ref_w - ref_l) - (model_w - model_l))
     loss = -F.logsigmoid(inside).mean()
@@ -280,8 +288,9 @@ def main() -> None:
     for model in args.models.split(","):
         for mode in args.modes.split(","):
             for grad_ckpt in checkpointing:
-                # diffusers ships the DPO example for SD1.5 and SDXL LoRA only
-                has_example = mode == "lora" and any(family in model for family in ("sd15", "sdxl"))
+                # diffusers ships the DPO example for SD1.5 and SDXL LoRA; flow models get its loop with their
+                # own scripts' noising (module docstring)
+                has_example = mode == "lora" and any(family in model for family in ("sd15", "sdxl", "sd3", "flux"))
                 impls = [impl for impl in chosen if impl != "diffusers-example" or has_example]
                 specs += [{"model": model, "impl": impl, "compile": impl.endswith("+compile"),
                            "lora_rank": args.lora_rank if mode == "lora" else 0,

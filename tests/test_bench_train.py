@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -26,9 +27,11 @@ def _encoding_flops(model: str, resolution: int) -> int:
     return counter.get_total_flops()
 
 
-def test_the_script_times_diffalign_against_the_example_loop(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-flux"])
+def test_the_script_times_diffalign_against_the_example_loop(tmp_path, model):
+    """On FLUX the example's loop noises as diffusers' flow scripts do; the work it adds is the same encoding."""
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--models", "tiny-sd15",
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--models", model,
                            "--batch", "1", "--resolution", "32", "--steps", "1", "--warmup", "1", "--repeats", "1",
                            "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -37,6 +40,6 @@ def test_the_script_times_diffalign_against_the_example_loop(tmp_path):
     # the same denoiser work (policy forward and backward, reference forward) in both; the example adds the
     # encoders, every step, and diffalign's cached step nothing else
     extra = rows["diffusers-example"]["denoiser_flops"] - rows["diffalign"]["denoiser_flops"]
-    assert extra == _encoding_flops("tiny-sd15", 32)
+    assert extra == _encoding_flops(model, 32)
     assert all(row["pairs_per_s"] > 0 and row["mfu"] > 0 for row in rows.values())
-    assert "| tiny-sd15 | lora | False | diffusers-example |" in done.stdout and " 1.00x |" in done.stdout
+    assert f"| {model} | lora | False | diffusers-example |" in done.stdout and " 1.00x |" in done.stdout
