@@ -53,7 +53,8 @@ NOT_RUN = [
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
     (r"^python scripts/bench_(alignment|train)\.py ", "a benchmark of minutes to hours on a CPU"),
     (r"^python scripts/bench_memory\.py ", "tests/test_bench_memory.py runs the script on the tiny models"),
-    (r"stabilityai/|mhdang/|sdxl_generate_ranked\.yaml", "needs real SDXL, SD3 or PixArt weights and reward models"),
+    (r"stabilityai/|black-forest-labs/|mhdang/|sdxl_generate_ranked\.yaml",
+     "needs real SDXL, SD3, FLUX or PixArt weights and reward models"),
 ]
 PLACEHOLDERS = ("RUN", "NPO_RUN", "DDO_RUN", "PAIRS", "OUT", "FOLDER", "CONFIG")
 # the checkpoint at step 2000 of 2000, as the 2-step run here has it: at step 2 of 2
