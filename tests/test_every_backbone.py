@@ -23,7 +23,7 @@ DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": 
 SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversion_steps=2",
                                                               "objective.renoise_iterations=1",
                                                               "data.score_columns=[[pick_0, pick_1]]"],
-           "d3po": ["online.pairs_per_round=2", "online.steps_per_round=2", "objective.sample_steps=2"],
+           "d3po": ["online.groups_per_round=2", "online.steps_per_round=2", "objective.sample_steps=2"],
            "ddo": ["objective.sample_steps=2"]}
 
 

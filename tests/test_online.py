@@ -21,7 +21,7 @@ from fixtures import toy_policy_and_reference
 ROOT = Path(__file__).resolve().parent.parent
 
 
-_SMALL = ["online.pairs_per_round=4", "online.steps_per_round=2", "objective.sample_steps=4", "train.batch_size=2",
+_SMALL = ["online.groups_per_round=4", "online.steps_per_round=2", "objective.sample_steps=4", "train.batch_size=2",
           "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "validation.every=0",
           "validation.prompt_file=null"]
 
@@ -62,7 +62,7 @@ def test_d3po_objective_is_the_step_loss_on_the_winner_first_pairs():
 def test_online_rounds_are_sampled_scored_and_resumed_exactly(tmp_path):
     straight = train(_config(tmp_path / "straight"))
     assert straight["steps"] == 4 and (tmp_path / "straight/rounds/round-00001/trajectories.safetensors").is_file()
-    record = json.loads((tmp_path / "straight/rounds/round-00000/pairs.json").read_text())
+    record = json.loads((tmp_path / "straight/rounds/round-00000/groups.json").read_text())
     assert len(record["prompts"]) == 4 and len(record["rewards"]) == 4
     assert len(list((tmp_path / "straight/rounds/round-00000/images").glob("*.png"))) == 8
 
@@ -101,18 +101,18 @@ def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         shown[name] = done.stderr
     # the main process's progress bar: its own share, not the whole round
-    assert "round 0: sampling 4 pairs" in shown["one"] and "round 0: sampling 2 pairs" in shown["two"]
-    assert "sampling 4 pairs" not in shown["two"]
+    assert "round 0: sampling 4 groups of 2" in shown["one"] and "round 0: sampling 2 groups of 2" in shown["two"]
+    assert "sampling 4 groups" not in shown["two"]
     one, two = (tmp_path / run / "rounds" / "round-00000" for run in ("one", "two"))
     a, b = (load_file(str(folder / "trajectories.safetensors")) for folder in (one, two))
     assert a.keys() == b.keys() == {"latents", "timesteps", "log_probs"} and a["latents"].shape[0] == 8
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
-    record = {run: json.loads((folder / "pairs.json").read_text()) for run, folder in (("one", one), ("two", two))}
+    record = {run: json.loads((folder / "groups.json").read_text()) for run, folder in (("one", one), ("two", two))}
     assert record["one"]["prompts"] == record["two"]["prompts"]
     torch.testing.assert_close(torch.tensor(record["one"]["rewards"]), torch.tensor(record["two"]["rewards"]),
                                rtol=0, atol=1e-3)
-    assert sorted(p.name for p in (two / "images").iterdir()) == [f"pair{i:04d}-{j}.png" for i in range(4)
+    assert sorted(p.name for p in (two / "images").iterdir()) == [f"group{i:04d}-{j}.png" for i in range(4)
                                                                    for j in (0, 1)]
     assert not list(two.glob("part-*"))
 
@@ -135,8 +135,8 @@ def test_a_round_sampled_a_pair_at_a_time_is_the_round_sampled_at_once(tmp_path)
             for name in ("at_once", "one_by_one"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
-    assert json.loads((tmp_path / "at_once/rounds/round-00000/pairs.json").read_text()) == \
-        json.loads((tmp_path / "one_by_one/rounds/round-00000/pairs.json").read_text())
+    assert json.loads((tmp_path / "at_once/rounds/round-00000/groups.json").read_text()) == \
+        json.loads((tmp_path / "one_by_one/rounds/round-00000/groups.json").read_text())
     with pytest.raises(UserError, match="online.sample_batch_size must be >= 1"):
         _config(tmp_path / "bad", "online.sample_batch_size=0")
 
@@ -168,7 +168,7 @@ def test_d3po_trains_from_the_cli_on_tiny_sdxl_and_sd3(tmp_path, model):
     run = tmp_path / "run"
     assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"model.path={ROOT / 'assets/models' / model}",
                  "objective.name=d3po", "objective.loss=dpo", "objective.beta=0.1", "objective.sample_steps=3",
-                 "objective.sample_guidance_scale=2.0", "online.prompts=toy_train", "online.pairs_per_round=2",
+                 "objective.sample_guidance_scale=2.0", "online.prompts=toy_train", "online.groups_per_round=2",
                  "online.steps_per_round=2", "online.reward=toy_preference", "train.max_steps=2",
                  f"output_dir={run}"]) == 0
     assert (run / "rounds/round-00000/trajectories.safetensors").is_file()

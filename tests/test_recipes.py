@@ -60,7 +60,7 @@ def cpu_overrides(recipe: str, data: dict[str, Path]) -> list[str]:
         keys.append("train.adam_8bit=false")  # bitsandbytes is CUDA-only
     if objective.dataset == "online":
         # the reward model needs real weights; the toy reward judges toy prompts; a round of 2 pairs in 2 steps
-        keys += ["online.reward=toy_preference", "online.prompts=toy_train", "online.pairs_per_round=2",
+        keys += ["online.reward=toy_preference", "online.prompts=toy_train", "online.groups_per_round=2",
                  "online.sample_batch_size=2", "online.steps_per_round=2", "objective.sample_steps=2"]
     elif shipped["objective"].get("sample_steps"):
         keys.append("objective.sample_steps=2")  # DDO's samples of the reference: fewer sampler steps

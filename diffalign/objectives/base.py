@@ -37,3 +37,22 @@ class Objective:
 
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step that was taken (default: nothing)."""
+
+
+class OnlineObjective(Objective):
+    """An objective trained on rounds of its own samples (:mod:`diffalign.train.online`, the round driver).
+
+    ``group_size`` is the samples per prompt of a round and ``shared_noise`` whether they start from one
+    noise; :meth:`training_units` turns a sampled round into what the objective trains on.
+    """
+
+    online = True
+    dataset = "online"
+    group_size = 2
+    shared_noise = True
+
+    def training_units(self, round_) -> dict[str, Any]:
+        """The round's units: ``latents`` (N, ...) indexed by unit, ``prompt_of`` (N,) each unit's prompt (an index
+        into the round's prompts), and ``targets``, a dict of (N, ...) tensors handed to the objective with
+        each unit (advantages, recorded log-probabilities)."""
+        raise NotImplementedError

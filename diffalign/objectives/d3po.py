@@ -25,7 +25,7 @@ from torch import nn
 from diffalign import losses
 from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
 from diffalign.diffusion.logprob import step_log_prob
-from diffalign.objectives.base import Objective
+from diffalign.objectives.base import OnlineObjective
 
 if TYPE_CHECKING:
     from diffalign.train.config import ObjectiveConfig
@@ -49,7 +49,7 @@ def d3po_step_loss(policy_w: Tensor, policy_l: Tensor, reference_w: Tensor, refe
     return spec.fn(chosen, rejected, reference_w, reference_l, beta=beta, **loss_options)
 
 
-class D3PO(Objective):
+class D3PO(OnlineObjective):
     """The online objective: per-step D3PO loss on recorded trajectory pairs (winner first).
 
     Called like the offline objectives with ``latents`` (B, 2, T + 1, C, h, w) trajectory pairs
@@ -57,9 +57,8 @@ class D3PO(Objective):
     produce them live in :mod:`diffalign.train.online`. T must be ``objective.sample_steps``.
     """
 
-    online = True
-    dataset = "online"
     loss_kinds = ("pairwise",)
+    group_size = 2  # a round's pairs share their starting noise (the base's default)
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.spec = losses.spec(config.loss)
@@ -68,6 +67,14 @@ class D3PO(Objective):
         self.beta, self.eps, self.options = config.beta, config.ratio_clip, dict(config.loss_options)
         self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
         self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+
+    def training_units(self, round_) -> dict:
+        """Each pair, winner first (by the reward, or by the human labels)."""
+        winners = round_.winners()
+        order = torch.stack([winners, 1 - winners], dim=1)
+        g = len(round_.prompts)
+        return {"latents": round_.latents[torch.arange(g)[:, None], order], "prompt_of": torch.arange(g),
+                "targets": {}}
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -161,10 +161,13 @@ class DataConfig:
 class OnlineConfig:
     # online objectives: prompts sampled in rounds (a .txt/.jsonl file or a shipped set such as toy_train)
     prompts: str = ""
-    # trajectory pairs sampled per round (each pair shares its starting noise)
-    pairs_per_round: int = 32
-    # pairs each process samples in one batch (x 2 trajectories, x 2 again with guidance): bounds the
-    # sampler's memory whatever pairs_per_round is; a pair's samples do not depend on it
+    # prompts sampled per round, each as a group of group_size trajectories (d3po: pairs sharing their
+    # starting noise)
+    groups_per_round: int = 32
+    # trajectories per prompt; empty = the objective's (d3po: 2, a pair)
+    group_size: int | None = None
+    # groups each process samples in one batch (x group_size trajectories, x 2 again with guidance): bounds
+    # the sampler's memory whatever groups_per_round is; a group's samples do not depend on it
     sample_batch_size: int = 8
     # optimiser steps trained on each round's pairs before the next round is sampled
     steps_per_round: int = 10
@@ -386,7 +389,7 @@ class Config:
                             "model spec) or online.labels (a JSON-lines file of human labels)")
         if oc.reward is not None:
             RewardSpec.parse(oc.reward)
-        for key in ("pairs_per_round", "steps_per_round", "sample_batch_size"):
+        for key in ("groups_per_round", "steps_per_round", "sample_batch_size"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
         if self.objective.sample_eta <= 0:

@@ -1,19 +1,25 @@
-"""Rounds of on-policy samples for online objectives (D3PO): sample, prefer, train, repeat.
+"""The round driver of the online objectives (D3PO, Flow-GRPO): sample, score, build, train, repeat.
 
 Round r covers optimiser steps [r * S, (r + 1) * S) with S = ``online.steps_per_round``. At its
 first step the current policy (the backbone's denoiser, LoRA enabled) samples
-``online.pairs_per_round`` trajectory pairs without gradients (each pair shares its starting
-noise; prompts cycle through ``online.prompts``), a reward model or a person says which final
-image of each pair is better, and the round is written to ``run/rounds/round-NNNNN/``: the
-trajectories and log-probabilities (safetensors), the images (PNG), and ``pairs.json`` (prompts,
-rewards, winners). On N processes each samples and scores every N-th pair. Everything in a round
-is a pure function of (seed, r) and the weights at its start (each pair has its own generator),
-and a resumed run reads the round from disk instead of sampling it again, so resume stays exact.
-Each optimiser step trains one random denoising step per pair, among the steps whose noise level
-t / T lies in ``objective.t_range`` (all by default).
+``online.groups_per_round`` groups of K trajectories without gradients, K being the objective's
+``group_size`` (``online.group_size`` overrides it: D3PO's pairs are groups of 2, GRPO's groups
+are larger); prompts cycle through ``online.prompts``, one per group, and a group's trajectories
+start from one shared noise when the objective asks for it (D3PO's pairs; DanceGRPO's option).
+A reward model scores each final image, or a person says which image of a pair is better, and the
+round is written to ``run/rounds/round-NNNNN/``: the trajectories and log-probabilities
+(safetensors), the images (PNG, ``images/groupGGGG-K.png``), and ``groups.json`` (prompts,
+rewards). On N processes each samples and scores every N-th group. Everything in a round is a pure
+function of (seed, r) and the weights at its start (each group has its own generator), and a
+resumed run reads the round from disk instead of sampling it again, so resume stays exact.
 
-Human labels: with ``online.labels`` set, a round whose pairs are not all labelled in that
-file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
+The objective turns a round into training units (:meth:`OnlineObjective.training_units`: D3PO's
+winner-first pairs, GRPO's trajectories with their group-normalised advantages); each optimiser
+step trains random units, each at one random denoising step among those whose noise level t / T
+lies in ``objective.t_range`` (all by default).
+
+Human labels (pairs only): with ``online.labels`` set, a round whose pairs are not all labelled in
+that file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
 stops, and ``train.resume=latest`` continues once the labels are there (``diffalign label RUN``
 serves them as a page). A later line for a pair replaces an earlier one, and ``"winner": null``
 withdraws the pair's label (an undo, a tie or a skip on the page).
@@ -24,8 +30,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,11 +54,32 @@ class NeedsLabels(Exception):
     """A round waits for human labels; the message says where to put them."""
 
 
+@dataclass
+class Round:
+    """One round as sampled: G groups of K trajectories of one prompt each.
+
+    Attributes:
+        latents: (G, K, T + 1, C, h, w) trajectories, x_0 (noise) ... x_T (the clean latent).
+        log_probs: (G, K, T) each step's log-probability under the policy that sampled it.
+        rewards: (G, K) the reward of each final image, or None when people judge the pairs.
+        winners: () -> (G,) the preferred trajectory (0 or 1) of each pair, from the rewards or the human
+            labels; a call, since human labels may not be there yet (it raises :class:`NeedsLabels`).
+    """
+
+    index: int
+    prompts: list[str]
+    latents: Tensor
+    log_probs: Tensor
+    rewards: Tensor | None
+    winners: Callable[[], Tensor]
+
+
 class OnlineRounds:
     """The online objectives' batch source; see the module docstring."""
 
-    def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator) -> None:
-        self.config, self.backbone, self.accelerator = config, backbone, accelerator
+    def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator, objective) -> None:
+        self.config, self.backbone, self.accelerator, self.objective = config, backbone, accelerator, objective
+        self.group_size = config.online.group_size or objective.group_size
         self.root = output_dir / "rounds"
         self.prompts = read_prompts(config.online.prompts)
         self.reward = load_reward(config.online.reward) if config.online.reward else None
@@ -63,9 +91,9 @@ class OnlineRounds:
         return self.root / f"round-{r:05d}"
 
     def _sample(self, r: int) -> None:
-        """Sample, score and write round r: every process samples and scores every N-th pair on its own GPU,
+        """Sample, score and write round r: every process samples and scores every N-th group on its own GPU,
         and the main process joins their parts. Atomic: the folder appears complete or not at all."""
-        acc, n = self.accelerator, self.config.online.pairs_per_round
+        acc, n = self.accelerator, self.config.online.groups_per_round
         prompts = [self.prompts[(r * n + i) % len(self.prompts)] for i in range(n)]
         final = self._round_dir(r)
         tmp = final.with_name(final.name + ".tmp")
@@ -81,34 +109,37 @@ class OnlineRounds:
             self._join_parts(tmp, prompts)
             os.replace(with_usual_permissions(tmp), final)
 
-    def _sample_part(self, r: int, pairs: list[int], prompts: list[str], tmp: Path) -> None:
-        """Round r's pairs ``pairs``: their trajectories, log-probabilities and rewards into
-        ``part-<process>.safetensors``, their images into ``images/``, ``online.sample_batch_size`` pairs
+    def _sample_part(self, r: int, groups: list[int], prompts: list[str], tmp: Path) -> None:
+        """Round r's groups ``groups``: their trajectories, log-probabilities and rewards into
+        ``part-<process>.safetensors``, their images into ``images/``, ``online.sample_batch_size`` groups
         at a time."""
-        acc, n = self.accelerator, self.config.online.sample_batch_size
-        label = f"round {r}: sampling {len(pairs)} pairs" if acc.is_local_main_process else None
-        batches = [self._sample_pairs(r, pairs[i:i + n], prompts[i:i + n], label) for i in range(0, len(pairs), n)]
-        latents, log_probs, images = (torch.cat([batch[k] for batch in batches]) for k in range(3))
-        for k, image in enumerate(images):
-            to_pil(image).save(tmp / "images" / f"pair{pairs[k // 2]:04d}-{k % 2}.png")
-        part = {"pairs": torch.tensor(pairs), "latents": latents, "log_probs": log_probs,
+        acc, n, k = self.accelerator, self.config.online.sample_batch_size, self.group_size
+        label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
+        batches = [self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label) for i in range(0, len(groups), n)]
+        latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
+        for j, image in enumerate(images):
+            to_pil(image).save(tmp / "images" / f"group{groups[j // k]:04d}-{j % k}.png")
+        part = {"groups": torch.tensor(groups), "latents": latents, "log_probs": log_probs,
                 "timesteps": batches[0][3]}
         if self.reward is not None:
-            part["rewards"] = self.reward(images, [p for p in prompts for _ in (0, 1)]).float().view(-1, 2)
+            part["rewards"] = self.reward(images, [p for p in prompts for _ in range(k)]).float().view(-1, k)
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
 
-    def _sample_pairs(self, r: int, pairs: list[int], prompts: list[str],
-                      label: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One batch of pairs: (latents, log-probabilities, images in [0, 1], timesteps), on the CPU. Each
-        pair draws its starting noise and step noise from its own generator, so a pair is the same
+    def _sample_groups(self, r: int, groups: list[int], prompts: list[str],
+                       label: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps), on the CPU. Each
+        group draws its starting noise and step noise from its own generator, so a group is the same
         whichever process, and whichever batch, samples it."""
-        obj, acc, backbone = self.config.objective, self.accelerator, self.backbone
+        obj, acc, backbone, k = self.config.objective, self.accelerator, self.backbone, self.group_size
         shape = backbone.latent_shape(self.config.data.resolution)
-        generators = [example_generator(self.config.train.seed, r, 1, i) for i in pairs]
-        noise = torch.cat([torch.randn((1, *shape), generator=g).repeat(2, *[1] * len(shape)) for g in generators])
-        step_noise = torch.cat([torch.randn((2, obj.sample_steps, *shape), generator=g) for g in generators])
-        cond = backbone.encode_prompts(prompts).repeat_items(2)
-        uncond = backbone.encode_prompts([""] * 2 * len(pairs)) if obj.sample_guidance_scale != 1.0 else None
+        generators = [example_generator(self.config.train.seed, r, 1, i) for i in groups]
+        if self.objective.shared_noise:
+            noise = torch.cat([torch.randn((1, *shape), generator=g).repeat(k, *[1] * len(shape)) for g in generators])
+        else:
+            noise = torch.cat([torch.randn((k, *shape), generator=g) for g in generators])
+        step_noise = torch.cat([torch.randn((k, obj.sample_steps, *shape), generator=g) for g in generators])
+        cond = backbone.encode_prompts(prompts).repeat_items(k)
+        uncond = backbone.encode_prompts([""] * k * len(groups)) if obj.sample_guidance_scale != 1.0 else None
         with torch.no_grad(), acc.autocast():
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
@@ -118,22 +149,23 @@ class OnlineRounds:
                 trajectory.timesteps.float().cpu())
 
     def _join_parts(self, tmp: Path, prompts: list[str]) -> None:
-        """The processes' parts as the round's ``trajectories.safetensors`` and ``pairs.json``, in pair order."""
+        """The processes' parts as the round's ``trajectories.safetensors`` and ``groups.json``, in group order."""
         files = sorted(tmp.glob("part-*.safetensors"))
         parts = [load_file(str(f)) for f in files]
-        order = torch.argsort(torch.cat([part["pairs"] for part in parts]))
+        order = torch.argsort(torch.cat([part["groups"] for part in parts]))
+        k = self.group_size
 
-        def by_pair(key: str) -> Tensor:  # rows come two per pair (pair-major) in each part
-            return torch.cat([part[key].view(-1, 2, *part[key].shape[1:]) for part in parts])[order]
+        def by_group(key: str) -> Tensor:  # rows come K per group (group-major) in each part
+            return torch.cat([part[key].view(-1, k, *part[key].shape[1:]) for part in parts])[order]
 
-        save_file({"latents": by_pair("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
-                   "log_probs": by_pair("log_probs").flatten(0, 1)}, str(tmp / "trajectories.safetensors"))
+        save_file({"latents": by_group("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
+                   "log_probs": by_group("log_probs").flatten(0, 1)}, str(tmp / "trajectories.safetensors"))
         rewards = torch.cat([part["rewards"] for part in parts])[order].tolist() if self.reward is not None else None
-        (tmp / "pairs.json").write_text(json.dumps({"prompts": prompts, "rewards": rewards}))
+        (tmp / "groups.json").write_text(json.dumps({"prompts": prompts, "group_size": k, "rewards": rewards}))
         for f in files:
             f.unlink()
 
-    def _winners(self, r: int, record: dict) -> list[int]:
+    def winners(self, r: int, record: dict) -> list[int]:
         """Index (0 or 1) of the preferred trajectory of each pair: the higher reward, or the human label."""
         if record["rewards"] is not None:
             return [0 if a >= b else 1 for a, b in record["rewards"]]
@@ -157,7 +189,7 @@ class OnlineRounds:
             if self.accelerator.is_main_process:  # every process stops here; one writes what to label
                 (folder / "to_label.jsonl").write_text("".join(
                     json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
-                                "images": [f"images/pair{i:04d}-0.png", f"images/pair{i:04d}-1.png"],
+                                "images": [f"images/group{i:04d}-0.png", f"images/group{i:04d}-1.png"],
                                 "winner": None}) + "\n"
                     for i in missing))
             raise NeedsLabels(f"round {r} waits for {len(missing)} human labels: see {folder / 'to_label.jsonl'}, "
@@ -169,6 +201,7 @@ class OnlineRounds:
         return [labels[(r, i)] for i in range(len(record["prompts"]))]
 
     def _round(self, r: int) -> dict[str, Any]:
+        """Round r's training units (sampled first if the round is not on disk yet)."""
         if self._loaded is not None and self._loaded[0] == r:
             return self._loaded[1]
         if not self._round_dir(r).is_dir():
@@ -176,12 +209,14 @@ class OnlineRounds:
             self.accelerator.wait_for_everyone()
         folder = self._round_dir(r)
         tensors = load_file(str(folder / "trajectories.safetensors"))
-        record = json.loads((folder / "pairs.json").read_text())
-        winners = torch.tensor(self._winners(r, record))
-        n = len(record["prompts"])
-        latents = tensors["latents"].view(n, 2, *tensors["latents"].shape[1:])
-        order = torch.stack([winners, 1 - winners], dim=1)  # winner first
-        data = {"latents": latents[torch.arange(n)[:, None], order], "prompts": record["prompts"],
+        record = json.loads((folder / "groups.json").read_text())
+        g, k = len(record["prompts"]), record["group_size"]
+        round_ = Round(index=r, prompts=record["prompts"],
+                       latents=tensors["latents"].view(g, k, *tensors["latents"].shape[1:]),
+                       log_probs=tensors["log_probs"].view(g, k, -1),
+                       rewards=None if record["rewards"] is None else torch.tensor(record["rewards"]),
+                       winners=lambda: torch.tensor(self.winners(r, record)))
+        data = {**self.objective.training_units(round_), "prompts": record["prompts"],
                 "trained_steps": self._trained_steps(tensors["timesteps"])}
         self._loaded = (r, data)
         return data
@@ -198,20 +233,20 @@ class OnlineRounds:
 
     # --- the trainer's interface ---------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
-        """This process's pairs and denoising steps for (step, micro): a pure function of (seed, step, micro)."""
+        """This process's units and denoising steps for (step, micro): a pure function of (seed, step, micro)."""
         tc, acc = self.config.train, self.accelerator
         data = self._round(step // self.config.online.steps_per_round)
         global_batch = tc.batch_size * acc.num_processes
         g = example_generator(tc.seed, step, micro, 2)
-        pairs = torch.randint(0, len(data["prompts"]), (global_batch,), generator=g)
+        units = torch.randint(0, len(data["latents"]), (global_batch,), generator=g)
         trained = data["trained_steps"]
         steps = trained[torch.randint(0, len(trained), (global_batch,), generator=g)]
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
-        pairs, steps = pairs[mine], steps[mine]
+        units, steps = units[mine], steps[mine]
         device = acc.device
         return {
-            "latents": data["latents"][pairs].to(device),
-            "cond": self.backbone.encode_prompts([data["prompts"][i] for i in pairs]).to(device),
+            "latents": data["latents"][units].to(device),
+            "cond": self.backbone.encode_prompts([data["prompts"][i] for i in data["prompt_of"][units]]).to(device),
             "randomness": {"step": steps.to(device)},
-            "targets": {},
+            "targets": {name: value[units].to(device) for name, value in data["targets"].items()},
         }

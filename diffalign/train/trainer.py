@@ -206,8 +206,9 @@ class PreferenceTrainer:
         if not self.online:
             self.dataset = _dataset(config, objective_cls.dataset)
         self._build_models(frozen_reference=objective_cls.frozen_reference)
+        self.objective = objective_cls(config.objective, self.backbone)
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
-            self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator)
+            self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator, self.objective)
         else:  # examples whose latents are cached are only hashed, not decoded
             workers = config.data.workers
             if workers is None:
@@ -217,7 +218,6 @@ class PreferenceTrainer:
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         # rows dropped while loading the table: every process loaded it, so they are counted once
         self._bad_on_load = set(self.dataset.bad_rows)
-        self.objective = objective_cls(config.objective, self.backbone)
         # closes over the accelerator, not the trainer: a trainer -> objective -> trainer cycle would keep the
         # DDP wrapper, and with it the process group, alive until the interpreter exits, whose teardown
         # then aborts a finished torchrun worker now and then ("terminate called without an active exception")
