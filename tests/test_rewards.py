@@ -298,3 +298,26 @@ def test_image_reward_equals_blip_written_out_by_hand_from_the_checkpoint(tmp_pa
     torch.save({k: w for k, w in state.items() if not k.startswith("mlp.")}, tmp_path / "no_head.pt")
     with pytest.raises(UserError, match=r"no_head.pt is not an ImageReward checkpoint: it has no mlp weights"):
         load_reward(f"image_reward:{tmp_path / 'no_head.pt'}")
+
+
+def test_jpeg_rewards_are_ddpo_s_kilobytes_at_quality_95():
+    """DDPO's compressibility tasks: the JPEG size at quality 95 in kB, negated for compressibility; a flat image
+    compresses better than noise."""
+    import io
+
+    from diffalign.eval.report import to_pil
+    from diffalign.rewards import load_reward
+
+    flat = torch.full((3, 32, 32), 0.5)
+    noisy = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.stack([flat, noisy])
+    by_hand = []
+    for image in images:
+        buffer = io.BytesIO()
+        to_pil(image).save(buffer, format="JPEG", quality=95)
+        by_hand.append(len(buffer.getvalue()) / 1000)
+    incompressibility = load_reward("jpeg_incompressibility")(images, ["anything", "at all"])
+    torch.testing.assert_close(incompressibility, torch.tensor(by_hand))
+    compressibility = load_reward("jpeg_compressibility")(images, ["anything", "at all"])
+    torch.testing.assert_close(compressibility, -incompressibility)
+    assert compressibility[0] > compressibility[1]

@@ -133,28 +133,40 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     return Trajectory(torch.stack(latents, dim=1), rule.timesteps.clone(), torch.stack(log_probs, dim=1))
 
 
-def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
-                  guidance_scale: float = 1.0, uncond: Conditioning | None = None,
-                  denoiser: nn.Module | None = None) -> Tensor:
-    """(B,) log-probability of recorded step k (one index, or one per trajectory) under ``denoiser``.
+def step_distribution(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
+                      guidance_scale: float = 1.0, uncond: Conditioning | None = None,
+                      denoiser: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """(mean (B, C, h, w), std (B,)) of recorded step k (one index, or one per trajectory) under ``denoiser``.
 
     ``latents`` are recorded trajectories (B, T + 1, C, h, w) (:attr:`Trajectory.latents`); the
-    sampler's T steps and their timesteps follow from T and ``eta``. Differentiable when called
-    with gradients enabled: this is the policy term of D3PO.
+    sampler's T steps and their timesteps follow from T and ``eta``. Differentiable when called with
+    gradients enabled. One forward for the whole batch, each trajectory at its own step's timestep (the
+    sampler's grid, on the CPU); only the step rule's arithmetic (scalar per step) goes step by step.
     """
     b, steps = latents.shape[0], latents.shape[1] - 1
     rule = StepRule(backbone, steps, eta, tuple(latents.shape[2:]))
     index = torch.as_tensor(k)
     step_of = (index.expand(b) if index.dim() == 0 else index).tolist()  # one host read: the rule is per step
-    rows, index = torch.arange(b, device=latents.device), torch.tensor(step_of, device=latents.device)
-    x, nxt = latents[rows, index], latents[rows, index + 1]
-    # one forward for the whole batch, each trajectory at its own step's timestep (the sampler's grid, on the
-    # CPU); only the step rule's arithmetic (scalar per step) goes step by step
+    x = latents[torch.arange(b, device=latents.device), torch.tensor(step_of, device=latents.device)]
     output = _guided(backbone, x, rule.timesteps[step_of], cond, uncond, guidance_scale, denoiser)
-    order, values = [], []
+    means, stds = [None] * b, [None] * b
     for step in sorted(set(step_of)):
         members = [i for i, s in enumerate(step_of) if s == step]
         mean, std = rule.distribution(step, x[members], output[members])
-        order += members
-        values.append(gaussian_log_prob(nxt[members], mean, std))
-    return torch.cat(values)[torch.argsort(torch.tensor(order, device=latents.device))]
+        for j, i in enumerate(members):
+            means[i], stds[i] = mean[j], std
+    return torch.stack(means), torch.stack(stds).to(latents.device)
+
+
+def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
+                  guidance_scale: float = 1.0, uncond: Conditioning | None = None,
+                  denoiser: nn.Module | None = None) -> Tensor:
+    """(B,) log-probability of recorded step k (one index, or one per trajectory) under ``denoiser``
+    (:func:`step_distribution`); differentiable when called with gradients enabled: the policy term of D3PO."""
+    b = latents.shape[0]
+    index = torch.as_tensor(k)
+    step_of = (index.expand(b) if index.dim() == 0 else index).to(latents.device)
+    mean, std = step_distribution(backbone, latents, k, cond, eta=eta, guidance_scale=guidance_scale, uncond=uncond,
+                                  denoiser=denoiser)
+    nxt = latents[torch.arange(b, device=latents.device), step_of + 1]
+    return gaussian_log_prob(nxt, mean, std.view(-1, *([1] * (mean.dim() - 1))))

@@ -4,6 +4,7 @@ from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.ddo import DDO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.diffusion_kto import DiffusionKTO
+from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.rank_dpo import RankDPO
 from diffalign.objectives.self_npo import SelfNPO
@@ -14,10 +15,11 @@ OBJECTIVES = {
     "ddo": DDO,
     "diffusion_dpo": DiffusionDPO,
     "diffusion_kto": DiffusionKTO,
+    "grpo": FlowGRPO,
     "inpo": InPO,
     "rank_dpo": RankDPO,
     "self_npo": SelfNPO,
     "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "InPO", "RankDPO", "SelfNPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "FlowGRPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]

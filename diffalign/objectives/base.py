@@ -43,13 +43,16 @@ class OnlineObjective(Objective):
     """An objective trained on rounds of its own samples (:mod:`diffalign.train.online`, the round driver).
 
     ``group_size`` is the samples per prompt of a round and ``shared_noise`` whether they start from one
-    noise; :meth:`training_units` turns a sampled round into what the objective trains on.
+    noise; :meth:`training_units` turns a sampled round into what the objective trains on. ``takes_labels``
+    False: the objective needs a reward for every sample, human pair labels cannot replace it.
     """
 
     online = True
     dataset = "online"
     group_size = 2
     shared_noise = True
+    takes_labels = True  # people's pair labels can stand in for the reward
+    group_size_fixed = False  # True: the method is defined for groups of exactly group_size (D3PO's pairs)
 
     def training_units(self, round_) -> dict[str, Any]:
         """The round's units: ``latents`` (N, ...) indexed by unit, ``prompt_of`` (N,) each unit's prompt (an index

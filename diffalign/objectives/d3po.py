@@ -59,12 +59,14 @@ class D3PO(OnlineObjective):
 
     loss_kinds = ("pairwise",)
     group_size = 2  # a round's pairs share their starting noise (the base's default)
+    group_size_fixed = True
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.spec = losses.spec(config.loss)
         if self.spec.kind not in self.loss_kinds:
             raise ValueError(f"D3PO takes a pairwise loss; {config.loss!r} is {self.spec.kind}")
-        self.beta, self.eps, self.options = config.beta, config.ratio_clip, dict(config.loss_options)
+        self.beta, self.options = config.beta, dict(config.loss_options)
+        self.eps = 0.1 if config.ratio_clip is None else config.ratio_clip
         self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
         self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
 

@@ -69,7 +69,7 @@ class SelfNPO(Objective):
     negative_model = True  # the trained weights are a negative model, used through negative guidance
     frozen_reference = False
     loss_kinds = ("regression",)
-    regression_losses = ("huber", "l2")
+    own_losses = ("huber", "l2")
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.schedule = schedule_for(backbone.scheduler)

@@ -2,7 +2,8 @@
 
 A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/models/HPS_v2.1.pt"``,
 ``"aesthetic:/models/aesthetic.pth:clip=/models/ViT-L-14.pt"`` (options as ``key=value`` after
-the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. The toy rewards take no path.
+the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. The toy rewards and DDPO's JPEG
+(in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
 ``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
 """
@@ -16,6 +17,7 @@ from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
 from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
+from diffalign.rewards.compressibility import JpegCompressibility, JpegIncompressibility
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference
@@ -29,6 +31,8 @@ REWARDS: dict[str, type] = {
     "clip_score": ClipScore,
     "aesthetic": Aesthetic,
     "image_reward": ImageReward,
+    "jpeg_compressibility": JpegCompressibility,
+    "jpeg_incompressibility": JpegIncompressibility,
 }
 NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward"}
 PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder

@@ -72,13 +72,20 @@ class ObjectiveConfig:
     inversion_steps: int | None = None
     inversion_eta: float | None = None
     renoise_iterations: int | None = None
-    # online objectives (d3po): the stochastic sampler of the rounds (DDIM eta or the flow SDE's noise
-    # level), its steps and guidance scale; the guided prediction is the policy that is trained
+    # online objectives (d3po, grpo): the stochastic sampler of the rounds (DDIM eta or the flow SDE's
+    # noise level), its steps and guidance scale; the guided prediction is the policy that is trained
     sample_steps: int = 20
     sample_eta: float = 1.0
     sample_guidance_scale: float = 5.0
-    # d3po: the probability ratio p_theta / p_ref is clipped to [1 - ratio_clip, 1 + ratio_clip]
-    ratio_clip: float = 0.1
+    # d3po: p_theta / p_ref, grpo: p_theta / p_sampler is clipped to [1 - ratio_clip, 1 + ratio_clip];
+    # empty = the method's (d3po 0.1, grpo 1e-4)
+    ratio_clip: float | None = None
+    # grpo: weight of the KL to the reference (Flow-GRPO's beta), advantages clipped to
+    # [-advantage_clip, advantage_clip], and the standard deviation that scales them: of all the round's
+    # rewards (global) or of the prompt's group
+    kl_coef: float = 0.01
+    advantage_clip: float = 5.0
+    advantage_std: str = "global"
     # self_npo (truncated diffusion fine-tuning): the DDIM grid the teacher walks, the number of
     # teacher moves from the noised image, the teacher's guidance scale (diffusers convention:
     # 0 = the unconditional prediction, the authors' w = -1), the EMA rate of the teacher
@@ -164,8 +171,11 @@ class OnlineConfig:
     # prompts sampled per round, each as a group of group_size trajectories (d3po: pairs sharing their
     # starting noise)
     groups_per_round: int = 32
-    # trajectories per prompt; empty = the objective's (d3po: 2, a pair)
+    # trajectories per prompt; empty = the objective's (d3po: 2, a pair; grpo: 8)
     group_size: int | None = None
+    # a group's trajectories start from one noise; empty = the objective's (d3po: yes; grpo: no, as
+    # Flow-GRPO; true gives DanceGRPO's shared initial noise)
+    shared_noise: bool | None = None
     # groups each process samples in one batch (x group_size trajectories, x 2 again with guidance): bounds
     # the sampler's memory whatever groups_per_round is; a group's samples do not depend on it
     sample_batch_size: int = 8
@@ -274,10 +284,10 @@ class Config:
 
         choose("objective.name", self.objective.name, sorted(OBJECTIVES))
         objective = OBJECTIVES[self.objective.name]
-        regression = getattr(objective, "regression_losses", None)  # objectives that are not preference losses
-        if regression:
-            choose("objective.loss", self.objective.loss, regression)
-            kind = "regression"
+        own = getattr(objective, "own_losses", None)  # objectives whose losses are not preference losses
+        if own:
+            choose("objective.loss", self.objective.loss, own)
+            kind = objective.loss_kinds[0]
         else:
             try:
                 kind = losses.spec(self.objective.loss).kind
@@ -288,7 +298,7 @@ class Config:
             names = [s.name for s in losses.specs() if s.kind in accepted]
             raise UserError(f"objective.loss={self.objective.loss} is a {kind} loss; {self.objective.name} takes "
                             f"{' or '.join(accepted)} losses: {', '.join(names)}")
-        _check_loss_options(self.objective, None if regression else losses.spec(self.objective.loss))
+        _check_loss_options(self.objective, None if own else losses.spec(self.objective.loss))
         if self.data.precompute and (self.data.cache_dir is None or objective.dataset == "online"):
             raise UserError("data.precompute=true needs data.cache_dir (where the encodings go) and an objective "
                             f"that reads a dataset; {self.objective.name} with cache_dir={self.data.cache_dir!r}")
@@ -337,7 +347,7 @@ class Config:
             if getattr(self.data, key) is not None and objective.dataset != "pairs":
                 raise UserError(f"data.{key} gives each pair its own number; {self.objective.name} reads "
                                 f"{objective.dataset}, not pairs")
-        spec = None if regression else losses.spec(self.objective.loss)
+        spec = None if own else losses.spec(self.objective.loss)
         if self.data.margin_column is not None and (spec is None or "margin" not in spec.options):
             margins = [s.name for s in losses.specs() if "margin" in s.options]
             raise UserError(f"data.margin_column sets each pair's margin, which objective.loss={self.objective.loss} "
@@ -358,7 +368,7 @@ class Config:
                 raise UserError(f"{key} must be in [0, 1), got {beta}")
         if self.train.adam_epsilon <= 0:
             raise UserError(f"train.adam_epsilon must be > 0, got {self.train.adam_epsilon}")
-        if regression:
+        if kind == "regression":  # self_npo's truncated fine-tuning
             self._validate_truncation()
         if self.objective.refresh_every < 1:
             raise UserError(f"objective.refresh_every must be >= 1, got {self.objective.refresh_every}")
@@ -389,13 +399,26 @@ class Config:
                             "model spec) or online.labels (a JSON-lines file of human labels)")
         if oc.reward is not None:
             RewardSpec.parse(oc.reward)
+        from diffalign.objectives import OBJECTIVES
+
+        if oc.labels is not None and not OBJECTIVES[self.objective.name].takes_labels:
+            raise UserError(f"{self.objective.name} needs a reward for every sample (online.reward); human labels "
+                            "of pairs give no group-relative advantages")
+        if oc.group_size is not None and oc.group_size < 2:
+            raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
+        fixed = OBJECTIVES[self.objective.name].group_size_fixed
+        if oc.group_size not in (None, OBJECTIVES[self.objective.name].group_size) and fixed:
+            raise UserError(f"{self.objective.name} trains on pairs: online.group_size must be 2, got {oc.group_size}")
         for key in ("groups_per_round", "steps_per_round", "sample_batch_size"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
         if self.objective.sample_eta <= 0:
             raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step log-probabilities")
-        if not 0 < self.objective.ratio_clip < 1:
+        if self.objective.ratio_clip is not None and not 0 < self.objective.ratio_clip < 1:
             raise UserError(f"objective.ratio_clip must be in (0, 1), got {self.objective.ratio_clip}")
+        if self.objective.advantage_std not in ("global", "group"):
+            raise UserError(f"objective.advantage_std={self.objective.advantage_std!r} is not valid; choose one of "
+                            "global, group")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -414,8 +437,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None) -> None:
-    """Each ``objective.loss_options`` key must be an option of the chosen loss (``spec``; None for a
-    regression loss, which takes none), of its default's type, and one of its values for an option
+    """Each ``objective.loss_options`` key must be an option of the chosen loss (``spec``; None for an
+    objective's own loss, which takes none), of its default's type, and one of its values for an option
     with a fixed set.
 
     Checked with the config, so a misspelt option stops the run before any model loads, not

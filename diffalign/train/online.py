@@ -80,6 +80,8 @@ class OnlineRounds:
     def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator, objective) -> None:
         self.config, self.backbone, self.accelerator, self.objective = config, backbone, accelerator, objective
         self.group_size = config.online.group_size or objective.group_size
+        shared = config.online.shared_noise
+        self.shared_noise = objective.shared_noise if shared is None else shared
         self.root = output_dir / "rounds"
         self.prompts = read_prompts(config.online.prompts)
         self.reward = load_reward(config.online.reward) if config.online.reward else None
@@ -133,7 +135,7 @@ class OnlineRounds:
         obj, acc, backbone, k = self.config.objective, self.accelerator, self.backbone, self.group_size
         shape = backbone.latent_shape(self.config.data.resolution)
         generators = [example_generator(self.config.train.seed, r, 1, i) for i in groups]
-        if self.objective.shared_noise:
+        if self.shared_noise:
             noise = torch.cat([torch.randn((1, *shape), generator=g).repeat(k, *[1] * len(shape)) for g in generators])
         else:
             noise = torch.cat([torch.randn((k, *shape), generator=g) for g in generators])
