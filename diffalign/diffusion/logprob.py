@@ -72,6 +72,28 @@ class StepRule:
             self.scheduler.set_timesteps(steps)
             self.timesteps = self.scheduler.timesteps
 
+    def coefficients(self, k: int) -> tuple[float, float]:
+        """(a, b) of step k's noise level, x = a x_0 + b eps: (1 - sigma, sigma) on a flow model, (sqrt(alpha-bar),
+        sqrt(1 - alpha-bar)) on a DDPM-type one."""
+        if self.flow:
+            sigma = self.sigmas[k].item()
+            return 1 - sigma, sigma
+        alpha_bar = self.scheduler.alphas_cumprod[int(self.timesteps[k])].item()
+        return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+
+    def clean(self, k: int, x: Tensor, output: Tensor) -> Tensor:
+        """The x_0 a model output at (x, step k) implies (velocity, epsilon, v or sample prediction)."""
+        a, b = self.coefficients(k)
+        x, output = x.float(), output.float()
+        if self.flow:
+            return x - b * output
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (x - b * output) / a
+        if kind == "v_prediction":
+            return a * x - b * output
+        return output
+
     def distribution(self, k: int, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation (a scalar tensor) of step k from x, given the model's (guided) output."""
         x, output = x.float(), output.float()

@@ -6,6 +6,7 @@ from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.diffusion_kto import DiffusionKTO
 from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.inpo import InPO
+from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.rank_dpo import RankDPO
 from diffalign.objectives.self_npo import SelfNPO
 from diffalign.objectives.smpo import SmPO
@@ -17,9 +18,10 @@ OBJECTIVES = {
     "diffusion_kto": DiffusionKTO,
     "grpo": FlowGRPO,
     "inpo": InPO,
+    "nft": DiffusionNFT,
     "rank_dpo": RankDPO,
     "self_npo": SelfNPO,
     "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "FlowGRPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "FlowGRPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]

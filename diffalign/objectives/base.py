@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -53,6 +54,14 @@ class OnlineObjective(Objective):
     shared_noise = True
     takes_labels = True  # people's pair labels can stand in for the reward
     group_size_fixed = False  # True: the method is defined for groups of exactly group_size (D3PO's pairs)
+
+    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
+        """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""
+        return {}
+
+    def sampling_denoiser(self) -> nn.Module | None:
+        """The denoiser that samples the rounds; None: the policy being trained."""
+        return None
 
     def training_units(self, round_) -> dict[str, Any]:
         """The round's units: ``latents`` (N, ...) indexed by unit, ``prompt_of`` (N,) each unit's prompt (an index

@@ -64,6 +64,17 @@ def group_advantages(rewards: Tensor, prompts: list[str], *, std: str = "global"
     return advantages.float()
 
 
+def round_advantages(round_, std: str) -> tuple[Tensor, Tensor]:
+    """(G * K,) advantages of a round's samples (:func:`group_advantages`) and (G * K,) each sample's prompt index,
+    group-major; a round without rewards (people's pair labels) has none to give."""
+    if round_.rewards is None:
+        raise UserError("group-relative objectives need a reward for every sample (online.reward); people's pair "
+                        "labels give no advantages")
+    g, k = round_.rewards.shape
+    prompts = [p for p in round_.prompts for _ in range(k)]
+    return group_advantages(round_.rewards.reshape(-1), prompts, std=std), torch.arange(g).repeat_interleave(k)
+
+
 def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantage: Tensor, clip: float) -> Tensor:
     """(B,) PPO's clipped surrogate loss max(-A rho, -A clip(rho, 1 - clip, 1 + clip)), rho = exp(log_prob - old)."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -85,19 +96,15 @@ class FlowGRPO(OnlineObjective):
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.clip = 1e-4 if config.ratio_clip is None else config.ratio_clip
-        self.kl_coef, self.advantage_clip, self.advantage_std = config.kl_coef, config.advantage_clip, config.advantage_std
+        self.kl_coef = 0.01 if config.kl_coef is None else config.kl_coef
+        self.advantage_clip, self.advantage_std = config.advantage_clip, config.advantage_std
         self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
         self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
 
     def training_units(self, round_) -> dict[str, Any]:
         """Every trajectory of the round with its advantage and its recorded step log-probabilities."""
-        if round_.rewards is None:
-            raise UserError("grpo needs a reward for every sample (online.reward); people's pair labels give no "
-                            "group-relative advantages")
-        g, k = round_.rewards.shape
-        prompts = [p for p in round_.prompts for _ in range(k)]
-        advantages = group_advantages(round_.rewards.reshape(-1), prompts, std=self.advantage_std)
-        return {"latents": round_.latents.flatten(0, 1)[:, None], "prompt_of": torch.arange(g).repeat_interleave(k),
+        advantages, prompt_of = round_advantages(round_, self.advantage_std)
+        return {"latents": round_.latents.flatten(0, 1)[:, None], "prompt_of": prompt_of,
                 "targets": {"advantage": advantages, "old_log_probs": round_.log_probs.flatten(0, 1)}}
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],

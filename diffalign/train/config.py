@@ -80,12 +80,15 @@ class ObjectiveConfig:
     # d3po: p_theta / p_ref, grpo: p_theta / p_sampler is clipped to [1 - ratio_clip, 1 + ratio_clip];
     # empty = the method's (d3po 0.1, grpo 1e-4)
     ratio_clip: float | None = None
-    # grpo: weight of the KL to the reference (Flow-GRPO's beta), advantages clipped to
-    # [-advantage_clip, advantage_clip], and the standard deviation that scales them: of all the round's
-    # rewards (global) or of the prompt's group
-    kl_coef: float = 0.01
+    # grpo, nft: weight of the KL to the reference (Flow-GRPO's and DiffusionNFT's beta; empty = the
+    # method's, grpo 0.01, nft 1e-4), advantages clipped to [-advantage_clip, advantage_clip], and the
+    # standard deviation that scales them: of all the round's rewards (global) or of the prompt's group
+    kl_coef: float | None = None
     advantage_clip: float = 5.0
     advantage_std: str = "global"
+    # nft: the guidance strength beta of the implicit positive and negative policies
+    # (1 - beta) v_old + beta v and (1 + beta) v_old - beta v (DiffusionNFT's config.beta)
+    nft_beta: float = 1.0
     # self_npo (truncated diffusion fine-tuning): the DDIM grid the teacher walks, the number of
     # teacher moves from the noised image, the teacher's guidance scale (diffusers convention:
     # 0 = the unconditional prediction, the authors' w = -1), the EMA rate of the teacher

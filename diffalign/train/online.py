@@ -145,7 +145,8 @@ class OnlineRounds:
         with torch.no_grad(), acc.autocast():
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
-                                             uncond=uncond, step_noise=step_noise, progress=label)
+                                             uncond=uncond, step_noise=step_noise, progress=label,
+                                             denoiser=self.objective.sampling_denoiser())
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu())
@@ -243,12 +244,13 @@ class OnlineRounds:
         units = torch.randint(0, len(data["latents"]), (global_batch,), generator=g)
         trained = data["trained_steps"]
         steps = trained[torch.randint(0, len(trained), (global_batch,), generator=g)]
+        extra = self.objective.draw(global_batch, self.backbone.latent_shape(self.config.data.resolution), g)
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
         units, steps = units[mine], steps[mine]
         device = acc.device
         return {
             "latents": data["latents"][units].to(device),
             "cond": self.backbone.encode_prompts([data["prompts"][i] for i in data["prompt_of"][units]]).to(device),
-            "randomness": {"step": steps.to(device)},
+            "randomness": {"step": steps.to(device), **{k: v[mine].to(device) for k, v in extra.items()}},
             "targets": {name: value[units].to(device) for name, value in data["targets"].items()},
         }
