@@ -263,6 +263,10 @@ class ValidationConfig:
     guidance_scale: float = 5.0
     # reward models scoring the samples, logged as val_<name> (diffalign.rewards names)
     rewards: list = field(default_factory=list)
+    # online objectives: one of `rewards` held out from training as the "gold" reward; the run stops when
+    # it falls at gold_patience validations in a row while the training reward rises (reward hacking)
+    gold: str | None = None
+    gold_patience: int = 2
 
 
 @dataclass
@@ -379,7 +383,25 @@ class Config:
 
         for spec in self.validation.rewards:
             RewardSpec.parse(spec)
+        self._validate_gold(objective)
         return self
+
+    def _validate_gold(self, objective) -> None:
+        from diffalign.rewards import RewardSpec
+
+        vc = self.validation
+        if vc.gold is None:
+            return
+        names = [RewardSpec.parse(spec).name for spec in vc.rewards]
+        if vc.gold not in names or vc.every < 1 or objective.dataset != "online":
+            raise UserError(f"validation.gold={vc.gold} watches a validation reward while an online objective "
+                            f"trains: it must be one of validation.rewards ({', '.join(names) or 'none'}), with "
+                            f"validation.every > 0 and an online objective (not {self.objective.name})")
+        if self.online.reward is not None and RewardSpec.parse(self.online.reward).name == vc.gold:
+            raise UserError(f"validation.gold={vc.gold} is the reward the run trains on (online.reward); the gold "
+                            "reward must be one the run does not see")
+        if vc.gold_patience < 1:
+            raise UserError(f"validation.gold_patience must be >= 1, got {vc.gold_patience}")
 
 
     def _validate_truncation(self) -> None:

@@ -27,7 +27,13 @@ import torch
 from PIL import Image
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -51,6 +57,7 @@ from diffalign.errors import UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.models import build_models
+from diffalign.train.gold import GoldWatch
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.sharding import check_sharding
 from diffalign.train.tracking import flat_hyperparameters, log_image
@@ -228,6 +235,8 @@ class PreferenceTrainer:
         for stateful in self.objective.attach(self.backbone.denoiser):
             self.accelerator.register_for_checkpointing(stateful)
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution)
+        vc = config.validation
+        self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
 
     # --- setup ---------------------------------------------------------------------------
     def _build_models(self, frozen_reference: bool) -> None:
@@ -493,6 +502,8 @@ class PreferenceTrainer:
         state = {"step": 0, "bad_steps": 0, "last_good_checkpoint": None}
         if self.resume_from is not None:  # its state names the checkpoint before it as the last good one
             state = {**self._load_checkpoint(), "last_good_checkpoint": str(self.resume_from)}
+        if self.gold is not None:
+            self.gold.load(state.get("gold", []))
         metrics_path = self.output_dir / "metrics.jsonl"
         step = state["step"]
         if self.config.data.precompute:
@@ -500,8 +511,8 @@ class PreferenceTrainer:
         bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_local_main_process, desc="train")
         history: list[dict[str, float]] = []
         interrupted = False
-        if step == 0:
-            self._validate(step)
+        if step == 0:  # the gold reward's baseline; one validation cannot show a fall
+            self._watch_gold(step, self._validate(step), history, state)
         started, pairs_done = time.perf_counter(), 0
         with _StopSignal() as stop:
             while step < tc.max_steps:
@@ -540,11 +551,15 @@ class PreferenceTrainer:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(logs) + "\n")
                     acc.log(logs, step=step)
-                self._validate(step)
-                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested:
+                gamed = self._watch_gold(step, self._validate(step), history, state)
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested or gamed:
                     state["last_good_checkpoint"] = str(self._save_checkpoint(step, state))
                 if stop.requested:
                     interrupted = True
+                    break
+                if gamed:
+                    acc.print(gamed)
+                    state["stopped_early"] = gamed
                     break
         bar.close()
         summary = self._finish(step, state, history, interrupted, stop.signum)
@@ -587,10 +602,11 @@ class PreferenceTrainer:
         totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
         return totals, ok
 
-    def _validate(self, step: int) -> None:
-        """Sample the validation prompts when due, each process its share."""
+    def _validate(self, step: int) -> dict[str, float] | None:
+        """Sample the validation prompts when due, each process its share; the scores on the main process, {} on
+        the others, None when no validation was due."""
         if not self.validator.due(step, self.config.train.max_steps):
-            return
+            return None
         if self.config.data.precompute:  # the encoders wait on the CPU between validations
             self._encoders_to(self.accelerator.device)
         with self.accelerator.autocast():
@@ -603,6 +619,23 @@ class PreferenceTrainer:
         if self.accelerator.is_main_process and self.accelerator.trackers and grid.is_file():
             with Image.open(grid) as image:
                 log_image(self.accelerator.trackers, "validation/samples", image, step)
+        return scores
+
+    def _watch_gold(self, step: int, scores: dict[str, float] | None, history: list[dict[str, float]],
+                    state: dict[str, Any]) -> str | None:
+        """After a validation, whether the gold reward says to stop (:mod:`diffalign.train.gold`); the main process
+        decides, every process gets its answer."""
+        if self.gold is None or scores is None:
+            return None
+        decision = [None]
+        if self.accelerator.is_main_process:
+            since = [logs["train_reward"] for logs in history if "train_reward" in logs
+                     and logs["step"] > (self.gold.seen[-1][0] if self.gold.seen else -1)]
+            train_reward = sum(since) / len(since) if since else None
+            decision = [self.gold.observe(step, scores[f"val_{self.gold.reward}"], train_reward)]
+        decision = broadcast_object_list(decision)
+        state["gold"] = self.gold.state() if self.accelerator.is_main_process else state.get("gold", [])
+        return decision[0]
 
     def _bad_read_by_all_processes(self) -> set[tuple[int, str]]:
         """Bad rows, as (row, column), that any process met while reading since the run began (before a
@@ -634,6 +667,7 @@ class PreferenceTrainer:
             "interrupted": interrupted,
             "signal": signum if interrupted else None,  # SIGINT (2) or SIGTERM (15) that stopped the run
             "bad_steps": state["bad_steps"],
+            "stopped_early": state.get("stopped_early"),  # the gold reward's reason, when it stopped the run
             "skipped_rows": self._skipped_rows_of_all_processes(),
             "final": None if final_dir is None else str(final_dir),
             "last": history[-1] if history else {},
