@@ -19,7 +19,7 @@ from diffalign.train import load_config, train
 
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
-        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None}
+        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "disco": None}
 SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversion_steps=2",
                                                               "objective.renoise_iterations=1",
                                                               "data.score_columns=[[pick_0, pick_1]]"],
@@ -29,6 +29,8 @@ SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversio
            # DDPO's JPEG size tells their images apart
            "grpo": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                     "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
+           "disco": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
+                     "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
            "nft": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                    "objective.sample_steps=2", "online.reward=jpeg_incompressibility"]}
 

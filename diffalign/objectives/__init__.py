@@ -3,6 +3,7 @@
 from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.ddo import DDO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
+from diffalign.objectives.disco import DisCO
 from diffalign.objectives.diffusion_kto import DiffusionKTO
 from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.inpo import InPO
@@ -16,6 +17,7 @@ OBJECTIVES = {
     "ddo": DDO,
     "diffusion_dpo": DiffusionDPO,
     "diffusion_kto": DiffusionKTO,
+    "disco": DisCO,
     "grpo": FlowGRPO,
     "inpo": InPO,
     "nft": DiffusionNFT,
@@ -24,4 +26,4 @@ OBJECTIVES = {
     "smpo": SmPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "FlowGRPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]

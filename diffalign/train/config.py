@@ -86,6 +86,11 @@ class ObjectiveConfig:
     kl_coef: float | None = None
     advantage_clip: float = 5.0
     advantage_std: str = "global"
+    # disco: the temperature of the robust log-mean-exp over a group's negatives, and the squared-hinge
+    # penalty beta [KL - delta]_+^2 that holds the KL to the sampler below delta (the authors' log-L run)
+    disco_tau: float = 10.0
+    disco_beta: float = 1000.0
+    disco_delta: float = 1.0e-4
     # nft: the guidance strength beta of the implicit positive and negative policies
     # (1 - beta) v_old + beta v and (1 + beta) v_old - beta v (DiffusionNFT's config.beta)
     nft_beta: float = 1.0
