@@ -25,7 +25,7 @@ from diffalign.diffusion.loading import (
     process_state,
     resolve_dtype,
 )
-from diffalign.diffusion.lora import adapters_disabled, add_lora, has_lora
+from diffalign.diffusion.lora import adapters_disabled, add_lora, has_lora, reference_denoiser
 from diffalign.diffusion.schedule import (
     DiffusionSchedule,
     FlowSchedule,
@@ -51,6 +51,7 @@ __all__ = [
     "TensorCache",
     "TimestepSampler",
     "adapters_disabled",
+    "reference_denoiser",
     "add_lora",
     "backbone_for",
     "build_random_pipeline",

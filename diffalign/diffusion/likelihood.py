@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
-from diffalign.diffusion.lora import adapters_disabled
+from diffalign.diffusion.lora import reference_denoiser
 from diffalign.diffusion.schedule import Schedule, TimestepSampler
 
 Tensor = torch.Tensor
@@ -110,10 +110,6 @@ def group_scores(
     scores = denoising_scores(backbone, group, denoiser=policy)
     if not need_reference:
         return scores, None
-    with torch.no_grad():
-        if reference is not None:
-            ref = denoising_scores(backbone, group, denoiser=reference)
-        else:
-            with adapters_disabled(backbone.denoiser) as base:
-                ref = denoising_scores(backbone, group, denoiser=base)
+    with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:
+        ref = denoising_scores(backbone, group, denoiser=frozen)
     return scores, ref

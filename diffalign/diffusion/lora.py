@@ -72,6 +72,17 @@ def adapters_disabled(module: nn.Module):
             layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def reference_denoiser(denoiser: nn.Module, reference: nn.Module | None):
+    """The frozen reference to run: ``reference`` when given (a frozen copy), else ``denoiser`` with its LoRA
+    adapters disabled (:func:`adapters_disabled`), switched back on afterwards."""
+    if reference is not None:
+        yield reference
+        return
+    with adapters_disabled(denoiser) as base:
+        yield base
+
+
 def load_lora_file(denoiser: nn.Module, path: Path, prefix: str) -> nn.Module:
     """Add the adapter of a diffusers-layout LoRA file (scale folded in) to ``denoiser``."""
     layers = {k.removeprefix(f"{prefix}."): v for k, v in load_file(str(path)).items() if k.startswith(f"{prefix}.")}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffalign import losses
-from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
+from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
 from diffalign.diffusion.logprob import step_log_prob
 from diffalign.objectives.base import OnlineObjective
 
@@ -88,12 +88,8 @@ class D3PO(OnlineObjective):
         score = lambda net: step_log_prob(backbone, trajectories, step, cond, eta=self.eta,  # noqa: E731
                                           guidance_scale=self.guidance_scale, uncond=uncond, denoiser=net)
         logp = score(policy).view(b, 2)
-        with torch.no_grad():
-            if reference is not None:
-                ref = score(reference).view(b, 2)
-            else:
-                with adapters_disabled(backbone.denoiser) as base:
-                    ref = score(base).view(b, 2)
+        with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:
+            ref = score(frozen).view(b, 2)
         per_pair = d3po_step_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, eps=self.eps,
                                   loss=self.spec.name, **self.options)
         # the implicit rewards beta * log pi/pi_ref of the step, named and tie-counted as every pairwise objective's

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
+from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
 from diffalign.diffusion.logprob import gaussian_log_prob, step_distribution
 from diffalign.errors import UserError
 from diffalign.objectives.base import OnlineObjective
@@ -135,12 +135,8 @@ class FlowGRPO(OnlineObjective):
             metrics["train_reward"] = reward.float().mean()
         loss = policy_loss
         if self.kl_coef > 0:
-            with torch.no_grad():
-                if reference is not None:
-                    ref_mean, _ = distribution(reference)
-                else:
-                    with adapters_disabled(backbone.denoiser) as base:
-                        ref_mean, _ = distribution(base)
+            with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:
+                ref_mean, _ = distribution(frozen)
             kl = ((mean - ref_mean) ** 2).flatten(1).mean(dim=1) / (2 * std.flatten() ** 2)
             loss = loss + self.kl_coef * kl.mean()
             metrics["kl"] = kl.mean().detach()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from diffalign.diffusion import Backbone, Conditioning, adapters_disabled
+from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
 from diffalign.diffusion.logprob import StepRule
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.base import OnlineObjective
@@ -135,12 +135,8 @@ class DiffusionNFT(OnlineObjective):
             metrics["train_reward"] = reward.float().mean()
         loss = policy_loss
         if self.kl_coef > 0:
-            with torch.no_grad():
-                if reference is not None:
-                    ref = predict(reference)
-                else:
-                    with adapters_disabled(backbone.denoiser) as base:
-                        ref = predict(base)
+            with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:
+                ref = predict(frozen)
             kl = (prediction - ref).pow(2).flatten(1).mean(dim=1).mean()
             loss = loss + self.kl_coef * kl
             metrics["kl"] = kl.detach()
