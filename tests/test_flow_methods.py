@@ -180,3 +180,42 @@ def test_self_npo_on_a_flow_model_is_the_truncated_loop_in_sigmas_by_hand(flow):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert metrics["teacher_t"].item() == pytest.approx(sum(teacher_t) / 3)
     assert teacher_t == [0, int(grid[5]), int(grid[19])]
+
+
+@pytest.mark.parametrize("model", ["toy", "tiny-sd3"])
+def test_stochastic_inversion_adds_the_posterior_deviation_after_each_move_but_the_first(model):
+    """InPO's eta: after each DDIM move but the first, eta * sigma * z with sigma DDPM's posterior deviation
+    sqrt((1 - A_from) / (1 - A_to) (1 - A_to / A_from)) in alpha-bars; on a flow model A = a^2 / (a^2 + b^2) of its
+    x_t = a x_0 + b eps (the variance-preserving x_t it scales) and sigma scaled by sqrt(a^2 + b^2) at the end."""
+    from diffalign.diffusion import schedule_for
+    from diffalign.paths import TOY_BASE
+
+    pipe = load_pipeline(TOY_BASE) if model == "toy" else load_pipeline(MODELS / model, random_init=True)
+    backbone = backbone_for(pipe)
+    schedule = schedule_for(backbone.scheduler)
+    x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond = backbone.encode_prompts(["a red circle"])
+    ours = ddim_invert_to(backbone, x0, cond, torch.tensor([300]), steps=10, eta=0.5,
+                          generator=torch.Generator().manual_seed(9))
+
+    def coefficients(t):
+        if t is None:
+            return torch.tensor(1.0), torch.tensor(0.0)
+        a, b = schedule.coefficients(torch.tensor([t]))
+        return a[0], b[0]
+
+    z = torch.Generator().manual_seed(9)
+    x = x0.clone()
+    path = [None, 0, 100, 200, 300]
+    with torch.no_grad():
+        for move, (prev, nxt) in enumerate(zip(path[:-1], path[1:])):
+            (a_from, b_from), (a_to, b_to) = coefficients(prev), coefficients(nxt)
+            t_model = schedule.model_timesteps(torch.tensor([prev or 0]))
+            _, eps = schedule.split(backbone.predict(x, t_model, cond), x, torch.tensor([prev or 0]))
+            x = a_to * (x - b_from * eps) / a_from + b_to * eps
+            if move:
+                big_from = a_from**2 / (a_from**2 + b_from**2)
+                big_to = a_to**2 / (a_to**2 + b_to**2)
+                sigma = ((1 - big_from) / (1 - big_to) * (1 - big_to / big_from)).sqrt()
+                x = x + 0.5 * (a_to**2 + b_to**2).sqrt() * sigma * torch.randn(x.shape, generator=z)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
