@@ -253,7 +253,7 @@ def test_export_cli_and_clear_errors(runs, tmp_path, capsys):
     assert "not a finished run directory" in _unwrapped(capsys.readouterr().err)
     with pytest.raises(UserError, match=".safetensors"):
         export_run(runs["tiny-sd15", 4], "single-file", tmp_path / "model.ckpt")
-    with pytest.raises(UserError, match="kohya export covers SD 1.x/2.x and SDXL UNet LoRAs"):
+    with pytest.raises(UserError, match="kohya export covers SD 1.x/2.x, SDXL and FLUX LoRAs"):
         export_run(runs["tiny-sd3", 4], "kohya", tmp_path / "sd3.safetensors")
     assert main(["export", str(runs["tiny-sd15", 4]), "--format", "single-file",
                  "--out", str(tmp_path / "m.safetensors")]) == 0
