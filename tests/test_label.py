@@ -113,8 +113,11 @@ def test_another_host_needs_a_token_and_every_request_must_carry_it(tmp_path):
 
 
 def _start(source: Path, out: Path) -> tuple[subprocess.Popen, str]:
+    """The page in a process of its own, with Ctrl-C acting as in a terminal even when the suite itself runs in
+    the background (a shell's background jobs ignore SIGINT, and their children inherit that)."""
     process = subprocess.Popen([sys.executable, "-m", "diffalign", "label", str(source), "--out", str(out),
-                                "--port", "0"], stdout=subprocess.PIPE, text=True)
+                                "--port", "0"], stdout=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.readline()
     return process, re.search(r"(http://\S+?)/", first)[1]
 
