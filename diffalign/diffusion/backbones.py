@@ -297,10 +297,9 @@ class FluxBackbone(Backbone):
     def predict(self, latents, timesteps, cond, denoiser=None):
         net = denoiser or self.denoiser
         n, c, h, w = latents.shape
-        tokens = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
-        image_ids = torch.zeros(h // 2, w // 2, 3, device=latents.device, dtype=latents.dtype)
-        image_ids[..., 1] += torch.arange(h // 2, device=latents.device, dtype=latents.dtype)[:, None]
-        image_ids[..., 2] += torch.arange(w // 2, device=latents.device, dtype=latents.dtype)[None, :]
+        pipe = self.pipe
+        tokens = pipe._pack_latents(latents, n, c, h, w)  # FluxPipeline's own packing, ids and unpacking
+        image_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype)
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None
         if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
@@ -312,10 +311,11 @@ class FluxBackbone(Backbone):
             pooled_projections=cond.pooled,
             encoder_hidden_states=cond.embeds,
             txt_ids=text_ids,
-            img_ids=image_ids.reshape(-1, 3),
+            img_ids=image_ids,
             return_dict=False,
         )[0]
-        return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        scale = self.vae_scale_factor
+        return pipe._unpack_latents(out, h * scale, w * scale, scale)
 
 
 class PixArtBackbone(Backbone):

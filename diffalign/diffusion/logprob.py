@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
+from diffalign.diffusion.schedule import DiffusionSchedule
 
 Tensor = torch.Tensor
 
@@ -71,28 +72,23 @@ class StepRule:
             self.scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
             self.scheduler.set_timesteps(steps)
             self.timesteps = self.scheduler.timesteps
+            self.schedule = DiffusionSchedule(self.scheduler)
 
     def coefficients(self, k: int) -> tuple[float, float]:
-        """(a, b) of step k's noise level, x = a x_0 + b eps: (1 - sigma, sigma) on a flow model, (sqrt(alpha-bar),
-        sqrt(1 - alpha-bar)) on a DDPM-type one."""
+        """(a, b) of step k's noise level, x = a x_0 + b eps: (1 - sigma, sigma) on a flow model, the DDPM
+        schedule's at the step's timestep otherwise."""
         if self.flow:
             sigma = self.sigmas[k].item()
             return 1 - sigma, sigma
-        alpha_bar = self.scheduler.alphas_cumprod[int(self.timesteps[k])].item()
-        return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+        a, b = self.schedule.coefficients(torch.tensor([int(self.timesteps[k])]))
+        return a.item(), b.item()
 
     def clean(self, k: int, x: Tensor, output: Tensor) -> Tensor:
-        """The x_0 a model output at (x, step k) implies (velocity, epsilon, v or sample prediction)."""
-        a, b = self.coefficients(k)
-        x, output = x.float(), output.float()
+        """The x_0 a model output at (x, step k) implies: x - sigma v on a flow model (the step's inference sigma, not
+        a training-grid one), the DDPM schedule's split of an epsilon, v or sample prediction otherwise."""
         if self.flow:
-            return x - b * output
-        kind = self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            return (x - b * output) / a
-        if kind == "v_prediction":
-            return a * x - b * output
-        return output
+            return x.float() - self.sigmas[k].item() * output.float()
+        return self.schedule.split(output, x, torch.full((x.shape[0],), int(self.timesteps[k])))[0]
 
     def distribution(self, k: int, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation (a scalar tensor) of step k from x, given the model's (guided) output."""

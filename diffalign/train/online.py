@@ -66,7 +66,6 @@ class Round:
             labels; a call, since human labels may not be there yet (it raises :class:`NeedsLabels`).
     """
 
-    index: int
     prompts: list[str]
     latents: Tensor
     log_probs: Tensor
@@ -214,7 +213,7 @@ class OnlineRounds:
         tensors = load_file(str(folder / "trajectories.safetensors"))
         record = json.loads((folder / "groups.json").read_text())
         g, k = len(record["prompts"]), record["group_size"]
-        round_ = Round(index=r, prompts=record["prompts"],
+        round_ = Round(prompts=record["prompts"],
                        latents=tensors["latents"].view(g, k, *tensors["latents"].shape[1:]),
                        log_probs=tensors["log_probs"].view(g, k, -1),
                        rewards=None if record["rewards"] is None else torch.tensor(record["rewards"]),
