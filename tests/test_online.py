@@ -105,7 +105,7 @@ def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
     assert "sampling 4 groups" not in shown["two"]
     one, two = (tmp_path / run / "rounds" / "round-00000" for run in ("one", "two"))
     a, b = (load_file(str(folder / "trajectories.safetensors")) for folder in (one, two))
-    assert a.keys() == b.keys() == {"latents", "timesteps", "log_probs"} and a["latents"].shape[0] == 8
+    assert a.keys() == b.keys() == {"latents", "timesteps", "log_probs", "stochastic"} and a["latents"].shape[0] == 8
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
     record = {run: json.loads((folder / "groups.json").read_text()) for run, folder in (("one", one), ("two", two))}

@@ -90,20 +90,22 @@ class StepRule:
             return x.float() - self.sigmas[k].item() * output.float()
         return self.schedule.split(output, x, torch.full((x.shape[0],), int(self.timesteps[k])))[0]
 
-    def distribution(self, k: int, x: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and standard deviation (a scalar tensor) of step k from x, given the model's (guided) output."""
+    def distribution(self, k: int, x: Tensor, output: Tensor, *, stochastic: bool = True) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation (a scalar tensor) of step k from x, given the model's (guided) output;
+        ``stochastic`` False: the deterministic step at eta 0 (the ODE's Euler step, or DDIM), std 0."""
         x, output = x.float(), output.float()
+        eta = self.eta if stochastic else 0.0
         if self.flow:
             sigma, nxt = self.sigmas[k].item(), self.sigmas[k + 1].item()
             dt = nxt - sigma
             # at sigma = 1 the ratio diverges; Flow-GRPO uses the next sigma there
-            std_t = self.eta * math.sqrt(sigma / (1 - (self.sigmas[1].item() if sigma >= 1 else sigma)))
+            std_t = eta * math.sqrt(sigma / (1 - (self.sigmas[1].item() if sigma >= 1 else sigma)))
             mean = x + (output + std_t ** 2 / (2 * sigma) * (x + (1 - sigma) * output)) * dt
             return mean, torch.tensor(std_t * math.sqrt(-dt))
         t = int(self.timesteps[k])
-        mean = self.scheduler.step(output, t, x, eta=self.eta, variance_noise=torch.zeros_like(x)).prev_sample
+        mean = self.scheduler.step(output, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
         prev = t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
-        return mean, self.eta * self.scheduler._get_variance(t, prev).float().sqrt()
+        return mean, eta * self.scheduler._get_variance(t, prev).float().sqrt()
 
 
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -129,24 +131,34 @@ def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond
 def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *, steps: int = 20, eta: float = 1.0,
                         guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                         generator: torch.Generator | None = None, denoiser: nn.Module | None = None,
-                        progress: str | None = None, step_noise: Tensor | None = None) -> Trajectory:
+                        progress: str | None = None, step_noise: Tensor | None = None,
+                        stochastic: Tensor | None = None) -> Trajectory:
     """Sample from ``noise`` (B, C, h, w) with the stochastic rule, recording every step.
 
     ``uncond`` (one prompt's conditioning, e.g. the empty prompt, repeated to B) enables
     classifier-free guidance at ``guidance_scale``. ``generator`` (on the CPU) draws the step noise,
     unless ``step_noise`` (B, steps, C, h, w) gives it, e.g. drawn per item so that a sample does
     not depend on the batch it is drawn in.
-    ``progress`` names a progress bar over the steps (none when None).
+    ``progress`` names a progress bar over the steps (none when None). ``stochastic`` (steps,) bool marks
+    the steps that draw noise (MixGRPO's window); the others take the deterministic step (eta 0) and record
+    a log-probability of 0, having no density to train on. The step noise is drawn for every step either
+    way, so a window does not change the noise of the steps inside it.
     """
     rule = StepRule(backbone, steps, eta, tuple(noise.shape[1:]))
     x = noise.float()
     latents, log_probs = [x], []
     for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
-        mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser))
+        noisy = stochastic is None or bool(stochastic[k])
+        mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser),
+                                      stochastic=noisy)
         z = (torch.randn(x.shape, generator=generator, dtype=torch.float32) if step_noise is None
              else step_noise[:, k].float()).to(x.device)
-        x = mean + std.to(mean) * z
-        log_probs.append(gaussian_log_prob(x, mean, std))
+        if noisy:
+            x = mean + std.to(mean) * z
+            log_probs.append(gaussian_log_prob(x, mean, std))
+        else:
+            x = mean
+            log_probs.append(torch.zeros(x.shape[0], device=x.device))
         latents.append(x)
     return Trajectory(torch.stack(latents, dim=1), rule.timesteps.clone(), torch.stack(log_probs, dim=1))
 

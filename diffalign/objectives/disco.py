@@ -32,7 +32,7 @@ from torch import nn
 from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.logprob import step_log_prob
 from diffalign.objectives.base import OnlineObjective
-from diffalign.objectives.grpo import logged_rewards, round_advantages
+from diffalign.objectives.grpo import round_advantages
 
 if TYPE_CHECKING:
     from diffalign.train.config import ObjectiveConfig
@@ -57,7 +57,7 @@ class DisCO(OnlineObjective):
     """The discriminative constrained objective on recorded groups; see the module docstring.
 
     Called with ``latents`` (B, K, T + 1, C, h, w) groups of trajectories, ``randomness["step"]`` (B,) the step
-    trained for each group, and the targets ``positive`` (B, K), ``old_log_probs`` (B, K, T) and ``reward``.
+    trained for each group, and the targets ``positive`` (B, K), and ``old_log_probs`` (B, K, T).
     """
 
     loss_kinds = ("discriminative",)
@@ -76,12 +76,11 @@ class DisCO(OnlineObjective):
         advantages, _ = round_advantages(round_, "group")
         g, k = round_.rewards.shape
         return {"latents": round_.latents, "prompt_of": torch.arange(g),
-                "targets": {"positive": (advantages > 0).view(g, k), "old_log_probs": round_.log_probs,
-                            "reward": logged_rewards(round_).view(g, k)}}
+                "targets": {"positive": (advantages > 0).view(g, k), "old_log_probs": round_.log_probs}}
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, *, positive: Tensor, old_log_probs: Tensor,
-                 reward: Tensor | None = None, **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                 **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b, k = latents.shape[:2]
         step = randomness["step"].repeat_interleave(k)
         uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(b * k)
@@ -94,6 +93,4 @@ class DisCO(OnlineObjective):
         loss = -objective / b + penalty
         metrics = {"disco_objective": objective.detach() / b, "kl": kl.detach(),
                    "kl_over_delta": (kl.detach() > self.kl_delta).float(), "valid_groups": valid.float() / b}
-        if reward is not None:  # the units' own rewards: the training reward the gold one is watched against
-            metrics["train_reward"] = reward.float().mean()
         return loss, metrics

@@ -75,11 +75,6 @@ def round_advantages(round_, std: str) -> tuple[Tensor, Tensor]:
     return group_advantages(round_.rewards.reshape(-1), prompts, std=std), torch.arange(g).repeat_interleave(k)
 
 
-def logged_rewards(round_) -> Tensor:
-    """(G * K,) the round's raw rewards, group-major: logged as the training reward beside the gold one."""
-    return round_.rewards.reshape(-1).float()
-
-
 def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantage: Tensor, clip: float) -> Tensor:
     """(B,) PPO's clipped surrogate loss max(-A rho, -A clip(rho, 1 - clip, 1 + clip)), rho = exp(log_prob - old)."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -110,12 +105,11 @@ class FlowGRPO(OnlineObjective):
         """Every trajectory of the round with its advantage and its recorded step log-probabilities."""
         advantages, prompt_of = round_advantages(round_, self.advantage_std)
         return {"latents": round_.latents.flatten(0, 1)[:, None], "prompt_of": prompt_of,
-                "targets": {"advantage": advantages, "old_log_probs": round_.log_probs.flatten(0, 1),
-                            "reward": logged_rewards(round_)}}
+                "targets": {"advantage": advantages, "old_log_probs": round_.log_probs.flatten(0, 1)}}
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, *, advantage: Tensor, old_log_probs: Tensor,
-                 reward: Tensor | None = None, **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+                 **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         trajectories, step = latents[:, 0], randomness["step"]
         rows = torch.arange(len(step), device=step.device)
         uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(len(step))
@@ -131,8 +125,6 @@ class FlowGRPO(OnlineObjective):
         metrics = {"policy_loss": policy_loss.detach(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
                    "ratio_min": ratio.min(), "clip_fraction": ((ratio - 1).abs() > self.clip).float().mean(),
                    "advantage_mean": advantage.float().mean(), "advantage_abs": advantage.float().abs().mean()}
-        if reward is not None:  # the units' own rewards: the training reward the gold one is watched against
-            metrics["train_reward"] = reward.float().mean()
         loss = policy_loss
         if self.kl_coef > 0:
             with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:

@@ -35,7 +35,7 @@ from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
 from diffalign.diffusion.logprob import StepRule
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.base import OnlineObjective
-from diffalign.objectives.grpo import logged_rewards, round_advantages
+from diffalign.objectives.grpo import round_advantages
 
 if TYPE_CHECKING:
     from diffalign.train.config import ObjectiveConfig
@@ -105,10 +105,10 @@ class DiffusionNFT(OnlineObjective):
         """Every clean sample of the round with its advantage."""
         advantages, prompt_of = round_advantages(round_, self.advantage_std)
         return {"latents": round_.latents[:, :, -1].flatten(0, 1)[:, None], "prompt_of": prompt_of,
-                "targets": {"advantage": advantages, "reward": logged_rewards(round_)}}
+                "targets": {"advantage": advantages}}
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
-                 policy: nn.Module, reference: nn.Module | None, *, advantage: Tensor, reward: Tensor | None = None,
+                 policy: nn.Module, reference: nn.Module | None, *, advantage: Tensor,
                  **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = latents[:, 0].float()
         rule = StepRule(backbone, self.sample_steps, self.eta, tuple(x0.shape[1:]))
@@ -131,8 +131,6 @@ class DiffusionNFT(OnlineObjective):
         policy_loss = (per_sample * self.advantage_clip).mean()
         metrics = {"policy_loss": policy_loss.detach(), "optimality_mean": r.mean(),
                    "old_deviation": (prediction.detach() - old).pow(2).mean()}
-        if reward is not None:  # the units' own rewards: the training reward the gold one is watched against
-            metrics["train_reward"] = reward.float().mean()
         loss = policy_loss
         if self.kl_coef > 0:
             with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:

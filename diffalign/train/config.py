@@ -189,11 +189,21 @@ class OnlineConfig:
     sample_batch_size: int = 8
     # optimiser steps trained on each round's pairs before the next round is sampled
     steps_per_round: int = 10
-    # who prefers: a reward model spec (see diffalign.rewards) ...
-    reward: str | None = None
+    # who prefers: a reward model spec (see diffalign.rewards), or a list of them whose per-prompt
+    # z-scores are summed with reward_weights (1 each when empty; diffalign.rewards.weighted) ...
+    reward: str | dict | list | None = None
+    reward_weights: list | None = None
     # ... or a JSON-lines file of human labels {"round": r, "pair": i, "winner": 0 or 1}; a round
     # without labels writes its images and to_label.jsonl, checkpoints and stops until they exist
     labels: str | None = None
+    # MixGRPO's sliding SDE window (Flow-GRPO-Fast is a fixed one): only sde_window consecutive sampler
+    # steps draw noise (and are trained), from step sde_window_start; the others take the deterministic
+    # step. Every sde_window_shift_every rounds the window moves sde_window_stride steps towards the clean
+    # end, where it stays. sde_window 0: every step is stochastic
+    sde_window: int = 0
+    sde_window_start: int = 0
+    sde_window_shift_every: int = 0
+    sde_window_stride: int = 1
 
 
 @dataclass
@@ -402,12 +412,20 @@ class Config:
             raise UserError(f"validation.gold={vc.gold} watches a validation reward while an online objective "
                             f"trains: it must be one of validation.rewards ({', '.join(names) or 'none'}), with "
                             f"validation.every > 0 and an online objective (not {self.objective.name})")
-        if self.online.reward is not None and RewardSpec.parse(self.online.reward).name == vc.gold:
+        if vc.gold in self._online_reward_names():
             raise UserError(f"validation.gold={vc.gold} is the reward the run trains on (online.reward); the gold "
                             "reward must be one the run does not see")
         if vc.gold_patience < 1:
             raise UserError(f"validation.gold_patience must be >= 1, got {vc.gold_patience}")
 
+
+    def _online_reward_names(self) -> list[str]:
+        """The names of the reward models of ``online.reward`` (none, one, or a list)."""
+        from diffalign.rewards import RewardSpec
+
+        reward = self.online.reward
+        specs = [] if reward is None else reward if isinstance(reward, list) else [reward]
+        return [RewardSpec.parse(spec).name for spec in specs]
 
     def _validate_truncation(self) -> None:
         oc = self.objective
@@ -419,16 +437,14 @@ class Config:
             raise UserError(f"objective.huber_c must be > 0, got {oc.huber_c}")
 
     def _validate_online(self) -> None:
-        from diffalign.rewards import RewardSpec
-
         oc = self.online
         if not oc.prompts:
             raise UserError(f"{self.objective.name} samples in rounds: set online.prompts to a prompt file or set")
         if (oc.reward is None) == (oc.labels is None):
             raise UserError("online objectives need exactly one source of preferences: online.reward (a reward "
                             "model spec) or online.labels (a JSON-lines file of human labels)")
-        if oc.reward is not None:
-            RewardSpec.parse(oc.reward)
+        if oc.reward == []:
+            raise UserError("online.reward is an empty list: name at least one reward model")
         from diffalign.objectives import OBJECTIVES
 
         if oc.labels is not None and not OBJECTIVES[self.objective.name].takes_labels:
@@ -439,9 +455,21 @@ class Config:
         fixed = OBJECTIVES[self.objective.name].group_size_fixed
         if oc.group_size not in (None, OBJECTIVES[self.objective.name].group_size) and fixed:
             raise UserError(f"{self.objective.name} trains on pairs: online.group_size must be 2, got {oc.group_size}")
-        for key in ("groups_per_round", "steps_per_round", "sample_batch_size"):
+        for key in ("groups_per_round", "steps_per_round", "sample_batch_size", "sde_window_stride"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
+        steps = self.objective.sample_steps
+        if oc.sde_window < 0 or oc.sde_window_shift_every < 0 or not 0 <= oc.sde_window_start < steps \
+                or oc.sde_window_start + oc.sde_window > steps:
+            raise UserError(f"online.sde_window={oc.sde_window} from online.sde_window_start={oc.sde_window_start} "
+                            f"must fit in the sampler's {steps} steps (objective.sample_steps), and "
+                            f"online.sde_window_shift_every={oc.sde_window_shift_every} must be >= 0")
+        from diffalign.rewards.weighted import parse_weights
+
+        names = self._online_reward_names()
+        if len(set(names)) != len(names):
+            raise UserError(f"online.reward names a reward model twice ({', '.join(names)})")
+        parse_weights(len(names), oc.reward_weights)
         if self.objective.sample_eta <= 0:
             raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step log-probabilities")
         if self.objective.ratio_clip is not None and not 0 < self.objective.ratio_clip < 1:

@@ -6,12 +6,21 @@ first step the current policy (the backbone's denoiser, LoRA enabled) samples
 ``group_size`` (``online.group_size`` overrides it: D3PO's pairs are groups of 2, GRPO's groups
 are larger); prompts cycle through ``online.prompts``, one per group, and a group's trajectories
 start from one shared noise when the objective asks for it (D3PO's pairs; DanceGRPO's option).
-A reward model scores each final image, or a person says which image of a pair is better, and the
+A reward model scores each final image (several: a weighted sum of their per-prompt z-scores,
+:mod:`diffalign.rewards.weighted`), or a person says which image of a pair is better, and the
 round is written to ``run/rounds/round-NNNNN/``: the trajectories and log-probabilities
-(safetensors), the images (PNG, ``images/groupGGGG-K.png``), and ``groups.json`` (prompts,
-rewards). On N processes each samples and scores every N-th group. Everything in a round is a pure
-function of (seed, r) and the weights at its start (each group has its own generator), and a
+(safetensors), the images (PNG, ``images/groupGGGG-K.png``), and ``groups.json`` (prompts, the
+training reward and each model's raw scores). On N processes each samples and scores every N-th
+group; a batch is scored on a second thread while the next one samples, so scoring does not stall
+the sampler (batches of ``online.sample_batch_size`` groups). The round's mean raw reward (and each
+model's) is logged with every step trained on it, as ``train_reward`` (``train_reward/NAME``).
+Everything in a round is a pure function of (seed, r) and the weights at its start (each group has its own generator), and a
 resumed run reads the round from disk instead of sampling it again, so resume stays exact.
+
+With ``online.sde_window`` set, only a window of the sampler's steps draws noise (MixGRPO, Li et al.
+2025, arXiv 2507.21802; Flow-GRPO-Fast is the fixed window), the others taking the deterministic
+step; only the window's steps are trained, and the window may slide towards the clean end every few
+rounds (:func:`sde_window`).
 
 The objective turns a round into training units (:meth:`OnlineObjective.training_units`: D3PO's
 winner-first pairs, GRPO's trajectories with their group-normalised advantages); each optimiser
@@ -30,6 +39,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +54,8 @@ from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.report import to_pil
 from diffalign.paths import with_usual_permissions
-from diffalign.rewards import load_reward
+from diffalign.rewards import RewardSpec, load_reward
+from diffalign.rewards.weighted import combine_rewards, parse_weights, weighted_raw_mean
 from diffalign.train.config import Config
 
 Tensor = torch.Tensor
@@ -52,6 +63,20 @@ Tensor = torch.Tensor
 
 class NeedsLabels(Exception):
     """A round waits for human labels; the message says where to put them."""
+
+
+def sde_window(config: Config, r: int) -> Tensor:
+    """(steps,) bool: the sampler steps of round r that draw noise. All of them without ``online.sde_window``;
+    else ``sde_window`` steps from ``sde_window_start``, moved ``sde_window_stride`` steps every
+    ``sde_window_shift_every`` rounds and stopped at the last step (MixGRPO's progressive window)."""
+    oc, steps = config.online, config.objective.sample_steps
+    if oc.sde_window == 0:
+        return torch.ones(steps, dtype=torch.bool)
+    shifts = r // oc.sde_window_shift_every if oc.sde_window_shift_every else 0
+    start = min(oc.sde_window_start + shifts * oc.sde_window_stride, steps - oc.sde_window)
+    window = torch.zeros(steps, dtype=torch.bool)
+    window[start:start + oc.sde_window] = True
+    return window
 
 
 @dataclass
@@ -83,7 +108,10 @@ class OnlineRounds:
         self.shared_noise = objective.shared_noise if shared is None else shared
         self.root = output_dir / "rounds"
         self.prompts = read_prompts(config.online.prompts)
-        self.reward = load_reward(config.online.reward) if config.online.reward else None
+        reward = config.online.reward
+        specs = [] if reward is None else reward if isinstance(reward, list) else [reward]
+        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in specs}
+        self.reward_weights = parse_weights(len(self.rewards), config.online.reward_weights)
         self.bad_rows: dict[tuple[int, str], str] = {}  # none: the trainer's bad-row accounting, empty
         self._loaded: tuple[int, dict[str, Any]] | None = None
 
@@ -116,15 +144,26 @@ class OnlineRounds:
         at a time."""
         acc, n, k = self.accelerator, self.config.online.sample_batch_size, self.group_size
         label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
-        batches = [self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label) for i in range(0, len(groups), n)]
+        batches, scored = [], []
+        with ThreadPoolExecutor(max_workers=1) as scorer:  # batch i is scored while batch i + 1 samples
+            for i in range(0, len(groups), n):
+                batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label)
+                batches.append(batch)
+                if self.rewards:
+                    scored.append(scorer.submit(self._score, batch[2], [p for p in prompts[i:i + n] for _ in range(k)]))
+            parts = [future.result() for future in scored]
         latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
         for j, image in enumerate(images):
             to_pil(image).save(tmp / "images" / f"group{groups[j // k]:04d}-{j % k}.png")
         part = {"groups": torch.tensor(groups), "latents": latents, "log_probs": log_probs,
-                "timesteps": batches[0][3]}
-        if self.reward is not None:
-            part["rewards"] = self.reward(images, [p for p in prompts for _ in range(k)]).float().view(-1, k)
+                "timesteps": batches[0][3], "stochastic": sde_window(self.config, r)}
+        for name in self.rewards:
+            part[f"reward/{name}"] = torch.cat([scores[name] for scores in parts]).view(-1, k)
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
+
+    def _score(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """Each reward model's (N,) raw scores of N images."""
+        return {name: model(images, prompts).float() for name, model in self.rewards.items()}
 
     def _sample_groups(self, r: int, groups: list[int], prompts: list[str],
                        label: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -145,7 +184,8 @@ class OnlineRounds:
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
                                              uncond=uncond, step_noise=step_noise, progress=label,
-                                             denoiser=self.objective.sampling_denoiser())
+                                             denoiser=self.objective.sampling_denoiser(),
+                                             stochastic=sde_window(self.config, r))
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu())
@@ -161,9 +201,16 @@ class OnlineRounds:
             return torch.cat([part[key].view(-1, k, *part[key].shape[1:]) for part in parts])[order]
 
         save_file({"latents": by_group("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
-                   "log_probs": by_group("log_probs").flatten(0, 1)}, str(tmp / "trajectories.safetensors"))
-        rewards = torch.cat([part["rewards"] for part in parts])[order].tolist() if self.reward is not None else None
-        (tmp / "groups.json").write_text(json.dumps({"prompts": prompts, "group_size": k, "rewards": rewards}))
+                   "log_probs": by_group("log_probs").flatten(0, 1), "stochastic": parts[0]["stochastic"]},
+                  str(tmp / "trajectories.safetensors"))
+        raw = {name: torch.cat([part[f"reward/{name}"] for part in parts])[order] for name in self.rewards}
+        rewards = None
+        if raw:
+            flat = {name: scores.reshape(-1) for name, scores in raw.items()}
+            rewards = combine_rewards(flat, self.reward_weights, [p for p in prompts for _ in range(k)]).view(-1, k)
+        record = {"prompts": prompts, "group_size": k, "rewards": None if rewards is None else rewards.tolist(),
+                  "reward_weights": self.reward_weights, "reward_parts": {n: v.tolist() for n, v in raw.items()}}
+        (tmp / "groups.json").write_text(json.dumps(record))
         for f in files:
             f.unlink()
 
@@ -218,20 +265,38 @@ class OnlineRounds:
                        log_probs=tensors["log_probs"].view(g, k, -1),
                        rewards=None if record["rewards"] is None else torch.tensor(record["rewards"]),
                        winners=lambda: torch.tensor(self.winners(r, record)))
+        stochastic = tensors.get("stochastic", torch.ones(len(tensors["timesteps"]), dtype=torch.bool))
         data = {**self.objective.training_units(round_), "prompts": record["prompts"],
-                "trained_steps": self._trained_steps(tensors["timesteps"])}
+                "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()),
+                "logged": self._logged_rewards(record)}
         self._loaded = (r, data)
         return data
 
-    def _trained_steps(self, timesteps: Tensor) -> Tensor:
-        """Indices of the denoising steps whose noise level t / T lies in ``objective.t_range`` (both ends kept)."""
+    def _trained_steps(self, timesteps: Tensor, stochastic: Tensor) -> Tensor:
+        """Indices of the stochastic denoising steps whose noise level t / T lies in ``objective.t_range`` (both
+        ends kept)."""
         lo, hi = self.config.objective.t_range
         level = timesteps.float() / self.backbone.scheduler.config.num_train_timesteps
-        steps = ((level >= lo) & (level <= hi)).nonzero().squeeze(1)
+        steps = ((level >= lo) & (level <= hi) & stochastic).nonzero().squeeze(1)
         if len(steps) == 0:
-            raise UserError(f"objective.t_range={[lo, hi]} keeps none of the sampler's noise levels "
-                            f"{[round(v, 3) for v in level.tolist()]}")
+            raise UserError(f"objective.t_range={[lo, hi]} keeps none of the stochastic steps' noise levels "
+                            f"{[round(v, 3) for v, s in zip(level.tolist(), stochastic.tolist()) if s]}")
         return steps
+
+    @staticmethod
+    def _logged_rewards(record: dict) -> dict[str, Tensor]:
+        """The round's mean raw reward, ``train_reward`` (the weighted sum of each model's mean), and each model's
+        as ``train_reward/NAME`` when there are several; nothing for a round that people judge."""
+        parts = {name: torch.tensor(scores) for name, scores in record.get("reward_parts", {}).items()}
+        if not parts and record["rewards"] is not None:  # a round written before reward_parts existed
+            parts = {"reward": torch.tensor(record["rewards"])}
+        if not parts:
+            return {}
+        weights = record.get("reward_weights") or [1.0] * len(parts)
+        logged = {"train_reward": weighted_raw_mean(parts, weights)}
+        if len(parts) > 1:
+            logged.update({f"train_reward/{name}": scores.float().mean() for name, scores in parts.items()})
+        return logged
 
     # --- the trainer's interface ---------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
@@ -252,4 +317,5 @@ class OnlineRounds:
             "cond": self.backbone.encode_prompts([data["prompts"][i] for i in data["prompt_of"][units]]).to(device),
             "randomness": {"step": steps.to(device), **{k: v[mine].to(device) for k, v in extra.items()}},
             "targets": {name: value[units].to(device) for name, value in data["targets"].items()},
+            "logged": {name: value.to(device) for name, value in data["logged"].items()},
         }

@@ -586,7 +586,8 @@ class PreferenceTrainer:
                     )
                 finite = finite & torch.isfinite(loss.detach())
                 acc.backward(loss)
-                for k, v in {"loss": loss.detach(), **metrics}.items():
+                # the batch's own figures (an online round's mean reward) are logged beside the objective's
+                for k, v in {"loss": loss.detach(), **metrics, **batch.get("logged", {})}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach() / tc.gradient_accumulation
         # NaN guard, agreed by all processes (one boolean read per step): all step or none do
         ok = bool(acc.gather(finite.reshape(1)).all().item())
