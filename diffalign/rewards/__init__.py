@@ -2,8 +2,9 @@
 
 A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/models/HPS_v2.1.pt"``,
 ``"aesthetic:/models/aesthetic.pth:clip=/models/ViT-L-14.pt"`` (options as ``key=value`` after
-the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. The toy rewards and DDPO's JPEG
-(in)compressibility take no path.
+the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. ``vlm_judge:/models/llava`` asks
+a local vision-language model whether the image shows its prompt (VQAScore; options ``question`` and
+``answer``). The toy rewards and DDPO's JPEG (in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
 ``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
 """
@@ -21,6 +22,7 @@ from diffalign.rewards.compressibility import JpegCompressibility, JpegIncompres
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference
+from diffalign.rewards.vlm_judge import VLMJudge
 
 REWARDS: dict[str, type] = {
     "toy_preference": ToyPreference,
@@ -33,8 +35,9 @@ REWARDS: dict[str, type] = {
     "image_reward": ImageReward,
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
+    "vlm_judge": VLMJudge,
 }
-NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward"}
+NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge"}
 PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder
 
 
@@ -102,4 +105,5 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "PickScore", "RewardModel", "RewardSpec",
-           "ToyAdherence", "describe", "ToyPreference", "ensemble", "load_reward", "normalise_per_prompt"]
+           "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
+           "normalise_per_prompt"]
