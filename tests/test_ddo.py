@@ -42,25 +42,20 @@ def test_ddo_gradient_raises_the_ratio_on_data_and_lowers_it_on_samples():
 def toy():
     backbone, reference_unet = toy_policy_and_reference()
     objective = DDO(ObjectiveConfig(name="ddo", loss="ddo", beta=500.0, loss_options={"alpha": 0.7},
-                                    sample_steps=4, sample_guidance_scale=1.0, refresh_every=2), backbone)
+                                    sample_steps=4, sample_guidance_scale=1.0), backbone)
+    objective.steps_per_round = 2
     objective.attach(backbone.denoiser)
     return backbone, objective
 
 
-def test_objective_scores_real_images_against_reference_samples_by_hand(toy):
+def test_objective_scores_real_images_against_the_reference_s_samples_by_hand(toy):
     backbone, objective = toy
     g = torch.Generator().manual_seed(0)
-    real = torch.randn(2, 1, 4, 16, 16, generator=g)
-    randomness = {k: torch.cat([a, b]) for (k, a), b in zip(objective.draw(1, (4, 16, 16), g).items(),
-                                                           objective.draw(1, (4, 16, 16), g).values())}
+    pairs = torch.randn(2, 2, 4, 16, 16, generator=g)  # each real image, then the sample for its caption
+    randomness = objective.draw(2, (4, 16, 16), g)
     cond = backbone.encode_prompts(["a red circle", "a blue square"])
-    loss, metrics = objective(backbone, real, cond, randomness, backbone.denoiser, None)
-    fake = objective.reference_samples(backbone, cond, randomness["sample_seed"], (4, 16, 16))
-    # a sample depends on its own seed only, not on the batch it is drawn in
-    torch.testing.assert_close(fake[1:], objective.reference_samples(backbone, cond[1:2], randomness["sample_seed"][1:],
-                                                                    (4, 16, 16)))
-    group = noised_group(torch.stack([real[:, 0], fake], 1), cond, objective.schedule,
-                         timesteps=randomness["timesteps"], noise=randomness["noise"])
+    loss, metrics = objective(backbone, pairs, cond, randomness, backbone.denoiser, None)
+    group = noised_group(pairs, cond, objective.schedule, timesteps=randomness["timesteps"], noise=randomness["noise"])
     s, ref = group_scores(backbone, group, reference=objective.reference_weights.denoiser())
     s = s.detach()
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
@@ -86,11 +81,13 @@ def test_the_reference_is_the_round_start_policy_and_is_refreshed_each_round(toy
     assert state["optimizer_steps"] == 2 and set(state["reference"]) == set(objective.reference_weights.names)
 
 
+_TINY = ["objective.name=ddo", "objective.loss=ddo", "objective.sample_steps=3", "objective.sample_guidance_scale=1.0",
+         "online.steps_per_round=3", "online.groups_per_round=4", "train.checkpoint_every=2"]
+
+
 def _tiny(data: Path, out: Path, *overrides: str):
-    return load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", [
-        f"data.path={data}", f"output_dir={out}", "objective.name=ddo", "objective.loss=ddo",
-        "objective.sample_steps=3", "objective.sample_guidance_scale=1.0", "objective.refresh_every=3",
-        "train.checkpoint_every=2", *overrides])
+    return load_config(ROOT / "configs/tiny_sdxl_dpo.yaml", [f"data.path={data}", f"output_dir={out}", *_TINY,
+                                                             *overrides])
 
 
 def test_trains_from_the_cli_on_tiny_sdxl_and_resumes_exactly_across_a_round(tmp_path):
@@ -99,9 +96,7 @@ def test_trains_from_the_cli_on_tiny_sdxl_and_resumes_exactly_across_a_round(tmp
 
     straight = tmp_path / "straight"
     assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", f"output_dir={straight}",
-                 "objective.name=ddo", "objective.loss=ddo", "objective.sample_steps=3",
-                 "objective.sample_guidance_scale=1.0", "objective.refresh_every=3", "train.checkpoint_every=2",
-                 "train.max_steps=4"]) == 0
+                 *_TINY, "train.max_steps=4"]) == 0
     summary = json.loads((straight / "metrics.json").read_text())
     assert math.isfinite(summary["last"]["loss"]) and summary["last"]["round"] == 1.0
     split = tmp_path / "split"
@@ -111,3 +106,35 @@ def test_trains_from_the_cli_on_tiny_sdxl_and_resumes_exactly_across_a_round(tmp
     b = load_file(str(split / "final" / "pytorch_lora_weights.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    torch.testing.assert_close(load_file(str(straight / "rounds/round-00001/trajectories.safetensors")),
+                               load_file(str(split / "rounds/round-00001/trajectories.safetensors")), rtol=0, atol=0)
+
+
+def test_a_round_pairs_the_run_s_next_real_images_with_samples_for_their_captions(tmp_path):
+    from diffalign.train.trainer import PreferenceTrainer
+
+    data = images_parquet(tmp_path / "images.parquet", n=12)  # no image twice in the round
+    trainer = PreferenceTrainer(_tiny(data, tmp_path / "run", "train.max_steps=4"))
+    batch = trainer._micro_batch(3, 0)  # round 1: the run's positions 4 .. 7
+    record = json.loads((tmp_path / "run/rounds/round-00001/groups.json").read_text())
+    examples = [trainer.reader.take(p) for p in range(4, 8)]
+    assert record["prompts"] == [e.caption for e in examples] and record["rewards"] is None
+    recorded = load_file(str(tmp_path / "run/rounds/round-00001/trajectories.safetensors"))
+    torch.testing.assert_close(recorded["real"], trainer._encode_images(examples).cpu())
+    assert recorded["latents"].shape[1] == 1  # the samples alone, not their trajectories
+    real, sample = batch["latents"][:, 0], batch["latents"][:, 1]
+    for r, f in zip(real, sample):  # every unit is a real image of the round and the sample for its caption
+        i = next(i for i, latent in enumerate(recorded["real"]) if torch.equal(latent, r))
+        assert torch.equal(recorded["latents"][i, 0], f)
+
+
+def test_ddo_configs_say_what_they_need(tmp_path):
+    from diffalign.errors import UserError
+
+    data = images_parquet(tmp_path / "images.parquet", n=6)
+    with pytest.raises(UserError, match="needs no reward or label"):
+        _tiny(data, tmp_path, "online.reward=toy_preference")
+    with pytest.raises(UserError, match="is now online.steps_per_round"):
+        _tiny(data, tmp_path, "objective.refresh_every=3")
+    with pytest.raises(UserError, match="set data.path"):
+        _tiny(data, tmp_path, "data.path=''")

@@ -24,7 +24,7 @@ SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversio
                                                               "objective.renoise_iterations=1",
                                                               "data.score_columns=[[pick_0, pick_1]]"],
            "d3po": ["online.groups_per_round=2", "online.steps_per_round=2", "objective.sample_steps=2"],
-           "ddo": ["objective.sample_steps=2"],
+           "ddo": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
            # random tiny models draw no toy shapes, so the toy preference scores them all alike (no advantage);
            # DDPO's JPEG size tells their images apart
            "grpo": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",

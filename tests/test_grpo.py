@@ -118,7 +118,7 @@ def test_a_gradient_step_raises_the_log_probability_of_positive_advantage_sample
 def test_grpo_refuses_human_labels_and_d3po_keeps_pairs(tmp_path):
     with pytest.raises(UserError, match="grpo needs a reward for every sample"):
         load_config(ROOT / "configs/toy_grpo.yaml", ["online.reward=null", f"online.labels={tmp_path / 'l.jsonl'}"])
-    with pytest.raises(UserError, match="d3po trains on pairs: online.group_size must be 2"):
+    with pytest.raises(UserError, match="d3po is defined for groups of 2: online.group_size must be 2"):
         load_config(ROOT / "configs/toy_d3po.yaml", ["online.group_size=4"])
     with pytest.raises(UserError, match="advantage_std"):
         load_config(ROOT / "configs/toy_grpo.yaml", ["objective.advantage_std=batch"])

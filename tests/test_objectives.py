@@ -381,7 +381,7 @@ _ON_ANY_DEVICE = [  # (objective, core loss, items per group, loss options, targ
     ("diffusion_kto", "kto", 1, {}, {"preference": torch.tensor([1.0, 0.0])}),
     ("rank_dpo", "lambda_dpo", 3, {}, {"scores": torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 0.0]])}),
     ("self_npo", "huber", 1, {}, {}),
-    ("ddo", "ddo", 1, {}, {}),
+    ("ddo", "ddo", 2, {}, {}),  # each real image and the sample for its caption
 ]
 
 

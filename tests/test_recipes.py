@@ -54,16 +54,17 @@ def cpu_overrides(recipe: str, data: dict[str, Path]) -> list[str]:
     objective = OBJECTIVES[shipped["objective"]["name"]]
     keys = [f"model.path={ASSETS / 'models' / TINY[recipe.split('_')[0]]}", "model.random_init=true",  # weights
             "data.resolution=32", "train.batch_size=1", "train.gradient_accumulation=1", "train.max_steps=2"]  # size
-    if objective.dataset != "online":
-        keys.append(f"data.path={data[objective.dataset]}")  # the recipe's real dataset
+    real = getattr(objective, "real_data", False)  # DDO: online, pairing real images with its samples
+    if objective.dataset != "online" or real:
+        keys.append(f"data.path={data['images' if real else objective.dataset]}")  # the recipe's data
     if shipped["train"].get("adam_8bit"):
         keys.append("train.adam_8bit=false")  # bitsandbytes is CUDA-only
-    if objective.dataset == "online":
-        # the reward model needs real weights; the toy reward judges toy prompts; a round of 2 pairs in 2 steps
-        keys += ["online.reward=toy_preference", "online.prompts=toy_train", "online.groups_per_round=2",
-                 "online.sample_batch_size=2", "online.steps_per_round=2", "objective.sample_steps=2"]
-    elif shipped["objective"].get("sample_steps"):
-        keys.append("objective.sample_steps=2")  # DDO's samples of the reference: fewer sampler steps
+    if objective.dataset == "online":  # a round of 2 groups in 2 steps, of 2-step samples
+        keys += ["online.groups_per_round=2", "online.sample_batch_size=2", "online.steps_per_round=2",
+                 "objective.sample_steps=2"]
+    if objective.dataset == "online" and objective.scored:
+        # the reward model needs real weights; the toy reward judges toy prompts
+        keys += ["online.reward=toy_preference", "online.prompts=toy_train"]
     return keys
 
 

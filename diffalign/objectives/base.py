@@ -45,7 +45,11 @@ class OnlineObjective(Objective):
 
     ``group_size`` is the samples per prompt of a round and ``shared_noise`` whether they start from one
     noise; :meth:`training_units` turns a sampled round into what the objective trains on. ``takes_labels``
-    False: the objective needs a reward for every sample, human pair labels cannot replace it.
+    False: the objective needs a reward for every sample, human pair labels cannot replace it. ``real_data``
+    True: each group is one real image of ``data.path``, its caption the group's prompt (DDO), and
+    ``scored`` False: the samples need no reward or label. ``keeps_trajectories`` False: the round keeps
+    only the clean samples, not every step of their trajectories. The round driver sets
+    ``steps_per_round`` (``online.steps_per_round``) before the first round.
     """
 
     online = True
@@ -54,6 +58,10 @@ class OnlineObjective(Objective):
     shared_noise = True
     takes_labels = True  # people's pair labels can stand in for the reward
     group_size_fixed = False  # True: the method is defined for groups of exactly group_size (D3PO's pairs)
+    real_data = False
+    scored = True
+    keeps_trajectories = True
+    steps_per_round = 1
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""

@@ -14,16 +14,21 @@ is paired with one sample of the reference drawn *for the same caption*, and bot
 the same t and noise, which lowers the variance of the estimate; the two terms of the loss stay
 separate.
 
-Self-play: the reference is the policy as it was at the start of the current round, kept as
-:class:`~diffalign.diffusion.shadow.ShadowWeights` (only the trained tensors), and refreshed to
-the policy every ``objective.refresh_every`` optimiser steps; its samples are drawn during the
-step, without gradients, with the stochastic sampler of :mod:`diffalign.diffusion.logprob`
-(``objective.sample_steps``, ``sample_eta``; ``sample_guidance_scale`` 1 samples p_ref itself,
-as the paper's guidance-free setting). A sample is a pure function of (seed, example position,
-reference weights), and the reference is saved in every checkpoint, so resume is exact.
+Self-play on the round driver (:mod:`diffalign.train.online`): round r pairs the next
+``online.groups_per_round`` real images of the run's order with one sample each of the round's reference
+for the same caption, drawn at the round's start with the stochastic sampler of
+:mod:`diffalign.diffusion.logprob` (``objective.sample_steps``, ``sample_eta``; ``sample_guidance_scale`` 1
+samples p_ref itself, as the paper's guidance-free setting). The reference is the policy as it was at the
+start of the round, kept as :class:`~diffalign.diffusion.shadow.ShadowWeights` (only the trained tensors)
+and moved to the policy every ``online.steps_per_round`` optimiser steps. Rounds are written to disk and the
+reference is saved in every checkpoint, so resume is exact.
 
-Defaults: the paper's hyperparameters (beta, alpha, round length) could not be read here; the
-recipes say which values they use and why. alpha defaults to 1 (the plain GAN discriminator loss).
+beta and alpha from the paper: its diffusion grid is alpha in [0.5, 6] and beta in [0.01, 0.1] (ablations
+at beta 0.05, alpha 4), for r = log p_theta(x) - log p_ref(x) in nats, estimated as a difference of
+denoising errors summed over the D elements of x (EDM's loss). The score here is a per-element mean, so
+the same discriminator takes beta_here = D * beta_paper, the per-noise-level weight taken as 1 (as
+Diffusion-DPO's beta absorbs it): the toy's 4x16x16 latents give 0.05 * 1024 = 51, SDXL's 4x128x128 at
+1024 px 0.05 * 65536 = 3277. alpha carries over unchanged; the recipes use the ablation's 4.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import torch
 from torch import nn
 
 from diffalign.diffusion import Backbone, Conditioning
-from diffalign.diffusion.logprob import sample_trajectories
 from diffalign.diffusion.shadow import ShadowWeights
+from diffalign.objectives.base import OnlineObjective
 from diffalign.objectives.offline import OfflineDenoisingObjective
 
 if TYPE_CHECKING:
@@ -44,19 +49,25 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
-class DDO(OfflineDenoisingObjective):
-    """Real images against the round's reference samples; see the module docstring."""
+class DDO(OfflineDenoisingObjective, OnlineObjective):
+    """Real images against the round's reference samples; see the module docstring.
 
-    dataset = "images"
+    Called with ``latents`` (B, 2, C, h, w): each real image, then the reference's sample for its caption.
+    """
+
     shadow_weights = True
     frozen_reference = False
     loss_kinds = ("pairwise",)
+    group_size = 1  # one sample of the reference per real image
+    group_size_fixed = True
+    shared_noise = False
+    takes_labels = False
+    real_data = True
+    scored = False  # the real image is the positive, the sample the negative: no reward, no label
+    keeps_trajectories = False
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         super().__init__(config, backbone)
-        self.refresh_every = config.refresh_every
-        self.steps, self.eta, self.guidance_scale = config.sample_steps, config.sample_eta, config.sample_guidance_scale
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
         self.reference_weights: ShadowWeights | None = None
         self.optimizer_steps = 0
 
@@ -67,7 +78,7 @@ class DDO(OfflineDenoisingObjective):
 
     def after_optimizer_step(self) -> None:
         self.optimizer_steps += 1
-        if self.optimizer_steps % self.refresh_every == 0:  # a new round: the reference becomes the policy
+        if self.optimizer_steps % self.steps_per_round == 0:  # a new round: the reference becomes the policy
             self.reference_weights.update(0.0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -77,36 +88,21 @@ class DDO(OfflineDenoisingObjective):
         self.reference_weights.load_state_dict(state["reference"])
         self.optimizer_steps = int(state["optimizer_steps"])
 
-    # --- one batch -----------------------------------------------------------------------
-    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
-        """The shared timestep and noise of each (real, sample) pair, and the seed of its sample."""
-        return {**super().draw(n, latent_shape, generator),
-                "sample_seed": torch.randint(0, 2**62, (n,), generator=generator)}
+    # --- the round and the loss ----------------------------------------------------------
+    def sampling_denoiser(self) -> nn.Module:
+        """The round's samples are the reference's (the policy at the round's start)."""
+        return self.reference_weights.denoiser()
 
-    @torch.no_grad()
-    def reference_samples(self, backbone: Backbone, cond: Conditioning, seeds: Tensor,
-                          latent_shape: tuple[int, ...]) -> Tensor:
-        """One sample of the round's reference per caption (B, C, h, w), in one batched walk; the
-        start and step noise of item i come from its own seed, so a sample never depends on its batch."""
-        noise, step_noise = [], []
-        for seed in seeds.tolist():
-            g = torch.Generator().manual_seed(int(seed))
-            noise.append(torch.randn((1, *latent_shape), generator=g))
-            step_noise.append(torch.randn((1, self.steps, *latent_shape), generator=g))
-        device = cond.embeds.device  # the seeds may stay on the CPU: they are read as numbers
-        uncond = None if self.uncond is None else self.uncond.to(device).repeat_items(len(seeds))
-        trajectory = sample_trajectories(backbone, torch.cat(noise).to(device), cond, steps=self.steps, eta=self.eta,
-                                         guidance_scale=self.guidance_scale, uncond=uncond,
-                                         step_noise=torch.cat(step_noise), denoiser=self.reference_weights.denoiser())
-        return trajectory.final.to(device)
+    def training_units(self, round_) -> dict[str, Any]:
+        """Each real image with the reference's sample for its caption."""
+        samples = round_.latents[:, 0, -1]
+        return {"latents": torch.stack([round_.real.to(samples.dtype), samples], dim=1),
+                "prompt_of": torch.arange(len(round_.prompts)), "targets": {}}
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        """``latents`` (B, 1, C, h, w) real images; the loss of each against a fresh reference sample."""
-        fake = self.reference_samples(backbone, cond, randomness["sample_seed"], tuple(latents.shape[2:]))
-        pairs = torch.stack([latents[:, 0], fake.to(latents.dtype)], dim=1)
-        loss, metrics = super().__call__(backbone, pairs, cond, randomness, policy, self.reference_weights.denoiser())
-        metrics["round"] = torch.tensor(float(self.optimizer_steps // self.refresh_every), device=loss.device)
+        loss, metrics = super().__call__(backbone, latents, cond, randomness, policy, self.reference_weights.denoiser())
+        metrics["round"] = torch.tensor(float(self.optimizer_steps // self.steps_per_round), device=loss.device)
         return loss, metrics
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,

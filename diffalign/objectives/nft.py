@@ -70,6 +70,7 @@ class DiffusionNFT(OnlineObjective):
     shared_noise = False
     takes_labels = False
     shadow_weights = True
+    keeps_trajectories = False  # trains on the clean samples only
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.beta, self.advantage_clip, self.advantage_std = config.nft_beta, config.advantage_clip, config.advantage_std

@@ -103,8 +103,6 @@ class ObjectiveConfig:
     teacher_guidance_scale: float = 0.0
     teacher_ema: float = 0.999
     huber_c: float = 0.001
-    # ddo: optimiser steps per self-play round; after each round the reference becomes the policy
-    refresh_every: int = 100
 
 
 @dataclass
@@ -392,8 +390,6 @@ class Config:
             raise UserError(f"train.adam_epsilon must be > 0, got {self.train.adam_epsilon}")
         if kind == "regression":  # self_npo's truncated fine-tuning
             self._validate_truncation()
-        if self.objective.refresh_every < 1:
-            raise UserError(f"objective.refresh_every must be >= 1, got {self.objective.refresh_every}")
         from diffalign.rewards import RewardSpec
 
         for spec in self.validation.rewards:
@@ -437,24 +433,30 @@ class Config:
             raise UserError(f"objective.huber_c must be > 0, got {oc.huber_c}")
 
     def _validate_online(self) -> None:
-        oc = self.online
-        if not oc.prompts:
+        from diffalign.objectives import OBJECTIVES
+
+        oc, method = self.online, OBJECTIVES[self.objective.name]
+        if method.real_data and not self.data.path:
+            raise UserError(f"{self.objective.name} pairs real images with its samples: set data.path to a table "
+                            "of captioned images")
+        if not method.real_data and not oc.prompts:
             raise UserError(f"{self.objective.name} samples in rounds: set online.prompts to a prompt file or set")
-        if (oc.reward is None) == (oc.labels is None):
+        if not method.scored and (oc.reward is not None or oc.labels is not None):
+            raise UserError(f"{self.objective.name} needs no reward or label (its real images are the positives, its "
+                            "samples the negatives): remove online.reward and online.labels")
+        if method.scored and (oc.reward is None) == (oc.labels is None):
             raise UserError("online objectives need exactly one source of preferences: online.reward (a reward "
                             "model spec) or online.labels (a JSON-lines file of human labels)")
         if oc.reward == []:
             raise UserError("online.reward is an empty list: name at least one reward model")
-        from diffalign.objectives import OBJECTIVES
-
-        if oc.labels is not None and not OBJECTIVES[self.objective.name].takes_labels:
+        if oc.labels is not None and not method.takes_labels:
             raise UserError(f"{self.objective.name} needs a reward for every sample (online.reward); human labels "
                             "of pairs give no group-relative advantages")
+        if method.group_size_fixed and oc.group_size not in (None, method.group_size):
+            raise UserError(f"{self.objective.name} is defined for groups of {method.group_size}: online.group_size "
+                            f"must be {method.group_size} (or empty), got {oc.group_size}")
         if oc.group_size is not None and oc.group_size < 2:
             raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
-        fixed = OBJECTIVES[self.objective.name].group_size_fixed
-        if oc.group_size not in (None, OBJECTIVES[self.objective.name].group_size) and fixed:
-            raise UserError(f"{self.objective.name} trains on pairs: online.group_size must be 2, got {oc.group_size}")
         for key in ("groups_per_round", "steps_per_round", "sample_batch_size", "sde_window_stride"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
@@ -521,6 +523,13 @@ def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None) -> No
             raise UserError(f"{dotted}={value!r} is not valid; choose one of {', '.join(map(str, choices[key]))}")
 
 
+# keys that moved, and where to: a config written for an earlier version gets told, not just refused
+MOVED_KEYS = {
+    "objective.refresh_every": "online.steps_per_round (DDO's self-play rounds run on the round driver)",
+    "online.pairs_per_round": "online.groups_per_round (a pair is a group of 2)",
+}
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         where = f"config section '{prefix.rstrip('.')}'" if prefix else "the config"
@@ -529,6 +538,8 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in MOVED_KEYS:
+            raise UserError(f"config key '{dotted}' is now {MOVED_KEYS[dotted]}")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""

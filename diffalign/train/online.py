@@ -84,11 +84,14 @@ class Round:
     """One round as sampled: G groups of K trajectories of one prompt each.
 
     Attributes:
-        latents: (G, K, T + 1, C, h, w) trajectories, x_0 (noise) ... x_T (the clean latent).
+        latents: (G, K, T + 1, C, h, w) trajectories, x_0 (noise) ... x_T (the clean latent); (G, K, 1, C, h, w),
+            the clean latents alone, for objectives that do not keep trajectories.
         log_probs: (G, K, T) each step's log-probability under the policy that sampled it.
-        rewards: (G, K) the reward of each final image, or None when people judge the pairs.
+        rewards: (G, K) the reward of each final image, or None when people judge the pairs (or nobody does).
         winners: () -> (G,) the preferred trajectory (0 or 1) of each pair, from the rewards or the human
             labels; a call, since human labels may not be there yet (it raises :class:`NeedsLabels`).
+        real: (G, C, h, w) the latent of each group's real image, whose caption is the group's prompt, for
+            objectives that set ``real_data`` (DDO); else None.
     """
 
     prompts: list[str]
@@ -96,18 +99,27 @@ class Round:
     log_probs: Tensor
     rewards: Tensor | None
     winners: Callable[[], Tensor]
+    real: Tensor | None = None
+
+
+RealExamples = Callable[[list[int]], tuple[Tensor, list[str]]]
 
 
 class OnlineRounds:
     """The online objectives' batch source; see the module docstring."""
 
-    def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator, objective) -> None:
+    def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator, objective,
+                 real: RealExamples | None = None) -> None:
+        """``real`` reads the latents and captions of the examples at some positions of the run's order of
+        ``data.path``: the real images of objectives that set ``real_data`` (round r reads positions r G ...)."""
         self.config, self.backbone, self.accelerator, self.objective = config, backbone, accelerator, objective
         self.group_size = config.online.group_size or objective.group_size
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared
         self.root = output_dir / "rounds"
-        self.prompts = read_prompts(config.online.prompts)
+        self.real = real
+        self.prompts = None if real is not None else read_prompts(config.online.prompts)
+        objective.steps_per_round = config.online.steps_per_round
         reward = config.online.reward
         specs = [] if reward is None else reward if isinstance(reward, list) else [reward]
         self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in specs}
@@ -123,7 +135,6 @@ class OnlineRounds:
         """Sample, score and write round r: every process samples and scores every N-th group on its own GPU,
         and the main process joins their parts. Atomic: the folder appears complete or not at all."""
         acc, n = self.accelerator, self.config.online.groups_per_round
-        prompts = [self.prompts[(r * n + i) % len(self.prompts)] for i in range(n)]
         final = self._round_dir(r)
         tmp = final.with_name(final.name + ".tmp")
         if acc.is_main_process:
@@ -132,17 +143,23 @@ class OnlineRounds:
         acc.wait_for_everyone()
         mine = list(range(acc.process_index, n, acc.num_processes))
         if mine:
-            self._sample_part(r, mine, [prompts[i] for i in mine], tmp)
+            self._sample_part(r, mine, tmp)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._join_parts(tmp, prompts)
+            self._join_parts(tmp)
             os.replace(with_usual_permissions(tmp), final)
 
-    def _sample_part(self, r: int, groups: list[int], prompts: list[str], tmp: Path) -> None:
-        """Round r's groups ``groups``: their trajectories, log-probabilities and rewards into
-        ``part-<process>.safetensors``, their images into ``images/``, ``online.sample_batch_size`` groups
-        at a time."""
+    def _sample_part(self, r: int, groups: list[int], tmp: Path) -> None:
+        """Round r's groups ``groups``: their trajectories, log-probabilities, rewards (and real images) into
+        ``part-<process>.safetensors``, their prompts into ``part-<process>.json``, their images into
+        ``images/``, ``online.sample_batch_size`` groups at a time."""
         acc, n, k = self.accelerator, self.config.online.sample_batch_size, self.group_size
+        g = self.config.online.groups_per_round
+        part = {"groups": torch.tensor(groups)}
+        if self.real is not None:  # group i of round r is the example at position r G + i of the run's order
+            part["real"], prompts = self.real([r * g + i for i in groups])
+        else:
+            prompts = [self.prompts[(r * g + i) % len(self.prompts)] for i in groups]
         label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
         batches, scored = [], []
         with ThreadPoolExecutor(max_workers=1) as scorer:  # batch i is scored while batch i + 1 samples
@@ -155,11 +172,13 @@ class OnlineRounds:
         latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
         for j, image in enumerate(images):
             to_pil(image).save(tmp / "images" / f"group{groups[j // k]:04d}-{j % k}.png")
-        part = {"groups": torch.tensor(groups), "latents": latents, "log_probs": log_probs,
-                "timesteps": batches[0][3], "stochastic": sde_window(self.config, r)}
+        if not self.objective.keeps_trajectories:
+            latents = latents[:, -1:].contiguous()
+        part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=sde_window(self.config, r))
         for name in self.rewards:
             part[f"reward/{name}"] = torch.cat([scores[name] for scores in parts]).view(-1, k)
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
+        (tmp / f"part-{acc.process_index}.json").write_text(json.dumps(prompts))
 
     def _score(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """Each reward model's (N,) raw scores of N images."""
@@ -190,19 +209,23 @@ class OnlineRounds:
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu())
 
-    def _join_parts(self, tmp: Path, prompts: list[str]) -> None:
+    def _join_parts(self, tmp: Path) -> None:
         """The processes' parts as the round's ``trajectories.safetensors`` and ``groups.json``, in group order."""
         files = sorted(tmp.glob("part-*.safetensors"))
         parts = [load_file(str(f)) for f in files]
         order = torch.argsort(torch.cat([part["groups"] for part in parts]))
+        joined = [prompt for f in files for prompt in json.loads(f.with_suffix(".json").read_text())]
+        prompts = [joined[i] for i in order]
         k = self.group_size
 
         def by_group(key: str) -> Tensor:  # rows come K per group (group-major) in each part
             return torch.cat([part[key].view(-1, k, *part[key].shape[1:]) for part in parts])[order]
 
-        save_file({"latents": by_group("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
-                   "log_probs": by_group("log_probs").flatten(0, 1), "stochastic": parts[0]["stochastic"]},
-                  str(tmp / "trajectories.safetensors"))
+        tensors = {"latents": by_group("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
+                   "log_probs": by_group("log_probs").flatten(0, 1), "stochastic": parts[0]["stochastic"]}
+        if self.real is not None:
+            tensors["real"] = torch.cat([part["real"] for part in parts])[order]
+        save_file(tensors, str(tmp / "trajectories.safetensors"))
         raw = {name: torch.cat([part[f"reward/{name}"] for part in parts])[order] for name in self.rewards}
         rewards = None
         if raw:
@@ -213,6 +236,7 @@ class OnlineRounds:
         (tmp / "groups.json").write_text(json.dumps(record))
         for f in files:
             f.unlink()
+            f.with_suffix(".json").unlink()
 
     def winners(self, r: int, record: dict) -> list[int]:
         """Index (0 or 1) of the preferred trajectory of each pair: the higher reward, or the human label."""
@@ -264,7 +288,7 @@ class OnlineRounds:
                        latents=tensors["latents"].view(g, k, *tensors["latents"].shape[1:]),
                        log_probs=tensors["log_probs"].view(g, k, -1),
                        rewards=None if record["rewards"] is None else torch.tensor(record["rewards"]),
-                       winners=lambda: torch.tensor(self.winners(r, record)))
+                       winners=lambda: torch.tensor(self.winners(r, record)), real=tensors.get("real"))
         stochastic = tensors.get("stochastic", torch.ones(len(tensors["timesteps"]), dtype=torch.bool))
         data = {**self.objective.training_units(round_), "prompts": record["prompts"],
                 "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()),

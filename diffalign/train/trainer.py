@@ -210,19 +210,24 @@ class PreferenceTrainer:
         objective_cls = OBJECTIVES[config.objective.name]
         check_sharding(self.accelerator, config, objective_cls)
         self.online = objective_cls.dataset == "online"
-        if not self.online:
-            self.dataset = _dataset(config, objective_cls.dataset)
+        reads_data = not self.online or objective_cls.real_data  # DDO's rounds pair real images with samples
+        if reads_data:
+            self.dataset = _dataset(config, "images" if self.online else objective_cls.dataset)
         self._build_models(frozen_reference=objective_cls.frozen_reference)
         self.objective = objective_cls(config.objective, self.backbone)
-        if self.online:  # batches come from rounds of on-policy samples instead of a dataset
-            self.dataset = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator, self.objective)
-        else:  # examples whose latents are cached are only hashed, not decoded
+        self.reader = None
+        if reads_data:  # examples whose latents are cached are only hashed, not decoded
             workers = config.data.workers
             if workers is None:
                 workers = 4 if self.accelerator.device.type == "cuda" else 0
             self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
                                         is_cached=None if self.encoder is None else self.encoder.has_latents,
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
+        if self.online:  # batches come from rounds of on-policy samples instead of a dataset
+            self.rounds = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator, self.objective,
+                                       real=self._real_examples if reads_data else None)
+            if not reads_data:
+                self.dataset = self.rounds  # no rows to go bad
         # rows dropped while loading the table: every process loaded it, so they are counted once
         self._bad_on_load = set(self.dataset.bad_rows)
         # closes over the accelerator, not the trainer: a trainer -> objective -> trainer cycle would keep the
@@ -303,7 +308,7 @@ class PreferenceTrainer:
     def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's share of the global micro-batch (step, micro), encoded."""
         if self.online:
-            return self.dataset.micro_batch(step, micro)
+            return self.rounds.micro_batch(step, micro)
         tc = self.config.train
         examples = self._examples(step, micro)
         items = len(examples[0][1].image_ids)  # 2 for pairs, K for ranked lists
@@ -325,16 +330,26 @@ class PreferenceTrainer:
             "targets": targets,
         }
 
+    def _real_examples(self, positions: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """Latents (on the CPU) and captions of the examples at ``positions`` of the run's order: an online
+        objective's real images (DDO), read, replaced when bad, cached and encoded as offline examples are."""
+        self.reader.prefetch(positions)
+        examples = [self.reader.take(p) for p in positions]
+        return self._encode_images(examples).cpu().contiguous(), [e.caption for e in examples]
+
     def _encode(self, examples: list) -> tuple[torch.Tensor, Any]:
         """Latents (all images of the examples, in order) and prompt embeddings, through the cache if any."""
         captions = [e.caption for e in examples]
+        prompts = self.backbone.encode_prompts(captions) if self.encoder is None else self.encoder.prompts(captions)
+        return self._encode_images(examples), prompts
+
+    def _encode_images(self, examples: list) -> torch.Tensor:
+        """Latents of all images of the examples, in order, through the cache if any."""
         if self.encoder is None:
-            return self.backbone.encode_images(torch.cat([e.pixels for e in examples])), \
-                self.backbone.encode_prompts(captions)
+            return self.backbone.encode_images(torch.cat([e.pixels for e in examples]))
         ids = [i for e in examples for i in e.image_ids]
         images = [e.pixels[k] if e.pixels is not None else None for e in examples for k in range(len(e.image_ids))]
-        latents = self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]))
-        return latents, self.encoder.prompts(captions)
+        return self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]))
 
     def _precompute(self, first_step: int) -> None:
         """``data.precompute``: cache what the rest of the run reads, then move the encoders off the GPU.
@@ -489,7 +504,7 @@ class PreferenceTrainer:
         try:
             return self._train()
         finally:
-            if not self.online:
+            if self.reader is not None:
                 self.reader.close()
 
     def _train(self) -> dict[str, Any]:
