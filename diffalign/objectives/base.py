@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from diffalign.train.config import ObjectiveConfig
 
 
 class Objective:
@@ -66,6 +69,18 @@ class OnlineObjective(Objective):
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""
         return {}
+
+    def record_sampler(self, config: ObjectiveConfig, backbone) -> None:
+        """Keep the rounds' sampler settings (eta, guidance scale and, when guided, the empty prompt's
+        conditioning), which objectives that re-score recorded steps need: the guided step is the policy."""
+        self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
+        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+
+    def sampler_settings(self, n: int, device: torch.device) -> dict[str, Any]:
+        """The keyword arguments of :func:`~diffalign.diffusion.logprob.step_log_prob` and ``step_distribution``
+        for n recorded steps on ``device``: the sampler's eta, guidance scale and unconditional branch."""
+        uncond = None if self.uncond is None else self.uncond.to(device).repeat_items(n)
+        return {"eta": self.eta, "guidance_scale": self.guidance_scale, "uncond": uncond}
 
     def sampling_denoiser(self) -> nn.Module | None:
         """The denoiser that samples the rounds; None: the policy being trained."""

@@ -67,8 +67,7 @@ class D3PO(OnlineObjective):
             raise ValueError(f"D3PO takes a pairwise loss; {config.loss!r} is {self.spec.kind}")
         self.beta, self.options = config.beta, dict(config.loss_options)
         self.eps = 0.1 if config.ratio_clip is None else config.ratio_clip
-        self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+        self.record_sampler(config, backbone)
 
     def training_units(self, round_) -> dict:
         """Each pair, winner first (by the reward, or by the human labels)."""
@@ -84,9 +83,8 @@ class D3PO(OnlineObjective):
         trajectories = latents.flatten(0, 1)
         step = randomness["step"].repeat_interleave(2)
         cond = cond.repeat_items(2)
-        uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(2 * b)
-        score = lambda net: step_log_prob(backbone, trajectories, step, cond, eta=self.eta,  # noqa: E731
-                                          guidance_scale=self.guidance_scale, uncond=uncond, denoiser=net)
+        sampler = self.sampler_settings(2 * b, latents.device)
+        score = lambda net: step_log_prob(backbone, trajectories, step, cond, denoiser=net, **sampler)  # noqa: E731
         logp = score(policy).view(b, 2)
         with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:
             ref = score(frozen).view(b, 2)

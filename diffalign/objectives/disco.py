@@ -68,8 +68,7 @@ class DisCO(OnlineObjective):
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.tau, self.kl_beta, self.kl_delta = config.disco_tau, config.disco_beta, config.disco_delta
-        self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+        self.record_sampler(config, backbone)
 
     def training_units(self, round_) -> dict[str, Any]:
         """Every group, each sample marked positive when it beats its prompt's mean reward."""
@@ -83,9 +82,8 @@ class DisCO(OnlineObjective):
                  **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b, k = latents.shape[:2]
         step = randomness["step"].repeat_interleave(k)
-        uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(b * k)
-        log_prob = step_log_prob(backbone, latents.flatten(0, 1), step, cond.repeat_items(k), eta=self.eta,
-                                 guidance_scale=self.guidance_scale, uncond=uncond, denoiser=policy)
+        log_prob = step_log_prob(backbone, latents.flatten(0, 1), step, cond.repeat_items(k), denoiser=policy,
+                                 **self.sampler_settings(b * k, latents.device))
         old = old_log_probs.flatten(0, 1)[torch.arange(b * k, device=step.device), step].to(log_prob)
         objective, valid = disco_objective(log_prob.view(b, k), positive.bool(), self.tau)
         kl = (old - log_prob).mean()

@@ -98,8 +98,7 @@ class FlowGRPO(OnlineObjective):
         self.clip = 1e-4 if config.ratio_clip is None else config.ratio_clip
         self.kl_coef = 0.01 if config.kl_coef is None else config.kl_coef
         self.advantage_clip, self.advantage_std = config.advantage_clip, config.advantage_std
-        self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+        self.record_sampler(config, backbone)
 
     def training_units(self, round_) -> dict[str, Any]:
         """Every trajectory of the round with its advantage and its recorded step log-probabilities."""
@@ -112,9 +111,9 @@ class FlowGRPO(OnlineObjective):
                  **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         trajectories, step = latents[:, 0], randomness["step"]
         rows = torch.arange(len(step), device=step.device)
-        uncond = None if self.uncond is None else self.uncond.to(latents.device).repeat_items(len(step))
-        distribution = lambda net: step_distribution(backbone, trajectories, step, cond, eta=self.eta,  # noqa: E731
-                                                     guidance_scale=self.guidance_scale, uncond=uncond, denoiser=net)
+        sampler = self.sampler_settings(len(step), latents.device)
+        distribution = lambda net: step_distribution(backbone, trajectories, step, cond, denoiser=net,  # noqa: E731
+                                                     **sampler)
         mean, std = distribution(policy)
         std = std.view(-1, *([1] * (mean.dim() - 1)))
         log_prob = gaussian_log_prob(trajectories[rows, step + 1], mean, std)
