@@ -138,3 +138,32 @@ def test_ddo_configs_say_what_they_need(tmp_path):
         _tiny(data, tmp_path, "objective.refresh_every=3")
     with pytest.raises(UserError, match="set data.path"):
         _tiny(data, tmp_path, "data.path=''")
+
+
+def test_two_processes_read_and_sample_a_round_as_one_process_does(tmp_path):
+    """Each process reads the real images of its share of the round's groups and samples for their captions; the
+    joined round is the one a single process makes (the real latents exactly, the samples up to the rounding of
+    another batch size)."""
+    import os
+    import subprocess
+    import sys
+
+    data = images_parquet(tmp_path / "images.parquet", n=12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["-m", "diffalign", "train", str(ROOT / "configs/toy_ddo.yaml"), f"data.path={data}",
+               "online.groups_per_round=4", "online.steps_per_round=2", "objective.sample_steps=3",
+               "train.max_steps=1", "train.checkpoint_every=0"]
+    launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command,
+                         "train.batch_size=1"]}
+    for name, launch in launchers.items():
+        done = subprocess.run([*launch, f"output_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (tmp_path / run / "rounds" / "round-00000" for run in ("one", "two"))
+    a, b = (load_file(str(folder / "trajectories.safetensors")) for folder in (one, two))
+    assert a.keys() == b.keys() and a["real"].shape[0] == 4
+    torch.testing.assert_close(a["real"], b["real"], rtol=0, atol=0)
+    torch.testing.assert_close(a["latents"], b["latents"], rtol=0, atol=1e-3)
+    prompts = [json.loads((folder / "groups.json").read_text())["prompts"] for folder in (one, two)]
+    assert prompts[0] == prompts[1] and len(set(prompts[0])) == 4
