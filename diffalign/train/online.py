@@ -14,8 +14,13 @@ training reward and each model's raw scores). On N processes each samples and sc
 group; a batch is scored on a second thread while the next one samples, so scoring does not stall
 the sampler (batches of ``online.sample_batch_size`` groups). The round's mean raw reward (and each
 model's) is logged with every step trained on it, as ``train_reward`` (``train_reward/NAME``).
-Everything in a round is a pure function of (seed, r) and the weights at its start (each group has its own generator), and a
-resumed run reads the round from disk instead of sampling it again, so resume stays exact.
+Everything in a round is a pure function of (seed, r) and the weights at its start (each group has
+its own generator), and a resumed run reads the round from disk instead of sampling it again, so
+resume stays exact.
+
+Objectives that set ``real_data`` (DDO) take their prompts from real images instead: group i of round
+r is the example at position r G + i of the run's order of ``data.path`` (read, checked, cached and
+encoded as offline examples are), its caption the group's prompt and its latent kept with the round.
 
 With ``online.sde_window`` set, only a window of the sampler's steps draws noise (MixGRPO, Li et al.
 2025, arXiv 2507.21802; Flow-GRPO-Fast is the fixed window), the others taking the deterministic
