@@ -32,8 +32,15 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         print(f"  {'':<{width}}  paper: {s.paper}")
         if s.options:
             print(f"  {'':<{width}}  options: {', '.join(f'{k}={v}' for k, v in s.options.items())}")
-    print(f"\n{len(rows)} losses. Use one as objective.loss=NAME in a config, "
-          "its options as objective.loss_options.OPTION=VALUE.")
+    if args.kind is None:
+        from diffalign.lm.logprobs import SCORE_OPTIONS
+
+        print("\n[text-LM score options, in diffalign.lm.preference_loss(..., OPTION), with any pairwise loss]")
+        for option, summary, paper in SCORE_OPTIONS:
+            print(f"  {option}  {summary}\n  {'':<{len(option)}}  paper: {paper}")
+    print(f"\n{len(rows)} losses. Use a pairwise, unpaired, reference-free, listwise or soft-label one as "
+          "objective.loss=NAME in a config, its options as objective.loss_options.OPTION=VALUE. The distillation and "
+          "classification losses are functions of logits, diffalign.losses.get(NAME)(student, teacher, mask).")
     return 0
 
 

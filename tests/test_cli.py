@@ -23,7 +23,8 @@ def test_losses_lists_every_registered_loss_with_paper(capsys):
     out = capsys.readouterr().out
     for name in losses.names():
         assert f"  {name} " in out
-    assert out.count("paper:") == len(losses.names())
+    assert out.count("paper:") == len(losses.names()) + 2  # and the two LM score options
+    assert "ld_alpha=ALPHA  LD-DPO" in out and "arXiv 2409.06411" in out
     assert "options: lambda_dpop=50.0" in out and "options: divergence=reverse_kl, alpha=0.5" in out
     assert out.count("options:") == sum(bool(s.options) for s in losses.specs())
     assert "METHODS.md" not in out  # papers are cited, not files a user does not have

@@ -10,6 +10,15 @@ import torch
 
 Tensor = torch.Tensor
 
+# How a completion's score can be formed, beside the plain sum: (keyword of preference_loss, what, paper).
+# They change the likelihood proxy, not the loss, so any pairwise loss takes them; `diffalign losses` lists them.
+SCORE_OPTIONS = (
+    ("average_logps=True", "mean token log-prob instead of the sum (SimPO, ORPO scores)",
+     "Meng et al. 2024 (SimPO), arXiv 2405.14734, Eq. 4"),
+    ("ld_alpha=ALPHA", "LD-DPO: tokens past the shorter completion of a pair count with weight alpha",
+     "Liu et al. 2024 (LD-DPO), arXiv 2409.06411, Eq. 9"),
+)
+
 
 def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(x_t | x_<t) for t >= 1: shape (N, T-1), in float32.

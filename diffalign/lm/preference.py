@@ -21,7 +21,7 @@ import torch
 
 from diffalign import losses
 from diffalign.lm.logprobs import sequence_logps
-from diffalign.losses.registry import LISTWISE, LossSpec
+from diffalign.losses.registry import LISTWISE, LOGIT_KINDS, LossSpec
 
 Tensor = torch.Tensor
 
@@ -91,6 +91,9 @@ def preference_loss(
     spec = losses.spec(loss)
     if spec.kind == LISTWISE:
         raise ValueError(f"{loss!r} is a listwise loss: use ranked_preference_loss with the list size")
+    if spec.kind in LOGIT_KINDS:
+        raise ValueError(f"{loss!r} is a {spec.kind} loss on logits: call losses.get({loss!r}) on the student's "
+                         "and teacher's logits")
     scores, ref_scores, lengths = _policy_and_reference_scores(policy, reference, batch, spec, average_logps, ld_alpha)
     pc, pr = scores.chunk(2)
     rc, rr = (None, None) if ref_scores is None else ref_scores.chunk(2)

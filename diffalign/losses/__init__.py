@@ -9,13 +9,15 @@ Call conventions by kind (see each module's docstring):
   ``fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, **options)``
 - listwise: ``fn(policy, reference, *, beta, scores=None, **options)`` on (B, K) scores
 - ``z_loss``: ``fn(logits, mask=None, *, weight)``
+- distillation: ``fn(student_logits, teacher_logits, mask=None, *, labels=None, **options)``;
+  classification (``spherical_z_loss``): ``fn(logits, labels, mask=None, **options)``
 
 Every function returns the per-example loss; reduction is the caller's. Scores are any
 per-sample log-likelihood or proxy, higher = more likely: summed token log-probs for a text
 LM, minus the weighted denoising error for a diffusion model.
 """
 
-from diffalign.losses import listwise, pairwise, reference_free, regularisers, soft, unpaired
+from diffalign.losses import distillation, listwise, pairwise, reference_free, regularisers, soft, unpaired
 from diffalign.losses.metrics import combine, preference_metrics
 from diffalign.losses.registry import (
     KINDS,
@@ -34,6 +36,7 @@ __all__ = [
     "RewardShift",
     "UnknownLossError",
     "combine",
+    "distillation",
     "get",
     "listwise",
     "names",

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from diffalign.losses._common import logratios
-from diffalign.losses.registry import LISTWISE, spec
+from diffalign.losses.registry import LISTWISE, LOGIT_KINDS, spec
 
 Tensor = torch.Tensor
 
@@ -42,7 +42,7 @@ def combine(terms: Sequence[tuple[str, float] | tuple[str, float, dict[str, Any]
     resolved = []
     for term in terms:
         name, weight, options = (*term, {})[:3]
-        if spec(name).kind == LISTWISE or name == "z_loss":
+        if spec(name).kind in (LISTWISE, *LOGIT_KINDS) or name == "z_loss":
             raise ValueError(f"combine() mixes pairwise-signature losses; {name!r} has another signature")
         resolved.append((spec(name).fn, float(weight), dict(options)))
 

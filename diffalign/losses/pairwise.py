@@ -408,7 +408,8 @@ def f_dpo(
     "rpo",
     kind=PAIRWISE,
     summary="RPO: DPO plus alpha times the per-token NLL of the chosen response",
-    paper="Pang et al. 2024 (Iterative RPO), arXiv 2404.19733, Eq. 2",
+    paper="Pang et al. 2024 (Iterative RPO), arXiv 2404.19733, Eq. 2; the same form is RPO of Liu et al. 2024 "
+          "(Provably Mitigating Overoptimization in RLHF), arXiv 2405.16436, its SFT-regularised DPO",
 )
 def rpo(
     pc: Tensor,

@@ -22,7 +22,11 @@ REFERENCE_FREE = "reference-free"
 LISTWISE = "listwise"
 SOFT_LABEL = "soft-label"
 REGULARISER = "regulariser"
-KINDS = (PAIRWISE, UNPAIRED, REFERENCE_FREE, LISTWISE, SOFT_LABEL, REGULARISER)
+DISTILLATION = "distillation"
+CLASSIFICATION = "classification"
+KINDS = (PAIRWISE, UNPAIRED, REFERENCE_FREE, LISTWISE, SOFT_LABEL, REGULARISER, DISTILLATION, CLASSIFICATION)
+# the kinds that take logits, not per-example scores (see diffalign.losses.distillation)
+LOGIT_KINDS = (DISTILLATION, CLASSIFICATION)
 
 
 @dataclass(frozen=True)
