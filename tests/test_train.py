@@ -210,14 +210,15 @@ def test_lora_run_writes_metrics_checkpoints_and_loadable_weights(pairs, tmp_pat
     pipe.load_lora_weights(str(run / "final"))  # what users do with the result
 
 
-@pytest.mark.parametrize("workers, loss", [(0, "dpo"), (2, "bco")])
+@pytest.mark.parametrize("workers, loss", [(0, "dpo"), (2, "bco"), (0, "lcpo")])
 def test_resume_is_exact(tmp_path, workers, loss):
     """Weights, logged losses and the bad-row counts of a split run equal those of a straight one.
 
     Row 3's image is corrupt and is met before the checkpoint: the resumed half does not read it
     again, yet the run's summary must still count it. With reader threads, the resumed run must
     start reading at the checkpoint's position, not where the threads had read ahead to. BCO's
-    running reward shift is state of the run, so it must come back from the checkpoint. Resuming
+    running reward shift and LCPO's label reliability are state of the run, so they must come back from the
+    checkpoint. Resuming
     with settings that change what the steps read (seed, pairs per step) is refused.
     """
     data = pickapic_parquet(tmp_path / "pairs.parquet", 8, corrupt_rows=(3,))
@@ -250,6 +251,9 @@ def test_resume_is_exact(tmp_path, workers, loss):
     assert logged(split, "loss") == logged(straight, "loss")
     if loss == "bco":
         assert logged(split, "delta") == logged(straight, "delta") and logged(split, "delta")[-1] != 0
+    if loss == "lcpo":
+        assert logged(split, "reliability") == logged(straight, "reliability")
+        assert logged(split, "reliability")[0] == pytest.approx(0.9)
 
 
 def test_a_new_run_does_not_overwrite_a_finished_one_without_checkpoints(pairs, tmp_path):

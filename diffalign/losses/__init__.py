@@ -17,7 +17,16 @@ per-sample log-likelihood or proxy, higher = more likely: summed token log-probs
 LM, minus the weighted denoising error for a diffusion model.
 """
 
-from diffalign.losses import distillation, listwise, pairwise, reference_free, regularisers, soft, unpaired
+from diffalign.losses import (
+    distillation,
+    listwise,
+    noisy_labels,
+    pairwise,
+    reference_free,
+    regularisers,
+    soft,
+    unpaired,
+)
 from diffalign.losses.metrics import combine, preference_metrics
 from diffalign.losses.registry import (
     KINDS,
@@ -28,10 +37,12 @@ from diffalign.losses.registry import (
     spec,
     specs,
 )
+from diffalign.losses.noisy_labels import LabelReliability
 from diffalign.losses.unpaired import RewardShift, udm_weights
 
 __all__ = [
     "KINDS",
+    "LabelReliability",
     "LossSpec",
     "RewardShift",
     "UnknownLossError",
@@ -40,6 +51,7 @@ __all__ = [
     "get",
     "listwise",
     "names",
+    "noisy_labels",
     "pairwise",
     "preference_metrics",
     "reference_free",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffalign import losses
+from diffalign.losses.noisy_labels import LabelReliability, lcpo_posterior
 from diffalign.losses.unpaired import RewardShift, kto_kl_baseline
 from diffalign.objectives.base import Objective
 from diffalign.diffusion import (
@@ -48,10 +49,14 @@ class OfflineDenoisingObjective(Objective):
         # BCO's reward shift delta (Jung et al. 2024, Sec. 3.2): unless loss_options.delta fixes it, the running
         # mean of the implicit rewards over the run, as TRL's BCOTrainer keeps it; saved with every checkpoint
         self.reward_shift = RewardShift() if self.spec.name == "bco" and "delta" not in self.options else None
+        # LCPO's label reliability eta (Cao et al. 2025): unless loss_options.reliability fixes it, re-estimated
+        # each step from the batch's posteriors that its labels are right; saved with every checkpoint
+        self.label_reliability = (LabelReliability() if self.spec.name == "lcpo" and "reliability" not in self.options
+                                  else None)
 
     def attach(self, denoiser: nn.Module) -> list[Any]:
-        """BCO's running reward shift, when the run keeps one, goes into the checkpoints."""
-        return [] if self.reward_shift is None else [self.reward_shift]
+        """The running statistics a loss keeps (BCO's reward shift, LCPO's reliability) go into the checkpoints."""
+        return [state for state in (self.reward_shift, self.label_reliability) if state is not None]
 
     def _mean_reward(self, policy: Tensor, reference: Tensor) -> Tensor:
         """The mean implicit reward r = s_policy - s_ref over every item of the global batch, detached."""
@@ -65,12 +70,19 @@ class OfflineDenoisingObjective(Objective):
     def loss_options(self, policy: Tensor, reference: Tensor | None) -> dict[str, Any]:
         """The core loss's options for this batch: the config's ``loss_options`` plus those an unpaired loss
         takes from the implicit rewards of the whole batch (every item, every process), KTO's reference point
-        and BCO's running reward shift."""
+        and BCO's running reward shift, and LCPO's reliability (this step's E-step uses the value before the
+        step's own M-step moves it)."""
         if reference is not None and self.spec.name == "kto":
             return {**self.options, "kl": self.reference_point(policy, reference)}
         if reference is not None and self.reward_shift is not None:
             delta = self.reward_shift.update(self.beta * self._mean_reward(policy, reference)[None])
             return {**self.options, "delta": delta}
+        if reference is not None and self.label_reliability is not None:
+            reliability = self.label_reliability.value.to(policy.device)
+            posterior = lcpo_posterior(policy[:, 0], policy[:, -1], reference[:, 0], reference[:, -1], beta=self.beta,
+                                       reliability=reliability, base=self.options.get("base", "dpo"))
+            self.label_reliability.update(self.mean_over_processes(posterior.mean()))
+            return {**self.options, "reliability": reliability}
         return dict(self.options)
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
@@ -127,9 +139,10 @@ class OfflineDenoisingObjective(Objective):
         if weight is not None:
             per_group = per_group * weight
         metrics = {"raw_model_loss": -policy_scores.detach().mean()}
-        # the batch statistics the loss used, as TRL logs them: KTO's reference point kl, BCO's shift delta
+        # the batch statistics the loss used, as TRL logs them: KTO's reference point kl, BCO's shift delta,
+        # LCPO's label reliability
         metrics.update({name: torch.as_tensor(options[name], device=policy_scores.device)
-                        for name in ("kl", "delta") if name in options})
+                        for name in ("kl", "delta", "reliability") if name in options})
         if ref is not None:
             metrics.update(self.reward_metrics(policy_scores.detach(), ref, preference=preference, options=options))
             metrics["ref_loss"] = -ref.mean()
