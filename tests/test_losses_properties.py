@@ -25,6 +25,7 @@ EXTRA = {
     "madpo": {"weights": torch.tensor([1.0, 2.0])},
     "soft_dpo": {"preference": torch.tensor([0.9, 0.8])},
     "smpo": {"preference": torch.tensor([0.9, 0.8])},
+    "bt_wide_ties": {"preference": torch.tensor([1.0, 0.5])},
 }
 # scores are read as average log-probs: must be negative
 NEGATIVE_SCORES = {"orpo", "asft", "simpo", "cpo"}

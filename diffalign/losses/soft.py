@@ -8,6 +8,7 @@ ties are 0.5).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from diffalign.losses._common import logratios, require_reference, soft_logistic
 from diffalign.losses.registry import SOFT_LABEL, register
@@ -59,3 +60,30 @@ def smpo(
     delta = _delta("smpo", pc, pr, rc, rr)
     p = torch.as_tensor(preference, dtype=delta.dtype, device=delta.device)
     return soft_logistic((2 * p - gamma) * beta * delta, 1.0)
+
+
+TIE = 0.5  # the preference of a tied pair (Pick-a-Pic's 0.5/0.5 rows, the labelling page's 0)
+
+
+@register(
+    "bt_wide_ties",
+    kind=SOFT_LABEL,
+    summary="SoliReward's Bradley-Terry with wide ties: a win needs beta Delta > margin, a tie |beta Delta| < margin",
+    paper="Lian et al. 2025 (SoliReward), arXiv 2512.22170, the BT-WT loss (the authors' trainer/loss.py); "
+          "margin 3 as their training script",
+)
+def bt_wide_ties(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, preference: Tensor | float,
+                 margin: float = 3.0) -> Tensor:
+    """With d = beta Delta: ``-log sigma(d - margin)`` for a decided pair, and for a tie (preference 0.5)
+    ``-log sigma(d - margin) - log sigma(-d - margin)``.
+
+    A tie is not dropped: it holds the two implicit rewards within about ``margin`` of each other
+    (the loss is nearly flat there and rises outside, on either side), so equally good images stay
+    close instead of one being pushed up. A decided pair must win by the margin. The authors train a
+    reward model with it (their d is the reward difference); here d is the implicit reward difference,
+    as DPO reads a reward-model loss. Preferences other than 1 and 0.5 are decided pairs.
+    """
+    d = beta * _delta("bt_wide_ties", pc, pr, rc, rr)
+    tie = torch.as_tensor(preference, dtype=d.dtype, device=d.device) == TIE
+    win = -F.logsigmoid(d - margin)
+    return torch.where(tie, win - F.logsigmoid(-d - margin), win)

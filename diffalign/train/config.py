@@ -374,7 +374,7 @@ class Config:
                             f"does not take; use a loss with a margin: {', '.join(margins)}")
         if self.data.ties == "soft" and kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
-                            "(objective.loss=soft_dpo or smpo); use data.ties=drop otherwise")
+                            "(objective.loss=bt_wide_ties, soft_dpo or smpo); use data.ties=drop otherwise")
         if self.data.positive_ratio is not None:
             if objective.dataset != "labelled_images":
                 raise UserError(f"data.positive_ratio sets the share of liked images among labelled ones "
