@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from diffalign.data.ensemble import preference_strength
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
@@ -353,26 +354,39 @@ class PairDataset(ImageRows):
         split: str = "train",
         weight_column: str | None = None,
         margin_column: str | None = None,
+        ensemble_columns: list[tuple[str, str]] | None = None,
+        ensemble: str = "none",
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
+        per_pair += [c for pair in ensemble_columns or () for c in pair]
+        if ensemble == "filter" and not ensemble_columns:
+            raise ValueError("ensemble='filter' judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
                          on_error=on_error, split=split)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
         self.margins = self._per_pair(margin_column, "margin", lambda m: True)
+        self.strengths = self._ensemble_strengths(ensemble_columns or [])
+        self.disputed = 0  # pairs dropped because the reward ensemble backs the other image
         self.indices: list[int] = []
         for i, label in enumerate(self.labels):
-            bad = next((v for v in (label, self.weights[i], self.margins[i]) if isinstance(v, BadRow)), None)
+            strength = self.strengths[i]
+            bad = next((v for v in (label, self.weights[i], self.margins[i], strength) if isinstance(v, BadRow)), None)
             if bad is not None:
                 self.count_bad(bad)
             elif label == 0.5 and ties == "drop":
                 continue
+            elif ensemble == "filter" and label != 0.5 and strength < 0:
+                self.disputed += 1
             else:
                 self.indices.append(i)
+        if self.disputed:
+            print(f"data.ensemble=filter: dropped {self.disputed} of {len(self.labels)} pairs whose labelled winner "
+                  "the reward ensemble scores lower on average", file=sys.stderr, flush=True)
         if not self.indices:
-            raise UserError(f"data.path {path} has no usable pair (all rows are ties or bad)")
+            raise UserError(f"data.path {path} has no usable pair (all rows are ties, bad or disputed)")
 
     def _per_pair(self, column: str | None, what: str, valid) -> list[float | BadRow | None]:
         """Each row's number from ``column`` (a per-pair weight or margin); None for every row without a column,
@@ -385,6 +399,25 @@ class PairDataset(ImageRows):
             values.append(float(v) if ok else BadRow(i, column, f"{what} is missing, not a finite number, or invalid "
                                                                 f"({v!r}{'; weights are >= 0' if what == 'weight' else ''})"))
         return values
+
+    def _ensemble_strengths(self, columns: list[tuple[str, str]]) -> list[float | BadRow | None]:
+        """Each row's mean preference strength for its labelled winner over the reward models of ``columns``
+        (:mod:`diffalign.data.ensemble`); None for every row without an ensemble, a :class:`BadRow` where a
+        score or the label is missing."""
+        if not columns:
+            return [None] * len(self.source)
+        values = [(name, self.source.column(name)) for pair in columns for name in pair]
+        bad = {i: BadRow(i, name, "ensemble score is missing or not a finite number") for name, column in
+               reversed(values) for i, v in enumerate(column)
+               if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))}
+        bad.update({i: label for i, label in enumerate(self.labels) if isinstance(label, BadRow)})
+        good = [i for i in range(len(self.source)) if i not in bad]
+        scores = torch.tensor([[float(column[i]) for _, column in values] for i in good], dtype=torch.float64)
+        scores = scores.view(len(good), len(columns), 2)
+        first_wins = torch.tensor([self.labels[i] >= 0.5 for i in good], dtype=torch.bool)
+        mean, _ = preference_strength(scores[..., 0], scores[..., 1], first_wins) if good else (torch.zeros(0), None)
+        strengths = dict(zip(good, mean.tolist(), strict=True))
+        return [bad[i] if i in bad else strengths[i] for i in range(len(self.source))]
 
     def _labels(self, label_column: str, score_columns: list[tuple[str, str]] | None,
                  score_scales: list[float] | None) -> list[float | BadRow]:

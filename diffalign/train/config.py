@@ -162,6 +162,11 @@ class DataConfig:
     # pairs: a column holding each pair's target margin, for objective.loss=dpo_margin (ODPO's per-pair
     # offset, Amini et al. 2024); none = the loss's fixed loss_options.margin
     margin_column: str | None = None
+    # pairs: several reward models' scores of the two images, [[first, second], ...] per model, to judge the
+    # labels by (the preference strength of Secrets of RLHF II, Wang et al. 2024); with ensemble=filter the
+    # pairs whose labelled winner the ensemble scores lower on average are dropped (said and counted)
+    ensemble_columns: list = field(default_factory=list)
+    ensemble: str = "none"
     # captioned images (self_npo): the column holding each row's image
     image_column: str = "image"
     # ranked lists (rank_dpo): the column holding each prompt's list of images
@@ -352,9 +357,15 @@ class Config:
                             "or (captioned images) a folder of images with .txt captions")
         if len(self.data.image_columns) != 2:
             raise UserError("data.image_columns must name exactly two columns (the pair's images)")
-        for pair in self.data.score_columns:
-            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
-                raise UserError(f"data.score_columns holds one [first, second] column pair per reward model; got {pair!r}")
+        for key in ("score_columns", "ensemble_columns"):
+            for pair in getattr(self.data, key):
+                if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
+                    raise UserError(f"data.{key} holds one [first, second] column pair per reward model; got {pair!r}")
+        choose("data.ensemble", self.data.ensemble, ("none", "filter"))
+        if self.data.ensemble != "none" and (objective.dataset != "pairs" or not self.data.ensemble_columns):
+            raise UserError("data.ensemble=filter judges each pair's label by reward models' scores: it needs a pairs "
+                            f"objective and data.ensemble_columns; {self.objective.name} with ensemble_columns="
+                            f"{self.data.ensemble_columns!r}")
         if self.data.score_scales and (len(self.data.score_scales) != len(self.data.score_columns)
                                        or min(self.data.score_scales) <= 0):
             raise UserError("data.score_scales needs one positive scale per data.score_columns pair, or none")

@@ -120,7 +120,8 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
                        image_columns=tuple(dc.image_columns), label_column=dc.label_column,
                        score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
                        ties=dc.ties, on_error=dc.on_error, split=dc.split, weight_column=dc.weight_column,
-                       margin_column=dc.margin_column)
+                       margin_column=dc.margin_column, ensemble_columns=[tuple(pair) for pair in dc.ensemble_columns],
+                       ensemble=dc.ensemble)
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:

@@ -1,0 +1,34 @@
+"""A reward-model ensemble's verdict on each labelled pair: the preference strength of "Secrets of RLHF in
+Large Language Models Part II: Reward Modeling" (Wang et al. 2024, arXiv 2401.06080, Section 3).
+
+Each of M reward models scores both images of a pair; its preference strength is the score of the image
+the label calls the winner minus the other's, d_m. Their mean and standard deviation over the models,
+
+    u = (1/M) sum_m d_m,        sigma = sqrt((1/M) sum_m (d_m - u)^2),
+
+say how strongly, and how unanimously, the ensemble backs the label. The paper finds the pairs of lowest
+mean strength mostly mislabelled (and the ones near zero ambiguous); UPO and others drop or down-weight
+pairs the ensemble disputes. Reward models on different scales (PickScore, HPS, an aesthetic score) are put
+on one by dividing each model's differences by their standard deviation over the dataset before averaging
+(the paper's M models share one scale; this is the same when they do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def preference_strength(first: Tensor, second: Tensor, first_wins: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) mean and (N,) standard deviation over M models of each pair's strength for its labelled winner.
+
+    Args:
+        first, second: (N, M) scores of each pair's first and second image by M reward models.
+        first_wins: (N,) bool, the label's verdict.
+    """
+    difference = first - second
+    spread = difference.std(dim=0, correction=0)
+    difference = difference / torch.where(spread > 0, spread, torch.ones_like(spread))
+    strength = torch.where(first_wins[:, None], difference, -difference)
+    return strength.mean(dim=1), strength.std(dim=1, correction=0)

@@ -1,0 +1,78 @@
+"""The reward ensemble's preference strength (Secrets of RLHF II) and the pairs it disputes, dropped."""
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from diffalign.data import PairDataset
+from diffalign.data.ensemble import preference_strength
+from diffalign.errors import UserError
+from diffalign.train import load_config
+from fixtures import pickapic_parquet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_preference_strength_by_hand():
+    """d_m = winner's score - loser's, each model's differences over the pairs divided by their (population)
+    standard deviation; u and sigma the mean and standard deviation over the models."""
+    first = [[1.0, 10.0], [0.0, 30.0], [2.0, 20.0]]
+    second = [[0.0, 20.0], [1.0, 10.0], [2.0, 0.0]]
+    first_wins = [True, True, False]
+    differences = [[a - b for a, b in zip(f, s)] for f, s in zip(first, second)]
+    spreads = []
+    for m in range(2):
+        column = [row[m] for row in differences]
+        mean = sum(column) / 3
+        spreads.append(math.sqrt(sum((x - mean) ** 2 for x in column) / 3))
+    means, stds = [], []
+    for row, wins in zip(differences, first_wins):
+        d = [(x / spread) * (1 if wins else -1) for x, spread in zip(row, spreads)]
+        means.append(sum(d) / 2)
+        stds.append(abs(d[0] - d[1]) / 2)
+    got_mean, got_std = preference_strength(torch.tensor(first), torch.tensor(second), torch.tensor(first_wins))
+    torch.testing.assert_close(got_mean, torch.tensor(means))
+    torch.testing.assert_close(got_std, torch.tensor(stds))
+
+
+def _flip(path: Path, rows: set[int]) -> Path:
+    table = pq.read_table(path)
+    labels = [1.0 - v if i in rows else v for i, v in enumerate(table.column("label_0").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("label_0"), "label_0", [labels])
+    pq.write_table(table, path)
+    return path
+
+
+def test_ensemble_filter_drops_the_pairs_the_models_dispute_and_says_so(tmp_path, capsys):
+    """Fixture: pick backs the reddish image by 0.01 i, aes backs it by 0.6 on even rows and the bluish one by
+    0.5 on odd rows. With rows 1 and 2 mislabelled, the ensemble disputes row 2 (both models against the
+    label) and row 1 only if the scaled aes difference outweighs pick's; the hand sums decide."""
+    data = _flip(pickapic_parquet(tmp_path / "pairs.parquet", 6), {1, 2})
+    table = pq.read_table(data).to_pydict()
+    columns = [("pick_0", "pick_1"), ("aes_0", "aes_1")]
+    first = torch.tensor([[table[a][i] for a, _ in columns] for i in range(6)], dtype=torch.float64)
+    second = torch.tensor([[table[b][i] for _, b in columns] for i in range(6)], dtype=torch.float64)
+    mean, _ = preference_strength(first, second, torch.tensor([v >= 0.5 for v in table["label_0"]]))
+    disputed = {i for i in range(6) if mean[i] < 0}
+    assert 2 in disputed and 0 not in disputed
+    kept = PairDataset(data, resolution=32, ensemble_columns=columns, ensemble="filter")
+    assert kept.disputed == len(disputed) and len(kept) == 6 - len(disputed)
+    assert [kept.read(p, decode=False).index for p in range(len(kept))] == [i for i in range(6) if i not in disputed]
+    assert f"dropped {len(disputed)} of 6 pairs" in capsys.readouterr().err
+    assert len(PairDataset(data, resolution=32, ensemble_columns=columns)) == 6  # judged, not filtered
+
+
+def test_ensemble_settings_are_checked_with_the_config(tmp_path):
+    def config(*more):
+        return load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [f"data.path={tmp_path}", *more])
+
+    with pytest.raises(UserError, match="needs a pairs objective and data.ensemble_columns"):
+        config("data.ensemble=filter")
+    with pytest.raises(UserError, match="one \\[first, second\\] column pair"):
+        config("data.ensemble_columns=[pick_0]", "data.ensemble=filter")
+    with pytest.raises(UserError, match="data.ensemble"):
+        config("data.ensemble=vote", "data.ensemble_columns=[[pick_0, pick_1]]")
+    assert config("data.ensemble=filter", "data.ensemble_columns=[[pick_0, pick_1]]").data.ensemble == "filter"
