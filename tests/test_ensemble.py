@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffalign.data import PairDataset
-from diffalign.data.ensemble import preference_strength
+from diffalign.data.ensemble import preference_strength, vote_share
 from diffalign.errors import UserError
 from diffalign.train import load_config
 from fixtures import pickapic_parquet
@@ -65,6 +65,24 @@ def test_ensemble_filter_drops_the_pairs_the_models_dispute_and_says_so(tmp_path
     assert len(PairDataset(data, resolution=32, ensemble_columns=columns)) == 6  # judged, not filtered
 
 
+def test_ensemble_weight_counts_each_pair_by_the_share_of_models_backing_its_label(tmp_path):
+    """Vote share: models whose gap backs the label count 1, a zero gap 1/2; the pair's weight (its column's
+    value, or 1) is multiplied by it."""
+    first, second = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]), torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0]])
+    torch.testing.assert_close(vote_share(first, second, torch.tensor([True, False])), torch.tensor([0.5, 0.5]))
+    data = _flip(pickapic_parquet(tmp_path / "pairs.parquet", 4), {1})
+    table = pq.read_table(data).to_pydict()
+    votes = []
+    for i in range(4):
+        winner = 0 if table["label_0"][i] >= 0.5 else 1
+        backs = [(table[f"{m}_{winner}"][i] - table[f"{m}_{1 - winner}"][i]) for m in ("pick", "aes")]
+        votes.append(sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in backs) / 2)
+    weighted = PairDataset(data, resolution=32, ensemble_columns=[("pick_0", "pick_1"), ("aes_0", "aes_1")],
+                           ensemble="weight")
+    assert [weighted.read(p, decode=False).weight for p in range(4)] == pytest.approx(votes)
+    assert votes[1] < 1.0 and votes[2] == 1.0  # row 1 mislabelled; row 0 has a zero pick gap (half a vote)
+
+
 def test_ensemble_settings_are_checked_with_the_config(tmp_path):
     def config(*more):
         return load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [f"data.path={tmp_path}", *more])
@@ -75,4 +93,28 @@ def test_ensemble_settings_are_checked_with_the_config(tmp_path):
         config("data.ensemble_columns=[pick_0]", "data.ensemble=filter")
     with pytest.raises(UserError, match="data.ensemble"):
         config("data.ensemble=vote", "data.ensemble_columns=[[pick_0, pick_1]]")
+    assert config("data.ensemble=weight", "data.ensemble_columns=[[pick_0, pick_1]]").data.ensemble == "weight"
     assert config("data.ensemble=filter", "data.ensemble_columns=[[pick_0, pick_1]]").data.ensemble == "filter"
+
+
+def test_pairs_every_model_disputes_train_nothing_with_ensemble_weight(tmp_path):
+    """data.ensemble=weight reaches the loss: with every model scoring each labelled winner lower, every
+    pair's weight is 0 and the LoRA's B matrices stay zero."""
+    import pyarrow as pa
+    from safetensors.torch import load_file
+
+    from diffalign.paths import CONFIGS, TOY_BASE
+    from diffalign.train import train
+
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    table = pq.read_table(data)
+    first_wins = [v >= 0.5 for v in table.column("label_0").to_pylist()]
+    for name, values in (("e_0", [0.0 if w else 1.0 for w in first_wins]), ("e_1", [1.0 if w else 0.0 for w in first_wins])):
+        table = table.append_column(name, pa.array(values, type=pa.float64()))
+    pq.write_table(table, data)
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [
+        f"model.path={TOY_BASE}", f"data.path={data}", f"output_dir={tmp_path / 'run'}", "data.ensemble=weight",
+        "data.ensemble_columns=[[e_0, e_1]]", "train.max_steps=2", "train.batch_size=2", "validation.every=0"])
+    train(config)
+    weights = load_file(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors")
+    assert all(v.abs().max() == 0 for k, v in weights.items() if ".lora.up." in k or "lora_B" in k)

@@ -8,7 +8,8 @@ the label calls the winner minus the other's, d_m. Their mean and standard devia
 
 say how strongly, and how unanimously, the ensemble backs the label. The paper finds the pairs of lowest
 mean strength mostly mislabelled (and the ones near zero ambiguous); UPO and others drop or down-weight
-pairs the ensemble disputes. Reward models on different scales (PickScore, HPS, an aesthetic score) are put
+pairs the ensemble disputes. The vote share, the fraction of models whose d_m backs the label (a model
+with d_m = 0 counting half), is the paper's voting view of the same numbers and serves as a pair weight. Reward models on different scales (PickScore, HPS, an aesthetic score) are put
 on one by dividing each model's differences by their standard deviation over the dataset before averaging
 (the paper's M models share one scale; this is the same when they do).
 """
@@ -20,6 +21,20 @@ import torch
 Tensor = torch.Tensor
 
 
+def _strengths(first: Tensor, second: Tensor, first_wins: Tensor) -> Tensor:
+    """(N, M) each model's strength for the labelled winner, each model's gaps divided by their spread."""
+    difference = first - second
+    spread = difference.std(dim=0, correction=0)
+    difference = difference / torch.where(spread > 0, spread, torch.ones_like(spread))
+    return torch.where(first_wins[:, None], difference, -difference)
+
+
+def vote_share(first: Tensor, second: Tensor, first_wins: Tensor) -> Tensor:
+    """(N,) the fraction of the M models that back each pair's labelled winner, a model at d_m = 0 counting half."""
+    strength = _strengths(first, second, first_wins)
+    return ((strength > 0).double() + 0.5 * (strength == 0).double()).mean(dim=1).to(first.dtype)
+
+
 def preference_strength(first: Tensor, second: Tensor, first_wins: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) mean and (N,) standard deviation over M models of each pair's strength for its labelled winner.
 
@@ -27,8 +42,5 @@ def preference_strength(first: Tensor, second: Tensor, first_wins: Tensor) -> tu
         first, second: (N, M) scores of each pair's first and second image by M reward models.
         first_wins: (N,) bool, the label's verdict.
     """
-    difference = first - second
-    spread = difference.std(dim=0, correction=0)
-    difference = difference / torch.where(spread > 0, spread, torch.ones_like(spread))
-    strength = torch.where(first_wins[:, None], difference, -difference)
+    strength = _strengths(first, second, first_wins)
     return strength.mean(dim=1), strength.std(dim=1, correction=0)

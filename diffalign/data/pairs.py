@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffalign.data.ensemble import preference_strength
+from diffalign.data.ensemble import preference_strength, vote_share
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
@@ -360,15 +360,18 @@ class PairDataset(ImageRows):
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
         per_pair += [c for pair in ensemble_columns or () for c in pair]
-        if ensemble == "filter" and not ensemble_columns:
-            raise ValueError("ensemble='filter' judges the labels by reward models' scores: pass ensemble_columns")
+        if ensemble != "none" and not ensemble_columns:
+            raise ValueError(f"ensemble={ensemble!r} judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
                          on_error=on_error, split=split)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
         self.margins = self._per_pair(margin_column, "margin", lambda m: True)
-        self.strengths = self._ensemble_strengths(ensemble_columns or [])
+        self.strengths, votes = self._ensemble_verdicts(ensemble_columns or [])
+        if ensemble == "weight":  # each pair's loss counts by the share of the models that back its label
+            self.weights = [w if isinstance(w, BadRow) or v is None or isinstance(v, BadRow) else (1.0 if w is None else w) * v
+                            for w, v in zip(self.weights, votes)]
         self.disputed = 0  # pairs dropped because the reward ensemble backs the other image
         self.indices: list[int] = []
         for i, label in enumerate(self.labels):
@@ -400,12 +403,12 @@ class PairDataset(ImageRows):
                                                                 f"({v!r}{'; weights are >= 0' if what == 'weight' else ''})"))
         return values
 
-    def _ensemble_strengths(self, columns: list[tuple[str, str]]) -> list[float | BadRow | None]:
-        """Each row's mean preference strength for its labelled winner over the reward models of ``columns``
-        (:mod:`diffalign.data.ensemble`); None for every row without an ensemble, a :class:`BadRow` where a
-        score or the label is missing."""
+    def _ensemble_verdicts(self, columns: list[tuple[str, str]]) -> tuple[list, list]:
+        """Each row's mean preference strength for its labelled winner over the reward models of ``columns``,
+        and the share of them that back it (:mod:`diffalign.data.ensemble`); None for every row without an
+        ensemble, a :class:`BadRow` where a score or the label is missing."""
         if not columns:
-            return [None] * len(self.source)
+            return [None] * len(self.source), [None] * len(self.source)
         values = [(name, self.source.column(name)) for pair in columns for name in pair]
         bad = {i: BadRow(i, name, "ensemble score is missing or not a finite number") for name, column in
                reversed(values) for i, v in enumerate(column)
@@ -416,8 +419,10 @@ class PairDataset(ImageRows):
         scores = scores.view(len(good), len(columns), 2)
         first_wins = torch.tensor([self.labels[i] >= 0.5 for i in good], dtype=torch.bool)
         mean, _ = preference_strength(scores[..., 0], scores[..., 1], first_wins) if good else (torch.zeros(0), None)
-        strengths = dict(zip(good, mean.tolist(), strict=True))
-        return [bad[i] if i in bad else strengths[i] for i in range(len(self.source))]
+        votes = vote_share(scores[..., 0], scores[..., 1], first_wins) if good else torch.zeros(0)
+        strengths, shares = dict(zip(good, mean.tolist(), strict=True)), dict(zip(good, votes.tolist(), strict=True))
+        return ([bad[i] if i in bad else strengths[i] for i in range(len(self.source))],
+                [bad[i] if i in bad else shares[i] for i in range(len(self.source))])
 
     def _labels(self, label_column: str, score_columns: list[tuple[str, str]] | None,
                  score_scales: list[float] | None) -> list[float | BadRow]:

@@ -164,7 +164,8 @@ class DataConfig:
     margin_column: str | None = None
     # pairs: several reward models' scores of the two images, [[first, second], ...] per model, to judge the
     # labels by (the preference strength of Secrets of RLHF II, Wang et al. 2024); with ensemble=filter the
-    # pairs whose labelled winner the ensemble scores lower on average are dropped (said and counted)
+    # pairs whose labelled winner the ensemble scores lower on average are dropped (said and counted); with
+    # ensemble=weight each pair's loss counts by the share of the models that back its label
     ensemble_columns: list = field(default_factory=list)
     ensemble: str = "none"
     # captioned images (self_npo): the column holding each row's image
@@ -361,10 +362,10 @@ class Config:
             for pair in getattr(self.data, key):
                 if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
                     raise UserError(f"data.{key} holds one [first, second] column pair per reward model; got {pair!r}")
-        choose("data.ensemble", self.data.ensemble, ("none", "filter"))
+        choose("data.ensemble", self.data.ensemble, ("none", "filter", "weight"))
         if self.data.ensemble != "none" and (objective.dataset != "pairs" or not self.data.ensemble_columns):
-            raise UserError("data.ensemble=filter judges each pair's label by reward models' scores: it needs a pairs "
-                            f"objective and data.ensemble_columns; {self.objective.name} with ensemble_columns="
+            raise UserError(f"data.ensemble={self.data.ensemble} judges each pair's label by reward models' scores: it "
+                            f"needs a pairs objective and data.ensemble_columns; {self.objective.name} with ensemble_columns="
                             f"{self.data.ensemble_columns!r}")
         if self.data.score_scales and (len(self.data.score_scales) != len(self.data.score_columns)
                                        or min(self.data.score_scales) <= 0):

@@ -320,7 +320,7 @@ class PreferenceTrainer:
         targets = {"preference": torch.tensor([e.preference for _, e in examples], device=device)}
         if examples[0][1].scores is not None:
             targets["scores"] = torch.stack([e.scores for _, e in examples]).to(device)
-        if self.config.data.weight_column is not None:
+        if self.config.data.weight_column is not None or self.config.data.ensemble == "weight":
             targets["weight"] = torch.tensor([e.weight for _, e in examples], device=device)
         if self.config.data.margin_column is not None:
             targets["margin"] = torch.tensor([e.margin for _, e in examples], device=device)
@@ -486,6 +486,8 @@ class PreferenceTrainer:
             "data.weight_column": c.data.weight_column,
             "data.curriculum": c.data.curriculum,
             "data.margin_column": c.data.margin_column,
+            "data.ensemble": c.data.ensemble,
+            "data.ensemble_columns": c.data.ensemble_columns,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
         }
