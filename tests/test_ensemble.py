@@ -118,3 +118,11 @@ def test_pairs_every_model_disputes_train_nothing_with_ensemble_weight(tmp_path)
     train(config)
     weights = load_file(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors")
     assert all(v.abs().max() == 0 for k, v in weights.items() if ".lora.up." in k or "lora_B" in k)
+
+
+def test_a_kept_tie_keeps_its_weight_under_ensemble_weight(tmp_path):
+    """No model can back either image of a tie, so data.ensemble=weight leaves a kept tie's weight at 1."""
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4, tie_rows=(3,))
+    pairs = PairDataset(data, resolution=32, ties="soft", ensemble_columns=[("aes_0", "aes_1")], ensemble="weight")
+    tie = next(pairs.read(p, decode=False) for p in range(len(pairs)) if pairs.read(p, decode=False).index == 3)
+    assert tie.preference == 0.5 and tie.weight == 1.0

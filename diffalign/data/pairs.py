@@ -369,9 +369,8 @@ class PairDataset(ImageRows):
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
         self.margins = self._per_pair(margin_column, "margin", lambda m: True)
         self.strengths, votes = self._ensemble_verdicts(ensemble_columns or [])
-        if ensemble == "weight":  # each pair's loss counts by the share of the models that back its label
-            self.weights = [w if isinstance(w, BadRow) or v is None or isinstance(v, BadRow) else (1.0 if w is None else w) * v
-                            for w, v in zip(self.weights, votes)]
+        if ensemble == "weight":  # each decided pair's loss counts by the share of the models that back its label
+            self.weights = [self._times_vote(w, v, label) for w, v, label in zip(self.weights, votes, self.labels)]
         self.disputed = 0  # pairs dropped because the reward ensemble backs the other image
         self.indices: list[int] = []
         for i, label in enumerate(self.labels):
@@ -402,6 +401,14 @@ class PairDataset(ImageRows):
             values.append(float(v) if ok else BadRow(i, column, f"{what} is missing, not a finite number, or invalid "
                                                                 f"({v!r}{'; weights are >= 0' if what == 'weight' else ''})"))
         return values
+
+    @staticmethod
+    def _times_vote(weight: float | BadRow | None, vote: float | BadRow, label: float | BadRow) -> float | BadRow | None:
+        """A pair's weight (its column's, or 1) times its vote share; a tie, which no model can back, and a bad
+        row keep theirs."""
+        if isinstance(weight, BadRow) or isinstance(vote, BadRow) or label == 0.5:
+            return weight
+        return (1.0 if weight is None else weight) * vote
 
     def _ensemble_verdicts(self, columns: list[tuple[str, str]]) -> tuple[list, list]:
         """Each row's mean preference strength for its labelled winner over the reward models of ``columns``,
