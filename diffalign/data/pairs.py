@@ -24,7 +24,7 @@ import math
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -416,20 +416,29 @@ class PairDataset(ImageRows):
         ensemble, a :class:`BadRow` where a score or the label is missing."""
         if not columns:
             return [None] * len(self.source), [None] * len(self.source)
-        values = [(name, self.source.column(name)) for pair in columns for name in pair]
-        bad = {i: BadRow(i, name, "ensemble score is missing or not a finite number") for name, column in
-               reversed(values) for i, v in enumerate(column)
-               if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))}
-        bad.update({i: label for i, label in enumerate(self.labels) if isinstance(label, BadRow)})
-        good = [i for i in range(len(self.source)) if i not in bad]
-        scores = torch.tensor([[float(column[i]) for _, column in values] for i in good], dtype=torch.float64)
-        scores = scores.view(len(good), len(columns), 2)
+        bad, good, scores = self._model_scores(
+            columns, "ensemble score is missing or not a finite number",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            also_bad={i: label for i, label in enumerate(self.labels) if isinstance(label, BadRow)})
         first_wins = torch.tensor([self.labels[i] >= 0.5 for i in good], dtype=torch.bool)
         mean, _ = preference_strength(scores[..., 0], scores[..., 1], first_wins) if good else (torch.zeros(0), None)
         votes = vote_share(scores[..., 0], scores[..., 1], first_wins) if good else torch.zeros(0)
         strengths, shares = dict(zip(good, mean.tolist(), strict=True)), dict(zip(good, votes.tolist(), strict=True))
         return ([bad[i] if i in bad else strengths[i] for i in range(len(self.source))],
                 [bad[i] if i in bad else shares[i] for i in range(len(self.source))])
+
+    def _model_scores(self, columns: list[tuple[str, str]], reason: str, usable: Callable[[object], bool],
+                      also_bad: dict[int, BadRow] | None = None) -> tuple[dict[int, BadRow], list[int], Tensor]:
+        """Several reward models' scores of both images of every usable row: the rows where a score is not
+        ``usable`` (a :class:`BadRow` giving ``reason`` and the first such column) or that ``also_bad`` names,
+        the other rows, and their scores (rows, models, 2) in float64."""
+        values = [(name, self.source.column(name)) for pair in columns for name in pair]
+        bad = {i: BadRow(i, name, reason) for name, column in reversed(values) for i, v in enumerate(column)
+               if not usable(v)}
+        bad.update(also_bad or {})
+        good = [i for i in range(len(self.source)) if i not in bad]
+        scores = torch.tensor([[float(column[i]) for _, column in values] for i in good], dtype=torch.float64)
+        return bad, good, scores.view(len(good), len(columns), 2)
 
     def _labels(self, label_column: str, score_columns: list[tuple[str, str]] | None,
                  score_scales: list[float] | None) -> list[float | BadRow]:
@@ -440,12 +449,7 @@ class PairDataset(ImageRows):
         if not score_columns:
             return [BadRow(i, label_column, "label is missing or NaN") if missing(v) else float(v)
                     for i, v in enumerate(self.source.column(label_column))]
-        columns = [(name, self.source.column(name)) for pair in score_columns for name in pair]
-        bad = {i: BadRow(i, name, "score is missing or NaN")
-               for name, values in reversed(columns) for i, v in enumerate(values) if missing(v)}
-        good = [i for i in range(len(self.source)) if i not in bad]
-        scores = torch.tensor([[float(values[i]) for _, values in columns] for i in good], dtype=torch.float64)
-        scores = scores.view(len(good), len(score_columns), 2)
+        bad, good, scores = self._model_scores(score_columns, "score is missing or NaN", lambda v: not missing(v))
         scales = None if not score_scales else torch.tensor(score_scales, dtype=torch.float64)
         p = smoothed_preference(scores[..., 0], scores[..., 1], scales).tolist() if good else []
         smoothed = dict(zip(good, p, strict=True))

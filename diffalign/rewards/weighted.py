@@ -26,6 +26,11 @@ from diffalign.rewards.ensemble import normalise_per_prompt
 Tensor = torch.Tensor
 
 
+def reward_specs(reward: str | dict | list | None) -> list:
+    """The reward model specs of ``online.reward``: none, one, or a list of them."""
+    return [] if reward is None else reward if isinstance(reward, list) else [reward]
+
+
 def parse_weights(count: int, weights: Sequence[float] | None) -> list[float]:
     """The weight of each of ``count`` reward models: as given (one per model, finite), or 1 each."""
     if weights is None:

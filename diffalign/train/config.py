@@ -430,10 +430,9 @@ class Config:
     def _online_reward_names(self) -> list[str]:
         """The names of the reward models of ``online.reward`` (none, one, or a list)."""
         from diffalign.rewards import RewardSpec
+        from diffalign.rewards.weighted import reward_specs
 
-        reward = self.online.reward
-        specs = [] if reward is None else reward if isinstance(reward, list) else [reward]
-        return [RewardSpec.parse(spec).name for spec in specs]
+        return [RewardSpec.parse(spec).name for spec in reward_specs(self.online.reward)]
 
     def _validate_truncation(self) -> None:
         oc = self.objective

@@ -60,7 +60,7 @@ from diffalign.eval.prompts import read_prompts
 from diffalign.eval.report import to_pil
 from diffalign.paths import with_usual_permissions
 from diffalign.rewards import RewardSpec, load_reward
-from diffalign.rewards.weighted import combine_rewards, parse_weights, weighted_raw_mean
+from diffalign.rewards.weighted import combine_rewards, parse_weights, reward_specs, weighted_raw_mean
 from diffalign.train.config import Config
 
 Tensor = torch.Tensor
@@ -125,9 +125,7 @@ class OnlineRounds:
         self.real = real
         self.prompts = None if real is not None else read_prompts(config.online.prompts)
         objective.steps_per_round = config.online.steps_per_round
-        reward = config.online.reward
-        specs = [] if reward is None else reward if isinstance(reward, list) else [reward]
-        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in specs}
+        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}
         self.reward_weights = parse_weights(len(self.rewards), config.online.reward_weights)
         self.bad_rows: dict[tuple[int, str], str] = {}  # none: the trainer's bad-row accounting, empty
         self._loaded: tuple[int, dict[str, Any]] | None = None
