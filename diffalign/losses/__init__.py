@@ -7,6 +7,8 @@ Call conventions by kind (see each module's docstring):
 
 - pairwise, soft-label, unpaired, reference-free, ``sft``:
   ``fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, **options)``
+- self-play pairwise losses (``sppo``, ``gpo``, ``inpo_nash``) take the pairwise arguments plus per-pair
+  inputs estimated from a prompt's K samples (win-rates, preference scores, the previous iterate's scores)
 - listwise: ``fn(policy, reference, *, beta, scores=None, **options)`` on (B, K) scores
 - ``z_loss``: ``fn(logits, mask=None, *, weight)``
 - distillation: ``fn(student_logits, teacher_logits, mask=None, *, labels=None, **options)``;
@@ -24,6 +26,7 @@ from diffalign.losses import (
     pairwise,
     reference_free,
     regularisers,
+    self_play,
     soft,
     unpaired,
 )
@@ -56,6 +59,7 @@ __all__ = [
     "preference_metrics",
     "reference_free",
     "regularisers",
+    "self_play",
     "soft",
     "spec",
     "specs",

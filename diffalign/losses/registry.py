@@ -62,6 +62,13 @@ class LossSpec:
         }
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """The per-example inputs the caller must supply (keyword-only arguments without a default): SPPO's
+        win-rates, INPO's previous-iterate scores. An objective gives them only if it estimates them."""
+        return tuple(p.name for p in inspect.signature(self.fn).parameters.values()
+                     if p.kind is p.KEYWORD_ONLY and p.name != "beta" and p.default is p.empty)
+
+    @property
     def option_choices(self) -> dict[str, tuple[Any, ...]]:
         """The options whose values are a fixed set (annotated ``Literal[...]``), with that set."""
         parameters = inspect.signature(self.fn, eval_str=True).parameters

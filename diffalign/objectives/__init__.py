@@ -5,12 +5,18 @@ from diffalign.objectives.ddo import DDO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.disco import DisCO
 from diffalign.objectives.diffusion_kto import DiffusionKTO
+from diffalign.objectives.dno import DNO
+from diffalign.objectives.drift import DRIFT
+from diffalign.objectives.gpo import GPO
 from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.inpo import InPO
+from diffalign.objectives.inpo_nash import INPONash
 from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.rank_dpo import RankDPO
+from diffalign.objectives.rso import RSO
 from diffalign.objectives.self_npo import SelfNPO
 from diffalign.objectives.smpo import SmPO
+from diffalign.objectives.sppo import SPPO
 
 OBJECTIVES = {
     "d3po": D3PO,
@@ -18,12 +24,19 @@ OBJECTIVES = {
     "diffusion_dpo": DiffusionDPO,
     "diffusion_kto": DiffusionKTO,
     "disco": DisCO,
+    "dno": DNO,
+    "drift": DRIFT,
+    "gpo": GPO,
     "grpo": FlowGRPO,
     "inpo": InPO,
+    "inpo_nash": INPONash,
     "nft": DiffusionNFT,
     "rank_dpo": RankDPO,
+    "rso": RSO,
     "self_npo": SelfNPO,
     "smpo": SmPO,
+    "sppo": SPPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DDO", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "InPO", "RankDPO", "SelfNPO", "SmPO"]
+__all__ = ["OBJECTIVES", "D3PO", "DDO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
+           "FlowGRPO", "GPO", "INPONash", "InPO", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]

@@ -66,6 +66,11 @@ class OnlineObjective(Objective):
     keeps_trajectories = True
     steps_per_round = 1
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise :class:`~diffalign.errors.UserError` for settings the method cannot run with (default: none);
+        called when the config is validated, before any model loads."""
+
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""
         return {}
@@ -89,5 +94,6 @@ class OnlineObjective(Objective):
     def training_units(self, round_) -> dict[str, Any]:
         """The round's units: ``latents`` (N, ...) indexed by unit, ``prompt_of`` (N,) each unit's prompt (an index
         into the round's prompts), and ``targets``, a dict of (N, ...) tensors handed to the objective with
-        each unit (advantages, recorded log-probabilities)."""
+        each unit (advantages, recorded log-probabilities); optionally ``logged``, scalars logged with every step
+        trained on the round (how many pairs a selection rule kept)."""
         raise NotImplementedError

@@ -19,9 +19,9 @@ Self-play on the round driver (:mod:`diffalign.train.online`): round r pairs the
 for the same caption, drawn at the round's start with the stochastic sampler of
 :mod:`diffalign.diffusion.logprob` (``objective.sample_steps``, ``sample_eta``; ``sample_guidance_scale`` 1
 samples p_ref itself, as the paper's guidance-free setting). The reference is the policy as it was at the
-start of the round, kept as :class:`~diffalign.diffusion.shadow.ShadowWeights` (only the trained tensors)
-and moved to the policy every ``online.steps_per_round`` optimiser steps. Rounds are written to disk and the
-reference is saved in every checkpoint, so resume is exact.
+start of the round (:mod:`diffalign.objectives.round_reference`, as the self-play loops' pi_t), moved to the
+policy every ``online.steps_per_round`` optimiser steps. Rounds are written to disk and the reference is saved
+in every checkpoint, so resume is exact.
 
 beta and alpha from the paper: its diffusion grid is alpha in [0.5, 6] and beta in [0.01, 0.1] (ablations
 at beta 0.05, alpha 4), for r = log p_theta(x) - log p_ref(x) in nats, estimated as a difference of
@@ -33,78 +33,16 @@ Diffusion-DPO's beta absorbs it): the toy's 4x16x16 latents give 0.05 * 1024 = 5
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import torch
-from torch import nn
-
-from diffalign.diffusion import Backbone, Conditioning
-from diffalign.diffusion.shadow import ShadowWeights
-from diffalign.objectives.base import OnlineObjective
-from diffalign.objectives.offline import OfflineDenoisingObjective
-
-if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
-
-Tensor = torch.Tensor
+from diffalign.objectives.self_play import SelfPlayObjective
 
 
-class DDO(OfflineDenoisingObjective, OnlineObjective):
+class DDO(SelfPlayObjective):
     """Real images against the round's reference samples; see the module docstring.
 
     Called with ``latents`` (B, 2, C, h, w): each real image, then the reference's sample for its caption.
     """
 
-    shadow_weights = True
-    frozen_reference = False
-    loss_kinds = ("pairwise",)
     group_size = 1  # one sample of the reference per real image
     group_size_fixed = True
-    shared_noise = False
-    takes_labels = False
     real_data = True
     scored = False  # the real image is the positive, the sample the negative: no reward, no label
-    keeps_trajectories = False
-
-    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        super().__init__(config, backbone)
-        self.reference_weights: ShadowWeights | None = None
-        self.optimizer_steps = 0
-
-    # --- the trainer's hooks: the round's reference, saved with every checkpoint ----------
-    def attach(self, denoiser: nn.Module) -> list[Any]:
-        self.reference_weights = ShadowWeights(denoiser)
-        return [self]
-
-    def after_optimizer_step(self) -> None:
-        self.optimizer_steps += 1
-        if self.optimizer_steps % self.steps_per_round == 0:  # a new round: the reference becomes the policy
-            self.reference_weights.update(0.0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference_weights.state_dict(), "optimizer_steps": self.optimizer_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reference_weights.load_state_dict(state["reference"])
-        self.optimizer_steps = int(state["optimizer_steps"])
-
-    # --- the round and the loss ----------------------------------------------------------
-    def sampling_denoiser(self) -> nn.Module:
-        """The round's samples are the reference's (the policy at the round's start)."""
-        return self.reference_weights.denoiser()
-
-    def training_units(self, round_) -> dict[str, Any]:
-        """Each real image with the reference's sample for its caption."""
-        samples = round_.latents[:, 0, -1]
-        return {"latents": torch.stack([round_.real.to(samples.dtype), samples], dim=1),
-                "prompt_of": torch.arange(len(round_.prompts)), "targets": {}}
-
-    def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
-                 policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        loss, metrics = super().__call__(backbone, latents, cond, randomness, policy, self.reference_weights.denoiser())
-        metrics["round"] = torch.tensor(float(self.optimizer_steps // self.steps_per_round), device=loss.device)
-        return loss, metrics
-
-    def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
-                       scores: Tensor | None, options: dict[str, Any]) -> Tensor:
-        return self.spec.fn(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=self.beta, **options)

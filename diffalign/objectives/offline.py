@@ -103,6 +103,11 @@ class OfflineDenoisingObjective(Objective):
         """(B,) loss from (B, K) policy and reference scores; see the subclasses."""
         raise NotImplementedError
 
+    def scored_inputs(self, backbone: Backbone, group: NoisedGroup) -> dict[str, Tensor]:
+        """Per-group inputs of the core loss scored on the same noised group, such as INPO's previous-iterate
+        scores (default none)."""
+        return {}
+
     def __call__(
         self,
         backbone: Backbone,
@@ -115,6 +120,7 @@ class OfflineDenoisingObjective(Objective):
         scores: Tensor | None = None,
         weight: Tensor | None = None,
         margin: Tensor | None = None,
+        **inputs: Tensor,
     ) -> tuple[Tensor, dict[str, Any]]:
         """Mean loss over the groups (each times its weight) and detached metrics.
 
@@ -128,13 +134,15 @@ class OfflineDenoisingObjective(Objective):
             weight: (B,) each pair's weight (``data.weight_column``): the loss is the mean of weight x loss,
                 as MADPO weights each pair's DPO loss.
             margin: (B,) each pair's target margin (``data.margin_column``), the margin option of the loss.
+            inputs: (B,) per-pair inputs of the core loss (:attr:`~diffalign.losses.LossSpec.inputs`), such as
+                SPPO's win-rates estimated by a self-play objective.
         """
         group = self.noise(backbone, latents, cond, randomness)
         policy_scores, ref = group_scores(backbone, group, policy=policy, reference=reference,
                                           need_reference=self.needs_reference)
-        options = self.loss_options(policy_scores, ref)
+        options = {**self.loss_options(policy_scores, ref), **self.scored_inputs(backbone, group), **inputs}
         if margin is not None:
-            options = {**options, "margin": margin}
+            options["margin"] = margin
         per_group = self.per_group_loss(policy_scores, ref, preference=preference, scores=scores, options=options)
         if weight is not None:
             per_group = per_group * weight

@@ -15,6 +15,7 @@ function of the shipped model and these settings, so every machine makes the sam
 | ``toy:images`` | caption, image | every candidate, no scores (Self-NPO's data) |
 | ``toy:labelled`` | caption, image, label | every candidate, liked when above the mean score (Diffusion-KTO) |
 | ``toy:world`` | caption, image | rendered scenes of the world itself, as many (DDO's real data) |
+| ``toy:dissatisfied`` | caption, image | each group's worst image, marked dissatisfying (DRIFT's negatives) |
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from diffalign.errors import UserError
 
 PREFIX = "toy:"
-NAMES = ("pairs", "ranked", "images", "labelled", "world")
+NAMES = ("pairs", "ranked", "images", "labelled", "world", "dissatisfied")
 GROUPS_PER_PROMPT = 16
 CANDIDATES = 4
 SEED = 0
@@ -56,6 +57,7 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
     from diffalign.paths import TOY_BASE
     from diffalign.toy.demo import (
         sample_candidates,
+        write_dissatisfied,
         write_images,
         write_labelled_images,
         write_pairs,
@@ -73,6 +75,7 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
         write_ranked(found, partial / "ranked.parquet")
         write_images(found, partial / "images.parquet")
         write_labelled_images(found, partial / "labelled.parquet")
+        write_dissatisfied(found, partial / "dissatisfied.parquet")
         write_world_images(prompts("train"), groups_per_prompt * candidates, partial / "world.parquet", seed=seed)
         shutil.rmtree(folder, ignore_errors=True)  # made again: a folder is replaced whole
         os.replace(partial, folder)
@@ -89,12 +92,13 @@ def toy_dataset(source: str | Path) -> Path:
         raise UserError(f"{source} names no toy dataset; the toy datasets are "
                         f"{', '.join(PREFIX + n for n in NAMES)}")
     folder = _folder(GROUPS_PER_PROMPT, CANDIDATES, SEED)
-    if not folder.is_dir():
+    table = folder / f"{name}.parquet"
+    if not table.is_file():  # not made yet, or made before this layout existed: the folder is made again whole
         from diffalign.diffusion.loading import process_state
 
         with process_state().main_process_first():
-            if not folder.is_dir():
+            if not table.is_file():
                 print(f"making the toy datasets from the shipped base model into {folder} (once; about a minute "
                       f"on 2 CPU cores)", flush=True)
                 make_toy_datasets(folder, groups_per_prompt=GROUPS_PER_PROMPT, candidates=CANDIDATES, seed=SEED)
-    return folder / f"{name}.parquet"
+    return table

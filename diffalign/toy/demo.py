@@ -111,6 +111,16 @@ def write_labelled_images(candidates: Candidates, out: Path) -> Path:
     return _write({**_image_rows(candidates), "label": liked.float().tolist()}, out)
 
 
+def write_dissatisfied(candidates: Candidates, out: Path) -> Path:
+    """The worst candidate of each group by the toy preference, as captioned images: the samples a user
+    (here the reward) marked as dissatisfying, DRIFT's negatives."""
+    rows: dict[str, list] = {"caption": [], "image": []}
+    for prompt, images, scores in zip(candidates.prompts, candidates.images, candidates.scores):
+        rows["caption"].append(prompt)
+        rows["image"].append(_png(images[int(scores.argmin())]))
+    return _write(rows, out)
+
+
 def write_world_images(prompts: Sequence[str], per_prompt: int, out: Path, seed: int = 0) -> Path:
     """Rendered scenes of the toy world itself (its "real data"), ``per_prompt`` per caption."""
     rng = random.Random(seed)

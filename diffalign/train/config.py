@@ -94,6 +94,13 @@ class ObjectiveConfig:
     # nft: the guidance strength beta of the implicit positive and negative policies
     # (1 - beta) v_old + beta v and (1 + beta) v_old - beta v (DiffusionNFT's config.beta)
     nft_beta: float = 1.0
+    # dno: a prompt's best-vs-worst pair is trained only when their rewards differ by at least this much
+    # (DNO's large-margin filter; in the reward's units)
+    min_reward_gap: float = 0.0
+    # rso: Algorithm 1's beta, in the reward's units (each candidate accepted with probability
+    # exp((r - r_max) / beta)), and how many of a prompt's candidates it accepts (paired in acceptance order)
+    rso_beta: float = 0.5
+    rso_accepted: int = 4
     # self_npo (truncated diffusion fine-tuning): the DDIM grid the teacher walks, the number of
     # teacher moves from the noised image, the teacher's guidance scale (diffusers convention:
     # 0 = the unconditional prediction, the authors' w = -1), the EMA rate of the teacher
@@ -325,6 +332,8 @@ class Config:
             raise UserError(f"objective.loss={self.objective.loss} is a {kind} loss; {self.objective.name} takes "
                             f"{' or '.join(accepted)} losses: {', '.join(names)}")
         _check_loss_options(self.objective, None if own else losses.spec(self.objective.loss))
+        if not own:
+            self._check_loss_inputs(objective, losses.spec(self.objective.loss))
         if self.data.precompute and (self.data.cache_dir is None or objective.dataset == "online"):
             raise UserError("data.precompute=true needs data.cache_dir (where the encodings go) and an objective "
                             f"that reads a dataset; {self.objective.name} with cache_dir={self.data.cache_dir!r}")
@@ -409,6 +418,20 @@ class Config:
         self._validate_gold(objective)
         return self
 
+    def _check_loss_inputs(self, objective, spec: LossSpec) -> None:
+        """A self-play objective takes the losses that read what it estimates (``loss_names``); a loss with per-pair
+        inputs (SPPO's win-rates) needs an objective that supplies them."""
+        from diffalign.objectives import OBJECTIVES
+
+        named = getattr(objective, "loss_names", None)
+        if named is not None and spec.name not in named:
+            raise UserError(f"objective.loss={spec.name}: {self.objective.name} trains {' or '.join(named)}")
+        missing = [name for name in spec.inputs if name not in getattr(objective, "supplies", ())]
+        if missing:
+            suppliers = [n for n, cls in OBJECTIVES.items() if set(spec.inputs) <= set(getattr(cls, "supplies", ()))]
+            raise UserError(f"objective.loss={spec.name} reads per-pair {', '.join(missing)}, which {self.objective.name} "
+                            f"does not estimate; use objective.name={' or '.join(suppliers) or '(none)'}")
+
     def _validate_gold(self, objective) -> None:
         from diffalign.rewards import RewardSpec
 
@@ -468,6 +491,7 @@ class Config:
                             f"must be {method.group_size} (or empty), got {oc.group_size}")
         if oc.group_size is not None and oc.group_size < 2:
             raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
+        method.check_config(self)
         for key in ("groups_per_round", "steps_per_round", "sample_batch_size", "sde_window_stride"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")

@@ -97,6 +97,8 @@ class Round:
             labels; a call, since human labels may not be there yet (it raises :class:`NeedsLabels`).
         real: (G, C, h, w) the latent of each group's real image, whose caption is the group's prompt, for
             objectives that set ``real_data`` (DDO); else None.
+        generator: i -> a generator of group i's own, for objectives that draw at random when they build the
+            round's units (RSO's rejection sampling): a pure function of (seed, round, group).
     """
 
     prompts: list[str]
@@ -105,6 +107,7 @@ class Round:
     rewards: Tensor | None
     winners: Callable[[], Tensor]
     real: Tensor | None = None
+    generator: Callable[[int], torch.Generator] | None = None
 
 
 RealExamples = Callable[[list[int]], tuple[Tensor, list[str]]]
@@ -291,11 +294,14 @@ class OnlineRounds:
                        latents=tensors["latents"].view(g, k, *tensors["latents"].shape[1:]),
                        log_probs=tensors["log_probs"].view(g, k, -1),
                        rewards=None if record["rewards"] is None else torch.tensor(record["rewards"]),
-                       winners=lambda: torch.tensor(self.winners(r, record)), real=tensors.get("real"))
+                       winners=lambda: torch.tensor(self.winners(r, record)), real=tensors.get("real"),
+                       generator=lambda i: example_generator(self.config.train.seed, r, 3, i, 0))
         stochastic = tensors.get("stochastic", torch.ones(len(tensors["timesteps"]), dtype=torch.bool))
-        data = {**self.objective.training_units(round_), "prompts": record["prompts"],
-                "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()),
-                "logged": self._logged_rewards(record)}
+        units = self.objective.training_units(round_)
+        # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards
+        logged = {**self._logged_rewards(record), **units.pop("logged", {})}
+        data = {**units, "prompts": record["prompts"],
+                "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()), "logged": logged}
         self._loaded = (r, data)
         return data
 

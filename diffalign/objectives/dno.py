@@ -1,0 +1,39 @@
+"""DNO (Rosset et al. 2024, "Direct Nash Optimization: Teaching Language Models to Self-Improve with General
+Preferences", arXiv 2404.03715, Algorithm 2, DNO-Prct) on the round driver.
+
+Each round pi_t samples K images per prompt and a reward (the preference oracle) scores them; each prompt
+gives its best and worst sample as a pair, kept only when their rewards differ by at least
+``objective.min_reward_gap`` (the algorithm's large-margin filter: a narrow pair's label is noise), and the
+kept pairs train a contrastive pairwise loss (``objective.loss``, DPO by default) against pi_t, the previous
+iterate, as the reference. When no pair of a round clears the gap, the round trains on its widest pair
+alone and the log's ``pairs_per_round`` shows 1. The paper also mixes a teacher's outputs (GPT-4) into the
+K candidates; here the candidates are the policy's own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, extreme_pairs
+
+if TYPE_CHECKING:
+    from diffalign.diffusion import Backbone
+    from diffalign.train.config import ObjectiveConfig
+
+
+class DNO(SelfPlayObjective):
+    """Best vs worst of each group, when their rewards differ by at least ``objective.min_reward_gap``."""
+
+    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
+        super().__init__(config, backbone)
+        self.min_gap = config.min_reward_gap
+
+    def pairs(self, round_):
+        rewards = check_rewards(round_, "dno")
+        groups, items = extreme_pairs(rewards)
+        gap = rewards.gather(1, items[:, :1]).squeeze(1) - rewards.gather(1, items[:, 1:]).squeeze(1)
+        keep = gap >= self.min_gap
+        if not keep.any():
+            keep = gap == gap.max()
+            keep &= keep.cumsum(0) == 1  # the first of equally wide pairs
+        return groups[keep], items[keep], {}

@@ -1,0 +1,75 @@
+"""RSO, statistical rejection sampling (Liu et al. 2023, "Statistical Rejection Sampling Improves Preference
+Optimization", arXiv 2309.06657, Algorithm 1) on the round driver.
+
+DPO's data should come from the optimal policy pi*(y | x) ∝ pi(y | x) exp(r(x, y) / beta), not from the
+sampling policy. RSO draws from pi* by rejection: of a prompt's K candidates from pi, while fewer than
+``objective.rso_accepted`` are accepted, each remaining candidate is accepted with probability
+exp((r - r_max) / beta), r_max the best reward still in the pool, and leaves it (the paper's code). The
+accepted samples are paired in the order they were accepted and each pair is labelled by the reward (the
+paper's "rso-sample-rank"); pairs of equal reward are dropped. A pairwise loss trains them (the paper's
+sigmoid-norm is ``dpo``, its hinge-norm ``hinge``).
+
+On the round driver the proposal pi and the loss's reference are pi_t, the policy at the round's start, so
+round 0 is the paper's RSO from the base and later rounds repeat it from the improved policy. beta is in the
+reward's units (``objective.rso_beta``); the acceptance draws come from each group's own generator, so a
+round's pairs are a pure function of the run's seed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffalign.errors import UserError
+from diffalign.objectives.self_play import SelfPlayObjective, check_rewards
+
+if TYPE_CHECKING:
+    from diffalign.diffusion import Backbone
+    from diffalign.train.config import ObjectiveConfig
+
+Tensor = torch.Tensor
+
+
+def rejection_sample(rewards: Tensor, *, beta: float, accepted: int, generator: torch.Generator) -> list[int]:
+    """Indices of ``accepted`` of a group's candidates (``rewards`` (K,)), in the order Algorithm 1 accepts them."""
+    pool = list(range(len(rewards)))
+    chosen: list[int] = []
+    while len(chosen) < accepted:
+        best = max(float(rewards[i]) for i in pool)
+        for i in list(pool):
+            if float(torch.rand((), generator=generator)) < torch.exp((rewards[i] - best) / beta):
+                chosen.append(i)
+                pool.remove(i)
+                if len(chosen) == accepted:
+                    break
+    return chosen
+
+
+class RSO(SelfPlayObjective):
+    """Pairs of rejection-sampled candidates, the better first."""
+
+    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
+        super().__init__(config, backbone)
+        self.rso_beta, self.accepted = config.rso_beta, config.rso_accepted
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        oc = config.objective
+        k = config.online.group_size or cls.group_size
+        if oc.rso_beta <= 0 or not 2 <= oc.rso_accepted <= k:
+            raise UserError(f"rso: objective.rso_beta must be > 0 (got {oc.rso_beta}) and objective.rso_accepted "
+                            f"between 2 and the group's {k} candidates (got {oc.rso_accepted})")
+
+    def pairs(self, round_):
+        rewards = check_rewards(round_, "rso")
+        groups, items = [], []
+        for g, scores in enumerate(rewards):
+            order = rejection_sample(scores, beta=self.rso_beta, accepted=self.accepted, generator=round_.generator(g))
+            for a, b in zip(order[0::2], order[1::2]):
+                if scores[a] != scores[b]:
+                    groups.append(g)
+                    items.append([a, b] if scores[a] > scores[b] else [b, a])
+        if not items:
+            raise ValueError("rso: every accepted pair of the round has equal rewards; nothing to train on")
+        return torch.tensor(groups), torch.tensor(items), {}

@@ -1,0 +1,31 @@
+"""SPPO (Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment", arXiv 2405.00675)
+on the round driver: each round pi_t samples K images per prompt, a reward scores them, and every sample's
+win-rate against pi_t is estimated from the group; the highest- and lowest-scored samples of each prompt
+are trained with the core ``sppo`` loss (Eq. 4.7), log pi_{t+1} / pi_t regressed on eta (P - 1/2).
+
+The win-rate P(y beats pi_t | x) is the mean over the group of sigma(r(y) - r(y_j))
+(:func:`diffalign.losses.self_play.win_rates`, as the authors' compute_prob.py does with PairRM's scores):
+a Bradley-Terry reading of the reward, so its scale matters, as PairRM's did. The authors' K is 5 and
+beta (1 / eta) 0.001 on summed token log-probabilities; a diffusion model's log-ratio is a per-element
+mean of denoising errors (:mod:`diffalign.diffusion.likelihood`), so beta is set per backbone (the recipes
+say how). ``objective.loss`` may also be ``sppo_hard`` (P taken as 1 and 0).
+"""
+
+from __future__ import annotations
+
+from diffalign.losses.self_play import win_rates
+from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, extreme_pairs
+
+
+class SPPO(SelfPlayObjective):
+    """Best and worst of each group with their estimated win-rates against pi_t."""
+
+    loss_names = ("sppo", "sppo_hard")
+    supplies = ("win_chosen", "win_rejected")
+
+    def pairs(self, round_):
+        rewards = check_rewards(round_, "sppo")
+        groups, items = extreme_pairs(rewards)
+        won = win_rates(rewards).gather(1, items)
+        inputs = {"win_chosen": won[:, 0], "win_rejected": won[:, 1]} if self.spec.inputs else {}
+        return groups, items, inputs
