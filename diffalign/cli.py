@@ -31,7 +31,10 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         print(f"  {s.name:<{width}}  {s.summary}")
         print(f"  {'':<{width}}  paper: {s.paper}")
         if s.options:
-            print(f"  {'':<{width}}  options: {', '.join(f'{k}={v}' for k, v in s.options.items())}")
+            shown = (f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in s.options.items())
+            print(f"  {'':<{width}}  options: {', '.join(shown)}")
+        if s.inputs:
+            print(f"  {'':<{width}}  per-pair inputs: {', '.join(s.inputs)}")
     if args.kind is None:
         from diffalign.lm.logprobs import SCORE_OPTIONS
 

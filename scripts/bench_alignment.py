@@ -7,7 +7,9 @@ own rounds from the policy and score them with the same toy preference; Diffusio
 every candidate with a binary label (liked when its score is above the mean). Self-NPO trains a
 negative model on every candidate without scores; its row compares the base model guided by
 that negative model (in place of the unconditional branch) with plain CFG. DDO trains on
-rendered scenes of the toy world (its real data) against the policy's own samples. Each objective trains from its
+rendered scenes of the toy world (its real data) against the policy's own samples; DRIFT pairs each group's
+worst candidate (toy:dissatisfied) with the policy's fresh samples. The self-play loops (sppo, dno, gpo,
+inpo_nash, rso) sample and score their own rounds as d3po does. Each objective trains from its
 ``configs/toy_<objective>.yaml`` (the same number of optimiser steps and of images through the
 denoiser per step) and is evaluated against the base on the held-out prompts at the same seeds.
 
@@ -23,20 +25,21 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from diffalign.diffusion import load_pipeline
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
-from diffalign.toy.datasets import make_toy_datasets
+from diffalign.toy.datasets import is_toy_dataset, make_toy_datasets
 from diffalign.toy.demo import align_and_compare, headline
 
 
-# the toy dataset (diffalign.toy.datasets) of each layout an objective reads
-TABLES = {"pairs": "pairs", "ranked": "ranked", "images": "images", "labelled_images": "labelled", "world": "world"}
-
-
-def data_for(name: str) -> str:
-    """The toy data an objective trains on: DDO real data (rendered scenes), the others their layout."""
-    return "world" if name == "ddo" else OBJECTIVES[name].dataset
+def data_for(name: str, folder: Path) -> Path | None:
+    """The toy data an objective trains on: the table its toy config names (``toy:pairs`` ..., DDO's rendered
+    scenes ``toy:world``, DRIFT's ``toy:dissatisfied``) as made in ``folder`` at this run's size; None for the
+    online objectives that sample every image they train on."""
+    path = (yaml.safe_load((CONFIGS / f"toy_{name}.yaml").read_text()).get("data") or {}).get("path")
+    return folder / f"{path.removeprefix('toy:')}.parquet" if path and is_toy_dataset(path) else None
 
 
 def main() -> None:
@@ -55,12 +58,10 @@ def main() -> None:
     # the toy datasets the toy configs read (toy:pairs ...): at the default size, the very same tables
     folder = make_toy_datasets(args.out / "data", groups_per_prompt=args.groups_per_prompt,
                                candidates=args.candidates, seed=0)
-    data: dict[str, Path | None] = {"online": None}  # online objectives sample their own rounds
-    data |= {layout: folder / f"{table}.parquet" for layout, table in TABLES.items()}
     rows = {}
     for name in names:
         started = time.perf_counter()
-        evaluation = align_and_compare(base, data[data_for(name)], args.out / name,
+        evaluation = align_and_compare(base, data_for(name, folder), args.out / name,
                                        config=CONFIGS / f"toy_{name}.yaml", overrides=args.set,
                                        eval_seeds=args.eval_seeds, steps=20, guidance_scale=5.0)
         rows[name] = {**headline(evaluation.summary()), "seconds": time.perf_counter() - started}

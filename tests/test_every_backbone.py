@@ -19,7 +19,11 @@ from diffalign.train import load_config, train
 
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
-        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "disco": None}
+        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "disco": None,
+        "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
+# the self-play loops: a round of 2 prompts x 2 samples told apart by their JPEG size (see grpo's note below)
+_SELF_PLAY = ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2", "objective.sample_steps=2",
+              "online.reward=jpeg_incompressibility"]
 SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversion_steps=2",
                                                               "objective.renoise_iterations=1",
                                                               "data.score_columns=[[pick_0, pick_1]]"],
@@ -32,7 +36,10 @@ SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversio
            "disco": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                      "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
            "nft": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                   "objective.sample_steps=2", "online.reward=jpeg_incompressibility"]}
+                   "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
+           **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
+           "rso": [*_SELF_PLAY, "objective.rso_accepted=2"],
+           "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"]}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,9 @@ EXTRA = {
     "soft_dpo": {"preference": torch.tensor([0.9, 0.8])},
     "smpo": {"preference": torch.tensor([0.9, 0.8])},
     "bt_wide_ties": {"preference": torch.tensor([1.0, 0.5])},
+    "sppo": {"win_chosen": torch.tensor([0.8, 0.7]), "win_rejected": torch.tensor([0.2, 0.4])},
+    "gpo": {"score_chosen": torch.tensor([0.8, 0.7]), "score_rejected": torch.tensor([-0.2, -0.4])},
+    "inpo_nash": {"previous_chosen": torch.tensor([0.0, 0.0]), "previous_rejected": torch.tensor([0.0, 0.0])},
 }
 # scores are read as average log-probs: must be negative
 NEGATIVE_SCORES = {"orpo", "asft", "simpo", "cpo"}
@@ -57,7 +60,7 @@ def _call(name, pc, pr, rc, rr, beta=0.5):
 # Losses whose paper says: chosen likelihood up, rejected down (at the reference point).
 CHOSEN_UP_REJECTED_DOWN = [
     "dpo", "cdpo", "dpo_margin", "dpop", "madpo", "hinge", "ipo", "robust", "exo", "nca", "bco_pair", "sppo_hard",
-    "apo_zero", "f_dpo", "rpo", "dpo_norm", "kto", "bco", "simpo", "cpo", "orpo", "asft",
+    "sppo", "gpo", "inpo_nash", "apo_zero", "f_dpo", "rpo", "dpo_norm", "kto", "bco", "simpo", "cpo", "orpo", "asft",
     "soft_dpo", "smpo",
 ]  # fmt: skip
 

@@ -27,6 +27,8 @@ CLASSIFICATION = "classification"
 KINDS = (PAIRWISE, UNPAIRED, REFERENCE_FREE, LISTWISE, SOFT_LABEL, REGULARISER, DISTILLATION, CLASSIFICATION)
 # the kinds that take logits, not per-example scores (see diffalign.losses.distillation)
 LOGIT_KINDS = (DISTILLATION, CLASSIFICATION)
+# the per-example inputs a kind's losses all take, which every objective of that kind supplies
+KIND_INPUTS = {SOFT_LABEL: ("preference",)}
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,12 @@ class LossSpec:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        """The per-example inputs the caller must supply (keyword-only arguments without a default): SPPO's
-        win-rates, INPO's previous-iterate scores. An objective gives them only if it estimates them."""
+        """The per-example inputs the caller must supply beyond those of its kind (keyword-only arguments without a
+        default): SPPO's win-rates, INPO's previous-iterate scores, MADPO's weights. An objective gives them only if
+        it estimates them."""
+        own = KIND_INPUTS.get(self.kind, ())
         return tuple(p.name for p in inspect.signature(self.fn).parameters.values()
-                     if p.kind is p.KEYWORD_ONLY and p.name != "beta" and p.default is p.empty)
+                     if p.kind is p.KEYWORD_ONLY and p.name not in ("beta", *own) and p.default is p.empty)
 
     @property
     def option_choices(self) -> dict[str, tuple[Any, ...]]:

@@ -429,8 +429,11 @@ class Config:
         missing = [name for name in spec.inputs if name not in getattr(objective, "supplies", ())]
         if missing:
             suppliers = [n for n, cls in OBJECTIVES.items() if set(spec.inputs) <= set(getattr(cls, "supplies", ()))]
+            fix = (f"use objective.name={' or '.join(suppliers)}" if suppliers else
+                   "a pair's own weight or margin comes from data.weight_column (with objective.loss=dpo, MADPO's "
+                   "weighted DPO) or data.margin_column")
             raise UserError(f"objective.loss={spec.name} reads per-pair {', '.join(missing)}, which {self.objective.name} "
-                            f"does not estimate; use objective.name={' or '.join(suppliers) or '(none)'}")
+                            f"does not estimate; {fix}")
 
     def _validate_gold(self, objective) -> None:
         from diffalign.rewards import RewardSpec
