@@ -271,3 +271,26 @@ def test_trains_and_resumes_exactly_across_a_round(name, tmp_path, monkeypatch):
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora.up" in k or "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_an_lm_trains_sppo_with_win_rates_estimated_from_its_samples_rewards():
+    from test_lm import preference_batch, tiny_gpt2
+
+    from diffalign.lm import preference_loss, sequence_logps
+
+    policy, reference, batch = tiny_gpt2(0), tiny_gpt2(1), preference_batch(2)
+    rewards = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 1.5, -0.5, 0.0]])  # K = 4 completions per prompt
+    items = torch.tensor([[2, 1], [1, 2]])  # each prompt's best and worst, as the batch holds them
+    won = win_rates(rewards).gather(1, items)
+    loss, _ = preference_loss(policy, reference, batch, loss="sppo", beta=0.1, win_chosen=won[:, 0],
+                              win_rejected=won[:, 1])
+    def scores(model):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])[0]
+
+    r = (scores(policy) - scores(reference)).chunk(2)
+    expected = (((r[0] - (won[:, 0] - 0.5) / 0.1) ** 2 + (r[1] - (won[:, 1] - 0.5) / 0.1) ** 2) / 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="win_chosen, win_rejected"):
+        preference_loss(policy, reference, batch, loss="sppo", beta=0.1)

@@ -86,7 +86,8 @@ def preference_loss(
     otherwise by the sum, and losses that take ``chosen_lengths``/``rejected_lengths`` (IPO,
     RPO, ...) receive the completion lengths. ``weights`` (one per pair) make the loss the mean of
     weight x loss, as a diffusion run's ``data.weight_column`` does; a per-pair margin goes in as the
-    ``margin`` option of ``dpo_margin`` (a tensor, one per pair).
+    ``margin`` option of ``dpo_margin`` (a tensor, one per pair). The self-play losses take their per-pair
+    inputs the same way: ``loss="sppo", win_chosen=..., win_rejected=...`` (:mod:`diffalign.losses.self_play`).
     """
     spec = losses.spec(loss)
     if spec.kind == LISTWISE:
@@ -94,6 +95,10 @@ def preference_loss(
     if spec.kind in LOGIT_KINDS:
         raise ValueError(f"{loss!r} is a {spec.kind} loss on logits: call losses.get({loss!r}) on the student's "
                          "and teacher's logits")
+    missing = [name for name in spec.inputs if name not in options]
+    if missing:
+        raise ValueError(f"loss {loss!r} needs per-pair {', '.join(missing)} (one per pair, as keyword arguments); "
+                         "diffalign.losses.self_play estimates win-rates and preference scores from K samples' rewards")
     scores, ref_scores, lengths = _policy_and_reference_scores(policy, reference, batch, spec, average_logps, ld_alpha)
     pc, pr = scores.chunk(2)
     rc, rr = (None, None) if ref_scores is None else ref_scores.chunk(2)
