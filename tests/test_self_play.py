@@ -230,7 +230,8 @@ def test_inpo_objective_mixes_the_base_and_the_previous_round_by_hand(toy):
     assert not torch.allclose(previous, base) and not torch.allclose(previous, s)
     expected = 0.0
     for b in range(2):
-        h = float(s[b, 0] - s[b, 1]) - float(base[b, 0] - base[b, 1]) / 3 - 2 * float(previous[b, 0] - previous[b, 1]) / 3
+        h = (float(s[b, 0] - s[b, 1]) - float(base[b, 0] - base[b, 1]) / 3
+             - 2 * float(previous[b, 0] - previous[b, 1]) / 3)
         expected += (h - 1 / 1000) ** 2 / 2
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     with torch.no_grad():

@@ -432,8 +432,8 @@ class Config:
             fix = (f"use objective.name={' or '.join(suppliers)}" if suppliers else
                    "a pair's own weight or margin comes from data.weight_column (with objective.loss=dpo, MADPO's "
                    "weighted DPO) or data.margin_column")
-            raise UserError(f"objective.loss={spec.name} reads per-pair {', '.join(missing)}, which {self.objective.name} "
-                            f"does not estimate; {fix}")
+            raise UserError(f"objective.loss={spec.name} reads per-pair {', '.join(missing)}, which "
+                            f"{self.objective.name} does not estimate; {fix}")
 
     def _validate_gold(self, objective) -> None:
         from diffalign.rewards import RewardSpec
