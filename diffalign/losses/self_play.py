@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from diffalign.losses._common import f32, logratios, require_reference
+from diffalign.losses.pairwise import ipo
 from diffalign.losses.registry import PAIRWISE, register
 
 Tensor = torch.Tensor
@@ -106,6 +107,5 @@ def inpo_nash(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, pr
     require_reference("inpo_nash", rc, rr)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"inpo_nash: ratio = tau * eta must be in [0, 1], got {ratio}")
-    reference_margin = ratio * (f32(rc) - f32(rr)) + (1 - ratio) * (f32(previous_chosen) - f32(previous_rejected))
-    h = f32(pc) - f32(pr) - reference_margin
-    return (h - 1 / (2 * beta)) ** 2
+    mix = lambda base, previous: ratio * f32(base) + (1 - ratio) * f32(previous)  # noqa: E731 - log of the mixed reference
+    return ipo(pc, pr, mix(rc, previous_chosen), mix(rr, previous_rejected), beta=beta)

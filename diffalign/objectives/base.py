@@ -27,6 +27,10 @@ class Objective:
     frozen_reference = True
     shadow_weights = False
     loss_kinds: tuple[str, ...] = ()
+    # the losses the objective trains (None: any of loss_kinds), and the per-pair loss inputs it estimates
+    # (LossSpec.inputs: SPPO's win-rates); the config matches them before any model loads
+    loss_names: tuple[str, ...] | None = None
+    supplies: tuple[str, ...] = ()
 
     @staticmethod
     def mean_over_processes(value: Tensor) -> Tensor:

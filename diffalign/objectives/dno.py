@@ -33,7 +33,6 @@ class DNO(SelfPlayObjective):
         groups, items = extreme_pairs(rewards)
         gap = rewards.gather(1, items[:, :1]).squeeze(1) - rewards.gather(1, items[:, 1:]).squeeze(1)
         keep = gap >= self.min_gap
-        if not keep.any():
-            keep = gap == gap.max()
-            keep &= keep.cumsum(0) == 1  # the first of equally wide pairs
+        if not keep.any():  # the widest pair alone (argmax: the first of equally wide ones)
+            keep[gap.argmax()] = True
         return groups[keep], items[keep], {}

@@ -40,8 +40,6 @@ class SelfPlayObjective(PreviousRoundReference, OfflineDenoisingObjective, Onlin
     shadow_weights = True
     frozen_reference = False  # pi_t is the reference; no copy of the base is needed
     loss_kinds = ("pairwise",)
-    loss_names: tuple[str, ...] | None = None
-    supplies: tuple[str, ...] = ()
     group_size = 5  # SPPO's and DNO's K
     shared_noise = False
     takes_labels = False

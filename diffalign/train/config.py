@@ -423,12 +423,12 @@ class Config:
         inputs (SPPO's win-rates) needs an objective that supplies them."""
         from diffalign.objectives import OBJECTIVES
 
-        named = getattr(objective, "loss_names", None)
+        named = objective.loss_names
         if named is not None and spec.name not in named:
             raise UserError(f"objective.loss={spec.name}: {self.objective.name} trains {' or '.join(named)}")
-        missing = [name for name in spec.inputs if name not in getattr(objective, "supplies", ())]
+        missing = [name for name in spec.inputs if name not in objective.supplies]
         if missing:
-            suppliers = [n for n, cls in OBJECTIVES.items() if set(spec.inputs) <= set(getattr(cls, "supplies", ()))]
+            suppliers = [n for n, cls in OBJECTIVES.items() if set(spec.inputs) <= set(cls.supplies)]
             fix = (f"use objective.name={' or '.join(suppliers)}" if suppliers else
                    "a pair's own weight or margin comes from data.weight_column (with objective.loss=dpo, MADPO's "
                    "weighted DPO) or data.margin_column")
