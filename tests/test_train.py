@@ -375,7 +375,7 @@ def test_full_finetune_keeps_a_frozen_reference_and_saves_the_unet(pairs, tmp_pa
     assert summary["last"]["ref_loss"] != summary["last"]["raw_model_loss"]
     assert (tmp_path / "full" / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "full" / "final" / "unet").state_dict()
-    trained = trainer.accelerator.unwrap_model(trainer.denoiser).state_dict()
+    trained = trainer.accelerator.unwrap_model(trainer.trained).state_dict()
     assert saved.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(saved[key], trained[key], rtol=0, atol=0)
@@ -1001,7 +1001,7 @@ def test_a_finished_trainer_is_freed_by_reference_counting_alone(pairs, tmp_path
 
     trainer = PreferenceTrainer(tiny_config(pairs, tmp_path / "run", "train.max_steps=1", "train.checkpoint_every=0"))
     trainer.train()
-    gone, model = weakref.ref(trainer), weakref.ref(trainer.denoiser)
+    gone, model = weakref.ref(trainer), weakref.ref(trainer.trained)
     gc.collect()
     gc.disable()  # only reference counting may free them
     try:

@@ -32,6 +32,7 @@ class Evaluation:
     seeds: list[int]
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> the kept (K, 3, h, w) in [0, 1]
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> reward -> (N,)
+    texts: dict[str, list[str]] = field(default_factory=dict)  # model -> the (N,) completions (language models)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per model and reward: mean with 95% interval, and (after the first, the baseline) the

@@ -116,9 +116,9 @@ def _meanings(rewards: Sequence[str]) -> str:
 
     items = [f"<dt>{html.escape(name)}</dt><dd>{html.escape(describe(name) or 'A reward model; higher is better.')}"
              f"</dd>" for name in rewards]
-    items.append("<dt>&lt;reward&gt;_win_rate</dt><dd>How often the model's image beats the base model's image of "
-                 "the same prompt and seed under that reward (a tie counts one half): above 0.5, the model wins "
-                 "more often than it loses.</dd>")
+    items.append("<dt>&lt;reward&gt;_win_rate</dt><dd>How often the model's image (or completion) beats the base "
+                 "model's of the same prompt and seed under that reward (a tie counts one half): above 0.5, the model "
+                 "wins more often than it loses.</dd>")
     items.append("<dt>[low, high]</dt><dd>95% intervals: Wilson intervals for win rates and for 0/1 scores, the "
                  "normal approximation for other means.</dd>")
     return f"<h2>What the numbers mean</h2><dl>{''.join(items)}</dl>"
@@ -163,7 +163,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0
 
 def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, float]],
                figures: Sequence[tuple[str, Path]] = (), notes: Sequence[str] = (),
-               sections: Sequence[str] = ()) -> Path:
+               sections: Sequence[str] = (), sections_intro: str | None = None) -> Path:
     """A self-contained HTML report (images embedded): the summary table and what its columns mean, each
     figure with its caption, then the ``sections`` (per-prompt image tables)."""
     rewards = sorted({k for row in summary.values() for k in row if not k.endswith(("_low", "_high", "_win_rate"))})
@@ -174,7 +174,9 @@ def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, flo
     for caption, figure in figures:
         parts.append(f"<figure><img src='{_embed(figure)}' style='max-width:100%'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    if sections:
+    if sections and sections_intro is not None:
+        parts.append(sections_intro)
+    elif sections:
         parts.append("<h2>Images, by prompt</h2><p>Same prompt and seed in each column, so each column compares "
                      "the models on the same starting noise; the green image scores highest on the first reward.</p>")
         parts += sections

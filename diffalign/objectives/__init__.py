@@ -11,6 +11,9 @@ from diffalign.objectives.gpo import GPO
 from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.inpo_nash import INPONash
+from diffalign.objectives.lm_dpo import LanguageModelDPO
+from diffalign.objectives.lm_kto import LanguageModelKTO
+from diffalign.objectives.lm_rank import LanguageModelRank
 from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.rank_dpo import RankDPO
 from diffalign.objectives.rso import RSO
@@ -30,6 +33,9 @@ OBJECTIVES = {
     "grpo": FlowGRPO,
     "inpo": InPO,
     "inpo_nash": INPONash,
+    "lm_dpo": LanguageModelDPO,
+    "lm_kto": LanguageModelKTO,
+    "lm_rank": LanguageModelRank,
     "nft": DiffusionNFT,
     "rank_dpo": RankDPO,
     "rso": RSO,
@@ -39,4 +45,5 @@ OBJECTIVES = {
 }
 
 __all__ = ["OBJECTIVES", "D3PO", "DDO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
-           "FlowGRPO", "GPO", "INPONash", "InPO", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]
+           "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDPO",
+           "LanguageModelKTO", "LanguageModelRank", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]

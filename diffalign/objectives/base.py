@@ -15,7 +15,8 @@ class Objective:
     """Base of the objectives: the data layout, whether a frozen reference is needed, and two hooks.
 
     ``dataset`` names what the trainer loads: "pairs", "ranked", "images", "labelled_images" (one
-    image with a binary label per row) or "online" (rounds sampled during training).
+    image with a binary label per row) or "online" (rounds sampled during training); for a language
+    model "text_pairs", "text_unpaired" or "text_ranked" (:mod:`diffalign.data.text`).
     ``frozen_reference`` False tells a full fine-tune not to keep a frozen copy of the base, for
     objectives that never compare with it. ``shadow_weights``
     True marks objectives that also run the bare denoiser with other values of its trained
@@ -23,6 +24,7 @@ class Objective:
     """
 
     online = False
+    family = "diffusion"  # the model family it trains: "diffusion" or "lm" (a causal language model)
     dataset = "pairs"
     frozen_reference = True
     shadow_weights = False

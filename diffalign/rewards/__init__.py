@@ -86,6 +86,10 @@ class RewardSpec:
 
 def describe(name: str) -> str:
     """The one-sentence description of the reward model registered as ``name`` ("" for none)."""
+    from diffalign.rewards.text import TEXT_REWARDS
+
+    if name in TEXT_REWARDS:
+        return TEXT_REWARDS[name]().description
     return getattr(REWARDS.get(name), "description", "")
 
 

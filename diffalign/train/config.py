@@ -7,6 +7,7 @@ by :meth:`Config.validate`. The resolved config is written to the run directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -26,7 +27,8 @@ if TYPE_CHECKING:  # the registry is imported where the config is validated
 @dataclass
 class ModelConfig:
     # local diffusers folder, a .safetensors file (then set `config`), or the Hub id of a model in the
-    # local Hugging Face cache (stabilityai/stable-diffusion-xl-base-1.0; nothing is downloaded)
+    # local Hugging Face cache (stabilityai/stable-diffusion-xl-base-1.0; nothing is downloaded); for the
+    # language-model objectives (lm_*), a transformers causal-LM folder (save_pretrained's layout)
     path: str = ""
     # weights variant of a diffusers folder, e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
     # (when only those were downloaded); trained weights are fp32 either way
@@ -57,7 +59,8 @@ class ObjectiveConfig:
     name: str = "diffusion_dpo"
     # core loss by registry name (`diffalign losses`): dpo, ipo, hinge, kto-style, ...
     loss: str = "dpo"
-    # implicit-reward scale; Diffusion-DPO uses thousands because errors are per-pixel means
+    # implicit-reward scale; Diffusion-DPO uses thousands because errors are per-pixel means (a language
+    # model's default is 0.1, TRL's, as its scores are summed token log-probs)
     beta: float = 2500.0
     # extra keyword options of the core loss (label_smoothing, gamma, ...)
     loss_options: dict = field(default_factory=dict)
@@ -181,6 +184,18 @@ class DataConfig:
     images_column: str = "images"
     # ranked lists: the column holding one score per image (higher is better)
     scores_column: str = "scores"
+    # language models (lm_dpo, lm_kto, lm_rank), TRL's formats: the prompt column (plain text or a list of
+    # {"role", "content"} messages; without it, conversational chosen/rejected share their first messages)...
+    prompt_column: str = "prompt"
+    # ... the completions of a pair (chosen first) ...
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    # ... a labelled completion (lm_kto; its label in data.label_column, `label` for a language model) ...
+    completion_column: str = "completion"
+    # ... or a ranked list of completions (lm_rank; scores in data.scores_column, else the list is best first)
+    completions_column: str = "completions"
+    # tokens of prompt + completion kept per sequence (the start is kept, as TRL's default max_length 1024)
+    max_length: int = 1024
 
 
 @dataclass
@@ -237,7 +252,8 @@ class TrainConfig:
     lora_alpha: float | None = None
     # modules that get LoRA adapters (names or name suffixes, as peft's target_modules): the attention
     # projections, as diffusers' DPO example; SD3's context stream adds add_q_proj, add_k_proj,
-    # add_v_proj and to_add_out (diffusers' SD3 LoRA default)
+    # add_v_proj and to_add_out (diffusers' SD3 LoRA default). A language model's default is [all-linear],
+    # peft's every linear layer but the output head
     lora_targets: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # seed of weights init, data order, timesteps and noise
     seed: int = 0
@@ -317,6 +333,8 @@ class Config:
 
         choose("objective.name", self.objective.name, sorted(OBJECTIVES))
         objective = OBJECTIVES[self.objective.name]
+        if objective.family == "lm":
+            self._language_model_defaults()
         own = getattr(objective, "own_losses", None)  # objectives whose losses are not preference losses
         if own:
             choose("objective.loss", self.objective.loss, own)
@@ -385,7 +403,7 @@ class Config:
                             f"a pairs objective and data.score_columns; {self.objective.name} with score_columns="
                             f"{self.data.score_columns!r}")
         for key in ("weight_column", "margin_column"):
-            if getattr(self.data, key) is not None and objective.dataset != "pairs":
+            if getattr(self.data, key) is not None and objective.dataset not in ("pairs", "text_pairs"):
                 raise UserError(f"data.{key} gives each pair its own number; {self.objective.name} reads "
                                 f"{objective.dataset}, not pairs")
         spec = None if own else losses.spec(self.objective.loss)
@@ -416,7 +434,40 @@ class Config:
         for spec in self.validation.rewards:
             RewardSpec.parse(spec)
         self._validate_gold(objective)
+        if objective.family == "lm":
+            self._validate_language_model()
         return self
+
+    def _language_model_defaults(self) -> None:
+        """The keys a language-model config leaves unset take the LM's defaults (``LM_DEFAULTS``) instead of the
+        diffusion ones; the resolved config in the run's folder shows them."""
+        given = getattr(self, "given_keys", frozenset())
+        for dotted, value in LM_DEFAULTS.items():
+            section, key = dotted.split(".")
+            part = getattr(self, section)
+            default = next(f for f in dataclasses.fields(part) if f.name == key)
+            default = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+            if dotted not in given and getattr(part, key) == default:
+                setattr(part, key, copy.deepcopy(value))
+
+    def _validate_language_model(self) -> None:
+        """What a language-model run cannot do, said before any model loads."""
+        dc = self.data
+        image_only = [(key, bad) for key, bad in (
+            ("data.cache_dir", dc.cache_dir is not None), ("data.precompute", dc.precompute),
+            ("data.random_flip", dc.random_flip), ("data.score_columns", bool(dc.score_columns)),
+            ("data.curriculum", dc.curriculum != "none"), ("data.positive_ratio", dc.positive_ratio is not None),
+            ("data.ties", dc.ties != "drop"), ("model.denoiser_file", self.model.denoiser_file is not None),
+            ("model.config", self.model.config is not None)) if bad]
+        if image_only:
+            raise UserError(f"{', '.join(k for k, _ in image_only)}: set for {self.objective.name}, a language-model "
+                            "objective, which has no use for it (it belongs to the image datasets and pipelines); "
+                            "remove it")
+        if self.validation.every > 0:
+            raise UserError(f"validation.every={self.validation.every}: a language-model run samples no validation "
+                            "during training; compare the final model with the base by `diffalign eval --lm` after it")
+        if dc.max_length < 2:
+            raise UserError(f"data.max_length must be >= 2 (a prompt token and a completion token), got {dc.max_length}")
 
     def _check_loss_inputs(self, objective, spec: LossSpec) -> None:
         """A self-play objective takes the losses that read what it estimates (``loss_names``); a loss with per-pair
@@ -561,6 +612,10 @@ def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None) -> No
             raise UserError(f"{dotted}={value!r} is not valid; choose one of {', '.join(map(str, choices[key]))}")
 
 
+# what a language-model config's unset keys mean instead of the diffusion defaults: TRL's beta, peft's every
+# linear layer for LoRA, and TRL's unpaired `label` column
+LM_DEFAULTS = {"objective.beta": 0.1, "train.lora_targets": ["all-linear"], "data.label_column": "label"}
+
 # keys that moved, and where to: a config written for an earlier version gets told, not just refused
 MOVED_KEYS = {
     "objective.refresh_every": "online.steps_per_round (DDO's self-play rounds run on the round driver)",
@@ -630,7 +685,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
         except yaml.YAMLError as err:
             raise UserError(f"{path} is not valid YAML: {err}") from None
     data = apply_overrides(data, overrides or [])
-    return _build(schema or Config, data, "").validate()
+    config = _build(schema or Config, data, "")
+    config.given_keys = frozenset(_dotted_keys(data))  # which defaults the file left to the model family
+    return config.validate()
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in data.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and prefix == "":
+            keys.extend(_dotted_keys(value, f"{key}."))
+    return keys
 
 
 def to_dict(config: Config) -> dict:

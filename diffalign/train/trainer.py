@@ -213,9 +213,9 @@ class PreferenceTrainer:
         self.online = objective_cls.dataset == "online"
         reads_data = not self.online or objective_cls.real_data  # DDO's rounds pair real images with samples
         if reads_data:
-            self.dataset = _dataset(config, "images" if self.online else objective_cls.dataset)
+            self.dataset = self._load_dataset("images" if self.online else objective_cls.dataset)
         self._build_models(frozen_reference=objective_cls.frozen_reference)
-        self.objective = objective_cls(config.objective, self.backbone)
+        self.objective = self._make_objective(objective_cls)
         self.reader = None
         if reads_data:  # examples whose latents are cached are only hashed, not decoded
             workers = config.data.workers
@@ -238,16 +238,26 @@ class PreferenceTrainer:
         self.objective.mean_over_processes = lambda value: accelerator.reduce(value.reshape(1), "mean")[0]
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
-        for stateful in self.objective.attach(self.backbone.denoiser):
+        for stateful in self.objective.attach(self.module):
             self.accelerator.register_for_checkpointing(stateful)
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution)
         vc = config.validation
         self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
 
-    # --- setup ---------------------------------------------------------------------------
+    # --- setup: the model family's parts (a subclass per family overrides these) --------------
+    def _load_dataset(self, layout: str) -> Any:
+        """The dataset in the layout the objective trains on."""
+        return _dataset(self.config, layout)
+
+    def _make_objective(self, objective_cls: type) -> Any:
+        return objective_cls(self.config.objective, self.backbone)
+
     def _build_models(self, frozen_reference: bool) -> None:
+        """Sets ``module`` (the trained module), ``reference`` (a frozen copy or None), ``params`` (the trained
+        parameters) and ``encoder`` (the latent cache or None)."""
         self.backbone, self.reference = build_models(self.config, self.accelerator.device, frozen_reference)
-        self.params = [p for p in self.backbone.denoiser.parameters() if p.requires_grad]
+        self.module = self.backbone.denoiser
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir
         # the key covers model and resolution: the same image at another size has other latents
         model_id = f"{self.model_folder}@{self.config.data.resolution}px"
@@ -276,9 +286,8 @@ class PreferenceTrainer:
             optimizer = torch.optim.AdamW(self.params, **self._adamw_settings(), fused=fused)
         scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                   num_training_steps=tc.max_steps)
-        denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.backbone.denoiser, optimizer, scheduler)
-        self.denoiser = denoiser  # the prepared (possibly DDP-wrapped) module
+        # self.trained: the prepared (possibly DDP-wrapped) module
+        self.trained, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.module, optimizer, scheduler)
         # a checkpoint keeps the trained weights, not a LoRA run's frozen base (which the resumed run loads)
         self.accelerator.register_save_state_pre_hook(keep_trained_weights_only)
         self.accelerator.register_load_state_pre_hook(load_trained_weights)
@@ -490,6 +499,8 @@ class PreferenceTrainer:
             "data.ensemble_columns": c.data.ensemble_columns,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
+            "text columns": [c.data.prompt_column, c.data.chosen_column, c.data.rejected_column,
+                             c.data.completion_column, c.data.completions_column, c.data.max_length],
         }
 
     def _check_same_run(self, saved: dict[str, Any]) -> None:
@@ -596,12 +607,9 @@ class PreferenceTrainer:
         finite = torch.ones((), dtype=torch.bool, device=acc.device)
         for micro in range(tc.gradient_accumulation):
             batch = self._micro_batch(step, micro)
-            with acc.accumulate(self.denoiser):
+            with acc.accumulate(self.trained):
                 with acc.autocast():
-                    loss, metrics = self.objective(
-                        self.backbone, batch["latents"], batch["cond"], batch["randomness"],
-                        self.denoiser, self.reference, **batch["targets"],
-                    )
+                    loss, metrics = self._objective_loss(batch)
                 finite = finite & torch.isfinite(loss.detach())
                 acc.backward(loss)
                 # the batch's own figures (an online round's mean reward) are logged beside the objective's
@@ -620,6 +628,16 @@ class PreferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
         return totals, ok
+
+    def _objective_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective's loss and metrics on this process's micro-batch."""
+        return self.objective(self.backbone, batch["latents"], batch["cond"], batch["randomness"],
+                              self.trained, self.reference, **batch["targets"])
+
+    def _save_final_weights(self, weights: dict[str, torch.Tensor], folder: Path) -> Path:
+        """Write the final weights (the complete state dict of the trained module) on the main process."""
+        return save_final_weights(self.backbone, self.accelerator.unwrap_model(self.trained), weights, folder,
+                                  lora=self.config.train.lora_rank > 0)
 
     def _validate(self, step: int) -> dict[str, float] | None:
         """Sample the validation prompts when due, each process its share; the scores on the main process, {} on
@@ -677,10 +695,9 @@ class PreferenceTrainer:
         if not interrupted:
             self._check_room(self._trained_bytes(), "the final weights", state["last_good_checkpoint"])
             # every process takes part: under FSDP / ZeRO-3 this gathers the shards onto the main process
-            weights = acc.get_state_dict(self.denoiser)
+            weights = acc.get_state_dict(self.trained)
             if acc.is_main_process:
-                final_dir = save_final_weights(self.backbone, acc.unwrap_model(self.denoiser), weights,
-                                               self.output_dir / "final", lora=self.config.train.lora_rank > 0)
+                final_dir = self._save_final_weights(weights, self.output_dir / "final")
         summary = {
             "steps": step,
             "interrupted": interrupted,
@@ -712,4 +729,8 @@ def train(config: Config) -> dict[str, Any]:
         raise UserError(f"{config.output_dir} already holds a run (its final weights or its metrics), which a new "
                         "one would overwrite and mix its logs into; choose another output_dir, or delete that one "
                         "to start over")
+    if OBJECTIVES[config.objective.name].family == "lm":
+        from diffalign.train.lm_trainer import LanguageModelTrainer
+
+        return LanguageModelTrainer(config).train()
     return PreferenceTrainer(config).train()

@@ -1,0 +1,93 @@
+"""Prompts and completions to token ids, and token ids to the batches the LM losses read.
+
+The rule is TRL's (``DPOTrainer._prepare_dataset`` and ``DataCollatorForPreference``, TRL 1.x), so a
+dataset tokenizes to the same ids in diffalign and in TRL: a plain-text completion gets the
+tokenizer's EOS appended when it lacks one; prompt and prompt + completion are tokenized whole
+(a conversation through the tokenizer's chat template, the prompt with the generation prompt
+added), and the completion starts where the two token lists first differ, since tokens may merge
+across the boundary. A sequence longer than ``max_length`` keeps its start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+Tensor = torch.Tensor
+
+
+def is_conversation(value: Any) -> bool:
+    """A list of {"role", "content"} messages (TRL's conversational format), as opposed to plain text."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def split_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL's implicit-prompt format: two whole conversations that share their first messages. Returns
+    (prompt, chosen completion, rejected completion), the prompt being the longest shared start."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _ids(tokenizer, text_or_messages: Any, **template: Any) -> list[int]:
+    if is_conversation(text_or_messages):
+        ids = tokenizer.apply_chat_template(text_or_messages, tokenize=True, **template)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(tokenizer(text_or_messages)["input_ids"])
+
+
+@dataclass(frozen=True)
+class TokenizedGroup:
+    """One prompt's token ids and those of its K completions (best first for a pair or a ranked list)."""
+
+    prompt: tuple[int, ...]
+    completions: tuple[tuple[int, ...], ...]
+
+
+def tokenize_group(tokenizer, prompt: Any, completions: Sequence[Any]) -> TokenizedGroup:
+    """Token ids of a prompt and its completions by TRL's rule (module docstring).
+
+    ``prompt`` and each completion are both plain strings or both conversations (message lists).
+    The prompt's ids are cut where any completion's full tokenization departs from them, so that
+    prompt + completion is exactly what the model reads for every completion.
+    """
+    if is_conversation(prompt):
+        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+        full = [_ids(tokenizer, prompt + completion) for completion in completions]
+    else:
+        eos = tokenizer.eos_token or ""
+        texts = [c if c.endswith(eos) else c + eos for c in completions]
+        prompt_ids = _ids(tokenizer, prompt)
+        full = [_ids(tokenizer, prompt + text) for text in texts]
+    cut = min(_common_prefix(prompt_ids, ids) for ids in full)
+    return TokenizedGroup(tuple(prompt_ids[:cut]), tuple(tuple(ids[cut:]) for ids in full))
+
+
+def collate(groups: Sequence[TokenizedGroup], *, pad_token_id: int, max_length: int | None) -> dict[str, Tensor]:
+    """A rank-major batch of B groups of K completions: (K * B, T) ``input_ids``, ``attention_mask`` and
+    ``completion_mask``, row k * B + i the k-th completion of group i, right-padded (a pair batch: the B
+    chosen rows, then the B rejected ones, as :func:`diffalign.lm.preference_loss` and TRL read it). Each
+    sequence is cut to ``max_length`` tokens, keeping its start (TRL's ``keep_start``)."""
+    rows, masks = [], []
+    for k in range(len(groups[0].completions)):
+        for group in groups:
+            ids = list(group.prompt) + list(group.completions[k])
+            mask = [0] * len(group.prompt) + [1] * len(group.completions[k])
+            rows.append(torch.tensor(ids[:max_length]))
+            masks.append(torch.tensor(mask[:max_length]))
+    return {
+        "input_ids": pad_sequence(rows, batch_first=True, padding_value=pad_token_id),
+        "attention_mask": pad_sequence([torch.ones_like(r) for r in rows], batch_first=True),
+        "completion_mask": pad_sequence(masks, batch_first=True),
+    }

@@ -1,0 +1,38 @@
+"""What the language-model objectives share: the causal LM's sequence log-probs as the likelihood proxy
+(:mod:`diffalign.lm`), a core loss chosen by name, and the trainer's micro-batch of tokenized rows.
+
+The trainer hands each call ``policy`` (the trained, possibly DDP-wrapped model), ``reference`` (a frozen
+copy, or for a LoRA run the base with its adapters disabled; None for reference-free losses) and the
+batch: ``inputs`` (rank-major ``input_ids``, ``attention_mask``, ``completion_mask``) and ``targets``
+(per-row labels, per-pair weights and margins, per-list scores).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffalign import losses
+from diffalign.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from diffalign.train.config import ObjectiveConfig
+
+Tensor = torch.Tensor
+
+
+class LanguageModelObjective(Objective):
+    """Base of the LM objectives: the loss spec, beta and options from the config."""
+
+    family = "lm"
+
+    def __init__(self, config: ObjectiveConfig, model: Any = None) -> None:
+        self.spec = losses.spec(config.loss)
+        if self.spec.kind not in self.loss_kinds:
+            raise ValueError(f"{type(self).__name__} takes a {' or '.join(self.loss_kinds)} loss; "
+                             f"{config.loss!r} is {self.spec.kind}")
+        self.name, self.beta, self.options = config.loss, config.beta, dict(config.loss_options)
+
+    def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError

@@ -1,0 +1,76 @@
+"""Rewards of text completions: the toy text world's preference and judge, and any transformers
+sequence classifier (a reward model such as a Skywork or ArmoRM checkpoint saved locally).
+
+A text reward is called as ``reward(completions, prompts)`` and returns one score per completion
+(higher is better), as the image rewards take images and prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from diffalign.errors import UserError
+from diffalign.toy import text_world
+
+
+class TextReward:
+    """A named scoring function of (completions, prompts)."""
+
+    def __init__(self, name: str, description: str, score: Callable[[str, str], float]) -> None:
+        self.name, self.description, self._score = name, description, score
+
+    def __call__(self, completions: Sequence[str], prompts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self._score(c, p) for c, p in zip(completions, prompts, strict=True)])
+
+
+class SequenceClassifierReward:
+    """A transformers sequence classifier scoring prompt + completion: its single logit, or for two labels the
+    second minus the first."""
+
+    description = "A sequence-classifier reward model's score of prompt + completion; higher is better."
+
+    def __init__(self, path: str | Path, batch_size: int = 16) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise UserError(f"reward classifier:{path}: no such folder (a transformers sequence classifier saved "
+                            "with save_pretrained)")
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.name, self.batch_size = "classifier", batch_size
+
+    @torch.no_grad()
+    def __call__(self, completions: Sequence[str], prompts: Sequence[str]) -> torch.Tensor:
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True)
+            logits = self.model(**batch).logits.float()
+            scores.append(logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0])
+        return torch.cat(scores)
+
+
+TEXT_REWARDS = {
+    "toy_text_preference": lambda: TextReward(
+        "toy_text_preference", "The toy text world's preference: the valence of the completion's mood word "
+        "(joyful 1.0 ... angry -1.0); higher is better.", lambda completion, prompt: text_world.preference_score(completion)),
+    "toy_text_judge": lambda: TextReward(
+        "toy_text_judge", "The toy text judge: 1 for a grammatical sentence naming the prompt's colour and animal, "
+        "0.5 for one naming others, 0 otherwise.", text_world.judge_score),
+}
+
+
+def load_text_reward(spec: str):
+    """A text reward by name (``toy_text_preference``, ``toy_text_judge``) or ``classifier:PATH``."""
+    if spec in TEXT_REWARDS:
+        return TEXT_REWARDS[spec]()
+    if spec.startswith("classifier:"):
+        return SequenceClassifierReward(spec.split(":", 1)[1])
+    raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)} or classifier:PATH (a "
+                    "local transformers sequence classifier)")

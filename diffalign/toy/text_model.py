@@ -1,0 +1,48 @@
+"""The toy text world's tokenizer and model architecture: one token per word, a two-layer GPT-2.
+
+``assets/models/toy-lm`` holds the shipped base model, trained by ``scripts/train_toy_lm.py`` on the
+base corpus of :mod:`diffalign.toy.text_world`; :func:`write_toy_lm` writes the same folder with random
+weights (tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffalign.paths import ASSETS
+from diffalign.toy.text_world import EOS, PAD, UNK, vocabulary
+
+TOY_LM = ASSETS / "models" / "toy-lm"
+
+
+def toy_tokenizer():
+    """A word-level fast tokenizer over :func:`~diffalign.toy.text_world.vocabulary`, EOS ``</s>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = vocabulary()
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+
+
+def toy_lm_config():
+    """The architecture: 2 layers, width 64, 4 heads, 24 positions (a prompt and a sentence are 15 words)."""
+    from transformers import GPT2Config
+
+    words = vocabulary()
+    return GPT2Config(vocab_size=len(words), n_positions=24, n_embd=64, n_layer=2, n_head=4,
+                      bos_token_id=words.index(EOS), eos_token_id=words.index(EOS), pad_token_id=words.index(PAD),
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def write_toy_lm(folder: Path, seed: int = 0) -> Path:
+    """Write the toy LM's folder (config, tokenizer, seeded random weights) to ``folder``; returns it."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(toy_lm_config()).save_pretrained(str(folder))
+    toy_tokenizer().save_pretrained(str(folder))
+    return folder

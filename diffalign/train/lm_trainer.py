@@ -1,0 +1,131 @@
+"""The trainer on a causal language model: the same loop as the diffusion one (accelerate, checkpoints,
+exact resume, DDP, NaN guard, trackers, bad-row handling), with the LM's parts in place of a pipeline's.
+
+Models: ``model.path`` is a transformers causal-LM folder (or a cached Hub id); ``train.lora_rank`` > 0
+trains a peft LoRA whose base, with the adapters disabled, is the reference (no second copy), as TRL
+does; a full fine-tune keeps a frozen reference copy in ``train.reference_dtype``. Data: TRL's formats
+(:mod:`diffalign.data.text`), tokenized as TRL tokenizes them (:mod:`diffalign.lm.tokenize`), each
+micro-batch padded to its own longest row; the completion lengths are logged. Final weights: the model
+or the adapter, with the tokenizer, in ``final/`` (``save_pretrained``'s layout, safetensors).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from diffalign.data.text import TextPairDataset, TextRankedDataset, TextUnpairedDataset
+from diffalign.diffusion import mixed_precision_dtype, resolve_dtype
+from diffalign.errors import UserError
+from diffalign.lm.loading import load_causal_lm, load_tokenizer
+from diffalign.lm.tokenize import collate
+from diffalign.paths import with_usual_permissions
+from diffalign.train.trainer import PreferenceTrainer
+
+
+class BaseWithoutAdapters:
+    """A LoRA policy's base as the reference: the same module, called with its adapters disabled."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        self.peft_model = peft_model
+
+    def __call__(self, **inputs: Any):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**inputs)
+
+
+class LanguageModelTrainer(PreferenceTrainer):
+    """:class:`PreferenceTrainer` on a causal LM; see the module docstring."""
+
+    def _build_models(self, frozen_reference: bool) -> None:
+        mc, tc = self.config.model, self.config.train
+        device = self.accelerator.device
+        weight_dtype = mixed_precision_dtype(tc.mixed_precision)
+        model, tokenizer = load_causal_lm(mc.path, random_init=mc.random_init, seed=tc.seed)
+        self.tokenizer = getattr(self, "tokenizer", tokenizer)  # the dataset's, when it was read first
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        if mc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        self.reference = None
+        if tc.lora_rank > 0:
+            model.requires_grad_(False).to(dtype=weight_dtype)
+            lora = LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha or tc.lora_rank, lora_dropout=0.0,
+                              target_modules=_targets(tc.lora_targets), task_type="CAUSAL_LM")
+            try:
+                model = get_peft_model(model, lora)
+            except ValueError as err:
+                raise UserError(f"train.lora_targets={list(tc.lora_targets)}: {err}") from None
+            for parameter in model.parameters():  # fp32 master weights for the adapters
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+            self.reference = BaseWithoutAdapters(model)
+        elif frozen_reference:
+            reference = copy.deepcopy(model).requires_grad_(False).eval()
+            self.reference = reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
+        self.module = model.to(device).train()
+        if mc.compile:
+            self.module.compile()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.backbone, self.encoder = None, None
+
+    def _make_objective(self, objective_cls: type) -> Any:
+        return objective_cls(self.config.objective, self.tokenizer)
+
+    def _load_dataset(self, layout: str) -> Any:
+        dc = self.config.data
+        self.tokenizer = load_tokenizer(self.model_folder)  # the data is tokenized as it is read
+        common = {"tokenizer": self.tokenizer, "max_length": dc.max_length, "prompt_column": dc.prompt_column,
+                  "on_error": dc.on_error, "split": dc.split}
+        if layout == "text_unpaired":
+            return TextUnpairedDataset(dc.path, completion_column=dc.completion_column, label_column=dc.label_column,
+                                       **common)
+        if layout == "text_ranked":
+            return TextRankedDataset(dc.path, completions_column=dc.completions_column,
+                                     scores_column=dc.scores_column, **common)
+        return TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
+                               weight_column=dc.weight_column, margin_column=dc.margin_column, **common)
+
+    def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
+        examples = [e for _, e in self._examples(step, micro)]
+        device = self.accelerator.device
+        inputs = collate([e.group for e in examples], pad_token_id=self.tokenizer.pad_token_id,
+                         max_length=self.config.data.max_length)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        targets: dict[str, torch.Tensor] = {}
+        if examples[0].label is not None:
+            targets["labels"] = torch.tensor([e.label for e in examples], device=device)
+        if examples[0].scores is not None:
+            targets["scores"] = torch.stack([e.scores for e in examples]).to(device)
+        if self.config.data.weight_column is not None:
+            targets["weight"] = torch.tensor([e.weight for e in examples], device=device)
+        if self.config.data.margin_column is not None:
+            targets["margin"] = torch.tensor([e.margin for e in examples], device=device)
+        targets["preference"] = torch.tensor([e.preference for e in examples], device=device)
+        lengths = inputs["completion_mask"].sum(dim=1).float()
+        logged = {"completion_tokens": lengths.mean(), "sequence_tokens": inputs["attention_mask"].sum(1).float().mean()}
+        return {"inputs": inputs, "targets": targets, "list_size": len(examples[0].group.completions),
+                "logged": logged}
+
+    def _objective_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective(self.trained, self.reference if self.objective.spec.needs_reference else None, batch)
+
+    def _save_final_weights(self, weights: dict[str, torch.Tensor], folder: Path) -> Path:
+        model = self.accelerator.unwrap_model(self.trained)
+        model.save_pretrained(str(folder), state_dict=weights, safe_serialization=True)
+        self.tokenizer.save_pretrained(str(folder))
+        return with_usual_permissions(folder)
+
+    def _validate(self, step: int) -> None:
+        """No samples during an LM run: ``diffalign eval`` compares the final model with the base."""
+        return None
+
+
+def _targets(targets: list[str]) -> list[str] | str:
+    """peft's target_modules: "all-linear" (every linear layer but the output head) as its own word."""
+    return "all-linear" if list(targets) == ["all-linear"] else list(targets)
