@@ -78,13 +78,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import datetime
 
-    from diffalign.toy.demo import run_demo
-
-    out = args.out or f"runs/demo-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out = args.out or f"runs/demo{'-lm' if args.lm else ''}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if args.lm:
+        from diffalign.toy.text_demo import run_text_demo as run_demo
+    else:
+        from diffalign.toy.demo import run_demo
     try:
         run_demo(out, overrides=args.overrides)
     except (Interrupted, KeyboardInterrupt) as stopped:
-        raise Interrupted(f"the demo stopped ({stopped or 'Ctrl-C'}); run `diffalign demo --out {out}` to continue "
+        again = f"diffalign demo{' --lm' if args.lm else ''} --out {out}"
+        raise Interrupted(f"the demo stopped ({stopped or 'Ctrl-C'}); run `{again}` to continue "
                           "where it stopped", getattr(stopped, "signum", signal.SIGINT)) from None
     return 0
 
@@ -125,6 +128,29 @@ def _true_cfg_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"true_cfg_scale": args.true_cfg, "negative_prompt": ""}
 
 
+def _cmd_eval_lm(args: argparse.Namespace) -> int:
+    """``diffalign eval`` when --base is a causal language model: sample completions, score them with text rewards."""
+    from diffalign.eval.naming import model_names
+    from diffalign.eval.prompts import read_prompts
+    from diffalign.eval.report import markdown_table
+    from diffalign.eval.text import evaluate_language_models, write_text_report
+    from diffalign.lm.loading import load_trained_lm
+    from diffalign.rewards.text import load_text_reward
+
+    prompts = read_prompts(args.prompts)
+    rewards = [load_text_reward(spec) for spec in (args.rewards or "toy_text_preference,toy_text_judge").split(",")]
+    models = {"base": lambda: load_trained_lm(args.base)}
+    for name, source in model_names(args.aligned).items():
+        models[name] = lambda source=source: load_trained_lm(source)
+    evaluation = evaluate_language_models(models, prompts, rewards, samples_per_prompt=args.seeds, seed=args.seed,
+                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                          batch_size=args.batch_size)
+    summary = write_text_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}")
+    print(markdown_table(summary, [k for r in rewards for k in (r.name, f"{r.name}_win_rate")]))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion import default_device, load_pipeline, process_state, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
@@ -136,6 +162,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.rewards import load_reward
     from diffalign.rewards.toy import TOY_REWARDS, check_toy_prompts
 
+    from diffalign.lm.loading import is_causal_lm_folder
+
+    if is_causal_lm_folder(resolve_model_path(args.base, what="--base")):
+        return _cmd_eval_lm(args)
     state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
@@ -228,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="align the toy image world's base model on CPU and show the result")
+    p = sub.add_parser("demo", help="align the toy image world's base model on CPU and show the result (--lm: the "
+                                    "toy text world's language model)")
+    p.add_argument("--lm", action="store_true", help="align the toy text world's causal LM instead (a minute on a CPU)")
     p.add_argument("--out", help="run directory (default: a new one under ./runs)")
-    p.add_argument("overrides", nargs="*", help="overrides of configs/toy_diffusion_dpo.yaml, e.g. train.max_steps=50")
+    p.add_argument("overrides", nargs="*", help="overrides of configs/toy_diffusion_dpo.yaml (with --lm, of "
+                                                "configs/toy_lm_dpo.yaml), e.g. train.max_steps=50")
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("train", help="train with a YAML config: diffalign train CONFIG [key=value ...]")
@@ -241,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="generate with base and aligned models on prompts and report rewards")
     p.add_argument("--base", required=True,
                    help="the base model: a local diffusers folder, or the Hub id of one in the local "
-                        "Hugging Face cache")
+                        "Hugging Face cache; a transformers causal-LM folder compares language models")
     p.add_argument("--variant", help="weights variant of --base, e.g. fp16 (when only *.fp16.safetensors are there)")
     p.add_argument("--aligned", nargs="*", default=[], metavar="[NAME=]SOURCE",
                    help="run directories or their checkpoints (run/checkpoints/step-N), LoRA files/folders "
@@ -254,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pickscore:yuvalkirstain/PickScore_v1 (a local folder or the local Hugging Face cache), "
                    "hps_v2.1:FILE, image_reward:FILE:tokenizer=DIR, aesthetic:FILE:clip=FILE, clip_score:FILE; "
                    "default for toy-world prompts: toy_preference,toy_adherence")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (the same seeds for every model)")
+    p.add_argument("--seeds", type=int, default=4, help="images (or completions) per prompt (the same seeds for every model)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
@@ -275,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-images", action="store_true",
                    help="also write every image, full size, to OUT/images/; the same command run again after a stop "
                         "then resumes, generating only what is missing")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="language models (a causal-LM --base): tokens sampled per completion")
+    p.add_argument("--temperature", type=float, default=1.0, help="language models: the sampling temperature")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 

@@ -44,8 +44,8 @@ class TextExample:
     image_ids: tuple[str, ...] = ()  # nothing is cached for text
 
 
-def _text(row: dict, index: int, column: str, what: str) -> Any:
-    value = row.get(column)
+def _text(value: Any, index: int, column: str, what: str) -> Any:
+    """A usable prompt or completion cell: non-empty text, or a conversation; else a :class:`BadRow`."""
     if is_conversation(value) or (isinstance(value, str) and value.strip()):
         return value
     raise BadRow(index, column, f"{what} is missing or empty")
@@ -94,15 +94,15 @@ class TextPairDataset(TextRows):
     def read(self, position: int, decode: bool = True) -> TextExample:
         index = self.indices[position]
         row = self.source.row(index)
-        chosen = _text(row, index, self.chosen_column, "chosen completion")
-        rejected = _text(row, index, self.rejected_column, "rejected completion")
+        chosen = _text(row.get(self.chosen_column), index, self.chosen_column, "chosen completion")
+        rejected = _text(row.get(self.rejected_column), index, self.rejected_column, "rejected completion")
         if self.implicit_prompt:
             if not (is_conversation(chosen) and is_conversation(rejected)):
                 raise BadRow(index, self.prompt_column, "no prompt column, and chosen/rejected are not conversations "
                                                         "sharing their first messages")
             prompt, chosen, rejected = split_prompt(chosen, rejected)
         else:
-            prompt = _text(row, index, self.prompt_column, "prompt")
+            prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
         weight = self._number(row, index, self.weight_column, lambda w: w >= 0)
         return TextExample(index, self._tokenized(index, prompt, [chosen, rejected], self.chosen_column),
                            weight=1.0 if weight is None else weight,
@@ -127,8 +127,8 @@ class TextUnpairedDataset(TextRows):
             label = bool(label)
         if not isinstance(label, bool):
             raise BadRow(index, self.label_column, f"label {label!r} is not true/false (or 1/0)")
-        prompt = _text(row, index, self.prompt_column, "prompt")
-        completion = _text(row, index, self.completion_column, "completion")
+        prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
+        completion = _text(row.get(self.completion_column), index, self.completion_column, "completion")
         return TextExample(index, self._tokenized(index, prompt, [completion], self.completion_column), label=label)
 
 
@@ -150,8 +150,8 @@ class TextRankedDataset(TextRows):
     def read(self, position: int, decode: bool = True) -> TextExample:
         index = self.indices[position]
         row = self.source.row(index)
-        prompt = _text(row, index, self.prompt_column, "prompt")
-        completions = [_text({"c": c}, index, self.completions_column, "completion")
+        prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
+        completions = [_text(c, index, self.completions_column, "completion")
                        for c in row[self.completions_column]]
         scores = None
         if self.scores_column is not None:

@@ -16,6 +16,15 @@ function of the shipped model and these settings, so every machine makes the sam
 | ``toy:labelled`` | caption, image, label | every candidate, liked when above the mean score (Diffusion-KTO) |
 | ``toy:world`` | caption, image | rendered scenes of the world itself, as many (DDO's real data) |
 | ``toy:dissatisfied`` | caption, image | each group's worst image, marked dissatisfying (DRIFT's negatives) |
+
+The toy text world (:mod:`diffalign.toy.text_world`) has its own, made the same way from the shipped toy LM
+(``TEXT_GROUPS_PER_PROMPT`` groups of ``CANDIDATES`` completions per training prompt; seconds):
+
+| name | layout | what |
+| --- | --- | --- |
+| ``toy:text_pairs`` | prompt, chosen, rejected, score_chosen, score_rejected | each group's best vs worst completion |
+| ``toy:text_labelled`` | prompt, completion, label | every completion, desirable when above its group's mean |
+| ``toy:text_ranked`` | prompt, completions, scores | each whole group, with the toy preference's scores |
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from diffalign.errors import UserError
 
 PREFIX = "toy:"
 NAMES = ("pairs", "ranked", "images", "labelled", "world", "dissatisfied")
+TEXT_NAMES = ("text_pairs", "text_labelled", "text_ranked")
 GROUPS_PER_PROMPT = 16
+TEXT_GROUPS_PER_PROMPT = 64
 CANDIDATES = 4
 SEED = 0
 
@@ -84,13 +95,41 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
     return folder
 
 
+def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
+    """Sample the shipped toy LM's completions and write the text layouts into ``folder``, whole or not at all."""
+    from diffalign.toy.text_data import sample_text_candidates, write_text_labelled, write_text_pairs, write_text_ranked
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        groups = sample_text_candidates(groups_per_prompt, candidates, seed)
+        write_text_pairs(groups, partial / "text_pairs.parquet")
+        write_text_labelled(groups, partial / "text_labelled.parquet")
+        write_text_ranked(groups, partial / "text_ranked.parquet")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
 def toy_dataset(source: str | Path) -> Path:
     """The parquet file of the toy dataset ``source`` names (``toy:pairs`` ...), made first if it is not
     in the cache. Under several processes the main one makes it while the others wait."""
     name = str(source).removeprefix(PREFIX)
-    if name not in NAMES:
+    if name not in NAMES + TEXT_NAMES:
         raise UserError(f"{source} names no toy dataset; the toy datasets are "
-                        f"{', '.join(PREFIX + n for n in NAMES)}")
+                        f"{', '.join(PREFIX + n for n in NAMES + TEXT_NAMES)}")
+    if name in TEXT_NAMES:
+        folder = cache_root() / "toy-text-data" / f"groups{TEXT_GROUPS_PER_PROMPT}-candidates{CANDIDATES}-seed{SEED}"
+        table = folder / f"{name}.parquet"
+        if not table.is_file():
+            from diffalign.diffusion.loading import process_state
+
+            with process_state().main_process_first():
+                if not table.is_file():
+                    make_toy_text_datasets(folder, groups_per_prompt=TEXT_GROUPS_PER_PROMPT, candidates=CANDIDATES)
+        return table
     folder = _folder(GROUPS_PER_PROMPT, CANDIDATES, SEED)
     table = folder / f"{name}.parquet"
     if not table.is_file():  # not made yet, or made before this layout existed: the folder is made again whole

@@ -12,49 +12,25 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffalign.errors import UserError
 from diffalign.eval.report import line_plot, markdown_table
 from diffalign.eval.text import evaluate_language_models, write_text_report
 from diffalign.lm.loading import load_trained_lm
-from diffalign.lm.sampling import sample_completions
 from diffalign.paths import CONFIGS
 from diffalign.rewards.text import load_text_reward
 from diffalign.toy.demo import align
 from diffalign.toy.text_model import TOY_LM
-from diffalign.toy.text_world import preference_score, prompts as toy_prompts
+from diffalign.toy.text_data import MAX_NEW_TOKENS, sample_text_candidates, write_text_pairs
+from diffalign.toy.text_world import prompts as toy_prompts
 
 EVAL_SEED = 10**6
-MAX_NEW_TOKENS = 12  # a sentence is 9 words and the EOS
-
-
-def write_text_pairs(prompts: Sequence[str], completions: Sequence[str], candidates: int, out: Path) -> Path:
-    """Best-vs-worst completion of each group of ``candidates`` (groups with no spread dropped) as a
-    prompt/chosen/rejected parquet file, written whole or not at all."""
-    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "score_chosen": [], "score_rejected": []}
-    for start in range(0, len(completions), candidates):
-        group = list(completions[start:start + candidates])
-        scores = [preference_score(c) for c in group]
-        best = max(range(len(group)), key=scores.__getitem__)
-        worst = min(range(len(group)), key=scores.__getitem__)
-        if scores[best] == scores[worst]:
-            continue
-        for key, value in (("prompt", prompts[start]), ("chosen", group[best]), ("rejected", group[worst]),
-                           ("score_chosen", scores[best]), ("score_rejected", scores[worst])):
-            rows[key].append(value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    pq.write_table(pa.table(rows), partial)
-    os.replace(partial, out)
-    return out
 
 
 def run_text_demo(out: str | Path, *, config: str | Path = CONFIGS / "toy_lm_dpo.yaml", overrides: Sequence[str] = (),
@@ -69,10 +45,7 @@ def run_text_demo(out: str | Path, *, config: str | Path = CONFIGS / "toy_lm_dpo
     started = time.perf_counter()
     pairs = out / "data" / "pairs.parquet"
     if not pairs.is_file():
-        model, tokenizer = load_trained_lm(TOY_LM)
-        prompts = [p for p in toy_prompts("train") for _ in range(groups_per_prompt * candidates_per_group)]
-        completions = sample_completions(model, tokenizer, prompts, seed=seed, max_new_tokens=MAX_NEW_TOKENS)
-        write_text_pairs(prompts, completions, candidates_per_group, pairs)
+        write_text_pairs(sample_text_candidates(groups_per_prompt, candidates_per_group, seed), pairs)
     run_dir = out / "run"
     align(pairs, run_dir, config=config, overrides=[f"model.path={TOY_LM}", *overrides], resume=True)
     rewards = [load_text_reward("toy_text_preference"), load_text_reward("toy_text_judge")]
