@@ -27,6 +27,15 @@ def is_causal_lm_folder(path: str | Path) -> bool:
     return (path / "config.json").is_file() and not (path / "model_index.json").exists()
 
 
+def causal_lm_folder(source: str | Path) -> Path:
+    """The local folder of the causal LM ``source`` names; a clear error when it is something else."""
+    folder = resolve_model_path(source)
+    if not is_causal_lm_folder(folder):
+        raise UserError(f"model.path {source} is not a transformers model folder (no config.json, or it is a "
+                        "diffusers pipeline): a language-model objective needs a causal LM saved with save_pretrained")
+    return folder
+
+
 def load_tokenizer(path: str | Path):
     """The folder's tokenizer, with a pad token (its EOS when it has none, as TRL sets it)."""
     from transformers import AutoTokenizer
@@ -55,10 +64,7 @@ def load_causal_lm(source: str | Path, *, random_init: bool = False, seed: int =
     """(model, tokenizer) of a local causal-LM folder or cached Hub id; see the module docstring."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = resolve_model_path(source)
-    if not is_causal_lm_folder(folder):
-        raise UserError(f"model.path {source} is not a transformers model folder (no config.json, or it is a "
-                        "diffusers pipeline): a language-model objective needs a causal LM saved with save_pretrained")
+    folder = causal_lm_folder(source)
     try:
         if random_init:
             config = AutoConfig.from_pretrained(str(folder))

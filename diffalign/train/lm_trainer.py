@@ -22,7 +22,7 @@ from torch import nn
 from diffalign.data.text import TextPairDataset, TextRankedDataset, TextUnpairedDataset
 from diffalign.diffusion import mixed_precision_dtype, resolve_dtype
 from diffalign.errors import UserError
-from diffalign.lm.loading import load_causal_lm, load_tokenizer
+from diffalign.lm.loading import causal_lm_folder, load_causal_lm, load_tokenizer
 from diffalign.lm.tokenize import collate
 from diffalign.paths import with_usual_permissions
 from diffalign.train.trainer import PreferenceTrainer
@@ -79,7 +79,7 @@ class LanguageModelTrainer(PreferenceTrainer):
 
     def _load_dataset(self, layout: str) -> Any:
         dc = self.config.data
-        self.tokenizer = load_tokenizer(self.model_folder)  # the data is tokenized as it is read
+        self.tokenizer = load_tokenizer(causal_lm_folder(self.model_folder))  # the data is tokenized as it is read
         common = {"tokenizer": self.tokenizer, "max_length": dc.max_length, "prompt_column": dc.prompt_column,
                   "on_error": dc.on_error, "split": dc.split}
         if layout == "text_unpaired":

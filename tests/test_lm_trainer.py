@@ -1,0 +1,227 @@
+"""`diffalign train` on causal language models: the LM objectives through the ordinary trainer, on the toy text
+world's GPT-2 (its shipped weights, or its architecture with random weights), with TRL's data formats."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.data.text import TextPairDataset
+from diffalign.errors import UserError
+from diffalign.lm.loading import load_trained_lm
+from diffalign.lm.tokenize import collate, tokenize_group
+from diffalign.paths import ROOT
+from diffalign.toy import text_world as tw
+from diffalign.toy.text_model import TOY_LM, toy_tokenizer, write_toy_lm
+from diffalign.train import load_config, train
+
+
+def text_pairs(path: Path, n: int = 8, seed: int = 0, **extra_columns) -> Path:
+    """n pairs of the toy language: a joyful sentence chosen over an angry one, other words random."""
+    rng = random.Random(seed)
+    prompts = tw.prompts("train")
+    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(n):
+        prompt = prompts[i % len(prompts)]
+        colour, animal = tw.parse_prompt(prompt)
+        rows["prompt"].append(prompt)
+        rows["chosen"].append(tw.sentence(colour, animal, "joyful", rng.choice(tw.VERBS), rng.choice(tw.ADVERBS)))
+        rows["rejected"].append(tw.sentence(colour, animal, "angry", rng.choice(tw.VERBS), rng.choice(tw.ADVERBS)))
+    rows.update(extra_columns)
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def lm_config(tmp_path: Path, data: Path, *overrides: str, name: str = "run", model: Path = TOY_LM):
+    return load_config(None, [f"model.path={model}", "objective.name=lm_dpo", "objective.loss=dpo",
+                              f"data.path={data}", "train.batch_size=4", "train.max_steps=4",
+                              "train.learning_rate=1e-3", "train.checkpoint_every=0", "train.log_every=1",
+                              "train.report_to=none", f"output_dir={tmp_path / name}", *overrides])
+
+
+def logged(run: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_tokenization_is_trls_prompt_then_completion_with_eos():
+    tokenizer = toy_tokenizer()
+    group = tokenize_group(tokenizer, "describe the red fox :", [" the red fox is calm and runs slowly .",
+                                                                 " the red fox is sad and runs slowly ."])
+    words = tw.vocabulary()
+    assert [words[i] for i in group.prompt] == "describe the red fox :".split()
+    assert [words[i] for i in group.completions[0]] == "the red fox is calm and runs slowly . </s>".split()
+    batch = collate([group, group], pad_token_id=0, max_length=12)
+    # rank-major: the two chosen rows, then the two rejected ones; cut to 12 tokens, keeping the start
+    assert batch["input_ids"].shape == (4, 12)
+    assert batch["completion_mask"][0].tolist() == [0] * 5 + [1] * 7
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+
+
+def test_dpo_on_an_lm_starts_at_log2_and_its_implicit_reward_grows(tmp_path):
+    config = lm_config(tmp_path, text_pairs(tmp_path / "pairs.parquet"), "train.max_steps=12")
+    assert config.objective.beta == 0.1 and config.train.lora_targets == ["all-linear"]  # the LM's defaults
+    summary = train(config)
+    losses, margins = logged(tmp_path / "run"), logged(tmp_path / "run", "rewards/margins")
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1
+    assert losses[-1] < losses[0] - 0.1 and margins[-1] > 0.3
+    assert logged(tmp_path / "run", "completion_tokens")[0] == 10.0  # 9 words and the EOS
+    model, tokenizer = load_trained_lm(tmp_path / "run")  # the final folder: model and tokenizer
+    assert summary["final"] == str(tmp_path / "run" / "final") and tokenizer.eos_token == tw.EOS
+    group = tokenize_group(tokenizer, "describe the blue cat :", [" the blue cat is joyful and runs slowly .",
+                                                                  " the blue cat is angry and runs slowly ."])
+    base, _ = load_trained_lm(TOY_LM)
+    from diffalign.lm import sequence_logps
+
+    batch = collate([group], pad_token_id=0, max_length=None)
+    with torch.no_grad():
+        gap = [torch.sub(*sequence_logps(m(input_ids=batch["input_ids"]).logits, batch["input_ids"],
+                                         batch["completion_mask"])[0]) for m in (base, model)]
+    assert gap[1] > gap[0] + 1.0  # joyful over angry, on a prompt and words it never trained on
+
+
+def test_a_lora_run_uses_its_base_as_the_reference_and_saves_an_adapter(tmp_path):
+    config = lm_config(tmp_path, text_pairs(tmp_path / "pairs.parquet"), "train.lora_rank=4",
+                       "train.learning_rate=1e-2")
+    train(config)
+    losses = logged(tmp_path / "run")
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
+    final = tmp_path / "run" / "final"
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(TOY_LM)
+    merged, _ = load_trained_lm(tmp_path / "run")
+    base, _ = load_trained_lm(TOY_LM)
+    moved = max((a - b).abs().max().item() for a, b in zip(merged.state_dict().values(), base.state_dict().values()))
+    assert moved > 1e-3
+
+
+def test_an_lm_run_resumes_exactly(tmp_path):
+    data = text_pairs(tmp_path / "pairs.parquet", n=10)
+    train(lm_config(tmp_path, data, "train.max_steps=6", "train.checkpoint_every=3", name="straight"))
+    train(lm_config(tmp_path, data, "train.max_steps=3", "train.checkpoint_every=3", name="split"))
+    train(lm_config(tmp_path, data, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest",
+                    name="split"))
+    assert logged(tmp_path / "split") == logged(tmp_path / "straight")  # batch of 4 over 10 pairs: epochs cross
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "split"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path):
+    data = text_pairs(tmp_path / "pairs.parquet", n=8)
+    common = ["model.path=" + str(TOY_LM), "objective.name=lm_dpo", "objective.loss=dpo", f"data.path={data}",
+              "train.max_steps=3", "train.checkpoint_every=0", "train.log_every=1", "train.report_to=none",
+              "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
+                          "train", str(_empty_yaml(tmp_path)), *common,
+                          f"output_dir={tmp_path / 'two'}", "train.batch_size=2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
+    for one, two_ in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
+        assert two_ == pytest.approx(one, rel=1e-5)
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)
+
+
+def _empty_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.yaml"
+    path.write_text("{}\n")
+    return path
+
+
+def test_per_pair_weights_scale_each_pairs_loss(tmp_path):
+    data = text_pairs(tmp_path / "pairs.parquet", n=4, weight=[2.0, 2.0, 2.0, 2.0])
+    train(lm_config(tmp_path, data, "data.weight_column=weight", "train.max_steps=1"))
+    assert logged(tmp_path / "run")[0] == pytest.approx(2 * math.log(2), abs=1e-6)
+
+
+def test_bad_text_rows_are_skipped_and_counted(tmp_path):
+    path = text_pairs(tmp_path / "pairs.parquet", n=6)
+    table = pq.read_table(path).to_pydict()
+    table["chosen"][1] = ""  # empty completion
+    table["prompt"][4] = " ".join(["describe"] * 40)  # fills max_length
+    pq.write_table(pa.table(table), path)
+    summary = train(lm_config(tmp_path, path, "data.max_length=24", "train.max_steps=2"))
+    assert summary["skipped_rows"] == {"chosen": 1, "prompt": 1}
+    with pytest.raises(UserError, match="row 1, column 'chosen'"):
+        train(lm_config(tmp_path, path, "data.on_error=raise", name="strict"))
+
+
+def test_conversational_pairs_go_through_the_chat_template_and_the_implicit_prompt(tmp_path):
+    folder = write_toy_lm(tmp_path / "lm")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'user' %}describe {{ m['content'] }} :"
+                               "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_trained_lm(folder)[1]
+    user = {"role": "user", "content": "the red fox"}
+    chosen = [user, {"role": "assistant", "content": "the red fox is joyful and runs slowly ."}]
+    rejected = [user, {"role": "assistant", "content": "the red fox is angry and runs slowly ."}]
+    path = tmp_path / "conversations.parquet"
+    pq.write_table(pa.table({"chosen": [chosen] * 4, "rejected": [rejected] * 4}), path)  # no prompt column
+    dataset = TextPairDataset(path, tokenizer=tokenizer)
+    example = dataset.read(0)
+    words = tw.vocabulary()
+    assert [words[i] for i in example.group.prompt] == "describe the red fox :".split()
+    assert [words[i] for i in example.group.completions[0]] == "the red fox is joyful and runs slowly . </s>".split()
+    train(lm_config(tmp_path, path, "train.max_steps=2", model=folder))
+    assert logged(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_kto_on_labelled_completions_starts_at_one_half(tmp_path):
+    path = tmp_path / "labelled.parquet"
+    pairs = pq.read_table(text_pairs(tmp_path / "pairs.parquet", n=4)).to_pydict()
+    pq.write_table(pa.table({"prompt": pairs["prompt"] * 2, "completion": pairs["chosen"] + pairs["rejected"],
+                             "label": [True] * 4 + [False] * 4}), path)
+    config = lm_config(tmp_path, path, "objective.name=lm_kto", "objective.loss=kto", "train.batch_size=8")
+    assert config.data.label_column == "label"  # TRL's column, the LM default
+    train(config)
+    losses = logged(tmp_path / "run")
+    # at step 1 every implicit reward and the reference point are 0: each row's loss is 1 - sigma(0)
+    assert losses[0] == pytest.approx(0.5, abs=1e-6) and losses[-1] < losses[0]
+
+
+def test_listwise_losses_train_on_ranked_completions(tmp_path):
+    rng = random.Random(0)
+    rows: dict[str, list] = {"prompt": [], "completions": [], "scores": []}
+    for prompt in tw.prompts("train")[:4]:
+        colour, animal = tw.parse_prompt(prompt)
+        moods = rng.sample(list(tw.MOODS), 3)
+        rows["prompt"].append(prompt)
+        rows["completions"].append([tw.sentence(colour, animal, m, "runs", "slowly") for m in moods])
+        rows["scores"].append([tw.MOODS[m] for m in moods])
+    pq.write_table(pa.table(rows), tmp_path / "ranked.parquet")
+    train(lm_config(tmp_path, tmp_path / "ranked.parquet", "objective.name=lm_rank", "objective.loss=plackett_luce"))
+    losses = logged(tmp_path / "run")
+    # Plackett-Luce over 3 equal scores: log 3! at step 1
+    assert losses[0] == pytest.approx(math.log(6), abs=1e-5) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["validation.every=10"], "samples no validation"),
+    (["data.cache_dir=/tmp/x"], "data.cache_dir"),
+    (["objective.loss=kto"], "lm_dpo takes"),
+    (["objective.name=lm_kto", "objective.loss=dpo"], "lm_kto takes"),
+])
+def test_an_lm_config_refuses_what_it_cannot_do(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        lm_config(tmp_path, tmp_path / "pairs.parquet", *overrides)
+
+
+def test_a_diffusion_pipeline_as_an_lm_model_is_refused(tmp_path):
+    config = lm_config(tmp_path, text_pairs(tmp_path / "pairs.parquet"), model=ROOT / "assets/models/toy-base")
+    with pytest.raises(UserError, match="not a transformers model folder"):
+        train(config)
