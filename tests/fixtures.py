@@ -105,3 +105,46 @@ def hub_cache_with(cache: Path, repo_id: str, folder: Path, commit: str = "01234
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return repo / "snapshots" / commit
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}describe {{ m['content'] }} :"
+                 "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
+
+
+def chat_lm(folder: Path) -> Path:
+    """The toy text world's LM architecture (random weights) with a chat template: the user's message becomes
+    "describe <message> :", the assistant's follows it and ends with the EOS."""
+    import json
+
+    from diffalign.toy.text_model import write_toy_lm
+
+    write_toy_lm(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def conversations_parquet(path: Path, rows: int = 4, *, layout: str = "pairs") -> Path:
+    """TRL's conversational formats in the toy language: ``pairs`` as UltraFeedback's (chosen and rejected
+    conversations sharing the user's message, no prompt column), ``unpaired`` as kto-mix's (prompt and
+    completion message lists, a label)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffalign.toy import text_world as tw
+
+    users = [{"role": "user", "content": f"the {c} {a}"} for c in tw.COLOURS for a in tw.ANIMALS][:rows]
+
+    def answer(user: dict, mood: str) -> list[dict]:
+        return [{"role": "assistant", "content": f"{user['content']} is {mood} and runs slowly ."}]
+
+    if layout == "pairs":
+        table = {"chosen": [[u, *answer(u, "joyful")] for u in users],
+                 "rejected": [[u, *answer(u, "angry")] for u in users]}
+    else:
+        table = {"prompt": [[u] for u in users for _ in range(2)],
+                 "completion": [answer(u, mood) for u in users for mood in ("joyful", "angry")],
+                 "label": [True, False] * len(users)}
+    pq.write_table(pa.table(table), path)
+    return path

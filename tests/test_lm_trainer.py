@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures import chat_lm
 from safetensors.torch import load_file
 
 from diffalign.data.text import TextPairDataset
@@ -22,7 +23,7 @@ from diffalign.lm.loading import load_trained_lm
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.paths import ROOT
 from diffalign.toy import text_world as tw
-from diffalign.toy.text_model import TOY_LM, toy_tokenizer, write_toy_lm
+from diffalign.toy.text_model import TOY_LM, toy_tokenizer
 from diffalign.train import load_config, train
 
 
@@ -161,11 +162,7 @@ def test_bad_text_rows_are_skipped_and_counted(tmp_path):
 
 
 def test_conversational_pairs_go_through_the_chat_template_and_the_implicit_prompt(tmp_path):
-    folder = write_toy_lm(tmp_path / "lm")
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'user' %}describe {{ m['content'] }} :"
-                               "{% else %} {{ m['content'] }} </s>{% endif %}{% endfor %}")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    folder = chat_lm(tmp_path / "lm")
     tokenizer = load_trained_lm(folder)[1]
     user = {"role": "user", "content": "the red fox"}
     chosen = [user, {"role": "assistant", "content": "the red fox is joyful and runs slowly ."}]

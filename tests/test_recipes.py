@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from fixtures import images_parquet, pickapic_parquet, ranked_parquet
+from fixtures import chat_lm, conversations_parquet, images_parquet, pickapic_parquet, ranked_parquet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffalign.objectives import OBJECTIVES
@@ -28,7 +28,9 @@ from diffalign.train import load_config, train
 
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml")
                  if not p.name.startswith(("toy_", "tiny_")) and not p.name.endswith("generate_ranked.yaml"))
-TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux"}  # a recipe's prefix -> its tiny architecture
+# a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template (`lm` below)
+TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
+        "qwen": "lm"}
 
 
 def recipe_data(root: Path) -> dict[str, Path]:
@@ -40,7 +42,10 @@ def recipe_data(root: Path) -> dict[str, Path]:
     pq.write_table(table, pairs)
     return {"pairs": pairs, "ranked": ranked_parquet(root / "ranked.parquet"),
             "images": images_parquet(root / "images.parquet", 4),
-            "labelled_images": images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0])}
+            "labelled_images": images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0]),
+            # language models: TRL's conversational formats (UltraFeedback's pairs, kto-mix's labelled rows)
+            "lm": chat_lm(root / "chat-lm"), "text_pairs": conversations_parquet(root / "conversations.parquet"),
+            "text_unpaired": conversations_parquet(root / "labelled-conversations.parquet", layout="unpaired")}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,8 @@ def cpu_overrides(recipe: str, data: dict[str, Path]) -> list[str]:
     """The keys a CPU run of ``recipe`` changes, and nothing else."""
     shipped = yaml.safe_load((CONFIGS / recipe).read_text())
     objective = OBJECTIVES[shipped["objective"]["name"]]
-    keys = [f"model.path={ASSETS / 'models' / TINY[recipe.split('_')[0]]}", "model.random_init=true",  # weights
+    tiny = TINY[recipe.split("_")[0]]
+    keys = [f"model.path={data['lm'] if tiny == 'lm' else ASSETS / 'models' / tiny}", "model.random_init=true",  # weights
             "data.resolution=32", "train.batch_size=1", "train.gradient_accumulation=1", "train.max_steps=2"]  # size
     real = getattr(objective, "real_data", False)  # DDO: online, pairing real images with its samples
     if objective.dataset != "online" or real:

@@ -174,11 +174,10 @@ def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, flo
     for caption, figure in figures:
         parts.append(f"<figure><img src='{_embed(figure)}' style='max-width:100%'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    if sections and sections_intro is not None:
-        parts.append(sections_intro)
-    elif sections:
-        parts.append("<h2>Images, by prompt</h2><p>Same prompt and seed in each column, so each column compares "
-                     "the models on the same starting noise; the green image scores highest on the first reward.</p>")
+    if sections:
+        parts.append(sections_intro or "<h2>Images, by prompt</h2><p>Same prompt and seed in each column, so each "
+                     "column compares the models on the same starting noise; the green image scores highest on the "
+                     "first reward.</p>")
         parts += sections
     path.write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{STYLE}</style>{''.join(parts)}\n")
