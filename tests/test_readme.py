@@ -44,6 +44,7 @@ README = ROOT / "README.md"
 NOT_RUN = [
     (r"^pip install .* && diffalign demo$|^diffalign demo$",
      "tests/test_demo.py runs `diffalign demo --out DIR`, its figures checked"),
+    (r"^diffalign demo --lm( |$)", "tests/test_demo_lm.py runs `diffalign demo --lm --out DIR`, its figures checked"),
     (r"^pip install .* && python -m pytest -q$", "the suite itself: .ci/run runs exactly this"),
     (r"^hf download ", "downloads from the Hub"),
     (r"^tensorboard ", "serves a page until stopped; tests/test_tracking.py reads the event files it shows"),
