@@ -33,6 +33,12 @@ def _scores(model: torch.nn.Module, batch: dict[str, Tensor], average: bool, ld_
     )
 
 
+def completion_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, average: bool = False,
+                     ld_alpha: float | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's completion log-prob (summed, or averaged) and completion length under ``model``."""
+    return _scores(model, batch, average, ld_alpha)
+
+
 def _reference_context(policy: torch.nn.Module, reference: torch.nn.Module | None):
     """With no separate reference, a PEFT policy with adapters disabled is the reference."""
     if reference is not None:

@@ -11,9 +11,13 @@ from diffalign.objectives.gpo import GPO
 from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.inpo_nash import INPONash
+from diffalign.objectives.lm_dno import LanguageModelDNO
 from diffalign.objectives.lm_dpo import LanguageModelDPO
+from diffalign.objectives.lm_inpo import LanguageModelINPO
 from diffalign.objectives.lm_kto import LanguageModelKTO
+from diffalign.objectives.lm_online import LanguageModelOnline
 from diffalign.objectives.lm_rank import LanguageModelRank
+from diffalign.objectives.lm_sppo import LanguageModelSPPO
 from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.rank_dpo import RankDPO
 from diffalign.objectives.rso import RSO
@@ -33,9 +37,13 @@ OBJECTIVES = {
     "grpo": FlowGRPO,
     "inpo": InPO,
     "inpo_nash": INPONash,
+    "lm_dno": LanguageModelDNO,
     "lm_dpo": LanguageModelDPO,
+    "lm_inpo": LanguageModelINPO,
     "lm_kto": LanguageModelKTO,
+    "lm_online_dpo": LanguageModelOnline,
     "lm_rank": LanguageModelRank,
+    "lm_sppo": LanguageModelSPPO,
     "nft": DiffusionNFT,
     "rank_dpo": RankDPO,
     "rso": RSO,
@@ -45,5 +53,6 @@ OBJECTIVES = {
 }
 
 __all__ = ["OBJECTIVES", "D3PO", "DDO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
-           "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDPO",
-           "LanguageModelKTO", "LanguageModelRank", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]
+           "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDNO",
+           "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline", "LanguageModelRank",
+           "LanguageModelSPPO", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]

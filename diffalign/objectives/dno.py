@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, extreme_pairs
+from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, large_margin_pairs
 
 if TYPE_CHECKING:
     from diffalign.diffusion import Backbone
@@ -29,10 +29,4 @@ class DNO(SelfPlayObjective):
         self.min_gap = config.min_reward_gap
 
     def pairs(self, round_):
-        rewards = check_rewards(round_, "dno")
-        groups, items = extreme_pairs(rewards)
-        gap = rewards.gather(1, items[:, :1]).squeeze(1) - rewards.gather(1, items[:, 1:]).squeeze(1)
-        keep = gap >= self.min_gap
-        if not keep.any():  # the widest pair alone (argmax: the first of equally wide ones)
-            keep[gap.argmax()] = True
-        return groups[keep], items[keep], {}
+        return (*large_margin_pairs(check_rewards(round_, "dno"), self.min_gap), {})

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from diffalign.diffusion import Backbone, Conditioning
+from diffalign.losses.self_play import win_rates
 from diffalign.objectives.base import OnlineObjective
 from diffalign.objectives.offline import OfflineDenoisingObjective
 from diffalign.objectives.round_reference import PreviousRoundReference
@@ -30,6 +31,25 @@ def extreme_pairs(rewards: Tensor) -> tuple[Tensor, Tensor]:
     """(G,) groups and (G, 2) each group's highest- and lowest-rewarded sample (the first of equals): the pair
     SPPO's, DNO's and online iterative DPO's data builders take from K samples."""
     return torch.arange(len(rewards)), torch.stack([rewards.argmax(dim=1), rewards.argmin(dim=1)], dim=1)
+
+
+def win_rate_pairs(rewards: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """SPPO's rule (Wu et al. 2024, Sec. 5): each group's best and worst sample with their win-rates against
+    pi_t, the mean of sigma(r(y) - r(y_j)) over the group (:func:`~diffalign.losses.self_play.win_rates`)."""
+    groups, items = extreme_pairs(rewards)
+    won = win_rates(rewards).gather(1, items)
+    return groups, items, {"win_chosen": won[:, 0], "win_rejected": won[:, 1]}
+
+
+def large_margin_pairs(rewards: Tensor, min_gap: float) -> tuple[Tensor, Tensor]:
+    """DNO's rule (Rosset et al. 2024, Algorithm 2): each group's best vs worst sample, kept when their rewards
+    differ by at least ``min_gap``; with none kept, the widest pair alone (the first of equally wide ones)."""
+    groups, items = extreme_pairs(rewards)
+    gap = rewards.gather(1, items[:, :1]).squeeze(1) - rewards.gather(1, items[:, 1:]).squeeze(1)
+    keep = gap >= min_gap
+    if not keep.any():
+        keep[gap.argmax()] = True
+    return groups[keep], items[keep]
 
 
 class SelfPlayObjective(PreviousRoundReference, OfflineDenoisingObjective, OnlineObjective):

@@ -13,8 +13,7 @@ say how). ``objective.loss`` may also be ``sppo_hard`` (P taken as 1 and 0).
 
 from __future__ import annotations
 
-from diffalign.losses.self_play import win_rates
-from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, extreme_pairs
+from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, win_rate_pairs
 
 
 class SPPO(SelfPlayObjective):
@@ -24,8 +23,5 @@ class SPPO(SelfPlayObjective):
     supplies = ("win_chosen", "win_rejected")
 
     def pairs(self, round_):
-        rewards = check_rewards(round_, "sppo")
-        groups, items = extreme_pairs(rewards)
-        won = win_rates(rewards).gather(1, items)
-        inputs = {"win_chosen": won[:, 0], "win_rejected": won[:, 1]} if self.spec.inputs else {}
-        return groups, items, inputs
+        groups, items, inputs = win_rate_pairs(check_rewards(round_, "sppo"))
+        return groups, items, inputs if self.spec.inputs else {}

@@ -97,6 +97,10 @@ class ObjectiveConfig:
     # nft: the guidance strength beta of the implicit positive and negative policies
     # (1 - beta) v_old + beta v and (1 + beta) v_old - beta v (DiffusionNFT's config.beta)
     nft_beta: float = 1.0
+    # language-model rounds (lm_online_dpo, lm_sppo, lm_dno, lm_inpo): tokens sampled per completion and the
+    # sampling temperature (plain sampling, no top-k or top-p)
+    max_new_tokens: int = 64
+    sample_temperature: float = 1.0
     # dno: a prompt's best-vs-worst pair is trained only when their rewards differ by at least this much
     # (DNO's large-margin filter; in the reward's units)
     min_reward_gap: float = 0.0
@@ -546,6 +550,15 @@ class Config:
         if oc.group_size is not None and oc.group_size < 2:
             raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
         method.check_config(self)
+        if method.family == "lm":  # scored by a text reward; no sampler of images to check
+            from diffalign.rewards.text import TEXT_REWARDS
+
+            if not (isinstance(oc.reward, str) and (oc.reward in TEXT_REWARDS or oc.reward.startswith("classifier:"))):
+                raise UserError(f"online.reward={oc.reward!r}: {self.objective.name} scores its completions with one "
+                                f"text reward: {', '.join(TEXT_REWARDS)} or classifier:PATH")
+            if self.objective.max_new_tokens < 1 or self.objective.sample_temperature <= 0:
+                raise UserError("objective.max_new_tokens must be >= 1 and objective.sample_temperature > 0")
+            return
         for key in ("groups_per_round", "steps_per_round", "sample_batch_size", "sde_window_stride"):
             if getattr(oc, key) < 1:
                 raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")

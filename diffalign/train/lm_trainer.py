@@ -25,6 +25,7 @@ from diffalign.errors import UserError
 from diffalign.lm.loading import causal_lm_folder, load_causal_lm, load_tokenizer
 from diffalign.lm.tokenize import collate
 from diffalign.paths import with_usual_permissions
+from diffalign.train.lm_online import TextRounds
 from diffalign.train.trainer import PreferenceTrainer
 
 
@@ -91,7 +92,12 @@ class LanguageModelTrainer(PreferenceTrainer):
         return TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
                                weight_column=dc.weight_column, margin_column=dc.margin_column, **common)
 
+    def _make_rounds(self, reads_data: bool) -> TextRounds:
+        return TextRounds(self.config, self.module, self.tokenizer, self.output_dir, self.accelerator, self.objective)
+
     def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
+        if self.online:
+            return self.rounds.micro_batch(step, micro)
         examples = [e for _, e in self._examples(step, micro)]
         device = self.accelerator.device
         inputs = collate([e.group for e in examples], pad_token_id=self.tokenizer.pad_token_id,

@@ -225,8 +225,7 @@ class PreferenceTrainer:
                                         is_cached=None if self.encoder is None else self.encoder.has_latents,
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
-            self.rounds = OnlineRounds(config, self.backbone, self.output_dir, self.accelerator, self.objective,
-                                       real=self._real_examples if reads_data else None)
+            self.rounds = self._make_rounds(reads_data)
             if not reads_data:
                 self.dataset = self.rounds  # no rows to go bad
         # rows dropped while loading the table: every process loaded it, so they are counted once
@@ -251,6 +250,11 @@ class PreferenceTrainer:
 
     def _make_objective(self, objective_cls: type) -> Any:
         return objective_cls(self.config.objective, self.backbone)
+
+    def _make_rounds(self, reads_data: bool) -> Any:
+        """The online objectives' batch source (the round driver)."""
+        return OnlineRounds(self.config, self.backbone, self.output_dir, self.accelerator, self.objective,
+                            real=self._real_examples if reads_data else None)
 
     def _build_models(self, frozen_reference: bool) -> None:
         """Sets ``module`` (the trained module), ``reference`` (a frozen copy or None), ``params`` (the trained

@@ -1,0 +1,74 @@
+"""What the language-model online loops share (online DPO, SPPO, DNO, INPO): rounds of the policy's own
+completions (:mod:`diffalign.train.lm_online`), pairs chosen from each group of K by a rule, a pairwise core
+loss on the completions' summed token log-probs.
+
+The self-play loops train pi_{t+1} against pi_t, the policy as the round began (kept as shadow weights and
+saved in every checkpoint, :mod:`diffalign.objectives.round_reference`); online DPO against the base. The
+pair rules are the diffusion loops' own (:mod:`diffalign.objectives.self_play`), so both families pick the
+same pairs from the same rewards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffalign.lm import preference_loss
+from diffalign.objectives.base import OnlineObjective
+from diffalign.objectives.lm import LanguageModelObjective
+from diffalign.objectives.round_reference import PreviousRoundReference
+from diffalign.objectives.self_play import extreme_pairs
+
+Tensor = torch.Tensor
+
+
+class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
+    """Online DPO on an LM (Guo et al. 2024, arXiv 2402.04792; iterative DPO, Xiong et al. 2024, arXiv
+    2312.11456): each round the policy samples K completions per prompt, the reward's best and worst make a
+    pair, and the pairs train ``objective.loss`` (DPO by default) against the base model."""
+
+    family = "lm"
+    loss_kinds = ("pairwise",)
+    group_size = 4
+    takes_labels = False
+    keeps_trajectories = False
+
+    def __init__(self, config, model: Any = None) -> None:
+        super().__init__(config, model)
+        self.min_gap = config.min_reward_gap
+
+    def pairs(self, rewards: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(N,) each pair's group, (N, 2) its completions chosen first, and (N,) per-pair loss inputs."""
+        groups, items = extreme_pairs(rewards)
+        keep = rewards.gather(1, items[:, :1]).squeeze(1) > rewards.gather(1, items[:, 1:]).squeeze(1)
+        return groups[keep], items[keep], {}  # a group of equal rewards orders nothing
+
+    def reference_for(self, reference):
+        return reference
+
+    def extra_inputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-pair loss inputs computed on the batch itself (INPO's pi_t scores); default none."""
+        return {}
+
+    def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        options = {**self.options, **batch["targets"], **self.extra_inputs(batch)}
+        loss, metrics = preference_loss(policy, self.reference_for(reference), batch["inputs"], loss=self.name,
+                                        beta=self.beta, **options)
+        return loss, metrics
+
+
+class LanguageModelSelfPlay(PreviousRoundReference, LanguageModelOnline):
+    """A self-play loop on an LM: the pairs train against pi_t, the previous iterate."""
+
+    shadow_weights = True
+    frozen_reference = False
+    group_size = 5  # the SPPO and DNO authors' K
+
+    def reference_for(self, reference):
+        return self.previous_round()
+
+    def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, metrics = super().__call__(policy, reference, batch)
+        metrics["round"] = torch.tensor(float(self.round_index()), device=loss.device)
+        return loss, metrics
