@@ -483,7 +483,8 @@ class Config:
             raise UserError(f"objective.loss={spec.name}: {self.objective.name} trains {' or '.join(named)}")
         missing = [name for name in spec.inputs if name not in objective.supplies]
         if missing:
-            suppliers = [n for n, cls in OBJECTIVES.items() if set(spec.inputs) <= set(cls.supplies)]
+            suppliers = [n for n, cls in OBJECTIVES.items()
+                         if set(spec.inputs) <= set(cls.supplies) and cls.family == objective.family]
             fix = (f"use objective.name={' or '.join(suppliers)}" if suppliers else
                    "a pair's own weight or margin comes from data.weight_column (with objective.loss=dpo, MADPO's "
                    "weighted DPO) or data.margin_column")
