@@ -82,7 +82,7 @@ def write_pairs(candidates: Candidates, out: Path) -> Path:
         rows["label_0"].append(1.0)
         rows["score_0"].append(float(scores[best]))
         rows["score_1"].append(float(scores[worst]))
-    return _write(rows, out)
+    return write_table(rows, out)
 
 
 def write_ranked(candidates: Candidates, out: Path) -> Path:
@@ -90,7 +90,7 @@ def write_ranked(candidates: Candidates, out: Path) -> Path:
     rows = {"caption": list(candidates.prompts),
             "images": [[_png(im) for im in images] for images in candidates.images],
             "scores": [scores.tolist() for scores in candidates.scores]}
-    return _write(rows, out)
+    return write_table(rows, out)
 
 
 def _image_rows(candidates: Candidates) -> dict[str, list]:
@@ -101,14 +101,14 @@ def _image_rows(candidates: Candidates) -> dict[str, list]:
 
 def write_images(candidates: Candidates, out: Path) -> Path:
     """Every candidate as a captioned image, without scores (Self-NPO's data: the model's own samples)."""
-    return _write(_image_rows(candidates), out)
+    return write_table(_image_rows(candidates), out)
 
 
 def write_labelled_images(candidates: Candidates, out: Path) -> Path:
     """Every candidate with a binary label (Diffusion-KTO's data): liked when its toy-preference
     score is above the mean over all candidates, as a thumbs up / down that sees no other image."""
     liked = candidates.scores.flatten() > candidates.scores.mean()
-    return _write({**_image_rows(candidates), "label": liked.float().tolist()}, out)
+    return write_table({**_image_rows(candidates), "label": liked.float().tolist()}, out)
 
 
 def write_dissatisfied(candidates: Candidates, out: Path) -> Path:
@@ -118,7 +118,7 @@ def write_dissatisfied(candidates: Candidates, out: Path) -> Path:
     for prompt, images, scores in zip(candidates.prompts, candidates.images, candidates.scores):
         rows["caption"].append(prompt)
         rows["image"].append(_png(images[int(scores.argmin())]))
-    return _write(rows, out)
+    return write_table(rows, out)
 
 
 def write_world_images(prompts: Sequence[str], per_prompt: int, out: Path, seed: int = 0) -> Path:
@@ -131,10 +131,10 @@ def write_world_images(prompts: Sequence[str], per_prompt: int, out: Path, seed:
             image = torch.from_numpy(render(random_scene(rng, colour, shape))).permute(2, 0, 1).float() / 255
             rows["caption"].append(prompt)
             rows["image"].append(_png(image))
-    return _write(rows, out)
+    return write_table(rows, out)
 
 
-def _write(rows: dict[str, list], out: Path) -> Path:
+def write_table(rows: dict[str, list], out: Path) -> Path:
     """Write the table beside ``out`` and rename it into place: a stopped run leaves no half-written file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")

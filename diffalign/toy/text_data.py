@@ -8,15 +8,12 @@ desirable when it beats its group's mean), ``ranked`` (each whole group with its
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from diffalign.lm.loading import load_trained_lm
 from diffalign.lm.sampling import sample_completions
+from diffalign.toy.demo import write_table
 from diffalign.toy.text_model import TOY_LM
 from diffalign.toy.text_world import preference_score, prompts as toy_prompts
 
@@ -31,14 +28,6 @@ def sample_text_candidates(groups_per_prompt: int, candidates: int, seed: int) -
     return [(prompts[i], completions[i:i + candidates]) for i in range(0, len(prompts), candidates)]
 
 
-def _write(rows: dict[str, list], out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    pq.write_table(pa.table(rows), partial)
-    os.replace(partial, out)
-    return out
-
-
 def write_text_pairs(groups: Sequence[tuple[str, list[str]]], out: Path) -> Path:
     rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "score_chosen": [], "score_rejected": []}
     for prompt, completions in groups:
@@ -50,7 +39,7 @@ def write_text_pairs(groups: Sequence[tuple[str, list[str]]], out: Path) -> Path
         for key, value in (("prompt", prompt), ("chosen", completions[best]), ("rejected", completions[worst]),
                            ("score_chosen", scores[best]), ("score_rejected", scores[worst])):
             rows[key].append(value)
-    return _write(rows, out)
+    return write_table(rows, out)
 
 
 def write_text_labelled(groups: Sequence[tuple[str, list[str]]], out: Path) -> Path:
@@ -62,10 +51,10 @@ def write_text_labelled(groups: Sequence[tuple[str, list[str]]], out: Path) -> P
             rows["prompt"].append(prompt)
             rows["completion"].append(completion)
             rows["label"].append(score > mean)
-    return _write(rows, out)
+    return write_table(rows, out)
 
 
 def write_text_ranked(groups: Sequence[tuple[str, list[str]]], out: Path) -> Path:
     rows: dict[str, list] = {"prompt": [p for p, _ in groups], "completions": [c for _, c in groups],
                              "scores": [[preference_score(x) for x in c] for _, c in groups]}
-    return _write(rows, out)
+    return write_table(rows, out)
