@@ -88,3 +88,26 @@ def test_the_toy_lm_script_is_deterministic(tmp_path):
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert load_file(TOY_LM / "model.safetensors").keys() == a.keys()
+
+
+def test_a_sequence_classifier_scores_completions_as_a_text_reward(tmp_path):
+    """``classifier:PATH``: a local transformers sequence classifier (here the toy LM's architecture with a
+    2-label head) scores prompt + completion; its score is the second logit minus the first."""
+    import torch
+    from transformers import GPT2ForSequenceClassification
+
+    from diffalign.rewards.text import load_text_reward
+    from diffalign.toy.text_model import toy_lm_config, toy_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(toy_lm_config().__class__(**{**toy_lm_config().to_dict(), "num_labels": 2}))
+    model.save_pretrained(str(tmp_path / "rm"))
+    toy_tokenizer().save_pretrained(str(tmp_path / "rm"))
+    reward = load_text_reward(f"classifier:{tmp_path / 'rm'}")
+    prompts, completions = ["describe the red fox :"] * 2, [" the red fox is joyful and runs slowly .", " the red"]
+    scores = reward(completions, prompts)
+    tokenizer = toy_tokenizer()
+    with torch.no_grad():
+        one = model.eval()(**tokenizer([prompts[0] + completions[0]], return_tensors="pt")).logits[0]
+    assert scores.shape == (2,) and scores[0] == pytest.approx(float(one[1] - one[0]), abs=1e-5)
+

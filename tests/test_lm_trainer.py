@@ -106,14 +106,19 @@ def test_a_lora_run_uses_its_base_as_the_reference_and_saves_an_adapter(tmp_path
     assert moved > 1e-3
 
 
-def test_an_lm_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_an_lm_run_resumes_exactly(tmp_path, lora):
     data = text_pairs(tmp_path / "pairs.parquet", n=10)
-    train(lm_config(tmp_path, data, "train.max_steps=6", "train.checkpoint_every=3", name="straight"))
-    train(lm_config(tmp_path, data, "train.max_steps=3", "train.checkpoint_every=3", name="split"))
-    train(lm_config(tmp_path, data, "train.max_steps=6", "train.checkpoint_every=3", "train.resume=latest",
-                    name="split"))
+    common = ["train.checkpoint_every=3", f"train.lora_rank={lora}"]
+    train(lm_config(tmp_path, data, "train.max_steps=6", *common, name="straight"))
+    train(lm_config(tmp_path, data, "train.max_steps=3", *common, name="split"))
+    train(lm_config(tmp_path, data, "train.max_steps=6", *common, "train.resume=latest", name="split"))
     assert logged(tmp_path / "split") == logged(tmp_path / "straight")  # batch of 4 over 10 pairs: epochs cross
-    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "split"))
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    if lora:  # a LoRA checkpoint keeps the adapters only, not the frozen base
+        saved = load_file(tmp_path / "split" / "checkpoints" / "step-0000003" / "model.safetensors")
+        assert saved and all("lora_" in key for key in saved)
+    a, b = (load_file(tmp_path / run / "final" / weights) for run in ("straight", "split"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 

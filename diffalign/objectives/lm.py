@@ -27,7 +27,8 @@ class LanguageModelObjective(Objective):
 
     family = "lm"
 
-    def __init__(self, config: ObjectiveConfig, model: Any = None) -> None:
+    def __init__(self, config: ObjectiveConfig, tokenizer: Any = None) -> None:
+        """``tokenizer``: the model's, for objectives that build token rows of their own (KTO's mismatched rows)."""
         self.spec = losses.spec(config.loss)
         if self.spec.kind not in self.loss_kinds:
             raise ValueError(f"{type(self).__name__} takes a {' or '.join(self.loss_kinds)} loss; "

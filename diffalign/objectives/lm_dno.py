@@ -11,5 +11,9 @@ from diffalign.objectives.self_play import large_margin_pairs
 class LanguageModelDNO(LanguageModelSelfPlay):
     """Best vs worst of each group, when their rewards differ by at least ``objective.min_reward_gap``."""
 
+    def __init__(self, config, tokenizer=None) -> None:
+        super().__init__(config, tokenizer)
+        self.min_gap = config.min_reward_gap
+
     def pairs(self, rewards):
         return (*large_margin_pairs(rewards, self.min_gap), {})

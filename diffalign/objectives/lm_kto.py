@@ -27,9 +27,9 @@ class LanguageModelKTO(LanguageModelObjective):
     dataset = "text_unpaired"
     loss_kinds = ("unpaired",)
 
-    def __init__(self, config, model: Any = None) -> None:
-        super().__init__(config, model)
-        self.pad_token_id = 0 if model is None else model.pad_token_id
+    def __init__(self, config, tokenizer: Any = None) -> None:
+        super().__init__(config, tokenizer)
+        self.pad_token_id = 0 if tokenizer is None else tokenizer.pad_token_id
         self.reward_shift = RewardShift() if self.name == "bco" and "delta" not in self.options else None
 
     def attach(self, module: nn.Module) -> list[Any]:

@@ -34,10 +34,6 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     takes_labels = False
     keeps_trajectories = False
 
-    def __init__(self, config, model: Any = None) -> None:
-        super().__init__(config, model)
-        self.min_gap = config.min_reward_gap
-
     def pairs(self, rewards: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(N,) each pair's group, (N, 2) its completions chosen first, and (N,) per-pair loss inputs."""
         groups, items = extreme_pairs(rewards)
