@@ -123,11 +123,14 @@ def test_an_lm_run_resumes_exactly(tmp_path, lora):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
-def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path, lora):
+    """torchrun (gloo) at 2 pairs per process vs one process at 4; a LoRA run's reference is its base with the
+    adapters disabled on each process."""
     data = text_pairs(tmp_path / "pairs.parquet", n=8)
     common = ["model.path=" + str(TOY_LM), "objective.name=lm_dpo", "objective.loss=dpo", f"data.path={data}",
               "train.max_steps=3", "train.checkpoint_every=0", "train.log_every=1", "train.report_to=none",
-              "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
+              "train.learning_rate=1e-3", "train.adam_epsilon=1e-3", f"train.lora_rank={lora}"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
                           "train", str(_empty_yaml(tmp_path)), *common,
@@ -137,7 +140,8 @@ def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path):
     train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
     for one, two_ in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
         assert two_ == pytest.approx(one, rel=1e-5)
-    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = (load_file(tmp_path / run / "final" / weights) for run in ("one", "two"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)
 

@@ -165,7 +165,9 @@ class _StopSignal:
 
 
 class PreferenceTrainer:
-    """Trains a diffusion backbone on preference pairs with one objective; see the module docstring."""
+    """Trains a diffusion backbone on preference data with one objective; see the module docstring. The setup
+    methods a model family changes are grouped below (:class:`~diffalign.train.lm_trainer.LanguageModelTrainer`
+    overrides them for causal language models); the loop, checkpoints and resume are shared."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
