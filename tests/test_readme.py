@@ -52,7 +52,8 @@ NOT_RUN = [
     (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
      "commands as README gives them, with a person's labels given in Chromium"),
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
-    (r"^python scripts/bench_(alignment|train)\.py ", "a benchmark of minutes to hours on a CPU"),
+    (r"^python scripts/bench_(alignment|train|lm)\.py( |$)", "a benchmark of minutes to hours on a CPU; "
+     "tests/test_bench_lm.py runs bench_lm.py small"),
     (r"^python scripts/bench_(online|noisy_labels)\.py( |$)", "a benchmark of minutes on a CPU (or a GPU's); "
      "tests/test_bench_online.py runs bench_online.py small, tests/test_bench_noisy_labels.py its label flips"),
     (r"^python scripts/bench_memory\.py ", "tests/test_bench_memory.py runs the script on the tiny models"),
