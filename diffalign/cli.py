@@ -137,6 +137,11 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     from diffalign.lm.loading import load_trained_lm
     from diffalign.rewards.text import load_text_reward
 
+    from diffalign.diffusion import process_state
+
+    if process_state().num_processes > 1:
+        raise UserError("diffalign eval on language models runs in one process (it samples every model itself); "
+                        "run it without torchrun or accelerate launch")
     prompts = read_prompts(args.prompts)
     rewards = [load_text_reward(spec) for spec in (args.rewards or "toy_text_preference,toy_text_judge").split(",")]
     models = {"base": lambda: load_trained_lm(args.base)}
