@@ -221,6 +221,7 @@ def test_listwise_losses_train_on_ranked_completions(tmp_path):
     (["data.cache_dir=/tmp/x"], "data.cache_dir"),
     (["objective.loss=kto"], "lm_dpo takes"),
     (["objective.name=lm_kto", "objective.loss=dpo"], "lm_kto takes"),
+    (["objective.loss=z_loss"], "function of a model's logits"),
 ])
 def test_an_lm_config_refuses_what_it_cannot_do(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):

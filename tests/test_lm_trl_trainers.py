@@ -80,9 +80,9 @@ def _trl_dpo(tmp_path: Path, rows: dict[str, list], loss_type: str, trl_kwargs: 
     return seen
 
 
-# every loss type of TRL 1.x's DPOTrainer but `sft` (its NLL term alone, which diffalign keeps as a regulariser
-# inside rpo, not as a preference objective): the per-example ones and the batch-coupled ones
-DPO_CASES = [*CASES, *((trl, {}, ours, {}) for trl, ours in BATCH_COUPLED)]
+# every loss type of TRL 1.x's DPOTrainer: the per-example ones, the batch-coupled ones and `sft` (the chosen
+# completion's per-token NLL alone)
+DPO_CASES = [*CASES, *((trl, {}, ours, {}) for trl, ours in BATCH_COUPLED), ("sft", {}, "sft", {})]
 
 
 @pytest.mark.parametrize("trl_type,trl_kwargs,name,options", DPO_CASES,

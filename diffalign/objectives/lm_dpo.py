@@ -1,7 +1,7 @@
 """DPO and every pairwise loss on a causal language model: (prompt, chosen, rejected) pairs.
 
 The likelihood proxy is the completion's summed token log-prob (:func:`diffalign.lm.sequence_logps`);
-the loss is any pairwise, reference-free or soft-label core loss of :mod:`diffalign.losses` (``dpo``
+the loss is any pairwise, reference-free or soft-label core loss of :mod:`diffalign.losses`, or ``sft`` alone (``dpo``
 is Rafailov et al. 2023, Eq. 7, TRL's ``sigmoid``; ``ipo``, ``hinge``, ``robust``, ``simpo``, ...), so
 this objective is TRL's ``DPOTrainer`` with every loss of the registry. ``data.weight_column`` weights
 each pair's loss and ``data.margin_column`` gives ``dpo_margin`` its per-pair margin (ODPO), as on
@@ -24,7 +24,7 @@ class LanguageModelDPO(LanguageModelObjective):
     """Pairwise preference losses on an LM's completion log-probs; see the module docstring."""
 
     dataset = "text_pairs"
-    loss_kinds = ("pairwise", "reference-free", "soft-label")
+    loss_kinds = ("pairwise", "reference-free", "soft-label", "regulariser")  # sft: TRL's loss_type "sft"
 
     def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         targets = batch["targets"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -353,6 +354,10 @@ class Config:
             names = [s.name for s in losses.specs() if s.kind in accepted]
             raise UserError(f"objective.loss={self.objective.loss} is a {kind} loss; {self.objective.name} takes "
                             f"{' or '.join(accepted)} losses: {', '.join(names)}")
+        if not own and "logits" in inspect.signature(losses.spec(self.objective.loss).fn).parameters:
+            raise UserError(f"objective.loss={self.objective.loss} is a function of a model's logits (add it in your "
+                            f"own loop: diffalign.losses.get({self.objective.loss!r})(logits, mask)); {self.objective.name} "
+                            "trains losses of sequence or denoising scores")
         _check_loss_options(self.objective, None if own else losses.spec(self.objective.loss))
         if not own:
             self._check_loss_inputs(objective, losses.spec(self.objective.loss))
