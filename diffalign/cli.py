@@ -135,9 +135,8 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     from diffalign.eval.report import markdown_table
     from diffalign.eval.text import evaluate_language_models, write_text_report
     from diffalign.lm.loading import load_trained_lm
-    from diffalign.rewards.text import load_text_reward
-
     from diffalign.diffusion import process_state
+    from diffalign.rewards.text import load_text_reward
 
     if process_state().num_processes > 1:
         raise UserError("diffalign eval on language models runs in one process (it samples every model itself); "
@@ -163,12 +162,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.eval.naming import model_names
     from diffalign.eval.prompts import read_prompts
     from diffalign.eval.report import markdown_table, write_evaluation_report
+    from diffalign.lm.loading import is_causal_lm_folder
     from diffalign.paths import resolve_model_path
     from diffalign.rewards import load_reward
     from diffalign.rewards.toy import TOY_REWARDS, check_toy_prompts
 
-    from diffalign.lm.loading import is_causal_lm_folder
-
+    # checked now, before any model is loaded; a causal-LM base compares language models
     if is_causal_lm_folder(resolve_model_path(args.base, what="--base")):
         return _cmd_eval_lm(args)
     state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
@@ -182,7 +181,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_toy_prompts(prompts, " and ".join(sorted(set(specs) & set(TOY_REWARDS))))
     rewards = [load_reward(name) for name in specs]
     # every model is checked now and loaded in its turn, so only one is in memory at a time
-    resolve_model_path(args.base, what="--base")
     models, made_by = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}, {}
     for name, source in model_names(args.aligned, taken=["base", "base+negative"]).items():
         models[name], made_by[name] = finetuned_loader(source, base=args.base, torch_dtype=dtype,

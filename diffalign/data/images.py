@@ -19,7 +19,7 @@ from diffalign.data.pairs import BadRow, GroupExample, ImageRows
 from diffalign.errors import UserError
 
 
-def _binary_label(value: object, index: int, column: str) -> float | BadRow:
+def binary_label(value: object, index: int, column: str) -> float | BadRow:
     """1.0 (desirable) or 0.0 (undesirable) from a bool or a 0/1 number; BadRow otherwise."""
     if isinstance(value, (bool, int, float)) and not (isinstance(value, float) and math.isnan(value)) \
             and value in (0, 1):
@@ -42,7 +42,7 @@ class CaptionedImageDataset(ImageRows):
         self.caption_column, self.image_column = caption_column, image_column
         self.labels: list[float] | None = None
         if label_column:
-            labels = [_binary_label(v, i, label_column) for i, v in enumerate(self.source.column(label_column))]
+            labels = [binary_label(v, i, label_column) for i, v in enumerate(self.source.column(label_column))]
             for label in labels:
                 if isinstance(label, BadRow):
                     self.count_bad(label)

@@ -230,6 +230,15 @@ def to_pixels(image: Image.Image, resolution: int) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def per_pair_number(value: Any, index: int, column: str, what: str, valid: Callable[[float], bool]) -> float | BadRow:
+    """A pair's own number (its ``what``: weight or margin) from a table cell; a :class:`BadRow` where it is
+    missing, not a finite number, or not ``valid``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and valid(value):
+        return float(value)
+    return BadRow(index, column, f"{what} is missing, not a finite number, or invalid "
+                                 f"({value!r}{'; weights are >= 0' if what == 'weight' else ''})")
+
+
 @dataclass
 class GroupExample:
     """K images of one prompt, best first, as the trainer consumes them (K = 2 for a pair)."""
@@ -395,12 +404,7 @@ class PairDataset(ImageRows):
         a :class:`BadRow` where it is missing, not finite or not ``valid``."""
         if column is None:
             return [None] * len(self.source)
-        values = []
-        for i, v in enumerate(self.source.column(column)):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and valid(v)
-            values.append(float(v) if ok else BadRow(i, column, f"{what} is missing, not a finite number, or invalid "
-                                                                f"({v!r}{'; weights are >= 0' if what == 'weight' else ''})"))
-        return values
+        return [per_pair_number(v, i, column, what, valid) for i, v in enumerate(self.source.column(column))]
 
     @staticmethod
     def _times_vote(weight: float | BadRow | None, vote: float | BadRow, label: float | BadRow) -> float | BadRow | None:

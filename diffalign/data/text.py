@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from diffalign.data.pairs import BadRow, ImageRows
+from diffalign.data.images import binary_label
+from diffalign.data.pairs import BadRow, ImageRows, per_pair_number
 from diffalign.errors import UserError
 from diffalign.lm.tokenize import TokenizedGroup, is_conversation, split_prompt, tokenize_group
 
@@ -82,14 +83,15 @@ class TextPairDataset(TextRows):
         self.chosen_column, self.rejected_column = chosen_column, rejected_column
         self.weight_column, self.margin_column = weight_column, margin_column
 
-    def _number(self, row: dict, index: int, column: str | None, valid) -> float | None:
+    @staticmethod
+    def _number(row: dict, index: int, column: str | None, what: str, valid) -> float | None:
+        """The pair's weight or margin (None without a column); raises :class:`BadRow` as the image pairs count it."""
         if column is None:
             return None
-        value = row.get(column)
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and valid(value)):
-            raise BadRow(index, column, f"{value!r} is not a usable number")
-        return float(value)
+        value = per_pair_number(row.get(column), index, column, what, valid)
+        if isinstance(value, BadRow):
+            raise value
+        return value
 
     def read(self, position: int, decode: bool = True) -> TextExample:
         index = self.indices[position]
@@ -103,10 +105,10 @@ class TextPairDataset(TextRows):
             prompt, chosen, rejected = split_prompt(chosen, rejected)
         else:
             prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
-        weight = self._number(row, index, self.weight_column, lambda w: w >= 0)
+        weight = self._number(row, index, self.weight_column, "weight", lambda w: w >= 0)
         return TextExample(index, self._tokenized(index, prompt, [chosen, rejected], self.chosen_column),
                            weight=1.0 if weight is None else weight,
-                           margin=self._number(row, index, self.margin_column, lambda m: True))
+                           margin=self._number(row, index, self.margin_column, "margin", lambda m: True))
 
 
 class TextUnpairedDataset(TextRows):
@@ -122,14 +124,13 @@ class TextUnpairedDataset(TextRows):
     def read(self, position: int, decode: bool = True) -> TextExample:
         index = self.indices[position]
         row = self.source.row(index)
-        label = row.get(self.label_column)
-        if isinstance(label, (int, float)) and not isinstance(label, bool) and label in (0, 1):
-            label = bool(label)
-        if not isinstance(label, bool):
-            raise BadRow(index, self.label_column, f"label {label!r} is not true/false (or 1/0)")
+        label = binary_label(row.get(self.label_column), index, self.label_column)
+        if isinstance(label, BadRow):
+            raise label
         prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
         completion = _text(row.get(self.completion_column), index, self.completion_column, "completion")
-        return TextExample(index, self._tokenized(index, prompt, [completion], self.completion_column), label=label)
+        return TextExample(index, self._tokenized(index, prompt, [completion], self.completion_column),
+                           label=label == 1.0)
 
 
 class TextRankedDataset(TextRows):

@@ -60,8 +60,9 @@ def without_dropout(model: nn.Module) -> nn.Module:
 
 
 def load_causal_lm(source: str | Path, *, random_init: bool = False, seed: int = 0,
-                   dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of a local causal-LM folder or cached Hub id; see the module docstring."""
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a local causal-LM folder or cached Hub id, dropout off; see the module docstring. Its
+    tokenizer is :func:`load_tokenizer`'s."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = causal_lm_folder(source)
@@ -76,7 +77,7 @@ def load_causal_lm(source: str | Path, *, random_init: bool = False, seed: int =
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"model.path {source} cannot be loaded as a causal LM ({type(err).__name__}: "
                         f"{str(err)[:300]})") from None
-    return without_dropout(model), load_tokenizer(folder)
+    return without_dropout(model)
 
 
 def final_folder(run_or_folder: str | Path) -> Path:
@@ -91,13 +92,12 @@ def load_trained_lm(run_or_folder: str | Path, dtype: torch.dtype = torch.float3
     folder = final_folder(run_or_folder)
     adapter = folder / ADAPTER_CONFIG
     if not adapter.is_file():
-        return load_causal_lm(folder, dtype=dtype)
+        return load_causal_lm(folder, dtype=dtype), load_tokenizer(folder)
     from peft import PeftModel
 
     base_path = json.loads(adapter.read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path).exists():
         raise UserError(f"{folder} holds a LoRA adapter whose base model ({base_path!r}, from {ADAPTER_CONFIG}) is "
                         "not on this machine; put the base there or edit base_model_name_or_path")
-    base, _ = load_causal_lm(base_path, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    model = PeftModel.from_pretrained(load_causal_lm(base_path, dtype=dtype), str(folder)).merge_and_unload()
     return model, load_tokenizer(folder)

@@ -40,8 +40,7 @@ class LanguageModelKTO(LanguageModelObjective):
         inputs = batch["inputs"]
         kl_batch = None
         if self.name == "kto" and "kl" not in self.options and len(inputs["input_ids"]) > 1:
-            kl_batch = {k: v.to(inputs["input_ids"].device)
-                        for k, v in mismatched_completions(inputs, self.pad_token_id).items()}
+            kl_batch = mismatched_completions(inputs, self.pad_token_id)  # on the batch's device
         return unpaired_preference_loss(policy, reference, inputs, labels=batch["targets"]["labels"], loss=self.name,
                                         beta=self.beta, kl_batch=kl_batch, reward_shift=self.reward_shift,
                                         mean_over_processes=self.mean_over_processes, **self.options)

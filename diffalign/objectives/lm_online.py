@@ -28,7 +28,6 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     2312.11456): each round the policy samples K completions per prompt, the reward's best and worst make a
     pair, and the pairs train ``objective.loss`` (DPO by default) against the base model."""
 
-    family = "lm"
     loss_kinds = ("pairwise",)
     group_size = 4
     takes_labels = False
@@ -49,9 +48,8 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
 
     def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         options = {**self.options, **batch["targets"], **self.extra_inputs(batch)}
-        loss, metrics = preference_loss(policy, self.reference_for(reference), batch["inputs"], loss=self.name,
-                                        beta=self.beta, **options)
-        return loss, metrics
+        return preference_loss(policy, self.reference_for(reference), batch["inputs"], loss=self.name, beta=self.beta,
+                               **options)
 
 
 class LanguageModelSelfPlay(PreviousRoundReference, LanguageModelOnline):

@@ -24,5 +24,5 @@ class LanguageModelRank(LanguageModelObjective):
     loss_kinds = ("listwise",)
 
     def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        return ranked_preference_loss(policy, reference, batch["inputs"], list_size=batch["list_size"], loss=self.name, beta=self.beta,
-                                      scores=batch["targets"].get("scores"), **self.options)
+        return ranked_preference_loss(policy, reference, batch["inputs"], list_size=batch["list_size"], loss=self.name,
+                                      beta=self.beta, scores=batch["targets"].get("scores"), **self.options)

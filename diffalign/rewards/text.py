@@ -33,16 +33,16 @@ class SequenceClassifierReward:
     description = "A sequence-classifier reward model's score of prompt + completion; higher is better."
 
     def __init__(self, path: str | Path, batch_size: int = 16) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from diffalign.lm.loading import load_tokenizer
 
         if not Path(path).is_dir():
             raise UserError(f"reward classifier:{path}: no such folder (a transformers sequence classifier saved "
                             "with save_pretrained)")
         self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer = load_tokenizer(path)  # its EOS as the pad token when it has none
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.name, self.batch_size = "classifier", batch_size
 
     @torch.no_grad()
@@ -66,11 +66,17 @@ TEXT_REWARDS = {
 }
 
 
+CLASSIFIER = "classifier:"
+
+
+def is_text_reward(spec: object) -> bool:
+    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS`` or ``classifier:PATH``."""
+    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith(CLASSIFIER))
+
+
 def load_text_reward(spec: str):
     """A text reward by name (``toy_text_preference``, ``toy_text_judge``) or ``classifier:PATH``."""
-    if spec in TEXT_REWARDS:
-        return TEXT_REWARDS[spec]()
-    if spec.startswith("classifier:"):
-        return SequenceClassifierReward(spec.split(":", 1)[1])
-    raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)} or classifier:PATH (a "
-                    "local transformers sequence classifier)")
+    if not is_text_reward(spec):
+        raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)} or {CLASSIFIER}PATH (a "
+                        "local transformers sequence classifier)")
+    return TEXT_REWARDS[spec]() if spec in TEXT_REWARDS else SequenceClassifierReward(spec.removeprefix(CLASSIFIER))

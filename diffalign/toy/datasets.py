@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from diffalign.errors import UserError
 
@@ -55,15 +56,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("DIFFALIGN_CACHE") or Path.home() / ".cache" / "diffalign")
 
 
-def _folder(groups_per_prompt: int, candidates: int, seed: int) -> Path:
+def _folder(groups_per_prompt: int, candidates: int, seed: int, world: str = "toy-data") -> Path:
     # the settings are in the name: a smaller set made for a quick check is never read as the full one
-    return cache_root() / "toy-data" / f"groups{groups_per_prompt}-candidates{candidates}-seed{seed}"
+    return cache_root() / world / f"groups{groups_per_prompt}-candidates{candidates}-seed{seed}"
+
+
+def _made_whole(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill`` a new folder beside ``folder``, then rename it into place (replacing an older one): an
+    interrupted run leaves no half-made folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        fill(partial)
+        shutil.rmtree(folder, ignore_errors=True)  # made again: a folder is replaced whole
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
-    """Sample the candidates from the shipped base model and write every layout of the table above into
-    ``folder`` as ``<name>.parquet``. Written beside it and renamed into place, so an interrupted run leaves
-    no half-made folder."""
+    """Sample the candidates from the shipped base model and write every image layout of the table above into
+    ``folder`` as ``<name>.parquet``, whole or not at all."""
     from diffalign.diffusion import load_pipeline
     from diffalign.paths import TOY_BASE
     from diffalign.toy.demo import (
@@ -77,9 +91,7 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
     )
     from diffalign.toy.world import prompts
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    def fill(partial: Path) -> None:
         found = sample_candidates(load_pipeline(TOY_BASE), prompts("train"), groups_per_prompt=groups_per_prompt,
                                   candidates=candidates, seed=seed, steps=20, guidance_scale=5.0)
         write_pairs(found, partial / "pairs.parquet")
@@ -88,29 +100,21 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
         write_labelled_images(found, partial / "labelled.parquet")
         write_dissatisfied(found, partial / "dissatisfied.parquet")
         write_world_images(prompts("train"), groups_per_prompt * candidates, partial / "world.parquet", seed=seed)
-        shutil.rmtree(folder, ignore_errors=True)  # made again: a folder is replaced whole
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
+
+    return _made_whole(folder, fill)
 
 
 def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
     """Sample the shipped toy LM's completions and write the text layouts into ``folder``, whole or not at all."""
     from diffalign.toy.text_data import sample_text_candidates, write_text_labelled, write_text_pairs, write_text_ranked
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    def fill(partial: Path) -> None:
         groups = sample_text_candidates(groups_per_prompt, candidates, seed)
         write_text_pairs(groups, partial / "text_pairs.parquet")
         write_text_labelled(groups, partial / "text_labelled.parquet")
         write_text_ranked(groups, partial / "text_ranked.parquet")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
+
+    return _made_whole(folder, fill)
 
 
 def toy_dataset(source: str | Path) -> Path:
@@ -120,24 +124,18 @@ def toy_dataset(source: str | Path) -> Path:
     if name not in NAMES + TEXT_NAMES:
         raise UserError(f"{source} names no toy dataset; the toy datasets are "
                         f"{', '.join(PREFIX + n for n in NAMES + TEXT_NAMES)}")
-    if name in TEXT_NAMES:
-        folder = cache_root() / "toy-text-data" / f"groups{TEXT_GROUPS_PER_PROMPT}-candidates{CANDIDATES}-seed{SEED}"
-        table = folder / f"{name}.parquet"
-        if not table.is_file():
-            from diffalign.diffusion.loading import process_state
-
-            with process_state().main_process_first():
-                if not table.is_file():
-                    make_toy_text_datasets(folder, groups_per_prompt=TEXT_GROUPS_PER_PROMPT, candidates=CANDIDATES)
-        return table
-    folder = _folder(GROUPS_PER_PROMPT, CANDIDATES, SEED)
+    text = name in TEXT_NAMES
+    groups = TEXT_GROUPS_PER_PROMPT if text else GROUPS_PER_PROMPT
+    folder = _folder(groups, CANDIDATES, SEED, "toy-text-data" if text else "toy-data")
     table = folder / f"{name}.parquet"
     if not table.is_file():  # not made yet, or made before this layout existed: the folder is made again whole
         from diffalign.diffusion.loading import process_state
 
         with process_state().main_process_first():
             if not table.is_file():
-                print(f"making the toy datasets from the shipped base model into {folder} (once; about a minute "
-                      f"on 2 CPU cores)", flush=True)
-                make_toy_datasets(folder, groups_per_prompt=GROUPS_PER_PROMPT, candidates=CANDIDATES, seed=SEED)
+                if not text:
+                    print(f"making the toy datasets from the shipped base model into {folder} (once; about a "
+                          "minute on 2 CPU cores)", flush=True)
+                make = make_toy_text_datasets if text else make_toy_datasets
+                make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED)
     return table

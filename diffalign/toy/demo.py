@@ -144,13 +144,13 @@ def write_table(rows: dict[str, list], out: Path) -> Path:
 
 
 def align(data: Path | None, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),
-          resume: bool = False) -> Config:
-    """Train ``config`` on ``data`` (None for online objectives, which sample their own) from the toy base
-    into ``run_dir``; returns the config it trained. With ``resume`` (the demo) a run stopped part-way
+          resume: bool = False, model: Path = TOY_BASE) -> Config:
+    """Train ``config`` on ``data`` (None for online objectives, which sample their own) from ``model`` (the toy base
+    by default) into ``run_dir``; returns the config it trained. With ``resume`` (the demo) a run stopped part-way
     continues from its last checkpoint and a finished one is kept; otherwise (the benchmark) the folder,
     its own, starts over. Raises :class:`~diffalign.errors.Interrupted` when the run was stopped."""
     data_key = [] if data is None else [f"data.path={data}"]
-    config = load_config(config, [f"model.path={TOY_BASE}", *data_key, f"output_dir={run_dir}", *overrides])
+    config = load_config(config, [f"model.path={model}", *data_key, f"output_dir={run_dir}", *overrides])
     checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
     if resume and is_finished_run(run_dir):
         return config

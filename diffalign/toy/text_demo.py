@@ -47,7 +47,7 @@ def run_text_demo(out: str | Path, *, config: str | Path = CONFIGS / "toy_lm_dpo
     if not pairs.is_file():
         write_text_pairs(sample_text_candidates(groups_per_prompt, candidates_per_group, seed), pairs)
     run_dir = out / "run"
-    align(pairs, run_dir, config=config, overrides=[f"model.path={TOY_LM}", *overrides], resume=True)
+    align(pairs, run_dir, config=config, overrides=overrides, resume=True, model=TOY_LM)
     rewards = [load_text_reward("toy_text_preference"), load_text_reward("toy_text_judge")]
     evaluation = evaluate_language_models({"base": lambda: load_trained_lm(TOY_LM),
                                            "aligned": lambda: load_trained_lm(run_dir)},

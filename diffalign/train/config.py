@@ -474,7 +474,8 @@ class Config:
                             "remove it")
         if self.validation.every > 0:
             raise UserError(f"validation.every={self.validation.every}: a language-model run samples no validation "
-                            "during training; compare the final model with the base by `diffalign eval --lm` after it")
+                            "during training; compare the final model with the base after it: `diffalign eval --base MODEL "
+                            "--aligned RUN --prompts PROMPTS --out OUT` (a causal-LM --base compares language models)")
         if dc.max_length < 2:
             raise UserError(f"data.max_length must be >= 2 (a prompt token and a completion token), got {dc.max_length}")
 
@@ -557,9 +558,9 @@ class Config:
             raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
         method.check_config(self)
         if method.family == "lm":  # scored by a text reward; no sampler of images to check
-            from diffalign.rewards.text import TEXT_REWARDS
+            from diffalign.rewards.text import TEXT_REWARDS, is_text_reward
 
-            if not (isinstance(oc.reward, str) and (oc.reward in TEXT_REWARDS or oc.reward.startswith("classifier:"))):
+            if not is_text_reward(oc.reward):
                 raise UserError(f"online.reward={oc.reward!r}: {self.objective.name} scores its completions with one "
                                 f"text reward: {', '.join(TEXT_REWARDS)} or classifier:PATH")
             if self.objective.max_new_tokens < 1 or self.objective.sample_temperature <= 0:

@@ -21,12 +21,10 @@ from typing import Any
 import torch
 
 from diffalign.data import example_generator
-from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.rewards.text import load_text_reward
-from diffalign.rewards.weighted import reward_specs
 from diffalign.train.config import Config
 
 Tensor = torch.Tensor
@@ -42,11 +40,7 @@ class TextRounds:
         self.root = output_dir / "rounds"
         self.prompts = read_prompts(config.online.prompts)
         objective.steps_per_round = config.online.steps_per_round
-        specs = reward_specs(config.online.reward)
-        if len(specs) != 1 or not isinstance(specs[0], str):
-            raise UserError(f"online.reward={config.online.reward!r}: a language model's rounds are scored by one "
-                            "text reward (toy_text_preference, or classifier:PATH)")
-        self.reward = load_text_reward(specs[0])
+        self.reward = load_text_reward(config.online.reward)  # one text reward (checked with the config)
         self.bad_rows: dict[tuple[int, str], str] = {}  # none: no table is read
         self._loaded: tuple[int, dict[str, Any]] | None = None
 

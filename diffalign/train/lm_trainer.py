@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -44,12 +45,17 @@ class BaseWithoutAdapters:
 class LanguageModelTrainer(PreferenceTrainer):
     """:class:`PreferenceTrainer` on a causal LM; see the module docstring."""
 
+    def __init__(self, config) -> None:
+        # read once, first: the data is tokenized as it is read, and a folder that holds no causal LM (a
+        # diffusers pipeline) is refused before anything else loads
+        self.tokenizer = load_tokenizer(causal_lm_folder(config.model.path))
+        super().__init__(config)
+
     def _build_models(self, frozen_reference: bool) -> None:
         mc, tc = self.config.model, self.config.train
         device = self.accelerator.device
         weight_dtype = mixed_precision_dtype(tc.mixed_precision)
-        model, tokenizer = load_causal_lm(mc.path, random_init=mc.random_init, seed=tc.seed)
-        self.tokenizer = getattr(self, "tokenizer", tokenizer)  # the dataset's, when it was read first
+        model = load_causal_lm(mc.path, random_init=mc.random_init, seed=tc.seed)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         if mc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -63,9 +69,7 @@ class LanguageModelTrainer(PreferenceTrainer):
                 model = get_peft_model(model, lora)
             except ValueError as err:
                 raise UserError(f"train.lora_targets={list(tc.lora_targets)}: {err}") from None
-            for parameter in model.parameters():  # fp32 master weights for the adapters
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
+            cast_training_params(model, dtype=torch.float32)  # fp32 master weights for the adapters
             self.reference = BaseWithoutAdapters(model)
         elif frozen_reference:
             reference = copy.deepcopy(model).requires_grad_(False).eval()
@@ -81,7 +85,6 @@ class LanguageModelTrainer(PreferenceTrainer):
 
     def _load_dataset(self, layout: str) -> Any:
         dc = self.config.data
-        self.tokenizer = load_tokenizer(causal_lm_folder(self.model_folder))  # the data is tokenized as it is read
         common = {"tokenizer": self.tokenizer, "max_length": dc.max_length, "prompt_column": dc.prompt_column,
                   "on_error": dc.on_error, "split": dc.split}
         if layout == "text_unpaired":
@@ -127,10 +130,6 @@ class LanguageModelTrainer(PreferenceTrainer):
         model.save_pretrained(str(folder), state_dict=weights, safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
         return with_usual_permissions(folder)
-
-    def _validate(self, step: int) -> None:
-        """No samples during an LM run: ``diffalign eval`` compares the final model with the base."""
-        return None
 
 
 def _targets(targets: list[str]) -> list[str] | str:
