@@ -143,3 +143,50 @@ def test_token_logits_average_over_the_masked_positions(name):
 def test_preference_loss_refuses_logit_losses_with_a_pointer():
     with pytest.raises(ValueError, match="on logits"):
         preference_loss(torch.nn.Identity(), None, {}, loss="ls_kd")
+
+
+REFERENCE = [[2.0, 0.5, 0.5, -0.5], [0.0, 0.0, 1.5, 2.0]]
+
+
+def aligndistil_by_hand(student, teacher, reference, beta=0.1, beta2=10.0, tau=1.0):
+    """AlignDistil's per-position loss, as the authors' trainer (reward_boost_type 'aligndistil') computes it."""
+    p_t, p_r = softmax(teacher), softmax(reference)
+    w = beta2 * sum(abs(a - b) for a, b in zip(p_t, p_r)) + 1e-3
+    target = softmax([w * (t - r) + t for t, r in zip(teacher, reference)], tau)
+    p_s = softmax(student)
+    return beta / w * sum(p * (math.log(p) - math.log(q)) for p, q in zip(p_s, target))
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_aligndistil_is_the_weighted_reverse_kl_to_the_extrapolated_teacher(tau):
+    got = losses.get("aligndistil")(T(STUDENT), T(TEACHER), reference_logits=T(REFERENCE), temperature=tau)
+    expected = [aligndistil_by_hand(s, t, r, tau=tau) for s, t, r in zip(STUDENT, TEACHER, REFERENCE)]
+    torch.testing.assert_close(got, T(expected))
+    assert losses.spec("aligndistil").inputs == ("reference_logits",)
+    assert losses.spec("aligndistil").options == {"beta2": 10.0, "temperature": 1.0}
+
+
+def test_aligndistil_moves_the_student_towards_the_extrapolated_teacher():
+    """Descent lowers each position's loss and raises the student's probability of the synthetic teacher's
+    top class, z* = w (z_T - z_R) + z_T."""
+    student = T(STUDENT).requires_grad_()
+    teacher, reference = T(TEACHER), T(REFERENCE)
+    fn = losses.get("aligndistil")
+    fn(student, teacher, reference_logits=reference).sum().backward()
+    moved = student.detach() - 1.0 * student.grad
+    assert (fn(moved, teacher, reference_logits=reference) < fn(T(STUDENT), teacher, reference_logits=reference)).all()
+    for row in range(2):
+        w = 10.0 * sum(abs(a - b) for a, b in zip(softmax(TEACHER[row]), softmax(REFERENCE[row]))) + 1e-3
+        top = max(range(4), key=lambda v: w * (TEACHER[row][v] - REFERENCE[row][v]) + TEACHER[row][v])
+        assert F.softmax(moved, -1)[row, top] > F.softmax(T(STUDENT), -1)[row, top]
+
+
+def test_aligndistil_averages_over_the_masked_tokens():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher, reference = (torch.randn(2, 3, 5, generator=generator) for _ in range(3))
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    fn = losses.get("aligndistil")
+    got = fn(student, teacher, mask, reference_logits=reference)
+    for i in range(2):
+        kept = mask[i].bool()
+        torch.testing.assert_close(got[i], fn(student[i][kept], teacher[i][kept], reference_logits=reference[i][kept]).mean())

@@ -63,10 +63,30 @@ def test_dpop_pushes_a_chosen_below_its_reference_up_harder_than_dpo():
     assert grads["dpop"] < grads["dpo"] < 0  # descent raises the chosen in both, much more under DPOP
 
 
-def test_madpo_weights_scale_each_example():
-    pc, pr, rc, rr = T([1.0, 0.0]), T([0.0, 1.0]), T([0.0, 0.0]), T([0.0, 0.0])
-    out = losses.get("madpo")(pc, pr, rc, rr, beta=1.0, weights=T([2.0, 0.5]))
-    close(out, [2.0 * -logsig(1.0), 0.5 * -logsig(-1.0)])
+def madpo_weight_by_hand(h, c_max=2.0, lam=1.0, tau=math.log(999.0)):
+    """The authors' MADPOLoss weight (utils/loss_functions.py) for a pair labelled as the reward model ranks it."""
+    c_min = 1 / c_max
+    c = c_min + (c_max - c_min) / (1 + (c_max - 1) / (1 - c_min) * math.exp(lam * (abs(h) - tau)))
+    return sig(c * h) / sig(h) if h > -tau else 1.0
+
+
+def test_madpo_weights_each_pair_by_w_of_its_reward_margin():
+    """MADPO: hard pairs (small margin h) weigh more than 1, easy ones (large h) less; h <= -tau keeps 1."""
+    pc, pr, rc, rr = T([1.0, 0.0, 0.5, 0.2]), T([0.0, 1.0, 0.0, 0.1]), T([0.0] * 4), T([0.0] * 4)
+    gaps = [0.3, 9.0, -2.0, -8.0]
+    out = losses.get("madpo")(pc, pr, rc, rr, beta=1.0, reward_gap=T(gaps))
+    deltas = [1.0, -1.0, 0.5, 0.1]
+    close(out, [madpo_weight_by_hand(h) * -logsig(d) for h, d in zip(gaps, deltas)])
+    weights = [madpo_weight_by_hand(h) for h in gaps]
+    assert weights[0] > 1 > weights[1] and weights[3] == 1.0
+    close(losses.madpo_weight(T(gaps), c_max=4.0, tau=7.0), [madpo_weight_by_hand(h, 4.0, 1.0, 7.0) for h in gaps])
+
+
+def test_da_dpo_scales_beta_by_the_score_gap():
+    """DA-DPO (the authors' dpo_loss): -log sigma(beta alpha (|g| + 1) Delta)."""
+    pc, pr, rc, rr = T([1.0, 0.0]), T([0.0, 0.5]), T([0.0, 0.0]), T([0.0, 0.0])
+    out = losses.get("da_dpo")(pc, pr, rc, rr, beta=0.5, reward_gap=T([0.2, -1.5]), alpha=2.0)
+    close(out, [-logsig(0.5 * 2.0 * 1.2 * 1.0), -logsig(0.5 * 2.0 * 2.5 * -0.5)])
 
 
 def test_rpo_adds_per_token_nll_of_chosen():
@@ -216,6 +236,25 @@ def test_tpo_mean_over_ordered_pairs_ignoring_ties():
     scores = T([[2.0, 1.0, 1.0]])  # item 1 and 2 tie
     expected = (2 * -logsig(1.0)) / 6
     close(losses.get("tpo")(policy, ref, beta=1.0, scores=scores), [expected])
+
+
+def test_irpo_by_hand_gain_over_position_weights():
+    """IRPO (the authors' rdpo_loss): w_i = (2^y_i - 1) / log2(1 + i), L_i = log mean_{j != i} exp(beta (r_j - r_i)),
+    loss = -mean_i w_i log sigma(-L_i); relevance from scores, positions in the order listed."""
+    policy, ref = T([[0.5, 1.0, -0.5]]), T([[0.0, 0.25, 0.0]])
+    r, y, beta = [0.5, 0.75, -0.5], [1.0, 3.0, 0.0], 0.8
+    expected = 0.0
+    for i in range(3):
+        w = (2**y[i] - 1) / math.log2(2 + i)
+        log_mean = math.log(sum(math.exp(beta * (r[j] - r[i])) for j in range(3) if j != i) / 2)
+        expected += -w * logsig(-log_mean) / 3
+    close(losses.get("irpo")(policy, ref, beta=beta, scores=T([y])), [expected])
+    # without scores: best first, relevance 2, 1, 0
+    best_first = sum(-((2**g - 1) / math.log2(2 + i)) * logsig(-math.log(
+        sum(math.exp(beta * (r[j] - r[i])) for j in range(3) if j != i) / 2)) for i, g in enumerate([2, 1, 0])) / 3
+    close(losses.get("irpo")(policy, ref, beta=beta), [best_first])
+    with pytest.raises(ValueError, match=">= 0"):
+        losses.get("irpo")(policy, ref, beta=beta, scores=T([[1.0, -1.0, 0.0]]))
 
 
 def test_adpo_kl_to_target():

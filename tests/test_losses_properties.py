@@ -9,20 +9,21 @@ from diffalign.losses.registry import LOGIT_KINDS
 REQUIRED = {
     # pairwise with reference
     "dpo", "hinge", "ipo", "cdpo", "robust", "exo", "nca", "bco_pair", "sppo_hard", "apo_zero",
-    "apo_down", "aot", "aot_unpaired", "discopop", "f_dpo", "rpo", "madpo", "dpo_margin", "dpop",
+    "apo_down", "aot", "aot_unpaired", "discopop", "f_dpo", "rpo", "madpo", "da_dpo", "dpo_margin", "dpop",
     # unpaired
     "kto", "bco", "npo",
     # reference-free
     "simpo", "orpo", "cpo", "asft",
     # listwise
-    "plackett_luce", "lambda_dpo", "adpo", "tpo",
+    "plackett_luce", "lambda_dpo", "adpo", "tpo", "irpo",
     # soft labels and regularisers
     "soft_dpo", "smpo", "sft", "z_loss",
 }  # fmt: skip
 
 # options a loss needs beyond beta
 EXTRA = {
-    "madpo": {"weights": torch.tensor([1.0, 2.0])},
+    "madpo": {"reward_gap": torch.tensor([0.5, 3.0])},
+    "da_dpo": {"reward_gap": torch.tensor([0.5, -3.0])},
     "soft_dpo": {"preference": torch.tensor([0.9, 0.8])},
     "smpo": {"preference": torch.tensor([0.9, 0.8])},
     "bt_wide_ties": {"preference": torch.tensor([1.0, 0.5])},
@@ -59,7 +60,7 @@ def _call(name, pc, pr, rc, rr, beta=0.5):
 
 # Losses whose paper says: chosen likelihood up, rejected down (at the reference point).
 CHOSEN_UP_REJECTED_DOWN = [
-    "dpo", "cdpo", "dpo_margin", "dpop", "madpo", "hinge", "ipo", "robust", "exo", "nca", "bco_pair", "sppo_hard",
+    "dpo", "cdpo", "dpo_margin", "dpop", "madpo", "da_dpo", "hinge", "ipo", "robust", "exo", "nca", "bco_pair", "sppo_hard",
     "sppo", "gpo", "inpo_nash", "apo_zero", "f_dpo", "rpo", "dpo_norm", "kto", "bco", "simpo", "cpo", "orpo", "asft",
     "soft_dpo", "smpo",
 ]  # fmt: skip
@@ -101,7 +102,7 @@ def test_npo_lowers_forget_likelihood():
     assert (pr.grad > 0).all()
 
 
-@pytest.mark.parametrize("name", ["plackett_luce", "lambda_dpo", "tpo", "adpo"])
+@pytest.mark.parametrize("name", ["plackett_luce", "lambda_dpo", "tpo", "adpo", "irpo"])
 def test_listwise_raises_best_and_lowers_worst(name):
     policy = torch.tensor([[0.3, 0.2, 0.1, 0.0]], requires_grad=True)
     ref = torch.zeros(1, 4)

@@ -41,6 +41,7 @@ from diffalign.losses.registry import (
     specs,
 )
 from diffalign.losses.noisy_labels import LabelReliability
+from diffalign.losses.pairwise import madpo_weight
 from diffalign.losses.unpaired import RewardShift, udm_weights
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "distillation",
     "get",
     "listwise",
+    "madpo_weight",
     "names",
     "noisy_labels",
     "pairwise",

@@ -3,6 +3,7 @@
 Signatures::
 
     distillation:    fn(student_logits, teacher_logits, mask=None, *, labels=None, **options) -> Tensor[B]
+                     (aligndistil also takes reference_logits, the second model its teacher is built from)
     classification:  fn(logits, labels, mask=None, **options) -> Tensor[B]
 
 Logits are (B, V) for one prediction per example (an image classifier) or (B, T, V) for one per
@@ -12,7 +13,7 @@ the positions that count (completion tokens) and the per-example loss is the mea
 treated as constants (detached). Every loss works in float32.
 
 These are the seeds' distillation papers: they train a student to take on a teacher's
-distribution, the step before (or beside) preference training in LLaVA-MoD and AlignDistil.
+distribution, the step before (or beside) preference training in LLaVA-MoD, and the whole of it in AlignDistil.
 """
 
 from __future__ import annotations
@@ -129,6 +130,44 @@ def mimic_kd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
     teacher = F.softmax(f32(teacher_logits).detach(), dim=-1)
     cross = -(teacher * log_student.masked_fill(torch.isinf(log_student), 0.0)).sum(-1)
     return _per_example(cross, mask)
+
+
+@register(
+    "aligndistil",
+    kind=DISTILLATION,
+    summary="AlignDistil: reverse KL to a per-token extrapolation of a DPO teacher past a reference, adaptive by their gap",
+    paper="Zhang et al. 2025 (AlignDistil, ACL), arXiv 2503.02832, the adaptive token-level distillation of the authors' "
+          "aligndistil_offpolicy_trainer.py (reward_boost_type aligndistil, beta 0.1, beta2 10 as their script)",
+)
+def aligndistil(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *,
+                labels: Tensor | None = None, reference_logits: Tensor, beta: float = 0.1, beta2: float = 10.0,
+                temperature: float = 1.0) -> Tensor:
+    """Token-level alignment as distillation of a synthetic teacher built from a DPO model and a reference.
+
+    AlignDistil reads the DPO reward ``beta (log pi_dpo - log pi_ref)`` token by token: the RLHF optimum at
+    each position is then the distribution whose logits extrapolate the DPO model's past the reference's.
+    With ``z_T`` the DPO model's logits (``teacher_logits``) and ``z_R`` the reference's (``reference_logits``:
+    in the paper a *reverse* DPO model, trained on the swapped pairs; the plain reference also works), each
+    position gets
+
+        tvd = sum_v |p_T(v) - p_R(v)|,        w = beta2 * tvd + 1e-3,
+        z*  = w (z_T - z_R) + z_T,             loss_t = (beta / w) KL(p_S || softmax(z* / temperature)),
+
+    so positions where the two models disagree (a large total variation) extrapolate further and are held
+    less tightly (the adaptive token weight of the paper). The per-sequence loss is the mean over the
+    masked tokens (the authors' ``--reward_len_norm``, on in their shipped script). Both teacher logits are
+    constants; only the student's reverse KL carries the gradient. ``labels`` are not used.
+    """
+    _check_shapes(student_logits, teacher_logits)
+    _check_shapes(student_logits, reference_logits)
+    student = f32(student_logits)
+    teacher, reference = f32(teacher_logits).detach(), f32(reference_logits).detach()
+    tvd = (F.softmax(teacher, dim=-1) - F.softmax(reference, dim=-1)).abs().sum(-1, keepdim=True)
+    weight = beta2 * tvd + 1e-3
+    target = F.log_softmax((weight * (teacher - reference) + teacher) / temperature, dim=-1)
+    log_student = F.log_softmax(student, dim=-1)
+    reverse_kl = (log_student.exp() * (log_student - target)).sum(-1)
+    return _per_example(reverse_kl * (beta / weight.squeeze(-1)), mask)
 
 
 @register(

@@ -12,6 +12,8 @@ them, the gains). The implicit reward of item k is ``r_k = s_theta(k) - s_ref(k)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -143,3 +145,37 @@ def adpo(
     target = f32(target).to(r.device)
     log_model = torch.log_softmax(beta * r, dim=1)
     return (torch.xlogy(target, target) - target * log_model).sum(dim=1)
+
+
+@register(
+    "irpo",
+    kind=LISTWISE,
+    summary="IRPO: each item's reward against the mean exp-reward of the rest, weighted by its gain over its list position",
+    paper="Wu et al. 2025 (In-context Ranking Preference Optimization), arXiv 2504.15477, the listwise objective "
+          "with positional aggregation (the authors' rdpo_loss in trainers.py, default weights)",
+)
+def irpo(policy: Tensor, reference: Tensor | None, *, beta: float, scores: Tensor | None = None) -> Tensor:
+    """``-mean_i w_i log sigma(-log[(1/(K-1)) sum_{j != i} exp(beta (r_j - r_i))])``, w_i = (2^y_i - 1) / log2(1 + i).
+
+    Each item is compared with the average of the others in one soft-max-like term, and the terms are
+    aggregated with NDCG's weights: the gain ``2^y - 1`` of the item's graded relevance y and the discount of
+    its position i in the list (1 = first). In the paper the list is the model's own in-context ranking and
+    the positions are where it placed each item; for a dataset of ranked lists they are the order in which
+    the row lists the items (best first when no ``scores`` are given, relevance K-1, ..., 0). Relevance must
+    be >= 0 (graded labels, as the paper's); the least relevant item (y = 0) carries no weight. The item's
+    own term is left out of the sum exactly (the authors subtract 100 before beta, which leaves a residue of
+    exp(-100 beta)).
+    """
+    r = _rewards(policy, reference)
+    truth = _true_scores(r, scores)
+    k = r.shape[1]
+    if k < 2:
+        raise ValueError("irpo compares each item with the rest of its list: lists need at least 2 items")
+    if (truth < 0).any():
+        raise ValueError("irpo's gains 2^y - 1 need graded relevance y >= 0; shift or rescale the scores")
+    position = torch.arange(1, k + 1, dtype=r.dtype, device=r.device)
+    weights = (torch.pow(2.0, truth) - 1.0) / torch.log2(1.0 + position)
+    others = beta * (r.unsqueeze(1) - r.unsqueeze(2))  # [b, i, j] = beta (r_j - r_i)
+    others = others.masked_fill(torch.eye(k, dtype=torch.bool, device=r.device), float("-inf"))
+    log_mean = torch.logsumexp(others, dim=2) - math.log(k - 1)
+    return -(weights * F.logsigmoid(-log_mean)).mean(dim=1)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from diffalign.losses._common import (
     EXP_CLAMP,
-    as_weights,
     exp_clamped,
     f32,
     logratios,
@@ -128,20 +127,58 @@ def dpop(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, lambda_
     return -F.logsigmoid(beta * (rw - rl - lambda_dpop * torch.relu(-rw)))
 
 
+def madpo_weight(reward_gap: Tensor, *, c_max: float = 2.0, lam: float = 1.0,
+                 tau: float = math.log(999.0)) -> Tensor:
+    """MADPO's instance weight w(h) of a pair whose reward-model margin (winner minus loser) is ``h``.
+
+    ``c(|h|) = c_min + (c_max - c_min) / (1 + (c_max - 1) / (1 - c_min) exp(lam (|h| - tau)))`` with
+    ``c_min = 1 / c_max`` falls from c_max (small margins: hard pairs) through 1 (|h| = tau) to c_min (easy
+    pairs); ``w = sigma(c h) / sigma(h)`` turns it into a weight above 1 for hard pairs and below 1 for easy
+    ones. Pairs the reward model ranks the other way by more than tau (``h <= -tau``) keep weight 1. As the
+    authors' ``MADPOLoss`` (c_max 2, c_min 1/2, lambda 1, tau = log(0.999/0.001) in their notebook).
+    """
+    if not c_max > 1.0:
+        raise ValueError(f"madpo needs c_max > 1 (c_min = 1/c_max), got {c_max}")
+    h = f32(reward_gap)
+    c_min = 1.0 / c_max
+    c = c_min + (c_max - c_min) / (1.0 + (c_max - 1.0) / (1.0 - c_min) * torch.exp(lam * (h.abs() - tau)))
+    return torch.where(h > -tau, torch.sigmoid(c * h) / torch.sigmoid(h), torch.ones_like(h))
+
+
 @register(
     "madpo",
     kind=PAIRWISE,
-    summary="Margin-Adaptive DPO: DPO with a per-instance weight w(h) from reward-model margins",
-    paper="Rho 2025 (MADPO), arXiv 2510.05342, Eq. 4",
+    summary="Margin-Adaptive DPO: DPO weighted per pair by w(h), h the reward model's margin (data.reward_columns)",
+    paper="Rho 2025 (MADPO), arXiv 2510.05342, Eq. 4 and the weight w(h) of the authors' loss_functions.py",
 )
-def madpo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, weights: Tensor) -> Tensor:
-    """MADPO: ``-w_i * log sigma(beta * Delta_i)`` with per-instance weights ``w_i``.
+def madpo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, reward_gap: Tensor, c_max: float = 2.0,
+          lam: float = 1.0, tau: float = math.log(999.0)) -> Tensor:
+    """MADPO: ``-w(h_i) log sigma(beta Delta_i)``, the DPO loss of each pair times :func:`madpo_weight` of its
+    reward-model margin ``h_i`` (``reward_gap``: the winner's score minus the loser's, from a separately
+    trained reward model: in a config ``data.reward_columns``). The weight is a constant of the step."""
+    weights = madpo_weight(reward_gap, c_max=c_max, lam=lam, tau=tau).to(f32(pc).device)
+    return weights * dpo(pc, pr, rc, rr, beta=beta)
 
-    The paper computes ``w_i = w(h_phi(x, y_w, y_l))`` from a separately trained reward
-    model's margin (large for hard, small-margin pairs; small for easy ones). The weight
-    function is the caller's choice, so the loss takes the weights themselves.
+
+@register(
+    "da_dpo",
+    kind=PAIRWISE,
+    summary="DA-DPO: DPO with each pair's beta scaled by alpha (|score gap| + 1), its difficulty by a scorer",
+    paper="DA-DPO: Cost-efficient Difficulty-aware Preference Optimization for Reducing MLLM Hallucination (TMLR "
+          "2025), the difficulty weight of the authors' llava/train/da_dpo.py (github Artanic30/DA-DPO, db_alpha 1)",
+)
+def da_dpo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, reward_gap: Tensor,
+           alpha: float = 1.0) -> Tensor:
+    """``-log sigma(beta alpha (|g_i| + 1) Delta_i)``, ``g_i`` the gap between a scorer's scores of the two
+    responses (the authors use CLIP scores of the image-text pairs; ``data.reward_columns`` in a config).
+
+    The difficulty scale sits inside the sigmoid, so it is a per-pair beta: pairs the scorer finds easy
+    (a large gap) are held to the reference more tightly and saturate sooner, hard pairs (a small gap)
+    keep the plain beta longer. As the authors' ``CustomDPOTrainer.dpo_loss``.
     """
-    return as_weights(weights, f32(pc)) * dpo(pc, pr, rc, rr, beta=beta)
+    scale = alpha * (f32(reward_gap).abs() + 1.0)
+    rw, rl = _pair_logratios("da_dpo", pc, pr, rc, rr)
+    return -F.logsigmoid(beta * scale.to(rw.device) * (rw - rl))
 
 
 @register(
