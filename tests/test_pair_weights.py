@@ -19,6 +19,7 @@ from diffalign.data import PairDataset
 from diffalign.diffusion import group_scores, noised_group, schedule_for
 from diffalign.errors import UserError
 from diffalign.lm import preference_loss
+from diffalign.losses import madpo_weight
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.train import load_config, train
@@ -125,3 +126,66 @@ def test_curriculum_score_gap_orders_the_runs_pairs_by_their_smoothed_preference
     with pytest.raises(UserError, match="needs a pairs objective and data.score_columns"):
         load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={TOY_BASE}", "data.path=x",
                                                           "data.curriculum=score_gap"])
+
+
+def test_reward_columns_give_each_pair_the_winners_score_minus_the_losers_and_bad_scores_are_bad_rows(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", 5)  # pick favours the reddish image, the labelled winner
+    table = pq.read_table(path).to_pydict()
+    table["pick_1"][3] = None
+    pq.write_table(pa.table(table), path)
+    data = PairDataset(path, resolution=16, reward_columns=("pick_0", "pick_1"))
+    assert len(data) == 4 and data.skipped == {"pick_1": 1}
+    gaps = [data.example(i).reward_gap for i in range(4)]
+    assert gaps == pytest.approx([0.0, 0.01, 0.02, 0.04])  # winner minus loser whichever column it sits in
+    assert PairDataset(path, resolution=16).example(0).reward_gap is None
+
+
+@pytest.mark.parametrize("loss", ["madpo", "da_dpo"])
+def test_the_diffusion_loss_reads_each_pairs_reward_gap_as_its_paper_says(loss):
+    backbone, reference = toy_policy_and_reference()
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={TOY_BASE}", "data.path=unused",
+                                                                f"objective.loss={loss}", "data.reward_columns=[a, b]"])
+    objective = OBJECTIVES["diffusion_dpo"](config.objective, backbone)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(3, 2, 4, 4, 4, generator=g)
+    cond = backbone.encode_prompts(["a red circle", "a blue square", "a green triangle"])
+    randomness = {"timesteps": torch.tensor([100, 500, 900]), "noise": torch.randn(3, 4, 4, 4, generator=g)}
+    gap = torch.tensor([0.1, 4.0, -9.0])
+    got, _ = objective(backbone, latents, cond, randomness, backbone.denoiser, reference, reward_gap=gap)
+    group = noised_group(latents, cond, schedule_for(backbone.scheduler), timesteps=randomness["timesteps"],
+                         noise=randomness["noise"])
+    with torch.no_grad():
+        s, r = group_scores(backbone, group, reference=reference)
+    delta, beta = (s[:, 0] - r[:, 0]) - (s[:, 1] - r[:, 1]), config.objective.beta
+    if loss == "madpo":  # MADPO Eq. 4: w(h) times the DPO loss; w by the authors' formula, c_max 2, tau log 999
+        h, tau = gap.double(), math.log(999.0)
+        c = 0.5 + 1.5 / (1 + 2.0 * torch.exp(h.abs() - tau))
+        w = torch.where(h > -tau, torch.sigmoid(c * h) / torch.sigmoid(h), torch.ones_like(h)).float()
+        by_hand = w * -F.logsigmoid(beta * delta)
+    else:  # DA-DPO: beta scaled by (|gap| + 1)
+        by_hand = -F.logsigmoid(beta * (gap.abs() + 1) * delta)
+    torch.testing.assert_close(got.detach(), by_hand.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_an_lm_run_weighs_its_first_step_by_madpos_w_of_each_pairs_gap(tmp_path):
+    from test_lm_trainer import lm_config, logged, text_pairs
+
+    gaps = [0.0, 0.5, 3.0, 12.0]
+    path = text_pairs(tmp_path / "pairs.parquet", n=4, rm_chosen=[g + 1.0 for g in gaps], rm_rejected=[1.0] * 4)
+    train(lm_config(tmp_path, path, "objective.loss=madpo", "data.reward_columns=[rm_chosen, rm_rejected]",
+                    "train.max_steps=1"))
+    weights = madpo_weight(torch.tensor(gaps, dtype=torch.float64)).tolist()
+    assert logged(tmp_path / "run")[0] == pytest.approx(sum(weights) / 4 * math.log(2), rel=1e-5)  # policy = reference
+
+
+def test_reward_columns_need_pairs_and_a_loss_that_reads_the_gap():
+    base = [f"model.path={TOY_BASE}", "data.path=x"]
+    with pytest.raises(UserError, match="does not read; use a loss that weighs pairs by it: da_dpo, madpo"):
+        load_config(CONFIGS / "toy_diffusion_dpo.yaml", [*base, "data.reward_columns=[pick_0, pick_1]"])
+    with pytest.raises(UserError, match="reads per-pair reward_gap.*data.reward_columns"):
+        load_config(CONFIGS / "toy_diffusion_dpo.yaml", [*base, "objective.loss=madpo"])
+    with pytest.raises(UserError, match=r"\[first, second\]"):
+        load_config(CONFIGS / "toy_diffusion_dpo.yaml", [*base, "objective.loss=madpo", "data.reward_columns=[pick_0]"])
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [*base, "objective.loss=da_dpo",
+                                                               "data.reward_columns=[pick_0, pick_1]"])
+    assert config.data.reward_columns == ["pick_0", "pick_1"]

@@ -251,6 +251,7 @@ class GroupExample:
     scores: Tensor | None = None  # (K,) relevance scores, higher is better (ranked lists)
     weight: float = 1.0  # how many times the pair's loss counts (data.weight_column; pairs)
     margin: float | None = None  # the pair's target margin (data.margin_column, for dpo_margin; pairs)
+    reward_gap: float | None = None  # a reward model's score of the winner minus the loser's (data.reward_columns)
 
 
 PRINTED_PER_COLUMN = 10  # bad rows of one column said one by one as they are met; the rest only counted
@@ -365,10 +366,11 @@ class PairDataset(ImageRows):
         margin_column: str | None = None,
         ensemble_columns: list[tuple[str, str]] | None = None,
         ensemble: str = "none",
+        reward_columns: tuple[str, str] | None = None,
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
-        per_pair += [c for pair in ensemble_columns or () for c in pair]
+        per_pair += [c for pair in ensemble_columns or () for c in pair] + list(reward_columns or ())
         if ensemble != "none" and not ensemble_columns:
             raise ValueError(f"ensemble={ensemble!r} judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
@@ -377,6 +379,7 @@ class PairDataset(ImageRows):
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
         self.margins = self._per_pair(margin_column, "margin", lambda m: True)
+        self.reward_gaps = self._reward_gaps(reward_columns)
         self.strengths, votes = self._ensemble_verdicts(ensemble_columns or [])
         if ensemble == "weight":  # each decided pair's loss counts by the share of the models that back its label
             self.weights = [self._times_vote(w, v, label) for w, v, label in zip(self.weights, votes, self.labels)]
@@ -384,7 +387,8 @@ class PairDataset(ImageRows):
         self.indices: list[int] = []
         for i, label in enumerate(self.labels):
             strength = self.strengths[i]
-            bad = next((v for v in (label, self.weights[i], self.margins[i], strength) if isinstance(v, BadRow)), None)
+            bad = next((v for v in (label, self.weights[i], self.margins[i], self.reward_gaps[i], strength)
+                        if isinstance(v, BadRow)), None)
             if bad is not None:
                 self.count_bad(bad)
             elif label == 0.5 and ties == "drop":
@@ -405,6 +409,19 @@ class PairDataset(ImageRows):
         if column is None:
             return [None] * len(self.source)
         return [per_pair_number(v, i, column, what, valid) for i, v in enumerate(self.source.column(column))]
+
+    def _reward_gaps(self, columns: tuple[str, str] | None) -> list[float | BadRow | None]:
+        """Each row's reward gap, the labelled winner's score minus the loser's by the reward model of ``columns``
+        (first, second); None for every row without them, a :class:`BadRow` where a score or the label is
+        missing. A tie's gap is first minus second."""
+        if not columns:
+            return [None] * len(self.source)
+        first, second = (self._per_pair(c, "reward score", lambda v: True) for c in columns)
+        gaps: list[float | BadRow | None] = []
+        for a, b, label in zip(first, second, self.labels):
+            bad = next((v for v in (label, a, b) if isinstance(v, BadRow)), None)
+            gaps.append(bad if bad is not None else (b - a if label < 0.5 else a - b))
+        return gaps
 
     @staticmethod
     def _times_vote(weight: float | BadRow | None, vote: float | BadRow, label: float | BadRow) -> float | BadRow | None:
@@ -471,4 +488,5 @@ class PairDataset(ImageRows):
         pixels = torch.stack([p for p, _ in decoded]) if decode else None
         weight, margin = self.weights[index], self.margins[index]
         return GroupExample(index, caption, pixels, tuple(i for _, i in decoded), preference=max(label, 1 - label),
-                            weight=1.0 if weight is None else weight, margin=margin)
+                            weight=1.0 if weight is None else weight, margin=margin,
+                            reward_gap=self.reward_gaps[index])

@@ -41,6 +41,7 @@ class TextExample:
     scores: Tensor | None = None  # ranked: (K,) scores, best first
     weight: float = 1.0  # pairs: data.weight_column
     margin: float | None = None  # pairs: data.margin_column
+    reward_gap: float | None = None  # pairs: the chosen's minus the rejected's score in data.reward_columns
     preference: float = 1.0
     image_ids: tuple[str, ...] = ()  # nothing is cached for text
 
@@ -75,13 +76,15 @@ class TextPairDataset(TextRows):
 
     def __init__(self, path: str | Path, *, tokenizer, max_length: int | None = 1024, prompt_column: str = "prompt",
                  chosen_column: str = "chosen", rejected_column: str = "rejected", weight_column: str | None = None,
-                 margin_column: str | None = None, on_error: str = "skip", split: str = "train") -> None:
-        per_pair = [c for c in (weight_column, margin_column) if c is not None]
+                 margin_column: str | None = None, reward_columns: tuple[str, str] | None = None,
+                 on_error: str = "skip", split: str = "train") -> None:
+        per_pair = [c for c in (weight_column, margin_column) if c is not None] + list(reward_columns or ())
         super().__init__(path, tokenizer=tokenizer, max_length=max_length, prompt_column=prompt_column,
                          required=[chosen_column, rejected_column, *per_pair], on_error=on_error, split=split)
         self.implicit_prompt = prompt_column not in self.source.columns
         self.chosen_column, self.rejected_column = chosen_column, rejected_column
         self.weight_column, self.margin_column = weight_column, margin_column
+        self.reward_columns = tuple(reward_columns or ())
 
     @staticmethod
     def _number(row: dict, index: int, column: str | None, what: str, valid) -> float | None:
@@ -106,9 +109,11 @@ class TextPairDataset(TextRows):
         else:
             prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
         weight = self._number(row, index, self.weight_column, "weight", lambda w: w >= 0)
+        scores = [self._number(row, index, column, "reward score", lambda v: True) for column in self.reward_columns]
         return TextExample(index, self._tokenized(index, prompt, [chosen, rejected], self.chosen_column),
                            weight=1.0 if weight is None else weight,
-                           margin=self._number(row, index, self.margin_column, "margin", lambda m: True))
+                           margin=self._number(row, index, self.margin_column, "margin", lambda m: True),
+                           reward_gap=scores[0] - scores[1] if scores else None)
 
 
 class TextUnpairedDataset(TextRows):

@@ -177,6 +177,10 @@ class DataConfig:
     # pairs: a column holding each pair's target margin, for objective.loss=dpo_margin (ODPO's per-pair
     # offset, Amini et al. 2024); none = the loss's fixed loss_options.margin
     margin_column: str | None = None
+    # pairs: one reward model's (or scorer's) scores of the two images or completions, [first, second] (for text
+    # pairs, [chosen score, rejected score]): each pair's reward gap, winner minus loser, for the losses that read it
+    # (objective.loss=madpo: MADPO's w(h) per pair; da_dpo: DA-DPO's per-pair beta); the label still decides
+    reward_columns: list = field(default_factory=list)
     # pairs: several reward models' scores of the two images, [[first, second], ...] per model, to judge the
     # labels by (the preference strength of Secrets of RLHF II, Wang et al. 2024); with ensemble=filter the
     # pairs whose labelled winner the ensemble scores lower on average are dropped (said and counted); with
@@ -411,8 +415,12 @@ class Config:
             raise UserError("data.curriculum=score_gap orders pairs by the gap between their reward scores: it needs "
                             f"a pairs objective and data.score_columns; {self.objective.name} with score_columns="
                             f"{self.data.score_columns!r}")
-        for key in ("weight_column", "margin_column"):
-            if getattr(self.data, key) is not None and objective.dataset not in ("pairs", "text_pairs"):
+        if self.data.reward_columns and not (len(self.data.reward_columns) == 2
+                                             and all(isinstance(c, str) for c in self.data.reward_columns)):
+            raise UserError(f"data.reward_columns names one reward model's two score columns, [first, second]; got "
+                            f"{self.data.reward_columns!r}")
+        for key in ("weight_column", "margin_column", "reward_columns"):
+            if getattr(self.data, key) and objective.dataset not in ("pairs", "text_pairs"):
                 raise UserError(f"data.{key} gives each pair its own number; {self.objective.name} reads "
                                 f"{objective.dataset}, not pairs")
         spec = None if own else losses.spec(self.objective.loss)
@@ -420,6 +428,10 @@ class Config:
             margins = [s.name for s in losses.specs() if "margin" in s.options]
             raise UserError(f"data.margin_column sets each pair's margin, which objective.loss={self.objective.loss} "
                             f"does not take; use a loss with a margin: {', '.join(margins)}")
+        if self.data.reward_columns and (spec is None or "reward_gap" not in spec.inputs):
+            readers = [s.name for s in losses.specs() if "reward_gap" in s.inputs]
+            raise UserError(f"data.reward_columns gives each pair its reward gap, which objective.loss={self.objective.loss} "
+                            f"does not read; use a loss that weighs pairs by it: {', '.join(readers)}")
         if self.data.ties == "soft" and kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
                             "(objective.loss=bt_wide_ties, soft_dpo or smpo); use data.ties=drop otherwise")
@@ -487,13 +499,14 @@ class Config:
         named = objective.loss_names
         if named is not None and spec.name not in named:
             raise UserError(f"objective.loss={spec.name}: {self.objective.name} trains {' or '.join(named)}")
-        missing = [name for name in spec.inputs if name not in objective.supplies]
+        from_data = ("reward_gap",) if self.data.reward_columns else ()
+        missing = [name for name in spec.inputs if name not in (*objective.supplies, *from_data)]
         if missing:
             suppliers = [n for n, cls in OBJECTIVES.items()
                          if set(spec.inputs) <= set(cls.supplies) and cls.family == objective.family]
             fix = (f"use objective.name={' or '.join(suppliers)}" if suppliers else
-                   "a pair's own weight or margin comes from data.weight_column (with objective.loss=dpo, MADPO's "
-                   "weighted DPO) or data.margin_column")
+                   "a pair's reward gap comes from data.reward_columns (one reward model's scores of the pair), its "
+                   "own weight or margin from data.weight_column or data.margin_column")
             raise UserError(f"objective.loss={spec.name} reads per-pair {', '.join(missing)}, which "
                             f"{self.objective.name} does not estimate; {fix}")
 

@@ -94,7 +94,8 @@ class LanguageModelTrainer(PreferenceTrainer):
             return TextRankedDataset(dc.path, completions_column=dc.completions_column,
                                      scores_column=dc.scores_column, **common)
         return TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
-                               weight_column=dc.weight_column, margin_column=dc.margin_column, **common)
+                               weight_column=dc.weight_column, margin_column=dc.margin_column,
+                               reward_columns=tuple(dc.reward_columns) or None, **common)
 
     def _make_rounds(self, reads_data: bool) -> TextRounds:
         return TextRounds(self.config, self.module, self.tokenizer, self.output_dir, self.accelerator, self.objective)
@@ -116,6 +117,8 @@ class LanguageModelTrainer(PreferenceTrainer):
             targets["weight"] = torch.tensor([e.weight for e in examples], device=device)
         if self.config.data.margin_column is not None:
             targets["margin"] = torch.tensor([e.margin for e in examples], device=device)
+        if self.config.data.reward_columns:
+            targets["reward_gap"] = torch.tensor([e.reward_gap for e in examples], device=device)
         targets["preference"] = torch.tensor([e.preference for e in examples], device=device)
         lengths = inputs["completion_mask"].sum(dim=1).float()
         logged = {"completion_tokens": lengths.mean(), "sequence_tokens": inputs["attention_mask"].sum(1).float().mean()}

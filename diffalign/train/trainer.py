@@ -121,7 +121,7 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
                        score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
                        ties=dc.ties, on_error=dc.on_error, split=dc.split, weight_column=dc.weight_column,
                        margin_column=dc.margin_column, ensemble_columns=[tuple(pair) for pair in dc.ensemble_columns],
-                       ensemble=dc.ensemble)
+                       ensemble=dc.ensemble, reward_columns=tuple(dc.reward_columns) or None)
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
@@ -339,6 +339,8 @@ class PreferenceTrainer:
             targets["weight"] = torch.tensor([e.weight for _, e in examples], device=device)
         if self.config.data.margin_column is not None:
             targets["margin"] = torch.tensor([e.margin for _, e in examples], device=device)
+        if self.config.data.reward_columns:
+            targets["reward_gap"] = torch.tensor([e.reward_gap for _, e in examples], device=device)
         return {
             "latents": latents.to(device),
             "cond": cond.to(device),
@@ -503,6 +505,7 @@ class PreferenceTrainer:
             "data.margin_column": c.data.margin_column,
             "data.ensemble": c.data.ensemble,
             "data.ensemble_columns": c.data.ensemble_columns,
+            "data.reward_columns": c.data.reward_columns,
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
             "text columns": [c.data.prompt_column, c.data.chosen_column, c.data.rejected_column,
