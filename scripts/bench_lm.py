@@ -5,9 +5,12 @@ Both train DPO (sigmoid loss, beta 0.1) on the toy text world's pairs with a GPT
 constant learning rate, fp32, dropout off, a full fine-tune with a frozen reference copy (``--lora R``: a
 LoRA of rank R whose base is the reference). Throughput is pairs per second of the training loop alone:
 diffalign's logged ``pairs_per_s`` and TRL's ``train_samples_per_second`` (model loading excluded for both).
-Each trainer runs ``--repeats`` times in alternation; the median is printed.
+Each trainer runs ``--repeats`` times in alternation; the median is printed. ``--uneven`` gives the chosen
+completions one to four sentences (lengths vary four-fold, as real preference data does) and ``--packing`` adds
+diffalign with ``data.packing=true`` (the sequences of a micro-batch packed into as few rows as fit).
 
     python scripts/bench_lm.py                       # CPU, a 19 M-parameter GPT-2
+    python scripts/bench_lm.py --uneven --packing    # what packing saves on uneven lengths
     python scripts/bench_lm.py --width 1024 --layers 12 --batch-size 32    # on a GPU
 """
 
@@ -26,20 +29,21 @@ import torch
 from safetensors.torch import load_file
 
 
-def write_model(folder: Path, width: int, layers: int) -> Path:
+def write_model(folder: Path, width: int, layers: int, positions: int | None = None) -> Path:
     from transformers import GPT2LMHeadModel
 
     from diffalign.toy.text_model import toy_lm_config, toy_tokenizer
 
     config = toy_lm_config()
     config.n_embd, config.n_layer, config.n_head = width, layers, max(1, width // 64)
+    config.n_positions = positions or config.n_positions
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(str(folder))
     toy_tokenizer().save_pretrained(str(folder))
     return folder
 
 
-def write_pairs(path: Path, n: int) -> dict[str, list]:
+def write_pairs(path: Path, n: int, uneven: bool = False) -> dict[str, list]:
     from diffalign.toy import text_world as tw
 
     rng = random.Random(0)
@@ -48,16 +52,18 @@ def write_pairs(path: Path, n: int) -> dict[str, list]:
         prompt = tw.prompts("all")[i % 36]
         colour, animal = tw.parse_prompt(prompt)
         rows["prompt"].append(prompt)
-        rows["chosen"].append(tw.base_completion(rng, colour, animal))
+        sentences = rng.randint(1, 4) if uneven else 1
+        rows["chosen"].append(" ".join(tw.base_completion(rng, colour, animal) for _ in range(sentences)))
         rows["rejected"].append(tw.base_completion(rng, colour, animal))
     pq.write_table(pa.table(rows), path)
     return rows
 
 
-def diffalign_pairs_per_s(model: Path, data: Path, out: Path, args) -> float:
+def diffalign_pairs_per_s(model: Path, data: Path, out: Path, args, packing: bool = False) -> float:
     from diffalign.train import load_config, train
 
     train(load_config(None, [f"model.path={model}", "objective.name=lm_dpo", "objective.loss=dpo",
+                             f"data.packing={str(packing).lower()}",
                              f"data.path={data}", f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
                              "train.learning_rate=1e-5", "train.lr_scheduler=constant", "train.checkpoint_every=0",
                              f"train.log_every={args.steps}", "train.report_to=none", f"train.lora_rank={args.lora}",
@@ -94,18 +100,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lora", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--uneven", action="store_true", help="chosen completions of 1-4 sentences")
+    parser.add_argument("--packing", action="store_true", help="also run diffalign with data.packing=true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = write_model(root / "model", args.width, args.layers)
-        rows = write_pairs(root / "pairs.parquet", max(64, args.batch_size * args.steps))
+        model = write_model(root / "model", args.width, args.layers, positions=64 if args.uneven else None)
+        rows = write_pairs(root / "pairs.parquet", max(64, args.batch_size * args.steps), uneven=args.uneven)
         parameters = sum(t.numel() for t in load_file(model / "model.safetensors").values())
         runs: dict[str, list[float]] = {"diffalign": [], "TRL DPOTrainer": []}
+        if args.packing:
+            runs["diffalign, data.packing=true"] = []
         for i in range(args.repeats):
             runs["diffalign"].append(diffalign_pairs_per_s(model, root / "pairs.parquet", root / f"ours-{i}", args))
             runs["TRL DPOTrainer"].append(trl_pairs_per_s(model, rows, root / f"trl-{i}", args))
+            if args.packing:
+                runs["diffalign, data.packing=true"].append(
+                    diffalign_pairs_per_s(model, root / "pairs.parquet", root / f"packed-{i}", args, packing=True))
     print(f"\nDPO, GPT-2 {args.width} x {args.layers} ({parameters / 1e6:.1f} M parameters), batch {args.batch_size}, "
           f"{args.steps} steps, {'LoRA rank ' + str(args.lora) if args.lora else 'full fine-tune'}, "
+          f"{'uneven lengths (1-4 sentences), ' if args.uneven else ''}"
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, median of {args.repeats}")
     print("| trainer | pairs/s |\n|---|---|")
     for name, values in runs.items():

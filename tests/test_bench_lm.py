@@ -13,9 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_lm_benchmark_runs_both_trainers(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts/bench_lm.py"), "--width", "64", "--layers", "1",
-                           "--batch-size", "2", "--steps", "2", "--repeats", "1", "--lora", "4"],
+                           "--batch-size", "2", "--steps", "2", "--repeats", "1", "--lora", "4", "--uneven", "--packing"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = dict(re.findall(r"^\| (diffalign|TRL DPOTrainer) \| ([0-9.]+) \|$", done.stdout, re.M))
-    assert set(rows) == {"diffalign", "TRL DPOTrainer"} and all(float(v) > 0 for v in rows.values())
-    assert "LoRA rank 4" in done.stdout
+    rows = dict(re.findall(r"^\| (diffalign|TRL DPOTrainer|diffalign, data.packing=true) \| ([0-9.]+) \|$",
+                           done.stdout, re.M))
+    assert set(rows) == {"diffalign", "TRL DPOTrainer", "diffalign, data.packing=true"}
+    assert all(float(v) > 0 for v in rows.values())
+    assert "LoRA rank 4" in done.stdout and "uneven lengths" in done.stdout

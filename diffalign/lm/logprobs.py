@@ -53,7 +53,13 @@ def sequence_logps(
     Returns:
         (scores (N,), lengths (N,)) in float32.
     """
-    per_token = token_logps(logits, input_ids)
+    return completion_scores(token_logps(logits, input_ids), completion_mask, average=average, ld_alpha=ld_alpha)
+
+
+def completion_scores(per_token: Tensor, completion_mask: Tensor, *, average: bool = False,
+                      ld_alpha: float | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sequence completion scores and lengths from per-token log-probs ``per_token`` (N, T-1), token t >= 1
+    of each sequence; see :func:`sequence_logps`."""
     mask = completion_mask[:, 1:].to(per_token.dtype)
     lengths = mask.sum(dim=1)
     if ld_alpha is None:

@@ -20,13 +20,19 @@ from typing import Any
 import torch
 
 from diffalign import losses
-from diffalign.lm.logprobs import sequence_logps
+from diffalign.lm.logprobs import completion_scores, sequence_logps
+from diffalign.lm.packing import packed_forward, packed_token_logps
 from diffalign.losses.registry import LISTWISE, LOGIT_KINDS, LossSpec
 
 Tensor = torch.Tensor
 
 
 def _scores(model: torch.nn.Module, batch: dict[str, Tensor], average: bool, ld_alpha: float | None):
+    """Each row's completion score and length; one forward on the packed rows when the batch has them
+    (:mod:`diffalign.lm.packing`), else on the padded rows."""
+    if "packed_input_ids" in batch:
+        per_token = packed_token_logps(packed_forward(model, batch), batch)
+        return completion_scores(per_token, batch["completion_mask"], average=average, ld_alpha=ld_alpha)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return sequence_logps(
         out.logits, batch["input_ids"], batch["completion_mask"], average=average, ld_alpha=ld_alpha

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from diffalign.lm.packing import pack
+
 Tensor = torch.Tensor
 
 
@@ -74,11 +76,13 @@ def tokenize_group(tokenizer, prompt: Any, completions: Sequence[Any]) -> Tokeni
     return TokenizedGroup(tuple(prompt_ids[:cut]), tuple(tuple(ids[cut:]) for ids in full))
 
 
-def collate(groups: Sequence[TokenizedGroup], *, pad_token_id: int, max_length: int | None) -> dict[str, Tensor]:
+def collate(groups: Sequence[TokenizedGroup], *, pad_token_id: int, max_length: int | None,
+            packed: bool = False) -> dict[str, Tensor]:
     """A rank-major batch of B groups of K completions: (K * B, T) ``input_ids``, ``attention_mask`` and
     ``completion_mask``, row k * B + i the k-th completion of group i, right-padded (a pair batch: the B
     chosen rows, then the B rejected ones, as :func:`diffalign.lm.preference_loss` and TRL read it). Each
-    sequence is cut to ``max_length`` tokens, keeping its start (TRL's ``keep_start``)."""
+    sequence is cut to ``max_length`` tokens, keeping its start (TRL's ``keep_start``). ``packed`` adds the
+    packed layout of :func:`diffalign.lm.packing.pack`, which the scores then run on."""
     rows, masks = [], []
     for k in range(len(groups[0].completions)):
         for group in groups:
@@ -86,8 +90,9 @@ def collate(groups: Sequence[TokenizedGroup], *, pad_token_id: int, max_length: 
             mask = [0] * len(group.prompt) + [1] * len(group.completions[k])
             rows.append(torch.tensor(ids[:max_length]))
             masks.append(torch.tensor(mask[:max_length]))
-    return {
+    batch = {
         "input_ids": pad_sequence(rows, batch_first=True, padding_value=pad_token_id),
         "attention_mask": pad_sequence([torch.ones_like(r) for r in rows], batch_first=True),
         "completion_mask": pad_sequence(masks, batch_first=True),
     }
+    return {**batch, **pack(batch, pad_token_id=pad_token_id)} if packed else batch

@@ -99,7 +99,7 @@ class TextRounds:
                              generator=example_generator(tc.seed, step, micro, 2))
         mine = draw[acc.process_index * tc.batch_size:(acc.process_index + 1) * tc.batch_size]
         inputs = collate([data["pairs"][int(i)] for i in mine], pad_token_id=self.tokenizer.pad_token_id,
-                         max_length=self.config.data.max_length)
+                         max_length=self.config.data.max_length, packed=self.config.data.packing)
         device = acc.device
         return {"inputs": {k: v.to(device) for k, v in inputs.items()},
                 "targets": {k: v[mine].to(device) for k, v in data["inputs"].items()},

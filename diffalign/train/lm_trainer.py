@@ -25,6 +25,7 @@ from diffalign.data.text import TextPairDataset, TextRankedDataset, TextUnpaired
 from diffalign.diffusion import mixed_precision_dtype, resolve_dtype
 from diffalign.errors import UserError
 from diffalign.lm.loading import causal_lm_folder, load_causal_lm, load_tokenizer
+from diffalign.lm.packing import padding_share
 from diffalign.lm.tokenize import collate
 from diffalign.paths import with_usual_permissions
 from diffalign.train.lm_online import TextRounds
@@ -106,7 +107,7 @@ class LanguageModelTrainer(PreferenceTrainer):
         examples = [e for _, e in self._examples(step, micro)]
         device = self.accelerator.device
         inputs = collate([e.group for e in examples], pad_token_id=self.tokenizer.pad_token_id,
-                         max_length=self.config.data.max_length)
+                         max_length=self.config.data.max_length, packed=self.config.data.packing)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         targets: dict[str, torch.Tensor] = {}
         if examples[0].label is not None:
@@ -121,7 +122,8 @@ class LanguageModelTrainer(PreferenceTrainer):
             targets["reward_gap"] = torch.tensor([e.reward_gap for e in examples], device=device)
         targets["preference"] = torch.tensor([e.preference for e in examples], device=device)
         lengths = inputs["completion_mask"].sum(dim=1).float()
-        logged = {"completion_tokens": lengths.mean(), "sequence_tokens": inputs["attention_mask"].sum(1).float().mean()}
+        logged = {"completion_tokens": lengths.mean(), "sequence_tokens": inputs["attention_mask"].sum(1).float().mean(),
+                  "padding_share": torch.tensor(padding_share(inputs))}
         return {"inputs": inputs, "targets": targets, "list_size": len(examples[0].group.completions),
                 "logged": logged}
 
