@@ -45,7 +45,7 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, averag
     return _scores(model, batch, average, ld_alpha)
 
 
-def _reference_context(policy: torch.nn.Module, reference: torch.nn.Module | None):
+def reference_context(policy: torch.nn.Module, reference: torch.nn.Module | None):
     """With no separate reference, a PEFT policy with adapters disabled is the reference."""
     if reference is not None:
         return contextlib.nullcontext(reference)
@@ -69,7 +69,7 @@ def _policy_and_reference_scores(policy: torch.nn.Module, reference: torch.nn.Mo
     scores, lengths = _scores(policy, batch, average, ld_alpha)
     if not spec.needs_reference:
         return scores, None, lengths
-    with torch.no_grad(), _reference_context(policy, reference) as ref_model:
+    with torch.no_grad(), reference_context(policy, reference) as ref_model:
         ref_scores, _ = _scores(ref_model, batch, average, ld_alpha)
     return scores, ref_scores, lengths
 

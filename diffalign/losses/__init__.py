@@ -28,6 +28,7 @@ from diffalign.losses import (
     regularisers,
     self_play,
     soft,
+    token_level,
     unpaired,
 )
 from diffalign.losses.metrics import combine, preference_metrics
@@ -65,6 +66,7 @@ __all__ = [
     "soft",
     "spec",
     "specs",
+    "token_level",
     "udm_weights",
     "unpaired",
 ]

@@ -24,7 +24,9 @@ SOFT_LABEL = "soft-label"
 REGULARISER = "regulariser"
 DISTILLATION = "distillation"
 CLASSIFICATION = "classification"
-KINDS = (PAIRWISE, UNPAIRED, REFERENCE_FREE, LISTWISE, SOFT_LABEL, REGULARISER, DISTILLATION, CLASSIFICATION)
+TOKEN_LEVEL = "token-level"
+KINDS = (PAIRWISE, UNPAIRED, REFERENCE_FREE, LISTWISE, SOFT_LABEL, REGULARISER, DISTILLATION, CLASSIFICATION,
+         TOKEN_LEVEL)
 # the kinds that take logits, not per-example scores (see diffalign.losses.distillation)
 LOGIT_KINDS = (DISTILLATION, CLASSIFICATION)
 # the per-example inputs a kind's losses all take, which every objective of that kind supplies

@@ -17,6 +17,7 @@ from diffalign.objectives.lm_inpo import LanguageModelINPO
 from diffalign.objectives.lm_kto import LanguageModelKTO
 from diffalign.objectives.lm_online import LanguageModelOnline
 from diffalign.objectives.lm_rank import LanguageModelRank
+from diffalign.objectives.lm_sparse_po import LanguageModelSparsePO
 from diffalign.objectives.lm_sppo import LanguageModelSPPO
 from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.rank_dpo import RankDPO
@@ -43,6 +44,7 @@ OBJECTIVES = {
     "lm_kto": LanguageModelKTO,
     "lm_online_dpo": LanguageModelOnline,
     "lm_rank": LanguageModelRank,
+    "lm_sparse_po": LanguageModelSparsePO,
     "lm_sppo": LanguageModelSPPO,
     "nft": DiffusionNFT,
     "rank_dpo": RankDPO,

@@ -33,6 +33,8 @@ class Objective:
     # (LossSpec.inputs: SPPO's win-rates); the config matches them before any model loads
     loss_names: tuple[str, ...] | None = None
     supplies: tuple[str, ...] = ()
+    # options of the objective itself, set beside the loss's in objective.loss_options, with their defaults
+    own_options: dict[str, Any] = {}
 
     @staticmethod
     def mean_over_processes(value: Tensor) -> Tensor:
@@ -40,6 +42,12 @@ class Objective:
         reference point, BCO's reward shift) is taken over the global batch. One process: ``value``;
         the trainer replaces this with its accelerator's reduction, which every process must call alike."""
         return value
+
+    def trained_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Modules the objective trains beside the model (SparsePO's token mask model), by name, given the model to
+        be trained. The trainer adds them to that model as submodules before the optimiser and DDP see it, so they
+        train, synchronise and checkpoint with it, and leaves them out of the final weights (default none)."""
+        return {}
 
     def attach(self, denoiser: nn.Module) -> list[Any]:
         """Called once with the trained denoiser; returns state to save in checkpoints (default none)."""

@@ -26,6 +26,7 @@ class LanguageModelObjective(Objective):
     """Base of the LM objectives: the loss spec, beta and options from the config."""
 
     family = "lm"
+    reads_packed = True  # scores a packed batch (data.packing) through diffalign.lm's scores
 
     def __init__(self, config: ObjectiveConfig, tokenizer: Any = None) -> None:
         """``tokenizer``: the model's, for objectives that build token rows of their own (KTO's mismatched rows)."""

@@ -366,7 +366,7 @@ class Config:
             raise UserError(f"objective.loss={self.objective.loss} is a function of a model's logits (add it in your "
                             f"own loop: diffalign.losses.get({self.objective.loss!r})(logits, mask)); {self.objective.name} "
                             "trains losses of sequence or denoising scores")
-        _check_loss_options(self.objective, None if own else losses.spec(self.objective.loss))
+        _check_loss_options(self.objective, None if own else losses.spec(self.objective.loss), objective.own_options)
         if not own:
             self._check_loss_inputs(objective, losses.spec(self.objective.loss))
         if self.data.precompute and (self.data.cache_dir is None or objective.dataset == "online"):
@@ -460,7 +460,7 @@ class Config:
             RewardSpec.parse(spec)
         self._validate_gold(objective)
         if objective.family == "lm":
-            self._validate_language_model()
+            self._validate_language_model(objective)
         elif self.data.packing:
             raise UserError(f"data.packing packs a language model's token sequences; {self.objective.name} trains "
                             "a diffusion model: remove it")
@@ -478,9 +478,12 @@ class Config:
             if dotted not in given and getattr(part, key) == default:
                 setattr(part, key, copy.deepcopy(value))
 
-    def _validate_language_model(self) -> None:
+    def _validate_language_model(self, objective) -> None:
         """What a language-model run cannot do, said before any model loads."""
         dc = self.data
+        if dc.packing and not objective.reads_packed:
+            raise UserError(f"data.packing: {self.objective.name} reads every token's distribution from the padded "
+                            "rows, not packed ones; remove it")
         image_only = [(key, bad) for key, bad in (
             ("data.cache_dir", dc.cache_dir is not None), ("data.precompute", dc.precompute),
             ("data.random_flip", dc.random_flip), ("data.score_columns", bool(dc.score_columns)),
@@ -625,15 +628,15 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, origin or annotation)
 
 
-def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None) -> None:
+def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None, own: dict[str, Any]) -> None:
     """Each ``objective.loss_options`` key must be an option of the chosen loss (``spec``; None for an
-    objective's own loss, which takes none), of its default's type, and one of its values for an option
-    with a fixed set.
+    objective's own loss, which takes none) or of the objective itself (``own``: SparsePO's mask settings),
+    of its default's type, and one of its values for an option with a fixed set.
 
     Checked with the config, so a misspelt option stops the run before any model loads, not
     at its first step.
     """
-    options = {} if spec is None else spec.options
+    options = {**({} if spec is None else spec.options), **own}
     choices = {} if spec is None else spec.option_choices
     for key, value in objective.loss_options.items():
         dotted = f"objective.loss_options.{key}"

@@ -218,6 +218,12 @@ class PreferenceTrainer:
             self.dataset = self._load_dataset("images" if self.online else objective_cls.dataset)
         self._build_models(frozen_reference=objective_cls.frozen_reference)
         self.objective = self._make_objective(objective_cls)
+        # what the objective trains beside the model (SparsePO's masks) joins the trained module before the
+        # optimiser and DDP see it
+        self._objective_modules = self.objective.trained_modules(self.module)
+        for name, extra in self._objective_modules.items():
+            self.module.add_module(name, extra.to(self.accelerator.device))
+            self.params += list(extra.parameters())
         self.reader = None
         if reads_data:  # examples whose latents are cached are only hashed, not decoded
             workers = config.data.workers
@@ -704,7 +710,8 @@ class PreferenceTrainer:
         if not interrupted:
             self._check_room(self._trained_bytes(), "the final weights", state["last_good_checkpoint"])
             # every process takes part: under FSDP / ZeRO-3 this gathers the shards onto the main process
-            weights = acc.get_state_dict(self.trained)
+            weights = {key: value for key, value in acc.get_state_dict(self.trained).items()
+                       if key.split(".", 1)[0] not in self._objective_modules}  # the model's own weights
             if acc.is_main_process:
                 final_dir = self._save_final_weights(weights, self.output_dir / "final")
         summary = {
