@@ -42,8 +42,9 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         for option, summary, paper in SCORE_OPTIONS:
             print(f"  {option}  {summary}\n  {'':<{len(option)}}  paper: {paper}")
     print(f"\n{len(rows)} losses. Use a pairwise, unpaired, reference-free, listwise or soft-label one as "
-          "objective.loss=NAME in a config, its options as objective.loss_options.OPTION=VALUE. The distillation and "
-          "classification losses are functions of logits, diffalign.losses.get(NAME)(student, teacher, mask).")
+          "objective.loss=NAME in a config, its options as objective.loss_options.OPTION=VALUE; the token-level one "
+          "with objective.name=lm_sparse_po. The distillation and classification losses are functions of logits, "
+          "diffalign.losses.get(NAME)(student, teacher, mask).")
     return 0
 
 

@@ -36,7 +36,8 @@ NEGATIVE_SCORES = {"orpo", "asft", "simpo", "cpo"}
 
 
 def pairwise_like():
-    return [s.name for s in losses.specs() if s.kind not in ("listwise", *LOGIT_KINDS) and s.name != "z_loss"]
+    return [s.name for s in losses.specs() if s.kind not in ("listwise", "token-level", *LOGIT_KINDS)
+            and s.name != "z_loss"]
 
 
 def test_registry_holds_every_required_loss():

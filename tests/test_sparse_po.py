@@ -146,3 +146,14 @@ def test_sparse_po_needs_its_token_level_loss_and_refuses_packing():
         load_config(None, [*base, "objective.loss=sparse_po", "data.packing=true"])
     with pytest.raises(UserError, match="has no option 'independant'"):
         load_config(None, [*base, "objective.loss=sparse_po", "objective.loss_options={independant: true}"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_po_stays_finite_for_huge_log_ratios(dtype):
+    huge = torch.tensor([[1e4, -1e4, 3e3]], dtype=dtype, requires_grad=True)
+    mask = torch.ones(1, 3, dtype=dtype)
+    out = losses.get("sparse_po")(huge, -huge, huge, -huge, beta=1.0, chosen_mask=mask, rejected_mask=mask,
+                                  chosen_reward_mask=mask, rejected_reward_mask=mask, chosen_kl_mask=mask * 0.5,
+                                  rejected_kl_mask=mask * 0.5)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(huge.grad).all() and out.dtype == torch.float32
