@@ -96,7 +96,8 @@ class TextPairDataset(TextRows):
             raise value
         return value
 
-    def read(self, position: int, decode: bool = True) -> TextExample:
+    def pair(self, position: int) -> tuple[Any, Any, Any]:
+        """The (prompt, chosen, rejected) of the pair at ``position``, each text or messages; raises :class:`BadRow`."""
         index = self.indices[position]
         row = self.source.row(index)
         chosen = _text(row.get(self.chosen_column), index, self.chosen_column, "chosen completion")
@@ -105,9 +106,17 @@ class TextPairDataset(TextRows):
             if not (is_conversation(chosen) and is_conversation(rejected)):
                 raise BadRow(index, self.prompt_column, "no prompt column, and chosen/rejected are not conversations "
                                                         "sharing their first messages")
-            prompt, chosen, rejected = split_prompt(chosen, rejected)
-        else:
-            prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
+            return split_prompt(chosen, rejected)
+        return _text(row.get(self.prompt_column), index, self.prompt_column, "prompt"), chosen, rejected
+
+    def narrow(self, positions: list[int]) -> None:
+        """Keep only the pairs at ``positions`` (a selection such as UPO's reliable pairs)."""
+        self.indices = [self.indices[p] for p in positions]
+
+    def read(self, position: int, decode: bool = True) -> TextExample:
+        index = self.indices[position]
+        row = self.source.row(index)
+        prompt, chosen, rejected = self.pair(position)
         weight = self._number(row, index, self.weight_column, "weight", lambda w: w >= 0)
         scores = [self._number(row, index, column, "reward score", lambda v: True) for column in self.reward_columns]
         return TextExample(index, self._tokenized(index, prompt, [chosen, rejected], self.chosen_column),

@@ -50,6 +50,19 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def load_sequence_classifier(path: str | Path, role: str):
+    """A local transformers sequence classifier (saved with save_pretrained) and its tokenizer, the tokenizer's pad
+    token set on the model; ``role`` names what it is for in the error when the folder is missing."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not Path(path).is_dir():
+        raise UserError(f"{role} {path}: no such folder (a transformers sequence classifier saved with save_pretrained)")
+    model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+    tokenizer = load_tokenizer(path)  # its EOS as the pad token when it has none
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def without_dropout(model: nn.Module) -> nn.Module:
     """Dropout off, as TRL's trainers do by default (``disable_dropout``): the policy and reference
     log-probs of one sequence then agree at step 0, and a resumed or multi-process run is exact."""

@@ -33,16 +33,9 @@ class SequenceClassifierReward:
     description = "A sequence-classifier reward model's score of prompt + completion; higher is better."
 
     def __init__(self, path: str | Path, batch_size: int = 16) -> None:
-        from transformers import AutoModelForSequenceClassification
+        from diffalign.lm.loading import load_sequence_classifier
 
-        from diffalign.lm.loading import load_tokenizer
-
-        if not Path(path).is_dir():
-            raise UserError(f"reward classifier:{path}: no such folder (a transformers sequence classifier saved "
-                            "with save_pretrained)")
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
-        self.tokenizer = load_tokenizer(path)  # its EOS as the pad token when it has none
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model, self.tokenizer = load_sequence_classifier(path, "reward classifier:")
         self.name, self.batch_size = "classifier", batch_size
 
     @torch.no_grad()

@@ -209,6 +209,13 @@ class DataConfig:
     # ids restart per sequence, a block-diagonal causal mask keeps them apart), so the model runs on little or no
     # padding; losses are unchanged. Pays when lengths vary; the logged padding_share shows what it saves
     packing: bool = False
+    # text pairs: UPO's reliable pairs (Wang et al. 2025): a local 2-label sequence classifier (label 0: "Response #1
+    # is better") reads each pair, the winner first, estimator_passes times with its dropout on; pairs it votes against
+    # are dropped as noise, and estimator_keep of the rest (at most 0.5, as the authors) are sampled by certainty
+    # (1 - BALD). None: every pair
+    estimator: str | None = None
+    estimator_passes: int = 10
+    estimator_keep: float = 0.5
 
 
 @dataclass
@@ -481,6 +488,12 @@ class Config:
     def _validate_language_model(self, objective) -> None:
         """What a language-model run cannot do, said before any model loads."""
         dc = self.data
+        if dc.estimator is not None:
+            if objective.dataset != "text_pairs":
+                raise UserError(f"data.estimator picks reliable text pairs; {self.objective.name} reads {objective.dataset}")
+            if not 0.0 < dc.estimator_keep <= 0.5 or dc.estimator_passes < 1:
+                raise UserError(f"data.estimator_keep must be in (0, 0.5] (UPO's bald_rate) and data.estimator_passes "
+                                f">= 1; got {dc.estimator_keep} and {dc.estimator_passes}")
         if dc.packing and not objective.reads_packed:
             raise UserError(f"data.packing: {self.objective.name} reads every token's distribution from the padded "
                             "rows, not packed ones; remove it")

@@ -22,6 +22,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from diffalign.data.text import TextPairDataset, TextRankedDataset, TextUnpairedDataset
+from diffalign.data.uncertainty import keep_reliable_pairs
 from diffalign.diffusion import mixed_precision_dtype, resolve_dtype
 from diffalign.errors import UserError
 from diffalign.lm.loading import causal_lm_folder, load_causal_lm, load_tokenizer
@@ -94,9 +95,13 @@ class LanguageModelTrainer(PreferenceTrainer):
         if layout == "text_ranked":
             return TextRankedDataset(dc.path, completions_column=dc.completions_column,
                                      scores_column=dc.scores_column, **common)
-        return TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
-                               weight_column=dc.weight_column, margin_column=dc.margin_column,
-                               reward_columns=tuple(dc.reward_columns) or None, **common)
+        pairs = TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
+                                weight_column=dc.weight_column, margin_column=dc.margin_column,
+                                reward_columns=tuple(dc.reward_columns) or None, **common)
+        if dc.estimator is not None:
+            keep_reliable_pairs(pairs, dc.estimator, passes=dc.estimator_passes, keep=dc.estimator_keep,
+                                seed=self.config.train.seed)
+        return pairs
 
     def _make_rounds(self, reads_data: bool) -> TextRounds:
         return TextRounds(self.config, self.module, self.tokenizer, self.output_dir, self.accelerator, self.objective)

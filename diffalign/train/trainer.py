@@ -512,6 +512,7 @@ class PreferenceTrainer:
             "data.ensemble": c.data.ensemble,
             "data.ensemble_columns": c.data.ensemble_columns,
             "data.reward_columns": c.data.reward_columns,
+            "data.estimator": [c.data.estimator, c.data.estimator_passes, c.data.estimator_keep],
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
             "text columns": [c.data.prompt_column, c.data.chosen_column, c.data.rejected_column,
