@@ -14,6 +14,7 @@ from diffalign.diffusion.likelihood import (
     NoisedGroup,
     denoising_scores,
     group_scores,
+    location_scores,
     noised_group,
 )
 from diffalign.diffusion.loading import (
@@ -61,6 +62,7 @@ __all__ = [
     "ddim_sample",
     "denoising_scores",
     "group_scores",
+    "location_scores",
     "has_lora",
     "load_pipeline",
     "noised_group",

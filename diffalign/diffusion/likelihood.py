@@ -81,15 +81,29 @@ def noised_group(
     )
 
 
-def denoising_scores(backbone: Backbone, group: NoisedGroup, denoiser: nn.Module | None = None) -> Tensor:
-    """(B, K) scores ``-w(t) * mean squared error`` of ``denoiser`` (default: the backbone's)."""
+def _prediction(backbone: Backbone, group: NoisedGroup, denoiser: nn.Module | None) -> Tensor:
+    """(B*K, C, h, w) prediction of ``denoiser`` (default: the backbone's) on the noised group."""
     net = denoiser or backbone.denoiser
     dtype = next(net.parameters()).dtype
-    pred = backbone.predict(
-        group.noisy.to(dtype), group.model_timesteps, group.cond.to(dtype=dtype), denoiser=net
-    )
+    return backbone.predict(group.noisy.to(dtype), group.model_timesteps, group.cond.to(dtype=dtype), denoiser=net)
+
+
+def denoising_scores(backbone: Backbone, group: NoisedGroup, denoiser: nn.Module | None = None) -> Tensor:
+    """(B, K) scores ``-w(t) * mean squared error`` of ``denoiser`` (default: the backbone's)."""
+    pred = _prediction(backbone, group, denoiser)
     err = (pred.float() - group.target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
     return -(group.weight.to(err.device) * err).view(group.groups, group.items)
+
+
+def location_scores(backbone: Backbone, group: NoisedGroup, denoiser: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """The score split over latent locations, (B*K, h, w), and the prediction (B*K, C, h, w).
+
+    ``s_hw = -w(t) sum_c (f - target)^2_{c,h,w} / (C h w)``: the locations' scores add up to
+    :func:`denoising_scores`' score, as a completion's token log-probs add up to its log-prob.
+    """
+    pred = _prediction(backbone, group, denoiser)
+    per_location = (pred.float() - group.target.float()).pow(2).sum(dim=1) / pred[0].numel()
+    return -group.weight.to(pred.device).view(-1, 1, 1) * per_location, pred
 
 
 def group_scores(

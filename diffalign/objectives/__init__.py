@@ -5,6 +5,7 @@ from diffalign.objectives.ddo import DDO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.disco import DisCO
 from diffalign.objectives.diffusion_kto import DiffusionKTO
+from diffalign.objectives.diffusion_sparse_po import DiffusionSparsePO
 from diffalign.objectives.dno import DNO
 from diffalign.objectives.drift import DRIFT
 from diffalign.objectives.gpo import GPO
@@ -31,6 +32,7 @@ OBJECTIVES = {
     "ddo": DDO,
     "diffusion_dpo": DiffusionDPO,
     "diffusion_kto": DiffusionKTO,
+    "diffusion_sparse_po": DiffusionSparsePO,
     "disco": DisCO,
     "dno": DNO,
     "drift": DRIFT,
