@@ -126,3 +126,28 @@ def test_a_kept_tie_keeps_its_weight_under_ensemble_weight(tmp_path):
     pairs = PairDataset(data, resolution=32, ties="soft", ensemble_columns=[("aes_0", "aes_1")], ensemble="weight")
     tie = next(pairs.read(p, decode=False) for p in range(len(pairs)) if pairs.read(p, decode=False).index == 3)
     assert tie.preference == 0.5 and tie.weight == 1.0
+
+
+def test_ensemble_soften_gives_each_pair_the_models_mean_probability_for_its_label(tmp_path):
+    """soften: preference = mean over models of sigma(d_m), d_m the scaled strength for the labelled winner (the
+    winner is read first); a pair the ensemble disputes falls below 1/2. Soft-label losses only."""
+    data = _flip(pickapic_parquet(tmp_path / "pairs.parquet", 6), {1, 2})
+    table = pq.read_table(data).to_pydict()
+    columns = [("pick_0", "pick_1"), ("aes_0", "aes_1")]
+    first = torch.tensor([[table[a][i] for a, _ in columns] for i in range(6)], dtype=torch.float64)
+    second = torch.tensor([[table[b][i] for _, b in columns] for i in range(6)], dtype=torch.float64)
+    differences = first - second
+    scaled = differences / differences.std(dim=0, correction=0)
+    signs = torch.tensor([1.0 if v >= 0.5 else -1.0 for v in table["label_0"]], dtype=torch.float64)
+    expected = torch.sigmoid(scaled * signs[:, None]).mean(dim=1)
+    soft = PairDataset(data, resolution=32, ensemble_columns=columns, ensemble="soften")
+    got = [soft.read(p, decode=False).preference for p in range(6)]
+    assert got == pytest.approx(expected.tolist())
+    assert got[2] < 0.5 < got[0]  # row 2: both models against its (flipped) label
+    with pytest.raises(UserError, match="data.ensemble=soften .* needs a soft-label loss"):
+        load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [f"data.path={tmp_path}", "data.ensemble=soften",
+                                                              "data.ensemble_columns=[[pick_0, pick_1]]"])
+    config = load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+        f"data.path={tmp_path}", "data.ensemble=soften", "data.ensemble_columns=[[pick_0, pick_1]]",
+        "objective.loss=soft_dpo"])
+    assert config.data.ensemble == "soften"

@@ -8,7 +8,7 @@ the label calls the winner minus the other's, d_m. Their mean and standard devia
 
 say how strongly, and how unanimously, the ensemble backs the label. The paper finds the pairs of lowest
 mean strength mostly mislabelled (and the ones near zero ambiguous); UPO and others drop or down-weight
-pairs the ensemble disputes. The vote share, the fraction of models whose d_m backs the label (a model
+pairs the ensemble disputes (or soften their labels, :func:`softened_preference`). The vote share, the fraction of models whose d_m backs the label (a model
 with d_m = 0 counting half), is the paper's voting view of the same numbers and serves as a pair weight. Reward models on different scales (PickScore, HPS, an aesthetic score) are put
 on one by dividing each model's differences by their standard deviation over the dataset before averaging
 (the paper's M models share one scale; this is the same when they do).
@@ -44,3 +44,13 @@ def preference_strength(first: Tensor, second: Tensor, first_wins: Tensor) -> tu
     """
     strength = _strengths(first, second, first_wins)
     return strength.mean(dim=1), strength.std(dim=1, correction=0)
+
+
+def softened_preference(first: Tensor, second: Tensor, first_wins: Tensor) -> Tensor:
+    """(N,) the ensemble's probability that each pair's labelled winner is the better image: the mean over the M
+    models of sigma(d_m), d_m each model's strength on the common scale above.
+
+    ``data.ensemble=soften`` trains soft-label losses on it (diffalign's way of softening the disputed pairs the paper
+    points at: a unanimous, strong verdict stays near 1, a split one near 1/2, one the ensemble disputes below it).
+    """
+    return torch.sigmoid(_strengths(first, second, first_wins)).mean(dim=1)

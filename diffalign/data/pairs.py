@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffalign.data.ensemble import preference_strength, vote_share
+from diffalign.data.ensemble import preference_strength, softened_preference, vote_share
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
@@ -380,7 +380,9 @@ class PairDataset(ImageRows):
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
         self.margins = self._per_pair(margin_column, "margin", lambda m: True)
         self.reward_gaps = self._reward_gaps(reward_columns)
-        self.strengths, votes = self._ensemble_verdicts(ensemble_columns or [])
+        self.strengths, votes, softened = self._ensemble_verdicts(ensemble_columns or [])
+        # ensemble=soften: each pair's preference for its labelled winner is the ensemble's (soft-label losses)
+        self.softened = softened if ensemble == "soften" else None
         if ensemble == "weight":  # each decided pair's loss counts by the share of the models that back its label
             self.weights = [self._times_vote(w, v, label) for w, v, label in zip(self.weights, votes, self.labels)]
         self.disputed = 0  # pairs dropped because the reward ensemble backs the other image
@@ -431,22 +433,22 @@ class PairDataset(ImageRows):
             return weight
         return (1.0 if weight is None else weight) * vote
 
-    def _ensemble_verdicts(self, columns: list[tuple[str, str]]) -> tuple[list, list]:
-        """Each row's mean preference strength for its labelled winner over the reward models of ``columns``,
-        and the share of them that back it (:mod:`diffalign.data.ensemble`); None for every row without an
-        ensemble, a :class:`BadRow` where a score or the label is missing."""
+    def _ensemble_verdicts(self, columns: list[tuple[str, str]]) -> tuple[list, list, list]:
+        """Each row's mean preference strength for its labelled winner over the reward models of ``columns``, the
+        share of them that back it, and their softened preference for it (:mod:`diffalign.data.ensemble`); None for
+        every row without an ensemble, a :class:`BadRow` where a score or the label is missing."""
         if not columns:
-            return [None] * len(self.source), [None] * len(self.source)
+            return [None] * len(self.source), [None] * len(self.source), [None] * len(self.source)
         bad, good, scores = self._model_scores(
             columns, "ensemble score is missing or not a finite number",
             lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
             also_bad={i: label for i, label in enumerate(self.labels) if isinstance(label, BadRow)})
         first_wins = torch.tensor([self.labels[i] >= 0.5 for i in good], dtype=torch.bool)
-        mean, _ = preference_strength(scores[..., 0], scores[..., 1], first_wins) if good else (torch.zeros(0), None)
-        votes = vote_share(scores[..., 0], scores[..., 1], first_wins) if good else torch.zeros(0)
-        strengths, shares = dict(zip(good, mean.tolist(), strict=True)), dict(zip(good, votes.tolist(), strict=True))
-        return ([bad[i] if i in bad else strengths[i] for i in range(len(self.source))],
-                [bad[i] if i in bad else shares[i] for i in range(len(self.source))])
+        first, second = scores[..., 0], scores[..., 1]
+        verdicts = ((preference_strength(first, second, first_wins)[0], vote_share(first, second, first_wins),
+                     softened_preference(first, second, first_wins)) if good else (torch.zeros(0),) * 3)
+        return tuple([bad[i] if i in bad else by_row[i] for i in range(len(self.source))]
+                     for by_row in (dict(zip(good, v.tolist(), strict=True)) for v in verdicts))
 
     def _model_scores(self, columns: list[tuple[str, str]], reason: str, usable: Callable[[object], bool],
                       also_bad: dict[int, BadRow] | None = None) -> tuple[dict[int, BadRow], list[int], Tensor]:
@@ -487,6 +489,7 @@ class PairDataset(ImageRows):
             decoded.reverse()
         pixels = torch.stack([p for p, _ in decoded]) if decode else None
         weight, margin = self.weights[index], self.margins[index]
-        return GroupExample(index, caption, pixels, tuple(i for _, i in decoded), preference=max(label, 1 - label),
+        preference = max(label, 1 - label) if self.softened is None else self.softened[index]
+        return GroupExample(index, caption, pixels, tuple(i for _, i in decoded), preference=preference,
                             weight=1.0 if weight is None else weight, margin=margin,
                             reward_gap=self.reward_gaps[index])

@@ -184,7 +184,8 @@ class DataConfig:
     # pairs: several reward models' scores of the two images, [[first, second], ...] per model, to judge the
     # labels by (the preference strength of Secrets of RLHF II, Wang et al. 2024); with ensemble=filter the
     # pairs whose labelled winner the ensemble scores lower on average are dropped (said and counted); with
-    # ensemble=weight each pair's loss counts by the share of the models that back its label
+    # ensemble=weight each pair's loss counts by the share of the models that back its label; with ensemble=soften each
+    # pair's preference is the models' mean sigma(strength) for its label (soft-label losses)
     ensemble_columns: list = field(default_factory=list)
     ensemble: str = "none"
     # captioned images (self_npo): the column holding each row's image
@@ -413,7 +414,7 @@ class Config:
             for pair in getattr(self.data, key):
                 if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
                     raise UserError(f"data.{key} holds one [first, second] column pair per reward model; got {pair!r}")
-        choose("data.ensemble", self.data.ensemble, ("none", "filter", "weight"))
+        choose("data.ensemble", self.data.ensemble, ("none", "filter", "weight", "soften"))
         if self.data.ensemble != "none" and (objective.dataset != "pairs" or not self.data.ensemble_columns):
             raise UserError(f"data.ensemble={self.data.ensemble} judges each pair's label by reward models' scores: it "
                             f"needs a pairs objective and data.ensemble_columns; {self.objective.name} with ensemble_columns="
@@ -443,6 +444,9 @@ class Config:
             readers = [s.name for s in losses.specs() if "reward_gap" in s.inputs]
             raise UserError(f"data.reward_columns gives each pair its reward gap, which objective.loss={self.objective.loss} "
                             f"does not read; use a loss that weighs pairs by it: {', '.join(readers)}")
+        if self.data.ensemble == "soften" and kind != "soft-label":
+            raise UserError("data.ensemble=soften trains on each pair's ensemble preference for its label, which needs "
+                            "a soft-label loss (objective.loss=soft_dpo, smpo or bt_wide_ties)")
         if self.data.ties == "soft" and kind != "soft-label":
             raise UserError("data.ties=soft keeps ties as preference 0.5, which needs a soft-label loss "
                             "(objective.loss=bt_wide_ties, soft_dpo or smpo); use data.ties=drop otherwise")
