@@ -81,3 +81,17 @@ def test_an_lm_loop_needs_a_text_reward(tmp_path):
         load_config(CONFIGS / "toy_lm_sppo.yaml", ["online.reward=toy_preference"])
     with pytest.raises(UserError, match="online.prompts"):
         load_config(CONFIGS / "toy_lm_sppo.yaml", ["online.prompts="])
+
+
+def test_an_lm_loop_trains_the_same_losses_on_packed_rounds(tmp_path):
+    """data.packing reaches the round driver's batches (scored through the packed rows and their block mask): the same
+    per-step losses, to float rounding, and never more padding."""
+    common = [f"model.path={TOY_LM}", "objective.name=lm_online_dpo", "objective.loss=ipo", "objective.beta=1.0",
+              "objective.max_new_tokens=12", "online.prompts=toy_text_train", "online.reward=toy_text_preference",
+              "train.learning_rate=1e-3", *SMALL]
+    for name, packing in (("padded", "false"), ("packed", "true")):
+        train(load_config(None, [*common, f"data.packing={packing}", f"output_dir={tmp_path / name}"]))
+    for a, b in zip(logged(tmp_path / "padded"), logged(tmp_path / "packed")):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+    assert all(p <= q for p, q in zip(logged(tmp_path / "packed", "padding_share"),
+                                      logged(tmp_path / "padded", "padding_share")))

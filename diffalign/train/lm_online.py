@@ -23,6 +23,7 @@ import torch
 from diffalign.data import example_generator
 from diffalign.eval.prompts import read_prompts
 from diffalign.lm.sampling import sample_completions
+from diffalign.lm.packing import padding_share
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.rewards.text import load_text_reward
 from diffalign.train.config import Config
@@ -101,6 +102,7 @@ class TextRounds:
         inputs = collate([data["pairs"][int(i)] for i in mine], pad_token_id=self.tokenizer.pad_token_id,
                          max_length=self.config.data.max_length, packed=self.config.data.packing)
         device = acc.device
+        logged = {**data["logged"], "padding_share": torch.tensor(padding_share(inputs))}
         return {"inputs": {k: v.to(device) for k, v in inputs.items()},
                 "targets": {k: v[mine].to(device) for k, v in data["inputs"].items()},
-                "list_size": 2, "logged": {k: v.to(device) for k, v in data["logged"].items()}}
+                "list_size": 2, "logged": {k: v.to(device) for k, v in logged.items()}}
