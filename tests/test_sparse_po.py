@@ -157,3 +157,32 @@ def test_sparse_po_stays_finite_for_huge_log_ratios(dtype):
                                   rejected_kl_mask=mask * 0.5)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(huge.grad).all() and out.dtype == torch.float32
+
+
+def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
+    """torchrun (gloo) at 2 pairs per process vs one process at 4: the mask model's gradients are synchronised with
+    the LM's, so the losses and the final masks' checkpoint agree."""
+    import os
+    import subprocess
+    import sys
+
+    from test_lm_trainer import _empty_yaml
+
+    from diffalign.toy.text_model import TOY_LM
+
+    data = text_pairs(tmp_path / "pairs.parquet", n=8)
+    common = [f"model.path={TOY_LM}", "objective.name=lm_sparse_po", "objective.loss=sparse_po", f"data.path={data}",
+              "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.report_to=none",
+              "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
+                          "train", str(_empty_yaml(tmp_path)), *common, f"output_dir={tmp_path / 'two'}",
+                          "train.batch_size=2"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
+    for one, two_ in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
+        assert two_ == pytest.approx(one, rel=1e-5)
+    a, b = ({key.removeprefix("module."): value for key, value in load_file(
+        tmp_path / run / "checkpoints" / "step-0000003" / "model.safetensors").items()} for run in ("one", "two"))
+    masks = [key for key in a if key.startswith("sparse_po_masks.")]
+    assert masks and all(torch.allclose(a[key], b[key], atol=2e-5) for key in masks)
