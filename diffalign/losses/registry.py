@@ -30,7 +30,11 @@ KINDS = (PAIRWISE, UNPAIRED, REFERENCE_FREE, LISTWISE, SOFT_LABEL, REGULARISER, 
 # the kinds that take logits, not per-example scores (see diffalign.losses.distillation)
 LOGIT_KINDS = (DISTILLATION, CLASSIFICATION)
 # the per-example inputs a kind's losses all take, which every objective of that kind supplies
-KIND_INPUTS = {SOFT_LABEL: ("preference",)}
+KIND_INPUTS = {
+    SOFT_LABEL: ("preference",),
+    TOKEN_LEVEL: ("chosen_mask", "rejected_mask", "chosen_reward_mask", "rejected_reward_mask", "chosen_kl_mask",
+                  "rejected_kl_mask"),
+}
 
 
 @dataclass(frozen=True)

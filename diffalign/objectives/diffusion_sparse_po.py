@@ -34,8 +34,6 @@ class DiffusionSparsePO(OfflineDenoisingObjective):
 
     dataset = "pairs"
     loss_kinds = ("token-level",)
-    supplies = ("chosen_mask", "rejected_mask", "chosen_reward_mask", "rejected_reward_mask", "chosen_kl_mask",
-                "rejected_kl_mask")
     own_options = {"mask_width": 32}
 
     def __init__(self, config, backbone: Backbone) -> None:

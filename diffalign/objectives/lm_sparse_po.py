@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffalign import losses
 from diffalign.lm.preference import reference_context
 from diffalign.lm.token_masks import TokenMaskModel, mask_model_for
 from diffalign.objectives.lm import LanguageModelObjective
@@ -37,8 +38,6 @@ class LanguageModelSparsePO(LanguageModelObjective):
     dataset = "text_pairs"
     loss_kinds = ("token-level",)
     reads_packed = False
-    supplies = ("chosen_mask", "rejected_mask", "chosen_reward_mask", "rejected_reward_mask", "chosen_kl_mask",
-                "rejected_kl_mask")
     own_options = {"independent": False, "mask_dropout": 0.0}
 
     def __init__(self, config, tokenizer: Any = None) -> None:
@@ -83,12 +82,9 @@ class LanguageModelSparsePO(LanguageModelObjective):
         weight = batch["targets"].get("weight")
         loss = (per_pair if weight is None else per_pair * weight).mean()
         on_tokens = completion.bool()
-        with torch.no_grad():
-            chosen = self.beta * (logratios[:n] * completion[:n]).sum(-1)
-            rejected = self.beta * (logratios[n:] * completion[n:]).sum(-1)
-            metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                       "rewards/accuracies": (chosen > rejected).float().mean(),
-                       "rewards/margins": (chosen - rejected).mean(),
+        with torch.no_grad():  # the unmasked sequence log-ratios: lm_dpo's metrics, then the masks'
+            sequence = (logratios * completion).sum(-1)
+            metrics = {**losses.preference_metrics(sequence[:n], sequence[n:], None, None, beta=self.beta),
                        "mask/reward_mean": reward_mask[on_tokens].mean(),
                        "mask/reward_zero_share": (reward_mask[on_tokens] == 0).float().mean()}
             if self.independent:

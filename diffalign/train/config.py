@@ -412,7 +412,7 @@ class Config:
             raise UserError("data.image_columns must name exactly two columns (the pair's images)")
         for key in ("score_columns", "ensemble_columns"):
             for pair in getattr(self.data, key):
-                if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(c, str) for c in pair)):
+                if not _column_pair(pair):
                     raise UserError(f"data.{key} holds one [first, second] column pair per reward model; got {pair!r}")
         choose("data.ensemble", self.data.ensemble, ("none", "filter", "weight", "soften"))
         if self.data.ensemble != "none" and (objective.dataset != "pairs" or not self.data.ensemble_columns):
@@ -427,8 +427,7 @@ class Config:
             raise UserError("data.curriculum=score_gap orders pairs by the gap between their reward scores: it needs "
                             f"a pairs objective and data.score_columns; {self.objective.name} with score_columns="
                             f"{self.data.score_columns!r}")
-        if self.data.reward_columns and not (len(self.data.reward_columns) == 2
-                                             and all(isinstance(c, str) for c in self.data.reward_columns)):
+        if self.data.reward_columns and not _column_pair(self.data.reward_columns):
             raise UserError(f"data.reward_columns names one reward model's two score columns, [first, second]; got "
                             f"{self.data.reward_columns!r}")
         for key in ("weight_column", "margin_column", "reward_columns"):
@@ -643,6 +642,11 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, origin or annotation)
+
+
+def _column_pair(value: Any) -> bool:
+    """A [first, second] pair of column names, as each reward model's scores of a pair are given."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(c, str) for c in value)
 
 
 def _check_loss_options(objective: ObjectiveConfig, spec: LossSpec | None, own: dict[str, Any]) -> None:

@@ -22,8 +22,8 @@ import torch
 
 from diffalign.data import example_generator
 from diffalign.eval.prompts import read_prompts
-from diffalign.lm.sampling import sample_completions
 from diffalign.lm.packing import padding_share
+from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.rewards.text import load_text_reward
 from diffalign.train.config import Config

@@ -5,7 +5,8 @@ Models: ``model.path`` is a transformers causal-LM folder (or a cached Hub id); 
 trains a peft LoRA whose base, with the adapters disabled, is the reference (no second copy), as TRL
 does; a full fine-tune keeps a frozen reference copy in ``train.reference_dtype``. Data: TRL's formats
 (:mod:`diffalign.data.text`), tokenized as TRL tokenizes them (:mod:`diffalign.lm.tokenize`), each
-micro-batch padded to its own longest row; the completion lengths are logged. Final weights: the model
+micro-batch padded to its own longest row, or packed (``data.packing``, :mod:`diffalign.lm.packing`); the
+completion lengths and the share of padding are logged. Final weights: the model
 or the adapter, with the tokenizer, in ``final/`` (``save_pretrained``'s layout, safetensors). The online
 LM objectives take their batches from rounds of the policy's own completions (:mod:`diffalign.train.lm_online`).
 """
