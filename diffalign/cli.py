@@ -71,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from diffalign.train.export import export_run
 
-    written = export_run(args.run_dir, args.format, args.out, dtype=args.dtype)
+    written = export_run(args.run_dir, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {written}")
     return 0
 
@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output folder (lora, diffusers) or .safetensors file (kohya, single-file)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"), help="weights dtype (default fp16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file, or a folder holding an earlier export (refused otherwise)")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("label", help="a local web page to pick preferred images: a D3PO round waiting for labels, "

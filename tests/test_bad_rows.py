@@ -28,7 +28,7 @@ def test_a_bad_row_read_in_every_epoch_is_printed_and_counted_once(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("skipped a bad row:") == 2
     assert f"skipped a bad row: {data}, row 1, column 'jpg_1': image cannot be decoded" in err
-    assert f"skipped a bad row: {data}, row 3, column 'label_0': label is missing or NaN" in err
+    assert f"skipped a bad row: {data}, row 3, column 'label_0': label must be a number in [0, 1] (1: first image preferred, 0: second, 0.5: tie), got nan" in err
     assert f"skipped 2 bad rows (jpg_1: 1, label_0: 1); see {tmp_path / 'run' / 'metrics.json'}" in err
 
 

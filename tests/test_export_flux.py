@@ -32,12 +32,14 @@ PROMPTS, SEEDS = ["a red circle", "a blue square"], [1, 2]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Two-step LoRA runs on tiny FLUX: the usual attention targets (both kinds of block), and double blocks only."""
+    """Two-step LoRA runs on tiny FLUX: the attention targets of both streams (both kinds of block), double blocks only,
+    and the default targets (the image stream's attention projections)."""
     root = tmp_path_factory.mktemp("flux-export")
     data = pickapic_parquet(root / "pairs.parquet", 4)
     made = {}
     for name, targets in (("attention", "train.lora_targets=[to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, "
-                                        "add_v_proj, to_add_out]"), ("double", DOUBLE_BLOCKS_ONLY)):
+                                        "add_v_proj, to_add_out]"), ("double", DOUBLE_BLOCKS_ONLY),
+                          ("default", "train.seed=0")):  # the config's default targets: to_q, to_k, to_v, to_out.0
         made[name] = root / name
         train(load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
             f"data.path={data}", f"output_dir={made[name]}", f"model.path={TINY_FLUX}", "model.random_init=true",
@@ -127,3 +129,26 @@ def test_cli_single_file_export_of_a_flux_run_is_its_merged_transformer_in_origi
         torch.testing.assert_close(state[key], value, msg=key)
     base = flux_transformer_to_original(load_pipeline(TINY_FLUX, random_init=True).transformer.state_dict())
     assert not torch.equal(state["double_blocks.0.img_attn.qkv.weight"], base["double_blocks.0.img_attn.qkv.weight"])
+
+
+def test_kohya_export_of_a_run_with_the_default_targets_is_the_same_update(runs, tmp_path):
+    """Issue 40: with attention-only targets the run's file keeps diffusers' lora.down/lora.up names, which the kohya
+    export did not know (KeyError). Each fused kohya LoRA is the run's separate updates stacked."""
+    ours = load_file(runs["default"] / "final" / "pytorch_lora_weights.safetensors")
+    assert any(".lora.down." in key for key in ours)  # the naming that broke the export
+    assert main(["export", str(runs["default"]), "--format", "kohya", "--dtype", "fp32",
+                 "--out", str(tmp_path / "k.safetensors")]) == 0
+    kohya = load_file(tmp_path / "k.safetensors")
+    inner = 32
+    for name, prefix, parts in (("double_blocks_0_img_attn_qkv", "transformer_blocks.0.attn", 3),
+                                ("single_blocks_0_linear1", "single_transformer_blocks.0.attn", 4)):
+        fused = kohya[f"lora_unet_{name}.lora_up.weight"] @ kohya[f"lora_unet_{name}.lora_down.weight"]
+        pieces = fused.split([inner] * 3 + [4 * inner] * (parts - 3))
+        for piece, module in zip(pieces, ("to_q", "to_k", "to_v")):
+            key = f"transformer.{prefix}.{module}"
+            torch.testing.assert_close(piece, ours[f"{key}.lora.up.weight"] @ ours[f"{key}.lora.down.weight"])
+        assert all(piece.abs().max() == 0 for piece in pieces[3:])
+    out = kohya["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] @ \
+        kohya["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"]
+    torch.testing.assert_close(out, ours["transformer.transformer_blocks.0.attn.to_out.0.lora.up.weight"]
+                               @ ours["transformer.transformer_blocks.0.attn.to_out.0.lora.down.weight"])

@@ -72,7 +72,12 @@ def test_the_sampler_s_own_steps_have_ratio_one_and_the_loss_is_the_formula_by_h
     targets = {"advantage": advantage, "old_log_probs": traj.log_probs}
     loss, metrics = objective(backbone, traj.latents[:, None], cond, {"step": step}, backbone.denoiser,
                               backbone.denoiser, **targets)
-    assert metrics["ratio_min"].item() == metrics["ratio_max"].item() == 1.0 and metrics["clip_fraction"] == 0
+    # 1 within 4 ulps of fp32, not bit for bit: the sampler scored all rows of each step in one guided batch (with
+    # their unconditional halves), the objective re-scores one step's rows; a CPU's matmul kernels may block, and so
+    # sum, another batch shape in another order (seen: 1 + 1 ulp on an AVX-512 Xeon, exactly 1 on AMD EPYC)
+    ulps = 4 * torch.finfo(torch.float32).eps
+    assert abs(metrics["ratio_min"].item() - 1.0) <= ulps and abs(metrics["ratio_max"].item() - 1.0) <= ulps
+    assert metrics["clip_fraction"] == 0
     assert metrics["kl"].item() == 0.0
     assert loss.item() == pytest.approx(-torch.tensor([5.0, -0.5, 1.5]).mean().item(), rel=1e-6)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,8 +60,8 @@ def test_a_line_cut_short_by_a_crash_is_ignored_named_and_cut_off_by_the_next_la
 class Running:
     """A LabelServer on a free port, serving in a thread."""
 
-    def __init__(self, source, token: str | None = None) -> None:
-        self.app = LabelServer(source, port=0, token=token)
+    def __init__(self, source, token: str | None = None, request_timeout_s: float = 30) -> None:
+        self.app = LabelServer(source, port=0, token=token, request_timeout_s=request_timeout_s)
         self.thread = threading.Thread(target=self.app.httpd.serve_forever, daemon=True)
         self.thread.start()
         self.base = f"http://127.0.0.1:{self.app.httpd.server_address[1]}"
@@ -110,6 +111,63 @@ def test_another_host_needs_a_token_and_every_request_must_carry_it(tmp_path):
         assert _request(f"{server.base}/api/state?labeller=ann")[0] == 403
         assert _request(f"{server.base}/api/state?labeller=ann&token=wrong")[0] == 403
         assert _request(f"{server.base}/api/state?labeller=ann&token=s3cret")[0] == 200
+
+
+def _raw(port: int, request: bytes, timeout: float = 10) -> tuple[int, dict]:
+    """Send ``request`` byte for byte (headers a client library would not send) and read the status and JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _post(port: int, body: bytes, *, host: str | None = None, origin: str | None = None,
+          content_type: str = "application/json", length: str | None = None) -> bytes:
+    headers = [f"POST /api/label HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", f"Content-Type: {content_type}",
+               f"Content-Length: {len(body) if length is None else length}", "Connection: close"]
+    if origin:
+        headers.append(f"Origin: {origin}")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+
+
+def test_without_a_token_other_sites_and_other_host_names_are_refused_and_nothing_is_written(tmp_path):
+    """Issue 40's probes: a cross-site form POST (text/plain, Origin evil.example) and a DNS-rebinding read (Host
+    evil.example) are refused; the page's own requests pass."""
+    source = open_source(pickapic_parquet(tmp_path / "pairs.parquet", 3), tmp_path / "out")
+    label = b'{"index": 0, "choice": 1, "labeller": "ann"}'
+    with Running(source) as server:
+        port = server.app.httpd.server_address[1]
+        for request, message in (
+                (_post(port, label, origin="http://evil.example", content_type="text/plain"), "other sites"),
+                (_post(port, label, origin="http://evil.example"), "other sites"),
+                (_post(port, label, content_type="text/plain"), "application/json"),
+                (_post(port, label, host="evil.example:80"), "Host header"),
+                (f"GET /api/item/0 HTTP/1.1\r\nHost: evil.example:{port}\r\nConnection: close\r\n\r\n".encode(),
+                 "Host header")):
+            status, answer = _raw(port, request)
+            assert status == 403 and message in answer["error"], (request, answer)
+        assert not (tmp_path / "out" / "labels.jsonl").exists() or not _lines(tmp_path / "out" / "labels.jsonl")
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):  # the page's own, by either name
+            assert _raw(port, _post(port, label, host=host, origin=f"http://{host}"))[0] == 200
+        assert len(_lines(tmp_path / "out" / "labels.jsonl")) == 2
+
+
+def test_every_malformed_request_gets_a_4xx_reply_and_a_stalled_one_times_out(tmp_path):
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 3, corrupt_rows=(1,))
+    source = open_source(data, tmp_path / "out")
+    with Running(source, request_timeout_s=0.5) as server:
+        port = server.app.httpd.server_address[1]
+        status, answer = _raw(port, _post(port, b"{}", length="abc"))
+        assert status == 400 and "Content-Length" in answer["error"]
+        status, answer = _raw(port, _post(port, b'{"index": 0', length="200"))  # 11 bytes of 200, then nothing
+        assert status == 408 and "did not arrive" in answer["error"]
+        status, answer = _raw(port, f"GET /image/1/1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                                    f"Connection: close\r\n\r\n".encode())
+        assert status == 422 and "cannot be shown" in answer["error"]
+        assert _request(f"{server.base}/api/state?labeller=ann")[0] == 200  # the server still answers
 
 
 def _start(source: Path, out: Path) -> tuple[subprocess.Popen, str]:

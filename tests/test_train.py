@@ -813,9 +813,9 @@ def test_cached_images_are_decoded_once_and_the_cache_key_covers_resolution(pair
     decoded = []
     original = pairs_module.load_image
 
-    def counting(value, base):
+    def counting(value, base, *limit):
         decoded.append(1)
-        return original(value, base)
+        return original(value, base, *limit)
 
     monkeypatch.setattr(pairs_module, "load_image", counting)
     cache = tmp_path / "cache"

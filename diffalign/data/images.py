@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from diffalign.data.pairs import BadRow, GroupExample, ImageRows
+from diffalign.data.pairs import DEFAULT_MAX_IMAGE_PIXELS, BadRow, GroupExample, ImageRows
 from diffalign.errors import UserError
 
 
@@ -35,10 +35,10 @@ class CaptionedImageDataset(ImageRows):
 
     def __init__(self, path: str | Path, *, resolution: int, caption_column: str = "caption",
                  image_column: str = "image", label_column: str | None = None, on_error: str = "skip",
-                 split: str = "train") -> None:
+                 split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         labelled = [label_column] if label_column else []
         super().__init__(path, resolution=resolution, required=[caption_column, image_column, *labelled],
-                         on_error=on_error, split=split)
+                         on_error=on_error, split=split, max_image_pixels=max_image_pixels)
         self.caption_column, self.image_column = caption_column, image_column
         self.labels: list[float] | None = None
         if label_column:

@@ -72,8 +72,11 @@ class RowSource:
             self.path = indexes[0]
         self.base = self.path.parent if self.path.is_file() else self.path
         self._rows: list[dict] | None = None
+        # lines of a .jsonl index that are no JSON object, as (line number, why): kept out of the rows, and
+        # reported by the dataset as bad rows
+        self.broken_lines: list[tuple[int, str]] = []
         if self.path.suffix == ".jsonl":
-            self._rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self._rows = self._read_index()
             self.columns = sorted({k for r in self._rows for k in r})
             return
         import datasets
@@ -95,9 +98,29 @@ class RowSource:
                     self._rows = _captioned_image_files(self.path, below)
                     self.columns = ["caption", "image"]
                     return
+            if sum(_parquet_rows(f) for f in files) == 0:
+                raise UserError(f"data.path {self.path} holds no rows (its parquet file(s) are empty)")
             dataset = _parquet_as_arrow(files)
         self._dataset = dataset.with_format("arrow")  # raw cells: image bytes undecoded, rows as arrow slices
         self.columns = list(dataset.column_names)
+
+    def _read_index(self) -> list[dict]:
+        """The rows of a .jsonl index, one JSON object a line; a line that is none is noted in ``broken_lines``."""
+        rows = []
+        with self.path.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    self.broken_lines.append((number, f"not valid JSON ({err.msg}, column {err.colno})"))
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    self.broken_lines.append((number, f"a JSON {type(row).__name__}, not an object of columns"))
+        return rows
 
     def __len__(self) -> int:
         return len(self._rows) if self._rows is not None else len(self._dataset)
@@ -159,6 +182,16 @@ def _parquet_as_arrow(files: list[Path]) -> Any:
                         f"{target} (nothing was kept). Set {room}") from None
 
 
+def _parquet_rows(file: Path) -> int:
+    """The number of rows a parquet file holds, from its footer; a file that is no parquet is the reader's to name."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except Exception:  # noqa: BLE001 - not parquet, or damaged: the conversion below says so in its own words
+        return 1
+
+
 def _split_files(folder: Path, split: str, below: list[Path]) -> list[Path]:
     """The parquet shards of one split among the sorted paths ``below`` a folder, named as the Hub names
     them: ``data/train-00000-of-00645-....parquet`` or ``train/0000.parquet``."""
@@ -210,10 +243,28 @@ def read_image_bytes(value: Any, base: Path) -> bytes:
     return bytes(value)
 
 
-def load_image(value: Any, base: Path) -> tuple[Image.Image, bytes]:
-    """An RGB image and its raw bytes, from bytes, a {"bytes": ...} struct or a relative path."""
+class TooManyPixels(ValueError):
+    """An image larger than the pixel limit (a decompression bomb, or simply too large to train on)."""
+
+
+# PIL's own threshold: above it PIL warns of a decompression bomb, above twice it refuses
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def load_image(value: Any, base: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, bytes]:
+    """An RGB image and its raw bytes, from bytes, a {"bytes": ...} struct or a relative path.
+
+    The size is read from the header before any pixel is decoded: an image of more than ``max_pixels`` pixels
+    raises :class:`TooManyPixels` (a few KB of PNG can claim 20000 x 20000 pixels, 1.2 GB once decoded).
+    """
     value = read_image_bytes(value, base)
-    image = Image.open(io.BytesIO(value))
+    try:
+        image = Image.open(io.BytesIO(value))
+    except Image.DecompressionBombError as err:  # past PIL's own limit, which a larger max_pixels cannot lift
+        raise TooManyPixels(str(err)) from None
+    if image.width * image.height > max_pixels:
+        raise TooManyPixels(f"{image.width}x{image.height} pixels, more than the limit of {max_pixels:,} "
+                            "(data.max_image_pixels; a decompression bomb?)")
     image.load()
     return image.convert("RGB"), bytes(value)
 
@@ -230,10 +281,26 @@ def to_pixels(image: Image.Image, resolution: int) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (not a bool, not a string) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def pair_label(value: Any, index: int, column: str) -> float | BadRow:
+    """P(first image preferred) from a label cell: a number in [0, 1] (1 first wins, 0 second, 0.5 tie, between: soft),
+    or a bool (true: first wins); a :class:`BadRow` for anything else (missing, NaN, text, 5, -1)."""
+    if isinstance(value, bool):
+        return float(value)
+    if is_finite_number(value) and 0.0 <= value <= 1.0:
+        return float(value)
+    return BadRow(index, column, f"label must be a number in [0, 1] (1: first image preferred, 0: second, 0.5: tie), "
+                                 f"got {value!r}")
+
+
 def per_pair_number(value: Any, index: int, column: str, what: str, valid: Callable[[float], bool]) -> float | BadRow:
     """A pair's own number (its ``what``: weight or margin) from a table cell; a :class:`BadRow` where it is
     missing, not a finite number, or not ``valid``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and valid(value):
+    if is_finite_number(value) and valid(value):
         return float(value)
     return BadRow(index, column, f"{what} is missing, not a finite number, or invalid "
                                  f"({value!r}{'; weights are >= 0' if what == 'weight' else ''})")
@@ -254,22 +321,29 @@ class GroupExample:
     reward_gap: float | None = None  # a reward model's score of the winner minus the loser's (data.reward_columns)
 
 
-PRINTED_PER_COLUMN = 10  # bad rows of one column said one by one as they are met; the rest only counted
+PRINTED_PER_COLUMN = 10
+BROKEN_LINE = "(line)"  # the "column" of a .jsonl line that is no JSON object; its index is the line number  # bad rows of one column said one by one as they are met; the rest only counted
 
 
 class ImageRows:
     """Shared by the datasets: a :class:`RowSource`, column checks, image decoding and the bad-row policy."""
 
     def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str,
-                 split: str = "train") -> None:
+                 split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.source = RowSource(path, split)
         self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
         self.resolution = resolution
         self.on_error = on_error
+        self.max_image_pixels = max_image_pixels
         # each bad row once, by (row, column), with where to find it and why: a row met again in a later
         # epoch, or by the read-ahead threads, is the same bad row
         self.bad_rows: dict[tuple[int, str], str] = {}
         self._said = Counter()  # bad rows printed so far, per column (the first PRINTED_PER_COLUMN are)
+        for number, reason in self.source.broken_lines:
+            self.count_bad(BadRow(number, BROKEN_LINE, reason))
+        if len(self.source) == 0:
+            raise UserError(f"data.path {path} holds no rows" + (" (every line of the index is broken)"
+                                                                  if self.source.broken_lines else ""))
         missing = [c for c in required if c not in self.source.columns]
         if missing:
             raise UserError(
@@ -320,6 +394,8 @@ class ImageRows:
     def where(self, err: BadRow) -> str:
         """Where a person finds the bad row: the image file, for a folder of images or a .jsonl index of
         files; else the table's row and column."""
+        if err.column == BROKEN_LINE:
+            return f"{self.source.path}, line {err.index}"
         if self.source.holds_files:
             row = self.source.row(err.index)  # the cell's own file, or (a bad caption) its image's
             files = [v for v in (row.get(err.column), row.get("image"))
@@ -340,7 +416,9 @@ class ImageRows:
             if not decode:
                 raw = read_image_bytes(value, self.source.base)
                 return None, hashlib.sha1(raw).hexdigest()
-            image, raw = load_image(value, self.source.base)
+            image, raw = load_image(value, self.source.base, self.max_image_pixels)
+        except TooManyPixels as err:
+            raise BadRow(index, column, f"image too large: {err}") from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise BadRow(index, column, f"image cannot be decoded ({err})") from None
         return to_pixels(image, self.resolution), hashlib.sha1(raw).hexdigest()
@@ -367,6 +445,7 @@ class PairDataset(ImageRows):
         ensemble_columns: list[tuple[str, str]] | None = None,
         ensemble: str = "none",
         reward_columns: tuple[str, str] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
@@ -374,7 +453,7 @@ class PairDataset(ImageRows):
         if ensemble != "none" and not ensemble_columns:
             raise ValueError(f"ensemble={ensemble!r} judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
-                         on_error=on_error, split=split)
+                         on_error=on_error, split=split, max_image_pixels=max_image_pixels)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
@@ -440,8 +519,7 @@ class PairDataset(ImageRows):
         if not columns:
             return [None] * len(self.source), [None] * len(self.source), [None] * len(self.source)
         bad, good, scores = self._model_scores(
-            columns, "ensemble score is missing or not a finite number",
-            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            columns, "ensemble score is missing or not a finite number", is_finite_number,
             also_bad={i: label for i, label in enumerate(self.labels) if isinstance(label, BadRow)})
         first_wins = torch.tensor([self.labels[i] >= 0.5 for i in good], dtype=torch.bool)
         first, second = scores[..., 0], scores[..., 1]
@@ -465,14 +543,11 @@ class PairDataset(ImageRows):
 
     def _labels(self, label_column: str, score_columns: list[tuple[str, str]] | None,
                  score_scales: list[float] | None) -> list[float | BadRow]:
-        """P(first image preferred) of every row, from the label or smoothed from the scores; BadRow where missing."""
-        def missing(value: object) -> bool:
-            return value is None or (isinstance(value, float) and math.isnan(value))
-
+        """P(first image preferred) of every row, from the label or smoothed from the scores; a :class:`BadRow` where
+        the label is missing, not a number or outside [0, 1], or a score is missing or not a finite number."""
         if not score_columns:
-            return [BadRow(i, label_column, "label is missing or NaN") if missing(v) else float(v)
-                    for i, v in enumerate(self.source.column(label_column))]
-        bad, good, scores = self._model_scores(score_columns, "score is missing or NaN", lambda v: not missing(v))
+            return [pair_label(v, i, label_column) for i, v in enumerate(self.source.column(label_column))]
+        bad, good, scores = self._model_scores(score_columns, "score is missing or not a finite number", is_finite_number)
         scales = None if not score_scales else torch.tensor(score_scales, dtype=torch.float64)
         p = smoothed_preference(scores[..., 0], scores[..., 1], scales).tolist() if good else []
         smoothed = dict(zip(good, p, strict=True))

@@ -13,12 +13,11 @@ counted, or an error with ``on_error="raise"``). Images are returned best first.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from diffalign.data.pairs import BadRow, GroupExample, ImageRows
+from diffalign.data.pairs import DEFAULT_MAX_IMAGE_PIXELS, BadRow, GroupExample, ImageRows, is_finite_number
 from diffalign.errors import UserError
 
 
@@ -33,9 +32,10 @@ class RankedListDataset(ImageRows):
         scores_column: str = "scores",
         on_error: str = "skip",
         split: str = "train",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         super().__init__(path, resolution=resolution, required=[caption_column, images_column, scores_column],
-                         on_error=on_error, split=split)
+                         on_error=on_error, split=split, max_image_pixels=max_image_pixels)
         self.caption_column, self.images_column, self.scores_column = caption_column, images_column, scores_column
         lengths = self.source.list_lengths(images_column)  # not the images: they stay on disk until read
         usable = [n for n in lengths if n >= 2]
@@ -48,8 +48,8 @@ class RankedListDataset(ImageRows):
                 self.count_bad(BadRow(i, images_column, f"holds {n} images where the lists hold {self.list_size}"))
             elif not isinstance(scores, (list, tuple)) or len(scores) != n:
                 self.count_bad(BadRow(i, scores_column, f"needs one score per image ({n})"))
-            elif any(s is None or math.isnan(float(s)) for s in scores):
-                self.count_bad(BadRow(i, scores_column, "a score is missing or NaN"))
+            elif not all(is_finite_number(s) for s in scores):
+                self.count_bad(BadRow(i, scores_column, f"a score is missing or not a finite number ({scores!r:.80})"))
             else:
                 self.indices.append(i)
         if not self.indices:

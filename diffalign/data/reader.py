@@ -47,8 +47,12 @@ class ExampleReader:
     def _find(self, position: int) -> tuple[GroupExample, list[BadRow]]:
         """The example for ``position`` and the bad rows skipped to reach it; counts nothing."""
         bad: list[BadRow] = []
-        for candidate in range(position, position + len(self.dataset)):
-            item = self.order[candidate]
+        size = len(self.dataset)
+        epoch_start = position - position % size
+        # the following positions of the same epoch, then its first ones: every row of the epoch once, never a
+        # row of the next epoch's order (which would skip past the epoch's own good rows)
+        for offset in range(size):
+            item = self.order[epoch_start + (position - epoch_start + offset) % size]
             try:
                 if self.is_cached is not None:
                     hashed = self.augment(position, self.dataset.read(item, decode=False))

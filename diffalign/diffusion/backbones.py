@@ -11,8 +11,10 @@ packing into tokens happens inside :meth:`FluxBackbone.predict`, so objectives n
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
@@ -96,6 +98,8 @@ class Backbone:
 
     family: ClassVar[str]
     denoiser_attr: ClassVar[str] = "unet"
+    # latent pixels per side of one denoiser token: 1 for a UNet; None reads the transformer's own patch_size
+    latent_patch: ClassVar[int | None] = 1
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5) -> None:
         """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
@@ -230,6 +234,7 @@ class SD3Backbone(Backbone):
 
     family = "sd3"
     denoiser_attr = "transformer"
+    latent_patch = None
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -265,6 +270,7 @@ class FluxBackbone(Backbone):
 
     family = "flux"
     denoiser_attr = "transformer"
+    latent_patch = 2  # FluxPipeline's _pack_latents (its transformer's own patch_size is 1)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         shape = super().latent_shape(resolution)
@@ -323,6 +329,7 @@ class PixArtBackbone(Backbone):
 
     family = "pixart"
     denoiser_attr = "transformer"
+    latent_patch = None
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -363,6 +370,22 @@ BACKBONES: dict[str, type[Backbone]] = {
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
 }
+
+
+def pixel_multiple(folder: Path) -> int | None:
+    """What a training resolution must be a multiple of for the pipeline in ``folder``: the VAE's downsampling
+    factor times the denoiser's latent patch, read from the folder's configs without loading a weight; None when
+    the folder is no pipeline diffalign trains (the loader says why, later)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        backbone = BACKBONES[index["_class_name"]]
+        patch = backbone.latent_patch
+        if patch is None:
+            patch = json.loads((folder / backbone.denoiser_attr / "config.json").read_text()).get("patch_size", 1)
+        return 2 ** (len(vae["block_out_channels"]) - 1) * int(patch)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def backbone_for(pipe, *, distilled_guidance: float = 3.5) -> Backbone:

@@ -19,6 +19,13 @@ The JSON API the page uses, every request checked before anything is written (a 
 
 Bound to 127.0.0.1 by default; any other address needs ``--token``, which every request must then carry
 (``?token=`` or the ``X-Token`` header): the page passes it on from its own address.
+
+Without a token, the page's own browser is the only client it trusts, so other web pages open in that
+browser must not reach it: a request whose ``Host`` is not the address served is refused (DNS rebinding
+would otherwise let a page read prompts and images through a name that resolves to 127.0.0.1), and a
+write must be ``Content-Type: application/json`` (which a cross-site page cannot send without a CORS
+preflight this server never grants) with no ``Origin`` other than the page's own. Every request has
+``REQUEST_TIMEOUT_S`` to arrive, so a client that sends less than it announced cannot hold a thread.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from PIL import Image
+
 from diffalign.errors import UserError
 from diffalign.label.sources import Source, page_image
 from diffalign.label.store import LabelLog
@@ -40,6 +49,7 @@ from diffalign.label.store import LabelLog
 PAGE = files("diffalign.label").joinpath("page.html").read_text(encoding="utf-8")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_BODY = 64 * 1024
+REQUEST_TIMEOUT_S = 30
 
 
 class BadRequest(Exception):
@@ -49,7 +59,8 @@ class BadRequest(Exception):
 class LabelServer:
     """The source, its log and the HTTP server that serves the page over them."""
 
-    def __init__(self, source: Source, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+    def __init__(self, source: Source, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         if host not in LOCAL_HOSTS and not token:
             raise UserError(f"--host {host} lets other machines reach the page: give --token SECRET too (every "
                             "request must carry it), or keep the default 127.0.0.1")
@@ -57,7 +68,7 @@ class LabelServer:
         self.log = LabelLog(source.log_path)
         self.token = token
         self._write_lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"app": self})
+        handler = type("Handler", (_Handler,), {"app": self, "timeout": request_timeout_s})
         try:
             self.httpd = ThreadingHTTPServer((host, port), handler)
         except OSError as err:
@@ -136,11 +147,34 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # the page's requests are not worth a line each
         pass
 
+    timeout = REQUEST_TIMEOUT_S  # socketserver sets it on the connection: a stalled client times out
+
     def _authorised(self, query: dict[str, list[str]]) -> bool:
         if self.app.token is None:
             return True
         given = self.headers.get("X-Token") or (query.get("token") or [""])[0]
         return hmac.compare_digest(given.encode(), self.app.token.encode())
+
+    def _own_hosts(self) -> set[str]:
+        """The ``Host`` values that name this server: its address and, when bound to loopback, localhost's names."""
+        host, port = self.server.server_address[:2]
+        names = {host, *LOCAL_HOSTS} if host in LOCAL_HOSTS else {host}
+        return {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
+
+    def _refusal(self, write: bool) -> str | None:
+        """Why a request without a token must be refused (see the module docstring), or None."""
+        if self.app.token is not None:
+            return None
+        own = self._own_hosts()
+        if self.headers.get("Host") not in own:
+            return "the Host header does not name this server"
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.removeprefix("http://") not in own:
+            return "requests from other sites are refused"
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if write and content_type != "application/json":
+            return "a label must be sent as application/json"
+        return None
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -164,6 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         if not self._authorised(query):
             return self._json(HTTPStatus.FORBIDDEN, {"error": "this page needs its token (?token=...)"})
+        if refused := self._refusal(write=False):
+            return self._json(HTTPStatus.FORBIDDEN, {"error": refused})
         labeller = (query.get("labeller") or ["anonymous"])[0]
         if url.path == "/":
             return self._send(HTTPStatus.OK, PAGE.encode(), "text/html; charset=utf-8")
@@ -175,7 +211,11 @@ class _Handler(BaseHTTPRequestHandler):
             index, k = int(match[1]), int(match[2])
             if index >= len(self.app.source) or k >= self.app.source.item(index).images:
                 return self._json(HTTPStatus.NOT_FOUND, {"error": f"no image {k} of item {index}"})
-            body, content_type = page_image(self.app.source.image(index, k))
+            try:
+                body, content_type = page_image(self.app.source.image(index, k))
+            except (OSError, ValueError, Image.DecompressionBombError) as err:  # undecodable, missing or too large
+                return self._json(HTTPStatus.UNPROCESSABLE_ENTITY,
+                                  {"error": f"image {k} of item {index} cannot be shown ({type(err).__name__})"})
             return self._send(HTTPStatus.OK, body, content_type)
         self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {url.path}"})
 
@@ -183,14 +223,24 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         if not self._authorised(parse_qs(url.query)):
             return self._json(HTTPStatus.FORBIDDEN, {"error": "this page needs its token (?token=...)"})
+        if refused := self._refusal(write=True):
+            return self._json(HTTPStatus.FORBIDDEN, {"error": refused})
         actions = {"/api/label": self.app.label, "/api/undo": self.app.undo}
         if url.path not in actions:
             return self._json(HTTPStatus.NOT_FOUND, {"error": f"no action {url.path}"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 < length <= MAX_BODY:
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": f"a JSON body of at most {MAX_BODY} bytes is needed"})
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit() or not 0 < int(length) <= MAX_BODY:
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": f"a JSON body of at most {MAX_BODY} bytes is needed, "
+                                                                 f"with its Content-Length (got {length[:20]!r})"})
         try:
-            body = json.loads(self.rfile.read(length))
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            return self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": f"the body did not arrive in {self.timeout} s"})
+        if len(raw) < int(length):
+            return self._json(HTTPStatus.BAD_REQUEST, {"error": "the body is shorter than its Content-Length"})
+        try:
+            body = json.loads(raw)
         except ValueError:
             return self._json(HTTPStatus.BAD_REQUEST, {"error": "the body is not JSON"})
         if not isinstance(body, dict):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from diffalign.errors import UserError
+from diffalign.train.bounds import check_bounds, check_finite
 
 if TYPE_CHECKING:  # the registry is imported where the config is validated
     from diffalign.losses.registry import LossSpec
@@ -135,8 +136,12 @@ class DataConfig:
     # (each image on its own); decided by (seed, position), so resumes stay exact; a flipped image's
     # latents are cached as an image of their own
     random_flip: bool = False
-    # a bad row (undecodable image, missing caption, NaN label): "skip" (counted) or "raise"
+    # a bad row (undecodable image, missing caption, label out of range, NaN label): "skip" (counted) or "raise"
     on_error: str = "skip"
+    # an image of more pixels than this is a bad row, skipped before it is decoded (a decompression bomb: a few KB of
+    # PNG that claim 20000 x 20000 pixels, 1.2 GB once decoded). The default is PIL's own warning threshold (9459^2);
+    # PIL refuses anything above twice it whatever this says
+    max_image_pixels: int = 89_478_485
     # tied pairs (label 0.5/0.5): "drop", or "soft" to keep them with preference 0.5
     ties: str = "drop"
     # folder for cached VAE latents and prompt embeddings (safetensors shards); none = encode each step
@@ -352,6 +357,7 @@ class Config:
             if value not in choices:
                 raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
+        check_bounds(self)
         choose("objective.name", self.objective.name, sorted(OBJECTIVES))
         objective = OBJECTIVES[self.objective.name]
         if objective.family == "lm":
@@ -393,6 +399,8 @@ class Config:
                            ("train.distributed_timeout_s", self.train.distributed_timeout_s)):
             if value < 1:
                 raise UserError(f"{key} must be >= 1, got {value}")
+        if objective.family != "lm":
+            self._check_resolution()
         if self.data.workers is not None and self.data.workers < 0:
             raise UserError(f"data.workers must be >= 0 (0 = read in the training loop), got {self.data.workers}")
         if self.train.lora_rank < 0:
@@ -475,6 +483,20 @@ class Config:
             raise UserError(f"data.packing packs a language model's token sequences; {self.objective.name} trains "
                             "a diffusion model: remove it")
         return self
+
+    def _check_resolution(self) -> None:
+        """``data.resolution`` must give whole latent tokens: a multiple of the VAE's factor times the denoiser's patch
+        (SD1.5/SDXL 8, SD3 and FLUX.1 16), read from the model folder's configs when it is local."""
+        from diffalign.diffusion.backbones import pixel_multiple
+        from diffalign.paths import find_locally
+
+        folder = find_locally(self.model.config or self.model.path)
+        multiple = None if folder is None or not folder.is_dir() else pixel_multiple(folder)
+        if multiple and self.data.resolution % multiple:
+            below = self.data.resolution // multiple * multiple
+            raise UserError(f"data.resolution={self.data.resolution} must be a multiple of {multiple} for "
+                            f"{folder.name} (its VAE's factor times its denoiser's patch); try {below or multiple} or "
+                            f"{below + multiple}")
 
     def _language_model_defaults(self) -> None:
         """The keys a language-model config leaves unset take the LM's defaults (``LM_DEFAULTS``) instead of the
@@ -717,6 +739,7 @@ def _build(cls, data: dict, prefix: str):
                             f"quote the word, e.g. {dotted}='no'")
         if not _type_ok(value, f.type):
             raise UserError(f"config key '{dotted}' expects {f.type}, got {value!r}")
+        check_finite(dotted, value)
         kwargs[key] = float(value) if f.type == "float" and isinstance(value, int) else value
     return cls(**kwargs)
 

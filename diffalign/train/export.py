@@ -22,8 +22,11 @@ checkpoint of a run with an EMA exports its raw weights, as ``eval`` evaluates t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -160,9 +163,9 @@ def _provenance(source: Path) -> dict[str, str]:
     return {"diffalign_run": str(source.resolve())}
 
 
-def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp16") -> Path:
+def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "fp16", overwrite: bool = False) -> Path:
     """Write the trained weights of ``source`` (a finished run or one of its checkpoints) to ``out`` in format
-    ``fmt``; returns what was written."""
+    ``fmt``; returns what was written. An existing ``out`` is refused unless ``overwrite`` (:func:`check_target`)."""
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -171,6 +174,7 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "f
     if not is_checkpoint(source) and not is_finished_run(source):
         raise UserError(f"{source} is not a finished run directory (it needs config.yaml and final/) or one of its "
                         "checkpoints (RUN/checkpoints/step-N)")
+    check_target(out, source, fmt, overwrite)
     if fmt in ("lora", "kohya"):
         if not trained_lora(source):
             raise UserError(f"{source} trained the full model, not a LoRA; use --format diffusers or single-file")
@@ -182,17 +186,17 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "f
                 out.parent.mkdir(parents=True, exist_ok=True)
                 state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in
                          kohya_lora_state(lora, base_folder(source)).items()}
-                save_file(state, out, metadata={"format": "pt", **_provenance(source)})
-                return with_usual_permissions(out)
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(lora, out / LORA_FILE)
-            return out / LORA_FILE
+                return _save_file_whole(state, out, {"format": "pt", **_provenance(source)})
+            with _folder_whole(out) as folder:
+                shutil.copyfile(lora, folder / LORA_FILE)
+            return with_usual_permissions(out) / LORA_FILE
     if fmt == "single-file":
         _check_suffix(out, "a single-file checkpoint")
     pipe = merged_pipeline(source)
     pipe.to(dtype=DTYPES[dtype])
     if fmt == "diffusers":
-        pipe.save_pretrained(out, safe_serialization=True)
+        with _folder_whole(out) as folder:
+            pipe.save_pretrained(folder, safe_serialization=True)
         return with_usual_permissions(out)
     return save_single_file(pipe, out, _provenance(source))
 
@@ -205,6 +209,62 @@ def _check_suffix(out: Path, what: str) -> None:
 def save_single_file(pipe: DiffusionPipeline, out: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``pipe`` as one original-layout ``.safetensors`` checkpoint (:func:`single_file_state`)."""
     state = _untied({k: v.detach().contiguous().cpu() for k, v in single_file_state(pipe).items()})
+    return _save_file_whole(state, out, {"format": "pt", **(metadata or {})})
+
+
+# what an earlier export left in a folder: --overwrite replaces such a folder, never another one
+EXPORT_MARKERS = (LORA_FILE, "model_index.json")
+
+
+def check_target(out: Path, source: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse to write where it would destroy something: into the run itself (its folder, ``final/`` or
+    ``checkpoints/``), over an existing file, or into a non-empty folder; ``overwrite`` allows replacing a file or
+    a folder that holds an earlier export, nothing else."""
+    run = (source.parent.parent if is_checkpoint(source) else source).resolve()
+    target = out.resolve()
+    if target == run or any(target.is_relative_to(run / part) for part in ("final", "checkpoints")):
+        raise UserError(f"--out {out} is inside the run {run} (its folder, final/ or checkpoints/), which the export "
+                        "would overwrite; write it elsewhere")
+    if fmt in ("kohya", "single-file"):
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; {fmt} writes one .safetensors file")
+        if out.exists() and not overwrite:
+            raise UserError(f"--out {out} exists; choose another file, or add --overwrite to replace it")
+        return
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; {fmt} writes a folder")
+    if out.is_dir() and any(out.iterdir()):
+        earlier = any((out / marker).exists() for marker in EXPORT_MARKERS)
+        if not overwrite or not earlier:
+            raise UserError(f"--out {out} is a folder that is not empty; choose a new folder"
+                            + (", or add --overwrite to replace the export in it" if earlier else
+                               " (--overwrite replaces only a folder holding an earlier export)"))
+
+
+def _save_file_whole(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> Path:
+    """``save_file`` through a temporary file beside ``out``: the file is complete or absent, never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, out, metadata={"format": "pt", **(metadata or {})})
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return with_usual_permissions(out)
+
+
+@contextmanager
+def _folder_whole(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into, which then replaces ``out`` (an earlier export, when
+    allowed) in one rename; on failure nothing of it is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the usual mode, not 0700
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

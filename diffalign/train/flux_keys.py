@@ -103,6 +103,9 @@ def flux_lora_to_kohya(layers: Mapping[str, Tensor], inner_dim: int) -> dict[str
     fused parts the LoRA did not train (the single blocks' MLP projection is 4x as wide). Every
     LoRA's alpha is its rank, so kohya's scale alpha / rank is 1, as the folded-in scale needs.
     """
+    # a LoRA of the attention projections alone keeps diffusers' names (to_q.lora.down.weight); others peft's
+    layers = {key.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): value
+              for key, value in layers.items()}
     pairs: dict[str, tuple[Tensor, Tensor]] = {}
     for key, value in layers.items():
         module = key.removeprefix("transformer.").rsplit(".lora_", 1)[0]

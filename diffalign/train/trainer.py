@@ -59,6 +59,8 @@ from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.models import build_models
 from diffalign.train.gold import GoldWatch
 from diffalign.train.online import NeedsLabels, OnlineRounds
+from diffalign.train.run_folder import RunLock, is_write_failure, write_failure
+from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
 from diffalign.train.sharding import check_sharding
 from diffalign.train.tracking import flat_hyperparameters, log_image
 from diffalign.train.validation import Validator
@@ -111,17 +113,19 @@ def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | C
     if layout in ("images", "labelled_images"):
         return CaptionedImageDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                                      image_column=dc.image_column, on_error=dc.on_error, split=dc.split,
+                                     max_image_pixels=dc.max_image_pixels,
                                      label_column=dc.label_column if layout == "labelled_images" else None)
     if layout == "ranked":
         return RankedListDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                                  images_column=dc.images_column, scores_column=dc.scores_column,
-                                 on_error=dc.on_error, split=dc.split)
+                                 on_error=dc.on_error, split=dc.split, max_image_pixels=dc.max_image_pixels)
     return PairDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
                        image_columns=tuple(dc.image_columns), label_column=dc.label_column,
                        score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
                        ties=dc.ties, on_error=dc.on_error, split=dc.split, weight_column=dc.weight_column,
                        margin_column=dc.margin_column, ensemble_columns=[tuple(pair) for pair in dc.ensemble_columns],
-                       ensemble=dc.ensemble, reward_columns=tuple(dc.reward_columns) or None)
+                       ensemble=dc.ensemble, reward_columns=tuple(dc.reward_columns) or None,
+                       max_image_pixels=dc.max_image_pixels)
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
@@ -245,8 +249,8 @@ class PreferenceTrainer:
         self.objective.mean_over_processes = lambda value: accelerator.reduce(value.reshape(1), "mean")[0]
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
-        for stateful in self.objective.attach(self.module):
-            self.accelerator.register_for_checkpointing(stateful)
+        for i, stateful in enumerate(self.objective.attach(self.module)):
+            self.extra_state.register(f"objective_{i}", stateful)
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution)
         vc = config.validation
         self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
@@ -304,9 +308,11 @@ class PreferenceTrainer:
         self.accelerator.register_save_state_pre_hook(keep_trained_weights_only)
         self.accelerator.register_load_state_pre_hook(load_trained_weights)
         self.ema = None
+        # diffalign's own state in every checkpoint, as safetensors (accelerate's custom state would be a pickle)
+        self.extra_state = ExtraState()
         if tc.ema_decay > 0:
             self.ema = EMAModel(self.params, decay=tc.ema_decay)
-            self.accelerator.register_for_checkpointing(self.ema)  # saved and restored with the checkpoint
+            self.extra_state.register("ema", self.ema)
 
     # --- data ----------------------------------------------------------------------------
     def _positions(self, step: int, micro: int) -> range:
@@ -427,6 +433,22 @@ class PreferenceTrainer:
         raise UserError(f"{what} would take about {needed / 2**30:.2f} GiB, and the disk of {self.output_dir} has "
                         f"{free / 2**30:.2f} GiB free, so diffalign stopped before writing it. {resume}")
 
+    def _first_checkpoint_bytes(self) -> int:
+        """About how large the run's first checkpoint is: the trained weights, AdamW's two moments, each state kept
+        beside them (an EMA, shadow weights: counted as a copy of the weights each) and 16 MiB for the rest."""
+        return self._trained_bytes() * (3 + len(self.extra_state.objects)) + 16 * 2**20
+
+    def _refuse_non_finite_weights(self, what: str, state: dict[str, Any]) -> None:
+        """Stop, agreed by every process, rather than write weights holding NaN or inf as ``what``."""
+        bad = (~all_finite(self.params)).float().reshape(1).to(self.accelerator.device)
+        if self.accelerator.reduce(bad, "sum").item() == 0:
+            return
+        last = state["last_good_checkpoint"]
+        raise UserError(f"the trained weights hold NaN or inf values, so {what} was not written and the run failed. "
+                        + (f"The last good checkpoint is {last}; resume it with a lower train.learning_rate or "
+                           "objective.beta (train.resume=PATH)." if last else "The run has no good checkpoint; lower "
+                           "train.learning_rate or objective.beta and start again."))
+
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
         root = self.output_dir / CHECKPOINTS
         final = root / f"step-{step:07d}"
@@ -434,32 +456,43 @@ class PreferenceTrainer:
         latest = _checkpoint_dirs(self.output_dir)[-1:]
         # as large as the last one; the first: the trained weights and AdamW's two moments (and an EMA copy)
         needed = sum(f.stat().st_size for f in latest[0].rglob("*") if f.is_file()) if latest else \
-            self._trained_bytes() * (3 + (self.ema is not None))
+            self._first_checkpoint_bytes()
         self._check_room(needed, f"checkpoint {final.name} (written before the oldest of train.checkpoints_keep "
                                  "is removed)", state["last_good_checkpoint"])
+        self._refuse_non_finite_weights(f"checkpoint {final.name}", state)
         self._publish_cache()  # a resumed run then reads, not re-encodes, what this one encoded
         state = {**state, "step": step, "bad_rows_read": sorted(self._bad_read_by_all_processes()),
                  "run": self._run_identity()}
-        if self.accelerator.is_main_process:
+        try:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+            if self.accelerator.is_main_process:
+                self.extra_state.save(tmp)
+            # every process writes its own random state into tmp: all must be done before it is renamed
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                (tmp / "trainer_state.json").write_text(json.dumps(json_safe(state)[0]))
+                with_usual_permissions(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)  # a checkpoint is complete or absent, never half-written
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
-        # every process writes its own random state into tmp: all must be done before it is renamed
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            with_usual_permissions(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # a checkpoint is complete or absent, never half-written
+            raise write_failure(err, root, f"checkpoint {final.name}", needed, state["last_good_checkpoint"]) from None
             for old in _checkpoint_dirs(self.output_dir)[: -self.config.train.checkpoints_keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
 
     def _load_checkpoint(self) -> dict[str, Any]:
+        refuse_pickles(self.resume_from)
         try:
             self.accelerator.load_state(str(self.resume_from))
+            self.extra_state.load(self.resume_from)
         except UserError:
             raise
         except Exception as err:  # a truncated or damaged file, in safetensors', torch's or pickle's own words
@@ -568,11 +601,11 @@ class PreferenceTrainer:
                     raise UserError(str(waiting)) from None
                 if not finite:
                     state["bad_steps"] += 1
-                    acc.print(f"step {step}: non-finite loss; step skipped "
+                    acc.print(f"step {step}: non-finite loss or gradients; step skipped "
                               f"({state['bad_steps']}/{tc.max_bad_steps} allowed)")
                     if state["bad_steps"] > tc.max_bad_steps:
                         raise UserError(
-                            f"the loss was NaN/inf on {state['bad_steps']} steps (train.max_bad_steps="
+                            f"the loss or its gradients were NaN/inf on {state['bad_steps']} steps (train.max_bad_steps="
                             f"{tc.max_bad_steps}); stopped at step {step}. The last good checkpoint is "
                             f"{state['last_good_checkpoint']}. Lower the learning rate or beta, or check the data."
                         )
@@ -594,7 +627,7 @@ class PreferenceTrainer:
                     bar.set_postfix(**shown)
                     if acc.is_main_process:
                         with metrics_path.open("a") as f:
-                            f.write(json.dumps(logs) + "\n")
+                            f.write(json.dumps(json_safe(logs)[0]) + "\n")
                     acc.log(logs, step=step)
                 gamed = self._watch_gold(step, self._validate(step), history, state)
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested or gamed:
@@ -631,6 +664,9 @@ class PreferenceTrainer:
                 # the batch's own figures (an online round's mean reward) are logged beside the objective's
                 for k, v in {"loss": loss.detach(), **metrics, **batch.get("logged", {})}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach() / tc.gradient_accumulation
+        if tc.mixed_precision != "fp16":  # under fp16 the GradScaler skips overflowing steps itself, as it should
+            # a finite loss can still give inf/NaN gradients (an overflow), and with them NaN weights
+            finite = finite & all_finite([p.grad for p in self.params if p.grad is not None]).to(acc.device)
         # NaN guard, agreed by all processes (one boolean read per step): all step or none do
         ok = bool(acc.gather(finite.reshape(1)).all().item())
         if ok:
@@ -644,6 +680,22 @@ class PreferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
         return totals, ok
+
+    def _write_final(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+        """The final weights into ``final/``, written whole or not at all (through ``final.tmp``)."""
+        final, tmp = self.output_dir / "final", self.output_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._save_final_weights(weights, tmp)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not is_write_failure(err):
+                raise
+            raise write_failure(err, self.output_dir, "the final weights", self._trained_bytes(),
+                                state["last_good_checkpoint"]) from None
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
 
     def _objective_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective's loss and metrics on this process's micro-batch."""
@@ -709,12 +761,17 @@ class PreferenceTrainer:
         if self.ema is not None and not interrupted:
             self.ema.copy_to(self.params)  # the final weights are the averaged ones
         if not interrupted:
+            if step > 0 and state["bad_steps"] >= step:
+                raise UserError(f"every one of the run's {step} steps was skipped (non-finite loss or gradients), so "
+                                "nothing was trained and no final weights were written. Lower train.learning_rate or "
+                                "objective.beta, or check the data's labels and scores")
+            self._refuse_non_finite_weights("the final weights", state)
             self._check_room(self._trained_bytes(), "the final weights", state["last_good_checkpoint"])
             # every process takes part: under FSDP / ZeRO-3 this gathers the shards onto the main process
             weights = {key: value for key, value in acc.get_state_dict(self.trained).items()
                        if key.split(".", 1)[0] not in self._objective_modules}  # the model's own weights
             if acc.is_main_process:
-                final_dir = self._save_final_weights(weights, self.output_dir / "final")
+                final_dir = self._write_final(weights, state)
         summary = {
             "steps": step,
             "interrupted": interrupted,
@@ -726,16 +783,38 @@ class PreferenceTrainer:
             "last": history[-1] if history else {},
         }
         if acc.is_main_process:
-            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            written, non_finite = json_safe(summary)
+            if non_finite:  # JSON has no NaN: such values are null, and named
+                written["non_finite"] = {"keys": non_finite, "note": "these values were NaN or inf; written as null"}
+            (self.output_dir / "metrics.json").write_text(json.dumps(written, indent=2) + "\n")
             if summary["skipped_rows"]:
                 columns = ", ".join(f"{c}: {n}" for c, n in sorted(summary["skipped_rows"].items()))
-                print(f"skipped {sum(summary['skipped_rows'].values())} bad rows ({columns}); see "
+                count = sum(summary["skipped_rows"].values())
+                print(f"skipped {count} bad row{'s' if count != 1 else ''} ({columns}); see "
                       f"{self.output_dir / 'metrics.json'}", file=sys.stderr)
         return summary
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Run a training job described by a validated :class:`Config`; returns the summary."""
+    """Run a training job described by a validated :class:`Config`; returns the summary. One run at a time holds
+    its output_dir (:class:`~diffalign.train.run_folder.RunLock`)."""
+    if config.train.resume == "latest":  # names a typo of output_dir before the lock creates that folder
+        resolve_resume(config)
+    with RunLock(Path(config.output_dir)):
+        _remove_half_written(Path(config.output_dir))
+        return _train_locked(config)
+
+
+def _remove_half_written(out: Path) -> None:
+    """A checkpoint or final folder left as ``.tmp`` by a run that died while writing it (a full disk, a kill):
+    never complete, so removed, and said."""
+    for tmp in [*(out / CHECKPOINTS).glob("*.tmp"), *out.glob("final.tmp")]:
+        if os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"removed {tmp}, left half-written by an earlier run", file=sys.stderr)
+
+
+def _train_locked(config: Config) -> dict[str, Any]:
     out = Path(config.output_dir)
     if config.train.resume is None and _checkpoint_dirs(out):
         raise UserError(
