@@ -127,6 +127,17 @@ def test_lora_export_loads_with_load_lora_weights(runs, model, tmp_path):
     assert not torch.allclose(_denoiser_outputs(base), base_out)  # the LoRA changes the model
 
 
+@pytest.mark.parametrize("model", UNET_PIPELINES)
+def test_kohya_export_of_the_default_targets_loads_as_the_trained_model(runs, model, tmp_path):
+    """The runs train the default LoRA targets (the attention projections); their kohya file, read by diffusers'
+    kohya loader, gives the trained model's outputs (FLUX's: test_export_flux.py)."""
+    run = runs[model, 4]
+    assert main(["export", str(run), "--format", "kohya", "--dtype", "fp32", "--out", str(tmp_path / "k.safetensors")]) == 0
+    base = load_pipeline(runs["folders"][model], random_init=True)
+    base.load_lora_weights(str(tmp_path / "k.safetensors"))
+    torch.testing.assert_close(_denoiser_outputs(base), _denoiser_outputs(load_finetuned(run)), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("lora", [4, 0])
 def test_merged_diffusers_folder_equals_the_trained_model(runs, lora, tmp_path):
     run = runs["tiny-sd15", lora]
@@ -379,11 +390,6 @@ def test_weights_are_kept_where_the_file_system_has_no_unix_modes(tmp_path, monk
     assert with_usual_permissions(weights) == weights and weights.read_bytes() == b"weights"
 
 
-def _said(capsys) -> str:
-    """What the command printed on stderr, as one line (the CLI wraps its messages to the terminal)."""
-    return " ".join(capsys.readouterr().err.split())
-
-
 def test_an_export_refuses_to_overwrite_unless_asked_and_never_writes_into_the_run(runs, tmp_path, capsys):
     """Issue 40: ``--out EXISTING.safetensors`` was overwritten silently and ``--format lora --out`` wrote into any
     folder, the run's own included."""
@@ -391,23 +397,23 @@ def test_an_export_refuses_to_overwrite_unless_asked_and_never_writes_into_the_r
     kohya = tmp_path / "k.safetensors"
     kohya.write_bytes(b"someone's file")
     assert main(["export", str(run), "--format", "kohya", "--out", str(kohya)]) == 2
-    assert "exists; choose another file, or add --overwrite" in _said(capsys)
+    assert "exists; choose another file, or add --overwrite" in _unwrapped(capsys.readouterr().err)
     assert kohya.read_bytes() == b"someone's file"
     assert main(["export", str(run), "--format", "kohya", "--out", str(kohya), "--overwrite"]) == 0
     assert load_file(kohya) and not list(tmp_path.glob(".k.safetensors.tmp*"))
     for inside in (run, run / "final", run / "checkpoints" / "x", run / "final" / "k.safetensors"):
         fmt = "kohya" if inside.suffix else "lora"
         assert main(["export", str(run), "--format", fmt, "--out", str(inside), "--overwrite"]) == 2
-        assert "is inside the run" in _said(capsys)
+        assert "is inside the run" in _unwrapped(capsys.readouterr().err)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert main(["export", str(run), "--format", "lora", "--out", str(mine), "--overwrite"]) == 2
-    assert "only a folder holding an earlier export" in _said(capsys) and (mine / "notes.txt").exists()
+    assert "only a folder holding an earlier export" in _unwrapped(capsys.readouterr().err) and (mine / "notes.txt").exists()
     lora = tmp_path / "lora"
     assert main(["export", str(run), "--format", "lora", "--out", str(lora)]) == 0
     assert main(["export", str(run), "--format", "lora", "--out", str(lora)]) == 2
-    assert "add --overwrite to replace the export in it" in _said(capsys)
+    assert "add --overwrite to replace the export in it" in _unwrapped(capsys.readouterr().err)
     assert main(["export", str(run), "--format", "lora", "--out", str(lora), "--overwrite"]) == 0
     assert sorted(p.name for p in lora.iterdir()) == ["pytorch_lora_weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors", "lora", "mine"]  # no temporary left
