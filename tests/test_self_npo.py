@@ -16,6 +16,7 @@ from diffalign.objectives import SelfNPO
 from diffalign.objectives.self_npo import truncation_grid
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
+from diffalign.train.run_state import read_state
 from fixtures import images_parquet, toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,7 +217,7 @@ def test_trains_on_tiny_sdxl_from_the_cli_and_resumes_exactly_with_its_teacher(t
                  "train.max_steps=4", "objective.teacher_ema=0.5"]) == 0
     split = tmp_path / "split"
     train(_tiny(data, split, "train.max_steps=2", "objective.teacher_ema=0.5"))
-    teacher = torch.load(split / "checkpoints" / "step-0000002" / "custom_checkpoint_0.pkl", weights_only=True)
+    teacher = read_state(split / "checkpoints" / "step-0000002")["objective_0"]  # safetensors, no pickle
     assert teacher and all("lora" in name for name in teacher)  # only the trained (LoRA) tensors are shadowed
     train(_tiny(data, split, "train.max_steps=4", "objective.teacher_ema=0.5", "train.resume=latest"))
     a = load_file(str(straight / "final" / "pytorch_lora_weights.safetensors"))

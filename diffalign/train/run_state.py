@@ -76,13 +76,21 @@ class ExtraState:
             raise UserError(f"{folder} holds no {STATE_FILE} (the EMA or the objective's own state this run keeps): it "
                             "was written by a run with other settings, or by a diffalign before 0.1 that kept that "
                             "state as a pickle; resume from a checkpoint of this run's settings")
-        with safe_open(str(path), "pt") as f:
-            skeleton = json.loads(f.metadata()["state"])
-        tensors = load_file(str(path))
+        saved = read_state(folder)
         for name, obj in self.objects.items():
-            if name not in skeleton:
+            if name not in saved:
                 raise UserError(f"{path} holds no state for {name}; resume with the settings of the run that wrote it")
-            obj.load_state_dict(_unflatten(skeleton[name], tensors))
+            obj.load_state_dict(saved[name])
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The state a checkpoint folder keeps beside accelerate's files, by name ("ema", "objective_0", ...), as the
+    objects' ``state_dict`` gave it."""
+    path = folder / STATE_FILE
+    with safe_open(str(path), "pt") as f:
+        skeleton = json.loads(f.metadata()["state"])
+    tensors = load_file(str(path))
+    return {name: _unflatten(node, tensors) for name, node in skeleton.items()}
 
 
 def refuse_pickles(folder: Path) -> None:
