@@ -18,6 +18,23 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it, so --help s
     import torch
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from diffalign.objectives import OBJECTIVES
+    from diffalign.objectives.catalog import method_page, methods_table
+
+    if args.name is None:
+        print(methods_table())
+        return 0
+    if args.name not in OBJECTIVES:
+        import difflib
+
+        close = difflib.get_close_matches(args.name, OBJECTIVES, n=1)
+        raise UserError(f"no method {args.name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + " `diffalign methods` lists them")
+    print(method_page(args.name))
+    return 0
+
+
 def _cmd_losses(args: argparse.Namespace) -> int:
     from diffalign import losses
 
@@ -81,9 +98,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out = args.out or f"runs/demo{'-lm' if args.lm else ''}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     if args.lm:
-        from diffalign.toy.text_demo import run_text_demo as run_demo
+        from diffalign.demo.text import run_text_demo as run_demo
     else:
-        from diffalign.toy.demo import run_demo
+        from diffalign.demo.image import run_demo
     try:
         run_demo(out, overrides=args.overrides)
     except (Interrupted, KeyboardInterrupt) as stopped:
@@ -368,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token", help="a secret every request must carry (?token=); needed for a non-local --host")
     p.set_defaults(run=_cmd_label)
+
+    p = sub.add_parser("methods", help="list every method (objective.name) with its family, paper and backbones; "
+                                       "with a NAME, its options")
+    p.add_argument("name", nargs="?", help="a method, e.g. grpo: its options (objective.options.*), defaults and ranges")
+    p.set_defaults(run=_cmd_methods)
 
     p = sub.add_parser("losses", help="list every preference loss with its paper")
     p.add_argument("--kind", choices=KINDS, help="only losses of this kind")

@@ -31,7 +31,7 @@ from diffalign.diffusion import load_pipeline
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.toy.datasets import is_toy_dataset, make_toy_datasets
-from diffalign.toy.demo import align_and_compare, headline
+from diffalign.demo.image import align_and_compare, headline
 
 
 def data_for(name: str, folder: Path) -> Path | None:

@@ -30,7 +30,7 @@ from diffalign.data import PairDataset
 from diffalign.diffusion import load_pipeline
 from diffalign.paths import CONFIGS, TOY_BASE
 from diffalign.toy.datasets import make_toy_datasets
-from diffalign.toy.demo import align_and_compare, headline
+from diffalign.demo.image import align_and_compare, headline
 
 SMOOTHED = {"cdpo", "robust"}  # the losses that take the flip rate as their label_smoothing
 ENSEMBLE_MODELS, ENSEMBLE_NOISE = 3, 0.5  # synthetic reward models; their noise, in score-gap standard deviations

@@ -94,7 +94,7 @@ def test_the_demo_and_the_benchmark_start_their_run_folder_over_when_run_again(t
     """``train`` refuses an output_dir that holds a run; the demo's (and bench_alignment's) run folder is
     their own, so running them again into the same --out retrains instead of stopping there."""
     from diffalign.paths import CONFIGS
-    from diffalign.toy.demo import align_and_compare, sample_candidates, write_pairs
+    from diffalign.demo.image import align_and_compare, sample_candidates, write_pairs
 
     base = load_pipeline(TOY_BASE)
     pairs = write_pairs(sample_candidates(base, prompts("train")[:2], groups_per_prompt=1, candidates=2, seed=0,

@@ -54,8 +54,7 @@ def test_gradients_equal_the_authors_loss_and_the_value_is_the_robust_objective(
 
 def test_the_objective_on_recorded_groups_and_a_step_that_separates_positives_from_negatives():
     backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = DisCO(ObjectiveConfig(name="disco", loss="disco", sample_steps=4, sample_guidance_scale=1.0,
-                                      disco_beta=0.0), backbone)
+    objective = DisCO(ObjectiveConfig(name="disco", loss="disco", sample_steps=4, sample_guidance_scale=1.0, options={"kl_beta": 0.0}), backbone)
     cond = backbone.encode_prompts(["a red circle"])
     traj = sample_trajectories(backbone, torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1)),
                                cond.repeat_items(4), steps=4, eta=1.0, generator=torch.Generator().manual_seed(2))

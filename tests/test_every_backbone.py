@@ -24,8 +24,8 @@ DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": 
 # the self-play loops: a round of 2 prompts x 2 samples told apart by their JPEG size (see grpo's note below)
 _SELF_PLAY = ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2", "objective.sample_steps=2",
               "online.reward=jpeg_incompressibility"]
-SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversion_steps=2",
-                                                              "objective.renoise_iterations=1",
+SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.options.inversion_steps=2",
+                                                              "objective.options.renoise_iterations=1",
                                                               "data.score_columns=[[pick_0, pick_1]]"],
            "d3po": ["online.groups_per_round=2", "online.steps_per_round=2", "objective.sample_steps=2"],
            "ddo": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
@@ -38,7 +38,7 @@ SHORTER = {"inpo": ["objective.inversion_steps=2"], "smpo": ["objective.inversio
            "nft": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                    "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
            **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
-           "rso": [*_SELF_PLAY, "objective.rso_accepted=2"],
+           "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
            "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"]}
 
 

@@ -102,8 +102,7 @@ def test_inversion_dpo_scores_each_image_at_its_euler_inverted_latent_by_hand(fl
     through it, the reference a LoRA-free copy nudged away."""
     reference = load_pipeline(MODELS / ("tiny-sd3" if flow.family == "sd3" else "tiny-flux"), random_init=True,
                               seed=1).transformer
-    objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, inversion_steps=10, inversion_eta=0.0,
-                                     renoise_iterations=renoise), flow)
+    objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, options={"inversion_steps": 10, "inversion_eta": 0.0, "renoise_iterations": renoise}), flow)
     objective.renoise_average_from = 0
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 2, 4, 16, 16, generator=g)

@@ -59,8 +59,7 @@ def test_the_sampler_s_own_steps_have_ratio_one_and_the_loss_is_the_formula_by_h
     KL; with a nudged reference the KL is ||mu - mu_ref||^2 / (2 sigma^2), element mean, by hand."""
     pipe = load_pipeline(TOY_BASE) if model == "toy" else load_pipeline(ROOT / "assets/models" / model, random_init=True)
     backbone = backbone_for(pipe)
-    config = ObjectiveConfig(name="grpo", loss="ppo_clip", sample_steps=4, sample_eta=1.0, sample_guidance_scale=3.0,
-                             kl_coef=0.5)
+    config = ObjectiveConfig(name="grpo", loss="ppo_clip", sample_steps=4, sample_eta=1.0, sample_guidance_scale=3.0, options={"kl_coef": 0.5})
     objective = FlowGRPO(config, backbone)
     cond = backbone.encode_prompts(["a red circle", "a blue square", "a red circle"])
     uncond = backbone.encode_prompts([""] * 3)
@@ -101,8 +100,7 @@ def test_the_sampler_s_own_steps_have_ratio_one_and_the_loss_is_the_formula_by_h
 
 def test_a_gradient_step_raises_the_log_probability_of_positive_advantage_samples():
     backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = FlowGRPO(ObjectiveConfig(name="grpo", loss="ppo_clip", sample_steps=4, sample_guidance_scale=1.0,
-                                         kl_coef=0.0, ratio_clip=0.5), backbone)
+    objective = FlowGRPO(ObjectiveConfig(name="grpo", loss="ppo_clip", sample_steps=4, sample_guidance_scale=1.0, options={"kl_coef": 0.0, "ratio_clip": 0.5}), backbone)
     cond = backbone.encode_prompts(["a red circle"] * 2)
     traj = sample_trajectories(backbone, torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)), cond,
                                steps=4, eta=1.0, generator=torch.Generator().manual_seed(4))
@@ -126,4 +124,4 @@ def test_grpo_refuses_human_labels_and_d3po_keeps_pairs(tmp_path):
     with pytest.raises(UserError, match="d3po is defined for groups of 2: online.group_size must be 2"):
         load_config(ROOT / "configs/toy_d3po.yaml", ["online.group_size=4"])
     with pytest.raises(UserError, match="advantage_std"):
-        load_config(ROOT / "configs/toy_grpo.yaml", ["objective.advantage_std=batch"])
+        load_config(ROOT / "configs/toy_grpo.yaml", ["objective.options.advantage_std=batch"])

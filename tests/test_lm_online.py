@@ -30,7 +30,7 @@ def test_the_pair_rules_by_hand():
     online = OBJECTIVES["lm_online_dpo"](ObjectiveConfig(loss="dpo"))
     groups, items, inputs = online.pairs(rewards)
     assert groups.tolist() == [0, 2] and items.tolist() == [[1, 2], [1, 0]] and inputs == {}  # a flat group: none
-    dno = OBJECTIVES["lm_dno"](ObjectiveConfig(loss="dpo", min_reward_gap=1.5))
+    dno = OBJECTIVES["lm_dno"](ObjectiveConfig(loss="dpo", options={"min_reward_gap": 1.5}))
     groups, items, _ = dno.pairs(rewards)
     assert groups.tolist() == [0, 2]  # gaps 1.6, 0, 1.6: the flat group fails the gap
     sppo = OBJECTIVES["lm_sppo"](ObjectiveConfig(loss="sppo"))
@@ -47,7 +47,7 @@ def test_the_pair_rules_by_hand():
 ])
 def test_the_first_steps_loss_by_hand(tmp_path, name, loss, first):
     config = load_config(None, [f"model.path={TOY_LM}", f"objective.name={name}", f"objective.loss={loss}",
-                                "objective.beta=1.0", "objective.max_new_tokens=12", "online.prompts=toy_text_train",
+                                "objective.beta=1.0", "objective.options.max_new_tokens=12", "online.prompts=toy_text_train",
                                 "online.reward=toy_text_preference", "train.learning_rate=1e-3",
                                 f"output_dir={tmp_path / 'run'}", *SMALL])
     train(config)
@@ -61,7 +61,7 @@ def test_the_first_steps_loss_by_hand(tmp_path, name, loss, first):
 
 def test_sppo_on_an_lm_resumes_exactly_across_rounds(tmp_path):
     common = [f"model.path={TOY_LM}", "objective.name=lm_sppo", "objective.loss=sppo", "objective.beta=0.1",
-              "objective.max_new_tokens=12", "online.prompts=toy_text_train", "online.reward=toy_text_preference",
+              "objective.options.max_new_tokens=12", "online.prompts=toy_text_train", "online.reward=toy_text_preference",
               "train.learning_rate=1e-3", *SMALL]
     train(load_config(None, [*common, "train.max_steps=6", f"output_dir={tmp_path / 'straight'}"]))
     train(load_config(None, [*common, "train.max_steps=2", f"output_dir={tmp_path / 'split'}"]))
@@ -87,7 +87,7 @@ def test_an_lm_loop_trains_the_same_losses_on_packed_rounds(tmp_path):
     """data.packing reaches the round driver's batches (scored through the packed rows and their block mask): the same
     per-step losses, to float rounding, and never more padding."""
     common = [f"model.path={TOY_LM}", "objective.name=lm_online_dpo", "objective.loss=ipo", "objective.beta=1.0",
-              "objective.max_new_tokens=12", "online.prompts=toy_text_train", "online.reward=toy_text_preference",
+              "objective.options.max_new_tokens=12", "online.prompts=toy_text_train", "online.reward=toy_text_preference",
               "train.learning_rate=1e-3", *SMALL]
     for name, packing in (("padded", "false"), ("packed", "true")):
         train(load_config(None, [*common, f"data.packing={packing}", f"output_dir={tmp_path / name}"]))

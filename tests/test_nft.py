@@ -28,7 +28,7 @@ def _nudged(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 def test_loss_is_the_authors_step_by_hand(model):
     pipe = load_pipeline(TOY_BASE) if model == "toy" else load_pipeline(ROOT / "assets/models" / model, random_init=True)
     backbone = backbone_for(pipe)
-    objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, nft_beta=0.5, kl_coef=0.3),
+    objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, options={"beta": 0.5, "kl_coef": 0.3}),
                              backbone)
     objective.attach(backbone.denoiser)
     objective.old.tensors.update({n: v for n, v in _nudged(backbone.denoiser, 0).items() if n in objective.old.tensors})
@@ -69,7 +69,7 @@ def test_loss_is_the_authors_step_by_hand(model):
 
 def test_a_step_pulls_good_samples_closer_and_pushes_bad_ones_away():
     backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, kl_coef=0.0), backbone)
+    objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, options={"kl_coef": 0.0}), backbone)
     objective.attach(backbone.denoiser)
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(2, 4, 16, 16, generator=g)

@@ -294,7 +294,7 @@ def test_inpo_scores_each_image_at_its_ddim_inverted_latent_by_hand():
     from diffalign.objectives import InPO
 
     backbone, reference = toy_policy_and_reference()
-    objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, inversion_steps=10, inversion_eta=0.0), backbone)
+    objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, options={"inversion_steps": 10, "inversion_eta": 0.0}), backbone)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 2, 4, 16, 16, generator=g)
     cond = backbone.encode_prompts(["a red circle", "a blue square"])

@@ -15,7 +15,7 @@ from fixtures import pickapic_parquet
 
 from diffalign.cli import main
 from diffalign.paths import CONFIGS, ROOT, TOY_BASE
-from diffalign.toy import demo as toy_demo
+from diffalign.demo import image as toy_demo
 from diffalign.train.trainer import PreferenceTrainer
 
 QUICK = ["train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=0", "train.log_every=1",

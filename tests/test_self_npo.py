@@ -198,7 +198,7 @@ def test_config_takes_a_regression_loss():
     with pytest.raises(UserError, match="choose one of huber, l2"):
         load_config(ROOT / "configs/toy_self_npo.yaml", ["objective.loss=dpo"])
     with pytest.raises(UserError, match="teacher_ema"):
-        load_config(ROOT / "configs/toy_self_npo.yaml", ["objective.teacher_ema=1.5"])
+        load_config(ROOT / "configs/toy_self_npo.yaml", ["objective.options.teacher_ema=1.5"])
 
 
 def _tiny(data: Path, out: Path, *overrides: str):
@@ -214,12 +214,12 @@ def test_trains_on_tiny_sdxl_from_the_cli_and_resumes_exactly_with_its_teacher(t
     straight = tmp_path / "straight"
     assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", f"output_dir={straight}",
                  "objective.name=self_npo", "objective.loss=huber", "train.checkpoint_every=2",
-                 "train.max_steps=4", "objective.teacher_ema=0.5"]) == 0
+                 "train.max_steps=4", "objective.options.teacher_ema=0.5"]) == 0
     split = tmp_path / "split"
-    train(_tiny(data, split, "train.max_steps=2", "objective.teacher_ema=0.5"))
+    train(_tiny(data, split, "train.max_steps=2", "objective.options.teacher_ema=0.5"))
     teacher = read_state(split / "checkpoints" / "step-0000002")["objective_0"]  # safetensors, no pickle
     assert teacher and all("lora" in name for name in teacher)  # only the trained (LoRA) tensors are shadowed
-    train(_tiny(data, split, "train.max_steps=4", "objective.teacher_ema=0.5", "train.resume=latest"))
+    train(_tiny(data, split, "train.max_steps=4", "objective.options.teacher_ema=0.5", "train.resume=latest"))
     a = load_file(str(straight / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(split / "final" / "pytorch_lora_weights.safetensors"))
     for k in a:

@@ -245,8 +245,8 @@ def test_the_config_matches_losses_to_the_objectives_that_estimate_their_inputs(
         load_config(ROOT / "configs/toy_sppo.yaml", ["objective.loss=dpo"])
     with pytest.raises(UserError, match="objective.name=sppo"):
         load_config(ROOT / "configs/toy_diffusion_dpo.yaml", ["objective.loss=sppo"])
-    with pytest.raises(UserError, match="rso_accepted"):
-        load_config(ROOT / "configs/toy_rso.yaml", ["objective.rso_accepted=9"])
+    with pytest.raises(UserError, match="objective.options.accepted=9 is more than the group.s 8 candidates"):
+        load_config(ROOT / "configs/toy_rso.yaml", ["objective.options.accepted=9"])
     with pytest.raises(UserError, match="needs no reward"):
         load_config(ROOT / "configs/toy_drift.yaml", ["online.reward=toy_preference"])
 

@@ -83,14 +83,15 @@ def test_the_mask_model_is_non_negative_starts_small_but_alive_and_reads_every_l
     assert len(gpt2.per_layer) == 2 and gpt2.norm.normalized_shape == (32,)
 
 
-def _objective(loss_options: str = "{}"):
-    config = lm_config_for_objective(loss_options)
+def _objective(loss_options: str = "{}", options: str = "{}"):
+    config = lm_config_for_objective(loss_options, options)
     return OBJECTIVES["lm_sparse_po"](config.objective)
 
 
-def lm_config_for_objective(loss_options: str):
+def lm_config_for_objective(loss_options: str, options: str = "{}"):
     return load_config(None, ["model.path=unused", "objective.name=lm_sparse_po", "objective.loss=sparse_po",
-                              f"objective.loss_options={loss_options}", "data.path=unused"])
+                              f"objective.loss_options={loss_options}", f"objective.options={options}",
+                              "data.path=unused"])
 
 
 def test_the_token_terms_are_the_sequence_log_ratio_split_by_token_and_the_reference_kl():
@@ -116,7 +117,7 @@ def test_the_token_terms_are_the_sequence_log_ratio_split_by_token_and_the_refer
 def test_independent_masks_and_the_l1_weights_of_a_shared_mask():
     shared = _objective("{l1_reward: 0.002, l1_kl: 0.004}")
     assert shared.options == {"l1_reward": 0.001, "l1_kl": 0.002}  # one mask in both norms: halved
-    independent = _objective("{independent: true, l1_reward: 0.002}")
+    independent = _objective("{l1_reward: 0.002}", "{independent: true}")
     assert set(independent.trained_modules(tiny_gpt2())) == {"sparse_po_reward_masks", "sparse_po_kl_masks"}
     assert independent.options == {"l1_reward": 0.002}
 

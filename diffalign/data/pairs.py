@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from diffalign.data.named import named_scheme, resolve_named
 from diffalign.data.ensemble import preference_strength, softened_preference, vote_share
 from diffalign.data.smoothing import smoothed_preference
 from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
-from diffalign.toy.datasets import is_toy_dataset, toy_dataset
 
 Tensor = torch.Tensor
 
@@ -60,8 +60,8 @@ class RowSource:
     """
 
     def __init__(self, path: str | Path, split: str = "train") -> None:
-        if is_toy_dataset(path):  # toy:pairs and the like, made from the shipped toy model on first use
-            path = toy_dataset(path)
+        if named_scheme(path):  # toy:pairs and the like, made from the shipped toy model on first use
+            path = resolve_named(path)
         found = find_locally(path, repo_type="dataset")
         if found is None:
             raise UserError(f"data.path {path} does not exist, and it names no dataset in the local Hugging Face "

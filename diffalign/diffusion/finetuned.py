@@ -85,7 +85,7 @@ def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.d
     """A run's checkpoint on its base (or on ``base``): the run's LoRA layers, as it configured them, then the
     checkpoint's trained parameters. A run with an EMA is evaluated at its raw weights here (its final
     weights are the averaged ones)."""
-    from diffalign.train.weights import load_trained_weights  # the checkpoint format is the trainer's
+    from diffalign.trained_weights import load_trained_weights  # the checkpoint format is the trainer's
 
     config = yaml.safe_load((checkpoint.parent.parent / "config.yaml").read_text())
     if not (checkpoint / "model.safetensors").is_file():

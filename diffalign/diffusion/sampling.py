@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from PIL import Image
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
@@ -48,3 +49,9 @@ def generate(
                           generator=generators, output_type="pt", **size, **pipeline_kwargs).images
             out.append(images.float().cpu())
     return torch.cat(out)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> RGB PIL image."""
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)

@@ -12,11 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> RGB PIL image."""
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+from diffalign.diffusion.sampling import to_pil  # noqa: F401 - the report's users import it from here
 
 
 def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from diffalign.errors import UserError
-from diffalign.eval.report import to_pil
+from diffalign.diffusion.sampling import to_pil
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:

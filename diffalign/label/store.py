@@ -100,3 +100,29 @@ class LabelLog:
         shared = [choices for choices in self.labels().values() if len(choices) > 1]
         agreeing = sum(len({json.dumps(c) for c in choices.values()}) == 1 for choices in shared)
         return {"items": len(shared), "agreeing": agreeing, "share": agreeing / len(shared) if shared else 0.0}
+
+
+def round_pair_winners(path: str | Path) -> dict[tuple[int, int], int]:
+    """The winner of each (round, pair) an online run's labels file gives (``online.labels``: lines with ``round``,
+    ``pair`` and ``winner``, written by ``diffalign label RUN`` or by hand): a later line for a pair replaces an
+    earlier one, and ``"winner": null`` withdraws the pair's label (an undo, a tie or a skip on the page). A file
+    that does not exist yet holds none."""
+    from diffalign.errors import UserError
+
+    path = Path(path)
+    labels: dict[tuple[int, int], int] = {}
+    if not path.is_file():
+        return labels
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = (int(row["round"]), int(row["pair"]))
+            if row["winner"] is None:
+                labels.pop(key, None)
+            else:
+                labels[key] = int(row["winner"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path}:{number} is not a label {{round, pair, winner}} ({err})") from None
+    return labels

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+from diffalign.config import NoOptions, ObjectiveConfig, build_options
 
 
 class Objective:
@@ -33,8 +32,20 @@ class Objective:
     # (LossSpec.inputs: SPPO's win-rates); the config matches them before any model loads
     loss_names: tuple[str, ...] | None = None
     supplies: tuple[str, ...] = ()
-    # options of the objective itself, set beside the loss's in objective.loss_options, with their defaults
-    own_options: dict[str, Any] = {}
+    # the method's own settings: a dataclass (diffalign.config.options) set under objective.options
+    Options: ClassVar[type] = NoOptions
+    # the paper it implements (for `diffalign methods`) and the diffusion families it trains
+    paper: ClassVar[str] = ""
+
+    @classmethod
+    def options_of(cls, config: ObjectiveConfig) -> Any:
+        """The method's options from ``config.options`` (a mapping or an instance), checked."""
+        return build_options(cls.Options, config.options, config.name)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise :class:`~diffalign.errors.UserError` for settings the method cannot run with (default: none); called
+        with the whole config when it is validated, before any model loads, after its options were checked."""
 
     @staticmethod
     def mean_over_processes(value: Tensor) -> Tensor:
@@ -79,11 +90,6 @@ class OnlineObjective(Objective):
     scored = True
     keeps_trajectories = True
     steps_per_round = 1
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        """Raise :class:`~diffalign.errors.UserError` for settings the method cannot run with (default: none);
-        called when the config is validated, before any model loads."""
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""

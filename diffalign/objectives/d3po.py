@@ -26,9 +26,11 @@ from diffalign import losses
 from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
 from diffalign.diffusion.logprob import step_log_prob
 from diffalign.objectives.base import OnlineObjective
+from diffalign.config import ranged
+from dataclasses import dataclass
 
 if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 
@@ -49,6 +51,12 @@ def d3po_step_loss(policy_w: Tensor, policy_l: Tensor, reference_w: Tensor, refe
     return spec.fn(chosen, rejected, reference_w, reference_l, beta=beta, **loss_options)
 
 
+@dataclass
+class D3POOptions:
+    # p_theta / p_ref is clipped to [1 - ratio_clip, 1 + ratio_clip] (the authors' clip range)
+    ratio_clip: float = ranged(0.1, "(0, 1)")
+
+
 class D3PO(OnlineObjective):
     """The online objective: per-step D3PO loss on recorded trajectory pairs (winner first).
 
@@ -57,16 +65,20 @@ class D3PO(OnlineObjective):
     produce them live in :mod:`diffalign.train.online`. T must be ``objective.sample_steps``.
     """
 
+    paper = "Yang et al. 2023, arXiv 2311.13231"
+
     loss_kinds = ("pairwise",)
     group_size = 2  # a round's pairs share their starting noise (the base's default)
     group_size_fixed = True
+
+    Options = D3POOptions
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.spec = losses.spec(config.loss)
         if self.spec.kind not in self.loss_kinds:
             raise ValueError(f"D3PO takes a pairwise loss; {config.loss!r} is {self.spec.kind}")
         self.beta, self.options = config.beta, dict(config.loss_options)
-        self.eps = 0.1 if config.ratio_clip is None else config.ratio_clip
+        self.eps = self.options_of(config).ratio_clip
         self.record_sampler(config, backbone)
 
     def training_units(self, round_) -> dict:

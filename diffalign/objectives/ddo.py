@@ -42,6 +42,8 @@ class DDO(SelfPlayObjective):
     Called with ``latents`` (B, 2, C, h, w): each real image, then the reference's sample for its caption.
     """
 
+    paper = "Zheng et al. 2025, arXiv 2503.01103"
+
     group_size = 1  # one sample of the reference per real image
     group_size_fixed = True
     real_data = True

@@ -33,6 +33,8 @@ Tensor = torch.Tensor
 class DiffusionDPO(OfflineDenoisingObjective):
     """Offline pairwise objective on (winner, loser) latents sharing timestep and noise."""
 
+    paper = "Wallace et al. 2023, arXiv 2311.12908"
+
     dataset = "pairs"
     loss_kinds = ("pairwise", "soft-label", "reference-free", "regulariser", "unpaired")
 

@@ -31,6 +31,8 @@ Tensor = torch.Tensor
 class DiffusionKTO(OfflineDenoisingObjective):
     """Offline objective on single captioned images with binary labels (``data.label_column``)."""
 
+    paper = "Li et al. 2024, arXiv 2404.04465"
+
     dataset = "labelled_images"
     loss_kinds = ("unpaired",)
 

@@ -16,31 +16,46 @@ SparsePO does for tokens. It is diffalign's extension of SparsePO to latents, no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from diffalign import losses
+from diffalign.config import ranged
 from diffalign.diffusion import Backbone, Conditioning, location_scores, reference_denoiser
 from diffalign.diffusion.region_masks import RegionMaskModel
+from diffalign.errors import UserError
 from diffalign.objectives.offline import OfflineDenoisingObjective
 
 Tensor = torch.Tensor
 
 
+@dataclass
+class RegionMaskOptions:
+    # channels of the region mask model's hidden layer
+    mask_width: int = ranged(32, "[1, inf)")
+
+
 class DiffusionSparsePO(OfflineDenoisingObjective):
     """Masked Diffusion-DPO on (winner, loser) latents; see the module docstring."""
 
+    paper = "Christopoulou et al. 2024, arXiv 2410.05102 (on latents: diffalign's extension)"
+
     dataset = "pairs"
     loss_kinds = ("token-level",)
-    own_options = {"mask_width": 32}
+    Options = RegionMaskOptions
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.objective.loss_options.get("l1_kl"):
+            raise UserError("diffusion_sparse_po has no KL term (d = 0), so objective.loss_options.l1_kl does nothing; "
+                            "remove it")
 
     def __init__(self, config, backbone: Backbone) -> None:
         super().__init__(config, backbone)
-        self.width = int(self.options.pop("mask_width", self.own_options["mask_width"]))
-        if self.options.get("l1_kl"):
-            raise ValueError("diffusion_sparse_po has no KL term (d = 0), so loss_options.l1_kl does nothing; remove it")
+        self.width = self.options_of(config).mask_width
         self.channels = backbone.latent_channels
         self.masks: RegionMaskModel | None = None
 

@@ -33,9 +33,11 @@ from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.logprob import step_log_prob
 from diffalign.objectives.base import OnlineObjective
 from diffalign.objectives.grpo import round_advantages
+from diffalign.config import ranged
+from dataclasses import dataclass
 
 if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 
@@ -53,6 +55,15 @@ def disco_objective(scores: Tensor, positive: Tensor, tau: float) -> tuple[Tenso
     return (positive_mean - robust).sum(), valid.sum()
 
 
+@dataclass
+class DisCOOptions:
+    # the temperature of the robust log-mean-exp over a group's negatives (the authors' log-L run)
+    tau: float = ranged(10.0, "(0, inf)")
+    # the squared-hinge penalty kl_beta [KL - kl_delta]_+^2 that holds the KL to the sampler below kl_delta
+    kl_beta: float = ranged(1000.0, "[0, inf)")
+    kl_delta: float = ranged(1.0e-4, "[0, inf)")
+
+
 class DisCO(OnlineObjective):
     """The discriminative constrained objective on recorded groups; see the module docstring.
 
@@ -60,14 +71,19 @@ class DisCO(OnlineObjective):
     trained for each group, and the targets ``positive`` (B, K), and ``old_log_probs`` (B, K, T).
     """
 
+    paper = "Li et al. 2025, arXiv 2505.12366"
+
     loss_kinds = ("discriminative",)
     own_losses = ("disco",)
     group_size = 8
     shared_noise = False
     takes_labels = False
 
+    Options = DisCOOptions
+
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        self.tau, self.kl_beta, self.kl_delta = config.disco_tau, config.disco_beta, config.disco_delta
+        options = self.options_of(config)
+        self.tau, self.kl_beta, self.kl_delta = options.tau, options.kl_beta, options.kl_delta
         self.record_sampler(config, backbone)
 
     def training_units(self, round_) -> dict[str, Any]:

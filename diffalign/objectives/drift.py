@@ -20,6 +20,8 @@ class DRIFT(SelfPlayObjective):
     Called with ``latents`` (B, 2, C, h, w): the policy's sample, then the dissatisfying image.
     """
 
+    paper = "Wang et al. 2025, arXiv 2510.02341"
+
     group_size = 1  # one fresh positive per dissatisfying image
     group_size_fixed = True
     real_data = True

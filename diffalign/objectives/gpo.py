@@ -19,6 +19,8 @@ from diffalign.objectives.self_play import SelfPlayObjective, check_rewards, ext
 class GPO(SelfPlayObjective):
     """Best and worst of each group with their preference scores against pi_t."""
 
+    paper = "Zhang et al. 2024, arXiv 2410.02197"
+
     loss_names = ("gpo",)
     supplies = ("score_chosen", "score_rejected")
 

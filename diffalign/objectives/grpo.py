@@ -30,7 +30,8 @@ gives DanceGRPO's shared noise per group).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,11 +41,26 @@ from diffalign.diffusion.logprob import gaussian_log_prob, step_distribution
 from diffalign.errors import UserError
 from diffalign.objectives.base import OnlineObjective
 
-if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+from diffalign.config import ObjectiveConfig, ranged
 
 Tensor = torch.Tensor
 STD_EPSILON = 1e-4  # the authors' PerPromptStatTracker
+
+
+@dataclass
+class AdvantageOptions:
+    # weight of the KL to the reference (Flow-GRPO's and DiffusionNFT's beta)
+    kl_coef: float = ranged(0.01, "[0, inf)")
+    # advantages are clipped to [-advantage_clip, advantage_clip]
+    advantage_clip: float = ranged(5.0, "(0, inf)")
+    # the standard deviation that scales the advantages: of all the round's rewards (global) or of the prompt's group
+    advantage_std: str = ranged("global", ("global", "group"))
+
+
+@dataclass
+class GRPOOptions(AdvantageOptions):
+    # p_theta / p_sampler is clipped to [1 - ratio_clip, 1 + ratio_clip] (Flow-GRPO's clip_range)
+    ratio_clip: float = ranged(1e-4, "(0, 1)")
 
 
 def group_advantages(rewards: Tensor, prompts: list[str], *, std: str = "global") -> Tensor:
@@ -52,7 +68,7 @@ def group_advantages(rewards: Tensor, prompts: list[str], *, std: str = "global"
     the round's samples of that prompt, over the standard deviation of all rewards ("global") or of the prompt's
     ("group"), plus 1e-4 (population standard deviations, as numpy's)."""
     if std not in ("global", "group"):
-        raise UserError(f"objective.advantage_std={std!r}: choose global or group")
+        raise UserError(f"objective.options.advantage_std={std!r}: choose global or group")
     rewards = rewards.double()
     advantages = torch.empty_like(rewards)
     spread_all = rewards.std(unbiased=False)
@@ -88,16 +104,20 @@ class FlowGRPO(OnlineObjective):
     for each, and the targets ``advantage`` (B,) and ``old_log_probs`` (B, T) of its round.
     """
 
+    paper = "Liu et al. 2025, arXiv 2505.05470"
+
     loss_kinds = ("policy-gradient",)
     own_losses = ("ppo_clip",)
     group_size = 8
     shared_noise = False
     takes_labels = False
 
+    Options = GRPOOptions
+
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        self.clip = 1e-4 if config.ratio_clip is None else config.ratio_clip
-        self.kl_coef = 0.01 if config.kl_coef is None else config.kl_coef
-        self.advantage_clip, self.advantage_std = config.advantage_clip, config.advantage_std
+        options = self.options_of(config)
+        self.clip, self.kl_coef = options.ratio_clip, options.kl_coef
+        self.advantage_clip, self.advantage_std = options.advantage_clip, options.advantage_std
         self.record_sampler(config, backbone)
 
     def training_units(self, round_) -> dict[str, Any]:

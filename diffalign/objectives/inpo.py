@@ -15,10 +15,21 @@ so x_t and the implied noise belong to the same timestep.
 
 from __future__ import annotations
 
-from diffalign.objectives.inverted import InvertedDiffusionDPO
+from dataclasses import dataclass
+
+from diffalign.config import ranged
+from diffalign.objectives.inverted import InversionOptions, InvertedDiffusionDPO
+
+
+@dataclass
+class InPOOptions(InversionOptions):
+    # the inversion's stochastic term eta (InPO's DDIM inversion with eta 0.1)
+    inversion_eta: float = ranged(0.1, "[0, 1]")
 
 
 class InPO(InvertedDiffusionDPO):
     """Diffusion-DPO at DDIM-inverted latents; see the module docstring."""
 
-    default_inversion_eta = 0.1
+    paper = "Lu et al. 2025, arXiv 2503.18454"
+
+    Options = InPOOptions

@@ -25,6 +25,8 @@ Tensor = torch.Tensor
 class INPONash(SelfPlayObjective):
     """Best vs worst of each group; the base is the reference and pi_t an input of the loss."""
 
+    paper = "Zhang et al. 2024, arXiv 2407.00617"
+
     frozen_reference = True  # the base model is the loss's reference
     loss_names = ("inpo_nash",)
     supplies = ("previous_chosen", "previous_rejected")

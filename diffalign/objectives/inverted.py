@@ -25,27 +25,37 @@ import torch
 from diffalign.diffusion import Backbone, Conditioning, NoisedGroup
 from diffalign.diffusion.inversion import ddim_invert_to
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
+from diffalign.config import ranged
+from dataclasses import dataclass
 
 if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class InversionOptions:
+    # the DDIM inversion grid (points over the whole schedule)
+    inversion_steps: int = ranged(10, "[1, inf)")
+    # the inversion's stochastic term eta
+    inversion_eta: float = ranged(0.0, "[0, 1]")
+    # ReNoise refinements per inversion move
+    renoise_iterations: int = ranged(0, "[0, inf)")
 
 
 class InvertedDiffusionDPO(DiffusionDPO):
     """Diffusion-DPO at inverted latents; subclasses set the inversion's defaults."""
 
-    default_inversion_steps = 10
-    default_inversion_eta = 0.0
-    default_renoise_iterations = 0
     renoise_average_from = 1
+
+    Options = InversionOptions
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         super().__init__(config, backbone)
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        self.inversion_steps = pick(config.inversion_steps, self.default_inversion_steps)
-        self.inversion_eta = pick(config.inversion_eta, self.default_inversion_eta)
-        self.renoise_iterations = pick(config.renoise_iterations, self.default_renoise_iterations)
+        options = self.options_of(config)
+        self.inversion_steps, self.inversion_eta = options.inversion_steps, options.inversion_eta
+        self.renoise_iterations = options.renoise_iterations
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """The pairs' timesteps, and a seed for the inversion's stochastic term."""

@@ -17,7 +17,7 @@ from diffalign import losses
 from diffalign.objectives.base import Objective
 
 if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 

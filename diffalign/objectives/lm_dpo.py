@@ -23,6 +23,8 @@ Tensor = torch.Tensor
 class LanguageModelDPO(LanguageModelObjective):
     """Pairwise preference losses on an LM's completion log-probs; see the module docstring."""
 
+    paper = "Rafailov et al. 2023, arXiv 2305.18290 (and every pairwise loss: diffalign losses)"
+
     dataset = "text_pairs"
     loss_kinds = ("pairwise", "reference-free", "soft-label", "regulariser")  # sft: TRL's loss_type "sft"
 

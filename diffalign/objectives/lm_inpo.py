@@ -18,6 +18,8 @@ Tensor = torch.Tensor
 class LanguageModelINPO(LanguageModelSelfPlay):
     """Best vs worst of each group; the base as the reference and pi_t's scores as inputs."""
 
+    paper = "Zhang et al. 2024, arXiv 2407.00617"
+
     frozen_reference = True
     loss_names = ("inpo_nash",)
     supplies = ("previous_chosen", "previous_rejected")

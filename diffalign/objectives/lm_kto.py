@@ -24,6 +24,8 @@ Tensor = torch.Tensor
 class LanguageModelKTO(LanguageModelObjective):
     """Unpaired losses on single labelled completions; see the module docstring."""
 
+    paper = "Ethayarajh et al. 2024, arXiv 2402.01306"
+
     dataset = "text_unpaired"
     loss_kinds = ("unpaired",)
 

@@ -10,11 +10,13 @@ same pairs from the same rewards.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from diffalign.lm import preference_loss
+from diffalign.config import ranged
 from diffalign.objectives.base import OnlineObjective
 from diffalign.objectives.lm import LanguageModelObjective
 from diffalign.objectives.round_reference import PreviousRoundReference
@@ -23,15 +25,31 @@ from diffalign.objectives.self_play import extreme_pairs
 Tensor = torch.Tensor
 
 
+@dataclass
+class LMSamplingOptions:
+    # tokens sampled per completion of a round
+    max_new_tokens: int = ranged(64, "[1, inf)")
+    # the rounds' sampling temperature (plain sampling, no top-k or top-p)
+    sample_temperature: float = ranged(1.0, "(0, inf)")
+
+
 class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     """Online DPO on an LM (Guo et al. 2024, arXiv 2402.04792; iterative DPO, Xiong et al. 2024, arXiv
     2312.11456): each round the policy samples K completions per prompt, the reward's best and worst make a
     pair, and the pairs train ``objective.loss`` (DPO by default) against the base model."""
 
+    paper = "Guo et al. 2024, arXiv 2402.04792"
+
     loss_kinds = ("pairwise",)
     group_size = 4
     takes_labels = False
     keeps_trajectories = False
+    Options = LMSamplingOptions
+
+    def __init__(self, config, tokenizer: Any = None) -> None:
+        super().__init__(config, tokenizer)
+        options = self.options_of(config)
+        self.max_new_tokens, self.temperature = options.max_new_tokens, options.sample_temperature
 
     def pairs(self, rewards: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(N,) each pair's group, (N, 2) its completions chosen first, and (N,) per-pair loss inputs."""

@@ -20,6 +20,8 @@ Tensor = torch.Tensor
 class LanguageModelRank(LanguageModelObjective):
     """Listwise losses on an LM's completion log-probs; see the module docstring."""
 
+    paper = "listwise losses (Plackett-Luce, LambdaRank, ...: diffalign losses)"
+
     dataset = "text_ranked"
     loss_kinds = ("listwise",)
 

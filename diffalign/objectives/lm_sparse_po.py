@@ -6,7 +6,7 @@ token counts in the preference: ``u`` sums the tokens' log-ratios and ``d`` thei
 ``sparse_po``, :mod:`diffalign.losses.token_level`). The masks are read from the reference model's hidden states
 (every layer's, :class:`diffalign.lm.token_masks.TokenMaskModel`) and train with the policy through the loss; the
 trainer adds the mask model to the trained model, so it is optimised, synchronised across processes and
-checkpointed with it, and left out of the final weights. ``objective.loss_options.independent=true`` gives the
+checkpointed with it, and left out of the final weights. ``objective.options.independent=true`` gives the
 reward and the KL terms a mask model each (the authors' "sparse-indp"); by default one mask serves both
 ("sparse-common"), and then each L1 weight counts half, as the authors halve them (the shared mask enters both
 norms). ``mask_dropout`` is the mask model's dropout: 0 by default, which is what the authors' runs train with
@@ -20,6 +20,7 @@ The batch is read padded (``data.packing`` does not apply).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,23 +28,34 @@ from torch import nn
 
 from diffalign import losses
 from diffalign.lm.preference import reference_context
+from diffalign.config import ranged
 from diffalign.lm.token_masks import TokenMaskModel, mask_model_for
 from diffalign.objectives.lm import LanguageModelObjective
 
 Tensor = torch.Tensor
 
+@dataclass
+class SparsePOOptions:
+    # a second mask model for the KL terms (the authors' independent masks); one shared mask otherwise
+    independent: bool = False
+    # dropout inside the mask model (0: the authors' runs, whose trainer turns every dropout off)
+    mask_dropout: float = ranged(0.0, "[0, 1)")
+
+
 class LanguageModelSparsePO(LanguageModelObjective):
     """SparsePO's masked token-level DPO; see the module docstring."""
+
+    paper = "Christopoulou et al. 2024, arXiv 2410.05102"
 
     dataset = "text_pairs"
     loss_kinds = ("token-level",)
     reads_packed = False
-    own_options = {"independent": False, "mask_dropout": 0.0}
+    Options = SparsePOOptions
 
     def __init__(self, config, tokenizer: Any = None) -> None:
         super().__init__(config, tokenizer)
-        mine = {key: self.options.pop(key, default) for key, default in self.own_options.items()}
-        self.independent, self.mask_dropout = bool(mine["independent"]), float(mine["mask_dropout"])
+        options = self.options_of(config)
+        self.independent, self.mask_dropout = options.independent, options.mask_dropout
         if not self.independent:  # one mask in both L1 norms: each weight halved, as the authors' trainer does
             self.options = {k: v / 2 if k in ("l1_reward", "l1_kl") else v for k, v in self.options.items()}
         self.masks: dict[str, TokenMaskModel] = {}

@@ -11,6 +11,8 @@ from diffalign.objectives.self_play import win_rate_pairs
 class LanguageModelSPPO(LanguageModelSelfPlay):
     """Best and worst of each group with their estimated win-rates against pi_t."""
 
+    paper = "Wu et al. 2024, arXiv 2405.00675"
+
     loss_names = ("sppo", "sppo_hard")
     supplies = ("win_chosen", "win_rejected")
 

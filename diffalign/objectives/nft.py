@@ -26,7 +26,8 @@ is CFG-free: sample with ``objective.sample_guidance_scale=1``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,10 +36,8 @@ from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
 from diffalign.diffusion.logprob import StepRule
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.base import OnlineObjective
-from diffalign.objectives.grpo import round_advantages
-
-if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+from diffalign.config import ObjectiveConfig, ranged
+from diffalign.objectives.grpo import AdvantageOptions, round_advantages
 
 Tensor = torch.Tensor
 OLD_DECAY_RATE, OLD_DECAY_MAX = 0.001, 0.5  # the authors' decay_type 1
@@ -57,12 +56,23 @@ def adaptive_squared_error(estimate: Tensor, target: Tensor) -> Tensor:
     return (error.pow(2) / weight).mean(dim=1).float()
 
 
+@dataclass
+class NFTOptions(AdvantageOptions):
+    # weight of the KL to the reference (DiffusionNFT's kl_beta)
+    kl_coef: float = ranged(1e-4, "[0, inf)")
+    # the guidance strength beta of the implicit positive and negative policies (1 - beta) v_old + beta v and
+    # (1 + beta) v_old - beta v (DiffusionNFT's config.beta)
+    beta: float = ranged(1.0, "(0, inf)")
+
+
 class DiffusionNFT(OnlineObjective):
     """Negative-aware fine-tuning on the forward process; see the module docstring.
 
     Called with ``latents`` (B, 1, C, h, w) clean samples, ``randomness`` the sampler step (B,) whose noise
     level each is trained at and the noise (B, C, h, w), and the target ``advantage`` (B,).
     """
+
+    paper = "Zheng et al. 2025, arXiv 2509.16117"
 
     loss_kinds = ("nft",)
     own_losses = ("nft",)
@@ -72,9 +82,12 @@ class DiffusionNFT(OnlineObjective):
     shadow_weights = True
     keeps_trajectories = False  # trains on the clean samples only
 
+    Options = NFTOptions
+
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        self.beta, self.advantage_clip, self.advantage_std = config.nft_beta, config.advantage_clip, config.advantage_std
-        self.kl_coef = 1e-4 if config.kl_coef is None else config.kl_coef
+        options = self.options_of(config)
+        self.beta, self.advantage_clip, self.advantage_std = options.beta, options.advantage_clip, options.advantage_std
+        self.kl_coef = options.kl_coef
         self.sample_steps, self.eta = config.sample_steps, config.sample_eta
         self.old: ShadowWeights | None = None
         self.optimizer_steps = 0

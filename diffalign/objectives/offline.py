@@ -27,7 +27,7 @@ from diffalign.diffusion import (
 )
 
 if TYPE_CHECKING:  # the trainer imports the objectives; only the type hint goes the other way
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 

@@ -31,6 +31,8 @@ Tensor = torch.Tensor
 class RankDPO(OfflineDenoisingObjective):
     """Offline listwise objective on ranked lists of K latents sharing timestep and noise."""
 
+    paper = "Karthik et al. 2024, arXiv 2410.18013"
+
     dataset = "ranked"
     loss_kinds = ("listwise",)
 

@@ -3,7 +3,7 @@ Optimization", arXiv 2309.06657, Algorithm 1) on the round driver.
 
 DPO's data should come from the optimal policy pi*(y | x) ∝ pi(y | x) exp(r(x, y) / beta), not from the
 sampling policy. RSO draws from pi* by rejection: of a prompt's K candidates from pi, while fewer than
-``objective.rso_accepted`` are accepted, each remaining candidate is accepted with probability
+``objective.options.accepted`` are accepted, each remaining candidate is accepted with probability
 exp((r - r_max) / beta), r_max the best reward still in the pool, and leaves it (the paper's code). The
 accepted samples are paired in the order they were accepted and each pair is labelled by the reward (the
 paper's "rso-sample-rank"); pairs of equal reward are dropped. A pairwise loss trains them (the paper's
@@ -11,7 +11,7 @@ sigmoid-norm is ``dpo``, its hinge-norm ``hinge``).
 
 On the round driver the proposal pi and the loss's reference are pi_t, the policy at the round's start, so
 round 0 is the paper's RSO from the base and later rounds repeat it from the improved policy. beta is in the
-reward's units (``objective.rso_beta``); the acceptance draws come from each group's own generator, so a
+reward's units (``objective.options.rejection_beta``); the acceptance draws come from each group's own generator, so a
 round's pairs are a pure function of the run's seed.
 """
 
@@ -23,10 +23,12 @@ import torch
 
 from diffalign.errors import UserError
 from diffalign.objectives.self_play import SelfPlayObjective, check_rewards
+from diffalign.config import ranged
+from dataclasses import dataclass
 
 if TYPE_CHECKING:
     from diffalign.diffusion import Backbone
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 
@@ -46,20 +48,33 @@ def rejection_sample(rewards: Tensor, *, beta: float, accepted: int, generator: 
     return chosen
 
 
+@dataclass
+class RSOOptions:
+    # Algorithm 1's beta, in the reward's units: each candidate is accepted with probability exp((r - r_max) / beta)
+    rejection_beta: float = ranged(0.5, "(0, inf)")
+    # how many of a prompt's candidates it accepts (paired in acceptance order); at most the group's size
+    accepted: int = ranged(4, "[2, inf)")
+
+
 class RSO(SelfPlayObjective):
     """Pairs of rejection-sampled candidates, the better first."""
 
+    paper = "Liu et al. 2023, arXiv 2309.06657"
+
+    Options = RSOOptions
+
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         super().__init__(config, backbone)
-        self.rso_beta, self.accepted = config.rso_beta, config.rso_accepted
+        options = self.options_of(config)
+        self.rso_beta, self.accepted = options.rejection_beta, options.accepted
 
     @classmethod
     def check_config(cls, config) -> None:
-        oc = config.objective
+        accepted = cls.options_of(config.objective).accepted
         k = config.online.group_size or cls.group_size
-        if oc.rso_beta <= 0 or not 2 <= oc.rso_accepted <= k:
-            raise UserError(f"rso: objective.rso_beta must be > 0 (got {oc.rso_beta}) and objective.rso_accepted "
-                            f"between 2 and the group's {k} candidates (got {oc.rso_accepted})")
+        if accepted > k:
+            raise UserError(f"rso: objective.options.accepted={accepted} is more than the group's {k} candidates "
+                            "(online.group_size)")
 
     def pairs(self, round_):
         rewards = check_rewards(round_, "rso")

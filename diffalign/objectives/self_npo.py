@@ -24,7 +24,7 @@ predictions (truncated diffusion fine-tuning, as in the authors' ``Self-NPO/trai
 Defaults are the authors' SD1.5 recipe (train.sh): N = 25, K = 5, w = -1, EMA 0.999, Huber
 c = 0.001, learning rate 1e-6, 1000 steps, full fine-tune. The teacher is a
 :class:`~diffalign.diffusion.shadow.ShadowWeights` of the trained weights (only the LoRA weights
-in a LoRA run), so it costs no second copy of the base; ``objective.teacher_ema=1.0`` keeps the
+in a LoRA run), so it costs no second copy of the base; ``objective.options.teacher_ema=1.0`` keeps the
 base itself as the teacher.
 
 The authors' code is for DDPM-type models (a_t = sqrt(alpha-bar_t), b_t = sqrt(1 - alpha-bar_t)).
@@ -44,9 +44,11 @@ from torch import nn
 from diffalign.diffusion import Backbone, Conditioning, schedule_for
 from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.base import Objective
+from diffalign.config import ranged
+from dataclasses import dataclass
 
 if TYPE_CHECKING:
-    from diffalign.train.config import ObjectiveConfig
+    from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
 
@@ -61,8 +63,24 @@ def pseudo_huber(prediction: Tensor, target: Tensor, c: float) -> Tensor:
     return ((prediction.float() - target.float()).pow(2) + c * c).sqrt().mean() - c
 
 
+@dataclass
+class SelfNPOOptions:
+    # the DDIM grid the teacher walks (points over the whole schedule)
+    truncation_grid: int = ranged(25, "[1, inf)")
+    # the number of teacher moves from the noised image
+    truncated_steps: int = ranged(5, "[1, inf)")
+    # the teacher's guidance scale (diffusers convention: 0 = the unconditional prediction, the authors' w = -1)
+    teacher_guidance_scale: float = ranged(0.0, "[0, inf)")
+    # the EMA rate of the teacher (1.0 = the frozen base model)
+    teacher_ema: float = ranged(0.999, "[0, 1]")
+    # the pseudo-Huber constant of objective.loss=huber
+    huber_c: float = ranged(0.001, "(0, inf)")
+
+
 class SelfNPO(Objective):
     """Truncated diffusion fine-tuning of a negative model; see the module docstring."""
+
+    paper = "Wang et al. 2025, arXiv 2505.11777"
 
     dataset = "images"
     shadow_weights = True
@@ -71,14 +89,17 @@ class SelfNPO(Objective):
     loss_kinds = ("regression",)
     own_losses = ("huber", "l2")
 
+    Options = SelfNPOOptions
+
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.schedule = schedule_for(backbone.scheduler)
         self.num_timesteps = self.schedule.num_timesteps
-        self.grid = truncation_grid(self.num_timesteps, config.truncation_grid)
-        self.moves = config.truncated_steps
-        self.guidance_scale = config.teacher_guidance_scale
-        self.ema = config.teacher_ema
-        self.loss, self.huber_c = config.loss, config.huber_c
+        options = self.options_of(config)
+        self.grid = truncation_grid(self.num_timesteps, options.truncation_grid)
+        self.moves = options.truncated_steps
+        self.guidance_scale = options.teacher_guidance_scale
+        self.ema = options.teacher_ema
+        self.loss, self.huber_c = config.loss, options.huber_c
         self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
         self.teacher: ShadowWeights | None = None
 

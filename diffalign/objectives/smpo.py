@@ -21,12 +21,23 @@ with beta 5000, i.e. ``smpo`` here with beta = 25000. As for InPO, our walk land
 
 from __future__ import annotations
 
-from diffalign.objectives.inverted import InvertedDiffusionDPO
+from dataclasses import dataclass
+
+from diffalign.config import ranged
+from diffalign.objectives.inverted import InversionOptions, InvertedDiffusionDPO
+
+
+@dataclass
+class SmPOOptions(InversionOptions):
+    # ReNoise refinements per inversion move (SmPO inverts with ReNoise)
+    renoise_iterations: int = ranged(1, "[0, inf)")
 
 
 class SmPO(InvertedDiffusionDPO):
     """Soft-label Diffusion-DPO at ReNoise-inverted latents; see the module docstring."""
 
+    paper = "Lu et al. 2025, arXiv 2506.02698"
+
     loss_kinds = ("soft-label",)
-    default_renoise_iterations = 1
+    Options = SmPOOptions
     renoise_average_from = 0

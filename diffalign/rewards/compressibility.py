@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from diffalign.eval.report import to_pil
+from diffalign.diffusion.sampling import to_pil
 
 JPEG_QUALITY = 95
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from diffalign.errors import UserError
-from diffalign.toy.judge import adheres, images_to_arrays, measure, preference_score
+from diffalign.toy.judge import adheres, images_to_arrays, measure, preference_scores
 from diffalign.toy.world import parse_caption
 
 TOY_REWARDS = ("toy_preference", "toy_adherence")
@@ -34,7 +34,7 @@ class ToyPreference:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_toy_prompts(prompts, self.name)
-        return torch.tensor([preference_score(measure(im), p) for im, p in zip(images_to_arrays(images), prompts)])
+        return preference_scores(images, prompts)
 
 
 class ToyAdherence:

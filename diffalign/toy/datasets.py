@@ -80,7 +80,7 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
     ``folder`` as ``<name>.parquet``, whole or not at all."""
     from diffalign.diffusion import load_pipeline
     from diffalign.paths import TOY_BASE
-    from diffalign.toy.demo import (
+    from diffalign.toy.candidates import (
         sample_candidates,
         write_dissatisfied,
         write_images,

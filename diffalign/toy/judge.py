@@ -8,8 +8,12 @@ the prompt-adherence judge (the asked colour and shape are what is drawn).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from diffalign.toy.world import BACKGROUND, COLOURS, SIZE, parse_caption
 
@@ -78,3 +82,10 @@ def images_to_arrays(images) -> list[np.ndarray]:
 
 
 assert SIZE == 32  # the thresholds above were set for 32x32 images
+
+
+def preference_scores(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """The toy preference of each image (N, 3, H, W) in [0, 1] for its prompt, as an (N,) tensor."""
+    import torch
+
+    return torch.tensor([preference_score(measure(im), p) for im, p in zip(images_to_arrays(images), prompts)])

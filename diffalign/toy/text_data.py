@@ -13,7 +13,7 @@ from typing import Sequence
 
 from diffalign.lm.loading import load_trained_lm
 from diffalign.lm.sampling import sample_completions
-from diffalign.toy.demo import write_table
+from diffalign.toy.candidates import write_table
 from diffalign.toy.text_model import TOY_LM
 from diffalign.toy.text_world import preference_score, prompts as toy_prompts
 

@@ -13,8 +13,6 @@ main process samples and scores, and a resumed run reads its rounds from disk, s
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,75 +25,57 @@ from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.rewards.text import load_text_reward
 from diffalign.train.config import Config
+from diffalign.train.rounds import RoundDriver
 
 Tensor = torch.Tensor
 
 
-class TextRounds:
+class TextRounds(RoundDriver):
     """The LM online objectives' batch source; see the module docstring."""
 
     def __init__(self, config: Config, policy, tokenizer, output_dir: Path, accelerator, objective) -> None:
-        self.config, self.policy, self.tokenizer = config, policy, tokenizer
-        self.accelerator, self.objective = accelerator, objective
+        super().__init__(config, output_dir, accelerator)
+        self.policy, self.tokenizer, self.objective = policy, tokenizer, objective
         self.group_size = config.online.group_size or objective.group_size
-        self.root = output_dir / "rounds"
         self.prompts = read_prompts(config.online.prompts)
         objective.steps_per_round = config.online.steps_per_round
         self.reward = load_text_reward(config.online.reward)  # one text reward (checked with the config)
-        self.bad_rows: dict[tuple[int, str], str] = {}  # none: no table is read
-        self._loaded: tuple[int, dict[str, Any]] | None = None
 
-    def _round_dir(self, r: int) -> Path:
-        return self.root / f"round-{r:05d}"
-
-    def _sample(self, r: int) -> None:
-        """Round r's completions and rewards, written whole by the main process (the others wait)."""
+    def join(self, r: int, folder: Path) -> None:
+        """Round r's completions and rewards, sampled and scored by the main process (the others wait)."""
         acc, g, oc = self.accelerator, self.config.online.groups_per_round, self.config.online
-        final = self._round_dir(r)
-        if acc.is_main_process:
-            prompts = [self.prompts[(r * g + i) % len(self.prompts)] for i in range(g)]
-            expanded = [p for p in prompts for _ in range(self.group_size)]
-            model = acc.unwrap_model(self.policy)
-            was_training = model.training
-            seed = int(torch.randint(0, 2**31 - 1, (), generator=example_generator(self.config.train.seed, r, 1, 0)))
-            completions = sample_completions(model.eval(), self.tokenizer, expanded, seed=seed,
-                                             max_new_tokens=self.config.objective.max_new_tokens,
-                                             temperature=self.config.objective.sample_temperature,
-                                             batch_size=oc.sample_batch_size * self.group_size)
-            model.train(was_training)
-            rewards = self.reward(completions, expanded).float().view(g, self.group_size)
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            record = {"prompts": prompts, "group_size": self.group_size, "reward": self.reward.name,
-                      "completions": [completions[i:i + self.group_size]
-                                      for i in range(0, len(completions), self.group_size)],
-                      "rewards": rewards.tolist()}
-            (tmp / "groups.json").write_text(json.dumps(record))
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
+        prompts = [self.prompts[(r * g + i) % len(self.prompts)] for i in range(g)]
+        expanded = [p for p in prompts for _ in range(self.group_size)]
+        model = acc.unwrap_model(self.policy)
+        was_training = model.training
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=example_generator(self.config.train.seed, r, 1, 0)))
+        completions = sample_completions(model.eval(), self.tokenizer, expanded, seed=seed,
+                                         max_new_tokens=self.objective.max_new_tokens,
+                                         temperature=self.objective.temperature,
+                                         batch_size=oc.sample_batch_size * self.group_size)
+        model.train(was_training)
+        rewards = self.reward(completions, expanded).float().view(g, self.group_size)
+        record = {"prompts": prompts, "group_size": self.group_size, "reward": self.reward.name,
+                  "completions": [completions[i:i + self.group_size]
+                                  for i in range(0, len(completions), self.group_size)],
+                  "rewards": rewards.tolist()}
+        (folder / "groups.json").write_text(json.dumps(record))
 
-    def _round(self, r: int) -> dict[str, Any]:
-        """Round r's pairs, tokenized (sampled first if the round is not on disk yet)."""
-        if self._loaded is not None and self._loaded[0] == r:
-            return self._loaded[1]
-        if not (self._round_dir(r) / "groups.json").is_file():
-            self._sample(r)
-        record = json.loads((self._round_dir(r) / "groups.json").read_text())
+    def load(self, r: int, folder: Path) -> dict[str, Any]:
+        """Round r's pairs, tokenized."""
+        record = json.loads((folder / "groups.json").read_text())
         rewards = torch.tensor(record["rewards"])
         groups, items, inputs = self.objective.pairs(rewards)
         pairs = [tokenize_group(self.tokenizer, record["prompts"][int(g)],
                                 [record["completions"][int(g)][int(k)] for k in pair])
                  for g, pair in zip(groups, items)]
         logged = {"train_reward": rewards.mean(), "pairs_per_round": torch.tensor(float(len(pairs)))}
-        data = {"pairs": pairs, "inputs": inputs, "logged": logged}
-        self._loaded = (r, data)
-        return data
+        return {"pairs": pairs, "inputs": inputs, "logged": logged}
 
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's pairs for (step, micro): a pure function of (seed, step, micro) and the round."""
         tc, acc = self.config.train, self.accelerator
-        data = self._round(step // self.config.online.steps_per_round)
+        data = self.round(self.round_of(step))
         draw = torch.randint(0, len(data["pairs"]), (tc.batch_size * acc.num_processes,),
                              generator=example_generator(tc.seed, step, micro, 2))
         mine = draw[acc.process_index * tc.batch_size:(acc.process_index + 1) * tc.batch_size]

@@ -42,8 +42,6 @@ withdraws the pair's label (an undo, a tie or a skip on the page).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +55,12 @@ from diffalign.diffusion import Backbone
 from diffalign.diffusion.logprob import sample_trajectories
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
-from diffalign.eval.report import to_pil
-from diffalign.paths import with_usual_permissions
+from diffalign.diffusion.sampling import to_pil
 from diffalign.rewards import RewardSpec, load_reward
 from diffalign.rewards.weighted import combine_rewards, parse_weights, reward_specs, weighted_raw_mean
+from diffalign.label.store import round_pair_winners
 from diffalign.train.config import Config
+from diffalign.train.rounds import RoundDriver
 
 Tensor = torch.Tensor
 
@@ -113,49 +112,39 @@ class Round:
 RealExamples = Callable[[list[int]], tuple[Tensor, list[str]]]
 
 
-class OnlineRounds:
+class OnlineRounds(RoundDriver):
     """The online objectives' batch source; see the module docstring."""
 
     def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator, objective,
                  real: RealExamples | None = None) -> None:
         """``real`` reads the latents and captions of the examples at some positions of the run's order of
         ``data.path``: the real images of objectives that set ``real_data`` (round r reads positions r G ...)."""
-        self.config, self.backbone, self.accelerator, self.objective = config, backbone, accelerator, objective
+        super().__init__(config, output_dir, accelerator)
+        self.backbone, self.objective = backbone, objective
         self.group_size = config.online.group_size or objective.group_size
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared
-        self.root = output_dir / "rounds"
         self.real = real
         self.prompts = None if real is not None else read_prompts(config.online.prompts)
         objective.steps_per_round = config.online.steps_per_round
         self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}
         self.reward_weights = parse_weights(len(self.rewards), config.online.reward_weights)
-        self.bad_rows: dict[tuple[int, str], str] = {}  # none: the trainer's bad-row accounting, empty
-        self._loaded: tuple[int, dict[str, Any]] | None = None
 
     # --- one round -----------------------------------------------------------------------
-    def _round_dir(self, r: int) -> Path:
-        return self.root / f"round-{r:05d}"
-
-    def _sample(self, r: int) -> None:
-        """Sample, score and write round r: every process samples and scores every N-th group on its own GPU,
-        and the main process joins their parts. Atomic: the folder appears complete or not at all."""
-        acc, n = self.accelerator, self.config.online.groups_per_round
-        final = self._round_dir(r)
-        tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "images").mkdir(parents=True)
-        acc.wait_for_everyone()
-        mine = list(range(acc.process_index, n, acc.num_processes))
+    def sample_part(self, r: int, folder: Path) -> None:
+        """Every process samples and scores every N-th group of round r on its own GPU (the main process joins
+        their parts)."""
+        acc = self.accelerator
+        mine = list(range(acc.process_index, self.config.online.groups_per_round, acc.num_processes))
         if mine:
-            self._sample_part(r, mine, tmp)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            self._join_parts(tmp)
-            os.replace(with_usual_permissions(tmp), final)
+            (folder / "images").mkdir(exist_ok=True)
+            self._sample_groups_of(r, mine, folder)
 
-    def _sample_part(self, r: int, groups: list[int], tmp: Path) -> None:
+    def join(self, r: int, folder: Path) -> None:
+        (folder / "images").mkdir(exist_ok=True)
+        self._join_parts(folder)
+
+    def _sample_groups_of(self, r: int, groups: list[int], tmp: Path) -> None:
         """Round r's groups ``groups``: their trajectories, log-probabilities, rewards (and real images) into
         ``part-<process>.safetensors``, their prompts into ``part-<process>.json``, their images into
         ``images/``, ``online.sample_batch_size`` groups at a time."""
@@ -249,22 +238,10 @@ class OnlineRounds:
         if record["rewards"] is not None:
             return [0 if a >= b else 1 for a, b in record["rewards"]]
         labels_path = Path(self.config.online.labels)
-        labels = {}
-        if labels_path.is_file():
-            for number, line in enumerate(labels_path.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        key = (int(row["round"]), int(row["pair"]))
-                        if row["winner"] is None:  # withdrawn (an undo), or a tie or skip: no winner to train on
-                            labels.pop(key, None)
-                        else:  # a later line for the same pair replaces an earlier one
-                            labels[key] = int(row["winner"])
-                    except (ValueError, KeyError, TypeError) as err:
-                        raise UserError(f"{labels_path}:{number} is not a label {{round, pair, winner}} ({err})") from None
+        labels = round_pair_winners(labels_path)
         missing = [i for i in range(len(record["prompts"])) if (r, i) not in labels]
         if missing:
-            folder = self._round_dir(r)
+            folder = self.round_dir(r)
             if self.accelerator.is_main_process:  # every process stops here; one writes what to label
                 (folder / "to_label.jsonl").write_text("".join(
                     json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
@@ -279,14 +256,8 @@ class OnlineRounds:
             raise UserError(f"{labels_path}: round {r} pairs {bad} have a winner other than 0 or 1")
         return [labels[(r, i)] for i in range(len(record["prompts"]))]
 
-    def _round(self, r: int) -> dict[str, Any]:
-        """Round r's training units (sampled first if the round is not on disk yet)."""
-        if self._loaded is not None and self._loaded[0] == r:
-            return self._loaded[1]
-        if not self._round_dir(r).is_dir():
-            self._sample(r)
-            self.accelerator.wait_for_everyone()
-        folder = self._round_dir(r)
+    def load(self, r: int, folder: Path) -> dict[str, Any]:
+        """Round r's training units, from its folder."""
         tensors = load_file(str(folder / "trajectories.safetensors"))
         record = json.loads((folder / "groups.json").read_text())
         g, k = len(record["prompts"]), record["group_size"]
@@ -300,10 +271,8 @@ class OnlineRounds:
         units = self.objective.training_units(round_)
         # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards
         logged = {**self._logged_rewards(record), **units.pop("logged", {})}
-        data = {**units, "prompts": record["prompts"],
+        return {**units, "prompts": record["prompts"],
                 "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()), "logged": logged}
-        self._loaded = (r, data)
-        return data
 
     def _trained_steps(self, timesteps: Tensor, stochastic: Tensor) -> Tensor:
         """Indices of the stochastic denoising steps whose noise level t / T lies in ``objective.t_range`` (both
@@ -335,7 +304,7 @@ class OnlineRounds:
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's units and denoising steps for (step, micro): a pure function of (seed, step, micro)."""
         tc, acc = self.config.train, self.accelerator
-        data = self._round(step // self.config.online.steps_per_round)
+        data = self.round(self.round_of(step))
         global_batch = tc.batch_size * acc.num_processes
         g = example_generator(tc.seed, step, micro, 2)
         units = torch.randint(0, len(data["latents"]), (global_batch,), generator=g)

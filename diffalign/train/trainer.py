@@ -64,7 +64,8 @@ from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_
 from diffalign.train.sharding import check_sharding
 from diffalign.train.tracking import flat_hyperparameters, log_image
 from diffalign.train.validation import Validator
-from diffalign.train.weights import keep_trained_weights_only, load_trained_weights, save_final_weights
+from diffalign.trained_weights import keep_trained_weights_only, load_trained_weights
+from diffalign.train.weights import save_final_weights
 
 CHECKPOINTS = "checkpoints"
 
@@ -236,12 +237,12 @@ class PreferenceTrainer:
             self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
                                         is_cached=None if self.encoder is None else self.encoder.has_latents,
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
+        if not reads_data:
+            self.dataset = None  # no table: no rows to go bad
         if self.online:  # batches come from rounds of on-policy samples instead of a dataset
             self.rounds = self._make_rounds(reads_data)
-            if not reads_data:
-                self.dataset = self.rounds  # no rows to go bad
         # rows dropped while loading the table: every process loaded it, so they are counted once
-        self._bad_on_load = set(self.dataset.bad_rows)
+        self._bad_on_load = set(self._bad_rows())
         # closes over the accelerator, not the trainer: a trainer -> objective -> trainer cycle would keep the
         # DDP wrapper, and with it the process group, alive until the interpreter exits, whose teardown
         # then aborts a finished torchrun worker now and then ("terminate called without an active exception")
@@ -742,10 +743,14 @@ class PreferenceTrainer:
         state["gold"] = self.gold.state() if self.accelerator.is_main_process else state.get("gold", [])
         return decision[0]
 
+    def _bad_rows(self) -> dict[tuple[int, str], str]:
+        """The bad rows the run's table has met, by (row, column); none for a run that reads no table."""
+        return {} if self.dataset is None else self.dataset.bad_rows
+
     def _bad_read_by_all_processes(self) -> set[tuple[int, str]]:
         """Bad rows, as (row, column), that any process met while reading since the run began (before a
         resume too); a row met by two processes, or in two epochs, is one bad row."""
-        mine = [key for key in self.dataset.bad_rows if key not in self._bad_on_load]
+        mine = [key for key in self._bad_rows() if key not in self._bad_on_load]
         return self._bad_before_resume.union(*(set(keys) for keys in gather_object([mine])))
 
     def _skipped_rows_of_all_processes(self) -> dict[str, int]:

@@ -1,21 +1,19 @@
-"""Weights of a run as safetensors: the final ones (a LoRA that ``pipe.load_lora_weights`` loads, or the
-full denoiser as a diffusers sub-folder), and what a checkpoint keeps of the model (its trained weights)."""
+"""The final weights of a run as safetensors: a LoRA that ``pipe.load_lora_weights`` loads, or the full denoiser
+as a diffusers sub-folder. What a checkpoint keeps of the model is :mod:`diffalign.trained_weights`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import save_torch_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from diffalign.diffusion import Backbone
 from diffalign.diffusion.finetuned import LORA_FILE
-from diffalign.errors import UserError
 from diffalign.paths import with_usual_permissions
 
 # diffusers' own names, so from_pretrained finds the file (or the index of its shards)
@@ -62,38 +60,3 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
     else:
         saver(str(folder), **{f"{backbone.denoiser_attr}_lora_layers": layers}, safe_serialization=True)
     return with_usual_permissions(folder)
-
-
-def _trained_names(model: nn.Module) -> set[str]:
-    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-
-
-def keep_trained_weights_only(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
-    """accelerate's save-state pre-hook: each prepared model's checkpoint entry keeps its trained parameters only.
-
-    accelerate writes a prepared model's whole state dict into every checkpoint. For a LoRA run that is the
-    frozen base as well: SDXL's 2.6 B UNet parameters (4.8 GiB in bf16) beside 44 MiB of rank-8 adapters, at
-    every checkpoint. The frozen weights are the base model's, which a resumed run loads anyway. FSDP and
-    DeepSpeed save their models themselves and hand no entries here.
-    """
-    for i, (model, state) in enumerate(zip(models, weights)):
-        trained = _trained_names(model)
-        weights[i] = {key: value for key, value in state.items() if key in trained}
-
-
-def load_trained_weights(models: list[nn.Module], input_dir: str) -> None:
-    """accelerate's load-state pre-hook, the counterpart of :func:`keep_trained_weights_only`: loads each
-    model's checkpoint entry (the trained parameters, or a whole state dict) into the unwrapped model and
-    takes the models off accelerate's list. Keys saved through a DDP wrapper carry its ``module.`` prefix,
-    so a checkpoint of N processes resumes on any number of them."""
-    for i, model in enumerate(models):
-        path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-        target = extract_model_from_parallel(model)
-        state = {key.removeprefix("module."): value for key, value in load_file(path).items()}
-        unexpected = target.load_state_dict(state, strict=False).unexpected_keys
-        missing = sorted(_trained_names(target) - state.keys())
-        if unexpected or missing:
-            raise UserError(f"{path} does not hold the trained weights of this model and LoRA settings "
-                            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unknown, e.g. "
-                            f"{unexpected[:2]}): load it with the model and LoRA settings of the run that wrote it")
-    models.clear()

@@ -25,7 +25,7 @@ from diffalign.eval.text import evaluate_language_models, write_text_report
 from diffalign.lm.loading import load_trained_lm
 from diffalign.paths import CONFIGS
 from diffalign.rewards.text import load_text_reward
-from diffalign.toy.demo import align
+from diffalign.demo.image import align
 from diffalign.toy.text_model import TOY_LM
 from diffalign.toy.text_data import MAX_NEW_TOKENS, sample_text_candidates, write_text_pairs
 from diffalign.toy.text_world import prompts as toy_prompts

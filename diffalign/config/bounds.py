@@ -25,16 +25,6 @@ BOUNDS: dict[str, tuple[float, bool, float, bool]] = {
     "objective.sample_steps": (1, True, INF, False),
     "objective.sample_eta": (0, True, INF, False),
     "objective.sample_guidance_scale": (0, True, INF, False),
-    "objective.inversion_steps": (1, True, INF, False),
-    "objective.inversion_eta": (0, True, 1, True),
-    "objective.renoise_iterations": (0, True, INF, False),
-    "objective.kl_coef": (0, True, INF, False),
-    "objective.advantage_clip": (0, False, INF, False),
-    "objective.disco_tau": (0, False, INF, False),
-    "objective.disco_beta": (0, True, INF, False),
-    "objective.disco_delta": (0, True, INF, False),
-    "objective.nft_beta": (0, False, INF, False),
-    "objective.min_reward_gap": (0, True, INF, False),
     "train.learning_rate": (0, False, 1, True),  # AdamW moves each weight by about lr a step: above 1 is no rate
     "train.warmup_steps": (0, True, INF, False),
     "train.lora_alpha": (0, False, INF, False),
@@ -58,6 +48,12 @@ def interval(low: float, low_in: bool, high: float, high_in: bool) -> str:
         return "inf" if x == INF else f"{x:g}"
 
     return f"{'[' if low_in else '('}{show(low)}, {show(high)}{']' if high_in else ')'}"
+
+
+def parse_interval(text: str) -> tuple[float, bool, float, bool]:
+    """``"[0, 1)"`` as (0, True, 1, False); ``inf`` for an open end."""
+    low, high = (part.strip() for part in text.strip()[1:-1].split(","))
+    return float(low), text.strip()[0] == "[", float(high), text.strip()[-1] == "]"
 
 
 def in_range(value: float, low: float, low_in: bool, high: float, high_in: bool) -> bool:
