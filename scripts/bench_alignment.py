@@ -44,7 +44,7 @@ def data_for(name: str, folder: Path) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    available = [name for name, cls in OBJECTIVES.items()  # the image world's; the LM ones are in README
+    available = [name for name, cls in OBJECTIVES.items()  # the image world's; the LM ones are in docs/language-models.md
                  if cls.family == "diffusion" and (CONFIGS / f"toy_{name}.yaml").is_file()]
     parser.add_argument("--objectives", default=",".join(available))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_alignment"))

@@ -73,7 +73,7 @@ def run_diffalign(args, model: str, work: Path) -> dict:
     for r in range(args.repeats):  # round 0 is the one trained below
         _sync(device)
         started = time.perf_counter()
-        trainer.rounds._sample(r)
+        trainer.rounds.write(r)
         _sync(device)
         rounds.append(time.perf_counter() - started)
     trainer._optimizer_step(0)  # warm-up

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
+from fixtures import pickapic_parquet
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
@@ -16,7 +18,6 @@ from diffalign.data import PairDataset
 from diffalign.data.augment import FLIPPED, RandomFlip
 from diffalign.data.order import DeterministicOrder
 from diffalign.train import load_config, train
-from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +52,7 @@ def _config(data: Path, out: Path, *overrides: str):
         "train.max_steps=4", "train.checkpoint_every=0", "train.learning_rate=1e-2", *overrides])
 
 
+@pytest.mark.slow
 def test_training_with_flips_is_training_on_the_flipped_images(tmp_path):
     """One epoch of 8 pairs with ``data.random_flip`` (latents cached) gives the weights of the same run
     without flips on a table whose images were mirrored where the flips fell, and other weights than no flips."""

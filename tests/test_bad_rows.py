@@ -15,6 +15,7 @@ from diffalign.paths import ROOT
 from diffalign.train import load_config, train
 
 
+@pytest.mark.slow
 def test_a_bad_row_read_in_every_epoch_is_printed_and_counted_once(tmp_path, capsys):
     data = pickapic_parquet(tmp_path / "pairs.parquet", 4, corrupt_rows=(1,), nan_rows=(3,))
     # 3 usable pairs, 2 per step, 6 steps: every pair is read 4 times, the corrupt one too

@@ -1,4 +1,4 @@
-"""scripts/bench_lm.py, where README's LM speed table comes from: both trainers run on the same model and data,
+"""scripts/bench_lm.py, where the LM speed table of docs/benchmarks.md comes from: both trainers run on the same model and data,
 and the table prints a figure for each."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_lm_benchmark_runs_both_trainers(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts/bench_lm.py"), "--width", "64", "--layers", "1",
                            "--batch-size", "2", "--steps", "2", "--repeats", "1", "--lora", "4", "--uneven", "--packing"],

@@ -43,6 +43,7 @@ def test_live_storage_counts_each_storage_once_until_it_is_freed():
     del b, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,overrides", [
     ("tiny-sd15", ["train.lora_rank=0"]),
     ("tiny-sdxl", ["train.lora_rank=4", "model.gradient_checkpointing=true", "train.ema_decay=0.9"]),
@@ -55,6 +56,7 @@ def test_the_fake_tensor_step_counts_what_the_real_step_allocates(model, overrid
     assert fake["activations_gb"] > 0 and fake["peak_gb"] > fake["weights_gb"]
 
 
+@pytest.mark.slow
 def test_memory_grows_with_the_batch_and_checkpointing_saves_activations():
     one, four = (bench_memory.training_step_memory(_config("tiny-sdxl", b)) for b in (1, 4))
     assert four["weights_gb"] == one["weights_gb"]
@@ -63,6 +65,7 @@ def test_memory_grows_with_the_batch_and_checkpointing_saves_activations():
     assert checkpointed["activations_gb"] < 0.8 * four["activations_gb"]
 
 
+@pytest.mark.slow
 def test_bf16_lora_counts_the_frozen_base_at_two_bytes_and_the_adapters_at_four():
     fp32 = bench_memory.training_step_memory(_config("tiny-sd15", 1, "train.lora_rank=4"))
     bf16 = bench_memory.training_step_memory(_config("tiny-sd15", 1, "train.lora_rank=4", "train.mixed_precision=bf16"))
@@ -72,6 +75,7 @@ def test_bf16_lora_counts_the_frozen_base_at_two_bytes_and_the_adapters_at_four(
     assert (fp32["weights_gb"] - bf16["weights_gb"]) * 2**30 == 2 * halved
 
 
+@pytest.mark.slow
 def test_precompute_leaves_the_text_encoder_and_vae_off_the_gpu():
     kept = bench_memory.training_step_memory(_config("tiny-sd15", 1))
     offloaded = bench_memory.training_step_memory(_config("tiny-sd15", 1, "data.precompute=true",
@@ -130,6 +134,7 @@ def test_measure_refuses_objectives_that_need_more_than_labelled_pairs(tmp_path)
                                                   "objective.loss=huber"), tmp_path)
 
 
+@pytest.mark.slow
 def test_the_script_reports_each_batch_in_its_own_process(tmp_path):
     import json
     import subprocess
@@ -147,6 +152,7 @@ def test_the_script_reports_each_batch_in_its_own_process(tmp_path):
     assert "| ZeRO-3 / FSDP | refused |" in done.stdout and "train.lora_rank > 0" in done.stdout  # a LoRA run
 
 
+@pytest.mark.slow
 def test_the_example_loop_estimate_holds_the_same_models_and_encodes_in_the_step():
     config = _config("tiny-sdxl", 2, "train.lora_rank=4")
     ours = bench_memory.training_step_memory(config)

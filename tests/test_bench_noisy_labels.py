@@ -1,4 +1,4 @@
-"""scripts/bench_noisy_labels.py, where the README's flipped-label table comes from: the flipped copy of the
+"""scripts/bench_noisy_labels.py, where the flipped-label table of docs/train.md comes from: the flipped copy of the
 pairs reverses exactly the asked share of labels, and the reader then puts those pairs' losers first."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import importlib.util
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from fixtures import pickapic_parquet
 
 from diffalign.data import PairDataset
-from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""scripts/bench_online.py, where the README's online speed table (and its pending GPU rows) come from: both
+"""scripts/bench_online.py, where the online speed table of docs/benchmarks.md (and its pending GPU rows) come from: both
 loops sample a round and train on it, the same (image, step) units per optimiser step, and the table compares
 each row with Flow-GRPO's loop at the same settings."""
 
@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_script_times_the_round_driver_against_flow_grpo_s_loop(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_online.py"), "--models", "tiny-sd3",

@@ -1,4 +1,4 @@
-"""scripts/bench_train.py, where the README's speed tables (and the pending GPU rows) come from: both
+"""scripts/bench_train.py, where the speed tables of docs/benchmarks.md (and the pending GPU rows) come from: both
 loops run, the example loop does exactly the extra encoding work it is said to do, and the table
 compares each row with the example at the same settings."""
 
@@ -27,6 +27,7 @@ def _encoding_flops(model: str, resolution: int) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-sd15", "tiny-flux"])
 def test_the_script_times_diffalign_against_the_example_loop(tmp_path, model):
     """On FLUX the example's loop noises as diffusers' flow scripts do; the work it adds is the same encoding."""

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from diffalign import losses
 from diffalign.cli import main
 
@@ -30,6 +32,7 @@ def test_losses_lists_every_registered_loss_with_paper(capsys):
     assert "METHODS.md" not in out  # papers are cited, not files a user does not have
 
 
+@pytest.mark.slow
 def test_a_bad_generate_ranked_config_exits_nonzero_without_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "diffalign", "generate-ranked", "configs/toy_generate_ranked.yaml", "generators=[]"],
@@ -50,6 +53,7 @@ def test_under_a_launcher_an_error_names_the_process_that_met_it(capsys, monkeyp
     assert capsys.readouterr().err.startswith("error (process 1 of 2): unknown config key 'train.max_stpes'")
 
 
+@pytest.mark.slow
 def test_a_reader_that_closes_early_is_not_an_error():
     """`diffalign losses | head`: the pipe's reader is gone before the listing is written."""
     read_end, write_end = os.pipe()

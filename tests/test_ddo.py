@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import images_parquet, toy_policy_and_reference
 from safetensors.torch import load_file
 
 from diffalign import losses
@@ -16,7 +17,6 @@ from diffalign.diffusion import group_scores, noised_group
 from diffalign.objectives import DDO
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
-from fixtures import images_parquet, toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +90,7 @@ def _tiny(data: Path, out: Path, *overrides: str):
                                                              *overrides])
 
 
+@pytest.mark.slow
 def test_trains_from_the_cli_on_tiny_sdxl_and_resumes_exactly_across_a_round(tmp_path):
     data = images_parquet(tmp_path / "images.parquet", n=6)
     from diffalign.cli import main
@@ -140,6 +141,7 @@ def test_ddo_configs_say_what_they_need(tmp_path):
         _tiny(data, tmp_path, "data.path=''")
 
 
+@pytest.mark.slow
 def test_two_processes_read_and_sample_a_round_as_one_process_does(tmp_path):
     """Each process reads the real images of its share of the round's groups and samples for their captions; the
     joined round is the one a single process makes (the real latents exactly, the samples up to the rounding of

@@ -18,6 +18,9 @@ from diffalign.paths import TOY_BASE
 from diffalign.rewards import ToyAdherence
 from diffalign.toy import prompts
 
+# every test here runs a whole demo (minutes on 2 cores), or reads one that ran
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -93,8 +96,8 @@ def test_eval_compares_a_run_with_its_base_on_a_prompt_file(demo, tmp_path):
 def test_the_demo_and_the_benchmark_start_their_run_folder_over_when_run_again(tmp_path):
     """``train`` refuses an output_dir that holds a run; the demo's (and bench_alignment's) run folder is
     their own, so running them again into the same --out retrains instead of stopping there."""
-    from diffalign.paths import CONFIGS
     from diffalign.demo.image import align_and_compare, sample_candidates, write_pairs
+    from diffalign.paths import CONFIGS
 
     base = load_pipeline(TOY_BASE)
     pairs = write_pairs(sample_candidates(base, prompts("train")[:2], groups_per_prompt=1, candidates=2, seed=0,

@@ -16,6 +16,9 @@ from diffalign.paths import ROOT
 from diffalign.toy import text_world as tw
 from diffalign.toy.text_model import TOY_LM
 
+# every test here runs a whole demo (minutes on 2 cores), or reads one that ran
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

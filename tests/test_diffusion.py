@@ -9,21 +9,21 @@ from diffusers.training_utils import compute_snr
 
 from diffalign.diffusion import (
     CachedEncoder,
-    add_lora,
-    has_lora,
     TensorCache,
     TimestepSampler,
+    add_lora,
     backbone_for,
     configure_denoiser,
     denoising_scores,
     group_scores,
+    has_lora,
     load_pipeline,
     noised_group,
     schedule_for,
 )
-from diffalign.paths import resolve_model_path
 from diffalign.diffusion.schedule import DiffusionSchedule
 from diffalign.errors import UserError
+from diffalign.paths import resolve_model_path
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]

@@ -6,12 +6,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures import pickapic_parquet
 
 from diffalign.data import PairDataset
 from diffalign.data.ensemble import preference_strength, vote_share
 from diffalign.errors import UserError
 from diffalign.train import load_config
-from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 

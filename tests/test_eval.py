@@ -1,5 +1,6 @@
 """Evaluation at scale: batch by batch, a bounded set of report images, bounded grid tiles."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -112,6 +113,7 @@ def test_eval_names_a_missing_model_before_generating_with_any(tmp_path, monkeyp
         assert error in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_a_stopped_evaluation_with_saved_images_resumes_to_the_same_scores(tmp_path, monkeypatch, capsys):
     import json
 
@@ -158,6 +160,7 @@ def test_a_stopped_evaluation_with_saved_images_resumes_to_the_same_scores(tmp_p
     assert "images of dpo made with a different config (changed: model)" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_as_one_does(tmp_path):
     """Under torchrun each process makes and scores every other batch; the report's figures, the saved
     images and the kept report images are those of one process (one thread each, so every batch is

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import images_parquet, pickapic_parquet, ranked_parquet
+from run_configs import SHORTER
 from safetensors.torch import load_file
 
 from diffalign.diffusion import load_pipeline
@@ -21,25 +22,6 @@ BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
         "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "disco": None,
         "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
-# the self-play loops: a round of 2 prompts x 2 samples told apart by their JPEG size (see grpo's note below)
-_SELF_PLAY = ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2", "objective.sample_steps=2",
-              "online.reward=jpeg_incompressibility"]
-SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.options.inversion_steps=2",
-                                                              "objective.options.renoise_iterations=1",
-                                                              "data.score_columns=[[pick_0, pick_1]]"],
-           "d3po": ["online.groups_per_round=2", "online.steps_per_round=2", "objective.sample_steps=2"],
-           "ddo": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
-           # random tiny models draw no toy shapes, so the toy preference scores them all alike (no advantage);
-           # DDPO's JPEG size tells their images apart
-           "grpo": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                    "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
-           "disco": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                     "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
-           "nft": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                   "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
-           **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
-           "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
-           "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +45,7 @@ def _moved(run: Path, model: str) -> bool:
     return any(not torch.equal(trained[k], v) for k, v in getattr(base, attr).state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", BACKBONES)
 @pytest.mark.parametrize("objective", sorted(DATA))
 def test_every_objective_trains_on_every_backbone(objective, model, data, tmp_path):

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from fixtures import pickapic_parquet
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,7 +26,6 @@ from diffalign.diffusion.finetuned import load_finetuned
 from diffalign.errors import UserError
 from diffalign.train import load_config, train
 from diffalign.train.export import export_run, save_single_file, single_file_state
-from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = {"tiny-sd15": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline,
@@ -113,6 +118,7 @@ def _denoiser_outputs(pipe, seed: int = 0) -> torch.Tensor:
         return unet(x, torch.tensor([500]), encoder_hidden_states=text, **extra).sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", PIPELINES)
 def test_lora_export_loads_with_load_lora_weights(runs, model, tmp_path):
     run = runs[model, 4]
@@ -146,6 +152,7 @@ def test_merged_diffusers_folder_equals_the_trained_model(runs, lora, tmp_path):
     torch.testing.assert_close(_denoiser_outputs(merged), _denoiser_outputs(load_finetuned(run)), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", PIPELINES)
 def test_single_file_is_read_back_by_diffusers_single_file_loader(runs, model, tmp_path):
     run = runs[model, 4]
@@ -197,6 +204,7 @@ def _unwrapped(message: str) -> str:
     return " ".join(message.split())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_a_checkpoint_loads_as_the_run_stood_at_its_step(tmp_path, lora_rank):
     """A checkpoint (``run/checkpoints/step-N``) evaluates a run part-way: at the last step it is the
@@ -217,6 +225,7 @@ def test_a_checkpoint_loads_as_the_run_stood_at_its_step(tmp_path, lora_rank):
     torch.testing.assert_close(_denoiser_outputs(on_base), final, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_a_checkpoint_exports_as_the_run_stood_at_its_step(tmp_path, lora_rank):
     """The step that ``eval`` picked exports like a finished run: the last step's checkpoint gives the run's own

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from fixtures import pickapic_parquet
 from safetensors.torch import load_file, save_file
 
 from diffalign.cli import main
@@ -18,7 +19,6 @@ from diffalign.diffusion.sampling import generate
 from diffalign.train import load_config, train
 from diffalign.train.export import merged_pipeline
 from diffalign.train.flux_keys import flux_transformer_to_original
-from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_FLUX = ROOT / "assets/models/tiny-flux"
@@ -96,6 +96,7 @@ def test_kohya_fusion_is_the_same_update_on_the_single_blocks(runs, tmp_path):
     assert parts[3].abs().max() == 0
 
 
+@pytest.mark.slow
 def test_single_file_transformer_reads_back_equal_with_diffusers_loader(tmp_path):
     """At FLUX.1's real width (diffusers' single-file reader assumes 3072 and an MLP ratio of 4), one block of each
     kind: every tensor comes back equal, the final norm's (shift, scale) halves included."""

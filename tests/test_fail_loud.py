@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures import pickapic_parquet, png_bytes
-
 from safetensors.torch import load_file
 
 from diffalign.cli import main
@@ -346,6 +345,7 @@ def test_a_lock_file_left_by_a_dead_process_is_no_lock(pairs, tmp_path):
     assert train(_config(pairs, out))["steps"] == 2
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_one_is_refused_and_the_other_finishes(pairs, tmp_path):
     import subprocess
     import sys

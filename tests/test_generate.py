@@ -17,8 +17,8 @@ from PIL import Image
 
 from diffalign.data import PairDataset, RankedListDataset
 from diffalign.errors import UserError
-from diffalign.synth import GenerateConfig, generate_ranked
 from diffalign.rewards import ensemble
+from diffalign.synth import GenerateConfig, generate_ranked
 from diffalign.train import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ def test_shipped_generate_configs_validate(path):
     assert len(config.generators) >= 2 and config.rewards
 
 
+@pytest.mark.slow
 def test_generate_ranked_writes_lists_pairs_and_a_summary_and_resumes_exactly(tmp_path):
     out = tmp_path / "ranked"
     summary = generate_ranked(_config(out))
@@ -75,6 +76,7 @@ def test_generate_ranked_writes_lists_pairs_and_a_summary_and_resumes_exactly(tm
         generate_ranked(_config(out, "seeds_per_generator=3"))
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_dataset_one_process_writes(tmp_path):
     """Under torchrun each process generates every other missing image and scores every other shard;
     images, shards and pairs are byte for byte those of one process (one image per batch and one
@@ -101,6 +103,7 @@ def test_two_processes_write_the_dataset_one_process_writes(tmp_path):
     assert {f for f in one if one[f] != two[f]} == {"generate_config.yaml"}  # it names each run's prompts file
 
 
+@pytest.mark.slow
 def test_a_generator_reads_a_folder_of_fp16_variant_weights_when_given_its_variant(tmp_path):
     from diffalign.diffusion import load_pipeline
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
@@ -33,6 +34,7 @@ def test_ddim_sample_equals_diffusers_ddim_scheduler():
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inversion_then_sampling_reconstructs_toy_images_and_renoise_is_tighter():
     backbone = backbone_for(load_pipeline(TOY_BASE))
     rng = random.Random(0)

@@ -180,6 +180,7 @@ def _start(source: Path, out: Path) -> tuple[subprocess.Popen, str]:
     return process, re.search(r"(http://\S+?)/", first)[1]
 
 
+@pytest.mark.slow
 def test_a_killed_server_loses_no_label_and_resumes_at_the_first_unlabelled_item(tmp_path):
     pairs = pickapic_parquet(tmp_path / "pairs.parquet", 5)
     process, base = _start(pairs, tmp_path / "out")
@@ -284,13 +285,13 @@ def test_a_person_ranks_a_list_by_picking_the_best_then_the_next(tmp_path, brows
 
 
 def test_the_d3po_human_feedback_loop_end_to_end_as_readme_gives_it(tmp_path, browser, monkeypatch, capsys):
-    """README's three commands: train stops for labels; `diffalign label RUN` serves the round; a person labels
-    it in the browser; train.resume=latest continues. Run from a folder like a fresh clone's root, with only
-    the toy config's size changed (test_toy_configs.toy_size_overrides)."""
-    from test_readme import README, readme_commands
-    from test_toy_configs import toy_size_overrides
+    """The docs' three commands (docs/online.md): train stops for labels; `diffalign label RUN` serves the round; a
+    person labels it in the browser; train.resume=latest continues. Run from a folder like a fresh clone's root,
+    with only the toy config's size changed (run_configs.toy_size_overrides)."""
+    from doc_commands import all_commands
+    from run_configs import toy_size_overrides
 
-    stop, label, resume = [c.split() for c in readme_commands(README.read_text())
+    stop, label, resume = [c.split() for _, c in all_commands()
                            if "online.labels=" in c or c.startswith("diffalign label runs/")]
     assert stop[:3] == resume[:3] == ["diffalign", "train", "configs/toy_d3po.yaml"] and resume[-1] == "train.resume=latest"
     for name in ("assets", "configs"):

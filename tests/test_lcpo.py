@@ -11,7 +11,6 @@ from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.losses.noisy_labels import LabelReliability, label_posterior
 from diffalign.train.config import ObjectiveConfig
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

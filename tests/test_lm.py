@@ -3,40 +3,19 @@ tiny GPT-2 (KTO against TRL's KTOTrainer)."""
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from lm_helpers import preference_batch, tiny_gpt2
 from trl.trainer.utils import selective_log_softmax
 from trl_reference import trl_dpo_loss_from_token_logps, trl_kto_loss
 
 from diffalign import losses
-from diffalign.lm import (mismatched_completions, preference_loss, ranked_preference_loss, sequence_logps, token_logps,
-                          unpaired_preference_loss)
-
-VOCAB, PROMPT, COMPLETION = 32, 4, 6
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config).eval()
-
-
-def preference_batch(n_pairs: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Chosen completions count upwards from the last prompt token; rejected are random.
-
-    Completion lengths vary per pair (right padding with token 0, masked out).
-    """
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(1, VOCAB, (n_pairs, PROMPT), generator=g)
-    steps = torch.arange(1, COMPLETION + 1)
-    chosen = (prompts[:, -1:] + steps) % (VOCAB - 1) + 1
-    rejected = torch.randint(1, VOCAB, (n_pairs, COMPLETION), generator=g)
-    ids = torch.cat([torch.cat([prompts, chosen], 1), torch.cat([prompts, rejected], 1)])
-    lengths = torch.randint(3, COMPLETION + 1, (2 * n_pairs,), generator=g)
-    position = torch.arange(PROMPT + COMPLETION)
-    completion = (position >= PROMPT) & (position < PROMPT + lengths.unsqueeze(1))
-    attention = (position < PROMPT + lengths.unsqueeze(1)).long()
-    ids = ids * attention
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion.long()}
+from diffalign.lm import (
+    mismatched_completions,
+    preference_loss,
+    ranked_preference_loss,
+    sequence_logps,
+    token_logps,
+    unpaired_preference_loss,
+)
 
 
 def test_token_logps_match_log_softmax():

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_lm import tiny_gpt2
-from test_lm_trainer import lm_config, logged
+from lm_helpers import lm_config, logged, tiny_gpt2
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from diffalign.errors import UserError

@@ -8,13 +8,13 @@ import math
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures import chat_lm
+from lm_helpers import empty_yaml, lm_config, logged, text_pairs
 from safetensors.torch import load_file
 
 from diffalign.data.text import TextPairDataset
@@ -25,33 +25,6 @@ from diffalign.paths import ROOT
 from diffalign.toy import text_world as tw
 from diffalign.toy.text_model import TOY_LM, toy_tokenizer
 from diffalign.train import load_config, train
-
-
-def text_pairs(path: Path, n: int = 8, seed: int = 0, **extra_columns) -> Path:
-    """n pairs of the toy language: a joyful sentence chosen over an angry one, other words random."""
-    rng = random.Random(seed)
-    prompts = tw.prompts("train")
-    rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
-    for i in range(n):
-        prompt = prompts[i % len(prompts)]
-        colour, animal = tw.parse_prompt(prompt)
-        rows["prompt"].append(prompt)
-        rows["chosen"].append(tw.sentence(colour, animal, "joyful", rng.choice(tw.VERBS), rng.choice(tw.ADVERBS)))
-        rows["rejected"].append(tw.sentence(colour, animal, "angry", rng.choice(tw.VERBS), rng.choice(tw.ADVERBS)))
-    rows.update(extra_columns)
-    pq.write_table(pa.table(rows), path)
-    return path
-
-
-def lm_config(tmp_path: Path, data: Path, *overrides: str, name: str = "run", model: Path = TOY_LM):
-    return load_config(None, [f"model.path={model}", "objective.name=lm_dpo", "objective.loss=dpo",
-                              f"data.path={data}", "train.batch_size=4", "train.max_steps=4",
-                              "train.learning_rate=1e-3", "train.checkpoint_every=0", "train.log_every=1",
-                              "train.report_to=none", f"output_dir={tmp_path / name}", *overrides])
-
-
-def logged(run: Path, key: str = "loss") -> list[float]:
-    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_tokenization_is_trls_prompt_then_completion_with_eos():
@@ -123,6 +96,7 @@ def test_an_lm_run_resumes_exactly(tmp_path, lora):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [0, 4])
 def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path, lora):
     """torchrun (gloo) at 2 pairs per process vs one process at 4; a LoRA run's reference is its base with the
@@ -133,7 +107,7 @@ def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path, lora):
               "train.learning_rate=1e-3", "train.adam_epsilon=1e-3", f"train.lora_rank={lora}"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
-                          "train", str(_empty_yaml(tmp_path)), *common,
+                          "train", str(empty_yaml(tmp_path)), *common,
                           f"output_dir={tmp_path / 'two'}", "train.batch_size=2"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -144,12 +118,6 @@ def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path, lora):
     a, b = (load_file(tmp_path / run / "final" / weights) for run in ("one", "two"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)
-
-
-def _empty_yaml(tmp_path: Path) -> Path:
-    path = tmp_path / "empty.yaml"
-    path.write_text("{}\n")
-    return path
 
 
 def test_per_pair_weights_scale_each_pairs_loss(tmp_path):

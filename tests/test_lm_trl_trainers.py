@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
-from test_losses_trl_parity import BATCH_COUPLED, CASES
 from transformers import AutoModelForCausalLM
+from trl_cases import BATCH_COUPLED, CASES
 
 from diffalign.toy import text_world as tw
 from diffalign.toy.text_model import TOY_LM, toy_tokenizer
@@ -85,6 +85,7 @@ def _trl_dpo(tmp_path: Path, rows: dict[str, list], loss_type: str, trl_kwargs: 
 DPO_CASES = [*CASES, *((trl, {}, ours, {}) for trl, ours in BATCH_COUPLED), ("sft", {}, "sft", {})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trl_type,trl_kwargs,name,options", DPO_CASES,
                          ids=[f"{c[0]}-{c[2]}-{'-'.join(map(str, c[3].values()))}" for c in DPO_CASES])
 def test_per_step_losses_match_trls_dpo_trainer(tmp_path, trl_type, trl_kwargs, name, options):

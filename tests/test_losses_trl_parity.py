@@ -4,35 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from trl_cases import BATCH_COUPLED, CASES
 from trl_reference import trl_dpo_loss
 
 from diffalign import losses
-
-# (TRL loss_type, TRL kwargs, diffalign name, diffalign options)
-CASES = [
-    ("sigmoid", {}, "dpo", {}),
-    ("hinge", {}, "hinge", {}),
-    ("ipo", {}, "ipo", {}),
-    ("exo_pair", {"label_smoothing": 1e-3}, "exo", {"label_smoothing": 1e-3}),
-    ("nca_pair", {}, "nca", {}),
-    ("robust", {"label_smoothing": 0.2}, "robust", {"label_smoothing": 0.2}),
-    ("bco_pair", {}, "bco_pair", {}),
-    ("sppo_hard", {}, "sppo_hard", {}),
-    ("apo_zero", {}, "apo_zero", {}),
-    ("apo_down", {}, "apo_down", {}),
-    ("discopop", {"discopop_tau": 0.05}, "discopop", {"tau": 0.05}),
-    ("sigmoid_norm", {}, "dpo_norm", {}),
-    ("sigmoid", {"f_divergence_type": "forward_kl"}, "f_dpo", {"divergence": "forward_kl"}),
-    ("sigmoid", {"f_divergence_type": "js_divergence"}, "f_dpo", {"divergence": "js"}),
-    (
-        "sigmoid",
-        {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-        "f_dpo",
-        {"divergence": "alpha", "alpha": 0.3},
-    ),
-    ("sigmoid", {"f_divergence_type": "reverse_kl"}, "f_dpo", {"divergence": "reverse_kl"}),
-]
-BATCH_COUPLED = [("aot", "aot"), ("aot_unpaired", "aot_unpaired")]
 
 
 def _scores(n=8, seed=0, scale=3.0):

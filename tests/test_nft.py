@@ -96,6 +96,7 @@ def test_a_step_pulls_good_samples_closer_and_pushes_bad_ones_away():
     assert after[0] < before[0] and after[1] > before[1]
 
 
+@pytest.mark.slow
 def test_nft_resumes_exactly_with_its_old_policy(tmp_path):
     small = ["online.groups_per_round=2", "online.group_size=4", "online.steps_per_round=2", "objective.sample_steps=4",
              "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2", "validation.every=0",

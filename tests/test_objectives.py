@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import ranked_parquet, toy_policy_and_reference
 
 from diffalign import losses
 from diffalign.data import RankedListDataset
@@ -15,7 +16,6 @@ from diffalign.errors import UserError
 from diffalign.objectives import RankDPO
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
-from fixtures import ranked_parquet, toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,8 +154,9 @@ def test_diffusion_kto_with_npo_trains_on_the_undesirable_images_only(tiny_sd15)
 
 
 def test_labelled_images_drop_rows_without_a_binary_label_and_carry_the_label(tmp_path):
-    from diffalign.data import CaptionedImageDataset
     from fixtures import images_parquet
+
+    from diffalign.data import CaptionedImageDataset
 
     path = images_parquet(tmp_path / "liked.parquet", 6, labels=[1.0, 0.0, 1.0, None, 2.0, float("nan")])
     data = CaptionedImageDataset(path, resolution=32, label_column="label")
@@ -172,8 +173,9 @@ def test_labelled_images_drop_rows_without_a_binary_label_and_carry_the_label(tm
 def test_diffusion_kto_trains_from_the_cli_on_tiny_sdxl(tmp_path):
     import json
 
-    from diffalign.cli import main
     from fixtures import images_parquet
+
+    from diffalign.cli import main
 
     data = images_parquet(tmp_path / "liked.parquet", 6, labels=[1, 0, 1, 0, 0, 1])
     assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", "data.label_column=label",
@@ -211,9 +213,10 @@ def test_diffusion_kto_takes_its_reference_point_over_all_processes(tiny_sd15):
 
 
 def test_positive_ratio_draws_liked_images_at_that_rate_and_only_for_labelled_images(tmp_path):
+    from fixtures import images_parquet
+
     from diffalign.data import CaptionedImageDataset
     from diffalign.train.trainer import _run_order
-    from fixtures import images_parquet
 
     data = images_parquet(tmp_path / "liked.parquet", 6, labels=[1, 0, 0, 0, None, 0])
     kto = ["objective.name=diffusion_kto", "objective.loss=kto", f"data.path={data}", "data.label_column=label"]
@@ -234,6 +237,7 @@ def test_positive_ratio_draws_liked_images_at_that_rate_and_only_for_labelled_im
                    CaptionedImageDataset(only_liked, resolution=32, label_column="label"))
 
 
+@pytest.mark.slow
 def test_diffusion_kto_on_two_processes_computes_what_one_process_at_double_batch_does(tmp_path):
     """KTO's reference point is a batch statistic: on two processes it is the mean over both (the
     global batch, as the authors' code reduces it), so two processes at 2 images each train exactly
@@ -321,12 +325,14 @@ def test_inpo_scores_each_image_at_its_ddim_inverted_latent_by_hand():
     assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["objective.name=inpo"], [
     "objective.name=smpo", "objective.loss=smpo", "objective.beta=25000",
     "data.score_columns=[[pick_0, pick_1], [aes_0, aes_1]]"], ["objective.loss=kto"]])
 def test_pair_objective_trains_from_the_cli_on_tiny_sdxl(tmp_path, overrides):
-    from diffalign.cli import main
     from fixtures import pickapic_parquet
+
+    from diffalign.cli import main
 
     data = pickapic_parquet(tmp_path / "pairs.parquet", n=4)
     assert main(["train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}",
@@ -385,6 +391,7 @@ _ON_ANY_DEVICE = [  # (objective, core loss, items per group, loss options, targ
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, loss, items, options, targets", _ON_ANY_DEVICE, ids=lambda v: str(v)[:20])
 def test_objectives_keep_the_loss_and_every_metric_on_the_models_device(name, loss, items, options, targets):
     """On a GPU, a tensor an objective makes on the CPU and mixes with the model's breaks the step,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import toy_policy_and_reference
 from safetensors.torch import load_file
 
 from diffalign.diffusion.logprob import sample_trajectories, step_log_prob
@@ -16,7 +17,6 @@ from diffalign.objectives import D3PO
 from diffalign.objectives.d3po import d3po_step_loss
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
-from fixtures import toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +59,7 @@ def test_d3po_objective_is_the_step_loss_on_the_winner_first_pairs():
     assert untrained["implicit_acc"].item() == 0.5  # a tie counts one half, as in every pairwise objective
 
 
+@pytest.mark.slow
 def test_online_rounds_are_sampled_scored_and_resumed_exactly(tmp_path):
     straight = train(_config(tmp_path / "straight"))
     assert straight["steps"] == 4 and (tmp_path / "straight/rounds/round-00001/trajectories.safetensors").is_file()
@@ -80,6 +81,7 @@ def test_online_rounds_are_sampled_scored_and_resumed_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
     """Each of two processes samples and scores every other pair of a round on its own device; each pair
     has its own generator, so the round is the one a single process samples, up to the rounding of

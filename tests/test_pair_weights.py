@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures import pickapic_parquet, toy_policy_and_reference
+from lm_helpers import preference_batch, tiny_gpt2
 from safetensors.torch import load_file
-from test_lm import preference_batch, tiny_gpt2
 
 from diffalign.data import PairDataset
 from diffalign.diffusion import group_scores, noised_group, schedule_for
@@ -168,7 +168,7 @@ def test_the_diffusion_loss_reads_each_pairs_reward_gap_as_its_paper_says(loss):
 
 
 def test_an_lm_run_weighs_its_first_step_by_madpos_w_of_each_pairs_gap(tmp_path):
-    from test_lm_trainer import lm_config, logged, text_pairs
+    from lm_helpers import lm_config, logged, text_pairs
 
     gaps = [0.0, 0.5, 3.0, 12.0]
     path = text_pairs(tmp_path / "pairs.parquet", n=4, rm_chosen=[g + 1.0 for g in gaps], rm_rejected=[1.0] * 4)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from fixtures import pickapic_parquet
-from test_train import tiny_config
+from run_configs import tiny_config
 
 from diffalign.data import ClassRatioOrder, DeterministicOrder, PairDataset
 from diffalign.data.reader import ExampleReader
@@ -66,6 +66,7 @@ def test_no_usable_row_is_a_clear_error(tmp_path):
         reader.take(0)
 
 
+@pytest.mark.slow
 def test_training_is_identical_with_and_without_reader_threads(tmp_path):
     data = pickapic_parquet(tmp_path / "pairs.parquet", 8, corrupt_rows=(3,))
     runs = {}

@@ -1,10 +1,11 @@
-"""Every command and snippet in README.md runs as written, read from README.md itself: a README line
-that does not run fails this test.
+"""Every command and snippet of README.md and of every page of the docs site runs as written, read from the pages
+themselves: a line that does not run fails this test.
 
-The commands are the lines of its ``bash`` blocks and the ``diffalign ...`` / ``python scripts/...``
-commands quoted in its text; the snippets are its ``python`` blocks. Each runs in one scratch folder
-holding links to the repository's assets/, configs/ and scripts/ (the README's relative paths), in
-README order, so a later line finds what an earlier one made (``runs/toy_ranked``, ``runs/sdxl_dpo``).
+The commands are the lines of their ``bash`` blocks and the ``diffalign ...`` / ``python scripts/...``
+commands quoted in their text; the snippets are their ``python`` blocks (:mod:`doc_commands`). Each runs in one
+scratch folder holding links to the repository's assets/, configs/ and scripts/ (the pages' relative paths), in
+the order of README and then the site's navigation, so a later line finds what an earlier one made
+(``runs/toy_ranked``, ``runs/sdxl_dpo``). The reference pages are generated; a test checks they are current.
 
 What a CPU cannot do is changed, and only that, in one place each:
 
@@ -31,19 +32,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from doc_commands import all_commands, doc_pages, page_snippets
 from fixtures import pickapic_parquet
-from test_recipes import cpu_overrides, recipe_data
-from test_toy_configs import toy_size_overrides
+from run_configs import cpu_overrides, recipe_data, toy_size_overrides
 
 from diffalign.cli import build_parser, main
 from diffalign.paths import ROOT
-
-README = ROOT / "README.md"
 
 # (pattern, why the test does not run it): every command of README.md that matches one
 NOT_RUN = [
     (r"^pip install .* && diffalign demo$|^diffalign demo$",
      "tests/test_demo.py runs `diffalign demo --out DIR`, its figures checked"),
+    (r"^pip install ", "installs into the environment the suite already runs in"),
     (r"^diffalign demo --lm( |$)", "tests/test_demo_lm.py runs `diffalign demo --lm --out DIR`, its figures checked"),
     (r"^pip install .* && python -m pytest -q$", "the suite itself: .ci/run runs exactly this"),
     (r"^hf download ", "downloads from the Hub"),
@@ -63,25 +63,6 @@ NOT_RUN = [
 PLACEHOLDERS = ("RUN", "NPO_RUN", "DDO_RUN", "PAIRS", "OUT", "FOLDER", "CONFIG")
 # the checkpoint at step 2000 of 2000, as the 2-step run here has it: at step 2 of 2
 SCALED = {"checkpoints/step-0002000": "checkpoints/step-0000002"}
-
-
-def readme_commands(text: str) -> list[str]:
-    """The shell commands of README.md: the lines of its bash blocks (continuations joined, comments dropped)
-    and the ``diffalign``, ``python scripts/`` and ``accelerate launch`` commands quoted in its prose."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())  # a comment dropped, spaces folded
-            if line:
-                commands.append(line)
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    for quoted in re.findall(r"`((?:diffalign |python scripts/|accelerate launch )[^`]*)`", prose):
-        commands.append(" ".join(quoted.split()))
-    return commands
-
-
-def readme_snippets(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def why_not_run(command: str) -> str | None:
@@ -153,14 +134,16 @@ def _train_argv(words: list[str], seen: set[str], data: dict[str, Path], line: i
     return [*words[1:], *extra]
 
 
-def test_every_readme_command_runs_as_written(scratch, capsys):
+@pytest.mark.slow
+def test_every_command_of_the_readme_and_the_docs_runs_as_written(scratch, capsys):
     root, made = scratch
-    commands = readme_commands(README.read_text())
+    pages = all_commands()
+    commands = [command for _, command in pages]
     assert len(commands) > 30 and any(c.startswith("diffalign train configs/sdxl_dpo.yaml") for c in commands)
     seen: set[str] = set()
     data = recipe_data(root / "data")  # what the recipes' real datasets stand in for
     ran, skipped = [], []
-    for line, command in enumerate(commands):
+    for line, (page, command) in enumerate(pages):
         words = shlex.split(command)
         if (why := why_not_run(command)) is not None:
             skipped.append((command, why))
@@ -173,7 +156,7 @@ def test_every_readme_command_runs_as_written(scratch, capsys):
         words = _filled(words, made)
         if words[0] == "python":  # a script, in its own process as a user runs it
             done = subprocess.run([sys.executable, *words[1:]], cwd=root, capture_output=True, text=True)
-            assert done.returncode == 0, f"README: `{command}` failed:\n{done.stderr[-3000:]}"
+            assert done.returncode == 0, f"{page.name}: `{command}` failed:\n{done.stderr[-3000:]}"
         else:
             argv = _train_argv(words, seen, data, line) if words[1] == "train" else words[1:]
             if words[1] == "eval":
@@ -182,13 +165,41 @@ def test_every_readme_command_runs_as_written(scratch, capsys):
                 first = [a for a in argv if not a.startswith("train.resume=")]
                 assert main([*first, "train.max_steps=1", "train.checkpoint_every=1"]) == 0
             code = main(argv)
-            assert code == 0, f"README: `{command}` exited {code}:\n{capsys.readouterr().err[-3000:]}"
+            assert code == 0, f"{page.name}: `{command}` exited {code}:\n{capsys.readouterr().err[-3000:]}"
         ran.append(command)
-    print(f"ran {len(ran)} README commands; not run: " + "; ".join(f"`{c}` ({w})" for c, w in skipped))
+    print(f"ran {len(ran)} commands of the README and the docs; not run: " + "; ".join(f"`{c}` ({w})" for c, w in skipped))
     assert len(ran) >= 20
 
 
-@pytest.mark.parametrize("number", range(len(readme_snippets(README.read_text()))))
-def test_every_readme_python_snippet_runs_as_written(number, monkeypatch):
-    monkeypatch.chdir(ROOT)
-    exec(compile(readme_snippets(README.read_text())[number], f"README.md python block {number}", "exec"), {})
+SNIPPETS = [(page, number) for page in doc_pages() for number in range(len(page_snippets(page.read_text())))]
+
+
+@pytest.fixture
+def registries():
+    """The registries a snippet may add to (a loss, an objective, a backbone, a reward), as they were before it."""
+    from diffalign.diffusion.backbones import BACKBONES
+    from diffalign.losses import registry
+    from diffalign.objectives import OBJECTIVES
+    from diffalign.rewards import REWARDS
+
+    kept = [(table, dict(table)) for table in (registry._REGISTRY, OBJECTIVES, BACKBONES, REWARDS)]
+    yield
+    for table, before in kept:
+        table.clear()
+        table.update(before)
+
+
+@pytest.mark.parametrize("page, number", SNIPPETS, ids=[f"{p.name}-{n}" for p, n in SNIPPETS])
+def test_every_python_snippet_runs_as_written(page, number, scratch, registries, monkeypatch):
+    root, _ = scratch
+    monkeypatch.chdir(root)
+    exec(compile(page_snippets(page.read_text())[number], f"{page.name} python block {number}", "exec"), {})
+
+
+@pytest.mark.slow
+def test_every_docs_page_is_in_the_site_and_the_reference_pages_are_current():
+    listed = {p.resolve() for p in doc_pages()}
+    assert {p.resolve() for p in (ROOT / "docs").rglob("*.md")} <= listed, "a docs page is missing from mkdocs.yml's nav"
+    done = subprocess.run([sys.executable, "scripts/gen_reference.py", "--check"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr

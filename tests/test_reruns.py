@@ -14,8 +14,8 @@ import pytest
 from fixtures import pickapic_parquet
 
 from diffalign.cli import main
-from diffalign.paths import CONFIGS, ROOT, TOY_BASE
 from diffalign.demo import image as toy_demo
+from diffalign.paths import CONFIGS, ROOT, TOY_BASE
 from diffalign.train.trainer import PreferenceTrainer
 
 QUICK = ["train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=0", "train.log_every=1",
@@ -86,6 +86,7 @@ def test_an_interrupted_demo_continues_and_a_finished_one_is_kept(ctrl_c_after_f
     assert "holds a finished demo" in capsys.readouterr().err and (out / "metrics.json").read_text() == report
 
 
+@pytest.mark.slow
 def test_eval_names_two_runs_of_the_same_folder_name_apart(tmp_path):
     data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
     for demo in ("demo-1", "demo-2"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import toy_policy_and_reference
 from safetensors.torch import load_file
 
 from diffalign.diffusion.logprob import StepRule, gaussian_log_prob, sample_trajectories
@@ -15,7 +16,6 @@ from diffalign.errors import UserError
 from diffalign.rewards.weighted import combine_rewards, weighted_raw_mean
 from diffalign.train import load_config, train
 from diffalign.train.online import sde_window
-from fixtures import toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 _SMALL = ["online.groups_per_round=4", "online.group_size=4", "online.steps_per_round=2", "objective.sample_steps=4",

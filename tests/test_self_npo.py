@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import images_parquet, toy_policy_and_reference
 from safetensors.torch import load_file
 
 from diffalign.data import CaptionedImageDataset
@@ -17,7 +18,6 @@ from diffalign.objectives.self_npo import truncation_grid
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
 from diffalign.train.run_state import read_state
-from fixtures import images_parquet, toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -207,6 +207,7 @@ def _tiny(data: Path, out: Path, *overrides: str):
         "train.checkpoint_every=2", *overrides])
 
 
+@pytest.mark.slow
 def test_trains_on_tiny_sdxl_from_the_cli_and_resumes_exactly_with_its_teacher(tmp_path):
     from diffalign.cli import main
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import toy_policy_and_reference
 from safetensors.torch import load_file
 
 from diffalign import losses
@@ -22,7 +23,6 @@ from diffalign.objectives.rso import rejection_sample
 from diffalign.train import load_config, train
 from diffalign.train.config import ObjectiveConfig
 from diffalign.train.online import Round
-from fixtures import toy_policy_and_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
@@ -256,6 +256,7 @@ _TINY = ["online.steps_per_round=2", "online.groups_per_round=2", "online.group_
          "model.path=assets/models/tiny-sdxl", "model.random_init=true", "data.resolution=32", "validation.every=0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sppo", "inpo_nash"])
 def test_trains_and_resumes_exactly_across_a_round(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -275,7 +276,7 @@ def test_trains_and_resumes_exactly_across_a_round(name, tmp_path, monkeypatch):
 
 
 def test_an_lm_trains_sppo_with_win_rates_estimated_from_its_samples_rewards():
-    from test_lm import preference_batch, tiny_gpt2
+    from lm_helpers import preference_batch, tiny_gpt2
 
     from diffalign.lm import preference_loss, sequence_logps
 

@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_helpers import lm_config, logged, text_pairs, tiny_gpt2
 from safetensors.torch import load_file
-from test_lm import tiny_gpt2
-from test_lm_trainer import lm_config, logged, text_pairs
 
 from diffalign import losses
 from diffalign.errors import UserError
@@ -95,7 +94,7 @@ def lm_config_for_objective(loss_options: str, options: str = "{}"):
 
 
 def test_the_token_terms_are_the_sequence_log_ratio_split_by_token_and_the_reference_kl():
-    from test_lm import preference_batch
+    from lm_helpers import preference_batch
 
     policy, reference = tiny_gpt2(0), tiny_gpt2(1)
     batch = preference_batch(3)
@@ -160,6 +159,7 @@ def test_sparse_po_stays_finite_for_huge_log_ratios(dtype):
     assert torch.isfinite(out).all() and torch.isfinite(huge.grad).all() and out.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
     """torchrun (gloo) at 2 pairs per process vs one process at 4: the mask model's gradients are synchronised with
     the LM's, so the losses and the final masks' checkpoint agree."""
@@ -167,7 +167,7 @@ def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
     import subprocess
     import sys
 
-    from test_lm_trainer import _empty_yaml
+    from lm_helpers import empty_yaml
 
     from diffalign.toy.text_model import TOY_LM
 
@@ -177,7 +177,7 @@ def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
               "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
-                          "train", str(_empty_yaml(tmp_path)), *common, f"output_dir={tmp_path / 'two'}",
+                          "train", str(empty_yaml(tmp_path)), *common, f"output_dir={tmp_path / 'two'}",
                           "train.batch_size=2"], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import pickapic_parquet
 
 from diffalign import losses
 from diffalign.errors import UserError
 from diffalign.train import load_config, train
-from fixtures import pickapic_parquet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.stats import mean_interval, win_rate
-from diffalign.errors import UserError
 from diffalign.rewards import ToyAdherence, ToyPreference, load_reward
 from diffalign.toy import Scene, adheres, measure, preference_score, prompts, random_scene, render
 from diffalign.toy.world import BACKGROUND, HELDOUT, SIZE

@@ -14,7 +14,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-from test_every_backbone import SHORTER
+from run_configs import toy_size_overrides
 
 from diffalign.errors import UserError
 from diffalign.paths import CONFIGS, ROOT
@@ -22,16 +22,9 @@ from diffalign.toy import datasets
 from diffalign.train import load_config, train
 
 TOY_CONFIGS = sorted(p.name for p in CONFIGS.glob("toy_*.yaml") if p.name != "toy_generate_ranked.yaml")
-SMALLER = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "validation.images_per_prompt=1",
-           "validation.steps=2"]
 
 
-def toy_size_overrides(name: str) -> list[str]:
-    """What a test changes in the toy config ``name`` (toy_<objective>.yaml): its size, nothing else."""
-    objective = name.removeprefix("toy_").removesuffix(".yaml")
-    return [*SMALLER, *(key for key in SHORTER.get(objective, []) if not key.startswith("data."))]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TOY_CONFIGS)
 def test_the_toy_config_trains_from_the_repository_root_with_nothing_made_first(name, small_toy_datasets, tmp_path,
                                                                                  monkeypatch):
@@ -45,6 +38,7 @@ def test_the_toy_config_trains_from_the_repository_root_with_nothing_made_first(
         assert datasets.toy_dataset(config.data.path).is_file()  # made on first use, in the cache
 
 
+@pytest.mark.slow
 def test_the_toy_datasets_are_the_same_every_time_they_are_made(tmp_path):
     first = datasets.make_toy_datasets(tmp_path / "a", groups_per_prompt=1, candidates=2)
     second = datasets.make_toy_datasets(tmp_path / "b", groups_per_prompt=1, candidates=2)

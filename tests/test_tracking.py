@@ -50,6 +50,7 @@ def test_tensorboard_holds_the_scalars_the_hyperparameters_and_the_validation_gr
     assert list((run / "diffalign").rglob("hparams.yml"))  # the flat config, beside the events
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_the_same(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -1,8 +1,8 @@
 """Configs, data handling and the trainer on a tiny SDXL (LoRA and full fine-tuning)."""
 
 import json
-import shutil
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures import pickapic_parquet
+from run_configs import tiny_config
 from safetensors.torch import load_file, save_file
 
 from diffalign.data import PairDataset, RowSource
@@ -25,12 +26,6 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.ends
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return pickapic_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", 8)
-
-
-def tiny_config(data: Path, out: Path, *overrides: str):
-    return load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml",
-                       [f"data.path={data}", f"output_dir={out}", "model.path=" + str(ROOT / "assets/models/tiny-sdxl"),
-                        *overrides])
 
 
 # --- configs -----------------------------------------------------------------------------
@@ -93,6 +88,7 @@ def test_overrides_are_typed():
     assert config.train.resume == "latest"
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_config_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs/tiny_sdxl_dpo.yaml"),
                            "model.pathh=x"], capture_output=True, text=True, cwd=tmp_path)
@@ -210,6 +206,7 @@ def test_lora_run_writes_metrics_checkpoints_and_loadable_weights(pairs, tmp_pat
     pipe.load_lora_weights(str(run / "final"))  # what users do with the result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, loss", [(0, "dpo"), (2, "bco"), (0, "lcpo")])
 def test_resume_is_exact(tmp_path, workers, loss):
     """Weights, logged losses and the bad-row counts of a split run equal those of a straight one.
@@ -266,6 +263,7 @@ def test_a_new_run_does_not_overwrite_a_finished_one_without_checkpoints(pairs, 
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(pairs, tmp_path):
     """The advice after a NaN stop is to resume with a lower learning rate; the checkpoint's
     optimiser, scheduler and EMA state must not bring the old settings back."""
@@ -287,6 +285,7 @@ def test_a_run_resumed_with_a_lower_learning_rate_trains_at_it(pairs, tmp_path):
     assert trainer.ema.decay == 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_a_checkpoint_keeps_the_trained_weights_only_and_resumes_exactly(pairs, tmp_path, lora_rank):
     """accelerate would write a LoRA run's frozen base into every checkpoint (SDXL: 4.8 GiB in bf16 beside
@@ -343,6 +342,7 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state()
 
 
+@pytest.mark.slow
 def test_bf16_lora_stores_the_frozen_base_in_bf16_and_trains_fp32_adapters(pairs, tmp_path, fresh_accelerate_state):
     """As diffusers' LoRA examples: no fp32 master copy of weights that never change."""
     from diffalign.train.trainer import PreferenceTrainer
@@ -381,6 +381,7 @@ def test_full_finetune_keeps_a_frozen_reference_and_saves_the_unet(pairs, tmp_pa
         torch.testing.assert_close(saved[key], trained[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_a_run_from_a_cached_hub_id_trains_resumes_and_loads(pairs, tmp_path, monkeypatch):
     """model.path may name a model in the local Hugging Face cache; the run, its resume and its result use it."""
     import huggingface_hub.constants
@@ -523,6 +524,7 @@ def test_8bit_adam_without_bitsandbytes_names_the_extra_to_install(pairs, tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_disk_without_room_stops_the_run_before_a_checkpoint_or_the_final_weights_are_written(
         pairs, tmp_path, monkeypatch):
     """A disk that fills up mid-write fails in torch's or safetensors' words after minutes of writing; the
@@ -593,6 +595,7 @@ def test_datasets_folder_and_jsonl_index_read_the_same_pairs(pairs, tmp_path):
             assert torch.equal(a.pixels, b.pixels)
 
 
+@pytest.mark.slow
 def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) at 1 pair each vs 1 process at 2 pairs.
 
@@ -649,6 +652,7 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == ["step-0000000.png", "step-0000003.png"]
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_two_processes_at_the_same_global_batch(tmp_path):
     """The data order depends only on (seed, position), so one process at 2 pairs per step can be
     continued by two processes at 1 pair each: same pairs, same losses, weights equal to DDP rounding."""
@@ -754,6 +758,7 @@ def test_each_process_samples_its_share_of_the_validation_images(tmp_path, monke
     assert {round(i / 10 * 255) for i in range(1, 5)} <= levels  # every process's images are in the grid
 
 
+@pytest.mark.slow
 def test_validation_samples_at_intervals_and_ema_resumes_exactly(pairs, tmp_path):
     validation = ["validation.prompts=[a red circle]", "validation.every=2", "validation.images_per_prompt=2",
                   "validation.steps=2", "validation.rewards=[toy_preference]"]
@@ -775,6 +780,7 @@ def test_validation_samples_at_intervals_and_ema_resumes_exactly(pairs, tmp_path
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the final weights are the averaged ones
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_then_resume_finishes_the_same_run(pairs, tmp_path, monkeypatch):
     import os
     import signal
@@ -806,6 +812,7 @@ def test_sigterm_checkpoints_and_exits_then_resume_finishes_the_same_run(pairs, 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 4])
 def test_cached_images_are_decoded_once_and_the_cache_key_covers_resolution(pairs, tmp_path, monkeypatch, workers):
     import diffalign.data.pairs as pairs_module

@@ -7,11 +7,17 @@ import math
 
 import pytest
 import torch
-from test_lm_trainer import lm_config, text_pairs
+from lm_helpers import lm_config, text_pairs
 from transformers import GPT2ForSequenceClassification
 
 from diffalign.data.text import TextPairDataset
-from diffalign.data.uncertainty import bald, estimation_text, keep_reliable_pairs, mc_dropout_probs, reliable_pairs
+from diffalign.data.uncertainty import (
+    bald,
+    estimation_text,
+    keep_reliable_pairs,
+    mc_dropout_probs,
+    reliable_pairs,
+)
 from diffalign.errors import UserError
 from diffalign.toy.text_model import TOY_LM, toy_lm_config, toy_tokenizer
 from diffalign.train import load_config, train

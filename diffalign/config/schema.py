@@ -49,7 +49,7 @@ class ModelConfig:
     # channels_last memory format for UNets (faster convolutions on tensor cores)
     channels_last: bool = False
     # torch.compile the denoiser's forward (in place: weights, LoRA and checkpoints keep their names);
-    # on CPU it pays only for tiny models (a real SD1.5 UNet ran 0.71x; README, Speed)
+    # on CPU it pays only for tiny models (a real SD1.5 UNet ran 0.71x; docs/benchmarks.md)
     compile: bool = False
 
 

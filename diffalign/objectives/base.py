@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from diffalign.errors import UserError
 from diffalign.config import NoOptions, ObjectiveConfig, build_options
 
 
@@ -36,6 +37,12 @@ class Objective:
     Options: ClassVar[type] = NoOptions
     # the paper it implements (for `diffalign methods`) and the diffusion families it trains
     paper: ClassVar[str] = ""
+
+    @classmethod
+    def build(cls, config, model: Any) -> "Objective":
+        """The objective a run trains, from the run's whole config and its model (a diffusion backbone, or a
+        language model's tokenizer): what the trainer calls. Online objectives also take their round size here."""
+        return cls(config.objective, model)
 
     @classmethod
     def options_of(cls, config: ObjectiveConfig) -> Any:
@@ -76,8 +83,8 @@ class OnlineObjective(Objective):
     False: the objective needs a reward for every sample, human pair labels cannot replace it. ``real_data``
     True: each group is one real image of ``data.path``, its caption the group's prompt (DDO), and
     ``scored`` False: the samples need no reward or label. ``keeps_trajectories`` False: the round keeps
-    only the clean samples, not every step of their trajectories. The round driver sets
-    ``steps_per_round`` (``online.steps_per_round``) before the first round.
+    only the clean samples, not every step of their trajectories. ``steps_per_round`` is the run's
+    ``online.steps_per_round``, which :meth:`build` reads with the rest of the config.
     """
 
     online = True
@@ -90,6 +97,66 @@ class OnlineObjective(Objective):
     scored = True
     keeps_trajectories = True
     steps_per_round = 1
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """The rules every online method shares (a source of prompts or real images, exactly one source of
+        preferences when it needs one, group sizes), then how its rounds are sampled (:meth:`check_sampling`). A
+        method with rules of its own adds them after ``super().check_config(config)``."""
+        oc = config.online
+        if cls.real_data and not config.data.path:
+            raise UserError(f"{config.objective.name} pairs real images with its samples: set data.path to a "
+                            "table of captioned images")
+        if not cls.real_data and not oc.prompts:
+            raise UserError(f"{config.objective.name} samples in rounds: set online.prompts to a prompt file or "
+                            "set")
+        if not cls.scored and (oc.reward is not None or oc.labels is not None):
+            raise UserError(f"{config.objective.name} needs no reward or label (its real images are the positives, "
+                            "its samples the negatives): remove online.reward and online.labels")
+        if cls.scored and (oc.reward is None) == (oc.labels is None):
+            raise UserError("online objectives need exactly one source of preferences: online.reward (a reward "
+                            "model spec) or online.labels (a JSON-lines file of human labels)")
+        if oc.reward == []:
+            raise UserError("online.reward is an empty list: name at least one reward model")
+        if oc.labels is not None and not cls.takes_labels:
+            raise UserError(f"{config.objective.name} needs a reward for every sample (online.reward); human "
+                            "labels of pairs give no group-relative advantages")
+        if cls.group_size_fixed and oc.group_size not in (None, cls.group_size):
+            raise UserError(f"{config.objective.name} is defined for groups of {cls.group_size}: "
+                            f"online.group_size must be {cls.group_size} (or empty), got {oc.group_size}")
+        if oc.group_size is not None and oc.group_size < 2:
+            raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
+        cls.check_sampling(config)
+
+    @classmethod
+    def check_sampling(cls, config) -> None:
+        """Image rounds: their sizes, the SDE window within the sampler's steps, the reward models and their
+        weights, a stochastic sampler."""
+        from diffalign.rewards.weighted import parse_weights, reward_names
+
+        oc = config.online
+        for key in ("groups_per_round", "steps_per_round", "sample_batch_size", "sde_window_stride"):
+            if getattr(oc, key) < 1:
+                raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
+        steps = config.objective.sample_steps
+        if oc.sde_window < 0 or oc.sde_window_shift_every < 0 or not 0 <= oc.sde_window_start < steps \
+                or oc.sde_window_start + oc.sde_window > steps:
+            raise UserError(f"online.sde_window={oc.sde_window} from "
+                            f"online.sde_window_start={oc.sde_window_start} must fit in the sampler's {steps} steps (objective.sample_steps), and "
+                            f"online.sde_window_shift_every={oc.sde_window_shift_every} must be >= 0")
+        names = reward_names(oc.reward)
+        if len(set(names)) != len(names):
+            raise UserError(f"online.reward names a reward model twice ({', '.join(names)})")
+        parse_weights(len(names), oc.reward_weights)
+        if config.objective.sample_eta <= 0:
+            raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step "
+                            "log-probabilities")
+
+    @classmethod
+    def build(cls, config, model: Any) -> "OnlineObjective":
+        objective = super().build(config, model)
+        objective.steps_per_round = config.online.steps_per_round
+        return objective
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""

@@ -17,6 +17,7 @@ import torch
 
 from diffalign.lm import preference_loss
 from diffalign.config import ranged
+from diffalign.errors import UserError
 from diffalign.objectives.base import OnlineObjective
 from diffalign.objectives.lm import LanguageModelObjective
 from diffalign.objectives.round_reference import PreviousRoundReference
@@ -45,6 +46,15 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     takes_labels = False
     keeps_trajectories = False
     Options = LMSamplingOptions
+
+    @classmethod
+    def check_sampling(cls, config) -> None:
+        """Rounds of completions, scored by one text reward (no image sampler to check)."""
+        from diffalign.rewards.text import TEXT_REWARDS, is_text_reward
+
+        if not is_text_reward(config.online.reward):
+            raise UserError(f"online.reward={config.online.reward!r}: {config.objective.name} scores its completions "
+                            f"with one text reward: {', '.join(TEXT_REWARDS)} or classifier:PATH")
 
     def __init__(self, config, tokenizer: Any = None) -> None:
         super().__init__(config, tokenizer)

@@ -70,6 +70,7 @@ class RSO(SelfPlayObjective):
 
     @classmethod
     def check_config(cls, config) -> None:
+        super().check_config(config)
         accepted = cls.options_of(config.objective).accepted
         k = config.online.group_size or cls.group_size
         if accepted > k:

@@ -31,6 +31,13 @@ def reward_specs(reward: str | dict | list | None) -> list:
     return [] if reward is None else reward if isinstance(reward, list) else [reward]
 
 
+def reward_names(reward: str | dict | list | None) -> list[str]:
+    """The names of the reward models of ``online.reward`` (none, one, or a list)."""
+    from diffalign.rewards import RewardSpec
+
+    return [RewardSpec.parse(spec).name for spec in reward_specs(reward)]
+
+
 def parse_weights(count: int, weights: Sequence[float] | None) -> list[float]:
     """The weight of each of ``count`` reward models: as given (one per model, finite), or 1 each."""
     if weights is None:

@@ -31,6 +31,7 @@ from diffalign.config.schema import (  # noqa: F401 - the schema, re-exported wh
 )
 from diffalign.errors import UserError
 from diffalign.losses.registry import LossSpec
+from diffalign.rewards.weighted import reward_names
 
 
 def validate(config: Config) -> Config:
@@ -99,9 +100,7 @@ def validate(config: Config) -> Config:
         raise UserError("model.path is empty: set it to a local diffusers folder or .safetensors file, "
                         "or the Hub id of a model in the local Hugging Face cache")
     online = OBJECTIVES[config.objective.name].dataset == "online"
-    if online:
-        _validate_online(config)
-    elif not config.data.path:
+    if not online and not config.data.path:
         raise UserError("data.path is empty: set it to a parquet file/folder, a datasets folder, a .jsonl index "
                         "or (captioned images) a folder of images with .txt captions")
     if len(config.data.image_columns) != 2:
@@ -257,69 +256,11 @@ def _validate_gold(config: Config, objective) -> None:
         raise UserError(f"validation.gold={vc.gold} watches a validation reward while an online objective "
                         f"trains: it must be one of validation.rewards ({', '.join(names) or 'none'}), with "
                         f"validation.every > 0 and an online objective (not {config.objective.name})")
-    if vc.gold in _online_reward_names(config):
+    if vc.gold in reward_names(config.online.reward):
         raise UserError(f"validation.gold={vc.gold} is the reward the run trains on (online.reward); the gold "
                         "reward must be one the run does not see")
     if vc.gold_patience < 1:
         raise UserError(f"validation.gold_patience must be >= 1, got {vc.gold_patience}")
-
-
-def _online_reward_names(config: Config) -> list[str]:
-    """The names of the reward models of ``online.reward`` (none, one, or a list)."""
-    from diffalign.rewards import RewardSpec
-    from diffalign.rewards.weighted import reward_specs
-
-    return [RewardSpec.parse(spec).name for spec in reward_specs(config.online.reward)]
-
-def _validate_online(config: Config) -> None:
-    from diffalign.objectives import OBJECTIVES
-
-    oc, method = config.online, OBJECTIVES[config.objective.name]
-    if method.real_data and not config.data.path:
-        raise UserError(f"{config.objective.name} pairs real images with its samples: set data.path to a table "
-                        "of captioned images")
-    if not method.real_data and not oc.prompts:
-        raise UserError(f"{config.objective.name} samples in rounds: set online.prompts to a prompt file or set")
-    if not method.scored and (oc.reward is not None or oc.labels is not None):
-        raise UserError(f"{config.objective.name} needs no reward or label (its real images are the positives, its "
-                        "samples the negatives): remove online.reward and online.labels")
-    if method.scored and (oc.reward is None) == (oc.labels is None):
-        raise UserError("online objectives need exactly one source of preferences: online.reward (a reward "
-                        "model spec) or online.labels (a JSON-lines file of human labels)")
-    if oc.reward == []:
-        raise UserError("online.reward is an empty list: name at least one reward model")
-    if oc.labels is not None and not method.takes_labels:
-        raise UserError(f"{config.objective.name} needs a reward for every sample (online.reward); human labels "
-                        "of pairs give no group-relative advantages")
-    if method.group_size_fixed and oc.group_size not in (None, method.group_size):
-        raise UserError(f"{config.objective.name} is defined for groups of {method.group_size}: online.group_size "
-                        f"must be {method.group_size} (or empty), got {oc.group_size}")
-    if oc.group_size is not None and oc.group_size < 2:
-        raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
-    if method.family == "lm":  # scored by a text reward; no sampler of images to check
-        from diffalign.rewards.text import TEXT_REWARDS, is_text_reward
-
-        if not is_text_reward(oc.reward):
-            raise UserError(f"online.reward={oc.reward!r}: {config.objective.name} scores its completions with one "
-                            f"text reward: {', '.join(TEXT_REWARDS)} or classifier:PATH")
-        return
-    for key in ("groups_per_round", "steps_per_round", "sample_batch_size", "sde_window_stride"):
-        if getattr(oc, key) < 1:
-            raise UserError(f"online.{key} must be >= 1, got {getattr(oc, key)}")
-    steps = config.objective.sample_steps
-    if oc.sde_window < 0 or oc.sde_window_shift_every < 0 or not 0 <= oc.sde_window_start < steps \
-            or oc.sde_window_start + oc.sde_window > steps:
-        raise UserError(f"online.sde_window={oc.sde_window} from online.sde_window_start={oc.sde_window_start} "
-                        f"must fit in the sampler's {steps} steps (objective.sample_steps), and "
-                        f"online.sde_window_shift_every={oc.sde_window_shift_every} must be >= 0")
-    from diffalign.rewards.weighted import parse_weights
-
-    names = _online_reward_names(config)
-    if len(set(names)) != len(names):
-        raise UserError(f"online.reward names a reward model twice ({', '.join(names)})")
-    parse_weights(len(names), oc.reward_weights)
-    if config.objective.sample_eta <= 0:
-        raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step log-probabilities")
 
 
 def _column_pair(value: Any) -> bool:

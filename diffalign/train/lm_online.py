@@ -38,7 +38,6 @@ class TextRounds(RoundDriver):
         self.policy, self.tokenizer, self.objective = policy, tokenizer, objective
         self.group_size = config.online.group_size or objective.group_size
         self.prompts = read_prompts(config.online.prompts)
-        objective.steps_per_round = config.online.steps_per_round
         self.reward = load_text_reward(config.online.reward)  # one text reward (checked with the config)
 
     def join(self, r: int, folder: Path) -> None:

@@ -84,7 +84,7 @@ class LanguageModelTrainer(PreferenceTrainer):
         self.backbone, self.encoder = None, None
 
     def _make_objective(self, objective_cls: type) -> Any:
-        return objective_cls(self.config.objective, self.tokenizer)
+        return objective_cls.build(self.config, self.tokenizer)
 
     def _load_dataset(self, layout: str) -> Any:
         dc = self.config.data

@@ -126,7 +126,6 @@ class OnlineRounds(RoundDriver):
         self.shared_noise = objective.shared_noise if shared is None else shared
         self.real = real
         self.prompts = None if real is not None else read_prompts(config.online.prompts)
-        objective.steps_per_round = config.online.steps_per_round
         self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}
         self.reward_weights = parse_weights(len(self.rewards), config.online.reward_weights)
 

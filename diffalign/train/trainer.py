@@ -262,7 +262,7 @@ class PreferenceTrainer:
         return _dataset(self.config, layout)
 
     def _make_objective(self, objective_cls: type) -> Any:
-        return objective_cls(self.config.objective, self.backbone)
+        return objective_cls.build(self.config, self.backbone)
 
     def _make_rounds(self, reads_data: bool) -> Any:
         """The online objectives' batch source (the round driver)."""
