@@ -32,7 +32,7 @@ def _default(f: dataclasses.Field):
 
 def config_reference() -> str:
     lines = ["# Config reference", "",
-             "Every key of a run config (`diffalign train CONFIG key=value ...`), generated from "
+             "Every key of a run config (in its YAML file, or `key=value` after the config file on the command line), generated from "
              "`diffalign/config/schema.py` by `scripts/gen_reference.py`: its type, default, allowed range where "
              "one applies, and what it does. A method's own settings (`objective.options.*`) follow, per method.", ""]
     for section in dataclasses.fields(Config):
@@ -51,7 +51,7 @@ def config_reference() -> str:
     docs = field_docs(Config)
     lines += ["## output_dir", "", f"`output_dir` (default `{Config().output_dir}`): {docs['output_dir']}", "",
               "## objective.options, per method", "",
-              "Set as `objective.options.KEY=VALUE`; `diffalign methods NAME` prints the same.", ""]
+              "Set as `objective.options.KEY=VALUE`; diffalign methods NAME prints the same.", ""]
     for name, cls in sorted(OBJECTIVES.items()):
         options = describe(cls.Options)
         if not options:

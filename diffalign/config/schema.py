@@ -75,7 +75,7 @@ class ObjectiveConfig:
     sample_steps: int = 20
     sample_eta: float = 1.0
     sample_guidance_scale: float = 5.0
-    # the method's own settings, by name (`diffalign methods NAME` lists them with their defaults): e.g.
+    # the method's own settings, by name (diffalign methods NAME lists them with their defaults): e.g.
     # objective.options.kl_coef for grpo. Unset ones take the method's defaults
     options: Any = field(default_factory=dict)
 
