@@ -204,3 +204,18 @@ def test_generation_decodes_one_image_at_a_time():
     images = generate(pipe, ["a red circle"] * 3, [0, 1, 2], steps=2, batch_size=3)
     assert images.shape[0] == 3 and decoded == [1, 1, 1]
     assert not pipe.vae.use_slicing  # put back: it slices encoding too, which a trainer sharing the VAE does
+
+
+def test_a_language_model_run_given_as_a_diffusion_model_is_named_as_such(tmp_path, capsys):
+    """A glob such as runs/demo-*/run also matches the LM demo's run: eval says what it found and what to do."""
+    from diffalign.cli import main
+
+    run = tmp_path / "demo-lm-1" / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("objective:\n  name: lm_dpo\nmodel:\n  path: assets/models/toy-lm\n")
+    code = main(["eval", "--base", str(TOY_BASE), "--aligned", str(run), "--prompts", "toy_heldout",
+                 "--out", str(tmp_path / "report")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"{run} is a language-model run (lm_dpo), not a diffusion model" in err
+    assert "a causal-LM --base" in err and not (tmp_path / "report").exists()

@@ -100,11 +100,15 @@ def scratch(tmp_path_factory, small_toy_datasets):
             "FOLDER": "export/folder", "CONFIG": "configs/toy_generate_ranked.yaml"}
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        for placeholder, config, out in (("RUN", "toy_diffusion_dpo.yaml", "runs/demo-1/run"),
+        for placeholder, config, out in (("RUN", "toy_diffusion_dpo.yaml", "runs/demo-20261205-120000/run"),
                                          ("NPO_RUN", "toy_self_npo.yaml", "runs/toy_self_npo"),
                                          ("DDO_RUN", "toy_ddo.yaml", "runs/toy_ddo")):
             assert main(["train", f"configs/{config}", f"output_dir={out}", *toy_size_overrides(config)]) == 0
             made[placeholder] = out
+        # the language-model demo's run beside the image demo's, as both demos leave them: the docs' glob for the
+        # image demos' runs must not pick it up (diffalign eval would refuse an LM run given with an image --base)
+        assert main(["train", "configs/toy_lm_dpo.yaml", "output_dir=runs/demo-lm-20261205-120500/run",
+                     *toy_size_overrides("toy_lm_dpo.yaml")]) == 0
         yield root, made
 
 

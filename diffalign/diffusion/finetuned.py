@@ -107,6 +107,15 @@ def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.d
     return load
 
 
+def _language_model_run(run: Path) -> str | None:
+    """The objective of ``run`` when it trained a language model (its name starts with ``lm_``), else None."""
+    try:
+        name = str(yaml.safe_load((run / "config.yaml").read_text())["objective"]["name"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return name if name.startswith("lm_") else None
+
+
 def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torch_dtype: torch.dtype | None = None,
                      base_variant: str | None = None, variant: str | None = None) -> PipelineLoader:
     """What :func:`load_finetuned` loads, checked now and loaded when the returned function is called.
@@ -127,6 +136,10 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
                         "denoiser, also give the base model")
     weights = source / "final" if is_run else source
     if not (_lora_file(weights).is_file() or any((weights / attr).is_dir() for attr in ("unet", "transformer"))):
+        if is_run and _language_model_run(source):
+            raise UserError(f"{source} is a language-model run ({_language_model_run(source)}), not a diffusion "
+                            "model; compare it with the language model it trained from, a causal-LM --base: "
+                            f"diffalign eval --base MODEL --aligned {source} --prompts PROMPTS --out OUT")
         raise UserError(f"{weights} holds neither {LORA_FILE} nor a unet/ or transformer/ folder of trained weights")
     if base is None:  # the run's own base, loaded as it trained
         config = yaml.safe_load((source / "config.yaml").read_text())
