@@ -311,6 +311,12 @@ def test_a_checkpoint_keeps_the_trained_weights_only_and_resumes_exactly(pairs, 
         train(tiny_config(pairs, tmp_path / "split", *settings, "train.max_steps=6", "train.resume=latest"))
 
 
+def test_only_the_newest_checkpoints_are_kept(pairs, tmp_path):
+    train(tiny_config(pairs, tmp_path / "run", "train.checkpoint_every=1", "train.checkpoints_keep=2",
+                      "train.max_steps=4"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
+
+
 def test_a_damaged_checkpoint_is_named_with_the_earlier_ones_to_resume_from(pairs, tmp_path):
     """A checkpoint is written whole or not at all, but a file can still be cut short later (a full disk
     during a copy): resuming names the damaged checkpoint and the earlier ones, and one of those resumes."""

@@ -484,6 +484,7 @@ class PreferenceTrainer:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             raise write_failure(err, root, f"checkpoint {final.name}", needed, state["last_good_checkpoint"]) from None
+        if self.accelerator.is_main_process:
             for old in _checkpoint_dirs(self.output_dir)[: -self.config.train.checkpoints_keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
