@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffalign.config.bounds import in_range, interval, parse_interval
+from diffalign.config.schema import _build
 from diffalign.errors import UserError
 
 
@@ -34,8 +35,6 @@ def ranged(default: Any, allowed: str | tuple[str, ...]) -> Any:
 
 def build_options(cls: type, values: Any, method: str) -> Any:
     """``values`` (a mapping from the config, or an instance already) as ``cls``, checked; see the module docstring."""
-    from diffalign.config.schema import _build
-
     if isinstance(values, cls):
         values = dataclasses.asdict(values)
     if not isinstance(values, dict):

@@ -321,8 +321,8 @@ class GroupExample:
     reward_gap: float | None = None  # a reward model's score of the winner minus the loser's (data.reward_columns)
 
 
-PRINTED_PER_COLUMN = 10
-BROKEN_LINE = "(line)"  # the "column" of a .jsonl line that is no JSON object; its index is the line number  # bad rows of one column said one by one as they are met; the rest only counted
+PRINTED_PER_COLUMN = 10  # bad rows of one column said one by one as they are met; the rest only counted
+BROKEN_LINE = "(line)"  # the "column" of a .jsonl line that is no JSON object; its index is the line number
 
 
 class ImageRows:

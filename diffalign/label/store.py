@@ -23,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from diffalign.errors import UserError
+
 Choice = int | str | list | None
 
 
@@ -107,8 +109,6 @@ def round_pair_winners(path: str | Path) -> dict[tuple[int, int], int]:
     ``pair`` and ``winner``, written by ``diffalign label RUN`` or by hand): a later line for a pair replaces an
     earlier one, and ``"winner": null`` withdraws the pair's label (an undo, a tie or a skip on the page). A file
     that does not exist yet holds none."""
-    from diffalign.errors import UserError
-
     path = Path(path)
     labels: dict[tuple[int, int], int] = {}
     if not path.is_file():

@@ -135,13 +135,9 @@ class OnlineRounds(RoundDriver):
         their parts)."""
         acc = self.accelerator
         mine = list(range(acc.process_index, self.config.online.groups_per_round, acc.num_processes))
-        if mine:
+        if mine:  # the main process always has group 0, so the round always has its images/ folder
             (folder / "images").mkdir(exist_ok=True)
             self._sample_groups_of(r, mine, folder)
-
-    def join(self, r: int, folder: Path) -> None:
-        (folder / "images").mkdir(exist_ok=True)
-        self._join_parts(folder)
 
     def _sample_groups_of(self, r: int, groups: list[int], tmp: Path) -> None:
         """Round r's groups ``groups``: their trajectories, log-probabilities, rewards (and real images) into
@@ -203,7 +199,7 @@ class OnlineRounds(RoundDriver):
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu())
 
-    def _join_parts(self, tmp: Path) -> None:
+    def join(self, r: int, tmp: Path) -> None:
         """The processes' parts as the round's ``trajectories.safetensors`` and ``groups.json``, in group order."""
         files = sorted(tmp.glob("part-*.safetensors"))
         parts = [load_file(str(f)) for f in files]

@@ -24,7 +24,8 @@ from diffalign.errors import UserError
 LOCK_FILE = ".diffalign-run.lock"
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Whether this process is the run's global rank 0 (torchrun and accelerate set RANK; one process has none)."""
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -36,7 +37,7 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
-        if not _is_rank_zero():
+        if not is_rank_zero():
             return self
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

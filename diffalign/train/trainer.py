@@ -59,7 +59,7 @@ from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.models import build_models
 from diffalign.train.gold import GoldWatch
 from diffalign.train.online import NeedsLabels, OnlineRounds
-from diffalign.train.run_folder import RunLock, is_write_failure, write_failure
+from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
 from diffalign.train.sharding import check_sharding
 from diffalign.train.tracking import flat_hyperparameters, log_image
@@ -814,10 +814,11 @@ def train(config: Config) -> dict[str, Any]:
 def _remove_half_written(out: Path) -> None:
     """A checkpoint or final folder left as ``.tmp`` by a run that died while writing it (a full disk, a kill):
     never complete, so removed, and said."""
+    if not is_rank_zero():
+        return
     for tmp in [*(out / CHECKPOINTS).glob("*.tmp"), *out.glob("final.tmp")]:
-        if os.environ.get("RANK", "0") == "0":
-            shutil.rmtree(tmp, ignore_errors=True)
-            print(f"removed {tmp}, left half-written by an earlier run", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}, left half-written by an earlier run", file=sys.stderr)
 
 
 def _train_locked(config: Config) -> dict[str, Any]:
