@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from diffalign.data.layouts import LAYOUTS
 from diffalign.errors import Interrupted, UserError
 from diffalign.losses.registry import KINDS
 
@@ -70,7 +71,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from diffalign.train import load_config, train
 
-    config = load_config(args.config, args.overrides)
+    if args.plan:
+        from diffalign.recipes.plan import plan_lines
+
+        print("\n".join(plan_lines(args.config, args.overrides)))
+        return 0
+    overrides = list(args.overrides)
+    if args.smoke:
+        overrides += _smoke_overrides(args.config)
+    config = load_config(args.config, overrides)
     try:
         summary = train(config)
     finally:
@@ -82,6 +91,96 @@ def _cmd_train(args: argparse.Namespace) -> int:
                           f"the same command and train.resume=latest", summary["signal"] or signal.SIGINT)
     if PartialState().is_main_process:  # once, not once per process
         print(f"done: {summary['steps']} steps, run directory {config.output_dir}")
+        if args.smoke:
+            print(f"smoke run passed: {args.config} starts, reads its data layout, trains, checkpoints and writes "
+                  "its weights. On the real model: the same command without --smoke.")
+    return 0
+
+
+def _smoke_overrides(config: str) -> list[str]:
+    """``train --smoke``: the keys a CPU run of the recipe changes, said one by one; a fresh smoke folder."""
+    import shutil
+
+    from diffalign.recipes.smoke import smoke_folder, smoke_overrides
+
+    work = smoke_folder(config)
+    shutil.rmtree(work / "run", ignore_errors=True)  # the last smoke run's, never a real run's
+    keys = smoke_overrides(config, work)
+    print(f"smoke run of {config} on a CPU; changed from the recipe:")
+    for key in keys:
+        print(f"  {key}  ({key.why})")
+    return [str(key) for key in keys]
+
+
+LAYOUT_NAMES = tuple(LAYOUTS)
+
+
+def _train_description() -> str:
+    from diffalign.paths import CONFIGS
+
+    recipes = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.endswith("generate_ranked.yaml"))
+    listed = textwrap.fill(", ".join(recipes), width=100, initial_indent="  ", subsequent_indent="  ")
+    return f"""Train with a YAML config: a recipe of configs/ or your own. Any key is overridden on the command line
+as key=value (objective.beta=5000 train.max_steps=500); docs/reference/config.md lists every key.
+
+Before renting a GPU: --smoke runs the recipe for two steps on its tiny random counterpart on this CPU, and
+--plan says what the run reads, does, writes and needs (memory per GPU, estimated).
+
+An interrupted run (Ctrl-C, a lost machine) keeps its last checkpoint; the same command with
+train.resume=latest continues it exactly. Several GPUs: accelerate launch -m diffalign train CONFIG.
+
+The recipes in configs/ (toy_* and tiny_* run on a CPU as shipped):
+{listed}"""
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from diffalign.config.schema import DataConfig, read_config
+    from diffalign.data.check import check_dataset
+
+    tokenizer, layout = None, args.layout
+    if args.config:
+        from diffalign.objectives import OBJECTIVES
+        from diffalign.train import load_config
+
+        config = load_config(args.config, [*args.overrides, *([f"data.path={args.path}"] if args.path else [])])
+        data, objective = config.data, OBJECTIVES[config.objective.name]
+        if objective.dataset == "online" and not getattr(objective, "real_data", False):
+            raise UserError(f"{args.config} trains {config.objective.name}, an online method: it reads prompts "
+                            f"({config.online.prompts or 'online.prompts'}), not a dataset")
+        layout = layout or ("images" if getattr(objective, "real_data", False) else objective.dataset)
+        if layout.startswith("text_"):
+            tokenizer = _tokenizer_if_local(config.model.path)
+    else:
+        if not args.path:
+            raise UserError("give the dataset's PATH, or --config CONFIG to check the config's data.path")
+        unknown = [o for o in args.overrides if not o.startswith("data.")]
+        if unknown:
+            raise UserError(f"{', '.join(unknown)}: only data.* settings apply to a data check without --config")
+        data = read_config(None, [f"path={args.path}", *(o.removeprefix("data.") for o in args.overrides)],
+                           schema=DataConfig)
+    report = check_dataset(data, layout, tokenizer=tokenizer, limit=args.rows)
+    print("\n".join(report.lines()))
+    if layout and layout.startswith("text_") and tokenizer is None:
+        print("(texts checked, not tokenized: give --config with a model on this machine to check token lengths)")
+    if report.usable == 0:
+        raise UserError(f"{data.path}: no usable row among the {report.read:,} read")
+    return 0
+
+
+def _tokenizer_if_local(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from diffalign.paths import find_locally
+
+    found = find_locally(model_path)
+    return AutoTokenizer.from_pretrained(found) if found is not None else None
+
+
+def _cmd_data_example(args: argparse.Namespace) -> int:
+    from diffalign.recipes.samples import write_example
+
+    path = write_example(args.layout, Path(args.path))
+    print(f"wrote a {args.layout} example to {path}; read it with: diffalign data check {path}")
     return 0
 
 
@@ -275,7 +374,10 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
-        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3, PixArt) and text LMs.",
+        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, PixArt) and text "
+                    "language models: offline (Diffusion-DPO and its family, KTO, RankDPO, ...) and online (D3PO, "
+                    "Flow-GRPO, DiffusionNFT, ...) methods, on your data or on a toy world that runs on a CPU. "
+                    "Start with `diffalign demo`; the manual is in docs/.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -287,9 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "configs/toy_lm_dpo.yaml), e.g. train.max_steps=50")
     p.set_defaults(run=_cmd_demo)
 
-    p = sub.add_parser("train", help="train with a YAML config: diffalign train CONFIG [key=value ...]")
-    p.add_argument("config", help="path to a YAML config under configs/")
-    p.add_argument("overrides", nargs="*", help="dotted overrides such as objective.beta=5000")
+    p = sub.add_parser("train", help="train with a YAML config: diffalign train CONFIG [key=value ...]",
+                       description=_train_description(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a YAML config: a recipe under configs/ or your own")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as objective.beta=5000 "
+                                                "(every key: docs/reference/config.md)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--smoke", action="store_true", help="run the recipe for two steps on its tiny random "
+                      "counterpart on this CPU (no weights, sample data), saying what it changed; writes "
+                      "runs/smoke/NAME")
+    when.add_argument("--plan", action="store_true", help="start nothing: say what the run will read (rows, bad "
+                      "rows), do (steps, epochs), write and need (peak memory per GPU, estimated), and the resolved "
+                      "config")
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("eval", help="generate with base and aligned models on prompts and report rewards")
@@ -358,6 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode every image and skip pairs whose images do not decode (slower: images are "
                         "otherwise only hashed, and a corrupt one is skipped when training reads it)")
     p.set_defaults(run=_cmd_pairs_to_labels)
+
+    p = sub.add_parser("data", help="check a dataset as a run reads it, or write an example of a layout")
+    data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = data.add_parser("check", help="read a dataset as a run would: rows, layout, bad rows, an example",
+                        description="Read a dataset as a run would and report its layout, rows, the bad rows a run "
+                                    "would skip (and why) and one example as read. The layouts and their columns: "
+                                    "docs/data.md.")
+    q.add_argument("path", nargs="?", help="a parquet file or folder, a datasets folder, a .jsonl index, a folder of "
+                   "captioned images or a dataset in the local Hugging Face cache (default: the --config's data.path)")
+    q.add_argument("--config", help="read it as this config's run would: its data.* columns, its objective's "
+                   "layout, its model's tokenizer")
+    q.add_argument("--layout", choices=LAYOUT_NAMES, help="the layout (default: the --config objective's, else "
+                   "guessed from the columns)")
+    q.add_argument("--rows", type=int, help="read only the first ROWS rows (default: every row)")
+    q.add_argument("overrides", nargs="*", help="data settings such as data.caption_column=prompt")
+    q.set_defaults(run=_cmd_data_check)
+    q = data.add_parser("example", help="write a small example dataset of a layout, to copy its columns")
+    q.add_argument("layout", choices=LAYOUT_NAMES)
+    q.add_argument("path", help="a .parquet table, or a .jsonl index (its images written beside it in images/)")
+    q.set_defaults(run=_cmd_data_example)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")
     p.add_argument("run_dir", help="a finished run directory (config.yaml and final/ inside), or one of its "

@@ -6,19 +6,13 @@ Two ways to get the figure:
   as the trainer does (``diffalign.train.models.build_models``) on the meta device, gives them
   fake storage (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes and dtypes, no data),
   and runs one real training step of the configured objective on them (forward of policy and
-  reference, backward, gradient clipping) under autocast, counting the bytes of every tensor
-  storage alive at each moment. Optimiser state is allocated as the optimiser allocates it:
-  torch AdamW keeps two fp32 tensors per trained tensor; bitsandbytes AdamW8bit (with
-  ``train.adam_8bit``) keeps two uint8 tensors plus one fp32 absmax per 256 values for
-  tensors of at least 4096 values, and fp32 states for smaller ones. What it leaves out: the
-  CUDA context and library workspaces (about 0.5-1 GB), the caching allocator's rounding and
-  fragmentation, and kernels whose scratch memory differs between CPU and CUDA (the step runs
-  CPU kernels: SDPA picks the flash kernel on both). Read it as a lower bound. CPU autocast
-  keeps group_norm and layer_norm in bf16 where CUDA autocast runs them in fp32 (PyTorch's
-  AMP op reference, "CUDA Ops that can autocast to float32"); the estimate runs them in fp32
-  as CUDA does, since their fp32 outputs are what a GPU step saves for backward.
-  With ``data.precompute`` the text encoders and the VAE are not counted: the trainer keeps
-  them on the CPU during the steps.
+  reference, backward, gradient clipping) under autocast: ``diffalign.train.memory``, whose docstring
+  says what the figure counts and leaves out (read it as a lower bound), and which
+  ``diffalign train CONFIG --plan`` prints too. CPU autocast keeps group_norm and layer_norm in
+  bf16 where CUDA autocast runs them in fp32 (PyTorch's AMP op reference, "CUDA Ops that can
+  autocast to float32"); the estimate runs them in fp32 as CUDA does, since their fp32 outputs
+  are what a GPU step saves for backward. With ``data.precompute`` the text encoders and the VAE
+  are not counted: the trainer keeps them on the CPU during the steps.
 - ``--measure`` (CUDA): runs real steps with random weights and reads
   ``torch.cuda.max_memory_allocated``; the batch search then uses real out-of-memory errors
   under ``torch.cuda.set_per_process_memory_fraction`` for the budget.
@@ -39,128 +33,28 @@ they are wrapped too. DDP keeps no second copy of the gradients: the trainer set
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from diffalign.train.memory import (  # the estimate, shared with `diffalign train CONFIG --plan`
+    GIB,
+    LiveStorage,
+    breakdown,
+    materialise,
+    nbytes,
+    optimizer_state,
+    sharded_per_gpu,
+    training_step_memory,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))  # bench_train's synthetic data
-GIB = 2**30
-BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes Optimizer2State defaults
-
-
-class LiveStorage(TorchDispatchMode):
-    """Bytes of tensor storage alive while active, and their peak.
-
-    Every op's outputs are looked at; a storage is counted once, from the first time it is
-    seen until it is freed (a weakref finalizer), so views and in-place ops add nothing.
-    Tensors made before the mode starts are counted after ``add``.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def add(self, *tensors: torch.Tensor) -> None:
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
-            key = id(storage)
-            if key in self._live:
-                continue
-            self._live[key] = storage.nbytes()
-            self.current += self._live[key]
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._release, key)
-
-    def _release(self, key: int) -> None:
-        self.current -= self._live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.add(*(t for t in tree_leaves(out) if isinstance(t, torch.Tensor)))
-        return out
-
-
-def optimizer_state(params: list[torch.Tensor], adam_8bit: bool) -> list[torch.Tensor]:
-    """The tensors AdamW keeps per trained tensor (see the module docstring for the 8-bit rule)."""
-    state = []
-    for p in params:
-        if adam_8bit and p.numel() >= BNB_MIN_8BIT_SIZE:
-            blocks = -(-p.numel() // BNB_BLOCK)
-            state += [torch.empty_like(p, dtype=torch.uint8) for _ in range(2)]
-            state += [torch.empty(blocks, dtype=torch.float32, device=p.device) for _ in range(2)]
-        else:
-            state += [torch.empty_like(p, dtype=torch.float32) for _ in range(2)]
-    return state
-
-
-@contextlib.contextmanager
-def cuda_autocast_norms():
-    """Run group_norm and layer_norm in fp32 under autocast, as CUDA autocast does (CPU's does not)."""
-
-    def in_fp32(norm):
-        def run(input, *args, **kwargs):
-            if not torch.is_autocast_enabled(input.device.type):
-                return norm(input, *args, **kwargs)
-            to_fp32 = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-            return norm(to_fp32(input), *map(to_fp32, args), **{k: to_fp32(v) for k, v in kwargs.items()})
-        return run
-
-    with mock.patch.object(F, "group_norm", in_fp32(F.group_norm)), \
-            mock.patch.object(F, "layer_norm", in_fp32(F.layer_norm)):
-        yield
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.untyped_storage().nbytes() for t in {id(t): t for t in tensors}.values())
-
-
-def _breakdown(tracker: LiveStorage, at_rest: int, grads: int, weights, params, states) -> dict[str, float]:
-    """The step's peak and what holds it, in GiB."""
-    return {
-        "peak_gb": tracker.peak / GIB,
-        "weights_gb": _nbytes(weights) / GIB,
-        "trained_weights_gb": _nbytes(params) / GIB,
-        "grads_gb": grads / GIB,
-        "optimizer_and_ema_gb": _nbytes(states) / GIB,
-        "activations_gb": (tracker.peak - at_rest - grads) / GIB,  # and temporaries, at the peak
-        "trained_params": sum(p.numel() for p in params),
-    }
-
-
-def group_size(objective, list_size: int) -> int:
-    """Images per example the objective reads: 2 for pairs, K for ranked lists, 1 for images."""
-    return {"pairs": 2, "ranked": list_size, "images": 1}[objective.dataset]
-
-
-def materialise(backbone, extra: list[torch.nn.Module], fake: bool) -> list[torch.nn.Module]:
-    """Give models built on the meta device fake storage; returns the pipeline's modules and ``extra``.
-
-    The scheduler is rebuilt from its config so that its tables hold real values.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    pipe = backbone.pipe
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)] + extra
-    if fake:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            for module in modules:
-                module.to_empty(device="cpu")  # fake storage; dtypes and requires_grad kept
-    return modules
 
 
 def example_loop_memory(config) -> dict[str, float]:
@@ -193,68 +87,8 @@ def example_loop_memory(config) -> dict[str, float]:
         at_rest = tracker.current
         example_step(backbone, pixels, ["a photograph of an astronaut riding a horse"] * tc.batch_size,
                      mixed_precision_dtype(tc.mixed_precision))
-        grads = _nbytes(p.grad for p in params if p.grad is not None)
-    return _breakdown(tracker, at_rest, grads, weights, params, states)
-
-
-def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[str, float]:
-    """Peak bytes of one training step of ``config`` and what the models and states hold.
-
-    With ``fake`` the models are built on the meta device and given fake storage; without,
-    the step runs for real on the CPU (the tests compare the two on a tiny model).
-    """
-    from diffalign.data import example_generator
-    from diffalign.diffusion import mixed_precision_dtype
-    from diffalign.objectives import OBJECTIVES
-    from diffalign.train.models import build_models
-
-    tc = config.train
-    objective_cls = OBJECTIVES[config.objective.name]
-    if objective_cls.dataset == "online":
-        raise SystemExit(f"{config.objective.name} samples inside training; its memory is not estimated here")
-    device = torch.device("meta" if fake else "cpu")
-    with device:
-        backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
-    modules = materialise(backbone, [reference] if reference is not None else [], fake)
-    # Everything else runs outside the fake mode: ops on fake tensors stay fake (FakeTensor
-    # dispatches itself), while real tensors (the schedule's tables, the random draws) keep
-    # the values objectives read with .item() or nonzero.
-    objective = objective_cls(config.objective, backbone)
-    k = group_size(objective, list_size)
-    latent_shape = backbone.latent_shape(config.data.resolution)
-    draws = [objective.draw(1, latent_shape, example_generator(tc.seed, p)) for p in range(tc.batch_size)]
-    randomness = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
-    targets = {"preference": torch.ones(tc.batch_size)}
-    if objective.dataset == "ranked":
-        targets["scores"] = torch.randn(tc.batch_size, k)
-    autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
-                              enabled=tc.mixed_precision != "no")
-    with torch.no_grad(), autocast:
-        cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
-    cond = cond.repeat_items(tc.batch_size)
-    latents = torch.randn(tc.batch_size, k, *latent_shape)
-    denoiser = backbone.denoiser
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    # with data.precompute the text encoders and the VAE wait on the CPU during the steps
-    on_gpu = [backbone.denoiser, reference] if config.data.precompute else modules
-    weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
-    tracker = LiveStorage()
-    with tracker:
-        tracker.add(*weights, *cond.tensors().values(), latents, *randomness.values(), *targets.values())
-        states = optimizer_state(params, tc.adam_8bit)
-        if tc.ema_decay > 0:
-            states += [p.detach().clone() for p in params]
-        states += [t for s in objective.attach(denoiser) for t in s.state_dict().values()
-                   if isinstance(t, torch.Tensor)]
-        at_rest = tracker.current
-        with cuda_autocast_norms():
-            with autocast:
-                loss, _ = objective(backbone, latents, cond, randomness, denoiser, reference, **targets)
-            loss.backward()
-        grads = _nbytes(p.grad for p in params if p.grad is not None)
-        if tc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-    return _breakdown(tracker, at_rest, grads, weights, params, states)
+        grads = nbytes(p.grad for p in params if p.grad is not None)
+    return breakdown(tracker, at_rest, grads, weights, params, states)
 
 
 def measured_step_memory(config, work: Path) -> dict[str, float]:
@@ -287,14 +121,6 @@ def measured_step_memory(config, work: Path) -> dict[str, float]:
     if torch.cuda.is_available():
         return {"peak_gb": torch.cuda.max_memory_allocated() / GIB}
     return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}  # KiB on Linux
-
-
-def sharded_per_gpu(row: dict[str, float], gpus: int) -> dict[str, float]:
-    """Per-GPU GiB when N GPUs shard what each strategy shards (see the module docstring)."""
-    optimizer, grads, weights = row["optimizer_and_ema_gb"], row["grads_gb"], row["trained_weights_gb"]
-    saved = {"DDP": 0.0, "ZeRO-1": optimizer, "ZeRO-2": optimizer + grads,
-             "ZeRO-3 / FSDP": optimizer + grads + weights}
-    return {name: row["peak_gb"] - (1 - 1 / gpus) * part for name, part in saved.items()}
 
 
 def sharding_refusal(config) -> list[str]:

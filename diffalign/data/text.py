@@ -36,7 +36,7 @@ class TextExample:
     """One prompt's tokenized completions as the LM objectives read them (best first for pairs and lists)."""
 
     index: int
-    group: TokenizedGroup
+    group: TokenizedGroup | None  # None when read without a tokenizer (a data check)
     label: bool | None = None  # unpaired: a desirable completion
     scores: Tensor | None = None  # ranked: (K,) scores, best first
     weight: float = 1.0  # pairs: data.weight_column
@@ -61,9 +61,13 @@ class TextRows(ImageRows):
         super().__init__(path, resolution=0, required=required, on_error=on_error, split=split)
         self.tokenizer, self.max_length, self.prompt_column = tokenizer, max_length, prompt_column
 
-    def _tokenized(self, index: int, prompt: Any, completions: list[Any], column: str) -> TokenizedGroup:
+    def _tokenized(self, index: int, prompt: Any, completions: list[Any], column: str) -> TokenizedGroup | None:
+        """The prompt and completions tokenized; None without a tokenizer (``diffalign data check`` with no model
+        checks the texts, not their tokens)."""
         if is_conversation(prompt) != is_conversation(completions[0]):
             raise BadRow(index, column, "prompt and completion must both be text or both be conversations")
+        if self.tokenizer is None:
+            return None
         group = tokenize_group(self.tokenizer, prompt, completions)
         if self.max_length is not None and len(group.prompt) >= self.max_length:
             raise BadRow(index, self.prompt_column, f"the prompt's {len(group.prompt)} tokens fill data.max_length="

@@ -22,7 +22,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from diffalign.data.text import TextPairDataset, TextRankedDataset, TextUnpairedDataset
+from diffalign.data.open import open_dataset
 from diffalign.data.uncertainty import keep_reliable_pairs
 from diffalign.diffusion import mixed_precision_dtype, resolve_dtype
 from diffalign.errors import UserError
@@ -87,22 +87,12 @@ class LanguageModelTrainer(PreferenceTrainer):
         return objective_cls.build(self.config, self.tokenizer)
 
     def _load_dataset(self, layout: str) -> Any:
+        dataset = open_dataset(self.config.data, layout, self.tokenizer)
         dc = self.config.data
-        common = {"tokenizer": self.tokenizer, "max_length": dc.max_length, "prompt_column": dc.prompt_column,
-                  "on_error": dc.on_error, "split": dc.split}
-        if layout == "text_unpaired":
-            return TextUnpairedDataset(dc.path, completion_column=dc.completion_column, label_column=dc.label_column,
-                                       **common)
-        if layout == "text_ranked":
-            return TextRankedDataset(dc.path, completions_column=dc.completions_column,
-                                     scores_column=dc.scores_column, **common)
-        pairs = TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
-                                weight_column=dc.weight_column, margin_column=dc.margin_column,
-                                reward_columns=tuple(dc.reward_columns) or None, **common)
-        if dc.estimator is not None:
-            keep_reliable_pairs(pairs, dc.estimator, passes=dc.estimator_passes, keep=dc.estimator_keep,
+        if layout == "text_pairs" and dc.estimator is not None:
+            keep_reliable_pairs(dataset, dc.estimator, passes=dc.estimator_passes, keep=dc.estimator_keep,
                                 seed=self.config.train.seed)
-        return pairs
+        return dataset
 
     def _make_rounds(self, reads_data: bool) -> TextRounds:
         return TextRounds(self.config, self.module, self.tokenizer, self.output_dir, self.accelerator, self.objective)

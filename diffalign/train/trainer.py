@@ -48,6 +48,7 @@ from diffalign.data import (
     example_generator,
 )
 from diffalign.data.augment import RandomFlip
+from diffalign.data.open import open_dataset
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
@@ -106,27 +107,6 @@ def _unreadable_checkpoint(checkpoint: Path, err: Exception) -> UserError:
                else "There is no earlier checkpoint of this run to resume from")
     return UserError(f"checkpoint {checkpoint} cannot be read ({type(err).__name__}: {str(err)[:200]}); a file in "
                      f"it was damaged or cut short after it was written. {way_out}.")
-
-
-def _dataset(config: Config, layout: str) -> PairDataset | RankedListDataset | CaptionedImageDataset:
-    """The dataset in the layout the objective trains on."""
-    dc = config.data
-    if layout in ("images", "labelled_images"):
-        return CaptionedImageDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
-                                     image_column=dc.image_column, on_error=dc.on_error, split=dc.split,
-                                     max_image_pixels=dc.max_image_pixels,
-                                     label_column=dc.label_column if layout == "labelled_images" else None)
-    if layout == "ranked":
-        return RankedListDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
-                                 images_column=dc.images_column, scores_column=dc.scores_column,
-                                 on_error=dc.on_error, split=dc.split, max_image_pixels=dc.max_image_pixels)
-    return PairDataset(dc.path, resolution=dc.resolution, caption_column=dc.caption_column,
-                       image_columns=tuple(dc.image_columns), label_column=dc.label_column,
-                       score_columns=[tuple(pair) for pair in dc.score_columns], score_scales=dc.score_scales,
-                       ties=dc.ties, on_error=dc.on_error, split=dc.split, weight_column=dc.weight_column,
-                       margin_column=dc.margin_column, ensemble_columns=[tuple(pair) for pair in dc.ensemble_columns],
-                       ensemble=dc.ensemble, reward_columns=tuple(dc.reward_columns) or None,
-                       max_image_pixels=dc.max_image_pixels)
 
 
 def _run_order(config: Config, dataset: PairDataset | RankedListDataset | CaptionedImageDataset) -> RunOrder:
@@ -258,8 +238,7 @@ class PreferenceTrainer:
 
     # --- setup: the model family's parts (a subclass per family overrides these) --------------
     def _load_dataset(self, layout: str) -> Any:
-        """The dataset in the layout the objective trains on."""
-        return _dataset(self.config, layout)
+        return open_dataset(self.config.data, layout)
 
     def _make_objective(self, objective_cls: type) -> Any:
         return objective_cls.build(self.config, self.backbone)

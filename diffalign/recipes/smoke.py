@@ -1,0 +1,170 @@
+"""A recipe as shipped, run for two steps on a CPU: ``diffalign train CONFIG --smoke``.
+
+Before renting a GPU for ``configs/sdxl_dpo.yaml`` a user wants to know that the recipe starts, reads data of
+its layout, trains, checkpoints, logs to its tracker and writes its weights. ``--smoke`` runs exactly that on
+the recipe's tiny random counterpart (``assets/models/tiny-*``, the same architecture family a few hundred
+thousand parameters large) and on a sample dataset of the layout the recipe's objective reads, changing only
+what a CPU cannot do: the real weights, the size, CUDA-only 8-bit AdamW, the reward models that need weights.
+Everything else (tracker, caching, flips, EMA, checkpoints, mixed precision, every loss setting) stays as
+shipped. The same overrides are what the tests apply to every recipe (tests/test_recipes.py), so a recipe that
+passes its smoke run here is the recipe the suite runs.
+
+The toy configs (``toy_*``, ``tiny_*``) already run on a CPU; their smoke run keeps their data and model and
+only shortens them (:func:`toy_size_overrides`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from diffalign.objectives import OBJECTIVES
+from diffalign.paths import ASSETS, CONFIGS
+from diffalign.recipes import samples
+
+# a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template ("lm")
+TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
+        "qwen": "lm"}
+
+
+class SampleData:
+    """A sample dataset of each layout in ``root``, written on first use (``data["pairs"]`` is a parquet path),
+    in the columns the recipes name: Pick-a-Pic v2's pairs (with PickScore's scores of both images as
+    ``pickscore_0/1``, which sdxl_smpo.yaml reads), ranked lists, captioned and labelled images, and TRL's
+    conversational formats with a chat LM to read them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._made: dict[str, Path] = {}
+
+    def __getitem__(self, layout: str) -> Path:
+        if layout not in self._made:
+            self._made[layout] = self._write(layout)
+        return self._made[layout]
+
+    def _write(self, layout: str) -> Path:
+        root = self.root
+        writers = {
+            "pairs": lambda: samples.pickapic_parquet(root / "pairs.parquet", 4, extra_scores=("pickscore",)),
+            "ranked": lambda: samples.ranked_parquet(root / "ranked.parquet"),
+            "images": lambda: samples.images_parquet(root / "images.parquet", 4),
+            "labelled_images": lambda: samples.images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0]),
+            "lm": lambda: samples.chat_lm(root / "chat-lm"),
+            "text_pairs": lambda: samples.conversations_parquet(root / "conversations.parquet"),
+            "text_unpaired": lambda: samples.conversations_parquet(root / "labelled-conversations.parquet",
+                                                                   layout="unpaired"),
+            "text_ranked": lambda: samples.conversations_parquet(root / "ranked-conversations.parquet",
+                                                                 layout="ranked"),
+        }
+        if layout not in writers:
+            raise KeyError(f"no sample dataset of layout {layout!r}; layouts: {', '.join(writers)}")
+        root.mkdir(parents=True, exist_ok=True)
+        return writers[layout]()
+
+
+@dataclass(frozen=True)
+class Override:
+    """One key a smoke run changes, and why a CPU cannot run it as shipped."""
+
+    key: str
+    value: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}"
+
+
+def _shipped(recipe: str | Path) -> dict:
+    return yaml.safe_load(Path(recipe if Path(recipe).exists() else CONFIGS / recipe).read_text())
+
+
+def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
+    """What a CPU run of the shipped recipe ``recipe`` (a configs/ name or path) changes, each with its reason."""
+    shipped = _shipped(recipe)
+    objective = OBJECTIVES[shipped["objective"]["name"]]
+    prefix = Path(recipe).name.split("_")[0]
+    if prefix not in TINY:
+        raise KeyError(f"{Path(recipe).name}: no tiny counterpart for recipes named {prefix}_*; "
+                       f"known prefixes: {', '.join(TINY)}")
+    tiny = TINY[prefix]
+    weights = "real weights: the tiny random counterpart of the same architecture"
+    size = "the size a CPU runs in seconds"
+    keys = [Override("model.path", str(data["lm"] if tiny == "lm" else ASSETS / "models" / tiny), weights),
+            Override("model.random_init", "true", weights),
+            Override("data.resolution", "32", size), Override("train.batch_size", "1", size),
+            Override("train.gradient_accumulation", "1", size), Override("train.max_steps", "2", size)]
+    real = getattr(objective, "real_data", False)  # DDO: online, pairing real images with its samples
+    if objective.dataset != "online" or real:
+        layout = "images" if real else objective.dataset
+        keys.append(Override("data.path", str(data[layout]), f"a sample dataset of the recipe's layout ({layout})"))
+    if shipped["train"].get("adam_8bit"):
+        keys.append(Override("train.adam_8bit", "false", "bitsandbytes' 8-bit AdamW needs CUDA"))
+    if objective.dataset == "online":  # a round of 2 groups in 2 steps, of 2-step samples
+        keys += [Override(key, value, size) for key, value in (
+            ("online.groups_per_round", "2"), ("online.sample_batch_size", "2"), ("online.steps_per_round", "2"),
+            ("objective.sample_steps", "2"))]
+    if objective.dataset == "online" and objective.scored:
+        why = "the recipe's reward model needs its real weights; the toy reward judges the toy prompts"
+        keys += [Override("online.reward", "toy_preference", why), Override("online.prompts", "toy_train", why)]
+    return keys
+
+
+def cpu_overrides(recipe: str | Path, data: SampleData) -> list[str]:
+    """The ``key=value`` overrides of :func:`recipe_overrides` (what the tests append to a recipe)."""
+    return [str(override) for override in recipe_overrides(recipe, data)]
+
+
+# the self-play loops: a round of 2 prompts x 2 samples told apart by their JPEG size (see grpo's note below)
+_SELF_PLAY = ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2", "objective.sample_steps=2",
+              "online.reward=jpeg_incompressibility"]
+
+# per objective, what makes its toy run short: fewer inversion steps, rounds of 2 groups of 2-step samples
+SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.options.inversion_steps=2",
+                                                              "objective.options.renoise_iterations=1",
+                                                              "data.score_columns=[[pick_0, pick_1]]"],
+           "d3po": ["online.groups_per_round=2", "online.steps_per_round=2", "objective.sample_steps=2"],
+           "ddo": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
+           # random tiny models draw no toy shapes, so the toy preference scores them all alike (no advantage);
+           # DDPO's JPEG size tells their images apart
+           "grpo": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
+                    "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
+           "disco": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
+                     "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
+           "nft": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
+                   "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
+           **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
+           "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
+           "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"]}
+
+SMALLER = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "validation.images_per_prompt=1",
+           "validation.steps=2"]
+
+
+def toy_size_overrides(name: str) -> list[str]:
+    """What a smoke run changes in the toy config ``name`` (toy_<objective>.yaml): its size, nothing else."""
+    objective = Path(name).name.removeprefix("toy_").removesuffix(".yaml")
+    return [*SMALLER, *(key for key in SHORTER.get(objective, []) if not key.startswith("data."))]
+
+
+def is_toy(recipe: str | Path) -> bool:
+    """A config that runs on a CPU as shipped (the toy worlds' and the tiny model's)."""
+    return Path(recipe).name.startswith(("toy_", "tiny_"))
+
+
+def smoke_overrides(recipe: str | Path, work: Path) -> list[Override]:
+    """Every key ``--smoke`` changes in ``recipe``, with its reason; sample data is written under ``work``, and the
+    run's output goes there too, so a smoke run never mixes with a real one. A recipe's latent cache stays where
+    the recipe puts it: its entries are keyed by model and image, so the tiny model's never meet the real one's."""
+    if is_toy(recipe):
+        keys = [Override(*key.split("=", 1), "the size a CPU runs in seconds") for key in toy_size_overrides(recipe)]
+    else:
+        keys = recipe_overrides(recipe, SampleData(work / "data"))
+    keys.append(Override("output_dir", str(work / "run"), "a smoke run's own folder, not the recipe's run"))
+    return keys
+
+
+def smoke_folder(recipe: str | Path) -> Path:
+    """Where ``diffalign train RECIPE --smoke`` writes: runs/smoke/<recipe name>."""
+    return Path("runs") / "smoke" / Path(recipe).stem
