@@ -113,6 +113,9 @@ def _smoke_overrides(config: str) -> list[str]:
 
 
 LAYOUT_NAMES = tuple(LAYOUTS)
+# the demos' durations, measured on 2 CPU cores (README and docs/quickstart.md state the same; a test keeps them so)
+DEMO_TIME = "about two and a half minutes on 2 CPU cores"
+DEMO_LM_TIME = "about half a minute on 2 CPU cores"
 
 
 def _train_description() -> str:
@@ -138,6 +141,11 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from diffalign.data.check import check_dataset
 
     tokenizer, layout = None, args.layout
+    paths = [item for item in args.items if "=" not in item]
+    args.overrides = [item for item in args.items if "=" in item]
+    if len(paths) > 1:
+        raise UserError(f"one dataset at a time: {', '.join(paths)}")
+    args.path = paths[0] if paths else None
     if args.config:
         from diffalign.objectives import OBJECTIVES
         from diffalign.train import load_config
@@ -149,7 +157,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                             f"({config.online.prompts or 'online.prompts'}), not a dataset")
         layout = layout or ("images" if getattr(objective, "real_data", False) else objective.dataset)
         if layout.startswith("text_"):
-            tokenizer = _tokenizer_if_local(config.model.path)
+            from diffalign.recipes.plan import local_tokenizer
+
+            tokenizer = local_tokenizer(config.model.path)
     else:
         if not args.path:
             raise UserError("give the dataset's PATH, or --config CONFIG to check the config's data.path")
@@ -165,15 +175,6 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     if report.usable == 0:
         raise UserError(f"{data.path}: no usable row among the {report.read:,} read")
     return 0
-
-
-def _tokenizer_if_local(model_path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    from diffalign.paths import find_locally
-
-    found = find_locally(model_path)
-    return AutoTokenizer.from_pretrained(found) if found is not None else None
 
 
 def _cmd_data_example(args: argparse.Namespace) -> int:
@@ -381,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="align the toy image world's base model on CPU and show the result (--lm: the "
-                                    "toy text world's language model)")
-    p.add_argument("--lm", action="store_true", help="align the toy text world's causal LM instead (a minute on a CPU)")
+    p = sub.add_parser("demo", help=f"align the toy image world's base model on CPU and show the result ({DEMO_TIME}; "
+                                    "--lm: the toy text world's language model)")
+    p.add_argument("--lm", action="store_true", help=f"align the toy text world's causal LM instead ({DEMO_LM_TIME})")
     p.add_argument("--out", help="run directory (default: a new one under ./runs)")
     p.add_argument("overrides", nargs="*", help="overrides of configs/toy_diffusion_dpo.yaml (with --lm, of "
                                                 "configs/toy_lm_dpo.yaml), e.g. train.max_steps=50")
@@ -419,34 +420,39 @@ def build_parser() -> argparse.ArgumentParser:
                    "pickscore:yuvalkirstain/PickScore_v1 (a local folder or the local Hugging Face cache), "
                    "hps_v2.1:FILE, image_reward:FILE:tokenizer=DIR, aesthetic:FILE:clip=FILE, clip_score:FILE; "
                    "default for toy-world prompts: toy_preference,toy_adherence")
-    p.add_argument("--seeds", type=int, default=4, help="images (or completions) per prompt (the same seeds for every model)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seeds", type=int, default=4, help="images (or completions) per prompt, the same seeds for every model "
+                                                         "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
+    p.add_argument("--batch-size", type=int, default=16, help="images per generation batch (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--negative", help="a negative model (run, LoRA or folder): adds a 'base+negative' row whose "
                    "guidance uses it in the unconditional branch (Diffusion-NPO / Self-NPO)")
     p.add_argument("--negative-mix", type=float, default=1.0,
-                   help="weight of the negative model in the unconditional branch (1 = replace it)")
+                   help="weight of the negative model in the unconditional branch (1 = replace it) (default: %(default)s)")
     p.add_argument("--true-cfg", type=float, metavar="SCALE",
                    help="FLUX.1: diffusers' true classifier-free guidance at SCALE with an empty negative prompt "
                         "(FLUX.1-dev is guidance-distilled, has no unconditional branch otherwise, and takes "
                         "--guidance as its guidance embedding); --negative on FLUX needs it")
     p.add_argument("--report-prompts", type=int, default=32,
-                   help="prompts shown as image grids in the report (the first ones); the scores cover all")
+                   help="prompts shown as image grids in the report (the first ones); the scores cover all (default: %(default)s)")
     p.add_argument("--save-images", action="store_true",
                    help="also write every image, full size, to OUT/images/; the same command run again after a stop "
                         "then resumes, generating only what is missing")
     p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="language models (a causal-LM --base): tokens sampled per completion")
-    p.add_argument("--temperature", type=float, default=1.0, help="language models: the sampling temperature")
+                   help="language models (a causal-LM --base): tokens sampled per completion (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="language models: the sampling temperature (default: %(default)s)")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 
-    p = sub.add_parser("generate-ranked", help="build a synthetic ranked dataset with reward models")
+    p = sub.add_parser("generate-ranked", help="build a synthetic ranked dataset with reward models",
+                       description="Build a Syn-Pic-style dataset: each prompt's images from several generators and "
+                                   "seeds, scored by reward models, ranked per prompt; writes the ranked lists "
+                                   "(RankDPO's data.path) and pairs.jsonl (the DPO family's). Resumable: run the "
+                                   "same command again after a stop. docs/rewards.md has the details.")
     p.add_argument("config", help="a YAML config, e.g. configs/toy_generate_ranked.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as seeds_per_generator=4")
     p.set_defaults(run=_cmd_generate_ranked)
@@ -459,12 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(parquet shards, or images.jsonl for a .jsonl index)")
     p.add_argument("--mixed", default="liked", choices=("liked", "disliked", "drop"),
                    help="label of an image that both won and lost (default liked, the authors' gt_label_wi_l)")
-    p.add_argument("--caption-column", default="caption")
-    p.add_argument("--image-columns", nargs=2, default=["jpg_0", "jpg_1"], metavar=("FIRST", "SECOND"))
-    p.add_argument("--label-column", default="label_0", help="P(first image preferred): 1, 0, 0.5 for a tie")
-    p.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per parquet shard")
+    p.add_argument("--caption-column", default="caption", help="the prompt's column (default: %(default)s)")
+    p.add_argument("--image-columns", nargs=2, default=["jpg_0", "jpg_1"], metavar=("FIRST", "SECOND"),
+                   help="the pair's two image columns (default: jpg_0 jpg_1)")
+    p.add_argument("--label-column", default="label_0",
+                   help="P(first image preferred): 1, 0, 0.5 for a tie (default: %(default)s)")
+    p.add_argument("--rows-per-shard", type=int, default=10_000, help="rows per parquet shard (default: %(default)s)")
     p.add_argument("--split", default="train", help="the split to read where shards sit in sub-folders "
-                   "(data/train-*.parquet, as on the Hub)")
+                   "(data/train-*.parquet, as on the Hub) (default: %(default)s)")
     p.add_argument("--verify", action="store_true",
                    help="decode every image and skip pairs whose images do not decode (slower: images are "
                         "otherwise only hashed, and a corrupt one is skipped when training reads it)")
@@ -476,14 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Read a dataset as a run would and report its layout, rows, the bad rows a run "
                                     "would skip (and why) and one example as read. The layouts and their columns: "
                                     "docs/data.md.")
-    q.add_argument("path", nargs="?", help="a parquet file or folder, a datasets folder, a .jsonl index, a folder of "
-                   "captioned images or a dataset in the local Hugging Face cache (default: the --config's data.path)")
+    q.add_argument("items", nargs="*", metavar="PATH [data.KEY=VALUE ...]",
+                   help="a parquet file or folder, a datasets folder, a .jsonl index, a folder of captioned images or "
+                        "a dataset in the local Hugging Face cache (default: the --config's data.path); then data "
+                        "settings such as data.caption_column=prompt")
     q.add_argument("--config", help="read it as this config's run would: its data.* columns, its objective's "
                    "layout, its model's tokenizer")
     q.add_argument("--layout", choices=LAYOUT_NAMES, help="the layout (default: the --config objective's, else "
                    "guessed from the columns)")
     q.add_argument("--rows", type=int, help="read only the first ROWS rows (default: every row)")
-    q.add_argument("overrides", nargs="*", help="data settings such as data.caption_column=prompt")
     q.set_defaults(run=_cmd_data_check)
     q = data.add_parser("example", help="write a small example dataset of a layout, to copy its columns")
     q.add_argument("layout", choices=LAYOUT_NAMES)
@@ -512,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where the labels go: for a D3PO run its online.labels file (the default); for a "
                    "dataset a folder (default: SOURCE-labelled beside it) holding labels.jsonl and the pairs.jsonl "
                    "or ranked.jsonl dataset they make")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another than this machine's needs --token)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another than this machine's needs --token) (default: %(default)s)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token", help="a secret every request must carry (?token=); needed for a non-local --host")
     p.set_defaults(run=_cmd_label)
@@ -530,7 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value words after an option (train CONFIG --smoke train.max_steps=3) belong to the command's trailing list
+    trailing = "overrides" if isinstance(getattr(args, "overrides", None), list) else "items"
+    if extra and isinstance(getattr(args, trailing, None), list) and not any(w.startswith("-") for w in extra):
+        getattr(args, trailing).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return 0

@@ -63,3 +63,37 @@ def test_a_reader_that_closes_early_is_not_an_error():
     os.close(write_end)
     assert proc.returncode == 0
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_the_demos_durations_are_stated_alike_in_the_readme_the_quickstart_and_the_help(capsys):
+    from diffalign.cli import DEMO_LM_TIME, DEMO_TIME
+    from diffalign.paths import ROOT
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "quickstart.md"):
+        text = " ".join(page.read_text().split())
+        assert DEMO_TIME in text and DEMO_LM_TIME in text, page
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert DEMO_LM_TIME in help_text
+
+
+def test_every_command_and_every_option_of_it_says_what_it_does(capsys):
+    """No subcommand without a line of help, no option without one; options with a default name it."""
+    from diffalign.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._subparsers._group_actions if a.dest == "command")
+    parsers = dict(commands.choices)
+    for name, sub in list(parsers.items()):
+        nested = [a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction"]
+        parsers.update({f"{name} {action}": p for n in nested for action, p in n.choices.items()})
+    for name, sub in parsers.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"diffalign {name} {action.option_strings[0]} has no help"
+                if action.default not in (None, False, [], ()) and not action.choices:  # choices list their own
+                    assert "default" in action.help, f"diffalign {name} {action.option_strings[0]} does not say " \
+                                                     f"its default ({action.default!r})"
+    helps = {a.dest: a.help for a in commands._choices_actions}
+    assert all(helps.values()), helps

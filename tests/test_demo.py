@@ -51,9 +51,11 @@ def test_demo_aligns_the_toy_model_and_writes_the_report(demo):
 
 
 def test_the_report_reads_in_a_browser(demo):
-    """The report as a person sees it in Chromium: labels as text, a column per seed under its prompt, every
-    image decoded and shown at 128 px or more with its scores under it, each seed's winner marked, a
-    sentence per metric, and intervals inside [0, 1] where the score is."""
+    """The report as a person sees it in Chromium: its verdict first (the trained reward's win rate with its
+    interval, and whether adherence held), the trained reward's columns first, labels as text, a card per seed
+    under its prompt wrapped to the window's width, every image decoded and shown at 128 px or more with its scores
+    under it, each seed's winner framed in green, a sentence per metric, and intervals inside [0, 1] where the
+    score is."""
     from browser import chromium
 
     metrics = json.loads((demo / "eval" / "metrics.json").read_text())
@@ -62,23 +64,38 @@ def test_the_report_reads_in_a_browser(demo):
     browser = chromium()
     try:
         browser.get((demo / "report.html").as_uri())
+        first = browser.execute_script("""const h = document.querySelector('h1').nextElementSibling;
+            return [h.className, h.innerText,
+                    [...document.querySelectorAll('table.summary tr:first-child th')].map(th => th.innerText)];""")
         sections = browser.execute_script("""return [...document.querySelectorAll('section')].map(s => ({
             prompt: s.querySelector('h3').innerText,
-            heads: [...s.querySelectorAll('tr:first-child th')].map(th => th.innerText).slice(1),
-            models: [...s.querySelectorAll('tr th:first-child')].slice(1).map(th => th.innerText),
+            heads: [...s.querySelectorAll('.seed h4')].map(h => h.innerText),
+            rows: new Set([...s.querySelectorAll('.seed')].map(c => c.offsetTop)).size,
+            overflows: s.scrollWidth > document.body.clientWidth,
+            models: [...s.querySelector('.seed').querySelectorAll('figcaption')].map(f => f.innerText.split(' ')[0]),
             shown: [...s.querySelectorAll('img')].map(i => [i.naturalWidth, i.getBoundingClientRect().width]),
-            scores: [...s.querySelectorAll('td .score')].map(d => d.innerText),
-            won: s.querySelectorAll('td.won').length}))""")
+            scores: [...s.querySelectorAll('.seed .score')].map(d => d.innerText),
+            won: [...s.querySelectorAll('.seed figure.won')].map(f => [getComputedStyle(f).borderTopWidth,
+                                                                      getComputedStyle(f).borderTopColor])}))""")
         text = browser.find_element("tag name", "body").text
     finally:
         browser.quit()
+    verdict_class, verdict, columns = first
+    row = metrics["aligned"]
+    assert verdict_class == "verdict"
+    assert verdict.startswith(f"aligned beats base on toy_preference: it wins {row['toy_preference_win_rate']:.1%} of "
+                              f"same-seed comparisons (95% interval {row['toy_preference_win_low']:.1%}-")
+    assert "toy_adherence held" in verdict
+    assert columns[:3] == ["model", "toy_preference", "toy_preference_win_rate"]
     assert [s["prompt"] for s in sections] == prompts("heldout")
     for section in sections:
         assert section["models"] == ["base", "aligned"] and len(section["heads"]) == 16
         assert all(head.startswith("seed ") for head in section["heads"])
+        assert section["rows"] > 1 and not section["overflows"]  # 16 seeds wrap; nothing scrolls off the page
         assert len(section["shown"]) == 32 and all(natural == 32 and shown >= 128 for natural, shown in section["shown"])
         assert all("toy_preference" in s and "toy_adherence" in s for s in section["scores"])
-        assert 0 < section["won"] <= 16
+        assert 0 < len(section["won"]) <= 16
+        assert all(style == ["5px", "rgb(42, 157, 63)"] for style in section["won"])  # a green frame, not a badge only
     assert "larger and more centred" in text and "share of images that do" in text  # what each metric measures
     assert "Step 0 is the base model" in text  # why the curve does not start at the table's base value
 

@@ -64,8 +64,12 @@ def test_the_lm_report_reads_in_a_browser(demo):
         figure = browser.execute_script("""const i = document.querySelector('figure img');
             return [i.naturalWidth, i.getBoundingClientRect().width]""")
         text = browser.find_element("tag name", "body").text
+        heading, verdict = browser.execute_script("""const h = document.querySelector('h1');
+            return [h.innerText, h.nextElementSibling.innerText]""")
     finally:
         browser.quit()
+    assert heading == "diffalign demo --lm: RPO on the toy text world"  # the loss configs/toy_lm_dpo.yaml trains
+    assert verdict.startswith("aligned beats base on toy_text_preference: it wins ") and "toy_text_judge" in verdict
     assert rows == 1 + len(tw.HELDOUT)  # a header and a row per held-out prompt
     assert [r[0] for r in summary] == ["model", "base", "aligned"]
     assert figure[0] > 100 and figure[1] > 100

@@ -219,3 +219,46 @@ def test_a_language_model_run_given_as_a_diffusion_model_is_named_as_such(tmp_pa
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and f"{run} is a language-model run (lm_dpo), not a diffusion model" in err
     assert "a causal-LM --base" in err and not (tmp_path / "report").exists()
+
+
+SUMMARY = {"base": {"pref": 0.10, "pref_low": 0.05, "pref_high": 0.15, "adherence": 0.80, "adherence_low": 0.75,
+                    "adherence_high": 0.85},
+           "aligned": {"pref": 0.20, "pref_low": 0.15, "pref_high": 0.25, "pref_win_rate": 0.70, "pref_win_low": 0.60,
+                       "pref_win_high": 0.78, "adherence": 0.76, "adherence_low": 0.70, "adherence_high": 0.82},
+           "worse": {"pref": 0.0, "pref_low": -0.05, "pref_high": 0.05, "pref_win_rate": 0.30, "pref_win_low": 0.22,
+                     "pref_win_high": 0.40, "adherence": 0.70, "adherence_low": 0.65, "adherence_high": 0.75}}
+
+
+def test_the_verdict_states_the_first_rewards_win_rate_and_whether_the_others_held():
+    from diffalign.eval.report import verdict
+
+    aligned, worse = verdict(SUMMARY)
+    # adherence 0.76 is within reach of the base's interval (>= 0.75): held; 0.70 is below it: dropped
+    assert aligned == ("aligned beats base on pref: it wins 70.0% of same-seed comparisons (95% interval "
+                       "60.0%-78.0%); adherence held (0.800 -> 0.760).")
+    assert worse.startswith("worse loses to base on pref: it wins 30.0%") and "adherence dropped (0.800 -> 0.700)" in worse
+    even = {"base": SUMMARY["base"], "same": {**SUMMARY["aligned"], "pref_win_low": 0.45}}
+    assert verdict(even)[0].startswith("same is not told apart from base on pref")
+
+
+def test_the_printed_table_gives_each_figure_its_interval_and_the_report_orders_the_trained_reward_first():
+    from diffalign.eval.report import _columns, markdown_table
+
+    table = markdown_table(SUMMARY, ["pref", "pref_win_rate"])
+    assert "| aligned | 0.200 [0.150, 0.250] | 0.700 [0.600, 0.780] |" in table
+    assert "| base | 0.100 [0.050, 0.150] | - |" in table
+    assert _columns(SUMMARY) == ["pref", "pref_win_rate", "adherence"]  # as scored, not alphabetical
+
+
+def test_a_run_folder_called_run_is_named_with_its_parent():
+    from diffalign.eval.naming import model_names
+
+    assert model_names(["runs/demo-20261205-120000/run"]) == {"demo-20261205-120000/run": "runs/demo-20261205-120000/run"}
+    assert list(model_names(["runs/sdxl_dpo"])) == ["sdxl_dpo"]
+    assert list(model_names(["a/run", "b/run"])) == ["a/run", "b/run"]
+
+
+def test_the_generation_bar_says_what_it_generates(capsys):
+    pipe = load_pipeline(TOY_BASE)
+    generate(pipe, ["a red circle"], [0], steps=2, progress="eval: 1 image of base")
+    assert "eval: 1 image of base" in capsys.readouterr().err

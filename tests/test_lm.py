@@ -250,3 +250,25 @@ def test_unpaired_loss_refuses_other_losses_and_misshapen_labels():
         unpaired_preference_loss(tiny_gpt2(0), tiny_gpt2(1), batch, labels=labels, loss="dpo")
     with pytest.raises(ValueError, match="one flag per row"):
         unpaired_preference_loss(tiny_gpt2(0), tiny_gpt2(1), batch, labels=labels[:4])
+
+
+def test_sampling_says_no_false_attention_mask_warning(capsys):
+    """transformers drops the all-ones mask we pass and then reads the pad tokens it appends to finished
+    sequences as padding; that warning is filtered while diffalign generates, and only that one."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from diffalign.lm.loading import load_trained_lm
+    from diffalign.lm.sampling import sample_completions
+    from diffalign.toy.text_model import TOY_LM
+
+    hf_logging.get_logger("transformers.modeling_utils").warning_once.cache_clear()  # said once per process
+    model, tokenizer = load_trained_lm(TOY_LM)
+    completions = sample_completions(model, tokenizer, ["describe the red fox :"] * 8, seed=0, max_new_tokens=12,
+                                     progress="sampling the test's completions")
+    err = capsys.readouterr().err
+    assert len(completions) == 8 and "sampling the test's completions" in err
+    assert "attention_mask" not in err
+    logger = logging.getLogger("transformers.modeling_utils")
+    assert not logger.filters  # the filter is gone after sampling

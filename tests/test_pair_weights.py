@@ -113,13 +113,14 @@ def test_the_curriculum_reads_each_epoch_easy_to_hard_as_a_pure_function_of_the_
 
 
 def test_curriculum_score_gap_orders_the_runs_pairs_by_their_smoothed_preference(tmp_path):
-    from diffalign.train.trainer import _dataset, _run_order
+    from diffalign.data.open import open_dataset
+    from diffalign.train.trainer import _run_order
 
     data = pickapic_parquet(tmp_path / "p.parquet", 6)  # pick_0/1: the reddish image wins by 0.01 x row
     config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={TOY_BASE}", f"data.path={data}",
                                                                 "data.score_columns=[[pick_0, pick_1]]",
                                                                 "data.curriculum=score_gap"])
-    dataset = _dataset(config, "pairs")
+    dataset = open_dataset(config.data, "pairs")
     order = _run_order(config, dataset)
     # widest gap first; row 0's gap is 0, a tie, which data.ties=drop leaves out
     assert [dataset.indices[order[k]] for k in range(len(dataset))] == [5, 4, 3, 2, 1]

@@ -9,7 +9,7 @@ the order of README and then the site's navigation, so a later line finds what a
 
 What a CPU cannot do is changed, and only that, in one place each:
 
-- recipes (``configs/sdxl_*.yaml`` ...): :func:`test_recipes.cpu_overrides` (tiny random architecture,
+- recipes (``configs/sdxl_*.yaml`` ...): :func:`diffalign.recipes.smoke.cpu_overrides` (tiny random architecture,
   tiny data, size, CUDA-only 8-bit AdamW), appended after the README's own keys; a recipe's second line
   gets an output_dir of its own (the README lists alternatives, not a sequence), and the sdxl_dpo run
   checkpoints every 2 steps (its 200 of 2000, scaled) so that its checkpoint can be exported;
@@ -24,6 +24,7 @@ What a CPU cannot do is changed, and only that, in one place each:
 
 from __future__ import annotations
 
+import argparse
 import glob
 import re
 import shlex
@@ -47,6 +48,8 @@ NOT_RUN = [
     (r"^diffalign demo --lm( |$)", "tests/test_demo_lm.py runs `diffalign demo --lm --out DIR`, its figures checked"),
     (r"^pip install .* && python -m pytest -q$", "the suite itself: .ci/run runs exactly this"),
     (r"^hf download ", "downloads from the Hub"),
+    (r"^diffalign train configs/(?!toy_|tiny_)\S+ --smoke$", "tests/test_recipes.py runs every recipe's smoke command "
+     "as written"),
     (r"^tensorboard ", "serves a page until stopped; tests/test_tracking.py reads the event files it shows"),
     (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU"),
     (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
@@ -60,6 +63,7 @@ NOT_RUN = [
     (r"stabilityai/|black-forest-labs/|mhdang/|sdxl_generate_ranked\.yaml",
      "needs real SDXL, SD3, FLUX or PixArt weights and reward models"),
 ]
+NESTED = ("data",)  # subcommands whose first word is an action (diffalign data check PATH)
 PLACEHOLDERS = ("RUN", "NPO_RUN", "DDO_RUN", "PAIRS", "OUT", "FOLDER", "CONFIG")
 # the checkpoint at step 2000 of 2000, as the 2-step run here has it: at step 2 of 2
 SCALED = {"checkpoints/step-0002000": "checkpoints/step-0000002"}
@@ -72,7 +76,7 @@ def why_not_run(command: str) -> str | None:
 def is_mention(words: list[str]) -> bool:
     """A subcommand named in the text with one of its flags, not a command to run (``diffalign eval
     --negative RUN``, ``diffalign generate-ranked``): no argument of its own and at most one flag."""
-    after = words[2:]
+    after = words[3:] if words[1] in NESTED else words[2:]
     flags = [w for w in after if w.startswith("--")]
     own = [w for i, w in enumerate(after) if not w.startswith("--") and not (i and after[i - 1].startswith("--"))]
     return words[0] == "diffalign" and words[1] != "losses" and not own and len(flags) <= 1
@@ -82,6 +86,8 @@ def check_flags(words: list[str]) -> None:
     """Every ``--flag`` of a mentioned ``diffalign`` subcommand is one it has."""
     parser = build_parser()
     sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[words[1]]
+    if words[1] in NESTED:  # diffalign data check: the action's own parser
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[words[2]]
     flags = {option for action in sub._actions for option in action.option_strings}
     for word in words[2:]:
         if word.startswith("--"):
@@ -127,6 +133,8 @@ def _filled(words: list[str], made: dict[str, str]) -> list[str]:
 def _train_argv(words: list[str], seen: set[str], data: dict[str, Path], line: int) -> list[str]:
     """A README training command with the CPU's changes (see the module docstring)."""
     config = Path(words[2]).name
+    if "--smoke" in words or "--plan" in words:  # a CPU's check of the recipe, as a user runs it
+        return words[1:]
     if config.startswith(("toy_", "tiny_")):
         return [*words[1:], *toy_size_overrides(config)]
     extra = cpu_overrides(config, data)

@@ -27,11 +27,12 @@ def generate(
     guidance_scale: float = 5.0,
     resolution: int | None = None,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: bool | str = False,
     **pipeline_kwargs,
 ) -> torch.Tensor:
     """Images for ``prompts[i]`` from ``seeds[i]``, float (N, 3, H, W) in [0, 1] on the CPU.
 
+    ``progress``: a bar over the batches, labelled with the string given (what is generated, for whom).
     Extra keyword arguments go to the pipeline call (negative prompts, callbacks, ...). The VAE
     decodes one image at a time (:func:`~diffalign.diffusion.backbones.sliced_decoding`).
     """
@@ -42,7 +43,8 @@ def generate(
     size = {} if resolution is None else {"height": resolution, "width": resolution}
     out = []
     with sliced_decoding(getattr(pipe, "vae", None)):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+        label = progress if isinstance(progress, str) else "generating images"
+        for start in tqdm(range(0, len(prompts), batch_size), desc=label, unit="batch", disable=not progress):
             chunk = slice(start, start + batch_size)
             generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds[chunk]]
             images = pipe(list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,

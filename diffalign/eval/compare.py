@@ -104,7 +104,8 @@ def evaluate_models(
     starts = range(0, len(expanded), batch_size)[state.process_index::state.num_processes]
     for name, model in models.items():
         pipe, done = None, []  # (start, scores per reward, kept images or None) of this process's batches
-        for start in tqdm(starts, desc=f"generate {name}", disable=not (progress and state.is_local_main_process)):
+        bar = f"eval: generating and scoring {len(expanded)} images of {name}"
+        for start in tqdm(starts, desc=bar, unit="batch", disable=not (progress and state.is_local_main_process)):
             chunk = slice(start, start + batch_size)
             saved = None if images_dir is None else \
                 [images_dir / name / f"{i:06d}.png" for i in range(start, min(start + batch_size, len(expanded)))]

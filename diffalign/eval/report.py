@@ -87,8 +87,26 @@ def _embed_image(image: torch.Tensor) -> str:
     return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def reward_names(summary: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The rewards of a summary in the order they were scored: the first is the one the run optimised."""
+    first = next(iter(summary.values()))
+    return [k for k in first if not k.endswith(("_low", "_high", "_win_rate"))]
+
+
+def _interval(row: Mapping[str, float], key: str) -> tuple[float, float] | None:
+    """The 95% interval of ``row[key]`` (a mean or a win rate), if the summary has one."""
+    low = key.replace("_win_rate", "_win") + "_low" if key.endswith("_win_rate") else key + "_low"
+    return (row[low], row[low[:-4] + "_high"]) if low in row else None
+
+
+def _columns(summary: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Each reward's mean then its win rate, the optimised reward first."""
+    present = {k for row in summary.values() for k in row}
+    return [k for r in reward_names(summary) for k in (r, f"{r}_win_rate") if k in present]
+
+
 def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
-    columns = sorted({k for row in summary.values() for k in row if not k.endswith(("_low", "_high"))})
+    columns = _columns(summary)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = ""
     for model, row in summary.items():
@@ -97,13 +115,33 @@ def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
             if c not in row:
                 cells += "<td></td>"
                 continue
-            low_key = c.replace("_win_rate", "_win") + "_low" if c.endswith("_win_rate") else c + "_low"
-            interval = ""
-            if low_key in row:
-                interval = f" <small>[{row[low_key]:.3f}, {row[low_key[:-4] + '_high']:.3f}]</small>"
+            bounds = _interval(row, c)
+            interval = f" <small>[{bounds[0]:.3f}, {bounds[1]:.3f}]</small>" if bounds else ""
             cells += f"<td>{row[c]:.3f}{interval}</td>"
         body += f"<tr><th>{html.escape(model)}</th>{cells}</tr>"
     return f"<table class='summary'><tr><th>model</th>{head}</tr>{body}</table>"
+
+
+def verdict(summary: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """One sentence per compared model: how often it beats the base (the first model) under the first reward, with
+    the 95% interval, and whether each other reward held (its mean no lower than the base's interval reaches)."""
+    models = list(summary)
+    base, rewards = models[0], reward_names(summary)
+    sentences = []
+    for model in models[1:]:
+        row, first = summary[model], rewards[0]
+        if f"{first}_win_rate" not in row:
+            continue
+        low, high = _interval(row, f"{first}_win_rate")
+        rate = row[f"{first}_win_rate"]
+        side = "beats" if low > 0.5 else "loses to" if high < 0.5 else "is not told apart from"
+        held = []
+        for other in rewards[1:]:
+            before, after, floor = summary[base][other], row[other], summary[base].get(f"{other}_low", summary[base][other])
+            held.append(f"{other} {'held' if after >= floor else 'dropped'} ({before:.3f} -> {after:.3f})")
+        sentences.append(f"{model} {side} {base} on {first}: it wins {rate:.1%} of same-seed comparisons (95% interval "
+                         f"{low:.1%}-{high:.1%})" + (f"; {', '.join(held)}" if held else "") + ".")
+    return sentences
 
 
 def _meanings(rewards: Sequence[str]) -> str:
@@ -122,39 +160,38 @@ def _meanings(rewards: Sequence[str]) -> str:
 
 def comparison(prompt: str, seeds: Sequence[int], images: Mapping[str, torch.Tensor],
                scores: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
-    """One prompt's images as an HTML table: a row per model, a column per seed, each image large with its
-    scores under it, and in each column the image that scores highest on the first reward marked as that
-    seed's winner (none where the best score is tied)."""
+    """One prompt's images: a card per seed (wrapped to the page's width, however many seeds), holding each
+    model's image with its scores; the image that scores highest on the first reward is that seed's winner,
+    framed in green (none where the best score is tied)."""
     rewards = list(next(iter(scores.values())))
     first = rewards[0]
     models = list(images)
-    head = "".join(f"<th>seed {seed}</th>" for seed in seeds)
-    columns = []
-    for k in range(len(seeds)):
+    cards = ""
+    for k, seed in enumerate(seeds):
         column = [scores[m][first][k] for m in models]
         best = max(column)
-        columns.append(models[column.index(best)] if column.count(best) == 1 and len(models) > 1 else None)
-    rows = ""
-    for model in models:
+        winner = models[column.index(best)] if column.count(best) == 1 and len(models) > 1 else None
         cells = ""
-        for k, image in enumerate(images[model]):
+        for model in models:
+            image = images[model][k]
             width = min(256, max(128, image.shape[-1]))
-            won = columns[k] == model
+            won = winner == model
             lines = "<br>".join(f"{html.escape(r)} {scores[model][r][k]:.3f}" for r in rewards)
-            cells += (f"<td class='{'won' if won else ''}'><img src='{_embed_image(image)}' width='{width}' "
-                      f"alt='{html.escape(model)}, seed {seeds[k]}'><div class='score'>{lines}"
-                      f"{'<br><b>&#9733; best of this seed</b>' if won else ''}</div></td>")
-        rows += f"<tr><th>{html.escape(model)}</th>{cells}</tr>"
-    return (f"<section><h3>{html.escape(prompt)}</h3><table class='images'><tr><th></th>{head}</tr>{rows}"
-            "</table></section>")
+            cells += (f"<figure class='{'won' if won else ''}'><figcaption>{html.escape(model)}"
+                      f"{' &#9733; wins' if won else ''}</figcaption><img src='{_embed_image(image)}' width='{width}' "
+                      f"alt='{html.escape(model)}, seed {seed}'><div class='score'>{lines}</div></figure>")
+        cards += f"<div class='seed'><h4>seed {seed}</h4>{cells}</div>"
+    return f"<section><h3>{html.escape(prompt)}</h3><div class='seeds'>{cards}</div></section>"
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
          "table.summary td,table.summary th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-         "table.images td{padding:6px;vertical-align:top;text-align:center;border:3px solid transparent}"
-         "table.images td.won{border-color:#2a9d3f;background:#eef8f0}table.images th{padding:4px 8px}"
+         "p.verdict{font-size:1.15em;background:#f3f6fb;border-left:5px solid #3367d6;padding:.6em 1em}"
+         ".seeds{display:flex;flex-wrap:wrap;gap:10px}.seed{border:1px solid #ddd;padding:4px;text-align:center}"
+         ".seed h4{margin:2px 0;font-size:13px}.seed figure{margin:4px;padding:3px;border:5px solid transparent}"
+         ".seed figure.won{border-color:#2a9d3f;background:#eef8f0}.seed figcaption{font-size:12px}"
          "img{image-rendering:pixelated;display:block;margin:auto}.score{font-size:12px;color:#333}"
-         "figure{margin:1.5em 0}dt{font-weight:bold;margin-top:.5em}section{overflow-x:auto}")
+         "figure{margin:1.5em 0}dt{font-weight:bold;margin-top:.5em}")
 
 
 def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, float]],
@@ -162,8 +199,9 @@ def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, flo
                sections: Sequence[str] = (), sections_intro: str | None = None) -> Path:
     """A self-contained HTML report (images embedded): the summary table and what its columns mean, each
     figure with its caption, then the ``sections`` (per-prompt image tables)."""
-    rewards = sorted({k for row in summary.values() for k in row if not k.endswith(("_low", "_high", "_win_rate"))})
+    rewards = reward_names(summary)
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts += [f"<p class='verdict'>{html.escape(sentence)}</p>" for sentence in verdict(summary)]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts.append(_table(summary))
     parts.append(_meanings(rewards))
@@ -171,9 +209,9 @@ def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, flo
         parts.append(f"<figure><img src='{_embed(figure)}' style='max-width:100%'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     if sections:
-        parts.append(sections_intro or "<h2>Images, by prompt</h2><p>Same prompt and seed in each column, so each "
-                     "column compares the models on the same starting noise; the green image scores highest on the "
-                     "first reward.</p>")
+        parts.append(sections_intro or "<h2>Images, by prompt</h2><p>Same prompt and seed in each card, so each "
+                     "card compares the models on the same starting noise; the image framed in green scores highest "
+                     "on the first reward.</p>")
         parts += sections
     path.write_text(f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{STYLE}</style>{''.join(parts)}\n")
@@ -181,10 +219,16 @@ def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, flo
 
 
 def markdown_table(summary: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> str:
-    """A small markdown table of chosen keys per model (missing values shown as -)."""
+    """A small markdown table of chosen keys per model, each with its 95% interval (missing values shown as -)."""
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for model, row in summary.items():
-        cells = [f"{row[k]:.3f}" if k in row and np.isfinite(row[k]) else "-" for k in keys]
+        cells = []
+        for k in keys:
+            if k not in row or not np.isfinite(row[k]):
+                cells.append("-")
+                continue
+            bounds = _interval(row, k)
+            cells.append(f"{row[k]:.3f}" + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

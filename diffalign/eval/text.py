@@ -25,7 +25,8 @@ def evaluate_language_models(models: Mapping[str, Callable[[], tuple]], prompts:
     for name, load in models.items():
         model, tokenizer = load()
         completions = sample_completions(model.eval(), tokenizer, expanded, seed=seed, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, batch_size=batch_size)
+                                         temperature=temperature, batch_size=batch_size,
+                                         progress=f"eval: {len(expanded)} completions of {name}")
         del model
         result.texts[name] = completions
         result.scores[name] = {reward.name: reward(completions, expanded).float() for reward in rewards}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -48,6 +49,15 @@ def architecture_folder(model_path: str) -> tuple[Path | None, str]:
     return None, ""
 
 
+def local_tokenizer(model_path: str) -> Any:
+    """The tokenizer of a language model on this machine, to check token lengths as a run would; None if the model
+    is not here."""
+    from transformers import AutoTokenizer
+
+    found = find_locally(model_path)
+    return AutoTokenizer.from_pretrained(found) if found is not None else None
+
+
 def _model_lines(config: Config) -> list[str]:
     path = config.model.path
     local = find_locally(path)
@@ -69,7 +79,8 @@ def _data_lines(config: Config, layout: str, rows: int) -> tuple[list[str], int 
     path = str(config.data.path)
     if find_locally(path, repo_type="dataset") is None and not path.startswith("toy:"):
         return [f"data: {path}: not on this machine. {how_to_make(path) or how_to_get(path, 'dataset') + '.'}"], None
-    report = check_dataset(config.data, layout, limit=rows, progress=False)
+    tokenizer = local_tokenizer(config.model.path) if layout.startswith("text_") else None
+    report = check_dataset(config.data, layout, tokenizer=tokenizer, limit=rows, progress=False)
     return ["data: " + line if i == 0 else "  " + line for i, line in enumerate(report.lines())], report.rows
 
 
@@ -94,6 +105,8 @@ def _step_lines(config: Config, examples: int | None) -> list[str]:
 
 
 def _memory_lines(config_path: str | Path, overrides: list[str], config: Config, gpus: tuple[int, ...]) -> list[str]:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
     from diffalign.train.memory import sharded_per_gpu, training_step_memory
 
     objective = OBJECTIVES[config.objective.name]
@@ -110,7 +123,11 @@ def _memory_lines(config_path: str | Path, overrides: list[str], config: Config,
                                           "model.compile=false"])
     if estimated.train.reference_dtype == "auto" and estimated.train.mixed_precision != "no":
         estimated.train.reference_dtype = estimated.train.mixed_precision  # what ``auto`` means on a GPU
-    row = training_step_memory(estimated)
+    try:
+        row = training_step_memory(estimated)
+    except (DynamicOutputShapeException, DataDependentOutputException) as err:  # the step branches on values
+        return [f"memory: not estimated: a step of {config.objective.name} depends on its data's values, which fake "
+                f"tensors do not hold ({type(err).__name__}); scripts/bench_memory.py --measure measures it on a GPU"]
     table = " | ".join(f"{n} GPU{'s' if n > 1 else ''}: {sharded_per_gpu(row, n)['ZeRO-2']:.1f}" for n in gpus)
     return [f"memory: peak per GPU about {row['peak_gb']:.1f} GiB at batch {config.train.batch_size}, estimated on "
             f"{source} (a lower bound: add 0.5-1 GiB of CUDA context)",

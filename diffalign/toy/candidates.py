@@ -41,7 +41,8 @@ def sample_candidates(pipe, prompts: Sequence[str], *, groups_per_prompt: int, c
     group_prompts = [p for p in prompts for _ in range(groups_per_prompt)]
     expanded = [p for p in group_prompts for _ in range(candidates)]
     seeds = [seed + i for i in range(len(expanded))]
-    images = generate(pipe, expanded, seeds, steps=steps, guidance_scale=guidance_scale, progress=True)
+    images = generate(pipe, expanded, seeds, steps=steps, guidance_scale=guidance_scale,
+                      progress=f"sampling {len(expanded)} toy images ({candidates} per group) to pair up")
     scores = preference_scores(images, expanded)
     return Candidates(group_prompts, images.view(len(group_prompts), candidates, *images.shape[1:]),
                       scores.view(len(group_prompts), candidates))

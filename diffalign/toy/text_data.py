@@ -24,7 +24,9 @@ def sample_text_candidates(groups_per_prompt: int, candidates: int, seed: int) -
     """(prompt, K completions) per group, ``groups_per_prompt`` groups per training prompt, from the shipped LM."""
     model, tokenizer = load_trained_lm(TOY_LM)
     prompts = [p for p in toy_prompts("train") for _ in range(groups_per_prompt * candidates)]
-    completions = sample_completions(model, tokenizer, prompts, seed=seed, max_new_tokens=MAX_NEW_TOKENS)
+    completions = sample_completions(model, tokenizer, prompts, seed=seed, max_new_tokens=MAX_NEW_TOKENS,
+                                     progress=f"sampling {len(prompts)} toy completions ({candidates} per group) "
+                                              "to pair up")
     return [(prompts[i], completions[i:i + candidates]) for i in range(0, len(prompts), candidates)]
 
 

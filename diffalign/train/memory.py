@@ -108,7 +108,7 @@ def breakdown(tracker: LiveStorage, at_rest: int, grads: int, weights, params, s
 
 def group_size(objective, list_size: int) -> int:
     """Images per example the objective reads: 2 for pairs, K for ranked lists, 1 for images."""
-    return {"pairs": 2, "ranked": list_size, "images": 1}[objective.dataset]
+    return {"pairs": 2, "ranked": list_size, "images": 1, "labelled_images": 1}[objective.dataset]
 
 
 def materialise(backbone, extra: list[torch.nn.Module], fake: bool) -> list[torch.nn.Module]:

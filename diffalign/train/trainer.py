@@ -372,7 +372,7 @@ class PreferenceTrainer:
         """
         tc = self.config.train
         met = dict(self.dataset.bad_rows)  # this pass does not count toward the run's skipped rows
-        for step in tqdm(range(first_step, tc.max_steps), desc="caching",
+        for step in tqdm(range(first_step, tc.max_steps), desc="data.precompute: encoding the latents and prompts of each step", unit="step",
                          disable=not self.accelerator.is_local_main_process):
             for micro in range(tc.gradient_accumulation):
                 examples = [e for _, e in self._examples(step, micro)]
