@@ -64,7 +64,7 @@ def compare_with_base(base, run_dir: Path, config: Config, *, eval_seeds: int, s
     # evaluation seeds start far from the sampling ones, so no evaluation noise was trained on
     return evaluate_models({"base": base, "aligned": aligned}, toy_prompts("heldout"),
                            [ToyPreference(), ToyAdherence()], seeds_per_prompt=eval_seeds, seed=EVAL_SEED,
-                           steps=steps, guidance_scale=guidance_scale)
+                           steps=steps, guidance_scale=guidance_scale, progress=True)
 
 
 def align_and_compare(base, data: Path | None, run_dir: Path, *, config: str | Path, overrides: Sequence[str] = (),

@@ -133,9 +133,9 @@ def toy_dataset(source: str | Path) -> Path:
 
         with process_state().main_process_first():
             if not table.is_file():
-                if not text:
-                    print(f"making the toy datasets from the shipped base model into {folder} (once; about a "
-                          "minute on 2 CPU cores)", flush=True)
+                made_by = "toy LM" if text else "base model"
+                print(f"making the toy {'text ' if text else ''}datasets from the shipped {made_by} into {folder} "
+                      "(once, for every later run; the bar below shows how far it is)", flush=True)
                 make = make_toy_text_datasets if text else make_toy_datasets
                 make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED)
     return table
