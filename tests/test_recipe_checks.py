@@ -177,3 +177,28 @@ def test_data_check_names_the_layouts_when_the_columns_fit_none(tmp_path, capsys
     assert main(["data", "check", str(tmp_path / "odd.jsonl")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "the columns picture, text are no layout diffalign reads by default" in err and "pairs: jpg_0, jpg_1" in err
+
+
+TOY_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("t*_*.yaml")
+                     if p.name.startswith(("toy_", "tiny_")) and p.name != "toy_generate_ranked.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TOY_CONFIGS)
+def test_the_plan_of_every_toy_config_reads_its_toy_data_and_estimates_its_memory(name, small_toy_datasets,
+                                                                                  monkeypatch):
+    """The toy configs as shipped, from the repository's root (their smoke runs, toy_size_overrides, are what
+    tests/test_toy_configs.py trains)."""
+    monkeypatch.chdir(ROOT)
+    text = "\n".join(plan_lines(f"configs/{name}"))
+    config = load_config(ROOT / "configs" / name)
+    objective = OBJECTIVES[config.objective.name]
+    assert f"model: {config.model.path} (on this machine:" in text
+    if objective.dataset == "online" and not getattr(objective, "real_data", False):
+        assert re.search(r"prompts: \S+: [\d,]+ prompts", text)
+    else:
+        assert re.search(r"data: toy:\w+: [\d,]+ rows, layout", text) and " 0 bad" in text
+    if objective.dataset in ("pairs", "ranked", "images"):
+        assert re.search(r"memory: peak per GPU about \d+\.\d GiB", text)
+    else:
+        assert "memory: not estimated" in text

@@ -165,9 +165,11 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
     cond = cond.repeat_items(tc.batch_size)
     latents = torch.randn(tc.batch_size, k, *latent_shape)
     denoiser = backbone.denoiser
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+    # what the objective trains beside the model (SparsePO's region masks), as the trainer adds it
+    extra = list(objective.trained_modules(denoiser).values())
+    params = [p for m in (denoiser, *extra) for p in m.parameters() if p.requires_grad]
     # with data.precompute the text encoders and the VAE wait on the CPU during the steps
-    on_gpu = [backbone.denoiser, reference] if config.data.precompute else modules
+    on_gpu = [backbone.denoiser, reference, *extra] if config.data.precompute else [*modules, *extra]
     weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
     tracker = LiveStorage()
     with tracker:
