@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-pixart``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-zimage``, ``tiny-pixart``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``z-image-turbo``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -56,6 +56,53 @@ def t5_tokenizer(folder: Path, max_length: int = 64) -> None:
     tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
     tok.model_max_length = max_length
     tok.save_pretrained(folder)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_char_tokenizer(folder: Path, max_length: int = 512) -> None:
+    """A Qwen-style chat tokenizer over single characters (the real vocabularies are not redistributed here): one
+    token per printable character, <|im_start|>/<|im_end|> and a pad token, and a ChatML template as Qwen's."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_(?:start|end)\|>|<\|endoftext\|>|[\s\S]"),
+                                              behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
+                                  model_max_length=max_length)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+
+
+QWEN_CHAR_VOCAB = 4 + 95 + 1
+
+
+def qwen3_text(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int = QWEN_CHAR_VOCAB,
+               **extra) -> dict:
+    return {"architectures": ["Qwen3Model"], "model_type": "qwen3", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "head_dim": hidden // heads, "vocab_size": vocab,
+            "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, **extra}
+
+
+def z_image_parts(transformer: dict, vae_config: dict, text: dict, shift: float) -> dict:
+    """A ZImagePipeline's components: the Qwen3 text encoder, the single-stream transformer, the FLUX VAE."""
+    return {
+        "transformer": ("diffusers", "ZImageTransformer2DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKL", {**vae_config, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+                                               "use_quant_conv": False, "use_post_quant_conv": False}),
+        "text_encoder": ("transformers", "Qwen3Model", text),
+        "tokenizer": ("transformers", "PreTrainedTokenizerFast", "qwen-chat-tokenizer"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
+                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift,
+                       "use_dynamic_shifting": False}),
+    }
 
 
 def clip_text(hidden: int, layers: int, heads: int, projection: int | None = None, **extra) -> dict:
@@ -176,6 +223,8 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             clip_tokenizer(sub, pad_token="!")
         elif config == "t5-tokenizer":
             t5_tokenizer(sub)
+        elif config == "qwen-chat-tokenizer":
+            qwen_char_tokenizer(sub)
         elif library == "transformers":
             write_json(sub / "config.json", config)
         elif component == "scheduler":
@@ -254,6 +303,11 @@ def tiny() -> None:
          "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
          "axes_dims_rope": [4, 6, 6]},
         tiny_vae, clip_text(32, 2, 4), t5_encoder(32, 2, 4, 64, 8), dynamic=True))
+    write_pipeline("tiny-zimage", "ZImagePipeline", z_image_parts(
+        {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 32, "n_layers": 2,
+         "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 16,
+         "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [8, 4, 4], "axes_lens": [256, 32, 32]},
+        {**tiny_vae, "latent_channels": 16}, qwen3_text(16, 2, 2, 2, 32), shift=3.0))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -354,6 +408,15 @@ def full_size() -> None:
                                                           dynamic=True))
     write_pipeline("flux-schnell", "FluxPipeline", flux_parts({**flux, "guidance_embeds": False}, flux_vae, clip_l,
                                                               t5_xxl, dynamic=False))
+    # Z-Image(-Turbo), Tongyi-MAI: 30 single-stream blocks of width 3840 (30 heads) after 2 noise- and 2 caption-
+    # refiner blocks, 6.2B parameters, on Qwen3-4B's hidden states (2560 wide, 36 layers) and the FLUX VAE; a static
+    # shift of 3 (its transformer/ and scheduler/ configs on the Hub). The tokenizer here is the character-level one.
+    write_pipeline("z-image-turbo", "ZImagePipeline", z_image_parts(
+        {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+         "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+         "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+         "axes_lens": [1536, 512, 512]},
+        flux_vae, qwen3_text(2560, 36, 32, 8, 9728, head_dim=128), shift=3.0))
     write_pipeline(
         "pixart-alpha-1024",
         "PixArtAlphaPipeline",

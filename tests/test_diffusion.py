@@ -26,7 +26,7 @@ from diffalign.errors import UserError
 from diffalign.paths import resolve_model_path
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"]
+FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-pixart"]
 PROMPTS = ["a red circle", "a small blue square"]
 
 
@@ -69,7 +69,7 @@ def test_score_equals_direct_computation(backbone):
     ours = denoising_scores(backbone, group).squeeze(1)
 
     x0 = lat[:, 0]
-    if backbone.family in ("sd3", "flux"):
+    if isinstance(backbone.scheduler, FlowMatchEulerDiscreteScheduler):  # the flow-matching families
         ref_sched = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler.config)
         model_t = ref_sched.timesteps[999 - t]  # diffusers indexes its grid from the noisy end; ours grows with noise
         noisy = ref_sched.scale_noise(x0, model_t, noise)

@@ -17,7 +17,8 @@ from diffalign.objectives.self_npo import truncation_grid
 from diffalign.train.config import ObjectiveConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-FLOW_MODELS = ["tiny-sd3", "tiny-flux"]
+FLOW_MODELS = ["tiny-sd3", "tiny-flux", "tiny-zimage"]
+TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux", "zimage": "tiny-zimage"}
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -60,7 +61,7 @@ def test_flux_predict_is_the_pipelines_own_packed_call():
 def test_sampling_is_the_euler_scheduler_on_the_same_sigmas(flow):
     """ddim_sample on a flow model steps x += (sigma' - sigma) v, as FlowMatchEulerDiscreteScheduler.step does."""
     cond = flow.encode_prompts(PROMPTS)
-    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *flow.latent_shape(32), generator=torch.Generator().manual_seed(0))
     ours = ddim_sample(flow, noise, cond, steps=5)
     sigmas = _sigmas(flow)[[800, 600, 400, 200, 0]].tolist()  # the grid 0, 200, ..., 800 from the noisy end
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # the sigmas given are already shifted
@@ -73,7 +74,7 @@ def test_sampling_is_the_euler_scheduler_on_the_same_sigmas(flow):
 
 def test_euler_inversion_then_sampling_reconstructs_and_renoise_is_tighter(flow):
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(3, 4, 16, 16, generator=g)
+    latents = torch.randn(3, *flow.latent_shape(32), generator=g)
     cond = flow.encode_prompts(["a red circle", "a blue square", "a green triangle"])
 
     def relative_error(renoise_iterations: int) -> float:
@@ -87,7 +88,7 @@ def test_euler_inversion_then_sampling_reconstructs_and_renoise_is_tighter(flow)
 
 
 def test_inverting_each_latent_to_its_own_timestep_matches_the_full_flow_inversion(flow):
-    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    latents = torch.randn(3, *flow.latent_shape(32), generator=torch.Generator().manual_seed(2))
     cond = flow.encode_prompts(["a red circle", "a blue square", "a green triangle"])
     batched = ddim_invert_to(flow, latents, cond, torch.tensor([0, 300, 900]), steps=10)
     trajectory = ddim_invert(flow, latents, cond, steps=10)
@@ -100,12 +101,12 @@ def test_inversion_dpo_scores_each_image_at_its_euler_inverted_latent_by_hand(fl
     """InPO (renoise 0) and SmPO's ReNoise inversion (renoise 1, the plain estimate averaged in) on a flow model:
     x_t by explicit Euler up the sigma grid, the target the velocity (x_t - x_0) / sigma_t of the straight line
     through it, the reference a LoRA-free copy nudged away."""
-    reference = load_pipeline(MODELS / ("tiny-sd3" if flow.family == "sd3" else "tiny-flux"), random_init=True,
+    reference = load_pipeline(MODELS / TINY[flow.family], random_init=True,
                               seed=1).transformer
     objective = InPO(ObjectiveConfig(name="inpo", beta=2500.0, options={"inversion_steps": 10, "inversion_eta": 0.0, "renoise_iterations": renoise}), flow)
     objective.renoise_average_from = 0
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 2, 4, 16, 16, generator=g)
+    latents = torch.randn(2, 2, *flow.latent_shape(32), generator=g)
     cond = flow.encode_prompts(PROMPTS)
     loss, _ = objective(flow, latents, cond, {"timesteps": torch.tensor([450, 120]),
                                               "inversion_seed": torch.tensor([7])}, flow.denoiser, reference)
@@ -150,9 +151,9 @@ def test_self_npo_on_a_flow_model_is_the_truncated_loop_in_sigmas_by_hand(flow):
     objective = SelfNPO(ObjectiveConfig(name="self_npo", loss="huber"), flow)
     objective.attach(flow.denoiser)  # the EMA teacher starts as the student
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(3, 4, 16, 16, generator=g)
-    randomness = {"start": torch.tensor([2, 10, 24]), "noise": torch.randn(3, 4, 16, 16, generator=g),
-                  "renoise": torch.randn(3, 4, 16, 16, generator=g), "level": torch.tensor([0.3, 0.0, 1.0])}
+    x0 = torch.randn(3, *flow.latent_shape(32), generator=g)
+    randomness = {"start": torch.tensor([2, 10, 24]), "noise": torch.randn(3, *flow.latent_shape(32), generator=g),
+                  "renoise": torch.randn(3, *flow.latent_shape(32), generator=g), "level": torch.tensor([0.3, 0.0, 1.0])}
     cond = flow.encode_prompts(["a red circle", "a blue square", "a green triangle"])
     loss, metrics = objective(flow, x0[:, None], cond, randomness, flow.denoiser, None)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffalign.errors import UserError
@@ -82,11 +83,34 @@ class Conditioning:
 
     @classmethod
     def cat(cls, items: list["Conditioning"]) -> "Conditioning":
+        """The items one after another; prompts of different token counts (Z-Image's, encoded in batches of their
+        own) padded to the longest, their mask False on the padding."""
+        longest = max(c.embeds.shape[1] for c in items)
+        if any(c.embeds.shape[1] != longest for c in items):
+            if any(c.mask is None for c in items):
+                raise ValueError("prompts of different token counts need their attention masks to be joined")
+            items = [cls(embeds=F.pad(c.embeds, (0, 0, 0, longest - c.embeds.shape[1])), pooled=c.pooled,
+                         mask=F.pad(c.mask, (0, longest - c.mask.shape[1]))) for c in items]
         first = items[0]
         return cls(**{
             f.name: None if getattr(first, f.name) is None else torch.cat([getattr(c, f.name) for c in items])
             for f in fields(cls)
         })
+
+
+def token_shifted_scheduler(scheduler, steps: int, latent_shape: tuple[int, ...]):
+    """The grid FluxPipeline and ZImagePipeline sample on: sigmas linspace(1, 1/steps), shifted by the image's
+    count of 2x2 latent patches (``mu``, diffusers' ``calculate_shift``) when the scheduler shifts dynamically
+    (FLUX.1-dev), by its fixed ``shift`` otherwise."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = type(scheduler).from_config(scheduler.config)
+    config = scheduler.config
+    tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+    return scheduler
 
 
 class Backbone:
@@ -288,17 +312,8 @@ class FluxBackbone(Backbone):
         return Conditioning(embeds=embeds, pooled=pooled)
 
     def sampling_scheduler(self, steps, latent_shape):
-        """FluxPipeline's grid: sigmas linspace(1, 1/steps), shifted by the image's token count (``mu``) when the
-        scheduler shifts dynamically (FLUX.1-dev)."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        config = scheduler.config
-        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
-        return scheduler
+        """FluxPipeline's grid (:func:`token_shifted_scheduler`)."""
+        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
 
     def predict(self, latents, timesteps, cond, denoiser=None):
         net = denoiser or self.denoiser
@@ -322,6 +337,41 @@ class FluxBackbone(Backbone):
         )[0]
         scale = self.vae_scale_factor
         return pipe._unpack_latents(out, h * scale, w * scale, scale)
+
+
+class ZImageBackbone(Backbone):
+    """Z-Image and Z-Image-Turbo: a single-stream DiT over the Qwen3 text encoder's second-to-last hidden states,
+    flow matching on the FLUX VAE's latents.
+
+    As ZImagePipeline calls it: the transformer takes a list of (C, 1, h, w) latents (it patches 2x2 itself) and a
+    list of each prompt's unpadded token embeddings, its timestep runs the other way (1 - sigma: 0 is noise), and
+    its output is minus the velocity diffusers' flow scheduler steps with. The prompts, chat-templated as the
+    pipeline does, are kept padded to the batch's longest with their mask, and unpadded for the call.
+    """
+
+    family = "zimage"
+    denoiser_attr = "transformer"
+    latent_patch = 2  # the transformer's all_patch_size (2,)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds = self.pipe._encode_prompt(list(prompts), device=self.device, max_sequence_length=512)
+        lengths = [e.shape[0] for e in embeds]
+        padded = torch.stack([F.pad(e, (0, 0, 0, max(lengths) - e.shape[0])) for e in embeds])
+        mask = torch.arange(max(lengths), device=padded.device)[None] < torch.tensor(lengths, device=padded.device)[:, None]
+        return Conditioning(embeds=padded, mask=mask)
+
+    def sampling_scheduler(self, steps, latent_shape):
+        """ZImagePipeline's grid, FLUX's (:func:`token_shifted_scheduler`)."""
+        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        dtype = self.denoiser.dtype  # net may be a DDP wrapper
+        images = list(latents.to(dtype).unsqueeze(2).unbind(0))
+        captions = [embeds[mask] for embeds, mask in zip(cond.embeds.to(dtype), cond.mask.bool())]
+        out = net(images, (1000 - timesteps.float()) / 1000, captions, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2).to(latents.dtype)
 
 
 class PixArtBackbone(Backbone):
@@ -367,6 +417,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionXLPipeline": SDXLBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
     "FluxPipeline": FluxBackbone,
+    "ZImagePipeline": ZImageBackbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
 }

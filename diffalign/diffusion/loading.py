@@ -114,6 +114,17 @@ def _component_class(library: str, class_name: str):
         raise UserError(f"{library} has no class {class_name!r} named in {MODEL_INDEX}") from None
 
 
+# parameters a diffusers class makes with torch.empty and never initialises (its released weights set them): any
+# value, NaN included, would be in memory there; random weights give them N(0, 0.02) under the seed instead
+EMPTY_PARAMETERS = {"ZImageTransformer2DModel": ("x_pad_token", "cap_pad_token")}
+
+
+def _initialise_empty(module: torch.nn.Module) -> None:
+    for name in EMPTY_PARAMETERS.get(type(module).__name__, ()):
+        with torch.no_grad():
+            getattr(module, name).normal_(0.0, 0.02)
+
+
 def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: torch.dtype | None = None):
     """Build the pipeline described by ``folder``'s configs, with random weights.
 
@@ -143,6 +154,7 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
             components[name] = cls.from_pretrained(sub, local_files_only=True)
         elif library == "diffusers":
             components[name] = cls.from_config(cls.load_config(sub))
+            _initialise_empty(components[name])
         else:
             from transformers import AutoConfig
 
