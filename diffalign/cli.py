@@ -375,7 +375,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
-        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, PixArt) and text "
+        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, Z-Image, PixArt) "
+                    "and text "
                     "language models: offline (Diffusion-DPO and its family, KTO, RankDPO, ...) and online (D3PO, "
                     "Flow-GRPO, DiffusionNFT, ...) methods, on your data or on a toy world that runs on a CPU. "
                     "Start with `diffalign demo`; the manual is in docs/.",
@@ -420,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pickscore:yuvalkirstain/PickScore_v1 (a local folder or the local Hugging Face cache), "
                    "hps_v2.1:FILE, image_reward:FILE:tokenizer=DIR, aesthetic:FILE:clip=FILE, clip_score:FILE; "
                    "default for toy-world prompts: toy_preference,toy_adherence")
-    p.add_argument("--seeds", type=int, default=4, help="images (or completions) per prompt, the same seeds for every model "
+    p.add_argument("--seeds", type=int, default=4,
+                   help="images (or completions) per prompt, the same seeds for every model "
                                                          "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
@@ -432,19 +434,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", help="a negative model (run, LoRA or folder): adds a 'base+negative' row whose "
                    "guidance uses it in the unconditional branch (Diffusion-NPO / Self-NPO)")
     p.add_argument("--negative-mix", type=float, default=1.0,
-                   help="weight of the negative model in the unconditional branch (1 = replace it) (default: %(default)s)")
+                   help="weight of the negative model in the unconditional branch (1 = replace it) "
+                        "(default: %(default)s)")
     p.add_argument("--true-cfg", type=float, metavar="SCALE",
                    help="FLUX.1: diffusers' true classifier-free guidance at SCALE with an empty negative prompt "
                         "(FLUX.1-dev is guidance-distilled, has no unconditional branch otherwise, and takes "
                         "--guidance as its guidance embedding); --negative on FLUX needs it")
     p.add_argument("--report-prompts", type=int, default=32,
-                   help="prompts shown as image grids in the report (the first ones); the scores cover all (default: %(default)s)")
+                   help="prompts shown as image grids in the report (the first ones); the scores cover all "
+                        "(default: %(default)s)")
     p.add_argument("--save-images", action="store_true",
                    help="also write every image, full size, to OUT/images/; the same command run again after a stop "
                         "then resumes, generating only what is missing")
     p.add_argument("--max-new-tokens", type=int, default=64,
                    help="language models (a causal-LM --base): tokens sampled per completion (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="language models: the sampling temperature (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="language models: the sampling temperature (default: %(default)s)")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 
@@ -521,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where the labels go: for a D3PO run its online.labels file (the default); for a "
                    "dataset a folder (default: SOURCE-labelled beside it) holding labels.jsonl and the pairs.jsonl "
                    "or ranked.jsonl dataset they make")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another than this machine's needs --token) (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (another than this machine's needs --token) (default: %(default)s)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token", help="a secret every request must carry (?token=); needed for a non-local --host")
     p.set_defaults(run=_cmd_label)

@@ -358,7 +358,8 @@ class ZImageBackbone(Backbone):
         embeds = self.pipe._encode_prompt(list(prompts), device=self.device, max_sequence_length=512)
         lengths = [e.shape[0] for e in embeds]
         padded = torch.stack([F.pad(e, (0, 0, 0, max(lengths) - e.shape[0])) for e in embeds])
-        mask = torch.arange(max(lengths), device=padded.device)[None] < torch.tensor(lengths, device=padded.device)[:, None]
+        positions = torch.arange(max(lengths), device=padded.device)
+        mask = positions[None] < torch.tensor(lengths, device=padded.device)[:, None]
         return Conditioning(embeds=padded, mask=mask)
 
     def sampling_scheduler(self, steps, latent_shape):
