@@ -4,14 +4,16 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-zimage``, ``tiny-pixart``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-pixart``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``z-image-turbo``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``z-image-turbo``, ``qwen-image``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
-here); prompts tokenise to one id per character. Re-run to regenerate:
+here); prompts tokenise to one id per character. The text encoders' embedding tables are as small as those
+vocabularies, so a real-size folder counts Qwen's text encoders about 0.4B (Qwen3-4B) and 1.1B (Qwen2.5-VL-7B)
+parameters short of the released ones. Re-run to regenerate:
 ``python scripts/make_model_configs.py``.
 """
 
@@ -69,7 +71,8 @@ def qwen_char_tokenizer(folder: Path, max_length: int = 512) -> None:
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]  # Qwen2.5-VL's image tokens, last
+    vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"] + vision)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_(?:start|end)\|>|<\|endoftext\|>|[\s\S]"),
                                               behavior="isolated")
@@ -80,7 +83,7 @@ def qwen_char_tokenizer(folder: Path, max_length: int = 512) -> None:
     tok.save_pretrained(folder)
 
 
-QWEN_CHAR_VOCAB = 4 + 95 + 1
+QWEN_CHAR_VOCAB = 4 + 95 + 1 + 3
 
 
 def qwen3_text(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int = QWEN_CHAR_VOCAB,
@@ -102,6 +105,37 @@ def z_image_parts(transformer: dict, vae_config: dict, text: dict, shift: float)
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
                       {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift,
                        "use_dynamic_shifting": False}),
+    }
+
+
+def qwen25_vl_text(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vision: dict) -> dict:
+    """A Qwen2.5-VL config (the text model Qwen-Image encodes prompts with, and its vision tower, unused for text)
+    over the character vocabulary, as transformers writes it."""
+    from transformers import Qwen2_5_VLConfig
+
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+                     "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": QWEN_CHAR_VOCAB,
+                     "rope_scaling": {"mrope_section": [1, 1, 2] if hidden // heads == 8 else [16, 24, 24],
+                                      "rope_type": "default", "type": "default"}, "rope_theta": 1000000.0,
+                     "eos_token_id": 2, "pad_token_id": 0, "bos_token_id": None},
+        vision_config=vision, vocab_size=QWEN_CHAR_VOCAB, vision_start_token_id=QWEN_CHAR_VOCAB - 3,
+        vision_end_token_id=QWEN_CHAR_VOCAB - 2, vision_token_id=QWEN_CHAR_VOCAB - 1, image_token_id=QWEN_CHAR_VOCAB - 1,
+        video_token_id=QWEN_CHAR_VOCAB - 1, eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    return config.to_dict()
+
+
+def qwen_image_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
+    """A QwenImagePipeline's components: Qwen2.5-VL, the MMDiT, its video VAE and a dynamically shifted scheduler."""
+    return {
+        "transformer": ("diffusers", "QwenImageTransformer2DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKLQwenImage", vae_config),
+        "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration", text),
+        "tokenizer": ("transformers", "PreTrainedTokenizerFast", "qwen-chat-tokenizer"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
+                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                       "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9, "base_image_seq_len": 256,
+                       "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential"}),
     }
 
 
@@ -308,6 +342,13 @@ def tiny() -> None:
          "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 16,
          "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [8, 4, 4], "axes_lens": [256, 32, 32]},
         {**tiny_vae, "latent_channels": 16}, qwen3_text(16, 2, 2, 2, 32), shift=3.0))
+    write_pipeline("tiny-qwenimage", "QwenImagePipeline", qwen_image_parts(
+        {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+         "num_attention_heads": 3, "joint_attention_dim": 16, "guidance_embeds": False, "axes_dims_rope": [8, 4, 4]},
+        {"base_dim": 24, "z_dim": 4, "dim_mult": [1, 2, 4], "num_res_blocks": 1, "temperal_downsample": [False, True],
+         "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4},
+        qwen25_vl_text(16, 2, 2, 2, 16, {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                                         "out_hidden_size": 16})))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -411,6 +452,16 @@ def full_size() -> None:
     # Z-Image(-Turbo), Tongyi-MAI: 30 single-stream blocks of width 3840 (30 heads) after 2 noise- and 2 caption-
     # refiner blocks, 6.2B parameters, on Qwen3-4B's hidden states (2560 wide, 36 layers) and the FLUX VAE; a static
     # shift of 3 (its transformer/ and scheduler/ configs on the Hub). The tokenizer here is the character-level one.
+    # Qwen-Image, Qwen: 60 MMDiT blocks of width 24 x 128, 20B parameters, on Qwen2.5-VL-7B (3584 wide, 28 layers,
+    # its vision tower built too) and its 16-channel video VAE (one frame for images); dynamic exponential shift
+    write_pipeline("qwen-image", "QwenImagePipeline", qwen_image_parts(
+        {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+         "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+         "axes_dims_rope": [16, 56, 56]},
+        {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+         "temperal_downsample": [False, True, True]},
+        qwen25_vl_text(3584, 28, 28, 4, 18944, {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                                                  "num_heads": 16, "out_hidden_size": 3584})))
     write_pipeline("z-image-turbo", "ZImagePipeline", z_image_parts(
         {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
          "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,

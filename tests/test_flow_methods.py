@@ -17,8 +17,8 @@ from diffalign.objectives.self_npo import truncation_grid
 from diffalign.train.config import ObjectiveConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-FLOW_MODELS = ["tiny-sd3", "tiny-flux", "tiny-zimage"]
-TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux", "zimage": "tiny-zimage"}
+FLOW_MODELS = ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"]
+TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux", "zimage": "tiny-zimage", "qwenimage": "tiny-qwenimage"}
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -136,7 +136,9 @@ def test_inversion_dpo_scores_each_image_at_its_euler_inverted_latent_by_hand(fl
             policy, ref = ((flow.predict(x, step, c, denoiser=net) - target).pow(2).mean(dim=(1, 2, 3))
                            for net in (flow.denoiser, reference))
         expected.append(-F.logsigmoid(-2500.0 * ((policy[0] - ref[0]) - (policy[1] - ref[1]))))
-    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-4)
+    # Qwen-Image's masked text attention adds up in another order when its prompts are batched apart (as here)
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-3 if flow.family == "qwenimage"
+                                        else 1e-4)
 
 
 def test_smpo_on_a_flow_model_uses_one_renoise_refinement_by_default(flow):

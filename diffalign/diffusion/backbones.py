@@ -375,6 +375,82 @@ class ZImageBackbone(Backbone):
         return -torch.stack(out).squeeze(2).to(latents.dtype)
 
 
+class QwenImageBackbone(Backbone):
+    """Qwen-Image: an MMDiT over the last hidden states of Qwen2.5-VL (its system prompt dropped, as the pipeline
+    does), flow matching on the latents of its own causal video VAE (one frame), 2x2-packed into tokens.
+
+    The VAE normalises each latent channel by the published mean and standard deviation (``latents_mean``,
+    ``latents_std``) instead of one scaling factor; the adapter keeps the frame axis out of the objectives' way, so
+    they see (N, C, h, w) latents. The transformer gets the packed tokens, each image's (frames, rows, columns) of
+    patches, the timestep as sigma and the prompts' mask, as QwenImagePipeline calls it.
+    """
+
+    family = "qwenimage"
+    denoiser_attr = "transformer"
+    latent_patch = 2  # QwenImagePipeline's _pack_latents
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** len(self.vae.temperal_downsample)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim
+
+    def _latent_stats(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Pixels in [-1, 1] (N, 3, H, W) -> normalised latents (N, C, H/f, W/f), the posterior mean unless a
+        ``generator`` draws a sample (see :meth:`Backbone.encode_images`)."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)[:, :, None]).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator)
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) / std)[:, :, 0]
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        vae = self.vae
+        latents = latents.to(device=vae.device, dtype=vae.dtype)[:, :, None]
+        mean, std = self._latent_stats(latents)
+        return vae.decode(latents * std + mean).sample[:, :, 0].clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, mask = self.pipe.encode_prompt(list(prompts), device=self.device)
+        if mask is None:  # the pipeline drops an all-ones mask; the cache joins prompts of other lengths with it
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return Conditioning(embeds=embeds, mask=mask)
+
+    def sampling_scheduler(self, steps, latent_shape):
+        """QwenImagePipeline's grid, FLUX's (:func:`token_shifted_scheduler`)."""
+        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        n, c, h, w = latents.shape
+        pipe = self.pipe
+        guidance = None
+        if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
+            guidance = torch.full((n,), self.distilled_guidance, device=latents.device, dtype=torch.float32)
+        out = net(
+            hidden_states=pipe._pack_latents(latents, n, c, h, w),
+            timestep=timesteps.to(latents.dtype) / 1000,
+            guidance=guidance,
+            encoder_hidden_states_mask=cond.mask,
+            encoder_hidden_states=cond.embeds,
+            img_shapes=[[(1, h // 2, w // 2)]] * n,
+            return_dict=False,
+        )[0]
+        scale = self.vae_scale_factor
+        return pipe._unpack_latents(out, h * scale, w * scale, scale)[:, :, 0]
+
+
 class PixArtBackbone(Backbone):
     """PixArt-alpha / sigma DiT: T5 text encoder with attention mask, learned-sigma output."""
 
@@ -419,6 +495,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusion3Pipeline": SD3Backbone,
     "FluxPipeline": FluxBackbone,
     "ZImagePipeline": ZImageBackbone,
+    "QwenImagePipeline": QwenImageBackbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
 }
@@ -435,7 +512,9 @@ def pixel_multiple(folder: Path) -> int | None:
         patch = backbone.latent_patch
         if patch is None:
             patch = json.loads((folder / backbone.denoiser_attr / "config.json").read_text()).get("patch_size", 1)
-        return 2 ** (len(vae["block_out_channels"]) - 1) * int(patch)
+        factor = 2 ** len(vae["temperal_downsample"]) if "temperal_downsample" in vae else \
+            2 ** (len(vae["block_out_channels"]) - 1)  # Qwen-Image's video VAE, else an AutoencoderKL
+        return factor * int(patch)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

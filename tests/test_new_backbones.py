@@ -1,0 +1,96 @@
+"""Z-Image (Tongyi-MAI's single-stream DiT on Qwen3) and Qwen-Image (an MMDiT on Qwen2.5-VL with its own video VAE):
+each adapter calls the transformer as its pipeline does and samples on the pipeline's grid, and a run's exports load
+in the pipeline (every objective's two-step run on each is tests/test_every_backbone.py; the flow-model checks are
+tests/test_flow_methods.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import pytest
+from diffusers import QwenImagePipeline, ZImagePipeline
+from fixtures import pickapic_parquet
+
+from diffalign.diffusion import backbone_for, load_pipeline
+from diffalign.paths import ASSETS, CONFIGS
+from diffalign.train import load_config, train
+from diffalign.train.export import export_run
+
+MODELS = ASSETS / "models"
+TINY = MODELS / "tiny-zimage"
+
+
+def test_z_image_predict_is_the_pipelines_own_call_and_its_grid_the_pipelines():
+    """ZImageBackbone.predict calls the transformer as ZImagePipeline does (a list of (C, 1, h, w) latents, each
+    prompt's unpadded embeddings, the timestep 1 - sigma, the output negated), on prompts of different lengths;
+    its sampling grid is the pipeline's own timesteps."""
+    pipe = load_pipeline(TINY, random_init=True)
+    backbone = backbone_for(pipe)
+    prompts = ["a red circle", "a small blue square on a green field"]
+    cond = backbone.encode_prompts(prompts)
+    assert cond.mask.sum(1).tolist()[0] < cond.mask.sum(1).tolist()[1] == cond.embeds.shape[1]  # padded, masked
+    latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    captions = pipe._encode_prompt(prompts, device="cpu", max_sequence_length=512)
+    with torch.no_grad():
+        out = pipe.transformer(list(latents.unsqueeze(2).unbind(0)), torch.tensor([0.5, 0.98]), captions,
+                               return_dict=False)[0]
+        ours = backbone.predict(latents, torch.tensor([500.0, 20.0]), cond)
+    torch.testing.assert_close(ours, -torch.stack(out).squeeze(2))
+    _grid_of(pipe, backbone, guidance_scale=0.0)
+    assert isinstance(pipe, ZImagePipeline)
+
+
+def _grid_of(pipe, backbone, steps: int = 4, **call) -> None:
+    """The pipeline's own timesteps for a 32-pixel image equal the adapter's sampling grid."""
+    seen = []
+    pipe(["a red circle"], num_inference_steps=steps, height=32, width=32, output_type="latent",
+         callback_on_step_end=lambda p, i, t, kwargs: seen.append(float(t)) or kwargs, **call)
+    torch.testing.assert_close(backbone.sampling_scheduler(steps, backbone.latent_shape(32)).timesteps.tolist(), seen)
+
+
+def test_qwen_image_predict_is_the_pipelines_own_packed_call_and_its_latents_the_vaes():
+    """QwenImageBackbone.predict packs 2x2, gives each image's patch grid, sigma and the prompts' mask as
+    QwenImagePipeline does; its latents are the VAE's one-frame latents normalised per channel, decoded back as the
+    pipeline decodes them; its grid is the pipeline's dynamically shifted one."""
+    pipe = load_pipeline(MODELS / "tiny-qwenimage", random_init=True)
+    backbone = backbone_for(pipe)
+    prompts = ["a red circle", "a small blue square on a green field"]
+    cond = backbone.encode_prompts(prompts)
+    embeds, mask = pipe.encode_prompt(prompts, device="cpu")
+    latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=QwenImagePipeline._pack_latents(latents, 2, 4, 8, 8),
+                               timestep=torch.tensor([0.5, 0.02]), encoder_hidden_states_mask=mask,
+                               encoder_hidden_states=embeds, img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]
+        ours = backbone.predict(latents, torch.tensor([500.0, 20.0]), cond)
+    torch.testing.assert_close(ours, QwenImagePipeline._unpack_latents(out, 32, 32, 4)[:, :, 0])
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        frame = pipe.vae.encode(pixels[:, :, None]).latent_dist.mean  # latents_mean 0, latents_std 1 here
+        torch.testing.assert_close(backbone.encode_images(pixels), frame[:, :, 0])
+        torch.testing.assert_close(backbone.decode_latents(frame[:, :, 0]),
+                                   pipe.vae.decode(frame).sample[:, :, 0].clamp(-1, 1))
+    _grid_of(pipe, backbone)
+
+
+@pytest.mark.parametrize("model, pipeline", [("tiny-zimage", ZImagePipeline), ("tiny-qwenimage", QwenImagePipeline)])
+def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, pipeline, tmp_path: Path):
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
+    train(load_config(CONFIGS / "toy_diffusion_dpo.yaml", [
+        f"model.path={MODELS / model}", "model.random_init=true", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
+        "data.resolution=32", "train.batch_size=2", "train.max_steps=2", "train.learning_rate=1e-2",
+        "train.warmup_steps=0", "validation.every=0"]))
+    lora = export_run(tmp_path / "run", "lora", tmp_path / "lora", dtype="fp32")
+    merged = export_run(tmp_path / "run", "diffusers", tmp_path / "merged", dtype="fp32")
+    settings = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
+
+    def image(pipe):
+        return pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **settings).images
+
+    pipe = load_pipeline(MODELS / model, random_init=True)
+    before = image(pipe)
+    pipe.load_lora_weights(lora.parent)
+    with_lora = image(pipe)
+    assert (with_lora - before).abs().max() > 1e-3  # the LoRA changes what the pipeline draws
+    torch.testing.assert_close(image(pipeline.from_pretrained(merged)), with_lora, atol=1e-5, rtol=1e-5)
