@@ -26,7 +26,15 @@ from diffalign.recipes import samples
 
 # a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template ("lm")
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
-        "qwen": "lm"}
+        "qwen_image": "tiny-qwenimage", "z_image": "tiny-zimage", "qwen": "lm"}
+
+
+def tiny_counterpart(recipe: str | Path) -> str | None:
+    """The tiny architecture of a recipe, by the longest prefix of its name (qwen_image_dpo.yaml is Qwen-Image,
+    qwen_dpo.yaml the Qwen language model); None for a name no prefix fits."""
+    name = Path(recipe).name
+    fits = [prefix for prefix in TINY if name.startswith(prefix + "_")]
+    return TINY[max(fits, key=len)] if fits else None
 
 
 class SampleData:
@@ -84,11 +92,9 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
     """What a CPU run of the shipped recipe ``recipe`` (a configs/ name or path) changes, each with its reason."""
     shipped = _shipped(recipe)
     objective = OBJECTIVES[shipped["objective"]["name"]]
-    prefix = Path(recipe).name.split("_")[0]
-    if prefix not in TINY:
-        raise KeyError(f"{Path(recipe).name}: no tiny counterpart for recipes named {prefix}_*; "
-                       f"known prefixes: {', '.join(TINY)}")
-    tiny = TINY[prefix]
+    tiny = tiny_counterpart(recipe)
+    if tiny is None:
+        raise KeyError(f"{Path(recipe).name}: no tiny counterpart for its name; known prefixes: {', '.join(TINY)}")
     weights = "real weights: the tiny random counterpart of the same architecture"
     size = "the size a CPU runs in seconds"
     keys = [Override("model.path", str(data["lm"] if tiny == "lm" else ASSETS / "models" / tiny), weights),
