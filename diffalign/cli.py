@@ -375,8 +375,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
-        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, Z-Image, Qwen-Image, "
-                    "PixArt) and text "
+        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, FLUX.2 klein, "
+                    "Z-Image, Qwen-Image, PixArt) and text "
                     "language models: offline (Diffusion-DPO and its family, KTO, RankDPO, ...) and online (D3PO, "
                     "Flow-GRPO, DiffusionNFT, ...) methods, on your data or on a toy world that runs on a CPU. "
                     "Start with `diffalign demo`; the manual is in docs/.",

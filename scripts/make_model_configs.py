@@ -139,6 +139,20 @@ def qwen_image_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
     }
 
 
+def flux2_klein_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
+    """A Flux2KleinPipeline's components: Qwen3 (a causal LM: three of its hidden layers are read), the MMDiT, the
+    FLUX.2 VAE with its batch-norm statistics, the flow scheduler."""
+    return {
+        "transformer": ("diffusers", "Flux2Transformer2DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKLFlux2", vae_config),
+        "text_encoder": ("transformers", "Qwen3ForCausalLM", {**text, "architectures": ["Qwen3ForCausalLM"]}),
+        "tokenizer": ("transformers", "PreTrainedTokenizerFast", "qwen-chat-tokenizer"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
+                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                       "use_dynamic_shifting": True}),
+    }
+
+
 def clip_text(hidden: int, layers: int, heads: int, projection: int | None = None, **extra) -> dict:
     config = {
         "architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
@@ -349,6 +363,15 @@ def tiny() -> None:
          "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4},
         qwen25_vl_text(16, 2, 2, 2, 16, {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                                          "out_hidden_size": 16})))
+    # 28 layers, as the pipeline reads hidden layers 9, 18 and 27 (16 wide each: the transformer sees 48)
+    write_pipeline("tiny-flux2-klein", "Flux2KleinPipeline", flux2_klein_parts(
+        {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+         "num_attention_heads": 2, "joint_attention_dim": 48, "timestep_guidance_channels": 256,
+         "axes_dims_rope": [4, 4, 4, 4], "guidance_embeds": False},
+        {"sample_size": 32, "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
+         "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 64], "layers_per_block": 1,
+         "latent_channels": 4, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False},
+        qwen3_text(16, 28, 2, 2, 32)))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",

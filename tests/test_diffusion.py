@@ -27,7 +27,7 @@ from diffalign.errors import UserError
 from diffalign.paths import resolve_model_path
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage", "tiny-pixart"]
+FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-zimage", "tiny-qwenimage", "tiny-pixart"]
 PROMPTS = ["a red circle", "a small blue square"]
 
 

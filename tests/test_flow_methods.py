@@ -17,8 +17,9 @@ from diffalign.objectives.self_npo import truncation_grid
 from diffalign.train.config import ObjectiveConfig
 
 MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
-FLOW_MODELS = ["tiny-sd3", "tiny-flux", "tiny-zimage", "tiny-qwenimage"]
-TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux", "zimage": "tiny-zimage", "qwenimage": "tiny-qwenimage"}
+FLOW_MODELS = ["tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-zimage", "tiny-qwenimage"]
+TINY = {"sd3": "tiny-sd3", "flux": "tiny-flux", "flux2": "tiny-flux2-klein", "zimage": "tiny-zimage",
+        "qwenimage": "tiny-qwenimage"}
 PROMPTS = ["a red circle", "a blue square"]
 
 

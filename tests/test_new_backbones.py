@@ -1,4 +1,5 @@
-"""Z-Image (Tongyi-MAI's single-stream DiT on Qwen3) and Qwen-Image (an MMDiT on Qwen2.5-VL with its own video VAE):
+"""Z-Image (Tongyi-MAI's single-stream DiT on Qwen3), Qwen-Image (an MMDiT on Qwen2.5-VL with its own video VAE) and
+FLUX.2 klein (an MMDiT on three hidden layers of Qwen3, batch-normalised patchified latents):
 each adapter calls the transformer as its pipeline does and samples on the pipeline's grid, and a run's exports load
 in the pipeline (every objective's two-step run on each is tests/test_every_backbone.py; the flow-model checks are
 tests/test_flow_methods.py)."""
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 import pytest
-from diffusers import QwenImagePipeline, ZImagePipeline
+from diffusers import Flux2KleinPipeline, QwenImagePipeline, ZImagePipeline
 from fixtures import pickapic_parquet
 
 from diffalign.diffusion import backbone_for, load_pipeline
@@ -44,7 +45,7 @@ def test_z_image_predict_is_the_pipelines_own_call_and_its_grid_the_pipelines():
 def _grid_of(pipe, backbone, steps: int = 4, **call) -> None:
     """The pipeline's own timesteps for a 32-pixel image equal the adapter's sampling grid."""
     seen = []
-    pipe(["a red circle"], num_inference_steps=steps, height=32, width=32, output_type="latent",
+    pipe(prompt=["a red circle"], num_inference_steps=steps, height=32, width=32, output_type="latent",
          callback_on_step_end=lambda p, i, t, kwargs: seen.append(float(t)) or kwargs, **call)
     torch.testing.assert_close(backbone.sampling_scheduler(steps, backbone.latent_shape(32)).timesteps.tolist(), seen)
 
@@ -74,7 +75,33 @@ def test_qwen_image_predict_is_the_pipelines_own_packed_call_and_its_latents_the
     _grid_of(pipe, backbone)
 
 
-@pytest.mark.parametrize("model, pipeline", [("tiny-zimage", ZImagePipeline), ("tiny-qwenimage", QwenImagePipeline)])
+def test_flux2_klein_predict_is_the_pipelines_own_call_on_its_normalised_patchified_latents():
+    """Flux2Backbone: the latents are the VAE's patchified 2x2 and normalised by its batch-norm statistics, as
+    Flux2KleinPipeline encodes a reference image and decodes its result; predict packs them with the pipeline's
+    position ids and text ids; the grid is the pipeline's (empirical mu of tokens and steps)."""
+    pipe = load_pipeline(MODELS / "tiny-flux2-klein", random_init=True)
+    with torch.no_grad():  # statistics other than (0, 1), so that the normalisation is seen
+        pipe.vae.bn.running_mean.uniform_(-0.5, 0.5)
+        pipe.vae.bn.running_var.uniform_(0.5, 2.0)
+    backbone = backbone_for(pipe)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        latents = backbone.encode_images(pixels)
+        expected = pipe._encode_vae_image(pixels, generator=None)  # the pipeline's own: argmax, patchify, normalise
+        torch.testing.assert_close(latents, expected)
+    cond = backbone.encode_prompts(["a red circle", "a blue square"])
+    embeds, text_ids = pipe.encode_prompt(["a red circle", "a blue square"], device="cpu")
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=pipe._pack_latents(latents), timestep=torch.tensor([0.5, 0.02]),
+                               guidance=None, encoder_hidden_states=embeds, txt_ids=text_ids,
+                               img_ids=pipe._prepare_latent_ids(latents), return_dict=False)[0]
+        ours = backbone.predict(latents, torch.tensor([500.0, 20.0]), cond)
+    torch.testing.assert_close(ours, pipe._unpack_latents_with_ids(out, pipe._prepare_latent_ids(latents), 8, 8))
+    _grid_of(pipe, backbone)
+
+
+@pytest.mark.parametrize("model, pipeline", [("tiny-zimage", ZImagePipeline), ("tiny-qwenimage", QwenImagePipeline),
+                                             ("tiny-flux2-klein", Flux2KleinPipeline)])
 def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, pipeline, tmp_path: Path):
     data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
     train(load_config(CONFIGS / "toy_diffusion_dpo.yaml", [
@@ -86,7 +113,7 @@ def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, p
     settings = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
 
     def image(pipe):
-        return pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **settings).images
+        return pipe(prompt=["a red circle"], generator=torch.Generator().manual_seed(0), **settings).images
 
     pipe = load_pipeline(MODELS / model, random_init=True)
     before = image(pipe)

@@ -451,6 +451,85 @@ class QwenImageBackbone(Backbone):
         return pipe._unpack_latents(out, h * scale, w * scale, scale)[:, :, 0]
 
 
+class Flux2Backbone(Backbone):
+    """FLUX.2 klein: an MMDiT over three stacked hidden layers of Qwen3 (9, 18, 27, as Flux2KleinPipeline takes them),
+    flow matching on the FLUX.2 VAE's latents.
+
+    The transformer works on the VAE's latents patchified 2x2 into 4C channels and normalised by the VAE's own
+    batch-norm statistics (``vae.bn``); those are the latents the objectives see here, (N, 4C, h/2, w/2), so a
+    latent pixel is 16 image pixels. Tokens are those pixels in order, with (t, row, column, layer) position ids,
+    the text tokens with (0, 0, 0, index); the timestep is sigma. Its sampling grid shifts by an empirical ``mu`` of
+    the token count and the step count (``compute_empirical_mu``).
+    """
+
+    family = "flux2"
+    denoiser_attr = "transformer"
+    latent_patch = 2  # the VAE's latents patchified 2x2 (the transformer's own patch_size is 1)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** len(self.vae.config.block_out_channels)  # the VAE's factor times the 2x2 patchify
+
+    @property
+    def latent_channels(self) -> int:
+        return 4 * self.vae.config.latent_channels
+
+    def _batch_norm(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(latents.device,
+                                                                                              latents.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        vae = self.vae
+        dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = self.pipe._patchify_latents(dist.mean if generator is None else dist.sample(generator))
+        mean, std = self._batch_norm(latents)
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        vae = self.vae
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        mean, std = self._batch_norm(latents)
+        with sliced_decoding(vae):
+            return vae.decode(self.pipe._unpatchify_latents(latents * std + mean)).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), device=self.device)
+        return Conditioning(embeds=embeds)
+
+    def sampling_scheduler(self, steps, latent_shape):
+        """Flux2KleinPipeline's grid: sigmas linspace(1, 1/steps) shifted by its empirical ``mu``."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        mu = compute_empirical_mu(image_seq_len=latent_shape[-2] * latent_shape[-1], num_steps=steps)
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+        return scheduler
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        net = denoiser or self.denoiser
+        n, c, h, w = latents.shape
+        pipe = self.pipe
+        guidance = None
+        if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
+            guidance = torch.full((n,), self.distilled_guidance, device=latents.device, dtype=torch.float32)
+        out = net(
+            hidden_states=pipe._pack_latents(latents),
+            timestep=timesteps.to(latents.dtype) / 1000,
+            guidance=guidance,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=pipe._prepare_text_ids(cond.embeds).to(latents.device),
+            img_ids=pipe._prepare_latent_ids(latents).to(latents.device),
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1).reshape(n, c, h, w)  # the tokens back in row-major order
+
+
 class PixArtBackbone(Backbone):
     """PixArt-alpha / sigma DiT: T5 text encoder with attention mask, learned-sigma output."""
 
@@ -496,6 +575,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "FluxPipeline": FluxBackbone,
     "ZImagePipeline": ZImageBackbone,
     "QwenImagePipeline": QwenImageBackbone,
+    "Flux2KleinPipeline": Flux2Backbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
 }

@@ -47,7 +47,7 @@ def generate(
         for start in tqdm(range(0, len(prompts), batch_size), desc=label, unit="batch", disable=not progress):
             chunk = slice(start, start + batch_size)
             generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds[chunk]]
-            images = pipe(list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
+            images = pipe(prompt=list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
                           generator=generators, output_type="pt", **size, **pipeline_kwargs).images
             out.append(images.float().cpu())
     return torch.cat(out)
