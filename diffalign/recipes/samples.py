@@ -160,7 +160,8 @@ def _image_file(data: bytes, path: Path, base: Path) -> str:
 
 
 EXAMPLE_LAYOUTS = {
-    "pairs": lambda path: pickapic_parquet(path, 4),
+    # with PickScore's scores of both images as pickscore_0/1, the columns sdxl_smpo.yaml reads
+    "pairs": lambda path: pickapic_parquet(path, 4, extra_scores=("pickscore",)),
     "ranked": lambda path: ranked_parquet(path),
     "images": lambda path: images_parquet(path, 4),
     "labelled_images": lambda path: images_parquet(path, 4, labels=[1, 0, 1, 0]),

@@ -53,23 +53,11 @@ class SampleData:
         return self._made[layout]
 
     def _write(self, layout: str) -> Path:
-        root = self.root
-        writers = {
-            "pairs": lambda: samples.pickapic_parquet(root / "pairs.parquet", 4, extra_scores=("pickscore",)),
-            "ranked": lambda: samples.ranked_parquet(root / "ranked.parquet"),
-            "images": lambda: samples.images_parquet(root / "images.parquet", 4),
-            "labelled_images": lambda: samples.images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0]),
-            "lm": lambda: samples.chat_lm(root / "chat-lm"),
-            "text_pairs": lambda: samples.conversations_parquet(root / "conversations.parquet"),
-            "text_unpaired": lambda: samples.conversations_parquet(root / "labelled-conversations.parquet",
-                                                                   layout="unpaired"),
-            "text_ranked": lambda: samples.conversations_parquet(root / "ranked-conversations.parquet",
-                                                                 layout="ranked"),
-        }
-        if layout not in writers:
-            raise KeyError(f"no sample dataset of layout {layout!r}; layouts: {', '.join(writers)}")
-        root.mkdir(parents=True, exist_ok=True)
-        return writers[layout]()
+        if layout == "lm":
+            return samples.chat_lm(self.root / "chat-lm")
+        if layout not in samples.EXAMPLE_LAYOUTS:
+            raise KeyError(f"no sample dataset of layout {layout!r}; layouts: lm, {', '.join(samples.EXAMPLE_LAYOUTS)}")
+        return samples.write_example(layout, self.root / f"{layout}.parquet")
 
 
 @dataclass(frozen=True)
