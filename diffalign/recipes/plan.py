@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from diffalign.data.check import check_dataset
+from diffalign.diffusion.distilled import distilled_warning
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.objectives import OBJECTIVES
@@ -62,9 +63,11 @@ def local_tokenizer(model_path: str) -> Any:
 def _model_lines(config: Config) -> list[str]:
     path = config.model.path
     local = find_locally(path)
-    if local is not None:
-        return [f"model: {path} (on this machine: {local})"]
-    return [f"model: {path}: not on this machine. {how_to_get(path)}."]
+    found = f"model: {path} (on this machine: {local})" if local is not None else \
+        f"model: {path}: not on this machine. {how_to_get(path)}."
+    if OBJECTIVES[config.objective.name].family == "lm":  # a distilled language model is another matter
+        return [found]
+    return [found] + ([f"  {said}"] if (said := distilled_warning(path)) else [])
 
 
 def _data_lines(config: Config, layout: str, rows: int) -> tuple[list[str], int | None]:

@@ -52,6 +52,7 @@ from diffalign.data.open import open_dataset
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
+from diffalign.diffusion.distilled import distilled_warning
 from diffalign.diffusion.finetuned import is_finished_run
 from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import UserError
@@ -251,6 +252,9 @@ class PreferenceTrainer:
     def _build_models(self, frozen_reference: bool) -> None:
         """Sets ``module`` (the trained module), ``reference`` (a frozen copy or None), ``params`` (the trained
         parameters) and ``encoder`` (the latent cache or None)."""
+        said = distilled_warning(self.config.model.path)
+        if said and self.accelerator.is_main_process:
+            print(said, file=sys.stderr, flush=True)
         self.backbone, self.reference = build_models(self.config, self.accelerator.device, frozen_reference)
         self.module = self.backbone.denoiser
         self.params = [p for p in self.module.parameters() if p.requires_grad]
