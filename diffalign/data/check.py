@@ -117,11 +117,7 @@ def check_dataset(dc: Any, layout: str | None = None, *, tokenizer: Any = None, 
             dc = dataclasses.replace(dc, label_column="label")
     if layout not in LAYOUTS:
         raise UserError(f"unknown layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
-    on_error, dc.on_error = dc.on_error, "skip"
-    try:
-        dataset: ImageRows = open_dataset(dc, layout, tokenizer)
-    finally:
-        dc.on_error = on_error
+    dataset: ImageRows = open_dataset(dataclasses.replace(dc, on_error="skip"), layout, tokenizer)
     rows = len(dataset.source)
     read = min(limit, len(dataset)) if limit is not None else len(dataset)
     example = None

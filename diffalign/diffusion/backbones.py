@@ -131,6 +131,13 @@ class Backbone:
         self.pipe = pipe
         self.distilled_guidance = distilled_guidance
 
+    def guidance_embedding(self, n: int, device: torch.device) -> Tensor | None:
+        """The guidance value a guidance-distilled denoiser (its config's ``guidance_embeds``) is given for ``n``
+        items, ``distilled_guidance`` each; None for a denoiser without that embedding."""
+        if not getattr(self.denoiser.config, "guidance_embeds", False):  # the denoiser: the net may be a DDP wrapper
+            return None
+        return torch.full((n,), self.distilled_guidance, device=device, dtype=torch.float32)
+
     @property
     def denoiser(self) -> nn.Module:
         return getattr(self.pipe, self.denoiser_attr)
@@ -208,6 +215,14 @@ class Backbone:
         raise NotImplementedError
 
 
+class TokenShiftedGrid:
+    """For backbones whose pipelines sample on :func:`token_shifted_scheduler`'s grid (FLUX.1, Z-Image,
+    Qwen-Image)."""
+
+    def sampling_scheduler(self, steps, latent_shape):
+        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
+
+
 class SDBackbone(Backbone):
     """Stable Diffusion 1.x / 2.x: one CLIP text encoder, epsilon or v-prediction UNet."""
 
@@ -281,7 +296,7 @@ class SD3Backbone(Backbone):
         )[0]
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(TokenShiftedGrid, Backbone):
     """FLUX.1 (dev, schnell) MMDiT: CLIP-L pooled and T5 token embeddings, flow matching, 2x2-packed latents.
 
     The transformer sees each 2x2 patch of the (N, C, h, w) latents as one token of 4C channels
@@ -311,10 +326,6 @@ class FluxBackbone(Backbone):
                                                     max_sequence_length=max_len)
         return Conditioning(embeds=embeds, pooled=pooled)
 
-    def sampling_scheduler(self, steps, latent_shape):
-        """FluxPipeline's grid (:func:`token_shifted_scheduler`)."""
-        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
-
     def predict(self, latents, timesteps, cond, denoiser=None):
         net = denoiser or self.denoiser
         n, c, h, w = latents.shape
@@ -322,9 +333,7 @@ class FluxBackbone(Backbone):
         tokens = pipe._pack_latents(latents, n, c, h, w)  # FluxPipeline's own packing, ids and unpacking
         image_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype)
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
-        guidance = None
-        if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
-            guidance = torch.full((n,), self.distilled_guidance, device=latents.device, dtype=torch.float32)
+        guidance = self.guidance_embedding(n, latents.device)
         out = net(
             hidden_states=tokens,
             timestep=timesteps.to(latents.dtype) / 1000,
@@ -339,7 +348,7 @@ class FluxBackbone(Backbone):
         return pipe._unpack_latents(out, h * scale, w * scale, scale)
 
 
-class ZImageBackbone(Backbone):
+class ZImageBackbone(TokenShiftedGrid, Backbone):
     """Z-Image and Z-Image-Turbo: a single-stream DiT over the Qwen3 text encoder's second-to-last hidden states,
     flow matching on the FLUX VAE's latents.
 
@@ -362,10 +371,6 @@ class ZImageBackbone(Backbone):
         mask = positions[None] < torch.tensor(lengths, device=padded.device)[:, None]
         return Conditioning(embeds=padded, mask=mask)
 
-    def sampling_scheduler(self, steps, latent_shape):
-        """ZImagePipeline's grid, FLUX's (:func:`token_shifted_scheduler`)."""
-        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
-
     def predict(self, latents, timesteps, cond, denoiser=None):
         net = denoiser or self.denoiser
         dtype = self.denoiser.dtype  # net may be a DDP wrapper
@@ -375,7 +380,7 @@ class ZImageBackbone(Backbone):
         return -torch.stack(out).squeeze(2).to(latents.dtype)
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(TokenShiftedGrid, Backbone):
     """Qwen-Image: an MMDiT over the last hidden states of Qwen2.5-VL (its system prompt dropped, as the pipeline
     does), flow matching on the latents of its own causal video VAE (one frame), 2x2-packed into tokens.
 
@@ -427,17 +432,11 @@ class QwenImageBackbone(Backbone):
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return Conditioning(embeds=embeds, mask=mask)
 
-    def sampling_scheduler(self, steps, latent_shape):
-        """QwenImagePipeline's grid, FLUX's (:func:`token_shifted_scheduler`)."""
-        return token_shifted_scheduler(self.scheduler, steps, latent_shape)
-
     def predict(self, latents, timesteps, cond, denoiser=None):
         net = denoiser or self.denoiser
         n, c, h, w = latents.shape
         pipe = self.pipe
-        guidance = None
-        if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
-            guidance = torch.full((n,), self.distilled_guidance, device=latents.device, dtype=torch.float32)
+        guidance = self.guidance_embedding(n, latents.device)
         out = net(
             hidden_states=pipe._pack_latents(latents, n, c, h, w),
             timestep=timesteps.to(latents.dtype) / 1000,
@@ -515,9 +514,7 @@ class Flux2Backbone(Backbone):
         net = denoiser or self.denoiser
         n, c, h, w = latents.shape
         pipe = self.pipe
-        guidance = None
-        if self.denoiser.config.guidance_embeds:  # net may be a DDP wrapper
-            guidance = torch.full((n,), self.distilled_guidance, device=latents.device, dtype=torch.float32)
+        guidance = self.guidance_embedding(n, latents.device)
         out = net(
             hidden_states=pipe._pack_latents(latents),
             timestep=timesteps.to(latents.dtype) / 1000,
