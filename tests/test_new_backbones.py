@@ -96,7 +96,7 @@ def test_flux2_klein_predict_is_the_pipelines_own_call_on_its_normalised_patchif
                                guidance=None, encoder_hidden_states=embeds, txt_ids=text_ids,
                                img_ids=pipe._prepare_latent_ids(latents), return_dict=False)[0]
         ours = backbone.predict(latents, torch.tensor([500.0, 20.0]), cond)
-    torch.testing.assert_close(ours, pipe._unpack_latents_with_ids(out, pipe._prepare_latent_ids(latents), 8, 8))
+    torch.testing.assert_close(ours, pipe._unpack_latents_with_ids(out, pipe._prepare_latent_ids(latents)))
     _grid_of(pipe, backbone)
 
 
