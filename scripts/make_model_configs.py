@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-pixart``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-pixart``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``z-image-turbo``, ``qwen-image``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -351,6 +351,11 @@ def tiny() -> None:
          "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
          "axes_dims_rope": [4, 6, 6]},
         tiny_vae, clip_text(32, 2, 4), t5_encoder(32, 2, 4, 64, 8), dynamic=True))
+    write_pipeline("tiny-flux-kontext", "FluxKontextPipeline", flux_parts(
+        {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+         "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
+         "axes_dims_rope": [4, 6, 6]},
+        tiny_vae, clip_text(32, 2, 4), t5_encoder(32, 2, 4, 64, 8), dynamic=True))
     write_pipeline("tiny-zimage", "ZImagePipeline", z_image_parts(
         {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 32, "n_layers": 2,
          "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 16,
@@ -470,6 +475,9 @@ def full_size() -> None:
     t5_xxl = t5_encoder(4096, 24, 64, 10240, 64)
     write_pipeline("flux-dev", "FluxPipeline", flux_parts({**flux, "guidance_embeds": True}, flux_vae, clip_l, t5_xxl,
                                                           dynamic=True))
+    # FLUX.1 Kontext dev: FLUX.1-dev's architecture and scheduler, trained to read a source image's tokens too
+    write_pipeline("flux-kontext-dev", "FluxKontextPipeline", flux_parts({**flux, "guidance_embeds": True}, flux_vae,
+                                                                         clip_l, t5_xxl, dynamic=True))
     write_pipeline("flux-schnell", "FluxPipeline", flux_parts({**flux, "guidance_embeds": False}, flux_vae, clip_l,
                                                               t5_xxl, dynamic=False))
     # Z-Image(-Turbo), Tongyi-MAI: 30 single-stream blocks of width 3840 (30 heads) after 2 noise- and 2 caption-

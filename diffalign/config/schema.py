@@ -120,6 +120,10 @@ class DataConfig:
     caption_column: str = "caption"
     # the two image columns (JPEG/PNG bytes, or paths relative to a .jsonl index)
     image_columns: list = field(default_factory=lambda: ["jpg_0", "jpg_1"])
+    # preferences over edits: the columns of each row's source images (one, or several for Qwen-Image-Edit-Plus and
+    # FLUX.2), which the edit model is conditioned on while the caption is the instruction; every item of the row
+    # (both images of a pair, a list's K) is an edit of the same sources. Empty = text-to-image data
+    source_columns: list = field(default_factory=list)
     # the label column of the first image (1 = first wins, 0 = second wins, 0.5 = tie); for
     # diffusion_kto the column of each image's binary label (1/true liked, 0/false not)
     label_column: str = "label_0"

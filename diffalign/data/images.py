@@ -13,6 +13,7 @@ whose label is missing or not binary is dropped when the table loads.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from diffalign.data.pairs import DEFAULT_MAX_IMAGE_PIXELS, BadRow, GroupExample, ImageRows
@@ -35,10 +36,12 @@ class CaptionedImageDataset(ImageRows):
 
     def __init__(self, path: str | Path, *, resolution: int, caption_column: str = "caption",
                  image_column: str = "image", label_column: str | None = None, on_error: str = "skip",
-                 split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 source_columns: Sequence[str] = ()) -> None:
         labelled = [label_column] if label_column else []
         super().__init__(path, resolution=resolution, required=[caption_column, image_column, *labelled],
-                         on_error=on_error, split=split, max_image_pixels=max_image_pixels)
+                         on_error=on_error, split=split, max_image_pixels=max_image_pixels,
+                         source_columns=source_columns)
         self.caption_column, self.image_column = caption_column, image_column
         self.labels: list[float] | None = None
         if label_column:
@@ -66,4 +69,4 @@ class CaptionedImageDataset(ImageRows):
         pixels, image_id = self._decode(row.get(self.image_column), index, self.image_column, decode)
         preference = 1.0 if self.labels is None else self.labels[index]
         return GroupExample(index, caption, None if pixels is None else pixels[None], (image_id,),
-                            preference=preference)
+                            preference=preference, **self._sources(row, index, decode))

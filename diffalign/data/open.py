@@ -29,7 +29,8 @@ def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
                                weight_column=dc.weight_column, margin_column=dc.margin_column,
                                reward_columns=tuple(dc.reward_columns) or None, **common)
     images = {"on_error": dc.on_error, "split": dc.split, "max_image_pixels": dc.max_image_pixels,
-              "resolution": dc.resolution, "caption_column": dc.caption_column}
+              "resolution": dc.resolution, "caption_column": dc.caption_column,
+              "source_columns": tuple(dc.source_columns)}
     if layout in ("images", "labelled_images"):
         return CaptionedImageDataset(dc.path, image_column=dc.image_column,
                                      label_column=dc.label_column if layout == "labelled_images" else None, **images)

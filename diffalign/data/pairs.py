@@ -319,6 +319,10 @@ class GroupExample:
     weight: float = 1.0  # how many times the pair's loss counts (data.weight_column; pairs)
     margin: float | None = None  # the pair's target margin (data.margin_column, for dpo_margin; pairs)
     reward_gap: float | None = None  # a reward model's score of the winner minus the loser's (data.reward_columns)
+    # an edit's source images, the same for every item of the group (data.source_columns): (S, 3, R, R), None when
+    # read with decode=False or when the data has no source column
+    sources: Tensor | None = None
+    source_ids: tuple[str, ...] = ()  # content hashes of the source images (cache keys)
 
 
 PRINTED_PER_COLUMN = 10  # bad rows of one column said one by one as they are met; the rest only counted
@@ -329,7 +333,11 @@ class ImageRows:
     """Shared by the datasets: a :class:`RowSource`, column checks, image decoding and the bad-row policy."""
 
     def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str,
-                 split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 source_columns: Sequence[str] = ()) -> None:
+        """``source_columns``: the columns of an edit's source images (one or several), read with each row."""
+        required = [*required, *source_columns]
+        self.source_columns = tuple(source_columns)
         self.source = RowSource(path, split)
         self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
         self.resolution = resolution
@@ -410,6 +418,14 @@ class ImageRows:
             raise BadRow(index, column, "caption is missing or empty")
         return caption
 
+    def _sources(self, row: dict, index: int, decode: bool) -> dict[str, Any]:
+        """The row's source images (``source_columns``) as :class:`GroupExample` fields; none without them."""
+        if not self.source_columns:
+            return {}
+        decoded = [self._decode(row.get(column), index, column, decode) for column in self.source_columns]
+        return {"sources": torch.stack([p for p, _ in decoded]) if decode else None,
+                "source_ids": tuple(i for _, i in decoded)}
+
     def _decode(self, value: Any, index: int, column: str, decode: bool = True) -> tuple[Tensor | None, str]:
         """(3, R, R) pixels and the content hash of one image cell; only the hash when not ``decode``."""
         try:
@@ -446,6 +462,7 @@ class PairDataset(ImageRows):
         ensemble: str = "none",
         reward_columns: tuple[str, str] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        source_columns: Sequence[str] = (),
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
@@ -453,7 +470,8 @@ class PairDataset(ImageRows):
         if ensemble != "none" and not ensemble_columns:
             raise ValueError(f"ensemble={ensemble!r} judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
-                         on_error=on_error, split=split, max_image_pixels=max_image_pixels)
+                         on_error=on_error, split=split, max_image_pixels=max_image_pixels,
+                         source_columns=source_columns)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)
@@ -567,4 +585,4 @@ class PairDataset(ImageRows):
         preference = max(label, 1 - label) if self.softened is None else self.softened[index]
         return GroupExample(index, caption, pixels, tuple(i for _, i in decoded), preference=preference,
                             weight=1.0 if weight is None else weight, margin=margin,
-                            reward_gap=self.reward_gaps[index])
+                            reward_gap=self.reward_gaps[index], **self._sources(row, index, decode))

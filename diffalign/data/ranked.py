@@ -13,6 +13,7 @@ counted, or an error with ``on_error="raise"``). Images are returned best first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,9 +34,11 @@ class RankedListDataset(ImageRows):
         on_error: str = "skip",
         split: str = "train",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        source_columns: Sequence[str] = (),
     ) -> None:
         super().__init__(path, resolution=resolution, required=[caption_column, images_column, scores_column],
-                         on_error=on_error, split=split, max_image_pixels=max_image_pixels)
+                         on_error=on_error, split=split, max_image_pixels=max_image_pixels,
+                         source_columns=source_columns)
         self.caption_column, self.images_column, self.scores_column = caption_column, images_column, scores_column
         lengths = self.source.list_lengths(images_column)  # not the images: they stay on disk until read
         usable = [n for n in lengths if n >= 2]
@@ -64,4 +67,5 @@ class RankedListDataset(ImageRows):
         scores = torch.tensor([float(s) for s in row[self.scores_column]])
         order = torch.argsort(scores, descending=True, stable=True)
         pixels = torch.stack([decoded[i][0] for i in order]) if decode else None
-        return GroupExample(index, caption, pixels, tuple(decoded[i][1] for i in order), scores=scores[order])
+        return GroupExample(index, caption, pixels, tuple(decoded[i][1] for i in order), scores=scores[order],
+                            **self._sources(row, index, decode))

@@ -56,7 +56,7 @@ class ExampleReader:
             try:
                 if self.is_cached is not None:
                     hashed = self.augment(position, self.dataset.read(item, decode=False))
-                    if self.is_cached(hashed.image_ids):
+                    if self.is_cached(hashed.image_ids + hashed.source_ids):
                         return hashed, bad
                 # decodes, which also checks the images
                 return self.augment(position, self.dataset.read(item)), bad

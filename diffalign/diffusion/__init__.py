@@ -6,6 +6,7 @@ from diffalign.diffusion.backbones import (
     Backbone,
     Conditioning,
     backbone_for,
+    check_sources,
     configure_denoiser,
 )
 from diffalign.diffusion.cache import CachedEncoder, TensorCache, content_key
@@ -55,6 +56,7 @@ __all__ = [
     "reference_denoiser",
     "add_lora",
     "backbone_for",
+    "check_sources",
     "build_random_pipeline",
     "configure_denoiser",
     "content_key",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar, Iterator
 
@@ -52,11 +52,14 @@ class Conditioning:
         embeds: (N, L, D) token embeddings.
         pooled: (N, P) pooled embeddings (SDXL text_embeds, SD3 pooled_projections), or None.
         mask: (N, L) attention mask of the tokens (PixArt), or None.
+        reference: (N, S, C, h, w) latents of each prompt's S source images, which an edit model
+            (:attr:`Backbone.max_sources`) reads beside the noisy latents; None for text-to-image.
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     mask: Tensor | None = None
+    reference: Tensor | None = None
 
     def _map(self, fn) -> "Conditioning":
         return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -68,11 +71,10 @@ class Conditioning:
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         """Move to a device; floating tensors (not the mask) also to ``dtype``."""
-        return Conditioning(
-            embeds=self.embeds.to(device=device, dtype=dtype),
-            pooled=None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
-            mask=None if self.mask is None else self.mask.to(device=device),
-        )
+        return Conditioning(**{
+            f.name: None if getattr(self, f.name) is None else
+            getattr(self, f.name).to(device=device, dtype=None if f.name == "mask" else dtype)
+            for f in fields(self)})
 
     def __getitem__(self, index) -> "Conditioning":
         return self._map(lambda t: t[index])
@@ -89,8 +91,8 @@ class Conditioning:
         if any(c.embeds.shape[1] != longest for c in items):
             if any(c.mask is None for c in items):
                 raise ValueError("prompts of different token counts need their attention masks to be joined")
-            items = [cls(embeds=F.pad(c.embeds, (0, 0, 0, longest - c.embeds.shape[1])), pooled=c.pooled,
-                         mask=F.pad(c.mask, (0, longest - c.mask.shape[1]))) for c in items]
+            items = [replace(c, embeds=F.pad(c.embeds, (0, 0, 0, longest - c.embeds.shape[1])),
+                             mask=F.pad(c.mask, (0, longest - c.mask.shape[1]))) for c in items]
         first = items[0]
         return cls(**{
             f.name: None if getattr(first, f.name) is None else torch.cat([getattr(c, f.name) for c in items])
@@ -124,6 +126,9 @@ class Backbone:
     denoiser_attr: ClassVar[str] = "unet"
     # latent pixels per side of one denoiser token: 1 for a UNet; None reads the transformer's own patch_size
     latent_patch: ClassVar[int | None] = 1
+    # how many source images an edit model reads beside its noisy latents (``Conditioning.reference``); 0 for a
+    # text-to-image model, which a run on edit data (data.source_columns) refuses
+    max_sources: ClassVar[int] = 0
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5) -> None:
         """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
@@ -332,6 +337,13 @@ class FluxBackbone(TokenShiftedGrid, Backbone):
         pipe = self.pipe
         tokens = pipe._pack_latents(latents, n, c, h, w)  # FluxPipeline's own packing, ids and unpacking
         image_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype)
+        if cond.reference is not None:  # Kontext: the source's tokens follow, their ids' first axis 1
+            source = cond.reference[:, 0].to(latents.dtype)
+            source_ids = pipe._prepare_latent_image_ids(n, source.shape[-2] // 2, source.shape[-1] // 2,
+                                                        latents.device, latents.dtype)
+            source_ids[..., 0] = 1
+            tokens = torch.cat([tokens, pipe._pack_latents(source, n, c, *source.shape[-2:])], dim=1)
+            image_ids = torch.cat([image_ids, source_ids])
         text_ids = torch.zeros(cond.embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = self.guidance_embedding(n, latents.device)
         out = net(
@@ -345,7 +357,16 @@ class FluxBackbone(TokenShiftedGrid, Backbone):
             return_dict=False,
         )[0]
         scale = self.vae_scale_factor
-        return pipe._unpack_latents(out, h * scale, w * scale, scale)
+        return pipe._unpack_latents(out[:, : (h // 2) * (w // 2)], h * scale, w * scale, scale)
+
+
+class FluxKontextBackbone(FluxBackbone):
+    """FLUX.1 Kontext: FLUX.1-dev trained to edit, reading one source image's packed latents after the noisy ones
+    (FluxKontextPipeline's ``prepare_latents``: the source's position ids have 1 on their first axis where the
+    target's have 0), its prediction taken on the target's tokens only. Without a source it generates from text."""
+
+    family = "flux-kontext"
+    max_sources = 1
 
 
 class ZImageBackbone(TokenShiftedGrid, Backbone):
@@ -464,6 +485,7 @@ class Flux2Backbone(Backbone):
     family = "flux2"
     denoiser_attr = "transformer"
     latent_patch = 2  # the VAE's latents patchified 2x2 (the transformer's own patch_size is 1)
+    max_sources = 10  # Flux2KleinPipeline's image list: reference images to edit or to take subjects from
 
     @property
     def vae_scale_factor(self) -> int:
@@ -515,16 +537,22 @@ class Flux2Backbone(Backbone):
         n, c, h, w = latents.shape
         pipe = self.pipe
         guidance = self.guidance_embedding(n, latents.device)
+        tokens, image_ids = pipe._pack_latents(latents), pipe._prepare_latent_ids(latents).to(latents.device)
+        if cond.reference is not None:  # reference images: their tokens follow, at times 10, 20, ... (_prepare_image_ids)
+            sources = cond.reference.to(latents.dtype)
+            tokens = torch.cat([tokens, *(pipe._pack_latents(sources[:, s]) for s in range(sources.shape[1]))], dim=1)
+            source_ids = pipe._prepare_image_ids([sources[:1, s] for s in range(sources.shape[1])])
+            image_ids = torch.cat([image_ids, source_ids.to(image_ids).expand(n, -1, -1)], dim=1)
         out = net(
-            hidden_states=pipe._pack_latents(latents),
+            hidden_states=tokens,
             timestep=timesteps.to(latents.dtype) / 1000,
             guidance=guidance,
             encoder_hidden_states=cond.embeds,
             txt_ids=pipe._prepare_text_ids(cond.embeds).to(latents.device),
-            img_ids=pipe._prepare_latent_ids(latents).to(latents.device),
+            img_ids=image_ids,
             return_dict=False,
         )[0]
-        return out.permute(0, 2, 1).reshape(n, c, h, w)  # the tokens back in row-major order
+        return out[:, : h * w].permute(0, 2, 1).reshape(n, c, h, w)  # the target's tokens back in row-major order
 
 
 class PixArtBackbone(Backbone):
@@ -570,6 +598,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionXLPipeline": SDXLBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
     "FluxPipeline": FluxBackbone,
+    "FluxKontextPipeline": FluxKontextBackbone,
     "ZImagePipeline": ZImageBackbone,
     "QwenImagePipeline": QwenImageBackbone,
     "Flux2KleinPipeline": Flux2Backbone,
@@ -604,6 +633,17 @@ def backbone_for(pipe, *, distilled_guidance: float = 3.5) -> Backbone:
             f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
         )
     return BACKBONES[name](pipe, distilled_guidance=distilled_guidance)
+
+
+def check_sources(backbone: Backbone, source_columns: list[str]) -> None:
+    """A clear stop before a run trains edits (``data.source_columns``) on a model that reads no source image, or
+    fewer than the data gives: it would learn the edits as text-to-image samples, silently."""
+    if len(source_columns) <= backbone.max_sources:
+        return
+    editors = sorted(name for name, cls in BACKBONES.items() if cls.max_sources)
+    reads = f"reads at most {backbone.max_sources}" if backbone.max_sources else "is a text-to-image model and reads none"
+    raise UserError(f"data.source_columns gives each prompt {len(source_columns)} source image(s), and "
+                    f"{type(backbone.pipe).__name__} {reads}. Edit models: {', '.join(editors)}.")
 
 
 def configure_denoiser(

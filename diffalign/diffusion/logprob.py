@@ -22,6 +22,8 @@ guidance, when used, is part of the policy: the guided prediction defines the me
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 
@@ -121,6 +123,8 @@ def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond
     timesteps = t.expand(x.shape[0]).to(x.device)
     if uncond is None or guidance_scale == 1.0:
         return backbone.predict(x, timesteps, cond, denoiser)
+    if cond.reference is not None and uncond.reference is None:  # an edit's unconditional branch sees its source
+        uncond = dataclasses.replace(uncond, reference=cond.reference)
     both = backbone.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
                             Conditioning.cat([uncond, cond]), denoiser)
     unconditional, conditional = both.float().chunk(2)

@@ -25,15 +25,22 @@ def png_bytes(color: tuple[int, int, int], size: int = 32, seed: int = 0) -> byt
     return buffer.getvalue()
 
 
+def source_images(rows: dict, n: int, columns: tuple[str, ...], size: int) -> None:
+    """Edit data: the columns ``columns`` of ``rows`` get each row's source images, greyish and of their own."""
+    for s, column in enumerate(columns):
+        rows[column] = [png_bytes((120, 120 + 20 * s, 120), size, 1000 + 10 * i + s) for i in range(n)]
+
+
 def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), tie_rows=(), size: int = 32,
-                     extra_scores: tuple[str, ...] = ()) -> Path:
+                     extra_scores: tuple[str, ...] = (), sources: tuple[str, ...] = ()) -> Path:
     """Pick-a-Pic v2 columns: reddish images preferred over bluish ones (label_0 alternates).
 
     Also two reward models' scores of each image (``pick_0/1``, ``aes_0/1``): pick prefers the
     reddish image by a margin of 0.01 i, aes by 0.6 on even rows and the bluish one by 0.5 on
     odd rows. ``extra_scores`` names more score columns holding pick's scores (``pickscore``: the
     ``pickscore_0/1`` that sdxl_smpo.yaml reads). ``corrupt_rows``, ``nan_rows`` and ``tie_rows``
-    make those rows' second image undecodable, their label NaN, or their label a tie (0.5).
+    make those rows' second image undecodable, their label NaN, or their label a tie (0.5). ``sources`` names
+    columns of source images, which makes the pairs edits of those (:func:`source_images`).
     """
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [],
             "pick_0": [], "pick_1": [], "aes_0": [], "aes_1": []}
@@ -59,13 +66,16 @@ def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), ti
             rows[f"{name}_1"].append(score["bad"] if first_wins else score["good"])
     for name in extra_scores:
         rows[f"{name}_0"], rows[f"{name}_1"] = rows["pick_0"], rows["pick_1"]
+    source_images(rows, n, sources, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path
 
 
-def ranked_parquet(path: Path, n: int = 4, k: int = 3, *, bad_rows=(), size: int = 32) -> Path:
-    """RankDPO/Syn-Pic layout: per prompt a list of k images (redder = better) with shuffled scores."""
+def ranked_parquet(path: Path, n: int = 4, k: int = 3, *, bad_rows=(), size: int = 32,
+                   sources: tuple[str, ...] = ()) -> Path:
+    """RankDPO/Syn-Pic layout: per prompt a list of k images (redder = better) with shuffled scores; edits of the
+    images in the ``sources`` columns when any are named."""
     rows = {"caption": [], "images": [], "scores": [], "generator": []}
     for i in range(n):
         order = [(j + i) % k for j in range(k)]  # list positions do not follow the ranking
@@ -75,19 +85,23 @@ def ranked_parquet(path: Path, n: int = 4, k: int = 3, *, bad_rows=(), size: int
         rows["generator"].append([f"model-{r}" for r in order])
         if i in bad_rows:
             rows["scores"][-1][0] = float("nan")
+    source_images(rows, n, sources, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path
 
 
-def images_parquet(path: Path, n: int = 6, *, bad_rows=(), size: int = 32, labels: list | None = None) -> Path:
+def images_parquet(path: Path, n: int = 6, *, bad_rows=(), size: int = 32, labels: list | None = None,
+                   sources: tuple[str, ...] = ()) -> Path:
     """Captioned images (Self-NPO's layout), with a ``label`` column when ``labels`` are given
-    (Diffusion-KTO's layout); ``bad_rows`` hold bytes that are no image."""
+    (Diffusion-KTO's layout); ``bad_rows`` hold bytes that are no image; edits of the ``sources`` columns' images
+    when any are named."""
     rows = {"caption": [f"a picture number {i}" for i in range(n)],
             "image": [b"not an image" if i in bad_rows else png_bytes((40 * i % 255, 90, 160), size, i)
                       for i in range(n)]}
     if labels is not None:
         rows["label"] = labels
+    source_images(rows, n, sources, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path
@@ -161,26 +175,27 @@ def _image_file(data: bytes, path: Path, base: Path) -> str:
 
 EXAMPLE_LAYOUTS = {
     # with PickScore's scores of both images as pickscore_0/1, the columns sdxl_smpo.yaml reads
-    "pairs": lambda path: pickapic_parquet(path, 4, extra_scores=("pickscore",)),
-    "ranked": lambda path: ranked_parquet(path),
-    "images": lambda path: images_parquet(path, 4),
-    "labelled_images": lambda path: images_parquet(path, 4, labels=[1, 0, 1, 0]),
+    "pairs": lambda path, sources=(): pickapic_parquet(path, 4, extra_scores=("pickscore",), sources=sources),
+    "ranked": lambda path, sources=(): ranked_parquet(path, sources=sources),
+    "images": lambda path, sources=(): images_parquet(path, 4, sources=sources),
+    "labelled_images": lambda path, sources=(): images_parquet(path, 4, labels=[1, 0, 1, 0], sources=sources),
     "text_pairs": lambda path: conversations_parquet(path),
     "text_unpaired": lambda path: conversations_parquet(path, layout="unpaired"),
     "text_ranked": lambda path: conversations_parquet(path, layout="ranked"),
 }
 
 
-def write_example(layout: str, path: Path) -> Path:
+def write_example(layout: str, path: Path, sources: tuple[str, ...] = ()) -> Path:
     """A small dataset of ``layout`` at ``path``: a parquet table, or for a ``.jsonl`` path an index with its
-    images in files beside it."""
+    images in files beside it. ``sources`` names the columns of an edit's source images (an image layout only)."""
     path = Path(path)
     if path.suffix not in (".parquet", ".jsonl"):
         raise ValueError(f"{path}: write a .parquet table or a .jsonl index")
+    write = EXAMPLE_LAYOUTS[layout] if not sources else lambda p: EXAMPLE_LAYOUTS[layout](p, sources=sources)
     if path.suffix == ".parquet":
-        return EXAMPLE_LAYOUTS[layout](path)
+        return write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = EXAMPLE_LAYOUTS[layout](path.with_name(f".{path.stem}.parquet"))
+    table = write(path.with_name(f".{path.stem}.parquet"))
     try:
         return as_jsonl_index(table, path)
     finally:

@@ -26,7 +26,8 @@ from diffalign.recipes import samples
 
 # a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template ("lm")
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
-        "qwen_image": "tiny-qwenimage", "z_image": "tiny-zimage", "qwen": "lm"}
+        "flux_kontext": "tiny-flux-kontext", "flux2_klein": "tiny-flux2-klein", "qwen_image": "tiny-qwenimage",
+        "z_image": "tiny-zimage", "qwen": "lm"}
 
 
 def tiny_counterpart(recipe: str | Path) -> str | None:
@@ -47,17 +48,20 @@ class SampleData:
         self.root = Path(root)
         self._made: dict[str, Path] = {}
 
-    def __getitem__(self, layout: str) -> Path:
-        if layout not in self._made:
-            self._made[layout] = self._write(layout)
-        return self._made[layout]
+    def __getitem__(self, layout: str | tuple[str, tuple[str, ...]]) -> Path:
+        """``data[layout]``, or ``data[layout, source_columns]`` for edits of source images in those columns."""
+        key = layout if isinstance(layout, tuple) else (layout, ())
+        if key not in self._made:
+            self._made[key] = self._write(*key)
+        return self._made[key]
 
-    def _write(self, layout: str) -> Path:
+    def _write(self, layout: str, sources: tuple[str, ...]) -> Path:
         if layout == "lm":
             return samples.chat_lm(self.root / "chat-lm")
         if layout not in samples.EXAMPLE_LAYOUTS:
             raise KeyError(f"no sample dataset of layout {layout!r}; layouts: lm, {', '.join(samples.EXAMPLE_LAYOUTS)}")
-        return samples.write_example(layout, self.root / f"{layout}.parquet")
+        name = layout if not sources else f"{layout}-edits-of-{'-'.join(sources)}"
+        return samples.write_example(layout, self.root / f"{name}.parquet", sources)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,10 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
     real = getattr(objective, "real_data", False)  # DDO: online, pairing real images with its samples
     if objective.dataset != "online" or real:
         layout = "images" if real else objective.dataset
-        keys.append(Override("data.path", str(data[layout]), f"a sample dataset of the recipe's layout ({layout})"))
+        sources = tuple(shipped.get("data", {}).get("source_columns") or ())
+        what = f"edits of source images in {', '.join(sources)}" if sources else ""
+        keys.append(Override("data.path", str(data[layout, sources]),
+                             f"a sample dataset of the recipe's layout ({layout}{'; ' + what if what else ''})"))
     if shipped["train"].get("adam_8bit"):
         keys.append(Override("train.adam_8bit", "false", "bitsandbytes' 8-bit AdamW needs CUDA"))
     if objective.dataset == "online":  # a round of 2 groups in 2 steps, of 2-step samples

@@ -105,6 +105,12 @@ def validate(config: Config) -> Config:
                         "or (captioned images) a folder of images with .txt captions")
     if len(config.data.image_columns) != 2:
         raise UserError("data.image_columns must name exactly two columns (the pair's images)")
+    sources = config.data.source_columns
+    if not isinstance(sources, list) or not all(isinstance(c, str) and c for c in sources):
+        raise UserError(f"data.source_columns lists the columns of each row's source images; got {sources!r}")
+    if sources and config.data.random_flip:
+        raise UserError("data.random_flip flips each image on its own, which would mirror an edit but not its "
+                        "source (data.source_columns): turn one of them off")
     for key in ("score_columns", "ensemble_columns"):
         for pair in getattr(config.data, key):
             if not _column_pair(pair):

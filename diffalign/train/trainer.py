@@ -12,6 +12,8 @@ batch B compute what one process at batch N*B computes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -352,17 +354,24 @@ class PreferenceTrainer:
         return self._encode_images(examples).cpu().contiguous(), [e.caption for e in examples]
 
     def _encode(self, examples: list) -> tuple[torch.Tensor, Any]:
-        """Latents (all images of the examples, in order) and prompt embeddings, through the cache if any."""
+        """Latents (all images of the examples, in order) and prompt embeddings, through the cache if any; an
+        edit's prompt embeddings carry its source images' latents (``Conditioning.reference``)."""
         captions = [e.caption for e in examples]
         prompts = self.backbone.encode_prompts(captions) if self.encoder is None else self.encoder.prompts(captions)
+        if examples[0].source_ids:
+            sources = self._encode_images(examples, "sources")
+            prompts = dataclasses.replace(prompts, reference=sources.view(len(examples), -1, *sources.shape[1:]))
         return self._encode_images(examples), prompts
 
-    def _encode_images(self, examples: list) -> torch.Tensor:
-        """Latents of all images of the examples, in order, through the cache if any."""
+    def _encode_images(self, examples: list, which: str = "pixels") -> torch.Tensor:
+        """Latents of all images of the examples, in order, through the cache if any: their items (``which`` =
+        "pixels") or their edit sources ("sources")."""
+        ids = [i for e in examples for i in (e.image_ids if which == "pixels" else e.source_ids)]
         if self.encoder is None:
-            return self.backbone.encode_images(torch.cat([e.pixels for e in examples]))
-        ids = [i for e in examples for i in e.image_ids]
-        images = [e.pixels[k] if e.pixels is not None else None for e in examples for k in range(len(e.image_ids))]
+            return self.backbone.encode_images(torch.cat([getattr(e, which) for e in examples]))
+        per_example = len(ids) // len(examples)
+        images = [getattr(e, which)[k] if getattr(e, which) is not None else None
+                  for e in examples for k in range(per_example)]
         return self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]))
 
     def _precompute(self, first_step: int) -> None:

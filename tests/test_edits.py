@@ -1,0 +1,141 @@
+"""Preferences over edits: FLUX.1 Kontext and FLUX.2 klein read source images beside the noisy latents as their
+pipelines feed them, edit pairs and lists (data.source_columns) train every pair/list objective on them with the
+sources' latents cached as any image's, and a run that gives sources to a text-to-image model stops."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import pickapic_parquet, ranked_parquet
+from PIL import Image
+
+from diffalign.diffusion import Conditioning, TensorCache, backbone_for, load_pipeline
+from diffalign.data.open import open_dataset
+from diffalign.errors import UserError
+from diffalign.paths import ASSETS, CONFIGS
+from diffalign.train import load_config, train
+
+MODELS = ASSETS / "models"
+
+
+def _first_transformer_call(pipe) -> dict:
+    """The keyword arguments and output of the pipeline's first transformer call (its conditional one)."""
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        if not seen:
+            seen.update(kwargs=dict(kwargs), output=output[0])
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    return seen, handle
+
+
+def _source(seed: int, size: int = 32) -> Image.Image:
+    pixels = torch.rand(size, size, 3, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray((pixels * 255).byte().numpy())
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
+
+
+def test_kontext_predict_is_the_pipelines_own_call_with_the_source_tokens_after_the_target():
+    """FluxKontextBackbone.predict, given the source's latents as ``reference``, equals the transformer's output
+    (target tokens) in FluxKontextPipeline's own first denoising call: the source packed after the noisy tokens,
+    its position ids' first axis 1, the guidance embedding; a different source changes the prediction."""
+    pipe = load_pipeline(MODELS / "tiny-flux-kontext", random_init=True)
+    backbone = backbone_for(pipe, distilled_guidance=2.5)
+    seen, handle = _first_transformer_call(pipe)
+    source = _source(0)
+    pipe(prompt="make it red", image=source, height=32, width=32, num_inference_steps=2, guidance_scale=2.5,
+         _auto_resize=False, max_area=32 * 32, max_sequence_length=64, generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    kwargs = seen["kwargs"]
+    c, h, w = backbone.latent_shape(32)
+    tokens, scale = (h // 2) * (w // 2), backbone.vae_scale_factor
+    noisy = pipe._unpack_latents(kwargs["hidden_states"][:, :tokens], 32, 32, scale)
+    cond = backbone.encode_prompts(["make it red"])
+    cond.reference = backbone.encode_images(_pixels(source))[:, None]
+    with torch.no_grad():
+        ours = backbone.predict(noisy, kwargs["timestep"] * 1000, cond)
+        other = backbone.predict(noisy, kwargs["timestep"] * 1000,
+                                 Conditioning(cond.embeds, cond.pooled,
+                                              reference=backbone.encode_images(_pixels(_source(1)))[:, None]))
+    assert kwargs["hidden_states"].shape[1] == 2 * tokens  # the pipeline did read the source
+    torch.testing.assert_close(ours, pipe._unpack_latents(seen["output"][:, :tokens], 32, 32, scale))
+    assert (ours - other).abs().max() > 1e-4
+
+
+def test_flux2_klein_predict_reads_reference_images_as_the_pipeline_feeds_them():
+    """Flux2Backbone.predict with two reference images equals Flux2KleinPipeline's own first call given those images:
+    their tokens after the target's, at times 10 and 20 of the position ids, each at its own size."""
+    pipe = load_pipeline(MODELS / "tiny-flux2-klein", random_init=True)
+    backbone = backbone_for(pipe)
+    seen, handle = _first_transformer_call(pipe)
+    sources = [_source(0, 64), _source(1, 64)]  # the pipeline reads no image under 64 pixels a side
+    pipe(prompt="put the two together", image=sources, height=32, width=32, num_inference_steps=2,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    kwargs = seen["kwargs"]
+    _, h, w = backbone.latent_shape(32)
+    per_source = (64 // backbone.vae_scale_factor) ** 2
+    assert kwargs["hidden_states"].shape[1] == h * w + 2 * per_source  # the pipeline did read both references
+    noisy = kwargs["hidden_states"][:, : h * w].permute(0, 2, 1).reshape(1, -1, h, w)
+    cond = backbone.encode_prompts(["put the two together"])
+    cond.reference = torch.stack([backbone.encode_images(_pixels(s)) for s in sources], dim=1)
+    with torch.no_grad():
+        ours = backbone.predict(noisy, kwargs["timestep"] * 1000, cond)
+    torch.testing.assert_close(ours, seen["output"][:, : h * w].permute(0, 2, 1).reshape(1, -1, h, w))
+
+
+def test_edit_rows_carry_their_sources_and_their_ids(tmp_path: Path):
+    """A pair read with data.source_columns holds its source pixels and their content hashes; a missing source
+    column is named at the start; an undecodable source is a bad row like an undecodable image."""
+    table = pickapic_parquet(tmp_path / "edits.parquet", 4, sources=("source",))
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"data.path={table}", "data.resolution=32",
+                                                              "data.source_columns=[source]"])
+    dataset = open_dataset(config.data, "pairs")
+    example = dataset.read(0)
+    assert example.sources.shape == (1, 3, 32, 32) and len(example.source_ids) == 1
+    assert dataset.read(0, decode=False).source_ids == example.source_ids
+    assert dataset.read(1).source_ids != example.source_ids
+    missing = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"data.path={table}", "data.source_columns=[before]"])
+    with pytest.raises(UserError, match="no column 'before'"):
+        open_dataset(missing.data, "pairs")
+
+
+def _edit_run(tmp_path: Path, model: str, recipe: str, data: Path, *extra: str) -> Path:
+    train(load_config(CONFIGS / recipe, [
+        f"model.path={MODELS / model}", "model.random_init=true", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
+        "data.resolution=32", "train.batch_size=2", "train.max_steps=2", "train.warmup_steps=0",
+        "validation.every=0", "data.source_columns=[source]", *extra]))
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+@pytest.mark.parametrize("recipe, layout", [("toy_diffusion_dpo.yaml", "pairs"), ("toy_rank_dpo.yaml", "ranked")])
+def test_edit_preferences_train_and_their_sources_are_cached(model, recipe, layout, tmp_path: Path):
+    """Two steps on edit pairs and ranked edit lists; with data.cache_dir the sources' latents are cached beside
+    the images' (one entry per source, more entries than a run without sources)."""
+    write = pickapic_parquet if layout == "pairs" else ranked_parquet
+    data = write(tmp_path / f"{layout}.parquet", 4, sources=("source",))
+    run = _edit_run(tmp_path, model, recipe, data, f"data.cache_dir={tmp_path / 'cache'}")
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    cache = TensorCache(tmp_path / "cache")
+    examples = 2 * 2  # two steps of two
+    assert len(cache) == examples * (2 if layout == "pairs" else 3) + examples + examples  # items, sources, prompts
+
+
+@pytest.mark.slow
+def test_a_text_to_image_model_given_sources_stops_at_start(tmp_path: Path):
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4, sources=("source",))
+    with pytest.raises(UserError, match="text-to-image model and reads none"):
+        _edit_run(tmp_path, "tiny-flux", "toy_diffusion_dpo.yaml", data)
+    with pytest.raises(UserError, match="random_flip"):
+        _edit_run(tmp_path, "tiny-flux-kontext", "toy_diffusion_dpo.yaml", data, "data.random_flip=true")
