@@ -9,10 +9,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures import pickapic_parquet, ranked_parquet
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffalign.diffusion import Conditioning, TensorCache, backbone_for, load_pipeline
 from diffalign.data.open import open_dataset
@@ -139,3 +142,32 @@ def test_a_text_to_image_model_given_sources_stops_at_start(tmp_path: Path):
         _edit_run(tmp_path, "tiny-flux", "toy_diffusion_dpo.yaml", data)
     with pytest.raises(UserError, match="random_flip"):
         _edit_run(tmp_path, "tiny-flux-kontext", "toy_diffusion_dpo.yaml", data, "data.random_flip=true")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+@pytest.mark.parametrize("objective", ["grpo", "nft", "d3po"])
+def test_online_rounds_edit_each_rows_sources(model, objective, tmp_path: Path):
+    """Edit GRPO, NFT and D3PO: online.prompts is a table of instructions with a source image each; every group is
+    sampled as edits of its row's source (saved beside the samples), and trained with the source's latents, which
+    the round keeps; a row whose source cannot be decoded is skipped as the run starts."""
+    table = pickapic_parquet(tmp_path / "prompts.parquet", 4, sources=("source",))
+    rows = pq.read_table(table).to_pydict()
+    rows["source"][1] = b"not an image"
+    pq.write_table(pa.table(rows), table)
+    config = load_config(CONFIGS / f"toy_{objective}.yaml", [
+        f"model.path={MODELS / model}", "model.random_init=true", f"output_dir={tmp_path / 'run'}",
+        "data.resolution=32", "train.batch_size=2", "train.max_steps=2", "validation.every=0",
+        f"online.prompts={table}", "data.source_columns=[source]", "online.groups_per_round=2",
+        "online.sample_batch_size=2", "online.steps_per_round=2", "objective.sample_steps=2",
+        *(["online.group_size=2", "online.reward=jpeg_incompressibility"] if objective != "d3po" else
+          ["online.reward=jpeg_incompressibility"])])
+    summary = train(config)
+    assert summary["steps"] == 2
+    round_dir = next((tmp_path / "run").glob("rounds/round*"))
+    record = json.loads((round_dir / "groups.json").read_text())
+    assert record["prompts"] == ["a picture number 0", "a picture number 2"]  # row 1's source is no image
+    assert sorted(p.name for p in (round_dir / "images").glob("*source*")) == ["group0000-source0.png",
+                                                                                  "group0001-source0.png"]
+    reference = load_file(str(round_dir / "trajectories.safetensors"))["reference"]
+    assert reference.shape[:2] == (2, 1)

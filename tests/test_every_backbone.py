@@ -52,6 +52,28 @@ def test_every_objective_trains_on_every_backbone(objective, model, data, tmp_pa
     _trains(objective, model, data, tmp_path)
 
 
+EDIT_MODELS = ["tiny-flux-kontext", "tiny-flux2-klein"]
+
+
+@pytest.fixture(scope="module")
+def edits(tmp_path_factory) -> dict[str, Path]:
+    """The same layouts as edits: each row with a source image (column ``source``)."""
+    root, sources = tmp_path_factory.mktemp("edits"), ("source",)
+    return {"pairs": pickapic_parquet(root / "pairs.parquet", 4, sources=sources),
+            "ranked": ranked_parquet(root / "ranked.parquet", sources=sources),
+            "images": images_parquet(root / "images.parquet", 4, sources=sources),
+            "labelled": images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0], sources=sources)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", EDIT_MODELS)
+@pytest.mark.parametrize("objective", sorted(o for o, kind in DATA.items() if kind and o not in ("ddo", "drift")))
+def test_every_offline_objective_trains_on_edits(objective, model, edits, tmp_path):
+    """Every objective that reads a dataset (not the online ones, which sample) on edit data: pairs, lists and
+    images of a source image each, on the edit models."""
+    _trains(objective, model, edits, tmp_path, "data.source_columns=[source]")
+
+
 @pytest.mark.parametrize("objective", sorted(set(DATA) - {"self_npo"}))  # self_npo's recipe is a full fine-tune
 def test_every_objective_trains_the_whole_flux_transformer(objective, data, tmp_path):
     _trains(objective, "tiny-flux", data, tmp_path, "train.lora_rank=0")

@@ -41,6 +41,7 @@ withdraws the pair's label (an undo, a tie or a skip on the page).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffalign.data import example_generator
-from diffalign.diffusion import Backbone
+from diffalign.data.edit_prompts import EditPrompts
+from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.logprob import sample_trajectories
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
@@ -125,7 +127,18 @@ class OnlineRounds(RoundDriver):
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared
         self.real = real
-        self.prompts = None if real is not None else read_prompts(config.online.prompts)
+        self.edits = None  # an edit model's prompts: each with its source images (data.source_columns)
+        if config.data.source_columns:
+            if real is not None:
+                raise UserError(f"{config.objective.name} pairs its samples with real images, and edit rounds "
+                                "(data.source_columns) are not built for it; train edits with an objective that samples")
+            dc = config.data
+            self.edits = EditPrompts(config.online.prompts, resolution=dc.resolution, caption_column=dc.caption_column,
+                                     source_columns=dc.source_columns, on_error=dc.on_error, split=dc.split,
+                                     max_image_pixels=dc.max_image_pixels)
+            self.prompts = [self.edits.read(p, decode=False).caption for p in range(len(self.edits))]
+        else:
+            self.prompts = None if real is not None else read_prompts(config.online.prompts)
         self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}
         self.reward_weights = parse_weights(len(self.rewards), config.online.reward_weights)
 
@@ -150,11 +163,20 @@ class OnlineRounds(RoundDriver):
             part["real"], prompts = self.real([r * g + i for i in groups])
         else:
             prompts = [self.prompts[(r * g + i) % len(self.prompts)] for i in groups]
+        reference = None
+        if self.edits is not None:  # each group edits its row's sources: their latents, kept for training
+            sources = [self.edits.read((r * g + i) % len(self.prompts)).sources for i in groups]
+            reference = torch.stack([self.backbone.encode_images(s.to(acc.device)).cpu() for s in sources])
+            part["reference"] = reference
+            for group, images in zip(groups, sources):
+                for s, image in enumerate(images):
+                    to_pil(image.add(1).div(2)).save(tmp / "images" / f"group{group:04d}-source{s}.png")
         label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
         batches, scored = [], []
         with ThreadPoolExecutor(max_workers=1) as scorer:  # batch i is scored while batch i + 1 samples
             for i in range(0, len(groups), n):
-                batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label)
+                batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label,
+                                            None if reference is None else reference[i:i + n])
                 batches.append(batch)
                 if self.rewards:
                     scored.append(scorer.submit(self._score, batch[2], [p for p in prompts[i:i + n] for _ in range(k)]))
@@ -174,11 +196,12 @@ class OnlineRounds(RoundDriver):
         """Each reward model's (N,) raw scores of N images."""
         return {name: model(images, prompts).float() for name, model in self.rewards.items()}
 
-    def _sample_groups(self, r: int, groups: list[int], prompts: list[str],
-                       label: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None,
+                       reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps), on the CPU. Each
         group draws its starting noise and step noise from its own generator, so a group is the same
-        whichever process, and whichever batch, samples it."""
+        whichever process, and whichever batch, samples it. ``reference``: (G, S, C, h, w) latents of each group's
+        source images, for an edit model."""
         obj, acc, backbone, k = self.config.objective, self.accelerator, self.backbone, self.group_size
         shape = backbone.latent_shape(self.config.data.resolution)
         generators = [example_generator(self.config.train.seed, r, 1, i) for i in groups]
@@ -187,7 +210,9 @@ class OnlineRounds(RoundDriver):
         else:
             noise = torch.cat([torch.randn((k, *shape), generator=g) for g in generators])
         step_noise = torch.cat([torch.randn((k, obj.sample_steps, *shape), generator=g) for g in generators])
-        cond = backbone.encode_prompts(prompts).repeat_items(k)
+        cond = backbone.encode_prompts(prompts)
+        cond = dataclasses.replace(cond, reference=None if reference is None else reference.to(cond.embeds.device))
+        cond = cond.repeat_items(k)
         uncond = backbone.encode_prompts([""] * k * len(groups)) if obj.sample_guidance_scale != 1.0 else None
         with torch.no_grad(), acc.autocast():
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
@@ -213,8 +238,9 @@ class OnlineRounds(RoundDriver):
 
         tensors = {"latents": by_group("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
                    "log_probs": by_group("log_probs").flatten(0, 1), "stochastic": parts[0]["stochastic"]}
-        if self.real is not None:
-            tensors["real"] = torch.cat([part["real"] for part in parts])[order]
+        for key in ("real", "reference"):  # DDO's real images; an edit round's sources
+            if key in parts[0]:
+                tensors[key] = torch.cat([part[key] for part in parts])[order]
         save_file(tensors, str(tmp / "trajectories.safetensors"))
         raw = {name: torch.cat([part[f"reward/{name}"] for part in parts])[order] for name in self.rewards}
         rewards = None
@@ -241,6 +267,9 @@ class OnlineRounds(RoundDriver):
                 (folder / "to_label.jsonl").write_text("".join(
                     json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
                                 "images": [f"images/group{i:04d}-0.png", f"images/group{i:04d}-1.png"],
+                                **({"sources": [f"images/group{i:04d}-source{s}.png"
+                                                for s in range(len(self.config.data.source_columns))]}
+                                   if self.edits is not None else {}),
                                 "winner": None}) + "\n"
                     for i in missing))
             raise NeedsLabels(f"round {r} waits for {len(missing)} human labels: see {folder / 'to_label.jsonl'}, "
@@ -266,7 +295,7 @@ class OnlineRounds(RoundDriver):
         units = self.objective.training_units(round_)
         # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards
         logged = {**self._logged_rewards(record), **units.pop("logged", {})}
-        return {**units, "prompts": record["prompts"],
+        return {**units, "prompts": record["prompts"], "reference": tensors.get("reference"),
                 "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()), "logged": logged}
 
     def _trained_steps(self, timesteps: Tensor, stochastic: Tensor) -> Tensor:
@@ -295,6 +324,13 @@ class OnlineRounds(RoundDriver):
             logged.update({f"train_reward/{name}": scores.float().mean() for name, scores in parts.items()})
         return logged
 
+    def _conditions(self, data: dict[str, Any], groups: Tensor) -> Conditioning:
+        """The conditioning of the units of ``groups``: their prompts, and an edit round's source latents."""
+        cond = self.backbone.encode_prompts([data["prompts"][i] for i in groups])
+        if data["reference"] is None:
+            return cond
+        return dataclasses.replace(cond, reference=data["reference"][groups].to(cond.embeds.device))
+
     # --- the trainer's interface ---------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         """This process's units and denoising steps for (step, micro): a pure function of (seed, step, micro)."""
@@ -311,7 +347,7 @@ class OnlineRounds(RoundDriver):
         device = acc.device
         return {
             "latents": data["latents"][units].to(device),
-            "cond": self.backbone.encode_prompts([data["prompts"][i] for i in data["prompt_of"][units]]).to(device),
+            "cond": self._conditions(data, data["prompt_of"][units]).to(device),
             "randomness": {"step": steps.to(device), **{k: v[mine].to(device) for k, v in extra.items()}},
             "targets": {name: value[units].to(device) for name, value in data["targets"].items()},
             "logged": {name: value.to(device) for name, value in data["logged"].items()},
