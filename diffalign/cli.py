@@ -180,8 +180,11 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_example(args: argparse.Namespace) -> int:
     from diffalign.recipes.samples import write_example
 
-    path = write_example(args.layout, Path(args.path))
-    print(f"wrote a {args.layout} example to {path}; read it with: diffalign data check {path}")
+    if args.sources and args.layout.startswith("text_"):
+        raise UserError(f"--sources makes rows of images edits; {args.layout} holds text")
+    path = write_example(args.layout, Path(args.path), tuple(args.sources))
+    keys = f' "data.source_columns=[{",".join(args.sources)}]"' if args.sources else ""
+    print(f"wrote a {args.layout} example to {path}; read it with: diffalign data check {path}{keys}")
     return 0
 
 
@@ -502,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("example", help="write a small example dataset of a layout, to copy its columns")
     q.add_argument("layout", choices=LAYOUT_NAMES)
     q.add_argument("path", help="a .parquet table, or a .jsonl index (its images written beside it in images/)")
+    q.add_argument("--sources", nargs="+", default=[], metavar="COLUMN",
+                   help="make the rows edits: a source image in each COLUMN (read with data.source_columns=[COLUMN]; "
+                        "image layouts only)")
     q.set_defaults(run=_cmd_data_example)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")

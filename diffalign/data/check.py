@@ -95,6 +95,8 @@ def _described(example: Any, layout: str, dataset: ImageRows) -> dict[str, Any]:
     described = {"row": example.index, "caption": example.caption[:120]}
     if example.pixels is not None:
         described["images"] = f"{example.pixels.shape[0]} x {tuple(example.pixels.shape[1:])} (resized as a run does)"
+    if example.sources is not None:
+        described["source images"] = f"{example.sources.shape[0]} x {tuple(example.sources.shape[1:])}"
     if layout == "pairs":
         described["P(first image preferred)"] = example.preference
     if layout == "labelled_images":

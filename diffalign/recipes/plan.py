@@ -35,7 +35,7 @@ SHIPPED_ARCHITECTURES = {
     "stabilityai/stable-diffusion-3.5-medium": "sd35-medium", "stabilityai/stable-diffusion-3.5-large": "sd35-large",
     "black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell",
     "PixArt-alpha/PixArt-XL-2-1024-MS": "pixart-alpha-1024", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
-    "Qwen/Qwen-Image": "qwen-image",
+    "Qwen/Qwen-Image": "qwen-image", "black-forest-labs/FLUX.1-Kontext-dev": "flux-kontext-dev",
 }
 
 

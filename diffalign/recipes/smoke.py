@@ -15,9 +15,11 @@ only shortens them (:func:`toy_size_overrides`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import yaml
 
 from diffalign.objectives import OBJECTIVES
@@ -48,20 +50,48 @@ class SampleData:
         self.root = Path(root)
         self._made: dict[str, Path] = {}
 
-    def __getitem__(self, layout: str | tuple[str, tuple[str, ...]]) -> Path:
-        """``data[layout]``, or ``data[layout, source_columns]`` for edits of source images in those columns."""
-        key = layout if isinstance(layout, tuple) else (layout, ())
+    def __getitem__(self, layout: str | tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]) -> Path:
+        """``data[layout]``, or ``data[layout, source_columns, renames]``: edits of source images in those columns,
+        with the sample's columns renamed (sample name, recipe's name) as a recipe names them."""
+        key = layout if isinstance(layout, tuple) else (layout, (), ())
         if key not in self._made:
             self._made[key] = self._write(*key)
         return self._made[key]
 
-    def _write(self, layout: str, sources: tuple[str, ...]) -> Path:
+    def _write(self, layout: str, sources: tuple[str, ...], renames: tuple[tuple[str, str], ...]) -> Path:
         if layout == "lm":
             return samples.chat_lm(self.root / "chat-lm")
         if layout not in samples.EXAMPLE_LAYOUTS:
             raise KeyError(f"no sample dataset of layout {layout!r}; layouts: lm, {', '.join(samples.EXAMPLE_LAYOUTS)}")
-        name = layout if not sources else f"{layout}-edits-of-{'-'.join(sources)}"
-        return samples.write_example(layout, self.root / f"{name}.parquet", sources)
+        tag = hashlib.sha1(repr((sources, renames)).encode()).hexdigest()[:8] if sources or renames else ""
+        path = samples.write_example(layout, self.root / f"{layout}{'-' + tag if tag else ''}.parquet", sources)
+        table = pq.read_table(path)
+        # a column the sample has already under the recipe's name (sdxl_smpo's pickscore_0/1) stays as it is
+        names = {old: new for old, new in renames if new not in table.column_names}
+        if names:
+            pq.write_table(table.rename_columns([names.get(c, c) for c in table.column_names]), path)
+        return path
+
+
+# the columns of the sample datasets, by the data key that names them in a recipe
+_SAMPLE_COLUMNS = {"caption_column": "caption", "image_columns": ["jpg_0", "jpg_1"], "label_column": "label_0",
+                   "score_columns": [["pick_0", "pick_1"], ["aes_0", "aes_1"]], "images_column": "images",
+                   "scores_column": "scores", "image_column": "image"}
+
+
+def _renames(shipped_data: dict, layout: str) -> tuple[tuple[str, str], ...]:
+    """(sample column, the recipe's column) for each column a recipe names otherwise than the sample data."""
+    sample_columns = {**_SAMPLE_COLUMNS, "label_column": "label"} if layout == "labelled_images" else _SAMPLE_COLUMNS
+
+    def flat(value) -> list[str]:
+        return [c for item in value for c in (item if isinstance(item, list) else [item])] \
+            if isinstance(value, list) else [value]
+
+    pairs = {}
+    for key, sample in sample_columns.items():
+        if key in shipped_data:
+            pairs.update(zip(flat(sample), flat(shipped_data[key])))
+    return tuple((old, new) for old, new in pairs.items() if old != new)
 
 
 @dataclass(frozen=True)
@@ -97,9 +127,11 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
     if objective.dataset != "online" or real:
         layout = "images" if real else objective.dataset
         sources = tuple(shipped.get("data", {}).get("source_columns") or ())
-        what = f"edits of source images in {', '.join(sources)}" if sources else ""
-        keys.append(Override("data.path", str(data[layout, sources]),
-                             f"a sample dataset of the recipe's layout ({layout}{'; ' + what if what else ''})"))
+        renames = _renames(shipped.get("data", {}), layout)
+        what = [f"edits of source images in {', '.join(sources)}"] if sources else []
+        what += ["in the recipe's column names"] if renames else []
+        keys.append(Override("data.path", str(data[layout, sources, renames]),
+                             f"a sample dataset of the recipe's layout ({'; '.join([layout, *what])})"))
     if shipped["train"].get("adam_8bit"):
         keys.append(Override("train.adam_8bit", "false", "bitsandbytes' 8-bit AdamW needs CUDA"))
     if objective.dataset == "online":  # a round of 2 groups in 2 steps, of 2-step samples

@@ -162,6 +162,8 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
                               enabled=tc.mixed_precision != "no")
     with torch.no_grad(), autocast:
         cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
+    if config.data.source_columns:  # an edit model reads its sources' tokens beside the target's
+        cond.reference = torch.randn(1, len(config.data.source_columns), *latent_shape)
     cond = cond.repeat_items(tc.batch_size)
     latents = torch.randn(tc.batch_size, k, *latent_shape)
     denoiser = backbone.denoiser
