@@ -17,7 +17,7 @@ from diffalign.paths import ASSETS, ROOT
 from diffalign.recipes.index import LOCAL_DATA
 from diffalign.recipes.plan import SHIPPED_ARCHITECTURES, plan_lines
 from diffalign.recipes.samples import pickapic_parquet, write_example
-from diffalign.recipes.smoke import SampleData, tiny_counterpart
+from diffalign.recipes.smoke import SampleData, recipe_overrides, tiny_counterpart
 from diffalign.train import load_config
 from diffalign.train.memory import training_step_memory
 
@@ -32,15 +32,10 @@ def samples(tmp_path_factory) -> SampleData:
 
 def _on_this_cpu(recipe: str, samples: SampleData) -> list[str]:
     """The plan's keys for a CPU: the tiny architecture (its memory is estimated in a second) and sample data."""
-    shipped = yaml.safe_load((ROOT / "configs" / recipe).read_text())
-    objective = OBJECTIVES[shipped["objective"]["name"]]
     tiny = tiny_counterpart(recipe)
     keys = [f"model.path={samples['lm'] if tiny == 'lm' else ASSETS / 'models' / tiny}"]
-    if objective.dataset != "online" or getattr(objective, "real_data", False):
-        keys.append(f"data.path={samples['images' if objective.dataset == 'online' else objective.dataset]}")
-    else:
-        keys.append("online.prompts=toy_train")
-    return keys
+    data = [str(o) for o in recipe_overrides(recipe, samples) if o.key == "data.path"]  # the smoke run's sample
+    return keys + (data or ["online.prompts=toy_train"])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
