@@ -24,8 +24,9 @@ class EditPrompts(ImageRows):
         super().__init__(path, resolution=resolution, required=[caption_column], on_error=on_error, split=split,
                          max_image_pixels=max_image_pixels, source_columns=source_columns)
         self.caption_column = caption_column
-        self.indices = list(range(len(self.source)))
-        self.indices = [self.indices[p] for p in range(len(self.indices)) if self.example(p) is not None]
+        readable = [example for position in self.indices if (example := self.example(position)) is not None]
+        self.indices = [example.index for example in readable]  # every row until then, so a position is a row
+        self.captions = [example.caption for example in readable]  # the instructions, by position
         if not self.indices:
             raise UserError(f"online.prompts {path} has no row whose instruction and source images can be read")
 

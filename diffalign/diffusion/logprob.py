@@ -22,10 +22,8 @@ guidance, when used, is part of the policy: the guided prediction defines the me
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DDIMScheduler
@@ -124,7 +122,7 @@ def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond
     if uncond is None or guidance_scale == 1.0:
         return backbone.predict(x, timesteps, cond, denoiser)
     if cond.reference is not None and uncond.reference is None:  # an edit's unconditional branch sees its source
-        uncond = dataclasses.replace(uncond, reference=cond.reference)
+        uncond = replace(uncond, reference=cond.reference)
     both = backbone.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
                             Conditioning.cat([uncond, cond]), denoiser)
     unconditional, conditional = both.float().chunk(2)

@@ -65,10 +65,10 @@ class SampleData:
             raise KeyError(f"no sample dataset of layout {layout!r}; layouts: lm, {', '.join(samples.EXAMPLE_LAYOUTS)}")
         tag = hashlib.sha1(repr((sources, renames)).encode()).hexdigest()[:8] if sources or renames else ""
         path = samples.write_example(layout, self.root / f"{layout}{'-' + tag if tag else ''}.parquet", sources)
-        table = pq.read_table(path)
-        # a column the sample has already under the recipe's name (sdxl_smpo's pickscore_0/1) stays as it is
-        names = {old: new for old, new in renames if new not in table.column_names}
-        if names:
+        if renames:
+            table = pq.read_table(path)
+            # a column the sample has already under the recipe's name (sdxl_smpo's pickscore_0/1) stays as it is
+            names = {old: new for old, new in renames if new not in table.column_names}
             pq.write_table(table.rename_columns([names.get(c, c) for c in table.column_names]), path)
         return path
 

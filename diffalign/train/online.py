@@ -136,7 +136,7 @@ class OnlineRounds(RoundDriver):
             self.edits = EditPrompts(config.online.prompts, resolution=dc.resolution, caption_column=dc.caption_column,
                                      source_columns=dc.source_columns, on_error=dc.on_error, split=dc.split,
                                      max_image_pixels=dc.max_image_pixels)
-            self.prompts = [self.edits.read(p, decode=False).caption for p in range(len(self.edits))]
+            self.prompts = self.edits.captions
         else:
             self.prompts = None if real is not None else read_prompts(config.online.prompts)
         self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}

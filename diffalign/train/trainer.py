@@ -13,7 +13,6 @@ batch B compute what one process at batch N*B computes.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import shutil
