@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-pixart``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-pixart``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -77,13 +77,28 @@ def qwen_char_tokenizer(folder: Path, max_length: int = 512) -> None:
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|im_(?:start|end)\|>|<\|endoftext\|>|[\s\S]"),
                                               behavior="isolated")
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"],
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>", *vision],
                                   model_max_length=max_length)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder)
 
 
 QWEN_CHAR_VOCAB = 4 + 95 + 1 + 3
+
+
+def qwen_vl_processor(folder: Path) -> None:
+    """Qwen2.5-VL's processor as Qwen-Image-Edit's pipelines read it (the character tokenizer above, whose image
+    tokens the processor expands to one per merged 28 px patch, and Qwen2-VL's image processor with the released
+    settings: 14 px patches merged 2x2, between 56x56 and 3584x3584 pixels)."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    qwen_char_tokenizer(folder / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    shutil.rmtree(folder / "tokenizer")
+    images = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2,
+                                   temporal_patch_size=2)
+    Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                     chat_template=CHAT_TEMPLATE).save_pretrained(folder)
 
 
 def qwen3_text(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int = QWEN_CHAR_VOCAB,
@@ -125,9 +140,11 @@ def qwen25_vl_text(hidden: int, layers: int, heads: int, kv_heads: int, intermed
     return config.to_dict()
 
 
-def qwen_image_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
-    """A QwenImagePipeline's components: Qwen2.5-VL, the MMDiT, its video VAE and a dynamically shifted scheduler."""
+def qwen_image_parts(transformer: dict, vae_config: dict, text: dict, edit: bool = False) -> dict:
+    """A QwenImagePipeline's components: Qwen2.5-VL, the MMDiT, its video VAE and a dynamically shifted scheduler;
+    ``edit``: an edit pipeline's, whose Qwen2.5-VL also sees the source images through its processor."""
     return {
+        **({"processor": ("transformers", "Qwen2VLProcessor", "qwen-vl-processor")} if edit else {}),
         "transformer": ("diffusers", "QwenImageTransformer2DModel", transformer),
         "vae": ("diffusers", "AutoencoderKLQwenImage", vae_config),
         "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration", text),
@@ -273,6 +290,8 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             t5_tokenizer(sub)
         elif config == "qwen-chat-tokenizer":
             qwen_char_tokenizer(sub)
+        elif config == "qwen-vl-processor":
+            qwen_vl_processor(sub)
         elif library == "transformers":
             write_json(sub / "config.json", config)
         elif component == "scheduler":
@@ -361,13 +380,16 @@ def tiny() -> None:
          "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 16,
          "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [8, 4, 4], "axes_lens": [256, 32, 32]},
         {**tiny_vae, "latent_channels": 16}, qwen3_text(16, 2, 2, 2, 32), shift=3.0))
-    write_pipeline("tiny-qwenimage", "QwenImagePipeline", qwen_image_parts(
+    qwen_image = (
         {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
          "num_attention_heads": 3, "joint_attention_dim": 16, "guidance_embeds": False, "axes_dims_rope": [8, 4, 4]},
         {"base_dim": 24, "z_dim": 4, "dim_mult": [1, 2, 4], "num_res_blocks": 1, "temperal_downsample": [False, True],
          "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4},
         qwen25_vl_text(16, 2, 2, 2, 16, {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                                         "out_hidden_size": 16})))
+                                         "out_hidden_size": 16}))
+    write_pipeline("tiny-qwenimage", "QwenImagePipeline", qwen_image_parts(*qwen_image))
+    write_pipeline("tiny-qwenimage-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
+    write_pipeline("tiny-qwenimage-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     # 28 layers, as the pipeline reads hidden layers 9, 18 and 27 (16 wide each: the transformer sees 48)
     write_pipeline("tiny-flux2-klein", "Flux2KleinPipeline", flux2_klein_parts(
         {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
@@ -485,14 +507,19 @@ def full_size() -> None:
     # shift of 3 (its transformer/ and scheduler/ configs on the Hub). The tokenizer here is the character-level one.
     # Qwen-Image, Qwen: 60 MMDiT blocks of width 24 x 128, 20B parameters, on Qwen2.5-VL-7B (3584 wide, 28 layers,
     # its vision tower built too) and its 16-channel video VAE (one frame for images); dynamic exponential shift
-    write_pipeline("qwen-image", "QwenImagePipeline", qwen_image_parts(
+    # Qwen-Image-Edit (QwenImageEditPipeline) and Edit-2509/2511 (QwenImageEditPlusPipeline): the same networks, the
+    # text encoder also reading the source images through Qwen2.5-VL's processor
+    qwen_image = (
         {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
          "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
          "axes_dims_rope": [16, 56, 56]},
         {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
          "temperal_downsample": [False, True, True]},
         qwen25_vl_text(3584, 28, 28, 4, 18944, {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
-                                                  "num_heads": 16, "out_hidden_size": 3584})))
+                                                  "num_heads": 16, "out_hidden_size": 3584}))
+    write_pipeline("qwen-image", "QwenImagePipeline", qwen_image_parts(*qwen_image))
+    write_pipeline("qwen-image-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
+    write_pipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("z-image-turbo", "ZImagePipeline", z_image_parts(
         {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
          "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,

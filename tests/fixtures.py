@@ -39,3 +39,26 @@ def hub_cache_with(cache: Path, repo_id: str, folder: Path, commit: str = "01234
     return repo / "snapshots" / commit
 
 
+def tiny_clip_folder(folder: Path) -> Path:
+    """A tiny random CLIPModel (32 px, projection 16) with its processor, as PickScore's or CLIP ViT-L's folder
+    is laid out, over tiny-sd15's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffalign.paths import ASSETS
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "models" / "tiny-sd15" / "tokenizer")
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16, logit_scale_init_value=4.6052)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures import pickapic_parquet, ranked_parquet
+from fixtures import pickapic_parquet, ranked_parquet, tiny_clip_folder
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -95,6 +95,59 @@ def test_flux2_klein_predict_reads_reference_images_as_the_pipeline_feeds_them()
     torch.testing.assert_close(ours, seen["output"][:, : h * w].permute(0, 2, 1).reshape(1, -1, h, w))
 
 
+def _scheduler_inputs(pipe, monkeypatch) -> list:
+    """The model outputs (guided, as the pipeline combined them) each scheduler step of ``pipe`` is given."""
+    seen, step = [], pipe.scheduler.step
+
+    def recording(model_output, *args, **kwargs):
+        seen.append(model_output)
+        return step(model_output, *args, **kwargs)
+    monkeypatch.setattr(pipe.scheduler, "step", recording)
+    return seen
+
+
+@pytest.mark.parametrize("model, sources", [("tiny-qwenimage-edit", 1), ("tiny-qwenimage-edit-plus", 2)])
+def test_qwen_image_edit_reads_its_sources_as_the_pipeline_does(model, sources, monkeypatch):
+    """Qwen-Image-Edit and Edit-Plus: the prompt's embeddings come from Qwen2.5-VL reading the instruction with the
+    source images (resized as the pipeline resizes them), the sources' packed latents follow the noisy ones, and
+    true CFG's empty prompt reads the sources too, its guided output rescaled to the conditional norm. The guided
+    prediction of the first step equals the one the pipeline hands its scheduler; other sources change the prompt."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+
+    from diffalign.diffusion.logprob import _guided
+
+    # the pipelines size sources to a fixed pixel area (1024^2 for the VAE); 32 px keeps the test on a CPU budget
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: (32, 32, None))
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 32 * 32)
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "CONDITION_IMAGE_SIZE", 32 * 32)
+    pipe = load_pipeline(MODELS / model, random_init=True)
+    backbone = backbone_for(pipe)
+    seen, handle = _first_transformer_call(pipe)
+    guided = _scheduler_inputs(pipe, monkeypatch)
+    images = [_source(s) for s in range(sources)]
+    pipe(prompt="make it red", image=images if sources > 1 else images[0], negative_prompt="", true_cfg_scale=4.0,
+         height=32, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    kwargs = seen["kwargs"]
+    _, h, w = backbone.latent_shape(32)
+    tokens, scale = (h // 2) * (w // 2), backbone.vae_scale_factor
+    assert kwargs["hidden_states"].shape[1] == (1 + sources) * tokens  # the pipeline did read every source
+    noisy = pipe._unpack_latents(kwargs["hidden_states"][:, :tokens], 32, 32, scale)[:, :, 0]
+    pixels = torch.cat([_pixels(image) for image in images])[None]
+    cond = backbone.encode_prompts(["make it red"], pixels)
+    cond.reference = backbone.encode_images(pixels[0])[None]
+    cond = cond.with_negative(backbone.encode_prompts([""], pixels))
+    timestep = kwargs["timestep"] * 1000
+    with torch.no_grad():
+        ours = backbone.predict(noisy, timestep, cond)
+        ours_guided = _guided(backbone, noisy, timestep, cond, None, 4.0, None)
+    torch.testing.assert_close(cond.embeds, kwargs["encoder_hidden_states"])
+    torch.testing.assert_close(ours, pipe._unpack_latents(seen["output"][:, :tokens], 32, 32, scale)[:, :, 0])
+    torch.testing.assert_close(ours_guided, pipe._unpack_latents(guided[0], 32, 32, scale)[:, :, 0])
+    other = backbone.encode_prompts(["make it red"], torch.cat([_pixels(_source(9))] * sources)[None])
+    assert (other.embeds - cond.embeds).abs().max() > 1e-4
+
+
 def test_edit_rows_carry_their_sources_and_their_ids(tmp_path: Path):
     """A pair read with data.source_columns holds its source pixels and their content hashes; a missing source
     column is named at the start; an undecodable source is a bad row like an undecodable image."""
@@ -120,7 +173,7 @@ def _edit_run(tmp_path: Path, model: str, recipe: str, data: Path, *extra: str) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein", "tiny-qwenimage-edit-plus"])
 @pytest.mark.parametrize("recipe, layout", [("toy_diffusion_dpo.yaml", "pairs"), ("toy_rank_dpo.yaml", "ranked")])
 def test_edit_preferences_train_and_their_sources_are_cached(model, recipe, layout, tmp_path: Path):
     """Two steps on edit pairs and ranked edit lists; with data.cache_dir the sources' latents are cached beside
@@ -145,7 +198,7 @@ def test_a_text_to_image_model_given_sources_stops_at_start(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein"])
+@pytest.mark.parametrize("model", ["tiny-flux-kontext", "tiny-flux2-klein", "tiny-qwenimage-edit"])
 @pytest.mark.parametrize("objective", ["grpo", "nft", "d3po"])
 def test_online_rounds_edit_each_rows_sources(model, objective, tmp_path: Path):
     """Edit GRPO, NFT and D3PO: online.prompts is a table of instructions with a source image each; every group is
@@ -171,3 +224,50 @@ def test_online_rounds_edit_each_rows_sources(model, objective, tmp_path: Path):
                                                                                   "group0001-source0.png"]
     reference = load_file(str(round_dir / "trajectories.safetensors"))["reference"]
     assert reference.shape[:2] == (2, 1)
+
+
+@pytest.mark.slow
+def test_guided_edit_rounds_train_on_the_conditioning_they_sampled_with(tmp_path: Path):
+    """Qwen-Image-Edit GRPO with true CFG (Flow-GRPO's guidance 4): the empty prompt of each group is read with its
+    source, in sampling and again when the step is re-scored for training, so the first step's policy ratio,
+    before any update, is 1 for every unit."""
+    table = pickapic_parquet(tmp_path / "prompts.parquet", 4, sources=("source",))
+    config = load_config(CONFIGS / "toy_grpo.yaml", [
+        f"model.path={MODELS / 'tiny-qwenimage-edit'}", "model.random_init=true", f"output_dir={tmp_path / 'run'}",
+        "data.resolution=32", "train.batch_size=2", "train.max_steps=1", "validation.every=0",
+        f"online.prompts={table}", "data.source_columns=[source]", "online.groups_per_round=2",
+        "online.sample_batch_size=2", "online.steps_per_round=1", "objective.sample_steps=2",
+        "objective.sample_guidance_scale=4.0", "online.group_size=2", "online.reward=jpeg_incompressibility"])
+    train(config)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["ratio_min"] == pytest.approx(1.0, abs=1e-5) and first["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_model_that_only_edits_needs_sources_and_no_text_only_validation(tmp_path: Path):
+    data = pickapic_parquet(tmp_path / "pairs.parquet", 4, sources=("source",))
+    with pytest.raises(UserError, match="cannot sample from text alone"):
+        _edit_run(tmp_path, "tiny-qwenimage-edit", "toy_diffusion_dpo.yaml", data, "data.source_columns=[]")
+    with pytest.raises(UserError, match="validation.every=0"):
+        _edit_run(tmp_path, "tiny-qwenimage-edit", "toy_diffusion_dpo.yaml", data, "validation.every=1")
+
+
+@pytest.mark.slow
+def test_edit_rounds_score_each_sample_against_its_source(tmp_path: Path):
+    """Flow-GRPO's edit reward: image_similarity compares each sample with its group's source (a cosine, at most 1),
+    weighed with another reward; a run that samples from text alone is refused it at the start."""
+    clip = tiny_clip_folder(tmp_path / "clip")
+    table = pickapic_parquet(tmp_path / "prompts.parquet", 4, sources=("source",))
+    overrides = [f"model.path={MODELS / 'tiny-qwenimage-edit-plus'}", "model.random_init=true",
+                 f"output_dir={tmp_path / 'run'}", "data.resolution=32", "train.batch_size=2", "train.max_steps=1",
+                 "validation.every=0", f"online.prompts={table}", "online.groups_per_round=2",
+                 "online.sample_batch_size=2", "online.steps_per_round=1", "objective.sample_steps=2",
+                 "online.group_size=2", f"online.reward=[image_similarity:{clip}, jpeg_incompressibility]",
+                 "online.reward_weights=[0.2, 0.8]"]
+    train(load_config(CONFIGS / "toy_grpo.yaml", [*overrides, "data.source_columns=[source]"]))
+    record = json.loads(next((tmp_path / "run").glob("rounds/round*/groups.json")).read_text())
+    similarity = torch.tensor(record["reward_parts"]["image_similarity"])
+    assert similarity.shape == (2, 2) and (similarity <= 1 + 1e-5).all() and (similarity > 0).all()
+    text_only = [o.replace("tiny-qwenimage-edit-plus", "tiny-flux") for o in overrides if "online.prompts" not in o]
+    with pytest.raises(UserError, match="compares each edit with its source"):
+        train(load_config(CONFIGS / "toy_grpo.yaml", [*text_only, f"output_dir={tmp_path / 'run2'}"]))

@@ -52,7 +52,7 @@ def test_every_objective_trains_on_every_backbone(objective, model, data, tmp_pa
     _trains(objective, model, data, tmp_path)
 
 
-EDIT_MODELS = ["tiny-flux-kontext", "tiny-flux2-klein"]
+EDIT_MODELS = ["tiny-flux-kontext", "tiny-flux2-klein", "tiny-qwenimage-edit-plus"]
 
 
 @pytest.fixture(scope="module")

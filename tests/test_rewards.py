@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixtures import tiny_clip_folder
+
 from diffalign.errors import UserError
 from diffalign.rewards import (
     Aesthetic,
@@ -45,41 +47,28 @@ def _clip_normalised(images: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def pickscore_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    folder = tmp_path_factory.mktemp("pickscore")
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets/models/tiny-sd15/tokenizer")
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                         vocab_size=len(tokenizer), max_position_embeddings=77,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16, logit_scale_init_value=4.6052)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(folder)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    processor.save_pretrained(folder)
-    return folder
+    return tiny_clip_folder(tmp_path_factory.mktemp("pickscore"))
 
 
-def test_pickscore_is_the_scaled_cosine_of_clip_embeddings_by_hand(pickscore_dir):
-    from transformers import AutoTokenizer, CLIPModel
+def test_image_similarity_is_the_cosine_of_clip_image_embeddings_by_hand(pickscore_dir):
+    """An edit scored against its sources: the cosine of the two CLIP image embeddings, averaged over the sources;
+    an unchanged image scores 1; without sources it says what it needs."""
+    from transformers import CLIPModel
 
-    reward = load_reward(f"pickscore:{pickscore_dir}:batch_size=2")
-    assert isinstance(reward, PickScore) and reward.name == "pickscore"
-    scores = reward(_images(), PROMPTS)
-
+    reward = load_reward(f"image_similarity:{pickscore_dir}:batch_size=2")
+    images = _images()
+    sources = torch.stack([images.flip(0), images.flip(-1)], dim=1)  # two sources per image
     model = CLIPModel.from_pretrained(pickscore_dir).eval()
-    tokens = AutoTokenizer.from_pretrained(pickscore_dir)(PROMPTS, padding=True, return_tensors="pt")
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return model.visual_projection(model.vision_model(pixel_values=_clip_normalised(x)).pooler_output)
     with torch.no_grad():
-        image = model.visual_projection(model.vision_model(pixel_values=_clip_normalised(_images())).pooler_output)
-        text = model.text_projection(model.text_model(**tokens).pooler_output)
-    expected = model.logit_scale.exp() * F.cosine_similarity(image, text, dim=-1)
-    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
-    assert abs(float(model.logit_scale.detach().exp()) - 100.0) < 0.01  # scores are on PickScore's scale
+        edited = embed(images)
+        expected = torch.stack([F.cosine_similarity(edited, embed(sources[:, s]), dim=-1) for s in range(2)]).mean(0)
+    torch.testing.assert_close(reward(images, PROMPTS, sources), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reward(images, PROMPTS, images[:, None]), torch.ones(3), rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="source images"):
+        reward(images, PROMPTS)
 
 
 def test_pickscore_without_a_processor_names_the_file_it_needs(tmp_path, pickscore_dir):

@@ -17,7 +17,7 @@ threads, and resume and multi-process runs stay exact.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from diffalign.data.order import RunOrder
 from diffalign.data.pairs import BadRow, GroupExample, ImageRows
@@ -27,14 +27,14 @@ from diffalign.errors import UserError
 class ExampleReader:
     """The usable example at each position of the run, optionally read ahead by ``workers`` threads.
 
-    ``is_cached(image_ids)`` says whether the images' latents are cached already; those
-    examples are only hashed, not decoded (their pixels are never needed). ``augment(position,
+    ``is_cached(example)`` says whether what the run encodes of an example (read undecoded: its image ids and
+    caption) is cached already; those examples are only hashed, not decoded (their pixels are never needed). ``augment(position,
     example)`` changes the example read for a position (:class:`~diffalign.data.augment.RandomFlip`),
     its image ids included, before the cache is asked.
     """
 
     def __init__(self, dataset: ImageRows, order: RunOrder, workers: int,
-                 is_cached: Callable[[Sequence[str]], bool] | None = None,
+                 is_cached: Callable[[GroupExample], bool] | None = None,
                  augment: Callable[[int, GroupExample], GroupExample] | None = None) -> None:
         self.dataset = dataset
         self.order = order
@@ -56,7 +56,7 @@ class ExampleReader:
             try:
                 if self.is_cached is not None:
                     hashed = self.augment(position, self.dataset.read(item, decode=False))
-                    if self.is_cached(hashed.image_ids + hashed.source_ids):
+                    if self.is_cached(hashed):
                         return hashed, bad
                 # decodes, which also checks the images
                 return self.augment(position, self.dataset.read(item)), bad

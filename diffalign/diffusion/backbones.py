@@ -54,12 +54,18 @@ class Conditioning:
         mask: (N, L) attention mask of the tokens (PixArt), or None.
         reference: (N, S, C, h, w) latents of each prompt's S source images, which an edit model
             (:attr:`Backbone.max_sources`) reads beside the noisy latents; None for text-to-image.
+        negative_embeds, negative_mask: the unconditional branch's own embeddings and mask of each item, where
+            they depend on the item (an edit model whose text encoder reads the sources,
+            :attr:`Backbone.prompt_reads_sources`, sees them in the empty prompt too); None: the one empty prompt
+            of every item.
     """
 
     embeds: Tensor
     pooled: Tensor | None = None
     mask: Tensor | None = None
     reference: Tensor | None = None
+    negative_embeds: Tensor | None = None
+    negative_mask: Tensor | None = None
 
     def _map(self, fn) -> "Conditioning":
         return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -83,16 +89,34 @@ class Conditioning:
         """The non-empty fields, for caching as safetensors."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    def with_negative(self, negative: "Conditioning") -> "Conditioning":
+        """This conditioning with ``negative`` (one item each) as each item's unconditional branch."""
+        return replace(self, negative_embeds=negative.embeds, negative_mask=negative.mask)
+
+    def guidance_batch(self, uncond: "Conditioning | None") -> "Conditioning":
+        """[unconditional branches; the items], for one guided denoiser call: each item's own empty prompt where
+        it has one (``negative_embeds``), else ``uncond``; an edit's unconditional branch sees its sources."""
+        negative = uncond if self.negative_embeds is None else \
+            Conditioning(embeds=self.negative_embeds, mask=self.negative_mask)
+        if self.reference is not None and negative.reference is None:
+            negative = replace(negative, reference=self.reference)
+        return Conditioning.cat([negative, replace(self, negative_embeds=None, negative_mask=None)])
+
     @classmethod
     def cat(cls, items: list["Conditioning"]) -> "Conditioning":
         """The items one after another; prompts of different token counts (Z-Image's, encoded in batches of their
-        own) padded to the longest, their mask False on the padding."""
-        longest = max(c.embeds.shape[1] for c in items)
-        if any(c.embeds.shape[1] != longest for c in items):
-            if any(c.mask is None for c in items):
+        own; an edit's, whose source images add tokens) padded to the longest, their mask False on the padding."""
+        for embeds, mask in (("embeds", "mask"), ("negative_embeds", "negative_mask")):
+            if getattr(items[0], embeds) is None:
+                continue
+            longest = max(getattr(c, embeds).shape[1] for c in items)
+            if all(getattr(c, embeds).shape[1] == longest for c in items):
+                continue
+            if any(getattr(c, mask) is None for c in items):
                 raise ValueError("prompts of different token counts need their attention masks to be joined")
-            items = [replace(c, embeds=F.pad(c.embeds, (0, 0, 0, longest - c.embeds.shape[1])),
-                             mask=F.pad(c.mask, (0, longest - c.mask.shape[1]))) for c in items]
+            items = [replace(c, **{embeds: F.pad(getattr(c, embeds), (0, 0, 0, longest - getattr(c, embeds).shape[1])),
+                                   mask: F.pad(getattr(c, mask), (0, longest - getattr(c, mask).shape[1]))})
+                     for c in items]
         first = items[0]
         return cls(**{
             f.name: None if getattr(first, f.name) is None else torch.cat([getattr(c, f.name) for c in items])
@@ -129,6 +153,11 @@ class Backbone:
     # how many source images an edit model reads beside its noisy latents (``Conditioning.reference``); 0 for a
     # text-to-image model, which a run on edit data (data.source_columns) refuses
     max_sources: ClassVar[int] = 0
+    # whether the text encoder reads the source images too (Qwen-Image-Edit's Qwen2.5-VL): its prompts are then
+    # encoded with their sources (``encode_prompts(prompts, sources)``) and cached under both
+    prompt_reads_sources: ClassVar[bool] = False
+    # the fewest sources it reads: 1 for a model that only edits (its pipeline needs an image)
+    min_sources: ClassVar[int] = 0
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5) -> None:
         """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
@@ -218,6 +247,10 @@ class Backbone:
     ) -> Tensor:
         """The denoiser's prediction for noisy ``latents`` (N, C, h, w) at ``timesteps`` (N,)."""
         raise NotImplementedError
+
+    def combine_guidance(self, unconditional: Tensor, conditional: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance as the family's pipeline combines its two predictions: u + s (c - u)."""
+        return unconditional + scale * (conditional - unconditional)
 
 
 class TokenShiftedGrid:
@@ -458,17 +491,95 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
         n, c, h, w = latents.shape
         pipe = self.pipe
         guidance = self.guidance_embedding(n, latents.device)
+        tokens, shapes = [pipe._pack_latents(latents, n, c, h, w)], [(1, h // 2, w // 2)]
+        if cond.reference is not None:  # the edit models: each source's packed tokens after the target's
+            for source in cond.reference.to(latents.dtype).unbind(1):
+                tokens.append(pipe._pack_latents(source, n, c, *source.shape[-2:]))
+                shapes.append((1, source.shape[-2] // 2, source.shape[-1] // 2))
         out = net(
-            hidden_states=pipe._pack_latents(latents, n, c, h, w),
+            hidden_states=torch.cat(tokens, dim=1),
             timestep=timesteps.to(latents.dtype) / 1000,
             guidance=guidance,
             encoder_hidden_states_mask=cond.mask,
             encoder_hidden_states=cond.embeds,
-            img_shapes=[[(1, h // 2, w // 2)]] * n,
+            img_shapes=[shapes] * n,
             return_dict=False,
         )[0]
         scale = self.vae_scale_factor
-        return pipe._unpack_latents(out, h * scale, w * scale, scale)[:, :, 0]
+        return pipe._unpack_latents(out[:, : tokens[0].shape[1]], h * scale, w * scale, scale)[:, :, 0]
+
+    def combine_guidance(self, unconditional, conditional, scale):
+        """The Qwen-Image pipelines' true CFG: u + s (c - u), rescaled token by token (each 2x2 patch's 4C values)
+        to the norm of the conditional prediction."""
+        guided = super().combine_guidance(unconditional, conditional, scale)
+        n, c, h, w = guided.shape
+
+        def token_norm(x: Tensor) -> Tensor:
+            return torch.linalg.vector_norm(x.reshape(n, c, h // 2, 2, w // 2, 2), dim=(1, 3, 5), keepdim=True)
+
+        rescaled = guided.reshape(n, c, h // 2, 2, w // 2, 2) * (token_norm(conditional) / token_norm(guided))
+        return rescaled.reshape(n, c, h, w)
+
+
+class QwenImageEditBackbone(QwenImageBackbone):
+    """Qwen-Image-Edit: Qwen-Image reading one source image twice, as QwenImageEditPipeline does: its latents'
+    packed tokens after the noisy ones (``Conditioning.reference``), and the image itself through Qwen2.5-VL with
+    the instruction, resized to the pipeline's 1024x1024-pixel area first. So the prompts' embeddings depend on
+    their sources (:attr:`Backbone.prompt_reads_sources`): they are encoded one prompt at a time with its own
+    images, and the unconditional branch's empty prompt too (``negative_embeds``)."""
+
+    family = "qwenimage-edit"
+    max_sources = min_sources = 1
+    prompt_reads_sources = True
+
+    def _condition_size(self, ratio: float) -> tuple[int, int]:
+        """(width, height) the pipeline resizes a source of aspect ``ratio`` to for its text encoder."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+
+        width, height, _ = pipeline_qwenimage_edit.calculate_dimensions(1024 * 1024, ratio)
+        return width, height
+
+    def _condition_image(self, source: Tensor):
+        """One source, pixels in [-1, 1] (3, H, W), as the image the pipeline gives its text encoder."""
+        from diffalign.diffusion.sampling import to_pil  # sampling imports this module
+
+        image = to_pil(source.add(1).div(2))
+        width, height = self._condition_size(image.width / image.height)
+        return self.pipe.image_processor.resize(image, height, width)
+
+    def _prompt_images(self, sources: Tensor):
+        """What the pipeline's ``encode_prompt`` takes for one prompt's sources (S, 3, H, W): one image."""
+        return self._condition_image(sources[0])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], sources: Tensor | None = None) -> Conditioning:
+        """Each prompt with its sources: (N, S, 3, H, W) pixels in [-1, 1]."""
+        if sources is None:
+            raise ValueError(f"{type(self.pipe).__name__} encodes each prompt with its source images")
+        encoded = []
+        for prompt, images in zip(prompts, sources):
+            embeds, mask = self.pipe.encode_prompt([prompt], image=self._prompt_images(images), device=self.device)
+            if mask is None:
+                mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            encoded.append(Conditioning(embeds=embeds, mask=mask))
+        return Conditioning.cat(encoded)
+
+
+class QwenImageEditPlusBackbone(QwenImageEditBackbone):
+    """Qwen-Image-Edit-2509 and 2511 (QwenImageEditPlusPipeline): several source images, each given to Qwen2.5-VL
+    as "Picture i" resized to the pipeline's 384x384-pixel area (``CONDITION_IMAGE_SIZE``), and each one's latents
+    after the noisy ones. Its model card advises one to three sources."""
+
+    family = "qwenimage-edit-plus"
+    max_sources = 3
+
+    def _condition_size(self, ratio):
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+        return plus.calculate_dimensions(plus.CONDITION_IMAGE_SIZE, ratio)
+
+    def _prompt_images(self, sources):
+        return [self._condition_image(source) for source in sources]
 
 
 class Flux2Backbone(Backbone):
@@ -601,6 +712,8 @@ BACKBONES: dict[str, type[Backbone]] = {
     "FluxKontextPipeline": FluxKontextBackbone,
     "ZImagePipeline": ZImageBackbone,
     "QwenImagePipeline": QwenImageBackbone,
+    "QwenImageEditPipeline": QwenImageEditBackbone,
+    "QwenImageEditPlusPipeline": QwenImageEditPlusBackbone,
     "Flux2KleinPipeline": Flux2Backbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
@@ -635,15 +748,24 @@ def backbone_for(pipe, *, distilled_guidance: float = 3.5) -> Backbone:
     return BACKBONES[name](pipe, distilled_guidance=distilled_guidance)
 
 
-def check_sources(backbone: Backbone, source_columns: list[str]) -> None:
+def check_sources(backbone: Backbone, source_columns: list[str], validation_every: int = 0) -> None:
     """A clear stop before a run trains edits (``data.source_columns``) on a model that reads no source image, or
-    fewer than the data gives: it would learn the edits as text-to-image samples, silently."""
+    fewer than the data gives: it would learn the edits as text-to-image samples, silently. And before a model that
+    only edits (:attr:`Backbone.min_sources`) is given no source, or asked for validation images, which are sampled
+    from text alone."""
+    name = type(backbone.pipe).__name__
+    if backbone.min_sources and len(source_columns) < backbone.min_sources:
+        raise UserError(f"{name} edits source images and cannot sample from text alone: name each row's source "
+                        f"image column(s) in data.source_columns (and, online, give online.prompts as such a table)")
+    if backbone.min_sources and validation_every:
+        raise UserError(f"validation samples images from its prompts alone, and {name} edits source images: set "
+                        "validation.every=0")
     if len(source_columns) <= backbone.max_sources:
         return
     editors = sorted(name for name, cls in BACKBONES.items() if cls.max_sources)
     reads = f"reads at most {backbone.max_sources}" if backbone.max_sources else "is a text-to-image model and reads none"
     raise UserError(f"data.source_columns gives each prompt {len(source_columns)} source image(s), and "
-                    f"{type(backbone.pipe).__name__} {reads}. Edit models: {', '.join(editors)}.")
+                    f"{name} {reads}. Edit models: {', '.join(editors)}.")
 
 
 def configure_denoiser(

@@ -22,7 +22,7 @@ import os
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -154,14 +154,21 @@ class CachedEncoder:
             self.cache.put_many({keys[i]: fields for i, fields in zip(missing, encoded)})
         return [self.cache.get(k) for k in keys]
 
-    def has_prompt(self, prompt: str) -> bool:
-        return content_key("prompt", self.model_id, prompt) in self.cache
+    def has_prompt(self, prompt: str, source_ids: Sequence[str] = ()) -> bool:
+        return content_key("prompt", self.model_id, prompt, *source_ids) in self.cache
 
-    def prompts(self, prompts: Sequence[str]) -> Conditioning:
-        keys = [content_key("prompt", self.model_id, p) for p in prompts]
+    def prompts(self, prompts: Sequence[str], source_ids: Sequence[Sequence[str]] | None = None,
+                sources: Callable[[list[int]], Tensor] | None = None) -> Conditioning:
+        """Prompt embeddings; for a text encoder that reads the edits' sources (``Backbone.prompt_reads_sources``),
+        each prompt's ``source_ids`` join its key and ``sources(indices)`` gives the (n, S, 3, H, W) pixels of the
+        prompts at those indices, called only for prompts not in the cache."""
+        ids = source_ids or [()] * len(prompts)
+        keys = [content_key("prompt", self.model_id, p, *i) for p, i in zip(prompts, ids)]
 
         def encode(indices: list[int]) -> list[dict[str, Tensor]]:
-            cond = self.backbone.encode_prompts([prompts[i] for i in indices])
+            texts = [prompts[i] for i in indices]
+            cond = self.backbone.encode_prompts(texts) if sources is None else \
+                self.backbone.encode_prompts(texts, sources(indices))
             return [cond[j : j + 1].tensors() for j in range(len(indices))]
 
         rows = self._cached(keys, encode)
@@ -184,3 +191,14 @@ class CachedEncoder:
             return [{"latents": lat[j].to(self.latent_dtype)} for j in range(len(indices))]
 
         return torch.stack([row["latents"] for row in self._cached(keys, encode)]).float()
+
+
+def example_cached(encoder: CachedEncoder, prompt_reads_sources: bool) -> Callable[[Any], bool]:
+    """Whether all a run encodes of an example (read undecoded) is in ``encoder``'s cache: its images' and sources'
+    latents, and its prompt (keyed by its sources too when the text encoder reads them). Such an example is only
+    hashed, never decoded."""
+    def cached(example) -> bool:
+        prompt_sources = example.source_ids if prompt_reads_sources else ()
+        return (encoder.has_latents(example.image_ids + example.source_ids)
+                and encoder.has_prompt(example.caption, prompt_sources))
+    return cached

@@ -150,7 +150,7 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
             continue
         cls = _component_class(library, class_name)
         sub = folder / name
-        if "tokenizer" in name.lower() or "scheduler" in name.lower():
+        if any(kind in name.lower() for kind in ("tokenizer", "scheduler", "processor")):  # files, no weights
             components[name] = cls.from_pretrained(sub, local_files_only=True)
         elif library == "diffusers":
             components[name] = cls.from_config(cls.load_config(sub))

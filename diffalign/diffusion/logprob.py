@@ -23,7 +23,7 @@ guidance, when used, is part of the policy: the guided prediction defines the me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
@@ -119,14 +119,12 @@ def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond
             guidance_scale: float, denoiser: nn.Module | None) -> Tensor:
     """The (guided) model output at timestep ``t``: one for the batch, or one per item."""
     timesteps = t.expand(x.shape[0]).to(x.device)
-    if uncond is None or guidance_scale == 1.0:
+    if guidance_scale == 1.0 or (uncond is None and cond.negative_embeds is None):
         return backbone.predict(x, timesteps, cond, denoiser)
-    if cond.reference is not None and uncond.reference is None:  # an edit's unconditional branch sees its source
-        uncond = replace(uncond, reference=cond.reference)
-    both = backbone.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
-                            Conditioning.cat([uncond, cond]), denoiser)
+    both = backbone.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), cond.guidance_batch(uncond),
+                            denoiser)
     unconditional, conditional = both.float().chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+    return backbone.combine_guidance(unconditional, conditional, guidance_scale)
 
 
 @torch.no_grad()

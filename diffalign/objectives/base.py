@@ -37,6 +37,9 @@ class Objective:
     Options: ClassVar[type] = NoOptions
     # the paper it implements (for `diffalign methods`) and the diffusion families it trains
     paper: ClassVar[str] = ""
+    # whether it combines each prediction with the empty prompt's (classifier-free guidance of a teacher): a text
+    # encoder that reads the edits' sources then needs each example's own empty prompt (Conditioning.negative_embeds)
+    guides: bool = False
 
     @classmethod
     def build(cls, config, model: Any) -> "Objective":
@@ -166,7 +169,9 @@ class OnlineObjective(Objective):
         """Keep the rounds' sampler settings (eta, guidance scale and, when guided, the empty prompt's
         conditioning), which objectives that re-score recorded steps need: the guided step is the policy."""
         self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+        # a text encoder that reads the edits' sources gives each item its own empty prompt (Conditioning.negative_embeds)
+        reads = backbone.prompt_reads_sources
+        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 and not reads else None
 
     def sampler_settings(self, n: int, device: torch.device) -> dict[str, Any]:
         """The keyword arguments of :func:`~diffalign.diffusion.logprob.step_log_prob` and ``step_distribution``

@@ -100,7 +100,9 @@ class SelfNPO(Objective):
         self.guidance_scale = options.teacher_guidance_scale
         self.ema = options.teacher_ema
         self.loss, self.huber_c = config.loss, options.huber_c
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 else None
+        self.guides = self.guidance_scale != 1.0
+        # a text encoder that reads the edits' sources gives each example its own (Conditioning.negative_embeds)
+        self.uncond = backbone.encode_prompts([""]) if self.guides and not backbone.prompt_reads_sources else None
         self.teacher: ShadowWeights | None = None
 
     # --- the trainer's hooks -------------------------------------------------------------
@@ -136,12 +138,12 @@ class SelfNPO(Objective):
     def _teacher(self, backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
         """The teacher's guided (epsilon, x_0) at (x, t): uncond + w (cond - uncond)."""
         net = self.teacher.denoiser()
-        if self.uncond is None:
+        if not self.guides:
             return self._eps_and_x0(self._predict(backbone, x, t, cond, net), x, t)
-        uncond = self.uncond.to(x.device).repeat_items(x.shape[0])
-        both = self._predict(backbone, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([uncond, cond]), net)
+        uncond = None if self.uncond is None else self.uncond.to(x.device).repeat_items(x.shape[0])
+        both = self._predict(backbone, torch.cat([x, x]), torch.cat([t, t]), cond.guidance_batch(uncond), net)
         unconditional, conditional = both.float().chunk(2)
-        return self._eps_and_x0(unconditional + self.guidance_scale * (conditional - unconditional), x, t)
+        return self._eps_and_x0(backbone.combine_guidance(unconditional, conditional, self.guidance_scale), x, t)
 
     @torch.no_grad()
     def truncated_rollout(self, backbone: Backbone, x0: Tensor, cond: Conditioning,

@@ -36,6 +36,8 @@ SHIPPED_ARCHITECTURES = {
     "black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell",
     "PixArt-alpha/PixArt-XL-2-1024-MS": "pixart-alpha-1024", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "Qwen/Qwen-Image": "qwen-image", "black-forest-labs/FLUX.1-Kontext-dev": "flux-kontext-dev",
+    "Qwen/Qwen-Image-Edit": "qwen-image-edit", "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-plus",
+    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus",
 }
 
 

@@ -29,6 +29,7 @@ from diffalign.recipes import samples
 # a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template ("lm")
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
         "flux_kontext": "tiny-flux-kontext", "flux2_klein": "tiny-flux2-klein", "qwen_image": "tiny-qwenimage",
+        "qwen_image_edit": "tiny-qwenimage-edit-plus",
         "z_image": "tiny-zimage", "qwen": "lm"}
 
 
@@ -138,7 +139,14 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
         keys += [Override(key, value, size) for key, value in (
             ("online.groups_per_round", "2"), ("online.sample_batch_size", "2"), ("online.steps_per_round", "2"),
             ("objective.sample_steps", "2"))]
-    if objective.dataset == "online" and objective.scored:
+    sources = tuple(shipped.get("data", {}).get("source_columns") or ())
+    if objective.dataset == "online" and objective.scored and sources:  # edit rounds: instructions with sources
+        why = "the recipe's reward models need their real weights; DDPO's JPEG size needs none"
+        keys += [Override("online.reward", "jpeg_incompressibility", why),
+                 Override("online.reward_weights", "null", why),
+                 Override("online.prompts", str(data["images", sources, _renames(shipped.get("data", {}), "images")]),
+                          f"a sample table of instructions with source images in {', '.join(sources)}")]
+    elif objective.dataset == "online" and objective.scored:
         why = "the recipe's reward model needs its real weights; the toy reward judges the toy prompts"
         keys += [Override("online.reward", "toy_preference", why), Override("online.prompts", "toy_train", why)]
     return keys

@@ -4,7 +4,8 @@ A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/
 ``"aesthetic:/models/aesthetic.pth:clip=/models/ViT-L-14.pt"`` (options as ``key=value`` after
 the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. ``vlm_judge:/models/llava`` asks
 a local vision-language model whether the image shows its prompt (VQAScore; options ``question`` and
-``answer``). The toy rewards and DDPO's JPEG (in)compressibility take no path.
+``answer``). ``image_similarity:/models/clip-vit-large-patch14`` scores an edit by how much of its source image it
+keeps (edit rounds only). The toy rewards and DDPO's JPEG (in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
 ``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
 """
@@ -17,7 +18,7 @@ from typing import Any
 from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
 from diffalign.rewards.base import RewardModel
-from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, PickScore
+from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, ImageSimilarity, PickScore
 from diffalign.rewards.compressibility import JpegCompressibility, JpegIncompressibility
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.image_reward import ImageReward
@@ -36,8 +37,10 @@ REWARDS: dict[str, type] = {
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "vlm_judge": VLMJudge,
+    "image_similarity": ImageSimilarity,
 }
-NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge"}
+NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge",
+              "image_similarity"}
 PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder
 
 
@@ -108,6 +111,6 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     return model
 
 
-__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "PickScore", "RewardModel", "RewardSpec",
+__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "ImageSimilarity", "PickScore", "RewardModel", "RewardSpec",
            "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
            "normalise_per_prompt"]

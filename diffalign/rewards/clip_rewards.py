@@ -94,6 +94,48 @@ class PickScore:
         return torch.cat(out)
 
 
+class ImageSimilarity:
+    """How much an edit keeps of its source: the cosine of the CLIP image embeddings of the edited image and its
+    source (the mean over the sources of an edit of several), as Flow-GRPO's ``image_similarity`` reward that its
+    Kontext and Qwen-Image-Edit runs weigh against the instruction's reward (``ClipScorer.image_similarity``,
+    CLIP ViT-L/14). A transformers CLIPModel folder with its processor; only its vision tower runs."""
+
+    name = "image_similarity"
+    description = ("Image similarity: the cosine of CLIP's embeddings of the edit and its source image, from about "
+                   "0.5 (unrelated) to 1 (unchanged); higher keeps more of the source.")
+    reads_sources = True  # called with each image's sources: (N, S, 3, H, W) in [0, 1]
+
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None, batch_size: int = 32) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        path = Path(path)
+        processor_files = ("preprocessor_config.json", "processor_config.json")
+        if not (path / "config.json").is_file() or not any((path / name).is_file() for name in processor_files):
+            raise UserError(f"image_similarity: {path} needs a CLIPModel's config.json and its processor's "
+                            "preprocessor_config.json (the folder of openai/clip-vit-large-patch14, say)")
+        self.device = _device(device)
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        self.batch_size = batch_size
+
+    def _embed(self, images: Tensor) -> Tensor:
+        pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
+        with _autocast(self.device):
+            return _features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float()
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: Sequence[str], sources: Tensor | None = None) -> Tensor:
+        if sources is None:
+            raise UserError("image_similarity scores edits against their source images; it needs edit prompts "
+                            "(data.source_columns)")
+        out = []
+        for chunk in _batches(len(images), self.batch_size):
+            edited = self._embed(images[chunk])
+            source = self._embed(sources[chunk].flatten(0, 1)).view(*sources[chunk].shape[:2], -1)
+            out.append(F.cosine_similarity(edited[:, None], source, dim=-1).mean(dim=1).cpu())
+        return torch.cat(out)
+
+
 def _features(output) -> Tensor:
     """Projected embeddings from ``get_*_features`` (a tensor, or an output whose pooler_output holds them)."""
     return output if isinstance(output, Tensor) else output.pooler_output

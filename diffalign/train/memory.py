@@ -160,8 +160,11 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[
         targets["scores"] = torch.randn(tc.batch_size, k)
     autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
                               enabled=tc.mixed_precision != "no")
-    with torch.no_grad(), autocast:
-        cond = backbone.encode_prompts(["a photograph of an astronaut riding a horse"])
+    prompt, sources = ["a photograph of an astronaut riding a horse"], len(config.data.source_columns)
+    with torch.no_grad(), autocast:  # a text encoder that reads the sources adds their tokens to the prompt's
+        cond = backbone.encode_prompts(prompt, torch.zeros(1, sources, 3, config.data.resolution,
+                                                           config.data.resolution)) \
+            if sources and backbone.prompt_reads_sources else backbone.encode_prompts(prompt)
     if config.data.source_columns:  # an edit model reads its sources' tokens beside the target's
         cond.reference = torch.randn(1, len(config.data.source_columns), *latent_shape)
     cond = cond.repeat_items(tc.batch_size)

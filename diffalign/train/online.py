@@ -140,6 +140,11 @@ class OnlineRounds(RoundDriver):
         else:
             self.prompts = None if real is not None else read_prompts(config.online.prompts)
         self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}
+        comparing = [name for name, model in self.rewards.items() if getattr(model, "reads_sources", False)]
+        if comparing and self.edits is None:
+            raise UserError(f"online.reward {', '.join(comparing)} compares each edit with its source image, and this "
+                            "run samples from text alone: give online.prompts as a table of instructions with their "
+                            "source images, named in data.source_columns")
         self.reward_weights = parse_weights(len(self.rewards), config.online.reward_weights)
 
     # --- one round -----------------------------------------------------------------------
@@ -163,9 +168,9 @@ class OnlineRounds(RoundDriver):
             part["real"], prompts = self.real([r * g + i for i in groups])
         else:
             prompts = [self.prompts[(r * g + i) % len(self.prompts)] for i in groups]
-        reference = None
+        reference = sources = None
         if self.edits is not None:  # each group edits its row's sources: their latents, kept for training
-            sources = [self.edits.read((r * g + i) % len(self.prompts)).sources for i in groups]
+            sources = torch.stack(self._sources(r, groups))
             reference = torch.stack([self.backbone.encode_images(s.to(acc.device)).cpu() for s in sources])
             part["reference"] = reference
             for group, images in zip(groups, sources):
@@ -176,10 +181,13 @@ class OnlineRounds(RoundDriver):
         with ThreadPoolExecutor(max_workers=1) as scorer:  # batch i is scored while batch i + 1 samples
             for i in range(0, len(groups), n):
                 batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label,
-                                            None if reference is None else reference[i:i + n])
+                                            None if reference is None else reference[i:i + n],
+                                            None if sources is None else sources[i:i + n])
                 batches.append(batch)
-                if self.rewards:
-                    scored.append(scorer.submit(self._score, batch[2], [p for p in prompts[i:i + n] for _ in range(k)]))
+                if self.rewards:  # each image with its group's prompt (and sources, in [0, 1])
+                    scored.append(scorer.submit(
+                        self._score, batch[2], [p for p in prompts[i:i + n] for _ in range(k)],
+                        None if sources is None else sources[i:i + n].add(1).div(2).repeat_interleave(k, dim=0)))
             parts = [future.result() for future in scored]
         latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
         for j, image in enumerate(images):
@@ -192,16 +200,37 @@ class OnlineRounds(RoundDriver):
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
         (tmp / f"part-{acc.process_index}.json").write_text(json.dumps(prompts))
 
-    def _score(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        """Each reward model's (N,) raw scores of N images."""
-        return {name: model(images, prompts).float() for name, model in self.rewards.items()}
+    def _score(self, images: Tensor, prompts: list[str], sources: Tensor | None) -> dict[str, Tensor]:
+        """Each reward model's (N,) raw scores of N images; a model that compares edits with their sources
+        (``reads_sources``) is also given those."""
+        return {name: (model(images, prompts, sources) if getattr(model, "reads_sources", False)
+                       else model(images, prompts)).float() for name, model in self.rewards.items()}
+
+    def _sources(self, r: int, groups) -> list[Tensor]:
+        """The (S, 3, H, W) source pixels of round r's ``groups`` (edit rounds): group i edits row r G + i."""
+        g = self.config.online.groups_per_round
+        return [self.edits.read((r * g + int(i)) % len(self.prompts)).sources for i in groups]
+
+    def _encode(self, prompts: list[str], reference: Tensor | None, sources: Tensor | None) -> Conditioning:
+        """The prompts' conditioning; an edit's carries its sources' latents (``reference``, (N, S, C, h, w)), and
+        where the text encoder reads the sources too, the prompts and the guided sampler's empty prompt are
+        encoded with their ``sources`` pixels (N, S, 3, H, W)."""
+        backbone = self.backbone
+        if sources is None or not backbone.prompt_reads_sources:
+            cond = backbone.encode_prompts(prompts)
+        else:
+            cond = backbone.encode_prompts(prompts, sources)
+            if self.config.objective.sample_guidance_scale != 1.0:
+                cond = cond.with_negative(backbone.encode_prompts([""] * len(prompts), sources))
+        return cond if reference is None else dataclasses.replace(cond, reference=reference.to(cond.embeds.device))
 
     def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None,
-                       reference: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       reference: Tensor | None = None, sources: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps), on the CPU. Each
         group draws its starting noise and step noise from its own generator, so a group is the same
         whichever process, and whichever batch, samples it. ``reference``: (G, S, C, h, w) latents of each group's
-        source images, for an edit model."""
+        source images, for an edit model, and ``sources`` their pixels."""
         obj, acc, backbone, k = self.config.objective, self.accelerator, self.backbone, self.group_size
         shape = backbone.latent_shape(self.config.data.resolution)
         generators = [example_generator(self.config.train.seed, r, 1, i) for i in groups]
@@ -210,10 +239,9 @@ class OnlineRounds(RoundDriver):
         else:
             noise = torch.cat([torch.randn((k, *shape), generator=g) for g in generators])
         step_noise = torch.cat([torch.randn((k, obj.sample_steps, *shape), generator=g) for g in generators])
-        cond = backbone.encode_prompts(prompts)
-        cond = dataclasses.replace(cond, reference=None if reference is None else reference.to(cond.embeds.device))
-        cond = cond.repeat_items(k)
-        uncond = backbone.encode_prompts([""] * k * len(groups)) if obj.sample_guidance_scale != 1.0 else None
+        cond = self._encode(prompts, reference, sources).repeat_items(k)
+        uncond = backbone.encode_prompts([""] * k * len(groups)) \
+            if obj.sample_guidance_scale != 1.0 and not backbone.prompt_reads_sources else None  # else: cond's own
         with torch.no_grad(), acc.autocast():
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
@@ -295,7 +323,7 @@ class OnlineRounds(RoundDriver):
         units = self.objective.training_units(round_)
         # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards
         logged = {**self._logged_rewards(record), **units.pop("logged", {})}
-        return {**units, "prompts": record["prompts"], "reference": tensors.get("reference"),
+        return {**units, "round": r, "prompts": record["prompts"], "reference": tensors.get("reference"),
                 "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()), "logged": logged}
 
     def _trained_steps(self, timesteps: Tensor, stochastic: Tensor) -> Tensor:
@@ -325,11 +353,12 @@ class OnlineRounds(RoundDriver):
         return logged
 
     def _conditions(self, data: dict[str, Any], groups: Tensor) -> Conditioning:
-        """The conditioning of the units of ``groups``: their prompts, and an edit round's source latents."""
-        cond = self.backbone.encode_prompts([data["prompts"][i] for i in groups])
-        if data["reference"] is None:
-            return cond
-        return dataclasses.replace(cond, reference=data["reference"][groups].to(cond.embeds.device))
+        """The conditioning of the units of ``groups``, as their round sampled them (:meth:`_encode`)."""
+        reference = None if data["reference"] is None else data["reference"][groups]
+        sources = None
+        if reference is not None and self.backbone.prompt_reads_sources:
+            sources = torch.stack(self._sources(data["round"], groups))
+        return self._encode([data["prompts"][i] for i in groups], reference, sources)
 
     # --- the trainer's interface ---------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from diffalign.data.open import open_dataset
 from diffalign.data.order import RunOrder
 from diffalign.data.reader import ExampleReader
 from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
+from diffalign.diffusion.cache import example_cached
 from diffalign.diffusion.distilled import distilled_warning
 from diffalign.diffusion.finetuned import is_finished_run
 from diffalign.paths import resolve_model_path, with_usual_permissions
@@ -217,7 +218,8 @@ class PreferenceTrainer:
             if workers is None:
                 workers = 4 if self.accelerator.device.type == "cuda" else 0
             self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
-                                        is_cached=None if self.encoder is None else self.encoder.has_latents,
+                                        is_cached=None if self.encoder is None else
+                                        example_cached(self.encoder, self.backbone.prompt_reads_sources),
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         if not reads_data:
             self.dataset = None  # no table: no rows to go bad
@@ -356,7 +358,17 @@ class PreferenceTrainer:
         """Latents (all images of the examples, in order) and prompt embeddings, through the cache if any; an
         edit's prompt embeddings carry its source images' latents (``Conditioning.reference``)."""
         captions = [e.caption for e in examples]
-        prompts = self.backbone.encode_prompts(captions) if self.encoder is None else self.encoder.prompts(captions)
+        if self.backbone.prompt_reads_sources and examples[0].source_ids:  # the text encoder reads the sources too
+            def pixels(indices: list[int]) -> torch.Tensor:
+                return torch.stack([examples[i].sources for i in indices])
+            def encode(texts: list[str]):
+                return self.backbone.encode_prompts(texts, pixels(range(len(examples)))) if self.encoder is None \
+                    else self.encoder.prompts(texts, [e.source_ids for e in examples], pixels)
+            prompts = encode(captions)
+            if self.objective.guides:  # its guidance's empty prompt, read with each example's sources
+                prompts = prompts.with_negative(encode([""] * len(examples)))
+        else:
+            prompts = self.backbone.encode_prompts(captions) if self.encoder is None else self.encoder.prompts(captions)
         if examples[0].source_ids:
             sources = self._encode_images(examples, "sources")
             prompts = dataclasses.replace(prompts, reference=sources.view(len(examples), -1, *sources.shape[1:]))
@@ -388,12 +400,9 @@ class PreferenceTrainer:
                          disable=not self.accelerator.is_local_main_process):
             for micro in range(tc.gradient_accumulation):
                 examples = [e for _, e in self._examples(step, micro)]
-                images = [e for e in examples if e.pixels is not None]  # decoded: their latents are not cached
-                if images:
-                    self._encode(images)
-                prompts = [e.caption for e in examples if not self.encoder.has_prompt(e.caption)]
-                if prompts:
-                    self.encoder.prompts(prompts)
+                decoded = [e for e in examples if e.pixels is not None]  # what of them is not cached yet
+                if decoded:
+                    self._encode(decoded)
         self.dataset.bad_rows.clear()
         self.dataset.bad_rows.update(met)
         self._publish_cache()
