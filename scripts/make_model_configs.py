@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-pixart``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -170,6 +170,51 @@ def flux2_klein_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
     }
 
 
+MISTRAL_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{% for part in m['content'] %}{{ part['text'] }}"
+                    "{% endfor %}{% endfor %}")
+
+
+def pixtral_processor(folder: Path) -> None:
+    """Mistral Small 3's processor as Flux2Pipeline reads it (its ``tokenizer`` component): the character tokenizer
+    and a chat template over the pipeline's messages (content as a list of text parts), Pixtral's image processor."""
+    from transformers import AutoTokenizer, PixtralImageProcessor, PixtralProcessor
+
+    qwen_char_tokenizer(folder / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    shutil.rmtree(folder / "tokenizer")
+    PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, chat_template=MISTRAL_TEMPLATE,
+                     patch_size=14, spatial_merge_size=2).save_pretrained(folder)
+
+
+def mistral3(text: dict | None = None, vision: dict | None = None) -> dict:
+    """A Mistral3ForConditionalGeneration config (Flux2Pipeline's text encoder, Mistral Small 3.1 24B by default:
+    transformers' defaults are that model) over the character vocabulary, with ``text``/``vision`` changes."""
+    from transformers import Mistral3Config
+
+    config = Mistral3Config()
+    for key, value in {**(text or {}), "vocab_size": QWEN_CHAR_VOCAB, "pad_token_id": 0, "eos_token_id": 2,
+                       "bos_token_id": None}.items():
+        setattr(config.text_config, key, value)
+    for key, value in (vision or {}).items():
+        setattr(config.vision_config, key, value)
+    config.image_token_index = QWEN_CHAR_VOCAB - 1
+    return config.to_dict()
+
+
+def flux2_dev_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
+    """A Flux2Pipeline's components (FLUX.2 dev): Mistral Small 3 (hidden layers 10, 20 and 30 are read) with its
+    processor as the tokenizer, the guidance-distilled MMDiT, the FLUX.2 VAE, the flow scheduler."""
+    return {
+        "transformer": ("diffusers", "Flux2Transformer2DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKLFlux2", vae_config),
+        "text_encoder": ("transformers", "Mistral3ForConditionalGeneration", text),
+        "tokenizer": ("transformers", "AutoProcessor", "pixtral-processor"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
+                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                       "use_dynamic_shifting": True}),
+    }
+
+
 def clip_text(hidden: int, layers: int, heads: int, projection: int | None = None, **extra) -> dict:
     config = {
         "architectures": ["CLIPTextModelWithProjection" if projection else "CLIPTextModel"],
@@ -292,6 +337,8 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             qwen_char_tokenizer(sub)
         elif config == "qwen-vl-processor":
             qwen_vl_processor(sub)
+        elif config == "pixtral-processor":
+            pixtral_processor(sub)
         elif library == "transformers":
             write_json(sub / "config.json", config)
         elif component == "scheduler":
@@ -399,6 +446,18 @@ def tiny() -> None:
          "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 64], "layers_per_block": 1,
          "latent_channels": 4, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False},
         qwen3_text(16, 28, 2, 2, 32)))
+    # FLUX.2 dev: 30 Mistral layers, as the pipeline reads hidden layers 10, 20 and 30; guidance-distilled
+    write_pipeline("tiny-flux2-dev", "Flux2Pipeline", flux2_dev_parts(
+        {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+         "num_attention_heads": 2, "joint_attention_dim": 48, "timestep_guidance_channels": 256,
+         "axes_dims_rope": [4, 4, 4, 4], "guidance_embeds": True},
+        {"sample_size": 32, "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
+         "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 64], "layers_per_block": 1,
+         "latent_channels": 4, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False},
+        mistral3({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 30, "num_attention_heads": 2,
+                  "num_key_value_heads": 2, "head_dim": 8},
+                 {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "head_dim": 8, "image_size": 56})))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -520,6 +579,17 @@ def full_size() -> None:
     write_pipeline("qwen-image", "QwenImagePipeline", qwen_image_parts(*qwen_image))
     write_pipeline("qwen-image-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
+    # FLUX.2 dev (black-forest-labs/FLUX.2-dev): 8 double- and 48 single-stream blocks of width 48 x 128, 32B
+    # parameters (diffusers' Flux2Transformer2DModel defaults), on three hidden layers of Mistral Small 3.1 24B
+    # (5120 wide: 15360 joint) and the FLUX.2 VAE (AutoencoderKLFlux2's defaults, 32 latent channels)
+    write_pipeline("flux2-dev", "Flux2Pipeline", flux2_dev_parts(
+        {}, {}, mistral3()))
+    # FLUX.2 klein 4B (black-forest-labs/FLUX.2-klein-4B and -base-4B): 5 double- and 20 single-stream blocks of
+    # width 24 x 128 on three hidden layers (9, 18, 27) of Qwen3-4B (2560 wide: 7680 joint), no guidance embedding
+    write_pipeline("flux2-klein-4b", "Flux2KleinPipeline", flux2_klein_parts(
+        {"num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24, "joint_attention_dim": 7680,
+         "guidance_embeds": False}, {},
+        qwen3_text(2560, 36, 32, 8, 9728, head_dim=128)))
     write_pipeline("z-image-turbo", "ZImagePipeline", z_image_parts(
         {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
          "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,

@@ -18,7 +18,8 @@ from diffalign.diffusion import load_pipeline
 from diffalign.paths import ASSETS, CONFIGS
 from diffalign.train import load_config, train
 
-BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-zimage", "tiny-qwenimage", "tiny-pixart"]
+BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev", "tiny-zimage",
+             "tiny-qwenimage", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
         "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "disco": None,
         "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}

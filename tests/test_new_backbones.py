@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import pytest
-from diffusers import Flux2KleinPipeline, QwenImagePipeline, ZImagePipeline
+from diffusers import Flux2KleinPipeline, Flux2Pipeline, QwenImagePipeline, ZImagePipeline
 from fixtures import pickapic_parquet
 
 from diffalign.diffusion import backbone_for, load_pipeline
@@ -100,13 +100,45 @@ def test_flux2_klein_predict_is_the_pipelines_own_call_on_its_normalised_patchif
     _grid_of(pipe, backbone)
 
 
-@pytest.mark.parametrize("model, pipeline", [("tiny-zimage", ZImagePipeline), ("tiny-qwenimage", QwenImagePipeline),
-                                             ("tiny-flux2-klein", Flux2KleinPipeline)])
-def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, pipeline, tmp_path: Path):
+def test_flux2_dev_predict_is_the_pipelines_own_guided_call_on_mistral_embeddings():
+    """FLUX.2 dev (Flux2Pipeline) shares klein's adapter: prompts are three stacked hidden layers (10, 20, 30) of Mistral
+    Small 3 through the pipeline's chat template, and its guidance-distilled transformer gets the guidance value
+    in its embedding (``model.distilled_guidance``, 4 as the pipeline's default). predict equals the pipeline's own
+    first transformer call; its grid is the pipeline's."""
+    pipe = load_pipeline(MODELS / "tiny-flux2-dev", random_init=True)
+    backbone = backbone_for(pipe, distilled_guidance=4.0)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen.setdefault("kwargs", dict(kwargs))
+        seen.setdefault("output", output[0])
+    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    pipe(prompt="a red circle", height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    kwargs, (c, h, w) = seen["kwargs"], backbone.latent_shape(32)
+    torch.testing.assert_close(kwargs["guidance"], torch.tensor([4.0]))
+    noisy = kwargs["hidden_states"].permute(0, 2, 1).reshape(1, c, h, w)
+    cond = backbone.encode_prompts(["a red circle"])
+    torch.testing.assert_close(cond.embeds, kwargs["encoder_hidden_states"])
+    with torch.no_grad():
+        ours = backbone.predict(noisy, kwargs["timestep"] * 1000, cond)
+    torch.testing.assert_close(ours, seen["output"].permute(0, 2, 1).reshape(1, c, h, w))
+    _grid_of(pipe, backbone)
+
+
+@pytest.mark.parametrize("model, pipeline, learning_rate", [
+    ("tiny-zimage", ZImagePipeline, 1e-2), ("tiny-qwenimage", QwenImagePipeline, 1e-2),
+    ("tiny-flux2-klein", Flux2KleinPipeline, 1e-2),
+    # the toy recipe's LoRA reaches one block of tiny FLUX.2 dev (its single blocks fuse their projections), whose
+    # images then move by 3e-4 in two steps at 1e-2
+    ("tiny-flux2-dev", Flux2Pipeline, 5e-2)])
+def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, pipeline, learning_rate,
+                                                                          tmp_path: Path):
     data = pickapic_parquet(tmp_path / "pairs.parquet", 4)
     train(load_config(CONFIGS / "toy_diffusion_dpo.yaml", [
         f"model.path={MODELS / model}", "model.random_init=true", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
-        "data.resolution=32", "train.batch_size=2", "train.max_steps=2", "train.learning_rate=1e-2",
+        "data.resolution=32", "train.batch_size=2", "train.max_steps=2", f"train.learning_rate={learning_rate}",
         "train.warmup_steps=0", "validation.every=0"]))
     lora = export_run(tmp_path / "run", "lora", tmp_path / "lora", dtype="fp32")
     merged = export_run(tmp_path / "run", "diffusers", tmp_path / "merged", dtype="fp32")

@@ -715,6 +715,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "QwenImageEditPipeline": QwenImageEditBackbone,
     "QwenImageEditPlusPipeline": QwenImageEditPlusBackbone,
     "Flux2KleinPipeline": Flux2Backbone,
+    "Flux2Pipeline": Flux2Backbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
 }

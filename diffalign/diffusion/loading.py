@@ -41,6 +41,16 @@ def _names_modules_to_keep_in_fp32(record: logging.LogRecord) -> bool:
 logging.getLogger("diffusers.models.modeling_utils").addFilter(_names_modules_to_keep_in_fp32)
 
 
+def _processor_kwargs(record: logging.LogRecord) -> bool:
+    """False for transformers' "Kwargs passed to `processor.__call__` have to be in `processor_kwargs`" warning,
+    which Flux2Pipeline's ``apply_chat_template(..., padding=..., max_length=...)`` call (diffusers' own) raises at
+    every prompt it encodes: a FLUX.2 dev run would print it at every step."""
+    return "have to be in `processor_kwargs`" not in record.getMessage()
+
+
+logging.getLogger("transformers.processing_utils").addFilter(_processor_kwargs)
+
+
 def _no_text_encoder_lora(record: logging.LogRecord) -> bool:
     """False for diffusers' "No LoRA keys associated to CLIPTextModel found ..." message: diffalign trains the
     denoiser alone, so none of its LoRAs holds text-encoder weights, and loading one says so for each encoder."""

@@ -11,7 +11,7 @@ from diffalign.objectives.round_reference import PreviousRoundReference
 
 # the families diffalign's diffusion backbones belong to, in the order README's tables use
 FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "FLUX.1",
-                "flux-kontext": "FLUX.1 Kontext", "flux2": "FLUX.2 klein",
+                "flux-kontext": "FLUX.1 Kontext", "flux2": "FLUX.2 (dev, klein)",
                 "zimage": "Z-Image", "qwenimage": "Qwen-Image", "qwenimage-edit": "Qwen-Image-Edit",
                 "qwenimage-edit-plus": "Qwen-Image-Edit-2509/2511", "pixart": "PixArt"}
 
