@@ -21,6 +21,9 @@ LOCAL_DATA = {
                              "a folder of images with a .txt caption beside each, or a parquet table"),
     "data/captioned_photos": ("real captioned photos of the quality DDO should move towards (caption, image)",
                               "a folder of images with a .txt caption beside each, or a parquet table"),
+    "data/edit_prompts.parquet": ("edit instructions with their source images (instruction, source_image)",
+                                  "a parquet table of those two columns; diffalign data example images "
+                                  "sample.parquet --sources source_image writes one to copy"),
 }
 
 

@@ -37,7 +37,8 @@ SHIPPED_ARCHITECTURES = {
     "PixArt-alpha/PixArt-XL-2-1024-MS": "pixart-alpha-1024", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "Qwen/Qwen-Image": "qwen-image", "black-forest-labs/FLUX.1-Kontext-dev": "flux-kontext-dev",
     "Qwen/Qwen-Image-Edit": "qwen-image-edit", "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-plus",
-    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus",
+    "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus", "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein-4b",
 }
 
 

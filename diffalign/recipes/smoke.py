@@ -28,7 +28,7 @@ from diffalign.recipes import samples
 
 # a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template ("lm")
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
-        "flux_kontext": "tiny-flux-kontext", "flux2_klein": "tiny-flux2-klein", "qwen_image": "tiny-qwenimage",
+        "flux_kontext": "tiny-flux-kontext", "flux2_klein": "tiny-flux2-klein", "flux2": "tiny-flux2-dev", "qwen_image": "tiny-qwenimage",
         "qwen_image_edit": "tiny-qwenimage-edit-plus",
         "z_image": "tiny-zimage", "qwen": "lm"}
 
