@@ -369,7 +369,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     from diffalign.label import open_source, serve
 
     try:
-        serve(open_source(args.source, args.out), host=args.host, port=args.port, token=args.token)
+        serve(open_source(args.source, args.out, args.sources), host=args.host, port=args.port, token=args.token)
     except KeyboardInterrupt:  # every label given is on disk already: stopping the page is not a failure
         print("stopped; every label is kept. Run the same command to go on labelling.", file=sys.stderr)
     return 0
@@ -378,7 +378,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
-        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, FLUX.2 klein, "
+        description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, FLUX.2, "
                     "Z-Image, Qwen-Image, PixArt) and text "
                     "language models: offline (Diffusion-DPO and its family, KTO, RankDPO, ...) and online (D3PO, "
                     "Flow-GRPO, DiffusionNFT, ...) methods, on your data or on a toy world that runs on a CPU. "
@@ -536,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (another than this machine's needs --token) (default: %(default)s)")
     p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     p.add_argument("--token", help="a secret every request must carry (?token=); needed for a non-local --host")
+    p.add_argument("--sources", nargs="+", default=[], metavar="COLUMN",
+                   help="edits: the columns of each row's source images (as data.source_columns), shown beside the "
+                        "candidates and kept in the labelled dataset; an edit round of D3PO shows its own")
     p.set_defaults(run=_cmd_label)
 
     p = sub.add_parser("methods", help="list every method (objective.name) with its family, paper and backbones; "

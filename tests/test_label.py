@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from fixtures import pickapic_parquet, ranked_parquet
 
 from diffalign.cli import main
@@ -282,6 +283,48 @@ def test_a_person_ranks_a_list_by_picking_the_best_then_the_next(tmp_path, brows
     from diffalign.data import RankedListDataset
 
     assert len(RankedListDataset(tmp_path / "out" / "ranked.jsonl", resolution=16)) == 1
+
+
+def test_a_person_labels_edit_pairs_with_the_source_shown_and_the_dataset_keeps_it(tmp_path, browser):
+    """Edits: each pair's source image is shown before the two edits (not a candidate: a click on it picks
+    nothing), and the labelled dataset keeps the source column, so it trains edits as it came."""
+    table = pickapic_parquet(tmp_path / "edits.parquet", 3, sources=("source",))
+    source = open_source(table, tmp_path / "out", ["source"])
+    with Running(source) as server:
+        browser.get(f"{server.base}/?labeller=ann")
+        _on_item(browser, 1)
+        shown = browser.execute_script(
+            "return [...document.querySelectorAll('figure')].map(f => [f.className, f.querySelector('img').alt])")
+        assert shown == [["source", "source 1"], ["", "image 1"], ["", "image 2"]]
+        browser.find_element("css selector", "figure.source").click()  # not a candidate: still item 1
+        _press(browser, "2")
+        _on_item(browser, 2)
+    (row,) = _lines(tmp_path / "out" / "pairs.jsonl")
+    assert row["label_0"] == 0.0 and (tmp_path / "out" / row["source"]).is_file()
+    from diffalign.data.open import open_dataset
+    from diffalign.train import load_config
+
+    config = load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"data.path={tmp_path / 'out' / 'pairs.jsonl'}",
+                                                              "data.resolution=16", "data.source_columns=[source]"])
+    assert len(open_dataset(config.data, "pairs").read(0).source_ids) == 1  # what an edit run reads
+    with pytest.raises(UserError, match="no column before"):
+        open_source(table, tmp_path / "out2", ["before"])
+
+
+def test_an_edit_round_waiting_for_labels_shows_its_sources(tmp_path):
+    """A D3PO edit round's to_label.jsonl names each pair's sources; the page gets them."""
+    folder = tmp_path / "run" / "rounds" / "round-000000"
+    (folder / "images").mkdir(parents=True)
+    for name in ("group0000-0.png", "group0000-1.png", "group0000-source0.png"):
+        Image.new("RGB", (8, 8), "red").save(folder / "images" / name)
+    (folder / "to_label.jsonl").write_text(json.dumps({
+        "round": 0, "pair": 0, "prompt": "make it blue", "winner": None,
+        "images": ["images/group0000-0.png", "images/group0000-1.png"],
+        "sources": ["images/group0000-source0.png"]}) + "\n")
+    (tmp_path / "run" / "config.yaml").write_text("online: {labels: labels.jsonl}\n")
+    source = open_source(tmp_path / "run")
+    assert source.item(0).sources == 1
+    assert source.source_image(0, 0) == (folder / "images" / "group0000-source0.png").read_bytes()
 
 
 def test_the_d3po_human_feedback_loop_end_to_end_as_readme_gives_it(tmp_path, browser, monkeypatch, capsys):

@@ -13,7 +13,7 @@ The JSON API the page uses, every request checked before anything is written (a 
   counts, and the agreement between labellers on items several labelled;
 - ``GET /api/item/I?labeller=NAME``: item I (prompt, number of images, reward scores) and this labeller's
   choice there;
-- ``GET /image/I/K``: image K of item I;
+- ``GET /image/I/K``: image K of item I; ``GET /source/I/S``: its source image S (an edit's);
 - ``POST /api/label`` ``{"index": I, "choice": ..., "labeller": NAME}``: one label, appended and synced;
 - ``POST /api/undo`` ``{"labeller": NAME}``: withdraws that labeller's last label standing.
 
@@ -94,7 +94,7 @@ class LabelServer:
     def item(self, index: int, labeller: str) -> dict[str, Any]:
         item = self.source.item(self._index(index))
         return {"index": index, "id": item.id, "prompt": item.prompt, "images": item.images, "scores": item.scores,
-                "choice": self.log.choices(labeller).get(item.id)}
+                "sources": item.sources, "choice": self.log.choices(labeller).get(item.id)}
 
     def label(self, body: dict[str, Any]) -> dict[str, Any]:
         labeller, index, choice = self._labeller(body), self._index(body.get("index")), body.get("choice", ...)
@@ -207,15 +207,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._answer(lambda: self.app.state(LabelServer._labeller({"labeller": labeller})))
         if match := re.fullmatch(r"/api/item/(\d+)", url.path):
             return self._answer(lambda: self.app.item(int(match[1]), LabelServer._labeller({"labeller": labeller})))
-        if match := re.fullmatch(r"/image/(\d+)/(\d+)", url.path):
-            index, k = int(match[1]), int(match[2])
-            if index >= len(self.app.source) or k >= self.app.source.item(index).images:
-                return self._json(HTTPStatus.NOT_FOUND, {"error": f"no image {k} of item {index}"})
+        if match := re.fullmatch(r"/(image|source)/(\d+)/(\d+)", url.path):
+            what, index, k = match[1], int(match[2]), int(match[3])
+            source = self.app.source
+            item = source.item(index) if index < len(source) else None
+            if item is None or k >= (item.images if what == "image" else item.sources):
+                return self._json(HTTPStatus.NOT_FOUND, {"error": f"no {what} image {k} of item {index}"})
             try:
-                body, content_type = page_image(self.app.source.image(index, k))
+                body, content_type = page_image(source.image(index, k) if what == "image" else
+                                                source.source_image(index, k))
             except (OSError, ValueError, Image.DecompressionBombError) as err:  # undecodable, missing or too large
                 return self._json(HTTPStatus.UNPROCESSABLE_ENTITY,
-                                  {"error": f"image {k} of item {index} cannot be shown ({type(err).__name__})"})
+                                  {"error": f"{what} image {k} of item {index} cannot be shown ({type(err).__name__})"})
             return self._send(HTTPStatus.OK, body, content_type)
         self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {url.path}"})
 

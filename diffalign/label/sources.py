@@ -11,6 +11,10 @@
   *is* the run's ``online.labels`` file: each line carries ``round``, ``pair`` and ``winner``, which
   ``train.resume=latest`` reads.
 
+Edits: a table's source-image columns (``sources``, as a run's ``data.source_columns``), or an edit round's
+``sources``, are shown beside the candidates, and a labelled table keeps them (copied beside its images), so the
+dataset trains edits as it came.
+
 Each output dataset is written again from the log after every label, beside its place and renamed into
 it, so it is always whole; the log stays the record (several labellers' rows, each with its name).
 """
@@ -44,6 +48,7 @@ class Item:
     prompt: str
     images: int
     scores: dict[str, list[float]] = field(default_factory=dict)
+    sources: int = 0  # the edit's source images, shown beside the candidates
 
 
 def page_image(raw: bytes) -> tuple[bytes, str]:
@@ -90,6 +95,10 @@ class Source:
     def image(self, index: int, k: int) -> bytes:
         raise NotImplementedError
 
+    def source_image(self, index: int, s: int) -> bytes:
+        """Item ``index``'s source image ``s`` (an edit's)."""
+        raise NotImplementedError
+
     def check(self, index: int, choice: Choice) -> None:
         """Raise ValueError unless ``choice`` is a label this item can take."""
         n = self.item(index).images
@@ -115,15 +124,16 @@ class Source:
 class _TableSource(Source):
     """Shared by pairs and ranked lists: rows of a :class:`RowSource`, labelled into ``out``."""
 
-    def __init__(self, path: str | Path, out: str | Path | None, columns: list[str]) -> None:
+    def __init__(self, path: str | Path, out: str | Path | None, columns: list[str], sources: list[str]) -> None:
         self.rows = RowSource(path)
-        missing = [c for c in columns if c not in self.rows.columns]
+        self.sources = list(sources)
+        missing = [c for c in [*columns, *self.sources] if c not in self.rows.columns]
         if missing:
             raise UserError(f"{path} has no column {', '.join(missing)} (it has {', '.join(self.rows.columns)})")
         source = Path(path)
         self.out = Path(out) if out else source.with_name(f"{source.stem}-labelled")
         self.log_path = self.out / "labels.jsonl"
-        self._copied: dict[int, tuple[str, list[str]]] = {}  # row -> (caption, its images' paths in out)
+        self._copied: dict[int, tuple[str, list[str], dict[str, str]]] = {}  # row -> caption, images, sources in out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -140,21 +150,28 @@ class _TableSource(Source):
     def _dataset_row(self, caption: str, images: list[str], choice: Choice) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _copied_row(self, index: int) -> tuple[str, list[str]]:
-        """Row ``index``'s caption and its images copied into ``out/images/``, as paths relative to ``out``; the
-        row is read and its images written once, so rewriting the dataset after each label stays cheap."""
+    def source_image(self, index: int, s: int) -> bytes:
+        return read_image_bytes(self.rows.row(index)[self.sources[s]], self.rows.base)
+
+    def _copy(self, cell: Any, name: str) -> str:
+        """An image cell written to ``out/images/NAME`` (its encoding's suffix), once; its path relative to out."""
+        raw = read_image_bytes(cell, self.rows.base)
+        relative = f"images/{name}{'.jpg' if raw.startswith(JPEG_MAGIC) else '.png'}"
+        target = self.out / relative
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(raw)
+        return relative
+
+    def _copied_row(self, index: int) -> tuple[str, list[str], dict[str, str]]:
+        """Row ``index``'s caption, its images and its sources copied into ``out/images/``, as paths relative to
+        ``out``; the row is read and its images written once, so rewriting the dataset after each label stays
+        cheap."""
         if index not in self._copied:
-            row, paths = self.rows.row(index), []
-            for k, cell in enumerate(self._image_cells(row)):
-                raw = read_image_bytes(cell, self.rows.base)
-                suffix = ".jpg" if raw.startswith(JPEG_MAGIC) else ".png"
-                relative = f"images/row-{index:07d}-{k}{suffix}"
-                target = self.out / relative
-                if not target.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(raw)
-                paths.append(relative)
-            self._copied[index] = (str(row["caption"]), paths)
+            row = self.rows.row(index)
+            images = [self._copy(cell, f"row-{index:07d}-{k}") for k, cell in enumerate(self._image_cells(row))]
+            sources = {column: self._copy(row[column], f"row-{index:07d}-{column}") for column in self.sources}
+            self._copied[index] = (str(row["caption"]), images, sources)
         return self._copied[index]
 
     def write(self, log: LabelLog) -> Path:
@@ -162,9 +179,9 @@ class _TableSource(Source):
         rows = []
         for item, by_labeller in sorted(log.labels().items(), key=lambda kv: self.index_of(kv[0])):
             index = self.index_of(item)
-            caption, images = self._copied_row(index)
+            caption, images, sources = self._copied_row(index)
             for labeller, choice in sorted(by_labeller.items()):
-                rows.append({**self._dataset_row(caption, images, choice), "labeller": labeller,
+                rows.append({**self._dataset_row(caption, images, choice), **sources, "labeller": labeller,
                              "source_row": index})
         return _write_atomically(self.dataset_path, rows)
 
@@ -172,8 +189,8 @@ class _TableSource(Source):
 class PairsSource(_TableSource):
     kind = "pairs"
 
-    def __init__(self, path: str | Path, out: str | Path | None = None) -> None:
-        super().__init__(path, out, ["caption", "jpg_0", "jpg_1"])
+    def __init__(self, path: str | Path, out: str | Path | None = None, sources: list[str] = ()) -> None:
+        super().__init__(path, out, ["caption", "jpg_0", "jpg_1"], sources)
         self.dataset_path = self.out / "pairs.jsonl"
         # reward scores of both images (generate-ranked writes <reward>_0 / <reward>_1), shown on demand
         self.score_names = [c[:-2] for c in self.rows.columns
@@ -184,7 +201,7 @@ class PairsSource(_TableSource):
         scores = {name: [row.get(f"{name}_0"), row.get(f"{name}_1")] for name in self.score_names}
         return Item(f"row-{index}", str(row.get("caption") or ""), 2,
                     {name: [float(v) for v in values] for name, values in scores.items()
-                     if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)})
+                     if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)}, len(self.sources))
 
     def image(self, index: int, k: int) -> bytes:
         return read_image_bytes(self.rows.row(index)[f"jpg_{k}"], self.rows.base)
@@ -201,15 +218,15 @@ class RankedSource(_TableSource):
     kind = "ranked"
     allows_tie = False  # a list whose images are all equal teaches nothing: skip it instead
 
-    def __init__(self, path: str | Path, out: str | Path | None = None) -> None:
-        super().__init__(path, out, ["caption", "images"])
+    def __init__(self, path: str | Path, out: str | Path | None = None, sources: list[str] = ()) -> None:
+        super().__init__(path, out, ["caption", "images"], sources)
         self.dataset_path = self.out / "ranked.jsonl"
 
     def item(self, index: int) -> Item:
         row = self.rows.row(index)
         scores = row.get("scores")
         shown = {"scores": [float(s) for s in scores]} if isinstance(scores, list) else {}
-        return Item(f"row-{index}", str(row.get("caption") or ""), len(row["images"]), shown)
+        return Item(f"row-{index}", str(row.get("caption") or ""), len(row["images"]), shown, len(self.sources))
 
     def image(self, index: int, k: int) -> bytes:
         return read_image_bytes(self.rows.row(index)["images"][k], self.rows.base)
@@ -247,7 +264,7 @@ class D3poRoundSource(Source):
 
     def item(self, index: int) -> Item:
         pair = self.pairs[index]
-        return Item(self.item_id(index), pair["prompt"], len(pair["images"]))
+        return Item(self.item_id(index), pair["prompt"], len(pair["images"]), sources=len(pair.get("sources", [])))
 
     def item_id(self, index: int) -> str:
         pair = self.pairs[index]
@@ -256,21 +273,28 @@ class D3poRoundSource(Source):
     def image(self, index: int, k: int) -> bytes:
         return (self.folder / self.pairs[index]["images"][k]).read_bytes()
 
+    def source_image(self, index: int, s: int) -> bytes:
+        return (self.folder / self.pairs[index]["sources"][s]).read_bytes()
+
     def extra(self, index: int, choice: Choice) -> dict[str, Any]:
         pair = self.pairs[index]
         return {"round": pair["round"], "pair": pair["pair"], "winner": choice if choice in (0, 1) else None}
 
 
-def open_source(source: str | Path, out: str | Path | None = None) -> Source:
-    """The source ``source`` names: a D3PO run waiting for labels, ranked lists, or pairs."""
+def open_source(source: str | Path, out: str | Path | None = None, sources: list[str] = ()) -> Source:
+    """The source ``source`` names: a D3PO run waiting for labels (an edit round shows its sources itself), ranked
+    lists, or pairs, each with its edits' source-image columns ``sources``."""
     path = Path(source)
     if path.is_dir() and (path / "rounds").is_dir() and (path / "config.yaml").is_file():
+        if sources:
+            raise UserError("a D3PO round names its own source images (an edit round's to_label.jsonl); "
+                            "drop --sources")
         return D3poRoundSource(path, out)
     columns = RowSource(path).columns
     if "images" in columns:
-        return RankedSource(path, out)
+        return RankedSource(path, out, list(sources))
     if {"jpg_0", "jpg_1"} <= set(columns):
-        return PairsSource(path, out)
+        return PairsSource(path, out, list(sources))
     raise UserError(f"{source} is neither a D3PO run waiting for labels, ranked lists (caption, images) nor pairs "
                     f"(caption, jpg_0, jpg_1); it has the columns {', '.join(columns)}")
 
