@@ -276,6 +276,22 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], Any]:
+    """``--prompts`` as prompts, and with ``--sources`` as edits: the instructions and each row's (S, 3, H, W) source
+    pixels in [0, 1] (at ``--resolution``, else 1024), rows whose sources do not decode skipped and counted."""
+    from diffalign.eval.prompts import read_prompts
+
+    if not args.sources:
+        return read_prompts(args.prompts), None
+    import torch
+
+    from diffalign.data.edit_prompts import EditPrompts
+
+    edits = EditPrompts(args.prompts, resolution=args.resolution or 1024, caption_column=args.caption_column,
+                        source_columns=args.sources)
+    return list(edits.captions), torch.stack([edits.read(i).sources for i in range(len(edits.captions))]).add(1).div(2)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion import default_device, load_pipeline, process_state, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
@@ -294,7 +310,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
-    prompts = read_prompts(args.prompts)
+    prompts, sources = _eval_prompts(args)
     if args.rewards is None:  # the toy world's own judges fit its prompts, and nothing else
         check_toy_prompts(prompts, "--rewards is not given, and its default, toy_preference and toy_adherence,")
     specs = (args.rewards or ",".join(TOY_REWARDS)).split(",")
@@ -320,7 +336,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, progress=True, **extra,
                                      keep_images=args.report_prompts * args.seeds,
                                      images_dir=Path(args.out) / "images" if args.save_images else None,
-                                     model_settings=settings)
+                                     model_settings=settings, sources=sources)
     finally:
         state.destroy_process_group()  # as after train
     if not state.is_main_process:
@@ -431,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
+    p.add_argument("--sources", nargs="+", metavar="COLUMN",
+                   help="edits: --prompts is a table of instructions (--caption-column) with their source images in "
+                        "these columns; every image edits its row's sources, which the report shows beside them")
+    p.add_argument("--caption-column", default="caption",
+                   help="with --sources: the instructions' column (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="weights dtype (default auto: bf16 on a GPU, fp32 on a CPU)")

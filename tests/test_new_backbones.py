@@ -6,12 +6,14 @@ tests/test_flow_methods.py)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import pytest
 from diffusers import Flux2KleinPipeline, Flux2Pipeline, QwenImagePipeline, ZImagePipeline
 from fixtures import pickapic_parquet
+from safetensors.torch import load_file
 
 from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.paths import ASSETS, CONFIGS
@@ -148,8 +150,28 @@ def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, p
         return pipe(prompt=["a red circle"], generator=torch.Generator().manual_seed(0), **settings).images
 
     pipe = load_pipeline(MODELS / model, random_init=True)
+    # ComfyUI's LoRA loader reads "transformer." + a diffusers module's name, .lora.down/.lora.up (comfy/lora.py)
+    linear = {name for name, module in pipe.transformer.named_modules() if isinstance(module, torch.nn.Linear)}
+    keys = load_file(lora).keys()
+    assert keys and all(re.fullmatch(r"transformer\.(.+)\.lora\.(down|up)\.weight", k)[1] in linear for k in keys)
     before = image(pipe)
     pipe.load_lora_weights(lora.parent)
     with_lora = image(pipe)
     assert (with_lora - before).abs().max() > 1e-3  # the LoRA changes what the pipeline draws
     torch.testing.assert_close(image(pipeline.from_pretrained(merged)), with_lora, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_image_samples_guided_with_its_true_cfg_in_eval_and_generation():
+    """The Qwen-Image pipelines guide with ``true_cfg_scale`` and a negative prompt (their ``guidance_scale`` only
+    feeds a guidance-distilled model): ``generate``'s guidance scale reaches them so, against the empty prompt as
+    training's guided sampler, and changes the image; a scale of 1 is the unguided pipeline."""
+    from diffalign.diffusion.sampling import generate
+
+    pipe = load_pipeline(MODELS / "tiny-qwenimage", random_init=True)
+    settings = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
+    ours = generate(pipe, ["a red circle", "a blue square"], [0, 1], steps=2, guidance_scale=4.0, resolution=32)
+    theirs = pipe(prompt=["a red circle", "a blue square"], true_cfg_scale=4.0, negative_prompt=["", ""],
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **settings).images
+    torch.testing.assert_close(ours, theirs)
+    unguided = generate(pipe, ["a red circle", "a blue square"], [0, 1], steps=2, guidance_scale=1.0, resolution=32)
+    assert (ours - unguided).abs().max() > 1e-4

@@ -28,7 +28,7 @@ class EditPrompts(ImageRows):
         self.indices = [example.index for example in readable]  # every row until then, so a position is a row
         self.captions = [example.caption for example in readable]  # the instructions, by position
         if not self.indices:
-            raise UserError(f"online.prompts {path} has no row whose instruction and source images can be read")
+            raise UserError(f"{path} has no row whose instruction and source images can be read")
 
     def read(self, position: int, decode: bool = True) -> GroupExample:
         index = self.indices[position]

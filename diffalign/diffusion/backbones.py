@@ -252,6 +252,17 @@ class Backbone:
         """Classifier-free guidance as the family's pipeline combines its two predictions: u + s (c - u)."""
         return unconditional + scale * (conditional - unconditional)
 
+    @classmethod
+    def pipeline_guidance(cls, scale: float, n: int) -> dict:
+        """The family's pipeline arguments for guidance ``scale`` on a call of ``n`` prompts: ``guidance_scale``
+        (classifier-free guidance, or a distilled model's embedded value)."""
+        return {"guidance_scale": scale}
+
+    @classmethod
+    def pipeline_images(cls, images: list):
+        """An edit's source images (PIL) as the family's pipeline takes them: one image, or a list of several."""
+        return images[0] if cls.max_sources == 1 else list(images)
+
 
 class TokenShiftedGrid:
     """For backbones whose pipelines sample on :func:`token_shifted_scheduler`'s grid (FLUX.1, Z-Image,
@@ -507,6 +518,12 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
         )[0]
         scale = self.vae_scale_factor
         return pipe._unpack_latents(out[:, : tokens[0].shape[1]], h * scale, w * scale, scale)[:, :, 0]
+
+    @classmethod
+    def pipeline_guidance(cls, scale, n):
+        """The Qwen-Image pipelines guide with ``true_cfg_scale`` against a negative prompt (their
+        ``guidance_scale`` is only a guidance-distilled model's embedding): the empty one, as training uses."""
+        return {"true_cfg_scale": scale, "negative_prompt": [""] * n}
 
     def combine_guidance(self, unconditional, conditional, scale):
         """The Qwen-Image pipelines' true CFG: u + s (c - u), rescaled token by token (each 2x2 patch's 4C values)

@@ -14,7 +14,7 @@ from PIL import Image
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from diffalign.diffusion.backbones import sliced_decoding
+from diffalign.diffusion.backbones import BACKBONES, Backbone, sliced_decoding
 
 
 @torch.no_grad()
@@ -28,16 +28,24 @@ def generate(
     resolution: int | None = None,
     batch_size: int = 64,
     progress: bool | str = False,
+    sources: Sequence[Sequence[Image.Image]] | None = None,
     **pipeline_kwargs,
 ) -> torch.Tensor:
     """Images for ``prompts[i]`` from ``seeds[i]``, float (N, 3, H, W) in [0, 1] on the CPU.
 
+    ``guidance_scale`` goes to the pipeline as its family guides (``Backbone.pipeline_guidance``: the Qwen-Image
+    pipelines' true CFG, ``guidance_scale`` elsewhere). ``sources[i]``: the source images image i edits, given to
+    an edit pipeline's ``image`` (one image at a time, as the edit pipelines batch no sources).
     ``progress``: a bar over the batches, labelled with the string given (what is generated, for whom).
     Extra keyword arguments go to the pipeline call (negative prompts, callbacks, ...). The VAE
     decodes one image at a time (:func:`~diffalign.diffusion.backbones.sliced_decoding`).
     """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+    if len(prompts) != len(seeds) or (sources is not None and len(sources) != len(prompts)):
+        raise ValueError(f"got {len(prompts)} prompts, {len(seeds)} seeds and "
+                         f"{'no' if sources is None else len(sources)} sources; give one seed (and sources) per image")
+    family = BACKBONES.get(type(pipe).__name__, Backbone)
+    if sources is not None:
+        batch_size = 1
     pipe.set_progress_bar_config(disable=True)
     device = pipe._execution_device
     size = {} if resolution is None else {"height": resolution, "width": resolution}
@@ -47,8 +55,11 @@ def generate(
         for start in tqdm(range(0, len(prompts), batch_size), desc=label, unit="batch", disable=not progress):
             chunk = slice(start, start + batch_size)
             generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds[chunk]]
-            images = pipe(prompt=list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=generators, output_type="pt", **size, **pipeline_kwargs).images
+            guidance = {key: value for key, value in family.pipeline_guidance(guidance_scale, len(generators)).items()
+                        if key not in pipeline_kwargs}  # a caller's own (FLUX's --true-cfg) stand
+            edit = {} if sources is None else {"image": family.pipeline_images(sources[start])}
+            images = pipe(prompt=list(prompts[chunk]), num_inference_steps=steps, generator=generators,
+                          output_type="pt", **guidance, **edit, **size, **pipeline_kwargs).images
             out.append(images.float().cpu())
     return torch.cat(out)
 

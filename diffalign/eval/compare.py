@@ -20,6 +20,7 @@ from diffalign.eval.report import scaled_size
 from diffalign.eval.saved import check_same_settings, load_saved, save_png
 from diffalign.eval.stats import mean_interval, win_rate
 from diffalign.rewards import RewardModel
+from diffalign.rewards.clip_rewards import to_pil
 
 REPORT_PX = 256  # the longer side of the images an Evaluation keeps for its report
 
@@ -31,6 +32,8 @@ class Evaluation:
     prompts: list[str]
     seeds: list[int]
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> the kept (K, 3, h, w) in [0, 1]
+    # edits: each prompt's (S, 3, h, w) source images in [0, 1], report-sized; its images are seeds_per_prompt in a row
+    sources: torch.Tensor | None = None
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> reward -> (N,)
     texts: dict[str, list[str]] = field(default_factory=dict)  # model -> the (N,) completions (language models)
 
@@ -63,6 +66,7 @@ def evaluate_models(
     images_dir: Path | None = None,
     model_settings: Mapping[str, dict] | None = None,
     progress: bool = False,
+    sources: torch.Tensor | None = None,
     **generate_kwargs,
 ) -> Evaluation:
     """Generate ``seeds_per_prompt`` images per prompt with every model (the same seeds for all
@@ -87,14 +91,21 @@ def evaluate_models(
 
     Under ``accelerate launch`` or ``torchrun`` each process makes and scores every N-th batch on its
     own GPU, and every process gets the whole result, as one process would have made it.
+
+    Edits: ``sources`` (P, S, 3, H, W) in [0, 1] holds each prompt's source images; every image of the prompt
+    edits them, a reward that compares an edit with its sources (``reads_sources``) gets them, and the report
+    shows them.
     """
     expanded = [p for p in prompts for _ in range(seeds_per_prompt)]
     seeds = [seed + i for i in range(len(expanded))]
-    result = Evaluation(prompts=expanded, seeds=seeds)
+    result = Evaluation(prompts=expanded, seeds=seeds,
+                        sources=None if sources is None else torch.stack([report_size(s) for s in sources]))
+    edits = None if sources is None else sources.repeat_interleave(seeds_per_prompt, dim=0)
     keep = len(expanded) if keep_images is None else keep_images
     state = process_state()
     if images_dir is not None:
-        prompts_sha = hashlib.sha256("\n".join(expanded).encode()).hexdigest()
+        prompts_sha = hashlib.sha256("\n".join(expanded).encode()
+                                     + (b"" if sources is None else sources.numpy().tobytes())).hexdigest()
         with state.main_process_first():  # the main process records the settings; the others compare
             for name in models:
                 settings = {"prompts_sha256": prompts_sha, "images": len(expanded), "first_seed": seed,
@@ -113,12 +124,16 @@ def evaluate_models(
             if images is None:
                 if pipe is None:
                     pipe = model if isinstance(model, DiffusionPipeline) else model()
-                images = generate(pipe, expanded[chunk], seeds[chunk], batch_size=batch_size, **generate_kwargs)
+                images = generate(pipe, expanded[chunk], seeds[chunk], batch_size=batch_size,
+                                  sources=None if edits is None else [to_pil(e) for e in edits[chunk]],
+                                  **generate_kwargs)
                 if saved is not None:  # scored as saved, so a resumed run scores the same
                     for image, path in zip(images, saved, strict=True):
                         save_png(image, path)
                     images = load_saved(saved)
-            done.append((start, {reward.name: reward(images, expanded[chunk]) for reward in rewards},
+            done.append((start, {reward.name: reward(images, expanded[chunk], edits[chunk])
+                                 if getattr(reward, "reads_sources", False) else reward(images, expanded[chunk])
+                                 for reward in rewards},
                          report_size(images[: keep - start]) if start < keep else None))
         done = sorted(gather_object(done), key=lambda batch: batch[0])  # every process's batches, in order
         kept = [images for _, _, images in done if images is not None]

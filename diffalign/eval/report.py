@@ -159,10 +159,10 @@ def _meanings(rewards: Sequence[str]) -> str:
 
 
 def comparison(prompt: str, seeds: Sequence[int], images: Mapping[str, torch.Tensor],
-               scores: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
+               scores: Mapping[str, Mapping[str, Sequence[float]]], sources: torch.Tensor | None = None) -> str:
     """One prompt's images: a card per seed (wrapped to the page's width, however many seeds), holding each
     model's image with its scores; the image that scores highest on the first reward is that seed's winner,
-    framed in green (none where the best score is tied)."""
+    framed in green (none where the best score is tied). An edit's ``sources`` (S, 3, h, w) come first."""
     rewards = list(next(iter(scores.values())))
     first = rewards[0]
     models = list(images)
@@ -181,6 +181,11 @@ def comparison(prompt: str, seeds: Sequence[int], images: Mapping[str, torch.Ten
                       f"{' &#9733; wins' if won else ''}</figcaption><img src='{_embed_image(image)}' width='{width}' "
                       f"alt='{html.escape(model)}, seed {seed}'><div class='score'>{lines}</div></figure>")
         cards += f"<div class='seed'><h4>seed {seed}</h4>{cells}</div>"
+    if sources is not None:
+        figures = "".join(f"<figure><figcaption>source{f' {s + 1}' if len(sources) > 1 else ''}</figcaption>"
+                          f"<img src='{_embed_image(image)}' width='{min(256, max(128, image.shape[-1]))}' "
+                          f"alt='source {s + 1}'></figure>" for s, image in enumerate(sources))
+        cards = f"<div class='seed source'><h4>edits of</h4>{figures}</div>{cards}"
     return f"<section><h3>{html.escape(prompt)}</h3><div class='seeds'>{cards}</div></section>"
 
 
@@ -190,6 +195,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0
          ".seeds{display:flex;flex-wrap:wrap;gap:10px}.seed{border:1px solid #ddd;padding:4px;text-align:center}"
          ".seed h4{margin:2px 0;font-size:13px}.seed figure{margin:4px;padding:3px;border:5px solid transparent}"
          ".seed figure.won{border-color:#2a9d3f;background:#eef8f0}.seed figcaption{font-size:12px}"
+         ".seed.source{border-style:dashed;background:#f4f4f4}"
          "img{image-rendering:pixelated;display:block;margin:auto}.score{font-size:12px;color:#333}"
          "figure{margin:1.5em 0}dt{font-weight:bold;margin-top:.5em}")
 
@@ -247,20 +253,25 @@ def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Seque
     summary = evaluation.summary()
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     sections = []
-    prompts = list(dict.fromkeys(evaluation.prompts))
+    if evaluation.sources is None:  # a prompt's images, wherever it comes
+        prompts = list(dict.fromkeys(evaluation.prompts))
+        groups = [[i for i, p in enumerate(evaluation.prompts) if p == prompt] for prompt in prompts]
+    else:  # edits: one instruction may edit several sources, so each row's images (seeds in a row) are its own
+        per_row = len(evaluation.prompts) // len(evaluation.sources)
+        groups = [list(range(r * per_row, (r + 1) * per_row)) for r in range(len(evaluation.sources))]
     kept = min(len(images) for images in evaluation.images.values())
-    last = {prompt: i for i, prompt in enumerate(evaluation.prompts)}
-    shown = [p for p in prompts if last[p] < kept]
-    if len(shown) < len(prompts):
-        notes = [*notes, f"Image grids: the first {len(shown)} of {len(prompts)} prompts; the scores cover all."]
-    for number, prompt in enumerate(shown):
-        index = [i for i, p in enumerate(evaluation.prompts) if p == prompt]
+    shown = [index for index in groups if index[-1] < kept]
+    if len(shown) < len(groups):
+        notes = [*notes, f"Image grids: the first {len(shown)} of {len(groups)} prompts; the scores cover all."]
+    for number, index in enumerate(shown):
+        prompt = evaluation.prompts[index[0]]
+        row_sources = None if evaluation.sources is None else evaluation.sources[index[0] // len(index)]
         rows = {name: images[index] for name, images in evaluation.images.items()}
         path = out / "grids" / f"prompt-{number:03d}.png"
         path.parent.mkdir(exist_ok=True)
         image_grid(rows).save(path)
         scores = {name: {r: values[index].tolist() for r, values in per_reward.items()}
                   for name, per_reward in evaluation.scores.items()}
-        sections.append(comparison(prompt, [evaluation.seeds[i] for i in index], rows, scores))
+        sections.append(comparison(prompt, [evaluation.seeds[i] for i in index], rows, scores, row_sources))
     write_html(out / "report.html", title=title, summary=summary, figures=figures, notes=notes, sections=sections)
     return summary
