@@ -297,7 +297,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.eval import evaluate_models
     from diffalign.eval.naming import model_names
-    from diffalign.eval.prompts import read_prompts
     from diffalign.eval.report import markdown_table, write_evaluation_report
     from diffalign.lm.loading import is_causal_lm_folder
     from diffalign.paths import resolve_model_path
