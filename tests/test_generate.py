@@ -139,3 +139,36 @@ def test_a_run_that_fails_after_making_images_keeps_them_and_says_where(tmp_path
     with pytest.raises(UserError, match=f"What this run made is kept in {out}: .*run the same command again"):
         generate_ranked(_config(out))
     assert list(out.rglob("*.png"))
+
+
+@pytest.mark.slow
+def test_generate_ranked_edits_each_rows_sources_and_keeps_them_for_training(tmp_path):
+    """Edits: a table of instructions with a source image each, two FLUX.2 klein generators (the tiny model at two
+    guidance scales) editing it; image_similarity scores each edit against its source; the lists and pairs keep
+    the source column, so they train edits with data.source_columns as they are."""
+    from fixtures import pickapic_parquet, tiny_clip_folder
+
+    from diffalign.data.open import open_dataset
+    from diffalign.diffusion import load_pipeline
+
+    model = tmp_path / "klein"
+    load_pipeline(ROOT / "assets/models/tiny-flux2-klein", random_init=True).save_pretrained(model)
+    table = pickapic_parquet(tmp_path / "edits.parquet", 2, sources=("source",))
+    clip = tiny_clip_folder(tmp_path / "clip")
+    out = tmp_path / "ranked"
+    config = load_config(ROOT / "configs/toy_generate_ranked.yaml", [
+        f"prompts={table}", f"output_dir={out}", "source_columns=[source]", "source_resolution=64",
+        f"generators=[{{name: a, path: {model}, steps: 2, resolution: 64}}, "
+        f"{{name: b, path: {model}, steps: 2, resolution: 64, guidance_scale: 1.0}}]",
+        f"rewards=[image_similarity:{clip}, jpeg_incompressibility]"], schema=GenerateConfig)
+    summary = generate_ranked(config)
+    assert summary["prompts"] == 2 and summary["images_generated_now"] == 2 * 2 * 2
+    rows = pq.read_table(out / "shard-00000.parquet").to_pylist()
+    assert [r["source"] for r in rows] == ["images/p000000/source-source.png", "images/p000001/source-source.png"]
+    assert all(0 < s <= 1 + 1e-5 for r in rows for s in r["reward_image_similarity"])
+    pair = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])
+    assert pair["source"] == rows[0]["source"]
+    for layout, path in (("ranked", out), ("pairs", out / "pairs.jsonl")):
+        data = load_config(ROOT / "configs/toy_rank_dpo.yaml", [f"data.path={path}", "data.resolution=32",
+                                                                 "data.source_columns=[source]"]).data
+        assert len(open_dataset(data, layout).read(0).source_ids) == 1

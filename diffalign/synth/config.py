@@ -69,6 +69,12 @@ class GenerateConfig:
     batch_size: int = 16
     # the dataset folder (shard-*.parquet, images/, pairs.jsonl, summary.json)
     output_dir: str = ""
+    # edits: prompts is then a table of instructions (caption_column) with each row's source images in these
+    # columns, every generator an edit model; the dataset keeps the sources in the same columns
+    source_columns: list = field(default_factory=list)
+    caption_column: str = "caption"
+    # edits: the size the sources are read at (resized and centre-cropped, as training reads them)
+    source_resolution: int = 1024
 
     def validate(self) -> GenerateConfig:
         from diffalign.rewards import RewardSpec
@@ -96,6 +102,8 @@ class GenerateConfig:
         for key in ("seeds_per_generator", "shard_size", "batch_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not isinstance(self.source_columns, list) or not all(isinstance(c, str) and c for c in self.source_columns):
+            raise UserError(f"source_columns lists the columns of each row's source images; got {self.source_columns!r}")
         if len(self.generators) * self.seeds_per_generator < 2:
             raise UserError("a ranked list needs at least 2 images per prompt: add a generator or raise seeds_per_generator")
         return self

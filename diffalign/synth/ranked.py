@@ -17,6 +17,12 @@ a shard (a fixed block of prompts) is written atomically once all its images exi
 stopped run continues where it was. Generation is generator-major (each model is loaded once)
 and reward models are loaded only after generation, so the two never share GPU memory.
 
+Edits (``source_columns``): the prompts are a table of instructions with each row's source images, every
+generator an edit model that edits them (its pipeline's own ``image`` argument), a reward that compares an edit
+with its sources (``image_similarity``) gets them, and the dataset keeps each row's sources
+(``images/p000000/source-<column>.png``) in the same columns, so it trains edits with
+``data.source_columns`` as it is.
+
 Launched on N processes (``accelerate launch`` or ``torchrun``, one per GPU), process r generates
 every N-th missing image of each generator and scores every N-th shard, on its own GPU; the
 output is the one a single process writes.
@@ -35,6 +41,7 @@ import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffalign.diffusion import process_state
@@ -55,6 +62,37 @@ def _seeds(config: GenerateConfig, prompt_index: int) -> list[int]:
 def _image_path(prompt_index: int, generator: str, seed: int) -> str:
     """Relative to the output folder (what the dataset stores)."""
     return f"images/p{prompt_index:06d}/{generator}-{seed}.png"
+
+
+def _source_path(prompt_index: int, column: str) -> str:
+    return f"images/p{prompt_index:06d}/source-{column}.png"
+
+
+def _read_prompts(config: GenerateConfig, out: Path, state: PartialState) -> list[str]:
+    """The prompts; for edits the instructions, each row's sources written once under ``out`` (the main process)
+    and read back from there, so generation and scoring see the same 8-bit images on every process and resume."""
+    if not config.source_columns:
+        return read_prompts(config.prompts)
+    from diffalign.data.edit_prompts import EditPrompts
+
+    edits = EditPrompts(config.prompts, resolution=config.source_resolution, caption_column=config.caption_column,
+                        source_columns=config.source_columns)
+    with state.main_process_first():
+        if state.is_main_process:
+            for i in range(len(edits.captions)):
+                paths = [out / _source_path(i, column) for column in config.source_columns]
+                if not all(path.is_file() for path in paths):
+                    for path, pixels in zip(paths, edits.read(i).sources, strict=True):
+                        save_png(pixels.add(1).div(2), path)
+    return list(edits.captions)
+
+
+def _sources(config: GenerateConfig, out: Path, indices) -> list[list[Image.Image]] | None:
+    """The source images (PIL) of the prompts at ``indices``, as written under ``out``; None without edits."""
+    if not config.source_columns:
+        return None
+    return [[Image.open(out / _source_path(i, column)).convert("RGB") for column in config.source_columns]
+            for i in indices]
 
 
 def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, state: PartialState) -> int:
@@ -85,7 +123,7 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, sta
                 batch = jobs[start:start + config.batch_size]
                 images = generate(pipe, [prompts[i] for i, _ in batch], [s for _, s in batch], steps=generator.steps,
                                   guidance_scale=generator.guidance_scale, resolution=generator.resolution,
-                                  batch_size=config.batch_size)
+                                  batch_size=config.batch_size, sources=_sources(config, out, [i for i, _ in batch]))
                 for (i, s), image in zip(batch, images, strict=True):
                     save_png(image, out / _image_path(i, generator.name, s))
                 bar.update(len(batch))
@@ -103,14 +141,19 @@ def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out
     for start in range(0, len(items), config.batch_size):  # a batch of images in memory at a time, not a shard
         batch = slice(start, start + config.batch_size)
         images = torch.stack([load_png(out / p) for p in paths[batch]])
+        sources = None if not config.source_columns else torch.stack([
+            torch.stack([load_png(out / _source_path(i, column)) for column in config.source_columns])
+            for i, _, _ in items[batch]])
         for reward in rewards:
-            per_batch[reward.name].append(reward(images, captions[batch]).double())
+            scores = reward(images, captions[batch], sources) if getattr(reward, "reads_sources", False) else \
+                reward(images, captions[batch])
+            per_batch[reward.name].append(scores.double())
     raw = {name: torch.cat(scores) for name, scores in per_batch.items()}
     groups = torch.tensor([i for i, _, _ in items])
     combined = ensemble(raw, groups, config.ensemble)
     per_prompt = len(config.generators) * config.seeds_per_generator
     rows: dict[str, list] = {"caption": [], "images": [], "scores": [], "generators": [], "seeds": [],
-                             **{f"reward_{name}": [] for name in raw}}
+                             **{f"reward_{name}": [] for name in raw}, **{c: [] for c in config.source_columns}}
     for start in range(0, len(items), per_prompt):
         block = slice(start, start + per_prompt)
         rows["caption"].append(captions[start])
@@ -118,6 +161,8 @@ def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out
         rows["scores"].append(combined[block].tolist())
         rows["generators"].append([g for _, g, _ in items[block]])
         rows["seeds"].append([s for _, _, s in items[block]])
+        for column in config.source_columns:
+            rows[column].append(_source_path(items[start][0], column))
         for name, values in raw.items():
             rows[f"reward_{name}"].append(values[block].tolist())
     return rows
@@ -129,8 +174,9 @@ def _write_parquet(rows: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _pairs(rows: list[dict], mode: str) -> list[dict]:
-    """Pairwise rows from ranked rows: best vs worst, or every pair with different scores."""
+def _pairs(rows: list[dict], mode: str, source_columns: list[str]) -> list[dict]:
+    """Pairwise rows from ranked rows: best vs worst, or every pair with different scores (an edit's with its
+    sources)."""
     out = []
     reward_keys = [k for k in rows[0] if k.startswith("reward_")]
     for row in rows:
@@ -143,7 +189,8 @@ def _pairs(rows: list[dict], mode: str) -> list[dict]:
             if row["scores"][a] == row["scores"][b]:
                 continue
             pair = {"caption": row["caption"], "jpg_0": row["images"][a], "jpg_1": row["images"][b], "label_0": 1.0,
-                    "score_0": row["scores"][a], "score_1": row["scores"][b]}
+                    "score_0": row["scores"][a], "score_1": row["scores"][b],
+                    **{column: row[column] for column in source_columns}}
             for key in reward_keys:
                 name = key.removeprefix("reward_")
                 pair[f"{name}_0"], pair[f"{name}_1"] = row[key][a], row[key][b]
@@ -188,11 +235,11 @@ def generate_ranked(config: GenerateConfig) -> dict:
 
 def _generate_ranked(config: GenerateConfig, out: Path) -> dict:
     state = process_state()  # one process, or those of accelerate launch / torchrun, each on its own GPU
-    prompts = read_prompts(config.prompts)
     identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
     with state.main_process_first():  # the main process records the settings; the others then compare with them
         check_same_settings(out / "generate_config.yaml", identity, what="a dataset",
                             fix="use a new output_dir, or restore the settings to resume it")
+    prompts = _read_prompts(config, out, state)
     generated = _generate_missing(config, prompts, out, state)
     state.wait_for_everyone()  # every image exists before any shard is scored
     shards = [range(s, min(s + config.shard_size, len(prompts))) for s in range(0, len(prompts), config.shard_size)]
@@ -211,7 +258,7 @@ def _generate_ranked(config: GenerateConfig, out: Path) -> dict:
     if state.is_main_process:
         if config.pairs != "none":
             tmp = out / "pairs.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in _pairs(rows, config.pairs)))
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in _pairs(rows, config.pairs, config.source_columns)))
             os.replace(tmp, out / "pairs.jsonl")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     state.wait_for_everyone()
