@@ -193,12 +193,13 @@ class CachedEncoder:
         return torch.stack([row["latents"] for row in self._cached(keys, encode)]).float()
 
 
-def example_cached(encoder: CachedEncoder, prompt_reads_sources: bool) -> Callable[[Any], bool]:
+def example_cached(encoder: CachedEncoder, prompt_reads_sources: bool, guides: bool = False) -> Callable[[Any], bool]:
     """Whether all a run encodes of an example (read undecoded) is in ``encoder``'s cache: its images' and sources'
-    latents, and its prompt (keyed by its sources too when the text encoder reads them). Such an example is only
-    hashed, never decoded."""
+    latents, and its prompt (keyed by its sources too when the text encoder reads them; then also the empty prompt
+    read with them, for an objective that ``guides``). Such an example is only hashed, never decoded."""
     def cached(example) -> bool:
         prompt_sources = example.source_ids if prompt_reads_sources else ()
         return (encoder.has_latents(example.image_ids + example.source_ids)
-                and encoder.has_prompt(example.caption, prompt_sources))
+                and encoder.has_prompt(example.caption, prompt_sources)
+                and not (guides and prompt_sources and not encoder.has_prompt("", prompt_sources)))
     return cached

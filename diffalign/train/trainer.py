@@ -219,7 +219,8 @@ class PreferenceTrainer:
                 workers = 4 if self.accelerator.device.type == "cuda" else 0
             self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
                                         is_cached=None if self.encoder is None else
-                                        example_cached(self.encoder, self.backbone.prompt_reads_sources),
+                                        example_cached(self.encoder, self.backbone.prompt_reads_sources,
+                                                       self.objective.guides),
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         if not reads_data:
             self.dataset = None  # no table: no rows to go bad
