@@ -75,6 +75,16 @@ def test_every_offline_objective_trains_on_edits(objective, model, edits, tmp_pa
     _trains(objective, model, edits, tmp_path, "data.source_columns=[source]")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", sorted(o for o, kind in DATA.items() if kind is None))
+def test_every_online_objective_trains_on_rounds_of_edits(objective, edits, tmp_path):
+    """Every objective that samples (DDO and DRIFT, which pair samples with real images, refuse edits) on rounds
+    of edits: online.prompts a table of instructions with a source image each, on Qwen-Image-Edit, the model that
+    only edits and whose text encoder reads the sources too."""
+    _trains(objective, "tiny-qwenimage-edit", edits, tmp_path, f"online.prompts={edits['images']}",
+            "data.source_columns=[source]", "online.reward=jpeg_incompressibility")
+
+
 @pytest.mark.parametrize("objective", sorted(set(DATA) - {"self_npo"}))  # self_npo's recipe is a full fine-tune
 def test_every_objective_trains_the_whole_flux_transformer(objective, data, tmp_path):
     _trains(objective, "tiny-flux", data, tmp_path, "train.lora_rank=0")

@@ -353,12 +353,19 @@ class OnlineRounds(RoundDriver):
         return logged
 
     def _conditions(self, data: dict[str, Any], groups: Tensor) -> Conditioning:
-        """The conditioning of the units of ``groups``, as their round sampled them (:meth:`_encode`)."""
-        reference = None if data["reference"] is None else data["reference"][groups]
-        sources = None
-        if reference is not None and self.backbone.prompt_reads_sources:
-            sources = torch.stack(self._sources(data["round"], groups))
-        return self._encode([data["prompts"][i] for i in groups], reference, sources)
+        """The conditioning of the units of ``groups``, as their round sampled them (:meth:`_encode`). A text
+        encoder that reads the sources (Qwen2.5-VL: a 7B forward pass over each image) encodes each group once a
+        round, kept with the round's data, instead of once per unit and micro-batch."""
+        if data["reference"] is None or not self.backbone.prompt_reads_sources:
+            reference = None if data["reference"] is None else data["reference"][groups]
+            return self._encode([data["prompts"][i] for i in groups], reference, None)
+        encoded = data.setdefault("encoded", {})
+        missing = sorted({int(g) for g in groups} - set(encoded))
+        if missing:
+            cond = self._encode([data["prompts"][g] for g in missing], data["reference"][missing],
+                                torch.stack(self._sources(data["round"], missing)))
+            encoded.update({g: cond[j:j + 1].to("cpu") for j, g in enumerate(missing)})
+        return Conditioning.cat([encoded[int(g)] for g in groups])
 
     # --- the trainer's interface ---------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
