@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("lora", "kohya", "diffusers", "single-file"),
                    help="lora: for pipe.load_lora_weights; kohya: one LoRA .safetensors for A1111/Forge/ComfyUI; "
                         "diffusers: merged pipeline folder; "
-                        "single-file: original SD 1.x/2.x, SDXL or SD3 layout for ComfyUI/A1111")
+                        "single-file: original SD 1.x/2.x, SDXL or SD3 layout for ComfyUI/A1111; the transformer "
+                        "alone of FLUX.1, Z-Image or Qwen-Image, as their releases ship it")
     p.add_argument("--out", required=True,
                    help="output folder (lora, diffusers) or .safetensors file (kohya, single-file)")
     p.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"), help="weights dtype (default fp16)")
