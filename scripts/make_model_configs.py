@@ -86,15 +86,24 @@ def qwen_char_tokenizer(folder: Path, max_length: int = 512) -> None:
 QWEN_CHAR_VOCAB = 4 + 95 + 1 + 3
 
 
-def qwen_vl_processor(folder: Path) -> None:
-    """Qwen2.5-VL's processor as Qwen-Image-Edit's pipelines read it (the character tokenizer above, whose image
-    tokens the processor expands to one per merged 28 px patch, and Qwen2-VL's image processor with the released
-    settings: 14 px patches merged 2x2, between 56x56 and 3584x3584 pixels)."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def reloaded_char_tokenizer(folder: Path):
+    """The character tokenizer as a processor built on it saves it: written to a scratch ``folder/tokenizer``, read
+    back, and the scratch removed (the processor writes its own copy)."""
+    from transformers import AutoTokenizer
 
     qwen_char_tokenizer(folder / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     shutil.rmtree(folder / "tokenizer")
+    return tokenizer
+
+
+def qwen_vl_processor(folder: Path) -> None:
+    """Qwen2.5-VL's processor as Qwen-Image-Edit's pipelines read it (the character tokenizer above, whose image
+    tokens the processor expands to one per merged 28 px patch, and Qwen2-VL's image processor with the released
+    settings: 14 px patches merged 2x2, between 56x56 and 3584x3584 pixels)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = reloaded_char_tokenizer(folder)
     images = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2,
                                    temporal_patch_size=2)
     Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
@@ -156,18 +165,26 @@ def qwen_image_parts(transformer: dict, vae_config: dict, text: dict, edit: bool
     }
 
 
-def flux2_klein_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
-    """A Flux2KleinPipeline's components: Qwen3 (a causal LM: three of its hidden layers are read), the MMDiT, the
-    FLUX.2 VAE with its batch-norm statistics, the flow scheduler."""
+def flux2_parts(transformer: dict, vae_config: dict, text_encoder: tuple, tokenizer: tuple) -> dict:
+    """A FLUX.2 pipeline's components: the MMDiT, the FLUX.2 VAE with its batch-norm statistics, the flow scheduler,
+    and the text encoder and tokenizer of the model (klein's or dev's)."""
     return {
         "transformer": ("diffusers", "Flux2Transformer2DModel", transformer),
         "vae": ("diffusers", "AutoencoderKLFlux2", vae_config),
-        "text_encoder": ("transformers", "Qwen3ForCausalLM", {**text, "architectures": ["Qwen3ForCausalLM"]}),
-        "tokenizer": ("transformers", "PreTrainedTokenizerFast", "qwen-chat-tokenizer"),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
                       {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                        "use_dynamic_shifting": True}),
     }
+
+
+def flux2_klein_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
+    """A Flux2KleinPipeline's components: Qwen3 (a causal LM: three of its hidden layers are read) and the rest
+    of :func:`flux2_parts`."""
+    return flux2_parts(transformer, vae_config,
+                       ("transformers", "Qwen3ForCausalLM", {**text, "architectures": ["Qwen3ForCausalLM"]}),
+                       ("transformers", "PreTrainedTokenizerFast", "qwen-chat-tokenizer"))
 
 
 MISTRAL_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{% for part in m['content'] %}{{ part['text'] }}"
@@ -177,12 +194,9 @@ MISTRAL_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{% for part in m['c
 def pixtral_processor(folder: Path) -> None:
     """Mistral Small 3's processor as Flux2Pipeline reads it (its ``tokenizer`` component): the character tokenizer
     and a chat template over the pipeline's messages (content as a list of text parts), Pixtral's image processor."""
-    from transformers import AutoTokenizer, PixtralImageProcessor, PixtralProcessor
+    from transformers import PixtralImageProcessor, PixtralProcessor
 
-    qwen_char_tokenizer(folder / "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    shutil.rmtree(folder / "tokenizer")
-    PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, chat_template=MISTRAL_TEMPLATE,
+    PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=reloaded_char_tokenizer(folder), chat_template=MISTRAL_TEMPLATE,
                      patch_size=14, spatial_merge_size=2).save_pretrained(folder)
 
 
@@ -203,16 +217,9 @@ def mistral3(text: dict | None = None, vision: dict | None = None) -> dict:
 
 def flux2_dev_parts(transformer: dict, vae_config: dict, text: dict) -> dict:
     """A Flux2Pipeline's components (FLUX.2 dev): Mistral Small 3 (hidden layers 10, 20 and 30 are read) with its
-    processor as the tokenizer, the guidance-distilled MMDiT, the FLUX.2 VAE, the flow scheduler."""
-    return {
-        "transformer": ("diffusers", "Flux2Transformer2DModel", transformer),
-        "vae": ("diffusers", "AutoencoderKLFlux2", vae_config),
-        "text_encoder": ("transformers", "Mistral3ForConditionalGeneration", text),
-        "tokenizer": ("transformers", "AutoProcessor", "pixtral-processor"),
-        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
-                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-                       "use_dynamic_shifting": True}),
-    }
+    processor as the tokenizer, and the rest of :func:`flux2_parts` (its MMDiT guidance-distilled)."""
+    return flux2_parts(transformer, vae_config, ("transformers", "Mistral3ForConditionalGeneration", text),
+                       ("transformers", "AutoProcessor", "pixtral-processor"))
 
 
 def clip_text(hidden: int, layers: int, heads: int, projection: int | None = None, **extra) -> dict:
@@ -438,22 +445,18 @@ def tiny() -> None:
     write_pipeline("tiny-qwenimage-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("tiny-qwenimage-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     # 28 layers, as the pipeline reads hidden layers 9, 18 and 27 (16 wide each: the transformer sees 48)
+    tiny_flux2 = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+                  "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 48,
+                  "timestep_guidance_channels": 256, "axes_dims_rope": [4, 4, 4, 4]}
+    tiny_flux2_vae = {"sample_size": 32, "in_channels": 3, "out_channels": 3,
+                      "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+                      "block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 4,
+                      "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False}
     write_pipeline("tiny-flux2-klein", "Flux2KleinPipeline", flux2_klein_parts(
-        {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
-         "num_attention_heads": 2, "joint_attention_dim": 48, "timestep_guidance_channels": 256,
-         "axes_dims_rope": [4, 4, 4, 4], "guidance_embeds": False},
-        {"sample_size": 32, "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
-         "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 64], "layers_per_block": 1,
-         "latent_channels": 4, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False},
-        qwen3_text(16, 28, 2, 2, 32)))
+        {**tiny_flux2, "guidance_embeds": False}, tiny_flux2_vae, qwen3_text(16, 28, 2, 2, 32)))
     # FLUX.2 dev: 30 Mistral layers, as the pipeline reads hidden layers 10, 20 and 30; guidance-distilled
     write_pipeline("tiny-flux2-dev", "Flux2Pipeline", flux2_dev_parts(
-        {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
-         "num_attention_heads": 2, "joint_attention_dim": 48, "timestep_guidance_channels": 256,
-         "axes_dims_rope": [4, 4, 4, 4], "guidance_embeds": True},
-        {"sample_size": 32, "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
-         "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [32, 64], "layers_per_block": 1,
-         "latent_channels": 4, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False},
+        {**tiny_flux2, "guidance_embeds": True}, tiny_flux2_vae,
         mistral3({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 30, "num_attention_heads": 2,
                   "num_key_value_heads": 2, "head_dim": 8},
                  {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
