@@ -241,6 +241,11 @@ class Backbone:
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
+    def empty_prompt(self) -> Conditioning | None:
+        """The empty prompt's conditioning, the unconditional branch of guidance shared by every item; None where
+        the text encoder reads the sources (each item then carries its own, ``Conditioning.negative_embeds``)."""
+        return None if self.prompt_reads_sources else self.encode_prompts([""])
+
     # --- denoiser ------------------------------------------------------------------------
     def predict(
         self, latents: Tensor, timesteps: Tensor, cond: Conditioning, denoiser: nn.Module | None = None

@@ -169,9 +169,7 @@ class OnlineObjective(Objective):
         """Keep the rounds' sampler settings (eta, guidance scale and, when guided, the empty prompt's
         conditioning), which objectives that re-score recorded steps need: the guided step is the policy."""
         self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
-        # a text encoder that reads the edits' sources gives each item its own empty prompt (Conditioning.negative_embeds)
-        reads = backbone.prompt_reads_sources
-        self.uncond = backbone.encode_prompts([""]) if self.guidance_scale != 1.0 and not reads else None
+        self.uncond = backbone.empty_prompt() if self.guidance_scale != 1.0 else None
 
     def sampler_settings(self, n: int, device: torch.device) -> dict[str, Any]:
         """The keyword arguments of :func:`~diffalign.diffusion.logprob.step_log_prob` and ``step_distribution``

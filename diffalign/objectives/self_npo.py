@@ -101,8 +101,7 @@ class SelfNPO(Objective):
         self.ema = options.teacher_ema
         self.loss, self.huber_c = config.loss, options.huber_c
         self.guides = self.guidance_scale != 1.0
-        # a text encoder that reads the edits' sources gives each example its own (Conditioning.negative_embeds)
-        self.uncond = backbone.encode_prompts([""]) if self.guides and not backbone.prompt_reads_sources else None
+        self.uncond = backbone.empty_prompt() if self.guides else None
         self.teacher: ShadowWeights | None = None
 
     # --- the trainer's hooks -------------------------------------------------------------

@@ -240,8 +240,8 @@ class OnlineRounds(RoundDriver):
             noise = torch.cat([torch.randn((k, *shape), generator=g) for g in generators])
         step_noise = torch.cat([torch.randn((k, obj.sample_steps, *shape), generator=g) for g in generators])
         cond = self._encode(prompts, reference, sources).repeat_items(k)
-        uncond = backbone.encode_prompts([""] * k * len(groups)) \
-            if obj.sample_guidance_scale != 1.0 and not backbone.prompt_reads_sources else None  # else: cond's own
+        uncond = backbone.empty_prompt() if obj.sample_guidance_scale != 1.0 else None
+        uncond = None if uncond is None else uncond.repeat_items(k * len(groups))
         with torch.no_grad(), acc.autocast():
             trajectory = sample_trajectories(backbone, noise.to(acc.device), cond, steps=obj.sample_steps,
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
