@@ -390,6 +390,16 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_reward(args: argparse.Namespace) -> int:
+    from diffalign.rewards.remote import serve_reward
+
+    try:
+        serve_reward(args.reward, host=args.host, port=args.port, token=args.token)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
@@ -561,6 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edits: the columns of each row's source images (as data.source_columns), shown beside the "
                         "candidates and kept in the labelled dataset; an edit round of D3PO shows its own")
     p.set_defaults(run=_cmd_label)
+
+    p = sub.add_parser("serve-reward", help="serve a reward model over HTTP, for runs in another environment or on "
+                       "another GPU (online.reward: http://HOST:PORT)")
+    p.add_argument("reward", help="a reward spec, as online.reward takes it: ocr, pickscore:/models/PickScore_v1, ...")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (another than this machine's needs --token) (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8400, help="port (default 8400; 0 picks a free one)")
+    p.add_argument("--token", help="a secret every request must carry (clients read it from $DIFFALIGN_REWARD_TOKEN); "
+                   "needed for a non-local --host")
+    p.set_defaults(run=_cmd_serve_reward)
 
     p = sub.add_parser("methods", help="list every method (objective.name) with its family, paper and backbones; "
                                        "with a NAME, its options")

@@ -21,3 +21,15 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int = 2) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class PausedRound(Exception):
+    """An online round that cannot go on now: it waits for human labels, or its reward server does not answer.
+
+    Nothing of the step has run; the trainer checkpoints it and stops with this message, and the run resumed
+    later (``train.resume=latest``) samples the same round again, so nothing is lost.
+    """
+
+
+class RewardServerDown(PausedRound, UserError):
+    """A reward server that did not answer after its retries: the message names its address and the last error."""

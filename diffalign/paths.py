@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 CONFIGS = ROOT / "configs"
 TOY_BASE = ASSETS / "models" / "toy-base"
+TOY_SIGN = ASSETS / "models" / "toy-sign"  # the text-rendering toy world's base (diffalign.toy.sign_world)
 PROMPTS = ASSETS / "prompts"
 _HUB_NAME = re.compile(r"([\w.-]+/[\w.-]+)(?:/(.+))?")  # owner/name, optionally a path inside the repository
 

@@ -1,17 +1,19 @@
-"""Train the toy world's base model and write it to assets/models/toy-base (safetensors).
+"""Train a toy world's base model and write it to assets/models/toy-base (or toy-sign) as safetensors.
 
 The model is a Stable Diffusion 1.x pipeline at toy scale (a 32x32 -> 4x16x16 VAE, a
 2-layer character-level CLIP text encoder, a two-level UNet with cross-attention, a DDIM
 scheduler), so loading, sampling, training and export run on it exactly as on SD1.5.
 
-Two stages on procedurally rendered scenes (:mod:`diffalign.toy.world`), each seeded:
+Two stages on procedurally rendered images, each seeded: the shapes world's scenes (:mod:`diffalign.toy.world`), or
+with ``--world signs`` the text-rendering world's signs (:mod:`diffalign.toy.sign_world`, every word of its
+vocabulary, held-out ones included: alignment holds them out, pre-training does not):
 1. the VAE as an autoencoder (L1 + a small KL term); its latent scale is then measured so that
    scaled latents have unit variance, as SD's ``scaling_factor`` does;
 2. the text encoder and UNet together with the epsilon objective, dropping 10% of captions so
    that classifier-free guidance works.
 
-Re-run to reproduce the shipped weights (same torch version and CPU; about 20 minutes on 2 cores):
-``python scripts/train_toy_base.py``
+Re-run to reproduce the shipped weights (same torch version and CPU; about 20 minutes on 2 cores each):
+``python scripts/train_toy_base.py`` and ``python scripts/train_toy_base.py --world signs``
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffalign.toy import random_scene, render
+from diffalign.toy.sign_world import random_sign, render_sign
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_SOURCE = ROOT / "assets" / "models" / "tiny-sd15" / "tokenizer"
@@ -38,11 +41,15 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
                 clip_sample=False, steps_offset=1, prediction_type="epsilon")
 
 
-def scenes_dataset(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``count`` rendered scenes as pixels in [-1, 1] (N, 3, 32, 32) with their captions."""
+WORLDS = {"shapes": (random_scene, render, "toy-base"), "signs": (random_sign, render_sign, "toy-sign")}
+
+
+def scenes_dataset(count: int, seed: int, world: str = "shapes") -> tuple[torch.Tensor, list[str]]:
+    """``count`` rendered scenes of ``world`` as pixels in [-1, 1] (N, 3, 32, 32) with their captions."""
+    sample, draw, _ = WORLDS[world]
     rng = random.Random(seed)
-    scenes = [random_scene(rng) for _ in range(count)]
-    pixels = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    scenes = [sample(rng) for _ in range(count)]
+    pixels = np.stack([draw(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes]
 
 
@@ -138,7 +145,8 @@ def write_hub_key_layout(text_encoder_file: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "models" / "toy-base")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="shapes")
+    parser.add_argument("--out", type=Path, help="default: assets/models/toy-base (shapes) or toy-sign (signs)")
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=5000)
@@ -146,7 +154,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    pixels, captions = scenes_dataset(args.scenes, args.seed)
+    out = args.out or ROOT / "assets" / "models" / WORLDS[args.world][2]
+    pixels, captions = scenes_dataset(args.scenes, args.seed, args.world)
     vae, text_encoder, unet, tokenizer = build_models(args.seed)
     scale = train_vae(vae, pixels, args.vae_steps, 32, args.seed)
     vae.register_to_config(scaling_factor=scale)
@@ -155,10 +164,10 @@ def main() -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**SCHEDULE, set_alpha_to_one=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    shutil.rmtree(args.out, ignore_errors=True)
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    write_hub_key_layout(args.out / "text_encoder" / "model.safetensors")
-    print(f"wrote {args.out}")
+    shutil.rmtree(out, ignore_errors=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_hub_key_layout(out / "text_encoder" / "model.safetensors")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -31,4 +31,5 @@ def small_toy_datasets(tmp_path_factory):
         patch.setenv("DIFFALIGN_CACHE", str(tmp_path_factory.mktemp("diffalign-cache")))
         patch.setattr(datasets, "GROUPS_PER_PROMPT", 1)
         patch.setattr(datasets, "CANDIDATES", 2)
+        patch.setattr(datasets, "SIGN_GROUPS_PER_PROMPT", 1)
         yield datasets.cache_root()

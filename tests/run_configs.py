@@ -12,6 +12,7 @@ from diffalign.recipes.smoke import (  # noqa: F401  (shared with --smoke: the t
     TINY,
     SampleData,
     cpu_overrides,
+    is_toy,
     toy_size_overrides,
 )
 from diffalign.train import load_config

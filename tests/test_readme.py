@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from doc_commands import all_commands, doc_pages, page_snippets
 from fixtures import pickapic_parquet
-from run_configs import cpu_overrides, recipe_data, toy_size_overrides
+from run_configs import cpu_overrides, is_toy, recipe_data, toy_size_overrides
 
 from diffalign.cli import build_parser, main
 from diffalign.paths import ROOT
@@ -59,6 +59,10 @@ NOT_RUN = [
      "tests/test_bench_lm.py runs bench_lm.py small"),
     (r"^python scripts/bench_(online|noisy_labels)\.py( |$)", "a benchmark of minutes on a CPU (or a GPU's); "
      "tests/test_bench_online.py runs bench_online.py small, tests/test_bench_noisy_labels.py its label flips"),
+    (r"^diffalign serve-reward |online\.reward=http", "serves until stopped (and the run it feeds); "
+     "tests/test_reward_server.py serves a reward in a second process and trains against it"),
+    (r"^python scripts/bench_signs\.py( |$)", "a benchmark of an hour on 2 CPU cores; tests/test_toy_configs.py runs "
+     "its configs, tests/test_sign_world.py its base and pairs"),
     (r"^python scripts/bench_memory\.py ", "tests/test_bench_memory.py runs the script on the tiny models"),
     (r"stabilityai/|black-forest-labs/|mhdang/|sdxl_generate_ranked\.yaml",
      "needs real SDXL, SD3, FLUX or PixArt weights and reward models"),
@@ -135,7 +139,7 @@ def _train_argv(words: list[str], seen: set[str], data: dict[str, Path], line: i
     config = Path(words[2]).name
     if "--smoke" in words or "--plan" in words:  # a CPU's check of the recipe, as a user runs it
         return words[1:]
-    if config.startswith(("toy_", "tiny_")):
+    if is_toy(config):
         return [*words[1:], *toy_size_overrides(config)]
     extra = cpu_overrides(config, data)
     if config in seen or any(w.startswith("train.resume=") for w in words):

@@ -17,12 +17,12 @@ from diffalign.paths import ASSETS, ROOT
 from diffalign.recipes.index import LOCAL_DATA
 from diffalign.recipes.plan import SHIPPED_ARCHITECTURES, plan_lines
 from diffalign.recipes.samples import pickapic_parquet, write_example
-from diffalign.recipes.smoke import SampleData, recipe_overrides, tiny_counterpart
+from diffalign.recipes.smoke import SampleData, is_toy, recipe_overrides, tiny_counterpart
 from diffalign.train import load_config
 from diffalign.train.memory import training_step_memory
 
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                 if not p.name.startswith(("toy_", "tiny_")) and not p.name.endswith("generate_ranked.yaml"))
+                 if not is_toy(p) and not p.name.endswith("generate_ranked.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,8 @@ def test_data_check_names_the_layouts_when_the_columns_fit_none(tmp_path, capsys
     assert "the columns picture, text are no layout diffalign reads by default" in err and "pairs: jpg_0, jpg_1" in err
 
 
-TOY_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("t*_*.yaml")
-                     if p.name.startswith(("toy_", "tiny_")) and p.name != "toy_generate_ranked.yaml")
+TOY_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                     if is_toy(p) and p.name != "toy_generate_ranked.yaml")
 
 
 @pytest.mark.slow

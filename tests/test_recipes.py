@@ -22,11 +22,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from diffalign.cli import main
 from diffalign.paths import ROOT
-from diffalign.recipes.smoke import smoke_folder, tiny_counterpart
+from diffalign.recipes.smoke import is_toy, smoke_folder, tiny_counterpart
 from diffalign.train import load_config
 
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                 if not p.name.startswith(("toy_", "tiny_")) and not p.name.endswith("generate_ranked.yaml"))
+                 if not is_toy(p) and not p.name.endswith("generate_ranked.yaml"))
 
 
 def test_every_recipe_is_tested_on_a_tiny_counterpart():

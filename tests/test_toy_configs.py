@@ -21,7 +21,8 @@ from diffalign.paths import CONFIGS, ROOT
 from diffalign.toy import datasets
 from diffalign.train import load_config, train
 
-TOY_CONFIGS = sorted(p.name for p in CONFIGS.glob("toy_*.yaml") if p.name != "toy_generate_ranked.yaml")
+TOY_CONFIGS = sorted(p.name for p in [*CONFIGS.glob("toy_*.yaml"), *CONFIGS.glob("sign_*.yaml")]
+                     if p.name != "toy_generate_ranked.yaml")
 
 
 @pytest.mark.slow
@@ -29,7 +30,7 @@ TOY_CONFIGS = sorted(p.name for p in CONFIGS.glob("toy_*.yaml") if p.name != "to
 def test_the_toy_config_trains_from_the_repository_root_with_nothing_made_first(name, small_toy_datasets, tmp_path,
                                                                                  monkeypatch):
     monkeypatch.chdir(ROOT)
-    objective = name.removeprefix("toy_").removesuffix(".yaml")
+    objective = name.removeprefix("toy_").removeprefix("sign_").removesuffix(".yaml")
     config = load_config(CONFIGS / name, [f"output_dir={tmp_path / 'run'}", *toy_size_overrides(name)])
     summary = train(config)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -5,7 +5,9 @@ A reward is named by a spec: ``"pickscore:/models/PickScore_v1"``, ``"hps_v2.1:/
 the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. ``vlm_judge:/models/llava`` asks
 a local vision-language model whether the image shows its prompt (VQAScore; options ``question`` and
 ``answer``). ``image_similarity:/models/clip-vit-large-patch14`` scores an edit by how much of its source image it
-keeps (edit rounds only). The toy rewards and DDPO's JPEG (in)compressibility take no path.
+keeps (edit rounds only). ``ocr`` is Flow-GRPO's text-rendering reward, read by PP-OCRv4 (``ocr:detect_side=160``
+detects text faster on small images). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
+(:mod:`diffalign.rewards.remote`). The toy rewards and DDPO's JPEG (in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
 ``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
 """
@@ -22,6 +24,8 @@ from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, ImageSim
 from diffalign.rewards.compressibility import JpegCompressibility, JpegIncompressibility
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.image_reward import ImageReward
+from diffalign.rewards.ocr import OcrAccuracy
+from diffalign.rewards.remote import RemoteReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference
 from diffalign.rewards.vlm_judge import VLMJudge
 
@@ -38,8 +42,10 @@ REWARDS: dict[str, type] = {
     "jpeg_incompressibility": JpegIncompressibility,
     "vlm_judge": VLMJudge,
     "image_similarity": ImageSimilarity,
+    "ocr": OcrAccuracy,
+    "remote": RemoteReward,
 }
-NEEDS_PATH = {"pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge",
+NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge",
               "image_similarity"}
 PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder
 
@@ -64,8 +70,11 @@ class RewardSpec:
 
     @classmethod
     def parse(cls, value: str | dict | RewardSpec) -> RewardSpec:
-        """From ``name[:path[:key=value...]]`` or a mapping with ``name``, ``path`` and options."""
-        if isinstance(value, RewardSpec):
+        """From ``name[:path[:key=value...]]``, a served reward's URL, or a mapping with ``name``, ``path`` and options
+        (``{name: remote, path: URL, timeout: 60}``)."""
+        if isinstance(value, str) and value.startswith(("http://", "https://")):  # a served reward
+            spec = cls("remote", value)
+        elif isinstance(value, RewardSpec):
             spec = value
         elif isinstance(value, dict):
             rest = {k: v for k, v in value.items() if k not in ("name", "path")}
@@ -87,6 +96,19 @@ class RewardSpec:
         return spec
 
 
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options the reward ``name`` does not take (its keyword options; for a reward without weights, any
+    argument), naming those it does."""
+    import inspect
+
+    accepted = [p for p, parameter in inspect.signature(REWARDS[name]).parameters.items()
+                if parameter.kind == parameter.KEYWORD_ONLY or name not in NEEDS_PATH]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
+        raise UserError(f"reward {name} has no option {', '.join(unknown)}; {takes}")
+
+
 def describe(name: str) -> str:
     """The one-sentence description of the reward model registered as ``name`` ("" for none)."""
     from diffalign.rewards.text import TEXT_REWARDS
@@ -103,14 +125,18 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
                for k, v in spec.options.items()}
     if "batch_size" in options:
         options["batch_size"] = int(options["batch_size"])
+    if spec.name == "remote":  # named by the server: its reward's own name
+        _check_options(spec.name, options)
+        return RemoteReward(spec.path, **options)
     if spec.name not in NEEDS_PATH:
-        model = REWARDS[spec.name]()
+        _check_options(spec.name, options)
+        model = REWARDS[spec.name](**options)
     else:
         model = REWARDS[spec.name](_local(spec.path, f"reward {spec.name}:"), **options)
     model.name = spec.name
     return model
 
 
-__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "ImageSimilarity", "PickScore", "RewardModel", "RewardSpec",
-           "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
+__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "ImageSimilarity", "OcrAccuracy", "PickScore",
+           "RewardModel", "RewardSpec", "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
            "normalise_per_prompt"]

@@ -9,7 +9,7 @@ import random
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,7 +28,8 @@ def _png(image: torch.Tensor) -> bytes:
 
 @dataclass
 class Candidates:
-    """``candidates`` images per group sampled from one model, with their toy-preference scores."""
+    """``candidates`` images per group sampled from one model, with their scores (the toy preference's, or another
+    reward's)."""
 
     prompts: list[str]  # one per group
     images: torch.Tensor  # (G, K, 3, H, W) in [0, 1]
@@ -36,14 +37,15 @@ class Candidates:
 
 
 def sample_candidates(pipe, prompts: Sequence[str], *, groups_per_prompt: int, candidates: int, seed: int,
-                      steps: int, guidance_scale: float) -> Candidates:
-    """Sample K images per group (``groups_per_prompt`` groups per prompt) and score them."""
+                      steps: int, guidance_scale: float,
+                      score: Callable[[torch.Tensor, list[str]], torch.Tensor] = preference_scores) -> Candidates:
+    """Sample K images per group (``groups_per_prompt`` groups per prompt) and ``score`` them (images, prompts)."""
     group_prompts = [p for p in prompts for _ in range(groups_per_prompt)]
     expanded = [p for p in group_prompts for _ in range(candidates)]
     seeds = [seed + i for i in range(len(expanded))]
     images = generate(pipe, expanded, seeds, steps=steps, guidance_scale=guidance_scale,
                       progress=f"sampling {len(expanded)} toy images ({candidates} per group) to pair up")
-    scores = preference_scores(images, expanded)
+    scores = score(images, expanded)
     return Candidates(group_prompts, images.view(len(group_prompts), candidates, *images.shape[1:]),
                       scores.view(len(group_prompts), candidates))
 

@@ -25,6 +25,14 @@ The toy text world (:mod:`diffalign.toy.text_world`) has its own, made the same 
 | ``toy:text_pairs`` | prompt, chosen, rejected, score_chosen, score_rejected | each group's best vs worst completion |
 | ``toy:text_labelled`` | prompt, completion, label | every completion, desirable when above its group's mean |
 | ``toy:text_ranked`` | prompt, completions, scores | each whole group, with the toy preference's scores |
+
+The sign world (:mod:`diffalign.toy.sign_world`, the text-rendering toy world) has its own, sampled from the shipped
+sign base (``SIGN_GROUPS_PER_PROMPT`` groups of ``CANDIDATES`` images per training word) and scored by Flow-GRPO's
+OCR reward read by PP-OCRv4 (about two minutes on 2 CPU cores; it needs ``pip install 'diffalign[ocr]'``):
+
+| name | layout | what |
+| --- | --- | --- |
+| ``toy:sign_pairs`` | caption, jpg_0, jpg_1, label_0, score_0, score_1 | each group's best- vs worst-spelled image |
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,8 +49,11 @@ from diffalign.errors import UserError
 PREFIX = "toy:"
 NAMES = ("pairs", "ranked", "images", "labelled", "world", "dissatisfied")
 TEXT_NAMES = ("text_pairs", "text_labelled", "text_ranked")
+SIGN_NAMES = ("sign_pairs",)
 GROUPS_PER_PROMPT = 16
 TEXT_GROUPS_PER_PROMPT = 64
+SIGN_GROUPS_PER_PROMPT = 4
+SIGN_OCR = "ocr:detect_side=160"  # the reward the sign pairs are ranked by, as the sign configs' rounds score
 CANDIDATES = 4
 SEED = 0
 
@@ -117,25 +129,61 @@ def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: 
     return _made_whole(folder, fill)
 
 
+def make_toy_sign_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
+    """Sample the shipped sign base on the sign world's training words, score every image with the OCR reward, and
+    write the sign layouts into ``folder``, whole or not at all."""
+    from diffalign.diffusion import load_pipeline
+    from diffalign.paths import TOY_SIGN
+    from diffalign.rewards import load_reward
+    from diffalign.toy.candidates import sample_candidates, write_pairs
+    from diffalign.toy.sign_world import prompts
+
+    def fill(partial: Path) -> None:
+        found = sample_candidates(load_pipeline(TOY_SIGN), prompts("train"), groups_per_prompt=groups_per_prompt,
+                                  candidates=candidates, seed=seed, steps=20, guidance_scale=5.0,
+                                  score=load_reward(SIGN_OCR))
+        write_pairs(found, partial / "sign_pairs.parquet")
+
+    return _made_whole(folder, fill)
+
+
+@dataclass(frozen=True)
+class _World:
+    """A toy world's datasets: their names, how many groups per prompt (read when asked, so that a test's smaller
+    setting holds), their cache folder, the function that makes them and what they are sampled from."""
+
+    names: tuple[str, ...]
+    groups_per_prompt: Callable[[], int]
+    folder: str
+    make: Callable[..., Path]
+    made_by: str
+
+
+WORLDS = {
+    "shapes": _World(NAMES, lambda: GROUPS_PER_PROMPT, "toy-data", make_toy_datasets, "base model"),
+    "text": _World(TEXT_NAMES, lambda: TEXT_GROUPS_PER_PROMPT, "toy-text-data", make_toy_text_datasets, "toy LM"),
+    "signs": _World(SIGN_NAMES, lambda: SIGN_GROUPS_PER_PROMPT, "toy-sign-data", make_toy_sign_datasets, "sign base"),
+}
+
+
 def toy_dataset(source: str | Path) -> Path:
     """The parquet file of the toy dataset ``source`` names (``toy:pairs`` ...), made first if it is not
     in the cache. Under several processes the main one makes it while the others wait."""
     name = str(source).removeprefix(PREFIX)
-    if name not in NAMES + TEXT_NAMES:
-        raise UserError(f"{source} names no toy dataset; the toy datasets are "
-                        f"{', '.join(PREFIX + n for n in NAMES + TEXT_NAMES)}")
-    text = name in TEXT_NAMES
-    groups = TEXT_GROUPS_PER_PROMPT if text else GROUPS_PER_PROMPT
-    folder = _folder(groups, CANDIDATES, SEED, "toy-text-data" if text else "toy-data")
+    world = next((w for w, spec in WORLDS.items() if name in spec.names), None)
+    if world is None:
+        every = [PREFIX + n for spec in WORLDS.values() for n in spec.names]
+        raise UserError(f"{source} names no toy dataset; the toy datasets are {', '.join(every)}")
+    spec = WORLDS[world]
+    groups = spec.groups_per_prompt()
+    folder = _folder(groups, CANDIDATES, SEED, spec.folder)
     table = folder / f"{name}.parquet"
     if not table.is_file():  # not made yet, or made before this layout existed: the folder is made again whole
         from diffalign.diffusion.loading import process_state
 
         with process_state().main_process_first():
             if not table.is_file():
-                made_by = "toy LM" if text else "base model"
-                print(f"making the toy {'text ' if text else ''}datasets from the shipped {made_by} into {folder} "
+                print(f"making the {world} world's toy datasets from the shipped {spec.made_by} into {folder} "
                       "(once, for every later run; the bar below shows how far it is)", flush=True)
-                make = make_toy_text_datasets if text else make_toy_datasets
-                make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED)
+                spec.make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED)
     return table

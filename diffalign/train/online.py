@@ -55,7 +55,7 @@ from diffalign.data import example_generator
 from diffalign.data.edit_prompts import EditPrompts
 from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.logprob import sample_trajectories
-from diffalign.errors import UserError
+from diffalign.errors import PausedRound, UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.diffusion.sampling import to_pil
 from diffalign.rewards import RewardSpec, load_reward
@@ -67,7 +67,7 @@ from diffalign.train.rounds import RoundDriver
 Tensor = torch.Tensor
 
 
-class NeedsLabels(Exception):
+class NeedsLabels(PausedRound):
     """A round waits for human labels; the message says where to put them."""
 
 

@@ -57,7 +57,7 @@ from diffalign.diffusion.cache import example_cached
 from diffalign.diffusion.distilled import distilled_warning
 from diffalign.diffusion.finetuned import is_finished_run
 from diffalign.paths import resolve_model_path, with_usual_permissions
-from diffalign.errors import UserError
+from diffalign.errors import PausedRound, UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.models import build_models
@@ -599,9 +599,12 @@ class PreferenceTrainer:
             while step < tc.max_steps:
                 try:
                     logs, finite = self._optimizer_step(step)
-                except NeedsLabels as waiting:  # nothing of this step ran: checkpoint it and stop
-                    self._save_checkpoint(step, state)
-                    raise UserError(str(waiting)) from None
+                except PausedRound as paused:  # labels to give, a reward server down: nothing of this step ran
+                    checkpoint = self._save_checkpoint(step, state)
+                    if isinstance(paused, NeedsLabels):  # its message says how to go on
+                        raise UserError(str(paused)) from None
+                    raise UserError(f"{paused}. The run is checkpointed at step {step} ({checkpoint}); once that is "
+                                    "fixed, the same command with train.resume=latest samples the round again") from None
                 if not finite:
                     state["bad_steps"] += 1
                     acc.print(f"step {step}: non-finite loss or gradients; step skipped "
