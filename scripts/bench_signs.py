@@ -1,7 +1,7 @@
 """The sign world's OCR table: Flow-GRPO's visual-text-rendering result in miniature, scored by a real OCR model.
 
 Each method trains from its ``configs/sign_<objective>.yaml`` on the 40 training words (Flow-GRPO and DiffusionNFT
-sample and OCR-score their own rounds; Diffusion-DPO trains on ``toy:sign_pairs``, the base's best- vs worst-spelled
+sample and OCR-score their own rounds; Diffusion-DPO trains on ``sign:pairs``, the base's best- vs worst-spelled
 images), then the base and the aligned model draw every held-out word (never in a training prompt) at the same
 seeds, and PP-OCRv4 reads each image at its default detection size: OCR accuracy (Flow-GRPO's reward, 1 minus the
 normalised edit distance) with its 95% interval, the share spelled exactly, and the paired win rate with its Wilson

@@ -25,11 +25,13 @@ def _seed():
 def small_toy_datasets(tmp_path_factory):
     """The toy datasets (toy:pairs ...) in a cache folder of the test session's own, made on first use at a size
     a test affords: 1 group of 2 candidates per training prompt instead of 16 of 4."""
+    from diffalign.synth import sign_pairs
     from diffalign.toy import datasets
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIFFALIGN_CACHE", str(tmp_path_factory.mktemp("diffalign-cache")))
         patch.setattr(datasets, "GROUPS_PER_PROMPT", 1)
         patch.setattr(datasets, "CANDIDATES", 2)
-        patch.setattr(datasets, "SIGN_GROUPS_PER_PROMPT", 1)
+        patch.setattr(sign_pairs, "GROUPS_PER_PROMPT", 1)
+        patch.setattr(sign_pairs, "CANDIDATES", 2)
         yield datasets.cache_root()

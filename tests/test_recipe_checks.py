@@ -194,7 +194,7 @@ def test_the_plan_of_every_toy_config_reads_its_toy_data_and_estimates_its_memor
     if objective.dataset == "online" and not getattr(objective, "real_data", False):
         assert re.search(r"prompts: \S+: [\d,]+ prompts", text)
     else:
-        assert re.search(r"data: toy:\w+: [\d,]+ rows, layout", text) and " 0 bad" in text
+        assert re.search(r"data: (toy|sign):\w+: [\d,]+ rows, layout", text) and " 0 bad" in text
     if objective.dataset in ("pairs", "ranked", "images"):
         assert re.search(r"memory: peak per GPU about \d+\.\d GiB", text)
     else:

@@ -10,7 +10,7 @@ from diffalign.diffusion import load_pipeline
 from diffalign.diffusion.sampling import generate
 from diffalign.paths import TOY_SIGN
 from diffalign.rewards import load_reward
-from diffalign.toy import datasets
+from diffalign.synth.sign_pairs import sign_dataset
 from diffalign.toy.sign_world import prompts
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def test_the_shipped_sign_base_spells_some_held_out_words_and_misspells_others()
 
 
 def test_the_sign_pairs_are_ranked_by_the_ocr_reward(small_toy_datasets):
-    pairs = pq.read_table(datasets.toy_dataset("toy:sign_pairs")).to_pydict()
+    pairs = pq.read_table(sign_dataset("sign:pairs")).to_pydict()
     assert len(pairs["caption"]) > 0 and set(pairs["caption"]) <= set(prompts("train"))
     assert all(s0 > s1 for s0, s1 in zip(pairs["score_0"], pairs["score_1"]))  # the better spelled first
     assert all(0 <= s <= 1 for s in pairs["score_0"] + pairs["score_1"])

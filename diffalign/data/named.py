@@ -14,6 +14,7 @@ from typing import Callable
 
 _SCHEMES: dict[str, str | Callable[[str], Path]] = {
     "toy": "diffalign.toy.datasets:toy_dataset",  # the toy worlds' datasets, sampled from the shipped models once
+    "sign": "diffalign.synth.sign_pairs:sign_dataset",  # the sign world's OCR-ranked pairs, made the same way
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from diffalign.data.check import check_dataset
+from diffalign.data.named import named_scheme
 from diffalign.diffusion.distilled import distilled_warning
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
@@ -84,7 +85,7 @@ def _data_lines(config: Config, layout: str, rows: int) -> tuple[list[str], int 
             return [f"prompts: {how_to_make(source) or err}"], None
         return [f"prompts: {source}: {len(prompts):,} prompts, e.g. {prompts[0][:100]!r}"], len(prompts)
     path = str(config.data.path)
-    if find_locally(path, repo_type="dataset") is None and not path.startswith("toy:"):
+    if find_locally(path, repo_type="dataset") is None and named_scheme(path) is None:  # toy:pairs, sign:pairs
         return [f"data: {path}: not on this machine. {how_to_make(path) or how_to_get(path, 'dataset') + '.'}"], None
     tokenizer = local_tokenizer(config.model.path) if layout.startswith("text_") else None
     report = check_dataset(config.data, layout, tokenizer=tokenizer, limit=rows, progress=False)

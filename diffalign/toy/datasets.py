@@ -25,14 +25,6 @@ The toy text world (:mod:`diffalign.toy.text_world`) has its own, made the same 
 | ``toy:text_pairs`` | prompt, chosen, rejected, score_chosen, score_rejected | each group's best vs worst completion |
 | ``toy:text_labelled`` | prompt, completion, label | every completion, desirable when above its group's mean |
 | ``toy:text_ranked`` | prompt, completions, scores | each whole group, with the toy preference's scores |
-
-The sign world (:mod:`diffalign.toy.sign_world`, the text-rendering toy world) has its own, sampled from the shipped
-sign base (``SIGN_GROUPS_PER_PROMPT`` groups of ``CANDIDATES`` images per training word) and scored by Flow-GRPO's
-OCR reward read by PP-OCRv4 (about two minutes on 2 CPU cores; it needs ``pip install 'diffalign[ocr]'``):
-
-| name | layout | what |
-| --- | --- | --- |
-| ``toy:sign_pairs`` | caption, jpg_0, jpg_1, label_0, score_0, score_1 | each group's best- vs worst-spelled image |
 """
 
 from __future__ import annotations
@@ -49,11 +41,8 @@ from diffalign.errors import UserError
 PREFIX = "toy:"
 NAMES = ("pairs", "ranked", "images", "labelled", "world", "dissatisfied")
 TEXT_NAMES = ("text_pairs", "text_labelled", "text_ranked")
-SIGN_NAMES = ("sign_pairs",)
 GROUPS_PER_PROMPT = 16
 TEXT_GROUPS_PER_PROMPT = 64
-SIGN_GROUPS_PER_PROMPT = 4
-SIGN_OCR = "ocr:detect_side=160"  # the reward the sign pairs are ranked by, as the sign configs' rounds score
 CANDIDATES = 4
 SEED = 0
 
@@ -73,7 +62,7 @@ def _folder(groups_per_prompt: int, candidates: int, seed: int, world: str = "to
     return cache_root() / world / f"groups{groups_per_prompt}-candidates{candidates}-seed{seed}"
 
 
-def _made_whole(folder: Path, fill: Callable[[Path], None]) -> Path:
+def made_whole(folder: Path, fill: Callable[[Path], None]) -> Path:
     """``fill`` a new folder beside ``folder``, then rename it into place (replacing an older one): an
     interrupted run leaves no half-made folder."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +102,7 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
         write_dissatisfied(found, partial / "dissatisfied.parquet")
         write_world_images(prompts("train"), groups_per_prompt * candidates, partial / "world.parquet", seed=seed)
 
-    return _made_whole(folder, fill)
+    return made_whole(folder, fill)
 
 
 def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
@@ -126,25 +115,7 @@ def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: 
         write_text_labelled(groups, partial / "text_labelled.parquet")
         write_text_ranked(groups, partial / "text_ranked.parquet")
 
-    return _made_whole(folder, fill)
-
-
-def make_toy_sign_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
-    """Sample the shipped sign base on the sign world's training words, score every image with the OCR reward, and
-    write the sign layouts into ``folder``, whole or not at all."""
-    from diffalign.diffusion import load_pipeline
-    from diffalign.paths import TOY_SIGN
-    from diffalign.rewards import load_reward
-    from diffalign.toy.candidates import sample_candidates, write_pairs
-    from diffalign.toy.sign_world import prompts
-
-    def fill(partial: Path) -> None:
-        found = sample_candidates(load_pipeline(TOY_SIGN), prompts("train"), groups_per_prompt=groups_per_prompt,
-                                  candidates=candidates, seed=seed, steps=20, guidance_scale=5.0,
-                                  score=load_reward(SIGN_OCR))
-        write_pairs(found, partial / "sign_pairs.parquet")
-
-    return _made_whole(folder, fill)
+    return made_whole(folder, fill)
 
 
 @dataclass(frozen=True)
@@ -162,7 +133,6 @@ class _World:
 WORLDS = {
     "shapes": _World(NAMES, lambda: GROUPS_PER_PROMPT, "toy-data", make_toy_datasets, "base model"),
     "text": _World(TEXT_NAMES, lambda: TEXT_GROUPS_PER_PROMPT, "toy-text-data", make_toy_text_datasets, "toy LM"),
-    "signs": _World(SIGN_NAMES, lambda: SIGN_GROUPS_PER_PROMPT, "toy-sign-data", make_toy_sign_datasets, "sign base"),
 }
 
 
