@@ -54,6 +54,8 @@ NOT_RUN = [
     (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU"),
     (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
      "commands as README gives them, with a person's labels given in Chromium"),
+    (r"^python scripts/train_toy_(base|lm)\.py( |$)", "retrains a shipped base model (20-25 minutes on 2 cores); "
+     "tests/test_sign_world.py and the toy tests check the shipped weights"),
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
     (r"^python scripts/bench_(alignment|train|lm)\.py( |$)", "a benchmark of minutes to hours on a CPU; "
      "tests/test_bench_lm.py runs bench_lm.py small"),
