@@ -10,7 +10,8 @@ The OCR model is PP-OCRv4 (text detection, then recognition; no angle classifier
 ``use_angle_cls=False``), the family Flow-GRPO's PaddleOCR runs, through ``rapidocr-onnxruntime``, whose wheel ships
 the ONNX files: nothing is downloaded at run time. Lines below the recogniser's confidence 0.5 are dropped, as
 PaddleOCR's ``drop_score`` drops them. Detection resizes each image's shorter side to ``detect_side`` (736, PP-OCR's
-default); small images read as well with a smaller side, faster (the sign world's configs use 160). Unlike Flow-GRPO, an OCR failure is not scored as a miss: it stops the run.
+default); small images read nearly as well with a smaller side, faster (the sign world's configs use 160). Unlike
+Flow-GRPO, an OCR failure is not scored as a miss: it stops the run.
 """
 
 from __future__ import annotations
