@@ -48,18 +48,13 @@ def make_sign_datasets(folder: Path, *, groups_per_prompt: int, candidates: int,
 def sign_dataset(source: str | Path) -> Path:
     """The parquet file of the sign dataset ``source`` names (``sign:pairs``), made first if it is not in the cache.
     Under several processes the main one makes it while the others wait."""
-    from diffalign.diffusion.loading import process_state
-    from diffalign.toy.datasets import cache_root
+    from diffalign.toy.datasets import cache_root, made_on_first_use
 
     name = str(source).removeprefix(PREFIX)
     if name not in NAMES:
         raise UserError(f"{source} names no sign dataset; the sign datasets are {', '.join(PREFIX + n for n in NAMES)}")
     folder = cache_root() / "sign-data" / f"groups{GROUPS_PER_PROMPT}-candidates{CANDIDATES}-seed{SEED}"
-    table = folder / f"{name}.parquet"
-    if not table.is_file():
-        with process_state().main_process_first():
-            if not table.is_file():
-                print(f"making the sign world's pairs from the shipped sign base into {folder}, read by PP-OCRv4 "
-                      "(once, for every later run; the bar below shows how far it is)", flush=True)
-                make_sign_datasets(folder, groups_per_prompt=GROUPS_PER_PROMPT, candidates=CANDIDATES, seed=SEED)
-    return table
+    return made_on_first_use(
+        folder / f"{name}.parquet",
+        f"making the sign world's pairs from the shipped sign base into {folder}, read by PP-OCRv4",
+        lambda: make_sign_datasets(folder, groups_per_prompt=GROUPS_PER_PROMPT, candidates=CANDIDATES, seed=SEED))

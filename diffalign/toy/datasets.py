@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -118,42 +117,32 @@ def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: 
     return made_whole(folder, fill)
 
 
-@dataclass(frozen=True)
-class _World:
-    """A toy world's datasets: their names, how many groups per prompt (read when asked, so that a test's smaller
-    setting holds), their cache folder, the function that makes them and what they are sampled from."""
+def made_on_first_use(table: Path, announce: str, make: Callable[[], Path]) -> Path:
+    """``table``, made by ``make()`` first when it is not there (saying ``announce``, with the reason). Under several
+    processes the main one makes it while the others wait."""
+    if not table.is_file():  # not made yet, or made before this layout existed: the folder is made again whole
+        from diffalign.diffusion.loading import process_state
 
-    names: tuple[str, ...]
-    groups_per_prompt: Callable[[], int]
-    folder: str
-    make: Callable[..., Path]
-    made_by: str
-
-
-WORLDS = {
-    "shapes": _World(NAMES, lambda: GROUPS_PER_PROMPT, "toy-data", make_toy_datasets, "base model"),
-    "text": _World(TEXT_NAMES, lambda: TEXT_GROUPS_PER_PROMPT, "toy-text-data", make_toy_text_datasets, "toy LM"),
-}
+        with process_state().main_process_first():
+            if not table.is_file():
+                print(f"{announce} (once, for every later run; the bar below shows how far it is)", flush=True)
+                make()
+    return table
 
 
 def toy_dataset(source: str | Path) -> Path:
     """The parquet file of the toy dataset ``source`` names (``toy:pairs`` ...), made first if it is not
     in the cache. Under several processes the main one makes it while the others wait."""
     name = str(source).removeprefix(PREFIX)
-    world = next((w for w, spec in WORLDS.items() if name in spec.names), None)
-    if world is None:
-        every = [PREFIX + n for spec in WORLDS.values() for n in spec.names]
-        raise UserError(f"{source} names no toy dataset; the toy datasets are {', '.join(every)}")
-    spec = WORLDS[world]
-    groups = spec.groups_per_prompt()
-    folder = _folder(groups, CANDIDATES, SEED, spec.folder)
-    table = folder / f"{name}.parquet"
-    if not table.is_file():  # not made yet, or made before this layout existed: the folder is made again whole
-        from diffalign.diffusion.loading import process_state
-
-        with process_state().main_process_first():
-            if not table.is_file():
-                print(f"making the {world} world's toy datasets from the shipped {spec.made_by} into {folder} "
-                      "(once, for every later run; the bar below shows how far it is)", flush=True)
-                spec.make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED)
-    return table
+    if name not in NAMES + TEXT_NAMES:
+        raise UserError(f"{source} names no toy dataset; the toy datasets are "
+                        f"{', '.join(PREFIX + n for n in NAMES + TEXT_NAMES)}")
+    text = name in TEXT_NAMES
+    groups = TEXT_GROUPS_PER_PROMPT if text else GROUPS_PER_PROMPT
+    folder = _folder(groups, CANDIDATES, SEED, "toy-text-data" if text else "toy-data")
+    made_by = "toy LM" if text else "base model"
+    make = make_toy_text_datasets if text else make_toy_datasets
+    return made_on_first_use(
+        folder / f"{name}.parquet",
+        f"making the toy {'text ' if text else ''}datasets from the shipped {made_by} into {folder}",
+        lambda: make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED))
