@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffalign.recipes.samples import (  # noqa: F401  (the datasets the tests write, shared with --smoke)
     chat_lm,
@@ -13,6 +14,9 @@ from diffalign.recipes.samples import (  # noqa: F401  (the datasets the tests w
     png_bytes,
     ranked_parquet,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def toy_policy_and_reference():
@@ -62,3 +66,21 @@ def tiny_clip_folder(folder: Path) -> Path:
                               tokenizer=tokenizer)
     processor.save_pretrained(folder)
     return folder
+
+
+def tiny_open_clip(folder: Path, *, embed_dim: int, width: int = 64, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """An open_clip model config (a tiny ViT-H-14 look-alike) and a random model of it."""
+    import json
+
+    import open_clip
+    import torch
+
+    config = folder / f"tiny-clip-{embed_dim}-{width}.json"
+    config.write_text(json.dumps({
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": width, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
+    }))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    return config, open_clip.create_model(config.stem, pretrained=None).eval()

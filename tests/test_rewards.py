@@ -4,14 +4,13 @@ and the errors for missing or mismatched checkpoints."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fixtures import tiny_clip_folder
+from fixtures import tiny_clip_folder, tiny_open_clip
 
 from diffalign.errors import UserError
 from diffalign.rewards import (
@@ -79,21 +78,6 @@ def test_pickscore_without_a_processor_names_the_file_it_needs(tmp_path, picksco
         PickScore(tmp_path)
 
 
-def _tiny_open_clip(folder: Path, *, embed_dim: int, width: int = 64, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    """An open_clip model config (a tiny ViT-H-14 look-alike) and a random model of it."""
-    import open_clip
-
-    config = folder / f"tiny-clip-{embed_dim}-{width}.json"
-    config.write_text(json.dumps({
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": width, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width, "heads": 2, "layers": 2},
-    }))
-    open_clip.add_model_config(config)
-    torch.manual_seed(seed)
-    return config, open_clip.create_model(config.stem, pretrained=None).eval()
-
-
 def _hand_features(model, images: torch.Tensor, prompts: list[str], arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     import open_clip
 
@@ -104,7 +88,7 @@ def _hand_features(model, images: torch.Tensor, prompts: list[str], arch: str) -
 
 
 def test_hps_and_clip_score_are_cosines_of_open_clip_embeddings_by_hand(tmp_path):
-    config, model = _tiny_open_clip(tmp_path, embed_dim=32)
+    config, model = tiny_open_clip(tmp_path, embed_dim=32)
     checkpoint = tmp_path / "HPS_v2.1_compressed.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)  # HPS's own layout
     image, text = _hand_features(model, _images(), PROMPTS, config.stem)
@@ -118,7 +102,7 @@ def test_hps_and_clip_score_are_cosines_of_open_clip_embeddings_by_hand(tmp_path
 
 
 def test_aesthetic_is_the_mlp_over_normalised_clip_image_embeddings_by_hand(tmp_path):
-    config, model = _tiny_open_clip(tmp_path, embed_dim=768)
+    config, model = tiny_open_clip(tmp_path, embed_dim=768)
     clip_file = tmp_path / "ViT-L-14.safetensors"
     from safetensors.torch import save_file
 
@@ -142,7 +126,7 @@ def test_reward_files_may_be_named_by_their_place_in_the_hugging_face_cache(tmp_
     from fixtures import hub_cache_with
     from safetensors.torch import save_file
 
-    config, model = _tiny_open_clip(tmp_path, embed_dim=768)
+    config, model = tiny_open_clip(tmp_path, embed_dim=768)
     files = tmp_path / "repo"
     files.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files / "ViT-L-14.safetensors"))
@@ -160,8 +144,8 @@ def test_reward_files_may_be_named_by_their_place_in_the_hugging_face_cache(tmp_
 
 
 def test_a_mismatched_or_missing_checkpoint_names_the_file_and_what_was_expected(tmp_path):
-    config, _ = _tiny_open_clip(tmp_path, embed_dim=32)
-    _, wider = _tiny_open_clip(tmp_path, embed_dim=32, width=96)
+    config, _ = tiny_open_clip(tmp_path, embed_dim=32)
+    _, wider = tiny_open_clip(tmp_path, embed_dim=32, width=96)
     checkpoint = tmp_path / "HPS_v2_compressed.pt"
     torch.save(wider.state_dict(), checkpoint)
     with pytest.raises(UserError, match=rf"{checkpoint.name} does not match open_clip {config.stem}: .*shape mismatch"):

@@ -9,7 +9,8 @@
   a dataset in the local Hugging Face cache) with ``:split`` after it:
   ``yuvalkirstain/pickapic_v2:validation_unique``. Its caption column gives the prompts, each once
   (a pairs table repeats a caption in every pair).
-- a bare name such as ``toy_heldout``: a set shipped in ``assets/prompts/``.
+- a bare name such as ``toy_heldout``: a set shipped in ``assets/prompts/`` (``geneval``: GenEval's 553 prompts,
+  each line with the metadata the geneval reward judges it by).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def _from_text(path: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+SHIPPED_SUFFIXES = (".txt", ".jsonl")  # the shipped sets' files: plain prompts, or prompts with their metadata
 READERS = {".jsonl": _from_jsonl, ".json": _from_json, ".tsv": _from_delimited, ".csv": _from_delimited}
 
 
@@ -92,14 +94,15 @@ def read_prompts(source: str | Path) -> list[str]:
     """The prompts of ``source`` (see the module docstring), in their order. Other files are read as text."""
     text = str(source)
     path = Path(text)
-    if not path.exists() and not path.suffix and (PROMPTS / f"{text}.txt").is_file():
-        path = PROMPTS / f"{text}.txt"
+    if not path.exists() and not path.suffix:
+        path = next((PROMPTS / f"{text}{suffix}" for suffix in SHIPPED_SUFFIXES
+                     if (PROMPTS / f"{text}{suffix}").is_file()), path)
     if path.is_file() and path.suffix != ".parquet":
         prompts = READERS.get(path.suffix, _from_text)(path)
     else:
         table, split = (text, "train") if path.exists() or ":" not in text else text.rsplit(":", 1)
         if find_locally(table, repo_type="dataset") is None:
-            shipped = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.txt")))
+            shipped = ", ".join(sorted(p.stem for suffix in SHIPPED_SUFFIXES for p in PROMPTS.glob(f"*{suffix}")))
             raise UserError(f"prompt source {source} does not exist: give a prompt file (.txt, .jsonl, .json, .tsv, "
                             f".csv), a table (with :split), a dataset in the local Hugging Face cache, or a shipped "
                             f"set ({shipped})")

@@ -6,7 +6,8 @@ the path), or in YAML ``{name: pickscore, path: ..., processor: ...}``. ``vlm_ju
 a local vision-language model whether the image shows its prompt (VQAScore; options ``question`` and
 ``answer``). ``image_similarity:/models/clip-vit-large-patch14`` scores an edit by how much of its source image it
 keeps (edit rounds only). ``ocr`` is Flow-GRPO's text-rendering reward, read by PP-OCRv4 (``ocr:detect_side=160``
-detects text faster on small images). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
+detects text faster on small images). ``geneval:/models/mask2former-swin-small-coco-instance:clip=/models/ViT-L-14.pt``
+is GenEval (:mod:`diffalign.rewards.geneval`; ``rule=partial`` for Flow-GRPO's training reward). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
 (:mod:`diffalign.rewards.remote`). The toy rewards and DDPO's JPEG (in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
 ``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
@@ -23,6 +24,7 @@ from diffalign.rewards.base import RewardModel
 from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, ImageSimilarity, PickScore
 from diffalign.rewards.compressibility import JpegCompressibility, JpegIncompressibility
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
+from diffalign.rewards.geneval import GenEval
 from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.ocr import OcrAccuracy
 from diffalign.rewards.remote import RemoteReward
@@ -43,11 +45,12 @@ REWARDS: dict[str, type] = {
     "vlm_judge": VLMJudge,
     "image_similarity": ImageSimilarity,
     "ocr": OcrAccuracy,
+    "geneval": GenEval,
     "remote": RemoteReward,
 }
 NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge",
-              "image_similarity"}
-PATH_OPTIONS = ("processor", "clip", "tokenizer")  # options that name a file or folder
+              "image_similarity", "geneval"}
+PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata")  # options that name a file or folder
 
 
 def _local(path: str, what: str) -> str:
@@ -125,11 +128,10 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
                for k, v in spec.options.items()}
     if "batch_size" in options:
         options["batch_size"] = int(options["batch_size"])
+    _check_options(spec.name, options)
     if spec.name == "remote":  # named by the server: its reward's own name
-        _check_options(spec.name, options)
         return RemoteReward(spec.path, **options)
     if spec.name not in NEEDS_PATH:
-        _check_options(spec.name, options)
         model = REWARDS[spec.name](**options)
     else:
         model = REWARDS[spec.name](_local(spec.path, f"reward {spec.name}:"), **options)
@@ -137,6 +139,7 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     return model
 
 
-__all__ = ["REWARDS", "Aesthetic", "ClipScore", "HPSv2", "ImageReward", "ImageSimilarity", "OcrAccuracy", "PickScore",
+__all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "ImageReward", "ImageSimilarity", "OcrAccuracy",
+           "PickScore",
            "RewardModel", "RewardSpec", "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
            "normalise_per_prompt"]

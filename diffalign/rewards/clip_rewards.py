@@ -170,6 +170,12 @@ def open_clip_model(arch: str | Path, checkpoint: str | Path, *, what: str) -> n
     return model.eval()
 
 
+# OpenAI's CLIP ViT-L/14 (the aesthetic predictor's and GenEval's) was trained with QuickGELU; open_clip's plain
+# ViT-L-14 builds GELU (right for LAION's weights), so OpenAI's weights need the quickgelu variant or every
+# embedding drifts (open_clip's pretrained config for ("ViT-L-14", "openai") sets quick_gelu for the same reason).
+OPENAI_VIT_L = "ViT-L-14-quickgelu"
+
+
 class _OpenClipReward(ABC):
     """Shared by the open_clip rewards: model, its evaluation transform and tokenizer, batched features."""
 
@@ -219,7 +225,8 @@ class HPSv2(_OpenClipReward):
 
 
 class ClipScore(_OpenClipReward):
-    """CLIP score, 100 * max(cos, 0), with any open_clip checkpoint (``arch`` names its architecture, ViT-L-14 by default)."""
+    """CLIP score, 100 * max(cos, 0), with any open_clip checkpoint (``arch`` names its architecture, ViT-L-14 by
+    default: LAION's weights; OpenAI's need ``arch=ViT-L-14-quickgelu``)."""
 
     name = "clip_score"
     description = "CLIP score: how well the image matches its prompt, 100 x cosine similarity; higher is better."
@@ -242,6 +249,7 @@ class Aesthetic(_OpenClipReward):
     name = "aesthetic"
     description = ("LAION aesthetic score: how beautiful the image looks, whatever the prompt (about 1-10); "
                    "higher is better.")
+    default_arch = OPENAI_VIT_L
 
     def __init__(self, path: str | Path, *, clip: str | Path | None = None, arch: str | Path | None = None,
                  device: str | torch.device | None = None, batch_size: int = 32) -> None:
