@@ -292,6 +292,23 @@ def _eval_prompts(args: argparse.Namespace) -> tuple[list[str], Any]:
     return list(edits.captions), torch.stack([edits.read(i).sources for i in range(len(edits.captions))]).add(1).div(2)
 
 
+def _benchmark_args(args: argparse.Namespace):
+    """The benchmark ``--benchmark`` names (None without one), its prompts and rewards filled into ``args`` where
+    they were not given; without a benchmark, ``--prompts`` is required."""
+    if not args.benchmark:
+        if not args.prompts:
+            raise UserError("diffalign eval needs --prompts (a prompt file or shipped set), or --benchmark NAME")
+        return None
+    from diffalign.eval.benchmarks import benchmark
+
+    bench = benchmark(args.benchmark)
+    if args.sources:
+        raise UserError(f"--benchmark {bench.name} draws from prompts, not edits: drop --sources")
+    args.prompts = args.prompts or bench.prompts
+    args.rewards = ",".join(bench.spec(args.rewards.split(",") if args.rewards else None))
+    return bench
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.diffusion import default_device, load_pipeline, process_state, resolve_dtype
     from diffalign.diffusion.finetuned import finetuned_loader
@@ -303,8 +320,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.rewards import load_reward
     from diffalign.rewards.toy import TOY_REWARDS, check_toy_prompts
 
+    bench = _benchmark_args(args)
     # checked now, before any model is loaded; a causal-LM base compares language models
     if is_causal_lm_folder(resolve_model_path(args.base, what="--base")):
+        if bench is not None:
+            raise UserError(f"--benchmark {bench.name} scores images; {args.base} is a language model")
         return _cmd_eval_lm(args)
     state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
     device = default_device()
@@ -340,9 +360,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         state.destroy_process_group()  # as after train
     if not state.is_main_process:
         return 0
-    summary = write_evaluation_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}")
+    tables, printed = [], ""
+    if bench is not None:
+        from diffalign.eval.benchmarks import benchmark_table, html_table, markdown, prompt_tasks
+
+        table = benchmark_table(evaluation, bench.reward, prompt_tasks(args.prompts, prompts), prompts)
+        title = f"{bench.name} benchmark: {bench.reward} per task, {args.seeds} image(s) a prompt"
+        tables, printed = [html_table(table, title)], markdown(table, title)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "benchmark.json").write_text(json.dumps(table, indent=2) + "\n")
+    summary = write_evaluation_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}",
+                                      tables=tables)
     keys = [k for r in rewards for k in (r.name, f"{r.name}_win_rate")]
     print(markdown_table(summary, keys))
+    if printed:
+        print(f"\n{printed}")
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -441,10 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aligned", nargs="*", default=[], metavar="[NAME=]SOURCE",
                    help="run directories or their checkpoints (run/checkpoints/step-N), LoRA files/folders "
                         "(applied to --base) or diffusers folders")
-    p.add_argument("--prompts", required=True,
+    p.add_argument("--prompts",
                    help="a .txt/.jsonl/.json/.tsv/.csv prompt file (PartiPrompts.tsv, HPSv2's benchmark .json), a "
                         "table or cached Hub dataset with :split (yuvalkirstain/pickapic_v2:validation_unique), "
-                        "or a shipped set (general, toy_heldout, ...)")
+                        "or a shipped set (general, toy_heldout, geneval, ocr_test, ...); a --benchmark's own by "
+                        "default")
+    p.add_argument("--benchmark", metavar="NAME",
+                   help="score a benchmark as the papers print it: geneval (GenEval's 553 prompts, per task; needs "
+                        "--rewards geneval:DIR:clip=FILE), ocr (Flow-GRPO's 1018 OCR test prompts) or signs (the "
+                        "sign world's held-out words); the per-task table is printed and in the report")
     p.add_argument("--rewards", help="comma-separated reward specs: name or name:path[:key=value...], e.g. "
                    "pickscore:yuvalkirstain/PickScore_v1 (a local folder or the local Hugging Face cache), "
                    "hps_v2.1:FILE, image_reward:FILE:tokenizer=DIR, aesthetic:FILE:clip=FILE, clip_score:FILE; "

@@ -84,3 +84,36 @@ def tiny_open_clip(folder: Path, *, embed_dim: int, width: int = 64, seed: int =
     open_clip.add_model_config(config)
     torch.manual_seed(seed)
     return config, open_clip.create_model(config.stem, pretrained=None).eval()
+
+
+DOG = 16  # "dog" in the COCO label order GenEval reads
+
+
+def tiny_geneval_models(folder: Path) -> tuple[Path, Path, Path]:
+    """GenEval's two models, tiny and random, written under ``folder``: a Mask2Former (80 COCO labels, Swin backbone)
+    whose class head says "dog" for every query, with its image processor; and an open_clip ViT (its config file and
+    a checkpoint). Returns the detector's folder, the CLIP checkpoint and the CLIP config."""
+    import torch
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=80, hidden_dim=32, num_queries=8,
+                               encoder_layers=1, decoder_layers=2, feature_size=32, mask_feature_size=32,
+                               dim_feedforward=64, num_attention_heads=2, encoder_feedforward_dim=64)
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(config)
+    with torch.no_grad():
+        model.class_predictor.weight.zero_()
+        model.class_predictor.bias.fill_(-20.0)
+        model.class_predictor.bias[DOG] = 20.0
+    model.save_pretrained(folder / "mask2former")
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(folder / "mask2former")
+    arch, clip = tiny_open_clip(folder, embed_dim=32)
+    torch.save(clip.state_dict(), folder / "clip.pt")
+    return folder / "mask2former", folder / "clip.pt", arch
+
+
+def geneval_spec(detector: Path, clip: Path, arch: Path, **options) -> str:
+    """The reward spec of the tiny GenEval models, with ``options`` (rule=..., metadata=...)."""
+    return ":".join([f"geneval:{detector}", f"clip={clip}", f"arch={arch}", *(f"{k}={v}" for k, v in options.items())])

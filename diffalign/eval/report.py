@@ -202,15 +202,17 @@ STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0
 
 def write_html(path: Path, *, title: str, summary: Mapping[str, Mapping[str, float]],
                figures: Sequence[tuple[str, Path]] = (), notes: Sequence[str] = (),
-               sections: Sequence[str] = (), sections_intro: str | None = None) -> Path:
-    """A self-contained HTML report (images embedded): the summary table and what its columns mean, each
-    figure with its caption, then the ``sections`` (per-prompt image tables)."""
+               sections: Sequence[str] = (), sections_intro: str | None = None, tables: Sequence[str] = ()) -> Path:
+    """A self-contained HTML report (images embedded): the summary table and what its columns mean, the further
+    ``tables`` (HTML, e.g. a benchmark's per-task scores), each figure with its caption, then the ``sections``
+    (per-prompt image tables)."""
     rewards = reward_names(summary)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p class='verdict'>{html.escape(sentence)}</p>" for sentence in verdict(summary)]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts.append(_table(summary))
     parts.append(_meanings(rewards))
+    parts += tables
     for caption, figure in figures:
         parts.append(f"<figure><img src='{_embed(figure)}' style='max-width:100%'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -240,7 +242,7 @@ def markdown_table(summary: Mapping[str, Mapping[str, float]], keys: Sequence[st
 
 
 def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Sequence[tuple[str, Path]] = (),
-                            notes: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+                            notes: Sequence[str] = (), tables: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """metrics.json, report.html (the summary, what each number means, and each prompt's images as a table
     with their scores and each seed's winner) and one grid PNG per prompt (rows: models; columns: seeds) in
     grids/ under ``out``.
@@ -273,5 +275,6 @@ def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Seque
         scores = {name: {r: values[index].tolist() for r, values in per_reward.items()}
                   for name, per_reward in evaluation.scores.items()}
         sections.append(comparison(prompt, [evaluation.seeds[i] for i in index], rows, scores, row_sources))
-    write_html(out / "report.html", title=title, summary=summary, figures=figures, notes=notes, sections=sections)
+    write_html(out / "report.html", title=title, summary=summary, figures=figures, notes=notes, sections=sections,
+               tables=tables)
     return summary

@@ -207,7 +207,3 @@ class GenEval:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return torch.tensor([score(v, self.rule) for v in self.verdicts(images, prompts)])
-
-    def tags(self, prompts: Sequence[str]) -> list[str]:
-        """GenEval's task of each prompt (single_object, two_object, counting, colors, position, color_attr)."""
-        return [self.metadata_of(p)["tag"] for p in prompts]
