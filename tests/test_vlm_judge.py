@@ -25,8 +25,9 @@ TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['ty
 QUESTION = "Does this figure show {prompt} Please answer yes or no."
 
 
-def tiny_llava(folder: Path) -> Path:
-    """A random 2-layer LLaVA (CLIP vision tower, Llama text model) with a word-level tokenizer and a chat template."""
+def tiny_llava(folder: Path, words: list[str] = WORDS) -> Path:
+    """A random 2-layer LLaVA (CLIP vision tower, Llama text model) with a tokenizer of ``words`` (one token each)
+    and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
@@ -38,9 +39,9 @@ def tiny_llava(folder: Path) -> Path:
         PreTrainedTokenizerFast,
     )
 
-    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>",
+    vocabulary = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocabulary.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocabulary, unk_token="<unk>", pad_token="<pad>",
                                         bos_token="<s>", eos_token="</s>")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
@@ -50,10 +51,10 @@ def tiny_llava(folder: Path) -> Path:
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
-        text_config=LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        text_config=LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                pad_token_id=0),
-        image_token_index=WORDS.index("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1)
+                                pad_token_id=words.index("<pad>")),
+        image_token_index=words.index("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     processor.save_pretrained(folder)

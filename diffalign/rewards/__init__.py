@@ -7,7 +7,9 @@ a local vision-language model whether the image shows its prompt (VQAScore; opti
 ``answer``). ``image_similarity:/models/clip-vit-large-patch14`` scores an edit by how much of its source image it
 keeps (edit rounds only). ``ocr`` is Flow-GRPO's text-rendering reward, read by PP-OCRv4 (``ocr:detect_side=160``
 detects text faster on small images). ``geneval:/models/mask2former-swin-small-coco-instance:clip=/models/ViT-L-14.pt``
-is GenEval (:mod:`diffalign.rewards.geneval`; ``rule=partial`` for Flow-GRPO's training reward). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
+is GenEval (:mod:`diffalign.rewards.geneval`; ``rule=partial`` for Flow-GRPO's training reward).
+``openai_judge:http://gpu2:8000/v1:template=unifiedreward`` asks a VLM judge served by vLLM, SGLang or ``transformers
+serve`` (:mod:`diffalign.rewards.openai_judge`). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
 (:mod:`diffalign.rewards.remote`). The toy rewards and DDPO's JPEG (in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
 ``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
@@ -15,6 +17,7 @@ Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalki
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,7 @@ from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.geneval import GenEval
 from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.ocr import OcrAccuracy
+from diffalign.rewards.openai_judge import OpenAIJudge
 from diffalign.rewards.remote import RemoteReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference
 from diffalign.rewards.vlm_judge import VLMJudge
@@ -46,10 +50,12 @@ REWARDS: dict[str, type] = {
     "image_similarity": ImageSimilarity,
     "ocr": OcrAccuracy,
     "geneval": GenEval,
+    "openai_judge": OpenAIJudge,
     "remote": RemoteReward,
 }
 NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge",
-              "image_similarity", "geneval"}
+              "image_similarity", "geneval", "openai_judge"}
+SERVED = {"remote", "openai_judge"}  # their path is a server's URL
 PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata")  # options that name a file or folder
 
 
@@ -84,9 +90,13 @@ class RewardSpec:
             spec = cls(str(value.get("name", "")), value.get("path"), rest)
         else:
             name, _, tail = str(value).partition(":")
+            url = re.match(r"https?://.*?(?=:[A-Za-z_]\w*=|$)", tail)  # a URL path keeps its own colons
+            if url:
+                path, tail = url.group(0), tail[url.end() + 1:]
             parts = tail.split(":") if tail else []
-            path = parts[0] if parts and "=" not in parts[0] else None
-            options = dict(p.split("=", 1) for p in parts[1 if path is not None else 0:] if "=" in p)
+            if not url:
+                path = parts.pop(0) if parts and "=" not in parts[0] else None
+            options = dict(p.split("=", 1) for p in parts if "=" in p)
             spec = cls(name, path, options)
         if spec.name not in REWARDS:
             from difflib import get_close_matches
@@ -134,12 +144,12 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     if spec.name not in NEEDS_PATH:
         model = REWARDS[spec.name](**options)
     else:
-        model = REWARDS[spec.name](_local(spec.path, f"reward {spec.name}:"), **options)
+        path = spec.path if spec.name in SERVED else _local(spec.path, f"reward {spec.name}:")
+        model = REWARDS[spec.name](path, **options)
     model.name = spec.name
     return model
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "ImageReward", "ImageSimilarity", "OcrAccuracy",
-           "PickScore",
-           "RewardModel", "RewardSpec", "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
+           "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
            "normalise_per_prompt"]

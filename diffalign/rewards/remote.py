@@ -10,9 +10,8 @@ Peers run heavy rewards this way (flow_grpo's reward server, verl-omni's HTTP sc
 
 Images travel as 8-bit PNG, the precision every reward reads them at. A token, when the server has one, travels as
 ``Authorization: Bearer TOKEN``; the client reads it from ``$DIFFALIGN_REWARD_TOKEN``. The server listens on
-127.0.0.1 unless told otherwise, and another address needs a token. The client retries a call that fails on the
-network or with a server error (5xx) ``retries`` times, ``retry_wait`` seconds apart, then raises
-:class:`~diffalign.errors.RewardServerDown`, which stops a training run with a checkpoint (nothing is lost).
+127.0.0.1 unless told otherwise, and another address needs a token. The client retries as
+:mod:`diffalign.rewards.json_client` says, then stops a training run with a checkpoint (nothing is lost).
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ import json
 import os
 import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
@@ -35,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffalign.errors import RewardServerDown, UserError
+from diffalign.errors import UserError
 from diffalign.rewards.clip_rewards import to_pil
+from diffalign.rewards.json_client import JsonEndpoint
 
 TOKEN_ENV = "DIFFALIGN_REWARD_TOKEN"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -66,9 +63,10 @@ class RemoteReward:
     def __init__(self, url: str, *, timeout: float | str = 600, retries: int | str = 3,
                  retry_wait: float | str = 5.0) -> None:
         self.url = url.rstrip("/")
-        self.timeout, self.retries, self.retry_wait = float(timeout), int(retries), float(retry_wait)
-        self.token = os.environ.get(TOKEN_ENV)
-        info = self._call("GET", "/info")
+        self.endpoint = JsonEndpoint(self.url, "the reward server", os.environ.get(TOKEN_ENV),
+                                     f"set ${TOKEN_ENV} to the server's token", float(timeout), int(retries),
+                                     float(retry_wait))
+        info = self.endpoint.call("GET", "/info")
         if not isinstance(info, dict) or not isinstance(info.get("name"), str):
             raise UserError(f"{self.url}/info answered {str(info)[:200]!r}, not a diffalign reward server's info")
         self.name, self.description = info["name"], str(info.get("description", ""))
@@ -79,52 +77,13 @@ class RemoteReward:
         body: dict[str, Any] = {"prompts": list(prompts), "images": encode_images(images)}
         if sources is not None and self.reads_sources:
             body["sources"] = [encode_images(s) for s in sources]
-        reply = self._call("POST", "/score", body)
+        reply = self.endpoint.call("POST", "/score", body)
         scores = reply.get("scores") if isinstance(reply, dict) else None
         if not isinstance(scores, list) or len(scores) != len(prompts) or \
                 not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
             raise UserError(f"the reward server at {self.url} answered {str(reply)[:200]!r}, not {len(prompts)} "
                             "scores")
         return torch.tensor(scores, dtype=torch.float32)
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One JSON call, retried on network and server errors; a refusal (4xx) is the user's to fix at once."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.retry_wait)
-            request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    text = response.read()
-            except urllib.error.HTTPError as err:
-                message = _error_text(err)
-                if err.code < 500:
-                    hint = f" (set ${TOKEN_ENV} to the server's token)" if err.code == 401 else ""
-                    raise UserError(f"the reward server at {self.url} refused {method} {path}: {err.code} "
-                                    f"{message}{hint}") from None
-                last = f"{err.code} {message}"
-            except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out, name not found
-                last = str(getattr(err, "reason", err))
-            else:
-                try:
-                    return json.loads(text)
-                except ValueError:
-                    raise UserError(f"the reward server at {self.url} answered {method} {path} with "
-                                    f"{text[:200]!r}, not JSON") from None
-        raise RewardServerDown(f"the reward server at {self.url} did not answer {method} {path} after "
-                               f"{self.retries + 1} tries ({last})")
-
-
-def _error_text(err: urllib.error.HTTPError) -> str:
-    try:
-        return str(json.loads(err.read()).get("error", ""))
-    except (ValueError, AttributeError, OSError):
-        return err.reason or ""
 
 
 class RewardServer:
