@@ -9,6 +9,7 @@ interval. Training time is the run's wall clock on this machine.
 
     python scripts/bench_signs.py                            # grpo, nft, diffusion_dpo
     python scripts/bench_signs.py --objectives grpo --set train.max_steps=100
+    python scripts/bench_signs.py --objectives diffusion_dpo --pair-groups 16 --eval-seeds 48 --set train.max_steps=1500
     python scripts/bench_signs.py --time-ocr                 # seconds to score 64 rendered signs, per detect_side
 """
 
@@ -28,6 +29,7 @@ from diffalign.diffusion.finetuned import load_finetuned
 from diffalign.eval import evaluate_models
 from diffalign.paths import CONFIGS, TOY_SIGN
 from diffalign.rewards import load_reward
+from diffalign.synth import sign_pairs
 from diffalign.toy.sign_world import prompts, random_sign, render_sign
 from diffalign.train import load_config, train
 
@@ -56,10 +58,14 @@ def main() -> None:
     parser.add_argument("--eval-seeds", type=int, default=16, help="images per held-out word and model")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every objective's sign config (repeatable)")
+    parser.add_argument("--pair-groups", type=int, default=sign_pairs.GROUPS_PER_PROMPT,
+                        help="groups of candidates sampled per training word for sign:pairs, each giving at most one "
+                             "pair (default: %(default)s)")
     parser.add_argument("--time-ocr", action="store_true", help="only time the OCR reward on rendered signs")
     args = parser.parse_args()
     if args.time_ocr:
         return time_ocr()
+    sign_pairs.GROUPS_PER_PROMPT = args.pair_groups  # sign:pairs is cached per setting, so each gets its own
     ocr = load_reward("ocr")
     base = load_pipeline(TOY_SIGN)
     rows = {}
