@@ -19,6 +19,7 @@ from diffalign.recipes.plan import SHIPPED_ARCHITECTURES, plan_lines
 from diffalign.recipes.samples import pickapic_parquet, write_example
 from diffalign.recipes.smoke import SampleData, is_toy, recipe_overrides, tiny_counterpart
 from diffalign.train import load_config
+from diffalign.train import memory
 from diffalign.train.memory import training_step_memory
 
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
@@ -39,8 +40,15 @@ def _on_this_cpu(recipe: str, samples: SampleData) -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_the_plan_of_every_recipe_says_what_it_reads_does_and_needs(recipe, samples):
+def test_the_plan_of_every_recipe_says_what_it_reads_does_and_needs(recipe, samples, monkeypatch):
     overrides = [*_on_this_cpu(recipe, samples), "data.resolution=32"]
+    estimated = []  # (the config the plan estimated, the estimate): computed once, checked below
+
+    def recorded(config, *args, **kwargs):
+        estimated.append((config, training_step_memory(config, *args, **kwargs)))
+        return estimated[-1][1]
+
+    monkeypatch.setattr(memory, "training_step_memory", recorded)
     lines = plan_lines(ROOT / "configs" / recipe, overrides)
     text = "\n".join(lines)
     config = load_config(ROOT / "configs" / recipe, overrides)
@@ -61,10 +69,12 @@ def test_the_plan_of_every_recipe_says_what_it_reads_does_and_needs(recipe, samp
         assert "memory: not estimated: a step of diffusion_kto depends on its data's values" in text
     elif tiny_counterpart(recipe) == "tiny-qwenimage":  # its prompts' lengths are data, which fake tensors lack
         assert "memory: not estimated: a step of diffusion_dpo depends on its data's values" in text
-    else:  # the estimate of scripts/bench_memory.py, to the printed digit
-        peak = training_step_memory(load_config(ROOT / "configs" / recipe, [*overrides, "model.random_init=true",
-                                                                         "model.compile=false"]))["peak_gb"]
-        assert f"memory: peak per GPU about {peak:.1f} GiB" in text
+    else:  # the estimate of scripts/bench_memory.py (the same function) for the recipe on random weights
+        (used, row), = estimated
+        expected = load_config(ROOT / "configs" / recipe, [*overrides, "model.random_init=true", "model.compile=false"])
+        assert (used.model, used.objective, used.data) == (expected.model, expected.objective, expected.data)
+        assert used.train.batch_size == expected.train.batch_size and used.train.lora_rank == expected.train.lora_rank
+        assert f"memory: peak per GPU about {row['peak_gb']:.1f} GiB" in text
     resolved = yaml.safe_load("\n".join(lines[lines.index("the resolved config (every key, defaults included):") + 1:]))
     assert resolved["objective"]["name"] == config.objective.name and resolved["train"]["max_steps"] == config.train.max_steps
     assert resolved["data"]["resolution"] == 32  # overrides applied
