@@ -228,3 +228,19 @@ def test_specs_options_and_unknown_prompts_fail_before_any_image_is_read(tiny_ge
     own = tmp_path / "train_metadata.jsonl"  # Flow-GRPO's layout: the same lines, other prompts
     own.write_text('{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a dog, photo"}\n')
     assert load_reward(_spec(tiny_geneval, metadata=own))(torch.rand(1, 3, 48, 48), ["a dog, photo"]).tolist() == [1.0]
+
+
+@pytest.mark.slow
+def test_an_online_round_reads_each_prompt_s_metadata_from_the_prompt_file_it_samples(tiny_geneval, tmp_path):
+    from diffalign.paths import ROOT
+    from diffalign.train import load_config, train
+
+    prompts = tmp_path / "dog.jsonl"  # a prompt file that is its own metadata, as Flow-GRPO's train_metadata.jsonl
+    prompts.write_text('{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of '
+                       'a dog"}\n')
+    config = load_config(ROOT / "configs/toy_d3po.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"online.prompts={prompts}", "online.groups_per_round=2",
+        "online.steps_per_round=1", "objective.sample_steps=2", "train.batch_size=1", "train.max_steps=1",
+        "train.log_every=1", "validation.every=0", "validation.prompt_file=null"])
+    config.online.reward = _spec(tiny_geneval, metadata=prompts)
+    assert train(config)["last"]["train_reward"] == 1.0  # every sample shows the dog the tiny detector sees
