@@ -69,7 +69,20 @@ def test_the_signs_benchmark_prints_the_ocr_table_of_base_and_aligned(tmp_path, 
     assert 0 < table["base"]["overall"] <= 1
     assert "signs benchmark: ocr per task, 1 image(s) a prompt" in printed
     assert f"| base | {table['base']['overall']:.3f} |" in printed
-    assert "signs benchmark" in (out / "report.html").read_text()
+    from browser import chromium
+
+    browser = chromium()  # the per-task table as a reader sees it, in the report's own page
+    try:
+        browser.get((out / "report.html").as_uri())
+        heading = browser.find_element("xpath", "//h2[starts-with(., 'signs benchmark')]")
+        shown = heading.is_displayed()
+        rows = browser.execute_script("return [...arguments[0].nextElementSibling.rows].map(r => r.innerText)", heading)
+    finally:
+        browser.quit()
+    assert shown
+    assert rows[0].split() == ["model", "overall"]
+    assert rows[1].split() == ["base", f"{table['base']['overall']:.3f}"]
+    assert rows[2].split() == ["same", f"{table['same']['overall']:.3f}"]
 
 
 @pytest.mark.slow

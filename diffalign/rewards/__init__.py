@@ -151,5 +151,5 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "ImageReward", "ImageSimilarity", "OcrAccuracy",
-           "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "describe", "ToyPreference", "VLMJudge", "ensemble", "load_reward",
-           "normalise_per_prompt"]
+           "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "VLMJudge",
+           "describe", "ensemble", "load_reward", "normalise_per_prompt"]
