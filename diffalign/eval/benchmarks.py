@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 
 from diffalign.errors import UserError
-from diffalign.paths import PROMPTS
+from diffalign.eval.prompts import prompt_path
 
 OVERALL = "overall"
 
@@ -76,9 +76,7 @@ def benchmark(name: str) -> Benchmark:
 def prompt_tasks(source: str | Path, prompts: Sequence[str]) -> list[str] | None:
     """Each prompt's task (its ``tag``) when ``source`` is a ``.jsonl`` prompt file (or shipped set) whose lines
     carry one, else None."""
-    path = Path(source)
-    if not path.is_file() and (PROMPTS / f"{source}.jsonl").is_file():
-        path = PROMPTS / f"{source}.jsonl"
+    path = prompt_path(source)
     if path.suffix != ".jsonl" or not path.is_file():
         return None
     tags = {}

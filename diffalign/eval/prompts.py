@@ -90,13 +90,19 @@ SHIPPED_SUFFIXES = (".txt", ".jsonl")  # the shipped sets' files: plain prompts,
 READERS = {".jsonl": _from_jsonl, ".json": _from_json, ".tsv": _from_delimited, ".csv": _from_delimited}
 
 
+def prompt_path(source: str | Path) -> Path:
+    """The file ``source`` names: itself, or for a bare name that is no file here, the shipped set of that name."""
+    path = Path(source)
+    if not path.exists() and not path.suffix:
+        path = next((PROMPTS / f"{source}{suffix}" for suffix in SHIPPED_SUFFIXES
+                     if (PROMPTS / f"{source}{suffix}").is_file()), path)
+    return path
+
+
 def read_prompts(source: str | Path) -> list[str]:
     """The prompts of ``source`` (see the module docstring), in their order. Other files are read as text."""
     text = str(source)
-    path = Path(text)
-    if not path.exists() and not path.suffix:
-        path = next((PROMPTS / f"{text}{suffix}" for suffix in SHIPPED_SUFFIXES
-                     if (PROMPTS / f"{text}{suffix}").is_file()), path)
+    path = prompt_path(text)
     if path.is_file() and path.suffix != ".parquet":
         prompts = READERS.get(path.suffix, _from_text)(path)
     else:

@@ -8,6 +8,8 @@ is lost). A refusal (4xx) is the user's to fix, at once, and so is an answer tha
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 import urllib.error
@@ -15,7 +17,16 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from diffalign.errors import RewardServerDown, UserError
+
+
+def png_base64(image: Image.Image) -> str:
+    """The image as base64 PNG text: how images travel in these rewards' JSON (8-bit, lossless)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,6 @@ as the bearer token (vLLM's and SGLang's ``--api-key``).
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +34,7 @@ from PIL import Image
 
 from diffalign.errors import UserError
 from diffalign.rewards.clip_rewards import to_pil
-from diffalign.rewards.json_client import JsonEndpoint
+from diffalign.rewards.json_client import JsonEndpoint, png_base64
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -81,9 +79,7 @@ TEMPLATES = {
 
 def data_url(image: Image.Image) -> str:
     """The image as a PNG data URL, the form OpenAI-compatible servers take images in."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + png_base64(image)
 
 
 class OpenAIJudge:

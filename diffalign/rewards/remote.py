@@ -33,7 +33,7 @@ from PIL import Image
 
 from diffalign.errors import UserError
 from diffalign.rewards.clip_rewards import to_pil
-from diffalign.rewards.json_client import JsonEndpoint
+from diffalign.rewards.json_client import JsonEndpoint, png_base64
 
 TOKEN_ENV = "DIFFALIGN_REWARD_TOKEN"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -42,12 +42,7 @@ MAX_BODY = 1 << 30  # a round of 64 images of 1024 px as PNG is about 100 MB
 
 def encode_images(images: torch.Tensor) -> list[str]:
     """Float (N, 3, H, W) images in [0, 1] as base64 PNG strings."""
-    out = []
-    for image in to_pil(images):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return out
+    return [png_base64(image) for image in to_pil(images)]
 
 
 def decode_images(encoded: Sequence[str]) -> torch.Tensor:
