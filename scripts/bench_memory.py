@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="a training config (configs/*.yaml)")
     parser.add_argument("--model", type=Path, required=False, default=None,
                         help="an architecture folder to build with random weights (assets/models/sdxl); "
-                             "default: the config's model.path")
+                             "default: the config's model.path, or the shipped architecture of its name")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--batches", help="pairs per GPU to report (comma-separated); default: the config's")
     parser.add_argument("--max-batch", action="store_true", help="also search the largest batch within --budget-gb")
@@ -217,8 +217,15 @@ def main() -> None:
         raise SystemExit("--measure runs diffalign's trainer; the example loop's measured memory is in bench_train.py")
     from diffalign.train import load_config
 
-    if args.model is None:
-        args.model = Path(load_config(args.config, args.set).model.path)
+    if args.model is None:  # the model's folder when it is here, else the shipped architecture of its name
+        from diffalign.recipes.plan import architecture_folder
+
+        path = load_config(args.config, args.set).model.path
+        folder, source = architecture_folder(path)
+        if folder is None:
+            raise SystemExit(f"{path} is not on this machine and no shipped architecture has its name: give --model "
+                             "a folder holding its configs (assets/models/...)")
+        args.model = folder
     if args.batches is None:
         args.batches = str(load_config(args.config, [f"model.path={args.model}", *args.set]).train.batch_size)
     budget = args.budget_gb

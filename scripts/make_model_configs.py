@@ -7,7 +7,7 @@ random_init=True)`` builds the model with random weights and no download:
 - ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -593,6 +593,12 @@ def full_size() -> None:
         {"num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24, "joint_attention_dim": 7680,
          "guidance_embeds": False}, {},
         qwen3_text(2560, 36, 32, 8, 9728, head_dim=128)))
+    # FLUX.2 klein 9B (black-forest-labs/FLUX.2-klein-9B and -base-9B; BFL's flux2 ``Klein9BParams``): 8 double- and
+    # 24 single-stream blocks of width 32 x 128 on three hidden layers of Qwen3-8B (4096 wide: 12288 joint)
+    write_pipeline("flux2-klein-9b", "Flux2KleinPipeline", flux2_klein_parts(
+        {"num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32, "joint_attention_dim": 12288,
+         "guidance_embeds": False}, {},
+        qwen3_text(4096, 36, 32, 8, 12288, head_dim=128)))
     write_pipeline("z-image-turbo", "ZImagePipeline", z_image_parts(
         {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
          "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,

@@ -15,8 +15,10 @@ from run_configs import SHORTER
 from safetensors.torch import load_file
 
 from diffalign.diffusion import load_pipeline
+from diffalign.diffusion.backbones import backbone_for
 from diffalign.paths import ASSETS, CONFIGS
 from diffalign.train import load_config, train
+from diffalign.train.memory import LiveStorage
 
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev", "tiny-zimage",
              "tiny-qwenimage", "tiny-pixart"]
@@ -51,6 +53,23 @@ def _moved(run: Path, model: str) -> bool:
 @pytest.mark.parametrize("objective", sorted(DATA))
 def test_every_objective_trains_on_every_backbone(objective, model, data, tmp_path):
     _trains(objective, model, data, tmp_path)
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_a_batch_is_decoded_one_image_at_a_time(model):
+    """A round or an evaluation batch goes through the VAE one image per call: the peak of decoding 4 latents is
+    that of one plus the outputs (decoded slices and their concatenation), not 4 images' activations. Qwen-Image's
+    decoder once took the batch whole; the memory estimate of qwen_image_grpo.yaml found it (a round batch of 16
+    at 512 px held 27 GiB more)."""
+    backbone = backbone_for(load_pipeline(ASSETS / "models" / model, random_init=True, seed=0))
+    peaks = []
+    for n in (1, 4):
+        latents = torch.randn(n, *backbone.latent_shape(64), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), LiveStorage() as live:
+            images = backbone.decode_latents(latents)
+        peaks.append(live.peak)
+    assert images.shape == (4, 3, 64, 64)
+    assert peaks[1] <= peaks[0] + 2 * 4 * images[0].nbytes
 
 
 EDIT_MODELS = ["tiny-flux-kontext", "tiny-flux2-klein", "tiny-qwenimage-edit-plus"]

@@ -160,13 +160,15 @@ def test_a_runs_lora_loads_in_the_pipeline_and_equals_its_merged_export(model, p
     assert (with_lora - before).abs().max() > 1e-3  # the LoRA changes what the pipeline draws
     merged_pipe = pipeline.from_pretrained(merged)
     torch.testing.assert_close(image(merged_pipe), with_lora, atol=1e-5, rtol=1e-5)
-    if model in ("tiny-zimage", "tiny-qwenimage"):  # the transformer as its release ships it, read back by diffusers
-        single = export_run(tmp_path / "run", "single-file", tmp_path / "transformer.safetensors", dtype="fp32")
-        read = type(merged_pipe.transformer).from_single_file(str(single), config=str(MODELS / model),
-                                                              subfolder="transformer", local_files_only=True)
-        expected = merged_pipe.transformer.state_dict()
-        assert read.state_dict().keys() == expected.keys()
-        assert all(torch.equal(value, expected[key]) for key, value in read.state_dict().items())
+    # the transformer as its release ships it (FLUX.2: BFL's fused names), read back by diffusers' own converter
+    single = export_run(tmp_path / "run", "single-file", tmp_path / "transformer.safetensors", dtype="fp32")
+    read = type(merged_pipe.transformer).from_single_file(str(single), config=str(MODELS / model),
+                                                          subfolder="transformer", local_files_only=True)
+    expected = merged_pipe.transformer.state_dict()
+    assert read.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in read.state_dict().items())
+    if model.startswith("tiny-flux2"):
+        assert "double_blocks.0.img_attn.qkv.weight" in load_file(single)
 
 
 def test_qwen_image_samples_guided_with_its_true_cfg_in_eval_and_generation():

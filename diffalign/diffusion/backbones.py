@@ -493,7 +493,8 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype)[:, :, None]
         mean, std = self._latent_stats(latents)
-        return vae.decode(latents * std + mean).sample[:, :, 0].clamp(-1, 1)
+        with sliced_decoding(vae):  # a round of 16 images at 512 px decoded at once holds 27 GiB more
+            return vae.decode(latents * std + mean).sample[:, :, 0].clamp(-1, 1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:

@@ -40,6 +40,7 @@ SHIPPED_ARCHITECTURES = {
     "Qwen/Qwen-Image-Edit": "qwen-image-edit", "Qwen/Qwen-Image-Edit-2509": "qwen-image-edit-plus",
     "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus", "black-forest-labs/FLUX.2-dev": "flux2-dev",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein-4b",
+    "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b", "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein-9b",
 }
 
 
@@ -101,7 +102,7 @@ def _step_lines(config: Config, examples: int | None) -> list[str]:
     if objective.dataset == "online":
         oc = config.online
         rounds = math.ceil(tc.max_steps / oc.steps_per_round)
-        group = oc.group_size or 2
+        group = oc.group_size or objective.group_size
         lines.append(f"  {rounds:,} rounds of {oc.groups_per_round} prompts x {group} samples, "
                      f"{oc.steps_per_round} optimiser steps each")
     elif examples:
@@ -118,11 +119,8 @@ def _memory_lines(config_path: str | Path, overrides: list[str], config: Config,
     from diffalign.train.memory import sharded_per_gpu, training_step_memory
 
     objective = OBJECTIVES[config.objective.name]
-    if objective.dataset.startswith("text_"):
+    if objective.family == "lm":
         return ["memory: not estimated for language models (scripts/bench_lm.py measures a step)"]
-    if objective.dataset == "online":
-        return ["memory: not estimated for online objectives, which sample inside training; "
-                "scripts/bench_memory.py --measure measures it on a GPU"]
     folder, source = architecture_folder(config.model.path)
     if folder is None:
         return [f"memory: not estimated: neither {config.model.path} nor a shipped architecture of that name is on "
@@ -143,7 +141,18 @@ def _memory_lines(config_path: str | Path, overrides: list[str], config: Config,
             f"({row['trained_params']:,} parameters), gradients {row['grads_gb']:.2f}, optimiser and EMA "
             f"{row['optimizer_and_ema_gb']:.2f}, activations {row['activations_gb']:.2f} GiB",
             f"  with ZeRO-2 sharding (DeepSpeed stage 2), per GPU: {table}; scripts/bench_memory.py gives the full "
-            "table and the largest batch"]
+            "table and the largest batch"] + _sampling_lines(config, row)
+
+
+def _sampling_lines(config: Config, row: dict[str, float]) -> list[str]:
+    """What an online run's rounds hold while they sample (:func:`diffalign.train.memory.training_step_memory`)."""
+    if "sampling_gb" not in row:
+        return []
+    oc = config.online
+    group = oc.group_size or OBJECTIVES[config.objective.name].group_size
+    return [f"  sampling: {row['sampling_gb']:.1f} GiB while a round samples and decodes {oc.sample_batch_size} "
+            f"group{'s' if oc.sample_batch_size > 1 else ''} of {group} (online.sample_batch_size), reward models "
+            "not counted"]
 
 
 def plan_lines(config_path: str | Path, overrides: list[str] | None = None, *, rows: int = 256,

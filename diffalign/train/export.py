@@ -12,7 +12,8 @@
   (:mod:`diffalign.train.ldm_keys`), SD3 and SD3.5 (:mod:`diffalign.train.mmdit_keys`). For FLUX.1 it is
   the transformer alone, as Black Forest Labs ship ``flux1-dev.safetensors`` (:mod:`diffalign.train.flux_keys`;
   ComfyUI's diffusion-model loader, ``FluxTransformer2DModel.from_single_file``, ``model.denoiser_file``); so for
-  Z-Image (:mod:`diffalign.train.zimage_keys`) and Qwen-Image, whose release names are diffusers' own.
+  FLUX.2 dev and klein (:mod:`diffalign.train.flux2_keys`), Z-Image (:mod:`diffalign.train.zimage_keys`) and
+  Qwen-Image, whose release names are diffusers' own.
 
 The source is a finished run (its ``final/`` weights) or one of its checkpoints
 (``run/checkpoints/step-N``), so the step that ``diffalign eval`` picked exports in every format;
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import (DiffusionPipeline, FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel,
-                       ZImageTransformer2DModel)
+from diffusers import (DiffusionPipeline, Flux2Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel,
+                       SD3Transformer2DModel, ZImageTransformer2DModel)
 from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from safetensors.torch import load_file, save_file
 
@@ -43,7 +44,7 @@ from diffalign.diffusion.loading import DTYPES
 from diffalign.diffusion.lora import merge_lora
 from diffalign.errors import UserError
 from diffalign.paths import resolve_model_path, with_usual_permissions
-from diffalign.train import flux_keys, ldm_keys, mmdit_keys, zimage_keys
+from diffalign.train import flux2_keys, flux_keys, ldm_keys, mmdit_keys, zimage_keys
 from diffalign.train.weights import save_final_weights
 
 FORMATS = ("lora", "kohya", "diffusers", "single-file")
@@ -98,18 +99,20 @@ def kohya_lora_state(lora_file: Path, base: Path) -> dict[str, torch.Tensor]:
 
 def single_file_state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
     """Every component of an SD 1.x/2.x, SDXL or SD3 pipeline under its original-layout key; the transformer alone
-    of FLUX.1, Z-Image and Qwen-Image (and its edit models), as their releases ship it."""
+    of FLUX.1, FLUX.2, Z-Image and Qwen-Image (and its edit models), as their releases ship it."""
     transformer = getattr(pipe, "transformer", None)
     if isinstance(transformer, SD3Transformer2DModel):
         return _sd3_single_file_state(pipe)
     if isinstance(transformer, FluxTransformer2DModel):
         return flux_keys.flux_transformer_to_original(transformer.state_dict())
+    if isinstance(transformer, Flux2Transformer2DModel):
+        return flux2_keys.flux2_transformer_to_original(transformer.state_dict())
     if isinstance(transformer, ZImageTransformer2DModel):
         return zimage_keys.z_image_transformer_to_original(transformer.state_dict())
     if isinstance(transformer, QwenImageTransformer2DModel):  # Qwen's release names are diffusers' own
         return dict(transformer.state_dict())
     if getattr(pipe, "unet", None) is None:
-        raise UserError(f"single-file export covers SD 1.x/2.x, SDXL, SD3, FLUX.1, Z-Image and Qwen-Image pipelines, "
+        raise UserError(f"single-file export covers SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2, Z-Image and Qwen-Image pipelines, "
                         f"not {type(pipe).__name__}; use --format diffusers (ComfyUI loads diffusers folders too)")
     state = {ldm_keys.DENOISER_PREFIX + k: v for k, v in
              ldm_keys.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}

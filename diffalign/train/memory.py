@@ -125,74 +125,233 @@ def materialise(backbone, extra: list[torch.nn.Module], fake: bool) -> list[torc
         with FakeTensorMode(allow_non_fake_inputs=True):
             for module in modules:
                 module.to_empty(device="cpu")  # fake storage; dtypes and requires_grad kept
+        for module in modules:
+            unregistered_tables_on_cpu(module)
     return modules
 
 
-def training_step_memory(config, list_size: int = 4, fake: bool = True) -> dict[str, float]:
+def unregistered_tables_on_cpu(module: torch.nn.Module) -> None:
+    """Give plain tensor attributes left on the meta device (tables a module builds in ``__init__`` without
+    registering them, as Qwen-Image's RoPE frequencies) real zeros of their shape: ``to_empty`` moves only
+    parameters and buffers, and the estimate reads only their shapes."""
+    for sub in module.modules():
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(sub, name, torch.zeros_like(value, device="cpu"))
+
+
+def _zero_hidden_states(encoder: torch.nn.Module):
+    """A forward for a transformers text encoder that returns zero hidden states of its real width, one per layer
+    plus the embeddings, for the tokens it is given: real tensors, so a pipeline that selects tokens by the
+    attention mask (Qwen-Image's and Z-Image's ``hidden_states[mask]``) gets real shapes."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    text = getattr(encoder.config, "text_config", encoder.config)
+    dtype = next(encoder.parameters()).dtype
+
+    def forward(input_ids=None, inputs_embeds=None, **_):
+        tokens = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        zeros = torch.zeros(*tokens, text.hidden_size, dtype=dtype)
+        return BaseModelOutputWithPast(last_hidden_state=zeros, hidden_states=(zeros,) * (text.num_hidden_layers + 1))
+    return forward
+
+
+@contextlib.contextmanager
+def text_encoders_for_estimate(backbone):
+    """Encode prompts as the estimate needs them: only their shapes matter, since the step's tracker adds the
+    conditioning as an input (the text encoders' own memory is not the step's).
+
+    Encoders on fake storage run as they are; a pipeline whose encoding reads data-dependent shapes (a boolean mask
+    over the hidden states, as Qwen-Image's and Z-Image's: ``nonzero``, which fake tensors cannot size) encodes
+    inside this context with every transformers text encoder answering zeros of its real width
+    (:func:`_zero_hidden_states`).
+    """
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+    from transformers import PreTrainedModel
+
+    try:
+        if backbone.prompt_reads_sources:  # encoded with a source image, as its runs encode
+            backbone.encode_prompts(["a probe"], torch.zeros(1, 1, 3, 64, 64))
+        else:
+            backbone.encode_prompts(["a probe"])
+    except DynamicOutputShapeException:
+        encoders = [m for m in backbone.pipe.components.values()
+                    if isinstance(m, PreTrainedModel) and m is not backbone.denoiser]
+        with contextlib.ExitStack() as patches:
+            for encoder in encoders:
+                patches.enter_context(mock.patch.object(encoder, "forward", _zero_hidden_states(encoder)))
+            yield
+        return
+    yield
+
+
+def offline_inputs(objective, config, latent_shape: tuple[int, ...], list_size: int):
+    """(latents, randomness, targets) of one offline micro-batch: ``train.batch_size`` examples of the objective's
+    group size (pairs, K-lists, images)."""
+    from diffalign.data import example_generator
+
+    tc = config.train
+    k = group_size(objective, list_size)
+    draws = [objective.draw(1, latent_shape, example_generator(tc.seed, p)) for p in range(tc.batch_size)]
+    randomness = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
+    targets = {"preference": torch.ones(tc.batch_size)}
+    if objective.dataset == "ranked":
+        targets["scores"] = torch.randn(tc.batch_size, k)
+    return torch.randn(tc.batch_size, k, *latent_shape), randomness, targets
+
+
+def synthetic_round(objective, config, latent_shape: tuple[int, ...], groups: int):
+    """A round of ``groups`` groups as the round driver records it (:class:`diffalign.train.online.Round`), with
+    random trajectories, log-probabilities and distinct rewards."""
+    from diffalign.train.online import Round
+
+    k = config.online.group_size or objective.group_size
+    steps = config.objective.sample_steps + 1 if objective.keeps_trajectories else 1
+    rewards = torch.arange(groups * k, dtype=torch.float32).view(groups, k) % k
+    return Round(prompts=["a prompt"] * groups, latents=torch.randn(groups, k, steps, *latent_shape),
+                 log_probs=torch.randn(groups, k, config.objective.sample_steps), rewards=rewards,
+                 winners=lambda: torch.zeros(groups, dtype=torch.long),
+                 real=torch.randn(groups, *latent_shape) if objective.real_data else None,
+                 generator=lambda i: torch.Generator().manual_seed(i))
+
+
+def online_inputs(objective, config, latent_shape: tuple[int, ...]):
+    """(latents, randomness, targets) of one online micro-batch: ``train.batch_size`` of the units the objective
+    makes of a round (:meth:`~diffalign.objectives.base.OnlineObjective.training_units`), each at a middle step."""
+    from diffalign.data import example_generator
+
+    b = config.train.batch_size
+    units = objective.training_units(synthetic_round(objective, config, latent_shape, 2 * b))
+    if len(units["latents"]) < b:
+        raise SystemExit(f"{config.objective.name} kept {len(units['latents'])} units of a synthetic round of "
+                         f"{2 * b} groups, fewer than train.batch_size={b}")
+    step = torch.full((b,), config.objective.sample_steps // 2, dtype=torch.long)
+    randomness = {"step": step, **objective.draw(b, latent_shape, example_generator(config.train.seed, 0))}
+    return units["latents"][:b], randomness, {name: value[:b] for name, value in units["targets"].items()}
+
+
+@contextlib.contextmanager
+def first_and_last_steps_only(backbone, steps: int, every_step: bool = False):
+    """Run the denoiser at the sampler's first and last steps only; between them ``backbone.predict`` returns a new
+    tensor of the first output's shape and dtype, without computing. The peak is unchanged: every step's forward
+    holds the same activations (same shapes), on top of a trajectory that only grows, so the last step's forward
+    is the highest (``tests/test_bench_memory.py`` compares with ``every_step``). A 1024 px round of 10 steps on a
+    20B model then costs two fake forwards instead of ten."""
+    if every_step or steps <= 2:
+        yield
+        return
+    predict, calls, dtype = backbone.predict, [0], []
+
+    def stand_in(latents, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1 or calls[0] == steps or not dtype:
+            out = predict(latents, *args, **kwargs)
+            if out.shape == latents.shape:  # a prediction in the latents' layout: the steps between can stand in
+                dtype[:] = [out.dtype]
+            return out
+        return torch.empty_like(latents, dtype=dtype[0])  # made from the input: no output is held between steps
+
+    with mock.patch.object(backbone, "predict", stand_in):
+        yield
+
+
+def round_sampling(objective, config, backbone, cond, uncond, every_step: bool = False) -> None:
+    """One batch of a round's sampling and decoding, as the round driver runs it: ``online.sample_batch_size``
+    groups of K from noise through the sampler's steps (both branches of classifier-free guidance against
+    ``uncond``, or against ``cond``'s own negative; the denoiser computed at the first and last steps,
+    :func:`first_and_last_steps_only`), then the VAE."""
+    from diffalign.diffusion.logprob import sample_trajectories
+
+    oc, obj = config.online, config.objective
+    n = oc.sample_batch_size * (oc.group_size or objective.group_size)
+    noise = torch.randn(n, *backbone.latent_shape(config.data.resolution))
+    with torch.no_grad(), first_and_last_steps_only(backbone, obj.sample_steps, every_step):
+        trajectory = sample_trajectories(backbone, noise, cond.repeat_items(n), steps=obj.sample_steps,
+                                         eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
+                                         uncond=None if uncond is None else uncond.repeat_items(n),
+                                         denoiser=objective.sampling_denoiser())
+        backbone.decode_latents(trajectory.final)
+
+
+def training_step_memory(config, list_size: int = 4, fake: bool = True, every_step: bool = False
+                         ) -> dict[str, float]:
     """Peak bytes of one training step of ``config`` and what the models and states hold.
 
     With ``fake`` the models are built on the meta device and given fake storage; without,
-    the step runs for real on the CPU (the tests compare the two on a tiny model).
+    the step runs for real on the CPU (the tests compare the two on a tiny model). An online objective's
+    figure also covers its rounds: one batch of sampling and decoding (``sampling_gb``), run with the optimiser's
+    state already held, as every round after the first; ``peak_gb`` is the larger of the two. The reward models
+    are not counted.
     """
-    from diffalign.data import example_generator
     from diffalign.diffusion import mixed_precision_dtype
     from diffalign.objectives import OBJECTIVES
     from diffalign.train.models import build_models
 
     tc = config.train
     objective_cls = OBJECTIVES[config.objective.name]
-    if objective_cls.dataset == "online":
-        raise SystemExit(f"{config.objective.name} samples inside training; its memory is not estimated here")
+    online = objective_cls.dataset == "online"
+    if objective_cls.family == "lm":
+        raise SystemExit(f"{config.objective.name} trains a language model; its memory is not estimated here")
     device = torch.device("meta" if fake else "cpu")
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
     modules = materialise(backbone, [reference] if reference is not None else [], fake)
+    autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
+                              enabled=tc.mixed_precision != "no")
+    latent_shape = backbone.latent_shape(config.data.resolution)
+    prompt, sources = ["a photograph of an astronaut riding a horse"], len(config.data.source_columns)
     # Everything else runs outside the fake mode: ops on fake tensors stay fake (FakeTensor
     # dispatches itself), while real tensors (the schedule's tables, the random draws) keep
     # the values objectives read with .item() or nonzero.
-    objective = objective_cls(config.objective, backbone)
-    k = group_size(objective, list_size)
-    latent_shape = backbone.latent_shape(config.data.resolution)
-    draws = [objective.draw(1, latent_shape, example_generator(tc.seed, p)) for p in range(tc.batch_size)]
-    randomness = {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
-    targets = {"preference": torch.ones(tc.batch_size)}
-    if objective.dataset == "ranked":
-        targets["scores"] = torch.randn(tc.batch_size, k)
-    autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
-                              enabled=tc.mixed_precision != "no")
-    prompt, sources = ["a photograph of an astronaut riding a horse"], len(config.data.source_columns)
-    with torch.no_grad(), autocast:  # a text encoder that reads the sources adds their tokens to the prompt's
-        cond = backbone.encode_prompts(prompt, torch.zeros(1, sources, 3, config.data.resolution,
-                                                           config.data.resolution)) \
-            if sources and backbone.prompt_reads_sources else backbone.encode_prompts(prompt)
+    guided = online and config.objective.sample_guidance_scale != 1.0
+    with text_encoders_for_estimate(backbone), torch.no_grad(), autocast:
+        objective = objective_cls.build(config, backbone)
+        if sources and backbone.prompt_reads_sources:  # its text encoder adds the sources' tokens to the prompt's
+            pixels = torch.zeros(1, sources, 3, config.data.resolution, config.data.resolution)
+            cond = backbone.encode_prompts(prompt, pixels)
+            if guided:  # the round driver's empty prompt reads the sources too
+                cond = cond.with_negative(backbone.encode_prompts([""], pixels))
+        else:
+            cond = backbone.encode_prompts(prompt)
+        uncond = backbone.empty_prompt() if guided else None
     if config.data.source_columns:  # an edit model reads its sources' tokens beside the target's
         cond.reference = torch.randn(1, len(config.data.source_columns), *latent_shape)
-    cond = cond.repeat_items(tc.batch_size)
-    latents = torch.randn(tc.batch_size, k, *latent_shape)
+    latents, randomness, targets = online_inputs(objective, config, latent_shape) if online \
+        else offline_inputs(objective, config, latent_shape, list_size)
+    batch_cond = cond.repeat_items(tc.batch_size)
     denoiser = backbone.denoiser
     # what the objective trains beside the model (SparsePO's region masks), as the trainer adds it
     extra = list(objective.trained_modules(denoiser).values())
     params = [p for m in (denoiser, *extra) for p in m.parameters() if p.requires_grad]
     # with data.precompute the text encoders and the VAE wait on the CPU during the steps
-    on_gpu = [backbone.denoiser, reference, *extra] if config.data.precompute else [*modules, *extra]
+    on_gpu = [backbone.denoiser, reference, *extra] if config.data.precompute and not online \
+        else [*modules, *extra]
     weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
     tracker = LiveStorage()
     with tracker:
-        tracker.add(*weights, *cond.tensors().values(), latents, *randomness.values(), *targets.values())
+        tracker.add(*weights, *batch_cond.tensors().values(), latents, *randomness.values(), *targets.values())
         states = optimizer_state(params, tc.adam_8bit)
         if tc.ema_decay > 0:
             states += [p.detach().clone() for p in params]
         states += [t for s in objective.attach(denoiser) for t in s.state_dict().values()
                    if isinstance(t, torch.Tensor)]
         at_rest = tracker.current
+        sampling = None
         with cuda_autocast_norms():
+            if online:
+                with autocast:
+                    round_sampling(objective, config, backbone, cond, uncond, every_step)
+                sampling, tracker.peak = tracker.peak, tracker.current
             with autocast:
-                loss, _ = objective(backbone, latents, cond, randomness, denoiser, reference, **targets)
+                loss, _ = objective(backbone, latents, batch_cond, randomness, denoiser, reference, **targets)
             loss.backward()
         grads = nbytes(p.grad for p in params if p.grad is not None)
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-    return breakdown(tracker, at_rest, grads, weights, params, states)
+    row = breakdown(tracker, at_rest, grads, weights, params, states)
+    if sampling is not None:
+        row.update(sampling_gb=sampling / GIB, peak_gb=max(row["peak_gb"], sampling / GIB))
+    return row
 
 
 def sharded_per_gpu(row: dict[str, float], gpus: int) -> dict[str, float]:
