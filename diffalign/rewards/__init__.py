@@ -12,7 +12,8 @@ is GenEval (:mod:`diffalign.rewards.geneval`; ``rule=partial`` for Flow-GRPO's t
 serve`` (:mod:`diffalign.rewards.openai_judge`). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
 (:mod:`diffalign.rewards.remote`). The toy rewards and DDPO's JPEG (in)compressibility take no path.
 Paths may also name what is in the local Hugging Face cache (``pickscore:yuvalkirstain/PickScore_v1``,
-``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; see :func:`diffalign.paths.find_locally`).
+``hps_v2.1:xswu/HPSv2/HPS_v2.1_compressed.pt``; HPSv3 is
+``hps_v3:MizzenAI/HPSv3/HPSv3.safetensors:base=Qwen/Qwen2-VL-7B-Instruct``; see :func:`diffalign.paths.find_locally`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from diffalign.rewards.clip_rewards import Aesthetic, ClipScore, HPSv2, ImageSim
 from diffalign.rewards.compressibility import JpegCompressibility, JpegIncompressibility
 from diffalign.rewards.ensemble import ensemble, normalise_per_prompt
 from diffalign.rewards.geneval import GenEval
+from diffalign.rewards.hpsv3 import HPSv3
 from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.ocr import OcrAccuracy
 from diffalign.rewards.openai_judge import OpenAIJudge
@@ -41,6 +43,7 @@ REWARDS: dict[str, type] = {
     "pickscore": PickScore,
     "hps_v2": HPSv2,
     "hps_v2.1": HPSv2,
+    "hps_v3": HPSv3,
     "clip_score": ClipScore,
     "aesthetic": Aesthetic,
     "image_reward": ImageReward,
@@ -53,10 +56,10 @@ REWARDS: dict[str, type] = {
     "openai_judge": OpenAIJudge,
     "remote": RemoteReward,
 }
-NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "clip_score", "aesthetic", "image_reward", "vlm_judge",
-              "image_similarity", "geneval", "openai_judge"}
+NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "hps_v3", "clip_score", "aesthetic", "image_reward",
+              "vlm_judge", "image_similarity", "geneval", "openai_judge"}
 SERVED = {"remote", "openai_judge"}  # their path is a server's URL
-PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata")  # options that name a file or folder
+PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata", "base")  # options that name a file or folder
 
 
 def _local(path: str, what: str) -> str:
@@ -150,6 +153,6 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
     return model
 
 
-__all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "ImageReward", "ImageSimilarity", "OcrAccuracy",
+__all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "HPSv3", "ImageReward", "ImageSimilarity", "OcrAccuracy",
            "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "VLMJudge",
            "describe", "ensemble", "load_reward", "normalise_per_prompt"]
