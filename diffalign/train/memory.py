@@ -1,6 +1,7 @@
 """Peak memory of one training step, estimated on any machine: the models built on the meta device with fake
 storage (shapes and dtypes, no data) and one real step of the configured objective run on them, counting the
-bytes of every tensor storage alive at each moment.
+bytes of every tensor storage alive at each moment. For an online objective, one batch of a round's sampling and
+decoding too (:func:`round_sampling`).
 
 Optimiser state is allocated as the optimiser allocates it: torch AdamW keeps two fp32 tensors per trained
 tensor; bitsandbytes AdamW8bit (``train.adam_8bit``) two uint8 tensors plus one fp32 absmax per 256 values for
@@ -233,7 +234,7 @@ def online_inputs(objective, config, latent_shape: tuple[int, ...]):
 @contextlib.contextmanager
 def first_and_last_steps_only(backbone, steps: int, every_step: bool = False):
     """Run the denoiser at the sampler's first and last steps only; between them ``backbone.predict`` returns a new
-    tensor of the first output's shape and dtype, without computing. The peak is unchanged: every step's forward
+    tensor of its input's shape and the first output's dtype, without computing. The peak is unchanged: every step's forward
     holds the same activations (same shapes), on top of a trajectory that only grows, so the last step's forward
     is the highest (``tests/test_bench_memory.py`` compares with ``every_step``). A 1024 px round of 10 steps on a
     20B model then costs two fake forwards instead of ten."""
