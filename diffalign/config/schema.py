@@ -278,6 +278,9 @@ class TrainConfig:
     report_to: str = "tensorboard"
     # exponential moving average of the trained weights (0 = off; e.g. 0.999). Final weights are the EMA's
     ema_decay: float = 0.0
+    # update the EMA every N optimiser steps; its decay at step s is min(ema_decay, (1 + s) / (10 + s)) (Flow-GRPO:
+    # ema_decay 0.9 every 8 steps)
+    ema_every: int = 1
 
 
 @dataclass

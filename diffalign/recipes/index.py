@@ -10,6 +10,9 @@ FLOW_GRPO_PROMPTS = ("git clone --depth 1 https://github.com/yifan123/flow_grpo 
 LOCAL_DATA = {
     "data/pickscore_train.txt": ("Flow-GRPO's PickScore prompt set (one prompt a line, from its repository)",
                                  FLOW_GRPO_PROMPTS),
+    "data/ocr_train.txt": ("Flow-GRPO's OCR training prompts (text to render between quotes, one prompt a line)",
+                           FLOW_GRPO_PROMPTS.replace("dataset/pickscore/train.txt data/pickscore_train.txt",
+                                                     "dataset/ocr/train.txt data/ocr_train.txt")),
     "data/pickapic_kto": ("Pick-a-Pic v2's pairs as per-image liked/not-liked labels",
                           "diffalign pairs-to-labels yuvalkirstain/pickapic_v2 data/pickapic_kto"),
     "data/syn_pic": ("ranked lists of several generators' images scored by reward models (Syn-Pic's layout)",

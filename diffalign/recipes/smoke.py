@@ -25,6 +25,7 @@ import yaml
 from diffalign.objectives import OBJECTIVES
 from diffalign.paths import ASSETS, CONFIGS
 from diffalign.recipes import samples
+from diffalign.rewards.weighted import reward_names
 
 # a recipe's prefix -> its tiny architecture; a language model's is the toy LM's with a chat template ("lm")
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
@@ -146,6 +147,10 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
                  Override("online.reward_weights", "null", why),
                  Override("online.prompts", str(data["images", sources, _renames(shipped.get("data", {}), "images")]),
                           f"a sample table of instructions with source images in {', '.join(sources)}")]
+    elif objective.dataset == "online" and objective.scored and reward_names(shipped["online"].get("reward")) == ["ocr"]:
+        keys.append(Override("online.prompts", "sign_train", "the recipe's prompt file is not on this machine; the "
+                             "sign world's prompts quote a word to render, as the recipe's do (the OCR reward needs "
+                             "no weights and stays)"))
     elif objective.dataset == "online" and objective.scored:
         why = "the recipe's reward model needs its real weights; the toy reward judges the toy prompts"
         keys += [Override("online.reward", "toy_preference", why), Override("online.prompts", "toy_train", why)]

@@ -158,6 +158,11 @@ def validate(config: Config) -> Config:
             raise UserError(f"data.positive_ratio must be in (0, 1), got {config.data.positive_ratio}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise UserError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    if config.train.ema_every < 1:
+        raise UserError(f"train.ema_every must be >= 1, got {config.train.ema_every}")
+    if config.train.ema_every != 1 and config.train.ema_decay == 0:
+        raise UserError(f"train.ema_every={config.train.ema_every} spaces the EMA's updates, but there is no EMA: "
+                        "set train.ema_decay (e.g. 0.9) or leave ema_every at 1")
     for key, beta in (("train.adam_beta1", config.train.adam_beta1), ("train.adam_beta2", config.train.adam_beta2)):
         if not 0.0 <= beta < 1.0:
             raise UserError(f"{key} must be in [0, 1), got {beta}")

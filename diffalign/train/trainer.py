@@ -60,6 +60,7 @@ from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import PausedRound, UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
+from diffalign.train.ema import ema_step
 from diffalign.train.models import build_models
 from diffalign.train.gold import GoldWatch
 from diffalign.train.online import NeedsLabels, OnlineRounds
@@ -681,7 +682,7 @@ class PreferenceTrainer:
             self.optimizer.step()
             self.lr_scheduler.step()
             if self.ema is not None:
-                self.ema.step(self.params)
+                ema_step(self.ema, self.params, step, tc.ema_every)
             self.objective.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
