@@ -221,7 +221,7 @@ def main() -> None:
         from diffalign.recipes.plan import architecture_folder
 
         path = load_config(args.config, args.set).model.path
-        folder, source = architecture_folder(path)
+        folder, _ = architecture_folder(path)
         if folder is None:
             raise SystemExit(f"{path} is not on this machine and no shipped architecture has its name: give --model "
                              "a folder holding its configs (assets/models/...)")

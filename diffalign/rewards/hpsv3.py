@@ -136,7 +136,8 @@ class HPSv3:
             inputs = self.processor(images=to_pil(images[rows]), text=[self._conversation(p) for p in prompts[rows]],
                                     return_tensors="pt", padding=True).to(self.device)
             ids = inputs["input_ids"]
-            if not (ids == self.reward_id).sum(dim=1).eq(1).all():
+            at_reward = ids == self.reward_id
+            if not at_reward.sum(dim=1).eq(1).all():
                 raise UserError(f"hps_v3: a prompt holds {REWARD_TOKEN} itself or was cut short: {prompts[rows]}")
             embeds = self.model.get_input_embeddings()(ids)
             image = self.model.get_image_features(inputs["pixel_values"].to(embeds.dtype), inputs["image_grid_thw"])
@@ -145,5 +146,5 @@ class HPSv3:
             positions = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)
             hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                                                position_ids=positions).last_hidden_state
-            scores.append(self.head(hidden[ids == self.reward_id].float())[:, 0].cpu())
+            scores.append(self.head(hidden[at_reward].float())[:, 0].cpu())
         return torch.cat(scores)
