@@ -304,6 +304,8 @@ def _benchmark_args(args: argparse.Namespace):
     bench = benchmark(args.benchmark)
     if args.sources:
         raise UserError(f"--benchmark {bench.name} draws from prompts, not edits: drop --sources")
+    if not (args.prompts or bench.prompts):
+        raise UserError(f"--benchmark {bench.name} needs --prompts: {bench.needs_prompts}")
     args.prompts = args.prompts or bench.prompts
     args.rewards = ",".join(bench.spec(args.rewards.split(",") if args.rewards else None))
     return bench
@@ -362,10 +364,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     tables, printed = [], ""
     if bench is not None:
-        from diffalign.eval.benchmarks import benchmark_table, html_table, markdown, prompt_tasks
+        from diffalign.eval.benchmarks import html_table, markdown, score_table
 
-        table = benchmark_table(evaluation, bench.reward, prompt_tasks(args.prompts, prompts), prompts)
-        title = f"{bench.name} benchmark: {bench.reward} per task, {args.seeds} image(s) a prompt"
+        table, title = score_table(bench, evaluation, args.prompts, prompts)
         tables, printed = [html_table(table, title)], markdown(table, title)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "benchmark.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -480,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default")
     p.add_argument("--benchmark", metavar="NAME",
                    help="score a benchmark as the papers print it: geneval (GenEval's 553 prompts, per task; needs "
-                        "--rewards geneval:DIR:clip=FILE), ocr (Flow-GRPO's 1018 OCR test prompts) or signs (the "
-                        "sign world's held-out words); the per-task table is printed and in the report")
+                        "--rewards geneval:DIR:clip=FILE), ocr (Flow-GRPO's 1018 OCR test prompts), signs (the "
+                        "sign world's held-out words) or drawbench (your DrawBench file as --prompts, a column per "
+                        "reward of --rewards); the table is printed and in the report")
     p.add_argument("--rewards", help="comma-separated reward specs: name or name:path[:key=value...], e.g. "
                    "pickscore:yuvalkirstain/PickScore_v1 (a local folder or the local Hugging Face cache), "
                    "hps_v2.1:FILE, image_reward:FILE:tokenizer=DIR, aesthetic:FILE:clip=FILE, clip_score:FILE; "

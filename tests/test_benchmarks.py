@@ -40,7 +40,7 @@ def test_the_benchmarks_read_their_shipped_prompts_and_tasks():
 
 
 def test_a_benchmark_needs_its_reward_and_geneval_s_official_rule():
-    with pytest.raises(UserError, match="unknown benchmark 'parti'; the benchmarks are geneval, ocr, signs"):
+    with pytest.raises(UserError, match="unknown benchmark 'parti'; the benchmarks are geneval, ocr, signs, drawbench"):
         benchmark("parti")
     with pytest.raises(UserError, match="needs: add --rewards geneval:DIR:clip=FILE"):
         BENCHMARKS["geneval"].spec(None)
@@ -50,11 +50,41 @@ def test_a_benchmark_needs_its_reward_and_geneval_s_official_rule():
         BENCHMARKS["geneval"].spec(["geneval:/models/m2f:clip=/models/clip.pt:rule=partial"])
     assert BENCHMARKS["ocr"].spec(None) == ["ocr"]
     assert BENCHMARKS["geneval"].spec(["http://gpu2:8400"]) == ["http://gpu2:8400"]  # a served reward may be it
+    with pytest.raises(UserError, match="scores with the reward models you give, a column each: add --rewards"):
+        BENCHMARKS["drawbench"].spec(None)
+    assert BENCHMARKS["drawbench"].spec(["pickscore:/m/ps", "aesthetic:/m/a.pth:clip=/m/c.pt"]) == [
+        "pickscore:/m/ps", "aesthetic:/m/a.pth:clip=/m/c.pt"]  # any rewards: each its column
 
 
 def test_eval_without_prompts_or_a_benchmark_says_what_it_needs(capsys):
     assert main(["eval", "--base", str(TOY_SIGN), "--out", "unused"]) == 2
     assert "needs --prompts (a prompt file or shipped set), or --benchmark NAME" in capsys.readouterr().err
+    assert main(["eval", "--base", str(TOY_SIGN), "--benchmark", "drawbench", "--rewards", "jpeg_compressibility",
+                 "--out", "unused"]) == 2
+    assert "DrawBench's prompts are not shipped (their licence is not stated)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_drawbench_table_is_each_reward_s_mean_on_a_prompt_file_in_its_layout(tmp_path, capsys):
+    prompts = tmp_path / "drawbench.csv"  # DrawBench's sheet exported: Prompts, Category
+    prompts.write_text('Prompts,Category\n"A red colored car.",Colors\n"A black colored banana.",Colors\n')
+    load_pipeline(TINY_SD15, random_init=True).save_pretrained(tmp_path / "tiny-sd15")
+    assert main(["eval", "--base", str(tmp_path / "tiny-sd15"), "--benchmark", "drawbench", "--prompts", str(prompts),
+                 "--rewards", "jpeg_compressibility,jpeg_incompressibility", "--seeds", "2", "--steps", "2",
+                 "--resolution", "64", "--out", str(tmp_path / "out"), "--save-images"]) == 0
+    table = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert list(table["base"]) == ["jpeg_compressibility", "jpeg_incompressibility"]
+    # each column is its reward's mean over the 4 images, read back from the images the run saved
+    from diffalign.rewards import load_reward
+    from PIL import Image
+    import numpy as np
+
+    files = sorted((tmp_path / "out" / "images" / "base").glob("*.png"))
+    assert len(files) == 4
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()) for f in files])
+    scores = load_reward("jpeg_incompressibility")(pixels.permute(0, 3, 1, 2).float() / 255, ["x"] * 4)
+    assert table["base"]["jpeg_incompressibility"] == pytest.approx(scores.mean().item(), rel=1e-5)
+    assert table["base"]["jpeg_compressibility"] == pytest.approx(-table["base"]["jpeg_incompressibility"])
+    assert "drawbench benchmark: each reward's mean, 2 image(s) a prompt" in capsys.readouterr().out
 
 
 @pytest.mark.slow

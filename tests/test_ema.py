@@ -55,3 +55,11 @@ def test_spacing_updates_of_no_ema_or_by_zero_steps_is_refused():
     with pytest.raises(UserError, match="train.ema_every must be >= 1"):
         load_config(CONFIGS / "toy_diffusion_dpo.yaml", ["train.ema_every=0", "train.ema_decay=0.9"])
     assert load_config(CONFIGS / "toy_diffusion_dpo.yaml", ["train.ema_every=8", "train.ema_decay=0.9"]).train.ema_every == 8
+
+
+def test_an_ema_spaced_beyond_the_runs_length_is_refused_as_it_would_never_move():
+    with pytest.raises(UserError, match="the EMA would never move"):
+        load_config(CONFIGS / "toy_diffusion_dpo.yaml", ["train.ema_every=8", "train.ema_decay=0.9",
+                                                         "train.max_steps=4"])
+    assert load_config(CONFIGS / "toy_diffusion_dpo.yaml", ["train.ema_every=4", "train.ema_decay=0.9",
+                                                            "train.max_steps=4"]).train.max_steps == 4

@@ -60,7 +60,7 @@ def test_prompt_sets_are_read_from_the_files_benchmarks_publish(tmp_path, monkey
     (tmp_path / "p.csv").write_text("id,Caption\n1,a fox\n2,\n")
     assert read_prompts(tmp_path / "p.csv") == ["a fox"]
     (tmp_path / "bad.tsv").write_text("id\tscore\n1\t2\n")
-    with pytest.raises(UserError, match="no prompt/caption/text column; it has id, score"):
+    with pytest.raises(UserError, match="no prompt/prompts/caption/text column; it has id, score"):
         read_prompts(tmp_path / "bad.tsv")
 
     repo = tmp_path / "repo" / "data"  # a pairs dataset as on the Hub: a caption per pair, repeated

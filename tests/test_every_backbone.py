@@ -23,7 +23,7 @@ from diffalign.train.memory import LiveStorage
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev", "tiny-zimage",
              "tiny-qwenimage", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
-        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "disco": None,
+        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "awm": None, "disco": None,
         "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from diffalign.errors import UserError
 from diffalign.train import load_config, train
@@ -29,17 +30,28 @@ def test_the_watch_stops_only_when_gold_falls_while_the_training_reward_rises():
     assert restored.observe(30, 0.60, 0.30) == message
 
 
-def test_a_run_the_watch_stops_ends_early_with_its_checkpoint_and_says_why(tmp_path, monkeypatch):
-    verdicts = iter([None, None, "stop: gold fell"])
-    monkeypatch.setattr(GoldWatch, "observe", lambda self, step, gold, trained: next(verdicts))
+def test_a_run_the_watch_stops_ends_early_with_its_checkpoint_the_best_steps_weights_and_says_why(tmp_path,
+                                                                                                  monkeypatch):
+    golds, verdicts = iter([0.9, 0.5, 0.4]), iter([None, None, "stop: gold fell."])
+
+    def observe(self, step, gold, trained):  # gold best at step 0, the base
+        self.seen.append((step, next(golds), trained))
+        return next(verdicts)
+
+    monkeypatch.setattr(GoldWatch, "observe", observe)
     config = load_config(ROOT / "configs/toy_grpo.yaml", [
         f"output_dir={tmp_path / 'run'}", "online.groups_per_round=2", "online.group_size=2",
         "online.steps_per_round=1", "objective.sample_steps=2", "train.batch_size=2", "train.max_steps=10",
         "train.checkpoint_every=0", "validation.every=1", "validation.steps=2", "validation.images_per_prompt=1",
         "validation.rewards=[toy_preference, toy_adherence]", "validation.gold=toy_adherence"])
     summary = train(config)
-    assert summary["steps"] == 2 and summary["stopped_early"] == "stop: gold fell" and not summary["interrupted"]
+    assert summary["steps"] == 2 and not summary["interrupted"]
+    assert summary["stopped_early"] == "stop: gold fell. The final weights are step 0's." and summary["final_from_step"] == 0
     assert (tmp_path / "run/checkpoints/step-0000002").is_dir() and (tmp_path / "run/final").is_dir()
+    # the checkpoint holds step 2's trained LoRA; the final weights are step 0's, the base's (LoRA up-weights zero)
+    final = load_file(str(tmp_path / "run/final/pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in final.items() if ".lora.up." in k or ".lora_B." in k]
+    assert ups and all(v.abs().max() == 0 for v in ups)
 
 
 def test_the_gold_reward_must_be_held_out_and_watched():

@@ -185,3 +185,13 @@ def test_qwen_image_samples_guided_with_its_true_cfg_in_eval_and_generation():
     torch.testing.assert_close(ours, theirs)
     unguided = generate(pipe, ["a red circle", "a blue square"], [0, 1], steps=2, guidance_scale=1.0, resolution=32)
     assert (ours - unguided).abs().max() > 1e-4
+
+
+def test_a_weight_flux2_does_not_have_is_refused_by_name_in_the_single_file_layout():
+    from diffalign.train.flux2_keys import flux2_transformer_to_original
+
+    for key in ("transformer_blocks.0.attn.to_q.lora_A.weight", "single_transformer_blocks.3.attn.to_k.weight",
+                "pos_embed.weight"):
+        with pytest.raises(ValueError, match=re.escape(key)):
+            flux2_transformer_to_original({key: torch.zeros(1)})
+    assert flux2_transformer_to_original({"proj_out.weight": torch.ones(1)}) == {"final_layer.linear.weight": torch.ones(1)}

@@ -1,5 +1,6 @@
 """DiffusionNFT on the round driver: the loss against the authors' train_nft_sd3.py step written out by hand
-(flow and epsilon models), the gradient's direction, and exact resume with its EMA old policy."""
+(flow and epsilon models), the gradient's direction, and exact resume with its EMA old policy (and AWM's with its
+anchor)."""
 
 from __future__ import annotations
 
@@ -97,13 +98,14 @@ def test_a_step_pulls_good_samples_closer_and_pushes_bad_ones_away():
 
 
 @pytest.mark.slow
-def test_nft_resumes_exactly_with_its_old_policy(tmp_path):
+@pytest.mark.parametrize("config", ["toy_nft.yaml", "toy_awm.yaml"])  # the EMA old policy; AWM's trailing anchor
+def test_a_forward_process_method_resumes_exactly_with_its_shadow_weights(config, tmp_path):
     small = ["online.groups_per_round=2", "online.group_size=4", "online.steps_per_round=2", "objective.sample_steps=4",
              "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2", "validation.every=0",
              "validation.prompt_file=null"]
-    train(load_config(ROOT / "configs/toy_nft.yaml", [f"output_dir={tmp_path / 'straight'}", *small]))
-    train(load_config(ROOT / "configs/toy_nft.yaml", [f"output_dir={tmp_path / 'split'}", *small, "train.max_steps=2"]))
-    train(load_config(ROOT / "configs/toy_nft.yaml", [f"output_dir={tmp_path / 'split'}", *small, "train.resume=latest"]))
+    train(load_config(ROOT / "configs" / config, [f"output_dir={tmp_path / 'straight'}", *small]))
+    train(load_config(ROOT / "configs" / config, [f"output_dir={tmp_path / 'split'}", *small, "train.max_steps=2"]))
+    train(load_config(ROOT / "configs" / config, [f"output_dir={tmp_path / 'split'}", *small, "train.resume=latest"]))
     a = load_file(str(tmp_path / "straight/final/pytorch_lora_weights.safetensors"))
     b = load_file(str(tmp_path / "split/final/pytorch_lora_weights.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

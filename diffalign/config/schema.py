@@ -75,6 +75,10 @@ class ObjectiveConfig:
     sample_steps: int = 20
     sample_eta: float = 1.0
     sample_guidance_scale: float = 5.0
+    # the stochastic step on flow models: sde (Flow-GRPO's SDE, Eq. 9) or cps (coefficients-preserving sampling,
+    # flow_grpo's sde_type="cps": noise of std sigma_next sin(eta pi / 2), the step's x_0 and noise estimates
+    # recombined at the next noise level's coefficients, so no excess noise is left in the samples)
+    sampler: str = "sde"
     # the method's own settings, by name (diffalign methods NAME lists them with their defaults): e.g.
     # objective.options.kl_coef for grpo. Unset ones take the method's defaults
     options: Any = field(default_factory=dict)
@@ -301,6 +305,11 @@ class ValidationConfig:
     # it falls at gold_patience validations in a row while the training reward rises (reward hacking)
     gold: str | None = None
     gold_patience: int = 2
+    # the largest change from step 0 (the base) allowed in an image statistic of the validation samples before the
+    # run stops as gaming its reward, e.g. {dark_share: 0.15, high_frequency: 0.05}: dark_share, bright_share,
+    # saturation, high_frequency, diversity (diffalign.eval.image_stats); the final weights are the last step's
+    # within every limit
+    drift_limits: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -32,8 +32,10 @@ from tqdm.auto import tqdm
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
 from diffalign.diffusion.schedule import DiffusionSchedule
+from diffalign.errors import UserError
 
 Tensor = torch.Tensor
+SAMPLERS = ("sde", "cps")
 
 
 @dataclass
@@ -58,12 +60,19 @@ class Trajectory:
 class StepRule:
     """One sampler's grid and Gaussian step, for a backbone's scheduler family."""
 
-    def __init__(self, backbone: Backbone, steps: int, eta: float, latent_shape: tuple[int, ...]) -> None:
-        """``latent_shape`` (.., h, w) of the sampled latents: FLUX.1's grid shifts with the image size."""
+    def __init__(self, backbone: Backbone, steps: int, eta: float, latent_shape: tuple[int, ...], *,
+                 sampler: str = "sde") -> None:
+        """``latent_shape`` (.., h, w) of the sampled latents: FLUX.1's grid shifts with the image size. ``sampler``:
+        the flow SDE (``sde``) or coefficients-preserving sampling (``cps``, flow models only; :meth:`distribution`)."""
         if eta <= 0:
             raise ValueError("a stochastic sampler needs eta > 0 (eta = 0 is deterministic: no log-probability)")
         self.flow = "FlowMatch" in type(backbone.scheduler).__name__
-        self.eta = eta
+        if sampler not in SAMPLERS:
+            raise UserError(f"objective.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if sampler == "cps" and not self.flow:
+            raise UserError("objective.sampler=cps is coefficients-preserving sampling for flow models; this model's "
+                            "DDIM step with eta already keeps its coefficients: use objective.sampler=sde")
+        self.eta, self.sampler = eta, sampler
         if self.flow:
             scheduler = backbone.sampling_scheduler(steps, latent_shape)
             self.sigmas = scheduler.sigmas.float()  # steps + 1 values, the last 0
@@ -83,6 +92,26 @@ class StepRule:
         a, b = self.schedule.coefficients(torch.tensor([int(self.timesteps[k])]))
         return a.item(), b.item()
 
+    def noised(self, x0: Tensor, steps: list[int], noise: Tensor) -> Tensor:
+        """The forward process at each row's step: x_k = a_k x_0 + b_k eps (:meth:`coefficients`), for methods that
+        train on clean samples noised afresh at the sampler's noise levels (DiffusionNFT, AWM)."""
+        a, b = (torch.tensor(c, device=x0.device).view(-1, *([1] * (x0.dim() - 1)))
+                for c in zip(*(self.coefficients(k) for k in steps)))
+        return a * x0 + b * noise.to(x0)
+
+    def target(self, x0: Tensor, steps: list[int], noise: Tensor) -> Tensor:
+        """What the model is trained to predict for x_0 noised with eps at each row's step: the velocity eps - x_0 on
+        a flow model, the DDPM schedule's epsilon, v or sample target otherwise (float32)."""
+        if self.flow:
+            return noise.float() - x0.float()
+        return self.schedule.target(x0.float(), noise.float(), self.timesteps[steps].to(x0.device))
+
+    def noise_level(self, steps: list[int]) -> Tensor:
+        """(B,) each row's step as a noise level in [0, 1]: sigma on a flow model, t / T otherwise."""
+        if self.flow:
+            return self.sigmas[steps].clone()
+        return self.timesteps[steps].float() / self.scheduler.config.num_train_timesteps
+
     def clean(self, k: int, x: Tensor, output: Tensor) -> Tensor:
         """The x_0 a model output at (x, step k) implies: x - sigma v on a flow model (the step's inference sigma, not
         a training-grid one), the DDPM schedule's split of an epsilon, v or sample prediction otherwise."""
@@ -95,6 +124,13 @@ class StepRule:
         ``stochastic`` False: the deterministic step at eta 0 (the ODE's Euler step, or DDIM), std 0."""
         x, output = x.float(), output.float()
         eta = self.eta if stochastic else 0.0
+        if self.flow and self.sampler == "cps":
+            # flow_grpo's sde_step_with_logprob, sde_type="cps": x0 and x1 (the noise) as the output implies them,
+            # recombined at the next level, (1 - s') x0 + sqrt(s'^2 - std^2) x1, with std = s' sin(eta pi / 2)
+            sigma, nxt = self.sigmas[k].item(), self.sigmas[k + 1].item()
+            std_t = nxt * math.sin(eta * math.pi / 2)
+            x0, x1 = x - sigma * output, x + (1 - sigma) * output
+            return x0 * (1 - nxt) + x1 * math.sqrt(max(nxt ** 2 - std_t ** 2, 0.0)), torch.tensor(std_t)
         if self.flow:
             sigma, nxt = self.sigmas[k].item(), self.sigmas[k + 1].item()
             dt = nxt - sigma
@@ -108,11 +144,25 @@ class StepRule:
         return mean, eta * self.scheduler._get_variance(t, prev).float().sqrt()
 
 
+    def noisy(self, k: int) -> bool:
+        """Whether step k draws noise at all: not the last step of ``cps``, whose next noise level is 0."""
+        return not (self.sampler == "cps" and self.sigmas[k + 1].item() == 0)
+
+
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """(B,) log N(sample; mean, std^2 I) averaged over each sample's elements."""
     std = std.to(mean)
     log_density = -((sample.float() - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return log_density.flatten(1).mean(dim=1)
+
+
+def transition_log_prob(sample: Tensor, mean: Tensor, std: Tensor, sampler: str = "sde") -> Tensor:
+    """(B,) a sampler step's log-probability of ``sample``: the Gaussian's (:func:`gaussian_log_prob`), or under
+    ``cps`` flow_grpo's -mean (sample - mean)^2, its constants and 1 / (2 std^2) scale dropped as the authors drop
+    them, so that ratios and the clip range mean what they mean in their runs."""
+    if sampler == "cps":
+        return -((sample.float() - mean) ** 2).flatten(1).mean(dim=1)
+    return gaussian_log_prob(sample, mean, std)
 
 
 def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
@@ -132,7 +182,7 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
                         guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                         generator: torch.Generator | None = None, denoiser: nn.Module | None = None,
                         progress: str | None = None, step_noise: Tensor | None = None,
-                        stochastic: Tensor | None = None) -> Trajectory:
+                        stochastic: Tensor | None = None, sampler: str = "sde") -> Trajectory:
     """Sample from ``noise`` (B, C, h, w) with the stochastic rule, recording every step.
 
     ``uncond`` (one prompt's conditioning, e.g. the empty prompt, repeated to B) enables
@@ -142,20 +192,21 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     ``progress`` names a progress bar over the steps (none when None). ``stochastic`` (steps,) bool marks
     the steps that draw noise (MixGRPO's window); the others take the deterministic step (eta 0) and record
     a log-probability of 0, having no density to train on. The step noise is drawn for every step either
-    way, so a window does not change the noise of the steps inside it.
+    way, so a window does not change the noise of the steps inside it. ``sampler``: the flow SDE or ``cps``
+    (:class:`StepRule`), whose last step draws no noise.
     """
-    rule = StepRule(backbone, steps, eta, tuple(noise.shape[1:]))
+    rule = StepRule(backbone, steps, eta, tuple(noise.shape[1:]), sampler=sampler)
     x = noise.float()
     latents, log_probs = [x], []
     for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
-        noisy = stochastic is None or bool(stochastic[k])
+        noisy = (stochastic is None or bool(stochastic[k])) and rule.noisy(k)
         mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser),
                                       stochastic=noisy)
         z = (torch.randn(x.shape, generator=generator, dtype=torch.float32) if step_noise is None
              else step_noise[:, k].float()).to(x.device)
         if noisy:
             x = mean + std.to(mean) * z
-            log_probs.append(gaussian_log_prob(x, mean, std))
+            log_probs.append(transition_log_prob(x, mean, std, sampler))
         else:
             x = mean
             log_probs.append(torch.zeros(x.shape[0], device=x.device))
@@ -165,7 +216,7 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
 
 def step_distribution(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
                       guidance_scale: float = 1.0, uncond: Conditioning | None = None,
-                      denoiser: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+                      denoiser: nn.Module | None = None, sampler: str = "sde") -> tuple[Tensor, Tensor]:
     """(mean (B, C, h, w), std (B,)) of recorded step k (one index, or one per trajectory) under ``denoiser``.
 
     ``latents`` are recorded trajectories (B, T + 1, C, h, w) (:attr:`Trajectory.latents`); the
@@ -174,7 +225,7 @@ def step_distribution(backbone: Backbone, latents: Tensor, k: int | Tensor, cond
     sampler's grid, on the CPU); only the step rule's arithmetic (scalar per step) goes step by step.
     """
     b, steps = latents.shape[0], latents.shape[1] - 1
-    rule = StepRule(backbone, steps, eta, tuple(latents.shape[2:]))
+    rule = StepRule(backbone, steps, eta, tuple(latents.shape[2:]), sampler=sampler)
     index = torch.as_tensor(k)
     step_of = (index.expand(b) if index.dim() == 0 else index).tolist()  # one host read: the rule is per step
     x = latents[torch.arange(b, device=latents.device), torch.tensor(step_of, device=latents.device)]
@@ -190,13 +241,13 @@ def step_distribution(backbone: Backbone, latents: Tensor, k: int | Tensor, cond
 
 def step_log_prob(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,
                   guidance_scale: float = 1.0, uncond: Conditioning | None = None,
-                  denoiser: nn.Module | None = None) -> Tensor:
+                  denoiser: nn.Module | None = None, sampler: str = "sde") -> Tensor:
     """(B,) log-probability of recorded step k (one index, or one per trajectory) under ``denoiser``
     (:func:`step_distribution`); differentiable when called with gradients enabled: the policy term of D3PO."""
     b = latents.shape[0]
     index = torch.as_tensor(k)
     step_of = (index.expand(b) if index.dim() == 0 else index).to(latents.device)
     mean, std = step_distribution(backbone, latents, k, cond, eta=eta, guidance_scale=guidance_scale, uncond=uncond,
-                                  denoiser=denoiser)
+                                  denoiser=denoiser, sampler=sampler)
     nxt = latents[torch.arange(b, device=latents.device), step_of + 1]
-    return gaussian_log_prob(nxt, mean, std.view(-1, *([1] * (mean.dim() - 1))))
+    return transition_log_prob(nxt, mean, std.view(-1, *([1] * (mean.dim() - 1))), sampler)

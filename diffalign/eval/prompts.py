@@ -22,7 +22,8 @@ from pathlib import Path
 from diffalign.errors import UserError
 from diffalign.paths import PROMPTS, find_locally
 
-PROMPT_FIELDS = ("prompt", "caption", "text")  # the field holding the prompt, in order of preference
+PROMPT_FIELDS = ("prompt", "prompts", "caption", "text")  # the field holding the prompt, in order of preference
+# (DrawBench's sheet calls its column Prompts)
 
 
 def _prompt_of(value: object, where: str) -> str:

@@ -1,5 +1,6 @@
 """One file per method: likelihood proxy + core loss. ``OBJECTIVES`` maps config names to them."""
 
+from diffalign.objectives.awm import AWM
 from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.ddo import DDO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
@@ -28,6 +29,7 @@ from diffalign.objectives.smpo import SmPO
 from diffalign.objectives.sppo import SPPO
 
 OBJECTIVES = {
+    "awm": AWM,
     "d3po": D3PO,
     "ddo": DDO,
     "diffusion_dpo": DiffusionDPO,
@@ -56,7 +58,7 @@ OBJECTIVES = {
     "sppo": SPPO,
 }
 
-__all__ = ["OBJECTIVES", "D3PO", "DDO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
+__all__ = ["OBJECTIVES", "AWM", "D3PO", "DDO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
            "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDNO",
            "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline", "LanguageModelRank",
            "LanguageModelSPPO", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from diffalign.errors import UserError
 from diffalign.config import NoOptions, ObjectiveConfig, build_options
+from diffalign.diffusion.logprob import SAMPLERS
 
 
 class Objective:
@@ -102,6 +103,11 @@ class OnlineObjective(Objective):
     steps_per_round = 1
 
     @classmethod
+    def round_group_size(cls, config) -> int:
+        """The samples per prompt of the run's rounds: ``online.group_size``, else the method's own."""
+        return config.online.group_size or cls.group_size
+
+    @classmethod
     def check_config(cls, config) -> None:
         """The rules every online method shares (a source of prompts or real images, exactly one source of
         preferences when it needs one, group sizes), then how its rounds are sampled (:meth:`check_sampling`). A
@@ -154,6 +160,8 @@ class OnlineObjective(Objective):
         if config.objective.sample_eta <= 0:
             raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step "
                             "log-probabilities")
+        if config.objective.sampler not in SAMPLERS:
+            raise UserError(f"objective.sampler={config.objective.sampler!r}: choose one of {', '.join(SAMPLERS)}")
 
     @classmethod
     def build(cls, config, model: Any) -> "OnlineObjective":
@@ -166,16 +174,16 @@ class OnlineObjective(Objective):
         return {}
 
     def record_sampler(self, config: ObjectiveConfig, backbone) -> None:
-        """Keep the rounds' sampler settings (eta, guidance scale and, when guided, the empty prompt's
+        """Keep the rounds' sampler settings (eta, guidance scale, the step rule and, when guided, the empty prompt's
         conditioning), which objectives that re-score recorded steps need: the guided step is the policy."""
-        self.eta, self.guidance_scale = config.sample_eta, config.sample_guidance_scale
+        self.eta, self.guidance_scale, self.sampler = config.sample_eta, config.sample_guidance_scale, config.sampler
         self.uncond = backbone.empty_prompt() if self.guidance_scale != 1.0 else None
 
     def sampler_settings(self, n: int, device: torch.device) -> dict[str, Any]:
         """The keyword arguments of :func:`~diffalign.diffusion.logprob.step_log_prob` and ``step_distribution``
-        for n recorded steps on ``device``: the sampler's eta, guidance scale and unconditional branch."""
+        for n recorded steps on ``device``: the sampler's eta, guidance scale, step rule and unconditional branch."""
         uncond = None if self.uncond is None else self.uncond.to(device).repeat_items(n)
-        return {"eta": self.eta, "guidance_scale": self.guidance_scale, "uncond": uncond}
+        return {"eta": self.eta, "guidance_scale": self.guidance_scale, "uncond": uncond, "sampler": self.sampler}
 
     def sampling_denoiser(self) -> nn.Module | None:
         """The denoiser that samples the rounds; None: the policy being trained."""

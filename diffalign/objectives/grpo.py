@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
-from diffalign.diffusion.logprob import gaussian_log_prob, step_distribution
+from diffalign.diffusion.logprob import step_distribution, transition_log_prob
 from diffalign.errors import UserError
 from diffalign.objectives.base import OnlineObjective
 
@@ -136,7 +136,7 @@ class FlowGRPO(OnlineObjective):
                                                      **sampler)
         mean, std = distribution(policy)
         std = std.view(-1, *([1] * (mean.dim() - 1)))
-        log_prob = gaussian_log_prob(trajectories[rows, step + 1], mean, std)
+        log_prob = transition_log_prob(trajectories[rows, step + 1], mean, std, self.sampler)
         old = old_log_probs[rows, step].to(log_prob)
         clipped_advantage = advantage.to(log_prob).clamp(-self.advantage_clip, self.advantage_clip)
         policy_loss = clipped_surrogate(log_prob, old, clipped_advantage, self.clip).mean()

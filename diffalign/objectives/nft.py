@@ -32,12 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.diffusion import Backbone, Conditioning, reference_denoiser
-from diffalign.diffusion.logprob import StepRule
-from diffalign.diffusion.shadow import ShadowWeights
-from diffalign.objectives.base import OnlineObjective
 from diffalign.config import ObjectiveConfig, ranged
-from diffalign.objectives.grpo import AdvantageOptions, round_advantages
+from diffalign.diffusion import Backbone, Conditioning
+from diffalign.diffusion.shadow import ShadowWeights
+from diffalign.objectives.forward_process import ForwardProcessObjective
+from diffalign.objectives.grpo import AdvantageOptions
 
 Tensor = torch.Tensor
 OLD_DECAY_RATE, OLD_DECAY_MAX = 0.001, 0.5  # the authors' decay_type 1
@@ -65,29 +64,20 @@ class NFTOptions(AdvantageOptions):
     beta: float = ranged(1.0, "(0, inf)")
 
 
-class DiffusionNFT(OnlineObjective):
-    """Negative-aware fine-tuning on the forward process; see the module docstring.
-
-    Called with ``latents`` (B, 1, C, h, w) clean samples, ``randomness`` the sampler step (B,) whose noise
-    level each is trained at and the noise (B, C, h, w), and the target ``advantage`` (B,).
-    """
+class DiffusionNFT(ForwardProcessObjective):
+    """Negative-aware fine-tuning on the forward process; see the module docstring."""
 
     paper = "Zheng et al. 2025, arXiv 2509.16117"
 
     loss_kinds = ("nft",)
     own_losses = ("nft",)
-    group_size = 8
-    shared_noise = False
-    takes_labels = False
     shadow_weights = True
-    keeps_trajectories = False  # trains on the clean samples only
 
     Options = NFTOptions
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        options = self.options_of(config)
-        self.beta, self.advantage_clip, self.advantage_std = options.beta, options.advantage_clip, options.advantage_std
-        self.kl_coef = options.kl_coef
+        self.options = options = self.options_of(config)
+        self.beta, self.advantage_clip, self.kl_coef = options.beta, options.advantage_clip, options.kl_coef
         self.sample_steps, self.eta = config.sample_steps, config.sample_eta
         self.old: ShadowWeights | None = None
         self.optimizer_steps = 0
@@ -111,35 +101,17 @@ class DiffusionNFT(OnlineObjective):
     def sampling_denoiser(self) -> nn.Module:
         return self.old.denoiser()
 
-    # --- the round and the loss ------------------------------------------------------------
-    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
-        return {"noise": torch.randn((n, *latent_shape), generator=generator)}
-
-    def training_units(self, round_) -> dict[str, Any]:
-        """Every clean sample of the round with its advantage."""
-        advantages, prompt_of = round_advantages(round_, self.advantage_std)
-        return {"latents": round_.latents[:, :, -1].flatten(0, 1)[:, None], "prompt_of": prompt_of,
-                "targets": {"advantage": advantages}}
-
+    # --- the loss ----------------------------------------------------------------------------
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, *, advantage: Tensor,
                  **targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x0 = latents[:, 0].float()
-        rule = StepRule(backbone, self.sample_steps, self.eta, tuple(x0.shape[1:]))
-        steps = randomness["step"].tolist()
-        a, b = (torch.tensor(c, device=x0.device).view(-1, *([1] * (x0.dim() - 1)))
-                for c in zip(*(rule.coefficients(k) for k in steps)))
-        x_t = a * x0 + b * randomness["noise"].to(x0)
-        timesteps = rule.timesteps[steps].to(x0.device)
-        dtype = next(policy.parameters()).dtype
-        predict = lambda net: backbone.predict(x_t.to(dtype), timesteps, cond.to(dtype=dtype), denoiser=net).float()  # noqa: E731
-        prediction = predict(policy)
+        noised = self.noised(backbone, latents, cond, randomness, policy)
+        x0 = noised.x0
+        prediction = noised.predict(policy)
         with torch.no_grad():
-            old = predict(self.old.denoiser())
-        clean = lambda output: torch.stack([rule.clean(k, x_t[i:i + 1], output[i:i + 1])[0]  # noqa: E731
-                                            for i, k in enumerate(steps)])
-        positive = clean((1 - self.beta) * old + self.beta * prediction)
-        negative = clean((1 + self.beta) * old - self.beta * prediction)
+            old = noised.predict(self.old.denoiser())
+        positive = noised.clean((1 - self.beta) * old + self.beta * prediction)
+        negative = noised.clean((1 + self.beta) * old - self.beta * prediction)
         r = optimality(advantage.to(x0), self.advantage_clip)
         per_sample = (r * adaptive_squared_error(positive, x0) + (1 - r) * adaptive_squared_error(negative, x0)) / self.beta
         policy_loss = (per_sample * self.advantage_clip).mean()
@@ -147,9 +119,7 @@ class DiffusionNFT(OnlineObjective):
                    "old_deviation": (prediction.detach() - old).pow(2).mean()}
         loss = policy_loss
         if self.kl_coef > 0:
-            with torch.no_grad(), reference_denoiser(backbone.denoiser, reference) as frozen:
-                ref = predict(frozen)
-            kl = (prediction - ref).pow(2).flatten(1).mean(dim=1).mean()
+            kl = noised.reference_squared_difference(prediction, reference)
             loss = loss + self.kl_coef * kl
             metrics["kl"] = kl.detach()
         return loss, metrics

@@ -72,7 +72,7 @@ class RSO(SelfPlayObjective):
     def check_config(cls, config) -> None:
         super().check_config(config)
         accepted = cls.options_of(config.objective).accepted
-        k = config.online.group_size or cls.group_size
+        k = cls.round_group_size(config)
         if accepted > k:
             raise UserError(f"rso: objective.options.accepted={accepted} is more than the group's {k} candidates "
                             "(online.group_size)")

@@ -102,7 +102,7 @@ def _step_lines(config: Config, examples: int | None) -> list[str]:
     if objective.dataset == "online":
         oc = config.online
         rounds = math.ceil(tc.max_steps / oc.steps_per_round)
-        group = oc.group_size or objective.group_size
+        group = objective.round_group_size(config)
         lines.append(f"  {rounds:,} rounds of {oc.groups_per_round} prompts x {group} samples, "
                      f"{oc.steps_per_round} optimiser steps each")
     elif examples:
@@ -149,7 +149,7 @@ def _sampling_lines(config: Config, row: dict[str, float]) -> list[str]:
     if "sampling_gb" not in row:
         return []
     oc = config.online
-    group = oc.group_size or OBJECTIVES[config.objective.name].group_size
+    group = OBJECTIVES[config.objective.name].round_group_size(config)
     return [f"  sampling: {row['sampling_gb']:.1f} GiB while a round samples and decodes {oc.sample_batch_size} "
             f"group{'s' if oc.sample_batch_size > 1 else ''} of {group} (online.sample_batch_size), reward models "
             "not counted"]

@@ -134,6 +134,8 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
         what += ["in the recipe's column names"] if renames else []
         keys.append(Override("data.path", str(data[layout, sources, renames]),
                              f"a sample dataset of the recipe's layout ({'; '.join([layout, *what])})"))
+    if shipped["train"].get("ema_every", 1) > 2:
+        keys.append(Override("train.ema_every", "1", "the EMA must update within the run's 2 steps"))
     if shipped["train"].get("adam_8bit"):
         keys.append(Override("train.adam_8bit", "false", "bitsandbytes' 8-bit AdamW needs CUDA"))
     if objective.dataset == "online":  # a round of 2 groups in 2 steps, of 2-step samples
@@ -174,12 +176,9 @@ SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.
            "ddo": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
            # random tiny models draw no toy shapes, so the toy preference scores them all alike (no advantage);
            # DDPO's JPEG size tells their images apart
-           "grpo": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                    "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
-           "disco": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                     "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
-           "nft": ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
-                   "objective.sample_steps=2", "online.reward=jpeg_incompressibility"],
+           **{name: ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
+                     "objective.sample_steps=2", "online.reward=jpeg_incompressibility"]
+              for name in ("grpo", "disco", "nft", "awm")},
            **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
            "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
            "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"]}
@@ -195,7 +194,7 @@ def toy_size_overrides(name: str) -> list[str]:
     """What a smoke run changes in the toy config ``name`` (toy_<objective>.yaml, sign_<objective>.yaml): its
     size, nothing else. The sign world keeps its OCR reward: its base draws words, which the OCR model tells apart."""
     stem = Path(name).name.removesuffix(".yaml")
-    objective = stem.removeprefix("toy_").removeprefix("sign_")
+    objective = _shipped(name)["objective"]["name"]
     keys = [key for key in SHORTER.get(objective, []) if not key.startswith("data.")]
     if stem.startswith("sign_"):
         keys = [key for key in keys if not key.startswith("online.reward=")]

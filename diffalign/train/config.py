@@ -163,6 +163,10 @@ def validate(config: Config) -> Config:
     if config.train.ema_every != 1 and config.train.ema_decay == 0:
         raise UserError(f"train.ema_every={config.train.ema_every} spaces the EMA's updates, but there is no EMA: "
                         "set train.ema_decay (e.g. 0.9) or leave ema_every at 1")
+    if config.train.ema_decay and config.train.ema_every > config.train.max_steps:
+        raise UserError(f"train.ema_every={config.train.ema_every} updates the EMA every {config.train.ema_every} "
+                        f"optimiser steps, but the run takes {config.train.max_steps}: the EMA would never move and the "
+                        "final weights (the EMA's) would be the base's; lower train.ema_every or train more steps")
     for key, beta in (("train.adam_beta1", config.train.adam_beta1), ("train.adam_beta2", config.train.adam_beta2)):
         if not 0.0 <= beta < 1.0:
             raise UserError(f"{key} must be in [0, 1), got {beta}")
@@ -173,6 +177,7 @@ def validate(config: Config) -> Config:
     for spec in config.validation.rewards:
         RewardSpec.parse(spec)
     _validate_gold(config, objective)
+    _validate_drift(config)
     if objective.family == "lm":
         _validate_language_model(config, objective)
     elif config.data.packing:
@@ -255,6 +260,25 @@ def _check_loss_inputs(config: Config, objective, spec: LossSpec) -> None:
                "own weight or margin from data.weight_column or data.margin_column")
         raise UserError(f"objective.loss={spec.name} reads per-pair {', '.join(missing)}, which "
                         f"{config.objective.name} does not estimate; {fix}")
+
+def _validate_drift(config: Config) -> None:
+    """validation.drift_limits: known statistics with positive limits, measured at validations that run."""
+    from diffalign.eval.image_stats import STATISTICS
+
+    vc = config.validation
+    for name, limit in vc.drift_limits.items():
+        if name not in STATISTICS:
+            raise UserError(f"validation.drift_limits names {name!r}; the statistics are {', '.join(STATISTICS)}")
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit > 0:
+            raise UserError(f"validation.drift_limits.{name} must be a number > 0 (the largest change from the "
+                            f"base's value allowed), got {limit!r}")
+    if vc.drift_limits and (vc.every < 1 or not (vc.prompts or vc.prompt_file)):
+        raise UserError("validation.drift_limits watches the validation samples: set validation.every >= 1 and "
+                        "validation.prompts or validation.prompt_file")
+    if "diversity" in vc.drift_limits and vc.images_per_prompt < 2:
+        raise UserError("validation.drift_limits.diversity compares images of the same prompt: set "
+                        "validation.images_per_prompt >= 2")
+
 
 def _validate_gold(config: Config, objective) -> None:
     from diffalign.rewards import RewardSpec

@@ -42,6 +42,14 @@ def _param(module: str, param: str) -> str:
     return "scale" if module.endswith("_norm") and param == "weight" else param
 
 
+def _renamed(table: dict[str, str], name: str, key: str) -> str:
+    """``table[name]``, or an error naming the weight no FLUX.2 release holds."""
+    if name not in table:
+        raise ValueError(f"{key} is not a weight of diffusers' Flux2Transformer2DModel, so it has no name in Black "
+                         "Forest Labs' layout (merge adapters before exporting; is this another model's state?)")
+    return table[name]
+
+
 def flux2_transformer_to_original(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A diffusers ``Flux2Transformer2DModel`` state dict in the release's names (module docstring)."""
     out: dict[str, Tensor] = {}
@@ -57,16 +65,16 @@ def flux2_transformer_to_original(state: dict[str, Tensor]) -> dict[str, Tensor]
                     out[f"double_blocks.{block}.{FUSED[qkv[1]]}.{param}"] = torch.cat(
                         [state[f"{prefix}{p}{suffix}.{param}"] for p in "qkv"])
                 continue
-            name = DOUBLE_BLOCK[module]
+            name = _renamed(DOUBLE_BLOCK, module, key)
             out[f"double_blocks.{block}.{name}.{_param(name, param)}"] = value
         elif single:
             block, module, param = single.groups()
-            name = SINGLE_BLOCK[module]
+            name = _renamed(SINGLE_BLOCK, module, key)
             out[f"single_blocks.{block}.{name}.{_param(name, param)}"] = value
         elif key.startswith("norm_out.linear."):
             scale, shift = value.chunk(2, dim=0)  # diffusers' (scale, shift) -> the release's (shift, scale)
             out[key.replace("norm_out.linear.", "final_layer.adaLN_modulation.1.")] = torch.cat([shift, scale])
         else:
-            prefix = next(p for p in TOP_LEVEL if key.startswith(p))
-            out[TOP_LEVEL[prefix] + key[len(prefix):]] = value
+            prefix = next((p for p in TOP_LEVEL if key.startswith(p)), "")
+            out[_renamed(TOP_LEVEL, prefix, key) + key[len(prefix):]] = value
     return out

@@ -36,7 +36,7 @@ class TextRounds(RoundDriver):
     def __init__(self, config: Config, policy, tokenizer, output_dir: Path, accelerator, objective) -> None:
         super().__init__(config, output_dir, accelerator)
         self.policy, self.tokenizer, self.objective = policy, tokenizer, objective
-        self.group_size = config.online.group_size or objective.group_size
+        self.group_size = objective.round_group_size(config)
         self.prompts = read_prompts(config.online.prompts)
         self.reward = load_text_reward(config.online.reward)  # one text reward (checked with the config)
 

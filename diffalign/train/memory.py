@@ -206,7 +206,7 @@ def synthetic_round(objective, config, latent_shape: tuple[int, ...], groups: in
     random trajectories, log-probabilities and distinct rewards."""
     from diffalign.train.online import Round
 
-    k = config.online.group_size or objective.group_size
+    k = objective.round_group_size(config)
     steps = config.objective.sample_steps + 1 if objective.keeps_trajectories else 1
     rewards = torch.arange(groups * k, dtype=torch.float32).view(groups, k) % k
     return Round(prompts=["a prompt"] * groups, latents=torch.randn(groups, k, steps, *latent_shape),
@@ -264,7 +264,7 @@ def round_sampling(objective, config, backbone, cond, uncond, every_step: bool =
     from diffalign.diffusion.logprob import sample_trajectories
 
     oc, obj = config.online, config.objective
-    n = oc.sample_batch_size * (oc.group_size or objective.group_size)
+    n = oc.sample_batch_size * objective.round_group_size(config)
     noise = torch.randn(n, *backbone.latent_shape(config.data.resolution))
     with torch.no_grad(), first_and_last_steps_only(backbone, obj.sample_steps, every_step):
         trajectory = sample_trajectories(backbone, noise, cond.repeat_items(n), steps=obj.sample_steps,

@@ -13,7 +13,9 @@ round is written to ``run/rounds/round-NNNNN/``: the trajectories and log-probab
 training reward and each model's raw scores). On N processes each samples and scores every N-th
 group; a batch is scored on a second thread while the next one samples, so scoring does not stall
 the sampler (batches of ``online.sample_batch_size`` groups). The round's mean raw reward (and each
-model's) is logged with every step trained on it, as ``train_reward`` (``train_reward/NAME``).
+model's) is logged with every step trained on it, as ``train_reward`` (``train_reward/NAME``), with the share of
+groups whose samples all scored alike (``flat_groups``: reward saturation) and the round's image statistics
+(``round_dark_share`` and the others of :mod:`diffalign.eval.image_stats`), where reward hacking shows first.
 Everything in a round is a pure function of (seed, r) and the weights at its start (each group has
 its own generator), and a resumed run reads the round from disk instead of sampling it again, so
 resume stays exact.
@@ -48,7 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffalign.data import example_generator
@@ -56,6 +60,7 @@ from diffalign.data.edit_prompts import EditPrompts
 from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.logprob import sample_trajectories
 from diffalign.errors import PausedRound, UserError
+from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
 from diffalign.diffusion.sampling import to_pil
 from diffalign.rewards import RewardSpec, load_reward
@@ -74,14 +79,18 @@ class NeedsLabels(PausedRound):
 def sde_window(config: Config, r: int) -> Tensor:
     """(steps,) bool: the sampler steps of round r that draw noise. All of them without ``online.sde_window``;
     else ``sde_window`` steps from ``sde_window_start``, moved ``sde_window_stride`` steps every
-    ``sde_window_shift_every`` rounds and stopped at the last step (MixGRPO's progressive window)."""
+    ``sde_window_shift_every`` rounds and stopped at the last step (MixGRPO's progressive window). Never the last
+    step of ``objective.sampler=cps``, which lands on noise level 0 with no noise."""
     oc, steps = config.online, config.objective.sample_steps
-    if oc.sde_window == 0:
-        return torch.ones(steps, dtype=torch.bool)
-    shifts = r // oc.sde_window_shift_every if oc.sde_window_shift_every else 0
-    start = min(oc.sde_window_start + shifts * oc.sde_window_stride, steps - oc.sde_window)
     window = torch.zeros(steps, dtype=torch.bool)
-    window[start:start + oc.sde_window] = True
+    if oc.sde_window == 0:
+        window[:] = True
+    else:
+        shifts = r // oc.sde_window_shift_every if oc.sde_window_shift_every else 0
+        start = min(oc.sde_window_start + shifts * oc.sde_window_stride, steps - oc.sde_window)
+        window[start:start + oc.sde_window] = True
+    if config.objective.sampler == "cps":
+        window[-1] = False
     return window
 
 
@@ -123,7 +132,7 @@ class OnlineRounds(RoundDriver):
         ``data.path``: the real images of objectives that set ``real_data`` (round r reads positions r G ...)."""
         super().__init__(config, output_dir, accelerator)
         self.backbone, self.objective = backbone, objective
-        self.group_size = config.online.group_size or objective.group_size
+        self.group_size = objective.round_group_size(config)
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared
         self.real = real
@@ -247,7 +256,7 @@ class OnlineRounds(RoundDriver):
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
                                              uncond=uncond, step_noise=step_noise, progress=label,
                                              denoiser=self.objective.sampling_denoiser(),
-                                             stochastic=sde_window(self.config, r))
+                                             stochastic=sde_window(self.config, r), sampler=obj.sampler)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu())
@@ -276,11 +285,21 @@ class OnlineRounds(RoundDriver):
             flat = {name: scores.reshape(-1) for name, scores in raw.items()}
             rewards = combine_rewards(flat, self.reward_weights, [p for p in prompts for _ in range(k)]).view(-1, k)
         record = {"prompts": prompts, "group_size": k, "rewards": None if rewards is None else rewards.tolist(),
-                  "reward_weights": self.reward_weights, "reward_parts": {n: v.tolist() for n, v in raw.items()}}
+                  "reward_weights": self.reward_weights, "reward_parts": {n: v.tolist() for n, v in raw.items()},
+                  "image_stats": self._image_stats(tmp / "images", prompts)}
         (tmp / "groups.json").write_text(json.dumps(record))
         for f in files:
             f.unlink()
             f.with_suffix(".json").unlink()
+
+    def _image_stats(self, images: Path, prompts: list[str]) -> dict[str, float]:
+        """The round's image statistics (:func:`diffalign.eval.image_stats.image_statistics`, diversity within each
+        group), read from its PNGs: logged as ``round_<statistic>`` with every step trained on the round."""
+        k = self.group_size
+        pixels = [torch.from_numpy(np.asarray(Image.open(images / f"group{g:04d}-{j}.png").convert("RGB")).copy())
+                  for g in range(len(prompts)) for j in range(k)]
+        batch = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255
+        return image_statistics(batch, [p for p in prompts for _ in range(k)])
 
     def winners(self, r: int, record: dict) -> list[int]:
         """Index (0 or 1) of the preferred trajectory of each pair: the higher reward, or the human label."""
@@ -322,7 +341,8 @@ class OnlineRounds(RoundDriver):
         stochastic = tensors.get("stochastic", torch.ones(len(tensors["timesteps"]), dtype=torch.bool))
         units = self.objective.training_units(round_)
         # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards
-        logged = {**self._logged_rewards(record), **units.pop("logged", {})}
+        logged = {**self._logged_rewards(record), **units.pop("logged", {}),
+                  **{f"round_{name}": torch.tensor(value) for name, value in record.get("image_stats", {}).items()}}
         return {**units, "round": r, "prompts": record["prompts"], "reference": tensors.get("reference"),
                 "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()), "logged": logged}
 
@@ -350,6 +370,9 @@ class OnlineRounds(RoundDriver):
         logged = {"train_reward": weighted_raw_mean(parts, weights)}
         if len(parts) > 1:
             logged.update({f"train_reward/{name}": scores.float().mean() for name, scores in parts.items()})
+        if record["rewards"] is not None:  # reward saturation: groups whose samples all scored alike train nothing
+            rewards = torch.tensor(record["rewards"]).view(len(record["prompts"]), -1)
+            logged["flat_groups"] = (rewards.amax(dim=1) == rewards.amin(dim=1)).float().mean()
         return logged
 
     def _conditions(self, data: dict[str, Any], groups: Tensor) -> Conditioning:

@@ -62,7 +62,7 @@ from diffalign.objectives import OBJECTIVES
 from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.ema import ema_step
 from diffalign.train.models import build_models
-from diffalign.train.gold import GoldWatch
+from diffalign.train.gold import DriftWatch, GoldWatch
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
@@ -241,6 +241,8 @@ class PreferenceTrainer:
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution)
         vc = config.validation
         self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
+        self.drift = DriftWatch(dict(vc.drift_limits)) if vc.drift_limits else None
+        self._best_weights: dict[int, list[torch.Tensor]] = {}  # a watch's best step -> the trained weights then
 
     # --- setup: the model family's parts (a subclass per family overrides these) --------------
     def _load_dataset(self, layout: str) -> Any:
@@ -586,6 +588,8 @@ class PreferenceTrainer:
             state = {**self._load_checkpoint(), "last_good_checkpoint": str(self.resume_from)}
         if self.gold is not None:
             self.gold.load(state.get("gold", []))
+        if self.drift is not None:
+            self.drift.load(state.get("drift", []))
         metrics_path = self.output_dir / "metrics.jsonl"
         step = state["step"]
         if self.config.data.precompute:
@@ -593,8 +597,8 @@ class PreferenceTrainer:
         bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_local_main_process, desc="train")
         history: list[dict[str, float]] = []
         interrupted = False
-        if step == 0:  # the gold reward's baseline; one validation cannot show a fall
-            self._watch_gold(step, self._validate(step), history, state)
+        if step == 0:  # the watches' baseline; one validation cannot show a fall
+            self._watch(step, self._validate(step), history, state)
         started, pairs_done = time.perf_counter(), 0
         with _StopSignal() as stop:
             while step < tc.max_steps:
@@ -636,15 +640,15 @@ class PreferenceTrainer:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(json_safe(logs)[0]) + "\n")
                     acc.log(logs, step=step)
-                gamed = self._watch_gold(step, self._validate(step), history, state)
+                gamed = self._watch(step, self._validate(step), history, state)
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested or gamed:
                     state["last_good_checkpoint"] = str(self._save_checkpoint(step, state))
                 if stop.requested:
                     interrupted = True
                     break
                 if gamed:
+                    state["stopped_early"] = gamed = self._restore_best(gamed, state)
                     acc.print(gamed)
-                    state["stopped_early"] = gamed
                     break
         bar.close()
         summary = self._finish(step, state, history, interrupted, stop.signum)
@@ -733,21 +737,49 @@ class PreferenceTrainer:
                 log_image(self.accelerator.trackers, "validation/samples", image, step)
         return scores
 
-    def _watch_gold(self, step: int, scores: dict[str, float] | None, history: list[dict[str, float]],
-                    state: dict[str, Any]) -> str | None:
-        """After a validation, whether the gold reward says to stop (:mod:`diffalign.train.gold`); the main process
-        decides, every process gets its answer."""
-        if self.gold is None or scores is None:
+    def _watch(self, step: int, scores: dict[str, float] | None, history: list[dict[str, float]],
+               state: dict[str, Any]) -> tuple[str, int | None] | None:
+        """After a validation, whether a watch says to stop, as (why, the step it calls best): the gold reward
+        (:class:`GoldWatch`) or the images' drift (:class:`DriftWatch`). The main process decides, every process
+        gets its answer, and each keeps a copy of the trained weights at every step a watch calls its best, to end
+        the run with if it stops (:meth:`_restore_best`)."""
+        watches = [w for w in (self.gold, self.drift) if w is not None]
+        if not watches or scores is None:
             return None
-        decision = [None]
+        decision: list[Any] = [None, []]
         if self.accelerator.is_main_process:
-            since = [logs["train_reward"] for logs in history if "train_reward" in logs
-                     and logs["step"] > (self.gold.seen[-1][0] if self.gold.seen else -1)]
-            train_reward = sum(since) / len(since) if since else None
-            decision = [self.gold.observe(step, scores[f"val_{self.gold.reward}"], train_reward)]
-        decision = broadcast_object_list(decision)
-        state["gold"] = self.gold.state() if self.accelerator.is_main_process else state.get("gold", [])
-        return decision[0]
+            verdicts = []
+            if self.gold is not None:
+                since = [logs["train_reward"] for logs in history if "train_reward" in logs
+                         and logs["step"] > (self.gold.seen[-1][0] if self.gold.seen else -1)]
+                train_reward = sum(since) / len(since) if since else None
+                verdicts.append((self.gold.observe(step, scores[f"val_{self.gold.reward}"], train_reward), self.gold))
+            if self.drift is not None:
+                stats = {name[len("stat_"):]: value for name, value in scores.items() if name.startswith("stat_")}
+                verdicts.append((self.drift.observe(step, stats), self.drift))
+            decision = [next(((why, w.best_step) for why, w in verdicts if why), None), [w.best_step for w in watches]]
+            state["gold"] = self.gold.state() if self.gold is not None else []
+            state["drift"] = self.drift.state() if self.drift is not None else []
+        stop, best_steps = broadcast_object_list(decision)
+        if step in best_steps:
+            self._best_weights[step] = [p.detach().to("cpu", copy=True) for p in self.params]
+        self._best_weights = {s: w for s, w in self._best_weights.items() if s in best_steps}
+        return stop
+
+    def _restore_best(self, stop: tuple[str, int | None], state: dict[str, Any]) -> str:
+        """A watch stopped the run: its final weights become those of the step the watch calls best, when this
+        process kept them (from the step it saw them: not for a best step before a resume). The message, saying
+        which weights the run ends with."""
+        why, best = stop
+        kept = self._best_weights.get(best)
+        if kept is None:
+            note = "" if best is None else f" (step {best}'s were not kept: the run resumed after it)"
+            return f"{why} The final weights are this step's{note}."
+        with torch.no_grad():
+            for param, value in zip(self.params, kept, strict=True):
+                param.copy_(value.to(param.device))
+        state["final_from_step"] = best
+        return f"{why} The final weights are step {best}'s."
 
     def _bad_rows(self) -> dict[tuple[int, str], str]:
         """The bad rows the run's table has met, by (row, column); none for a run that reads no table."""
@@ -769,8 +801,8 @@ class PreferenceTrainer:
         self._publish_cache()
         acc.wait_for_everyone()
         final_dir = None
-        if self.ema is not None and not interrupted:
-            self.ema.copy_to(self.params)  # the final weights are the averaged ones
+        if self.ema is not None and not interrupted and "final_from_step" not in state:
+            self.ema.copy_to(self.params)  # the final weights are the averaged ones (a watch's best step's: live)
         if not interrupted:
             if step > 0 and state["bad_steps"] >= step:
                 raise UserError(f"every one of the run's {step} steps was skipped (non-finite loss or gradients), so "
@@ -788,7 +820,8 @@ class PreferenceTrainer:
             "interrupted": interrupted,
             "signal": signum if interrupted else None,  # SIGINT (2) or SIGTERM (15) that stopped the run
             "bad_steps": state["bad_steps"],
-            "stopped_early": state.get("stopped_early"),  # the gold reward's reason, when it stopped the run
+            "stopped_early": state.get("stopped_early"),  # a watch's reason, when one stopped the run
+            "final_from_step": state.get("final_from_step"),  # the best step whose weights the run ended with
             "skipped_rows": self._skipped_rows_of_all_processes(),
             "final": None if final_dir is None else str(final_dir),
             "last": history[-1] if history else {},

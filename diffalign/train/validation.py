@@ -1,5 +1,6 @@
 """Validation samples during training: fixed prompts and seeds every N steps, a grid per
-interval under ``samples/``, and the mean of each configured reward in ``validation.jsonl``.
+interval under ``samples/``, and the mean of each configured reward in ``validation.jsonl``, with the images'
+statistics that drift when a run games its reward (``stat_<name>``, :mod:`diffalign.eval.image_stats`).
 On N processes each samples and scores every N-th image; the main process writes grid and log."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 
 from diffalign.diffusion.sampling import generate
+from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.report import image_grid
 from diffalign.rewards import load_reward
@@ -43,7 +45,8 @@ class Validator:
 
     def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState) -> dict[str, float]:
         """Sample and score this process's share (every N-th image), then on the main process save the grid
-        and log; returns {"val_<reward>": mean over every image} there, {} on the others."""
+        and log; returns {"val_<reward>": mean over every image, "stat_<statistic>": the images' statistic} there, {}
+        on the others."""
         mine = list(range(processes.process_index, len(self.prompts), processes.num_processes))
         done = []  # (index, 8-bit image, score per reward) of this process's images
         if mine:
@@ -64,6 +67,7 @@ class Validator:
         images = torch.stack([image for _, image, _ in done]).float() / 255
         image_grid({f"step {step}": images}).save(self.grid_path(step))
         scores = {f"val_{r.name}": sum(s[r.name] for _, _, s in done) / len(done) for r in self.rewards}
+        scores.update({f"stat_{name}": value for name, value in image_statistics(images, self.prompts).items()})
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
         return scores
