@@ -758,7 +758,9 @@ def test_each_process_samples_its_share_of_the_validation_images(tmp_path, monke
     assert asked == [[1, 3]] and not (tmp_path / "samples").exists()
     monkeypatch.setattr(validation, "gather_object", lambda mine: list(mine) + from_process_1)
     scores = validator.run(pipe, 3, SimpleNamespace(process_index=0, num_processes=2, is_main_process=True))
-    assert asked[1] == [0, 2, 4] and scores == {"val_grey": pytest.approx(0.2)}  # (0 + 1 + 2 + 3 + 4) / 10 / 5
+    assert asked[1] == [0, 2, 4] and scores["val_grey"] == pytest.approx(0.2)  # (0 + 1 + 2 + 3 + 4) / 10 / 5
+    # the images' statistics, of all five: flat greys of luma 0 ... 0.4, so pixels under 0.1 are image 0's fifth
+    assert scores["stat_dark_share"] == pytest.approx(0.2) and scores["stat_saturation"] == 0
     assert json.loads((tmp_path / "validation.jsonl").read_text()) == {"step": 3, **scores}
     levels = set(np.asarray(Image.open(tmp_path / "samples" / "step-0000003.png")).flatten().tolist())
     assert {round(i / 10 * 255) for i in range(1, 5)} <= levels  # every process's images are in the grid
