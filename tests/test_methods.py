@@ -16,8 +16,9 @@ from diffalign.objectives.catalog import method_family
 from diffalign.paths import CONFIGS
 from diffalign.train import load_config
 
+# the rounds' sampler (sample_*, sampler) is every online method's: their round driver samples with it
 SHARED = {"name", "loss", "beta", "loss_options", "timestep_sampler", "t_range", "weighting", "sample_steps",
-          "sample_eta", "sample_guidance_scale", "options"}
+          "sample_eta", "sample_guidance_scale", "sampler", "options"}
 
 
 def test_the_objective_section_keeps_only_what_every_method_shares():
