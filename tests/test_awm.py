@@ -24,8 +24,7 @@ def _awm(backbone, **options) -> AWM:
     return objective
 
 
-@pytest.mark.parametrize("model, weighting", [("toy", "ghuber"), ("tiny-sd3", "ghuber"), ("tiny-sd3", "uniform"),
-                                              ("tiny-sd3", "t"), ("toy", "t2")])
+@pytest.mark.parametrize("model, weighting", [("toy", "t2"), ("tiny-sd3", "ghuber")])  # the others: below
 def test_loss_is_the_authors_step_by_hand(model, weighting):
     pipe = load_pipeline(TOY_BASE) if model == "toy" else load_pipeline(ROOT / "assets/models" / model, random_init=True)
     backbone = backbone_for(pipe)
@@ -133,3 +132,17 @@ def test_the_anchor_trails_the_policy_with_the_authors_linear_decay():
     objective.after_optimizer_step()  # step 1000: min(0.3, 1.0) = 0.3
     torch.testing.assert_close(objective.anchor.tensors[name], 0.3 * before + 0.7 * live.detach())
     assert _awm(backbone, anchor_coef=0.0).anchor is None  # no anchor, no second weight set
+
+
+def test_every_weighting_by_hand():
+    """The authors' compute_log_prob_awm on errors e at noise levels t; the model-level test checks it in place."""
+    from diffalign.objectives.awm import matching_log_likelihood
+
+    e, t = torch.tensor([0.04, 0.5]), torch.tensor([0.3, 0.9])
+    expected = {"uniform": -e, "t": -e * t, "t2": -e * t ** 2,
+                "ghuber": -((e.double() + 1e-10) ** 0.5 - 1e-10 ** 0.5) * t / 0.5}
+    for weighting, value in expected.items():
+        got = matching_log_likelihood(e, t, weighting, power=0.5)
+        torch.testing.assert_close(got, value.double(), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown AWM weighting"):
+        matching_log_likelihood(e, t, "huber")
