@@ -30,7 +30,7 @@ def test_loss_is_the_authors_step_by_hand(model, weighting):
     backbone = backbone_for(pipe)
     objective = _awm(backbone, weighting=weighting, kl_coef=0.3, anchor_coef=0.7)
     torch.manual_seed(0)  # the anchor a few steps behind: the policy's weights nudged
-    objective.anchor.tensors.update({n: t + 0.02 * torch.randn_like(t) for n, t in objective.anchor.tensors.items()})
+    objective.trailing.weights.tensors.update({n: t + 0.02 * torch.randn_like(t) for n, t in objective.trailing.weights.tensors.items()})
     reference = load_pipeline(TOY_BASE).unet if model == "toy" else \
         load_pipeline(ROOT / "assets/models" / model, random_init=True, seed=1).transformer
     g = torch.Generator().manual_seed(2)
@@ -54,7 +54,7 @@ def test_loss_is_the_authors_step_by_hand(model, weighting):
                 t = rule.timesteps[k] / 1000
                 xt, target = alpha_bar.sqrt() * x0[i:i + 1] + (1 - alpha_bar).sqrt() * noise, noise
             run = lambda net: backbone.predict(xt, rule.timesteps[k:k + 1], cond[i:i + 1], denoiser=net)  # noqa: E731
-            v, ref, anchor = run(backbone.denoiser), run(reference), run(objective.anchor.denoiser())
+            v, ref, anchor = run(backbone.denoiser), run(reference), run(objective.trailing.denoiser())
             e = ((v - target) ** 2).mean().double()
             log_prob = {"uniform": -e, "t": -e * t, "t2": -e * t ** 2,
                         "ghuber": -((e + 1e-10) ** 0.25 - 1e-10 ** 0.25) * t / 0.25}[weighting]
@@ -120,18 +120,18 @@ def test_a_step_fits_good_samples_better_and_bad_ones_worse():
 def test_the_anchor_trails_the_policy_with_the_authors_linear_decay():
     backbone = backbone_for(load_pipeline(TOY_BASE))
     objective = _awm(backbone, anchor_decay=0.3)
-    name = next(iter(objective.anchor.tensors))
+    name = next(iter(objective.trailing.weights.tensors))
     live = dict(backbone.denoiser.named_parameters())[name]
-    start = objective.anchor.tensors[name].clone()
+    start = objective.trailing.weights.tensors[name].clone()
     with torch.no_grad():
         live.add_(1.0)  # the policy moved by one everywhere
     objective.after_optimizer_step()  # global step 1: decay 0.001
-    torch.testing.assert_close(objective.anchor.tensors[name], start + 0.999)
-    objective.optimizer_steps = 999
-    before = objective.anchor.tensors[name].clone()
+    torch.testing.assert_close(objective.trailing.weights.tensors[name], start + 0.999)
+    objective.trailing.optimizer_steps = 999
+    before = objective.trailing.weights.tensors[name].clone()
     objective.after_optimizer_step()  # step 1000: min(0.3, 1.0) = 0.3
-    torch.testing.assert_close(objective.anchor.tensors[name], 0.3 * before + 0.7 * live.detach())
-    assert _awm(backbone, anchor_coef=0.0).anchor is None  # no anchor, no second weight set
+    torch.testing.assert_close(objective.trailing.weights.tensors[name], 0.3 * before + 0.7 * live.detach())
+    assert _awm(backbone, anchor_coef=0.0).trailing is None  # no anchor, no second weight set
 
 
 def test_every_weighting_by_hand():

@@ -115,7 +115,7 @@ def test_qwen_image_edit_reads_its_sources_as_the_pipeline_does(model, sources, 
     prediction of the first step equals the one the pipeline hands its scheduler; other sources change the prompt."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
-    from diffalign.diffusion.logprob import _guided
+    from diffalign.diffusion.logprob import guided_output
 
     # the pipelines size sources to a fixed pixel area (1024^2 for the VAE); 32 px keeps the test on a CPU budget
     monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: (32, 32, None))
@@ -141,7 +141,7 @@ def test_qwen_image_edit_reads_its_sources_as_the_pipeline_does(model, sources, 
     timestep = kwargs["timestep"] * 1000
     with torch.no_grad():
         ours = backbone.predict(noisy, timestep, cond)
-        ours_guided = _guided(backbone, noisy, timestep, cond, None, 4.0, None)
+        ours_guided = guided_output(backbone, noisy, timestep, cond, None, 4.0, None)
     torch.testing.assert_close(cond.embeds, kwargs["encoder_hidden_states"])
     torch.testing.assert_close(ours, pipe._unpack_latents(seen["output"][:, :tokens], 32, 32, scale)[:, :, 0])
     torch.testing.assert_close(ours_guided, pipe._unpack_latents(guided[0], 32, 32, scale)[:, :, 0])

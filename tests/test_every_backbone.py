@@ -23,8 +23,8 @@ from diffalign.train.memory import LiveStorage
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev", "tiny-zimage",
              "tiny-qwenimage", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
-        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "awm": None, "disco": None,
-        "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
+        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "awm": None, "dgpo": None,
+        "disco": None, "draft": None, "alignprop": None, "refl": None, "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,11 @@ def _moved(run: Path, model: str) -> bool:
 # architectures, which keeps the suite inside its time: the self-play loops share one class (SelfPlayObjective: its
 # rounds, pi_t and denoising scores) and differ only in their pair rules and losses, each checked by hand, so SPPO
 # runs on every backbone and the others on SD3; DisCO re-scores recorded steps as Flow-GRPO and D3PO do, so it runs
-# on SD3 too.
-FEWER = {name: ("tiny-sd3",) for name in ("dno", "gpo", "inpo_nash", "rso", "drift", "disco")}
+# on SD3 too; DGPO's units, noising and predictions are NFT's and AWM's (ForwardProcessObjective), so it runs on one
+# epsilon and one flow model. The reward-gradient methods share one sampling loop (RewardGradientObjective): DRaFT runs
+# on every backbone, AlignProp and ReFL, which differ only in where the gradient starts and in the loss, on SD3.
+FEWER = {**{name: ("tiny-sd3",) for name in ("dno", "gpo", "inpo_nash", "rso", "drift", "disco", "alignprop", "refl")},
+         "dgpo": ("tiny-sd15", "tiny-sd3")}
 EVERY = [(objective, model) for objective in sorted(DATA) for model in BACKBONES
          if model in FEWER.get(objective, BACKBONES)]
 
@@ -105,7 +108,8 @@ def test_every_offline_objective_trains_on_edits(objective, model, edits, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", sorted(o for o, kind in DATA.items() if kind is None and o not in FEWER
-                                             and o != "awm"))  # AWM's rounds are NFT's
+                                             and o not in ("awm", "draft")))  # AWM's rounds are NFT's;
+# DRaFT samples inside its loss from text prompts alone, and refuses edits
 def test_every_online_objective_trains_on_rounds_of_edits(objective, edits, tmp_path):
     """Every objective that samples (DDO and DRIFT, which pair samples with real images, refuse edits) on rounds
     of edits: online.prompts a table of instructions with a source image each, on Qwen-Image-Edit, the model that

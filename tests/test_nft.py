@@ -1,6 +1,6 @@
 """DiffusionNFT on the round driver: the loss against the authors' train_nft_sd3.py step written out by hand
 (flow and epsilon models), the gradient's direction, and exact resume with its EMA old policy (and AWM's with its
-anchor)."""
+anchor, DGPO's with its old policy)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_loss_is_the_authors_step_by_hand(model):
     objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, options={"beta": 0.5, "kl_coef": 0.3}),
                              backbone)
     objective.attach(backbone.denoiser)
-    objective.old.tensors.update({n: v for n, v in _nudged(backbone.denoiser, 0).items() if n in objective.old.tensors})
+    objective.trailing.weights.tensors.update({n: v for n, v in _nudged(backbone.denoiser, 0).items() if n in objective.trailing.weights.tensors})
     reference = load_pipeline(TOY_BASE).unet if model == "toy" else \
         load_pipeline(ROOT / "assets/models" / model, random_init=True, seed=1).transformer
     g = torch.Generator().manual_seed(2)
@@ -55,7 +55,7 @@ def test_loss_is_the_authors_step_by_hand(model):
             xt = a * x0[i:i + 1] + b * randomness["noise"][i:i + 1]
             t = rule.timesteps[k:k + 1]
             run = lambda net: backbone.predict(xt, t, cond[i:i + 1], denoiser=net)  # noqa: E731
-            v, old, ref = run(backbone.denoiser), run(objective.old.denoiser()), run(reference)
+            v, old, ref = run(backbone.denoiser), run(objective.trailing.denoiser()), run(reference)
             to_x0 = (lambda out: xt - b * out) if rule.flow else (lambda out: (xt - b * out) / a)
             pos = to_x0(0.5 * v + 0.5 * old)
             neg = to_x0(1.5 * old - 0.5 * v)
@@ -98,11 +98,13 @@ def test_a_step_pulls_good_samples_closer_and_pushes_bad_ones_away():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["toy_nft.yaml", "toy_awm.yaml"])  # the EMA old policy; AWM's trailing anchor
-def test_a_forward_process_method_resumes_exactly_with_its_shadow_weights(config, tmp_path):
+# NFT's EMA old policy, AWM's trailing anchor, DGPO's old policy, which samples round 1 here
+@pytest.mark.parametrize("config, own", [("toy_nft.yaml", []), ("toy_awm.yaml", []),
+                                         ("toy_dgpo.yaml", ["objective.options.old_samples_after=1"])])
+def test_a_forward_process_method_resumes_exactly_with_its_shadow_weights(config, own, tmp_path):
     small = ["online.groups_per_round=2", "online.group_size=4", "online.steps_per_round=2", "objective.sample_steps=4",
              "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2", "validation.every=0",
-             "validation.prompt_file=null"]
+             "validation.prompt_file=null", *own]
     train(load_config(ROOT / "configs" / config, [f"output_dir={tmp_path / 'straight'}", *small]))
     train(load_config(ROOT / "configs" / config, [f"output_dir={tmp_path / 'split'}", *small, "train.max_steps=2"]))
     train(load_config(ROOT / "configs" / config, [f"output_dir={tmp_path / 'split'}", *small, "train.resume=latest"]))

@@ -294,3 +294,52 @@ def test_jpeg_rewards_are_ddpo_s_kilobytes_at_quality_95():
     compressibility = load_reward("jpeg_compressibility")(images, ["anything", "at all"])
     torch.testing.assert_close(compressibility, -incompressibility)
     assert compressibility[0] > compressibility[1]
+
+
+def test_the_clip_rewards_scored_with_gradients_equal_their_scores_and_pass_gradients_to_the_images(tmp_path,
+                                                                                                    pickscore_dir):
+    """The tensor path the reward-gradient methods follow (resize, crop and normalise as torchvision tensor ops) gives
+    the scoring path's scores (on 8-bit images, which that path quantises to) and a finite, nonzero image gradient."""
+    config, model = tiny_open_clip(tmp_path, embed_dim=768)
+    checkpoint = tmp_path / "clip.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    torch.manual_seed(1)
+    mlp_file = tmp_path / "aesthetic.pth"
+    torch.save({f"layers.{k}": v for k, v in mlp_head(768).state_dict().items()}, mlp_file)
+    rewards = [PickScore(pickscore_dir), HPSv2(checkpoint, arch=config), ClipScore(checkpoint, arch=config),
+               Aesthetic(mlp_file, clip=checkpoint, arch=config)]
+    images = _as_8bit(_images())
+    for reward in rewards:
+        pixels = images.clone().requires_grad_()
+        scores = reward.score_with_gradient(pixels, PROMPTS)
+        torch.testing.assert_close(scores.detach(), reward(images, PROMPTS), rtol=1e-4, atol=1e-4)
+        scores.sum().backward()
+        assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0, reward.name
+        assert not any(p.requires_grad for p in reward.model.parameters())  # the reward's weights stay out of it
+    # a larger image is resized on the way in, as the scoring path does (up to PIL's and torchvision's filters)
+    large = torch.nn.functional.interpolate(images, size=64, mode="nearest")
+    torch.testing.assert_close(rewards[1].score_with_gradient(large, PROMPTS), rewards[1](large, PROMPTS),
+                               rtol=0.05, atol=0.05)
+
+
+def test_the_soft_toy_preference_ranks_rendered_scenes_as_the_toy_preference_does():
+    import random
+
+    import numpy as np
+
+    from diffalign.rewards import ToyPreferenceSoft
+    from diffalign.toy.judge import preference_scores
+    from diffalign.toy.world import COLOURS, caption, random_scene, render
+
+    rng = random.Random(0)
+    scenes = [random_scene(rng) for _ in range(120)]
+    images = torch.tensor(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    names = list(COLOURS)  # every third prompt asks for the wrong colour
+    prompts = [caption(s.colour if i % 3 else names[(names.index(s.colour) + 1) % len(names)], s.shape)
+               for i, s in enumerate(scenes)]
+    hard, soft = preference_scores(images, prompts), ToyPreferenceSoft()(images, prompts)
+    ranks = lambda v: v.argsort().argsort().float()  # noqa: E731
+    assert torch.corrcoef(torch.stack([ranks(hard), ranks(soft)]))[0, 1] > 0.98
+    pixels = images[:4].clone().requires_grad_()
+    ToyPreferenceSoft().score_with_gradient(pixels, prompts[:4]).sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0

@@ -227,9 +227,10 @@ class Backbone:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents -> pixels in [-1, 1], one image per VAE call (:func:`sliced_decoding`)."""
+        """Scaled latents -> pixels in [-1, 1], one image per VAE call (:func:`sliced_decoding`); differentiable in the
+        latents (the VAE's weights are frozen), which the reward-gradient methods follow, so callers that only
+        sample call it under ``torch.no_grad``."""
         vae = self.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
@@ -488,7 +489,6 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
         mean, std = self._latent_stats(latents)
         return ((latents - mean) / std)[:, :, 0]
 
-    @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype)[:, :, None]
@@ -644,7 +644,6 @@ class Flux2Backbone(Backbone):
         mean, std = self._batch_norm(latents)
         return (latents - mean) / std
 
-    @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype)

@@ -64,8 +64,8 @@ class StepRule:
                  sampler: str = "sde") -> None:
         """``latent_shape`` (.., h, w) of the sampled latents: FLUX.1's grid shifts with the image size. ``sampler``:
         the flow SDE (``sde``) or coefficients-preserving sampling (``cps``, flow models only; :meth:`distribution`)."""
-        if eta <= 0:
-            raise ValueError("a stochastic sampler needs eta > 0 (eta = 0 is deterministic: no log-probability)")
+        if eta < 0:
+            raise ValueError(f"the sampler's eta must be >= 0 (0: the deterministic ODE or DDIM step), got {eta}")
         self.flow = "FlowMatch" in type(backbone.scheduler).__name__
         if sampler not in SAMPLERS:
             raise UserError(f"objective.sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -145,8 +145,9 @@ class StepRule:
 
 
     def noisy(self, k: int) -> bool:
-        """Whether step k draws noise at all: not the last step of ``cps``, whose next noise level is 0."""
-        return not (self.sampler == "cps" and self.sigmas[k + 1].item() == 0)
+        """Whether step k draws noise at all: not at eta 0 (the deterministic sampler, which methods that train on
+        the clean samples only may use), nor the last step of ``cps``, whose next noise level is 0."""
+        return self.eta > 0 and not (self.sampler == "cps" and self.sigmas[k + 1].item() == 0)
 
 
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -165,7 +166,7 @@ def transition_log_prob(sample: Tensor, mean: Tensor, std: Tensor, sampler: str 
     return gaussian_log_prob(sample, mean, std)
 
 
-def _guided(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
+def guided_output(backbone: Backbone, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None,
             guidance_scale: float, denoiser: nn.Module | None) -> Tensor:
     """The (guided) model output at timestep ``t``: one for the batch, or one per item."""
     timesteps = t.expand(x.shape[0]).to(x.device)
@@ -200,7 +201,7 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     latents, log_probs = [x], []
     for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
         noisy = (stochastic is None or bool(stochastic[k])) and rule.noisy(k)
-        mean, std = rule.distribution(k, x, _guided(backbone, x, t, cond, uncond, guidance_scale, denoiser),
+        mean, std = rule.distribution(k, x, guided_output(backbone, x, t, cond, uncond, guidance_scale, denoiser),
                                       stochastic=noisy)
         z = (torch.randn(x.shape, generator=generator, dtype=torch.float32) if step_noise is None
              else step_noise[:, k].float()).to(x.device)
@@ -229,7 +230,7 @@ def step_distribution(backbone: Backbone, latents: Tensor, k: int | Tensor, cond
     index = torch.as_tensor(k)
     step_of = (index.expand(b) if index.dim() == 0 else index).tolist()  # one host read: the rule is per step
     x = latents[torch.arange(b, device=latents.device), torch.tensor(step_of, device=latents.device)]
-    output = _guided(backbone, x, rule.timesteps[step_of], cond, uncond, guidance_scale, denoiser)
+    output = guided_output(backbone, x, rule.timesteps[step_of], cond, uncond, guidance_scale, denoiser)
     means, stds = [None] * b, [None] * b
     for step in sorted(set(step_of)):
         members = [i for i, s in enumerate(step_of) if s == step]

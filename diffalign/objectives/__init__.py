@@ -1,13 +1,16 @@
 """One file per method: likelihood proxy + core loss. ``OBJECTIVES`` maps config names to them."""
 
+from diffalign.objectives.alignprop import AlignProp
 from diffalign.objectives.awm import AWM
 from diffalign.objectives.d3po import D3PO
 from diffalign.objectives.ddo import DDO
+from diffalign.objectives.dgpo import DGPO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.disco import DisCO
 from diffalign.objectives.diffusion_kto import DiffusionKTO
 from diffalign.objectives.diffusion_sparse_po import DiffusionSparsePO
 from diffalign.objectives.dno import DNO
+from diffalign.objectives.draft import DRaFT
 from diffalign.objectives.drift import DRIFT
 from diffalign.objectives.gpo import GPO
 from diffalign.objectives.grpo import FlowGRPO
@@ -23,20 +26,24 @@ from diffalign.objectives.lm_sparse_po import LanguageModelSparsePO
 from diffalign.objectives.lm_sppo import LanguageModelSPPO
 from diffalign.objectives.nft import DiffusionNFT
 from diffalign.objectives.rank_dpo import RankDPO
+from diffalign.objectives.refl import ReFL
 from diffalign.objectives.rso import RSO
 from diffalign.objectives.self_npo import SelfNPO
 from diffalign.objectives.smpo import SmPO
 from diffalign.objectives.sppo import SPPO
 
 OBJECTIVES = {
+    "alignprop": AlignProp,
     "awm": AWM,
     "d3po": D3PO,
     "ddo": DDO,
+    "dgpo": DGPO,
     "diffusion_dpo": DiffusionDPO,
     "diffusion_kto": DiffusionKTO,
     "diffusion_sparse_po": DiffusionSparsePO,
     "disco": DisCO,
     "dno": DNO,
+    "draft": DRaFT,
     "drift": DRIFT,
     "gpo": GPO,
     "grpo": FlowGRPO,
@@ -52,13 +59,14 @@ OBJECTIVES = {
     "lm_sppo": LanguageModelSPPO,
     "nft": DiffusionNFT,
     "rank_dpo": RankDPO,
+    "refl": ReFL,
     "rso": RSO,
     "self_npo": SelfNPO,
     "smpo": SmPO,
     "sppo": SPPO,
 }
 
-__all__ = ["OBJECTIVES", "AWM", "D3PO", "DDO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
+__all__ = ["OBJECTIVES", "AWM", "AlignProp", "DRaFT", "ReFL", "D3PO", "DDO", "DGPO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
            "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDNO",
            "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline", "LanguageModelRank",
            "LanguageModelSPPO", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]

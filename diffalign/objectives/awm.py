@@ -32,19 +32,16 @@ drawn by the round driver from the steps ``objective.t_range`` keeps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from diffalign.config import ObjectiveConfig, ranged
 from diffalign.diffusion import Backbone, Conditioning
-from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.forward_process import ForwardProcessObjective, squared_difference
 from diffalign.objectives.grpo import AdvantageOptions
 
 Tensor = torch.Tensor
-ANCHOR_DECAY_RATE = 0.001  # the authors' linear kl_ema decay: min(kl_ema_decay, 0.001 * global_step)
 HUBER_FLOOR = 1e-10
 
 
@@ -93,27 +90,10 @@ class AWM(ForwardProcessObjective):
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
         self.options = self.options_of(config)
         self.sample_steps, self.eta = config.sample_steps, config.sample_eta
-        self.anchor: ShadowWeights | None = None
-        self.optimizer_steps = 0
 
     # --- the anchor: an EMA of the trained weights that the policy is kept near ------------
-    def attach(self, denoiser: nn.Module) -> list[Any]:
-        if self.options.anchor_coef == 0:
-            return []
-        self.anchor = ShadowWeights(denoiser)
-        return [self]
-
-    def after_optimizer_step(self) -> None:
-        self.optimizer_steps += 1
-        if self.anchor is not None:
-            self.anchor.update(min(self.options.anchor_decay, ANCHOR_DECAY_RATE * self.optimizer_steps))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor.state_dict(), "optimizer_steps": self.optimizer_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.anchor.load_state_dict(state["anchor"])
-        self.optimizer_steps = int(state["optimizer_steps"])
+    def trailing_schedule(self) -> tuple[float, int] | None:
+        return None if self.options.anchor_coef == 0 else (self.options.anchor_decay, 0)
 
     # --- the loss ----------------------------------------------------------------------------
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
@@ -137,9 +117,9 @@ class AWM(ForwardProcessObjective):
             kl = noised.reference_squared_difference(prediction, reference)
             loss = loss + o.kl_coef * kl
             metrics["kl"] = kl.detach()
-        if self.anchor is not None:
+        if self.trailing is not None:
             with torch.no_grad():
-                anchored = noised.predict(self.anchor.denoiser())
+                anchored = noised.predict(self.trailing.denoiser())
             anchor_kl = squared_difference(prediction, anchored)
             loss = loss + o.anchor_coef * anchor_kl
             metrics["anchor_kl"] = anchor_kl.detach()

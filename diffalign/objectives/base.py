@@ -87,7 +87,10 @@ class OnlineObjective(Objective):
     False: the objective needs a reward for every sample, human pair labels cannot replace it. ``real_data``
     True: each group is one real image of ``data.path``, its caption the group's prompt (DDO), and
     ``scored`` False: the samples need no reward or label. ``keeps_trajectories`` False: the round keeps
-    only the clean samples, not every step of their trajectories. ``steps_per_round`` is the run's
+    only the clean samples, not every step of their trajectories, and may sample them with the deterministic
+    sampler (``objective.sample_eta=0``). ``samples_in_loss`` True: the method samples inside its loss, with
+    gradients (:mod:`diffalign.objectives.reward_gradient`), so its batches are prompts and noise
+    (:mod:`diffalign.train.prompt_batches`), not rounds. ``steps_per_round`` is the run's
     ``online.steps_per_round``, which :meth:`build` reads with the rest of the config.
     """
 
@@ -101,6 +104,7 @@ class OnlineObjective(Objective):
     scored = True
     keeps_trajectories = True
     steps_per_round = 1
+    samples_in_loss = False  # True: no rounds; each micro-batch is prompts, sampled inside the loss (DRaFT, ReFL)
 
     @classmethod
     def round_group_size(cls, config) -> int:
@@ -157,9 +161,9 @@ class OnlineObjective(Objective):
         if len(set(names)) != len(names):
             raise UserError(f"online.reward names a reward model twice ({', '.join(names)})")
         parse_weights(len(names), oc.reward_weights)
-        if config.objective.sample_eta <= 0:
-            raise UserError("objective.sample_eta must be > 0: a deterministic sampler has no step "
-                            "log-probabilities")
+        if config.objective.sample_eta <= 0 and cls.keeps_trajectories:
+            raise UserError(f"objective.sample_eta must be > 0: {config.objective.name} trains on the sampler's "
+                            "step log-probabilities, and a deterministic sampler has none")
         if config.objective.sampler not in SAMPLERS:
             raise UserError(f"objective.sampler={config.objective.sampler!r}: choose one of {', '.join(SAMPLERS)}")
 
@@ -168,6 +172,14 @@ class OnlineObjective(Objective):
         objective = super().build(config, model)
         objective.steps_per_round = config.online.steps_per_round
         return objective
+
+    def choose_units(self, units: int, trained_steps: Tensor, n: int,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(unit indices (n,), denoising steps (n,)) of the n units of one micro-step's global batch, among a round's
+        ``units`` and the steps it trains (``trained_steps``), drawn with ``generator`` so resume is exact. By default
+        random units, each at a random trained step; the processes take consecutive slices of n."""
+        chosen = torch.randint(0, units, (n,), generator=generator)
+        return chosen, trained_steps[torch.randint(0, len(trained_steps), (n,), generator=generator)]
 
     def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         """Randomness of n units beyond their denoising step (drawn by the round driver, so resume is exact)."""

@@ -27,19 +27,16 @@ is CFG-free: sample with ``objective.sample_guidance_scale=1``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
 from diffalign.config import ObjectiveConfig, ranged
 from diffalign.diffusion import Backbone, Conditioning
-from diffalign.diffusion.shadow import ShadowWeights
 from diffalign.objectives.forward_process import ForwardProcessObjective
 from diffalign.objectives.grpo import AdvantageOptions
 
 Tensor = torch.Tensor
-OLD_DECAY_RATE, OLD_DECAY_MAX = 0.001, 0.5  # the authors' decay_type 1
+OLD_DECAY_MAX = 0.5  # the authors' decay_type 1: min(0.001 * step, 0.5)
 WEIGHT_FLOOR = 1e-5
 
 
@@ -79,27 +76,13 @@ class DiffusionNFT(ForwardProcessObjective):
         self.options = options = self.options_of(config)
         self.beta, self.advantage_clip, self.kl_coef = options.beta, options.advantage_clip, options.kl_coef
         self.sample_steps, self.eta = config.sample_steps, config.sample_eta
-        self.old: ShadowWeights | None = None
-        self.optimizer_steps = 0
 
     # --- the old policy: an EMA of the trained weights that samples the rounds ---------------
-    def attach(self, denoiser: nn.Module) -> list[Any]:
-        self.old = ShadowWeights(denoiser)
-        return [self]
-
-    def after_optimizer_step(self) -> None:
-        self.old.update(min(OLD_DECAY_RATE * self.optimizer_steps, OLD_DECAY_MAX))
-        self.optimizer_steps += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"old": self.old.state_dict(), "optimizer_steps": self.optimizer_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.old.load_state_dict(state["old"])
-        self.optimizer_steps = int(state["optimizer_steps"])
+    def trailing_schedule(self) -> tuple[float, int]:
+        return OLD_DECAY_MAX, 1
 
     def sampling_denoiser(self) -> nn.Module:
-        return self.old.denoiser()
+        return self.trailing.denoiser()
 
     # --- the loss ----------------------------------------------------------------------------
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
@@ -109,7 +92,7 @@ class DiffusionNFT(ForwardProcessObjective):
         x0 = noised.x0
         prediction = noised.predict(policy)
         with torch.no_grad():
-            old = noised.predict(self.old.denoiser())
+            old = noised.predict(self.trailing.denoiser())
         positive = noised.clean((1 - self.beta) * old + self.beta * prediction)
         negative = noised.clean((1 + self.beta) * old - self.beta * prediction)
         r = optimality(advantage.to(x0), self.advantage_clip)

@@ -178,10 +178,12 @@ SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.
            # DDPO's JPEG size tells their images apart
            **{name: ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                      "objective.sample_steps=2", "online.reward=jpeg_incompressibility"]
-              for name in ("grpo", "disco", "nft", "awm")},
+              for name in ("grpo", "disco", "nft", "awm", "dgpo")},
            **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
            "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
-           "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"]}
+           "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
+           # the reward-gradient methods keep the differentiable toy reward, which scores any image of a toy prompt
+           **{name: ["objective.sample_steps=4"] for name in ("draft", "alignprop", "refl")}}
 
 SMALLER = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "validation.images_per_prompt=1",
            "validation.steps=2"]

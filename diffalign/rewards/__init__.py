@@ -34,12 +34,13 @@ from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.ocr import OcrAccuracy
 from diffalign.rewards.openai_judge import OpenAIJudge
 from diffalign.rewards.remote import RemoteReward
-from diffalign.rewards.toy import ToyAdherence, ToyPreference
+from diffalign.rewards.toy import ToyAdherence, ToyPreference, ToyPreferenceSoft
 from diffalign.rewards.vlm_judge import VLMJudge
 
 REWARDS: dict[str, type] = {
     "toy_preference": ToyPreference,
     "toy_adherence": ToyAdherence,
+    "toy_preference_soft": ToyPreferenceSoft,
     "pickscore": PickScore,
     "hps_v2": HPSv2,
     "hps_v2.1": HPSv2,
@@ -154,5 +155,5 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "HPSv3", "ImageReward", "ImageSimilarity", "OcrAccuracy",
-           "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "VLMJudge",
-           "describe", "ensemble", "load_reward", "normalise_per_prompt"]
+           "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "ToyPreferenceSoft",
+           "VLMJudge", "describe", "ensemble", "load_reward", "normalise_per_prompt"]

@@ -41,6 +41,19 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
+def tensor_preprocess(images: Tensor, shorter_side: int, crop: tuple[int, int], mean: Sequence[float],
+                      std: Sequence[float]) -> Tensor:
+    """The CLIP evaluation transform (bicubic resize of the shorter side with antialiasing, centre crop, mean/std
+    normalisation) on float (N, 3, H, W) images in [0, 1], in torchvision's tensor ops, so gradients reach the
+    images: the path of the methods that follow a reward's gradient, where the scoring path's 8-bit PIL images
+    would cut them."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    pixels = TF.resize(images.float(), [shorter_side], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.normalize(TF.center_crop(pixels, list(crop)), list(mean), list(std))
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device) if device is not None else default_device()
 
@@ -74,9 +87,26 @@ class PickScore:
                                 "(the folder of yuvalkirstain/PickScore_v1, and processor= the folder of "
                                 "laion/CLIP-ViT-H-14-laion2B-s32B-b79K if it has no processor files)")
         self.device = _device(device)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device).requires_grad_(False)
         self.processor = AutoProcessor.from_pretrained(processor_path, local_files_only=True)
         self.batch_size = batch_size
+
+    differentiable = True
+
+    def score_with_gradient(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """(N,) scores on the model's device, differentiable in ``images`` (:func:`tensor_preprocess` with the
+        processor's sizes and statistics; the text side without gradients)."""
+        ip = self.processor.image_processor
+        crop = (ip.crop_size["height"], ip.crop_size["width"])
+        pixels = tensor_preprocess(images.to(self.device), ip.size["shortest_edge"], crop, ip.image_mean, ip.image_std)
+        with torch.no_grad():
+            text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+            text_features = _features(self.model.get_text_features(
+                input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)))
+        with _autocast(self.device):
+            image_features = _features(self.model.get_image_features(pixel_values=pixels))
+        cosine = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+        return self.model.logit_scale.exp().float() * cosine
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -188,7 +218,7 @@ class _OpenClipReward(ABC):
 
         arch = open_clip_arch(arch or self.default_arch, what=self.name)
         self.device = _device(device)
-        self.model = open_clip_model(arch, path, what=self.name).to(self.device)
+        self.model = open_clip_model(arch, path, what=self.name).to(self.device).requires_grad_(False)
         self.preprocess = open_clip.image_transform(self.model.visual.image_size, is_train=False)
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.batch_size = batch_size
@@ -201,6 +231,23 @@ class _OpenClipReward(ABC):
     def text_features(self, prompts: Sequence[str]) -> Tensor:
         with _autocast(self.device):
             return F.normalize(self.model.encode_text(self.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
+
+    differentiable = True
+
+    def score_with_gradient(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """(N,) scores on the model's device, differentiable in ``images``: open_clip's evaluation transform as
+        tensor ops (:func:`tensor_preprocess`), the text side without gradients."""
+        import open_clip
+
+        size = self.model.visual.image_size
+        crop = (size, size) if isinstance(size, int) else tuple(size)
+        pixels = tensor_preprocess(images.to(self.device), min(crop), crop, open_clip.OPENAI_DATASET_MEAN,
+                                   open_clip.OPENAI_DATASET_STD)
+        with _autocast(self.device):
+            image_features = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        with torch.no_grad():
+            text_features = self.text_features(prompts)
+        return self.score(image_features, text_features)
 
     @abstractmethod
     def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
@@ -257,7 +304,7 @@ class Aesthetic(_OpenClipReward):
             raise UserError("aesthetic: give clip= the CLIP ViT-L/14 checkpoint file the predictor was trained on")
         super().__init__(clip, arch=arch, device=device, batch_size=batch_size)
         state = {k.removeprefix("layers."): v for k, v in read_state_dict(path, what=self.name).items()}
-        self.head = mlp_head(self.model.visual.output_dim).eval()
+        self.head = mlp_head(self.model.visual.output_dim).eval().requires_grad_(False)
         load_strict(self.head, state, path=path, what=self.name,
                     expected=f"the aesthetic MLP over {self.model.visual.output_dim}-d CLIP embeddings")
         self.head.to(self.device)

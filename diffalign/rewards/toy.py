@@ -7,10 +7,10 @@ from typing import Sequence
 import torch
 
 from diffalign.errors import UserError
-from diffalign.toy.judge import adheres, images_to_arrays, measure, preference_scores
+from diffalign.toy.judge import adheres, images_to_arrays, measure, preference_scores, soft_preference_scores
 from diffalign.toy.world import parse_caption
 
-TOY_REWARDS = ("toy_preference", "toy_adherence")
+TOY_REWARDS = ("toy_preference", "toy_adherence", "toy_preference_soft")
 
 
 def check_toy_prompts(prompts: Sequence[str], reward: str = "the toy rewards") -> None:
@@ -47,3 +47,22 @@ class ToyAdherence:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_toy_prompts(prompts, self.name)
         return torch.tensor([adheres(measure(im), p) for im, p in zip(images_to_arrays(images), prompts)])
+
+
+class ToyPreferenceSoft:
+    """The toy preference made differentiable (:func:`diffalign.toy.judge.soft_preference_scores`), for the methods
+    that fine-tune through a reward's gradient; train on it, and judge with ``toy_preference``."""
+
+    name = "toy_preference_soft"
+    description = ("A differentiable stand-in for the toy preference: larger, more centred shapes of the asked "
+                   "colour score higher (about -1.5 to 0.7), the kind of shape not judged; higher is better.")
+    differentiable = True
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.score_with_gradient(images, prompts).cpu()
+
+    def score_with_gradient(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(N,) scores on the images' device, differentiable in the images."""
+        check_toy_prompts(prompts, self.name)
+        return soft_preference_scores(images, prompts)

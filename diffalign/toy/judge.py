@@ -89,3 +89,44 @@ def preference_scores(images: torch.Tensor, prompts: Sequence[str]) -> torch.Ten
     import torch
 
     return torch.tensor([preference_score(measure(im), p) for im, p in zip(images_to_arrays(images), prompts)])
+
+
+SOFT_EDGE = 8.0  # RGB distance over which a pixel goes from background to shape in the soft measurement
+SOFT_COLOUR_TEMPERATURE = 20.0  # RGB distance scale of the soft nearest-palette-colour choice
+
+
+def soft_preference_scores(images: "torch.Tensor", prompts: Sequence[str]) -> "torch.Tensor":
+    """A differentiable stand-in for the toy preference, for methods that follow a reward's gradient (DRaFT,
+    AlignProp, ReFL): (N,) scores of (N, 3, H, W) images in [0, 1], with gradients.
+
+    The hard measurement's thresholds become sigmoids and argmins softmaxes: a pixel is shape with weight
+    sigmoid((d - 80) / 8), d its RGB distance from the background; the area, the centroid's offset and the shape's
+    mean colour are those weights' means; and the penalty for the wrong content is 1 minus the softmax probability
+    (over the palette, at distance scale 20) that the mean colour is the asked one. The kind of shape, which the hard
+    judge reads from the shape's bounding box, is not scored (a bounding box has no useful gradient), so it ranks
+    images as the toy preference does except where only the shape is wrong."""
+    import torch
+
+    pixels = images.float() * 255.0
+    background = torch.tensor(BACKGROUND, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    weight = torch.sigmoid(((pixels - background).pow(2).sum(dim=1).add(1e-6).sqrt() - FOREGROUND_DISTANCE)
+                           / SOFT_EDGE)  # (N, H, W)
+    n, h, w = weight.shape
+    mass = weight.flatten(1).sum(dim=1).clamp(min=1e-6)
+    ys = torch.arange(h, dtype=pixels.dtype, device=pixels.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=pixels.dtype, device=pixels.device).view(1, 1, w)
+    centroid = torch.stack([(weight * ys).flatten(1).sum(1), (weight * xs).flatten(1).sum(1)], dim=1) / mass[:, None]
+    centre = torch.tensor([(h - 1) / 2, (w - 1) / 2], dtype=pixels.dtype, device=pixels.device)
+    offset = (centroid - centre).pow(2).sum(dim=1).add(1e-6).sqrt() / (min(h, w) / 2)
+    area = weight.flatten(1).mean(dim=1)
+    colour = (pixels * weight[:, None]).flatten(2).sum(dim=2) / mass[:, None]  # (N, 3)
+    palette = torch.tensor(_PALETTE, dtype=pixels.dtype, device=pixels.device)
+    chance = torch.softmax(-(colour[:, None] - palette[None]).pow(2).sum(dim=2).sqrt() / SOFT_COLOUR_TEMPERATURE, dim=1)
+    asked = []
+    for prompt in prompts:
+        parsed = parse_caption(prompt)
+        if parsed is None:
+            raise ValueError(f"{prompt!r} is not a toy-world prompt (it must name a colour and a shape)")
+        asked.append(_NAMES.index(parsed[0]))
+    right_colour = chance[torch.arange(n, device=pixels.device), torch.tensor(asked, device=pixels.device)]
+    return area.add(1e-6).sqrt() - offset - WRONG_CONTENT_PENALTY * (1 - right_colour)

@@ -32,7 +32,8 @@ rounds (:func:`sde_window`).
 The objective turns a round into training units (:meth:`OnlineObjective.training_units`: D3PO's
 winner-first pairs, GRPO's trajectories with their group-normalised advantages); each optimiser
 step trains random units, each at one random denoising step among those whose noise level t / T
-lies in ``objective.t_range`` (all by default).
+lies in ``objective.t_range`` (all by default), or whole groups where the objective compares a group's
+units within a batch (:meth:`OnlineObjective.choose_units`: DGPO).
 
 Human labels (pairs only): with ``online.labels`` set, a round whose pairs are not all labelled in
 that file raises :class:`NeedsLabels` after writing ``to_label.jsonl``; the trainer checkpoints and
@@ -397,9 +398,7 @@ class OnlineRounds(RoundDriver):
         data = self.round(self.round_of(step))
         global_batch = tc.batch_size * acc.num_processes
         g = example_generator(tc.seed, step, micro, 2)
-        units = torch.randint(0, len(data["latents"]), (global_batch,), generator=g)
-        trained = data["trained_steps"]
-        steps = trained[torch.randint(0, len(trained), (global_batch,), generator=g)]
+        units, steps = self.objective.choose_units(len(data["latents"]), data["trained_steps"], global_batch, g)
         extra = self.objective.draw(global_batch, self.backbone.latent_shape(self.config.data.resolution), g)
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
         units, steps = units[mine], steps[mine]

@@ -63,6 +63,7 @@ from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.ema import ema_step
 from diffalign.train.models import build_models
 from diffalign.train.gold import DriftWatch, GoldWatch
+from diffalign.train.prompt_batches import PromptBatches
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
@@ -252,7 +253,10 @@ class PreferenceTrainer:
         return objective_cls.build(self.config, self.backbone)
 
     def _make_rounds(self, reads_data: bool) -> Any:
-        """The online objectives' batch source (the round driver)."""
+        """The online objectives' batch source: the round driver, or prompts alone for the methods that sample
+        inside the loss."""
+        if self.objective.samples_in_loss:
+            return PromptBatches(self.config, self.backbone, self.accelerator, self.objective)
         return OnlineRounds(self.config, self.backbone, self.output_dir, self.accelerator, self.objective,
                             real=self._real_examples if reads_data else None)
 
