@@ -175,6 +175,8 @@ def test_a_step_along_the_gradient_raises_the_reward(backbone):
 def test_the_configs_rules():
     with pytest.raises(UserError, match="jpeg_compressibility has none"):
         load_config(CONFIGS / "toy_draft.yaml", ["online.reward=jpeg_compressibility"])
+    with pytest.raises(UserError, match="win rates"):
+        load_config(CONFIGS / "toy_draft.yaml", ["online.reward_as=win_rate"])
     with pytest.raises(UserError, match="from text prompts alone"):
         load_config(CONFIGS / "toy_draft.yaml", ["data.source_columns=[source]"])
     with pytest.raises(UserError, match="exceeds the sampler's 20 steps"):

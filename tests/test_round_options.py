@@ -66,6 +66,21 @@ def test_a_round_with_two_rewards_keeps_each_model_s_scores_and_logs_them(tmp_pa
                                                   + 3.0 * parts["toy_adherence"].mean().item(), rel=1e-5)
 
 
+def test_win_rates_replace_the_scores_each_sample_by_the_share_of_its_group_it_beats(tmp_path):
+    """Pref-GRPO's reward: each sample's wins (ties half) against the other K - 1 of its group; the round trains on
+    them and keeps the raw scores for its logs."""
+    from diffalign.rewards.win_rate import group_win_rates
+
+    scores = torch.tensor([[0.3, 0.1, 0.3, 0.9], [2.0, 2.0, 2.0, 2.0]])
+    torch.testing.assert_close(group_win_rates(scores), torch.tensor([[0.5, 0.0, 0.5, 1.0], [0.5, 0.5, 0.5, 0.5]]))
+    train(_grpo(tmp_path / "run", "online.reward_as=win_rate", "train.max_steps=2"))
+    record = json.loads((tmp_path / "run/rounds/round-00000/groups.json").read_text())
+    raw = torch.tensor(record["reward_parts"]["toy_preference"]).view(4, 4)
+    torch.testing.assert_close(torch.tensor(record["rewards"]), group_win_rates(raw).float())
+    with pytest.raises(UserError, match="choose score or win_rate"):
+        _grpo(tmp_path, "online.reward_as=rank")
+
+
 def test_reward_lists_are_checked_with_the_config(tmp_path):
     with pytest.raises(UserError, match="2 finite numbers"):
         _grpo(tmp_path, "online.reward=[toy_preference, toy_adherence]", "online.reward_weights=[1.0]")

@@ -212,6 +212,9 @@ class OnlineConfig:
     # z-scores are summed with reward_weights (1 each when empty; diffalign.rewards.weighted) ...
     reward: str | dict | list | None = None
     reward_weights: list | None = None
+    # what each reward model's scores train as: the scores, or each sample's win rate against the rest of its group
+    # (Pref-GRPO: the ranking kept, the scale dropped; diffalign.rewards.win_rate)
+    reward_as: str = "score"
     # ... or a JSON-lines file of human labels {"round": r, "pair": i, "winner": 0 or 1}; a round
     # without labels writes its images and to_label.jsonl, checkpoints and stops until they exist
     labels: str | None = None

@@ -161,6 +161,11 @@ class OnlineObjective(Objective):
         if len(set(names)) != len(names):
             raise UserError(f"online.reward names a reward model twice ({', '.join(names)})")
         parse_weights(len(names), oc.reward_weights)
+        if oc.reward_as not in ("score", "win_rate"):
+            raise UserError(f"online.reward_as={oc.reward_as!r}: choose score or win_rate")
+        if oc.reward_as == "win_rate" and cls.round_group_size(config) < 2:
+            raise UserError("online.reward_as=win_rate compares each sample with the rest of its group: "
+                            "online.group_size must be >= 2")
         if config.objective.sample_eta <= 0 and cls.keeps_trajectories:
             raise UserError(f"objective.sample_eta must be > 0: {config.objective.name} trains on the sampler's "
                             "step log-probabilities, and a deterministic sampler has none")

@@ -75,6 +75,9 @@ class RewardGradientObjective(OnlineObjective):
         from diffalign.rewards import REWARDS, RewardSpec
         from diffalign.rewards.weighted import reward_specs
 
+        if config.online.reward_as != "score":
+            raise UserError(f"{config.objective.name} follows the reward's gradient, and win rates "
+                            "(online.reward_as=win_rate) have none: leave online.reward_as=score")
         super().check_config(config)
         if config.data.source_columns:
             raise UserError(f"{config.objective.name} samples inside its loss from text prompts alone; edits "

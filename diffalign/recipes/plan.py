@@ -99,7 +99,10 @@ def _step_lines(config: Config, examples: int | None) -> list[str]:
     unit = {"pairs": "pairs", "ranked": "ranked lists", "online": "samples"}.get(objective.dataset, "examples")
     lines = [f"steps: {tc.max_steps:,} optimiser steps of {tc.batch_size} x {tc.gradient_accumulation} "
              f"(batch x accumulation) = {per_step:,} {unit} per GPU per step; with N GPUs, N times that"]
-    if objective.dataset == "online":
+    if objective.dataset == "online" and objective.samples_in_loss:
+        lines.append(f"  each step samples its prompts inside the loss ({config.objective.sample_steps} steps, "
+                     "gradients through some of them); no rounds are stored")
+    elif objective.dataset == "online":
         oc = config.online
         rounds = math.ceil(tc.max_steps / oc.steps_per_round)
         group = objective.round_group_size(config)
@@ -121,6 +124,8 @@ def _memory_lines(config_path: str | Path, overrides: list[str], config: Config,
     objective = OBJECTIVES[config.objective.name]
     if objective.family == "lm":
         return ["memory: not estimated for language models (scripts/bench_lm.py measures a step)"]
+    if objective.samples_in_loss:
+        return [f"memory: not estimated for {config.objective.name}, which samples and scores inside its loss"]
     folder, source = architecture_folder(config.model.path)
     if folder is None:
         return [f"memory: not estimated: neither {config.model.path} nor a shipped architecture of that name is on "

@@ -293,6 +293,9 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     online = objective_cls.dataset == "online"
     if objective_cls.family == "lm":
         raise SystemExit(f"{config.objective.name} trains a language model; its memory is not estimated here")
+    if objective_cls.samples_in_loss:  # its reward model runs inside the step, with gradients, on real weights
+        raise SystemExit(f"{config.objective.name} samples and scores inside its loss; its memory is not estimated "
+                         "here yet (measure a step on the GPU with torch.cuda.max_memory_allocated)")
     device = torch.device("meta" if fake else "cpu")
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)

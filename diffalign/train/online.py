@@ -65,6 +65,7 @@ from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
 from diffalign.diffusion.sampling import to_pil
 from diffalign.rewards import RewardSpec, load_reward
+from diffalign.rewards.win_rate import group_win_rates
 from diffalign.rewards.weighted import combine_rewards, parse_weights, reward_specs, weighted_raw_mean
 from diffalign.label.store import round_pair_winners
 from diffalign.train.config import Config
@@ -283,7 +284,9 @@ class OnlineRounds(RoundDriver):
         raw = {name: torch.cat([part[f"reward/{name}"] for part in parts])[order] for name in self.rewards}
         rewards = None
         if raw:
-            flat = {name: scores.reshape(-1) for name, scores in raw.items()}
+            trained = {name: group_win_rates(scores) if self.config.online.reward_as == "win_rate" else scores
+                       for name, scores in raw.items()}
+            flat = {name: scores.reshape(-1) for name, scores in trained.items()}
             rewards = combine_rewards(flat, self.reward_weights, [p for p in prompts for _ in range(k)]).view(-1, k)
         record = {"prompts": prompts, "group_size": k, "rewards": None if rewards is None else rewards.tolist(),
                   "reward_weights": self.reward_weights, "reward_parts": {n: v.tolist() for n, v in raw.items()},
