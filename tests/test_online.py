@@ -137,8 +137,13 @@ def test_a_round_sampled_a_pair_at_a_time_is_the_round_sampled_at_once(tmp_path)
             for name in ("at_once", "one_by_one"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
-    assert json.loads((tmp_path / "at_once/rounds/round-00000/groups.json").read_text()) == \
-        json.loads((tmp_path / "one_by_one/rounds/round-00000/groups.json").read_text())
+    at_once, one_by_one = (json.loads((tmp_path / name / "rounds/round-00000/groups.json").read_text())
+                           for name in ("at_once", "one_by_one"))
+    # the image statistics are read from 8-bit PNGs: latents equal to 1e-3 may round a pixel apart (a pixel of 16
+    # 32x32 images moves a share by 6e-5), so they agree to that, the rest exactly
+    stats = at_once.pop("image_stats"), one_by_one.pop("image_stats")
+    assert at_once == one_by_one and stats[0].keys() == stats[1].keys()
+    assert all(abs(stats[0][k] - stats[1][k]) < 1e-3 for k in stats[0])
     with pytest.raises(UserError, match="online.sample_batch_size must be >= 1"):
         _config(tmp_path / "bad", "online.sample_batch_size=0")
 

@@ -184,10 +184,11 @@ def test_the_configs_rules():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["toy_draft.yaml", "toy_alignprop.yaml", "toy_refl.yaml"])
-def test_a_reward_gradient_run_resumes_exactly(config, tmp_path):
+@pytest.mark.parametrize("config, own", [("toy_draft.yaml", ["objective.options.k=2"]), ("toy_alignprop.yaml", []),
+                                         ("toy_refl.yaml", [])])
+def test_a_reward_gradient_run_resumes_exactly(config, own, tmp_path):
     small = ["objective.sample_steps=4", "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2",
-             "validation.every=0", "validation.prompt_file=null"]
+             "validation.every=0", "validation.prompt_file=null", *own]
     train(load_config(CONFIGS / config, [f"output_dir={tmp_path / 'straight'}", *small]))
     train(load_config(CONFIGS / config, [f"output_dir={tmp_path / 'split'}", *small, "train.max_steps=2"]))
     train(load_config(CONFIGS / config, [f"output_dir={tmp_path / 'split'}", *small, "train.resume=latest"]))

@@ -25,6 +25,7 @@ class Objective:
     """
 
     online = False
+    samples_in_loss = False  # True: no rounds; each micro-batch is prompts, sampled inside the loss (DRaFT, ReFL)
     family = "diffusion"  # the model family it trains: "diffusion" or "lm" (a causal language model)
     dataset = "pairs"
     frozen_reference = True
@@ -104,7 +105,6 @@ class OnlineObjective(Objective):
     scored = True
     keeps_trajectories = True
     steps_per_round = 1
-    samples_in_loss = False  # True: no rounds; each micro-batch is prompts, sampled inside the loss (DRaFT, ReFL)
 
     @classmethod
     def round_group_size(cls, config) -> int:

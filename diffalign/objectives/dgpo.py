@@ -89,6 +89,7 @@ class DGPO(ForwardProcessObjective):
     loss_kinds = ("dgpo",)
     own_losses = ("dgpo",)
     shadow_weights = True
+    whole_groups = True  # each batch is whole groups (check_config; the smoke run's sizes)
 
     Options = DGPOOptions
 

@@ -142,6 +142,8 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
         keys += [Override(key, value, size) for key, value in (
             ("online.groups_per_round", "2"), ("online.sample_batch_size", "2"), ("online.steps_per_round", "2"),
             ("objective.sample_steps", "2"))]
+    if getattr(objective, "whole_groups", False):  # DGPO: each batch is whole groups, here one of 2
+        keys += [Override("online.group_size", "2", size), Override("train.batch_size", "2", size)]
     sources = tuple(shipped.get("data", {}).get("source_columns") or ())
     if objective.dataset == "online" and objective.scored and sources:  # edit rounds: instructions with sources
         why = "the recipe's reward models need their real weights; DDPO's JPEG size needs none"
@@ -155,7 +157,8 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
                              "no weights and stays)"))
     elif objective.dataset == "online" and objective.scored:
         why = "the recipe's reward model needs its real weights; the toy reward judges the toy prompts"
-        keys += [Override("online.reward", "toy_preference", why), Override("online.prompts", "toy_train", why)]
+        toy = "toy_preference_soft" if objective.samples_in_loss else "toy_preference"  # a gradient to follow
+        keys += [Override("online.reward", toy, why), Override("online.prompts", "toy_train", why)]
     return keys
 
 
@@ -183,7 +186,8 @@ SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.
            "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
            "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],
            # the reward-gradient methods keep the differentiable toy reward, which scores any image of a toy prompt
-           **{name: ["objective.sample_steps=4"] for name in ("draft", "alignprop", "refl")}}
+           **{name: ["objective.sample_steps=4"] for name in ("alignprop", "refl")},
+           "draft": ["objective.sample_steps=4", "objective.options.k=2"]}
 
 SMALLER = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=1", "validation.images_per_prompt=1",
            "validation.steps=2"]
