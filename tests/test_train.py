@@ -193,7 +193,9 @@ def test_lora_run_writes_metrics_checkpoints_and_loadable_weights(pairs, tmp_pat
     assert summary["steps"] == 4 and not summary["interrupted"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
-    assert {"loss", "implicit_acc", "raw_model_loss", "ref_loss", "pairs_per_s"} <= set(lines[0])
+    assert {"loss", "implicit_acc", "raw_model_loss", "ref_loss", "pairs_per_s", "elapsed_s"} <= set(lines[0])
+    elapsed = [x["elapsed_s"] for x in lines]  # wall seconds of training so far: what reward-against-time reads
+    assert 0 < elapsed[0] and elapsed == sorted(elapsed)
     assert math.isclose(lines[0]["loss"], math.log(2), rel_tol=1e-3)  # LoRA starts at the reference
     assert json.loads((run / "metrics.json").read_text())["steps"] == 4
     assert (run / "config.yaml").is_file()

@@ -632,8 +632,9 @@ class PreferenceTrainer:
                     names = sorted(logs)
                     means = acc.reduce(torch.stack([logs[k].float().reshape(()).to(acc.device) for k in names]), "mean")
                     logs = dict(zip(names, means.tolist()))
-                    logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0],
-                                pairs_per_s=pairs_done / max(time.perf_counter() - started, 1e-9),
+                    elapsed = time.perf_counter() - started  # since this process began training: rounds, steps,
+                    logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,  # validations
+                                pairs_per_s=pairs_done / max(elapsed, 1e-9),
                                 skipped_rows=len(self._bad_on_load | self._bad_read_by_all_processes()))
                     history.append(logs)
                     shown = {"loss": f"{logs.get('loss', float('nan')):.4f}", "pairs_s": f"{logs['pairs_per_s']:.2f}"}
