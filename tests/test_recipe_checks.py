@@ -75,6 +75,9 @@ def test_the_plan_of_every_recipe_says_what_it_reads_does_and_needs(recipe, samp
         assert "memory: not estimated for language models" in text
     elif objective.dataset == "labelled_images":  # KTO's step selects the desirable rows by value
         assert "memory: not estimated: a step of diffusion_kto depends on its data's values" in text
+    elif objective.samples_in_loss:  # its reward model runs inside the step, on real weights
+        assert f"memory: not estimated for {config.objective.name}, which samples and scores inside its loss" in text
+        assert "no rounds are stored" in text
     else:  # the estimate of scripts/bench_memory.py (the same function) for the recipe on random weights
         (used, row), = estimated
         expected = load_config(ROOT / "configs" / recipe, [*overrides, "model.random_init=true", "model.compile=false"])
