@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forward_process_step import errors_around_one_step
 
 from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.diffusion.logprob import StepRule
@@ -91,29 +92,8 @@ def test_the_gradient_is_the_advantage_times_the_weighted_matching_losss_gradien
 
 
 def test_a_step_fits_good_samples_better_and_bad_ones_worse():
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = _awm(backbone, kl_coef=0.0, anchor_coef=0.0)
-    g = torch.Generator().manual_seed(5)
-    x0 = torch.randn(2, 4, 16, 16, generator=g)
-    randomness = {"step": torch.tensor([5, 5]), "noise": torch.randn(2, 4, 16, 16, generator=g)}
-    cond = backbone.encode_prompts(["a red circle", "a red circle"])
-    rule = StepRule(backbone, 10, 1.0, (4, 16, 16))
-
-    def errors() -> torch.Tensor:
-        xt = rule.noised(x0, [5, 5], randomness["noise"])
-        with torch.no_grad():
-            out = backbone.predict(xt, rule.timesteps[[5, 5]], cond)
-        return (out - randomness["noise"]).pow(2).flatten(1).mean(1)
-
-    before = errors()
-    loss, _ = objective(backbone, x0[:, None], cond, randomness, backbone.denoiser, None,
-                        advantage=torch.tensor([5.0, -5.0]))
-    loss.backward()
-    with torch.no_grad():
-        for p in backbone.denoiser.parameters():
-            if p.grad is not None:
-                p -= 1e-3 * p.grad
-    after = errors()
+    before, after = errors_around_one_step(lambda backbone: _awm(backbone, kl_coef=0.0, anchor_coef=0.0),
+                                           advantage=5.0, lr=1e-3)
     assert after[0] < before[0] and after[1] > before[1]
 
 

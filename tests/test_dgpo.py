@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forward_process_step import errors_around_one_step
 
 from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.diffusion.logprob import StepRule
@@ -120,28 +121,8 @@ def test_loss_is_the_authors_step_by_hand(model):
 
 
 def test_a_step_fits_the_better_half_of_a_group_better_and_the_worse_one_worse():
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = _dgpo(backbone, kl_coef=0.0, ratio_clip=0.0)
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.randn(2, 4, 16, 16, generator=g)
-    randomness = {"step": torch.tensor([3, 3]), "noise": torch.randn(1, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)}
-    cond = backbone.encode_prompts(["a red circle", "a red circle"])
-
-    def errors():
-        with torch.no_grad():
-            noised = objective.noised(backbone, x0[:, None], cond, randomness, backbone.denoiser)
-            target = noised.rule.target(noised.x0, noised.steps, noised.noise)
-            return (noised.predict(backbone.denoiser) - target).pow(2).flatten(1).mean(dim=1)
-
-    before = errors()
-    loss, _ = objective(backbone, x0[:, None], cond, randomness, backbone.denoiser, load_pipeline(TOY_BASE).unet,
-                        advantage=torch.tensor([1.0, -1.0]))
-    loss.backward()
-    with torch.no_grad():
-        for p in backbone.denoiser.parameters():
-            if p.grad is not None:
-                p -= 1e-1 * p.grad
-    after = errors()
+    before, after = errors_around_one_step(lambda backbone: _dgpo(backbone, kl_coef=0.0, ratio_clip=0.0),
+                                           advantage=1.0, lr=1e-1, step=3, seed=3, shared_noise=True, reference=True)
     assert after[0] < before[0] and after[1] > before[1]
 
 

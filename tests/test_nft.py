@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forward_process_step import errors_around_one_step
 from safetensors.torch import load_file
 
 from diffalign.diffusion import backbone_for, load_pipeline
@@ -69,31 +70,13 @@ def test_loss_is_the_authors_step_by_hand(model):
 
 
 def test_a_step_pulls_good_samples_closer_and_pushes_bad_ones_away():
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, options={"kl_coef": 0.0}), backbone)
-    objective.attach(backbone.denoiser)
-    g = torch.Generator().manual_seed(5)
-    x0 = torch.randn(2, 4, 16, 16, generator=g)
-    randomness = {"step": torch.tensor([5, 5]), "noise": torch.randn(2, 4, 16, 16, generator=g)}
-    cond = backbone.encode_prompts(["a red circle", "a red circle"])
-    rule = StepRule(backbone, 10, 1.0, (4, 16, 16))
+    def nft(backbone) -> DiffusionNFT:
+        objective = DiffusionNFT(ObjectiveConfig(name="nft", loss="nft", sample_steps=10, options={"kl_coef": 0.0}),
+                                 backbone)
+        objective.attach(backbone.denoiser)
+        return objective
 
-    def errors() -> torch.Tensor:
-        a, b = rule.coefficients(5)
-        xt = a * x0 + b * randomness["noise"]
-        with torch.no_grad():
-            out = backbone.predict(xt, rule.timesteps[[5, 5]], cond)
-        return (rule.clean(5, xt, out) - x0).pow(2).flatten(1).mean(1)
-
-    before = errors()
-    loss, _ = objective(backbone, x0[:, None], cond, randomness, backbone.denoiser, None,
-                        advantage=torch.tensor([5.0, -5.0]))
-    loss.backward()
-    with torch.no_grad():
-        for p in backbone.denoiser.parameters():
-            if p.grad is not None:
-                p -= 1e-4 * p.grad
-    after = errors()
+    before, after = errors_around_one_step(nft, advantage=5.0, lr=1e-4)
     assert after[0] < before[0] and after[1] > before[1]
 
 
