@@ -66,7 +66,7 @@ OBJECTIVES = {
     "sppo": SPPO,
 }
 
-__all__ = ["OBJECTIVES", "AWM", "AlignProp", "DRaFT", "ReFL", "D3PO", "DDO", "DGPO", "DNO", "DRIFT", "DiffusionDPO", "DiffusionKTO", "DiffusionNFT", "DisCO",
-           "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDNO",
+__all__ = ["OBJECTIVES", "AWM", "AlignProp", "D3PO", "DDO", "DGPO", "DNO", "DRIFT", "DRaFT", "DiffusionDPO",
+           "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDNO",
            "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline", "LanguageModelRank",
-           "LanguageModelSPPO", "RSO", "RankDPO", "SelfNPO", "SmPO", "SPPO"]
+           "LanguageModelSPPO", "RSO", "RankDPO", "ReFL", "SelfNPO", "SmPO", "SPPO"]

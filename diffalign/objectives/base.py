@@ -104,6 +104,7 @@ class OnlineObjective(Objective):
     real_data = False
     scored = True
     keeps_trajectories = True
+    whole_groups = False  # True: a batch is whole groups (DGPO); train.batch_size a multiple of the group size
     steps_per_round = 1
 
     @classmethod
@@ -139,6 +140,10 @@ class OnlineObjective(Objective):
                             f"online.group_size must be {cls.group_size} (or empty), got {oc.group_size}")
         if oc.group_size is not None and oc.group_size < 2:
             raise UserError(f"online.group_size must be >= 2 (a group compares its samples), got {oc.group_size}")
+        if cls.whole_groups and config.train.batch_size % cls.round_group_size(config):
+            raise UserError(f"{config.objective.name} compares whole groups within a batch: train.batch_size="
+                            f"{config.train.batch_size} must be a multiple of the group size "
+                            f"{cls.round_group_size(config)} (online.group_size)")
         cls.check_sampling(config)
 
     @classmethod

@@ -39,7 +39,6 @@ from torch import nn
 
 from diffalign.config import ObjectiveConfig, ranged
 from diffalign.diffusion import Backbone, Conditioning
-from diffalign.errors import UserError
 from diffalign.objectives.forward_process import ForwardProcessObjective, squared_difference
 from diffalign.objectives.grpo import AdvantageOptions
 
@@ -89,7 +88,7 @@ class DGPO(ForwardProcessObjective):
     loss_kinds = ("dgpo",)
     own_losses = ("dgpo",)
     shadow_weights = True
-    whole_groups = True  # each batch is whole groups (check_config; the smoke run's sizes)
+    whole_groups = True
 
     Options = DGPOOptions
 
@@ -104,14 +103,6 @@ class DGPO(ForwardProcessObjective):
         objective = super().build(config, model)
         objective.units_per_group = cls.round_group_size(config)
         return objective
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        super().check_config(config)
-        k = cls.round_group_size(config)
-        if config.train.batch_size % k:
-            raise UserError(f"dgpo compares whole groups within a batch: train.batch_size={config.train.batch_size} "
-                            f"must be a multiple of the group size {k} (online.group_size)")
 
     # --- the trailing old policy: clip, optional reference, and later rollouts ----------------
     def trailing_schedule(self) -> tuple[float, int]:

@@ -142,7 +142,7 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
         keys += [Override(key, value, size) for key, value in (
             ("online.groups_per_round", "2"), ("online.sample_batch_size", "2"), ("online.steps_per_round", "2"),
             ("objective.sample_steps", "2"))]
-    if getattr(objective, "whole_groups", False):  # DGPO: each batch is whole groups, here one of 2
+    if objective.dataset == "online" and objective.whole_groups:  # DGPO: each batch is whole groups, here one of 2
         keys += [Override("online.group_size", "2", size), Override("train.batch_size", "2", size)]
     sources = tuple(shipped.get("data", {}).get("source_columns") or ())
     if objective.dataset == "online" and objective.scored and sources:  # edit rounds: instructions with sources

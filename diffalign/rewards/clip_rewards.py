@@ -95,33 +95,29 @@ class PickScore:
 
     def score_with_gradient(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """(N,) scores on the model's device, differentiable in ``images`` (:func:`tensor_preprocess` with the
-        processor's sizes and statistics; the text side without gradients)."""
+        processor's sizes and statistics; the model's weights are frozen)."""
         ip = self.processor.image_processor
         crop = (ip.crop_size["height"], ip.crop_size["width"])
-        pixels = tensor_preprocess(images.to(self.device), ip.size["shortest_edge"], crop, ip.image_mean, ip.image_std)
-        with torch.no_grad():
-            text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
-            text_features = _features(self.model.get_text_features(
-                input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)))
-        with _autocast(self.device):
-            image_features = _features(self.model.get_image_features(pixel_values=pixels))
-        cosine = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
-        return self.model.logit_scale.exp().float() * cosine
+        return self._score(tensor_preprocess(images.to(self.device), ip.size["shortest_edge"], crop, ip.image_mean,
+                                             ip.image_std), prompts)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         out = []
         for chunk in _batches(len(prompts), self.batch_size):
             pixels = self.processor(images=to_pil(images[chunk]), return_tensors="pt")["pixel_values"]
-            text = self.processor(text=list(prompts[chunk]), padding=True, truncation=True, max_length=77,
-                                  return_tensors="pt")
-            with _autocast(self.device):
-                image_features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-                text_features = _features(self.model.get_text_features(
-                    input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)))
-            cosine = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
-            out.append((self.model.logit_scale.exp().float() * cosine).cpu())
+            out.append(self._score(pixels.to(self.device), prompts[chunk]).cpu())
         return torch.cat(out)
+
+    def _score(self, pixels: Tensor, prompts: Sequence[str]) -> Tensor:
+        """(N,) exp(logit scale) x the cosine of the preprocessed ``pixels``' and the prompts' embeddings."""
+        text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with _autocast(self.device):
+            image_features = _features(self.model.get_image_features(pixel_values=pixels))
+            text_features = _features(self.model.get_text_features(
+                input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)))
+        cosine = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+        return self.model.logit_scale.exp().float() * cosine
 
 
 class ImageSimilarity:
