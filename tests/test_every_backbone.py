@@ -23,7 +23,7 @@ from diffalign.train.memory import LiveStorage
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev", "tiny-zimage",
              "tiny-qwenimage", "tiny-pixart"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
-        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "nft": None, "awm": None, "dgpo": None,
+        "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "grpo_guard": None, "nft": None, "awm": None, "dgpo": None,
         "disco": None, "draft": None, "alignprop": None, "refl": None, "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
 
 
@@ -53,10 +53,12 @@ def _moved(run: Path, model: str) -> bool:
 # rounds, pi_t and denoising scores) and differ only in their pair rules and losses, each checked by hand, so SPPO
 # runs on every backbone and the others on SD3; DisCO re-scores recorded steps as Flow-GRPO and D3PO do, so it runs
 # on SD3 too; DGPO's units, noising and predictions are NFT's and AWM's (ForwardProcessObjective), so it runs on one
-# epsilon and one flow model. The reward-gradient methods share one sampling loop (RewardGradientObjective): DRaFT runs
-# on every backbone, AlignProp and ReFL, which differ only in where the gradient starts and in the loss, on SD3.
+# epsilon and one flow model; GRPO-Guard's rounds and step re-scoring are Flow-GRPO's, with the step means recorded
+# beside the trajectories, so it runs on one epsilon model and two flow models of other latent layouts. The
+# reward-gradient methods share one sampling loop (RewardGradientObjective): DRaFT runs on every backbone, AlignProp
+# and ReFL, which differ only in where the gradient starts and in the loss, on SD3.
 FEWER = {**{name: ("tiny-sd3",) for name in ("dno", "gpo", "inpo_nash", "rso", "drift", "disco", "alignprop", "refl")},
-         "dgpo": ("tiny-sd15", "tiny-sd3")}
+         "dgpo": ("tiny-sd15", "tiny-sd3"), "grpo_guard": ("tiny-sd15", "tiny-sd3", "tiny-flux")}
 EVERY = [(objective, model) for objective in sorted(DATA) for model in BACKBONES
          if model in FEWER.get(objective, BACKBONES)]
 
@@ -107,9 +109,11 @@ def test_every_offline_objective_trains_on_edits(objective, model, edits, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", sorted(o for o, kind in DATA.items() if kind is None and o not in FEWER
+@pytest.mark.parametrize("objective", sorted(o for o, kind in DATA.items() if kind is None
+                                             and (o not in FEWER or o == "grpo_guard")
                                              and o not in ("awm", "draft")))  # AWM's rounds are NFT's;
-# DRaFT samples inside its loss from text prompts alone, and refuses edits
+# DRaFT samples inside its loss from text prompts alone, and refuses edits; GRPO-Guard keeps the step means of an
+# edit round's trajectories, whose conditioning carries the sources
 def test_every_online_objective_trains_on_rounds_of_edits(objective, edits, tmp_path):
     """Every objective that samples (DDO and DRIFT, which pair samples with real images, refuse edits) on rounds
     of edits: online.prompts a table of instructions with a source image each, on Qwen-Image-Edit, the model that

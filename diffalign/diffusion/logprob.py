@@ -46,11 +46,14 @@ class Trajectory:
         latents: (B, T + 1, C, h, w) x_0 (the starting noise) ... x_T (the clean latent).
         timesteps: (T,) the model timesteps of the steps.
         log_probs: (B, T) log p(x_{k+1} | x_k) under the sampling model.
+        means: (B, T, C, h, w) each step's Gaussian mean under the sampling model, when recorded
+            (``record_means``: GRPO-Guard's ratio needs the sampler's mean, not only its log-probability).
     """
 
     latents: Tensor
     timesteps: Tensor
     log_probs: Tensor
+    means: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -91,6 +94,19 @@ class StepRule:
             return 1 - sigma, sigma
         a, b = self.schedule.coefficients(torch.tensor([int(self.timesteps[k])]))
         return a.item(), b.item()
+
+    def level_drop(self, k: int) -> float:
+        """How far step k lowers the noise level, the flow's -dt: sigma_k - sigma_{k+1} on a flow model; on a DDPM-
+        family model the drop of b / (a + b) (:meth:`coefficients`), the level of the flow's path the latent sits on
+        once rescaled by 1 / (a + b); the level after the last step is 0."""
+        if self.flow:
+            return self.sigmas[k].item() - self.sigmas[k + 1].item()
+        a, b = self.coefficients(k)
+        after = 0.0
+        if k + 1 < len(self.timesteps):
+            a_next, b_next = self.coefficients(k + 1)
+            after = b_next / (a_next + b_next)
+        return b / (a + b) - after
 
     def noised(self, x0: Tensor, steps: list[int], noise: Tensor) -> Tensor:
         """The forward process at each row's step: x_k = a_k x_0 + b_k eps (:meth:`coefficients`), for methods that
@@ -183,7 +199,8 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
                         guidance_scale: float = 1.0, uncond: Conditioning | None = None,
                         generator: torch.Generator | None = None, denoiser: nn.Module | None = None,
                         progress: str | None = None, step_noise: Tensor | None = None,
-                        stochastic: Tensor | None = None, sampler: str = "sde") -> Trajectory:
+                        stochastic: Tensor | None = None, sampler: str = "sde", record_means: bool = False
+                        ) -> Trajectory:
     """Sample from ``noise`` (B, C, h, w) with the stochastic rule, recording every step.
 
     ``uncond`` (one prompt's conditioning, e.g. the empty prompt, repeated to B) enables
@@ -194,15 +211,17 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
     the steps that draw noise (MixGRPO's window); the others take the deterministic step (eta 0) and record
     a log-probability of 0, having no density to train on. The step noise is drawn for every step either
     way, so a window does not change the noise of the steps inside it. ``sampler``: the flow SDE or ``cps``
-    (:class:`StepRule`), whose last step draws no noise.
+    (:class:`StepRule`), whose last step draws no noise. ``record_means``: keep each step's mean too.
     """
     rule = StepRule(backbone, steps, eta, tuple(noise.shape[1:]), sampler=sampler)
     x = noise.float()
-    latents, log_probs = [x], []
+    latents, log_probs, means = [x], [], []
     for k, t in enumerate(tqdm(rule.timesteps, desc=progress, disable=progress is None, leave=False)):
         noisy = (stochastic is None or bool(stochastic[k])) and rule.noisy(k)
         mean, std = rule.distribution(k, x, guided_output(backbone, x, t, cond, uncond, guidance_scale, denoiser),
                                       stochastic=noisy)
+        if record_means:
+            means.append(mean)
         z = (torch.randn(x.shape, generator=generator, dtype=torch.float32) if step_noise is None
              else step_noise[:, k].float()).to(x.device)
         if noisy:
@@ -212,7 +231,8 @@ def sample_trajectories(backbone: Backbone, noise: Tensor, cond: Conditioning, *
             x = mean
             log_probs.append(torch.zeros(x.shape[0], device=x.device))
         latents.append(x)
-    return Trajectory(torch.stack(latents, dim=1), rule.timesteps.clone(), torch.stack(log_probs, dim=1))
+    return Trajectory(torch.stack(latents, dim=1), rule.timesteps.clone(), torch.stack(log_probs, dim=1),
+                      torch.stack(means, dim=1) if record_means else None)
 
 
 def step_distribution(backbone: Backbone, latents: Tensor, k: int | Tensor, cond: Conditioning, *, eta: float = 1.0,

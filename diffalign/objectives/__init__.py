@@ -14,6 +14,7 @@ from diffalign.objectives.draft import DRaFT
 from diffalign.objectives.drift import DRIFT
 from diffalign.objectives.gpo import GPO
 from diffalign.objectives.grpo import FlowGRPO
+from diffalign.objectives.grpo_guard import GRPOGuard
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.inpo_nash import INPONash
 from diffalign.objectives.lm_dno import LanguageModelDNO
@@ -47,6 +48,7 @@ OBJECTIVES = {
     "drift": DRIFT,
     "gpo": GPO,
     "grpo": FlowGRPO,
+    "grpo_guard": GRPOGuard,
     "inpo": InPO,
     "inpo_nash": INPONash,
     "lm_dno": LanguageModelDNO,
@@ -67,6 +69,6 @@ OBJECTIVES = {
 }
 
 __all__ = ["OBJECTIVES", "AWM", "AlignProp", "D3PO", "DDO", "DGPO", "DNO", "DRIFT", "DRaFT", "DiffusionDPO",
-           "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "INPONash", "InPO", "LanguageModelDNO",
-           "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline", "LanguageModelRank",
-           "LanguageModelSPPO", "RSO", "RankDPO", "ReFL", "SelfNPO", "SmPO", "SPPO"]
+           "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "GRPOGuard", "INPONash", "InPO",
+           "LanguageModelDNO", "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline",
+           "LanguageModelRank", "LanguageModelSPPO", "RSO", "RankDPO", "ReFL", "SelfNPO", "SmPO", "SPPO"]

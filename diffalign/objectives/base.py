@@ -91,7 +91,8 @@ class OnlineObjective(Objective):
     only the clean samples, not every step of their trajectories, and may sample them with the deterministic
     sampler (``objective.sample_eta=0``). ``samples_in_loss`` True: the method samples inside its loss, with
     gradients (:mod:`diffalign.objectives.reward_gradient`), so its batches are prompts and noise
-    (:mod:`diffalign.train.prompt_batches`), not rounds. ``steps_per_round`` is the run's
+    (:mod:`diffalign.train.prompt_batches`), not rounds. ``keeps_step_means`` True: the round records each
+    step's Gaussian mean as well (GRPO-Guard's ratio). ``steps_per_round`` is the run's
     ``online.steps_per_round``, which :meth:`build` reads with the rest of the config.
     """
 
@@ -104,6 +105,7 @@ class OnlineObjective(Objective):
     real_data = False
     scored = True
     keeps_trajectories = True
+    keeps_step_means = False
     whole_groups = False  # True: a batch is whole groups (DGPO); train.batch_size a multiple of the group size
     steps_per_round = 1
 

@@ -91,9 +91,9 @@ def round_advantages(round_, std: str) -> tuple[Tensor, Tensor]:
     return group_advantages(round_.rewards.reshape(-1), prompts, std=std), torch.arange(g).repeat_interleave(k)
 
 
-def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantage: Tensor, clip: float) -> Tensor:
-    """(B,) PPO's clipped surrogate loss max(-A rho, -A clip(rho, 1 - clip, 1 + clip)), rho = exp(log_prob - old)."""
-    ratio = torch.exp(log_prob - old_log_prob)
+def clipped_surrogate(log_ratio: Tensor, advantage: Tensor, clip: float) -> Tensor:
+    """(B,) PPO's clipped surrogate loss max(-A rho, -A clip(rho, 1 - clip, 1 + clip)), rho = exp(log_ratio)."""
+    ratio = torch.exp(log_ratio)
     return torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip, 1 + clip))
 
 
@@ -138,9 +138,11 @@ class FlowGRPO(OnlineObjective):
         std = std.view(-1, *([1] * (mean.dim() - 1)))
         log_prob = transition_log_prob(trajectories[rows, step + 1], mean, std, self.sampler)
         old = old_log_probs[rows, step].to(log_prob)
+        log_ratio, weight = self.log_ratio(log_prob, old, backbone=backbone, mean=mean, std=std,
+                                           sample=trajectories[rows, step + 1], rows=rows, step=step, **targets)
         clipped_advantage = advantage.to(log_prob).clamp(-self.advantage_clip, self.advantage_clip)
-        policy_loss = clipped_surrogate(log_prob, old, clipped_advantage, self.clip).mean()
-        ratio = torch.exp(log_prob.detach() - old)
+        policy_loss = (clipped_surrogate(log_ratio, clipped_advantage, self.clip) * weight).mean()
+        ratio = torch.exp(log_ratio.detach())
         metrics = {"policy_loss": policy_loss.detach(), "ratio_mean": ratio.mean(), "ratio_max": ratio.max(),
                    "ratio_min": ratio.min(), "clip_fraction": ((ratio - 1).abs() > self.clip).float().mean(),
                    "advantage_mean": advantage.float().mean(), "advantage_abs": advantage.float().abs().mean()}
@@ -152,3 +154,10 @@ class FlowGRPO(OnlineObjective):
             loss = loss + self.kl_coef * kl.mean()
             metrics["kl"] = kl.mean().detach()
         return loss, metrics
+
+    def log_ratio(self, log_prob: Tensor, old_log_prob: Tensor, **step: Any) -> tuple[Tensor, Tensor]:
+        """(B,) log rho of each unit and (B,) its weight in the mean of the clipped surrogate: the step
+        log-probability under the policy minus the sampler's, every unit weighted 1. ``step`` carries the backbone,
+        the step's mean and std under the policy, the sampled next latent, the units' rows and steps and the
+        round's other targets, for ratios built otherwise (GRPO-Guard's)."""
+        return log_prob - old_log_prob, torch.ones_like(log_prob)

@@ -181,7 +181,7 @@ SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.
            # DDPO's JPEG size tells their images apart
            **{name: ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                      "objective.sample_steps=2", "online.reward=jpeg_incompressibility"]
-              for name in ("grpo", "disco", "nft", "awm", "dgpo")},
+              for name in ("grpo", "grpo_guard", "disco", "nft", "awm", "dgpo")},
            **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
            "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
            "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],

@@ -104,6 +104,8 @@ class Round:
         latents: (G, K, T + 1, C, h, w) trajectories, x_0 (noise) ... x_T (the clean latent); (G, K, 1, C, h, w),
             the clean latents alone, for objectives that do not keep trajectories.
         log_probs: (G, K, T) each step's log-probability under the policy that sampled it.
+        means: (G, K, T, C, h, w) each step's Gaussian mean under that policy, for objectives that keep them
+            (``keeps_step_means``); else None.
         rewards: (G, K) the reward of each final image, or None when people judge the pairs (or nobody does).
         winners: () -> (G,) the preferred trajectory (0 or 1) of each pair, from the rewards or the human
             labels; a call, since human labels may not be there yet (it raises :class:`NeedsLabels`).
@@ -120,6 +122,7 @@ class Round:
     winners: Callable[[], Tensor]
     real: Tensor | None = None
     generator: Callable[[int], torch.Generator] | None = None
+    means: Tensor | None = None
 
 
 RealExamples = Callable[[list[int]], tuple[Tensor, list[str]]]
@@ -206,6 +209,8 @@ class OnlineRounds(RoundDriver):
         if not self.objective.keeps_trajectories:
             latents = latents[:, -1:].contiguous()
         part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=sde_window(self.config, r))
+        if self.objective.keeps_step_means:
+            part["means"] = torch.cat([batch[4] for batch in batches])
         for name in self.rewards:
             part[f"reward/{name}"] = torch.cat([scores[name] for scores in parts]).view(-1, k)
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
@@ -237,8 +242,9 @@ class OnlineRounds(RoundDriver):
 
     def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None,
                        reference: Tensor | None = None, sources: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps), on the CPU. Each
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps, step means or None when
+        the objective keeps none), on the CPU. Each
         group draws its starting noise and step noise from its own generator, so a group is the same
         whichever process, and whichever batch, samples it. ``reference``: (G, S, C, h, w) latents of each group's
         source images, for an edit model, and ``sources`` their pixels."""
@@ -258,10 +264,12 @@ class OnlineRounds(RoundDriver):
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
                                              uncond=uncond, step_noise=step_noise, progress=label,
                                              denoiser=self.objective.sampling_denoiser(),
-                                             stochastic=sde_window(self.config, r), sampler=obj.sampler)
+                                             stochastic=sde_window(self.config, r), sampler=obj.sampler,
+                                             record_means=self.objective.keeps_step_means)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
+        means = None if trajectory.means is None else trajectory.means.cpu().contiguous()
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
-                trajectory.timesteps.float().cpu())
+                trajectory.timesteps.float().cpu(), means)
 
     def join(self, r: int, tmp: Path) -> None:
         """The processes' parts as the round's ``trajectories.safetensors`` and ``groups.json``, in group order."""
@@ -277,6 +285,8 @@ class OnlineRounds(RoundDriver):
 
         tensors = {"latents": by_group("latents").flatten(0, 1), "timesteps": parts[0]["timesteps"],
                    "log_probs": by_group("log_probs").flatten(0, 1), "stochastic": parts[0]["stochastic"]}
+        if "means" in parts[0]:
+            tensors["means"] = by_group("means").flatten(0, 1)
         for key in ("real", "reference"):  # DDO's real images; an edit round's sources
             if key in parts[0]:
                 tensors[key] = torch.cat([part[key] for part in parts])[order]
@@ -341,7 +351,8 @@ class OnlineRounds(RoundDriver):
                        log_probs=tensors["log_probs"].view(g, k, -1),
                        rewards=None if record["rewards"] is None else torch.tensor(record["rewards"]),
                        winners=lambda: torch.tensor(self.winners(r, record)), real=tensors.get("real"),
-                       generator=lambda i: example_generator(self.config.train.seed, r, 3, i, 0))
+                       generator=lambda i: example_generator(self.config.train.seed, r, 3, i, 0),
+                       means=tensors["means"].view(g, k, *tensors["means"].shape[1:]) if "means" in tensors else None)
         stochastic = tensors.get("stochastic", torch.ones(len(tensors["timesteps"]), dtype=torch.bool))
         units = self.objective.training_units(round_)
         # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards

@@ -601,9 +601,10 @@ class PreferenceTrainer:
         bar = tqdm(total=tc.max_steps, initial=step, disable=not acc.is_local_main_process, desc="train")
         history: list[dict[str, float]] = []
         interrupted = False
-        if step == 0:  # the watches' baseline; one validation cannot show a fall
-            self._watch(step, self._validate(step), history, state)
         started, pairs_done = time.perf_counter(), 0
+        self._validation_s = 0.0  # this process's time in validations, which train_s leaves out
+        if step == 0:  # the watches' baseline; one validation cannot show a fall
+            self._watch(step, self._validate(step, started), history, state)
         with _StopSignal() as stop:
             while step < tc.max_steps:
                 try:
@@ -634,6 +635,7 @@ class PreferenceTrainer:
                     logs = dict(zip(names, means.tolist()))
                     elapsed = time.perf_counter() - started  # since this process began training: rounds, steps,
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,  # validations
+                                train_s=elapsed - self._validation_s,  # the same without validations
                                 pairs_per_s=pairs_done / max(elapsed, 1e-9),
                                 skipped_rows=len(self._bad_on_load | self._bad_read_by_all_processes()))
                     history.append(logs)
@@ -645,7 +647,7 @@ class PreferenceTrainer:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(json_safe(logs)[0]) + "\n")
                     acc.log(logs, step=step)
-                gamed = self._watch(step, self._validate(step), history, state)
+                gamed = self._watch(step, self._validate(step, started), history, state)
                 if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or stop.requested or gamed:
                     state["last_good_checkpoint"] = str(self._save_checkpoint(step, state))
                 if stop.requested:
@@ -723,17 +725,22 @@ class PreferenceTrainer:
         return save_final_weights(self.backbone, self.accelerator.unwrap_model(self.trained), weights, folder,
                                   lora=self.config.train.lora_rank > 0)
 
-    def _validate(self, step: int) -> dict[str, float] | None:
+    def _validate(self, step: int, started: float) -> dict[str, float] | None:
         """Sample the validation prompts when due, each process its share; the scores on the main process, {} on
-        the others, None when no validation was due."""
+        the others, None when no validation was due. ``started`` is when this process began training: the log
+        gets the training time until now without the validations (``train_s``, what reward-against-time curves
+        plot), and the validation's own time is added to the validations' total."""
         if not self.validator.due(step, self.config.train.max_steps):
             return None
+        began = time.perf_counter()
+        train_s = began - started - self._validation_s
         if self.config.data.precompute:  # the encoders wait on the CPU between validations
             self._encoders_to(self.accelerator.device)
         with self.accelerator.autocast():
-            scores = self.validator.run(self.backbone.pipe, step, self.accelerator.state)
+            scores = self.validator.run(self.backbone.pipe, step, self.accelerator.state, train_s=train_s)
         if self.config.data.precompute:
             self._encoders_to(torch.device("cpu"))
+        self._validation_s += time.perf_counter() - began
         if scores:
             self.accelerator.log(scores, step=step)
         grid = self.validator.grid_path(step)

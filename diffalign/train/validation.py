@@ -43,9 +43,10 @@ class Validator:
         """Where the grid of ``step``'s samples is written (by the main process)."""
         return self.samples / f"step-{step:07d}.png"
 
-    def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState) -> dict[str, float]:
+    def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState, *,
+            train_s: float | None = None) -> dict[str, float]:
         """Sample and score this process's share (every N-th image), then on the main process save the grid
-        and log; returns {"val_<reward>": mean over every image, "stat_<statistic>": the images' statistic} there, {}
+        and log (with ``train_s``, the run's training time so far without validations, when given); returns {"val_<reward>": mean over every image, "stat_<statistic>": the images' statistic} there, {}
         on the others."""
         mine = list(range(processes.process_index, len(self.prompts), processes.num_processes))
         done = []  # (index, 8-bit image, score per reward) of this process's images
@@ -69,5 +70,6 @@ class Validator:
         scores = {f"val_{r.name}": sum(s[r.name] for _, _, s in done) / len(done) for r in self.rewards}
         scores.update({f"stat_{name}": value for name, value in image_statistics(images, self.prompts).items()})
         with self.log_path.open("a") as f:
-            f.write(json.dumps({"step": step, **scores}) + "\n")
+            timing = {} if train_s is None else {"train_s": train_s}
+            f.write(json.dumps({"step": step, **timing, **scores}) + "\n")
         return scores
