@@ -11,6 +11,7 @@ reach each of a few fixed gains over step 0) and draws the curves into ``reward_
     python scripts/bench_reward_time.py                              # Flow-GRPO, NFT, AWM, DGPO, DRaFT
     python scripts/bench_reward_time.py --objectives awm,dgpo --every 10
     python scripts/bench_reward_time.py --set train.max_steps=100   # a config override for every method
+    python scripts/bench_reward_time.py --reuse                     # the table and plot of the runs in --out
 """
 
 from __future__ import annotations
@@ -31,9 +32,13 @@ from diffalign.paths import CONFIGS  # noqa: E402
 REWARD = "val_toy_preference"
 
 
-def train(method: str, out: Path, every: int, overrides: list[str]) -> list[dict[str, float]]:
-    """Train ``method`` from its toy config into ``out/<method>``; its validation records, step 0 first."""
+def train(method: str, out: Path, every: int, overrides: list[str], reuse: bool) -> list[dict[str, float]]:
+    """Train ``method`` from its toy config into ``out/<method>``; its validation records, step 0 first. ``reuse``:
+    a run already there (an earlier invocation's, whole or stopped part way) is read instead of trained again."""
     run = out / method
+    if reuse and (run / "validation.jsonl").is_file():
+        print(f"reusing {run}", flush=True)
+        return [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     command = ["diffalign", "train", str(CONFIGS / f"toy_{method}.yaml"), f"output_dir={run}",
                f"validation.every={every}", "train.checkpoint_every=0", *overrides]
     print("$", " ".join(command), flush=True)
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20, help="validate every this many optimiser steps")
     parser.add_argument("--gains", default="0.02,0.04,0.06", help="reward gains over step 0 to time")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_reward_time"))
+    parser.add_argument("--reuse", action="store_true", help="read the runs already in --out instead of training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every method's toy config (repeatable)")
     args = parser.parse_args()
@@ -90,7 +96,7 @@ def main() -> None:
     if missing:
         sys.exit(f"no toy config for {', '.join(missing)} (configs/toy_<method>.yaml)")
     args.out.mkdir(parents=True, exist_ok=True)
-    curves = {m: train(m, args.out, args.every, args.set) for m in methods}
+    curves = {m: train(m, args.out, args.every, args.set, args.reuse) for m in methods}
     (args.out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
     plot(curves, args.out / "reward_time.png")
     print()

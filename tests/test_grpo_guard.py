@@ -3,6 +3,7 @@ the whole loss by hand, the gradient's direction, and its rounds (the sampler's 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,5 +154,7 @@ def test_the_toy_config_records_the_step_means_with_each_round(tmp_path):
     # each recorded mean is the step the sampler took, less its noise: x_{k+1} - mean is the step's noise times s
     residual = (saved["latents"][:, 1:] - saved["means"]).flatten(2).std(dim=2)
     assert (residual > 0).all()
-    line = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0]
-    assert '"clip_fraction"' in line and '"train_s"' in line
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "clip_fraction" in logged and logged["train_s"] <= logged["elapsed_s"]
+    # the sampler's own steps re-scored in another batch: in fp32 a ratio moves by rounding alone, far inside the clip
+    assert 0 <= logged["round_ratio_error"] < 1e-5

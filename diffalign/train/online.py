@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from diffalign.data import example_generator
 from diffalign.data.edit_prompts import EditPrompts
 from diffalign.diffusion import Backbone, Conditioning
-from diffalign.diffusion.logprob import sample_trajectories
+from diffalign.diffusion.logprob import sample_trajectories, step_log_prob
 from diffalign.errors import PausedRound, UserError
 from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
@@ -211,6 +211,9 @@ class OnlineRounds(RoundDriver):
         part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=sde_window(self.config, r))
         if self.objective.keeps_step_means:
             part["means"] = torch.cat([batch[4] for batch in batches])
+        errors = [batch[5] for batch in batches if batch[5] is not None]
+        if errors:
+            part["ratio_error"] = torch.stack(errors).max().reshape(1)
         for name in self.rewards:
             part[f"reward/{name}"] = torch.cat([scores[name] for scores in parts]).view(-1, k)
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
@@ -242,9 +245,9 @@ class OnlineRounds(RoundDriver):
 
     def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None,
                        reference: Tensor | None = None, sources: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps, step means or None when
-        the objective keeps none), on the CPU. Each
+        the objective keeps none, the sampler's ratio error or None (:meth:`_ratio_error`)), on the CPU. Each
         group draws its starting noise and step noise from its own generator, so a group is the same
         whichever process, and whichever batch, samples it. ``reference``: (G, S, C, h, w) latents of each group's
         source images, for an edit model, and ``sources`` their pixels."""
@@ -267,9 +270,29 @@ class OnlineRounds(RoundDriver):
                                              stochastic=sde_window(self.config, r), sampler=obj.sampler,
                                              record_means=self.objective.keeps_step_means)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
+            error = self._ratio_error(trajectory, cond, uncond) if self.objective.keeps_trajectories else None
         means = None if trajectory.means is None else trajectory.means.cpu().contiguous()
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
-                trajectory.timesteps.float().cpu(), means)
+                trajectory.timesteps.float().cpu(), means, error)
+
+    def _ratio_error(self, trajectory, cond: Conditioning, uncond: Conditioning | None) -> Tensor | None:
+        """The largest |log rho| of the batch's first trajectory, its stochastic steps re-scored by the sampler
+        itself in one batch of another shape: how far rounding alone (the forward's precision, the batch's
+        composition) moves an importance ratio before any update, to set against the clip range (Flow-GRPO's
+        1e-4; flow_grpo #211 asks why its ratios sit at 1). Logged as ``round_ratio_error``; None when the round
+        has no stochastic step. The log-probabilities and ratios themselves are always computed in fp32 from the
+        model's output, whatever ``train.mixed_precision`` the forward runs in."""
+        obj = self.config.objective
+        steps = (trajectory.log_probs[0] != 0).nonzero().squeeze(1)  # deterministic steps record exactly 0
+        if len(steps) == 0:
+            return None
+        n = len(steps)
+        rescored = step_log_prob(self.backbone, trajectory.latents[:1].expand(n, *trajectory.latents.shape[1:]),
+                                 steps, cond[0:1].repeat_items(n), eta=obj.sample_eta,
+                                 guidance_scale=obj.sample_guidance_scale,
+                                 uncond=None if uncond is None else uncond[0:1].repeat_items(n),
+                                 denoiser=self.objective.sampling_denoiser(), sampler=obj.sampler)
+        return (rescored.float() - trajectory.log_probs[0, steps].float()).abs().max().cpu()
 
     def join(self, r: int, tmp: Path) -> None:
         """The processes' parts as the round's ``trajectories.safetensors`` and ``groups.json``, in group order."""
@@ -301,6 +324,9 @@ class OnlineRounds(RoundDriver):
         record = {"prompts": prompts, "group_size": k, "rewards": None if rewards is None else rewards.tolist(),
                   "reward_weights": self.reward_weights, "reward_parts": {n: v.tolist() for n, v in raw.items()},
                   "image_stats": self._image_stats(tmp / "images", prompts)}
+        errors = [part["ratio_error"] for part in parts if "ratio_error" in part]
+        if errors:
+            record["ratio_error"] = float(torch.cat(errors).max())
         (tmp / "groups.json").write_text(json.dumps(record))
         for f in files:
             f.unlink()
@@ -357,7 +383,8 @@ class OnlineRounds(RoundDriver):
         units = self.objective.training_units(round_)
         # what the objective says of its units (the pairs a self-play rule kept) is logged with the rewards
         logged = {**self._logged_rewards(record), **units.pop("logged", {}),
-                  **{f"round_{name}": torch.tensor(value) for name, value in record.get("image_stats", {}).items()}}
+                  **{f"round_{name}": torch.tensor(value) for name, value in record.get("image_stats", {}).items()},
+                  **({"round_ratio_error": torch.tensor(record["ratio_error"])} if "ratio_error" in record else {})}
         return {**units, "round": r, "prompts": record["prompts"], "reference": tensors.get("reference"),
                 "trained_steps": self._trained_steps(tensors["timesteps"], stochastic.bool()), "logged": logged}
 
