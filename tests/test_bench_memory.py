@@ -141,6 +141,26 @@ def test_an_online_step_and_its_rounds_sampling_count_what_the_real_ones_allocat
         assert one["activations_gb"] == two["activations_gb"] == fake["activations_gb"]
 
 
+REWARD_GRADIENT = ["online.prompts=toy_train", "online.reward=toy_preference_soft", "objective.sample_steps=4",
+                   "objective.sample_guidance_scale=3", "train.lora_rank=4"]
+
+
+@pytest.mark.slow
+def test_a_reward_gradient_step_counts_what_the_real_one_allocates_and_checkpointing_saves_it():
+    """DRaFT-K samples with gradients inside its step: fake storage and real CPU tensors agree (on Qwen-Image, as
+    above); keeping every trained step's activations (checkpoint_steps off) costs more, and training more of the
+    steps costs more only without checkpointing's recomputation (a step's checkpoint keeps its input alone)."""
+    draft = [*REWARD_GRADIENT, "objective.name=draft", "objective.loss=draft"]
+    fake = bench_memory.training_step_memory(_config("tiny-qwenimage", 2, *draft, "objective.options.k=3"), fake=True)
+    real = bench_memory.training_step_memory(_config("tiny-qwenimage", 2, *draft, "objective.options.k=3"), fake=False)
+    assert fake == real and fake["activations_gb"] > 0 and "sampling_gb" not in fake
+    kept = bench_memory.training_step_memory(_config("tiny-qwenimage", 2, *draft, "objective.options.k=3",
+                                                     "objective.options.checkpoint_steps=false"))
+    one = bench_memory.training_step_memory(_config("tiny-qwenimage", 2, *draft, "objective.options.k=1",
+                                                    "objective.options.checkpoint_steps=false"))
+    assert one["activations_gb"] < kept["activations_gb"] and fake["activations_gb"] < kept["activations_gb"]
+
+
 def test_measure_trains_real_steps_on_synthetic_pairs(tmp_path):
     """The GPU path, run on the CPU: the real trainer on the config, three steps."""
     row = bench_memory.measured_step_memory(_config("tiny-sdxl", 2, "train.gradient_accumulation=4",

@@ -231,6 +231,30 @@ def online_inputs(objective, config, latent_shape: tuple[int, ...]):
     return units["latents"][:b], randomness, {name: value[:b] for name, value in units["targets"].items()}
 
 
+class PixelMeanReward:
+    """The stand-in for a differentiable reward in a reward-gradient method's estimate: each image's mean pixel, a
+    function of every pixel (so the VAE's backward is whole) that holds nothing. The reward model's own weights and
+    activations are left out, as every online estimate leaves its reward models out."""
+
+    name = "pixel_mean"
+
+    def score_with_gradient(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return images.flatten(1).mean(dim=1)
+
+
+def prompt_inputs(objective, config, latent_shape: tuple[int, ...], prompt: str):
+    """(latents, randomness, targets) of one micro-batch of a method that samples inside its loss, as
+    :class:`~diffalign.train.prompt_batches.PromptBatches` makes it: each sample's starting noise, its sampler's step
+    noise, what the method draws, and the prompts."""
+    from diffalign.data import example_generator
+
+    b, steps = config.train.batch_size, config.objective.sample_steps
+    generator = example_generator(config.train.seed, 0)
+    randomness = {"step_noise": torch.randn((b, steps, *latent_shape), generator=generator),
+                  **objective.draw(b, latent_shape, generator)}
+    return torch.randn((b, 1, *latent_shape), generator=generator), randomness, {"prompts": [prompt] * b}
+
+
 @contextlib.contextmanager
 def first_and_last_steps_only(backbone, steps: int, every_step: bool = False):
     """Run the denoiser at the sampler's first and last steps only; between them ``backbone.predict`` returns a new
@@ -293,9 +317,6 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     online = objective_cls.dataset == "online"
     if objective_cls.family == "lm":
         raise SystemExit(f"{config.objective.name} trains a language model; its memory is not estimated here")
-    if objective_cls.samples_in_loss:  # its reward model runs inside the step, with gradients, on real weights
-        raise SystemExit(f"{config.objective.name} samples and scores inside its loss; its memory is not estimated "
-                         "here yet (measure a step on the GPU with torch.cuda.max_memory_allocated)")
     device = torch.device("meta" if fake else "cpu")
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
@@ -309,7 +330,11 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     # the values objectives read with .item() or nonzero.
     guided = online and config.objective.sample_guidance_scale != 1.0
     with text_encoders_for_estimate(backbone), torch.no_grad(), autocast:
-        objective = objective_cls.build(config, backbone)
+        if objective_cls.samples_in_loss:  # its reward stands in (not counted): a reward model needs its weights
+            objective = objective_cls(config.objective, backbone)
+            objective.rewards = [(PixelMeanReward(), 1.0)]
+        else:
+            objective = objective_cls.build(config, backbone)
         if sources and backbone.prompt_reads_sources:  # its text encoder adds the sources' tokens to the prompt's
             pixels = torch.zeros(1, sources, 3, config.data.resolution, config.data.resolution)
             cond = backbone.encode_prompts(prompt, pixels)
@@ -320,8 +345,12 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
         uncond = backbone.empty_prompt() if guided else None
     if config.data.source_columns:  # an edit model reads its sources' tokens beside the target's
         cond.reference = torch.randn(1, len(config.data.source_columns), *latent_shape)
-    latents, randomness, targets = online_inputs(objective, config, latent_shape) if online \
-        else offline_inputs(objective, config, latent_shape, list_size)
+    if objective_cls.samples_in_loss:
+        latents, randomness, targets = prompt_inputs(objective, config, latent_shape, prompt[0])
+    elif online:
+        latents, randomness, targets = online_inputs(objective, config, latent_shape)
+    else:
+        latents, randomness, targets = offline_inputs(objective, config, latent_shape, list_size)
     batch_cond = cond.repeat_items(tc.batch_size)
     denoiser = backbone.denoiser
     # what the objective trains beside the model (SparsePO's region masks), as the trainer adds it
@@ -333,7 +362,8 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
     tracker = LiveStorage()
     with tracker:
-        tracker.add(*weights, *batch_cond.tensors().values(), latents, *randomness.values(), *targets.values())
+        tracker.add(*weights, *batch_cond.tensors().values(), latents, *randomness.values(),
+                    *(t for t in targets.values() if isinstance(t, torch.Tensor)))
         states = optimizer_state(params, tc.adam_8bit)
         if tc.ema_decay > 0:
             states += [p.detach().clone() for p in params]
@@ -342,7 +372,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
         at_rest = tracker.current
         sampling = None
         with cuda_autocast_norms():
-            if online:
+            if online and not objective_cls.samples_in_loss:  # a reward-gradient method samples in its step
                 with autocast:
                     round_sampling(objective, config, backbone, cond, uncond, every_step)
                 sampling, tracker.peak = tracker.peak, tracker.current
