@@ -116,3 +116,14 @@ def test_an_endpoint_that_does_not_answer_stops_after_its_retries():
     with pytest.raises(RewardServerDown, match=rf"the judge endpoint at http://127.0.0.1:{port}/v1 did not answer "
                                               "GET /models after 2 tries"):
         OpenAIJudge(f"http://127.0.0.1:{port}/v1", retries=1, retry_wait=0)
+
+
+@pytest.mark.slow
+def test_the_pairwise_judge_sends_both_images_and_names_an_answer_with_no_verdict(judge_server):
+    """Two images and the question go to the real server in one request; its rigged answer holds no verdict, which
+    is an error naming the answer (Pref-GRPO would count it a tie)."""
+    judge = load_reward(f"pairwise_judge:{judge_server}:max_tokens=6")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"pairwise judge .* answered 'Final Score: 4.*' for the prompt 'a cat'; the "
+                                        r"pairwise template reads its verdict \(1 or 2\)"):
+        judge.compare(images[:1], images[1:], ["a cat"])

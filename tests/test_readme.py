@@ -63,6 +63,8 @@ NOT_RUN = [
      "tests/test_bench_online.py runs bench_online.py small, tests/test_bench_noisy_labels.py its label flips"),
     (r"^diffalign serve-reward |online\.reward=http", "serves until stopped (and the run it feeds); "
      "tests/test_reward_server.py serves a reward in a second process and trains against it"),
+    (r"online\.reward=pairwise_judge:http", "needs a served judge and SD3.5 weights; tests/test_pairwise_judge.py "
+     "trains a round on a judge's verdicts, tests/test_openai_judge.py sends a pair to a real server"),
     (r"^(vllm|transformers) serve ", "serves a judge model until stopped; tests/test_openai_judge.py starts "
      "transformers serve over a tiny VLM and scores through it"),
     (r"^python scripts/bench_signs\.py( |$)", "a benchmark of an hour on 2 CPU cores; tests/test_toy_configs.py runs "

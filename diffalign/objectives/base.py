@@ -134,6 +134,15 @@ class OnlineObjective(Objective):
                             "model spec) or online.labels (a JSON-lines file of human labels)")
         if oc.reward == []:
             raise UserError("online.reward is an empty list: name at least one reward model")
+        if oc.reward is not None and cls.round_group_size(config) < 2:
+            from diffalign.rewards import REWARDS, RewardSpec
+            from diffalign.rewards.weighted import reward_specs
+
+            pairwise = [RewardSpec.parse(spec).name for spec in reward_specs(oc.reward)
+                        if getattr(REWARDS.get(RewardSpec.parse(spec).name), "pairwise", False)]
+            if pairwise:
+                raise UserError(f"{', '.join(pairwise)} compares the images of a group, and this run's groups hold "
+                                "one image: set online.group_size >= 2, or use a pointwise reward")
         if oc.labels is not None and not cls.takes_labels:
             raise UserError(f"{config.objective.name} needs a reward for every sample (online.reward); human "
                             "labels of pairs give no group-relative advantages")

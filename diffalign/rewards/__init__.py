@@ -33,6 +33,7 @@ from diffalign.rewards.hpsv3 import HPSv3
 from diffalign.rewards.image_reward import ImageReward
 from diffalign.rewards.ocr import OcrAccuracy
 from diffalign.rewards.openai_judge import OpenAIJudge
+from diffalign.rewards.pairwise_judge import PairwiseJudge
 from diffalign.rewards.remote import RemoteReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference, ToyPreferenceSoft
 from diffalign.rewards.vlm_judge import VLMJudge
@@ -55,11 +56,12 @@ REWARDS: dict[str, type] = {
     "ocr": OcrAccuracy,
     "geneval": GenEval,
     "openai_judge": OpenAIJudge,
+    "pairwise_judge": PairwiseJudge,
     "remote": RemoteReward,
 }
 NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "hps_v3", "clip_score", "aesthetic", "image_reward",
-              "vlm_judge", "image_similarity", "geneval", "openai_judge"}
-SERVED = {"remote", "openai_judge"}  # their path is a server's URL
+              "vlm_judge", "image_similarity", "geneval", "openai_judge", "pairwise_judge"}
+SERVED = {"remote", "openai_judge", "pairwise_judge"}  # their path is a server's URL
 PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata", "base")  # options that name a file or folder
 
 
@@ -155,5 +157,5 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "HPSv3", "ImageReward", "ImageSimilarity", "OcrAccuracy",
-           "OpenAIJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "ToyPreferenceSoft",
+           "OpenAIJudge", "PairwiseJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "ToyPreferenceSoft",
            "VLMJudge", "describe", "ensemble", "load_reward", "normalise_per_prompt"]

@@ -123,12 +123,15 @@ class OpenAIJudge:
 
     def ask(self, image: Image.Image, prompt: str) -> str:
         """The judge's answer about one image and its prompt."""
+        return self.ask_about([image], self.template.question.replace("{prompt}", prompt))
+
+    def ask_about(self, images: list[Image.Image], question: str) -> str:
+        """The judge's answer to ``question`` about ``images``, sent in order before the question."""
         if self.image_size:
-            image = image.resize((self.image_size, self.image_size))
+            images = [image.resize((self.image_size, self.image_size)) for image in images]
+        content = [{"type": "image_url", "image_url": {"url": data_url(image)}} for image in images]
         body = {"model": self.model, "temperature": 0,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": data_url(image)}},
-                    {"type": "text", "text": self.template.question.replace("{prompt}", prompt)}]}]}
+                "messages": [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         reply = self.endpoint.call("POST", "/chat/completions", body)

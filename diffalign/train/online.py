@@ -65,6 +65,7 @@ from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
 from diffalign.diffusion.sampling import to_pil
 from diffalign.rewards import RewardSpec, load_reward
+from diffalign.rewards.pairwise_judge import pairwise_win_rates
 from diffalign.rewards.win_rate import group_win_rates
 from diffalign.rewards.weighted import combine_rewards, parse_weights, reward_specs, weighted_raw_mean
 from diffalign.label.store import round_pair_winners
@@ -220,9 +221,11 @@ class OnlineRounds(RoundDriver):
         (tmp / f"part-{acc.process_index}.json").write_text(json.dumps(prompts))
 
     def _score(self, images: Tensor, prompts: list[str], sources: Tensor | None) -> dict[str, Tensor]:
-        """Each reward model's (N,) raw scores of N images; a model that compares edits with their sources
-        (``reads_sources``) is also given those."""
-        return {name: (model(images, prompts, sources) if getattr(model, "reads_sources", False)
+        """Each reward model's (N,) raw scores of N images (whole groups, group-major); a model that compares edits
+        with their sources (``reads_sources``) is also given those, and a pairwise judge's scores are each image's
+        win rate over the other images of its group (:func:`~diffalign.rewards.pairwise_judge.pairwise_win_rates`)."""
+        return {name: (pairwise_win_rates(model, images, prompts, self.group_size) if getattr(model, "pairwise", False)
+                       else model(images, prompts, sources) if getattr(model, "reads_sources", False)
                        else model(images, prompts)).float() for name, model in self.rewards.items()}
 
     def _sources(self, r: int, groups) -> list[Tensor]:
@@ -317,7 +320,9 @@ class OnlineRounds(RoundDriver):
         raw = {name: torch.cat([part[f"reward/{name}"] for part in parts])[order] for name in self.rewards}
         rewards = None
         if raw:
-            trained = {name: group_win_rates(scores) if self.config.online.reward_as == "win_rate" else scores
+            as_win_rates = self.config.online.reward_as == "win_rate"  # a pairwise judge's scores are win rates
+            trained = {name: group_win_rates(scores) if as_win_rates and not getattr(self.rewards[name], "pairwise",
+                                                                                     False) else scores
                        for name, scores in raw.items()}
             flat = {name: scores.reshape(-1) for name, scores in trained.items()}
             rewards = combine_rewards(flat, self.reward_weights, [p for p in prompts for _ in range(k)]).view(-1, k)
