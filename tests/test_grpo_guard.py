@@ -4,7 +4,6 @@ the whole loss by hand, the gradient's direction, and its rounds (the sampler's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
