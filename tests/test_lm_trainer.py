@@ -200,3 +200,23 @@ def test_a_diffusion_pipeline_as_an_lm_model_is_refused(tmp_path):
     config = lm_config(tmp_path, text_pairs(tmp_path / "pairs.parquet"), model=ROOT / "assets/models/toy-base")
     with pytest.raises(UserError, match="not a transformers model folder"):
         train(config)
+
+
+@pytest.mark.parametrize("options", [{"ld_alpha": 0.5}, {"average_logps": True}])
+def test_the_completion_score_options_reach_the_loss_from_the_config(options):
+    """LD-DPO's ld_alpha and SimPO's averaged scores, set as objective.options, are the preference_loss keywords of
+    the same name (their scoring is checked by hand in tests/test_lm.py), and change the loss."""
+    from lm_helpers import preference_batch, tiny_gpt2
+
+    from diffalign.config import ObjectiveConfig
+    from diffalign.lm import preference_loss
+    from diffalign.objectives import LanguageModelDPO
+
+    policy, reference, inputs = tiny_gpt2(0), tiny_gpt2(1), preference_batch(3)
+    objective = LanguageModelDPO(ObjectiveConfig(name="lm_dpo", loss="dpo", beta=0.1, options=options))
+    loss, _ = objective(policy, reference, {"inputs": inputs, "targets": {}})
+    by_hand, _ = preference_loss(policy, reference, inputs, loss="dpo", beta=0.1, **options)
+    plain, _ = preference_loss(policy, reference, inputs, loss="dpo", beta=0.1)
+    assert loss.item() == pytest.approx(by_hand.item()) and loss.item() != pytest.approx(plain.item())
+    with pytest.raises(UserError, match=r"objective.options.ld_alpha=1.5 is out of range for lm_dpo"):
+        load_config(ROOT / "configs/toy_lm_dpo.yaml", ["objective.options.ld_alpha=1.5"])
