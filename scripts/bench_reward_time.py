@@ -42,7 +42,9 @@ def train(method: str, out: Path, every: int, overrides: list[str], reuse: bool)
     command = ["diffalign", "train", str(CONFIGS / f"toy_{method}.yaml"), f"output_dir={run}",
                f"validation.every={every}", "train.checkpoint_every=0", *overrides]
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+        sys.exit(f"{method}: diffalign train failed (its error is above); the runs before it are in {out}, and "
+                 "--reuse reads them")
     return [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
 
 

@@ -57,8 +57,8 @@ NOT_RUN = [
     (r"^python scripts/train_toy_(base|lm)\.py( |$)", "retrains a shipped base model (20-25 minutes on 2 cores); "
      "tests/test_sign_world.py and the toy tests check the shipped weights"),
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
-    (r"^python scripts/bench_(alignment|train|lm)\.py( |$)", "a benchmark of minutes to hours on a CPU; "
-     "tests/test_bench_lm.py runs bench_lm.py small"),
+    (r"^python scripts/bench_(alignment|train|lm|reward_time)\.py( |$)", "a benchmark of minutes to hours on a CPU; "
+     "tests/test_bench_lm.py and tests/test_bench_reward_time.py run bench_lm.py and bench_reward_time.py small"),
     (r"^python scripts/bench_(online|noisy_labels)\.py( |$)", "a benchmark of minutes on a CPU (or a GPU's); "
      "tests/test_bench_online.py runs bench_online.py small, tests/test_bench_noisy_labels.py its label flips"),
     (r"^diffalign serve-reward |online\.reward=http", "serves until stopped (and the run it feeds); "
