@@ -17,7 +17,8 @@ a ratio centred on 1 whose spread no longer grows as s shrinks, and divides each
 (the step's change of noise level), since d, and so the gradient, is proportional to dt: every step then pulls with
 a like weight. The loss is otherwise Flow-GRPO's (:mod:`diffalign.objectives.grpo`: advantages, their clip, the KL).
 
-Read from verl-omni's ``GRPOGuardLoss`` (verl_omni/trainer/diffusion/diffusion_algos.py: ratio
+The authors have not released their code (hxm2023/GRPO-Guard on GitHub is an unrelated project); read from
+verl-omni's ``GRPOGuardLoss`` (verl_omni/trainer/diffusion/diffusion_algos.py: ratio
 exp((log_prob - old_log_prob + mse / (2 scale^2)) scale), scale = sqrt(-dt) std_dev_t, loss / sqrt(-dt)^2) and
 Flow-Factory's ``GRPOGuardTrainer`` (src/flow_factory/trainers/grpo.py: the same ratio, without the 1 / |dt|
 weight). The ratio is computed here in its closed form mean(z d), z = (x' - mu_old) / s, which equals theirs on the
