@@ -74,7 +74,7 @@ def plot(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     for method, records in curves.items():
         axes.plot([r["train_s"] for r in records], [r[REWARD] for r in records], marker="o", markersize=3,
                   label=method)
-    axes.set_xlabel("training time on 2 CPU cores (s, validations excluded)")
+    axes.set_xlabel("training time (s, validations excluded)")
     axes.set_ylabel("held-out toy preference")
     axes.grid(alpha=0.3)
     axes.legend()
@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objectives", default="grpo,nft,awm,dgpo,draft")
     parser.add_argument("--every", type=int, default=20, help="validate every this many optimiser steps")
-    parser.add_argument("--gains", default="0.02,0.04,0.06", help="reward gains over step 0 to time")
+    parser.add_argument("--gains", default="0.05,0.1,0.2", help="reward gains over step 0 to time")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_reward_time"))
     parser.add_argument("--reuse", action="store_true", help="read the runs already in --out instead of training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
