@@ -157,7 +157,7 @@ def run_flow_grpo_loop(args, model: str) -> dict:
                 x, nxt = latents[rows, k], latents[rows, k + 1]
                 mean, std = rule.distribution(k, x, guided(x, t, cond, uncond))
                 log_prob = gaussian_log_prob(nxt, mean, std)
-                loss = clipped_surrogate(log_prob, old_log_probs[rows, k], advantages[rows], 1e-4).mean()
+                loss = clipped_surrogate(log_prob - old_log_probs[rows, k], advantages[rows], 1e-4).mean()
                 with torch.no_grad():
                     denoiser.disable_adapters()
                     ref_mean, _ = rule.distribution(k, x, guided(x, t, cond, uncond))
