@@ -220,3 +220,20 @@ def test_the_completion_score_options_reach_the_loss_from_the_config(options):
     assert loss.item() == pytest.approx(by_hand.item()) and loss.item() != pytest.approx(plain.item())
     with pytest.raises(UserError, match=r"objective.options.ld_alpha=1.5 is out of range for lm_dpo"):
         load_config(ROOT / "configs/toy_lm_dpo.yaml", ["objective.options.ld_alpha=1.5"])
+
+
+def test_the_ranking_accuracy_is_the_policy_s_own_ranking_of_each_pair_by_hand():
+    """ranking_acc (Chen et al. 2024): the share of pairs whose chosen completion the policy scores higher, no
+    reference in it; implicit_acc ranks by the log-ratios to the reference instead."""
+    from lm_helpers import preference_batch, tiny_gpt2
+
+    from diffalign.lm import preference_loss, sequence_logps
+
+    policy, reference, inputs = tiny_gpt2(0), tiny_gpt2(1), preference_batch(8)
+    _, metrics = preference_loss(policy, reference, inputs, loss="dpo", beta=0.1)
+    with torch.no_grad():
+        logits = policy(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        scores, _ = sequence_logps(logits, inputs["input_ids"], inputs["completion_mask"])
+    chosen, rejected = scores.chunk(2)
+    assert metrics["ranking_acc"].item() == pytest.approx((chosen > rejected).float().mean().item())
+    assert 0 < metrics["ranking_acc"].item() < 1  # the pairs of this batch are ranked both ways

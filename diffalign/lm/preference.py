@@ -120,6 +120,11 @@ def preference_loss(
     metrics = losses.preference_metrics(pc, pr, rc, rr, beta=beta)
     metrics["logps/chosen"] = pc.detach().mean()
     metrics["logps/rejected"] = pr.detach().mean()
+    # Chen et al. 2024 ("Preference Learning Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534):
+    # the share of pairs whose chosen completion the policy itself scores higher, no reference involved (ties 1/2);
+    # implicit_acc ranks by the log-ratio to the reference, which DPO can raise while this stays low
+    gap = (pc - pr).detach()
+    metrics["ranking_acc"] = (gap > 0).float().mean() + 0.5 * (gap == 0).float().mean()
     if weights is not None:
         per_example = per_example * weights
     return per_example.mean(), metrics
