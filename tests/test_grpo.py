@@ -98,13 +98,17 @@ def test_the_sampler_s_own_steps_have_ratio_one_and_the_loss_is_the_formula_by_h
                                         rel=1e-5)
 
 
-def test_a_gradient_step_raises_the_log_probability_of_positive_advantage_samples():
+def step_after_one_sgd_step(objective_class, name: str):
+    """Two toy trajectories of one prompt, advantages (+1, -1), one SGD step (lr 1e-4) on the objective's loss at
+    recorded step 1 (KL off, clip 0.5); then (objective, backbone, trajectories, step, the step's mean and std under
+    the moved policy)."""
     backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = FlowGRPO(ObjectiveConfig(name="grpo", loss="ppo_clip", sample_steps=4, sample_guidance_scale=1.0, options={"kl_coef": 0.0, "ratio_clip": 0.5}), backbone)
+    objective = objective_class(ObjectiveConfig(name=name, loss="ppo_clip", sample_steps=4, sample_guidance_scale=1.0,
+                                                options={"kl_coef": 0.0, "ratio_clip": 0.5}), backbone)
     cond = backbone.encode_prompts(["a red circle"] * 2)
     traj = sample_trajectories(backbone, torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)), cond,
-                               steps=4, eta=1.0, generator=torch.Generator().manual_seed(4))
-    targets = {"advantage": torch.tensor([1.0, -1.0]), "old_log_probs": traj.log_probs}
+                               steps=4, eta=1.0, generator=torch.Generator().manual_seed(4), record_means=True)
+    targets = {"advantage": torch.tensor([1.0, -1.0]), "old_log_probs": traj.log_probs, "old_means": traj.means}
     step = torch.full((2,), 1)
     loss, _ = objective(backbone, traj.latents[:, None], cond, {"step": step}, backbone.denoiser, None, **targets)
     loss.backward()
@@ -112,8 +116,12 @@ def test_a_gradient_step_raises_the_log_probability_of_positive_advantage_sample
         for p in backbone.denoiser.parameters():
             if p.grad is not None:
                 p -= 1e-4 * p.grad
-    with torch.no_grad():
         mean, std = step_distribution(backbone, traj.latents, step, cond, eta=1.0)
+    return objective, backbone, traj, step, mean, std
+
+
+def test_a_gradient_step_raises_the_log_probability_of_positive_advantage_samples():
+    _, _, traj, _, mean, std = step_after_one_sgd_step(FlowGRPO, "grpo")
     ratio = (gaussian_log_prob(traj.latents[:, 2], mean, std.view(-1, 1, 1, 1)) - traj.log_probs[:, 1]).exp()
     assert ratio[0] > 1.0 > ratio[1]  # the positive sample became likelier, the negative one less likely
 

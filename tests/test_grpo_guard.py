@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_grpo import step_after_one_sgd_step
 
 from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.diffusion.logprob import StepRule, gaussian_log_prob, sample_trajectories, step_distribution
@@ -110,24 +111,10 @@ def test_the_level_drop_is_the_flow_s_dt_and_telescopes_on_ddim(sd3):
 
 
 def test_a_gradient_step_raises_the_guard_ratio_of_the_positive_sample_on_the_toy_model():
-    backbone = backbone_for(load_pipeline(TOY_BASE))
-    objective = GRPOGuard(ObjectiveConfig(name="grpo_guard", loss="ppo_clip", sample_steps=4, sample_eta=1.0,
-                                          sample_guidance_scale=1.0, options={"kl_coef": 0.0, "ratio_clip": 0.5}),
-                          backbone)
-    cond = backbone.encode_prompts(["a red circle"] * 2)
-    traj = sample_trajectories(backbone, torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)), cond,
-                               steps=4, eta=1.0, generator=torch.Generator().manual_seed(4), record_means=True)
-    targets = {"advantage": torch.tensor([1.0, -1.0]), "old_log_probs": traj.log_probs, "old_means": traj.means}
-    step, rows = torch.full((2,), 1), torch.arange(2)
-    loss, _ = objective(backbone, traj.latents[:, None], cond, {"step": step}, backbone.denoiser, None, **targets)
-    loss.backward()
-    with torch.no_grad():
-        for p in backbone.denoiser.parameters():
-            if p.grad is not None:
-                p -= 1e-4 * p.grad
-        mean, std = step_distribution(backbone, traj.latents, step, cond, eta=1.0)
-        guard, _ = objective.log_ratio(None, None, backbone=backbone, mean=mean, std=std.view(-1, 1, 1, 1),
-                                       sample=traj.latents[rows, step + 1], rows=rows, step=step, old_means=traj.means)
+    objective, backbone, traj, step, mean, std = step_after_one_sgd_step(GRPOGuard, "grpo_guard")
+    rows = torch.arange(2)
+    guard, _ = objective.log_ratio(None, None, backbone=backbone, mean=mean, std=std.view(-1, 1, 1, 1),
+                                   sample=traj.latents[rows, step + 1], rows=rows, step=step, old_means=traj.means)
     assert guard[0] > 0 > guard[1]  # the positive sample became likelier, the negative one less likely
 
 

@@ -138,8 +138,8 @@ class OnlineObjective(Objective):
             from diffalign.rewards import REWARDS, RewardSpec
             from diffalign.rewards.weighted import reward_specs
 
-            pairwise = [RewardSpec.parse(spec).name for spec in reward_specs(oc.reward)
-                        if getattr(REWARDS.get(RewardSpec.parse(spec).name), "pairwise", False)]
+            names = [RewardSpec.parse(spec).name for spec in reward_specs(oc.reward)]  # each a known reward
+            pairwise = [name for name in names if getattr(REWARDS[name], "pairwise", False)]
             if pairwise:
                 raise UserError(f"{', '.join(pairwise)} compares the images of a group, and this run's groups hold "
                                 "one image: set online.group_size >= 2, or use a pointwise reward")

@@ -247,12 +247,12 @@ def prompt_inputs(objective, config, latent_shape: tuple[int, ...], prompt: str)
     :class:`~diffalign.train.prompt_batches.PromptBatches` makes it: each sample's starting noise, its sampler's step
     noise, what the method draws, and the prompts."""
     from diffalign.data import example_generator
+    from diffalign.train.prompt_batches import draw_samples
 
-    b, steps = config.train.batch_size, config.objective.sample_steps
-    generator = example_generator(config.train.seed, 0)
-    randomness = {"step_noise": torch.randn((b, steps, *latent_shape), generator=generator),
-                  **objective.draw(b, latent_shape, generator)}
-    return torch.randn((b, 1, *latent_shape), generator=generator), randomness, {"prompts": [prompt] * b}
+    b = config.train.batch_size
+    noise, step_noise, extra = draw_samples(objective, b, latent_shape, config.objective.sample_steps,
+                                            example_generator(config.train.seed, 0))
+    return noise[:, None], {"step_noise": step_noise, **extra}, {"prompts": [prompt] * b}
 
 
 @contextlib.contextmanager

@@ -197,7 +197,7 @@ class OnlineRounds(RoundDriver):
             for i in range(0, len(groups), n):
                 batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label,
                                             None if reference is None else reference[i:i + n],
-                                            None if sources is None else sources[i:i + n])
+                                            None if sources is None else sources[i:i + n], check_ratio=i == 0)
                 batches.append(batch)
                 if self.rewards:  # each image with its group's prompt (and sources, in [0, 1])
                     scored.append(scorer.submit(
@@ -212,9 +212,8 @@ class OnlineRounds(RoundDriver):
         part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=sde_window(self.config, r))
         if self.objective.keeps_step_means:
             part["means"] = torch.cat([batch[4] for batch in batches])
-        errors = [batch[5] for batch in batches if batch[5] is not None]
-        if errors:
-            part["ratio_error"] = torch.stack(errors).max().reshape(1)
+        if batches[0][5] is not None:
+            part["ratio_error"] = batches[0][5].reshape(1)
         for name in self.rewards:
             part[f"reward/{name}"] = torch.cat([scores[name] for scores in parts]).view(-1, k)
         save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
@@ -247,10 +246,11 @@ class OnlineRounds(RoundDriver):
         return cond if reference is None else dataclasses.replace(cond, reference=reference.to(cond.embeds.device))
 
     def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None,
-                       reference: Tensor | None = None, sources: Tensor | None = None
+                       reference: Tensor | None = None, sources: Tensor | None = None, check_ratio: bool = False
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps, step means or None when
-        the objective keeps none, the sampler's ratio error or None (:meth:`_ratio_error`)), on the CPU. Each
+        the objective keeps none, the sampler's ratio error (:meth:`_ratio_error`, with ``check_ratio``: the first
+        batch of a process's share) or None), on the CPU. Each
         group draws its starting noise and step noise from its own generator, so a group is the same
         whichever process, and whichever batch, samples it. ``reference``: (G, S, C, h, w) latents of each group's
         source images, for an edit model, and ``sources`` their pixels."""
@@ -273,13 +273,15 @@ class OnlineRounds(RoundDriver):
                                              stochastic=sde_window(self.config, r), sampler=obj.sampler,
                                              record_means=self.objective.keeps_step_means)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
-            error = self._ratio_error(trajectory, cond, uncond) if self.objective.keeps_trajectories else None
+            error = self._ratio_error(trajectory, cond, uncond) if check_ratio and self.objective.keeps_trajectories \
+                else None
         means = None if trajectory.means is None else trajectory.means.cpu().contiguous()
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu(), means, error)
 
     def _ratio_error(self, trajectory, cond: Conditioning, uncond: Conditioning | None) -> Tensor | None:
-        """The largest |log rho| of the batch's first trajectory, its stochastic steps re-scored by the sampler
+        """The largest |log rho| of the batch's first trajectory (one a round and process: a forward of T rows, not
+        one per batch), its stochastic steps re-scored by the sampler
         itself in one batch of another shape: how far rounding alone (the forward's precision, the batch's
         composition) moves an importance ratio before any update, to set against the clip range (Flow-GRPO's
         1e-4; flow_grpo #211 asks why its ratios sit at 1). Logged as ``round_ratio_error``; None when the round

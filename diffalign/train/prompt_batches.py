@@ -17,6 +17,17 @@ from diffalign.data import example_generator
 from diffalign.diffusion import Backbone
 from diffalign.eval.prompts import read_prompts
 
+Tensor = torch.Tensor
+
+
+def draw_samples(objective, n: int, latent_shape: tuple[int, ...], steps: int,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """n samples' starting noise (n, C, h, w), their sampler's step noise (n, steps, C, h, w) and what the method
+    draws for them (:meth:`~diffalign.objectives.base.OnlineObjective.draw`), in that order from ``generator``."""
+    noise = torch.randn((n, *latent_shape), generator=generator)
+    step_noise = torch.randn((n, steps, *latent_shape), generator=generator)
+    return noise, step_noise, objective.draw(n, latent_shape, generator)  # the method's own: where its gradient starts
+
 
 class PromptBatches:
     """Prompts and starting noise per micro-batch; see the module docstring."""
@@ -34,9 +45,8 @@ class PromptBatches:
         g = example_generator(tc.seed, step, micro, 2)
         chosen = torch.randint(0, len(self.prompts), (global_batch,), generator=g)
         shape = self.backbone.latent_shape(self.config.data.resolution)
-        noise = torch.randn((global_batch, *shape), generator=g)
-        step_noise = torch.randn((global_batch, self.config.objective.sample_steps, *shape), generator=g)
-        extra = self.objective.draw(global_batch, shape, g)  # the method's own: where its gradient starts
+        noise, step_noise, extra = draw_samples(self.objective, global_batch, shape, self.config.objective.sample_steps,
+                                                g)
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
         prompts = [self.prompts[int(i)] for i in chosen[mine]]
         device = acc.device
