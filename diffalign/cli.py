@@ -148,14 +148,15 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     args.path = paths[0] if paths else None
     if args.config:
         from diffalign.objectives import OBJECTIVES
+        from diffalign.objectives.base import data_layout
         from diffalign.train import load_config
 
         config = load_config(args.config, [*args.overrides, *([f"data.path={args.path}"] if args.path else [])])
         data, objective = config.data, OBJECTIVES[config.objective.name]
-        if objective.dataset == "online" and not getattr(objective, "real_data", False):
+        if data_layout(objective) is None:
             raise UserError(f"{args.config} trains {config.objective.name}, an online method: it reads prompts "
                             f"({config.online.prompts or 'online.prompts'}), not a dataset")
-        layout = layout or ("images" if getattr(objective, "real_data", False) else objective.dataset)
+        layout = layout or data_layout(objective)
         if layout.startswith("text_"):
             from diffalign.recipes.plan import local_tokenizer
 
@@ -257,13 +258,17 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     from diffalign.eval.text import evaluate_language_models, write_text_report
     from diffalign.lm.loading import load_trained_lm
     from diffalign.diffusion import process_state
-    from diffalign.rewards.text import load_text_reward
+    from diffalign.rewards.text import is_preference_table_reward, load_text_reward
 
     if process_state().num_processes > 1:
         raise UserError("diffalign eval on language models runs in one process (it samples every model itself); "
                         "run it without torchrun or accelerate launch")
     prompts = read_prompts(args.prompts)
-    rewards = [load_text_reward(spec) for spec in (args.rewards or "toy_text_preference,toy_text_judge").split(",")]
+    specs = (args.rewards or "toy_text_preference,toy_text_judge").split(",")
+    for spec in filter(is_preference_table_reward, specs):
+        raise UserError(f"--rewards {spec}: a general preference model compares completions and gives no score of one; "
+                        "diffalign eval reports per-completion rewards (a classifier:PATH or the toy ones)")
+    rewards = [load_text_reward(spec) for spec in specs]
     models = {"base": lambda: load_trained_lm(args.base)}
     for name, source in model_names(args.aligned).items():
         models[name] = lambda source=source: load_trained_lm(source)

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from diffalign.diffusion import load_pipeline
+from diffalign.errors import UserError
 from diffalign.diffusion.sampling import generate
 from diffalign.eval import evaluate_models
 from diffalign.eval.report import image_grid, write_evaluation_report
@@ -262,3 +263,12 @@ def test_the_generation_bar_says_what_it_generates(capsys):
     pipe = load_pipeline(TOY_BASE)
     generate(pipe, ["a red circle"], [0], steps=2, progress="eval: 1 image of base")
     assert "eval: 1 image of base" in capsys.readouterr().err
+
+
+def test_models_joined_by_commas_in_one_aligned_item_are_refused():
+    """``--aligned a=X,b=Y`` once became one model named ``a=X,b`` at Y; it is refused with the spaced form."""
+    from diffalign.eval.naming import model_names
+
+    with pytest.raises(UserError, match="separated by spaces"):
+        model_names(["rso=runs/rso,gpo=runs/gpo"])
+    assert model_names(["rso=runs/rso", "gpo=runs/gpo"]) == {"rso": "runs/rso", "gpo": "runs/gpo"}

@@ -28,13 +28,13 @@ def logged(run, key="loss"):
 def test_the_pair_rules_by_hand():
     rewards = torch.tensor([[0.2, 1.0, -0.6, 0.2], [0.5, 0.5, 0.5, 0.5], [-1.0, 0.6, 0.6, -0.2]])
     online = OBJECTIVES["lm_online_dpo"](ObjectiveConfig(loss="dpo"))
-    groups, items, inputs = online.pairs(rewards)
+    groups, items, inputs = online.pairs(rewards, None)
     assert groups.tolist() == [0, 2] and items.tolist() == [[1, 2], [1, 0]] and inputs == {}  # a flat group: none
     dno = OBJECTIVES["lm_dno"](ObjectiveConfig(loss="dpo", options={"min_reward_gap": 1.5}))
-    groups, items, _ = dno.pairs(rewards)
+    groups, items, _ = dno.pairs(rewards, None)
     assert groups.tolist() == [0, 2]  # gaps 1.6, 0, 1.6: the flat group fails the gap
     sppo = OBJECTIVES["lm_sppo"](ObjectiveConfig(loss="sppo"))
-    groups, items, inputs = sppo.pairs(rewards)
+    groups, items, inputs = sppo.pairs(rewards, None)
     by_hand = torch.sigmoid(rewards[0, 1] - rewards[0]).mean()  # best of group 0 against each of the group
     assert inputs["win_chosen"][0] == pytest.approx(float(by_hand))
     assert torch.equal(inputs["win_rejected"], win_rates(rewards).gather(1, items)[:, 1])

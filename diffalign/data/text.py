@@ -139,7 +139,8 @@ class TextUnpairedDataset(TextRows):
                          required=[prompt_column, completion_column, label_column], on_error=on_error, split=split)
         self.completion_column, self.label_column = completion_column, label_column
 
-    def read(self, position: int, decode: bool = True) -> TextExample:
+    def texts(self, position: int) -> tuple[Any, Any, bool]:
+        """The (prompt, completion, desirable) of the row at ``position``, untokenized; raises :class:`BadRow`."""
         index = self.indices[position]
         row = self.source.row(index)
         label = binary_label(row.get(self.label_column), index, self.label_column)
@@ -147,8 +148,13 @@ class TextUnpairedDataset(TextRows):
             raise label
         prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
         completion = _text(row.get(self.completion_column), index, self.completion_column, "completion")
+        return prompt, completion, label == 1.0
+
+    def read(self, position: int, decode: bool = True) -> TextExample:
+        prompt, completion, desirable = self.texts(position)
+        index = self.indices[position]
         return TextExample(index, self._tokenized(index, prompt, [completion], self.completion_column),
-                           label=label == 1.0)
+                           label=desirable)
 
 
 class TextRankedDataset(TextRows):

@@ -22,6 +22,10 @@ def model_names(items: Sequence[str], taken: Sequence[str] = ("base",)) -> dict[
     """
     given = [item.rpartition("=") for item in items]
     named = [name for name, _, _ in given if name]
+    for item, (name, _, _) in zip(items, given):
+        if "=" in name or "," in name:  # "a=X,b=Y" read as one model named "a=X,b" at Y
+            raise UserError(f"--aligned {item!r} names more than one model in one item; give each its own item, "
+                            "separated by spaces: --aligned NAME1=SOURCE1 NAME2=SOURCE2")
     for name in named:
         if named.count(name) > 1 or name in taken:
             raise UserError(f"--aligned names two models {name!r} (or the base's row); give each a name of its own, "

@@ -17,12 +17,16 @@ from diffalign.objectives.grpo import FlowGRPO
 from diffalign.objectives.grpo_guard import GRPOGuard
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.inpo_nash import INPONash
+from diffalign.objectives.lm_disco import LanguageModelDisCO
 from diffalign.objectives.lm_dno import LanguageModelDNO
 from diffalign.objectives.lm_dpo import LanguageModelDPO
+from diffalign.objectives.lm_drift import LanguageModelDRIFT
+from diffalign.objectives.lm_gpo import LanguageModelGPO
 from diffalign.objectives.lm_inpo import LanguageModelINPO
 from diffalign.objectives.lm_kto import LanguageModelKTO
 from diffalign.objectives.lm_online import LanguageModelOnline
 from diffalign.objectives.lm_rank import LanguageModelRank
+from diffalign.objectives.lm_rso import LanguageModelRSO
 from diffalign.objectives.lm_sparse_po import LanguageModelSparsePO
 from diffalign.objectives.lm_sppo import LanguageModelSPPO
 from diffalign.objectives.nft import DiffusionNFT
@@ -51,12 +55,16 @@ OBJECTIVES = {
     "grpo_guard": GRPOGuard,
     "inpo": InPO,
     "inpo_nash": INPONash,
+    "lm_disco": LanguageModelDisCO,
     "lm_dno": LanguageModelDNO,
     "lm_dpo": LanguageModelDPO,
+    "lm_drift": LanguageModelDRIFT,
+    "lm_gpo": LanguageModelGPO,
     "lm_inpo": LanguageModelINPO,
     "lm_kto": LanguageModelKTO,
     "lm_online_dpo": LanguageModelOnline,
     "lm_rank": LanguageModelRank,
+    "lm_rso": LanguageModelRSO,
     "lm_sparse_po": LanguageModelSparsePO,
     "lm_sppo": LanguageModelSPPO,
     "nft": DiffusionNFT,

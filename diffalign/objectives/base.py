@@ -86,7 +86,8 @@ class OnlineObjective(Objective):
     ``group_size`` is the samples per prompt of a round and ``shared_noise`` whether they start from one
     noise; :meth:`training_units` turns a sampled round into what the objective trains on. ``takes_labels``
     False: the objective needs a reward for every sample, human pair labels cannot replace it. ``real_data``
-    True: each group is one real image of ``data.path``, its caption the group's prompt (DDO), and
+    True: each group is one real example of ``data.path`` (read in the ``real_layout``), its caption or prompt the
+    group's prompt (DDO, DRIFT), and
     ``scored`` False: the samples need no reward or label. ``keeps_trajectories`` False: the round keeps
     only the clean samples, not every step of their trajectories, and may sample them with the deterministic
     sampler (``objective.sample_eta=0``). ``samples_in_loss`` True: the method samples inside its loss, with
@@ -103,6 +104,7 @@ class OnlineObjective(Objective):
     takes_labels = True  # people's pair labels can stand in for the reward
     group_size_fixed = False  # True: the method is defined for groups of exactly group_size (D3PO's pairs)
     real_data = False
+    real_layout = "images"  # the layout real_data objectives read data.path in (:data:`diffalign.data.layouts.LAYOUTS`)
     scored = True
     keeps_trajectories = True
     keeps_step_means = False
@@ -228,3 +230,12 @@ class OnlineObjective(Objective):
         each unit (advantages, recorded log-probabilities); optionally ``logged``, scalars logged with every step
         trained on the round (how many pairs a selection rule kept)."""
         raise NotImplementedError
+
+
+def data_layout(objective: type) -> str | None:
+    """The layout an objective reads ``data.path`` in (:data:`diffalign.data.layouts.LAYOUTS`): its dataset's, an
+    online objective's ``real_layout`` when it pairs real examples with its samples (DDO, DRIFT), else None (an online
+    objective that reads only prompts)."""
+    if objective.dataset != "online":
+        return objective.dataset
+    return objective.real_layout if objective.real_data else None

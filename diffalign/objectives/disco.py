@@ -55,6 +55,12 @@ def disco_objective(scores: Tensor, positive: Tensor, tau: float) -> tuple[Tenso
     return (positive_mean - robust).sum(), valid.sum()
 
 
+def kl_penalty(kl: Tensor, beta: float, delta: float) -> Tensor:
+    """The constraint's penalty stop_gradient(beta [KL - delta]_+) KL (the authors' gradient of beta [KL - delta]_+^2
+    with its factor 2 dropped; module docstring)."""
+    return (beta * (kl - delta)).clamp(min=0).detach() * kl
+
+
 @dataclass
 class DisCOOptions:
     # the temperature of the robust log-mean-exp over a group's negatives (the authors' log-L run)
@@ -103,8 +109,7 @@ class DisCO(OnlineObjective):
         old = old_log_probs.flatten(0, 1)[torch.arange(b * k, device=step.device), step].to(log_prob)
         objective, valid = disco_objective(log_prob.view(b, k), positive.bool(), self.tau)
         kl = (old - log_prob).mean()
-        penalty = (self.kl_beta * (kl - self.kl_delta)).clamp(min=0).detach() * kl
-        loss = -objective / b + penalty
+        loss = -objective / b + kl_penalty(kl, self.kl_beta, self.kl_delta)
         metrics = {"disco_objective": objective.detach() / b, "kl": kl.detach(),
                    "kl_over_delta": (kl.detach() > self.kl_delta).float(), "valid_groups": valid.float() / b}
         return loss, metrics

@@ -30,11 +30,17 @@ class LanguageModelObjective(Objective):
 
     def __init__(self, config: ObjectiveConfig, tokenizer: Any = None) -> None:
         """``tokenizer``: the model's, for objectives that build token rows of their own (KTO's mismatched rows)."""
-        self.spec = losses.spec(config.loss)
-        if self.spec.kind not in self.loss_kinds:
+        own = getattr(self, "own_losses", None)  # an objective of its own (DisCO's), not a registered loss
+        self.spec = None if own else losses.spec(config.loss)
+        if self.spec is not None and self.spec.kind not in self.loss_kinds:
             raise ValueError(f"{type(self).__name__} takes a {' or '.join(self.loss_kinds)} loss; "
                              f"{config.loss!r} is {self.spec.kind}")
         self.name, self.beta, self.options = config.loss, config.beta, dict(config.loss_options)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the trainer passes the frozen reference (the base) to each call."""
+        return self.spec is not None and self.spec.needs_reference
 
     def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

@@ -27,5 +27,5 @@ class LanguageModelDNO(LanguageModelSelfPlay):
         super().__init__(config, tokenizer)
         self.min_gap = self.options_of(config).min_reward_gap
 
-    def pairs(self, rewards):
+    def pairs(self, rewards, generator):
         return (*large_margin_pairs(rewards, self.min_gap), {})

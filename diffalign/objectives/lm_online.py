@@ -11,7 +11,7 @@ same pairs from the same rewards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,24 +45,31 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     group_size = 4
     takes_labels = False
     keeps_trajectories = False
+    reads_preference_tables = False  # True: the rule takes (G, K, K) tables of s(i beats j) (online.reward=gpm:PATH)
     Options = LMSamplingOptions
 
     @classmethod
     def check_sampling(cls, config) -> None:
         """Rounds of completions, scored by one text reward (no image sampler to check)."""
-        from diffalign.rewards.text import TEXT_REWARDS, is_text_reward
+        from diffalign.rewards.text import TEXT_REWARDS, is_preference_table_reward, is_text_reward
 
         if not is_text_reward(config.online.reward):
             raise UserError(f"online.reward={config.online.reward!r}: {config.objective.name} scores its completions "
-                            f"with one text reward: {', '.join(TEXT_REWARDS)} or classifier:PATH")
+                            f"with one text reward: {', '.join(TEXT_REWARDS)}, classifier:PATH or gpm:PATH")
+        if is_preference_table_reward(config.online.reward) and not cls.reads_preference_tables:
+            raise UserError(f"online.reward={config.online.reward!r} compares a group's completions (a general preference "
+                            f"model gives no score of one completion); {config.objective.name} needs a score per "
+                            "completion: use lm_gpo, or a scalar reward")
 
     def __init__(self, config, tokenizer: Any = None) -> None:
         super().__init__(config, tokenizer)
         options = self.options_of(config)
         self.max_new_tokens, self.temperature = options.max_new_tokens, options.sample_temperature
 
-    def pairs(self, rewards: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(N,) each pair's group, (N, 2) its completions chosen first, and (N,) per-pair loss inputs."""
+    def pairs(self, rewards: Tensor, generator: Callable[[int], torch.Generator]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(N,) each unit's group, (N, L) its completions (a pair, chosen first; a whole group for DisCO) and (N, ...)
+        per-unit loss inputs, from a round's (G, K) rewards; ``generator(g)`` is group g's own generator, for rules
+        that draw (RSO's acceptance)."""
         groups, items = extreme_pairs(rewards)
         keep = rewards.gather(1, items[:, :1]).squeeze(1) > rewards.gather(1, items[:, 1:]).squeeze(1)
         return groups[keep], items[keep], {}  # a group of equal rewards orders nothing

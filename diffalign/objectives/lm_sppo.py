@@ -16,6 +16,6 @@ class LanguageModelSPPO(LanguageModelSelfPlay):
     loss_names = ("sppo", "sppo_hard")
     supplies = ("win_chosen", "win_rejected")
 
-    def pairs(self, rewards):
+    def pairs(self, rewards, generator):
         groups, items, inputs = win_rate_pairs(rewards)
         return groups, items, inputs if self.spec.inputs else {}

@@ -17,7 +17,7 @@ round's pairs are a pure function of the run's seed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -48,12 +48,38 @@ def rejection_sample(rewards: Tensor, *, beta: float, accepted: int, generator: 
     return chosen
 
 
+def rejection_pairs(rewards: Tensor, *, beta: float, accepted: int,
+                    generator: Callable[[int], torch.Generator]) -> tuple[Tensor, Tensor]:
+    """(N,) groups and (N, 2) pairs, the better first: each group's (row of ``rewards`` (G, K)) accepted candidates
+    paired in acceptance order ("rso-sample-rank"), pairs of equal reward dropped. ``generator(g)``: group g's own
+    generator for the acceptance draws. The diffusion and LM loops share this rule."""
+    groups, items = [], []
+    for g, scores in enumerate(rewards):
+        order = rejection_sample(scores, beta=beta, accepted=accepted, generator=generator(g))
+        for a, b in zip(order[0::2], order[1::2]):
+            if scores[a] != scores[b]:
+                groups.append(g)
+                items.append([a, b] if scores[a] > scores[b] else [b, a])
+    if not items:
+        raise ValueError("rso: every accepted pair of the round has equal rewards; nothing to train on")
+    return torch.tensor(groups), torch.tensor(items)
+
+
 @dataclass
 class RSOOptions:
     # Algorithm 1's beta, in the reward's units: each candidate is accepted with probability exp((r - r_max) / beta)
     rejection_beta: float = ranged(0.5, "(0, inf)")
     # how many of a prompt's candidates it accepts (paired in acceptance order); at most the group's size
     accepted: int = ranged(4, "[2, inf)")
+
+
+def check_accepted(cls, config) -> None:
+    """``objective.options.accepted`` is at most the round's group size."""
+    accepted = cls.options_of(config.objective).accepted
+    k = cls.round_group_size(config)
+    if accepted > k:
+        raise UserError(f"{config.objective.name}: objective.options.accepted={accepted} is more than the group's {k} "
+                        "candidates (online.group_size)")
 
 
 class RSO(SelfPlayObjective):
@@ -71,21 +97,8 @@ class RSO(SelfPlayObjective):
     @classmethod
     def check_config(cls, config) -> None:
         super().check_config(config)
-        accepted = cls.options_of(config.objective).accepted
-        k = cls.round_group_size(config)
-        if accepted > k:
-            raise UserError(f"rso: objective.options.accepted={accepted} is more than the group's {k} candidates "
-                            "(online.group_size)")
+        check_accepted(cls, config)
 
     def pairs(self, round_):
         rewards = check_rewards(round_, "rso")
-        groups, items = [], []
-        for g, scores in enumerate(rewards):
-            order = rejection_sample(scores, beta=self.rso_beta, accepted=self.accepted, generator=round_.generator(g))
-            for a, b in zip(order[0::2], order[1::2]):
-                if scores[a] != scores[b]:
-                    groups.append(g)
-                    items.append([a, b] if scores[a] > scores[b] else [b, a])
-        if not items:
-            raise ValueError("rso: every accepted pair of the round has equal rewards; nothing to train on")
-        return torch.tensor(groups), torch.tensor(items), {}
+        return (*rejection_pairs(rewards, beta=self.rso_beta, accepted=self.accepted, generator=round_.generator), {})

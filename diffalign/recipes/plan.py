@@ -24,6 +24,7 @@ from diffalign.diffusion.distilled import distilled_warning
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.objectives import OBJECTIVES
+from diffalign.objectives.base import data_layout
 from diffalign.paths import ASSETS, find_locally, how_to_get
 from diffalign.recipes.index import how_to_make
 from diffalign.train.config import Config, load_config, to_dict
@@ -78,7 +79,7 @@ def _model_lines(config: Config) -> list[str]:
 def _data_lines(config: Config, layout: str, rows: int) -> tuple[list[str], int | None]:
     """What the run reads, and its number of examples when known."""
     objective = OBJECTIVES[config.objective.name]
-    if objective.dataset == "online" and not getattr(objective, "real_data", False):
+    if data_layout(objective) is None:
         source = config.online.prompts
         try:
             prompts = read_prompts(source)
@@ -167,7 +168,7 @@ def plan_lines(config_path: str | Path, overrides: list[str] | None = None, *, r
     overrides = list(overrides or [])
     config = load_config(config_path, overrides)
     objective = OBJECTIVES[config.objective.name]
-    layout = "images" if getattr(objective, "real_data", False) else objective.dataset
+    layout = data_layout(objective) or "online"
     lines = [f"plan of {config_path}{' ' + ' '.join(overrides) if overrides else ''}",
              f"method: {config.objective.name} ({objective.paper}); loss {config.objective.loss}"]
     lines += _model_lines(config)

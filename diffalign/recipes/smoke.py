@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from diffalign.objectives import OBJECTIVES
+from diffalign.objectives.base import data_layout
 from diffalign.paths import ASSETS, CONFIGS
 from diffalign.recipes import samples
 from diffalign.rewards.weighted import reward_names
@@ -125,9 +126,8 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
             Override("model.random_init", "true", weights),
             Override("data.resolution", "32", size), Override("train.batch_size", "1", size),
             Override("train.gradient_accumulation", "1", size), Override("train.max_steps", "2", size)]
-    real = getattr(objective, "real_data", False)  # DDO: online, pairing real images with its samples
-    if objective.dataset != "online" or real:
-        layout = "images" if real else objective.dataset
+    layout = data_layout(objective)  # DDO's and DRIFT's rounds pair real examples with their samples
+    if layout is not None:
         sources = tuple(shipped.get("data", {}).get("source_columns") or ())
         renames = _renames(shipped.get("data", {}), layout)
         what = [f"edits of source images in {', '.join(sources)}"] if sources else []

@@ -1,5 +1,6 @@
-"""Rewards of text completions: the toy text world's preference and judge, and any transformers
-sequence classifier (a reward model such as a Skywork or ArmoRM checkpoint saved locally).
+"""Rewards of text completions: the toy text world's preference and judge, any transformers sequence
+classifier (a reward model such as a Skywork or ArmoRM checkpoint saved locally), and a general preference
+model (``gpm:PATH``, :mod:`diffalign.rewards.general_preference`), which compares a group's completions.
 
 A text reward is called as ``reward(completions, prompts)`` and returns one score per completion
 (higher is better), as the image rewards take images and prompts.
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from diffalign.errors import UserError
+from diffalign.rewards.general_preference import PREFIX as GPM, GeneralPreferenceReward
 from diffalign.toy import text_world
 
 
@@ -63,13 +65,24 @@ CLASSIFIER = "classifier:"
 
 
 def is_text_reward(spec: object) -> bool:
-    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS`` or ``classifier:PATH``."""
-    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith(CLASSIFIER))
+    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS``, ``classifier:PATH`` or ``gpm:PATH``."""
+    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith((CLASSIFIER, GPM)))
+
+
+def is_preference_table_reward(spec: object) -> bool:
+    """Whether ``spec`` names a reward that compares a group's completions (``gpm:PATH``) instead of scoring each."""
+    return isinstance(spec, str) and spec.startswith(GPM)
 
 
 def load_text_reward(spec: str):
-    """A text reward by name (``toy_text_preference``, ``toy_text_judge``) or ``classifier:PATH``."""
+    """A text reward by name (``toy_text_preference``, ``toy_text_judge``), ``classifier:PATH`` or ``gpm:PATH`` (a
+    general preference model: :class:`~diffalign.rewards.general_preference.GeneralPreferenceReward`, whose
+    ``tables`` compare a group's completions)."""
     if not is_text_reward(spec):
-        raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)} or {CLASSIFIER}PATH (a "
-                        "local transformers sequence classifier)")
-    return TEXT_REWARDS[spec]() if spec in TEXT_REWARDS else SequenceClassifierReward(spec.removeprefix(CLASSIFIER))
+        raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)}, {CLASSIFIER}PATH (a "
+                        f"local transformers sequence classifier) or {GPM}PATH (a general preference model)")
+    if spec in TEXT_REWARDS:
+        return TEXT_REWARDS[spec]()
+    if spec.startswith(GPM):
+        return GeneralPreferenceReward(spec.removeprefix(GPM))
+    return SequenceClassifierReward(spec.removeprefix(CLASSIFIER))

@@ -2,7 +2,9 @@
 
 ``assets/models/toy-lm`` holds the shipped base model, trained by ``scripts/train_toy_lm.py`` on the
 base corpus of :mod:`diffalign.toy.text_world`; :func:`write_toy_lm` writes the same folder with random
-weights (tests).
+weights (tests). ``assets/models/toy-gpm`` is a general preference model on the same body
+(:mod:`diffalign.rewards.general_preference`), trained on ``toy:text_pairs`` by ``python scripts/train_gpm.py
+--data toy:text_pairs --base assets/models/toy-lm --out assets/models/toy-gpm``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from diffalign.paths import ASSETS
 from diffalign.toy.text_world import EOS, PAD, UNK, vocabulary
 
 TOY_LM = ASSETS / "models" / "toy-lm"
+TOY_GPM = ASSETS / "models" / "toy-gpm"
 
 
 def toy_tokenizer():

@@ -3,8 +3,9 @@
 Round r covers optimiser steps [r S, (r + 1) S) with S = ``online.steps_per_round``. At its first step the
 policy (as it is then: pi_r of the self-play loops) samples ``online.group_size`` completions for each of
 ``online.groups_per_round`` prompts (cycling through ``online.prompts``), a text reward scores them
-(:mod:`diffalign.rewards.text`: the toy world's, or any local sequence classifier), and the round is written
-to ``run/rounds/round-NNNNN/groups.json`` (prompts, completions, rewards). The objective's rule turns the
+(:mod:`diffalign.rewards.text`: the toy world's, or any local sequence classifier; a general preference model
+gives each group's table of s(i beats j) instead, kept as ``preferences`` with each row's mean as ``rewards``),
+and the round is written to ``run/rounds/round-NNNNN/groups.json`` (prompts, completions, rewards). The objective's rule turns the
 groups into pairs (:meth:`~diffalign.objectives.lm_online.LanguageModelSelfPlay.pairs`), which are tokenized
 as offline pairs are; each optimiser step trains a random draw of them. Sampling is seeded by (seed, r), the
 main process samples and scores, and a resumed run reads its rounds from disk, so resume stays exact.
@@ -19,10 +20,14 @@ from typing import Any
 import torch
 
 from diffalign.data import example_generator
+from diffalign.data.pairs import BadRow
+from diffalign.data.text import TextUnpairedDataset
+from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
 from diffalign.lm.packing import padding_share
 from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
+from diffalign.losses.self_play import preference_scores
 from diffalign.rewards.text import load_text_reward
 from diffalign.train.config import Config
 from diffalign.train.rounds import RoundDriver
@@ -33,17 +38,27 @@ Tensor = torch.Tensor
 class TextRounds(RoundDriver):
     """The LM online objectives' batch source; see the module docstring."""
 
-    def __init__(self, config: Config, policy, tokenizer, output_dir: Path, accelerator, objective) -> None:
+    def __init__(self, config: Config, policy, tokenizer, output_dir: Path, accelerator, objective,
+                 real: TextUnpairedDataset | None = None) -> None:
+        """``real``: the ``data.path`` table of objectives that set ``real_data`` (DRIFT's dissatisfying completions)."""
         super().__init__(config, output_dir, accelerator)
         self.policy, self.tokenizer, self.objective = policy, tokenizer, objective
         self.group_size = objective.round_group_size(config)
-        self.prompts = read_prompts(config.online.prompts)
-        self.reward = load_text_reward(config.online.reward)  # one text reward (checked with the config)
+        if real is not None:  # the data's completions, each paired with the policy's fresh one for its prompt
+            kept = data_completions(real, config, desirable=objective.real_is_chosen)
+            order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(config.train.seed))
+            self.real = [kept[int(i)] for i in order]  # the run's order: a seeded shuffle, so each round mixes prompts
+            self.prompts = [prompt for prompt, _ in self.real]
+        else:
+            self.real, self.prompts = None, read_prompts(config.online.prompts)
+        # one text reward (checked with the config); none for objectives whose pairs are the data against fresh samples
+        self.reward = load_text_reward(config.online.reward) if objective.scored else None
 
     def join(self, r: int, folder: Path) -> None:
         """Round r's completions and rewards, sampled and scored by the main process (the others wait)."""
         acc, g, oc = self.accelerator, self.config.online.groups_per_round, self.config.online
-        prompts = [self.prompts[(r * g + i) % len(self.prompts)] for i in range(g)]
+        rows = [(r * g + i) % len(self.prompts) for i in range(g)]
+        prompts = [self.prompts[i] for i in rows]
         expanded = [p for p in prompts for _ in range(self.group_size)]
         model = acc.unwrap_model(self.policy)
         was_training = model.training
@@ -53,22 +68,42 @@ class TextRounds(RoundDriver):
                                          temperature=self.objective.temperature,
                                          batch_size=oc.sample_batch_size * self.group_size)
         model.train(was_training)
-        rewards = self.reward(completions, expanded).float().view(g, self.group_size)
-        record = {"prompts": prompts, "group_size": self.group_size, "reward": self.reward.name,
-                  "completions": [completions[i:i + self.group_size]
-                                  for i in range(0, len(completions), self.group_size)],
-                  "rewards": rewards.tolist()}
+        groups = [completions[i:i + self.group_size] for i in range(0, len(completions), self.group_size)]
+        record = {"prompts": prompts, "group_size": self.group_size, "completions": groups}
+        if self.real is not None:  # no reward: the data's completion is the pair's chosen one or its rejected one
+            record.update(group_size=2, rewards=None, data_rows=rows, completions=[
+                [self.real[i][1], *fresh] if self.objective.real_is_chosen else [*fresh, self.real[i][1]]
+                for i, fresh in zip(rows, groups)])
+        elif hasattr(self.reward, "tables"):  # a general preference model: each group's s(i beats j), and the mean row
+            tables = self.reward.tables(groups, prompts).float()
+            record.update(preferences=tables.tolist(), rewards=preference_scores(tables).tolist())
+        else:
+            record["rewards"] = self.reward(completions, expanded).float().view(g, self.group_size).tolist()
+        record["reward"] = None if self.reward is None else self.reward.name
         (folder / "groups.json").write_text(json.dumps(record))
 
     def load(self, r: int, folder: Path) -> dict[str, Any]:
         """Round r's pairs, tokenized."""
         record = json.loads((folder / "groups.json").read_text())
-        rewards = torch.tensor(record["rewards"])
-        groups, items, inputs = self.objective.pairs(rewards)
+        rewards = None if record["rewards"] is None else torch.tensor(record["rewards"])
+        if rewards is None:  # data against fresh completions: each group is its pair, chosen first (see join)
+            groups, items, inputs = torch.arange(len(record["prompts"])), torch.tensor([[0, 1]]), {}
+            items = items.expand(len(groups), 2)
+        else:
+            groups, items, inputs = self.objective.pairs(
+                torch.tensor(record["preferences"]) if "preferences" in record else rewards,
+                lambda g: example_generator(self.config.train.seed, r, 3, g, 0))
         pairs = [tokenize_group(self.tokenizer, record["prompts"][int(g)],
                                 [record["completions"][int(g)][int(k)] for k in pair])
                  for g, pair in zip(groups, items)]
-        logged = {"train_reward": rewards.mean(), "pairs_per_round": torch.tensor(float(len(pairs)))}
+        if not pairs:
+            raise UserError(f"round {r} ({folder}): none of its {len(record['prompts'])} groups gives "
+                            f"{self.config.objective.name} anything to train on (every group's completions scored alike, "
+                            "or all above or all below their mean): the reward is saturated on these prompts; use "
+                            "more varied prompts, larger groups (online.group_size) or a finer reward")
+        logged = {"pairs_per_round": torch.tensor(float(len(pairs)))}
+        if rewards is not None and "preferences" not in record:  # a table's row means average to 0 (skew-symmetry)
+            logged["train_reward"] = rewards.mean()
         return {"pairs": pairs, "inputs": inputs, "logged": logged}
 
     def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
@@ -84,4 +119,28 @@ class TextRounds(RoundDriver):
         logged = {**data["logged"], "padding_share": torch.tensor(padding_share(inputs))}
         return {"inputs": {k: v.to(device) for k, v in inputs.items()},
                 "targets": {k: v[mine].to(device) for k, v in data["inputs"].items()},
-                "list_size": 2, "logged": {k: v.to(device) for k, v in logged.items()}}
+                "list_size": len(data["pairs"][0].completions), "logged": {k: v.to(device) for k, v in logged.items()}}
+
+
+def data_completions(table: TextUnpairedDataset, config: Config, *, desirable: bool) -> list[tuple[Any, Any]]:
+    """The (prompt, completion) rows of ``table`` (``data.path`` in KTO's unpaired layout: prompt, completion, label)
+    whose label is ``desirable``, in table order; bad rows skipped and counted (``data.on_error=raise`` stops at the
+    first), and the run says how many of each it kept."""
+    kept, bad = [], 0
+    for position in range(len(table)):
+        try:
+            prompt, completion, label = table.texts(position)
+        except BadRow:
+            if config.data.on_error == "raise":
+                raise
+            bad += 1
+            continue
+        if label == desirable:
+            kept.append((prompt, completion))
+    which = "desirable" if desirable else "undesirable"
+    if not kept:
+        raise UserError(f"{config.data.path}: no {which} completion among its {len(table)} rows ({bad} bad); "
+                        f"{config.objective.name} pairs the policy's fresh completions with the data's {which} ones")
+    print(f"{config.objective.name}: {len(kept)} {which} completions of {len(table)} rows in {config.data.path} "
+          f"({bad} bad rows skipped)", flush=True)
+    return kept

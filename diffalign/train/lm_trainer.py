@@ -95,7 +95,8 @@ class LanguageModelTrainer(PreferenceTrainer):
         return dataset
 
     def _make_rounds(self, reads_data: bool) -> TextRounds:
-        return TextRounds(self.config, self.module, self.tokenizer, self.output_dir, self.accelerator, self.objective)
+        return TextRounds(self.config, self.module, self.tokenizer, self.output_dir, self.accelerator, self.objective,
+                          real=self.dataset if reads_data else None)
 
     def _micro_batch(self, step: int, micro: int) -> dict[str, Any]:
         if self.online:
@@ -124,7 +125,7 @@ class LanguageModelTrainer(PreferenceTrainer):
                 "logged": logged}
 
     def _objective_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.objective(self.trained, self.reference if self.objective.spec.needs_reference else None, batch)
+        return self.objective(self.trained, self.reference if self.objective.needs_reference else None, batch)
 
     def _save_final_weights(self, weights: dict[str, torch.Tensor], folder: Path) -> Path:
         model = self.accelerator.unwrap_model(self.trained)

@@ -59,6 +59,7 @@ from diffalign.diffusion.finetuned import is_finished_run
 from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import PausedRound, UserError
 from diffalign.objectives import OBJECTIVES
+from diffalign.objectives.base import data_layout
 from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.ema import ema_step
 from diffalign.train.models import build_models
@@ -205,7 +206,7 @@ class PreferenceTrainer:
         self.online = objective_cls.dataset == "online"
         reads_data = not self.online or objective_cls.real_data  # DDO's rounds pair real images with samples
         if reads_data:
-            self.dataset = self._load_dataset("images" if self.online else objective_cls.dataset)
+            self.dataset = self._load_dataset(data_layout(objective_cls))
         self._build_models(frozen_reference=objective_cls.frozen_reference)
         self.objective = self._make_objective(objective_cls)
         # what the objective trains beside the model (SparsePO's masks) joins the trained module before the
