@@ -255,7 +255,7 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     from diffalign.eval.naming import model_names
     from diffalign.eval.prompts import read_prompts
     from diffalign.eval.report import markdown_table
-    from diffalign.eval.text import evaluate_language_models, write_text_report
+    from diffalign.eval.text import evaluate_language_models, read_text_pairs, write_text_report
     from diffalign.lm.loading import load_trained_lm
     from diffalign.diffusion import process_state
     from diffalign.rewards.text import is_preference_table_reward, load_text_reward
@@ -272,11 +272,13 @@ def _cmd_eval_lm(args: argparse.Namespace) -> int:
     models = {"base": lambda: load_trained_lm(args.base)}
     for name, source in model_names(args.aligned).items():
         models[name] = lambda source=source: load_trained_lm(source)
+    pairs = read_text_pairs(args.pairs) if args.pairs is not None else None  # before any model samples
     evaluation = evaluate_language_models(models, prompts, rewards, samples_per_prompt=args.seeds, seed=args.seed,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          batch_size=args.batch_size)
+                                          batch_size=args.batch_size, pairs=pairs)
     summary = write_text_report(evaluation, Path(args.out), title=f"diffalign eval: {args.prompts}")
-    print(markdown_table(summary, [k for r in rewards for k in (r.name, f"{r.name}_win_rate")]))
+    columns = [k for r in rewards for k in (r.name, f"{r.name}_win_rate")] + (["ranking_acc"] if pairs else [])
+    print(markdown_table(summary, columns))
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -333,6 +335,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if bench is not None:
             raise UserError(f"--benchmark {bench.name} scores images; {args.base} is a language model")
         return _cmd_eval_lm(args)
+    if args.pairs is not None:
+        raise UserError(f"--pairs ranks text pairs by a language model's likelihood; {args.base} is a diffusion model")
     state = process_state()  # under accelerate launch / torchrun: each process on its own GPU, a share of the batches
     device = default_device()
     dtype = resolve_dtype(args.dtype, device)
@@ -527,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language models (a causal-LM --base): tokens sampled per completion (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="language models: the sampling temperature (default: %(default)s)")
+    p.add_argument("--pairs", metavar="TABLE",
+                   help="language models: a pairs table (prompt, chosen, rejected); each model's ranking accuracy on "
+                        "it, the share of pairs whose chosen completion it gives the higher log-likelihood (Chen et "
+                        "al. 2024), is reported beside the rewards")
     p.add_argument("--out", required=True, help="report folder (metrics.json, grids/, report.html)")
     p.set_defaults(run=_cmd_eval)
 

@@ -39,6 +39,10 @@ class ModelConfig:
     denoiser_file: str | None = None
     # build from `path`'s configs with random weights (tests and benchmarks; no weights needed)
     random_init: bool = False
+    # language models: the reference of the pairwise, unpaired and listwise objectives when it is not the base: a
+    # causal-LM folder or a finished run with the same vocabulary (LLaVA-MoD's teacher as the DPO reference; a
+    # previous stage's policy); unset: the base (a LoRA run: its base with adapters disabled)
+    reference: str | None = None
     # the guidance value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance embedding
     # while it trains and samples rounds (3.5, as diffusers' FLUX training scripts); others ignore it
     distilled_guidance: float = 3.5

@@ -36,10 +36,13 @@ class Evaluation:
     sources: torch.Tensor | None = None
     scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> reward -> (N,)
     texts: dict[str, list[str]] = field(default_factory=dict)  # model -> the (N,) completions (language models)
+    # model -> (P,) 1 where it ranks a pair's chosen completion above its rejected one (language models, --pairs)
+    rankings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per model and reward: mean with 95% interval, and (after the first, the baseline) the
-        paired win rate over the baseline with its Wilson interval."""
+        paired win rate over the baseline with its Wilson interval; a language model's ranking accuracy on
+        ``--pairs`` with its interval."""
         names = list(self.scores)
         base = names[0]
         table: dict[str, dict[str, float]] = {}
@@ -50,6 +53,8 @@ class Evaluation:
                 if model != base:
                     rate, low, high = win_rate(values, self.scores[base][reward])
                     row[f"{reward}_win_rate"], row[f"{reward}_win_low"], row[f"{reward}_win_high"] = rate, low, high
+            if model in self.rankings:  # a share of pairs: its mean with the same interval as a reward's
+                row["ranking_acc"], row["ranking_acc_low"], row["ranking_acc_high"] = mean_interval(self.rankings[model])
             table[model] = row
         return table
 

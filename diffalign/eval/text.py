@@ -9,17 +9,62 @@ import json
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import torch
+
 from diffalign.eval.compare import Evaluation
 from diffalign.eval.report import write_html
 from diffalign.lm.sampling import sample_completions
+from diffalign.lm.tokenize import collate, tokenize_group
+
+
+def read_text_pairs(path: str | Path) -> list[tuple]:
+    """The (prompt, chosen, rejected) texts of a pairs table (:class:`~diffalign.data.text.TextPairDataset`'s
+    columns); bad rows are skipped and said, a table with none usable is refused."""
+    from diffalign.data.pairs import BadRow
+    from diffalign.data.text import TextPairDataset
+    from diffalign.errors import UserError
+
+    table = TextPairDataset(path, tokenizer=None, max_length=None)
+    pairs = []
+    for position in range(len(table)):
+        try:
+            pairs.append(table.pair(position))
+        except BadRow:
+            continue
+    if not pairs:
+        raise UserError(f"--pairs {path}: no usable pair among its {len(table)} rows")
+    if len(pairs) < len(table):
+        print(f"--pairs {path}: {len(table) - len(pairs)} of {len(table)} rows skipped (no prompt, chosen or "
+              "rejected text)", flush=True)
+    return pairs
+
+
+@torch.no_grad()
+def ranking_accuracy(model, tokenizer, pairs: Sequence[tuple], batch_size: int = 64) -> torch.Tensor:
+    """(P,) 1 where ``model`` gives a pair's chosen completion the higher summed log-likelihood, else 0: the ranking
+    accuracy of Chen et al. 2024 ("Preference Learning Algorithms Do Not Learn Preference Rankings", arXiv 2405.19534,
+    Sec. 3), per pair."""
+    from diffalign.lm.preference import completion_logps
+
+    ranked = []
+    for start in range(0, len(pairs), batch_size):
+        groups = [tokenize_group(tokenizer, p, [c, r]) for p, c, r in pairs[start:start + batch_size]]
+        batch = collate(groups, pad_token_id=tokenizer.pad_token_id, max_length=None)
+        device = next(model.parameters()).device
+        logps, _ = completion_logps(model, {k: v.to(device) for k, v in batch.items()})
+        chosen, rejected = logps.float().cpu().chunk(2)
+        ranked.append((chosen > rejected).float())
+    return torch.cat(ranked)
 
 
 def evaluate_language_models(models: Mapping[str, Callable[[], tuple]], prompts: Sequence[str], rewards: Sequence,
                              *, samples_per_prompt: int = 16, seed: int = 0, max_new_tokens: int = 64,
-                             temperature: float = 1.0, batch_size: int = 64) -> Evaluation:
+                             temperature: float = 1.0, batch_size: int = 64,
+                             pairs: Sequence[tuple] | None = None) -> Evaluation:
     """``samples_per_prompt`` completions per prompt from every model (``models``: name -> loader returning
     (model, tokenizer); the first is the baseline), each scored by every text reward. The completions are in
-    ``Evaluation.texts``. Each model is loaded in its turn and let go before the next."""
+    ``Evaluation.texts``; with ``pairs`` ((prompt, chosen, rejected) texts) each model's per-pair ranking is in
+    ``Evaluation.rankings``. Each model is loaded in its turn and let go before the next."""
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     result = Evaluation(prompts=expanded, seeds=[seed] * len(expanded))
     for name, load in models.items():
@@ -27,6 +72,8 @@ def evaluate_language_models(models: Mapping[str, Callable[[], tuple]], prompts:
         completions = sample_completions(model.eval(), tokenizer, expanded, seed=seed, max_new_tokens=max_new_tokens,
                                          temperature=temperature, batch_size=batch_size,
                                          progress=f"eval: {len(expanded)} completions of {name}")
+        if pairs is not None:
+            result.rankings[name] = ranking_accuracy(model, tokenizer, pairs, batch_size)
         del model
         result.texts[name] = completions
         result.scores[name] = {reward.name: reward(completions, expanded).float() for reward in rewards}

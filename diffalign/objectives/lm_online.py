@@ -55,7 +55,7 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
 
         if not is_text_reward(config.online.reward):
             raise UserError(f"online.reward={config.online.reward!r}: {config.objective.name} scores its completions "
-                            f"with one text reward: {', '.join(TEXT_REWARDS)}, classifier:PATH or gpm:PATH")
+                            f"with one text reward: {', '.join(TEXT_REWARDS)}, classifier:PATH, cdr:STRONG:WEAK or gpm:PATH")
         if is_preference_table_reward(config.online.reward) and not cls.reads_preference_tables:
             raise UserError(f"online.reward={config.online.reward!r} compares a group's completions (a general preference "
                             f"model gives no score of one completion); {config.objective.name} needs a score per "

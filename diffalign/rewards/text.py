@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from diffalign.errors import UserError
+from diffalign.rewards.density_ratio import PREFIX as CDR, DensityRatioReward
 from diffalign.rewards.general_preference import PREFIX as GPM, GeneralPreferenceReward
 from diffalign.toy import text_world
 
@@ -65,8 +66,9 @@ CLASSIFIER = "classifier:"
 
 
 def is_text_reward(spec: object) -> bool:
-    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS``, ``classifier:PATH`` or ``gpm:PATH``."""
-    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith((CLASSIFIER, GPM)))
+    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS``, ``classifier:PATH``, ``cdr:STRONG:WEAK`` or
+    ``gpm:PATH``."""
+    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith((CLASSIFIER, CDR, GPM)))
 
 
 def is_preference_table_reward(spec: object) -> bool:
@@ -75,14 +77,18 @@ def is_preference_table_reward(spec: object) -> bool:
 
 
 def load_text_reward(spec: str):
-    """A text reward by name (``toy_text_preference``, ``toy_text_judge``), ``classifier:PATH`` or ``gpm:PATH`` (a
-    general preference model: :class:`~diffalign.rewards.general_preference.GeneralPreferenceReward`, whose
-    ``tables`` compare a group's completions)."""
+    """A text reward by name (``toy_text_preference``, ``toy_text_judge``), ``classifier:PATH``, ``cdr:STRONG:WEAK``
+    (two LMs' log-likelihood ratio, :mod:`diffalign.rewards.density_ratio`) or ``gpm:PATH`` (a general preference
+    model: :class:`~diffalign.rewards.general_preference.GeneralPreferenceReward`, whose ``tables`` compare a group's
+    completions)."""
     if not is_text_reward(spec):
         raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)}, {CLASSIFIER}PATH (a "
-                        f"local transformers sequence classifier) or {GPM}PATH (a general preference model)")
+                        f"local transformers sequence classifier), {CDR}STRONG:WEAK (two LMs' density ratio) or "
+                        f"{GPM}PATH (a general preference model)")
     if spec in TEXT_REWARDS:
         return TEXT_REWARDS[spec]()
+    if spec.startswith(CDR):
+        return DensityRatioReward.parse(spec)
     if spec.startswith(GPM):
         return GeneralPreferenceReward(spec.removeprefix(GPM))
     return SequenceClassifierReward(spec.removeprefix(CLASSIFIER))

@@ -180,6 +180,9 @@ def validate(config: Config) -> Config:
     _validate_drift(config)
     if objective.family == "lm":
         _validate_language_model(config, objective)
+    elif config.model.reference is not None:
+        raise UserError(f"model.reference={config.model.reference}: a reference other than the base is built for "
+                        f"language-model objectives; {config.objective.name} trains a diffusion model against its base")
     elif config.data.packing:
         raise UserError(f"data.packing packs a language model's token sequences; {config.objective.name} trains "
                         "a diffusion model: remove it")
@@ -241,6 +244,9 @@ def _validate_language_model(config: Config, objective) -> None:
                         "--aligned RUN --prompts PROMPTS --out OUT` (a causal-LM --base compares language models)")
     if dc.max_length < 2:
         raise UserError(f"data.max_length must be >= 2 (a prompt token and a completion token), got {dc.max_length}")
+    if config.model.reference is not None and not objective.frozen_reference:
+        raise UserError(f"model.reference={config.model.reference}: {config.objective.name} trains against pi_t, the "
+                        "policy as each round began, not a fixed reference; remove it")
 
 def _check_loss_inputs(config: Config, objective, spec: LossSpec) -> None:
     """A self-play objective takes the losses that read what it estimates (``loss_names``); a loss with per-pair

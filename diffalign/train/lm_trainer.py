@@ -26,7 +26,7 @@ from diffalign.data.open import open_dataset
 from diffalign.data.uncertainty import keep_reliable_pairs
 from diffalign.diffusion import mixed_precision_dtype, resolve_dtype
 from diffalign.errors import UserError
-from diffalign.lm.loading import causal_lm_folder, load_causal_lm, load_tokenizer
+from diffalign.lm.loading import causal_lm_folder, load_causal_lm, load_tokenizer, load_trained_lm
 from diffalign.lm.packing import padding_share
 from diffalign.lm.tokenize import collate
 from diffalign.paths import with_usual_permissions
@@ -74,7 +74,9 @@ class LanguageModelTrainer(PreferenceTrainer):
                 raise UserError(f"train.lora_targets={list(tc.lora_targets)}: {err}") from None
             cast_training_params(model, dtype=torch.float32)  # fp32 master weights for the adapters
             self.reference = BaseWithoutAdapters(model)
-        elif frozen_reference:
+        if mc.reference is not None:  # another model than the base (checked: the objective has a fixed reference)
+            self.reference = self._other_reference(mc.reference)
+        elif frozen_reference and tc.lora_rank == 0:
             reference = copy.deepcopy(model).requires_grad_(False).eval()
             self.reference = reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
         self.module = model.to(device).train()
@@ -82,6 +84,18 @@ class LanguageModelTrainer(PreferenceTrainer):
             self.module.compile()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.backbone, self.encoder = None, None
+
+    def _other_reference(self, source: str) -> nn.Module:
+        """``model.reference`` (a causal-LM folder or a finished run), frozen in ``train.reference_dtype``; refused
+        when its vocabulary is not the policy's, since the losses compare the two models' log-probs of one text."""
+        reference, tokenizer = load_trained_lm(causal_lm_folder(source) if not Path(source, "final").is_dir()
+                                               else source)
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise UserError(f"model.reference={source}: its tokenizer is not the policy's ({self.config.model.path}); "
+                            "the reference must score the same token ids")
+        device = self.accelerator.device
+        return reference.requires_grad_(False).eval().to(device, dtype=resolve_dtype(self.config.train.reference_dtype,
+                                                                                      device))
 
     def _make_objective(self, objective_cls: type) -> Any:
         return objective_cls.build(self.config, self.tokenizer)
