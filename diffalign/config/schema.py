@@ -43,6 +43,9 @@ class ModelConfig:
     # causal-LM folder or a finished run with the same vocabulary (LLaVA-MoD's teacher as the DPO reference; a
     # previous stage's policy); unset: the base (a LoRA run: its base with adapters disabled)
     reference: str | None = None
+    # lm_distill: the teacher a student is distilled from, a causal-LM folder or a finished run with the student's
+    # tokenizer (the student, `path`, may be a smaller architecture with random_init)
+    teacher: str | None = None
     # the guidance value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance embedding
     # while it trains and samples rounds (3.5, as diffusers' FLUX training scripts); others ignore it
     distilled_guidance: float = 3.5

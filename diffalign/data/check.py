@@ -29,6 +29,7 @@ _SIGNATURES = [
     ("text_ranked", ("completions",)),
     ("text_unpaired", ("completion", "label")),
     ("text_pairs", ("chosen", "rejected")),
+    ("text_completions", ("completion",)),
 ]
 
 

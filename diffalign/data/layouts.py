@@ -10,4 +10,5 @@ LAYOUTS = {
     "text_pairs": "a prompt, a chosen and a rejected completion (TRL's preference format)",
     "text_unpaired": "a prompt, a completion and a desirable/undesirable label (TRL's KTO format)",
     "text_ranked": "a prompt and a list of completions, with scores or best first",
+    "text_completions": "a prompt and a completion (TRL's prompt-completion format: what a student is distilled on)",
 }

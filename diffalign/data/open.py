@@ -9,7 +9,7 @@ from diffalign.data.images import CaptionedImageDataset
 from diffalign.data.layouts import LAYOUTS
 from diffalign.data.pairs import ImageRows, PairDataset
 from diffalign.data.ranked import RankedListDataset
-from diffalign.data.text import TextPairDataset, TextRankedDataset, TextUnpairedDataset
+from diffalign.data.text import TextCompletionDataset, TextPairDataset, TextRankedDataset, TextUnpairedDataset
 
 def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
     """The dataset of the data settings ``dc`` (a config's ``data``) in ``layout`` (a key of :data:`LAYOUTS`).
@@ -19,6 +19,8 @@ def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
     if layout.startswith("text_"):
         common = {"tokenizer": tokenizer, "max_length": dc.max_length, "prompt_column": dc.prompt_column,
                   "on_error": dc.on_error, "split": dc.split}
+        if layout == "text_completions":
+            return TextCompletionDataset(dc.path, completion_column=dc.completion_column, **common)
         if layout == "text_unpaired":
             return TextUnpairedDataset(dc.path, completion_column=dc.completion_column, label_column=dc.label_column,
                                        **common)

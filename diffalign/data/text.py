@@ -7,6 +7,7 @@
 - unpaired: ``prompt``, ``completion``, ``label`` (true for a desirable completion), KTO's format.
 - ranked: ``prompt``, ``completions`` (a list) and optionally ``scores`` (one per completion,
   higher better; without them the list is best first).
+- completions: ``prompt``, ``completion`` (TRL's prompt-completion format), what a student is distilled on.
 
 Every table that :class:`~diffalign.data.pairs.RowSource` reads works (parquet, a ``datasets``
 folder, .jsonl). A row that cannot be used (a missing or empty prompt or completion, a missing
@@ -155,6 +156,24 @@ class TextUnpairedDataset(TextRows):
         index = self.indices[position]
         return TextExample(index, self._tokenized(index, prompt, [completion], self.completion_column),
                            label=desirable)
+
+
+class TextCompletionDataset(TextRows):
+    """Completions of prompts (prompt, completion), TRL's prompt-completion format; other columns (a label) are not
+    read. What a student is distilled on (``lm_distill``)."""
+
+    def __init__(self, path: str | Path, *, tokenizer, max_length: int | None = 1024, prompt_column: str = "prompt",
+                 completion_column: str = "completion", on_error: str = "skip", split: str = "train") -> None:
+        super().__init__(path, tokenizer=tokenizer, max_length=max_length, prompt_column=prompt_column,
+                         required=[prompt_column, completion_column], on_error=on_error, split=split)
+        self.completion_column = completion_column
+
+    def read(self, position: int, decode: bool = True) -> TextExample:
+        index = self.indices[position]
+        row = self.source.row(index)
+        prompt = _text(row.get(self.prompt_column), index, self.prompt_column, "prompt")
+        completion = _text(row.get(self.completion_column), index, self.completion_column, "completion")
+        return TextExample(index, self._tokenized(index, prompt, [completion], self.completion_column))
 
 
 class TextRankedDataset(TextRows):

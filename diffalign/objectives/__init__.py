@@ -18,6 +18,7 @@ from diffalign.objectives.grpo_guard import GRPOGuard
 from diffalign.objectives.inpo import InPO
 from diffalign.objectives.inpo_nash import INPONash
 from diffalign.objectives.lm_disco import LanguageModelDisCO
+from diffalign.objectives.lm_distill import LanguageModelDistill
 from diffalign.objectives.lm_dno import LanguageModelDNO
 from diffalign.objectives.lm_dpo import LanguageModelDPO
 from diffalign.objectives.lm_drift import LanguageModelDRIFT
@@ -56,6 +57,7 @@ OBJECTIVES = {
     "inpo": InPO,
     "inpo_nash": INPONash,
     "lm_disco": LanguageModelDisCO,
+    "lm_distill": LanguageModelDistill,
     "lm_dno": LanguageModelDNO,
     "lm_dpo": LanguageModelDPO,
     "lm_drift": LanguageModelDRIFT,

@@ -127,7 +127,7 @@ def conversations_parquet(path: Path, rows: int = 4, *, layout: str = "pairs") -
     """TRL's conversational formats in the toy language: ``pairs`` as UltraFeedback's (chosen and rejected
     conversations sharing the user's message, no prompt column), ``unpaired`` as kto-mix's (prompt and
     completion message lists, a label), ``ranked`` a prompt with a list of three completions and their scores
-    (higher better)."""
+    (higher better), ``completions`` a prompt and one completion (TRL's prompt-completion format)."""
     from diffalign.toy import text_world as tw
 
     users = [{"role": "user", "content": f"the {c} {a}"} for c in tw.COLOURS for a in tw.ANIMALS][:rows]
@@ -142,6 +142,8 @@ def conversations_parquet(path: Path, rows: int = 4, *, layout: str = "pairs") -
         moods = ("joyful", "calm", "angry")
         table = {"prompt": [[u] for u in users], "completions": [[answer(u, m) for m in moods] for u in users],
                  "scores": [[2.0, 1.0, 0.0] for _ in users]}
+    elif layout == "completions":
+        table = {"prompt": [[u] for u in users], "completion": [answer(u, "joyful") for u in users]}
     else:
         table = {"prompt": [[u] for u in users for _ in range(2)],
                  "completion": [answer(u, mood) for u in users for mood in ("joyful", "angry")],
@@ -182,6 +184,7 @@ EXAMPLE_LAYOUTS = {
     "text_pairs": lambda path: conversations_parquet(path),
     "text_unpaired": lambda path: conversations_parquet(path, layout="unpaired"),
     "text_ranked": lambda path: conversations_parquet(path, layout="ranked"),
+    "text_completions": lambda path: conversations_parquet(path, layout="completions"),
 }
 
 

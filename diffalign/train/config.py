@@ -180,9 +180,11 @@ def validate(config: Config) -> Config:
     _validate_drift(config)
     if objective.family == "lm":
         _validate_language_model(config, objective)
-    elif config.model.reference is not None:
-        raise UserError(f"model.reference={config.model.reference}: a reference other than the base is built for "
-                        f"language-model objectives; {config.objective.name} trains a diffusion model against its base")
+    elif config.model.reference is not None or config.model.teacher is not None:
+        key, value = ("model.reference", config.model.reference) if config.model.reference else \
+            ("model.teacher", config.model.teacher)
+        raise UserError(f"{key}={value}: a reference other than the base and a teacher are built for language-model "
+                        f"objectives; {config.objective.name} trains a diffusion model")
     elif config.data.packing:
         raise UserError(f"data.packing packs a language model's token sequences; {config.objective.name} trains "
                         "a diffusion model: remove it")
@@ -244,6 +246,9 @@ def _validate_language_model(config: Config, objective) -> None:
                         "--aligned RUN --prompts PROMPTS --out OUT` (a causal-LM --base compares language models)")
     if dc.max_length < 2:
         raise UserError(f"data.max_length must be >= 2 (a prompt token and a completion token), got {dc.max_length}")
+    if config.model.teacher is not None and not objective.reads_teacher:
+        raise UserError(f"model.teacher={config.model.teacher}: {config.objective.name} has no teacher; lm_distill "
+                        "distils a student from one")
     if config.model.reference is not None and not objective.frozen_reference:
         raise UserError(f"model.reference={config.model.reference}: {config.objective.name} trains against pi_t, the "
                         "policy as each round began, not a fixed reference; remove it")
