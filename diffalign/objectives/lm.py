@@ -43,5 +43,9 @@ class LanguageModelObjective(Objective):
         """Whether the trainer passes the frozen reference (the base) to each call."""
         return self.spec is not None and self.spec.needs_reference
 
+    def fit_to_data(self, dataset, reference, device, seed: int) -> None:
+        """Called once before the first step with the run's dataset and reference, for what an objective learns from
+        the data before training (BCO's UDM classifier); default nothing."""
+
     def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

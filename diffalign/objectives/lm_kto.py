@@ -3,22 +3,51 @@
 KTO (Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 8) with its reference point z_0 estimated on the
 batch's mismatched prompt-completion pairs (each prompt with the previous row's completion), averaged
 over the processes, as TRL's ``KTOTrainer``; BCO (Jung et al. 2024, Sec. 3.2) with its running reward
-shift kept in the checkpoints; NPO on the undesirable rows. :func:`diffalign.lm.unpaired_preference_loss`
+shift kept in the checkpoints and, with ``objective.options.udm``, its underlying distribution matching (Sec. 3.3:
+each undesirable row weighted by its prompt's density ratio, from a classifier fitted on the prompts' embeddings
+before training, :mod:`diffalign.losses.udm`); NPO on the undesirable rows. :func:`diffalign.lm.unpaired_preference_loss`
 does the maths; this file gives it the trainer's batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from diffalign.config import ranged
+from diffalign.data.pairs import BadRow
+from diffalign.errors import UserError
 from diffalign.lm import mismatched_completions, unpaired_preference_loss
-from diffalign.losses import RewardShift
+from diffalign.lm.preference import reference_context
+from diffalign.lm.tokenize import collate
+from diffalign.losses import RewardShift, udm_weights
+from diffalign.losses.udm import UDMClassifier
 from diffalign.objectives.lm import LanguageModelObjective
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class UDMOptions:
+    # BCO's underlying distribution matching (Sec. 3.3): weight each undesirable row by its prompt's density ratio
+    # P(desirable | x) / P(undesirable | x), from a classifier fitted before training on the prompts' embeddings (the
+    # reference's last hidden state, averaged over the prompt's tokens); loss bco only
+    udm: bool = False
+    # prompts of each group the classifier is fitted on (TRL's prompt_sample_size)
+    udm_sample_size: int = ranged(1024, "[2, inf)")
+    # the weights are clipped to [udm_min_ratio, udm_max_ratio] (TRL's min_density_ratio, max_density_ratio)
+    udm_min_ratio: float = ranged(0.5, "(0, inf)")
+    udm_max_ratio: float = ranged(10.0, "(0, inf)")
+
+
+def prompt_embeddings(model, inputs: dict[str, Tensor]) -> Tensor:
+    """(N, D) each row's prompt embedding: the model's last hidden state averaged over the prompt's tokens."""
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
+    prompt = (inputs["attention_mask"] * (1 - inputs["completion_mask"])).unsqueeze(-1).float()
+    return (out.hidden_states[-1].float() * prompt).sum(1) / prompt.sum(1).clamp(min=1.0)
 
 
 class LanguageModelKTO(LanguageModelObjective):
@@ -28,21 +57,68 @@ class LanguageModelKTO(LanguageModelObjective):
 
     dataset = "text_unpaired"
     loss_kinds = ("unpaired",)
+    Options = UDMOptions
 
     def __init__(self, config, tokenizer: Any = None) -> None:
         super().__init__(config, tokenizer)
         self.pad_token_id = 0 if tokenizer is None else tokenizer.pad_token_id
         self.reward_shift = RewardShift() if self.name == "bco" and "delta" not in self.options else None
+        self.udm = self.options_of(config)
+        self.classifier = UDMClassifier() if self.udm.udm else None
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        options = cls.options_of(config.objective)
+        if options.udm and config.objective.loss != "bco":
+            raise UserError(f"objective.options.udm reweights BCO's undesirable rows; objective.loss is "
+                            f"{config.objective.loss}: set objective.loss=bco or remove it")
+        if options.udm_min_ratio > options.udm_max_ratio:
+            raise UserError(f"objective.options.udm_min_ratio={options.udm_min_ratio} is above udm_max_ratio="
+                            f"{options.udm_max_ratio}")
 
     def attach(self, module: nn.Module) -> list[Any]:
-        """BCO's running reward shift goes into the checkpoints."""
-        return [] if self.reward_shift is None else [self.reward_shift]
+        """BCO's running reward shift and its UDM classifier go into the checkpoints."""
+        return [state for state in (self.reward_shift, self.classifier) if state is not None]
+
+    def fit_to_data(self, dataset, reference, device: torch.device, seed: int) -> None:
+        """Fit the UDM classifier (when ``udm``) on up to ``udm_sample_size`` prompts of each label, drawn with the
+        run's seed, embedded by the reference (the base, or ``model.reference``)."""
+        if self.classifier is None:
+            return
+        labels = {True: [], False: []}
+        for position in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist():
+            try:
+                example = dataset.read(position)
+            except BadRow:
+                continue
+            if len(labels[example.label]) < self.udm.udm_sample_size:
+                labels[example.label].append(example.group)
+        if not labels[True] or not labels[False]:
+            raise UserError("objective.options.udm compares the prompts of desirable and undesirable rows: the data "
+                            f"has {len(labels[True])} desirable and {len(labels[False])} undesirable usable rows")
+        embedded = {}
+        with torch.no_grad():
+            for label, groups in labels.items():
+                parts = [prompt_embeddings(reference, {k: v.to(device) for k, v in collate(
+                    groups[i:i + 64], pad_token_id=self.pad_token_id, max_length=None).items()}).cpu()
+                    for i in range(0, len(groups), 64)]
+                embedded[label] = torch.cat(parts)
+        self.classifier.fit(embedded[True], embedded[False])
 
     def __call__(self, policy, reference, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        inputs = batch["inputs"]
+        inputs, labels = batch["inputs"], batch["targets"]["labels"]
         kl_batch = None
         if self.name == "kto" and "kl" not in self.options and len(inputs["input_ids"]) > 1:
             kl_batch = mismatched_completions(inputs, self.pad_token_id)  # on the batch's device
-        return unpaired_preference_loss(policy, reference, inputs, labels=batch["targets"]["labels"], loss=self.name,
-                                        beta=self.beta, kl_batch=kl_batch, reward_shift=self.reward_shift,
-                                        mean_over_processes=self.mean_over_processes, **self.options)
+        options = dict(self.options)
+        if self.classifier is not None and not bool(labels.all()):
+            with torch.no_grad(), reference_context(policy, reference) as ref:
+                weights = udm_weights(self.classifier.prob_desirable(prompt_embeddings(ref, inputs)),
+                                      self.udm.udm_min_ratio, self.udm.udm_max_ratio)
+            options["rejected_weights"] = weights[~labels.bool()]
+        loss, metrics = unpaired_preference_loss(policy, reference, inputs, labels=labels, loss=self.name,
+                                                 beta=self.beta, kl_batch=kl_batch, reward_shift=self.reward_shift,
+                                                 mean_over_processes=self.mean_over_processes, **options)
+        if "rejected_weights" in options:
+            metrics["udm_weight"] = options["rejected_weights"].mean()
+        return loss, metrics

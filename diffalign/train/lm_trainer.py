@@ -53,6 +53,9 @@ class LanguageModelTrainer(PreferenceTrainer):
         # diffusers pipeline) is refused before anything else loads
         self.tokenizer = load_tokenizer(causal_lm_folder(config.model.path))
         super().__init__(config)
+        if self.dataset is not None:  # what the objective learns from the data first (BCO's UDM classifier)
+            self.objective.fit_to_data(self.dataset, self.reference if self.reference is not None else self.module,
+                                       self.accelerator.device, config.train.seed)
 
     def _build_models(self, frozen_reference: bool) -> None:
         mc, tc = self.config.model, self.config.train
