@@ -102,3 +102,52 @@ def test_udm_options_are_checked():
     with pytest.raises(UserError, match="udm_min_ratio"):
         load_config(CONFIGS / "toy_lm_kto.yaml", ["objective.loss=bco", "objective.options.udm=true",
                                                   "objective.options.udm_min_ratio=20"])
+
+
+def test_a_prompts_embedding_is_its_pooled_vector_or_its_tokens_mean():
+    from diffalign.diffusion.backbones import Conditioning
+
+    embeds = torch.arange(24.0).view(2, 3, 4)
+    assert torch.equal(Conditioning(embeds, pooled=torch.ones(2, 5)).prompt_embedding(), torch.ones(2, 5))
+    assert torch.equal(Conditioning(embeds).prompt_embedding(), embeds.mean(1))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(Conditioning(embeds, mask=mask).prompt_embedding(),
+                               torch.stack([embeds[0, :2].mean(0), embeds[1, 0]]))
+
+
+def test_diffusion_kto_weights_its_undesirable_images_by_hand(tmp_path):
+    """per_group_loss with the images' prompt embeddings: BCO's loss with each undesirable image times its clipped
+    density ratio; then a toy run fits the classifier on the captions, logs the weights and checkpoints them."""
+    from diffalign import losses
+    from diffalign.diffusion import backbone_for, load_pipeline
+    from diffalign.objectives import OBJECTIVES
+    from diffalign.paths import TOY_BASE
+    from diffalign.train.config import ObjectiveConfig
+
+    objective = OBJECTIVES["diffusion_kto"](ObjectiveConfig(name="diffusion_kto", loss="bco", beta=10.0,
+                                                            loss_options={"delta": 0.0}, options={"udm": True}),
+                                            backbone_for(load_pipeline(TOY_BASE)))
+    g = torch.Generator().manual_seed(0)
+    objective.classifier.fit(torch.randn(8, 3, generator=g) + 1, torch.randn(8, 3, generator=g) - 1)
+    embeddings = torch.randn(4, 3, generator=g)
+    policy, reference = torch.randn(4, 1, generator=g), torch.randn(4, 1, generator=g)
+    liked = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    got = objective.per_group_loss(policy, reference, preference=liked, scores=None,
+                                   options={"delta": 0.0, "udm_embeddings": embeddings})
+    p = objective.classifier.prob_desirable(embeddings[liked == 0])
+    weights = (p / (1 - p)).clamp(0.5, 10.0)
+    by_hand = losses.get("bco")(policy[liked == 1, 0], policy[liked == 0, 0], reference[liked == 1, 0],
+                                reference[liked == 0, 0], beta=10.0, delta=0.0, rejected_weights=weights)
+    torch.testing.assert_close(got[liked == 1], by_hand[:2])
+    torch.testing.assert_close(got[liked == 0], by_hand[2:])
+    run = tmp_path / "run"
+    train(load_config(CONFIGS / "toy_diffusion_kto.yaml", [f"output_dir={run}", "objective.loss=bco",
+                                                           "objective.options.udm=true", "train.max_steps=2",
+                                                           "train.batch_size=4", "train.checkpoint_every=2",
+                                                           "validation.every=0", "train.report_to=none"]))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.5 <= m["udm_weight"] <= 10.0 for m in metrics if "udm_weight" in m)
+    from safetensors import safe_open
+
+    with safe_open(str(run / "checkpoints" / "step-0000002" / STATE_FILE), "pt") as state:
+        assert '"weight": {"tensor"' in state.metadata()["state"]

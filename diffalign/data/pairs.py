@@ -571,6 +571,11 @@ class PairDataset(ImageRows):
         smoothed = dict(zip(good, p, strict=True))
         return [bad[i] if i in bad else smoothed[i] for i in range(len(self.source))]
 
+    def ease(self) -> list[float]:
+        """Each usable pair's ease for Curry-DPO's order (``data.curriculum=score_gap``): the strength |p - 1/2| of
+        its smoothed preference from ``data.score_columns``."""
+        return [abs(self.labels[i] - 0.5) for i in self.indices]
+
     def read(self, position: int, decode: bool = True) -> GroupExample:
         """The pair at ``position`` of the usable pairs, winner first; raises :class:`BadRow`."""
         index = self.indices[position]

@@ -114,6 +114,21 @@ class TextPairDataset(TextRows):
             return split_prompt(chosen, rejected)
         return _text(row.get(self.prompt_column), index, self.prompt_column, "prompt"), chosen, rejected
 
+    def ease(self) -> list[float]:
+        """Each pair's ease for Curry-DPO's order (``data.curriculum=score_gap``): the gap between its chosen and
+        rejected scores in ``data.reward_columns`` (a row whose scores cannot be read counts 0: reading it later skips
+        it as a bad row)."""
+        gaps = []
+        for index in self.indices:
+            row = self.source.row(index)
+            try:
+                chosen, rejected = (self._number(row, index, column, "reward score", lambda v: True)
+                                    for column in self.reward_columns)
+                gaps.append(abs(chosen - rejected))
+            except BadRow:
+                gaps.append(0.0)
+        return gaps
+
     def narrow(self, positions: list[int]) -> None:
         """Keep only the pairs at ``positions`` (a selection such as UPO's reliable pairs)."""
         self.indices = [self.indices[p] for p in positions]

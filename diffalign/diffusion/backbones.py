@@ -67,6 +67,14 @@ class Conditioning:
     negative_embeds: Tensor | None = None
     negative_mask: Tensor | None = None
 
+    def prompt_embedding(self) -> Tensor:
+        """(N, D) one vector per prompt: the pooled embedding where the family has one, else the token embeddings
+        averaged over the prompt's tokens (its mask's where it has one)."""
+        if self.pooled is not None:
+            return self.pooled.float()
+        mask = torch.ones(self.embeds.shape[:2], device=self.embeds.device) if self.mask is None else self.mask.float()
+        return (self.embeds.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+
     def _map(self, fn) -> "Conditioning":
         return Conditioning(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                                for f in fields(self)})

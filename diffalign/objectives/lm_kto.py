@@ -11,36 +11,20 @@ does the maths; this file gives it the trainer's batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from diffalign.config import ranged
-from diffalign.data.pairs import BadRow
-from diffalign.errors import UserError
 from diffalign.lm import mismatched_completions, unpaired_preference_loss
 from diffalign.lm.preference import reference_context
 from diffalign.lm.tokenize import collate
-from diffalign.losses import RewardShift, udm_weights
+from diffalign.losses import RewardShift
 from diffalign.losses.udm import UDMClassifier
 from diffalign.objectives.lm import LanguageModelObjective
+from diffalign.objectives.udm import UDMOptions, check_udm, rejected_weights, sample_by_label
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class UDMOptions:
-    # BCO's underlying distribution matching (Sec. 3.3): weight each undesirable row by its prompt's density ratio
-    # P(desirable | x) / P(undesirable | x), from a classifier fitted before training on the prompts' embeddings (the
-    # reference's last hidden state, averaged over the prompt's tokens); loss bco only
-    udm: bool = False
-    # prompts of each group the classifier is fitted on (TRL's prompt_sample_size)
-    udm_sample_size: int = ranged(1024, "[2, inf)")
-    # the weights are clipped to [udm_min_ratio, udm_max_ratio] (TRL's min_density_ratio, max_density_ratio)
-    udm_min_ratio: float = ranged(0.5, "(0, inf)")
-    udm_max_ratio: float = ranged(10.0, "(0, inf)")
 
 
 def prompt_embeddings(model, inputs: dict[str, Tensor]) -> Tensor:
@@ -68,13 +52,7 @@ class LanguageModelKTO(LanguageModelObjective):
 
     @classmethod
     def check_config(cls, config) -> None:
-        options = cls.options_of(config.objective)
-        if options.udm and config.objective.loss != "bco":
-            raise UserError(f"objective.options.udm reweights BCO's undesirable rows; objective.loss is "
-                            f"{config.objective.loss}: set objective.loss=bco or remove it")
-        if options.udm_min_ratio > options.udm_max_ratio:
-            raise UserError(f"objective.options.udm_min_ratio={options.udm_min_ratio} is above udm_max_ratio="
-                            f"{options.udm_max_ratio}")
+        check_udm(cls.options_of(config.objective), config.objective.loss)
 
     def attach(self, module: nn.Module) -> list[Any]:
         """BCO's running reward shift and its UDM classifier go into the checkpoints."""
@@ -85,20 +63,10 @@ class LanguageModelKTO(LanguageModelObjective):
         run's seed, embedded by the reference (the base, or ``model.reference``)."""
         if self.classifier is None:
             return
-        labels = {True: [], False: []}
-        for position in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist():
-            try:
-                example = dataset.read(position)
-            except BadRow:
-                continue
-            if len(labels[example.label]) < self.udm.udm_sample_size:
-                labels[example.label].append(example.group)
-        if not labels[True] or not labels[False]:
-            raise UserError("objective.options.udm compares the prompts of desirable and undesirable rows: the data "
-                            f"has {len(labels[True])} desirable and {len(labels[False])} undesirable usable rows")
         embedded = {}
         with torch.no_grad():
-            for label, groups in labels.items():
+            for label, examples in sample_by_label(dataset, self.udm.udm_sample_size, seed, lambda e: e.label).items():
+                groups = [e.group for e in examples]
                 parts = [prompt_embeddings(reference, {k: v.to(device) for k, v in collate(
                     groups[i:i + 64], pad_token_id=self.pad_token_id, max_length=None).items()}).cpu()
                     for i in range(0, len(groups), 64)]
@@ -113,9 +81,8 @@ class LanguageModelKTO(LanguageModelObjective):
         options = dict(self.options)
         if self.classifier is not None and not bool(labels.all()):
             with torch.no_grad(), reference_context(policy, reference) as ref:
-                weights = udm_weights(self.classifier.prob_desirable(prompt_embeddings(ref, inputs)),
-                                      self.udm.udm_min_ratio, self.udm.udm_max_ratio)
-            options["rejected_weights"] = weights[~labels.bool()]
+                options["rejected_weights"] = rejected_weights(self.classifier, prompt_embeddings(ref, inputs),
+                                                               labels.bool(), self.udm)
         loss, metrics = unpaired_preference_loss(policy, reference, inputs, labels=labels, loss=self.name,
                                                  beta=self.beta, kl_batch=kl_batch, reward_shift=self.reward_shift,
                                                  mean_over_processes=self.mean_over_processes, **options)

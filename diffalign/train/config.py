@@ -124,10 +124,13 @@ def validate(config: Config) -> Config:
                                    or min(config.data.score_scales) <= 0):
         raise UserError("data.score_scales needs one positive scale per data.score_columns pair, or none")
     choose("data.curriculum", config.data.curriculum, ("none", "score_gap"))
-    if config.data.curriculum == "score_gap" and (objective.dataset != "pairs" or not config.data.score_columns):
+    if config.data.curriculum == "score_gap" and not (
+            (objective.dataset == "pairs" and config.data.score_columns)
+            or (objective.dataset == "text_pairs" and config.data.reward_columns)):
         raise UserError("data.curriculum=score_gap orders pairs by the gap between their reward scores: it needs "
-                        f"a pairs objective and data.score_columns; {config.objective.name} with score_columns="
-                        f"{config.data.score_columns!r}")
+                        "image pairs and data.score_columns, or text pairs and data.reward_columns; "
+                        f"{config.objective.name} with score_columns={config.data.score_columns!r}, reward_columns="
+                        f"{config.data.reward_columns!r}")
     if config.data.reward_columns and not _column_pair(config.data.reward_columns):
         raise UserError(f"data.reward_columns names one reward model's two score columns, [first, second]; got "
                         f"{config.data.reward_columns!r}")
@@ -140,7 +143,8 @@ def validate(config: Config) -> Config:
         margins = [s.name for s in losses.specs() if "margin" in s.options]
         raise UserError(f"data.margin_column sets each pair's margin, which objective.loss={config.objective.loss} "
                         f"does not take; use a loss with a margin: {', '.join(margins)}")
-    if config.data.reward_columns and (spec is None or "reward_gap" not in spec.inputs):
+    if config.data.reward_columns and (spec is None or "reward_gap" not in spec.inputs) \
+            and config.data.curriculum != "score_gap":  # the curriculum orders the pairs by it
         readers = [s.name for s in losses.specs() if "reward_gap" in s.inputs]
         raise UserError(f"data.reward_columns gives each pair its reward gap, which objective.loss={config.objective.loss} "
                         f"does not read; use a loss that weighs pairs by it: {', '.join(readers)}")
@@ -233,7 +237,7 @@ def _validate_language_model(config: Config, objective) -> None:
     image_only = [(key, bad) for key, bad in (
         ("data.cache_dir", dc.cache_dir is not None), ("data.precompute", dc.precompute),
         ("data.random_flip", dc.random_flip), ("data.score_columns", bool(dc.score_columns)),
-        ("data.curriculum", dc.curriculum != "none"), ("data.positive_ratio", dc.positive_ratio is not None),
+        ("data.positive_ratio", dc.positive_ratio is not None),
         ("data.ties", dc.ties != "drop"), ("model.denoiser_file", config.model.denoiser_file is not None),
         ("model.config", config.model.config is not None)) if bad]
     if image_only:

@@ -53,9 +53,6 @@ class LanguageModelTrainer(PreferenceTrainer):
         # diffusers pipeline) is refused before anything else loads
         self.tokenizer = load_tokenizer(causal_lm_folder(config.model.path))
         super().__init__(config)
-        if self.dataset is not None:  # what the objective learns from the data first (BCO's UDM classifier)
-            self.objective.fit_to_data(self.dataset, self.reference if self.reference is not None else self.module,
-                                       self.accelerator.device, config.train.seed)
 
     def _build_models(self, frozen_reference: bool) -> None:
         mc, tc = self.config.model, self.config.train
@@ -99,6 +96,11 @@ class LanguageModelTrainer(PreferenceTrainer):
         device = self.accelerator.device
         return reference.requires_grad_(False).eval().to(device, dtype=resolve_dtype(self.config.train.reference_dtype,
                                                                                       device))
+
+    def _fit_objective_to_data(self) -> None:
+        """The LM objectives embed prompts with the reference themselves (BCO's UDM classifier)."""
+        self.objective.fit_to_data(self.dataset, self.reference if self.reference is not None else self.module,
+                                   self.accelerator.device, self.config.train.seed)
 
     def _make_objective(self, objective_cls: type) -> Any:
         return objective_cls.build(self.config, self.tokenizer)

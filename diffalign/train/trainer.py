@@ -120,7 +120,7 @@ def _run_order(config: Config, dataset: PairDataset | RankedListDataset | Captio
     the pairs easy to hard, or with ``data.positive_ratio`` liked and other images in that ratio."""
     ratio = config.data.positive_ratio
     if config.data.curriculum == "score_gap":  # easy to hard: the strength |p - 1/2| of each usable pair
-        return CurriculumOrder([abs(dataset.labels[i] - 0.5) for i in dataset.indices], config.train.seed)
+        return CurriculumOrder(dataset.ease(), config.train.seed)
     if ratio is None:
         return DeterministicOrder(len(dataset), config.train.seed)
     liked, other = dataset.positions_by_label()
@@ -245,8 +245,23 @@ class PreferenceTrainer:
         self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
         self.drift = DriftWatch(dict(vc.drift_limits)) if vc.drift_limits else None
         self._best_weights: dict[int, list[torch.Tensor]] = {}  # a watch's best step -> the trained weights then
+        if self.dataset is not None:  # what the objective learns from the data before the first step (BCO's UDM)
+            self._fit_objective_to_data()
 
     # --- setup: the model family's parts (a subclass per family overrides these) --------------
+    def _fit_objective_to_data(self) -> None:
+        """Give the objective the data and the family's prompt embeddings (the text encoders' conditioning)."""
+        fit = getattr(self.objective, "fit_to_data", None)
+        if fit is not None:
+            fit(self.dataset, self._embed_captions, self.config.train.seed)
+
+    @torch.no_grad()
+    def _embed_captions(self, captions: list[str]) -> torch.Tensor:
+        """(N, D) one embedding per caption, through the cache if any: the conditioning's pooled embedding, else its
+        token embeddings averaged over the prompt's tokens."""
+        cond = self.backbone.encode_prompts(captions) if self.encoder is None else self.encoder.prompts(captions)
+        return cond.prompt_embedding().cpu()
+
     def _load_dataset(self, layout: str) -> Any:
         return open_dataset(self.config.data, layout)
 
