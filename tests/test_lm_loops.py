@@ -252,3 +252,21 @@ def test_a_round_with_nothing_to_train_is_refused_with_the_reason(tmp_path):
                                                               "online.reward=flat_for_test", *SMALL]))
     finally:
         del text.TEXT_REWARDS["flat_for_test"]
+
+
+def test_online_dpo_pairs_every_two_completions_and_gives_soft_losses_their_strength():
+    """pairs=all: every two completions of different reward, the better first; a soft-label loss gets each pair's
+    Bradley-Terry strength sigma((r_w - r_l) / T)."""
+    online = OBJECTIVES["lm_online_dpo"](ObjectiveConfig(loss="soft_dpo", options={"pairs": "all",
+                                                                                  "preference_temperature": 0.5}))
+    groups, items, inputs = online.pairs(REWARDS, None)
+    # group 0 [0.2, 1.0, -0.6, 0.2]: 5 of its 6 pairs differ; group 1 is flat; group 2 [-1.0, 0.6, 0.6, -0.2]: 5
+    assert groups.tolist() == [0] * 5 + [2] * 5
+    assert items.tolist()[:5] == [[1, 0], [0, 2], [1, 2], [1, 3], [3, 2]]
+    gap = REWARDS[groups, items[:, 0]] - REWARDS[groups, items[:, 1]]
+    assert torch.all(gap > 0)
+    torch.testing.assert_close(inputs["preference"], torch.sigmoid(gap / 0.5))
+    hard = OBJECTIVES["lm_online_dpo"](ObjectiveConfig(loss="dpo"))
+    assert hard.pairs(REWARDS, None)[2] == {}  # a pairwise loss takes no strength
+    with pytest.raises(UserError, match="soft_dpo is a soft-label loss"):
+        load_config(CONFIGS / "toy_lm_sppo.yaml", ["objective.loss=soft_dpo"])

@@ -34,19 +34,50 @@ class LMSamplingOptions:
     sample_temperature: float = ranged(1.0, "(0, inf)")
 
 
+@dataclass
+class LMOnlineDPOOptions(LMSamplingOptions):
+    # the pairs of a group: its best vs its worst completion (extremes), or every two completions of different
+    # reward, the better first (all: the ranked pairing of online self-preferring, OSP)
+    pairs: str = ranged("extremes", ("extremes", "all"))
+    # soft-label losses (soft_dpo, smpo, ...): each pair's preference strength sigma((r_w - r_l) / T), the
+    # Bradley-Terry probability of the reward gap at this temperature T
+    preference_temperature: float = ranged(1.0, "(0, inf)")
+
+
+def best_vs_worst(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) groups and (N, 2) each group's best and worst sample, a group of equal rewards left out."""
+    groups, items = extreme_pairs(rewards)
+    keep = rewards.gather(1, items[:, :1]).squeeze(1) > rewards.gather(1, items[:, 1:]).squeeze(1)
+    return groups[keep], items[keep]
+
+
+def all_ranked_pairs(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """(N,) groups and (N, 2) every two samples of a group whose rewards differ, the better first."""
+    groups, items = [], []
+    for g, scores in enumerate(rewards):
+        for i in range(len(scores)):
+            for j in range(i + 1, len(scores)):
+                if scores[i] != scores[j]:
+                    groups.append(g)
+                    items.append([i, j] if scores[i] > scores[j] else [j, i])
+    return torch.tensor(groups, dtype=torch.long), torch.tensor(items, dtype=torch.long).view(-1, 2)
+
+
 class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     """Online DPO on an LM (Guo et al. 2024, arXiv 2402.04792; iterative DPO, Xiong et al. 2024, arXiv
-    2312.11456): each round the policy samples K completions per prompt, the reward's best and worst make a
-    pair, and the pairs train ``objective.loss`` (DPO by default) against the base model."""
+    2312.11456): each round the policy samples K completions per prompt, the reward's best and worst (or every two of
+    different reward, ``objective.options.pairs=all``) make pairs, and the pairs train ``objective.loss`` (DPO by
+    default; a soft-label loss takes each pair's Bradley-Terry strength from the reward gap, as online self-preferring
+    does with its self-judged strengths) against the base model."""
 
     paper = "Guo et al. 2024, arXiv 2402.04792"
 
-    loss_kinds = ("pairwise",)
+    loss_kinds = ("pairwise", "soft-label")
     group_size = 4
     takes_labels = False
     keeps_trajectories = False
     reads_preference_tables = False  # True: the rule takes (G, K, K) tables of s(i beats j) (online.reward=gpm:PATH)
-    Options = LMSamplingOptions
+    Options = LMOnlineDPOOptions
 
     @classmethod
     def check_sampling(cls, config) -> None:
@@ -65,14 +96,17 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
         super().__init__(config, tokenizer)
         options = self.options_of(config)
         self.max_new_tokens, self.temperature = options.max_new_tokens, options.sample_temperature
+        self.settings = options
 
     def pairs(self, rewards: Tensor, generator: Callable[[int], torch.Generator]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(N,) each unit's group, (N, L) its completions (a pair, chosen first; a whole group for DisCO) and (N, ...)
         per-unit loss inputs, from a round's (G, K) rewards; ``generator(g)`` is group g's own generator, for rules
         that draw (RSO's acceptance)."""
-        groups, items = extreme_pairs(rewards)
-        keep = rewards.gather(1, items[:, :1]).squeeze(1) > rewards.gather(1, items[:, 1:]).squeeze(1)
-        return groups[keep], items[keep], {}  # a group of equal rewards orders nothing
+        groups, items = (all_ranked_pairs if self.settings.pairs == "all" else best_vs_worst)(rewards)
+        if self.spec is None or self.spec.kind != "soft-label":
+            return groups, items, {}
+        gap = rewards[groups, items[:, 0]] - rewards[groups, items[:, 1]]
+        return groups, items, {"preference": torch.sigmoid(gap / self.settings.preference_temperature)}
 
     def reference_for(self, reference):
         return reference
@@ -93,6 +127,12 @@ class LanguageModelSelfPlay(PreviousRoundReference, LanguageModelOnline):
     shadow_weights = True
     frozen_reference = False
     group_size = 5  # the SPPO and DNO authors' K
+    loss_kinds = ("pairwise",)  # each loop's own rule picks its pairs and the inputs its losses read
+    Options = LMSamplingOptions
+
+    def pairs(self, rewards, generator):
+        """Each group's best vs worst (INPO's rule; the other loops have their own)."""
+        return (*best_vs_worst(rewards), {})
 
     def reference_for(self, reference):
         return self.previous_round()
