@@ -22,6 +22,22 @@ The reward is DDPO's JPEG incompressibility (no weights to download). Each timin
 
     python scripts/bench_online.py                                   # toy base and tiny SD3 on CPU
     python scripts/bench_online.py --models sd35-medium --resolution 512 --device cuda   # on a GPU
+
+The in-process comparison above is a profiling aid: it times the two structures' compute, not the authors' program.
+``--flow-grpo PATH`` compares whole programs instead: Flow-GRPO's own ``scripts/train_sd3.py`` from a local checkout of
+yifan123/flow_grpo (nothing of it is copied into this repository) against ``diffalign train configs/sd3_grpo.yaml``,
+both on the same SD3-architecture weights (``--models``' first, random weights written to a local folder), the same
+prompts, rounds, steps, LoRA, optimiser and reward, as separate processes, alternating A B A B (``--repeats`` each):
+
+    pip install absl-py ml_collections wandb                         # what train_sd3.py imports
+    python scripts/bench_online.py --flow-grpo ~/flow_grpo --models tiny-sd3 --resolution 64 --repeats 3
+
+Its script runs from a copy with two lines changed, said in the output: the ``while True`` of its epochs stops after
+``--rounds`` epochs, and its evaluation at epoch 0 is skipped (diffalign's run has no validation either). Its config
+is written in its own format (ml_collections, from its ``config/base.py``). Each row: whole-process seconds (start to
+exit, model loading included), in-loop seconds (from the first sampling bar to exit), images sampled per in-loop
+second and optimiser steps per in-loop second; ``--kl 0.01`` turns the KL term on in both (Flow-GRPO's ``train.beta``,
+diffalign's ``objective.options.kl_coef``), which adds the reference forward.
 """
 
 from __future__ import annotations
@@ -179,6 +195,157 @@ def run_flow_grpo_loop(args, model: str) -> dict:
     return {"seconds_per_round": statistics.median(rounds), "seconds_per_step": statistics.median(steps)}
 
 
+# the two lines of train_sd3.py the comparison changes, on a copy: stop after BENCH_EPOCHS epochs, no evaluation at epoch 0
+SCRIPT_CHANGES = {
+    "\n    while True:\n": '\n    while epoch < int(os.environ["BENCH_EPOCHS"]):\n',
+    "\n        if epoch % config.eval_freq == 0:\n": "\n        if epoch % config.eval_freq == 0 and epoch > 0:\n",
+}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+IMAGES_PER_BATCH = 4  # Flow-GRPO samples a batch of one prompt's images; diffalign one group at a time
+
+
+def patched_train_script(checkout: Path, work: Path) -> Path:
+    """A copy of the checkout's scripts/train_sd3.py with :data:`SCRIPT_CHANGES`; refused when a line is not there."""
+    text = (checkout / "scripts" / "train_sd3.py").read_text()
+    for old, new in SCRIPT_CHANGES.items():
+        if text.count(old) != 1:
+            raise SystemExit(f"{checkout}/scripts/train_sd3.py does not have the line {old.strip()!r} once; this "
+                             "comparison was written for yifan123/flow_grpo's script with it")
+        text = text.replace(old, new)
+    script = work / "train_sd3.py"
+    script.write_text(text)
+    return script
+
+
+def flow_grpo_config(args, checkout: Path, weights: Path, prompts: Path, logs: Path) -> str:
+    """A config file in Flow-GRPO's format (its config/base.py with the comparison's settings)."""
+    per_round = args.groups * args.group_size
+    return f'''import importlib.util
+
+spec = importlib.util.spec_from_file_location("flow_grpo_base", {str(checkout / "config" / "base.py")!r})
+base = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(base)
+
+
+def get_config():
+    config = base.get_config()
+    config.seed, config.logdir, config.save_dir = 42, {str(logs)!r}, {str(logs)!r}
+    config.save_freq = config.eval_freq = 10**9
+    config.mixed_precision, config.use_lora, config.allow_tf32 = {args.precision!r}, True, True
+    config.dataset, config.prompt_fn, config.resolution = {str(prompts)!r}, "general_ocr", {args.resolution}
+    config.pretrained.model = {str(weights)!r}
+    config.sample.num_steps = config.sample.eval_num_steps = {args.sample_steps}
+    config.sample.guidance_scale, config.sample.noise_level = 4.5, 0.7
+    config.sample.train_batch_size = config.sample.test_batch_size = {IMAGES_PER_BATCH}
+    config.sample.num_image_per_prompt = {args.group_size}
+    config.sample.num_batches_per_epoch = {per_round // IMAGES_PER_BATCH}
+    config.sample.global_std = True
+    config.train.batch_size = {IMAGES_PER_BATCH}
+    config.train.gradient_accumulation_steps = {per_round // IMAGES_PER_BATCH // args.steps_per_round}
+    config.train.learning_rate, config.train.clip_range, config.train.beta = 3e-4, 1e-4, {args.kl}
+    config.train.timestep_fraction, config.train.ema, config.train.cfg = 1.0, False, True
+    config.reward_fn = {{"jpeg_compressibility": 1.0}}
+    config.per_prompt_stat_tracking = True
+    return config
+'''
+
+
+def diffalign_overrides(args, weights: Path, prompts: Path, out: Path) -> list[str]:
+    """configs/sd3_grpo.yaml (Flow-GRPO's recipe) at the comparison's settings: every step trained, no EMA."""
+    per_round = args.groups * args.group_size
+    units = per_round * args.sample_steps // args.steps_per_round  # (image, step) units per optimiser step
+    accumulation = per_round // IMAGES_PER_BATCH // args.steps_per_round
+    return [f"model.path={weights}", "model.gradient_checkpointing=false", "objective.t_range=[0.0, 1.0]",
+            f"objective.sample_steps={args.sample_steps}", f"objective.options.kl_coef={args.kl}",
+            f"online.prompts={prompts / 'train.txt'}", f"online.groups_per_round={args.groups}",
+            f"online.group_size={args.group_size}", "online.sample_batch_size=1",
+            f"online.steps_per_round={args.steps_per_round}", "online.reward=jpeg_compressibility",
+            f"data.resolution={args.resolution}", f"train.batch_size={units // accumulation}",
+            f"train.gradient_accumulation={accumulation}", f"train.max_steps={args.rounds * args.steps_per_round}",
+            f"train.mixed_precision={args.precision}", "train.ema_decay=0.0", "train.ema_every=1", "train.checkpoint_every=0",
+            "train.report_to=none", f"train.lora_targets=[{', '.join(LORA_TARGETS)}]", "validation.every=0",
+            f"output_dir={out}"]
+
+
+def timed_process(command: list[str], env: dict, marker: str, cwd: Path) -> tuple[float, float]:
+    """(seconds from start to exit, seconds from the first ``marker`` in its output to exit); a failed run stops the
+    comparison with the end of its output."""
+    import os
+    import subprocess
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    seen, marked = b"", None
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        seen = (seen + chunk)[-20000:]
+        if marked is None and marker.encode() in seen:
+            marked = time.perf_counter()
+    code = process.wait()
+    ended = time.perf_counter()
+    if code != 0 or marked is None:
+        raise SystemExit(f"{' '.join(command[:3])} ... failed (exit {code}, marker {marker!r} "
+                         f"{'seen' if marked else 'never seen'}):\n{seen.decode(errors='replace')[-3000:]}")
+    return ended - started, ended - marked
+
+
+def compare_with_flow_grpo(args) -> None:
+    """Flow-GRPO's train_sd3.py against diffalign train, whole processes, alternating (module docstring)."""
+    import os
+    import sys
+
+    from diffalign.diffusion import load_pipeline
+    from diffalign.eval.prompts import read_prompts
+
+    checkout = args.flow_grpo.expanduser().resolve()
+    model = args.models.split(",")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights = work / "weights"
+        load_pipeline(_model_path(model), random_init=True).save_pretrained(weights)
+        prompts = work / "prompts"
+        prompts.mkdir()
+        lines = read_prompts("general")[:32]
+        (prompts / "train.txt").write_text("\n".join(lines) + "\n")
+        (prompts / "test.txt").write_text("\n".join(lines[:IMAGES_PER_BATCH]) + "\n")
+        config = work / "flow_grpo_config.py"
+        config.write_text(flow_grpo_config(args, checkout, weights, prompts, work / "logs"))
+        script = patched_train_script(checkout, work)
+        env = {**os.environ, "PYTHONPATH": str(checkout), "WANDB_MODE": "disabled", "BENCH_EPOCHS": str(args.rounds),
+               "TOKENIZERS_PARALLELISM": "false"}
+        commands = {
+            "flow_grpo train_sd3.py": ([sys.executable, str(script), f"--config={config}"], "Epoch 0: sampling", checkout),
+            "diffalign train": ([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / "sd3_grpo.yaml"),
+                                 *diffalign_overrides(args, weights, prompts, work / "run")], "round 0: sampling", ROOT),
+        }
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+        for repeat in range(args.repeats):
+            for name, (command, marker, cwd) in commands.items():
+                if name == "diffalign train":
+                    import shutil
+                    shutil.rmtree(work / "run", ignore_errors=True)
+                times[name].append(timed_process(command, env, marker, cwd))
+                print(f"repeat {repeat}: {name}: {times[name][-1][0]:.1f} s whole, {times[name][-1][1]:.1f} s in the loop",
+                      flush=True)
+    images, steps = args.rounds * args.groups * args.group_size, args.rounds * args.steps_per_round
+    print(f"\n{model} ({args.resolution} px, {args.precision}), {args.rounds} rounds of {args.groups} prompts x "
+          f"{args.group_size} images, {args.sample_steps} steps, {steps} optimiser steps, KL {args.kl}; medians of "
+          f"{args.repeats}, alternating. Flow-GRPO's script changed on a copy: "
+          + "; ".join(f"{old.strip()!r} -> {new.strip()!r}" for old, new in SCRIPT_CHANGES.items()) + "\n")
+    print("| program | whole process (s) | in the loop (s) | images/s | optimiser steps/s |")
+    print("|---|---|---|---|---|")
+    rows = {}
+    for name, runs in times.items():
+        whole, loop = statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs)
+        rows[name] = (whole, loop)
+        print(f"| {name} | {whole:.1f} | {loop:.1f} | {images / loop:.2f} | {steps / loop:.3f} |")
+    (ours_whole, ours_loop), (theirs_whole, theirs_loop) = rows["diffalign train"], rows["flow_grpo train_sd3.py"]
+    print(f"\ndiffalign vs Flow-GRPO's script: {theirs_whole / ours_whole:.2f}x whole process, "
+          f"{theirs_loop / ours_loop:.2f}x in the loop")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                         "runs": {k: v for k, v in times.items()}}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="toy-base,tiny-sd3", help="folders under assets/models")
@@ -195,7 +362,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="rounds sampled; the median is reported")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--flow-grpo", type=Path, metavar="PATH",
+                        help="a local checkout of yifan123/flow_grpo: compare whole programs, its train_sd3.py against "
+                             "diffalign train (module docstring)")
+    parser.add_argument("--rounds", type=int, default=2, help="--flow-grpo: rounds (its epochs) each program runs")
+    parser.add_argument("--steps-per-round", type=int, default=2, help="--flow-grpo: optimiser steps per round")
+    parser.add_argument("--kl", type=float, default=0.0, help="--flow-grpo: the KL weight of both (0: off)")
     args = parser.parse_args()
+    if args.flow_grpo is not None:
+        return compare_with_flow_grpo(args)
     if args.sample_batch % args.group_size:
         raise SystemExit("--sample-batch must be a multiple of --group-size (the driver samples whole groups)")
     rows = []

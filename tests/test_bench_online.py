@@ -27,3 +27,59 @@ def test_the_script_times_the_round_driver_against_flow_grpo_s_loop(tmp_path):
     assert {row["units_per_step"] for row in rows.values()} == {2}  # 1 trajectory x 2 steps x 1 accumulation
     assert all(row["images_per_s"] > 0 and row["steps_per_s"] > 0 for row in rows.values())
     assert "| tiny-sd3 | flow-grpo-loop |" in done.stdout and "1.00x, 1.00x |" in done.stdout
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_online", ROOT / "scripts" / "bench_online.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffalign_at_the_same_settings(tmp_path):
+    """What --flow-grpo writes: a copy of train_sd3.py with exactly the two changed lines (refused when they are not
+    there), a config in Flow-GRPO's format with the shared settings, and diffalign overrides that load as a config
+    with the same round, steps, units and LoRA. (The comparison itself needs a checkout of yifan123/flow_grpo: run it
+    by hand, docs/benchmarks.md.)"""
+    import ast
+    import argparse
+
+    from diffalign.train import load_config
+
+    bench = _bench_module()
+    checkout = tmp_path / "flow_grpo"
+    (checkout / "scripts").mkdir(parents=True)
+    script = ("import os\n\ndef sampler():\n        while True:\n            pass\n\ndef main(_):\n    epoch = 0\n"
+              "    while True:\n        if epoch % config.eval_freq == 0:\n            eval()\n        epoch += 1\n")
+    (checkout / "scripts" / "train_sd3.py").write_text(script)
+    patched = bench.patched_train_script(checkout, tmp_path).read_text()
+    assert patched.count('while epoch < int(os.environ["BENCH_EPOCHS"]):') == 1
+    assert "        while True:\n" in patched  # the sampler's own loop is left alone
+    assert "if epoch % config.eval_freq == 0 and epoch > 0:" in patched
+    assert len(patched.splitlines()) == len(script.splitlines())
+    (checkout / "scripts" / "train_sd3.py").write_text(script.replace("    while True:\n        if", "    for _ in x:\n        if"))
+    with pytest.raises(SystemExit, match="while True"):
+        bench.patched_train_script(checkout, tmp_path)
+    args = argparse.Namespace(groups=4, group_size=4, sample_steps=10, steps_per_round=2, rounds=2, resolution=64,
+                              precision="no", kl=0.0)
+    text = bench.flow_grpo_config(args, checkout, tmp_path / "weights", tmp_path / "prompts", tmp_path / "logs")
+    ast.parse(text)
+    lines = {line.strip() for line in text.splitlines()}
+    for line in ("config.sample.num_batches_per_epoch = 4", "config.train.gradient_accumulation_steps = 2",
+                 "config.sample.num_image_per_prompt = 4", 'config.reward_fn = {"jpeg_compressibility": 1.0}',
+                 "config.sample.guidance_scale, config.sample.noise_level = 4.5, 0.7",
+                 "config.train.learning_rate, config.train.clip_range, config.train.beta = 3e-4, 1e-4, 0.0",
+                 "config.train.timestep_fraction, config.train.ema, config.train.cfg = 1.0, False, True"):
+        assert line in lines, line
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "train.txt").write_text("a cat\na dog\n")
+    config = load_config(ROOT / "configs" / "sd3_grpo.yaml",
+                         bench.diffalign_overrides(args, ROOT / "assets/models/tiny-sd3", prompts, tmp_path / "run"))
+    # Flow-GRPO's step: 2 batches of 4 images x 10 steps = 80 (image, step) units; diffalign's: 40 x 2 accumulated
+    assert config.train.batch_size * config.train.gradient_accumulation == 80
+    assert (config.online.groups_per_round, config.online.group_size, config.online.steps_per_round) == (4, 4, 2)
+    assert config.train.max_steps == 4 and config.objective.options.kl_coef == 0.0
+    assert config.train.lora_rank == 32 and config.train.lora_alpha == 64 and config.objective.t_range == [0.0, 1.0]
