@@ -288,9 +288,45 @@ def timed_process(command: list[str], env: dict, marker: str, cwd: Path) -> tupl
     return ended - started, ended - marked
 
 
+def _phase_functions() -> dict[str, list[tuple[str, int, str]]]:
+    """Each phase of a round as the (file, first line, name) keys of the functions it runs in, as cProfile names them:
+    the top-level calls only, so that no phase counts a call twice."""
+    import inspect
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from PIL import Image
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    def key(function) -> tuple[str, int, str]:
+        function = inspect.unwrap(function)
+        return inspect.getsourcefile(function), inspect.getsourcelines(function)[1], function.__name__
+
+    return {
+        "denoiser forward": [key(SD3Transformer2DModel.forward)],
+        "VAE decode": [key(AutoencoderKL.decode)],
+        "text encoders": [key(CLIPTextModelWithProjection.forward), key(T5EncoderModel.forward)],
+        "backward": [("~", 0, "<method 'run_backward' of 'torch._C._EngineBase' objects>")],
+        "optimiser step": [key(torch.optim.AdamW.step)],
+        "image writes": [key(Image.Image.save)],
+    }
+
+
+def phase_seconds(profile: Path) -> dict[str, float]:
+    """Cumulative seconds of each phase of :func:`_phase_functions` in a cProfile file, and the whole run's."""
+    import pstats
+
+    stats = pstats.Stats(str(profile)).stats
+    phases = _phase_functions()
+    out = {phase: sum(stats[k][3] for k in keys if k in stats) for phase, keys in phases.items()}
+    out["denoiser forward calls"] = sum(stats[k][1] for k in phases["denoiser forward"] if k in stats)
+    out["total"] = max(v[3] for v in stats.values())
+    return out
+
+
 def compare_with_flow_grpo(args) -> None:
     """Flow-GRPO's train_sd3.py against diffalign train, whole processes, alternating (module docstring)."""
     import os
+    import shutil
     import sys
 
     from diffalign.diffusion import load_pipeline
@@ -317,12 +353,25 @@ def compare_with_flow_grpo(args) -> None:
             "diffalign train": ([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / "sd3_grpo.yaml"),
                                  *diffalign_overrides(args, weights, prompts, work / "run")], "round 0: sampling", ROOT),
         }
+        if args.profile:
+            import subprocess
+
+            print(f"| phase (s, main thread) | {' | '.join(commands)} |\n|---|---|---|")
+            phases = {}
+            for name, (command, _, cwd) in commands.items():
+                shutil.rmtree(work / "run", ignore_errors=True)
+                profile = work / f"{name.split()[0]}.prof"
+                subprocess.run([command[0], "-m", "cProfile", "-o", str(profile), *command[1:]], env=env, cwd=cwd,
+                               check=True, capture_output=True)
+                phases[name] = phase_seconds(profile)
+            for phase in [*_phase_functions(), "denoiser forward calls", "total"]:
+                print(f"| {phase} | " + " | ".join(f"{phases[name][phase]:.{0 if 'calls' in phase else 1}f}"
+                                                  for name in commands) + " |")
+            return
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
         for repeat in range(args.repeats):
             for name, (command, marker, cwd) in commands.items():
-                if name == "diffalign train":
-                    import shutil
-                    shutil.rmtree(work / "run", ignore_errors=True)
+                shutil.rmtree(work / "run", ignore_errors=True)  # each diffalign run starts afresh
                 times[name].append(timed_process(command, env, marker, cwd))
                 print(f"repeat {repeat}: {name}: {times[name][-1][0]:.1f} s whole, {times[name][-1][1]:.1f} s in the loop",
                       flush=True)
@@ -368,6 +417,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="--flow-grpo: rounds (its epochs) each program runs")
     parser.add_argument("--steps-per-round", type=int, default=2, help="--flow-grpo: optimiser steps per round")
     parser.add_argument("--kl", type=float, default=0.0, help="--flow-grpo: the KL weight of both (0: off)")
+    parser.add_argument("--profile", action="store_true", help="--flow-grpo: run each program once under cProfile and "
+                        "print the seconds of each phase (denoiser forwards, decoding, text encoders, backward, "
+                        "optimiser, image writes; the main thread's: both score on a second thread) instead")
     args = parser.parse_args()
     if args.flow_grpo is not None:
         return compare_with_flow_grpo(args)

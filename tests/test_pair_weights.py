@@ -124,7 +124,7 @@ def test_curriculum_score_gap_orders_the_runs_pairs_by_their_smoothed_preference
     order = _run_order(config, dataset)
     # widest gap first; row 0's gap is 0, a tie, which data.ties=drop leaves out
     assert [dataset.indices[order[k]] for k in range(len(dataset))] == [5, 4, 3, 2, 1]
-    with pytest.raises(UserError, match="needs a pairs objective and data.score_columns"):
+    with pytest.raises(UserError, match="needs image pairs and data.score_columns"):
         load_config(CONFIGS / "toy_diffusion_dpo.yaml", [f"model.path={TOY_BASE}", "data.path=x",
                                                           "data.curriculum=score_gap"])
 
