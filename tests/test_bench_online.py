@@ -83,3 +83,29 @@ def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffa
     assert (config.online.groups_per_round, config.online.group_size, config.online.steps_per_round) == (4, 4, 2)
     assert config.train.max_steps == 4 and config.objective.options.kl_coef == 0.0
     assert config.train.lora_rank == 32 and config.train.lora_alpha == 64 and config.objective.t_range == [0.0, 1.0]
+
+
+def test_the_profile_sums_each_phase_from_the_functions_that_run_it(tmp_path):
+    """--profile's reading of a cProfile file: a program that runs backward passes and AdamW steps shows seconds in
+    those two phases and none in the others, and its total is the whole run's."""
+    import cProfile
+
+    import torch
+
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def program() -> None:
+        for _ in range(20):
+            model(torch.randn(32, 64)).sum().backward()
+            optimizer.step()
+
+    profiler = cProfile.Profile()
+    profiler.runcall(program)
+    profile = tmp_path / "program.prof"
+    profiler.dump_stats(str(profile))
+    phases = _bench_module().phase_seconds(profile)
+    assert phases["backward"] > 0 and phases["optimiser step"] > 0
+    assert phases["denoiser forward"] == phases["VAE decode"] == phases["text encoders"] == 0
+    assert phases["denoiser forward calls"] == 0
+    assert phases["total"] >= phases["backward"] + phases["optimiser step"]
