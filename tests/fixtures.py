@@ -19,6 +19,18 @@ if TYPE_CHECKING:
     import torch
 
 
+def script_module(name: str):
+    """``scripts/NAME.py`` imported as a module (the scripts are no package), for tests of their functions."""
+    import importlib.util
+
+    from diffalign.paths import ROOT
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def toy_policy_and_reference():
     """The shipped toy model as a backbone whose denoiser is nudged (seeded), and the untouched UNet as reference."""
     import torch

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import script_module
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-bench_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_memory)
+bench_memory = script_module("bench_memory")
 
 
 def _config(model: str, batch: int = 1, *overrides: str):

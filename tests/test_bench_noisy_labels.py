@@ -3,31 +3,19 @@ pairs reverses exactly the asked share of labels, and the reader then puts those
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pyarrow.parquet as pq
-from fixtures import pickapic_parquet
+from fixtures import pickapic_parquet, script_module
 
 from diffalign.data import PairDataset
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_noisy_labels", ROOT / "scripts" / "bench_noisy_labels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_flip_labels_reverses_the_asked_share_of_pairs_and_the_reader_follows(tmp_path):
     pairs = pickapic_parquet(tmp_path / "pairs.parquet", 10)
-    flipped = _script().flip_labels(pairs, tmp_path / "flipped.parquet", 0.4, seed=0)
+    flipped = script_module("bench_noisy_labels").flip_labels(pairs, tmp_path / "flipped.parquet", 0.4, seed=0)
     before, after = (pq.read_table(p).column("label_0").to_pylist() for p in (pairs, flipped))
     changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
     assert len(changed) == 4 and all(after[i] == 1 - before[i] for i in changed)
-    assert _script().flip_labels(pairs, tmp_path / "again.parquet", 0.4, seed=0).read_bytes() == flipped.read_bytes()
+    assert script_module("bench_noisy_labels").flip_labels(pairs, tmp_path / "again.parquet", 0.4, seed=0).read_bytes() == flipped.read_bytes()
     clean, noisy = (PairDataset(p, resolution=32) for p in (pairs, flipped))
     for i in range(10):
         ids = clean.read(i, decode=False).image_ids
@@ -35,7 +23,7 @@ def test_flip_labels_reverses_the_asked_share_of_pairs_and_the_reader_follows(tm
 
 
 def test_the_noisy_ensemble_adds_seeded_score_columns_that_the_filter_reads(tmp_path):
-    script = _script()
+    script = script_module("bench_noisy_labels")
     pairs = pickapic_parquet(tmp_path / "pairs.parquet", 10)
     table = pq.read_table(pairs)
     table = table.append_column("score_0", table.column("pick_0")).append_column("score_1", table.column("pick_1"))

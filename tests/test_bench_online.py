@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import script_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,15 +30,6 @@ def test_the_script_times_the_round_driver_against_flow_grpo_s_loop(tmp_path):
     assert "| tiny-sd3 | flow-grpo-loop |" in done.stdout and "1.00x, 1.00x |" in done.stdout
 
 
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_online", ROOT / "scripts" / "bench_online.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffalign_at_the_same_settings(tmp_path):
     """What --flow-grpo writes: a copy of train_sd3.py with exactly the two changed lines (refused when they are not
     there), a config in Flow-GRPO's format with the shared settings, and diffalign overrides that load as a config
@@ -48,7 +40,7 @@ def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffa
 
     from diffalign.train import load_config
 
-    bench = _bench_module()
+    bench = script_module("bench_online")
     checkout = tmp_path / "flow_grpo"
     (checkout / "scripts").mkdir(parents=True)
     script = ("import os\n\ndef sampler():\n        while True:\n            pass\n\ndef main(_):\n    epoch = 0\n"
@@ -104,7 +96,7 @@ def test_the_profile_sums_each_phase_from_the_functions_that_run_it(tmp_path):
     profiler.runcall(program)
     profile = tmp_path / "program.prof"
     profiler.dump_stats(str(profile))
-    phases = _bench_module().phase_seconds(profile)
+    phases = script_module("bench_online").phase_seconds(profile)
     assert phases["backward"] > 0 and phases["optimiser step"] > 0
     assert phases["denoiser forward"] == phases["VAE decode"] == phases["text encoders"] == 0
     assert phases["denoiser forward calls"] == 0

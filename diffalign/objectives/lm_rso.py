@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffalign.objectives.lm_online import LanguageModelSelfPlay, LMSamplingOptions
-from diffalign.objectives.rso import RSO, RSOOptions, check_accepted, rejection_pairs
+from diffalign.objectives.rso import RSO, RSOOptions, RejectionSampled
 
 
 @dataclass
@@ -21,7 +21,7 @@ class LMRSOOptions(LMSamplingOptions, RSOOptions):
     """RSO's acceptance and the rounds' sampling."""
 
 
-class LanguageModelRSO(LanguageModelSelfPlay):
+class LanguageModelRSO(RejectionSampled, LanguageModelSelfPlay):
     """Pairs of rejection-sampled completions, the better first."""
 
     paper = RSO.paper
@@ -29,15 +29,5 @@ class LanguageModelRSO(LanguageModelSelfPlay):
     Options = LMRSOOptions
     group_size = 8
 
-    def __init__(self, config, tokenizer=None) -> None:
-        super().__init__(config, tokenizer)
-        options = self.options_of(config)
-        self.rso_beta, self.accepted = options.rejection_beta, options.accepted
-
-    @classmethod
-    def check_config(cls, config) -> None:
-        super().check_config(config)
-        check_accepted(cls, config)
-
     def pairs(self, rewards, generator):
-        return (*rejection_pairs(rewards, beta=self.rso_beta, accepted=self.accepted, generator=generator), {})
+        return self.rejection_pairs(rewards, generator)

@@ -27,7 +27,6 @@ from diffalign.config import ranged
 from dataclasses import dataclass
 
 if TYPE_CHECKING:
-    from diffalign.diffusion import Backbone
     from diffalign.config import ObjectiveConfig
 
 Tensor = torch.Tensor
@@ -82,15 +81,12 @@ def check_accepted(cls, config) -> None:
                         "candidates (online.group_size)")
 
 
-class RSO(SelfPlayObjective):
-    """Pairs of rejection-sampled candidates, the better first."""
+class RejectionSampled:
+    """Mixin of the RSO loops (images here, completions in :mod:`diffalign.objectives.lm_rso`): reads RSO's options
+    once, checks ``accepted`` against the group size, and pairs a round's (G, K) rewards by Algorithm 1."""
 
-    paper = "Liu et al. 2023, arXiv 2309.06657"
-
-    Options = RSOOptions
-
-    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
-        super().__init__(config, backbone)
+    def __init__(self, config: ObjectiveConfig, model=None) -> None:
+        super().__init__(config, model)
         options = self.options_of(config)
         self.rso_beta, self.accepted = options.rejection_beta, options.accepted
 
@@ -99,6 +95,16 @@ class RSO(SelfPlayObjective):
         super().check_config(config)
         check_accepted(cls, config)
 
+    def rejection_pairs(self, rewards: Tensor, generator: Callable[[int], torch.Generator]) -> tuple[Tensor, Tensor, dict]:
+        return (*rejection_pairs(rewards, beta=self.rso_beta, accepted=self.accepted, generator=generator), {})
+
+
+class RSO(RejectionSampled, SelfPlayObjective):
+    """Pairs of rejection-sampled candidates, the better first."""
+
+    paper = "Liu et al. 2023, arXiv 2309.06657"
+
+    Options = RSOOptions
+
     def pairs(self, round_):
-        rewards = check_rewards(round_, "rso")
-        return (*rejection_pairs(rewards, beta=self.rso_beta, accepted=self.accepted, generator=round_.generator), {})
+        return self.rejection_pairs(check_rewards(round_, "rso"), round_.generator)
