@@ -156,7 +156,7 @@ def test_two_processes_read_and_sample_a_round_as_one_process_does(tmp_path):
                "online.groups_per_round=4", "online.steps_per_round=2", "objective.sample_steps=3",
                "train.max_steps=1", "train.checkpoint_every=0"]
     launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
-                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command,
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command,
                          "train.batch_size=1"]}
     for name, launch in launchers.items():
         done = subprocess.run([*launch, f"output_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,

@@ -179,7 +179,7 @@ def test_two_processes_evaluate_as_one_does(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     printed = {}
     for name, launch in {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run",
-                                                          "--nproc_per_node", "2"]}.items():
+                                                          "--standalone", "--nproc_per_node", "2"]}.items():
         done = subprocess.run([*launch, *command, "--out", str(tmp_path / name)], env=env, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -84,7 +84,7 @@ def test_two_processes_write_the_dataset_one_process_writes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = ["-m", "diffalign", "generate-ranked", str(ROOT / "configs/toy_generate_ranked.yaml"), "batch_size=1"]
     runs = {"one": [sys.executable, *command],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command]}
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command]}
     printed = {}
     for name, launch in runs.items():
         (tmp_path / name).mkdir()

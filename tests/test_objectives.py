@@ -253,7 +253,7 @@ def test_diffusion_kto_on_two_processes_computes_what_one_process_at_double_batc
     common = [str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", "data.label_column=label",
               "data.positive_ratio=0.75", "objective.name=diffusion_kto", "objective.loss=kto", "objective.beta=5000",
               "model.path=" + str(ROOT / "assets/models/tiny-sdxl"), "train.max_steps=4", "train.checkpoint_every=0"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
                           "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=2"],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

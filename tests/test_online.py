@@ -94,7 +94,7 @@ def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = ["-m", "diffalign", "train", str(ROOT / "configs/toy_d3po.yaml"), *_SMALL, "train.max_steps=1"]
     launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
-                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *command,
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command,
                          "train.batch_size=1"]}
     shown = {}
     for name, launch in launchers.items():

@@ -176,7 +176,7 @@ def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
               "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.report_to=none",
               "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
                           "train", str(empty_yaml(tmp_path)), *common, f"output_dir={tmp_path / 'two'}",
                           "train.batch_size=2"], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -628,7 +628,7 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
               "validation.prompts=[a red circle, a blue square, a green triangle]", "validation.every=3",
               "validation.images_per_prompt=1", "validation.steps=2", "validation.rewards=[toy_preference]"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=1",
                           "data.workers=2"],
                          capture_output=True, text=True, env=env, timeout=600)
@@ -675,7 +675,7 @@ def test_a_run_resumes_on_two_processes_at_the_same_global_batch(tmp_path):
     train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'split'}", "train.max_steps=3",
                                   "train.batch_size=2"]))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'split'}",
                               "train.max_steps=6", "train.batch_size=1", "train.resume=latest"],
                              capture_output=True, text=True, env=env, timeout=600)
