@@ -183,8 +183,11 @@ def _cmd_data_example(args: argparse.Namespace) -> int:
 
     if args.sources and args.layout.startswith("text_"):
         raise UserError(f"--sources makes rows of images edits; {args.layout} holds text")
-    path = write_example(args.layout, Path(args.path), tuple(args.sources))
+    if args.frames and args.layout.startswith("text_"):
+        raise UserError(f"--frames makes the items videos; {args.layout} holds text")
+    path = write_example(args.layout, Path(args.path), tuple(args.sources), args.frames)
     keys = f' "data.source_columns=[{",".join(args.sources)}]"' if args.sources else ""
+    keys += f" data.frames={args.frames}" if args.frames else ""
     print(f"wrote a {args.layout} example to {path}; read it with: diffalign data check {path}{keys}")
     return 0
 
@@ -590,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sources", nargs="+", default=[], metavar="COLUMN",
                    help="make the rows edits: a source image in each COLUMN (read with data.source_columns=[COLUMN]; "
                         "image layouts only)")
+    q.add_argument("--frames", type=int, default=0, metavar="N",
+                   help="make the items MPEG-4 videos of N frames, for a video model (read with data.frames=N; image "
+                        "layouts only)")
     q.set_defaults(run=_cmd_data_example)
 
     p = sub.add_parser("export", help="export a run as a LoRA, a merged diffusers folder, or one .safetensors file")

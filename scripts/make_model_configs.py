@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -260,6 +260,31 @@ def t5_encoder(d_model: int, layers: int, heads: int, d_ff: int, d_kv: int) -> d
     }
 
 
+def umt5_encoder(d_model: int, layers: int, heads: int, d_ff: int, d_kv: int) -> dict:
+    """Wan's text encoder: the encoder of UMT5 (google/umt5-xxl at full size)."""
+    return {**t5_encoder(d_model, layers, heads, d_ff, d_kv), "architectures": ["UMT5EncoderModel"],
+            "model_type": "umt5"}
+
+
+def wan_scheduler(flow_shift: float) -> dict:
+    """The Wan2.1 pipelines' sampler: UniPC on shifted flow-matching sigmas (480p checkpoints shift by 3, 720p by 5)."""
+    return {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "prediction_type": "flow_prediction",
+            "use_flow_sigmas": True, "flow_shift": flow_shift, "solver_order": 2, "predict_x0": True,
+            "solver_type": "bh2", "lower_order_final": True, "timestep_spacing": "linspace"}
+
+
+def wan_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float) -> dict:
+    """A WanPipeline's components (Wan2.1 text-to-video): UMT5 text encoder, the 3D transformer, Wan's causal video VAE
+    (4x in time, 8x in space), UniPC on flow sigmas."""
+    return {
+        "transformer": ("diffusers", "WanTransformer3DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKLWan", vae_config),
+        "text_encoder": ("transformers", "UMT5EncoderModel", text),
+        "tokenizer": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
+        "scheduler": ("diffusers", "UniPCMultistepScheduler", wan_scheduler(flow_shift)),
+    }
+
+
 def vae(channels: list[int], latent: int, sample: int, **extra) -> dict:
     config = {
         "_class_name": "AutoencoderKL",
@@ -461,6 +486,14 @@ def tiny() -> None:
                   "num_key_value_heads": 2, "head_dim": 8},
                  {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "head_dim": 8, "image_size": 56})))
+    # Wan2.1: two blocks of width 2 x 12 (diffusers' own test shapes), a 3-level video VAE (4x in time, 4x in space)
+    write_pipeline("tiny-wan", "WanPipeline", wan_parts(
+        {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+         "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+         "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32},
+        {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
+         "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_temporal": 4, "scale_factor_spatial": 4},
+        umt5_encoder(32, 2, 4, 64, 8), flow_shift=3.0))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -580,6 +613,16 @@ def full_size() -> None:
         qwen25_vl_text(3584, 28, 28, 4, 18944, {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
                                                   "num_heads": 16, "out_hidden_size": 3584}))
     write_pipeline("qwen-image", "QwenImagePipeline", qwen_image_parts(*qwen_image))
+    # Wan2.1 T2V 1.3B and 14B (Wan-AI/Wan2.1-T2V-*-Diffusers): 30 blocks of width 12 x 128 (1.3B) and 40 of 40 x 128
+    # (14B) over UMT5-XXL (4096 wide, 24 layers); the VAE with AutoencoderKLWan's defaults; 480p and 720p shifts
+    umt5_xxl = umt5_encoder(4096, 24, 64, 10240, 64)
+    wan = {"patch_size": [1, 2, 2], "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+           "freq_dim": 256, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+           "rope_max_seq_len": 1024}
+    write_pipeline("wan21-t2v-1.3b", "WanPipeline", wan_parts(
+        {**wan, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}, {}, umt5_xxl, flow_shift=3.0))
+    write_pipeline("wan21-t2v-14b", "WanPipeline", wan_parts(
+        {**wan, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}, {}, umt5_xxl, flow_shift=5.0))
     write_pipeline("qwen-image-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     # FLUX.2 dev (black-forest-labs/FLUX.2-dev): 8 double- and 48 single-stream blocks of width 48 x 128, 32B

@@ -21,7 +21,7 @@ from diffalign.train import load_config, train
 from diffalign.train.memory import LiveStorage
 
 BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-flux2-dev", "tiny-zimage",
-             "tiny-qwenimage", "tiny-pixart"]
+             "tiny-qwenimage", "tiny-pixart", "tiny-wan"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
         "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "grpo_guard": None, "nft": None, "awm": None, "dgpo": None,
         "disco": None, "draft": None, "alignprop": None, "refl": None, "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}

@@ -35,6 +35,8 @@ BOUNDS: dict[str, tuple[float, bool, float, bool]] = {
     "train.max_bad_steps": (0, True, INF, False),
     "train.log_every": (1, True, INF, False),
     "data.max_image_pixels": (1, True, INF, False),
+    "data.frames": (0, True, INF, False),
+    "data.fps": (0, True, INF, False),
     "validation.every": (0, True, INF, False),
     "validation.images_per_prompt": (1, True, INF, False),
     "validation.steps": (1, True, INF, False),

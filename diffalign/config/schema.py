@@ -102,6 +102,13 @@ class DataConfig:
     split: str = "train"
     # training resolution (square crops, pixels)
     resolution: int = 512
+    # video models (Wan): the frames of each clip, read from each row's video (mp4, webm, mov, mkv, avi, gif; bytes or
+    # a path, as images) and trained at; Wan's VAE reads 4k + 1 frames (its pipelines make 81). 0 = the data holds
+    # images, which a video model trains on as one-frame clips
+    frames: int = 0
+    # video data: the frame rate clips are read at (the frame on screen every 1/fps seconds; Wan2.1 was trained at
+    # 16); 0 = each file's own frames in order
+    fps: float = 0.0
     # flip each image left-right with probability 1/2, as the Diffusion-DPO authors' train.py does
     # (each image on its own); decided by (seed, position), so resumes stay exact; a flipped image's
     # latents are cached as an image of their own

@@ -9,6 +9,7 @@ from diffalign.data.images import CaptionedImageDataset
 from diffalign.data.layouts import LAYOUTS
 from diffalign.data.pairs import ImageRows, PairDataset
 from diffalign.data.ranked import RankedListDataset
+from diffalign.data.video import VideoClips
 from diffalign.data.text import TextCompletionDataset, TextPairDataset, TextRankedDataset, TextUnpairedDataset
 
 def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
@@ -32,7 +33,8 @@ def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
                                reward_columns=tuple(dc.reward_columns) or None, **common)
     images = {"on_error": dc.on_error, "split": dc.split, "max_image_pixels": dc.max_image_pixels,
               "resolution": dc.resolution, "caption_column": dc.caption_column,
-              "source_columns": tuple(dc.source_columns)}
+              "source_columns": tuple(dc.source_columns),
+              "video": VideoClips(dc.frames, dc.fps) if dc.frames else None}
     if layout in ("images", "labelled_images"):
         return CaptionedImageDataset(dc.path, image_column=dc.image_column,
                                      label_column=dc.label_column if layout == "labelled_images" else None, **images)

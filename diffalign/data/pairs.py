@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from diffalign.data.named import named_scheme, resolve_named
 from diffalign.data.ensemble import preference_strength, softened_preference, vote_share
 from diffalign.data.smoothing import smoothed_preference
+from diffalign.data.video import VIDEO_SUFFIXES, TooFewFrames, VideoClips, clip_pixels, decode_clip, is_video_cell
 from diffalign.errors import UserError
 from diffalign.paths import find_locally, how_to_get
 
@@ -206,16 +207,17 @@ def _split_files(folder: Path, split: str, below: list[Path]) -> list[Path]:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES  # the files a bad row is pointed at by
 CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 def _captioned_image_files(folder: Path, below: list[Path]) -> list[dict[str, Any]]:
-    """Rows ``{"image": relative path, "caption": text or None}`` of the images among the sorted paths
+    """Rows ``{"image": relative path, "caption": text or None}`` of the images (or videos) among the sorted paths
     ``below`` a folder."""
-    images = [p for p in below if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    images = [p for p in below if p.suffix.lower() in MEDIA_SUFFIXES and p.is_file()]
     if not images:
-        raise UserError(f"data.path {folder} holds no .parquet files, datasets folder, .jsonl index or images "
-                        f"({', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"data.path {folder} holds no .parquet files, datasets folder, .jsonl index, images "
+                        f"({', '.join(IMAGE_SUFFIXES)}) or videos ({', '.join(VIDEO_SUFFIXES)})")
     rows = []
     for image in images:
         sidecars = [image.with_suffix(suffix) for suffix in CAPTION_SUFFIXES]
@@ -334,10 +336,12 @@ class ImageRows:
 
     def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str,
                  split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 source_columns: Sequence[str] = ()) -> None:
-        """``source_columns``: the columns of an edit's source images (one or several), read with each row."""
+                 source_columns: Sequence[str] = (), video: VideoClips | None = None) -> None:
+        """``source_columns``: the columns of an edit's source images (one or several), read with each row.
+        ``video``: the items are videos, read as such clips ((3, F, R, R) pixels each); None for images."""
         required = [*required, *source_columns]
         self.source_columns = tuple(source_columns)
+        self.video = video
         self.source = RowSource(path, split)
         self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
         self.resolution = resolution
@@ -407,7 +411,7 @@ class ImageRows:
         if self.source.holds_files:
             row = self.source.row(err.index)  # the cell's own file, or (a bad caption) its image's
             files = [v for v in (row.get(err.column), row.get("image"))
-                     if isinstance(v, str) and v.lower().endswith(IMAGE_SUFFIXES)]
+                     if isinstance(v, str) and v.lower().endswith(MEDIA_SUFFIXES)]
             if files:
                 return f"{self.source.base / files[0]} (row {err.index}, column '{err.column}')"
         return f"{self.source.path}, row {err.index}, column '{err.column}'"
@@ -427,7 +431,13 @@ class ImageRows:
                 "source_ids": tuple(i for _, i in decoded)}
 
     def _decode(self, value: Any, index: int, column: str, decode: bool = True) -> tuple[Tensor | None, str]:
-        """(3, R, R) pixels and the content hash of one image cell; only the hash when not ``decode``."""
+        """(3, R, R) pixels and the content hash of one image cell; only the hash when not ``decode``. An item of
+        video data (``video``; an edit's sources stay images) gives its clip's (3, F, R, R) pixels."""
+        if self.video is not None and column not in self.source_columns:
+            return self._decode_clip(value, index, column, decode)
+        if is_video_cell(value):
+            raise BadRow(index, column, "a video, and this run reads images: set data.frames to read each video as "
+                                        "a clip of that many frames (a video model)")
         try:
             if not decode:
                 raw = read_image_bytes(value, self.source.base)
@@ -438,6 +448,20 @@ class ImageRows:
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise BadRow(index, column, f"image cannot be decoded ({err})") from None
         return to_pixels(image, self.resolution), hashlib.sha1(raw).hexdigest()
+
+    def _decode_clip(self, value: Any, index: int, column: str, decode: bool) -> tuple[Tensor | None, str]:
+        """A video cell's clip (``video``) and the hash of its bytes with the clip's settings."""
+        try:
+            raw = read_image_bytes(value, self.source.base)
+            key = hashlib.sha1(raw + b"\0" + self.video.key).hexdigest()
+            if not decode:
+                return None, key
+            frames = decode_clip(raw, self.video, self.max_image_pixels)
+        except TooFewFrames as err:
+            raise BadRow(index, column, f"video too short: {err}") from None
+        except (OSError, ValueError) as err:
+            raise BadRow(index, column, f"video cannot be decoded ({err})") from None
+        return clip_pixels(frames, self.resolution), key
 
 
 class PairDataset(ImageRows):
@@ -463,6 +487,7 @@ class PairDataset(ImageRows):
         reward_columns: tuple[str, str] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         source_columns: Sequence[str] = (),
+        video: VideoClips | None = None,
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
@@ -471,7 +496,7 @@ class PairDataset(ImageRows):
             raise ValueError(f"ensemble={ensemble!r} judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
                          on_error=on_error, split=split, max_image_pixels=max_image_pixels,
-                         source_columns=source_columns)
+                         source_columns=source_columns, video=video)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)

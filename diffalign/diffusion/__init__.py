@@ -21,6 +21,7 @@ from diffalign.diffusion.likelihood import (
 from diffalign.diffusion.loading import (
     DTYPES,
     build_random_pipeline,
+    cast_to,
     default_device,
     load_pipeline,
     mixed_precision_dtype,
@@ -58,6 +59,7 @@ __all__ = [
     "backbone_for",
     "check_sources",
     "build_random_pipeline",
+    "cast_to",
     "configure_denoiser",
     "content_key",
     "ddim_invert",

@@ -5,8 +5,10 @@ latents, and call the denoiser on noisy latents. Each family's adapter knows its
 encoders (through the pipeline's own ``encode_prompt``), conditioning (SDXL's pooled
 embeddings and size/crop time ids, SD3's pooled projections, FLUX.1's packed latents, position
 ids and guidance embedding, PixArt's attention mask and learned-sigma output) and latent scaling
-(SD3's and FLUX.1's shift factor). Latents are (N, C, h, w) for every family: FLUX.1's 2x2
-packing into tokens happens inside :meth:`FluxBackbone.predict`, so objectives never see it.
+(SD3's and FLUX.1's shift factor). Latents are (N, C, h, w) for every image family: FLUX.1's 2x2
+packing into tokens happens inside :meth:`FluxBackbone.predict`, so objectives never see it. A video family (Wan)
+has (N, C, F, h, w) latents and (N, 3, F, H, W) pixels; the objectives' per-sample reductions flatten whatever
+follows the batch axis, so they train either.
 """
 
 from __future__ import annotations
@@ -166,12 +168,20 @@ class Backbone:
     prompt_reads_sources: ClassVar[bool] = False
     # the fewest sources it reads: 1 for a model that only edits (its pipeline needs an image)
     min_sources: ClassVar[int] = 0
+    # whether the model makes videos: its latents are (N, C, F, h, w) and its pixels (N, 3, F, H, W)
+    video: ClassVar[bool] = False
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5) -> None:
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0) -> None:
         """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
-        embedding when it predicts; denoisers without that embedding ignore it."""
+        embedding when it predicts; denoisers without that embedding ignore it. ``frames``: the frames of a video
+        model's clips (``data.frames``; 0 for images, which a video model makes as one-frame clips); an image model
+        refuses more than 0."""
         self.pipe = pipe
         self.distilled_guidance = distilled_guidance
+        if frames and not self.video:
+            raise UserError(f"data.frames={frames} reads videos, and {type(pipe).__name__} makes images: set "
+                            f"data.frames=0, or train a video model ({', '.join(sorted(VIDEO_PIPELINES))})")
+        self.frames = frames
 
     def guidance_embedding(self, n: int, device: torch.device) -> Tensor | None:
         """The guidance value a guidance-distilled denoiser (its config's ``guidance_embeds``) is given for ``n``
@@ -734,6 +744,120 @@ class PixArtBackbone(Backbone):
         return out
 
 
+class WanBackbone(Backbone):
+    """Wan2.1 text-to-video: a 3D DiT over UMT5 embeddings (zero-padded to the pipeline's 512 tokens), flow matching
+    on the latents of Wan's causal video VAE (4x in time, 8x in space), normalised per channel as WanPipeline
+    un-normalises them before decoding (``latents_mean``, ``latents_std``).
+
+    A clip of ``frames`` frames has (frames - 1) / 4 + 1 latent frames; Wan's VAE needs ``frames`` = 4k + 1. Images
+    (``frames`` 0) are one-frame clips, as Wan itself trains on images. The pipelines sample with UniPC on shifted flow
+    sigmas (``flow_shift``); training noises on the same shifted grid through a flow-matching scheduler built from
+    those settings, and the online methods step on UniPC's own sampling grid.
+    """
+
+    family = "wan"
+    denoiser_attr = "transformer"
+    latent_patch = None  # the transformer's (1, 2, 2)
+    video = True
+
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0) -> None:
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames)
+        step = pipe.vae.config.scale_factor_temporal
+        if frames and (frames - 1) % step:
+            raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
+                            f"(e.g. {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1})")
+        self._training_scheduler = self._flow_training_scheduler(pipe.scheduler)
+
+    @staticmethod
+    def _flow_training_scheduler(scheduler):
+        """A flow-matching scheduler on the pipeline's shifted sigmas: the pipeline's own if it is one, else (UniPC
+        with ``use_flow_sigmas``, as Wan ships) FlowMatchEulerDiscreteScheduler with its ``flow_shift``."""
+        if "FlowMatch" in type(scheduler).__name__:
+            return scheduler
+        config = scheduler.config
+        if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
+            raise UserError(f"{type(scheduler).__name__} here samples no flow-matching model (use_flow_sigmas, "
+                            "prediction_type=flow_prediction); Wan's pipelines ship it so configured")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
+                                               shift=config.get("flow_shift", 1.0))
+
+    @property
+    def scheduler(self):
+        return self._training_scheduler
+
+    def sampling_scheduler(self, steps, latent_shape):
+        """The pipeline's own sampler set to ``steps`` steps: its sigmas (ending at 0) and timesteps are the grid
+        WanPipeline samples on."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.scale_factor_spatial
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim
+
+    def latent_frames(self) -> int:
+        return (max(self.frames, 1) - 1) // self.vae.config.scale_factor_temporal + 1
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images) at ``resolution`` pixels square."""
+        side = resolution // self.vae_scale_factor
+        return (self.latent_channels, self.latent_frames(), side, side)
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Clips (N, 3, F, H, W), or images (N, 3, H, W) as one-frame clips, in [-1, 1] -> normalised latents
+        (N, C, F', H/f, W/f); the posterior mean unless a ``generator`` draws a sample."""
+        vae = self.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        dist = vae.encode(pixels if pixels.dim() == 5 else pixels[:, :, None]).latent_dist
+        latents = dist.mean if generator is None else dist.sample(generator)
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) / std
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Normalised latents (N, C, F', h, w) -> clips (N, 3, F, H, W) in [-1, 1], one clip per VAE call; images
+        (N, 3, H, W) for a run on images (:attr:`frames` 0), so image rewards read them as they read any model's."""
+        vae = self.vae
+        latents = latents.to(device=vae.device, dtype=vae.dtype)
+        mean, std = self._latent_stats(latents)
+        clips = torch.cat([vae.decode(clip[None] * std + mean).sample for clip in latents]).clamp(-1, 1)
+        return clips if self.frames else clips[:, :, 0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, _ = self.pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                            max_sequence_length=WAN_PROMPT_TOKENS, device=self.device)
+        return Conditioning(embeds=embeds)
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        """The transformer on (N, C, F, h, w) latents at ``timesteps`` (sigma x 1000), as WanPipeline calls it; a
+        pipeline that ``expand_timesteps`` (Wan2.2 TI2V) gives every latent token its item's timestep."""
+        net = denoiser or self.denoiser
+        timestep = timesteps.to(latents.device)
+        if getattr(self.pipe.config, "expand_timesteps", False):
+            n, _, f, h, w = latents.shape
+            patch = net.config.patch_size
+            timestep = timestep[:, None].expand(n, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
+        return net(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
+                   return_dict=False)[0]
+
+
+# WanPipeline.__call__'s max_sequence_length: its prompts are UMT5 embeddings zero-padded to this many tokens
+WAN_PROMPT_TOKENS = 512
+
 BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": SDBackbone,
     "StableDiffusionXLPipeline": SDXLBackbone,
@@ -748,7 +872,9 @@ BACKBONES: dict[str, type[Backbone]] = {
     "Flux2Pipeline": Flux2Backbone,
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
+    "WanPipeline": WanBackbone,
 }
+VIDEO_PIPELINES = [name for name, backbone in BACKBONES.items() if backbone.video]
 
 
 def pixel_multiple(folder: Path) -> int | None:
@@ -762,21 +888,26 @@ def pixel_multiple(folder: Path) -> int | None:
         patch = backbone.latent_patch
         if patch is None:
             patch = json.loads((folder / backbone.denoiser_attr / "config.json").read_text()).get("patch_size", 1)
-        factor = 2 ** len(vae["temperal_downsample"]) if "temperal_downsample" in vae else \
-            2 ** (len(vae["block_out_channels"]) - 1)  # Qwen-Image's video VAE, else an AutoencoderKL
+            patch = patch[-1] if isinstance(patch, list) else patch  # a video transformer's (frames, rows, columns)
+        if "scale_factor_spatial" in vae:  # Wan's video VAE
+            factor = vae["scale_factor_spatial"]
+        elif "temperal_downsample" in vae:  # Qwen-Image's video VAE, one frame
+            factor = 2 ** len(vae["temperal_downsample"])
+        else:  # an AutoencoderKL
+            factor = 2 ** (len(vae["block_out_channels"]) - 1)
         return factor * int(patch)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def backbone_for(pipe, *, distilled_guidance: float = 3.5) -> Backbone:
-    """The adapter for a diffusers pipeline, chosen by its class name (:class:`Backbone` for the option)."""
+def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0) -> Backbone:
+    """The adapter for a diffusers pipeline, chosen by its class name (:class:`Backbone` for the options)."""
     name = type(pipe).__name__
     if name not in BACKBONES:
         raise UserError(
             f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
         )
-    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance)
+    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance, frames=frames)
 
 
 def check_sources(backbone: Backbone, source_columns: list[str], validation_every: int = 0) -> None:

@@ -57,6 +57,18 @@ def _no_text_encoder_lora(record: logging.LogRecord) -> bool:
     return "No LoRA keys associated to" not in record.getMessage()
 
 
+def cast_to(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` cast to ``dtype`` in place, except the sub-modules its model keeps in fp32 (``_keep_in_fp32_modules``:
+    Wan's rotary embedding, time embedder, modulation tables and norms; T5's ``wo``), as ``from_pretrained(...,
+    torch_dtype=dtype)`` leaves them. A plain ``.to(dtype)`` casts them too (diffusers warns) and costs precision
+    where the model needs it."""
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, sub in module.named_modules():
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        sub._apply(lambda t, target=target: t.to(target) if t.is_floating_point() else t, recurse=False)
+    return module
+
+
 @contextmanager
 def without_diffusers_noise() -> Iterator[None]:
     """Inside: diffusers does not warn about what diffalign's own calls do on purpose, and only there (a user's
@@ -161,7 +173,8 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
         cls = _component_class(library, class_name)
         sub = folder / name
         if any(kind in name.lower() for kind in ("tokenizer", "scheduler", "processor")):  # files, no weights
-            components[name] = cls.from_pretrained(sub, local_files_only=True)
+            with torch.device("cpu"):  # real tables even while the models are built on the meta device (UniPC's
+                components[name] = cls.from_pretrained(sub, local_files_only=True)  # sigmas move to the CPU)
         elif library == "diffusers":
             components[name] = cls.from_config(cls.load_config(sub))
             _initialise_empty(components[name])

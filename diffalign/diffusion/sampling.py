@@ -7,6 +7,7 @@ models compared "at the same seeds" start from the same noise.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,9 +30,11 @@ def generate(
     batch_size: int = 64,
     progress: bool | str = False,
     sources: Sequence[Sequence[Image.Image]] | None = None,
+    frames: int = 0,
     **pipeline_kwargs,
 ) -> torch.Tensor:
-    """Images for ``prompts[i]`` from ``seeds[i]``, float (N, 3, H, W) in [0, 1] on the CPU.
+    """Images for ``prompts[i]`` from ``seeds[i]``, float (N, 3, H, W) in [0, 1] on the CPU; on a video pipeline
+    clips of ``frames`` frames, (N, 3, F, H, W) (``frames`` 0: images, one-frame clips, as (N, 3, H, W)).
 
     ``guidance_scale`` goes to the pipeline as its family guides (``Backbone.pipeline_guidance``: the Qwen-Image
     pipelines' true CFG, ``guidance_scale`` elsewhere). ``sources[i]``: the source images image i edits, given to
@@ -44,6 +47,10 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts, {len(seeds)} seeds and "
                          f"{'no' if sources is None else len(sources)} sources; give one seed (and sources) per image")
     family = BACKBONES.get(type(pipe).__name__, Backbone)
+    if frames and not family.video:
+        raise ValueError(f"{type(pipe).__name__} makes images, not clips of {frames} frames")
+    if family.video:
+        pipeline_kwargs = {"num_frames": max(frames, 1), **pipeline_kwargs}
     if sources is not None:
         batch_size = 1
     pipe.set_progress_bar_config(disable=True)
@@ -58,10 +65,37 @@ def generate(
             guidance = {key: value for key, value in family.pipeline_guidance(guidance_scale, len(generators)).items()
                         if key not in pipeline_kwargs}  # a caller's own (FLUX's --true-cfg) stand
             edit = {} if sources is None else {"image": family.pipeline_images(sources[start])}
-            images = pipe(prompt=list(prompts[chunk]), num_inference_steps=steps, generator=generators,
-                          output_type="pt", **guidance, **edit, **size, **pipeline_kwargs).images
-            out.append(images.float().cpu())
+            result = pipe(prompt=list(prompts[chunk]), num_inference_steps=steps, generator=generators,
+                          output_type="pt", **guidance, **edit, **size, **pipeline_kwargs)
+            if family.video:  # (N, F, 3, H, W) clips
+                clips = result.frames.float().cpu().transpose(1, 2)
+                out.append(clips if frames else clips[:, :, 0])
+            else:
+                out.append(result.images.float().cpu())
     return torch.cat(out)
+
+
+CLIP_FPS = 16  # the frame rate clips are written at: Wan2.1's
+
+
+def save_media(image: torch.Tensor, stem: Path, fps: float = CLIP_FPS) -> Path:
+    """An image (3, H, W) in [0, 1] as ``stem.png``; a clip (3, F, H, W) as an animated ``stem.webp`` (which browsers,
+    the labelling page and image viewers play) with its first frame as ``stem.png`` beside it (what the image
+    statistics read). Returns the file to show."""
+    if image.dim() == 3:
+        to_pil(image).save(stem.with_suffix(".png"))
+        return stem.with_suffix(".png")
+    frames = [to_pil(frame) for frame in image.unbind(1)]
+    frames[0].save(stem.with_suffix(".png"))
+    frames[0].save(stem.with_suffix(".webp"), save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0, lossless=True)
+    return stem.with_suffix(".webp")
+
+
+def shown_media(stem: Path) -> Path:
+    """The file :func:`save_media` wrote to show for ``stem``: the clip's animation if there is one, else the PNG."""
+    clip = stem.with_suffix(".webp")
+    return clip if clip.is_file() else stem.with_suffix(".png")
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -27,6 +27,7 @@ from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.logprob import StepRule, guided_output
 from diffalign.errors import UserError
 from diffalign.objectives.base import OnlineObjective
+from diffalign.rewards.video import score_media
 
 Tensor = torch.Tensor
 
@@ -143,11 +144,12 @@ class RewardGradientObjective(OnlineObjective):
                            self.sample_steps, first)
 
     def score(self, backbone: Backbone, latents: Tensor, prompts: list[str]) -> Tensor:
-        """(B,) the weighted sum of the rewards' raw scores of the decoded latents, differentiable."""
+        """(B,) the weighted sum of the rewards' raw scores of the decoded latents (a clip's: over its frames),
+        differentiable."""
         images = backbone.decode_latents(latents).float().add(1).div(2)
         total = 0.0
         for model, weight in self.rewards:
-            total = total + weight * model.score_with_gradient(images, prompts).float().to(latents.device)
+            total = total + weight * score_media(model, images, prompts, with_gradient=True).float().to(latents.device)
         return total
 
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],

@@ -42,6 +42,7 @@ SHIPPED_ARCHITECTURES = {
     "Qwen/Qwen-Image-Edit-2511": "qwen-image-edit-plus", "black-forest-labs/FLUX.2-dev": "flux2-dev",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein-4b",
     "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b", "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein-9b",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan21-t2v-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan21-t2v-14b",
 }
 
 

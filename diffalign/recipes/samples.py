@@ -25,6 +25,34 @@ def png_bytes(color: tuple[int, int, int], size: int = 32, seed: int = 0) -> byt
     return buffer.getvalue()
 
 
+def clip_bytes(color: tuple[int, int, int], size: int = 32, seed: int = 0, frames: int = 5, fps: int = 8) -> bytes:
+    """An MPEG-4 clip of ``frames`` frames of noise around ``color`` with a light square crossing it left to right,
+    the video counterpart of :func:`png_bytes` (written with PyAV, the decoder diffalign reads videos with)."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        side = max(size // 4, 2)
+        for k in range(frames):
+            array = np.clip(np.array(color, dtype=np.float32) + rng.normal(0, 20, (size, size, 3)), 0, 255)
+            left = round(k * (size - side) / max(frames - 1, 1))
+            array[size // 2 - side // 2: size // 2 + side // 2, left: left + side] = 230
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array.astype(np.uint8), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def media_bytes(color: tuple[int, int, int], size: int, seed: int, frames: int = 0) -> bytes:
+    """An image (``frames`` 0) or a clip of that many frames, around ``color``."""
+    return clip_bytes(color, size, seed, frames) if frames else png_bytes(color, size, seed)
+
+
 def source_images(rows: dict, n: int, columns: tuple[str, ...], size: int) -> None:
     """Edit data: the columns ``columns`` of ``rows`` get each row's source images, greyish and of their own."""
     for s, column in enumerate(columns):
@@ -32,7 +60,7 @@ def source_images(rows: dict, n: int, columns: tuple[str, ...], size: int) -> No
 
 
 def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), tie_rows=(), size: int = 32,
-                     extra_scores: tuple[str, ...] = (), sources: tuple[str, ...] = ()) -> Path:
+                     extra_scores: tuple[str, ...] = (), sources: tuple[str, ...] = (), frames: int = 0) -> Path:
     """Pick-a-Pic v2 columns: reddish images preferred over bluish ones (label_0 alternates).
 
     Also two reward models' scores of each image (``pick_0/1``, ``aes_0/1``): pick prefers the
@@ -40,12 +68,13 @@ def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), ti
     odd rows. ``extra_scores`` names more score columns holding pick's scores (``pickscore``: the
     ``pickscore_0/1`` that sdxl_smpo.yaml reads). ``corrupt_rows``, ``nan_rows`` and ``tie_rows``
     make those rows' second image undecodable, their label NaN, or their label a tie (0.5). ``sources`` names
-    columns of source images, which makes the pairs edits of those (:func:`source_images`).
+    columns of source images, which makes the pairs edits of those (:func:`source_images`). With ``frames`` the pairs
+    are of MPEG-4 clips of that many frames (:func:`clip_bytes`), reddish preferred as well.
     """
     rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [],
             "pick_0": [], "pick_1": [], "aes_0": [], "aes_1": []}
     for i in range(n):
-        good, bad = png_bytes((200, 60, 60), size, i), png_bytes((60, 60, 200), size, 100 + i)
+        good, bad = media_bytes((200, 60, 60), size, i, frames), media_bytes((60, 60, 200), size, 100 + i, frames)
         first_wins = i % 2 == 0
         rows["caption"].append(f"a picture number {i}")
         rows["jpg_0"].append(good if first_wins else bad)
@@ -73,14 +102,14 @@ def pickapic_parquet(path: Path, n: int = 8, *, corrupt_rows=(), nan_rows=(), ti
 
 
 def ranked_parquet(path: Path, n: int = 4, k: int = 3, *, bad_rows=(), size: int = 32,
-                   sources: tuple[str, ...] = ()) -> Path:
+                   sources: tuple[str, ...] = (), frames: int = 0) -> Path:
     """RankDPO/Syn-Pic layout: per prompt a list of k images (redder = better) with shuffled scores; edits of the
-    images in the ``sources`` columns when any are named."""
+    images in the ``sources`` columns when any are named; clips of ``frames`` frames instead of images if given."""
     rows = {"caption": [], "images": [], "scores": [], "generator": []}
     for i in range(n):
         order = [(j + i) % k for j in range(k)]  # list positions do not follow the ranking
         rows["caption"].append(f"a ranked picture number {i}")
-        rows["images"].append([png_bytes((60 + 60 * r, 60, 200 - 60 * r), size, 10 * i + r) for r in order])
+        rows["images"].append([media_bytes((60 + 60 * r, 60, 200 - 60 * r), size, 10 * i + r, frames) for r in order])
         rows["scores"].append([float(r) for r in order])
         rows["generator"].append([f"model-{r}" for r in order])
         if i in bad_rows:
@@ -92,12 +121,12 @@ def ranked_parquet(path: Path, n: int = 4, k: int = 3, *, bad_rows=(), size: int
 
 
 def images_parquet(path: Path, n: int = 6, *, bad_rows=(), size: int = 32, labels: list | None = None,
-                   sources: tuple[str, ...] = ()) -> Path:
+                   sources: tuple[str, ...] = (), frames: int = 0) -> Path:
     """Captioned images (Self-NPO's layout), with a ``label`` column when ``labels`` are given
     (Diffusion-KTO's layout); ``bad_rows`` hold bytes that are no image; edits of the ``sources`` columns' images
-    when any are named."""
+    when any are named; clips of ``frames`` frames instead of images if given."""
     rows = {"caption": [f"a picture number {i}" for i in range(n)],
-            "image": [b"not an image" if i in bad_rows else png_bytes((40 * i % 255, 90, 160), size, i)
+            "image": [b"not an image" if i in bad_rows else media_bytes((40 * i % 255, 90, 160), size, i, frames)
                       for i in range(n)]}
     if labels is not None:
         rows["label"] = labels
@@ -162,12 +191,17 @@ def as_jsonl_index(table: Path, index: Path) -> Path:
         for number, row in enumerate(pq.read_table(table).to_pylist()):
             for column, value in row.items():
                 if isinstance(value, bytes):
-                    row[column] = _image_file(value, folder / f"{number:04d}-{column}.png", index.parent)
+                    row[column] = _image_file(value, folder / f"{number:04d}-{column}{_suffix(value)}", index.parent)
                 elif isinstance(value, list) and value and all(isinstance(v, bytes) for v in value):
-                    row[column] = [_image_file(v, folder / f"{number:04d}-{column}-{k}.png", index.parent)
+                    row[column] = [_image_file(v, folder / f"{number:04d}-{column}-{k}{_suffix(v)}", index.parent)
                                    for k, v in enumerate(value)]
             out.write(json.dumps(row) + "\n")
     return index
+
+
+def _suffix(data: bytes) -> str:
+    """.png for the samples' images, .mp4 for their clips."""
+    return ".png" if data.startswith(b"\x89PNG") else ".mp4"
 
 
 def _image_file(data: bytes, path: Path, base: Path) -> str:
@@ -177,10 +211,12 @@ def _image_file(data: bytes, path: Path, base: Path) -> str:
 
 EXAMPLE_LAYOUTS = {
     # with PickScore's scores of both images as pickscore_0/1, the columns sdxl_smpo.yaml reads
-    "pairs": lambda path, sources=(): pickapic_parquet(path, 4, extra_scores=("pickscore",), sources=sources),
-    "ranked": lambda path, sources=(): ranked_parquet(path, sources=sources),
-    "images": lambda path, sources=(): images_parquet(path, 4, sources=sources),
-    "labelled_images": lambda path, sources=(): images_parquet(path, 4, labels=[1, 0, 1, 0], sources=sources),
+    "pairs": lambda path, sources=(), frames=0: pickapic_parquet(path, 4, extra_scores=("pickscore",), sources=sources,
+                                                                 frames=frames),
+    "ranked": lambda path, sources=(), frames=0: ranked_parquet(path, sources=sources, frames=frames),
+    "images": lambda path, sources=(), frames=0: images_parquet(path, 4, sources=sources, frames=frames),
+    "labelled_images": lambda path, sources=(), frames=0: images_parquet(path, 4, labels=[1, 0, 1, 0], sources=sources,
+                                                                         frames=frames),
     "text_pairs": lambda path: conversations_parquet(path),
     "text_unpaired": lambda path: conversations_parquet(path, layout="unpaired"),
     "text_ranked": lambda path: conversations_parquet(path, layout="ranked"),
@@ -188,13 +224,17 @@ EXAMPLE_LAYOUTS = {
 }
 
 
-def write_example(layout: str, path: Path, sources: tuple[str, ...] = ()) -> Path:
+def write_example(layout: str, path: Path, sources: tuple[str, ...] = (), frames: int = 0) -> Path:
     """A small dataset of ``layout`` at ``path``: a parquet table, or for a ``.jsonl`` path an index with its
-    images in files beside it. ``sources`` names the columns of an edit's source images (an image layout only)."""
+    images in files beside it. ``sources`` names the columns of an edit's source images (an image layout only);
+    ``frames`` makes its items MPEG-4 clips of that many frames (an image layout only)."""
     path = Path(path)
     if path.suffix not in (".parquet", ".jsonl"):
         raise ValueError(f"{path}: write a .parquet table or a .jsonl index")
-    write = EXAMPLE_LAYOUTS[layout] if not sources else lambda p: EXAMPLE_LAYOUTS[layout](p, sources=sources)
+    if frames and layout.startswith("text_"):
+        raise ValueError(f"{layout} holds text; frames make clips of an image layout")
+    options = {**({"sources": sources} if sources else {}), **({"frames": frames} if frames else {})}
+    write = (lambda p: EXAMPLE_LAYOUTS[layout](p, **options)) if options else EXAMPLE_LAYOUTS[layout]
     if path.suffix == ".parquet":
         return write(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from diffalign.rewards.weighted import reward_names
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
         "flux_kontext": "tiny-flux-kontext", "flux2_klein": "tiny-flux2-klein", "flux2": "tiny-flux2-dev", "qwen_image": "tiny-qwenimage",
         "qwen_image_edit": "tiny-qwenimage-edit-plus",
-        "z_image": "tiny-zimage", "qwen": "lm"}
+        "z_image": "tiny-zimage", "wan21": "tiny-wan", "qwen": "lm"}
 
 
 def tiny_counterpart(recipe: str | Path) -> str | None:
@@ -53,21 +53,25 @@ class SampleData:
         self.root = Path(root)
         self._made: dict[str, Path] = {}
 
-    def __getitem__(self, layout: str | tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]) -> Path:
-        """``data[layout]``, or ``data[layout, source_columns, renames]``: edits of source images in those columns,
-        with the sample's columns renamed (sample name, recipe's name) as a recipe names them."""
-        key = layout if isinstance(layout, tuple) else (layout, (), ())
+    def __getitem__(self, layout: str | tuple) -> Path:
+        """``data[layout]``, or ``data[layout, source_columns, renames, frames]``: edits of source images in those
+        columns, with the sample's columns renamed (sample name, recipe's name) as a recipe names them, of clips of
+        ``frames`` frames instead of images if that is given and not 0."""
+        key = (*layout, 0)[:4] if isinstance(layout, tuple) else (layout, (), (), 0)
         if key not in self._made:
             self._made[key] = self._write(*key)
         return self._made[key]
 
-    def _write(self, layout: str, sources: tuple[str, ...], renames: tuple[tuple[str, str], ...]) -> Path:
+    def _write(self, layout: str, sources: tuple[str, ...], renames: tuple[tuple[str, str], ...],
+               frames: int) -> Path:
         if layout == "lm":
             return samples.chat_lm(self.root / "chat-lm")
         if layout not in samples.EXAMPLE_LAYOUTS:
             raise KeyError(f"no sample dataset of layout {layout!r}; layouts: lm, {', '.join(samples.EXAMPLE_LAYOUTS)}")
-        tag = hashlib.sha1(repr((sources, renames)).encode()).hexdigest()[:8] if sources or renames else ""
-        path = samples.write_example(layout, self.root / f"{layout}{'-' + tag if tag else ''}.parquet", sources)
+        tag = hashlib.sha1(repr((sources, renames, frames)).encode()).hexdigest()[:8] \
+            if sources or renames or frames else ""
+        path = samples.write_example(layout, self.root / f"{layout}{'-' + tag if tag else ''}.parquet", sources,
+                                     frames)
         if renames:
             table = pq.read_table(path)
             # a column the sample has already under the recipe's name (sdxl_smpo's pickscore_0/1) stays as it is
@@ -113,6 +117,9 @@ def _shipped(recipe: str | Path) -> dict:
     return yaml.safe_load(Path(recipe if Path(recipe).exists() else CONFIGS / recipe).read_text())
 
 
+SMOKE_FRAMES = 5  # a video recipe's clips on a CPU: two latent frames of Wan's VAE
+
+
 def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
     """What a CPU run of the shipped recipe ``recipe`` (a configs/ name or path) changes, each with its reason."""
     shipped = _shipped(recipe)
@@ -126,13 +133,17 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
             Override("model.random_init", "true", weights),
             Override("data.resolution", "32", size), Override("train.batch_size", "1", size),
             Override("train.gradient_accumulation", "1", size), Override("train.max_steps", "2", size)]
+    frames = min(shipped.get("data", {}).get("frames") or 0, SMOKE_FRAMES)
+    if frames:
+        keys.append(Override("data.frames", str(frames), size))
     layout = data_layout(objective)  # DDO's and DRIFT's rounds pair real examples with their samples
     if layout is not None:
         sources = tuple(shipped.get("data", {}).get("source_columns") or ())
         renames = _renames(shipped.get("data", {}), layout)
         what = [f"edits of source images in {', '.join(sources)}"] if sources else []
         what += ["in the recipe's column names"] if renames else []
-        keys.append(Override("data.path", str(data[layout, sources, renames]),
+        what += [f"clips of {frames} frames"] if frames else []
+        keys.append(Override("data.path", str(data[layout, sources, renames, frames]),
                              f"a sample dataset of the recipe's layout ({'; '.join([layout, *what])})"))
     if shipped["train"].get("ema_every", 1) > 2:
         keys.append(Override("train.ema_every", "1", "the EMA must update within the run's 2 steps"))

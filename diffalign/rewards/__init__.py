@@ -8,6 +8,9 @@ a local vision-language model whether the image shows its prompt (VQAScore; opti
 keeps (edit rounds only). ``ocr`` is Flow-GRPO's text-rendering reward, read by PP-OCRv4 (``ocr:detect_side=160``
 detects text faster on small images). ``geneval:/models/mask2former-swin-small-coco-instance:clip=/models/ViT-L-14.pt``
 is GenEval (:mod:`diffalign.rewards.geneval`; ``rule=partial`` for Flow-GRPO's training reward).
+On a video model's clips an image reward scores every frame and takes their mean (``frames=min``: their minimum);
+``temporal_consistency:/models/clip-vit-large-patch14`` scores how alike neighbouring frames are
+(:mod:`diffalign.rewards.video`).
 ``openai_judge:http://gpu2:8000/v1:template=unifiedreward`` asks a VLM judge served by vLLM, SGLang or ``transformers
 serve`` (:mod:`diffalign.rewards.openai_judge`). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
 (:mod:`diffalign.rewards.remote`). The toy rewards and DDPO's JPEG (in)compressibility take no path.
@@ -36,6 +39,7 @@ from diffalign.rewards.openai_judge import OpenAIJudge
 from diffalign.rewards.pairwise_judge import PairwiseJudge
 from diffalign.rewards.remote import RemoteReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference, ToyPreferenceSoft
+from diffalign.rewards.video import TemporalConsistency, frames_reduction
 from diffalign.rewards.vlm_judge import VLMJudge
 
 REWARDS: dict[str, type] = {
@@ -58,9 +62,10 @@ REWARDS: dict[str, type] = {
     "openai_judge": OpenAIJudge,
     "pairwise_judge": PairwiseJudge,
     "remote": RemoteReward,
+    "temporal_consistency": TemporalConsistency,
 }
 NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "hps_v3", "clip_score", "aesthetic", "image_reward",
-              "vlm_judge", "image_similarity", "geneval", "openai_judge", "pairwise_judge"}
+              "vlm_judge", "image_similarity", "geneval", "openai_judge", "pairwise_judge", "temporal_consistency"}
 SERVED = {"remote", "openai_judge", "pairwise_judge"}  # their path is a server's URL
 PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata", "base")  # options that name a file or folder
 
@@ -144,18 +149,23 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
                for k, v in spec.options.items()}
     if "batch_size" in options:
         options["batch_size"] = int(options["batch_size"])
+    reads_clips = getattr(REWARDS[spec.name], "reads_clips", False)
+    frames_reduce = frames_reduction(options.pop("frames")) if "frames" in options and not reads_clips else "mean"
     _check_options(spec.name, options)
     if spec.name == "remote":  # named by the server: its reward's own name
-        return RemoteReward(spec.path, **options)
+        model = RemoteReward(spec.path, **options)
+        model.frames_reduce = frames_reduce
+        return model
     if spec.name not in NEEDS_PATH:
         model = REWARDS[spec.name](**options)
     else:
         path = spec.path if spec.name in SERVED else _local(spec.path, f"reward {spec.name}:")
         model = REWARDS[spec.name](path, **options)
     model.name = spec.name
+    model.frames_reduce = frames_reduce  # how it scores a clip by its frames (rewards.video.score_media)
     return model
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "HPSv3", "ImageReward", "ImageSimilarity", "OcrAccuracy",
-           "OpenAIJudge", "PairwiseJudge", "PickScore", "RewardModel", "RewardSpec", "ToyAdherence", "ToyPreference", "ToyPreferenceSoft",
-           "VLMJudge", "describe", "ensemble", "load_reward", "normalise_per_prompt"]
+           "OpenAIJudge", "PairwiseJudge", "PickScore", "RewardModel", "RewardSpec", "TemporalConsistency", "ToyAdherence", "ToyPreference",
+           "ToyPreferenceSoft", "VLMJudge", "describe", "ensemble", "load_reward", "normalise_per_prompt"]

@@ -16,6 +16,7 @@ from diffalign.diffusion import (
     Backbone,
     add_lora,
     backbone_for,
+    cast_to,
     check_sources,
     configure_denoiser,
     load_pipeline,
@@ -41,16 +42,16 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     weight_dtype = mixed_precision_dtype(tc.mixed_precision)
     pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
                          random_init=mc.random_init, seed=tc.seed, variant=mc.variant)
-    backbone = backbone_for(pipe, distilled_guidance=mc.distilled_guidance)
+    backbone = backbone_for(pipe, distilled_guidance=mc.distilled_guidance, frames=config.data.frames)
     check_sources(backbone, config.data.source_columns, config.validation.every)
     denoiser = backbone.denoiser
     for name, module in backbone.frozen_components().items():
-        module.requires_grad_(False).to(device, dtype=weight_dtype if name != "vae" else torch.float32)
+        cast_to(module.requires_grad_(False).to(device), weight_dtype if name != "vae" else torch.float32)
     configure_denoiser(denoiser, attention=mc.attention, gradient_checkpointing=mc.gradient_checkpointing,
                        channels_last=mc.channels_last)
     reference = None
     if tc.lora_rank > 0:
-        denoiser.requires_grad_(False).to(dtype=weight_dtype)
+        cast_to(denoiser.requires_grad_(False), weight_dtype)
         try:
             add_lora(denoiser, tc.lora_rank, alpha=tc.lora_alpha, target_modules=list(tc.lora_targets))
         except ValueError as err:  # peft: a target that names no module of this denoiser
@@ -58,7 +59,7 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
         cast_training_params(denoiser, dtype=torch.float32)
     elif frozen_reference:  # a full fine-tune compares against a frozen copy of the base
         reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        reference.to(device, dtype=resolve_dtype(tc.reference_dtype, device))
+        cast_to(reference.to(device), resolve_dtype(tc.reference_dtype, device))
     denoiser.to(device).train()
     if mc.compile:  # after LoRA, so the compiled graph includes the adapters
         denoiser.compile()

@@ -63,10 +63,11 @@ from diffalign.diffusion.logprob import sample_trajectories, step_log_prob
 from diffalign.errors import PausedRound, UserError
 from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
-from diffalign.diffusion.sampling import to_pil
+from diffalign.diffusion.sampling import save_media, shown_media, to_pil
 from diffalign.rewards import RewardSpec, load_reward
 from diffalign.rewards.pairwise_judge import pairwise_win_rates
 from diffalign.rewards.win_rate import group_win_rates
+from diffalign.rewards.video import score_media
 from diffalign.rewards.weighted import combine_rewards, parse_weights, reward_specs, weighted_raw_mean
 from diffalign.label.store import round_pair_winners
 from diffalign.train.config import Config
@@ -206,7 +207,7 @@ class OnlineRounds(RoundDriver):
             parts = [future.result() for future in scored]
         latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
         for j, image in enumerate(images):
-            to_pil(image).save(tmp / "images" / f"group{groups[j // k]:04d}-{j % k}.png")
+            save_media(image, tmp / "images" / f"group{groups[j // k]:04d}-{j % k}")
         if not self.objective.keeps_trajectories:
             latents = latents[:, -1:].contiguous()
         part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=sde_window(self.config, r))
@@ -225,7 +226,7 @@ class OnlineRounds(RoundDriver):
         win rate over the other images of its group (:func:`~diffalign.rewards.pairwise_judge.pairwise_win_rates`)."""
         return {name: (pairwise_win_rates(model, images, prompts, self.group_size) if getattr(model, "pairwise", False)
                        else model(images, prompts, sources) if getattr(model, "reads_sources", False)
-                       else model(images, prompts)).float() for name, model in self.rewards.items()}
+                       else score_media(model, images, prompts)).float() for name, model in self.rewards.items()}
 
     def _sources(self, r: int, groups) -> list[Tensor]:
         """The (S, 3, H, W) source pixels of round r's ``groups`` (edit rounds): group i edits row r G + i."""
@@ -341,7 +342,7 @@ class OnlineRounds(RoundDriver):
 
     def _image_stats(self, images: Path, prompts: list[str]) -> dict[str, float]:
         """The round's image statistics (:func:`diffalign.eval.image_stats.image_statistics`, diversity within each
-        group), read from its PNGs: logged as ``round_<statistic>`` with every step trained on the round."""
+        group), read from its PNGs (a clip's first frame): logged as ``round_<statistic>`` with every step trained on the round."""
         k = self.group_size
         pixels = [torch.from_numpy(np.asarray(Image.open(images / f"group{g:04d}-{j}.png").convert("RGB")).copy())
                   for g in range(len(prompts)) for j in range(k)]
@@ -360,7 +361,8 @@ class OnlineRounds(RoundDriver):
             if self.accelerator.is_main_process:  # every process stops here; one writes what to label
                 (folder / "to_label.jsonl").write_text("".join(
                     json.dumps({"round": r, "pair": i, "prompt": record["prompts"][i],
-                                "images": [f"images/group{i:04d}-0.png", f"images/group{i:04d}-1.png"],
+                                "images": [f"images/{shown_media(folder / 'images' / f'group{i:04d}-{j}').name}"
+                                           for j in (0, 1)],
                                 **({"sources": [f"images/group{i:04d}-source{s}.png"
                                                 for s in range(len(self.config.data.source_columns))]}
                                    if self.edits is not None else {}),

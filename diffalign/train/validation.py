@@ -1,5 +1,5 @@
 """Validation samples during training: fixed prompts and seeds every N steps, a grid per
-interval under ``samples/``, and the mean of each configured reward in ``validation.jsonl``, with the images'
+interval under ``samples/`` (a video model's: its clips' first frames, and an animated grid of every frame beside it), and the mean of each configured reward in ``validation.jsonl``, with the images'
 statistics that drift when a run games its reward (``stat_<name>``, :mod:`diffalign.eval.image_stats`).
 On N processes each samples and scores every N-th image; the main process writes grid and log."""
 
@@ -13,17 +13,19 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers import DiffusionPipeline
 
-from diffalign.diffusion.sampling import generate
+from diffalign.diffusion.sampling import CLIP_FPS, generate
 from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
 from diffalign.eval.report import image_grid
 from diffalign.rewards import load_reward
+from diffalign.rewards.video import score_media
 from diffalign.train.config import ValidationConfig
 
 
 class Validator:
-    def __init__(self, config: ValidationConfig, output_dir: Path, resolution: int) -> None:
+    def __init__(self, config: ValidationConfig, output_dir: Path, resolution: int, frames: int = 0) -> None:
         self.config = config
+        self.frames = frames  # a video model's clips (data.frames); 0 for images
         prompts = list(config.prompts) + (read_prompts(config.prompt_file) if config.prompt_file else [])
         self.prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
         self.seeds = list(range(len(self.prompts)))
@@ -56,9 +58,10 @@ class Validator:
             denoiser.eval()
             prompts = [self.prompts[i] for i in mine]
             images = generate(pipe, prompts, [self.seeds[i] for i in mine], steps=self.config.steps,
-                              guidance_scale=self.config.guidance_scale, resolution=self.resolution)
+                              guidance_scale=self.config.guidance_scale, resolution=self.resolution,
+                              frames=self.frames)
             denoiser.train(was_training)
-            scores = {r.name: r(images, prompts).tolist() for r in self.rewards}
+            scores = {r.name: score_media(r, images, prompts).tolist() for r in self.rewards}
             as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what the grid keeps anyway
             done = [(i, as_bytes[k], {name: values[k] for name, values in scores.items()}) for k, i in enumerate(mine)]
         done = sorted(gather_object(done), key=lambda item: item[0])
@@ -66,6 +69,11 @@ class Validator:
             return {}
         self.samples.mkdir(parents=True, exist_ok=True)
         images = torch.stack([image for _, image, _ in done]).float() / 255
+        if images.dim() == 5:  # clips: the grid of every frame, animated, and the first frames' for the statistics
+            grids = [image_grid({f"step {step}": images[:, :, f]}) for f in range(images.shape[2])]
+            grids[0].save(self.grid_path(step).with_suffix(".webp"), save_all=True, append_images=grids[1:],
+                          duration=round(1000 / CLIP_FPS), loop=0)
+            images = images[:, :, 0]
         image_grid({f"step {step}": images}).save(self.grid_path(step))
         scores = {f"val_{r.name}": sum(s[r.name] for _, _, s in done) / len(done) for r in self.rewards}
         scores.update({f"stat_{name}": value for name, value in image_statistics(images, self.prompts).items()})

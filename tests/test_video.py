@@ -1,0 +1,242 @@
+"""Video (issue 47, first part): Wan2.1's adapter calls the transformer and the VAE as WanPipeline does and steps on the
+pipeline's grid; clips are read from video files at the frames and frame rate a run sets, bad videos are bad rows; the
+DPO family trains on video pairs, and the shipped Wan recipe runs as shipped on the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffalign.diffusion import backbone_for, load_pipeline
+from diffalign.diffusion.backbones import WAN_PROMPT_TOKENS
+from diffalign.errors import UserError
+from diffalign.paths import ASSETS
+
+TINY_WAN = ASSETS / "models" / "tiny-wan"
+
+av = pytest.importorskip("av")
+
+
+def video_bytes(colours: list[tuple[int, int, int]], size: int = 48, fps: int = 8, codec: str = "mpeg4",
+                container: str = "mp4") -> bytes:
+    """An encoded video whose i-th frame is a flat ``colours[i]``, with a white bar whose place marks the frame."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for i, colour in enumerate(colours):
+            array = np.zeros((size, size, 3), dtype=np.uint8) + np.array(colour, dtype=np.uint8)
+            array[: size // 8, (i * 4) % size: (i * 4) % size + 4] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return load_pipeline(TINY_WAN, random_init=True, seed=0)
+
+
+def test_wan_predict_is_the_pipelines_own_call_and_its_latents_the_vaes(wan):
+    """WanBackbone.predict calls the transformer on (N, C, F, h, w) latents with the timestep and the prompts' UMT5
+    embeddings padded to 512 tokens, as WanPipeline does; its latents are the VAE's, normalised per channel, and decode
+    back as the pipeline decodes them; a clip of 5 frames has 2 latent frames, an image 1."""
+    backbone = backbone_for(wan, frames=5)
+    assert backbone.latent_shape(32) == (4, 2, 8, 8) and backbone_for(wan).latent_shape(32) == (4, 1, 8, 8)
+    prompts = ["a red circle", "a small blue square on a green field"]
+    cond = backbone.encode_prompts(prompts)
+    embeds, _ = wan.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
+    assert cond.embeds.shape == (2, WAN_PROMPT_TOKENS, 32)
+    torch.testing.assert_close(cond.embeds, embeds)
+    latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = wan.transformer(hidden_states=latents, timestep=torch.tensor([500, 20]), encoder_hidden_states=embeds,
+                              return_dict=False)[0]
+        ours = backbone.predict(latents, torch.tensor([500.0, 20.0]), cond)
+    torch.testing.assert_close(ours, out)
+    # the VAE: a tiny random one with mean 0 and std 1, so set a real normalisation to see it applied
+    wan.vae.register_to_config(latents_mean=[0.5, -0.5, 0.1, 0.0], latents_std=[2.0, 0.5, 1.0, 4.0])
+    try:
+        pixels = torch.rand(2, 3, 5, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            raw = wan.vae.encode(pixels).latent_dist.mean
+            mean = torch.tensor([0.5, -0.5, 0.1, 0.0]).view(1, 4, 1, 1, 1)
+            std = torch.tensor([2.0, 0.5, 1.0, 4.0]).view(1, 4, 1, 1, 1)
+            latents = backbone.encode_images(pixels)
+            torch.testing.assert_close(latents, (raw - mean) / std)
+            # WanPipeline's decode: latents / (1 / std) + mean
+            torch.testing.assert_close(backbone.decode_latents(latents),
+                                       wan.vae.decode(latents / (1.0 / std) + mean).sample.clamp(-1, 1))
+            assert backbone.encode_images(pixels[:, :, 0]).shape == (2, 4, 1, 8, 8)  # an image: one frame
+    finally:
+        wan.vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+def test_wan_samples_on_the_pipelines_unipc_grid_and_trains_on_its_shifted_flow_sigmas(wan):
+    """The online methods step on the grid WanPipeline samples on (UniPC's flow sigmas and timesteps); training noises
+    on the flow-matching grid shifted by the pipeline's flow_shift (sigma = 3s / (1 + 2s))."""
+    from diffalign.diffusion.schedule import schedule_for
+
+    backbone = backbone_for(wan, frames=5)
+    seen = []
+    wan(prompt=["a red circle"], num_inference_steps=4, height=32, width=32, num_frames=5, output_type="latent",
+        guidance_scale=1.0, callback_on_step_end=lambda p, i, t, kwargs: seen.append(float(t)) or kwargs)
+    grid = backbone.sampling_scheduler(4, backbone.latent_shape(32))
+    assert grid.timesteps.tolist() == seen and grid.sigmas[-1] == 0 and len(grid.sigmas) == 5
+    schedule = schedule_for(backbone.scheduler)
+    s = torch.tensor([0.25, 0.5, 1.0])
+    t = (s * 1000).long() - 1
+    torch.testing.assert_close(schedule.sigma(t), 3 * s / (1 + 2 * s))
+
+
+def test_a_video_model_refuses_clips_its_vae_cannot_read_and_an_image_model_refuses_frames(wan):
+    with pytest.raises(UserError, match=r"4k \+ 1 frames \(e.g. 5 or 9\)"):
+        backbone_for(wan, frames=6)
+    with pytest.raises(UserError, match="makes images"):
+        backbone_for(load_pipeline(ASSETS / "models" / "tiny-sd15", random_init=True), frames=5)
+
+
+def test_a_clip_is_the_first_frames_or_the_frames_on_screen_at_the_run_s_frame_rate():
+    """Without data.fps a clip is the file's first frames; with it, the frame on screen at each time k / fps (a clip at
+    4 fps of an 8 fps video takes every other frame, at 16 fps each frame twice); frames are resized and cropped as
+    images are."""
+    from diffalign.data.video import VideoClips, clip_pixels, decode_clip
+
+    colours = [(40 * k, 255 - 40 * k, 128) for k in range(6)]
+    raw = video_bytes(colours, fps=8)
+
+    def reds(clip: VideoClips) -> list[int]:
+        return [round(np.asarray(frame)[40:, :, 0].mean() / 40) for frame in decode_clip(raw, clip, 10**8)]
+
+    assert reds(VideoClips(3)) == [0, 1, 2]
+    assert reds(VideoClips(3, fps=4)) == [0, 2, 4]
+    assert reds(VideoClips(5, fps=16)) == [0, 0, 1, 1, 2]
+    assert reds(VideoClips(12, fps=16)) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # the last frame shows for 1/8 s
+    pixels = clip_pixels(decode_clip(raw, VideoClips(3), 10**8), 32)
+    assert pixels.shape == (3, 3, 32, 32) and -1 <= pixels.min() and pixels.max() <= 1
+
+
+@pytest.mark.parametrize("codec, container", [("mpeg4", "mp4"), ("libvpx-vp9", "webm"), ("gif", "gif")])
+def test_videos_of_the_common_containers_read_as_clips(codec, container):
+    from diffalign.data.video import VideoClips, decode_clip
+
+    raw = video_bytes([(200, 20, 20)] * 5, codec=codec, container=container)
+    frames = decode_clip(raw, VideoClips(5), 10**8)
+    assert len(frames) == 5 and np.asarray(frames[0])[40:, :, 0].mean() > 150
+
+
+def test_short_corrupt_and_oversized_videos_are_bad_rows_said_with_their_reason(tmp_path, capsys):
+    """A video too short for the clip, bytes that are no video and frames over the pixel limit are each a bad row with
+    its reason (an image where a video belongs is a one-frame video, too short); a video in a run that reads images
+    says to set data.frames."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffalign.data.pairs import PairDataset
+    from diffalign.data.video import VideoClips
+    from diffalign.recipes.samples import png_bytes
+
+    good = video_bytes([(200, 20, 20)] * 5)
+    rows = {"caption": ["fine", "short", "corrupt", "large", "image"],
+            "jpg_0": [good, video_bytes([(200, 20, 20)] * 3), b"no video at all", video_bytes([(9, 9, 9)] * 5, size=96),
+                      png_bytes((200, 20, 20))],
+            "jpg_1": [good] * 5, "label_0": [1.0] * 5}
+    pq.write_table(pa.table(rows), tmp_path / "clips.parquet")
+    data = PairDataset(tmp_path / "clips.parquet", resolution=32, video=VideoClips(5), max_image_pixels=64 * 64)
+    examples = [data.example(i) for i in range(len(data))]
+    assert examples[0].pixels.shape == (2, 3, 5, 32, 32) and examples[1:] == [None] * 4
+    reasons = sorted(data.bad_rows.values())
+    assert reasons[0].endswith("row 1, column 'jpg_0': video too short: the video gives 3 frame(s), and a clip is 5 "
+                               "(data.frames)"), reasons
+    assert reasons[1].endswith("row 2, column 'jpg_0': video cannot be decoded (Invalid data found when processing "
+                               "input)"), reasons
+    assert reasons[2].endswith("row 3, column 'jpg_0': video cannot be decoded (96x96 frames, more than the limit of "
+                               "4,096 pixels (data.max_image_pixels))"), reasons
+    assert reasons[3].endswith("row 4, column 'jpg_0': video too short: the video gives 1 frame(s), and a clip is 5 "
+                               "(data.frames)"), reasons
+    # the cache key covers the clip: the same file read as another clip is another entry
+    other = PairDataset(tmp_path / "clips.parquet", resolution=32, video=VideoClips(5, fps=4))
+    assert other.read(0, decode=False).image_ids != data.read(0, decode=False).image_ids
+    index = tmp_path / "index.jsonl"
+    (tmp_path / "a.mp4").write_bytes(good)
+    index.write_text(json.dumps({"caption": "c", "jpg_0": "a.mp4", "jpg_1": "a.mp4", "label_0": 1}) + "\n")
+    images = PairDataset(index, resolution=32)
+    assert images.example(0) is None
+    assert "a video, and this run reads images: set data.frames" in next(iter(images.bad_rows.values()))
+
+
+def _wan_run(tmp_path: Path, data: Path, *extra: str) -> Path:
+    from diffalign.train import load_config, train
+
+    overrides = [f"model.path={TINY_WAN}", "model.random_init=true", f"data.path={data}", "data.resolution=32",
+                 "train.batch_size=2", "train.gradient_accumulation=1", "train.max_steps=2", "train.warmup_steps=0",
+                 "train.learning_rate=1e-3", "train.mixed_precision=no", "train.checkpoint_every=0",
+                 "train.report_to=none", "data.precompute=false", "data.cache_dir=null",
+                 f"output_dir={tmp_path / 'run'}", *extra]
+    train(load_config(ASSETS.parent / "configs" / "wan21_dpo.yaml", overrides))
+    return tmp_path / "run"
+
+
+def test_dpo_trains_wan_on_video_pairs_and_on_images_as_one_frame_clips(tmp_path):
+    """Diffusion-DPO on tiny Wan2.1: on pairs of 5-frame clips (2 latent frames) and on pairs of images (one-frame
+    clips, data.frames 0), two steps each move the LoRA and log a finite loss that leaves log 2; validation samples
+    clips through WanPipeline, scores them frame by frame and writes the first frames' grid and an animated one."""
+    from safetensors.torch import load_file
+
+    from diffalign.recipes.samples import pickapic_parquet
+
+    for name, frames in (("clips", 5), ("images", 0)):
+        data = pickapic_parquet(tmp_path / f"{name}.parquet", 4, frames=frames)
+        run = _wan_run(tmp_path / name, data, f"data.frames={frames}", "data.fps=0", "validation.every=2",
+                       "validation.prompts=[a red circle, a blue square]", "validation.images_per_prompt=1",
+                       "validation.steps=2", "validation.rewards=[jpeg_incompressibility]")
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        validated = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+        assert [v["step"] for v in validated] == [0, 2] and validated[0]["val_jpeg_incompressibility"] > 0
+        grid = Image.open(run / "samples" / "step-0000002.png")
+        assert grid.size[0] >= 2 * 32
+        if frames:
+            animated = Image.open(run / "samples" / "step-0000002.webp")
+            assert animated.n_frames == 5 and animated.size == grid.size
+        else:
+            assert not (run / "samples" / "step-0000002.webp").exists()
+        assert logged[-1]["step"] == 2 and abs(logged[-1]["loss"] - 0.6931) > 1e-4, logged
+        lora = load_file(run / "final" / "pytorch_lora_weights.safetensors")
+        assert max(v.abs().max() for k, v in lora.items() if ".lora.up." in k) > 0
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """Each layout of the sample data with 5-frame clips for images."""
+    from diffalign.recipes.samples import images_parquet, pickapic_parquet, ranked_parquet
+
+    root = tmp_path_factory.mktemp("clips")
+    return {"pairs": pickapic_parquet(root / "pairs.parquet", 4, frames=5),
+            "ranked": ranked_parquet(root / "ranked.parquet", frames=5),
+            "images": images_parquet(root / "images.parquet", 4, frames=5),
+            "labelled": images_parquet(root / "labelled.parquet", 4, labels=[1, 0, 1, 0], frames=5)}
+
+
+def _objectives() -> list[str]:
+    from test_every_backbone import DATA
+
+    return sorted(DATA)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", _objectives())
+def test_every_objective_trains_wan_on_clips(objective, clips, tmp_path):
+    """Every objective's toy recipe on tiny Wan2.1 with 5-frame clips: the offline ones read video data, the online
+    ones sample clips and score them frame by frame (their image rewards' mean over the frames)."""
+    from test_every_backbone import _trains
+
+    _trains(objective, "tiny-wan", clips, tmp_path, "data.frames=5")
