@@ -359,7 +359,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models["base+negative"] = _negative_guided_loader(args, dtype)
         made_by["base+negative"] = f"{args.negative} (mix {args.negative_mix})"
     models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
-    extra = _true_cfg_options(args)
+    extra = {**_true_cfg_options(args), **({"frames": args.frames} if args.frames else {})}
     # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
     settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
                        "dtype": str(dtype).removeprefix("torch.")} for name in models}
@@ -507,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
+    p.add_argument("--frames", type=int, default=0, metavar="N",
+                   help="a video model (Wan): clips of N frames (4k + 1), scored frame by frame by image rewards and "
+                        "played in the report (default: images)")
     p.add_argument("--sources", nargs="+", metavar="COLUMN",
                    help="edits: --prompts is a table of instructions (--caption-column) with their source images in "
                         "these columns; every image edits its row's sources, which the report shows beside them")

@@ -240,3 +240,96 @@ def test_every_objective_trains_wan_on_clips(objective, clips, tmp_path):
     from test_every_backbone import _trains
 
     _trains(objective, "tiny-wan", clips, tmp_path, "data.frames=5")
+
+
+def test_an_image_reward_scores_a_clip_by_the_mean_or_the_min_of_its_frames():
+    """score_media scores every frame with the clip's prompt; ``frames=min`` in the spec takes the worst frame; an
+    image batch passes through unchanged; an unknown reduction is refused."""
+    from diffalign.rewards import load_reward
+    from diffalign.rewards.video import score_media
+
+    clips = torch.zeros(2, 3, 3, 8, 8)
+    clips[0, :, 1] = 1.0  # clip 0: its middle frame white
+    clips[1] = 0.5
+    seen = []
+
+    class Brightness:
+        def __call__(self, images, prompts):
+            seen.append(list(prompts))
+            return images.mean(dim=(1, 2, 3))
+
+    reward = Brightness()
+    torch.testing.assert_close(score_media(reward, clips, ["a", "b"]), torch.tensor([1 / 3, 0.5]))
+    assert seen[-1] == ["a", "a", "a", "b", "b", "b"]
+    reward.frames_reduce = "min"
+    torch.testing.assert_close(score_media(reward, clips, ["a", "b"]), torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(score_media(reward, clips[:, :, 1], ["a", "b"]), torch.tensor([1.0, 0.5]))
+    assert load_reward("jpeg_incompressibility:frames=min").frames_reduce == "min"
+    assert load_reward("jpeg_incompressibility").frames_reduce == "mean"
+    with pytest.raises(UserError, match="frames='median'"):
+        load_reward("jpeg_incompressibility:frames=median")
+
+
+def test_temporal_consistency_is_the_mean_clip_similarity_of_neighbouring_frames(tmp_path):
+    """By hand on a tiny CLIP: the mean cosine of the normalised image embeddings of frames (0, 1), (1, 2); 1 for a
+    still clip; images and one-frame clips are refused."""
+    from fixtures import tiny_clip_folder
+
+    from diffalign.rewards import load_reward
+
+    reward = load_reward(f"temporal_consistency:{tiny_clip_folder(tmp_path / 'clip')}")
+    clips = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    clips[1] = clips[1, :, :1]  # a still clip
+    scores = reward(clips, ["a", "b"])
+    features = reward.embed(clips[0].transpose(0, 1))
+    expected = (features[0] @ features[1] + features[1] @ features[2]) / 2
+    torch.testing.assert_close(scores[0], expected)
+    torch.testing.assert_close(scores[1], torch.tensor(1.0))
+    assert scores[0] < 1
+    with pytest.raises(UserError, match="clips of two frames or more"):
+        reward(clips[:, :, 0], ["a", "b"])
+
+
+@pytest.mark.slow
+def test_eval_compares_wan_runs_on_clips_resumes_from_saved_clips_and_the_report_plays_them(tmp_path):
+    """``diffalign eval --frames 5`` on a tiny Wan2.1 base (random weights saved as a diffusers folder) and a DPO run of
+    it: every clip is scored frame by frame and saved as a lossless animated WebP; a rerun reads them back and gives
+    the same figures; the report shows each clip as a looping video that Chromium decodes (it has 5 frames' duration)
+    base beside aligned, and a still grid of first frames per prompt."""
+    from browser import chromium
+
+    from diffalign.cli import main
+    from diffalign.eval.saved import load_png
+    from diffalign.recipes.samples import pickapic_parquet
+
+    base = tmp_path / "wan"
+    load_pipeline(TINY_WAN, random_init=True, seed=0).save_pretrained(base)
+    data = pickapic_parquet(tmp_path / "clips.parquet", 4, frames=5)
+    run = _wan_run(tmp_path, data, f"model.path={base}", "model.random_init=false", "data.frames=5", "data.fps=0")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    command = ["eval", "--base", str(base), "--aligned", f"dpo={run}", "--prompts", str(tmp_path / "prompts.txt"),
+               "--rewards", "jpeg_incompressibility", "--seeds", "2", "--steps", "2", "--resolution", "32",
+               "--frames", "5", "--save-images", "--out", str(tmp_path / "eval")]
+    assert main(command) == 0
+    first = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    clip = load_png(tmp_path / "eval" / "images" / "dpo" / "000003.webp")
+    assert clip.shape == (3, 5, 32, 32)
+    made = {path: path.stat().st_mtime_ns for path in (tmp_path / "eval" / "images").rglob("*.webp")}
+    assert main(command) == 0  # every clip read back, none made again
+    assert {path: path.stat().st_mtime_ns for path in made} == made
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == first
+    assert Image.open(tmp_path / "eval" / "grids" / "prompt-001.png").size[1] >= 2 * 32
+    browser = chromium()
+    try:
+        browser.get((tmp_path / "eval" / "report.html").as_uri())
+        videos = browser.execute_async_script("""const done = arguments[arguments.length - 1];
+            const videos = [...document.querySelectorAll('section video')];
+            Promise.all(videos.map(v => v.readyState >= 1 ? null :
+                new Promise(r => { v.onloadedmetadata = r; v.onerror = r; }))).then(() => done(
+                videos.map(v => [v.duration, v.videoWidth, v.loop, v.muted, v.closest('figure').querySelector('figcaption').innerText.split(' ')[0]])));""")
+    finally:
+        browser.quit()
+    assert len(videos) == 8, videos  # 2 prompts x 2 seeds x 2 models
+    assert all(abs(duration - 5 / 16) < 0.05 and width == 32 and loop and muted for duration, width, loop, muted, _ in
+               videos), videos
+    assert [model for *_, model in videos[:2]] == ["base", "dpo"]

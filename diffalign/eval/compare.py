@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from diffalign.diffusion.loading import process_state
 from diffalign.diffusion.sampling import generate
 from diffalign.eval.report import scaled_size
-from diffalign.eval.saved import check_same_settings, load_saved, save_png
+from diffalign.eval.saved import check_same_settings, load_saved, save_png, saved_suffix
 from diffalign.eval.stats import mean_interval, win_rate
 from diffalign.rewards import RewardModel
 from diffalign.rewards.clip_rewards import to_pil
+from diffalign.rewards.video import score_media
 
 REPORT_PX = 256  # the longer side of the images an Evaluation keeps for its report
 
@@ -123,8 +124,9 @@ def evaluate_models(
         bar = f"eval: generating and scoring {len(expanded)} images of {name}"
         for start in tqdm(starts, desc=bar, unit="batch", disable=not (progress and state.is_local_main_process)):
             chunk = slice(start, start + batch_size)
+            suffix = saved_suffix(bool(generate_kwargs.get("frames")))
             saved = None if images_dir is None else \
-                [images_dir / name / f"{i:06d}.png" for i in range(start, min(start + batch_size, len(expanded)))]
+                [images_dir / name / f"{i:06d}{suffix}" for i in range(start, min(start + batch_size, len(expanded)))]
             images = None if saved is None else load_saved(saved)  # made by an earlier, stopped run
             if images is None:
                 if pipe is None:
@@ -137,8 +139,8 @@ def evaluate_models(
                         save_png(image, path)
                     images = load_saved(saved)
             done.append((start, {reward.name: reward(images, expanded[chunk], edits[chunk])
-                                 if getattr(reward, "reads_sources", False) else reward(images, expanded[chunk])
-                                 for reward in rewards},
+                                 if getattr(reward, "reads_sources", False)
+                                 else score_media(reward, images, expanded[chunk]) for reward in rewards},
                          report_size(images[: keep - start]) if start < keep else None))
         done = sorted(gather_object(done), key=lambda batch: batch[0])  # every process's batches, in order
         kept = [images for _, _, images in done if images is not None]
@@ -151,9 +153,13 @@ def evaluate_models(
 
 
 def report_size(images: torch.Tensor) -> torch.Tensor:
-    """The images shrunk (never enlarged) so the longer side is at most ``REPORT_PX``."""
+    """The images (or clips, frame by frame) shrunk (never enlarged) so the longer side is at most ``REPORT_PX``."""
     factor = REPORT_PX / max(images.shape[-2:])
     if factor >= 1:
         return images
+    if images.dim() == 5:  # clips (N, 3, F, H, W)
+        n, channels, f = images.shape[:3]
+        frames = report_size(images.transpose(1, 2).reshape(n * f, channels, *images.shape[3:]))
+        return frames.view(n, f, channels, *frames.shape[2:]).transpose(1, 2)
     return F.interpolate(images, size=scaled_size(*images.shape[-2:], factor), mode="bilinear", antialias=True,
                          align_corners=False).clamp(0, 1)

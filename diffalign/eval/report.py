@@ -87,6 +87,43 @@ def _embed_image(image: torch.Tensor) -> str:
     return f"data:image/{'png' if small else 'jpeg'};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def clip_webm(clip: torch.Tensor, fps: float) -> bytes:
+    """A (3, F, H, W) clip in [0, 1] as a VP9 WebM (what every browser's video element plays), written with PyAV;
+    odd sides are padded by one pixel, as VP9's 4:2:0 sampling needs even ones."""
+    import av
+
+    frames = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="webm") as out:
+        stream = out.add_stream("libvpx-vp9", rate=round(fps))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "20", "b": "0", "deadline": "realtime"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def _media_tag(item: torch.Tensor, width: int, alt: str) -> str:
+    """An image (3, H, W) as an ``img``, a clip (3, F, H, W) as a looping, muted ``video`` that plays by itself."""
+    if item.dim() == 3:
+        return f"<img src='{_embed_image(item)}' width='{width}' alt='{html.escape(alt)}'>"
+    from diffalign.diffusion.sampling import CLIP_FPS
+
+    data = base64.b64encode(clip_webm(item, CLIP_FPS)).decode()
+    return (f"<video src='data:video/webm;base64,{data}' width='{width}' autoplay loop muted playsinline "
+            f"title='{html.escape(alt)}'></video>")
+
+
+def first_frames(images: torch.Tensor) -> torch.Tensor:
+    """Images as they are; clips (N, 3, F, H, W) by their first frames (what a still grid shows)."""
+    return images[:, :, 0] if images.dim() == 5 else images
+
+
 def reward_names(summary: Mapping[str, Mapping[str, float]]) -> list[str]:
     """The rewards of a summary in the order they were scored: the first is the one the run optimised."""
     first = next(iter(summary.values()))
@@ -178,8 +215,8 @@ def comparison(prompt: str, seeds: Sequence[int], images: Mapping[str, torch.Ten
             won = winner == model
             lines = "<br>".join(f"{html.escape(r)} {scores[model][r][k]:.3f}" for r in rewards)
             cells += (f"<figure class='{'won' if won else ''}'><figcaption>{html.escape(model)}"
-                      f"{' &#9733; wins' if won else ''}</figcaption><img src='{_embed_image(image)}' width='{width}' "
-                      f"alt='{html.escape(model)}, seed {seed}'><div class='score'>{lines}</div></figure>")
+                      f"{' &#9733; wins' if won else ''}</figcaption>{_media_tag(image, width, f'{model}, seed {seed}')}"
+                      f"<div class='score'>{lines}</div></figure>")
         cards += f"<div class='seed'><h4>seed {seed}</h4>{cells}</div>"
     if sources is not None:
         figures = "".join(f"<figure><figcaption>source{f' {s + 1}' if len(sources) > 1 else ''}</figcaption>"
@@ -196,7 +233,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0
          ".seed h4{margin:2px 0;font-size:13px}.seed figure{margin:4px;padding:3px;border:5px solid transparent}"
          ".seed figure.won{border-color:#2a9d3f;background:#eef8f0}.seed figcaption{font-size:12px}"
          ".seed.source{border-style:dashed;background:#f4f4f4}"
-         "img{image-rendering:pixelated;display:block;margin:auto}.score{font-size:12px;color:#333}"
+         "img,video{image-rendering:pixelated;display:block;margin:auto}.score{font-size:12px;color:#333}"
          "figure{margin:1.5em 0}dt{font-weight:bold;margin-top:.5em}")
 
 
@@ -244,8 +281,8 @@ def markdown_table(summary: Mapping[str, Mapping[str, float]], keys: Sequence[st
 def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Sequence[tuple[str, Path]] = (),
                             notes: Sequence[str] = (), tables: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """metrics.json, report.html (the summary, what each number means, and each prompt's images as a table
-    with their scores and each seed's winner) and one grid PNG per prompt (rows: models; columns: seeds) in
-    grids/ under ``out``.
+    with their scores and each seed's winner; a video model's clips as looping videos) and one grid PNG per prompt
+    (rows: models; columns: seeds; a clip's first frame) in grids/ under ``out``.
 
     Images are shown for the prompts whose images the evaluation kept (all, or the first ones).
     """
@@ -271,7 +308,7 @@ def write_evaluation_report(evaluation, out: Path, *, title: str, figures: Seque
         rows = {name: images[index] for name, images in evaluation.images.items()}
         path = out / "grids" / f"prompt-{number:03d}.png"
         path.parent.mkdir(exist_ok=True)
-        image_grid(rows).save(path)
+        image_grid({name: first_frames(images) for name, images in rows.items()}).save(path)
         scores = {name: {r: values[index].tolist() for r, values in per_reward.items()}
                   for name, per_reward in evaluation.scores.items()}
         sections.append(comparison(prompt, [evaluation.seeds[i] for i in index], rows, scores, row_sources))

@@ -1,6 +1,7 @@
 """Images on disk that a long job can stop and continue from (``generate-ranked``, ``eval --save-images``).
 
-A PNG is written to a temporary name and renamed, so a file that exists is whole; a job that
+A PNG (a video model's clip: a lossless animated WebP, every frame exact) is written to a temporary name and renamed,
+so a file that exists is whole; a job that
 is stopped and run again reuses every image already there. Images are scored as they are
 read back (8-bit), so a resumed job scores exactly what an uninterrupted one does. The
 settings that made a folder are recorded in it on first use, and a rerun with other settings is
@@ -19,20 +20,41 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from diffalign.errors import UserError
-from diffalign.diffusion.sampling import to_pil
+from diffalign.diffusion.sampling import CLIP_FPS, to_pil
+
+
+def saved_suffix(clips: bool) -> str:
+    """The file type a saved image (.png) or clip (.webp) has."""
+    return ".webp" if clips else ".png"
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
-    """Write a (3, H, W) image in [0, 1] to ``path`` atomically (whole or absent)."""
+    """Write a (3, H, W) image in [0, 1] to ``path`` atomically (whole or absent); a clip (3, F, H, W) as a lossless
+    animated WebP."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    to_pil(image).save(tmp, format="PNG")
+    if image.dim() == 3:
+        to_pil(image).save(tmp, format="PNG")
+    else:
+        frames = [to_pil(frame) for frame in image.unbind(1)]
+        frames[0].save(tmp, format="WEBP", save_all=True, append_images=frames[1:], lossless=True,
+                       duration=round(1000 / CLIP_FPS), loop=0)
     os.replace(tmp, path)
 
 
 def load_png(path: Path) -> torch.Tensor:
-    """A saved image as a (3, H, W) float tensor in [0, 1]."""
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    """A saved image as a (3, H, W) float tensor in [0, 1]; a saved clip (an animated WebP) as (3, F, H, W)."""
+    def pixels(frame: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(frame.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    with Image.open(path) as image:
+        if path.suffix != ".webp":
+            return pixels(image)
+        frames = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            frames.append(pixels(image))
+        return torch.stack(frames, dim=1)
 
 
 def load_saved(paths: list[Path]) -> torch.Tensor | None:

@@ -74,13 +74,14 @@ class TemporalConsistency:
     @torch.no_grad()
     def embed(self, frames: Tensor) -> Tensor:
         """L2-normalised CLIP image embeddings of (M, 3, H, W) frames in [0, 1], ``batch_size`` at a time."""
-        from diffalign.rewards.clip_rewards import to_pil
+        from diffalign.rewards.clip_rewards import _features, to_pil
 
         out = []
         for start in range(0, len(frames), self.batch_size):
             pixels = self.processor(images=to_pil(frames[start:start + self.batch_size]),
                                     return_tensors="pt")["pixel_values"]
-            out.append(F.normalize(self.model.get_image_features(pixel_values=pixels.to(self.device)).float(), dim=-1))
+            features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+            out.append(F.normalize(features.float(), dim=-1))
         return torch.cat(out).cpu()
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
