@@ -351,8 +351,10 @@ def index(pipeline: str, components: dict[str, tuple[str, str]]) -> dict:
     return data
 
 
-def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, dict | str]]) -> None:
-    """parts: component -> (library, class, config dict or a tokenizer kind)."""
+def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, dict | str]],
+                   settings: dict | None = None) -> None:
+    """parts: component -> (library, class, config dict or a tokenizer kind); settings: the pipeline's own config
+    values (Wan2.2's boundary_ratio, expand_timesteps), written into model_index.json."""
     folder = ROOT / name
     shutil.rmtree(folder, ignore_errors=True)
     for component, (library, cls, config) in parts.items():
@@ -377,7 +379,8 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             write_json(sub / "scheduler_config.json", config)
         else:
             write_json(sub / "config.json", {"_class_name": cls, **config})
-    write_json(folder / "model_index.json", index(pipeline, {c: (lib, cls) for c, (lib, cls, _) in parts.items()}))
+    write_json(folder / "model_index.json", {**index(pipeline, {c: (lib, cls) for c, (lib, cls, _) in parts.items()}),
+                                             **(settings or {})})
 
 
 def unet(**config) -> dict:
@@ -494,6 +497,15 @@ def tiny() -> None:
         {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
          "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_temporal": 4, "scale_factor_spatial": 4},
         umt5_encoder(32, 2, 4, 64, 8), flow_shift=3.0))
+    # Wan2.2 TI2V-5B: Wan2.2's VAE (2x2 pixel patches, residual, 8x here in space) and one timestep per latent token
+    write_pipeline("tiny-wan22-ti2v", "WanPipeline", wan_parts(
+        {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 8,
+         "out_channels": 8, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+         "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32},
+        {"base_dim": 8, "z_dim": 8, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
+         "is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2, "latents_mean": [0.0] * 8,
+         "latents_std": [1.0] * 8, "scale_factor_temporal": 4, "scale_factor_spatial": 8},
+        umt5_encoder(32, 2, 4, 64, 8), flow_shift=5.0), settings={"expand_timesteps": True})
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -623,6 +635,15 @@ def full_size() -> None:
         {**wan, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}, {}, umt5_xxl, flow_shift=3.0))
     write_pipeline("wan21-t2v-14b", "WanPipeline", wan_parts(
         {**wan, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}, {}, umt5_xxl, flow_shift=5.0))
+    # Wan2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B-Diffusers): 30 blocks of width 24 x 128 on 48-channel latents of Wan2.2's
+    # VAE (16x in space: 2x2 pixel patches, then 8x); one timestep per latent token. The VAE's per-channel mean and
+    # standard deviation are placeholders here (0 and 1): they change no shape, and the released folder has its own
+    write_pipeline("wan22-ti2v-5b", "WanPipeline", wan_parts(
+        {**wan, "in_channels": 48, "out_channels": 48, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30},
+        {"base_dim": 160, "decoder_base_dim": 256, "z_dim": 48, "is_residual": True, "in_channels": 12,
+         "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+         "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48},
+        umt5_xxl, flow_shift=5.0), settings={"expand_timesteps": True})
     write_pipeline("qwen-image-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     # FLUX.2 dev (black-forest-labs/FLUX.2-dev): 8 double- and 48 single-stream blocks of width 48 x 128, 32B

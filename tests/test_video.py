@@ -46,6 +46,25 @@ def wan():
     return load_pipeline(TINY_WAN, random_init=True, seed=0)
 
 
+def test_wan22_ti2v_predict_gives_every_latent_token_its_timestep_as_the_pipeline_does():
+    """Wan2.2 TI2V-5B (``expand_timesteps``): the transformer gets one timestep per latent token (frames x rows/2 x
+    columns/2), as WanPipeline builds them from its all-ones mask for text-to-video; its VAE's 2x2 pixel patches
+    make 32 px into 4 latent rows."""
+    pipe = load_pipeline(ASSETS / "models" / "tiny-wan22-ti2v", random_init=True, seed=0)
+    backbone = backbone_for(pipe, frames=5)
+    assert backbone.latent_shape(32) == (8, 2, 4, 4)
+    cond = backbone.encode_prompts(["a red circle", "a blue square"])
+    latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(latents.shape)
+    per_token = torch.stack([(mask[0][0][:, ::2, ::2] * t).flatten() for t in (500.0, 20.0)])
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=latents, timestep=per_token, encoder_hidden_states=cond.embeds,
+                               return_dict=False)[0]
+        torch.testing.assert_close(backbone.predict(latents, torch.tensor([500.0, 20.0]), cond), out)
+        pixels = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        assert backbone.decode_latents(backbone.encode_images(pixels)).shape == (1, 3, 5, 32, 32)
+
+
 def test_wan_predict_is_the_pipelines_own_call_and_its_latents_the_vaes(wan):
     """WanBackbone.predict calls the transformer on (N, C, F, h, w) latents with the timestep and the prompts' UMT5
     embeddings padded to 512 tokens, as WanPipeline does; its latents are the VAE's, normalised per channel, and decode
@@ -333,3 +352,13 @@ def test_eval_compares_wan_runs_on_clips_resumes_from_saved_clips_and_the_report
     assert all(abs(duration - 5 / 16) < 0.05 and width == 32 and loop and muted for duration, width, loop, muted, _ in
                videos), videos
     assert [model for *_, model in videos[:2]] == ["base", "dpo"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["diffusion_dpo", "grpo", "nft"])
+def test_wan22_ti2v_trains_offline_and_online_on_clips(objective, clips, tmp_path):
+    """Wan2.2 TI2V-5B's per-token timesteps in training and in the online rounds' sampling (Flow-GRPO's SDE steps,
+    NFT's forward process), on 5-frame clips."""
+    from test_every_backbone import _trains
+
+    _trains(objective, "tiny-wan22-ti2v", clips, tmp_path, "data.frames=5")
