@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -273,11 +273,13 @@ def wan_scheduler(flow_shift: float) -> dict:
             "solver_type": "bh2", "lower_order_final": True, "timestep_spacing": "linspace"}
 
 
-def wan_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float) -> dict:
+def wan_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float, experts: bool = False) -> dict:
     """A WanPipeline's components (Wan2.1 text-to-video): UMT5 text encoder, the 3D transformer, Wan's causal video VAE
-    (4x in time, 8x in space), UniPC on flow sigmas."""
+    (4x in time, 8x in space), UniPC on flow sigmas; with ``experts`` Wan2.2 A14B's second transformer of the same
+    shape (the low-noise expert)."""
     return {
         "transformer": ("diffusers", "WanTransformer3DModel", transformer),
+        **({"transformer_2": ("diffusers", "WanTransformer3DModel", transformer)} if experts else {}),
         "vae": ("diffusers", "AutoencoderKLWan", vae_config),
         "text_encoder": ("transformers", "UMT5EncoderModel", text),
         "tokenizer": ("transformers", "T5TokenizerFast", "t5-tokenizer"),
@@ -506,6 +508,14 @@ def tiny() -> None:
          "is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2, "latents_mean": [0.0] * 8,
          "latents_std": [1.0] * 8, "scale_factor_temporal": 4, "scale_factor_spatial": 8},
         umt5_encoder(32, 2, 4, 64, 8), flow_shift=5.0), settings={"expand_timesteps": True})
+    # Wan2.2 A14B: two experts of tiny-wan's shape, switched at 0.875 x 1000 as the T2V model; its shift of 12
+    write_pipeline("tiny-wan22", "WanPipeline", wan_parts(
+        {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+         "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+         "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32},
+        {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
+         "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_temporal": 4, "scale_factor_spatial": 4},
+        umt5_encoder(32, 2, 4, 64, 8), flow_shift=12.0, experts=True), settings={"boundary_ratio": 0.875})
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -644,6 +654,11 @@ def full_size() -> None:
          "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
          "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48},
         umt5_xxl, flow_shift=5.0), settings={"expand_timesteps": True})
+    # Wan2.2 T2V A14B (Wan-AI/Wan2.2-T2V-A14B-Diffusers): two 14B experts of Wan2.1 14B's shape, the high-noise one for
+    # timesteps at or above 0.875 x 1000, on Wan2.1's VAE; its sampling shift of 12 (Wan2.2's t2v_A14B config)
+    write_pipeline("wan22-t2v-a14b", "WanPipeline", wan_parts(
+        {**wan, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}, {}, umt5_xxl, flow_shift=12.0,
+        experts=True), settings={"boundary_ratio": 0.875})
     write_pipeline("qwen-image-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     # FLUX.2 dev (black-forest-labs/FLUX.2-dev): 8 double- and 48 single-stream blocks of width 48 x 128, 32B

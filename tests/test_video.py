@@ -362,3 +362,58 @@ def test_wan22_ti2v_trains_offline_and_online_on_clips(objective, clips, tmp_pat
     from test_every_backbone import _trains
 
     _trains(objective, "tiny-wan22-ti2v", clips, tmp_path, "data.frames=5")
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_each_wan22_expert_trains_on_its_own_timesteps_and_its_run_loads_into_its_transformer(expert, clips, tmp_path):
+    """Wan2.2 A14B's two experts, switched at 0.875 x 1000 as WanPipeline switches them: predict sends each item to the
+    expert of its timestep; a run of model.expert trains that expert's LoRA alone, drawing only its timesteps (the
+    high-noise expert's share of the shift-12 grid is most of it), and the run loads into that pipeline component (the
+    low-noise expert's LoRA through diffusers' load_into_transformer_2)."""
+    from safetensors.torch import load_file
+
+    from diffalign.diffusion.finetuned import load_finetuned
+
+    pipe = load_pipeline(ASSETS / "models" / "tiny-wan22", random_init=True, seed=0)
+    with pytest.raises(UserError, match="set model.expert=high"):
+        backbone_for(pipe, frames=5)
+    backbone = backbone_for(pipe, frames=5, expert=expert)
+    assert backbone.boundary == 875.0
+    cond = backbone.encode_prompts(["a", "b"])
+    latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = backbone.predict(latents, torch.tensor([900.0, 500.0]), cond)
+        for item, (module, t) in enumerate(((pipe.transformer, 900), (pipe.transformer_2, 500))):
+            alone = module(hidden_states=latents[item:item + 1], timestep=torch.tensor([t]),
+                           encoder_hidden_states=cond.embeds[item:item + 1], return_dict=False)[0]
+            torch.testing.assert_close(mixed[item:item + 1], alone)
+    lo, hi = backbone.timestep_share()
+    split = 0.875 / (12 - 11 * 0.875)  # the unshifted level s whose shifted sigma 12 s / (1 + 11 s) is 0.875
+    assert (lo, hi) == ((pytest.approx(split, abs=2e-3), 1.0) if expert == "high" else (0.0, pytest.approx(split, abs=2e-3)))
+    schedule = backbone.scheduler.timesteps.flip(0)
+    served = schedule[int(lo * 1000):int(hi * 1000)]
+    assert bool(backbone.serves(served).all()) and not bool(backbone.serves(schedule).all())
+    from diffalign.config import ObjectiveConfig
+    from diffalign.objectives import OBJECTIVES
+
+    assert OBJECTIVES["diffusion_dpo"](ObjectiveConfig(name="diffusion_dpo"), backbone).sampler.t_range == (lo, hi)
+
+    base = tmp_path / "wan22"
+    pipe.save_pretrained(base)
+    run = _wan_run(tmp_path, clips["pairs"], f"model.path={base}", "model.random_init=false", "data.frames=5",
+                   "data.fps=0", f"model.expert={expert}")
+    lora = load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    assert all(key.startswith("transformer.") for key in lora)  # diffusers' name for either expert's LoRA
+    loaded = load_finetuned(run)
+    trained, frozen = ("transformer", "transformer_2") if expert == "high" else ("transformer_2", "transformer")
+    assert any("lora" in name for name, _ in getattr(loaded, trained).named_parameters())
+    assert not any("lora" in name for name, _ in getattr(loaded, frozen).named_parameters())
+
+
+@pytest.mark.slow
+def test_grpo_trains_the_low_noise_expert_on_the_rounds_steps_it_denoises(clips, tmp_path):
+    """Flow-GRPO on Wan2.2's low-noise expert: the rounds sample with both experts, and only the steps below the
+    boundary are trained (on a shift-12 grid of 10 steps, the last few)."""
+    from test_every_backbone import _trains
+
+    _trains("grpo", "tiny-wan22", clips, tmp_path, "data.frames=5", "model.expert=low", "objective.sample_steps=10")

@@ -49,6 +49,11 @@ class ModelConfig:
     # the guidance value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance embedding
     # while it trains and samples rounds (3.5, as diffusers' FLUX training scripts); others ignore it
     distilled_guidance: float = 3.5
+    # a model of two experts switched at a timestep (Wan2.2 A14B: `transformer` denoises the steps at or above the
+    # pipeline's boundary_ratio x 1000, the noisy ones, `transformer_2` the rest): the one this run trains, "high"
+    # (`transformer`) or "low" (`transformer_2`), on the timesteps it serves, while the other denoises its own steps
+    # frozen; train the other in a run of its own. None for a model of one denoiser
+    expert: str | None = None
     # attention kernel: "sdpa" (PyTorch, default) or "xformers" (optional CUDA extra)
     attention: str = "sdpa"
     # recompute activations in the backward pass: less memory, ~30% more compute

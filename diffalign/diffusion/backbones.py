@@ -171,17 +171,43 @@ class Backbone:
     # whether the model makes videos: its latents are (N, C, F, h, w) and its pixels (N, 3, F, H, W)
     video: ClassVar[bool] = False
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0) -> None:
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
         """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
         embedding when it predicts; denoisers without that embedding ignore it. ``frames``: the frames of a video
         model's clips (``data.frames``; 0 for images, which a video model makes as one-frame clips); an image model
-        refuses more than 0."""
+        refuses more than 0. ``expert``: which denoiser of a two-expert model trains (``model.expert``); a model of
+        one denoiser refuses it."""
+        if expert is not None and not self.two_experts(pipe):
+            raise UserError(f"model.expert={expert}: {type(pipe).__name__} here has one denoiser; model.expert picks "
+                            "one of a two-expert model's (Wan2.2 A14B)")
         self.pipe = pipe
         self.distilled_guidance = distilled_guidance
         if frames and not self.video:
             raise UserError(f"data.frames={frames} reads videos, and {type(pipe).__name__} makes images: set "
                             f"data.frames=0, or train a video model ({', '.join(sorted(VIDEO_PIPELINES))})")
         self.frames = frames
+
+    @staticmethod
+    def two_experts(pipe) -> bool:
+        """Whether the pipeline switches between two denoisers at a timestep (Wan2.2 A14B's ``transformer_2`` with its
+        ``boundary_ratio``)."""
+        return getattr(pipe, "transformer_2", None) is not None and \
+            getattr(pipe.config, "boundary_ratio", None) is not None
+
+    def timestep_share(self) -> tuple[float, float]:
+        """The share [lo, hi) of the training schedule's timesteps (index order, noisier up) the trained denoiser
+        serves: all of it, except for one expert of two."""
+        return (0.0, 1.0)
+
+    def serves(self, timesteps: Tensor) -> Tensor:
+        """Which of the model ``timesteps`` (what :meth:`predict` takes) the trained denoiser denoises: all, except
+        for one expert of two."""
+        return torch.ones(timesteps.shape, dtype=torch.bool, device=timesteps.device)
+
+    @property
+    def lora_file_attr(self) -> str:
+        """The pipeline component a LoRA file of the trained denoiser is saved under (``save_lora_weights``)."""
+        return self.denoiser_attr
 
     def guidance_embedding(self, n: int, device: torch.device) -> Tensor | None:
         """The guidance value a guidance-distilled denoiser (its config's ``guidance_embeds``) is given for ``n``
@@ -760,8 +786,18 @@ class WanBackbone(Backbone):
     latent_patch = None  # the transformer's (1, 2, 2)
     video = True
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0) -> None:
-        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames)
+    EXPERTS = {"high": "transformer", "low": "transformer_2"}
+
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
+        if self.two_experts(pipe):
+            if expert not in self.EXPERTS:
+                raise UserError(f"{type(pipe).__name__} here has two experts, switched at timestep "
+                                f"{pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps:g}: set "
+                                "model.expert=high (transformer, the noisier steps) or model.expert=low "
+                                "(transformer_2), and train the other in a run of its own")
+            self.denoiser_attr = self.EXPERTS[expert]
+        self.expert = expert
         step = pipe.vae.config.scale_factor_temporal
         if frames and (frames - 1) % step:
             raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
@@ -786,6 +822,36 @@ class WanBackbone(Backbone):
     @property
     def scheduler(self):
         return self._training_scheduler
+
+    @property
+    def boundary(self) -> float | None:
+        """The timestep (sigma x 1000) at and above which a two-expert model's ``transformer`` denoises; None for
+        one denoiser."""
+        if self.expert is None:
+            return None
+        return self.pipe.config.boundary_ratio * self.pipe.scheduler.config.num_train_timesteps
+
+    def timestep_share(self) -> tuple[float, float]:
+        """The trained expert's share of the training schedule: its timesteps (sigma x 1000 of the shifted grid,
+        increasing with the index) at or above the boundary for the high-noise expert, below it for the other."""
+        if self.expert is None:
+            return (0.0, 1.0)
+        timesteps = self.scheduler.timesteps.flip(0).float()
+        first_high = int(torch.searchsorted(timesteps, torch.tensor(self.boundary)))
+        split = first_high / len(timesteps)
+        return (split, 1.0) if self.expert == "high" else (0.0, split)
+
+    def serves(self, timesteps: Tensor) -> Tensor:
+        if self.expert is None:
+            return super().serves(timesteps)
+        high = timesteps >= self.boundary
+        return high if self.expert == "high" else ~high
+
+    @property
+    def lora_file_attr(self) -> str:
+        """``transformer``: diffusers saves and loads a Wan2.2 low-noise expert's LoRA as a ``transformer`` LoRA
+        (``load_lora_weights(..., load_into_transformer_2=True)``)."""
+        return "transformer"
 
     def sampling_scheduler(self, steps, latent_shape):
         """The pipeline's own sampler set to ``steps`` steps: its sigmas (ending at 0) and timesteps are the grid
@@ -844,12 +910,26 @@ class WanBackbone(Backbone):
 
     def predict(self, latents, timesteps, cond, denoiser=None):
         """The transformer on (N, C, F, h, w) latents at ``timesteps`` (sigma x 1000), as WanPipeline calls it; a
-        pipeline that ``expand_timesteps`` (Wan2.2 TI2V) gives every latent token its item's timestep."""
+        pipeline that ``expand_timesteps`` (Wan2.2 TI2V) gives every latent token its item's timestep. A two-expert
+        model's items are each denoised by the expert the pipeline switches to at their timestep: the trained one
+        (``denoiser``, else :attr:`denoiser`) on its own share, the other, frozen, on the rest."""
         net = denoiser or self.denoiser
+        if self.expert is not None:
+            mine = self.serves(timesteps.to(latents.device))
+            if not bool(mine.all()):
+                other = getattr(self.pipe, self.EXPERTS["low" if self.expert == "high" else "high"])
+                out = torch.empty_like(latents)
+                for chosen, module in ((mine, net), (~mine, other)):
+                    if bool(chosen.any()):
+                        out[chosen] = self._call(module, latents[chosen], timesteps[chosen], cond[chosen]).to(out.dtype)
+                return out
+        return self._call(net, latents, timesteps, cond)
+
+    def _call(self, net, latents, timesteps, cond):
         timestep = timesteps.to(latents.device)
         if getattr(self.pipe.config, "expand_timesteps", False):
             n, _, f, h, w = latents.shape
-            patch = net.config.patch_size
+            patch = self.pipe.transformer.config.patch_size  # net may be a DDP wrapper
             timestep = timestep[:, None].expand(n, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
         return net(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
                    return_dict=False)[0]
@@ -900,14 +980,14 @@ def pixel_multiple(folder: Path) -> int | None:
         return None
 
 
-def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0) -> Backbone:
+def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> Backbone:
     """The adapter for a diffusers pipeline, chosen by its class name (:class:`Backbone` for the options)."""
     name = type(pipe).__name__
     if name not in BACKBONES:
         raise UserError(
             f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
         )
-    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance, frames=frames)
+    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
 
 
 def check_sources(backbone: Backbone, source_columns: list[str], validation_every: int = 0) -> None:

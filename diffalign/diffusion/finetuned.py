@@ -26,7 +26,11 @@ from diffalign.errors import UserError
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def _denoiser_attr(pipe: DiffusionPipeline) -> str:
+def _denoiser_attr(pipe: DiffusionPipeline, config: dict | None = None) -> str:
+    """The pipeline component a run trained: its UNet or transformer, or the expert its ``model.expert`` names
+    (Wan2.2 A14B's low-noise expert is ``transformer_2``)."""
+    if config is not None and config["model"].get("expert") == "low":
+        return "transformer_2"
     return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
 
 
@@ -38,15 +42,19 @@ def _base_of_run(config: dict, torch_dtype) -> DiffusionPipeline:
                          variant=model.get("variant"))
 
 
-def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """Put trained weights on ``pipe``: a LoRA file/folder, or a folder holding ``unet/``/``transformer/``."""
+def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dtype | None = None,
+                  attr: str | None = None) -> DiffusionPipeline:
+    """Put trained weights on ``pipe``: a LoRA file/folder, or a folder holding ``unet/``/``transformer/`` (or
+    ``attr/``: the component a run trained, ``transformer_2`` for Wan2.2's low-noise expert, whose LoRA diffusers
+    keeps as a transformer LoRA loaded ``load_into_transformer_2``)."""
     weights = Path(weights)
     lora_file = _lora_file(weights)
-    attr = _denoiser_attr(pipe)
+    attr = attr or _denoiser_attr(pipe)
     if lora_file.is_file():
         if hasattr(pipe, "load_lora_weights"):
+            into = {"load_into_transformer_2": True} if attr == "transformer_2" else {}
             with without_diffusers_noise():
-                pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+                pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, **into)
         else:  # PixArt: diffusers has no LoRA loader for it
             load_lora_file(getattr(pipe, attr), lora_file, prefix=attr)
         return pipe
@@ -97,7 +105,7 @@ def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.d
     def load() -> DiffusionPipeline:
         pipe = _base_of_run(config, torch_dtype) if base is None else \
             load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
-        denoiser, train = getattr(pipe, _denoiser_attr(pipe)), config["train"]
+        denoiser, train = getattr(pipe, _denoiser_attr(pipe, config)), config["train"]
         if train["lora_rank"] > 0:
             add_lora(denoiser, train["lora_rank"], alpha=train.get("lora_alpha"),
                      target_modules=list(train["lora_targets"]))
@@ -135,7 +143,8 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
         raise UserError(f"{source} is not a run directory or a diffusers folder; to apply it as a LoRA or "
                         "denoiser, also give the base model")
     weights = source / "final" if is_run else source
-    if not (_lora_file(weights).is_file() or any((weights / attr).is_dir() for attr in ("unet", "transformer"))):
+    if not (_lora_file(weights).is_file()
+            or any((weights / attr).is_dir() for attr in ("unet", "transformer", "transformer_2"))):
         if is_run and _language_model_run(source):
             raise UserError(f"{source} is a language-model run ({_language_model_run(source)}), not a diffusion "
                             "model; compare it with the language model it trained from, a causal-LM --base: "
@@ -144,7 +153,12 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
     if base is None:  # the run's own base, loaded as it trained
         config = yaml.safe_load((source / "config.yaml").read_text())
         resolve_model_path(config["model"]["path"], what=f"the base model of {source}")
-        return lambda: apply_weights(_base_of_run(config, torch_dtype), weights, torch_dtype)
+
+        def load_run() -> DiffusionPipeline:
+            pipe = _base_of_run(config, torch_dtype)
+            return apply_weights(pipe, weights, torch_dtype, _denoiser_attr(pipe, config))
+
+        return load_run
     base = resolve_model_path(base, what="the base model")
     return lambda: apply_weights(load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant), weights,
                                  torch_dtype)

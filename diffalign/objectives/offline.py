@@ -7,7 +7,7 @@ A subclass names the loss kinds it accepts and turns (B, K) scores into a per-gr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from torch import nn
 from diffalign import losses
 from diffalign.losses.noisy_labels import LabelReliability, lcpo_posterior
 from diffalign.losses.unpaired import RewardShift, kto_kl_baseline
+from diffalign.errors import UserError
 from diffalign.objectives.base import Objective
 from diffalign.diffusion import (
     Backbone,
@@ -32,6 +33,17 @@ if TYPE_CHECKING:  # the trainer imports the objectives; only the type hint goes
 Tensor = torch.Tensor
 
 
+def served_range(t_range: Sequence[float], backbone: Backbone) -> tuple[float, float]:
+    """``objective.t_range`` narrowed to the share of the schedule the trained denoiser serves (one expert of a
+    two-expert model trains on its own timesteps only)."""
+    share = backbone.timestep_share()
+    lo, hi = max(t_range[0], share[0]), min(t_range[1], share[1])
+    if lo >= hi:
+        raise UserError(f"objective.t_range={list(t_range)} shares no timestep with the trained expert's "
+                        f"{[round(v, 3) for v in share]} of the schedule")
+    return lo, hi
+
+
 class OfflineDenoisingObjective(Objective):
     """Base of the offline objectives: no sampling during training; see the module docstring."""
 
@@ -45,7 +57,7 @@ class OfflineDenoisingObjective(Objective):
         self.options = dict(config.loss_options)
         self.weighting = config.weighting
         self.schedule = schedule_for(backbone.scheduler)
-        self.sampler = TimestepSampler(config.timestep_sampler, t_range=tuple(config.t_range))
+        self.sampler = TimestepSampler(config.timestep_sampler, t_range=served_range(config.t_range, backbone))
         # BCO's reward shift delta (Jung et al. 2024, Sec. 3.2): unless loss_options.delta fixes it, the running
         # mean of the implicit rewards over the run, as TRL's BCOTrainer keeps it; saved with every checkpoint
         self.reward_shift = RewardShift() if self.spec.name == "bco" and "delta" not in self.options else None

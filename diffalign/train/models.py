@@ -42,7 +42,8 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     weight_dtype = mixed_precision_dtype(tc.mixed_precision)
     pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
                          random_init=mc.random_init, seed=tc.seed, variant=mc.variant)
-    backbone = backbone_for(pipe, distilled_guidance=mc.distilled_guidance, frames=config.data.frames)
+    backbone = backbone_for(pipe, distilled_guidance=mc.distilled_guidance, frames=config.data.frames,
+                           expert=mc.expert)
     check_sources(backbone, config.data.source_columns, config.validation.every)
     denoiser = backbone.denoiser
     for name, module in backbone.frozen_components().items():

@@ -399,12 +399,15 @@ class OnlineRounds(RoundDriver):
 
     def _trained_steps(self, timesteps: Tensor, stochastic: Tensor) -> Tensor:
         """Indices of the stochastic denoising steps whose noise level t / T lies in ``objective.t_range`` (both
-        ends kept)."""
+        ends kept) and that the trained denoiser takes (a two-expert model's trained expert: its own steps only,
+        since the other's, frozen, would give no gradient)."""
         lo, hi = self.config.objective.t_range
         level = timesteps.float() / self.backbone.scheduler.config.num_train_timesteps
-        steps = ((level >= lo) & (level <= hi) & stochastic).nonzero().squeeze(1)
+        served = self.backbone.serves(timesteps.float())
+        steps = ((level >= lo) & (level <= hi) & stochastic & served).nonzero().squeeze(1)
         if len(steps) == 0:
-            raise UserError(f"objective.t_range={[lo, hi]} keeps none of the stochastic steps' noise levels "
+            expert = f" and model.expert={self.config.model.expert}'s" if self.config.model.expert else ""
+            raise UserError(f"objective.t_range={[lo, hi]}{expert} keeps none of the stochastic steps' noise levels "
                             f"{[round(v, 3) for v, s in zip(level.tolist(), stochastic.tolist()) if s]}")
         return steps
 

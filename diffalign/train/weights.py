@@ -58,5 +58,5 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
     if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written directly
         save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
     else:
-        saver(str(folder), **{f"{backbone.denoiser_attr}_lora_layers": layers}, safe_serialization=True)
+        saver(str(folder), **{f"{backbone.lora_file_attr}_lora_layers": layers}, safe_serialization=True)
     return with_usual_permissions(folder)
