@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
         description="Preference alignment for diffusion models (SD1.5, SDXL, SD3/SD3.5, FLUX.1, FLUX.2, "
-                    "Z-Image, Qwen-Image, PixArt) and text "
+                    "Z-Image, Qwen-Image, PixArt; Wan2.1/2.2 video) and text "
                     "language models: offline (Diffusion-DPO and its family, KTO, RankDPO, ...) and online (D3PO, "
                     "Flow-GRPO, DiffusionNFT, ...) methods, on your data or on a toy world that runs on a CPU. "
                     "Start with `diffalign demo`; the manual is in docs/.",

@@ -13,7 +13,8 @@ from diffalign.objectives.round_reference import PreviousRoundReference
 FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "FLUX.1",
                 "flux-kontext": "FLUX.1 Kontext", "flux2": "FLUX.2 (dev, klein)",
                 "zimage": "Z-Image", "qwenimage": "Qwen-Image", "qwenimage-edit": "Qwen-Image-Edit",
-                "qwenimage-edit-plus": "Qwen-Image-Edit-2509/2511", "pixart": "PixArt"}
+                "qwenimage-edit-plus": "Qwen-Image-Edit-2509/2511", "pixart": "PixArt",
+                "wan": "Wan2.1/2.2 (video)"}
 
 
 def method_family(cls: type) -> str:
