@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``, ``tiny-hunyuanvideo15``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``, ``hunyuanvideo15-480p-t2v``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -287,6 +287,35 @@ def wan_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float
     }
 
 
+def hunyuan_video15_parts(transformer: dict, vae_config: dict, text: dict, byt5: dict, shift: float) -> dict:
+    """A HunyuanVideo15Pipeline's components: Qwen2.5-VL's text model (its third-last hidden states) and ByT5 (the
+    quoted text to render), the 3D transformer, its 32-channel video VAE (16x in space, 4x in time), the flow
+    scheduler and the classifier-free guider the pipeline guides with."""
+    return {
+        "transformer": ("diffusers", "HunyuanVideo15Transformer3DModel", transformer),
+        "vae": ("diffusers", "AutoencoderKLHunyuanVideo15", vae_config),
+        "text_encoder": ("transformers", "Qwen2_5_VLTextModel", text),
+        "tokenizer": ("transformers", "PreTrainedTokenizerFast", "qwen-chat-tokenizer"),
+        "text_encoder_2": ("transformers", "T5EncoderModel", byt5),
+        "tokenizer_2": ("transformers", "ByT5Tokenizer", "byt5-tokenizer"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler",
+                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}),
+        "guider": ("diffusers", "ClassifierFreeGuidance", {"guidance_scale": 6.0}),
+    }
+
+
+def qwen25_vl_text_model(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int) -> dict:
+    """Qwen2.5-VL's text model alone (HunyuanVideo 1.5's text encoder) over the character vocabulary."""
+    from transformers import Qwen2_5_VLTextConfig
+
+    config = Qwen2_5_VLTextConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=QWEN_CHAR_VOCAB,
+        rope_scaling={"mrope_section": [1, 1, 2] if hidden // heads == 8 else [16, 24, 24], "rope_type": "default",
+                      "type": "default"}, rope_theta=1000000.0, eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    return {**config.to_dict(), "architectures": ["Qwen2_5_VLTextModel"]}
+
+
 def vae(channels: list[int], latent: int, sample: int, **extra) -> dict:
     config = {
         "_class_name": "AutoencoderKL",
@@ -375,10 +404,16 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             qwen_vl_processor(sub)
         elif config == "pixtral-processor":
             pixtral_processor(sub)
+        elif config == "byt5-tokenizer":
+            from transformers import ByT5Tokenizer
+
+            ByT5Tokenizer().save_pretrained(sub)
         elif library == "transformers":
             write_json(sub / "config.json", config)
         elif component == "scheduler":
             write_json(sub / "scheduler_config.json", config)
+        elif component == "guider":
+            write_json(sub / "guider_config.json", {"_class_name": cls, **config})
         else:
             write_json(sub / "config.json", {"_class_name": cls, **config})
     write_json(folder / "model_index.json", {**index(pipeline, {c: (lib, cls) for c, (lib, cls, _) in parts.items()}),
@@ -516,6 +551,17 @@ def tiny() -> None:
         {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
          "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_temporal": 4, "scale_factor_spatial": 4},
         umt5_encoder(32, 2, 4, 64, 8), flow_shift=12.0, experts=True), settings={"boundary_ratio": 0.875})
+    # HunyuanVideo 1.5 (diffusers' own test shapes, a 4x-in-time VAE): its transformer reads the noisy latents, an
+    # image condition's latents and mask (zeros for text to video), so 2 x 4 + 1 channels
+    write_pipeline("tiny-hunyuanvideo15", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
+        {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
+         "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 16,
+         "text_embed_2_dim": 32, "image_embed_dim": 12, "rope_axes_dim": [2, 2, 4], "target_size": 16,
+         "task_type": "t2v"},
+        {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 16],
+         "layers_per_block": 1, "spatial_compression_ratio": 4, "temporal_compression_ratio": 4,
+         "downsample_match_channel": False, "upsample_match_channel": False},
+        qwen25_vl_text_model(16, 2, 2, 2, 16), t5_encoder(32, 2, 4, 64, 8), shift=7.0))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -654,6 +700,13 @@ def full_size() -> None:
          "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
          "latents_mean": [0.0] * 48, "latents_std": [1.0] * 48},
         umt5_xxl, flow_shift=5.0), settings={"expand_timesteps": True})
+    # HunyuanVideo 1.5 480p text to video (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v): the
+    # transformer's defaults in diffusers (54 blocks of width 16 x 128, 8.3B parameters) set to text to video, its
+    # 32-channel VAE's defaults, Qwen2.5-VL-7B's text model and the glyph ByT5 encoder (1472 wide, 12 layers); the
+    # scheduler's shift is a placeholder (5), as it changes no shape and the released folder has its own
+    write_pipeline("hunyuanvideo15-480p-t2v", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
+        {"task_type": "t2v"}, {}, qwen25_vl_text_model(3584, 28, 28, 4, 18944),
+        {**t5_encoder(1472, 12, 6, 3584, 64), "vocab_size": 384}, shift=5.0))
     # Wan2.2 T2V A14B (Wan-AI/Wan2.2-T2V-A14B-Diffusers): two 14B experts of Wan2.1 14B's shape, the high-noise one for
     # timesteps at or above 0.875 x 1000, on Wan2.1's VAE; its sampling shift of 12 (Wan2.2's t2v_A14B config)
     write_pipeline("wan22-t2v-a14b", "WanPipeline", wan_parts(

@@ -32,9 +32,11 @@ def samples(tmp_path_factory) -> SampleData:
 
 
 def _on_this_cpu(recipe: str, samples: SampleData) -> list[str]:
-    """The plan's keys for a CPU: the tiny architecture (its memory is estimated in a second) and sample data."""
+    """The plan's keys for a CPU: the tiny architecture (its memory is estimated in a second) and sample data (a video
+    recipe's: clips of the smoke run's frames)."""
     tiny = tiny_counterpart(recipe)
     keys = [f"model.path={samples['lm'] if tiny == 'lm' else ASSETS / 'models' / tiny}"]
+    keys += [str(o) for o in recipe_overrides(recipe, samples) if o.key == "data.frames"]
     data = [str(o) for o in recipe_overrides(recipe, samples) if o.key == "data.path"]  # the smoke run's sample
     return keys + (data or ["online.prompts=toy_train"])
 
@@ -75,6 +77,8 @@ def test_the_plan_of_every_recipe_says_what_it_reads_does_and_needs(recipe, samp
         assert "memory: not estimated for language models" in text
     elif objective.dataset == "labelled_images":  # KTO's step selects the desirable rows by value
         assert "memory: not estimated: a step of diffusion_kto depends on its data's values" in text
+    elif config.model.path.endswith("tiny-hunyuanvideo15"):  # its transformer orders tokens by its masks' values
+        assert "memory: not estimated: a step of diffusion_dpo depends on its data's values" in text
     elif objective.samples_in_loss:  # its reward model runs inside the step, on real weights
         assert f"memory: not estimated for {config.objective.name}, which samples and scores inside its loss" in text
         assert "no rounds are stored" in text

@@ -417,3 +417,48 @@ def test_grpo_trains_the_low_noise_expert_on_the_rounds_steps_it_denoises(clips,
     from test_every_backbone import _trains
 
     _trains("grpo", "tiny-wan22", clips, tmp_path, "data.frames=5", "model.expert=low", "objective.sample_steps=10")
+
+
+@pytest.fixture(scope="module")
+def hunyuan():
+    return load_pipeline(ASSETS / "models" / "tiny-hunyuanvideo15", random_init=True, seed=0)
+
+
+def test_hunyuanvideo15_predict_is_the_pipelines_own_call_on_both_text_streams(hunyuan):
+    """HunyuanVideo15Backbone.predict calls the transformer as HunyuanVideo15Pipeline does for text to video: the
+    latents beside a zero condition and mask channel, zero image embeddings, both text streams with their masks; its
+    latents are the VAE's times its scaling factor; its sampling grid is the pipeline's; its guider takes the scale."""
+    from diffalign.diffusion.sampling import generate
+
+    backbone = backbone_for(hunyuan, frames=5)
+    assert backbone.latent_shape(32) == (4, 2, 8, 8)
+    prompts = ["a red circle", 'a sign that says "hello"']
+    cond = backbone.encode_prompts(prompts)
+    embeds, mask, embeds_2, mask_2 = hunyuan.encode_prompt(prompts, device="cpu", batch_size=2)
+    assert cond.mask_2[0].sum() == 0 < cond.mask_2[1].sum()  # only a quoted text reaches ByT5
+    latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inputs = torch.cat([latents, torch.zeros_like(latents), torch.zeros(2, 1, 2, 8, 8)], dim=1)
+        out = hunyuan.transformer(hidden_states=inputs, image_embeds=torch.zeros(2, 729, 12),
+                                  timestep=torch.tensor([500.0, 20.0]), encoder_hidden_states=embeds,
+                                  encoder_attention_mask=mask, encoder_hidden_states_2=embeds_2,
+                                  encoder_attention_mask_2=mask_2, return_dict=False)[0]
+        torch.testing.assert_close(backbone.predict(latents, torch.tensor([500.0, 20.0]), cond), out)
+        pixels = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        raw = hunyuan.vae.encode(pixels).latent_dist.mean
+        torch.testing.assert_close(backbone.encode_images(pixels), raw * hunyuan.vae.config.scaling_factor)
+    hunyuan(prompt=["a red circle"], num_inference_steps=4, height=32, width=32, num_frames=5, output_type="latent")
+    grid = backbone.sampling_scheduler(4, backbone.latent_shape(32))  # the pipeline takes no step callback: its
+    torch.testing.assert_close(grid.timesteps, hunyuan.scheduler.timesteps)  # scheduler keeps the grid it walked
+    clips = generate(hunyuan, ["a red circle"], [0], steps=2, guidance_scale=3.0, resolution=32, frames=5)
+    assert clips.shape == (1, 3, 5, 32, 32) and hunyuan.guider.guidance_scale == 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["diffusion_dpo", "diffusion_kto", "rank_dpo", "grpo", "nft", "sppo", "draft"])
+def test_hunyuanvideo15_trains_offline_and_online_on_clips(objective, clips, tmp_path):
+    """HunyuanVideo 1.5 on 5-frame clips: the offline objectives read video data (its two text streams cached and
+    batched as one conditioning), the online ones sample its clips."""
+    from test_every_backbone import _trains
+
+    _trains(objective, "tiny-hunyuanvideo15", clips, tmp_path, "data.frames=5")

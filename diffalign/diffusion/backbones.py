@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +61,8 @@ class Conditioning:
             they depend on the item (an edit model whose text encoder reads the sources,
             :attr:`Backbone.prompt_reads_sources`, sees them in the empty prompt too); None: the one empty prompt
             of every item.
+        embeds_2, mask_2: a second text encoder's (N, L2, D2) token embeddings and their mask, for a denoiser that
+            reads two streams of them (HunyuanVideo 1.5's ByT5 embeddings of the text to render), or None.
     """
 
     embeds: Tensor
@@ -68,6 +71,8 @@ class Conditioning:
     reference: Tensor | None = None
     negative_embeds: Tensor | None = None
     negative_mask: Tensor | None = None
+    embeds_2: Tensor | None = None
+    mask_2: Tensor | None = None
 
     def prompt_embedding(self) -> Tensor:
         """(N, D) one vector per prompt: the pooled embedding where the family has one, else the token embeddings
@@ -89,7 +94,7 @@ class Conditioning:
         """Move to a device; floating tensors (not the mask) also to ``dtype``."""
         return Conditioning(**{
             f.name: None if getattr(self, f.name) is None else
-            getattr(self, f.name).to(device=device, dtype=None if f.name == "mask" else dtype)
+            getattr(self, f.name).to(device=device, dtype=None if f.name in ("mask", "mask_2") else dtype)
             for f in fields(self)})
 
     def __getitem__(self, index) -> "Conditioning":
@@ -307,6 +312,11 @@ class Backbone:
         """The family's pipeline arguments for guidance ``scale`` on a call of ``n`` prompts: ``guidance_scale``
         (classifier-free guidance, or a distilled model's embedded value)."""
         return {"guidance_scale": scale}
+
+    @classmethod
+    def prepare_pipeline(cls, pipe, guidance_scale: float) -> None:
+        """Set what a family's pipeline takes as settings rather than call arguments before it samples (nothing for
+        most; HunyuanVideo 1.5's guider)."""
 
     @classmethod
     def pipeline_images(cls, images: list):
@@ -915,14 +925,18 @@ class WanBackbone(Backbone):
         (``denoiser``, else :attr:`denoiser`) on its own share, the other, frozen, on the rest."""
         net = denoiser or self.denoiser
         if self.expert is not None:
-            mine = self.serves(timesteps.to(latents.device))
+            mine = self.serves(timesteps)
             if not bool(mine.all()):
                 other = getattr(self.pipe, self.EXPERTS["low" if self.expert == "high" else "high"])
-                out = torch.empty_like(latents)
+                parts = []
                 for chosen, module in ((mine, net), (~mine, other)):
-                    if bool(chosen.any()):
-                        out[chosen] = self._call(module, latents[chosen], timesteps[chosen], cond[chosen]).to(out.dtype)
-                return out
+                    rows = chosen.nonzero().squeeze(1)  # indices, not a mask: shapes a fake tensor can follow
+                    if len(rows):
+                        on = rows.to(latents.device)
+                        parts.append((rows, self._call(module, latents.index_select(0, on), timesteps[rows],
+                                                       cond[on])))
+                order = torch.cat([rows for rows, _ in parts]).argsort()
+                return torch.cat([out for _, out in parts]).index_select(0, order.to(latents.device))
         return self._call(net, latents, timesteps, cond)
 
     def _call(self, net, latents, timesteps, cond):
@@ -933,6 +947,93 @@ class WanBackbone(Backbone):
             timestep = timestep[:, None].expand(n, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
         return net(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
                    return_dict=False)[0]
+
+
+class HunyuanVideo15Backbone(Backbone):
+    """HunyuanVideo 1.5 text-to-video: a 3D DiT over two text streams, the third-last hidden states of Qwen2.5-VL's
+    text model and ByT5's embeddings of any quoted text to render, each with its mask; flow matching on the latents of
+    its 32-channel video VAE (16x in space, 4x in time) scaled by one factor. Its transformer reads an image
+    condition beside the noisy latents, the condition's latents, a mask channel and SigLIP image embeddings, which text
+    to video fills with zeros, as the pipeline does. The pipeline guides through its ``guider`` (classifier-free
+    guidance, u + s (c - u)) and samples on the sigmas 1, (n - 1) / n, ..., 1 / n, shifted."""
+
+    family = "hunyuanvideo15"
+    denoiser_attr = "transformer"
+    latent_patch = None
+    video = True
+
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
+        step = pipe.vae.config.temporal_compression_ratio
+        if frames and (frames - 1) % step:
+            raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
+                            f"(e.g. {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1})")
+
+    def sampling_scheduler(self, steps, latent_shape):
+        """The pipeline's grid: sigmas 1, (n - 1) / n, ..., 1 / n through the scheduler's shift, then 0."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist())
+        return scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.spatial_compression_ratio
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images) at ``resolution`` pixels square."""
+        side = resolution // self.vae_scale_factor
+        frames = (max(self.frames, 1) - 1) // self.vae.config.temporal_compression_ratio + 1
+        return (self.latent_channels, frames, side, side)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Clips (N, 3, F, H, W), or images as one-frame clips, in [-1, 1] -> latents times the VAE's scaling factor
+        (the pipeline divides by it before decoding); the posterior mean unless a ``generator`` draws a sample. One
+        clip per VAE call: the encoder's causal attention builds a (N, L, L) mask that SDPA broadcasts over its one
+        head as N heads (diffusers 0.42), so a batch of more than one clip fails there."""
+        vae = self.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        clips = pixels if pixels.dim() == 5 else pixels[:, :, None]
+        dists = [vae.encode(clip[None]).latent_dist for clip in clips]
+        latents = torch.cat([d.mean if generator is None else d.sample(generator) for d in dists])
+        return latents * vae.config.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents (N, C, F', h, w) -> clips (N, 3, F, H, W) in [-1, 1], one clip per VAE call; images for a run on
+        images (:attr:`frames` 0)."""
+        vae = self.vae
+        latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        clips = torch.cat([vae.decode(clip[None]).sample for clip in latents]).clamp(-1, 1)
+        return clips if self.frames else clips[:, :, 0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        embeds, mask, embeds_2, mask_2 = self.pipe.encode_prompt(list(prompts), device=self.device,
+                                                                 batch_size=len(prompts))
+        return Conditioning(embeds=embeds, mask=mask.long(), embeds_2=embeds_2, mask_2=mask_2.long())
+
+    def predict(self, latents, timesteps, cond, denoiser=None):
+        """The transformer as HunyuanVideo15Pipeline calls it for text to video: the noisy latents beside a zero
+        image condition and mask channel, zero image embeddings, the timestep (sigma x 1000) and both text streams."""
+        net = denoiser or self.denoiser
+        n, c, f, h, w = latents.shape
+        config = self.pipe.transformer.config  # net may be a DDP wrapper
+        inputs = torch.cat([latents, torch.zeros_like(latents), latents.new_zeros(n, 1, f, h, w)], dim=1)
+        image_embeds = latents.new_zeros(n, self.pipe.vision_num_semantic_tokens, config.image_embed_dim)
+        return net(hidden_states=inputs, image_embeds=image_embeds, timestep=timesteps.to(latents.dtype),
+                   encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask,
+                   encoder_hidden_states_2=cond.embeds_2, encoder_attention_mask_2=cond.mask_2,
+                   return_dict=False)[0]
+
+    @classmethod
+    def pipeline_guidance(cls, scale, n):
+        """None as call arguments: HunyuanVideo15Pipeline guides through its guider (:meth:`prepare_pipeline`)."""
+        return {}
+
+    @classmethod
+    def prepare_pipeline(cls, pipe, guidance_scale: float) -> None:
+        """Its guider at ``guidance_scale`` (classifier-free guidance; 1 turns the unconditional pass off)."""
+        pipe.guider = pipe.guider.new(guidance_scale=guidance_scale)
 
 
 # WanPipeline.__call__'s max_sequence_length: its prompts are UMT5 embeddings zero-padded to this many tokens
@@ -953,6 +1054,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
     "WanPipeline": WanBackbone,
+    "HunyuanVideo15Pipeline": HunyuanVideo15Backbone,
 }
 VIDEO_PIPELINES = [name for name, backbone in BACKBONES.items() if backbone.video]
 
@@ -971,6 +1073,8 @@ def pixel_multiple(folder: Path) -> int | None:
             patch = patch[-1] if isinstance(patch, list) else patch  # a video transformer's (frames, rows, columns)
         if "scale_factor_spatial" in vae:  # Wan's video VAE
             factor = vae["scale_factor_spatial"]
+        elif "spatial_compression_ratio" in vae:  # HunyuanVideo 1.5's
+            factor = vae["spatial_compression_ratio"]
         elif "temperal_downsample" in vae:  # Qwen-Image's video VAE, one frame
             factor = 2 ** len(vae["temperal_downsample"])
         else:  # an AutoencoderKL

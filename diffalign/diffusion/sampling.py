@@ -54,6 +54,7 @@ def generate(
     if sources is not None:
         batch_size = 1
     pipe.set_progress_bar_config(disable=True)
+    family.prepare_pipeline(pipe, guidance_scale)
     device = pipe._execution_device
     size = {} if resolution is None else {"height": resolution, "width": resolution}
     out = []

@@ -32,7 +32,8 @@ from diffalign.rewards.weighted import reward_names
 TINY = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "sd35": "tiny-sd3", "flux": "tiny-flux",
         "flux_kontext": "tiny-flux-kontext", "flux2_klein": "tiny-flux2-klein", "flux2": "tiny-flux2-dev", "qwen_image": "tiny-qwenimage",
         "qwen_image_edit": "tiny-qwenimage-edit-plus",
-        "z_image": "tiny-zimage", "wan21": "tiny-wan", "qwen": "lm"}
+        "z_image": "tiny-zimage", "wan21": "tiny-wan", "wan22": "tiny-wan22",
+        "hunyuanvideo15": "tiny-hunyuanvideo15", "qwen": "lm"}
 
 
 def tiny_counterpart(recipe: str | Path) -> str | None:
@@ -118,6 +119,7 @@ def _shipped(recipe: str | Path) -> dict:
 
 
 SMOKE_FRAMES = 5  # a video recipe's clips on a CPU: two latent frames of Wan's VAE
+SMOKE_GROUP = 4  # samples a prompt in a smoke run's rounds, at most
 
 
 def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
@@ -155,6 +157,8 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
             ("objective.sample_steps", "2"))]
     if objective.dataset == "online" and objective.whole_groups:  # DGPO: each batch is whole groups, here one of 2
         keys += [Override("online.group_size", "2", size), Override("train.batch_size", "2", size)]
+    elif objective.dataset == "online" and (shipped.get("online", {}).get("group_size") or 0) > SMOKE_GROUP:
+        keys.append(Override("online.group_size", str(SMOKE_GROUP), size))  # Flow-GRPO's 24 clips a prompt
     sources = tuple(shipped.get("data", {}).get("source_columns") or ())
     if objective.dataset == "online" and objective.scored and sources:  # edit rounds: instructions with sources
         why = "the recipe's reward models need their real weights; DDPO's JPEG size needs none"
