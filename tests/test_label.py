@@ -393,3 +393,30 @@ def test_the_page_gets_large_images_shrunk_and_small_ones_as_they_are():
     assert kind == "image/jpeg" and Image.open(io.BytesIO(body)).size == (PAGE_PX, PAGE_PX // 2)
     body, kind = page_image(encoded(32))
     assert kind == "image/png" and Image.open(io.BytesIO(body)).size == (32, 16)
+
+
+def test_a_person_labels_pairs_of_videos_played_in_a_loop_and_the_dataset_keeps_the_videos(tmp_path, browser):
+    """Pairs of clips (MPEG-4 files beside a .jsonl index, which Chromium cannot play as they are): the page plays
+    each as a looping muted video (VP9 WebM, its 5 frames at 8 fps), a key labels the pair, and the labelled dataset
+    copies the videos under their own suffix, so a video run reads it (data.frames)."""
+    from diffalign.data import PairDataset
+    from diffalign.data.video import VideoClips
+    from diffalign.recipes.samples import write_example
+
+    index = write_example("pairs", tmp_path / "clips" / "pairs.jsonl", frames=5)
+    source = open_source(index, tmp_path / "out")
+    with Running(source) as server:
+        browser.get(f"{server.base}/?labeller=ann")
+        _wait(browser, "document.querySelectorAll('figure video').length === 2 && [...document.querySelectorAll("
+                       "'figure video')].every(v => v.readyState >= 1)")
+        videos = browser.execute_script("return [...document.querySelectorAll('figure video')].map(v => "
+                                        "[v.duration, v.videoWidth, v.loop, v.muted, v.title])")
+        assert [title for *_, title in videos] == ["video 1", "video 2"]
+        assert all(abs(duration - 5 / 8) < 0.05 and width == 32 and loop and muted
+                   for duration, width, loop, muted, _ in videos), videos
+        _press(browser, "2")
+        _wait(browser, "document.getElementById('progress').textContent.startsWith('item 2 ')")
+    (row,) = _lines(tmp_path / "out" / "pairs.jsonl")
+    assert row["label_0"] == 0.0 and row["jpg_0"].endswith(".mp4") and row["jpg_1"].endswith(".mp4")
+    labelled = PairDataset(tmp_path / "out" / "pairs.jsonl", resolution=32, video=VideoClips(5))
+    assert labelled.example(0).pixels.shape == (2, 3, 5, 32, 32)

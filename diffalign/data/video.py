@@ -107,6 +107,23 @@ def clip_pixels(frames: list[Image.Image], resolution: int) -> Tensor:
     return torch.stack([to_pixels(frame, resolution) for frame in frames], dim=1)
 
 
+def video_suffix(raw: bytes) -> str | None:
+    """The container suffix of a video's bytes, read from its signature (MP4/MOV's ``ftyp`` box, Matroska/WebM's EBML
+    header, AVI's RIFF form); None for anything else (an image)."""
+    if raw[4:8] == b"ftyp":
+        return ".mov" if raw[8:10] == b"qt" else ".mp4"
+    if raw.startswith(b"\x1a\x45\xdf\xa3"):
+        return ".webm" if b"webm" in raw[:64] else ".mkv"
+    if raw.startswith(b"RIFF") and raw[8:11] == b"AVI":
+        return ".avi"
+    return None
+
+
 def is_video_cell(value: Any) -> bool:
-    """Whether a cell names a video file by its suffix (a folder or .jsonl index of videos)."""
-    return isinstance(value, str) and value.lower().endswith(VIDEO_SUFFIXES)
+    """Whether a cell holds a video: a path with a video suffix (a folder or .jsonl index of videos), or bytes (or a
+    ``{"bytes": ...}`` struct) with a video's signature."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        return value.lower().endswith(VIDEO_SUFFIXES)
+    return isinstance(value, (bytes, bytearray)) and video_suffix(bytes(value)) is not None

@@ -94,7 +94,7 @@ class LabelServer:
     def item(self, index: int, labeller: str) -> dict[str, Any]:
         item = self.source.item(self._index(index))
         return {"index": index, "id": item.id, "prompt": item.prompt, "images": item.images, "scores": item.scores,
-                "sources": item.sources, "choice": self.log.choices(labeller).get(item.id)}
+                "sources": item.sources, "videos": item.videos, "choice": self.log.choices(labeller).get(item.id)}
 
     def label(self, body: dict[str, Any]) -> dict[str, Any]:
         labeller, index, choice = self._labeller(body), self._index(body.get("index")), body.get("choice", ...)

@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 
 from diffalign.data.pairs import RowSource, read_image_bytes
+from diffalign.data.video import is_video_cell, video_suffix
 from diffalign.errors import UserError
 from diffalign.label.store import Choice, LabelLog
 
@@ -49,11 +50,18 @@ class Item:
     images: int
     scores: dict[str, list[float]] = field(default_factory=dict)
     sources: int = 0  # the edit's source images, shown beside the candidates
+    videos: bool = False  # its candidates are videos (a video model's clips), played in a loop
 
 
 def page_image(raw: bytes) -> tuple[bytes, str]:
-    """An image as the page shows it: at most ``PAGE_PX`` on its longer side (JPEG), else unchanged (PNG)."""
+    """An image as the page shows it: at most ``PAGE_PX`` on its longer side (JPEG), else unchanged (PNG). An animated
+    image (a round's clip as WebP, a GIF) is sent as it is, which the page's image plays; a video is sent as VP9 WebM
+    at most ``PAGE_PX`` on its longer side, which every browser's video element plays (:func:`page_video`)."""
+    if video_suffix(raw) is not None:
+        return page_video(raw), "video/webm"
     with Image.open(io.BytesIO(raw)) as image:
+        if getattr(image, "n_frames", 1) > 1:
+            return raw, f"image/{image.format.lower()}"
         image = image.convert("RGB")
         buffer = io.BytesIO()
         if max(image.size) > PAGE_PX:
@@ -62,6 +70,33 @@ def page_image(raw: bytes) -> tuple[bytes, str]:
             return buffer.getvalue(), "image/jpeg"
         image.save(buffer, format="PNG")
         return buffer.getvalue(), "image/png"
+
+
+PAGE_FRAMES = 241  # the most frames of a video the page plays (10 s at 24 fps)
+
+
+def page_video(raw: bytes) -> bytes:
+    """A video's first ``PAGE_FRAMES`` frames, shrunk to at most ``PAGE_PX`` on the longer side, as VP9 WebM at its own
+    frame rate: what the page plays, whatever codec the file holds (Chromium plays no MPEG-4 part 2, say)."""
+    import av
+    import numpy as np
+    import torch
+
+    from diffalign.eval.report import clip_webm
+
+    frames, fps = [], 16.0
+    with av.open(io.BytesIO(raw)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or fps)
+        for frame in container.decode(stream):
+            image = frame.to_image()
+            image.thumbnail((PAGE_PX, PAGE_PX), Image.LANCZOS)
+            frames.append(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255))
+            if len(frames) == PAGE_FRAMES:
+                break
+    if not frames:
+        raise ValueError("the video holds no frame")
+    return clip_webm(torch.stack(frames).permute(3, 0, 1, 2), fps)
 
 
 def _write_atomically(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -147,6 +182,11 @@ class _TableSource(Source):
     def _image_cells(self, row: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
+    @staticmethod
+    def _videos(cells: list[Any]) -> bool:
+        """Whether a row's candidates are videos (by their files' suffixes or their bytes' signatures)."""
+        return any(is_video_cell(cell) for cell in cells)
+
     def _dataset_row(self, caption: str, images: list[str], choice: Choice) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -154,9 +194,10 @@ class _TableSource(Source):
         return read_image_bytes(self.rows.row(index)[self.sources[s]], self.rows.base)
 
     def _copy(self, cell: Any, name: str) -> str:
-        """An image cell written to ``out/images/NAME`` (its encoding's suffix), once; its path relative to out."""
+        """An image (or video) cell written to ``out/images/NAME`` (its encoding's suffix), once; its path relative to
+        out."""
         raw = read_image_bytes(cell, self.rows.base)
-        relative = f"images/{name}{'.jpg' if raw.startswith(JPEG_MAGIC) else '.png'}"
+        relative = f"images/{name}{video_suffix(raw) or ('.jpg' if raw.startswith(JPEG_MAGIC) else '.png')}"
         target = self.out / relative
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +242,8 @@ class PairsSource(_TableSource):
         scores = {name: [row.get(f"{name}_0"), row.get(f"{name}_1")] for name in self.score_names}
         return Item(f"row-{index}", str(row.get("caption") or ""), 2,
                     {name: [float(v) for v in values] for name, values in scores.items()
-                     if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)}, len(self.sources))
+                     if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)}, len(self.sources),
+                    videos=self._videos(self._image_cells(row)))
 
     def image(self, index: int, k: int) -> bytes:
         return read_image_bytes(self.rows.row(index)[f"jpg_{k}"], self.rows.base)
@@ -226,7 +268,8 @@ class RankedSource(_TableSource):
         row = self.rows.row(index)
         scores = row.get("scores")
         shown = {"scores": [float(s) for s in scores]} if isinstance(scores, list) else {}
-        return Item(f"row-{index}", str(row.get("caption") or ""), len(row["images"]), shown, len(self.sources))
+        return Item(f"row-{index}", str(row.get("caption") or ""), len(row["images"]), shown, len(self.sources),
+                    videos=self._videos(self._image_cells(row)))
 
     def image(self, index: int, k: int) -> bytes:
         return read_image_bytes(self.rows.row(index)["images"][k], self.rows.base)
