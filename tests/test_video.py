@@ -124,10 +124,10 @@ def test_a_video_model_refuses_clips_its_vae_cannot_read_and_an_image_model_refu
         backbone_for(load_pipeline(ASSETS / "models" / "tiny-sd15", random_init=True), frames=5)
 
 
-def test_a_clip_is_the_first_frames_or_the_frames_on_screen_at_the_run_s_frame_rate():
+def test_a_clip_is_the_first_frames_or_the_frames_on_screen_at_the_run_s_frame_rate(tmp_path):
     """Without data.fps a clip is the file's first frames; with it, the frame on screen at each time k / fps (a clip at
     4 fps of an 8 fps video takes every other frame, at 16 fps each frame twice); frames are resized and cropped as
-    images are."""
+    images are. An animated WebP (FFmpeg reads none) is read by its frames' durations."""
     from diffalign.data.video import VideoClips, clip_pixels, decode_clip
 
     colours = [(40 * k, 255 - 40 * k, 128) for k in range(6)]
@@ -142,6 +142,16 @@ def test_a_clip_is_the_first_frames_or_the_frames_on_screen_at_the_run_s_frame_r
     assert reds(VideoClips(12, fps=16)) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # the last frame shows for 1/8 s
     pixels = clip_pixels(decode_clip(raw, VideoClips(3), 10**8), 32)
     assert pixels.shape == (3, 3, 32, 32) and -1 <= pixels.min() and pixels.max() <= 1
+    # an animated WebP, as diffalign saves an evaluation's or a round's clips (16 fps), reads back frame for frame
+    from diffalign.eval.saved import save_png
+
+    clip = torch.rand(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    save_png(clip, tmp_path / "clip.webp")
+    saved = tmp_path / "clip.webp"
+    frames = decode_clip(saved.read_bytes(), VideoClips(4), 10**8)
+    assert torch.equal(torch.stack([torch.from_numpy(np.array(f)) for f in frames]),
+                       (clip * 255).round().byte().permute(1, 2, 3, 0))
+    assert len(decode_clip(saved.read_bytes(), VideoClips(8, fps=32), 10**8)) == 8  # each frame twice
 
 
 @pytest.mark.parametrize("codec, container", [("mpeg4", "mp4"), ("libvpx-vp9", "webm"), ("gif", "gif")])

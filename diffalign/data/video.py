@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -55,48 +55,71 @@ def _av():
 
 
 def decode_clip(raw: bytes, clip: VideoClips, max_pixels: int) -> list[Image.Image]:
-    """The clip's frames (RGB) from an encoded video. Stops decoding once the clip is complete. Raises
-    :class:`TooFewFrames`, or ``ValueError`` for frames larger than ``max_pixels`` and for bytes PyAV cannot read as
-    a video."""
+    """The clip's frames (RGB) from an encoded video, or from an animated WebP or GIF (what diffalign writes a round's,
+    an evaluation's and validation's clips as; FFmpeg reads no animated WebP, so PIL reads those). Stops decoding once
+    the clip is complete. Raises :class:`TooFewFrames`, or ``ValueError`` for frames larger than ``max_pixels`` and
+    for bytes that are no video."""
+    if is_animated_image(raw):
+        return _select(_pil_frames(raw, max_pixels), clip)
     av = _av()
     try:
-        return _decode(av, raw, clip, max_pixels)
+        with av.open(io.BytesIO(raw)) as container:
+            if not container.streams.video:
+                raise ValueError("the file holds no video stream")
+            stream = container.streams.video[0]
+            _check_size(stream.codec_context.width, stream.codec_context.height, max_pixels)
+            rate = float(stream.average_rate) if stream.average_rate else None
+            return _select(((float(frame.time or 0.0), 1 / rate if rate else None, frame.to_image())
+                            for frame in container.decode(stream)), clip)
     except av.error.FFmpegError as err:
         raise ValueError(err.strerror or str(err)) from None
 
 
-def _decode(av, raw: bytes, clip: VideoClips, max_pixels: int) -> list[Image.Image]:
-    with av.open(io.BytesIO(raw)) as container:
-        if not container.streams.video:
-            raise ValueError("the file holds no video stream")
-        stream = container.streams.video[0]
-        if stream.codec_context.width * stream.codec_context.height > max_pixels:
-            raise ValueError(f"{stream.codec_context.width}x{stream.codec_context.height} frames, more than the "
-                             f"limit of {max_pixels:,} pixels (data.max_image_pixels)")
-        if not clip.fps:  # the first frames, at the file's own rate
-            frames = []
-            for frame in container.decode(stream):
-                frames.append(frame.to_image())
-                if len(frames) == clip.frames:
-                    return frames
-        else:  # the frame on screen at each clip time k / fps from the first frame's
-            frames, start, last = [], None, None
-            for frame in container.decode(stream):
-                time = float(frame.time or 0.0)
-                start = time if start is None else start
-                while last is not None and len(frames) < clip.frames and len(frames) / clip.fps < time - start - 1e-6:
-                    frames.append(last)  # clip times before this frame's show the one before it
-                if len(frames) == clip.frames:
-                    return frames
-                last = frame.to_image()
-            # the last frame stays on screen for one frame of the file's own rate
-            rate = float(stream.average_rate) if stream.average_rate else clip.fps
-            shown_until = (time - start + 1 / rate) if last is not None else 0.0
-            while last is not None and len(frames) < clip.frames and len(frames) / clip.fps < shown_until - 1e-6:
-                frames.append(last)
-            if len(frames) == clip.frames:
-                return frames
-    have = f"{len(frames)} frame(s)" + (f" at {clip.fps:g} fps" if clip.fps else "")
+def is_animated_image(raw: bytes) -> bool:
+    """Whether the bytes are a WebP or a GIF (read with PIL; one frame or many)."""
+    return (raw.startswith(b"RIFF") and raw[8:12] == b"WEBP") or raw.startswith((b"GIF87a", b"GIF89a"))
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ValueError(f"{width}x{height} frames, more than the limit of {max_pixels:,} pixels "
+                         "(data.max_image_pixels)")
+
+
+def _pil_frames(raw: bytes, max_pixels: int) -> Iterator[tuple[float, float | None, Image.Image]]:
+    """(time, duration, RGB frame) of each frame of an animated image, from its frames' durations."""
+    with Image.open(io.BytesIO(raw)) as image:
+        _check_size(*image.size, max_pixels)
+        time = 0.0
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            image.load()  # PIL reads a WebP frame's duration as it decodes the frame
+            duration = (image.info.get("duration") or 0) / 1000 or None
+            yield time, duration, image.convert("RGB")
+            time += duration or 0.0
+
+
+def _select(frames: Iterator[tuple[float, float | None, Image.Image]], clip: VideoClips) -> list[Image.Image]:
+    """The clip from (time, duration, frame) in order: the first ``clip.frames`` frames, or with ``clip.fps`` the frame
+    on screen at each clip time k / fps from the first frame's (the last one shows for its duration)."""
+    chosen: list[Image.Image] = []
+    start = last = shown_until = None
+    for time, duration, image in frames:
+        if not clip.fps:
+            chosen.append(image)
+        else:
+            start = time if start is None else start
+            while last is not None and len(chosen) < clip.frames and len(chosen) / clip.fps < time - start - 1e-6:
+                chosen.append(last)  # clip times before this frame's show the one before it
+            last = image
+            shown_until = time - start + (duration or 1 / clip.fps)
+        if len(chosen) == clip.frames:
+            return chosen
+    while last is not None and len(chosen) < clip.frames and len(chosen) / clip.fps < shown_until - 1e-6:
+        chosen.append(last)
+    if len(chosen) == clip.frames:
+        return chosen
+    have = f"{len(chosen)} frame(s)" + (f" at {clip.fps:g} fps" if clip.fps else "")
     raise TooFewFrames(f"the video gives {have}, and a clip is {clip.frames} (data.frames)")
 
 
