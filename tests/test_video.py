@@ -472,3 +472,30 @@ def test_hunyuanvideo15_trains_offline_and_online_on_clips(objective, clips, tmp
     from test_every_backbone import _trains
 
     _trains(objective, "tiny-hunyuanvideo15", clips, tmp_path, "data.frames=5")
+
+
+def test_generate_ranked_makes_lists_of_clips_that_a_video_run_trains_on(tmp_path):
+    """generate-ranked with frames: two tiny Wan2.1 generators make 5-frame clips (lossless animated WebP), every
+    clip is scored frame by frame, and the lists and pairs are data a rank_dpo / DPO run reads with data.frames."""
+    import pyarrow.parquet as pq
+
+    from diffalign.data.open import open_dataset
+    from diffalign.synth import GenerateConfig, generate_ranked
+    from diffalign.train import load_config
+
+    model = tmp_path / "wan"
+    load_pipeline(TINY_WAN, random_init=True, seed=0).save_pretrained(model)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    out = tmp_path / "ranked"
+    config = load_config(ASSETS.parent / "configs/toy_generate_ranked.yaml", [
+        f"prompts={tmp_path / 'prompts.txt'}", f"output_dir={out}", "frames=5",
+        f"generators=[{{name: a, path: {model}, steps: 2, resolution: 32}}, "
+        f"{{name: b, path: {model}, steps: 2, resolution: 32, guidance_scale: 1.0}}]",
+        "rewards=[jpeg_incompressibility]"], schema=GenerateConfig)
+    assert generate_ranked(config)["images_generated_now"] == 2 * 2 * 2
+    rows = pq.read_table(out / "shard-00000.parquet").to_pylist()
+    assert all(path.endswith(".webp") for row in rows for path in row["images"])
+    for layout, path in (("ranked", out), ("pairs", out / "pairs.jsonl")):
+        data = load_config(ASSETS.parent / "configs/toy_rank_dpo.yaml", [f"data.path={path}", "data.resolution=32",
+                                                                           "data.frames=5"]).data
+        assert open_dataset(data, layout).read(0).pixels.shape[1:] == (3, 5, 32, 32)

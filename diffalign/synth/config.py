@@ -75,6 +75,9 @@ class GenerateConfig:
     caption_column: str = "caption"
     # edits: the size the sources are read at (resized and centre-cropped, as training reads them)
     source_resolution: int = 1024
+    # video generators (Wan, HunyuanVideo 1.5): every one makes clips of this many frames, saved as lossless animated
+    # WebP (a run reads them with data.frames) and scored frame by frame; 0 = images
+    frames: int = 0
 
     def validate(self) -> GenerateConfig:
         from diffalign.rewards import RewardSpec
@@ -99,6 +102,8 @@ class GenerateConfig:
             raise UserError(f"ensemble={self.ensemble!r} is not valid; choose one of {', '.join(METHODS)}")
         if self.pairs not in ("best_worst", "all", "none"):
             raise UserError(f"pairs={self.pairs!r} is not valid; choose best_worst, all or none")
+        if self.frames < 0:
+            raise UserError(f"frames must be >= 0 (0: images), got {self.frames}")
         for key in ("seeds_per_generator", "shard_size", "batch_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -5,7 +5,7 @@ reward model scores every image, and the per-prompt normalised scores are averag
 (:mod:`diffalign.rewards.ensemble`) into one score that ranks the list. The output folder is a
 dataset that ``rank_dpo`` trains on directly (``data.path=OUTPUT_DIR``):
 
-    images/p000000/<generator>-<seed>.png
+    images/p000000/<generator>-<seed>.png (a video generator's clip: .webp, animated, lossless)
     shard-00000.parquet    caption, images (paths), scores (ensemble), generators, seeds,
                            reward_<name> (every raw score), one row per prompt
     pairs.jsonl            Pick-a-Pic layout for pairwise objectives: caption, jpg_0, jpg_1,
@@ -47,9 +47,10 @@ from tqdm.auto import tqdm
 from diffalign.diffusion import process_state
 from diffalign.errors import UserError
 from diffalign.eval.prompts import read_prompts
-from diffalign.eval.saved import check_same_settings, load_png, save_png
+from diffalign.eval.saved import check_same_settings, load_png, save_png, saved_suffix
 from diffalign.synth.config import GenerateConfig, GeneratorConfig
 from diffalign.rewards import RewardSpec, ensemble, load_reward
+from diffalign.rewards.video import score_media
 
 Tensor = torch.Tensor
 
@@ -59,9 +60,9 @@ def _seeds(config: GenerateConfig, prompt_index: int) -> list[int]:
     return [config.seed + prompt_index * k + j for j in range(k)]
 
 
-def _image_path(prompt_index: int, generator: str, seed: int) -> str:
-    """Relative to the output folder (what the dataset stores)."""
-    return f"images/p{prompt_index:06d}/{generator}-{seed}.png"
+def _image_path(prompt_index: int, generator: str, seed: int, suffix: str = ".png") -> str:
+    """Relative to the output folder (what the dataset stores); ``suffix`` .webp for clips (:func:`saved_suffix`)."""
+    return f"images/p{prompt_index:06d}/{generator}-{seed}{suffix}"
 
 
 def _source_path(prompt_index: int, column: str) -> str:
@@ -103,8 +104,9 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, sta
     from diffalign.diffusion.finetuned import finetuned_loader
     from diffalign.diffusion.sampling import generate
 
+    suffix = saved_suffix(bool(config.frames))
     todo = {g.name: [(i, s) for i in range(len(prompts)) for s in _seeds(config, i)
-                     if not (out / _image_path(i, g.name, s)).is_file()][state.process_index::state.num_processes]
+                     if not (out / _image_path(i, g.name, s, suffix)).is_file()][state.process_index::state.num_processes]
             for g in config.generators}
     total = sum(map(len, todo.values()))
     device = default_device()  # this process's GPU: PartialState made it the current one
@@ -123,9 +125,10 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, sta
                 batch = jobs[start:start + config.batch_size]
                 images = generate(pipe, [prompts[i] for i, _ in batch], [s for _, s in batch], steps=generator.steps,
                                   guidance_scale=generator.guidance_scale, resolution=generator.resolution,
-                                  batch_size=config.batch_size, sources=_sources(config, out, [i for i, _ in batch]))
+                                  batch_size=config.batch_size, sources=_sources(config, out, [i for i, _ in batch]),
+                                  frames=config.frames)
                 for (i, s), image in zip(batch, images, strict=True):
-                    save_png(image, out / _image_path(i, generator.name, s))
+                    save_png(image, out / _image_path(i, generator.name, s, suffix))
                 bar.update(len(batch))
             del pipe
             free_memory()
@@ -135,7 +138,7 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, sta
 def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out: Path, rewards: list) -> dict:
     """The rows of one shard: each prompt's list with raw and ensemble scores."""
     items = [(i, g.name, s) for i in indices for g in config.generators for s in _seeds(config, i)]
-    paths = [_image_path(i, g, s) for i, g, s in items]
+    paths = [_image_path(i, g, s, saved_suffix(bool(config.frames))) for i, g, s in items]
     captions = [prompts[i] for i, _, _ in items]
     per_batch: dict[str, list[Tensor]] = {r.name: [] for r in rewards}
     for start in range(0, len(items), config.batch_size):  # a batch of images in memory at a time, not a shard
@@ -146,7 +149,7 @@ def _score_shard(config: GenerateConfig, prompts: list[str], indices: range, out
             for i, _, _ in items[batch]])
         for reward in rewards:
             scores = reward(images, captions[batch], sources) if getattr(reward, "reads_sources", False) else \
-                reward(images, captions[batch])
+                score_media(reward, images, captions[batch])
             per_batch[reward.name].append(scores.double())
     raw = {name: torch.cat(scores) for name, scores in per_batch.items()}
     groups = torch.tensor([i for i, _, _ in items])
@@ -235,7 +238,8 @@ def generate_ranked(config: GenerateConfig) -> dict:
 
 def _generate_ranked(config: GenerateConfig, out: Path) -> dict:
     state = process_state()  # one process, or those of accelerate launch / torchrun, each on its own GPU
-    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")}
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "output_dir", "pairs")
+                and not (k == "frames" and not v)}  # a folder of images recorded no frames
     with state.main_process_first():  # the main process records the settings; the others then compare with them
         check_same_settings(out / "generate_config.yaml", identity, what="a dataset",
                             fix="use a new output_dir, or restore the settings to resume it")
