@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,34 @@ from diffalign.recipes.samples import (  # noqa: F401  (the datasets the tests w
 
 if TYPE_CHECKING:
     import torch
+
+
+class Started:
+    """A command started in the background, its output going to files (not pipes, so a chatty process never waits
+    on a reader): ``result()`` waits for it and gives what ``subprocess.run(..., capture_output=True, text=True)``
+    would. The tests that compare a two-process run with a one-process one start the two processes (one thread
+    each, ``OMP_NUM_THREADS=1``) and run the one process beside them, so the machine's cores are shared instead of
+    one idling through a run of one thread."""
+
+    def __init__(self, argv: list[str], *, cwd: Path | None = None, env: dict | None = None) -> None:
+        self._folder = tempfile.TemporaryDirectory()
+        self._out, self._err = (open(Path(self._folder.name) / name, "w+", encoding="utf-8") for name in ("out", "err"))
+        self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._out, stderr=self._err, text=True)
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        code = self.process.wait(timeout=timeout)
+        self._out.seek(0), self._err.seek(0)
+        done = subprocess.CompletedProcess(self.process.args, code, self._out.read(), self._err.read())
+        self._out.close(), self._err.close()
+        self._folder.cleanup()
+        return done
+
+
+def run_together(launches: dict[str, list[str]], *, cwd: Path | None = None, env: dict | None = None,
+                 timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command at once (:class:`Started`) and wait for all."""
+    started = {name: Started(argv, cwd=cwd, env=env) for name, argv in launches.items()}
+    return {name: run.result(timeout) for name, run in started.items()}
 
 
 def script_module(name: str):

@@ -147,7 +147,6 @@ def test_two_processes_read_and_sample_a_round_as_one_process_does(tmp_path):
     joined round is the one a single process makes (the real latents exactly, the samples up to the rounding of
     another batch size)."""
     import os
-    import subprocess
     import sys
 
     data = images_parquet(tmp_path / "images.parquet", n=12)
@@ -158,9 +157,10 @@ def test_two_processes_read_and_sample_a_round_as_one_process_does(tmp_path):
     launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
                  "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command,
                          "train.batch_size=1"]}
-    for name, launch in launchers.items():
-        done = subprocess.run([*launch, f"output_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+    from fixtures import run_together
+
+    for done in run_together({name: [*launch, f"output_dir={tmp_path / name}"] for name, launch in launchers.items()},
+                             cwd=ROOT, env=env).values():
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (tmp_path / run / "rounds" / "round-00000" for run in ("one", "two"))
     a, b = (load_file(str(folder / "trajectories.safetensors")) for folder in (one, two))

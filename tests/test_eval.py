@@ -168,7 +168,6 @@ def test_two_processes_evaluate_as_one_does(tmp_path):
     computed alike), and the report is written once."""
     import json
     import os
-    import subprocess
     import sys
 
     prompts = tmp_path / "prompts.txt"
@@ -177,11 +176,13 @@ def test_two_processes_evaluate_as_one_does(tmp_path):
                str(prompts), "--rewards", "toy_preference,toy_adherence", "--seeds", "2", "--steps", "3",
                "--batch-size", "2", "--save-images"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    from fixtures import run_together
+
+    launches = {name: [*launch, *command, "--out", str(tmp_path / name)] for name, launch in
+                {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", "2"]}.items()}
     printed = {}
-    for name, launch in {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run",
-                                                          "--standalone", "--nproc_per_node", "2"]}.items():
-        done = subprocess.run([*launch, *command, "--out", str(tmp_path / name)], env=env, capture_output=True,
-                              text=True, timeout=600)
+    for name, done in run_together(launches, env=env).items():
         assert done.returncode == 0, done.stderr[-3000:]
         printed[name] = done.stdout
     assert printed["two"].count("report: ") == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -85,11 +84,13 @@ def test_two_processes_write_the_dataset_one_process_writes(tmp_path):
     command = ["-m", "diffalign", "generate-ranked", str(ROOT / "configs/toy_generate_ranked.yaml"), "batch_size=1"]
     runs = {"one": [sys.executable, *command],
             "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command]}
-    printed = {}
-    for name, launch in runs.items():
+    from fixtures import run_together
+
+    for name in runs:
         (tmp_path / name).mkdir()
-        done = subprocess.run([*launch, *_overrides(tmp_path / name / "ranked")], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
+    launches = {name: [*launch, *_overrides(tmp_path / name / "ranked")] for name, launch in runs.items()}
+    printed = {}
+    for name, done in run_together(launches, cwd=ROOT, env=env).items():
         assert done.returncode == 0, done.stderr[-3000:]
         printed[name] = done.stdout
     assert printed["two"].count("images generated in this run") == 1 and "(12 images generated" in printed["two"]

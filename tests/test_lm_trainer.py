@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
 import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from fixtures import chat_lm
+from fixtures import Started, chat_lm
 from lm_helpers import empty_yaml, lm_config, logged, text_pairs
 from safetensors.torch import load_file
 
@@ -106,12 +105,12 @@ def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path, lora):
               "train.max_steps=3", "train.checkpoint_every=0", "train.log_every=1", "train.report_to=none",
               "train.learning_rate=1e-3", "train.adam_epsilon=1e-3", f"train.lora_rank={lora}"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
                           "train", str(empty_yaml(tmp_path)), *common,
-                          f"output_dir={tmp_path / 'two'}", "train.batch_size=2"],
-                         capture_output=True, text=True, env=env, timeout=600)
+                          f"output_dir={tmp_path / 'two'}", "train.batch_size=2"], env=env)
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))  # beside them
+    two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
-    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
     for one, two_ in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
         assert two_ == pytest.approx(one, rel=1e-5)
     weights = "adapter_model.safetensors" if lora else "model.safetensors"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import ranked_parquet, toy_policy_and_reference
+from fixtures import Started, ranked_parquet, toy_policy_and_reference
 
 from diffalign import losses
 from diffalign.data import RankedListDataset
@@ -244,7 +244,6 @@ def test_diffusion_kto_on_two_processes_computes_what_one_process_at_double_batc
     as one process at 4. The liked/other ratio is drawn by position, so both read the same images."""
     import json
     import os
-    import subprocess
     import sys
 
     from fixtures import images_parquet
@@ -253,11 +252,12 @@ def test_diffusion_kto_on_two_processes_computes_what_one_process_at_double_batc
     common = [str(ROOT / "configs/tiny_sdxl_dpo.yaml"), f"data.path={data}", "data.label_column=label",
               "data.positive_ratio=0.75", "objective.name=diffusion_kto", "objective.loss=kto", "objective.beta=5000",
               "model.path=" + str(ROOT / "assets/models/tiny-sdxl"), "train.max_steps=4", "train.checkpoint_every=0"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
                           "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=2"],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))  # beside
+    two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
-    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
     one_logs, two_logs = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                           for run in ("one", "two"))
     # DDP rounding at beta 5000 leaves 3e-4; a z_0 of each process's own batch is 2e-2 off

@@ -88,7 +88,6 @@ def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
     another batch size (measured: latents up to 1e-4 apart, log-probabilities 2e-7, rewards equal; a pair
     drawn from another pair's noise would be O(1) apart)."""
     import os
-    import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -96,10 +95,11 @@ def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
     launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
                  "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command,
                          "train.batch_size=1"]}
+    from fixtures import run_together
+
     shown = {}
-    for name, launch in launchers.items():
-        done = subprocess.run([*launch, f"output_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+    for name, done in run_together({name: [*launch, f"output_dir={tmp_path / name}"]
+                                    for name, launch in launchers.items()}, cwd=ROOT, env=env).items():
         assert done.returncode == 0, done.stderr[-3000:]
         shown[name] = done.stderr
     # the main process's progress bar: its own share, not the whole round

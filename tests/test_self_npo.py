@@ -177,7 +177,7 @@ def test_a_folder_of_images_with_caption_files_is_read_like_the_same_table(tmp_p
     with pytest.raises(UserError, match="row 1, column 'caption'"):
         CaptionedImageDataset(folder, resolution=16, on_error="raise").example(1)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no .parquet files, datasets folder, .jsonl index or images"):
+    with pytest.raises(UserError, match="no .parquet files, datasets folder, .jsonl index, images .* or videos"):
         CaptionedImageDataset(tmp_path / "empty", resolution=16)
     with pytest.raises(UserError, match="no column 'label'; it has caption, image"):
         CaptionedImageDataset(folder, resolution=16, label_column="label")

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from lm_helpers import lm_config, logged, text_pairs, tiny_gpt2
 from safetensors.torch import load_file
 
+from fixtures import Started
+
 from diffalign import losses
 from diffalign.errors import UserError
 from diffalign.lm import completion_logps
@@ -164,7 +166,6 @@ def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
     """torchrun (gloo) at 2 pairs per process vs one process at 4: the mask model's gradients are synchronised with
     the LM's, so the losses and the final masks' checkpoint agree."""
     import os
-    import subprocess
     import sys
 
     from lm_helpers import empty_yaml
@@ -176,11 +177,12 @@ def test_two_processes_train_the_masks_as_one_does_at_double_batch(tmp_path):
               "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "train.report_to=none",
               "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
                           "train", str(empty_yaml(tmp_path)), *common, f"output_dir={tmp_path / 'two'}",
-                          "train.batch_size=2"], capture_output=True, text=True, env=env, timeout=600)
+                          "train.batch_size=2"], env=env)
+    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))  # beside them
+    two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
-    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))
     for one, two_ in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
         assert two_ == pytest.approx(one, rel=1e-5)
     a, b = ({key.removeprefix("module."): value for key, value in load_file(

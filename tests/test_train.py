@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import pickapic_parquet
+from fixtures import Started, pickapic_parquet
 from run_configs import tiny_config
 from safetensors.torch import load_file, save_file
 
@@ -628,13 +628,13 @@ def test_two_processes_compute_what_one_process_at_double_batch_does(tmp_path):
               "validation.prompts=[a red circle, a blue square, a green triangle]", "validation.every=3",
               "validation.images_per_prompt=1", "validation.steps=2", "validation.rewards=[toy_preference]"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.batch_size=1",
-                          "data.workers=2"],
-                         capture_output=True, text=True, env=env, timeout=600)
+                          "data.workers=2"], env=env)
+    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}", "train.batch_size=2"]))  # beside
+    two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("done: 3 steps") == 1  # the main process reports, not every one
-    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}", "train.batch_size=2"]))
     one_w, two_w = _lora_weights(tmp_path / "one"), _lora_weights(tmp_path / "two")
     moved = max(v.abs().max().item() for k, v in one_w.items() if "lora.up" in k)
     assert moved > 1e-2  # measured: 0.053, and the runs 4.5e-7 apart

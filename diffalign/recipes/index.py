@@ -27,6 +27,11 @@ LOCAL_DATA = {
     "data/edit_prompts.parquet": ("edit instructions with their source images (instruction, source_image)",
                                   "a parquet table of those two columns; diffalign data example images "
                                   "sample.parquet --sources source_image writes one to copy"),
+    "data/video_pairs.jsonl": ("pairs of videos with their prompt and label (caption, jpg_0, jpg_1, label_0), each "
+                               "video a file beside the index",
+                               "a .jsonl index of those columns; diffalign data example pairs sample.jsonl --frames 33 "
+                               "writes one to copy"),
+    "data/video_prompts.txt": ("video prompts, one a line", "any text file of prompts, one a line"),
 }
 
 
