@@ -120,7 +120,33 @@ class PickScore:
         return self.model.logit_scale.exp().float() * cosine
 
 
-class ImageSimilarity:
+class ClipImageTower:
+    """A transformers CLIPModel folder with its processor, of which only the vision tower runs: the image embeddings
+    the rewards that compare images with images read (``image_similarity``, ``temporal_consistency``)."""
+
+    name = ""
+
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None, batch_size: int = 32) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        path = Path(path)
+        processor_files = ("preprocessor_config.json", "processor_config.json")
+        if not (path / "config.json").is_file() or not any((path / name).is_file() for name in processor_files):
+            raise UserError(f"{self.name}: {path} needs a CLIPModel's config.json and its processor's "
+                            "preprocessor_config.json (the folder of openai/clip-vit-large-patch14, say)")
+        self.device = _device(device)
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
+        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        self.batch_size = batch_size
+
+    def _embed(self, images: Tensor) -> Tensor:
+        """The (N, D) float32 image embeddings of (N, 3, H, W) images in [0, 1], in one call."""
+        pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
+        with _autocast(self.device):
+            return _features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float()
+
+
+class ImageSimilarity(ClipImageTower):
     """How much an edit keeps of its source: the cosine of the CLIP image embeddings of the edited image and its
     source (the mean over the sources of an edit of several), as Flow-GRPO's ``image_similarity`` reward that its
     Kontext and Qwen-Image-Edit runs weigh against the instruction's reward (``ClipScorer.image_similarity``,
@@ -130,24 +156,6 @@ class ImageSimilarity:
     description = ("Image similarity: the cosine of CLIP's embeddings of the edit and its source image, from about "
                    "0.5 (unrelated) to 1 (unchanged); higher keeps more of the source.")
     reads_sources = True  # called with each image's sources: (N, S, 3, H, W) in [0, 1]
-
-    def __init__(self, path: str | Path, *, device: str | torch.device | None = None, batch_size: int = 32) -> None:
-        from transformers import AutoProcessor, CLIPModel
-
-        path = Path(path)
-        processor_files = ("preprocessor_config.json", "processor_config.json")
-        if not (path / "config.json").is_file() or not any((path / name).is_file() for name in processor_files):
-            raise UserError(f"image_similarity: {path} needs a CLIPModel's config.json and its processor's "
-                            "preprocessor_config.json (the folder of openai/clip-vit-large-patch14, say)")
-        self.device = _device(device)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.batch_size = batch_size
-
-    def _embed(self, images: Tensor) -> Tensor:
-        pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
-        with _autocast(self.device):
-            return _features(self.model.get_image_features(pixel_values=pixels.to(self.device))).float()
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str], sources: Tensor | None = None) -> Tensor:

@@ -11,13 +11,13 @@ with DINO and CLIP features).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from diffalign.errors import UserError
+from diffalign.rewards.clip_rewards import ClipImageTower
 
 Tensor = torch.Tensor
 
@@ -46,7 +46,7 @@ def score_media(model, images: Tensor, prompts: Sequence[str], with_gradient: bo
     return scores.min(dim=1).values if getattr(model, "frames_reduce", "mean") == "min" else scores.mean(dim=1)
 
 
-class TemporalConsistency:
+class TemporalConsistency(ClipImageTower):
     """The mean cosine of CLIP's image embeddings of each pair of neighbouring frames of a clip, in [-1, 1] (about 0.9
     and above for a steady clip); the prompt is not read. A transformers CLIPModel folder with its processor (the
     folder of openai/clip-vit-large-patch14, say); only its vision tower runs."""
@@ -56,33 +56,11 @@ class TemporalConsistency:
                    "lower where frames flicker or jump; higher is better.")
     reads_clips = True
 
-    def __init__(self, path: str | Path, *, device: str | torch.device | None = None, batch_size: int = 32) -> None:
-        from transformers import AutoProcessor, CLIPModel
-
-        from diffalign.rewards.clip_rewards import _device
-
-        path = Path(path)
-        processor_files = ("preprocessor_config.json", "processor_config.json")
-        if not (path / "config.json").is_file() or not any((path / name).is_file() for name in processor_files):
-            raise UserError(f"temporal_consistency: {path} needs a CLIPModel's config.json and its processor's "
-                            "preprocessor_config.json (the folder of openai/clip-vit-large-patch14, say)")
-        self.device = _device(device)
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
-        self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.batch_size = batch_size
-
     @torch.no_grad()
     def embed(self, frames: Tensor) -> Tensor:
         """L2-normalised CLIP image embeddings of (M, 3, H, W) frames in [0, 1], ``batch_size`` at a time."""
-        from diffalign.rewards.clip_rewards import _features, to_pil
-
-        out = []
-        for start in range(0, len(frames), self.batch_size):
-            pixels = self.processor(images=to_pil(frames[start:start + self.batch_size]),
-                                    return_tensors="pt")["pixel_values"]
-            features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
-            out.append(F.normalize(features.float(), dim=-1))
-        return torch.cat(out).cpu()
+        return torch.cat([F.normalize(self._embed(frames[start:start + self.batch_size]), dim=-1).cpu()
+                          for start in range(0, len(frames), self.batch_size)])
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         if images.dim() != 5 or images.shape[2] < 2:
