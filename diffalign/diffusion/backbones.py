@@ -505,6 +505,15 @@ class ZImageBackbone(TokenShiftedGrid, Backbone):
         return -torch.stack(out).squeeze(2).to(latents.dtype)
 
 
+def channel_stats(vae: nn.Module, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The (1, C, 1, 1, 1) per-channel mean and standard deviation a video VAE's latents are normalised by
+    (``latents_mean``, ``latents_std``: Qwen-Image's and Wan's), on ``like``'s device and dtype."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, std
+
+
 class QwenImageBackbone(TokenShiftedGrid, Backbone):
     """Qwen-Image: an MMDiT over the last hidden states of Qwen2.5-VL (its system prompt dropped, as the pipeline
     does), flow matching on the latents of its own causal video VAE (one frame), 2x2-packed into tokens.
@@ -527,11 +536,6 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
     def latent_channels(self) -> int:
         return self.vae.config.z_dim
 
-    def _latent_stats(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        std = torch.tensor(self.vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        return mean, std
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -540,13 +544,13 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
         vae = self.vae
         dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)[:, :, None]).latent_dist
         latents = dist.mean if generator is None else dist.sample(generator)
-        mean, std = self._latent_stats(latents)
+        mean, std = channel_stats(self.vae, latents)
         return ((latents - mean) / std)[:, :, 0]
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype)[:, :, None]
-        mean, std = self._latent_stats(latents)
+        mean, std = channel_stats(self.vae, latents)
         with sliced_decoding(vae):  # a round of 16 images at 512 px decoded at once holds 27 GiB more
             return vae.decode(latents * std + mean).sample[:, :, 0].clamp(-1, 1)
 
@@ -780,7 +784,37 @@ class PixArtBackbone(Backbone):
         return out
 
 
-class WanBackbone(Backbone):
+class VideoBackbone(Backbone):
+    """What the video adapters share: clips of :attr:`frames` frames (4k + 1 for a VAE 4x in time; 0 for images,
+    one-frame clips), their latent shape, and decoded clips given back as images on a run of images."""
+
+    latent_patch = None  # the transformer's own (frames, rows, columns) patch
+    video = True
+
+    @property
+    def temporal_factor(self) -> int:
+        """How many frames the VAE folds into one latent frame (after the first)."""
+        raise NotImplementedError
+
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
+        step = self.temporal_factor
+        if frames and (frames - 1) % step:
+            raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
+                            f"(e.g. {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1})")
+
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images) at ``resolution`` pixels square."""
+        side = resolution // self.vae_scale_factor
+        return (self.latent_channels, (max(self.frames, 1) - 1) // self.temporal_factor + 1, side, side)
+
+    def clips_or_images(self, clips: Tensor) -> Tensor:
+        """Decoded clips (N, 3, F, H, W), or their one frame (N, 3, H, W) on a run of images (:attr:`frames` 0), so
+        image rewards read them as they read any model's."""
+        return clips if self.frames else clips[:, :, 0]
+
+
+class WanBackbone(VideoBackbone):
     """Wan2.1 text-to-video: a 3D DiT over UMT5 embeddings (zero-padded to the pipeline's 512 tokens), flow matching
     on the latents of Wan's causal video VAE (4x in time, 8x in space), normalised per channel as WanPipeline
     un-normalises them before decoding (``latents_mean``, ``latents_std``).
@@ -793,8 +827,6 @@ class WanBackbone(Backbone):
 
     family = "wan"
     denoiser_attr = "transformer"
-    latent_patch = None  # the transformer's (1, 2, 2)
-    video = True
 
     EXPERTS = {"high": "transformer", "low": "transformer_2"}
 
@@ -808,10 +840,6 @@ class WanBackbone(Backbone):
                                 "(transformer_2), and train the other in a run of its own")
             self.denoiser_attr = self.EXPERTS[expert]
         self.expert = expert
-        step = pipe.vae.config.scale_factor_temporal
-        if frames and (frames - 1) % step:
-            raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
-                            f"(e.g. {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1})")
         self._training_scheduler = self._flow_training_scheduler(pipe.scheduler)
 
     @staticmethod
@@ -878,19 +906,10 @@ class WanBackbone(Backbone):
     def latent_channels(self) -> int:
         return self.vae.config.z_dim
 
-    def latent_frames(self) -> int:
-        return (max(self.frames, 1) - 1) // self.vae.config.scale_factor_temporal + 1
+    @property
+    def temporal_factor(self) -> int:
+        return self.vae.config.scale_factor_temporal
 
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images) at ``resolution`` pixels square."""
-        side = resolution // self.vae_scale_factor
-        return (self.latent_channels, self.latent_frames(), side, side)
-
-    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-        std = torch.tensor(self.vae.config.latents_std).view(shape).to(like.device, like.dtype)
-        return mean, std
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -900,7 +919,7 @@ class WanBackbone(Backbone):
         pixels = pixels.to(device=vae.device, dtype=vae.dtype)
         dist = vae.encode(pixels if pixels.dim() == 5 else pixels[:, :, None]).latent_dist
         latents = dist.mean if generator is None else dist.sample(generator)
-        mean, std = self._latent_stats(latents)
+        mean, std = channel_stats(self.vae, latents)
         return (latents - mean) / std
 
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -908,9 +927,9 @@ class WanBackbone(Backbone):
         (N, 3, H, W) for a run on images (:attr:`frames` 0), so image rewards read them as they read any model's."""
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype)
-        mean, std = self._latent_stats(latents)
-        clips = torch.cat([vae.decode(clip[None] * std + mean).sample for clip in latents]).clamp(-1, 1)
-        return clips if self.frames else clips[:, :, 0]
+        mean, std = channel_stats(self.vae, latents)
+        return self.clips_or_images(torch.cat([vae.decode(clip[None] * std + mean).sample
+                                               for clip in latents]).clamp(-1, 1))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -949,7 +968,7 @@ class WanBackbone(Backbone):
                    return_dict=False)[0]
 
 
-class HunyuanVideo15Backbone(Backbone):
+class HunyuanVideo15Backbone(VideoBackbone):
     """HunyuanVideo 1.5 text-to-video: a 3D DiT over two text streams, the third-last hidden states of Qwen2.5-VL's
     text model and ByT5's embeddings of any quoted text to render, each with its mask; flow matching on the latents of
     its 32-channel video VAE (16x in space, 4x in time) scaled by one factor. Its transformer reads an image
@@ -959,15 +978,10 @@ class HunyuanVideo15Backbone(Backbone):
 
     family = "hunyuanvideo15"
     denoiser_attr = "transformer"
-    latent_patch = None
-    video = True
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
-        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
-        step = pipe.vae.config.temporal_compression_ratio
-        if frames and (frames - 1) % step:
-            raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
-                            f"(e.g. {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1})")
+    @property
+    def temporal_factor(self) -> int:
+        return self.vae.config.temporal_compression_ratio
 
     def sampling_scheduler(self, steps, latent_shape):
         """The pipeline's grid: sigmas 1, (n - 1) / n, ..., 1 / n through the scheduler's shift, then 0."""
@@ -978,12 +992,6 @@ class HunyuanVideo15Backbone(Backbone):
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.spatial_compression_ratio
-
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images) at ``resolution`` pixels square."""
-        side = resolution // self.vae_scale_factor
-        frames = (max(self.frames, 1) - 1) // self.vae.config.temporal_compression_ratio + 1
-        return (self.latent_channels, frames, side, side)
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1003,8 +1011,7 @@ class HunyuanVideo15Backbone(Backbone):
         images (:attr:`frames` 0)."""
         vae = self.vae
         latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-        clips = torch.cat([vae.decode(clip[None]).sample for clip in latents]).clamp(-1, 1)
-        return clips if self.frames else clips[:, :, 0]
+        return self.clips_or_images(torch.cat([vae.decode(clip[None]).sample for clip in latents]).clamp(-1, 1))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
