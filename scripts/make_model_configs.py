@@ -527,30 +527,23 @@ def tiny() -> None:
                  {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                   "head_dim": 8, "image_size": 56})))
     # Wan2.1: two blocks of width 2 x 12 (diffusers' own test shapes), a 3-level video VAE (4x in time, 4x in space)
-    write_pipeline("tiny-wan", "WanPipeline", wan_parts(
-        {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
-         "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
-         "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32},
-        {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
-         "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_temporal": 4, "scale_factor_spatial": 4},
-        umt5_encoder(32, 2, 4, 64, 8), flow_shift=3.0))
+    tiny_wan = {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+                "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2,
+                "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32}
+    tiny_wan_vae = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1,
+                    "temperal_downsample": [True, True], "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4,
+                    "scale_factor_temporal": 4, "scale_factor_spatial": 4}
+    tiny_umt5 = umt5_encoder(32, 2, 4, 64, 8)
+    write_pipeline("tiny-wan", "WanPipeline", wan_parts(tiny_wan, tiny_wan_vae, tiny_umt5, flow_shift=3.0))
     # Wan2.2 TI2V-5B: Wan2.2's VAE (2x2 pixel patches, residual, 8x here in space) and one timestep per latent token
     write_pipeline("tiny-wan22-ti2v", "WanPipeline", wan_parts(
-        {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 8,
-         "out_channels": 8, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
-         "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32},
-        {"base_dim": 8, "z_dim": 8, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
-         "is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2, "latents_mean": [0.0] * 8,
-         "latents_std": [1.0] * 8, "scale_factor_temporal": 4, "scale_factor_spatial": 8},
-        umt5_encoder(32, 2, 4, 64, 8), flow_shift=5.0), settings={"expand_timesteps": True})
+        {**tiny_wan, "in_channels": 8, "out_channels": 8},
+        {**tiny_wan_vae, "z_dim": 8, "is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2,
+         "latents_mean": [0.0] * 8, "latents_std": [1.0] * 8, "scale_factor_spatial": 8},
+        tiny_umt5, flow_shift=5.0), settings={"expand_timesteps": True})
     # Wan2.2 A14B: two experts of tiny-wan's shape, switched at 0.875 x 1000 as the T2V model; its shift of 12
-    write_pipeline("tiny-wan22", "WanPipeline", wan_parts(
-        {"patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
-         "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
-         "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32},
-        {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1], "num_res_blocks": 1, "temperal_downsample": [True, True],
-         "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4, "scale_factor_temporal": 4, "scale_factor_spatial": 4},
-        umt5_encoder(32, 2, 4, 64, 8), flow_shift=12.0, experts=True), settings={"boundary_ratio": 0.875})
+    write_pipeline("tiny-wan22", "WanPipeline", wan_parts(tiny_wan, tiny_wan_vae, tiny_umt5, flow_shift=12.0,
+                                                          experts=True), settings={"boundary_ratio": 0.875})
     # HunyuanVideo 1.5 (diffusers' own test shapes, a 4x-in-time VAE): its transformer reads the noisy latents, an
     # image condition's latents and mask (zeros for text to video), so 2 x 4 + 1 channels
     write_pipeline("tiny-hunyuanvideo15", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
