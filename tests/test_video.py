@@ -120,8 +120,13 @@ def test_wan_samples_on_the_pipelines_unipc_grid_and_trains_on_its_shifted_flow_
 def test_a_video_model_refuses_clips_its_vae_cannot_read_and_an_image_model_refuses_frames(wan):
     with pytest.raises(UserError, match=r"4k \+ 1 frames \(e.g. 5 or 9\)"):
         backbone_for(wan, frames=6)
+    sd15 = load_pipeline(ASSETS / "models" / "tiny-sd15", random_init=True)
     with pytest.raises(UserError, match="makes images"):
-        backbone_for(load_pipeline(ASSETS / "models" / "tiny-sd15", random_init=True), frames=5)
+        backbone_for(sd15, frames=5)
+    from diffalign.diffusion.sampling import generate
+
+    with pytest.raises(UserError, match=r"makes images, not clips of 5 frames: leave --frames"):
+        generate(sd15, ["a red circle"], [0], steps=1, resolution=32, frames=5)  # eval --frames on an image model
 
 
 def test_a_clip_is_the_first_frames_or_the_frames_on_screen_at_the_run_s_frame_rate(tmp_path):

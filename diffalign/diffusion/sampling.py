@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from diffalign.diffusion.backbones import BACKBONES, Backbone, sliced_decoding
+from diffalign.errors import UserError
 
 
 @torch.no_grad()
@@ -48,7 +49,8 @@ def generate(
                          f"{'no' if sources is None else len(sources)} sources; give one seed (and sources) per image")
     family = BACKBONES.get(type(pipe).__name__, Backbone)
     if frames and not family.video:
-        raise ValueError(f"{type(pipe).__name__} makes images, not clips of {frames} frames")
+        raise UserError(f"{type(pipe).__name__} makes images, not clips of {frames} frames: leave --frames (frames) "
+                        "out for an image model")
     if family.video:
         pipeline_kwargs = {"num_frames": max(frames, 1), **pipeline_kwargs}
     if sources is not None:
