@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from diffalign.errors import UserError
+from diffalign.train.fsdp2 import SHARDED_STATE
 
 
 def _trained_names(model: nn.Module) -> set[str]:
@@ -35,7 +36,11 @@ def load_trained_weights(models: list[nn.Module], input_dir: str) -> None:
     """accelerate's load-state pre-hook, the counterpart of :func:`keep_trained_weights_only`: loads each
     model's checkpoint entry (the trained parameters, or a whole state dict) into the unwrapped model and
     takes the models off accelerate's list. Keys saved through a DDP wrapper carry its ``module.`` prefix,
-    so a checkpoint of N processes resumes on any number of them."""
+    so a checkpoint of N processes resumes on any number of them. An FSDP2 run's checkpoint holds its weights in
+    ``sharded_state/``, which the trainer reads itself (:func:`~diffalign.train.fsdp2.load_sharded`)."""
+    if (Path(input_dir) / SHARDED_STATE).is_dir():
+        models.clear()
+        return
     for i, model in enumerate(models):
         path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
         target = extract_model_from_parallel(model)

@@ -49,6 +49,30 @@ def run_together(launches: dict[str, list[str]], *, cwd: Path | None = None, env
     return {name: run.result(timeout) for name, run in started.items()}
 
 
+def launch_env(accelerate_config: Path, **overrides: str) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file ACCELERATE_CONFIG`` gives each process (accelerate's own
+    argument parsing and environment), for a torchrun of two processes with one thread each. On a machine without
+    GPUs accelerate launches no distributed run from an FSDP config, so the tests start torchrun with what it
+    would set; ``overrides`` replace variables (each test names those it changes, e.g. mixed precision on a CPU)."""
+    import os
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(accelerate_config), "--num_processes", "2",
+                                               "-m", "diffalign"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {**os.environ, **env, "OMP_NUM_THREADS": "1", **overrides}
+
+
+def torchrun(*args: str) -> list[str]:
+    """``python -m torch.distributed.run`` of two processes on a free port, running ``diffalign ARGS``."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
+            *args]
+
+
 def script_module(name: str):
     """``scripts/NAME.py`` imported as a module (the scripts are no package), for tests of their functions."""
     import importlib.util

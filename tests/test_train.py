@@ -691,7 +691,7 @@ def test_a_run_resumes_on_two_processes_at_the_same_global_batch(tmp_path):
 
 
 def test_sharded_weights_refuse_what_runs_the_bare_denoiser_and_allow_the_fsdp_recipe():
-    """FSDP needs CUDA in accelerate, so the check itself is exercised here with the launcher's state."""
+    """FSDP1 (and ZeRO-3) need CUDA in accelerate, so the check itself is exercised here with the launcher's state."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -717,13 +717,16 @@ def test_sharded_weights_refuse_what_runs_the_bare_denoiser_and_allow_the_fsdp_r
         DistributedType.FSDP: None,
         DistributedType.DEEPSPEED: SimpleNamespace(zero_stage=3),
     }
+    fsdp1 = SimpleNamespace(fsdp_version=1)  # FSDP2: tests/test_fsdp2.py
     for kind, deepspeed in launched.items():
-        accelerator = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=deepspeed))
+        accelerator = SimpleNamespace(distributed_type=kind, num_processes=8,
+                                      state=SimpleNamespace(deepspeed_plugin=deepspeed, fsdp_plugin=fsdp1))
         with pytest.raises(UserError, match=r"shard the weights.*train.lora_rank > 0.*configs/accelerate/ddp.yaml"):
             check_sharding(accelerator, lora, OBJECTIVES["diffusion_dpo"])
     for kind, deepspeed in ((DistributedType.DEEPSPEED, SimpleNamespace(zero_stage=2)),
                             (DistributedType.MULTI_GPU, None), (DistributedType.NO, None)):
-        accelerator = SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=deepspeed))
+        accelerator = SimpleNamespace(distributed_type=kind, num_processes=8,
+                                      state=SimpleNamespace(deepspeed_plugin=deepspeed, fsdp_plugin=None))
         check_sharding(accelerator, lora, OBJECTIVES["diffusion_dpo"])  # whole weights on every process
 
 

@@ -280,6 +280,9 @@ class TrainConfig:
     resume: str | None = None
     # no, fp16 or bf16 (accelerate's mixed precision)
     mixed_precision: str = "no"
+    # under FSDP2 (configs/accelerate/fsdp2*.yaml): the dtype gradients are averaged over the processes in, fp32
+    # or bf16 (half the traffic, coarser gradients); the weights are gathered for compute in mixed_precision's
+    reduce_dtype: str = "fp32"
     # frozen reference copy in a full fine-tune: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16
     reference_dtype: str = "auto"
     # gradient clipping by global norm (0 = off)

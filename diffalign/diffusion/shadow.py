@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
 Tensor = torch.Tensor
@@ -46,10 +48,12 @@ class ShadowWeights:
 
     def denoiser(self) -> nn.Module:
         """The module as a denoiser that runs with the shadow values, without gradients."""
-        return _ShadowedModule(self.module, self.tensors)
+        sharded = any(isinstance(t, DTensor) for t in self.tensors.values())
+        return (_SwappedModule if sharded else _ShadowedModule)(self.module, self.tensors)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {name: t.cpu() for name, t in self.tensors.items()}
+        # sharded values stay sharded: the checkpoint gathers them (diffalign.train.run_state.ExtraState)
+        return {name: t if isinstance(t, DTensor) else t.cpu() for name, t in self.tensors.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         missing = set(self.names) - set(state)
@@ -76,3 +80,33 @@ class _ShadowedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return functional_call(self.live, self.tensors, args, kwargs, strict=False)
+
+
+class _SwappedModule(_ShadowedModule):
+    """``module`` run with the shadow values copied into its own weights for the forward, and its values copied back
+    after (no grad). Under FSDP2 (:mod:`diffalign.train.fsdp2`) each block gathers its weights from its own shards,
+    so :func:`~torch.func.functional_call`'s swap of the parameters would not be seen; each process copies its shard
+    of the shadow values in, which costs one more copy of its shard of the trained weights. Weights gathered before
+    (FSDP2 keeps the root module's gathered from its forward to its backward) are dropped before and after, so this
+    forward gathers the shadow values and the next one, or a pending backward, the live values again."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        live = dict(self.live.named_parameters())
+        with torch.no_grad():
+            kept = {name: live[name].to_local().clone() for name in self.tensors}
+            _reshard(self.live)
+            for name, value in self.tensors.items():
+                live[name].to_local().copy_(value.to_local())
+            try:
+                return self.live(*args, **kwargs)
+            finally:
+                _reshard(self.live)
+                for name, value in kept.items():
+                    live[name].to_local().copy_(value)
+
+
+def _reshard(module: nn.Module) -> None:
+    """Free every gathered weight of an FSDP2-sharded ``module``: the next forward or backward gathers from the shards."""
+    for part in module.modules():
+        if isinstance(part, FSDPModule):
+            part.reshard()

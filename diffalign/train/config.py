@@ -80,6 +80,7 @@ def validate(config: Config) -> Config:
     choose("data.cache_latent_dtype", config.data.cache_latent_dtype, ("fp32", "bf16"))
     choose("train.mixed_precision", config.train.mixed_precision, ("no", "fp16", "bf16"))
     choose("train.reference_dtype", config.train.reference_dtype, ("auto", "fp32", "bf16", "fp16"))
+    choose("train.reduce_dtype", config.train.reduce_dtype, ("fp32", "bf16"))
     choose("train.report_to", config.train.report_to, ("tensorboard", "wandb", "none"))
     choose("model.attention", config.model.attention, ("sdpa", "xformers"))
     for key, value in (("train.batch_size", config.train.batch_size), ("train.max_steps", config.train.max_steps),

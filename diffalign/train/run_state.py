@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from diffalign.errors import UserError
+from diffalign.train.fsdp2 import gathered, local, sharded_like
 
 STATE_FILE = "diffalign_state.safetensors"
 # the only pickles a checkpoint may hold: accelerate's RNG states, which it reads with weights_only=True
@@ -61,11 +62,16 @@ class ExtraState:
     def register(self, name: str, obj: Any) -> None:
         self.objects[name] = obj
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, write: bool = True) -> None:
+        """Every process calls it (sharded state, an EMA of FSDP2-sharded weights, is gathered whole by all); the
+        process with ``write`` writes the file."""
         if not self.objects:
             return
+        states = {name: gathered(obj.state_dict()) for name, obj in self.objects.items()}
+        if not write:
+            return
         tensors: dict[str, torch.Tensor] = {}
-        skeleton = {name: _flatten(obj.state_dict(), tensors) for name, obj in self.objects.items()}
+        skeleton = {name: _flatten(state, tensors) for name, state in states.items()}
         save_file(tensors, str(folder / STATE_FILE), metadata={"state": json.dumps(skeleton)})
 
     def load(self, folder: Path) -> None:
@@ -80,7 +86,7 @@ class ExtraState:
         for name, obj in self.objects.items():
             if name not in saved:
                 raise UserError(f"{path} holds no state for {name}; resume with the settings of the run that wrote it")
-            obj.load_state_dict(saved[name])
+            obj.load_state_dict(sharded_like(saved[name], obj.state_dict()))  # whole tensors, sharded as the live ones
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -108,6 +114,7 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     values do not overflow into a false alarm as a sum of squares would."""
     if not tensors:
         return torch.ones((), dtype=torch.bool)
+    tensors = [local(t) for t in tensors]  # a sharded tensor: this process's shard (the callers agree over all)
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=True))
 
 

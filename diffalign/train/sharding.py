@@ -1,11 +1,16 @@
 """What a run whose weights are sharded across processes (FSDP, DeepSpeed ZeRO-3) can do.
 
-Under FSDP or ZeRO-3 no process holds the whole denoiser: each keeps a shard and gathers the
-rest inside the wrapper's forward. Whatever runs the bare module outside that wrapper would see
-a shard: validation samples and online rounds (each process its share, through the bare
-module), the LoRA reference (the base with adapters disabled) and shadow weights
-(Self-NPO's EMA teacher, DDO's round snapshot). Such runs are refused before any model loads,
-with the way out, instead of failing on a shape mismatch or hanging in a collective.
+Under FSDP2 (:mod:`diffalign.train.fsdp2`) the denoiser is sharded in place, so every caller of
+the module gathers its weights block by block: LoRA runs (the reference is the base with its
+adapters disabled), validation, the online rounds (each process sampling its share in step with
+the others) and second weight sets (:class:`~diffalign.diffusion.shadow.ShadowWeights`, copied
+into the shards for their forward) all run; fp16 loss scaling and rounds that cannot be split
+evenly are refused.
+
+Under FSDP1 or ZeRO-3 accelerate wraps the model, and whatever runs the bare module outside that
+wrapper would see a shard: validation samples and online rounds, the LoRA reference and shadow
+weights. Such runs are refused before any model loads, with the way out, instead of failing on a
+shape mismatch or hanging in a collective.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from accelerate.utils import DistributedType
 from diffalign.errors import UserError
 from diffalign.objectives.base import Objective
 from diffalign.train.config import Config
+from diffalign.train.fsdp2 import fsdp2_plugin
 
 
 def shards_parameters(accelerator: Accelerator) -> bool:
@@ -26,8 +32,21 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
 
 
+def fsdp2_conflicts(config: Config, objective: type[Objective], processes: int) -> list[str]:
+    """The parts of ``config`` that FSDP2 does not run; empty when it runs them all."""
+    conflicts = []
+    if config.train.mixed_precision == "fp16":
+        conflicts.append("train.mixed_precision=fp16 (its loss scaling is not built for sharded weights: use bf16)")
+    if objective.dataset == "online" and not objective.samples_in_loss and \
+            config.online.groups_per_round % processes:
+        conflicts.append(f"online.groups_per_round={config.online.groups_per_round} is not a multiple of the "
+                         f"{processes} processes (each samples as many groups as the others, in step)")
+    return conflicts
+
+
 def sharding_conflicts(config: Config, objective: type[Objective]) -> list[str]:
-    """The parts of ``config`` that need the whole weights on a process; empty when sharding is fine."""
+    """The parts of ``config`` that need the whole weights on a process under FSDP1 or ZeRO-3; empty when
+    sharding is fine."""
     name, validation = config.objective.name, config.validation
     conflicts = []
     if config.train.lora_rank > 0:
@@ -43,12 +62,18 @@ def sharding_conflicts(config: Config, objective: type[Objective]) -> list[str]:
 
 def check_sharding(accelerator: Accelerator, config: Config, objective: type[Objective]) -> None:
     """Raise a :class:`UserError` naming what a sharded run cannot do, and what to use instead."""
+    if fsdp2_plugin(accelerator) is not None:
+        conflicts = fsdp2_conflicts(config, objective, accelerator.num_processes)
+        if conflicts:
+            raise UserError(f"FSDP2 shards the denoiser across the processes, and this run has what it does not run "
+                            f"yet: {'; '.join(conflicts)}. Launch it with DDP (configs/accelerate/ddp.yaml), which keeps "
+                            "the whole weights on every GPU, or change those settings")
+        return
     conflicts = sharding_conflicts(config, objective) if shards_parameters(accelerator) else []
     if conflicts:
         raise UserError(
             "FSDP and ZeRO-3 shard the weights across processes, so no process can run the whole denoiser on its "
             f"own, which this run needs: {'; '.join(conflicts)}. Launch it with DDP or ZeRO-2 instead "
             "(configs/accelerate/ddp.yaml, deepspeed_zero2.yaml), which keep the whole weights on every GPU. "
-            "FSDP suits full fine-tunes of the offline objectives (configs/sdxl_dpo_full.yaml): set "
-            "validation.every=0 and evaluate the final weights with `diffalign eval`."
+            "FSDP2 (configs/accelerate/fsdp2.yaml) runs them sharded."
         )

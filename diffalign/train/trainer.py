@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from PIL import Image
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -68,6 +69,15 @@ from diffalign.train.prompt_batches import PromptBatches
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
+from diffalign.train.fsdp2 import (
+    SHARDED_STATE,
+    fsdp2_plugin,
+    full_weights,
+    load_sharded,
+    local,
+    save_sharded,
+    shard,
+)
 from diffalign.train.sharding import check_sharding
 from diffalign.train.tracking import flat_hyperparameters, log_image
 from diffalign.train.validation import Validator
@@ -297,8 +307,21 @@ class PreferenceTrainer:
         return {"lr": tc.learning_rate, "betas": (tc.adam_beta1, tc.adam_beta2), "eps": tc.adam_epsilon,
                 "weight_decay": tc.weight_decay}
 
+    def _shard(self) -> None:
+        """Under FSDP2 (:mod:`diffalign.train.fsdp2`), shard the trained module and a full fine-tune's frozen
+        reference across the processes; ``params`` become the sharded parameters."""
+        self.fsdp2 = fsdp2_plugin(self.accelerator)
+        if self.fsdp2 is None:
+            return
+        tc = self.config.train
+        shard(self.module, self.fsdp2, tc.mixed_precision, tc.reduce_dtype)
+        if isinstance(self.reference, nn.Module):  # a frozen copy (a LoRA run's reference is its own base)
+            shard(self.reference, self.fsdp2, tc.mixed_precision, tc.reduce_dtype)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+
     def _build_optimizer(self) -> None:
         tc = self.config.train
+        self._shard()
         if tc.adam_8bit:
             try:
                 import bitsandbytes as bnb
@@ -313,8 +336,11 @@ class PreferenceTrainer:
             optimizer = torch.optim.AdamW(self.params, **self._adamw_settings(), fused=fused)
         scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
                                   num_training_steps=tc.max_steps)
-        # self.trained: the prepared (possibly DDP-wrapped) module
-        self.trained, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.module, optimizer, scheduler)
+        if self.fsdp2 is not None:  # sharded in place: no DDP wrapper, and the optimiser state is saved by DCP
+            self.trained, self.optimizer = self.module, optimizer
+            self.lr_scheduler = self.accelerator.prepare(scheduler)
+        else:  # self.trained: the prepared (possibly DDP-wrapped) module
+            self.trained, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.module, optimizer, scheduler)
         # a checkpoint keeps the trained weights, not a LoRA run's frozen base (which the resumed run loads)
         self.accelerator.register_save_state_pre_hook(keep_trained_weights_only)
         self.accelerator.register_load_state_pre_hook(load_trained_weights)
@@ -494,8 +520,9 @@ class PreferenceTrainer:
                 tmp.mkdir(parents=True)
             self.accelerator.wait_for_everyone()
             self.accelerator.save_state(str(tmp), safe_serialization=True)
-            if self.accelerator.is_main_process:
-                self.extra_state.save(tmp)
+            if self.fsdp2 is not None:  # every process writes its shard
+                save_sharded(tmp, self.module, self.optimizer)
+            self.extra_state.save(tmp, write=self.accelerator.is_main_process)
             # every process writes its own random state into tmp: all must be done before it is renamed
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
@@ -517,7 +544,19 @@ class PreferenceTrainer:
     def _load_checkpoint(self) -> dict[str, Any]:
         refuse_pickles(self.resume_from)
         try:
-            self.accelerator.load_state(str(self.resume_from))
+            sharded = (self.resume_from / SHARDED_STATE).is_dir()
+            if sharded and self.fsdp2 is None:
+                # written under FSDP2, resumed on whole weights (fewer processes): accelerate reads the schedule and
+                # the random states, DCP the weights and AdamW's state
+                optimizers, self.accelerator._optimizers = self.accelerator._optimizers, []
+                try:
+                    self.accelerator.load_state(str(self.resume_from))
+                finally:
+                    self.accelerator._optimizers = optimizers
+            else:
+                self.accelerator.load_state(str(self.resume_from))
+            if sharded or self.fsdp2 is not None:
+                load_sharded(self.resume_from, self.module, getattr(self.optimizer, "optimizer", self.optimizer))
             self.extra_state.load(self.resume_from)
         except UserError:
             raise
@@ -753,7 +792,8 @@ class PreferenceTrainer:
         if self.config.data.precompute:  # the encoders wait on the CPU between validations
             self._encoders_to(self.accelerator.device)
         with self.accelerator.autocast():
-            scores = self.validator.run(self.backbone.pipe, step, self.accelerator.state, train_s=train_s)
+            scores = self.validator.run(self.backbone.pipe, step, self.accelerator.state, train_s=train_s,
+                                        lockstep=self.fsdp2 is not None)
         if self.config.data.precompute:
             self._encoders_to(torch.device("cpu"))
         self._validation_s += time.perf_counter() - began
@@ -790,7 +830,7 @@ class PreferenceTrainer:
             state["drift"] = self.drift.state() if self.drift is not None else []
         stop, best_steps = broadcast_object_list(decision)
         if step in best_steps:
-            self._best_weights[step] = [p.detach().to("cpu", copy=True) for p in self.params]
+            self._best_weights[step] = [local(p).detach().to("cpu", copy=True) for p in self.params]
         self._best_weights = {s: w for s, w in self._best_weights.items() if s in best_steps}
         return stop
 
@@ -805,7 +845,7 @@ class PreferenceTrainer:
             return f"{why} The final weights are this step's{note}."
         with torch.no_grad():
             for param, value in zip(self.params, kept, strict=True):
-                param.copy_(value.to(param.device))
+                local(param).copy_(value.to(local(param).device))
         state["final_from_step"] = best
         return f"{why} The final weights are step {best}'s."
 
@@ -839,7 +879,8 @@ class PreferenceTrainer:
             self._refuse_non_finite_weights("the final weights", state)
             self._check_room(self._trained_bytes(), "the final weights", state["last_good_checkpoint"])
             # every process takes part: under FSDP / ZeRO-3 this gathers the shards onto the main process
-            weights = {key: value for key, value in acc.get_state_dict(self.trained).items()
+            whole = full_weights(self.module) if self.fsdp2 is not None else acc.get_state_dict(self.trained)
+            weights = {key: value for key, value in whole.items()
                        if key.split(".", 1)[0] not in self._objective_modules}  # the model's own weights
             if acc.is_main_process:
                 final_dir = self._write_final(weights, state)

@@ -20,6 +20,7 @@ from diffalign.eval.report import image_grid
 from diffalign.rewards import load_reward
 from diffalign.rewards.video import score_media
 from diffalign.train.config import ValidationConfig
+from diffalign.train.fsdp2 import lockstep_share
 
 
 class Validator:
@@ -46,11 +47,14 @@ class Validator:
         return self.samples / f"step-{step:07d}.png"
 
     def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState, *,
-            train_s: float | None = None) -> dict[str, float]:
+            train_s: float | None = None, lockstep: bool = False) -> dict[str, float]:
         """Sample and score this process's share (every N-th image), then on the main process save the grid
-        and log (with ``train_s``, the run's training time so far without validations, when given); returns {"val_<reward>": mean over every image, "stat_<statistic>": the images' statistic} there, {}
-        on the others."""
-        mine = list(range(processes.process_index, len(self.prompts), processes.num_processes))
+        and log (with ``train_s``, the run's training time so far without validations, when given); returns
+        {"val_<reward>": mean over every image, "stat_<statistic>": the images' statistic} there, {} on the others.
+        ``lockstep``: the denoiser is sharded, so every process samples as many images as the largest share
+        (:func:`~diffalign.train.fsdp2.lockstep_share`) and drops its padding."""
+        mine, own = lockstep_share(len(self.prompts), processes.process_index, processes.num_processes)
+        mine = mine if lockstep else mine[:own]
         done = []  # (index, 8-bit image, score per reward) of this process's images
         if mine:
             denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
@@ -61,6 +65,7 @@ class Validator:
                               guidance_scale=self.config.guidance_scale, resolution=self.resolution,
                               frames=self.frames)
             denoiser.train(was_training)
+            mine, prompts, images = mine[:own], prompts[:own], images[:own]  # without the lockstep padding
             scores = {r.name: score_media(r, images, prompts).tolist() for r in self.rewards}
             as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what the grid keeps anyway
             done = [(i, as_bytes[k], {name: values[k] for name, values in scores.items()}) for k, i in enumerate(mine)]
