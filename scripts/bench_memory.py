@@ -19,15 +19,20 @@ Two ways to get the figure:
 
 The largest batch is found by doubling then bisection over ``train.batch_size`` (pairs per
 GPU), each try in a fresh process. The sharding table divides what the strategies shard over N
-GPUs: ZeRO-1 the optimiser state, ZeRO-2 also the gradients, ZeRO-3 / FSDP FULL_SHARD also
-the trained weights (plus one gathered block at a time, not counted); activations are never
-sharded, and the frozen models (text encoders, VAE, the reference copy) are replicated unless
-they are wrapped too. DDP keeps no second copy of the gradients: the trainer sets
-``gradient_as_bucket_view``, so they are views of its all-reduce buckets.
+GPUs: ZeRO-1 the optimiser state, ZeRO-2 also the gradients, FSDP2 (configs/accelerate/fsdp2.yaml)
+also every weight of the denoiser, frozen ones included, and a full fine-tune's reference copy,
+plus what it gathers at once (the root module's weights, two blocks, one block's gradients:
+``diffalign.train.memory.fsdp2_parts``); with CPU offload (fsdp2_offload.yaml) the shards, their
+gradients and the optimiser state live in host memory. Activations are never sharded, and the
+text encoders and the VAE are replicated. DDP keeps no second copy of the gradients: the trainer
+sets ``gradient_as_bucket_view``, so they are views of its all-reduce buckets. ``--max-batch``
+searches the largest batch whose figure under ``--strategy`` on ``--strategy-gpus`` GPUs fits.
 
     python scripts/bench_memory.py configs/sdxl_dpo.yaml --model assets/models/sdxl --batches 1,2
     python scripts/bench_memory.py configs/sdxl_dpo_full.yaml --model assets/models/sdxl \\
         --set train.adam_8bit=true --max-batch --budget-gb 80
+    python scripts/bench_memory.py configs/flux_dpo.yaml --set train.lora_rank=0 --max-batch \\
+        --strategy FSDP2 --strategy-gpus 8
 """
 
 from __future__ import annotations
@@ -123,12 +128,12 @@ def measured_step_memory(config, work: Path) -> dict[str, float]:
     return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}  # KiB on Linux
 
 
-def sharding_refusal(config) -> list[str]:
-    """Why the trainer would refuse ``config`` under ZeRO-3 / FSDP (empty: it would not)."""
+def sharding_refusal(config, gpus: int) -> list[str]:
+    """Why the trainer would refuse ``config`` under FSDP2 on ``gpus`` GPUs (empty: it would not)."""
     from diffalign.objectives import OBJECTIVES
-    from diffalign.train.sharding import sharding_conflicts
+    from diffalign.train.sharding import fsdp2_conflicts
 
-    return sharding_conflicts(config, OBJECTIVES[config.objective.name])
+    return fsdp2_conflicts(config, OBJECTIVES[config.objective.name], gpus)
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int = 1024) -> int:
@@ -161,7 +166,7 @@ def _row(args, batch: int) -> dict | None:
     """One measurement in a fresh process; None when the batch ran out of memory."""
     spec = {"config": str(args.config), "model": str(args.model), "set": args.set, "batch": batch,
             "measure": args.measure, "budget_gb": args.budget_gb, "list_size": args.list_size,
-            "example_loop": args.example_loop}
+            "example_loop": args.example_loop, "strategy": args.strategy, "strategy_gpus": args.strategy_gpus}
     command = [sys.executable, __file__, str(args.config), "--row", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode == 3:
@@ -186,7 +191,9 @@ def _run_row(spec: dict) -> None:
             raise SystemExit(3)
     else:
         row = example_loop_memory(config) if spec["example_loop"] else training_step_memory(config, spec["list_size"])
-        if row["peak_gb"] > spec["budget_gb"]:
+        needed = row["peak_gb"] if spec["example_loop"] else \
+            sharded_per_gpu(row, spec["strategy_gpus"])[spec["strategy"]]
+        if needed > spec["budget_gb"]:
             print(json.dumps(row))
             raise SystemExit(3)
     print(json.dumps({"batch": spec["batch"], **row}))
@@ -203,6 +210,9 @@ def main() -> None:
     parser.add_argument("--max-batch", action="store_true", help="also search the largest batch within --budget-gb")
     parser.add_argument("--budget-gb", type=float, default=80.0, help="GPU memory budget in GiB")
     parser.add_argument("--gpus", default="1,2,4,8", help="GPU counts for the sharding table")
+    parser.add_argument("--strategy", default="DDP", choices=["DDP", "ZeRO-1", "ZeRO-2", "FSDP2", "FSDP2 + CPU offload"],
+                        help="what --max-batch fits within --budget-gb: the per-GPU figure of this strategy")
+    parser.add_argument("--strategy-gpus", type=int, default=8, help="GPUs the --strategy figure is for")
     parser.add_argument("--list-size", type=int, default=4, help="images per example for ranked-list objectives")
     parser.add_argument("--measure", action="store_true", help="measure on the CUDA GPU instead of estimating")
     parser.add_argument("--example-loop", action="store_true",
@@ -246,22 +256,26 @@ def main() -> None:
                  ("peak_gb", "weights_gb", "trained_weights_gb", "grads_gb", "optimizer_and_ema_gb", "activations_gb")]
         print(f"| {row['batch']} | " + " | ".join(cells) + " |")
     if largest is not None:
-        print(f"\nlargest batch within {budget:g} GiB: {largest} pairs per GPU")
+        under = "" if args.strategy == "DDP" else f" under {args.strategy} on {args.strategy_gpus} GPUs"
+        print(f"\nlargest batch within {budget:g} GiB{under}: {largest} pairs per GPU")
     if not args.measure:
         gpus = [int(n) for n in args.gpus.split(",")]
         print(f"\nper GPU at batch {rows[0]['batch']}, GiB, when N GPUs shard the model state:\n")
         print("| strategy | " + " | ".join(f"N={n}" for n in gpus) + " |")
         print("|---|" + "---|" * len(gpus))
-        refused = sharding_refusal(load_config(args.config, [f"model.path={args.model}", *args.set]))
+        config = load_config(args.config, [f"model.path={args.model}", *args.set])
+        refused = {n: sharding_refusal(config, n) for n in gpus if n > 1}
         for name in sharded_per_gpu(rows[0], 1):
-            cells = ["refused" if refused and name == "ZeRO-3 / FSDP" else f"{sharded_per_gpu(rows[0], n)[name]:.1f}"
-                     for n in gpus]
+            cells = ["refused" if refused.get(n) and name.startswith("FSDP2") else
+                     f"{sharded_per_gpu(rows[0], n)[name]:.1f}" for n in gpus]
             print(f"| {name} | " + " | ".join(cells) + " |")
-        if refused:
-            print(f"\nZeRO-3 / FSDP: the trainer refuses this config sharded: {'; '.join(refused)}")
+        for n, why in refused.items():
+            if why:
+                print(f"\nFSDP2 on {n} GPUs: the trainer refuses this config: {'; '.join(why)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"config": str(args.config), "model": str(args.model), "set": args.set,
                                      "kind": kind, "rows": rows, "largest_batch": largest,
+                                     "strategy": [args.strategy, args.strategy_gpus],
                                      "budget_gb": budget}, indent=2))
 
 

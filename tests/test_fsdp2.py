@@ -55,6 +55,12 @@ def _runs(pairs: Path) -> dict[str, tuple[str, list[str]]]:
         "sppo": ("toy_sppo.yaml", [sd3, *TINY, *ROUNDS, "train.max_steps=3", "train.learning_rate=1e-2",
                                    "train.checkpoint_every=2", "online.reward=jpeg_compressibility",
                                    "objective.beta=0.01"]),
+        # a language model, full: its round sampled by both processes in step (synced generation), its tied
+        # embedding and head saved once in the shards and whole in the final weights
+        "lm_online_dpo": ("toy_lm_online_dpo.yaml", ["online.groups_per_round=4", "online.steps_per_round=2",
+                                                     "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1",
+                                                     "train.lora_rank=0", "train.learning_rate=1e-3",
+                                                     "train.adam_epsilon=1e-3"]),
     }
 
 
@@ -75,6 +81,9 @@ def _update_size(weights: dict[str, torch.Tensor], model: str) -> float:
     lora = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
     if lora:
         return max(v.abs().max().item() for v in lora)
+    if model == "lm":
+        base = load_file(ASSETS / "models/toy-lm/model.safetensors")
+        return max((weights[k] - v).abs().max().item() for k, v in base.items())
     base = load_pipeline(model.removeprefix("model.path="), random_init=True, seed=0).transformer.state_dict()
     return max((weights[k] - v).abs().max().item() for k, v in base.items())
 
@@ -86,18 +95,19 @@ def _losses(run: Path) -> list[float]:
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_what_one_process_does(tmp_path):
     """Diffusion-DPO (LoRA, with validation; full, with an EMA), Flow-GRPO, DiffusionNFT and SPPO on tiny SD3 and
-    FLUX: two FSDP2 processes at half the batch end with the weights of one process (to float rounding, far below
+    FLUX, and online DPO on the toy language model: two FSDP2 processes at half the batch end with the weights of one process (to float rounding, far below
     the updates), log the same losses and validation scores; the two-process checkpoints (their own shards in
     safetensors, no pickle of weights) resume on one process and on two to the weights of the straight runs."""
     pairs = pickapic_parquet(tmp_path / "pairs.parquet", 8)
     runs = _runs(pairs)
-    launch = [[str(CONFIGS / config), [*overrides, _batch(config, overrides, 2), f"output_dir={tmp_path / name}_2"]]
-              for name, (config, overrides) in runs.items()]
+    launch = {name: [str(CONFIGS / config), [*overrides, _batch(config, overrides, 2)]]
+              for name, (config, overrides) in runs.items()}
+    (tmp_path / "runs.json").write_text(json.dumps([[config, [*overrides, f"output_dir={tmp_path / name}_2"]]
+                                                    for name, (config, overrides) in launch.items()]))
     # SPPO's 2-process checkpoint at step 2 continued by 2 processes: the shards and pi_t read back as shards
-    resumed = tmp_path / "sppo_resumed_2"
-    launch.append([launch[-1][0], [*launch[-1][1][:-1], f"output_dir={resumed}", "train.resume=latest"]])
-    (tmp_path / "runs.json").write_text(json.dumps(launch[:-1]))
-    (tmp_path / "resumed.json").write_text(json.dumps(launch[-1:]))
+    config, overrides = launch["sppo"]
+    (tmp_path / "resumed.json").write_text(json.dumps([[config, [*overrides, f"output_dir={tmp_path / 'sppo_resumed_2'}",
+                                                                 "train.resume=latest"]]]))
     env = launch_env(ROOT / "configs/accelerate/fsdp2.yaml")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(ROOT / "tests/fsdp2_runs.py")]
@@ -110,7 +120,8 @@ def test_fsdp2_on_two_processes_trains_what_one_process_does(tmp_path):
     for name in runs:
         one, sharded = _weights(tmp_path / name), _weights(tmp_path / f"{name}_2")
         assert one.keys() == sharded.keys()
-        assert _update_size(one, runs[name][1][0]) > 1e-3, name  # measured: 0.03 and more
+        model = runs[name][1][0] if name != "lm_online_dpo" else "lm"
+        assert _update_size(one, model) > 1e-3, name  # measured: 0.03 and more
         for key in one:
             torch.testing.assert_close(sharded[key], one[key], atol=2e-5, rtol=0, msg=f"{name} {key}")
         assert _losses(tmp_path / f"{name}_2") == pytest.approx(_losses(tmp_path / name), rel=1e-4, abs=1e-6)

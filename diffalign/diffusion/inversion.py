@@ -31,6 +31,7 @@ import torch
 
 from diffalign.diffusion.backbones import Backbone, Conditioning
 from diffalign.diffusion.schedule import Schedule, schedule_for
+from diffalign.sharded import most_over_processes
 
 Tensor = torch.Tensor
 
@@ -136,16 +137,22 @@ def ddim_invert_to(backbone: Backbone, latents: Tensor, cond: Conditioning, time
     grid = schedule.grid(steps)
     paths = [[g for g in grid if g < t] + [t] for t in timesteps.tolist()]  # one host read, not one per item
     x = latents.float().clone()
-    for move in range(max(len(p) for p in paths)):
+    # under FSDP2 every process makes as many moves as the longest walk of any process (padding: item 0's last move)
+    for move in range(most_over_processes(max(len(p) for p in paths), backbone.denoiser)):
         active = [i for i, p in enumerate(paths) if move < len(p)]
-        source = torch.tensor([paths[i][move - 1] if move else 0 for i in active], device=x.device)
-        target = torch.tensor([paths[i][move] for i in active], device=x.device)
+        padding = not active
+        at = {i: min(move, len(paths[i]) - 1) for i in active or [0]}
+        active = active or [0]
+        source = torch.tensor([paths[i][at[i] - 1] if at[i] else 0 for i in active], device=x.device)
+        target = torch.tensor([paths[i][at[i]] for i in active], device=x.device)
         x_active, cond_active = x[active], cond[active]
         start = _coefficients(schedule, source if move else None, x_active)
         end = _coefficients(schedule, target, x_active)
         eps = _epsilon_at(backbone, schedule, x_active, source, cond_active)
         eps = _renoise(backbone, schedule, x_active, eps, start, end, target, cond_active, renoise_iterations,
                        renoise_average_from)
+        if padding:
+            continue
         moved = _move(x_active, eps, start, end)
         if eta > 0 and move:
             moved = moved + eta * _posterior_std(start, end) * torch.randn(

@@ -9,6 +9,8 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.sharded import is_sharded
+
 
 class _OwnPadding(logging.Filter):
     """Drops transformers' "We strongly recommend passing in an `attention_mask`" while we generate: we pass the
@@ -39,7 +41,8 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], *, seed: int, m
             torch.manual_seed(seed + i)
             out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=is_sharded(model))  # FSDP2: every process steps until all have ended
             new = out[:, batch["input_ids"].shape[1]:]
             completions += [" " + text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:

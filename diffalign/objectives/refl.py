@@ -23,6 +23,7 @@ from diffalign.config import ObjectiveConfig, ranged
 from diffalign.diffusion import Backbone, Conditioning
 from diffalign.errors import UserError
 from diffalign.objectives.reward_gradient import RewardGradientObjective, RewardGradientOptions
+from diffalign.sharded import most_over_processes
 
 Tensor = torch.Tensor
 
@@ -65,8 +66,12 @@ class ReFL(RewardGradientObjective):
     def final_latents(self, backbone: Backbone, noise: Tensor, cond: Conditioning, policy: nn.Module,
                       randomness: dict[str, Tensor]) -> Tensor:
         rule, stop = self.rule(backbone, noise), self.first_trained_step(randomness)
+        latest = most_over_processes(stop, policy)  # agreed before any forward: an FSDP2 process may stop later
         x = self.sample(backbone, rule, noise.float(), cond, policy, randomness["step_noise"], 0, stop, stop)
-        output = self.model_output(backbone, x, rule.timesteps[stop:stop + 1].to(x.device), cond, policy, True)
+        at = rule.timesteps[stop:stop + 1].to(x.device)
+        for _ in range(latest - stop):  # as many forwards as that process makes, outputs dropped
+            self.model_output(backbone, x, at, cond, policy, False)
+        output = self.model_output(backbone, x, at, cond, policy, True)
         return rule.clean(stop, x, output)
 
     def reward_loss(self, reward: Tensor) -> Tensor:

@@ -143,14 +143,14 @@ def _memory_lines(config_path: str | Path, overrides: list[str], config: Config,
     except (DynamicOutputShapeException, DataDependentOutputException) as err:  # the step branches on values
         return [f"memory: not estimated: a step of {config.objective.name} depends on its data's values, which fake "
                 f"tensors do not hold ({type(err).__name__}); scripts/bench_memory.py --measure measures it on a GPU"]
-    table = " | ".join(f"{n} GPU{'s' if n > 1 else ''}: {sharded_per_gpu(row, n)['ZeRO-2']:.1f}" for n in gpus)
+    table = " | ".join(f"{n} GPU{'s' if n > 1 else ''}: {sharded_per_gpu(row, n)['FSDP2']:.1f}" for n in gpus)
     return [f"memory: peak per GPU about {row['peak_gb']:.1f} GiB at batch {config.train.batch_size}, estimated on "
             f"{source} (a lower bound: add 0.5-1 GiB of CUDA context)",
             f"  weights {row['weights_gb']:.2f}, trained {row['trained_weights_gb']:.3f} "
             f"({row['trained_params']:,} parameters), gradients {row['grads_gb']:.2f}, optimiser and EMA "
             f"{row['optimizer_and_ema_gb']:.2f}, activations {row['activations_gb']:.2f} GiB",
-            f"  with ZeRO-2 sharding (DeepSpeed stage 2), per GPU: {table}; scripts/bench_memory.py gives the full "
-            "table and the largest batch"] + _sampling_lines(config, row)
+            f"  with FSDP2 (configs/accelerate/fsdp2.yaml), per GPU: {table}; scripts/bench_memory.py gives the full "
+            "table (ZeRO, CPU offload) and the largest batch"] + _sampling_lines(config, row)
 
 
 def _sampling_lines(config: Config, row: dict[str, float]) -> list[str]:

@@ -38,6 +38,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffalign.errors import UserError
+from diffalign.sharded import local
 
 SHARDED_STATE = "sharded_state"  # a checkpoint's folder of DCP safetensors shards
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,17 +61,19 @@ def fsdp2_plugin(accelerator: Accelerator) -> FullyShardedDataParallelPlugin | N
     return plugin if plugin.fsdp_version == 2 else None
 
 
-def _blocks(module: nn.Module, plugin: FullyShardedDataParallelPlugin) -> list[nn.Module]:
-    """The submodules sharded one by one (the plugin's ``transformer_cls_names_to_wrap``, else the model's
-    ``_no_split_modules``), innermost first: a block's weights are gathered just for its own forward."""
-    names = set(plugin.transformer_cls_names_to_wrap or getattr(module, "_no_split_modules", None) or [])
+def block_modules(module: nn.Module, names: list[str] | None = None) -> list[nn.Module]:
+    """The submodules sharded one by one (classes named ``names``, else the model's ``_no_split_modules``),
+    innermost first: a block's weights are gathered just for its own forward."""
+    names = set(names or getattr(module, "_no_split_modules", None) or [])
     found = [m for m in module.modules() if type(m).__name__ in names and m is not module]
     return list(reversed(found))  # reversed pre-order: every module after the modules inside it
 
 
 def shard(module: nn.Module, plugin: FullyShardedDataParallelPlugin, mixed_precision: str,
-          reduce_dtype: str = "fp32") -> nn.Module:
-    """Shard ``module`` in place across the processes (its blocks, then the rest); returns it.
+          reduce_dtype: str = "fp32", called_apart: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """Shard ``module`` in place across the processes (its blocks, then the rest); returns it. ``called_apart``:
+    submodules that are called on their own, not inside ``module``'s forward (an objective's trained modules, such
+    as SparsePO's mask model), each sharded as a unit of its own so that its call gathers its weights.
 
     Under bf16/fp16 the weights are gathered in that dtype for compute (FSDP2's ``MixedPrecisionPolicy``),
     gradients averaged in ``reduce_dtype`` (``train.reduce_dtype``; accelerate's own FSDP2 policy reduces in the
@@ -83,22 +86,19 @@ def shard(module: nn.Module, plugin: FullyShardedDataParallelPlugin, mixed_preci
     settings = {"mp_policy": policy, "reshard_after_forward": plugin.reshard_after_forward}
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
         settings["offload_policy"] = plugin.cpu_offload
-    blocks = _blocks(module, plugin)
+    blocks = block_modules(module, plugin.transformer_cls_names_to_wrap)
     if not blocks:
         raise UserError(f"{type(module).__name__} names no blocks to shard (_no_split_modules), so FSDP2 would gather "
                         "the whole model for every forward; set fsdp_transformer_layer_cls_to_wrap in the accelerate "
                         "config to its block classes")
     if plugin.activation_checkpointing and getattr(module, "enable_gradient_checkpointing", None):
         module.enable_gradient_checkpointing()
-    for block in blocks:
+    for block in [*blocks, *called_apart]:
         fully_shard(block, **settings)
-    fully_shard(module, **settings)
+    # a peft wrapper holds no weights of its own and is bypassed by generate(): its base model is the root, so every
+    # call path gathers the root's weights
+    fully_shard(module.get_base_model() if hasattr(module, "get_base_model") else module, **settings)
     return module
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of ``tensor`` (a DTensor's local shard; any other tensor as it is)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def lockstep_share(count: int, process: int, processes: int) -> tuple[list[int], int]:
@@ -118,7 +118,13 @@ def _flat_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     """The trained weights and their AdamW state as one flat dict of (sharded) tensors, and the optimiser's state
     dict whose tensors they are."""
     model_state, optim_state = get_state_dict(module, optimizer, options=_OPTIONS)
-    flat = {f"model.{name}": value for name, value in model_state.items()}
+    flat, seen = {}, set()
+    for name, value in model_state.items():  # tied weights (a language model's embedding and head) saved once
+        part = local(value)
+        where = (part.untyped_storage().data_ptr(), part.storage_offset(), tuple(part.shape))
+        if part.numel() == 0 or where not in seen:
+            flat[f"model.{name}"] = value
+            seen.add(where)
     for name, slots in optim_state["state"].items():
         flat.update({f"optim.{name}.{slot}": value for slot, value in slots.items()})
     return flat, optim_state

@@ -29,6 +29,7 @@ from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.losses.self_play import preference_scores
 from diffalign.rewards.text import load_text_reward
+from diffalign.sharded import is_sharded
 from diffalign.train.config import Config
 from diffalign.train.rounds import RoundDriver
 
@@ -53,21 +54,37 @@ class TextRounds(RoundDriver):
             self.real, self.prompts = None, read_prompts(config.online.prompts)
         # one text reward (checked with the config); none for objectives whose pairs are the data against fresh samples
         self.reward = load_text_reward(config.online.reward) if objective.scored else None
+        self._sampled: list[str] | None = None  # the round every process sampled (FSDP2), for join
 
-    def join(self, r: int, folder: Path) -> None:
-        """Round r's completions and rewards, sampled and scored by the main process (the others wait)."""
-        acc, g, oc = self.accelerator, self.config.online.groups_per_round, self.config.online
-        rows = [(r * g + i) % len(self.prompts) for i in range(g)]
-        prompts = [self.prompts[i] for i in rows]
-        expanded = [p for p in prompts for _ in range(self.group_size)]
-        model = acc.unwrap_model(self.policy)
+    def _rows(self, r: int) -> list[int]:
+        g = self.config.online.groups_per_round
+        return [(r * g + i) % len(self.prompts) for i in range(g)]
+
+    def _sample(self, r: int) -> list[str]:
+        """Round r's completions, group after group, from the round's seed."""
+        expanded = [self.prompts[i] for i in self._rows(r) for _ in range(self.group_size)]
+        model = self.accelerator.unwrap_model(self.policy)
         was_training = model.training
         seed = int(torch.randint(0, 2**31 - 1, (), generator=example_generator(self.config.train.seed, r, 1, 0)))
         completions = sample_completions(model.eval(), self.tokenizer, expanded, seed=seed,
                                          max_new_tokens=self.objective.max_new_tokens,
                                          temperature=self.objective.temperature,
-                                         batch_size=oc.sample_batch_size * self.group_size)
+                                         batch_size=self.config.online.sample_batch_size * self.group_size)
         model.train(was_training)
+        return completions
+
+    def sample_part(self, r: int, folder: Path) -> None:
+        """Under FSDP2 the policy's forwards need every process: all sample the round, from the same seeds (the same
+        completions), and the main process keeps them for :meth:`join`. Whole weights: the main samples alone."""
+        self._sampled = self._sample(r) if is_sharded(self.policy) else None
+
+    def join(self, r: int, folder: Path) -> None:
+        """Round r's completions and rewards, sampled (see :meth:`sample_part`) and scored by the main process."""
+        g = self.config.online.groups_per_round
+        rows = self._rows(r)
+        prompts = [self.prompts[i] for i in rows]
+        expanded = [p for p in prompts for _ in range(self.group_size)]
+        completions = self._sampled if self._sampled is not None else self._sample(r)
         groups = [completions[i:i + self.group_size] for i in range(0, len(completions), self.group_size)]
         record = {"prompts": prompts, "group_size": self.group_size, "completions": groups}
         if self.real is not None:  # no reward: the data's completion is the pair's chosen one or its rejected one

@@ -383,14 +383,42 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
     row = breakdown(tracker, at_rest, grads, weights, params, states)
+    row.update(fsdp2_parts(denoiser, reference, tc.mixed_precision))
     if sampling is not None:
         row.update(sampling_gb=sampling / GIB, peak_gb=max(row["peak_gb"], sampling / GIB))
     return row
 
 
+def fsdp2_parts(denoiser: torch.nn.Module, reference: torch.nn.Module | None, mixed_precision: str
+                ) -> dict[str, float]:
+    """What FSDP2 (:mod:`diffalign.train.fsdp2`) shards and gathers, in GiB: ``sharded_weights_gb``, the denoiser's
+    parameters (frozen ones too: a LoRA's base) and a full fine-tune's frozen reference; ``gathered_gb``, what a
+    process holds whole at once during a step: the root module's own parameters (kept gathered from forward to
+    backward), two blocks (the one running and the next, prefetched) in the compute dtype, and one block's
+    gradients before they are reduced."""
+    from diffalign.train.fsdp2 import block_modules
+
+    compute = 2 if mixed_precision in ("bf16", "fp16") else None
+    whole = [m for m in (denoiser, reference) if isinstance(m, torch.nn.Module)]
+    sharded = sum(nbytes(m.parameters()) for m in whole)
+    blocks = block_modules(denoiser)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    as_computed = lambda params: sum(p.numel() * (compute or p.element_size()) for p in params)  # noqa: E731
+    largest = max((as_computed(b.parameters()) for b in blocks), default=0)
+    largest_grads = max((sum(p.numel() * 4 for p in b.parameters() if p.requires_grad) for b in blocks), default=0)
+    root = as_computed(p for p in denoiser.parameters() if id(p) not in in_blocks)
+    return {"sharded_weights_gb": sharded / GIB, "gathered_gb": (root + 2 * largest + largest_grads) / GIB}
+
+
 def sharded_per_gpu(row: dict[str, float], gpus: int) -> dict[str, float]:
-    """Per-GPU GiB when N GPUs shard what each strategy shards (see the module docstring)."""
-    optimizer, grads, weights = row["optimizer_and_ema_gb"], row["grads_gb"], row["trained_weights_gb"]
-    saved = {"DDP": 0.0, "ZeRO-1": optimizer, "ZeRO-2": optimizer + grads,
-             "ZeRO-3 / FSDP": optimizer + grads + weights}
-    return {name: row["peak_gb"] - (1 - 1 / gpus) * part for name, part in saved.items()}
+    """Per-GPU GiB when N GPUs shard what each strategy shards (see the module docstring): ZeRO-1 the optimiser
+    state, ZeRO-2 also the gradients; FSDP2 also every weight of the denoiser and of a full fine-tune's reference
+    (:func:`fsdp2_parts`), plus what it gathers; with CPU offload FSDP2's shards, gradients and optimiser state live
+    in host memory."""
+    optimizer, grads = row["optimizer_and_ema_gb"], row["grads_gb"]
+    # one process shards nothing (diffalign shards under FSDP2 from two processes on)
+    sharded = 0.0 if gpus == 1 else optimizer + grads + row["sharded_weights_gb"]
+    gathered = 0.0 if gpus == 1 else row["gathered_gb"]
+    saved = {"DDP": 0.0, "ZeRO-1": (1 - 1 / gpus) * optimizer, "ZeRO-2": (1 - 1 / gpus) * (optimizer + grads),
+             "FSDP2": (1 - 1 / gpus) * sharded - gathered, "FSDP2 + CPU offload": sharded - gathered}
+    return {name: row["peak_gb"] - part for name, part in saved.items()}

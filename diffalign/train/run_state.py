@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from diffalign.errors import UserError
-from diffalign.train.fsdp2 import gathered, local, sharded_like
+from diffalign.sharded import local
+from diffalign.train.fsdp2 import gathered, sharded_like
 
 STATE_FILE = "diffalign_state.safetensors"
 # the only pickles a checkpoint may hold: accelerate's RNG states, which it reads with weights_only=True
@@ -112,9 +113,10 @@ def refuse_pickles(folder: Path) -> None:
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One boolean tensor (no host sync): whether every value of ``tensors`` is finite. The max-norm, so huge finite
     values do not overflow into a false alarm as a sum of squares would."""
+    # a sharded tensor: this process's shard, which may be empty (the callers agree over all processes)
+    tensors = [part for part in map(local, tensors) if part.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    tensors = [local(t) for t in tensors]  # a sharded tensor: this process's shard (the callers agree over all)
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf, foreach=True))
 
 

@@ -37,7 +37,8 @@ def fsdp2_conflicts(config: Config, objective: type[Objective], processes: int) 
     conflicts = []
     if config.train.mixed_precision == "fp16":
         conflicts.append("train.mixed_precision=fp16 (its loss scaling is not built for sharded weights: use bf16)")
-    if objective.dataset == "online" and not objective.samples_in_loss and \
+    # (a text round is sampled whole by every process: no share to split)
+    if objective.dataset == "online" and not objective.samples_in_loss and objective.family != "lm" and \
             config.online.groups_per_round % processes:
         conflicts.append(f"online.groups_per_round={config.online.groups_per_round} is not a multiple of the "
                          f"{processes} processes (each samples as many groups as the others, in step)")

@@ -69,12 +69,12 @@ from diffalign.train.prompt_batches import PromptBatches
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
+from diffalign.sharded import local
 from diffalign.train.fsdp2 import (
     SHARDED_STATE,
     fsdp2_plugin,
     full_weights,
     load_sharded,
-    local,
     save_sharded,
     shard,
 )
@@ -314,7 +314,8 @@ class PreferenceTrainer:
         if self.fsdp2 is None:
             return
         tc = self.config.train
-        shard(self.module, self.fsdp2, tc.mixed_precision, tc.reduce_dtype)
+        shard(self.module, self.fsdp2, tc.mixed_precision, tc.reduce_dtype,
+              called_apart=tuple(self._objective_modules.values()))
         if isinstance(self.reference, nn.Module):  # a frozen copy (a LoRA run's reference is its own base)
             shard(self.reference, self.fsdp2, tc.mixed_precision, tc.reduce_dtype)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -684,10 +685,7 @@ class PreferenceTrainer:
                 pairs_done += logs.pop("pairs", 0)
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.max_steps:
-                    # means over processes (every rank has the same keys) in one all-reduce and one host sync
-                    names = sorted(logs)
-                    means = acc.reduce(torch.stack([logs[k].float().reshape(()).to(acc.device) for k in names]), "mean")
-                    logs = dict(zip(names, means.tolist()))
+                    logs = self._mean_over_processes(logs)
                     elapsed = time.perf_counter() - started  # since this process began training: rounds, steps,
                     logs.update(step=step, lr=self.lr_scheduler.get_last_lr()[0], elapsed_s=elapsed,  # validations
                                 train_s=elapsed - self._validation_s,  # the same without validations
@@ -722,6 +720,18 @@ class PreferenceTrainer:
         acc.wait_for_everyone()
         acc.end_training()
         return summary
+
+    def _mean_over_processes(self, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each logged figure's mean over the processes that have it, in one all-reduce and one host sync. A process
+        can lack a figure another has (KTO's rejected-side log-prob when its micro-batch holds only desirable rows),
+        so the names are agreed first; a figure no process has this step is not logged."""
+        acc = self.accelerator
+        names = sorted(set().union(*gather_object([sorted(logs)]))) if acc.num_processes > 1 else sorted(logs)
+        values = [logs[k].float().reshape(()).to(acc.device) if k in logs else torch.zeros((), device=acc.device)
+                  for k in names]
+        present = [torch.ones((), device=acc.device) if k in logs else torch.zeros((), device=acc.device) for k in names]
+        sums, counts = acc.reduce(torch.stack([torch.stack(values), torch.stack(present)]), "sum").tolist()
+        return {k: total / count for k, total, count in zip(names, sums, counts) if count}
 
     def _optimizer_step(self, step: int) -> tuple[dict[str, Any], bool]:
         tc, acc = self.config.train, self.accelerator
