@@ -20,16 +20,16 @@ SMALL = ["train.max_steps=2", "online.groups_per_round=2", "online.group_size=2"
 
 @pytest.mark.slow
 def test_the_script_trains_each_method_and_tables_its_validations_against_training_time(tmp_path):
-    args = [*SCRIPT, "--objectives", "dgpo,awm", "--every", "1", "--out", str(tmp_path),
+    args = [*SCRIPT, "--objectives", "dgpo", "--every", "1", "--out", str(tmp_path),
             *(f"--set={override}" for override in SMALL)]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     curves = json.loads((tmp_path / "curves.json").read_text())
-    assert set(curves) == {"dgpo", "awm"}
+    assert set(curves) == {"dgpo"}  # one method: each is the same diffalign train from its toy config
     for records in curves.values():  # step 0, 1, 2; training time from 0, growing, validations left out
         assert [r["step"] for r in records] == [0, 1, 2]
         assert records[0]["train_s"] < records[1]["train_s"] < records[2]["train_s"]
-    assert "| dgpo | " in done.stdout and "| awm | " in done.stdout and "train s to +0.05" in done.stdout
+    assert "| dgpo | " in done.stdout and "train s to +0.05" in done.stdout
     assert (tmp_path / "reward_time.png").stat().st_size > 0
     again = subprocess.run([*SCRIPT, "--objectives", "dgpo", "--reuse", "--out", str(tmp_path)], capture_output=True,
                            text=True, cwd=ROOT, timeout=600)

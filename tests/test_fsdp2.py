@@ -95,27 +95,27 @@ def _losses(run: Path) -> list[float]:
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_what_one_process_does(tmp_path):
     """Diffusion-DPO (LoRA, with validation; full, with an EMA), Flow-GRPO, DiffusionNFT and SPPO on tiny SD3 and
-    FLUX, and online DPO on the toy language model: two FSDP2 processes at half the batch end with the weights of one process (to float rounding, far below
-    the updates), log the same losses and validation scores; the two-process checkpoints (their own shards in
-    safetensors, no pickle of weights) resume on one process and on two to the weights of the straight runs."""
+    FLUX, and online DPO on the toy language model: two FSDP2 processes at half the batch end with the weights of one
+    process (to float rounding, far below the updates) and log the same losses and validation scores. Their
+    checkpoints (each process's shards as safetensors, no pickle of weights) resume: SPPO's, stopped at step 2 of 3,
+    on the same two processes (its pi_t read back as shards), Diffusion-DPO's on one process."""
     pairs = pickapic_parquet(tmp_path / "pairs.parquet", 8)
     runs = _runs(pairs)
-    launch = {name: [str(CONFIGS / config), [*overrides, _batch(config, overrides, 2)]]
-              for name, (config, overrides) in runs.items()}
-    (tmp_path / "runs.json").write_text(json.dumps([[config, [*overrides, f"output_dir={tmp_path / name}_2"]]
-                                                    for name, (config, overrides) in launch.items()]))
-    # SPPO's 2-process checkpoint at step 2 continued by 2 processes: the shards and pi_t read back as shards
-    config, overrides = launch["sppo"]
-    (tmp_path / "resumed.json").write_text(json.dumps([[config, [*overrides, f"output_dir={tmp_path / 'sppo_resumed_2'}",
-                                                                 "train.resume=latest"]]]))
-    env = launch_env(ROOT / "configs/accelerate/fsdp2.yaml")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(ROOT / "tests/fsdp2_runs.py")]
-    two = Started([*torchrun, str(tmp_path / "runs.json")], env=env)
+    launch = []
+    for name, (config, overrides) in runs.items():
+        two = [*overrides, _batch(config, overrides, 2), f"output_dir={tmp_path / name}_2"]
+        if name == "sppo":  # stopped at its checkpoint, then resumed by the same launch
+            launch.append([str(CONFIGS / config), [*two, "train.max_steps=2"]])
+            two.append("train.resume=latest")
+        launch.append([str(CONFIGS / config), two])
+    (tmp_path / "runs.json").write_text(json.dumps(launch))
+    torchrun = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests/launch_runs.py"), str(tmp_path / "runs.json")],
+                       env=launch_env(ROOT / "configs/accelerate/fsdp2.yaml"))
     for name, (config, overrides) in runs.items():  # beside them
         train(load_config(CONFIGS / config, [*overrides, _batch(config, overrides, 1), f"output_dir={tmp_path / name}"]))
-    two = two.result(timeout=300)
-    assert two.returncode == 0, two.stderr[-4000:]
+    done = torchrun.result(timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "dpo_lora_2/checkpoints/step-0000002/sharded_state").is_dir()
     for name in runs:
         one, sharded = _weights(tmp_path / name), _weights(tmp_path / f"{name}_2")
@@ -125,27 +125,35 @@ def test_fsdp2_on_two_processes_trains_what_one_process_does(tmp_path):
         for key in one:
             torch.testing.assert_close(sharded[key], one[key], atol=2e-5, rtol=0, msg=f"{name} {key}")
         assert _losses(tmp_path / f"{name}_2") == pytest.approx(_losses(tmp_path / name), rel=1e-4, abs=1e-6)
+    # each process sampled and scored every other group of a round, the main process joined them: the round one
+    # process samples (each group draws from its own generator), its parts cleaned up; the bar shows its own share
+    assert "round 0: sampling 1 groups of 4" in done.stderr and "sampling 2 groups" not in done.stderr
+    one, two = (tmp_path / run / "rounds/round-00000" for run in ("grpo", "grpo_2"))
+    a, b = (load_file(folder / "trajectories.safetensors") for folder in (one, two))
+    assert a.keys() == b.keys() and a["latents"].shape[0] == 8
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-3)
+    record = {run: json.loads((folder / "groups.json").read_text()) for run, folder in (("one", one), ("two", two))}
+    assert record["one"]["prompts"] == record["two"]["prompts"]
+    torch.testing.assert_close(torch.tensor(record["two"]["rewards"]), torch.tensor(record["one"]["rewards"]),
+                               rtol=0, atol=1e-3)
+    assert sorted(p.name for p in (two / "images").iterdir()) == [f"group{i:04d}-{j}.png" for i in range(2)
+                                                                   for j in range(4)]
+    assert not list(two.glob("part-*"))
     validated = [[json.loads(x) for x in (tmp_path / run / "validation.jsonl").read_text().splitlines()]
                  for run in ("dpo_lora", "dpo_lora_2")]
     assert [x["step"] for x in validated[1]] == [0, 3]
     for one, two_ in zip(*validated):
         assert two_["val_toy_preference"] == pytest.approx(one["val_toy_preference"], rel=1e-5, abs=1e-7)
 
-    # the 2-process checkpoints continued: on one process (DDP's path), and SPPO on two
-    for run, resumed_run in (("dpo_lora_2", "dpo_lora_resumed_1"), ("sppo_2", "sppo_resumed_2")):
-        shutil.copytree(tmp_path / run / "checkpoints", tmp_path / resumed_run / "checkpoints")
+    # Diffusion-DPO's two-process checkpoint at step 2 continued on one process, without sharding
+    shutil.copytree(tmp_path / "dpo_lora_2/checkpoints", tmp_path / "dpo_lora_resumed/checkpoints")
     config, overrides = runs["dpo_lora"]
-    again = Started([*torchrun, str(tmp_path / "resumed.json")], env=env)
     train(load_config(CONFIGS / config, [*overrides, _batch(config, overrides, 1), "train.resume=latest",
-                                         f"output_dir={tmp_path / 'dpo_lora_resumed_1'}"]))
-    again = again.result(timeout=300)
-    assert again.returncode == 0, again.stderr[-4000:]
-    for straight, resumed_run in (("dpo_lora", "dpo_lora_resumed_1"), ("sppo", "sppo_resumed_2")):
-        a, b = _weights(tmp_path / straight), _weights(tmp_path / resumed_run)
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=0, msg=f"{resumed_run} {key}")
-
-
+                                         f"output_dir={tmp_path / 'dpo_lora_resumed'}"]))
+    straight, resumed = _weights(tmp_path / "dpo_lora"), _weights(tmp_path / "dpo_lora_resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=2e-5, rtol=0, msg=key)
 
 def test_lockstep_shares_pad_to_the_largest():
     """3 validation images on 2 processes: process 0 samples 0 and 2, process 1 samples 1 and a padding copy of

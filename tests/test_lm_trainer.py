@@ -96,27 +96,31 @@ def test_an_lm_run_resumes_exactly(tmp_path, lora):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [0, 4])
-def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path, lora):
-    """torchrun (gloo) at 2 pairs per process vs one process at 4; a LoRA run's reference is its base with the
-    adapters disabled on each process."""
+def test_two_lm_processes_compute_what_one_does_at_double_batch(tmp_path):
+    """torchrun (gloo) at 2 pairs per process vs one process at 4, full and LoRA (one launch runs both, one after the
+    other: tests/launch_runs.py); a LoRA run's reference is its base with the adapters disabled on each process, a
+    full run's a frozen copy on each."""
     data = text_pairs(tmp_path / "pairs.parquet", n=8)
     common = ["model.path=" + str(TOY_LM), "objective.name=lm_dpo", "objective.loss=dpo", f"data.path={data}",
               "train.max_steps=3", "train.checkpoint_every=0", "train.log_every=1", "train.report_to=none",
-              "train.learning_rate=1e-3", "train.adam_epsilon=1e-3", f"train.lora_rank={lora}"]
+              "train.learning_rate=1e-3", "train.adam_epsilon=1e-3"]
+    runs = {f"lora{lora}": [*common, f"train.lora_rank={lora}"] for lora in (0, 4)}
+    (tmp_path / "runs.json").write_text(json.dumps([[None, [*overrides, f"output_dir={tmp_path / name}_two",
+                                                             "train.batch_size=2"]] for name, overrides in runs.items()]))
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign",
-                          "train", str(empty_yaml(tmp_path)), *common,
-                          f"output_dir={tmp_path / 'two'}", "train.batch_size=2"], env=env)
-    train(load_config(None, [*common, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"]))  # beside them
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(ROOT / "tests/launch_runs.py"), str(tmp_path / "runs.json")], env=env)
+    for name, overrides in runs.items():  # beside them
+        train(load_config(None, [*overrides, f"output_dir={tmp_path / name}", "train.batch_size=4"]))
     two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
-    for one, two_ in zip(logged(tmp_path / "one"), logged(tmp_path / "two")):
-        assert two_ == pytest.approx(one, rel=1e-5)
-    weights = "adapter_model.safetensors" if lora else "model.safetensors"
-    a, b = (load_file(tmp_path / run / "final" / weights) for run in ("one", "two"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)
+    for name in runs:
+        for one, two_ in zip(logged(tmp_path / name), logged(tmp_path / f"{name}_two")):
+            assert two_ == pytest.approx(one, rel=1e-5)
+        weights = "adapter_model.safetensors" if name == "lora4" else "model.safetensors"
+        a, b = (load_file(tmp_path / run / "final" / weights) for run in (name, f"{name}_two"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=0)
 
 
 def test_per_pair_weights_scale_each_pairs_loss(tmp_path):

@@ -81,44 +81,6 @@ def test_online_rounds_are_sampled_scored_and_resumed_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-@pytest.mark.slow
-def test_two_processes_sample_a_round_as_one_process_does(tmp_path):
-    """Each of two processes samples and scores every other pair of a round on its own device; each pair
-    has its own generator, so the round is the one a single process samples, up to the rounding of
-    another batch size (measured: latents up to 1e-4 apart, log-probabilities 2e-7, rewards equal; a pair
-    drawn from another pair's noise would be O(1) apart)."""
-    import os
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = ["-m", "diffalign", "train", str(ROOT / "configs/toy_d3po.yaml"), *_SMALL, "train.max_steps=1"]
-    launchers = {"one": [sys.executable, *command, "train.batch_size=2"],
-                 "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command,
-                         "train.batch_size=1"]}
-    from fixtures import run_together
-
-    shown = {}
-    for name, done in run_together({name: [*launch, f"output_dir={tmp_path / name}"]
-                                    for name, launch in launchers.items()}, cwd=ROOT, env=env).items():
-        assert done.returncode == 0, done.stderr[-3000:]
-        shown[name] = done.stderr
-    # the main process's progress bar: its own share, not the whole round
-    assert "round 0: sampling 4 groups of 2" in shown["one"] and "round 0: sampling 2 groups of 2" in shown["two"]
-    assert "sampling 4 groups" not in shown["two"]
-    one, two = (tmp_path / run / "rounds" / "round-00000" for run in ("one", "two"))
-    a, b = (load_file(str(folder / "trajectories.safetensors")) for folder in (one, two))
-    assert a.keys() == b.keys() == {"latents", "timesteps", "log_probs", "stochastic"} and a["latents"].shape[0] == 8
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
-    record = {run: json.loads((folder / "groups.json").read_text()) for run, folder in (("one", one), ("two", two))}
-    assert record["one"]["prompts"] == record["two"]["prompts"]
-    torch.testing.assert_close(torch.tensor(record["one"]["rewards"]), torch.tensor(record["two"]["rewards"]),
-                               rtol=0, atol=1e-3)
-    assert sorted(p.name for p in (two / "images").iterdir()) == [f"group{i:04d}-{j}.png" for i in range(4)
-                                                                   for j in (0, 1)]
-    assert not list(two.glob("part-*"))
-
-
 def test_a_round_sampled_a_pair_at_a_time_is_the_round_sampled_at_once(tmp_path):
     """``online.sample_batch_size`` bounds the sampler's memory; since each pair has its own generator, the
     round it samples is the same (up to the rounding of another batch size; measured: equal). The VAE

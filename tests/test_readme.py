@@ -51,7 +51,8 @@ NOT_RUN = [
     (r"^diffalign train configs/(?!toy_|tiny_)\S+ --smoke$", "tests/test_recipes.py runs every recipe's smoke command "
      "as written"),
     (r"^tensorboard ", "serves a page until stopped; tests/test_tracking.py reads the event files it shows"),
-    (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU"),
+    (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU, "
+     "tests/test_fsdp2.py two under FSDP2 with the environment configs/accelerate/fsdp2.yaml gives"),
     (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
      "commands as README gives them, with a person's labels given in Chromium"),
     (r"^python scripts/train_toy_(base|lm)\.py( |$)", "retrains a shipped base model (20-25 minutes on 2 cores); "
