@@ -9,7 +9,7 @@ every caller of the denoiser (the objective's forwards, the LoRA reference with 
 disabled, the online rounds' sampler, validation) calls the sharded module, whose forward gathers
 each block's weights just before the block runs and frees them after: no process ever holds the
 whole model. Every process must therefore run the denoiser the same number of times
-(:func:`lockstep_share`).
+(:func:`lockstep_share`, :func:`diffalign.sharded.most_over_processes`).
 
 Checkpoints hold each process's shard of the trained weights and of AdamW's moments through torch's
 distributed checkpoint (DCP) as safetensors (``HuggingFaceStorageWriter``): no pickle, and a run

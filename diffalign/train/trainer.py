@@ -859,6 +859,15 @@ class PreferenceTrainer:
         state["final_from_step"] = best
         return f"{why} The final weights are step {best}'s."
 
+    def _gpu_peak_gib(self) -> float | None:
+        """The largest ``torch.cuda.max_memory_allocated`` of any process over the run, in GiB (what
+        scripts/gpu_fsdp2.sh reads to measure a sharded run); None without CUDA. Every process takes part."""
+        if self.accelerator.device.type != "cuda":
+            return None
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30],
+                            device=self.accelerator.device)
+        return float(self.accelerator.gather(peak).max())
+
     def _bad_rows(self) -> dict[tuple[int, str], str]:
         """The bad rows the run's table has met, by (row, column); none for a run that reads no table."""
         return {} if self.dataset is None else self.dataset.bad_rows
@@ -902,6 +911,7 @@ class PreferenceTrainer:
             "stopped_early": state.get("stopped_early"),  # a watch's reason, when one stopped the run
             "final_from_step": state.get("final_from_step"),  # the best step whose weights the run ended with
             "skipped_rows": self._skipped_rows_of_all_processes(),
+            "gpu_peak_gib": self._gpu_peak_gib(),  # the most any process's GPU held (None on CPUs)
             "final": None if final_dir is None else str(final_dir),
             "last": history[-1] if history else {},
         }
