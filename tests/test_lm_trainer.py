@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures import Started, chat_lm
-from lm_helpers import empty_yaml, lm_config, logged, text_pairs
+from lm_helpers import lm_config, logged, text_pairs
 from safetensors.torch import load_file
 
 from diffalign.data.text import TextPairDataset
