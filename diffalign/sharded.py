@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+SHARDED_STATE = "sharded_state"  # a checkpoint's folder of an FSDP2 run's shards (diffalign.train.fsdp2)
+
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of ``tensor`` (a DTensor's local shard; any other tensor as it is)."""

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from diffalign.errors import UserError
-from diffalign.train.fsdp2 import SHARDED_STATE
+from diffalign.sharded import SHARDED_STATE
 
 
 def _trained_names(model: nn.Module) -> set[str]:

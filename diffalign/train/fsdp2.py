@@ -38,9 +38,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffalign.errors import UserError
-from diffalign.sharded import local
+from diffalign.sharded import SHARDED_STATE, local
 
-SHARDED_STATE = "sharded_state"  # a checkpoint's folder of DCP safetensors shards
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from PIL import Image
+from torch import nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import (
@@ -61,6 +61,7 @@ from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import PausedRound, UserError
 from diffalign.objectives import OBJECTIVES
 from diffalign.objectives.base import data_layout
+from diffalign.sharded import SHARDED_STATE, local
 from diffalign.train.config import Config, save_config, to_dict
 from diffalign.train.ema import ema_step
 from diffalign.train.models import build_models
@@ -69,9 +70,7 @@ from diffalign.train.prompt_batches import PromptBatches
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
-from diffalign.sharded import local
 from diffalign.train.fsdp2 import (
-    SHARDED_STATE,
     fsdp2_plugin,
     full_weights,
     load_sharded,
@@ -246,6 +245,7 @@ class PreferenceTrainer:
         # then aborts a finished torchrun worker now and then ("terminate called without an active exception")
         accelerator = self.accelerator
         self.objective.mean_over_processes = lambda value: accelerator.reduce(value.reshape(1), "mean")[0]
+        self._shard()  # under FSDP2: before the optimiser, which takes the sharded parameters
         self._build_optimizer()
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
         for i, stateful in enumerate(self.objective.attach(self.module)):
@@ -322,7 +322,6 @@ class PreferenceTrainer:
 
     def _build_optimizer(self) -> None:
         tc = self.config.train
-        self._shard()
         if tc.adam_8bit:
             try:
                 import bitsandbytes as bnb
