@@ -38,7 +38,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffalign.errors import UserError
-from diffalign.sharded import SHARDED_STATE, local
+from diffalign.sharded import SHARDED_STATE
 
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -113,17 +113,23 @@ def lockstep_share(count: int, process: int, processes: int) -> tuple[list[int],
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 
 
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Each second name of a tied parameter (a language model's output head tied to its embedding) -> its first."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(id(param), name)
+        if owner != name:
+            aliases[name] = owner
+    return aliases
+
+
 def _flat_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The trained weights and their AdamW state as one flat dict of (sharded) tensors, and the optimiser's state
-    dict whose tensors they are."""
+    """The trained weights (a tied one once, under its first name) and their AdamW state as one flat dict of
+    (sharded) tensors, and the optimiser's state dict whose tensors they are."""
     model_state, optim_state = get_state_dict(module, optimizer, options=_OPTIONS)
-    flat, seen = {}, set()
-    for name, value in model_state.items():  # tied weights (a language model's embedding and head) saved once
-        part = local(value)
-        where = (part.untyped_storage().data_ptr(), part.storage_offset(), tuple(part.shape))
-        if part.numel() == 0 or where not in seen:
-            flat[f"model.{name}"] = value
-            seen.add(where)
+    aliases = _tied_aliases(module)
+    flat = {f"model.{name}": value for name, value in model_state.items() if name not in aliases}
     for name, slots in optim_state["state"].items():
         flat.update({f"optim.{name}.{slot}": value for slot, value in slots.items()})
     return flat, optim_state
@@ -161,11 +167,9 @@ def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     tensor at a time; all processes must call it. Tied weights (a language model's embedding and output head) are
     one tensor again under each of their names, as in an unsharded state dict, so a save dedups them as it would."""
     whole = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    first: dict[int, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        owner = first.setdefault(id(param), name)
-        if owner != name and owner in whole and name in whole:
-            whole[name] = whole[owner]
+    for alias, owner in _tied_aliases(module).items():
+        if owner in whole and alias in whole:
+            whole[alias] = whole[owner]
     return whole
 
 
