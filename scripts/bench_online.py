@@ -27,7 +27,11 @@ The in-process comparison above is a profiling aid: it times the two structures'
 ``--flow-grpo PATH`` compares whole programs instead: Flow-GRPO's own ``scripts/train_sd3.py`` from a local checkout of
 yifan123/flow_grpo (nothing of it is copied into this repository) against ``diffalign train configs/sd3_grpo.yaml``,
 both on the same SD3-architecture weights (``--models``' first, random weights written to a local folder), the same
-prompts, rounds, steps, LoRA, optimiser and reward, as separate processes, alternating A B A B (``--repeats`` each):
+prompts (T5 embeddings of 128 tokens, as the script encodes them: the recipe's ``model.prompt_tokens``), rounds,
+steps, LoRA, optimiser and reward, as separate processes, alternating A B A B (``--repeats`` each). Both sample the
+same number of images at once, by default the most Flow-GRPO's script can (its training batch is its sampling batch,
+so a round trained in S optimiser steps samples at most 1/S of it at once); a second diffalign row samples the whole
+round at once, which diffalign's round driver can because it trains on micro-batches of its own size:
 
     pip install absl-py ml_collections wandb                         # what train_sd3.py imports
     python scripts/bench_online.py --flow-grpo ~/flow_grpo --models tiny-sd3 --resolution 64 --repeats 3
@@ -200,8 +204,21 @@ SCRIPT_CHANGES = {
     "\n    while True:\n": '\n    while epoch < int(os.environ["BENCH_EPOCHS"]):\n',
     "\n        if epoch % config.eval_freq == 0:\n": "\n        if epoch % config.eval_freq == 0 and epoch > 0:\n",
 }
+DIFFALIGN = "diffalign train"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-IMAGES_PER_BATCH = 4  # Flow-GRPO samples a batch of one prompt's images; diffalign one group at a time
+
+
+def flow_grpo_batch(args) -> int:
+    """The images Flow-GRPO's script samples at once: ``--sample-batch``, by default the most it can for the round's
+    optimiser steps. Its training re-batches the round into batches of that size and steps the optimiser after
+    whole batches, so a round of P images trained in S steps samples at most P / S at once (8 for 4 x 4 in 2)."""
+    per_round = args.groups * args.group_size
+    batch = args.sample_batch or per_round // args.steps_per_round
+    if per_round % (batch * args.steps_per_round):
+        raise SystemExit(f"--sample-batch {batch}: Flow-GRPO's script needs the round's {per_round} images to split "
+                         f"into batches of it, a whole number of batches to each of its {args.steps_per_round} "
+                         "optimiser steps")
+    return batch
 
 
 def patched_train_script(checkout: Path, work: Path) -> Path:
@@ -219,7 +236,7 @@ def patched_train_script(checkout: Path, work: Path) -> Path:
 
 def flow_grpo_config(args, checkout: Path, weights: Path, prompts: Path, logs: Path) -> str:
     """A config file in Flow-GRPO's format (its config/base.py with the comparison's settings)."""
-    per_round = args.groups * args.group_size
+    per_round, batch = args.groups * args.group_size, flow_grpo_batch(args)
     return f'''import importlib.util
 
 spec = importlib.util.spec_from_file_location("flow_grpo_base", {str(checkout / "config" / "base.py")!r})
@@ -236,12 +253,12 @@ def get_config():
     config.pretrained.model = {str(weights)!r}
     config.sample.num_steps = config.sample.eval_num_steps = {args.sample_steps}
     config.sample.guidance_scale, config.sample.noise_level = 4.5, 0.7
-    config.sample.train_batch_size = config.sample.test_batch_size = {IMAGES_PER_BATCH}
+    config.sample.train_batch_size = config.sample.test_batch_size = {batch}
     config.sample.num_image_per_prompt = {args.group_size}
-    config.sample.num_batches_per_epoch = {per_round // IMAGES_PER_BATCH}
+    config.sample.num_batches_per_epoch = {per_round // batch}
     config.sample.global_std = True
-    config.train.batch_size = {IMAGES_PER_BATCH}
-    config.train.gradient_accumulation_steps = {per_round // IMAGES_PER_BATCH // args.steps_per_round}
+    config.train.batch_size = {batch}
+    config.train.gradient_accumulation_steps = {per_round // batch // args.steps_per_round}
     config.train.learning_rate, config.train.clip_range, config.train.beta = 3e-4, 1e-4, {args.kl}
     config.train.timestep_fraction, config.train.ema, config.train.cfg = 1.0, False, True
     config.reward_fn = {{"jpeg_compressibility": 1.0}}
@@ -250,15 +267,17 @@ def get_config():
 '''
 
 
-def diffalign_overrides(args, weights: Path, prompts: Path, out: Path) -> list[str]:
-    """configs/sd3_grpo.yaml (Flow-GRPO's recipe) at the comparison's settings: every step trained, no EMA."""
+def diffalign_overrides(args, weights: Path, prompts: Path, out: Path, sample_groups: int) -> list[str]:
+    """configs/sd3_grpo.yaml (Flow-GRPO's recipe, whose T5 prompts are 128 tokens as the script's) at the comparison's
+    settings: every step trained, no EMA, ``sample_groups`` groups sampled at once; each optimiser step accumulates
+    as many micro-batches as Flow-GRPO's does batches, each of the same (image, step) units."""
     per_round = args.groups * args.group_size
     units = per_round * args.sample_steps // args.steps_per_round  # (image, step) units per optimiser step
-    accumulation = per_round // IMAGES_PER_BATCH // args.steps_per_round
+    accumulation = per_round // flow_grpo_batch(args) // args.steps_per_round
     return [f"model.path={weights}", "model.gradient_checkpointing=false", "objective.t_range=[0.0, 1.0]",
             f"objective.sample_steps={args.sample_steps}", f"objective.options.kl_coef={args.kl}",
             f"online.prompts={prompts / 'train.txt'}", f"online.groups_per_round={args.groups}",
-            f"online.group_size={args.group_size}", "online.sample_batch_size=1",
+            f"online.group_size={args.group_size}", f"online.sample_batch_size={sample_groups}",
             f"online.steps_per_round={args.steps_per_round}", "online.reward=jpeg_compressibility",
             f"data.resolution={args.resolution}", f"train.batch_size={units // accumulation}",
             f"train.gradient_accumulation={accumulation}", f"train.max_steps={args.rounds * args.steps_per_round}",
@@ -342,21 +361,26 @@ def compare_with_flow_grpo(args) -> None:
         prompts.mkdir()
         lines = read_prompts("general")[:32]
         (prompts / "train.txt").write_text("\n".join(lines) + "\n")
-        (prompts / "test.txt").write_text("\n".join(lines[:IMAGES_PER_BATCH]) + "\n")
+        (prompts / "test.txt").write_text("\n".join(lines[:flow_grpo_batch(args)]) + "\n")
         config = work / "flow_grpo_config.py"
         config.write_text(flow_grpo_config(args, checkout, weights, prompts, work / "logs"))
         script = patched_train_script(checkout, work)
         env = {**os.environ, "PYTHONPATH": str(checkout), "WANDB_MODE": "disabled", "BENCH_EPOCHS": str(args.rounds),
                "TOKENIZERS_PARALLELISM": "false"}
+        batch = flow_grpo_batch(args)
         commands = {
-            "flow_grpo train_sd3.py": ([sys.executable, str(script), f"--config={config}"], "Epoch 0: sampling", checkout),
-            "diffalign train": ([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / "sd3_grpo.yaml"),
-                                 *diffalign_overrides(args, weights, prompts, work / "run")], "round 0: sampling", ROOT),
-        }
+            "flow_grpo train_sd3.py": ([sys.executable, str(script), f"--config={config}"], "Epoch 0: sampling", checkout)}
+        # diffalign samples whole groups: as many as Flow-GRPO's batch holds, then (its sampling batch is not its
+        # training batch) the whole round at once
+        for groups in dict.fromkeys([max(1, batch // args.group_size), args.groups]):
+            name = DIFFALIGN if groups * args.group_size == batch else f"{DIFFALIGN}, {groups * args.group_size} sampled at once"
+            commands[name] = ([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / "sd3_grpo.yaml"),
+                               *diffalign_overrides(args, weights, prompts, work / "run", groups)], "round 0: sampling",
+                              ROOT)
         if args.profile:
             import subprocess
 
-            print(f"| phase (s, main thread) | {' | '.join(commands)} |\n|---|---|---|")
+            print(f"| phase (s, main thread) | {' | '.join(commands)} |\n|---|" + "---|" * len(commands))
             phases = {}
             for name, (command, _, cwd) in commands.items():
                 shutil.rmtree(work / "run", ignore_errors=True)
@@ -377,7 +401,8 @@ def compare_with_flow_grpo(args) -> None:
                       flush=True)
     images, steps = args.rounds * args.groups * args.group_size, args.rounds * args.steps_per_round
     print(f"\n{model} ({args.resolution} px, {args.precision}), {args.rounds} rounds of {args.groups} prompts x "
-          f"{args.group_size} images, {args.sample_steps} steps, {steps} optimiser steps, KL {args.kl}; medians of "
+          f"{args.group_size} images sampled {flow_grpo_batch(args)} at a time (unless the row says otherwise), "
+          f"{args.sample_steps} steps, {steps} optimiser steps, KL {args.kl}; medians of "
           f"{args.repeats}, alternating. Flow-GRPO's script changed on a copy: "
           + "; ".join(f"{old.strip()!r} -> {new.strip()!r}" for old, new in SCRIPT_CHANGES.items()) + "\n")
     print("| program | whole process (s) | in the loop (s) | images/s | optimiser steps/s |")
@@ -387,9 +412,11 @@ def compare_with_flow_grpo(args) -> None:
         whole, loop = statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs)
         rows[name] = (whole, loop)
         print(f"| {name} | {whole:.1f} | {loop:.1f} | {images / loop:.2f} | {steps / loop:.3f} |")
-    (ours_whole, ours_loop), (theirs_whole, theirs_loop) = rows["diffalign train"], rows["flow_grpo train_sd3.py"]
-    print(f"\ndiffalign vs Flow-GRPO's script: {theirs_whole / ours_whole:.2f}x whole process, "
-          f"{theirs_loop / ours_loop:.2f}x in the loop")
+    theirs_whole, theirs_loop = rows.pop("flow_grpo train_sd3.py")
+    print()
+    for name, (ours_whole, ours_loop) in rows.items():
+        print(f"{name} vs Flow-GRPO's script: {theirs_whole / ours_whole:.2f}x whole process, "
+              f"{theirs_loop / ours_loop:.2f}x in the loop")
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                          "runs": {k: v for k, v in times.items()}}, indent=1))
@@ -400,7 +427,9 @@ def main() -> None:
     parser.add_argument("--models", default="toy-base,tiny-sd3", help="folders under assets/models")
     parser.add_argument("--groups", type=int, default=4, help="prompts per round")
     parser.add_argument("--group-size", type=int, default=8, help="images per prompt")
-    parser.add_argument("--sample-batch", type=int, default=16, help="images sampled at once (a multiple of the group size)")
+    parser.add_argument("--sample-batch", type=int, help="images sampled at once (a multiple of the group size; 16). "
+                        "--flow-grpo: Flow-GRPO's batch (by default the most its script can for --steps-per-round: "
+                        "the round's images over the steps), also diffalign's in its first row")
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--train-batch", type=int, default=2, help="trajectories per micro-batch of the loop")
     parser.add_argument("--accumulation", type=int, default=2)
@@ -423,6 +452,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.flow_grpo is not None:
         return compare_with_flow_grpo(args)
+    args.sample_batch = args.sample_batch or 16
     if args.sample_batch % args.group_size:
         raise SystemExit("--sample-batch must be a multiple of --group-size (the driver samples whole groups)")
     rows = []

@@ -396,8 +396,8 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             clip_tokenizer(sub)
         elif config == "clip-tokenizer-pad!":
             clip_tokenizer(sub, pad_token="!")
-        elif config == "t5-tokenizer":
-            t5_tokenizer(sub)
+        elif config == "t5-tokenizer":  # the real architectures' limit is the released tokenizers' 512
+            t5_tokenizer(sub, 64 if name.startswith("tiny-") else 512)
         elif config == "qwen-chat-tokenizer":
             qwen_char_tokenizer(sub)
         elif config == "qwen-vl-processor":

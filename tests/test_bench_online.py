@@ -55,11 +55,15 @@ def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffa
     with pytest.raises(SystemExit, match="while True"):
         bench.patched_train_script(checkout, tmp_path)
     args = argparse.Namespace(groups=4, group_size=4, sample_steps=10, steps_per_round=2, rounds=2, resolution=64,
-                              precision="no", kl=0.0)
+                              precision="no", kl=0.0, sample_batch=None)
+    assert bench.flow_grpo_batch(args) == 8  # the round's 16 images over its 2 optimiser steps
+    with pytest.raises(SystemExit, match="--sample-batch 16"):  # one batch cannot feed two optimiser steps
+        bench.flow_grpo_batch(argparse.Namespace(**{**vars(args), "sample_batch": 16}))
     text = bench.flow_grpo_config(args, checkout, tmp_path / "weights", tmp_path / "prompts", tmp_path / "logs")
     ast.parse(text)
     lines = {line.strip() for line in text.splitlines()}
-    for line in ("config.sample.num_batches_per_epoch = 4", "config.train.gradient_accumulation_steps = 2",
+    for line in ("config.sample.num_batches_per_epoch = 2", "config.train.gradient_accumulation_steps = 1",
+                 "config.sample.train_batch_size = config.sample.test_batch_size = 8", "config.train.batch_size = 8",
                  "config.sample.num_image_per_prompt = 4", 'config.reward_fn = {"jpeg_compressibility": 1.0}',
                  "config.sample.guidance_scale, config.sample.noise_level = 4.5, 0.7",
                  "config.train.learning_rate, config.train.clip_range, config.train.beta = 3e-4, 1e-4, 0.0",
@@ -69,9 +73,11 @@ def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffa
     prompts.mkdir()
     (prompts / "train.txt").write_text("a cat\na dog\n")
     config = load_config(ROOT / "configs" / "sd3_grpo.yaml",
-                         bench.diffalign_overrides(args, ROOT / "assets/models/tiny-sd3", prompts, tmp_path / "run"))
-    # Flow-GRPO's step: 2 batches of 4 images x 10 steps = 80 (image, step) units; diffalign's: 40 x 2 accumulated
-    assert config.train.batch_size * config.train.gradient_accumulation == 80
+                         bench.diffalign_overrides(args, ROOT / "assets/models/tiny-sd3", prompts, tmp_path / "run", 2))
+    # Flow-GRPO's step: 1 batch of 8 images x 10 steps = 80 (image, step) units; diffalign's: 80 in one micro-batch
+    assert (config.train.batch_size, config.train.gradient_accumulation) == (80, 1)
+    assert config.online.sample_batch_size == 2  # groups of 4: Flow-GRPO's 8 images at once
+    assert config.model.prompt_tokens == 128  # train_sd3.py's max_sequence_length
     assert (config.online.groups_per_round, config.online.group_size, config.online.steps_per_round) == (4, 4, 2)
     assert config.train.max_steps == 4 and config.objective.options.kl_coef == 0.0
     assert config.train.lora_rank == 32 and config.train.lora_alpha == 64 and config.objective.t_range == [0.0, 1.0]

@@ -372,3 +372,24 @@ def test_random_weights_keep_the_pipeline_settings_of_the_model_index(tmp_path):
         (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": value}))
         assert load_pipeline(folder, random_init=True).config.force_zeros_for_empty_prompt is value
     assert load_pipeline(MODELS / "tiny-sd15", random_init=True).config.requires_safety_checker is False
+
+
+def test_prompt_tokens_sets_the_text_sequence_length_and_salts_the_prompt_cache(tmp_path):
+    """model.prompt_tokens: SD3's T5 prompts padded to that many tokens (Flow-GRPO's 128; the pipeline's own
+    encode_prompt with that max_sequence_length), cached apart from the default length's entries; a CLIP-only model
+    refuses it."""
+    pipe = load_pipeline(MODELS / "tiny-sd3", random_init=True, seed=0)
+    usual, short = backbone_for(pipe), backbone_for(pipe, prompt_tokens=128)
+    clip_tokens = usual.encode_prompts(PROMPTS).embeds.shape[1] - pipe.tokenizer_3.model_max_length
+    cond = short.encode_prompts(PROMPTS)
+    assert cond.embeds.shape[1] == clip_tokens + 128
+    expected, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
+                                                max_sequence_length=128)
+    torch.testing.assert_close(cond.embeds, expected)
+    torch.testing.assert_close(cond.pooled, pooled)
+    cache = TensorCache(tmp_path / "cache")
+    CachedEncoder(usual, cache, model_id="m").prompts(PROMPTS)
+    cached = CachedEncoder(short, cache, model_id="m").prompts(PROMPTS)  # not the default length's entries
+    assert len(cache) == 4 and cached.embeds.shape[1] == clip_tokens + 128
+    with pytest.raises(UserError, match="model.prompt_tokens=64: StableDiffusionPipeline"):
+        backbone_for(load_pipeline(MODELS / "tiny-sd15", random_init=True, seed=0), prompt_tokens=64)

@@ -62,3 +62,26 @@ def test_wandb_offline_gets_the_same(tmp_path, monkeypatch):
     record = next(offline.glob("run-*.wandb")).read_bytes()  # protobuf records keep their strings as written
     for logged in (b"val_toy_preference", b"implicit_acc", b"train.lora_targets", b"objective.beta"):
         assert logged in record, logged
+
+
+@pytest.mark.slow
+def test_an_animated_grid_reaches_wandb_as_a_gif_video(tmp_path, monkeypatch):
+    """A video run's animated grid (tensorboard's half is checked in tests/test_video.py) reaches wandb (offline, a
+    real run) as a GIF video of every frame, the temporary file it was handed removed."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from diffalign.train.tracking import log_animation
+
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    run = wandb.init(mode="offline", dir=tmp_path, project="diffalign-test")
+    frames = [Image.new("RGB", (16, 8), (40 * i, 0, 0)) for i in range(5)]
+    log_animation([SimpleNamespace(name="wandb", run=run)], "validation/samples", frames, step=2, fps=16)
+    run.finish()
+    (video,) = (tmp_path / "wandb").glob("offline-run-*/files/media/videos/validation/samples_*.gif")
+    assert Image.open(video).n_frames == 5
+    assert not list(tmp_path.glob("*.gif"))

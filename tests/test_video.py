@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffalign.diffusion import backbone_for, load_pipeline
-from diffalign.diffusion.backbones import WAN_PROMPT_TOKENS
 from diffalign.errors import UserError
 from diffalign.paths import ASSETS
 
@@ -74,7 +74,7 @@ def test_wan_predict_is_the_pipelines_own_call_and_its_latents_the_vaes(wan):
     prompts = ["a red circle", "a small blue square on a green field"]
     cond = backbone.encode_prompts(prompts)
     embeds, _ = wan.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
-    assert cond.embeds.shape == (2, WAN_PROMPT_TOKENS, 32)
+    assert cond.embeds.shape == (2, 512, 32)  # WanPipeline.__call__'s max_sequence_length
     torch.testing.assert_close(cond.embeds, embeds)
     latents = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_dpo_trains_wan_on_video_pairs_and_on_images_as_one_frame_clips(tmp_path
         data = pickapic_parquet(tmp_path / f"{name}.parquet", 4, frames=frames)
         run = _wan_run(tmp_path / name, data, f"data.frames={frames}", "data.fps=0", "validation.every=2",
                        "validation.prompts=[a red circle, a blue square]", "validation.images_per_prompt=1",
-                       "validation.steps=2", "validation.rewards=[jpeg_incompressibility]")
+                       "validation.steps=2", "validation.rewards=[jpeg_incompressibility]", "train.report_to=tensorboard")
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         validated = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
         assert [v["step"] for v in validated] == [0, 2] and validated[0]["val_jpeg_incompressibility"] > 0
@@ -243,6 +243,11 @@ def test_dpo_trains_wan_on_video_pairs_and_on_images_as_one_frame_clips(tmp_path
             assert animated.n_frames == 5 and animated.size == grid.size
         else:
             assert not (run / "samples" / "step-0000002.webp").exists()
+        # tensorboard plays the clips' grid: an animated GIF in its image summary, as its add_video writes one
+        events = EventAccumulator(str(run / "diffalign"), size_guidance={"images": 0}).Reload()
+        logged_grid = Image.open(io.BytesIO(events.Images("validation/samples")[-1].encoded_image_string))
+        assert logged_grid.format == ("GIF" if frames else "PNG") and logged_grid.size == grid.size
+        assert getattr(logged_grid, "n_frames", 1) == (5 if frames else 1)
         assert logged[-1]["step"] == 2 and abs(logged[-1]["loss"] - 0.6931) > 1e-4, logged
         lora = load_file(run / "final" / "pytorch_lora_weights.safetensors")
         assert max(v.abs().max() for k, v in lora.items() if ".lora.up." in k) > 0

@@ -49,6 +49,11 @@ class ModelConfig:
     # the guidance value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance embedding
     # while it trains and samples rounds (3.5, as diffusers' FLUX training scripts); others ignore it
     distilled_guidance: float = 3.5
+    # the text encoder's sequence length: prompts padded or cut to this many tokens (SD3's T5, FLUX's T5, PixArt's
+    # T5, Wan's UMT5, Qwen-Image's and FLUX.2's and Z-Image's LM encoders); unset: the pipeline's default (SD3 256).
+    # Flow-GRPO's SD3 recipes encode 128, which is cheaper: the joint attention reads 205 text tokens, not 333.
+    # SD1.5/SDXL (CLIP's fixed 77) and HunyuanVideo 1.5 refuse it
+    prompt_tokens: int | None = None
     # a model of two experts switched at a timestep (Wan2.2 A14B: `transformer` denoises the steps at or above the
     # pipeline's boundary_ratio x 1000, the noisy ones, `transformer_2` the rest): the one this run trains, "high"
     # (`transformer`) or "low" (`transformer_2`), on the timesteps it serves, while the other denoises its own steps

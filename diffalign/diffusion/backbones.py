@@ -13,6 +13,7 @@ follows the batch axis, so they train either.
 
 from __future__ import annotations
 
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -175,13 +176,22 @@ class Backbone:
     min_sources: ClassVar[int] = 0
     # whether the model makes videos: its latents are (N, C, F, h, w) and its pixels (N, 3, F, H, W)
     video: ClassVar[bool] = False
+    # whether the pipeline's encode_prompt takes a sequence length (max_sequence_length), so model.prompt_tokens applies
+    prompt_tokens_settable: ClassVar[bool] = True
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
+                 prompt_tokens: int | None = None) -> None:
         """``distilled_guidance`` is the value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance
         embedding when it predicts; denoisers without that embedding ignore it. ``frames``: the frames of a video
         model's clips (``data.frames``; 0 for images, which a video model makes as one-frame clips); an image model
         refuses more than 0. ``expert``: which denoiser of a two-expert model trains (``model.expert``); a model of
-        one denoiser refuses it."""
+        one denoiser refuses it. ``prompt_tokens``: the text encoder's sequence length, prompts padded or cut to it
+        (``model.prompt_tokens``; None: :meth:`prompt_length`'s usual one); a model whose text encoders read a fixed
+        length refuses it."""
+        if prompt_tokens is not None and not self.prompt_tokens_settable:
+            raise UserError(f"model.prompt_tokens={prompt_tokens}: {type(pipe).__name__}'s text encoders read a fixed "
+                            "number of tokens; leave model.prompt_tokens unset")
+        self.prompt_tokens = prompt_tokens
         if expert is not None and not self.two_experts(pipe):
             raise UserError(f"model.expert={expert}: {type(pipe).__name__} here has one denoiser; model.expert picks "
                             "one of a two-expert model's (Wan2.2 A14B)")
@@ -191,6 +201,17 @@ class Backbone:
             raise UserError(f"data.frames={frames} reads videos, and {type(pipe).__name__} makes images: set "
                             f"data.frames=0, or train a video model ({', '.join(sorted(VIDEO_PIPELINES))})")
         self.frames = frames
+
+    def prompt_length(self, tokenizer_limit: int | None = None) -> int:
+        """The tokens each prompt is encoded to: ``model.prompt_tokens`` when the run sets it, else what the
+        pipeline's own ``__call__`` encodes (its ``max_sequence_length`` default: SD3 256, FLUX 512, PixArt-alpha
+        120, PixArt-Sigma 300, Wan 512, Qwen-Image 512), within ``tokenizer_limit`` (the tokenizer's
+        ``model_max_length``). Flow-GRPO encodes SD3's T5 prompts to 128 tokens (scripts/train_sd3.py,
+        ``max_sequence_length=128``): the joint attention then reads 205 text tokens instead of 333."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        usual = inspect.signature(type(self.pipe).__call__).parameters["max_sequence_length"].default
+        return usual if tokenizer_limit is None else min(usual, tokenizer_limit)
 
     @staticmethod
     def two_experts(pipe) -> bool:
@@ -336,6 +357,7 @@ class SDBackbone(Backbone):
     """Stable Diffusion 1.x / 2.x: one CLIP text encoder, epsilon or v-prediction UNet."""
 
     family = "sd"
+    prompt_tokens_settable = False  # CLIP's 77 tokens
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -357,6 +379,7 @@ class SDXLBackbone(Backbone):
     """
 
     family = "sdxl"
+    prompt_tokens_settable = False  # CLIP's 77 tokens
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -390,7 +413,7 @@ class SD3Backbone(Backbone):
         max_len = self.pipe.tokenizer_3.model_max_length if self.pipe.tokenizer_3 is not None else 77
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=False,
-            max_sequence_length=min(max_len, 256),
+            max_sequence_length=self.prompt_length(max_len),
         )
         return Conditioning(embeds=embeds, pooled=pooled)
 
@@ -430,9 +453,9 @@ class FluxBackbone(TokenShiftedGrid, Backbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         prompts = list(prompts)
-        max_len = min(self.pipe.tokenizer_2.model_max_length, 512)
+        max_len = self.pipe.tokenizer_2.model_max_length
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
-                                                    max_sequence_length=max_len)
+                                                    max_sequence_length=self.prompt_length(max_len))
         return Conditioning(embeds=embeds, pooled=pooled)
 
     def predict(self, latents, timesteps, cond, denoiser=None):
@@ -489,7 +512,8 @@ class ZImageBackbone(TokenShiftedGrid, Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        embeds = self.pipe._encode_prompt(list(prompts), device=self.device, max_sequence_length=512)
+        embeds = self.pipe._encode_prompt(list(prompts), device=self.device,
+                                          max_sequence_length=self.prompt_length())
         lengths = [e.shape[0] for e in embeds]
         padded = torch.stack([F.pad(e, (0, 0, 0, max(lengths) - e.shape[0])) for e in embeds])
         positions = torch.arange(max(lengths), device=padded.device)
@@ -556,7 +580,8 @@ class QwenImageBackbone(TokenShiftedGrid, Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        embeds, mask = self.pipe.encode_prompt(list(prompts), device=self.device)
+        embeds, mask = self.pipe.encode_prompt(list(prompts), device=self.device,
+                                               max_sequence_length=self.prompt_length())
         if mask is None:  # the pipeline drops an all-ones mask; the cache joins prompts of other lengths with it
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return Conditioning(embeds=embeds, mask=mask)
@@ -639,7 +664,8 @@ class QwenImageEditBackbone(QwenImageBackbone):
             raise ValueError(f"{type(self.pipe).__name__} encodes each prompt with its source images")
         encoded = []
         for prompt, images in zip(prompts, sources):
-            embeds, mask = self.pipe.encode_prompt([prompt], image=self._prompt_images(images), device=self.device)
+            embeds, mask = self.pipe.encode_prompt([prompt], image=self._prompt_images(images), device=self.device,
+                                                   max_sequence_length=self.prompt_length())
             if mask is None:
                 mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
             encoded.append(Conditioning(embeds=embeds, mask=mask))
@@ -711,7 +737,8 @@ class Flux2Backbone(Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        embeds, _ = self.pipe.encode_prompt(list(prompts), device=self.device)
+        embeds, _ = self.pipe.encode_prompt(list(prompts), device=self.device,
+                                            max_sequence_length=self.prompt_length())
         return Conditioning(embeds=embeds)
 
     def sampling_scheduler(self, steps, latent_shape):
@@ -755,9 +782,10 @@ class PixArtBackbone(Backbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        max_len = min(self.pipe.tokenizer.model_max_length, 300)
+        max_len = self.pipe.tokenizer.model_max_length
         embeds, mask, _, _ = self.pipe.encode_prompt(
-            list(prompts), do_classifier_free_guidance=False, device=self.device, max_sequence_length=max_len
+            list(prompts), do_classifier_free_guidance=False, device=self.device,
+            max_sequence_length=self.prompt_length(max_len)
         )
         return Conditioning(embeds=embeds, mask=mask)
 
@@ -796,8 +824,10 @@ class VideoBackbone(Backbone):
         """How many frames the VAE folds into one latent frame (after the first)."""
         raise NotImplementedError
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
-        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
+                 prompt_tokens: int | None = None) -> None:
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
+                         prompt_tokens=prompt_tokens)
         step = self.temporal_factor
         if frames and (frames - 1) % step:
             raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
@@ -830,8 +860,10 @@ class WanBackbone(VideoBackbone):
 
     EXPERTS = {"high": "transformer", "low": "transformer_2"}
 
-    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> None:
-        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
+                 prompt_tokens: int | None = None) -> None:
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
+                         prompt_tokens=prompt_tokens)
         if self.two_experts(pipe):
             if expert not in self.EXPERTS:
                 raise UserError(f"{type(pipe).__name__} here has two experts, switched at timestep "
@@ -934,7 +966,8 @@ class WanBackbone(VideoBackbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, _ = self.pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                            max_sequence_length=WAN_PROMPT_TOKENS, device=self.device)
+                                            max_sequence_length=self.prompt_length(),
+                                            device=self.device)
         return Conditioning(embeds=embeds)
 
     def predict(self, latents, timesteps, cond, denoiser=None):
@@ -977,6 +1010,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
     guidance, u + s (c - u)) and samples on the sigmas 1, (n - 1) / n, ..., 1 / n, shifted."""
 
     family = "hunyuanvideo15"
+    prompt_tokens_settable = False  # its encode_prompt sets its own lengths
     denoiser_attr = "transformer"
 
     @property
@@ -1043,9 +1077,6 @@ class HunyuanVideo15Backbone(VideoBackbone):
         pipe.guider = pipe.guider.new(guidance_scale=guidance_scale)
 
 
-# WanPipeline.__call__'s max_sequence_length: its prompts are UMT5 embeddings zero-padded to this many tokens
-WAN_PROMPT_TOKENS = 512
-
 BACKBONES: dict[str, type[Backbone]] = {
     "StableDiffusionPipeline": SDBackbone,
     "StableDiffusionXLPipeline": SDXLBackbone,
@@ -1091,14 +1122,16 @@ def pixel_multiple(folder: Path) -> int | None:
         return None
 
 
-def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None) -> Backbone:
+def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
+                 prompt_tokens: int | None = None) -> Backbone:
     """The adapter for a diffusers pipeline, chosen by its class name (:class:`Backbone` for the options)."""
     name = type(pipe).__name__
     if name not in BACKBONES:
         raise UserError(
             f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
         )
-    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert)
+    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
+                           prompt_tokens=prompt_tokens)
 
 
 def check_sources(backbone: Backbone, source_columns: list[str], validation_every: int = 0) -> None:

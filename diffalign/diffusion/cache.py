@@ -144,6 +144,8 @@ class CachedEncoder:
         self.model_id = model_id
         self.latent_dtype = latent_dtype
         self._latent_salt = model_id if latent_dtype == torch.float32 else f"{model_id}@{latent_dtype}"
+        tokens = backbone.prompt_tokens  # embeddings of another sequence length are other entries
+        self._prompt_salt = model_id if tokens is None else f"{model_id}@{tokens}tokens"
 
     def _cached(
         self, keys: list[str], encode_missing: Callable[[list[int]], list[dict[str, Tensor]]]
@@ -155,7 +157,7 @@ class CachedEncoder:
         return [self.cache.get(k) for k in keys]
 
     def has_prompt(self, prompt: str, source_ids: Sequence[str] = ()) -> bool:
-        return content_key("prompt", self.model_id, prompt, *source_ids) in self.cache
+        return content_key("prompt", self._prompt_salt, prompt, *source_ids) in self.cache
 
     def prompts(self, prompts: Sequence[str], source_ids: Sequence[Sequence[str]] | None = None,
                 sources: Callable[[list[int]], Tensor] | None = None) -> Conditioning:
@@ -163,7 +165,7 @@ class CachedEncoder:
         each prompt's ``source_ids`` join its key and ``sources(indices)`` gives the (n, S, 3, H, W) pixels of the
         prompts at those indices, called only for prompts not in the cache."""
         ids = source_ids or [()] * len(prompts)
-        keys = [content_key("prompt", self.model_id, p, *i) for p, i in zip(prompts, ids)]
+        keys = [content_key("prompt", self._prompt_salt, p, *i) for p, i in zip(prompts, ids)]
 
         def encode(indices: list[int]) -> list[dict[str, Tensor]]:
             texts = [prompts[i] for i in indices]

@@ -43,7 +43,7 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     pipe = load_pipeline(mc.path, config=mc.config, denoiser_file=mc.denoiser_file,
                          random_init=mc.random_init, seed=tc.seed, variant=mc.variant)
     backbone = backbone_for(pipe, distilled_guidance=mc.distilled_guidance, frames=config.data.frames,
-                           expert=mc.expert)
+                           expert=mc.expert, prompt_tokens=mc.prompt_tokens)
     check_sources(backbone, config.data.source_columns, config.validation.every)
     denoiser = backbone.denoiser
     for name, module in backbone.frozen_components().items():

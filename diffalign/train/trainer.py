@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 from torch import nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -57,6 +57,7 @@ from diffalign.diffusion import DTYPES, CachedEncoder, TensorCache
 from diffalign.diffusion.cache import example_cached
 from diffalign.diffusion.distilled import distilled_warning
 from diffalign.diffusion.finetuned import is_finished_run
+from diffalign.diffusion.sampling import CLIP_FPS
 from diffalign.paths import resolve_model_path, with_usual_permissions
 from diffalign.errors import PausedRound, UserError
 from diffalign.objectives import OBJECTIVES
@@ -78,7 +79,7 @@ from diffalign.train.fsdp2 import (
     shard,
 )
 from diffalign.train.sharding import check_sharding
-from diffalign.train.tracking import flat_hyperparameters, log_image
+from diffalign.train.tracking import flat_hyperparameters, log_animation, log_image
 from diffalign.train.validation import Validator
 from diffalign.trained_weights import keep_trained_weights_only, load_trained_weights
 from diffalign.train.weights import save_final_weights
@@ -808,8 +809,12 @@ class PreferenceTrainer:
         self._validation_s += time.perf_counter() - began
         if scores:
             self.accelerator.log(scores, step=step)
-        grid = self.validator.grid_path(step)
-        if self.accelerator.is_main_process and self.accelerator.trackers and grid.is_file():
+        grid, animated = self.validator.grid_path(step), self.validator.grid_path(step).with_suffix(".webp")
+        if self.accelerator.is_main_process and self.accelerator.trackers and animated.is_file():  # a video run's
+            with Image.open(animated) as image:
+                frames = [frame.copy() for frame in ImageSequence.Iterator(image)]
+            log_animation(self.accelerator.trackers, "validation/samples", frames, step, CLIP_FPS)
+        elif self.accelerator.is_main_process and self.accelerator.trackers and grid.is_file():
             with Image.open(grid) as image:
                 log_image(self.accelerator.trackers, "validation/samples", image, step)
         return scores
