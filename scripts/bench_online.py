@@ -41,7 +41,9 @@ Its script runs from a copy with two lines changed, said in the output: the ``wh
 is written in its own format (ml_collections, from its ``config/base.py``). Each row: whole-process seconds (start to
 exit, model loading included), in-loop seconds (from the first sampling bar to exit), images sampled per in-loop
 second and optimiser steps per in-loop second; ``--kl 0.01`` turns the KL term on in both (Flow-GRPO's ``train.beta``,
-diffalign's ``objective.options.kl_coef``), which adds the reference forward.
+diffalign's ``objective.options.kl_coef``), which adds the reference forward. Flow-GRPO's script reaches its reference
+through the DDP wrapper, so the KL rows need ``--processes 2`` (both programs under torchrun, each process sampling
+and training its share of the round; on a machine without CUDA with ``ACCELERATE_USE_CPU``, so both join a gloo group).
 """
 
 from __future__ import annotations
@@ -209,16 +211,23 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 def flow_grpo_batch(args) -> int:
-    """The images Flow-GRPO's script samples at once: ``--sample-batch``, by default the most it can for the round's
-    optimiser steps. Its training re-batches the round into batches of that size and steps the optimiser after
-    whole batches, so a round of P images trained in S steps samples at most P / S at once (8 for 4 x 4 in 2)."""
-    per_round = args.groups * args.group_size
-    batch = args.sample_batch or per_round // args.steps_per_round
-    if per_round % (batch * args.steps_per_round):
+    """The images each process of Flow-GRPO's script samples at once: ``--sample-batch``, by default the most it can
+    for the round's optimiser steps. Its training re-batches the round into batches of that size and steps the
+    optimiser after whole batches, so a round of P images trained in S steps on N processes samples at most
+    P / (S N) at once on each (8 for 4 x 4 in 2 steps on one process)."""
+    per_round, processes = args.groups * args.group_size, args.processes
+    batch = args.sample_batch or per_round // (args.steps_per_round * processes)
+    if batch < 1 or per_round % (batch * args.steps_per_round * processes):
         raise SystemExit(f"--sample-batch {batch}: Flow-GRPO's script needs the round's {per_round} images to split "
-                         f"into batches of it, a whole number of batches to each of its {args.steps_per_round} "
-                         "optimiser steps")
+                         f"into batches of it on each of {processes} process(es), a whole number of batches to each "
+                         f"of its {args.steps_per_round} optimiser steps")
     return batch
+
+
+def batches_per_step(args) -> int:
+    """How many sampling batches each process trains in one optimiser step (Flow-GRPO's gradient accumulation over
+    batches; diffalign accumulates as many micro-batches of the same units)."""
+    return args.groups * args.group_size // (flow_grpo_batch(args) * args.steps_per_round * args.processes)
 
 
 def patched_train_script(checkout: Path, work: Path) -> Path:
@@ -255,10 +264,10 @@ def get_config():
     config.sample.guidance_scale, config.sample.noise_level = 4.5, 0.7
     config.sample.train_batch_size = config.sample.test_batch_size = {batch}
     config.sample.num_image_per_prompt = {args.group_size}
-    config.sample.num_batches_per_epoch = {per_round // batch}
+    config.sample.num_batches_per_epoch = {per_round // (batch * args.processes)}
     config.sample.global_std = True
     config.train.batch_size = {batch}
-    config.train.gradient_accumulation_steps = {per_round // batch // args.steps_per_round}
+    config.train.gradient_accumulation_steps = {batches_per_step(args)}
     config.train.learning_rate, config.train.clip_range, config.train.beta = 3e-4, 1e-4, {args.kl}
     config.train.timestep_fraction, config.train.ema, config.train.cfg = 1.0, False, True
     config.reward_fn = {{"jpeg_compressibility": 1.0}}
@@ -271,15 +280,13 @@ def diffalign_overrides(args, weights: Path, prompts: Path, out: Path, sample_gr
     """configs/sd3_grpo.yaml (Flow-GRPO's recipe, whose T5 prompts are 128 tokens as the script's) at the comparison's
     settings: every step trained, no EMA, ``sample_groups`` groups sampled at once; each optimiser step accumulates
     as many micro-batches as Flow-GRPO's does batches, each of the same (image, step) units."""
-    per_round = args.groups * args.group_size
-    units = per_round * args.sample_steps // args.steps_per_round  # (image, step) units per optimiser step
-    accumulation = per_round // flow_grpo_batch(args) // args.steps_per_round
+    accumulation = batches_per_step(args)
     return [f"model.path={weights}", "model.gradient_checkpointing=false", "objective.t_range=[0.0, 1.0]",
             f"objective.sample_steps={args.sample_steps}", f"objective.options.kl_coef={args.kl}",
             f"online.prompts={prompts / 'train.txt'}", f"online.groups_per_round={args.groups}",
             f"online.group_size={args.group_size}", f"online.sample_batch_size={sample_groups}",
             f"online.steps_per_round={args.steps_per_round}", "online.reward=jpeg_compressibility",
-            f"data.resolution={args.resolution}", f"train.batch_size={units // accumulation}",
+            f"data.resolution={args.resolution}", f"train.batch_size={flow_grpo_batch(args) * args.sample_steps}",
             f"train.gradient_accumulation={accumulation}", f"train.max_steps={args.rounds * args.steps_per_round}",
             f"train.mixed_precision={args.precision}", "train.ema_decay=0.0", "train.ema_every=1", "train.checkpoint_every=0",
             "train.report_to=none", f"train.lora_targets=[{', '.join(LORA_TARGETS)}]", "validation.every=0",
@@ -351,6 +358,10 @@ def compare_with_flow_grpo(args) -> None:
     from diffalign.diffusion import load_pipeline
     from diffalign.eval.prompts import read_prompts
 
+    if args.kl > 0 and args.processes == 1:
+        raise SystemExit("--kl above 0 needs --processes 2 or more: Flow-GRPO's script reaches its reference through "
+                         "transformer.module.disable_adapter(), and .module exists only when accelerate wraps the model "
+                         "in DDP")
     checkout = args.flow_grpo.expanduser().resolve()
     model = args.models.split(",")[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,13 +379,18 @@ def compare_with_flow_grpo(args) -> None:
         env = {**os.environ, "PYTHONPATH": str(checkout), "WANDB_MODE": "disabled", "BENCH_EPOCHS": str(args.rounds),
                "TOKENIZERS_PARALLELISM": "false"}
         batch = flow_grpo_batch(args)
-        commands = {
-            "flow_grpo train_sd3.py": ([sys.executable, str(script), f"--config={config}"], "Epoch 0: sampling", checkout)}
+        # one process: plain python; several: torchrun on a free port, and on a machine without CUDA accelerate's
+        # ACCELERATE_USE_CPU (what `accelerate launch --cpu` sets) so that both join one gloo group and wrap in DDP
+        start = [sys.executable] if args.processes == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes)]
+        if args.processes > 1 and not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "true"
+        commands = {"flow_grpo train_sd3.py": ([*start, str(script), f"--config={config}"], "Epoch 0: sampling", checkout)}
         # diffalign samples whole groups: as many as Flow-GRPO's batch holds, then (its sampling batch is not its
-        # training batch) the whole round at once
-        for groups in dict.fromkeys([max(1, batch // args.group_size), args.groups]):
+        # training batch) each process's share of the round at once
+        for groups in dict.fromkeys([max(1, batch // args.group_size), args.groups // args.processes]):
             name = DIFFALIGN if groups * args.group_size == batch else f"{DIFFALIGN}, {groups * args.group_size} sampled at once"
-            commands[name] = ([sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / "sd3_grpo.yaml"),
+            commands[name] = ([*start, "-m", "diffalign", "train", str(ROOT / "configs" / "sd3_grpo.yaml"),
                                *diffalign_overrides(args, weights, prompts, work / "run", groups)], "round 0: sampling",
                               ROOT)
         if args.profile:
@@ -400,8 +416,10 @@ def compare_with_flow_grpo(args) -> None:
                 print(f"repeat {repeat}: {name}: {times[name][-1][0]:.1f} s whole, {times[name][-1][1]:.1f} s in the loop",
                       flush=True)
     images, steps = args.rounds * args.groups * args.group_size, args.rounds * args.steps_per_round
+    on = "" if args.processes == 1 else f" on {args.processes} processes"
     print(f"\n{model} ({args.resolution} px, {args.precision}), {args.rounds} rounds of {args.groups} prompts x "
-          f"{args.group_size} images sampled {flow_grpo_batch(args)} at a time (unless the row says otherwise), "
+          f"{args.group_size} images{on}, sampled {flow_grpo_batch(args)} at a time by each process (unless the row "
+          "says otherwise), "
           f"{args.sample_steps} steps, {steps} optimiser steps, KL {args.kl}; medians of "
           f"{args.repeats}, alternating. Flow-GRPO's script changed on a copy: "
           + "; ".join(f"{old.strip()!r} -> {new.strip()!r}" for old, new in SCRIPT_CHANGES.items()) + "\n")
@@ -445,7 +463,10 @@ def main() -> None:
                              "diffalign train (module docstring)")
     parser.add_argument("--rounds", type=int, default=2, help="--flow-grpo: rounds (its epochs) each program runs")
     parser.add_argument("--steps-per-round", type=int, default=2, help="--flow-grpo: optimiser steps per round")
-    parser.add_argument("--kl", type=float, default=0.0, help="--flow-grpo: the KL weight of both (0: off)")
+    parser.add_argument("--kl", type=float, default=0.0, help="--flow-grpo: the KL weight of both (0: off; Flow-GRPO's "
+                        "script takes its reference from the DDP wrapper, so a KL above 0 needs --processes 2 or more)")
+    parser.add_argument("--processes", type=int, default=1, help="--flow-grpo: processes each program runs on "
+                        "(torchrun; each process samples and trains its share of the round)")
     parser.add_argument("--profile", action="store_true", help="--flow-grpo: run each program once under cProfile and "
                         "print the seconds of each phase (denoiser forwards, decoding, text encoders, backward, "
                         "optimiser, image writes; the main thread's: both score on a second thread) instead")

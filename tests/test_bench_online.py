@@ -55,7 +55,7 @@ def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffa
     with pytest.raises(SystemExit, match="while True"):
         bench.patched_train_script(checkout, tmp_path)
     args = argparse.Namespace(groups=4, group_size=4, sample_steps=10, steps_per_round=2, rounds=2, resolution=64,
-                              precision="no", kl=0.0, sample_batch=None)
+                              precision="no", kl=0.0, sample_batch=None, processes=1)
     assert bench.flow_grpo_batch(args) == 8  # the round's 16 images over its 2 optimiser steps
     with pytest.raises(SystemExit, match="--sample-batch 16"):  # one batch cannot feed two optimiser steps
         bench.flow_grpo_batch(argparse.Namespace(**{**vars(args), "sample_batch": 16}))
@@ -78,6 +78,14 @@ def test_the_flow_grpo_comparison_changes_two_lines_of_its_script_and_runs_diffa
     assert (config.train.batch_size, config.train.gradient_accumulation) == (80, 1)
     assert config.online.sample_batch_size == 2  # groups of 4: Flow-GRPO's 8 images at once
     assert config.model.prompt_tokens == 128  # train_sd3.py's max_sequence_length
+    # on two processes each samples and trains half: Flow-GRPO 4 images a batch, 2 batches a round, one a step
+    two = argparse.Namespace(**{**vars(args), "processes": 2})
+    lines = {line.strip() for line in bench.flow_grpo_config(two, checkout, tmp_path, tmp_path, tmp_path).splitlines()}
+    assert {"config.sample.train_batch_size = config.sample.test_batch_size = 4",
+            "config.sample.num_batches_per_epoch = 2", "config.train.gradient_accumulation_steps = 1"} <= lines
+    config = load_config(ROOT / "configs" / "sd3_grpo.yaml",
+                         bench.diffalign_overrides(two, ROOT / "assets/models/tiny-sd3", prompts, tmp_path / "run", 1))
+    assert (config.train.batch_size, config.train.gradient_accumulation) == (40, 1)  # x 2 processes = 80 units
     assert (config.online.groups_per_round, config.online.group_size, config.online.steps_per_round) == (4, 4, 2)
     assert config.train.max_steps == 4 and config.objective.options.kl_coef == 0.0
     assert config.train.lora_rank == 32 and config.train.lora_alpha == 64 and config.objective.t_range == [0.0, 1.0]
