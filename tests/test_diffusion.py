@@ -393,3 +393,31 @@ def test_prompt_tokens_sets_the_text_sequence_length_and_salts_the_prompt_cache(
     assert len(cache) == 4 and cached.embeds.shape[1] == clip_tokens + 128
     with pytest.raises(UserError, match="model.prompt_tokens=64: StableDiffusionPipeline"):
         backbone_for(load_pipeline(MODELS / "tiny-sd15", random_init=True, seed=0), prompt_tokens=64)
+
+
+def test_data_width_crops_every_image_to_height_by_width_and_sizes_the_latents_so(tmp_path):
+    """data.width: an image is resized to cover resolution x width (height x width) and centre-cropped, the latents
+    are (C, h, w) of that size, FLUX refuses a side its 2x2 packing cannot split, and a width that gives no whole
+    latent tokens is refused when the config loads, as data.resolution is."""
+    from PIL import Image
+
+    from diffalign.data.pairs import to_pixels
+    from diffalign.paths import CONFIGS
+    from diffalign.train import load_config
+
+    wide = Image.new("RGB", (200, 50))
+    wide.paste((255, 0, 0), (0, 0, 100, 50))  # left half red, right half black
+    pixels = to_pixels(wide, 32, 64)  # 50 high -> 32: 128 x 32, the middle 64 columns kept
+    assert pixels.shape == (3, 32, 64)
+    assert pixels[0, :, :30].min() > 0.9 and pixels[0, :, 34:].max() < -0.9  # the red/black edge stays centred
+    assert to_pixels(wide, 32).shape == (3, 32, 32)
+    sd3 = backbone_for(load_pipeline(MODELS / "tiny-sd3", random_init=True, seed=0))
+    f = sd3.vae_scale_factor
+    assert sd3.latent_shape(32, 64) == (sd3.latent_channels, 32 // f, 64 // f)
+    flux = backbone_for(load_pipeline(MODELS / "tiny-flux", random_init=True, seed=0))
+    odd = 3 * flux.vae_scale_factor  # three latent columns: no whole 2x2 patches
+    refused = f"height and width must be multiples of {2 * flux.vae_scale_factor}; got 32 x {odd}"
+    with pytest.raises(UserError, match=refused):
+        flux.latent_shape(32, odd)
+    with pytest.raises(UserError, match="data.width=40 must be a multiple of 16"):
+        load_config(CONFIGS / "sd3_dpo.yaml", [f"model.path={MODELS / 'sd35-medium'}", "data.width=40"])

@@ -33,10 +33,10 @@ def samples(tmp_path_factory) -> SampleData:
 
 def _on_this_cpu(recipe: str, samples: SampleData) -> list[str]:
     """The plan's keys for a CPU: the tiny architecture (its memory is estimated in a second) and sample data (a video
-    recipe's: clips of the smoke run's frames)."""
+    recipe's: clips of the smoke run's frames and width)."""
     tiny = tiny_counterpart(recipe)
     keys = [f"model.path={samples['lm'] if tiny == 'lm' else ASSETS / 'models' / tiny}"]
-    keys += [str(o) for o in recipe_overrides(recipe, samples) if o.key == "data.frames"]
+    keys += [str(o) for o in recipe_overrides(recipe, samples) if o.key in ("data.frames", "data.width")]
     data = [str(o) for o in recipe_overrides(recipe, samples) if o.key == "data.path"]  # the smoke run's sample
     return keys + (data or ["online.prompts=toy_train"])
 

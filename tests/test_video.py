@@ -212,6 +212,7 @@ def _wan_run(tmp_path: Path, data: Path, *extra: str) -> Path:
     from diffalign.train import load_config, train
 
     overrides = [f"model.path={TINY_WAN}", "model.random_init=true", f"data.path={data}", "data.resolution=32",
+                 "data.width=null",  # square unless a test says (the recipe's 832 x 480 would be 32 x 832 here)
                  "train.batch_size=2", "train.gradient_accumulation=1", "train.max_steps=2", "train.warmup_steps=0",
                  "train.learning_rate=1e-3", "train.mixed_precision=no", "train.checkpoint_every=0",
                  "train.report_to=none", "data.precompute=false", "data.cache_dir=null",
@@ -228,16 +229,17 @@ def test_dpo_trains_wan_on_video_pairs_and_on_images_as_one_frame_clips(tmp_path
 
     from diffalign.recipes.samples import pickapic_parquet
 
-    for name, frames in (("clips", 5), ("images", 0)):
+    for name, frames, width in (("clips", 5, 48), ("images", 0, 32)):  # the clips 32 x 48 (data.width), not square
         data = pickapic_parquet(tmp_path / f"{name}.parquet", 4, frames=frames)
         run = _wan_run(tmp_path / name, data, f"data.frames={frames}", "data.fps=0", "validation.every=2",
+                       f"data.width={width}",
                        "validation.prompts=[a red circle, a blue square]", "validation.images_per_prompt=1",
                        "validation.steps=2", "validation.rewards=[jpeg_incompressibility]", "train.report_to=tensorboard")
         logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         validated = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
         assert [v["step"] for v in validated] == [0, 2] and validated[0]["val_jpeg_incompressibility"] > 0
         grid = Image.open(run / "samples" / "step-0000002.png")
-        assert grid.size[0] >= 2 * 32
+        assert grid.size[0] >= 2 * width
         if frames:
             animated = Image.open(run / "samples" / "step-0000002.webp")
             assert animated.n_frames == 5 and animated.size == grid.size

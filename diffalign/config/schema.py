@@ -110,8 +110,12 @@ class DataConfig:
     # the split to read: of a saved DatasetDict, or the parquet shards of a folder (or cached Hub
     # dataset) that names them as the Hub does (data/train-00000-of-00645.parquet, or train/*.parquet)
     split: str = "train"
-    # training resolution (square crops, pixels)
+    # training resolution (square crops, pixels); with data.width, the height
     resolution: int = 512
+    # the width of training images and clips in pixels, for crops that are not square: data.resolution is then their
+    # height (Wan's 832 x 480: data.resolution=480, data.width=832). Each image is resized to cover height x width and
+    # centre-cropped; validation and online rounds sample at that size too. Unset: square, data.resolution wide
+    width: int | None = None
     # video models (Wan): the frames of each clip, read from each row's video (mp4, webm, mov, mkv, avi, gif; bytes or
     # a path, as images) and trained at; Wan's VAE reads 4k + 1 frames (its pipelines make 81). 0 = the data holds
     # images, which a video model trains on as one-frame clips

@@ -20,9 +20,9 @@ class EditPrompts(ImageRows):
 
     def __init__(self, path: str | Path, *, resolution: int, caption_column: str, source_columns: Sequence[str],
                  on_error: str = "skip", split: str = "train",
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, width: int | None = None) -> None:
         super().__init__(path, resolution=resolution, required=[caption_column], on_error=on_error, split=split,
-                         max_image_pixels=max_image_pixels, source_columns=source_columns)
+                         max_image_pixels=max_image_pixels, source_columns=source_columns, width=width)
         self.caption_column = caption_column
         readable = [example for position in self.indices if (example := self.example(position)) is not None]
         self.indices = [example.index for example in readable]  # every row until then, so a position is a row

@@ -38,11 +38,11 @@ class CaptionedImageDataset(ImageRows):
     def __init__(self, path: str | Path, *, resolution: int, caption_column: str = "caption",
                  image_column: str = "image", label_column: str | None = None, on_error: str = "skip",
                  split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 source_columns: Sequence[str] = (), video: VideoClips | None = None) -> None:
+                 source_columns: Sequence[str] = (), video: VideoClips | None = None, width: int | None = None) -> None:
         labelled = [label_column] if label_column else []
         super().__init__(path, resolution=resolution, required=[caption_column, image_column, *labelled],
                          on_error=on_error, split=split, max_image_pixels=max_image_pixels,
-                         source_columns=source_columns, video=video)
+                         source_columns=source_columns, video=video, width=width)
         self.caption_column, self.image_column = caption_column, image_column
         self.labels: list[float] | None = None
         if label_column:

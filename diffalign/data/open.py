@@ -32,7 +32,7 @@ def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
                                weight_column=dc.weight_column, margin_column=dc.margin_column,
                                reward_columns=tuple(dc.reward_columns) or None, **common)
     images = {"on_error": dc.on_error, "split": dc.split, "max_image_pixels": dc.max_image_pixels,
-              "resolution": dc.resolution, "caption_column": dc.caption_column,
+              "resolution": dc.resolution, "width": dc.width, "caption_column": dc.caption_column,
               "source_columns": tuple(dc.source_columns),
               "video": VideoClips(dc.frames, dc.fps) if dc.frames else None}
     if layout in ("images", "labelled_images"):

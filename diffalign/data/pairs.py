@@ -271,14 +271,16 @@ def load_image(value: Any, base: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXEL
     return image.convert("RGB"), bytes(value)
 
 
-def to_pixels(image: Image.Image, resolution: int) -> Tensor:
-    """Resize the shorter side to ``resolution``, centre-crop a square, scale to [-1, 1]: (3, R, R)."""
+def to_pixels(image: Image.Image, resolution: int, width: int | None = None) -> Tensor:
+    """Resize to cover ``resolution`` x ``width`` (height x width; ``width`` None: a square of ``resolution``) keeping
+    the aspect ratio, centre-crop that size, scale to [-1, 1]: (3, H, W)."""
+    height, width = resolution, width or resolution
     w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    scale = max(height / h, width / w)
+    image = image.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    left, top = (w - width) // 2, (h - height) // 2
+    image = image.crop((left, top, left + width, top + height))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -336,15 +338,16 @@ class ImageRows:
 
     def __init__(self, path: str | Path, *, resolution: int, required: list[str], on_error: str,
                  split: str = "train", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 source_columns: Sequence[str] = (), video: VideoClips | None = None) -> None:
+                 source_columns: Sequence[str] = (), video: VideoClips | None = None, width: int | None = None) -> None:
         """``source_columns``: the columns of an edit's source images (one or several), read with each row.
-        ``video``: the items are videos, read as such clips ((3, F, R, R) pixels each); None for images."""
+        ``video``: the items are videos, read as such clips ((3, F, H, W) pixels each); None for images. ``width``:
+        items are cropped to ``resolution`` x ``width`` (height x width); None: squares of ``resolution``."""
         required = [*required, *source_columns]
         self.source_columns = tuple(source_columns)
         self.video = video
         self.source = RowSource(path, split)
         self.indices: Sequence[int] = range(len(self.source))  # the usable rows; a dataset narrows them down
-        self.resolution = resolution
+        self.resolution, self.width = resolution, width
         self.on_error = on_error
         self.max_image_pixels = max_image_pixels
         # each bad row once, by (row, column), with where to find it and why: a row met again in a later
@@ -447,7 +450,7 @@ class ImageRows:
             raise BadRow(index, column, f"image too large: {err}") from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise BadRow(index, column, f"image cannot be decoded ({err})") from None
-        return to_pixels(image, self.resolution), hashlib.sha1(raw).hexdigest()
+        return to_pixels(image, self.resolution, self.width), hashlib.sha1(raw).hexdigest()
 
     def _decode_clip(self, value: Any, index: int, column: str, decode: bool) -> tuple[Tensor | None, str]:
         """A video cell's clip (``video``) and the hash of its bytes with the clip's settings."""
@@ -461,7 +464,7 @@ class ImageRows:
             raise BadRow(index, column, f"video too short: {err}") from None
         except (OSError, ValueError) as err:
             raise BadRow(index, column, f"video cannot be decoded ({err})") from None
-        return clip_pixels(frames, self.resolution), key
+        return clip_pixels(frames, self.resolution, self.width), key
 
 
 class PairDataset(ImageRows):
@@ -488,6 +491,7 @@ class PairDataset(ImageRows):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         source_columns: Sequence[str] = (),
         video: VideoClips | None = None,
+        width: int | None = None,
     ) -> None:
         labels_from = [c for pair in score_columns for c in pair] if score_columns else [label_column]
         per_pair = [c for c in (weight_column, margin_column) if c is not None]
@@ -496,7 +500,7 @@ class PairDataset(ImageRows):
             raise ValueError(f"ensemble={ensemble!r} judges the labels by reward models' scores: pass ensemble_columns")
         super().__init__(path, resolution=resolution, required=[caption_column, *image_columns, *labels_from, *per_pair],
                          on_error=on_error, split=split, max_image_pixels=max_image_pixels,
-                         source_columns=source_columns, video=video)
+                         source_columns=source_columns, video=video, width=width)
         self.caption_column, self.image_columns = caption_column, tuple(image_columns)
         self.labels = self._labels(label_column, score_columns, score_scales)
         self.weights = self._per_pair(weight_column, "weight", lambda w: w >= 0)

@@ -37,10 +37,11 @@ class RankedListDataset(ImageRows):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         source_columns: Sequence[str] = (),
         video: VideoClips | None = None,
+        width: int | None = None,
     ) -> None:
         super().__init__(path, resolution=resolution, required=[caption_column, images_column, scores_column],
                          on_error=on_error, split=split, max_image_pixels=max_image_pixels,
-                         source_columns=source_columns, video=video)
+                         source_columns=source_columns, video=video, width=width)
         self.caption_column, self.images_column, self.scores_column = caption_column, images_column, scores_column
         lengths = self.source.list_lengths(images_column)  # not the images: they stay on disk until read
         usable = [n for n in lengths if n >= 2]

@@ -123,11 +123,11 @@ def _select(frames: Iterator[tuple[float, float | None, Image.Image]], clip: Vid
     raise TooFewFrames(f"the video gives {have}, and a clip is {clip.frames} (data.frames)")
 
 
-def clip_pixels(frames: list[Image.Image], resolution: int) -> Tensor:
-    """(3, F, R, R) pixels in [-1, 1], each frame as :func:`~diffalign.data.pairs.to_pixels` makes an image."""
+def clip_pixels(frames: list[Image.Image], resolution: int, width: int | None = None) -> Tensor:
+    """(3, F, H, W) pixels in [-1, 1], each frame as :func:`~diffalign.data.pairs.to_pixels` makes an image."""
     from diffalign.data.pairs import to_pixels
 
-    return torch.stack([to_pixels(frame, resolution) for frame in frames], dim=1)
+    return torch.stack([to_pixels(frame, resolution, width) for frame in frames], dim=1)
 
 
 def video_suffix(raw: bytes) -> str | None:

@@ -271,10 +271,9 @@ class Backbone:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """(C, h, w) of the latents of a square image of ``resolution`` pixels."""
-        side = resolution // self.vae_scale_factor
-        return (self.latent_channels, side, side)
+    def latent_shape(self, resolution: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of an image ``resolution`` pixels high and ``width`` wide (None: square)."""
+        return (self.latent_channels, resolution // self.vae_scale_factor, (width or resolution) // self.vae_scale_factor)
 
     def sampling_scheduler(self, steps: int, latent_shape: tuple[int, ...]):
         """A fresh copy of the scheduler set to the ``steps``-step inference grid its pipeline samples latents of
@@ -443,11 +442,11 @@ class FluxBackbone(TokenShiftedGrid, Backbone):
     denoiser_attr = "transformer"
     latent_patch = 2  # FluxPipeline's _pack_latents (its transformer's own patch_size is 1)
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        shape = super().latent_shape(resolution)
-        if shape[1] % 2:
-            raise UserError(f"FLUX packs 2x2 latent patches, so the resolution must be a multiple of "
-                            f"{2 * self.vae_scale_factor}; got {resolution}")
+    def latent_shape(self, resolution: int, width: int | None = None) -> tuple[int, int, int]:
+        shape = super().latent_shape(resolution, width)
+        if shape[1] % 2 or shape[2] % 2:
+            raise UserError(f"FLUX packs 2x2 latent patches, so the height and width must be multiples of "
+                            f"{2 * self.vae_scale_factor}; got {resolution} x {width or resolution}")
         return shape
 
     @torch.no_grad()
@@ -833,10 +832,11 @@ class VideoBackbone(Backbone):
             raise UserError(f"data.frames={frames}: {type(pipe).__name__}'s VAE reads clips of {step}k + 1 frames "
                             f"(e.g. {(frames - 1) // step * step + 1} or {((frames - 1) // step + 1) * step + 1})")
 
-    def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images) at ``resolution`` pixels square."""
-        side = resolution // self.vae_scale_factor
-        return (self.latent_channels, (max(self.frames, 1) - 1) // self.temporal_factor + 1, side, side)
+    def latent_shape(self, resolution: int, width: int | None = None) -> tuple[int, ...]:
+        """(C, F, h, w) of a clip of :attr:`frames` frames (one for images), ``resolution`` pixels high and ``width``
+        wide (None: square)."""
+        _, h, w = super().latent_shape(resolution, width)
+        return (self.latent_channels, (max(self.frames, 1) - 1) // self.temporal_factor + 1, h, w)
 
     def clips_or_images(self, clips: Tensor) -> Tensor:
         """Decoded clips (N, 3, F, H, W), or their one frame (N, 3, H, W) on a run of images (:attr:`frames` 0), so

@@ -28,6 +28,7 @@ def generate(
     steps: int = 20,
     guidance_scale: float = 5.0,
     resolution: int | None = None,
+    width: int | None = None,
     batch_size: int = 64,
     progress: bool | str = False,
     sources: Sequence[Sequence[Image.Image]] | None = None,
@@ -35,7 +36,8 @@ def generate(
     **pipeline_kwargs,
 ) -> torch.Tensor:
     """Images for ``prompts[i]`` from ``seeds[i]``, float (N, 3, H, W) in [0, 1] on the CPU; on a video pipeline
-    clips of ``frames`` frames, (N, 3, F, H, W) (``frames`` 0: images, one-frame clips, as (N, 3, H, W)).
+    clips of ``frames`` frames, (N, 3, F, H, W) (``frames`` 0: images, one-frame clips, as (N, 3, H, W)). They are
+    ``resolution`` pixels high and ``width`` wide (``width`` None: square; both None: the pipeline's default size).
 
     ``guidance_scale`` goes to the pipeline as its family guides (``Backbone.pipeline_guidance``: the Qwen-Image
     pipelines' true CFG, ``guidance_scale`` elsewhere). ``sources[i]``: the source images image i edits, given to
@@ -58,7 +60,7 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     family.prepare_pipeline(pipe, guidance_scale)
     device = pipe._execution_device
-    size = {} if resolution is None else {"height": resolution, "width": resolution}
+    size = {} if resolution is None else {"height": resolution, "width": width or resolution}
     out = []
     with sliced_decoding(getattr(pipe, "vae", None)):
         label = progress if isinstance(progress, str) else "generating images"

@@ -135,6 +135,9 @@ def recipe_overrides(recipe: str | Path, data: SampleData) -> list[Override]:
             Override("model.random_init", "true", weights),
             Override("data.resolution", "32", size), Override("train.batch_size", "1", size),
             Override("train.gradient_accumulation", "1", size), Override("train.max_steps", "2", size)]
+    width, height = shipped.get("data", {}).get("width"), shipped.get("data", {}).get("resolution")
+    if width:  # crops that are not square stay so, near the recipe's aspect ratio, in whole 16-pixel tokens
+        keys.append(Override("data.width", str(max(16, round(32 * width / (height or width) / 16) * 16)), size))
     frames = min(shipped.get("data", {}).get("frames") or 0, SMOKE_FRAMES)
     if frames:
         keys.append(Override("data.frames", str(frames), size))

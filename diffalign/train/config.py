@@ -85,7 +85,7 @@ def validate(config: Config) -> Config:
     choose("model.attention", config.model.attention, ("sdpa", "xformers"))
     for key, value in (("train.batch_size", config.train.batch_size), ("train.max_steps", config.train.max_steps),
                        ("train.gradient_accumulation", config.train.gradient_accumulation),
-                       ("data.resolution", config.data.resolution),
+                       ("data.resolution", config.data.resolution), ("data.width", config.data.width or 1),
                        ("train.distributed_timeout_s", config.train.distributed_timeout_s)):
         if value < 1:
             raise UserError(f"{key} must be >= 1, got {value}")
@@ -198,18 +198,18 @@ def validate(config: Config) -> Config:
 
 
 def _check_resolution(config: Config) -> None:
-    """``data.resolution`` must give whole latent tokens: a multiple of the VAE's factor times the denoiser's patch
-    (SD1.5/SDXL 8, SD3 and FLUX.1 16), read from the model folder's configs when it is local."""
+    """``data.resolution`` and ``data.width`` must give whole latent tokens: multiples of the VAE's factor times the
+    denoiser's patch (SD1.5/SDXL 8, SD3 and FLUX.1 16), read from the model folder's configs when it is local."""
     from diffalign.diffusion.backbones import pixel_multiple
     from diffalign.paths import find_locally
 
     folder = find_locally(config.model.config or config.model.path)
     multiple = None if folder is None or not folder.is_dir() else pixel_multiple(folder)
-    if multiple and config.data.resolution % multiple:
-        below = config.data.resolution // multiple * multiple
-        raise UserError(f"data.resolution={config.data.resolution} must be a multiple of {multiple} for "
-                        f"{folder.name} (its VAE's factor times its denoiser's patch); try {below or multiple} or "
-                        f"{below + multiple}")
+    for key, value in (("data.resolution", config.data.resolution), ("data.width", config.data.width)):
+        if multiple and value is not None and value % multiple:
+            below = value // multiple * multiple
+            raise UserError(f"{key}={value} must be a multiple of {multiple} for {folder.name} (its VAE's factor "
+                            f"times its denoiser's patch); try {below or multiple} or {below + multiple}")
 
 def _language_model_defaults(config: Config) -> None:
     """The keys a language-model config leaves unset take the LM's defaults (``LM_DEFAULTS``) instead of the

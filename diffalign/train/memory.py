@@ -289,7 +289,7 @@ def round_sampling(objective, config, backbone, cond, uncond, every_step: bool =
 
     oc, obj = config.online, config.objective
     n = oc.sample_batch_size * objective.round_group_size(config)
-    noise = torch.randn(n, *backbone.latent_shape(config.data.resolution))
+    noise = torch.randn(n, *backbone.latent_shape(config.data.resolution, config.data.width))
     with torch.no_grad(), first_and_last_steps_only(backbone, obj.sample_steps, every_step):
         trajectory = sample_trajectories(backbone, noise, cond.repeat_items(n), steps=obj.sample_steps,
                                          eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
@@ -323,7 +323,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     modules = materialise(backbone, [reference] if reference is not None else [], fake)
     autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
                               enabled=tc.mixed_precision != "no")
-    latent_shape = backbone.latent_shape(config.data.resolution)
+    latent_shape = backbone.latent_shape(config.data.resolution, config.data.width)
     prompt, sources = ["a photograph of an astronaut riding a horse"], len(config.data.source_columns)
     # Everything else runs outside the fake mode: ops on fake tensors stay fake (FakeTensor
     # dispatches itself), while real tensors (the schedule's tables, the random draws) keep
@@ -336,7 +336,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
         else:
             objective = objective_cls.build(config, backbone)
         if sources and backbone.prompt_reads_sources:  # its text encoder adds the sources' tokens to the prompt's
-            pixels = torch.zeros(1, sources, 3, config.data.resolution, config.data.resolution)
+            pixels = torch.zeros(1, sources, 3, config.data.resolution, config.data.width or config.data.resolution)
             cond = backbone.encode_prompts(prompt, pixels)
             if guided:  # the round driver's empty prompt reads the sources too
                 cond = cond.with_negative(backbone.encode_prompts([""], pixels))

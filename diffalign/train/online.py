@@ -149,7 +149,8 @@ class OnlineRounds(RoundDriver):
                 raise UserError(f"{config.objective.name} pairs its samples with real images, and edit rounds "
                                 "(data.source_columns) are not built for it; train edits with an objective that samples")
             dc = config.data
-            self.edits = EditPrompts(config.online.prompts, resolution=dc.resolution, caption_column=dc.caption_column,
+            self.edits = EditPrompts(config.online.prompts, resolution=dc.resolution, width=dc.width,
+                                     caption_column=dc.caption_column,
                                      source_columns=dc.source_columns, on_error=dc.on_error, split=dc.split,
                                      max_image_pixels=dc.max_image_pixels)
             self.prompts = self.edits.captions
@@ -256,7 +257,7 @@ class OnlineRounds(RoundDriver):
         whichever process, and whichever batch, samples it. ``reference``: (G, S, C, h, w) latents of each group's
         source images, for an edit model, and ``sources`` their pixels."""
         obj, acc, backbone, k = self.config.objective, self.accelerator, self.backbone, self.group_size
-        shape = backbone.latent_shape(self.config.data.resolution)
+        shape = backbone.latent_shape(self.config.data.resolution, self.config.data.width)
         generators = [example_generator(self.config.train.seed, r, 1, i) for i in groups]
         if self.shared_noise:
             noise = torch.cat([torch.randn((1, *shape), generator=g).repeat(k, *[1] * len(shape)) for g in generators])
@@ -452,7 +453,8 @@ class OnlineRounds(RoundDriver):
         global_batch = tc.batch_size * acc.num_processes
         g = example_generator(tc.seed, step, micro, 2)
         units, steps = self.objective.choose_units(len(data["latents"]), data["trained_steps"], global_batch, g)
-        extra = self.objective.draw(global_batch, self.backbone.latent_shape(self.config.data.resolution), g)
+        dc = self.config.data
+        extra = self.objective.draw(global_batch, self.backbone.latent_shape(dc.resolution, dc.width), g)
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
         units, steps = units[mine], steps[mine]
         device = acc.device

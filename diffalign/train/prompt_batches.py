@@ -44,7 +44,7 @@ class PromptBatches:
         global_batch = tc.batch_size * acc.num_processes
         g = example_generator(tc.seed, step, micro, 2)
         chosen = torch.randint(0, len(self.prompts), (global_batch,), generator=g)
-        shape = self.backbone.latent_shape(self.config.data.resolution)
+        shape = self.backbone.latent_shape(self.config.data.resolution, self.config.data.width)
         noise, step_noise, extra = draw_samples(self.objective, global_batch, shape, self.config.objective.sample_steps,
                                                 g)
         mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)

@@ -251,7 +251,8 @@ class PreferenceTrainer:
         # objectives with state of their own (Self-NPO's EMA teacher) keep it in every checkpoint
         for i, stateful in enumerate(self.objective.attach(self.module)):
             self.extra_state.register(f"objective_{i}", stateful)
-        self.validator = Validator(config.validation, self.output_dir, config.data.resolution, config.data.frames)
+        self.validator = Validator(config.validation, self.output_dir, config.data.resolution, config.data.frames,
+                                   config.data.width)
         vc = config.validation
         self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
         self.drift = DriftWatch(dict(vc.drift_limits)) if vc.drift_limits else None
@@ -298,7 +299,8 @@ class PreferenceTrainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir
         # the key covers model and resolution: the same image at another size has other latents
-        model_id = f"{self.model_folder}@{self.config.data.resolution}px"
+        dc = self.config.data
+        model_id = f"{self.model_folder}@{dc.resolution}px" + ("" if dc.width is None else f"x{dc.width}")
         self.encoder = None if cache_dir is None else CachedEncoder(
             self.backbone, TensorCache(cache_dir), model_id, latent_dtype=DTYPES[self.config.data.cache_latent_dtype])
 
@@ -602,6 +604,8 @@ class PreferenceTrainer:
             else c.data.path,
             "data.split": c.data.split,
             "data.resolution": c.data.resolution,
+            "data.width": c.data.width,
+            "model.prompt_tokens": c.model.prompt_tokens,
             "data.random_flip": c.data.random_flip,
             "data.ties": c.data.ties,
             "data.positive_ratio": c.data.positive_ratio,

@@ -24,14 +24,17 @@ from diffalign.train.fsdp2 import lockstep_share
 
 
 class Validator:
-    def __init__(self, config: ValidationConfig, output_dir: Path, resolution: int, frames: int = 0) -> None:
+    def __init__(self, config: ValidationConfig, output_dir: Path, resolution: int, frames: int = 0,
+                 width: int | None = None) -> None:
+        """Samples at ``resolution`` x ``width`` pixels (height x width; ``width`` None: square), clips of ``frames``
+        frames on a video model."""
         self.config = config
         self.frames = frames  # a video model's clips (data.frames); 0 for images
         prompts = list(config.prompts) + (read_prompts(config.prompt_file) if config.prompt_file else [])
         self.prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
         self.seeds = list(range(len(self.prompts)))
         self.rewards = [load_reward(name) for name in config.rewards]
-        self.resolution = resolution
+        self.resolution, self.width = resolution, width
         self.samples = output_dir / "samples"
         self.log_path = output_dir / "validation.jsonl"
 
@@ -62,7 +65,7 @@ class Validator:
             denoiser.eval()
             prompts = [self.prompts[i] for i in mine]
             images = generate(pipe, prompts, [self.seeds[i] for i in mine], steps=self.config.steps,
-                              guidance_scale=self.config.guidance_scale, resolution=self.resolution,
+                              guidance_scale=self.config.guidance_scale, resolution=self.resolution, width=self.width,
                               frames=self.frames)
             denoiser.train(was_training)
             mine, prompts, images = mine[:own], prompts[:own], images[:own]  # without the lockstep padding
