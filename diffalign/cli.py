@@ -337,6 +337,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if is_causal_lm_folder(resolve_model_path(args.base, what="--base")):
         if bench is not None:
             raise UserError(f"--benchmark {bench.name} scores images; {args.base} is a language model")
+        if args.prompt_tokens is not None:
+            raise UserError(f"--prompt-tokens sets a diffusion model's text length; {args.base} is a language model")
         return _cmd_eval_lm(args)
     if args.pairs is not None:
         raise UserError(f"--pairs ranks text pairs by a language model's likelihood; {args.base} is a diffusion model")
@@ -359,7 +361,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         models["base+negative"] = _negative_guided_loader(args, dtype)
         made_by["base+negative"] = f"{args.negative} (mix {args.negative_mix})"
     models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
-    extra = {**_true_cfg_options(args), **({"frames": args.frames} if args.frames else {})}
+    extra = {**_true_cfg_options(args), **({"frames": args.frames} if args.frames else {}),
+             **({} if args.prompt_tokens is None else {"max_sequence_length": args.prompt_tokens})}
     # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
     settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
                        "dtype": str(dtype).removeprefix("torch.")} for name in models}
@@ -507,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
+    p.add_argument("--prompt-tokens", type=int, metavar="N",
+                   help="encode every model's prompts to N text tokens, as a run with model.prompt_tokens trained "
+                        "(Flow-GRPO's SD3 recipes: 128; default: each pipeline's own length)")
     p.add_argument("--frames", type=int, default=0, metavar="N",
                    help="a video model (Wan): clips of N frames (4k + 1), scored frame by frame by image rewards and "
                         "played in the report (default: images)")

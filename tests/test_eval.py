@@ -114,6 +114,17 @@ def test_eval_names_a_missing_model_before_generating_with_any(tmp_path, monkeyp
         assert error in " ".join(capsys.readouterr().err.split())
 
 
+def test_eval_refuses_prompt_tokens_for_a_model_whose_text_length_is_fixed(tmp_path, capsys):
+    """--prompt-tokens N goes to the pipeline as max_sequence_length (what a run with model.prompt_tokens trained on);
+    a CLIP-only model (the toy base, SD1.5's layout) cannot take it and says so, exit 2, before any image."""
+    from diffalign.cli import main
+
+    assert main(["eval", "--base", str(TOY_BASE), "--prompts", "toy_heldout", "--prompt-tokens", "128", "--seeds", "1",
+                 "--steps", "1", "--out", str(tmp_path / "report")]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "read a fixed number of tokens: its prompts cannot be encoded to 128 (leave --prompt-tokens out)" in said
+
+
 @pytest.mark.slow
 def test_a_stopped_evaluation_with_saved_images_resumes_to_the_same_scores(tmp_path, monkeypatch, capsys):
     import json

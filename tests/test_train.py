@@ -774,6 +774,30 @@ def test_each_process_samples_its_share_of_the_validation_images(tmp_path, monke
     assert {round(i / 10 * 255) for i in range(1, 5)} <= levels  # every process's images are in the grid
 
 
+def test_validation_samples_at_the_run_s_size_and_prompt_length(tmp_path):
+    """A run's validation samples as it trains: at data.resolution x data.width, its prompts encoded to
+    model.prompt_tokens (the pipeline's max_sequence_length), so a Flow-GRPO recipe's 128 T5 tokens hold in its
+    samples too; the tiny SD3 pipeline takes them (its images are 32 high, 48 wide)."""
+    from types import SimpleNamespace
+
+    import diffalign.train.validation as validation
+    from diffalign.train.config import ValidationConfig
+
+    pipe = load_pipeline(ROOT / "assets/models/tiny-sd3", random_init=True)
+    validator = validation.Validator(ValidationConfig(prompts=["a red circle"], every=1, images_per_prompt=1, steps=2),
+                                     tmp_path, 32, width=48, prompt_tokens=128)
+    called = []
+    real_call = type(pipe).__call__
+    with pytest.MonkeyPatch.context() as patch:  # what the pipeline is asked, then its own work
+        patch.setattr(type(pipe), "__call__", lambda self, *a, **k: called.append(k) or real_call(self, *a, **k))
+        validator.run(pipe, 0, SimpleNamespace(process_index=0, num_processes=1, is_main_process=True))
+    assert called[0]["max_sequence_length"] == 128 and (called[0]["height"], called[0]["width"]) == (32, 48)
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "samples" / "step-0000000.png")
+    assert grid.width > grid.height  # one 32 x 48 tile, widened by the label column
+
+
 @pytest.mark.slow
 def test_validation_samples_at_intervals_and_ema_resumes_exactly(pairs, tmp_path):
     validation = ["validation.prompts=[a red circle]", "validation.every=2", "validation.images_per_prompt=2",

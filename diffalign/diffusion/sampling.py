@@ -53,6 +53,9 @@ def generate(
     if frames and not family.video:
         raise UserError(f"{type(pipe).__name__} makes images, not clips of {frames} frames: leave --frames (frames) "
                         "out for an image model")
+    if "max_sequence_length" in pipeline_kwargs and not family.prompt_tokens_settable:
+        raise UserError(f"{type(pipe).__name__}'s text encoders read a fixed number of tokens: its prompts cannot be "
+                        f"encoded to {pipeline_kwargs['max_sequence_length']} (leave --prompt-tokens out)")
     if family.video:
         pipeline_kwargs = {"num_frames": max(frames, 1), **pipeline_kwargs}
     if sources is not None:

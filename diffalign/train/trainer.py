@@ -252,7 +252,7 @@ class PreferenceTrainer:
         for i, stateful in enumerate(self.objective.attach(self.module)):
             self.extra_state.register(f"objective_{i}", stateful)
         self.validator = Validator(config.validation, self.output_dir, config.data.resolution, config.data.frames,
-                                   config.data.width)
+                                   config.data.width, config.model.prompt_tokens)
         vc = config.validation
         self.gold = None if vc.gold is None else GoldWatch(vc.gold, vc.gold_patience)
         self.drift = DriftWatch(dict(vc.drift_limits)) if vc.drift_limits else None

@@ -25,10 +25,12 @@ from diffalign.train.fsdp2 import lockstep_share
 
 class Validator:
     def __init__(self, config: ValidationConfig, output_dir: Path, resolution: int, frames: int = 0,
-                 width: int | None = None) -> None:
+                 width: int | None = None, prompt_tokens: int | None = None) -> None:
         """Samples at ``resolution`` x ``width`` pixels (height x width; ``width`` None: square), clips of ``frames``
-        frames on a video model."""
+        frames on a video model, its prompts encoded to ``prompt_tokens`` tokens as the run trains on them
+        (``model.prompt_tokens``; None: the pipeline's own length)."""
         self.config = config
+        self.pipeline_kwargs = {} if prompt_tokens is None else {"max_sequence_length": prompt_tokens}
         self.frames = frames  # a video model's clips (data.frames); 0 for images
         prompts = list(config.prompts) + (read_prompts(config.prompt_file) if config.prompt_file else [])
         self.prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
@@ -66,7 +68,7 @@ class Validator:
             prompts = [self.prompts[i] for i in mine]
             images = generate(pipe, prompts, [self.seeds[i] for i in mine], steps=self.config.steps,
                               guidance_scale=self.config.guidance_scale, resolution=self.resolution, width=self.width,
-                              frames=self.frames)
+                              frames=self.frames, **self.pipeline_kwargs)
             denoiser.train(was_training)
             mine, prompts, images = mine[:own], prompts[:own], images[:own]  # without the lockstep padding
             scores = {r.name: score_media(r, images, prompts).tolist() for r in self.rewards}
