@@ -21,6 +21,7 @@ INF = math.inf
 BOUNDS: dict[str, tuple[float, bool, float, bool]] = {
     "model.distilled_guidance": (0, True, INF, False),
     "model.prompt_tokens": (1, True, INF, False),
+    "data.width": (1, True, INF, False),
     # a negative beta flips which item the loss prefers; no shipped loss defines it
     "objective.beta": (0, False, INF, False),
     "objective.sample_steps": (1, True, INF, False),

@@ -176,7 +176,7 @@ class Backbone:
     min_sources: ClassVar[int] = 0
     # whether the model makes videos: its latents are (N, C, F, h, w) and its pixels (N, 3, F, H, W)
     video: ClassVar[bool] = False
-    # whether the pipeline's encode_prompt takes a sequence length (max_sequence_length), so model.prompt_tokens applies
+    # whether the pipeline encodes prompts to a length it is given (max_sequence_length), so model.prompt_tokens applies
     prompt_tokens_settable: ClassVar[bool] = True
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
@@ -273,7 +273,8 @@ class Backbone:
 
     def latent_shape(self, resolution: int, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents of an image ``resolution`` pixels high and ``width`` wide (None: square)."""
-        return (self.latent_channels, resolution // self.vae_scale_factor, (width or resolution) // self.vae_scale_factor)
+        factor = self.vae_scale_factor
+        return (self.latent_channels, resolution // factor, (width or resolution) // factor)
 
     def sampling_scheduler(self, steps: int, latent_shape: tuple[int, ...]):
         """A fresh copy of the scheduler set to the ``steps``-step inference grid its pipeline samples latents of

@@ -85,7 +85,7 @@ def validate(config: Config) -> Config:
     choose("model.attention", config.model.attention, ("sdpa", "xformers"))
     for key, value in (("train.batch_size", config.train.batch_size), ("train.max_steps", config.train.max_steps),
                        ("train.gradient_accumulation", config.train.gradient_accumulation),
-                       ("data.resolution", config.data.resolution), ("data.width", config.data.width or 1),
+                       ("data.resolution", config.data.resolution),
                        ("train.distributed_timeout_s", config.train.distributed_timeout_s)):
         if value < 1:
             raise UserError(f"{key} must be >= 1, got {value}")
