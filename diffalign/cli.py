@@ -362,6 +362,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         made_by["base+negative"] = f"{args.negative} (mix {args.negative_mix})"
     models = {name: (lambda load=load: load().to(device)) for name, load in models.items()}
     extra = {**_true_cfg_options(args), **({"frames": args.frames} if args.frames else {}),
+             **({} if args.width is None else {"width": args.width}),
              **({} if args.prompt_tokens is None else {"max_sequence_length": args.prompt_tokens})}
     # recorded beside each model's saved images (--save-images): a rerun with another model there is refused
     settings = {name: {"model": made_by.get(name, args.base), "base": args.base, "variant": args.variant,
@@ -510,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--resolution", type=int, help="image size (default: the model's)")
+    p.add_argument("--width", type=int, help="with --resolution: images (or clips) that wide and --resolution high, as a "
+                   "run with data.width trained (default: square)")
     p.add_argument("--prompt-tokens", type=int, metavar="N",
                    help="encode every model's prompts to N text tokens, as a run with model.prompt_tokens trained "
                         "(Flow-GRPO's SD3 recipes: 128; default: each pipeline's own length)")

@@ -125,6 +125,23 @@ def test_eval_refuses_prompt_tokens_for_a_model_whose_text_length_is_fixed(tmp_p
     assert "read a fixed number of tokens: its prompts cannot be encoded to 128 (leave --prompt-tokens out)" in said
 
 
+def test_eval_samples_at_a_width_beside_its_resolution_and_refuses_a_width_alone(tmp_path, capsys):
+    """--width W with --resolution H: every model's images W wide and H high, as a run with data.width trained (the
+    saved images are the generated ones); a width without its height is refused before any image."""
+    from PIL import Image
+
+    from diffalign.cli import main
+
+    out = tmp_path / "report"
+    assert main(["eval", "--base", str(TOY_BASE), "--prompts", "toy_heldout", "--seeds", "1", "--steps", "1",
+                 "--resolution", "32", "--width", "48", "--save-images", "--out", str(out)]) == 0
+    saved = sorted((out / "images" / "base").glob("*.png"))
+    assert saved and {Image.open(path).size for path in saved} == {(48, 32)}
+    assert main(["eval", "--base", str(TOY_BASE), "--prompts", "toy_heldout", "--width", "48",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "a width of 48 px needs the height too" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.slow
 def test_a_stopped_evaluation_with_saved_images_resumes_to_the_same_scores(tmp_path, monkeypatch, capsys):
     import json

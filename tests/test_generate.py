@@ -159,13 +159,14 @@ def test_generate_ranked_edits_each_rows_sources_and_keeps_them_for_training(tmp
     out = tmp_path / "ranked"
     config = load_config(ROOT / "configs/toy_generate_ranked.yaml", [
         f"prompts={table}", f"output_dir={out}", "source_columns=[source]", "source_resolution=64",
-        f"generators=[{{name: a, path: {model}, steps: 2, resolution: 64}}, "
-        f"{{name: b, path: {model}, steps: 2, resolution: 64, guidance_scale: 1.0}}]",
+        f"generators=[{{name: a, path: {model}, steps: 2, resolution: 64, width: 96}}, "
+        f"{{name: b, path: {model}, steps: 2, resolution: 64, width: 96, guidance_scale: 1.0}}]",
         f"rewards=[image_similarity:{clip}, jpeg_incompressibility]"], schema=GenerateConfig)
     summary = generate_ranked(config)
     assert summary["prompts"] == 2 and summary["images_generated_now"] == 2 * 2 * 2
     rows = pq.read_table(out / "shard-00000.parquet").to_pylist()
     assert [r["source"] for r in rows] == ["images/p000000/source-source.png", "images/p000001/source-source.png"]
+    assert {Image.open(out / path).size for r in rows for path in r["images"]} == {(96, 64)}  # each generator's width
     assert all(0 < s <= 1 + 1e-5 for r in rows for s in r["reward_image_similarity"])
     pair = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])
     assert pair["source"] == rows[0]["source"]

@@ -63,6 +63,8 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     family.prepare_pipeline(pipe, guidance_scale)
     device = pipe._execution_device
+    if width is not None and resolution is None:
+        raise UserError(f"a width of {width} px needs the height too: give the resolution (--resolution) beside it")
     size = {} if resolution is None else {"height": resolution, "width": width or resolution}
     out = []
     with sliced_decoding(getattr(pipe, "vae", None)):

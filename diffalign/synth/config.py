@@ -22,6 +22,8 @@ class GeneratorConfig:
     guidance_scale: float = 5.0
     # image size; empty = the model's default
     resolution: int | None = None
+    # with resolution: images that wide and resolution high (Wan's 832 x 480); empty = square
+    width: int | None = None
     # weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16
     dtype: str = "auto"
     # weights variant of the pipeline folder read (path, or base for a LoRA / denoiser file):
