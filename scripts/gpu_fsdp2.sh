@@ -15,6 +15,7 @@ out=${OUT:-runs/gpu_fsdp2}
 gpus=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+failed=0  # any run or comparison that failed makes the script exit 1 after the rest have run
 if [ "$gpus" -lt 2 ]; then
     echo "gpu_fsdp2.sh needs two GPUs at least (found $gpus); FSDP2 shards over processes, one a GPU" >&2
     exit 2
@@ -29,9 +30,11 @@ parity)
     common=(configs/toy_diffusion_dpo.yaml model.path=assets/models/tiny-sd3 model.random_init=true data.resolution=32
             train.max_steps=3 train.checkpoint_every=0 train.adam_epsilon=1e-3 train.mixed_precision=bf16
             train.lr_scheduler=constant train.warmup_steps=0 validation.every=0 train.report_to=none)
-    diffalign train "${common[@]}" "train.batch_size=$((2 * gpus))" "output_dir=$out/one" 2>&1 | tail -2
+    diffalign train "${common[@]}" "train.batch_size=$((2 * gpus))" "output_dir=$out/one" 2>&1 | tail -2 ||
+        { echo "the one-GPU run every comparison needs failed" >&2; exit 1; }
     for config in fsdp2 fsdp2_offload fsdp2_checkpointing; do
-        launch "$config" "${common[@]}" train.batch_size=2 "output_dir=$out/$config" > "$out/$config.log" 2>&1
+        launch "$config" "${common[@]}" train.batch_size=2 "output_dir=$out/$config" > "$out/$config.log" 2>&1 ||
+            { echo "$config failed: see $out/$config.log"; failed=1; continue; }
         python3 - "$out" "$config" <<'PY'
 import sys
 from pathlib import Path
@@ -42,6 +45,7 @@ sharded = load_file(out / config / "final/pytorch_lora_weights.safetensors")
 print(f"{config}: largest difference to one GPU {max((one[k] - sharded[k]).abs().max().item() for k in one):.2e}, "
       f"largest LoRA weight {max(v.abs().max().item() for v in one.values()):.2e}")
 PY
+        [ $? -eq 0 ] || failed=1
     done
     ;;
 memory)
@@ -58,9 +62,9 @@ memory)
             # shellcheck disable=SC2086
             launch "$config" "configs/$recipe.yaml" $settings model.random_init=true "data.path=$out/$data/pairs.parquet" \
                 train.batch_size=1 train.max_steps=3 train.checkpoint_every=0 validation.every=0 train.report_to=none \
-                "output_dir=$out/$name" > "$out/$name.log" 2>&1
-            python3 -c "import json, sys; print(sys.argv[1], json.load(open(sys.argv[2])).get('gpu_peak_gib'), 'GiB')" \
-                "$name" "$out/$name/metrics.json" 2>/dev/null || echo "$name failed: see $out/$name.log"
+                "output_dir=$out/$name" > "$out/$name.log" 2>&1 &&
+            python3 -c "import json, sys; print(sys.argv[1], json.load(open(sys.argv[2]))['gpu_peak_gib'], 'GiB')" \
+                "$name" "$out/$name/metrics.json" 2>/dev/null || { echo "$name failed: see $out/$name.log"; failed=1; }
         done
     done
     ;;
@@ -69,3 +73,4 @@ memory)
     exit 2
     ;;
 esac
+exit "$failed"

@@ -125,7 +125,8 @@ def _generate_missing(config: GenerateConfig, prompts: list[str], out: Path, sta
                 batch = jobs[start:start + config.batch_size]
                 images = generate(pipe, [prompts[i] for i, _ in batch], [s for _, s in batch], steps=generator.steps,
                                   guidance_scale=generator.guidance_scale, resolution=generator.resolution,
-                                  width=generator.width, batch_size=config.batch_size, sources=_sources(config, out, [i for i, _ in batch]),
+                                  width=generator.width, batch_size=config.batch_size,
+                                  sources=_sources(config, out, [i for i, _ in batch]),
                                   frames=config.frames)
                 for (i, s), image in zip(batch, images, strict=True):
                     save_png(image, out / _image_path(i, generator.name, s, suffix))

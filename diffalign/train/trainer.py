@@ -813,7 +813,8 @@ class PreferenceTrainer:
         self._validation_s += time.perf_counter() - began
         if scores:
             self.accelerator.log(scores, step=step)
-        grid, animated = self.validator.grid_path(step), self.validator.grid_path(step).with_suffix(".webp")
+        grid = self.validator.grid_path(step)
+        animated = grid.with_suffix(".webp")
         if self.accelerator.is_main_process and self.accelerator.trackers and animated.is_file():  # a video run's
             with Image.open(animated) as image:
                 frames = [frame.copy() for frame in ImageSequence.Iterator(image)]
