@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``, ``tiny-hunyuanvideo15``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``, ``tiny-wan21-i2v``, ``tiny-wan22-i2v``, ``tiny-hunyuanvideo15``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``, ``hunyuanvideo15-480p-t2v``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``, ``wan21-i2v-14b-480p``, ``wan22-i2v-a14b``, ``hunyuanvideo15-480p-t2v``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -287,6 +287,27 @@ def wan_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float
     }
 
 
+def wan_i2v_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float, image_encoder: dict | None,
+                  experts: bool = False) -> dict:
+    """A WanImageToVideoPipeline's components: :func:`wan_parts` with, for Wan2.1 I2V, the CLIP vision encoder whose
+    second-to-last hidden states the transformer reads (``image_dim``) and its preprocessing; Wan2.2 I2V A14B has
+    neither (its two experts read the first frame only through the latent condition)."""
+    vision = {"image_encoder": ("transformers", "CLIPVisionModel", image_encoder),
+              "image_processor": ("transformers", "CLIPImageProcessor",
+                                  {"size": {"shortest_edge": image_encoder["image_size"]},
+                                   "crop_size": {"height": image_encoder["image_size"],
+                                                 "width": image_encoder["image_size"]}})} if image_encoder else \
+        {"image_encoder": (None, None, None), "image_processor": (None, None, None)}
+    return {**wan_parts(transformer, vae_config, text, flow_shift, experts), **vision}
+
+
+def clip_vision(hidden: int, layers: int, heads: int, intermediate: int, image_size: int, patch: int) -> dict:
+    """A CLIP ViT image encoder's config (CLIPVisionModel)."""
+    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": intermediate,
+            "image_size": image_size, "patch_size": patch, "projection_dim": hidden, "hidden_act": "gelu"}
+
+
 def hunyuan_video15_parts(transformer: dict, vae_config: dict, text: dict, byt5: dict, shift: float) -> dict:
     """A HunyuanVideo15Pipeline's components: Qwen2.5-VL's text model (its third-last hidden states) and ByT5 (the
     quoted text to render), the 3D transformer, its 32-channel video VAE (16x in space, 4x in time), the flow
@@ -408,6 +429,10 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             from transformers import ByT5Tokenizer
 
             ByT5Tokenizer().save_pretrained(sub)
+        elif component == "image_processor":  # Wan2.1 I2V's CLIP preprocessing
+            from transformers import CLIPImageProcessor
+
+            CLIPImageProcessor(**config).save_pretrained(sub)
         elif library == "transformers":
             write_json(sub / "config.json", config)
         elif component == "scheduler":
@@ -544,6 +569,17 @@ def tiny() -> None:
     # Wan2.2 A14B: two experts of tiny-wan's shape, switched at 0.875 x 1000 as the T2V model; its shift of 12
     write_pipeline("tiny-wan22", "WanPipeline", wan_parts(tiny_wan, tiny_wan_vae, tiny_umt5, flow_shift=12.0,
                                                           experts=True), settings={"boundary_ratio": 0.875})
+    # Wan2.1 I2V: the noisy latents beside the first frame's condition (4 mask channels, one per frame a latent frame
+    # folds, and the condition video's 4 latent channels), so 12 channels in; CLIP image tokens through the
+    # transformer's image embedder and each block's added key/value projections (as wide as the blocks, 2 x 12)
+    tiny_clip_vision = clip_vision(16, 2, 2, 32, 32, 4)
+    write_pipeline("tiny-wan21-i2v", "WanImageToVideoPipeline", wan_i2v_parts(
+        {**tiny_wan, "in_channels": 12, "image_dim": 16, "added_kv_proj_dim": 24}, tiny_wan_vae, tiny_umt5,
+        flow_shift=3.0, image_encoder=tiny_clip_vision))
+    # Wan2.2 I2V A14B: two experts of that shape without the image tokens, switched at 0.9 x 1000; shift 5
+    write_pipeline("tiny-wan22-i2v", "WanImageToVideoPipeline", wan_i2v_parts(
+        {**tiny_wan, "in_channels": 12}, tiny_wan_vae, tiny_umt5, flow_shift=5.0, image_encoder=None, experts=True),
+        settings={"boundary_ratio": 0.9})
     # HunyuanVideo 1.5 (diffusers' own test shapes, a 4x-in-time VAE): its transformer reads the noisy latents, an
     # image condition's latents and mask (zeros for text to video), so 2 x 4 + 1 channels
     write_pipeline("tiny-hunyuanvideo15", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
@@ -705,6 +741,17 @@ def full_size() -> None:
     write_pipeline("wan22-t2v-a14b", "WanPipeline", wan_parts(
         {**wan, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}, {}, umt5_xxl, flow_shift=12.0,
         experts=True), settings={"boundary_ratio": 0.875})
+    # Wan2.1 I2V 14B 480p (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers): the 14B T2V blocks on 16 + 4 + 16 input channels, with
+    # open-clip's XLM-RoBERTa ViT-H/14 image tower (1280 wide, 32 layers, 257 tokens at 224 px) read by each block's
+    # added key/value projections; Wan2.2 I2V A14B (Wan-AI/Wan2.2-I2V-A14B-Diffusers): two such experts without the
+    # image tower, switched at 0.9 x 1000, sampled with shift 5 (Wan2.2's i2v_A14B config)
+    write_pipeline("wan21-i2v-14b-480p", "WanImageToVideoPipeline", wan_i2v_parts(
+        {**wan, "in_channels": 36, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40, "image_dim": 1280,
+         "added_kv_proj_dim": 5120}, {}, umt5_xxl, flow_shift=3.0,
+        image_encoder=clip_vision(1280, 32, 16, 5120, 224, 14)))
+    write_pipeline("wan22-i2v-a14b", "WanImageToVideoPipeline", wan_i2v_parts(
+        {**wan, "in_channels": 36, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}, {}, umt5_xxl,
+        flow_shift=5.0, image_encoder=None, experts=True), settings={"boundary_ratio": 0.9})
     write_pipeline("qwen-image-edit", "QwenImageEditPipeline", qwen_image_parts(*qwen_image, edit=True))
     write_pipeline("qwen-image-edit-plus", "QwenImageEditPlusPipeline", qwen_image_parts(*qwen_image, edit=True))
     # FLUX.2 dev (black-forest-labs/FLUX.2-dev): 8 double- and 48 single-stream blocks of width 48 x 128, 32B

@@ -64,6 +64,8 @@ class Conditioning:
             of every item.
         embeds_2, mask_2: a second text encoder's (N, L2, D2) token embeddings and their mask, for a denoiser that
             reads two streams of them (HunyuanVideo 1.5's ByT5 embeddings of the text to render), or None.
+        image_embeds: (N, L3, D3) image-encoder tokens of each item's source image, for a denoiser that reads them
+            beside the text (Wan2.1 I2V's CLIP hidden states), or None; the unconditional branch sees them too.
     """
 
     embeds: Tensor
@@ -74,6 +76,7 @@ class Conditioning:
     negative_mask: Tensor | None = None
     embeds_2: Tensor | None = None
     mask_2: Tensor | None = None
+    image_embeds: Tensor | None = None
 
     def prompt_embedding(self) -> Tensor:
         """(N, D) one vector per prompt: the pooled embedding where the family has one, else the token embeddings
@@ -111,11 +114,13 @@ class Conditioning:
 
     def guidance_batch(self, uncond: "Conditioning | None") -> "Conditioning":
         """[unconditional branches; the items], for one guided denoiser call: each item's own empty prompt where
-        it has one (``negative_embeds``), else ``uncond``; an edit's unconditional branch sees its sources."""
+        it has one (``negative_embeds``), else ``uncond``; an edit's unconditional branch sees its sources (their
+        latents and image tokens), as the pipelines guide."""
         negative = uncond if self.negative_embeds is None else \
             Conditioning(embeds=self.negative_embeds, mask=self.negative_mask)
-        if self.reference is not None and negative.reference is None:
-            negative = replace(negative, reference=self.reference)
+        for name in ("reference", "image_embeds"):
+            if getattr(self, name) is not None and getattr(negative, name) is None:
+                negative = replace(negative, **{name: getattr(self, name)})
         return Conditioning.cat([negative, replace(self, negative_embeds=None, negative_mask=None)])
 
     @classmethod
@@ -169,11 +174,14 @@ class Backbone:
     # how many source images an edit model reads beside its noisy latents (``Conditioning.reference``); 0 for a
     # text-to-image model, which a run on edit data (data.source_columns) refuses
     max_sources: ClassVar[int] = 0
-    # whether the text encoder reads the source images too (Qwen-Image-Edit's Qwen2.5-VL): its prompts are then
-    # encoded with their sources (``encode_prompts(prompts, sources)``) and cached under both
+    # whether the prompts' conditioning reads the source images too (Qwen-Image-Edit's Qwen2.5-VL, Wan2.1 I2V's CLIP
+    # image tokens): its prompts are then encoded with their sources (``encode_prompts(prompts, sources)``) and cached
+    # under both
     prompt_reads_sources: ClassVar[bool] = False
     # the fewest sources it reads: 1 for a model that only edits (its pipeline needs an image)
     min_sources: ClassVar[int] = 0
+    # what it does with its sources, for the errors of a run that gives it none
+    source_role: ClassVar[str] = "edits source images"
     # whether the model makes videos: its latents are (N, C, F, h, w) and its pixels (N, 3, F, H, W)
     video: ClassVar[bool] = False
     # whether the pipeline encodes prompts to a length it is given (max_sequence_length), so model.prompt_tokens applies
@@ -306,6 +314,21 @@ class Backbone:
         latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
         with sliced_decoding(vae):
             return vae.decode(latents).sample.clamp(-1, 1)
+
+    def encode_sources(self, pixels: Tensor) -> Tensor:
+        """An edit's source images, pixels in [-1, 1] (N, 3, H, W) -> what the denoiser reads of each (one item of
+        ``Conditioning.reference``): their latents, as :meth:`encode_images`, unless the model conditions otherwise."""
+        return self.encode_images(pixels)
+
+    def source_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one :meth:`encode_sources` item for a target of ``latent_shape``."""
+        return tuple(latent_shape)
+
+    @property
+    def source_cache_kind(self) -> str:
+        """What the latent cache files encoded sources under: ``latent`` where they are plain latents (an image's
+        entry serves either way), another kind where :meth:`encode_sources` differs."""
+        return "latent"
 
     # --- text ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -998,8 +1021,94 @@ class WanBackbone(VideoBackbone):
             n, _, f, h, w = latents.shape
             patch = self.pipe.transformer.config.patch_size  # net may be a DDP wrapper
             timestep = timestep[:, None].expand(n, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
-        return net(hidden_states=latents, timestep=timestep, encoder_hidden_states=cond.embeds,
-                   return_dict=False)[0]
+        return net(hidden_states=self._hidden_states(latents, cond), timestep=timestep,
+                   encoder_hidden_states=cond.embeds, return_dict=False, **self._image_inputs(cond))[0]
+
+    def _hidden_states(self, latents: Tensor, cond: Conditioning) -> Tensor:
+        """What the transformer reads as its latent input: the noisy latents (text to video)."""
+        return latents
+
+    def _image_inputs(self, cond: Conditioning) -> dict:
+        """The transformer's image-token arguments: none for text to video."""
+        return {}
+
+
+class WanI2VBackbone(WanBackbone):
+    """Wan2.1 I2V and Wan2.2 I2V A14B (WanImageToVideoPipeline): Wan's text-to-video transformer reading a first frame
+    beside the noisy latents, as the pipeline feeds it (``prepare_latents``): the frame followed by black frames,
+    through the VAE and normalised as latents are, after a mask of the clip's first pixel frame (4 channels, one per
+    frame a latent frame folds: ones on the first latent frame, zeros after), concatenated on the channels; Wan2.1's
+    transformer also reads the frame's CLIP tokens (the image encoder's second-to-last hidden states) before the
+    text's, in every block's added key/value projections, and both guidance branches see them.
+
+    The first frame is the edit's one source (``data.source_columns``; online, each prompt's row). Its condition
+    depends on the clip length, so the latent cache keys it by the frames; Wan2.1's image tokens join the prompt's
+    conditioning (:attr:`prompt_reads_sources`). The image tokens are split from the text's at 512 text tokens in
+    diffusers' attention processor, so Wan2.1 I2V reads its prompts at 512 tokens. Wan2.2 TI2V-5B's image mode (a
+    first latent frame held clean at timestep 0) is not built: train its text-to-video pipeline (WanPipeline)."""
+
+    family = "wan-i2v"
+    max_sources = min_sources = 1
+    source_role = "starts each clip from a first-frame image"
+
+    def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
+                 prompt_tokens: int | None = None) -> None:
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise UserError("WanImageToVideoPipeline with expand_timesteps (Wan2.2 TI2V-5B's image mode, its first "
+                            "latent frame held clean at timestep 0) is not built; train the model's text-to-video "
+                            "pipeline (WanPipeline in its model_index.json)")
+        if getattr(pipe, "image_encoder", None) is not None and prompt_tokens not in (None, 512):
+            raise UserError(f"model.prompt_tokens={prompt_tokens}: Wan2.1 I2V's attention splits its CLIP image "
+                            "tokens from the text at 512 text tokens (diffusers' WanAttnProcessor); leave "
+                            "model.prompt_tokens unset")
+        super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
+                         prompt_tokens=prompt_tokens)
+
+    @property
+    def prompt_reads_sources(self) -> bool:
+        """Wan2.1 I2V's conditioning holds the first frame's CLIP tokens; Wan2.2's reads the frame only as latents."""
+        return getattr(self.pipe, "image_encoder", None) is not None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], sources: Tensor | None = None) -> Conditioning:
+        """The prompts' UMT5 embeddings; for Wan2.1 I2V with each one's first frame's CLIP tokens, the frames given as
+        ``sources`` (N, 1, 3, H, W) pixels in [-1, 1] and read as the pipeline's ``encode_image`` reads an image."""
+        cond = super().encode_prompts(prompts)
+        if not self.prompt_reads_sources:
+            return cond
+        if sources is None:
+            raise ValueError("Wan2.1 I2V encodes each prompt with its first frame (its CLIP image tokens)")
+        from diffalign.diffusion.sampling import to_pil  # sampling imports this module
+
+        frames = [to_pil(images[0].float().add(1).div(2)) for images in sources]
+        return replace(cond, image_embeds=self.pipe.encode_image(frames, self.device))
+
+    @torch.no_grad()
+    def encode_sources(self, pixels: Tensor) -> Tensor:
+        """First frames (N, 3, H, W) in [-1, 1] -> their conditions (N, T + C, F', h, w): the mask of T channels
+        (the VAE's temporal factor), then the latents of the frame followed by ``frames`` - 1 black ones."""
+        n, _, height, width = pixels.shape
+        clip = torch.cat([pixels[:, :, None], pixels.new_zeros(n, 3, max(self.frames, 1) - 1, height, width)], dim=2)
+        latents = self.encode_images(clip)
+        mask = latents.new_zeros(n, self.temporal_factor, *latents.shape[2:])
+        mask[:, :, 0] = 1
+        return torch.cat([mask, latents], dim=1)
+
+    def source_shape(self, latent_shape):
+        return (self.temporal_factor + latent_shape[0], *latent_shape[1:])
+
+    @property
+    def source_cache_kind(self) -> str:
+        return f"wan-i2v-condition@{max(self.frames, 1)}frames"
+
+    def _hidden_states(self, latents, cond):
+        """The noisy latents, then the first frame's condition (``Conditioning.reference``)."""
+        if cond.reference is None:
+            raise ValueError("Wan image-to-video predicts from a first frame: its condition is Conditioning.reference")
+        return torch.cat([latents, cond.reference[:, 0].to(latents.dtype)], dim=1)
+
+    def _image_inputs(self, cond):
+        return {} if cond.image_embeds is None else {"encoder_hidden_states_image": cond.image_embeds}
 
 
 class HunyuanVideo15Backbone(VideoBackbone):
@@ -1093,6 +1202,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "PixArtAlphaPipeline": PixArtBackbone,
     "PixArtSigmaPipeline": PixArtBackbone,
     "WanPipeline": WanBackbone,
+    "WanImageToVideoPipeline": WanI2VBackbone,
     "HunyuanVideo15Pipeline": HunyuanVideo15Backbone,
 }
 VIDEO_PIPELINES = [name for name, backbone in BACKBONES.items() if backbone.video]
@@ -1142,10 +1252,10 @@ def check_sources(backbone: Backbone, source_columns: list[str], validation_ever
     from text alone."""
     name = type(backbone.pipe).__name__
     if backbone.min_sources and len(source_columns) < backbone.min_sources:
-        raise UserError(f"{name} edits source images and cannot sample from text alone: name each row's source "
+        raise UserError(f"{name} {backbone.source_role} and cannot sample from text alone: name each row's source "
                         f"image column(s) in data.source_columns (and, online, give online.prompts as such a table)")
     if backbone.min_sources and validation_every:
-        raise UserError(f"validation samples images from its prompts alone, and {name} edits source images: set "
+        raise UserError(f"validation samples images from its prompts alone, and {name} {backbone.source_role}: set "
                         "validation.every=0")
     if len(source_columns) <= backbone.max_sources:
         return

@@ -176,20 +176,28 @@ class CachedEncoder:
         rows = self._cached(keys, encode)
         return Conditioning.cat([Conditioning(**row) for row in rows])
 
-    def has_latents(self, image_ids: Sequence[str | bytes]) -> bool:
-        """Whether every one of these images is cached (then their pixels are never needed)."""
-        return all(content_key("latent", self._latent_salt, i) in self.cache for i in image_ids)
+    def _kind(self, sources: bool) -> str:
+        return self.backbone.source_cache_kind if sources else "latent"
 
-    def latents(self, image_ids: Sequence[str | bytes], pixels: Callable[[list[int]], Tensor]) -> Tensor:
-        """Latents of images identified by ``image_ids`` (their bytes, or a stable id).
+    def has_latents(self, image_ids: Sequence[str | bytes], sources: bool = False) -> bool:
+        """Whether every one of these images is cached (then their pixels are never needed); ``sources``: as an
+        edit's sources (:meth:`latents`)."""
+        return all(content_key(self._kind(sources), self._latent_salt, i) in self.cache for i in image_ids)
+
+    def latents(self, image_ids: Sequence[str | bytes], pixels: Callable[[list[int]], Tensor],
+                sources: bool = False) -> Tensor:
+        """Latents of images identified by ``image_ids`` (their bytes, or a stable id); with ``sources``, what the
+        denoiser reads of them as an edit's sources (``Backbone.encode_sources``: the same latents for most models,
+        an image-to-video model's first-frame condition, cached apart).
 
         ``pixels(indices)`` returns the (n, 3, H, W) pixels in [-1, 1] of the images at those
         indices; it is only called for images not in the cache.
         """
-        keys = [content_key("latent", self._latent_salt, i) for i in image_ids]
+        keys = [content_key(self._kind(sources), self._latent_salt, i) for i in image_ids]
+        encode_pixels = self.backbone.encode_sources if sources else self.backbone.encode_images
 
         def encode(indices: list[int]) -> list[dict[str, Tensor]]:
-            lat = self.backbone.encode_images(pixels(indices))
+            lat = encode_pixels(pixels(indices))
             return [{"latents": lat[j].to(self.latent_dtype)} for j in range(len(indices))]
 
         return torch.stack([row["latents"] for row in self._cached(keys, encode)]).float()
@@ -201,7 +209,7 @@ def example_cached(encoder: CachedEncoder, prompt_reads_sources: bool, guides: b
     read with them, for an objective that ``guides``). Such an example is only hashed, never decoded."""
     def cached(example) -> bool:
         prompt_sources = example.source_ids if prompt_reads_sources else ()
-        return (encoder.has_latents(example.image_ids + example.source_ids)
+        return (encoder.has_latents(example.image_ids) and encoder.has_latents(example.source_ids, sources=True)
                 and encoder.has_prompt(example.caption, prompt_sources)
                 and not (guides and prompt_sources and not encoder.has_prompt("", prompt_sources)))
     return cached

@@ -44,6 +44,8 @@ SHIPPED_ARCHITECTURES = {
     "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b", "black-forest-labs/FLUX.2-klein-base-9B": "flux2-klein-9b",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan21-t2v-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan21-t2v-14b",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan22-t2v-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan22-ti2v-5b",
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": "wan21-i2v-14b-480p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": "wan21-i2v-14b-480p",
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": "wan22-i2v-a14b",
     "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v": "hunyuanvideo15-480p-t2v",
 }
 

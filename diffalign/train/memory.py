@@ -344,7 +344,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
             cond = backbone.encode_prompts(prompt)
         uncond = backbone.empty_prompt() if guided else None
     if config.data.source_columns:  # an edit model reads its sources' tokens beside the target's
-        cond.reference = torch.randn(1, len(config.data.source_columns), *latent_shape)
+        cond.reference = torch.randn(1, len(config.data.source_columns), *backbone.source_shape(latent_shape))
     if objective_cls.samples_in_loss:
         latents, randomness, targets = prompt_inputs(objective, config, latent_shape, prompt[0])
     elif online:

@@ -188,7 +188,7 @@ class OnlineRounds(RoundDriver):
         reference = sources = None
         if self.edits is not None:  # each group edits its row's sources: their latents, kept for training
             sources = torch.stack(self._sources(r, groups))
-            reference = torch.stack([self.backbone.encode_images(s.to(acc.device)).cpu() for s in sources])
+            reference = torch.stack([self.backbone.encode_sources(s.to(acc.device)).cpu() for s in sources])
             part["reference"] = reference
             for group, images in zip(groups, sources):
                 for s, image in enumerate(images):

@@ -431,12 +431,14 @@ class PreferenceTrainer:
         """Latents of all images of the examples, in order, through the cache if any: their items (``which`` =
         "pixels") or their edit sources ("sources")."""
         ids = [i for e in examples for i in (e.image_ids if which == "pixels" else e.source_ids)]
+        sources = which == "sources"  # what the denoiser reads of a source (Backbone.encode_sources)
         if self.encoder is None:
-            return self.backbone.encode_images(torch.cat([getattr(e, which) for e in examples]))
+            pixels = torch.cat([getattr(e, which) for e in examples])
+            return self.backbone.encode_sources(pixels) if sources else self.backbone.encode_images(pixels)
         per_example = len(ids) // len(examples)
         images = [getattr(e, which)[k] if getattr(e, which) is not None else None
                   for e in examples for k in range(per_example)]
-        return self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]))
+        return self.encoder.latents(ids, lambda idx: torch.stack([images[i] for i in idx]), sources=sources)
 
     def _precompute(self, first_step: int) -> None:
         """``data.precompute``: cache what the rest of the run reads, then move the encoders off the GPU.
