@@ -4,10 +4,10 @@ Each folder is a diffusers pipeline layout (model_index.json plus one sub-folder
 component) holding only configs, so ``diffalign.diffusion.load_pipeline(folder,
 random_init=True)`` builds the model with random weights and no download:
 
-- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``, ``tiny-wan21-i2v``, ``tiny-wan22-i2v``, ``tiny-hunyuanvideo15``: a few hundred
+- ``tiny-sd15``, ``tiny-sdxl``, ``tiny-sd3``, ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-zimage``, ``tiny-qwenimage``, ``tiny-qwenimage-edit``, ``tiny-qwenimage-edit-plus``, ``tiny-flux2-klein``, ``tiny-flux2-dev``, ``tiny-pixart``, ``tiny-wan``, ``tiny-wan22``, ``tiny-wan22-ti2v``, ``tiny-wan21-i2v``, ``tiny-wan22-i2v``, ``tiny-hunyuanvideo15``, ``tiny-hunyuanvideo15-i2v``: a few hundred
   thousand parameters each, for tests and CPU benchmarks (shapes follow diffusers' own test configs).
 - ``sd15``, ``sdxl``, ``sd3-medium``, ``sd35-medium``, ``sd35-large``, ``flux-dev``,
-  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``, ``wan21-i2v-14b-480p``, ``wan22-i2v-a14b``, ``hunyuanvideo15-480p-t2v``: the real architectures' denoiser, VAE and text-encoder
+  ``flux-schnell``, ``flux-kontext-dev``, ``z-image-turbo``, ``qwen-image``, ``qwen-image-edit``, ``qwen-image-edit-plus``, ``flux2-dev``, ``flux2-klein-4b``, ``flux2-klein-9b``, ``pixart-alpha-1024``, ``wan21-t2v-1.3b``, ``wan21-t2v-14b``, ``wan22-t2v-a14b``, ``wan22-ti2v-5b``, ``wan21-i2v-14b-480p``, ``wan22-i2v-a14b``, ``hunyuanvideo15-480p-t2v``, ``hunyuanvideo15-480p-i2v``: the real architectures' denoiser, VAE and text-encoder
   configs, for GPU benchmarks and memory estimates at real size with random weights.
 
 The tokenizers are small character-level vocabularies (the real ones are not redistributed
@@ -287,6 +287,23 @@ def wan_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float
     }
 
 
+def hunyuan_video15_i2v_parts(transformer: dict, vae_config: dict, text: dict, byt5: dict, shift: float,
+                              siglip: dict) -> dict:
+    """A HunyuanVideo15ImageToVideoPipeline's components: :func:`hunyuan_video15_parts` with the SigLIP image encoder
+    whose last hidden states the transformer reads as image tokens, and its preprocessing."""
+    size = siglip["image_size"]
+    return {**hunyuan_video15_parts(transformer, vae_config, text, byt5, shift),
+            "image_encoder": ("transformers", "SiglipVisionModel", siglip),
+            "feature_extractor": ("transformers", "SiglipImageProcessor", {"size": {"height": size, "width": size}})}
+
+
+def siglip_vision(hidden: int, layers: int, heads: int, intermediate: int, image_size: int, patch: int) -> dict:
+    """A SigLIP ViT image encoder's config (SiglipVisionModel)."""
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model", "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": intermediate,
+            "image_size": image_size, "patch_size": patch}
+
+
 def wan_i2v_parts(transformer: dict, vae_config: dict, text: dict, flow_shift: float, image_encoder: dict | None,
                   experts: bool = False) -> dict:
     """A WanImageToVideoPipeline's components: :func:`wan_parts` with, for Wan2.1 I2V, the CLIP vision encoder whose
@@ -433,6 +450,10 @@ def write_pipeline(name: str, pipeline: str, parts: dict[str, tuple[str, str, di
             from transformers import CLIPImageProcessor
 
             CLIPImageProcessor(**config).save_pretrained(sub)
+        elif component == "feature_extractor":  # HunyuanVideo 1.5 I2V's SigLIP preprocessing
+            from transformers import SiglipImageProcessor
+
+            SiglipImageProcessor(**config).save_pretrained(sub)
         elif library == "transformers":
             write_json(sub / "config.json", config)
         elif component == "scheduler":
@@ -591,6 +612,18 @@ def tiny() -> None:
          "layers_per_block": 1, "spatial_compression_ratio": 4, "temporal_compression_ratio": 4,
          "downsample_match_channel": False, "upsample_match_channel": False},
         qwen25_vl_text_model(16, 2, 2, 2, 16), t5_encoder(32, 2, 4, 64, 8), shift=7.0))
+    # HunyuanVideo 1.5 image to video: the same transformer set to i2v (its size buckets around 32 px here, so a square
+    # frame samples at 32 x 32), with a SigLIP image encoder as wide as its image embedding
+    write_pipeline("tiny-hunyuanvideo15-i2v", "HunyuanVideo15ImageToVideoPipeline", hunyuan_video15_i2v_parts(
+        {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
+         "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 16,
+         "text_embed_2_dim": 32, "image_embed_dim": 12, "rope_axes_dim": [2, 2, 4], "target_size": 32,
+         "task_type": "i2v"},
+        {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 16],
+         "layers_per_block": 1, "spatial_compression_ratio": 4, "temporal_compression_ratio": 4,
+         "downsample_match_channel": False, "upsample_match_channel": False},
+        qwen25_vl_text_model(16, 2, 2, 2, 16), t5_encoder(32, 2, 4, 64, 8), shift=7.0,
+        siglip=siglip_vision(12, 1, 2, 24, 32, 4)))
     write_pipeline(
         "tiny-pixart",
         "PixArtAlphaPipeline",
@@ -736,6 +769,12 @@ def full_size() -> None:
     write_pipeline("hunyuanvideo15-480p-t2v", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
         {"task_type": "t2v"}, {}, qwen25_vl_text_model(3584, 28, 28, 4, 18944),
         {**t5_encoder(1472, 12, 6, 3584, 64), "vocab_size": 384}, shift=5.0))
+    # HunyuanVideo 1.5 480p image to video (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v): the same set to
+    # i2v, with SigLIP so400m at 384 px (1152 wide, 27 layers, 729 image tokens)
+    write_pipeline("hunyuanvideo15-480p-i2v", "HunyuanVideo15ImageToVideoPipeline", hunyuan_video15_i2v_parts(
+        {"task_type": "i2v"}, {}, qwen25_vl_text_model(3584, 28, 28, 4, 18944),
+        {**t5_encoder(1472, 12, 6, 3584, 64), "vocab_size": 384}, shift=5.0,
+        siglip=siglip_vision(1152, 27, 16, 4304, 384, 14)))
     # Wan2.2 T2V A14B (Wan-AI/Wan2.2-T2V-A14B-Diffusers): two 14B experts of Wan2.1 14B's shape, the high-noise one for
     # timesteps at or above 0.875 x 1000, on Wan2.1's VAE; its sampling shift of 12 (Wan2.2's t2v_A14B config)
     write_pipeline("wan22-t2v-a14b", "WanPipeline", wan_parts(

@@ -1,7 +1,8 @@
 """Image to video (issue 47): Wan2.1 I2V and Wan2.2 I2V A14B read a first frame as WanImageToVideoPipeline feeds it (the
-frame's condition latents and mask beside the noisy latents, Wan2.1's CLIP image tokens before the text), the first
-frame is an edit's source (data.source_columns) cached by the clip length, and offline and online objectives train on
-clips that start from it."""
+frame's condition latents and mask beside the noisy latents, Wan2.1's CLIP image tokens before the text), HunyuanVideo
+1.5 I2V as its pipeline does (the frame's latents and a mask channel, SigLIP image tokens); the first frame is an edit's
+source (data.source_columns) cached by the clip length, and offline and online objectives train on clips that start
+from it."""
 
 from __future__ import annotations
 
@@ -74,6 +75,44 @@ def test_wan_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition
     assert (ours - other).abs().max() > 1e-4
 
 
+def test_hunyuanvideo15_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition():
+    """HunyuanVideo15ImageToVideoPipeline's first call (5 frames, a 32 px frame, its own size bucket 32 x 32): its latent
+    input is the noisy latents, the frame's latents on the first latent frame and zeros after, then a mask channel of
+    ones on that frame; its image tokens are SigLIP's last hidden states, in both guidance branches. ``predict`` given
+    the backbone's condition and tokens equals the transformer's output; another frame changes it; a size other than
+    the pipeline's bucket is refused before sampling."""
+    from diffalign.diffusion.sampling import generate
+
+    pipe = load_pipeline(MODELS / "tiny-hunyuanvideo15-i2v", random_init=True, seed=0)
+    backbone = backbone_for(pipe, frames=5)
+    calls = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((dict(kwargs), output[0])), with_kwargs=True)
+    frame = _frame(0)
+    pipe(image=frame, prompt="the ball rolls away", num_frames=5, num_inference_steps=2,
+         generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    (kwargs, output), (uncond_kwargs, _) = calls[0], calls[1]
+    c = backbone.latent_channels
+    condition = backbone.encode_sources(_pixels(frame))
+    assert condition.shape == (1, c + 1, 2, 8, 8) == (1, *backbone.source_shape(backbone.latent_shape(32)))
+    assert condition[:, c:, 0].eq(1).all() and condition[:, c:, 1:].eq(0).all() and condition[:, :c, 1:].eq(0).all()
+    torch.testing.assert_close(kwargs["hidden_states"][:, c:], condition)
+    cond = backbone.encode_prompts(["the ball rolls away"], _pixels(frame)[None])
+    torch.testing.assert_close(cond.image_embeds, kwargs["image_embeds"])
+    torch.testing.assert_close(uncond_kwargs["image_embeds"], kwargs["image_embeds"])
+    cond.reference = condition[:, None]
+    noisy = kwargs["hidden_states"][:, :c]
+    with torch.no_grad():
+        ours = backbone.predict(noisy, kwargs["timestep"].float(), cond)
+        cond.reference = backbone.encode_sources(_pixels(_frame(1)))[:, None]
+        other = backbone.predict(noisy, kwargs["timestep"].float(), cond)
+    torch.testing.assert_close(ours, output)
+    assert (ours - other).abs().max() > 1e-4
+    with pytest.raises(UserError, match=r"samples at the size bucket nearest its first frame's aspect, 32 x 32 px"):
+        generate(pipe, ["a"], [0], steps=1, resolution=32, width=36, frames=5, sources=[[_frame(0)]])
+
+
 def test_wan_i2v_refuses_what_its_pipeline_cannot_read():
     """Wan2.1 I2V's attention splits the image tokens from the text at 512 text tokens, so another prompt length is
     refused; a run without a first-frame column, or with text-only validation, stops before training."""
@@ -101,7 +140,8 @@ def _i2v_run(tmp_path: Path, model: str, recipe: str, data: Path, *extra: str) -
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("model, extra", [("tiny-wan21-i2v", ()), ("tiny-wan22-i2v", ("model.expert=low",))])
+@pytest.mark.parametrize("model, extra", [("tiny-wan21-i2v", ()), ("tiny-wan22-i2v", ("model.expert=low",)),
+                                          ("tiny-hunyuanvideo15-i2v", ())])
 def test_dpo_trains_wan_i2v_on_clip_pairs_from_their_first_frame_with_the_conditions_cached(model, extra, tmp_path):
     """Diffusion-DPO from configs/wan21_dpo.yaml on pairs of 5-frame clips with a first-frame column: two steps move the
     LoRA and log a finite loss; with data.cache_dir each first frame is cached as its condition for 5-frame clips
@@ -125,7 +165,7 @@ def test_dpo_trains_wan_i2v_on_clip_pairs_from_their_first_frame_with_the_condit
     assert len(TensorCache(cache)) == entries + 2 * 2 + 2  # new clips and conditions; the prompts were cached
 
 
-@pytest.mark.parametrize("model", ["tiny-wan21-i2v", "tiny-wan22-i2v"])
+@pytest.mark.parametrize("model", ["tiny-wan21-i2v", "tiny-wan22-i2v", "tiny-hunyuanvideo15-i2v"])
 def test_guided_grpo_rounds_animate_each_rows_first_frame_and_train_on_what_they_sampled_with(model, tmp_path):
     """Flow-GRPO on a table of prompts with a first frame each, guidance 4: every group samples clips from its row's
     frame (saved beside them), the round keeps the frames' conditions, and the first step's policy ratio, before any
@@ -145,17 +185,20 @@ def test_guided_grpo_rounds_animate_each_rows_first_frame_and_train_on_what_they
     round_dir = next(run.glob("rounds/round*"))
     assert sorted(p.name for p in (round_dir / "images").glob("*source*")) == ["group0000-source0.png",
                                                                                   "group0001-source0.png"]
-    assert load_file(str(round_dir / "trajectories.safetensors"))["reference"].shape == (2, 1, 8, 2, 8, 8)
+    channels = 5 if model == "tiny-hunyuanvideo15-i2v" else 8  # its condition: 4 latent channels and the mask
+    assert load_file(str(round_dir / "trajectories.safetensors"))["reference"].shape == (2, 1, channels, 2, 8, 8)
 
 
-def test_eval_animates_each_rows_first_frame_and_the_report_shows_it_above_the_clips(tmp_path, capsys):
-    """`diffalign eval --sources first_frame --frames 5` on Wan2.1 I2V: every clip starts from its row's frame through
-    the pipeline's ``image`` argument, and the report shows each row's frame, then plays its clips."""
+@pytest.mark.parametrize("name", ["tiny-wan21-i2v", "tiny-hunyuanvideo15-i2v"])
+def test_eval_animates_each_rows_first_frame_and_the_report_shows_it_above_the_clips(name, tmp_path, capsys):
+    """`diffalign eval --sources first_frame --frames 5` on Wan2.1 I2V and HunyuanVideo 1.5 I2V: every clip starts from
+    its row's frame through the pipeline's ``image`` argument, and the report shows each row's frame, then plays its
+    clips."""
     from diffalign.cli import main
     from diffalign.recipes.samples import pickapic_parquet
 
-    model = tmp_path / "wan21-i2v"
-    load_pipeline(MODELS / "tiny-wan21-i2v", random_init=True, seed=0).save_pretrained(model)
+    model = tmp_path / name
+    load_pipeline(MODELS / name, random_init=True, seed=0).save_pretrained(model)
     table = pickapic_parquet(tmp_path / "prompts.parquet", 2, sources=("first_frame",))
     assert main(["eval", "--base", str(model), "--prompts", str(table), "--sources", "first_frame", "--frames", "5",
                  "--rewards", "jpeg_incompressibility", "--seeds", "2", "--steps", "2", "--resolution", "32",
@@ -190,13 +233,14 @@ def _every_i2v_objective() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-wan21-i2v", "tiny-hunyuanvideo15-i2v"])
 @pytest.mark.parametrize("objective", _every_i2v_objective())
-def test_every_objective_that_trains_edits_trains_wan_i2v_on_clips_from_first_frames(objective, first_frames, tmp_path):
-    """Each objective's toy recipe on tiny Wan2.1 I2V: the offline ones on clips with their first frames, the online
-    ones on rounds that animate each prompt's first frame."""
+def test_every_objective_that_trains_edits_trains_i2v_on_clips_from_first_frames(objective, model, first_frames,
+                                                                                 tmp_path):
+    """Each objective's toy recipe on tiny Wan2.1 I2V and HunyuanVideo 1.5 I2V: the offline ones on clips with their
+    first frames, the online ones on rounds that animate each prompt's first frame."""
     from test_every_backbone import DATA, _trains
 
     online = [f"online.prompts={first_frames['images']}", "online.reward=jpeg_incompressibility"] \
         if DATA[objective] is None else []
-    _trains(objective, "tiny-wan21-i2v", first_frames, tmp_path, "data.frames=5", "data.source_columns=[source]",
-            *online)
+    _trains(objective, model, first_frames, tmp_path, "data.frames=5", "data.source_columns=[source]", *online)

@@ -60,7 +60,7 @@ class Conditioning:
             (:attr:`Backbone.max_sources`) reads beside the noisy latents; None for text-to-image.
         negative_embeds, negative_mask: the unconditional branch's own embeddings and mask of each item, where
             they depend on the item (an edit model whose text encoder reads the sources,
-            :attr:`Backbone.prompt_reads_sources`, sees them in the empty prompt too); None: the one empty prompt
+            :attr:`Backbone.empty_prompt_reads_sources`, sees them in the empty prompt too); None: the one empty prompt
             of every item.
         embeds_2, mask_2: a second text encoder's (N, L2, D2) token embeddings and their mask, for a denoiser that
             reads two streams of them (HunyuanVideo 1.5's ByT5 embeddings of the text to render), or None.
@@ -178,6 +178,10 @@ class Backbone:
     # image tokens): its prompts are then encoded with their sources (``encode_prompts(prompts, sources)``) and cached
     # under both
     prompt_reads_sources: ClassVar[bool] = False
+    # whether the unconditional branch's empty prompt reads each item's sources too (Qwen-Image-Edit, whose text
+    # encoder reads them: ``Conditioning.negative_embeds``); where only image tokens read them (Wan2.1 I2V, HunyuanVideo
+    # 1.5 I2V), the one empty prompt serves every item and the item's tokens join it (``Conditioning.guidance_batch``)
+    empty_prompt_reads_sources: ClassVar[bool] = False
     # the fewest sources it reads: 1 for a model that only edits (its pipeline needs an image)
     min_sources: ClassVar[int] = 0
     # what it does with its sources, for the errors of a run that gives it none
@@ -338,7 +342,7 @@ class Backbone:
     def empty_prompt(self) -> Conditioning | None:
         """The empty prompt's conditioning, the unconditional branch of guidance shared by every item; None where
         the text encoder reads the sources (each item then carries its own, ``Conditioning.negative_embeds``)."""
-        return None if self.prompt_reads_sources else self.encode_prompts([""])
+        return None if self.empty_prompt_reads_sources else self.encode_prompts([""])
 
     # --- denoiser ------------------------------------------------------------------------
     def predict(
@@ -361,6 +365,11 @@ class Backbone:
     def prepare_pipeline(cls, pipe, guidance_scale: float) -> None:
         """Set what a family's pipeline takes as settings rather than call arguments before it samples (nothing for
         most; HunyuanVideo 1.5's guider)."""
+
+    @classmethod
+    def pipeline_size(cls, pipe, height: int, width: int) -> dict:
+        """The family's pipeline arguments for samples ``height`` x ``width`` pixels."""
+        return {"height": height, "width": width}
 
     @classmethod
     def pipeline_images(cls, images: list):
@@ -660,6 +669,7 @@ class QwenImageEditBackbone(QwenImageBackbone):
     family = "qwenimage-edit"
     max_sources = min_sources = 1
     prompt_reads_sources = True
+    empty_prompt_reads_sources = True
 
     def _condition_size(self, ratio: float) -> tuple[int, int]:
         """(width, height) the pipeline resizes a source of aspect ``ratio`` to for its text encoder."""
@@ -1072,12 +1082,11 @@ class WanI2VBackbone(WanBackbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], sources: Tensor | None = None) -> Conditioning:
         """The prompts' UMT5 embeddings; for Wan2.1 I2V with each one's first frame's CLIP tokens, the frames given as
-        ``sources`` (N, 1, 3, H, W) pixels in [-1, 1] and read as the pipeline's ``encode_image`` reads an image."""
+        ``sources`` (N, 1, 3, H, W) pixels in [-1, 1] and read as the pipeline's ``encode_image`` reads an image
+        (without ``sources``, the text alone: the guidance's empty prompt, which takes each item's tokens)."""
         cond = super().encode_prompts(prompts)
-        if not self.prompt_reads_sources:
+        if sources is None or not self.prompt_reads_sources:  # the text alone: guidance's empty prompt
             return cond
-        if sources is None:
-            raise ValueError("Wan2.1 I2V encodes each prompt with its first frame (its CLIP image tokens)")
         from diffalign.diffusion.sampling import to_pil  # sampling imports this module
 
         frames = [to_pil(images[0].float().add(1).div(2)) for images in sources]
@@ -1167,14 +1176,21 @@ class HunyuanVideo15Backbone(VideoBackbone):
         """The transformer as HunyuanVideo15Pipeline calls it for text to video: the noisy latents beside a zero
         image condition and mask channel, zero image embeddings, the timestep (sigma x 1000) and both text streams."""
         net = denoiser or self.denoiser
-        n, c, f, h, w = latents.shape
-        config = self.pipe.transformer.config  # net may be a DDP wrapper
-        inputs = torch.cat([latents, torch.zeros_like(latents), latents.new_zeros(n, 1, f, h, w)], dim=1)
-        image_embeds = latents.new_zeros(n, self.pipe.vision_num_semantic_tokens, config.image_embed_dim)
-        return net(hidden_states=inputs, image_embeds=image_embeds, timestep=timesteps.to(latents.dtype),
-                   encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask,
-                   encoder_hidden_states_2=cond.embeds_2, encoder_attention_mask_2=cond.mask_2,
-                   return_dict=False)[0]
+        inputs = torch.cat([latents, self._image_condition(latents, cond)], dim=1)
+        return net(hidden_states=inputs, image_embeds=self._image_tokens(latents, cond),
+                   timestep=timesteps.to(latents.dtype), encoder_hidden_states=cond.embeds,
+                   encoder_attention_mask=cond.mask, encoder_hidden_states_2=cond.embeds_2,
+                   encoder_attention_mask_2=cond.mask_2, return_dict=False)[0]
+
+    def _image_condition(self, latents: Tensor, cond: Conditioning) -> Tensor:
+        """The image condition's latents and mask channel beside the noisy latents: zeros for text to video."""
+        n, _, f, h, w = latents.shape
+        return torch.cat([torch.zeros_like(latents), latents.new_zeros(n, 1, f, h, w)], dim=1)
+
+    def _image_tokens(self, latents: Tensor, cond: Conditioning) -> Tensor:
+        """The SigLIP image tokens: zeros for text to video (the transformer then masks them out)."""
+        config = self.pipe.transformer.config  # the denoiser may be a DDP wrapper
+        return latents.new_zeros(len(latents), self.pipe.vision_num_semantic_tokens, config.image_embed_dim)
 
     @classmethod
     def pipeline_guidance(cls, scale, n):
@@ -1185,6 +1201,75 @@ class HunyuanVideo15Backbone(VideoBackbone):
     def prepare_pipeline(cls, pipe, guidance_scale: float) -> None:
         """Its guider at ``guidance_scale`` (classifier-free guidance; 1 turns the unconditional pass off)."""
         pipe.guider = pipe.guider.new(guidance_scale=guidance_scale)
+
+
+class HunyuanVideo15I2VBackbone(HunyuanVideo15Backbone):
+    """HunyuanVideo 1.5 image to video (HunyuanVideo15ImageToVideoPipeline): the first frame's latents (encoded alone,
+    scaled) on the first latent frame and zeros after, then a mask channel of ones on that frame, beside the noisy
+    latents; and the frame's SigLIP tokens (the image encoder's last hidden states) as the transformer's image tokens,
+    in both guidance branches. The first frame is the edit's one source (``data.source_columns``); its tokens join
+    the prompt's conditioning (:attr:`prompt_reads_sources`) and its condition is cached per clip length.
+
+    The pipeline picks its own size, the bucket of about ``target_size`` squared pixels nearest the frame's aspect
+    (``calculate_default_height_width``), so train at that size (480p: 848 x 480 for 16:9) for samples of the size
+    trained."""
+
+    family = "hunyuanvideo15-i2v"
+    max_sources = min_sources = 1
+    prompt_reads_sources = True
+    source_role = "starts each clip from a first-frame image"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], sources: Tensor | None = None) -> Conditioning:
+        """Both text streams, and each prompt's first frame's SigLIP tokens: ``sources`` (N, 1, 3, H, W) in [-1, 1],
+        read as the pipeline's ``encode_image`` reads an image."""
+        cond = super().encode_prompts(prompts)
+        if sources is None:  # the text alone: guidance's empty prompt, which takes each item's tokens
+            return cond
+        from diffalign.diffusion.sampling import to_pil  # sampling imports this module
+
+        tokens = torch.cat([self.pipe.encode_image(image=to_pil(images[0].float().add(1).div(2)), batch_size=1,
+                                                   device=self.device, dtype=cond.embeds.dtype) for images in sources])
+        return replace(cond, image_embeds=tokens)
+
+    @torch.no_grad()
+    def encode_sources(self, pixels: Tensor) -> Tensor:
+        """First frames (N, 3, H, W) in [-1, 1] -> (N, C + 1, F', h, w): their latents on the first latent frame,
+        zeros after, then the mask channel."""
+        first = self.encode_images(pixels)  # (N, C, 1, h, w): each frame a one-frame clip
+        frames = (max(self.frames, 1) - 1) // self.temporal_factor + 1
+        condition = torch.cat([first, first.new_zeros(*first.shape[:2], frames - 1, *first.shape[3:])], dim=2)
+        mask = torch.zeros_like(condition[:, :1])
+        mask[:, :, 0] = 1
+        return torch.cat([condition, mask], dim=1)
+
+    def source_shape(self, latent_shape):
+        return (latent_shape[0] + 1, *latent_shape[1:])
+
+    @property
+    def source_cache_kind(self) -> str:
+        return f"hunyuanvideo15-i2v-condition@{max(self.frames, 1)}frames"
+
+    @classmethod
+    def pipeline_size(cls, pipe, height, width):
+        """None as call arguments: the pipeline samples at the size bucket nearest its first frame's aspect, so a size
+        asked for must be that bucket (the first frames given at that size)."""
+        bucket = tuple(pipe.video_processor.calculate_default_height_width(height=height, width=width,
+                                                                          target_size=pipe.target_size))
+        if bucket != (height, width):
+            raise UserError(f"{type(pipe).__name__} samples at the size bucket nearest its first frame's aspect, "
+                            f"{bucket[1]} x {bucket[0]} px for a frame of {width} x {height}: sample (and train) at "
+                            "that size")
+        return {}
+
+    def _image_condition(self, latents, cond):
+        if cond.reference is None:
+            raise ValueError("HunyuanVideo 1.5 image to video predicts from a first frame: its condition is "
+                             "Conditioning.reference")
+        return cond.reference[:, 0].to(latents.dtype)
+
+    def _image_tokens(self, latents, cond):
+        return cond.image_embeds.to(latents.dtype)
 
 
 BACKBONES: dict[str, type[Backbone]] = {
@@ -1204,6 +1289,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "WanPipeline": WanBackbone,
     "WanImageToVideoPipeline": WanI2VBackbone,
     "HunyuanVideo15Pipeline": HunyuanVideo15Backbone,
+    "HunyuanVideo15ImageToVideoPipeline": HunyuanVideo15I2VBackbone,
 }
 VIDEO_PIPELINES = [name for name, backbone in BACKBONES.items() if backbone.video]
 

@@ -172,7 +172,7 @@ def build_random_pipeline(folder: str | Path, *, seed: int = 0, torch_dtype: tor
             continue
         cls = _component_class(library, class_name)
         sub = folder / name
-        if any(kind in name.lower() for kind in ("tokenizer", "scheduler", "processor", "guider")):  # no weights
+        if any(kind in name.lower() for kind in ("tokenizer", "scheduler", "processor", "feature_extractor", "guider")):  # no weights
             with torch.device("cpu"):  # real tables even while the models are built on the meta device (UniPC's
                 components[name] = cls.from_pretrained(sub, local_files_only=True)  # sigmas move to the CPU)
         elif library == "diffusers":

@@ -65,7 +65,7 @@ def generate(
     device = pipe._execution_device
     if width is not None and resolution is None:
         raise UserError(f"a width of {width} px needs the height too: give the resolution (--resolution) beside it")
-    size = {} if resolution is None else {"height": resolution, "width": width or resolution}
+    size = {} if resolution is None else family.pipeline_size(pipe, resolution, width or resolution)
     out = []
     with sliced_decoding(getattr(pipe, "vae", None)):
         label = progress if isinstance(progress, str) else "generating images"

@@ -15,7 +15,8 @@ FAMILY_NAMES = {"sd": "SD1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/3.5", "flux": "FL
                 "zimage": "Z-Image", "qwenimage": "Qwen-Image", "qwenimage-edit": "Qwen-Image-Edit",
                 "qwenimage-edit-plus": "Qwen-Image-Edit-2509/2511", "pixart": "PixArt",
                 "wan": "Wan2.1/2.2 (video)", "wan-i2v": "Wan2.1/2.2 I2V (video)",
-                "hunyuanvideo15": "HunyuanVideo 1.5 (video)"}
+                "hunyuanvideo15": "HunyuanVideo 1.5 (video)",
+                "hunyuanvideo15-i2v": "HunyuanVideo 1.5 I2V (video)"}
 
 
 def method_family(cls: type) -> str:

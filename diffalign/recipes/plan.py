@@ -47,6 +47,7 @@ SHIPPED_ARCHITECTURES = {
     "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": "wan21-i2v-14b-480p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": "wan21-i2v-14b-480p",
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers": "wan22-i2v-a14b",
     "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v": "hunyuanvideo15-480p-t2v",
+    "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v": "hunyuanvideo15-480p-i2v",
 }
 
 

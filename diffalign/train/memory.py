@@ -338,7 +338,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
         if sources and backbone.prompt_reads_sources:  # its text encoder adds the sources' tokens to the prompt's
             pixels = torch.zeros(1, sources, 3, config.data.resolution, config.data.width or config.data.resolution)
             cond = backbone.encode_prompts(prompt, pixels)
-            if guided:  # the round driver's empty prompt reads the sources too
+            if guided and backbone.empty_prompt_reads_sources:  # the round driver's empty prompt reads them too
                 cond = cond.with_negative(backbone.encode_prompts([""], pixels))
         else:
             cond = backbone.encode_prompts(prompt)

@@ -243,7 +243,7 @@ class OnlineRounds(RoundDriver):
             cond = backbone.encode_prompts(prompts)
         else:
             cond = backbone.encode_prompts(prompts, sources)
-            if self.config.objective.sample_guidance_scale != 1.0:
+            if self.config.objective.sample_guidance_scale != 1.0 and backbone.empty_prompt_reads_sources:
                 cond = cond.with_negative(backbone.encode_prompts([""] * len(prompts), sources))
         return cond if reference is None else dataclasses.replace(cond, reference=reference.to(cond.embeds.device))
 

@@ -233,7 +233,8 @@ class PreferenceTrainer:
             self.reader = ExampleReader(self.dataset, _run_order(config, self.dataset), workers,
                                         is_cached=None if self.encoder is None else
                                         example_cached(self.encoder, self.backbone.prompt_reads_sources,
-                                                       self.objective.guides),
+                                                       self.objective.guides
+                                                       and self.backbone.empty_prompt_reads_sources),
                                         augment=RandomFlip(tc.seed) if config.data.random_flip else None)
         if not reads_data:
             self.dataset = None  # no table: no rows to go bad
@@ -418,7 +419,8 @@ class PreferenceTrainer:
                 return self.backbone.encode_prompts(texts, pixels(range(len(examples)))) if self.encoder is None \
                     else self.encoder.prompts(texts, [e.source_ids for e in examples], pixels)
             prompts = encode(captions)
-            if self.objective.guides:  # its guidance's empty prompt, read with each example's sources
+            # its guidance's empty prompt, read with each example's sources where the text encoder reads them
+            if self.objective.guides and self.backbone.empty_prompt_reads_sources:
                 prompts = prompts.with_negative(encode([""] * len(examples)))
         else:
             prompts = self.backbone.encode_prompts(captions) if self.encoder is None else self.encoder.prompts(captions)
