@@ -10,7 +10,8 @@ detects text faster on small images). ``geneval:/models/mask2former-swin-small-c
 is GenEval (:mod:`diffalign.rewards.geneval`; ``rule=partial`` for Flow-GRPO's training reward).
 On a video model's clips an image reward scores every frame and takes their mean (``frames=min``: their minimum);
 ``temporal_consistency:/models/clip-vit-large-patch14`` scores how alike neighbouring frames are
-(:mod:`diffalign.rewards.video`).
+(:mod:`diffalign.rewards.video`); ``videoalign:KwaiVGI/VideoReward`` is VideoAlign's VideoReward, which watches the
+clip (:mod:`diffalign.rewards.videoalign`).
 ``openai_judge:http://gpu2:8000/v1:template=unifiedreward`` asks a VLM judge served by vLLM, SGLang or ``transformers
 serve`` (:mod:`diffalign.rewards.openai_judge`). A URL (``http://gpu2:8400``) is a reward served by ``diffalign serve-reward``
 (:mod:`diffalign.rewards.remote`). The toy rewards and DDPO's JPEG (in)compressibility take no path.
@@ -40,6 +41,7 @@ from diffalign.rewards.pairwise_judge import PairwiseJudge
 from diffalign.rewards.remote import RemoteReward
 from diffalign.rewards.toy import ToyAdherence, ToyPreference, ToyPreferenceSoft
 from diffalign.rewards.video import TemporalConsistency, frames_reduction
+from diffalign.rewards.videoalign import VideoAlign
 from diffalign.rewards.vlm_judge import VLMJudge
 
 REWARDS: dict[str, type] = {
@@ -63,9 +65,11 @@ REWARDS: dict[str, type] = {
     "pairwise_judge": PairwiseJudge,
     "remote": RemoteReward,
     "temporal_consistency": TemporalConsistency,
+    "videoalign": VideoAlign,
 }
 NEEDS_PATH = {"remote", "pickscore", "hps_v2", "hps_v2.1", "hps_v3", "clip_score", "aesthetic", "image_reward",
-              "vlm_judge", "image_similarity", "geneval", "openai_judge", "pairwise_judge", "temporal_consistency"}
+              "vlm_judge", "image_similarity", "geneval", "openai_judge", "pairwise_judge", "temporal_consistency",
+              "videoalign"}
 SERVED = {"remote", "openai_judge", "pairwise_judge"}  # their path is a server's URL
 PATH_OPTIONS = ("processor", "clip", "tokenizer", "metadata", "base")  # options that name a file or folder
 
@@ -167,5 +171,5 @@ def load_reward(spec: str | dict | RewardSpec) -> RewardModel:
 
 
 __all__ = ["REWARDS", "Aesthetic", "ClipScore", "GenEval", "HPSv2", "HPSv3", "ImageReward", "ImageSimilarity", "OcrAccuracy",
-           "OpenAIJudge", "PairwiseJudge", "PickScore", "RewardModel", "RewardSpec", "TemporalConsistency", "ToyAdherence", "ToyPreference",
+           "OpenAIJudge", "PairwiseJudge", "PickScore", "RewardModel", "RewardSpec", "TemporalConsistency", "ToyAdherence", "VideoAlign", "ToyPreference",
            "ToyPreferenceSoft", "VLMJudge", "describe", "ensemble", "load_reward", "normalise_per_prompt"]

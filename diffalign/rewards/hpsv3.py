@@ -19,13 +19,12 @@ here): ``hpsv3/model/qwen2vl_trainer.py`` (``Qwen2VLRewardModelBT``), ``hpsv3/in
 
 The checkpoint (``MizzenAI/HPSv3``, ``HPSv3.safetensors``) holds the whole model under transformers 4.45's names
 (``model.*`` the language model, ``visual.*`` the vision tower, ``rm_head.*``); they are renamed to today's
-(``model.language_model.*``, ``model.visual.*``) and loaded strictly. The image is resized by the processor's own
+(``model.language_model.*``, ``model.visual.*``) and loaded strictly (:mod:`diffalign.rewards.qwen2vl`). The image is resized by the processor's own
 ``smart_resize`` (theirs resizes with PIL first, to the same size, so the two differ only by resampling).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +34,7 @@ from torch import nn
 from diffalign.errors import UserError
 from diffalign.rewards.checkpoints import read_state_dict
 from diffalign.rewards.clip_rewards import _batches, _device, to_pil
+from diffalign.rewards.qwen2vl import current_names, in_order_hidden_states
 
 Tensor = torch.Tensor
 REWARD_TOKEN = "<|Reward|>"
@@ -74,18 +74,6 @@ def reward_head(hidden: int) -> nn.Sequential:
     """HPSv3's ``rm_head`` ("ranknet" with no ``rm_head_kwargs``): hidden -> 1024 -> 16 -> (mu, sigma)."""
     return nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(),
                          nn.Linear(16, 2))
-
-
-def current_names(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(the Qwen2-VL model's tensors under today's transformers names, the reward head's) from a checkpoint in
-    transformers 4.45's layout."""
-    model, head = {}, {}
-    for key, value in state.items():
-        if key.startswith("rm_head."):
-            head[key[len("rm_head."):]] = value
-        else:
-            model[re.sub(r"^visual\.", "model.visual.", re.sub(r"^model\.", "model.language_model.", key))] = value
-    return model, head
 
 
 class HPSv3:
@@ -139,12 +127,6 @@ class HPSv3:
             at_reward = ids == self.reward_id
             if not at_reward.sum(dim=1).eq(1).all():
                 raise UserError(f"hps_v3: a prompt holds {REWARD_TOKEN} itself or was cut short: {prompts[rows]}")
-            embeds = self.model.get_input_embeddings()(ids)
-            image = self.model.get_image_features(inputs["pixel_values"].to(embeds.dtype), inputs["image_grid_thw"])
-            image = torch.cat(list(getattr(image, "pooler_output", image)))
-            embeds = embeds.masked_scatter((ids == self.model.config.image_token_id)[..., None], image.to(embeds))
-            positions = torch.arange(ids.shape[1], device=ids.device).expand(3, *ids.shape)
-            hidden = self.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
-                                               position_ids=positions).last_hidden_state
+            hidden = in_order_hidden_states(self.model, inputs)
             scores.append(self.head(hidden[at_reward].float())[:, 0].cpu())
         return torch.cat(scores)
