@@ -367,7 +367,9 @@ def compare_with_flow_grpo(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         weights = work / "weights"
-        load_pipeline(_model_path(model), random_init=True).save_pretrained(weights)
+        # stored in the run's precision: a real-size architecture's random weights are half the disk in bf16
+        stored = torch.bfloat16 if args.precision == "bf16" else None
+        load_pipeline(_model_path(model), random_init=True, torch_dtype=stored).save_pretrained(weights)
         prompts = work / "prompts"
         prompts.mkdir()
         lines = read_prompts("general")[:32]

@@ -10,21 +10,29 @@
 #         the same rows of diffalign with model.compile=true
 #     run(command="bash scripts/gpu_bench.sh 3", carry=[".whl"], timeout_s=590)
 #         SD3-medium (diffusers has no example loop for it); the measured peak of configs/sd3_dpo.yaml
+#     run(command="bash scripts/gpu_bench.sh 4", carry=[".whl", ".flow_grpo"], timeout_s=590)
+#         online rounds: Flow-GRPO's own scripts/train_sd3.py against diffalign train on SD3.5-medium's
+#         architecture (random weights) at 512 px, one process, KL off (scripts/bench_online.py --flow-grpo);
+#         prepare with GPU_WHEELS_FLOW_GRPO=PATH_TO_A_FLOW_GRPO_CHECKOUT bash scripts/gpu_wheels.sh
 #
 # Every table, JSON file and log lands in $OUT (runs/gpu_bench without one). Each step has its own
 # time limit, and bench_train logs each row's pairs/s as it finishes, so a slow step leaves the
 # others' figures. A dry run on a CPU, with tiny models:
 #     GPU_BENCH_MODEL=tiny-sdxl GPU_BENCH_DIT=tiny-sd3 GPU_BENCH_RESOLUTION=64 GPU_BENCH_PRECISION=no \
 #         bash scripts/gpu_bench.sh 1
+#     FLOW_GRPO=~/flow_grpo GPU_BENCH_ONLINE=tiny-sd3 GPU_BENCH_ONLINE_RESOLUTION=64 GPU_BENCH_PRECISION=no \
+#         bash scripts/gpu_bench.sh 4
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_bench.sh 1|2|3}
+part=${1:?usage: gpu_bench.sh 1|2|3|4}
 out=${OUT:-runs/gpu_bench}
 mkdir -p "$out"
 model=${GPU_BENCH_MODEL:-sdxl}
 dit=${GPU_BENCH_DIT:-sd3-medium}
 resolution=${GPU_BENCH_RESOLUTION:-1024}
 precision=${GPU_BENCH_PRECISION:-bf16}
+online_model=${GPU_BENCH_ONLINE:-sd35-medium}
+online_resolution=${GPU_BENCH_ONLINE_RESOLUTION:-512}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then  # what the device image lacks (scripts/gpu_wheels.sh)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -63,8 +71,13 @@ case "$part" in
     train_rows "$dit" 400 --models "$dit" --grad-ckpt both
     peak_memory sd3_dpo "$dit"
     ;;
+4)
+    timeout 560 python3 scripts/bench_online.py --flow-grpo "${FLOW_GRPO:-.flow_grpo}" --models "$online_model" \
+        --resolution "$online_resolution" --precision "$precision" --group-size 4 --repeats 1 \
+        --json "$out/online.json" 2>&1 | tee "$out/online.log"
+    ;;
 *)
-    echo "usage: gpu_bench.sh 1|2|3" >&2
+    echo "usage: gpu_bench.sh 1|2|3|4" >&2
     exit 2
     ;;
 esac
