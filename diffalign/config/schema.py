@@ -57,7 +57,8 @@ class ModelConfig:
     # a model of two experts switched at a timestep (Wan2.2 A14B: `transformer` denoises the steps at or above the
     # pipeline's boundary_ratio x 1000, the noisy ones, `transformer_2` the rest): the one this run trains, "high"
     # (`transformer`) or "low" (`transformer_2`), on the timesteps it serves, while the other denoises its own steps
-    # frozen; train the other in a run of its own. None for a model of one denoiser
+    # frozen; "both": each its own LoRA (or weights), each item trained by the expert of its timestep. None for a
+    # model of one denoiser
     expert: str | None = None
     # attention kernel: "sdpa" (PyTorch, default) or "xformers" (optional CUDA extra)
     attention: str = "sdpa"

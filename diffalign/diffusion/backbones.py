@@ -898,15 +898,30 @@ class WanBackbone(VideoBackbone):
                  prompt_tokens: int | None = None) -> None:
         super().__init__(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
                          prompt_tokens=prompt_tokens)
+        self._pair = None
+        self.expert = expert
         if self.two_experts(pipe):
-            if expert not in self.EXPERTS:
+            if expert not in (*self.EXPERTS, "both"):
                 raise UserError(f"{type(pipe).__name__} here has two experts, switched at timestep "
                                 f"{pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps:g}: set "
-                                "model.expert=high (transformer, the noisier steps) or model.expert=low "
-                                "(transformer_2), and train the other in a run of its own")
-            self.denoiser_attr = self.EXPERTS[expert]
-        self.expert = expert
+                                "model.expert=high (transformer, the noisier steps), model.expert=low "
+                                "(transformer_2), or model.expert=both (each its own LoRA, in one run)")
+            if expert == "both":
+                from diffalign.diffusion.experts import ExpertPair
+
+                self._pair = ExpertPair(pipe.transformer, pipe.transformer_2, self.boundary)
+            else:
+                self.denoiser_attr = self.EXPERTS[expert]
         self._training_scheduler = self._flow_training_scheduler(pipe.scheduler)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The trained denoiser: one expert, or both as one module (:class:`ExpertPair`, ``model.expert=both``)."""
+        return self._pair if self._pair is not None else super().denoiser
+
+    def frozen_components(self) -> dict[str, nn.Module]:
+        return {name: module for name, module in super().frozen_components().items()
+                if self._pair is None or name not in self.EXPERTS.values()}
 
     @staticmethod
     def _flow_training_scheduler(scheduler):
@@ -937,8 +952,9 @@ class WanBackbone(VideoBackbone):
 
     def timestep_share(self) -> tuple[float, float]:
         """The trained expert's share of the training schedule: its timesteps (sigma x 1000 of the shifted grid,
-        increasing with the index) at or above the boundary for the high-noise expert, below it for the other."""
-        if self.expert is None:
+        increasing with the index) at or above the boundary for the high-noise expert, below it for the other; all
+        of it for both."""
+        if self.expert in (None, "both"):
             return (0.0, 1.0)
         timesteps = self.scheduler.timesteps.flip(0).float()
         first_high = int(torch.searchsorted(timesteps, torch.tensor(self.boundary)))
@@ -946,7 +962,7 @@ class WanBackbone(VideoBackbone):
         return (split, 1.0) if self.expert == "high" else (0.0, split)
 
     def serves(self, timesteps: Tensor) -> Tensor:
-        if self.expert is None:
+        if self.expert in (None, "both"):
             return super().serves(timesteps)
         high = timesteps >= self.boundary
         return high if self.expert == "high" else ~high
@@ -1010,7 +1026,7 @@ class WanBackbone(VideoBackbone):
         model's items are each denoised by the expert the pipeline switches to at their timestep: the trained one
         (``denoiser``, else :attr:`denoiser`) on its own share, the other, frozen, on the rest."""
         net = denoiser or self.denoiser
-        if self.expert is not None:
+        if self.expert not in (None, "both"):  # both experts: the pair sends each item to its own
             mine = self.serves(timesteps)
             if not bool(mine.all()):
                 other = getattr(self.pipe, self.EXPERTS["low" if self.expert == "high" else "high"])

@@ -34,6 +34,13 @@ def _denoiser_attr(pipe: DiffusionPipeline, config: dict | None = None) -> str:
     return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
 
 
+def _denoiser_attrs(pipe: DiffusionPipeline, config: dict) -> list[str]:
+    """The pipeline components a run trained: :func:`_denoiser_attr`'s, or both experts (``model.expert=both``)."""
+    if config["model"].get("expert") == "both":
+        return ["transformer", "transformer_2"]
+    return [_denoiser_attr(pipe, config)]
+
+
 def _base_of_run(config: dict, torch_dtype) -> DiffusionPipeline:
     """The base model as the run (its parsed ``config.yaml``) loaded it."""
     model, seed = config["model"], config["train"]["seed"]
@@ -48,8 +55,10 @@ def apply_weights(pipe: DiffusionPipeline, weights: Path, torch_dtype: torch.dty
     ``attr/``: the component a run trained, ``transformer_2`` for Wan2.2's low-noise expert, whose LoRA diffusers
     keeps as a transformer LoRA loaded ``load_into_transformer_2``)."""
     weights = Path(weights)
-    lora_file = _lora_file(weights)
     attr = attr or _denoiser_attr(pipe)
+    lora_file = _lora_file(weights)
+    if attr == "transformer_2" and _lora_file(weights / attr).is_file():  # a run of both experts keeps the low-noise
+        lora_file = _lora_file(weights / attr)                            # one's LoRA in transformer_2/
     if lora_file.is_file():
         if hasattr(pipe, "load_lora_weights"):
             into = {"load_into_transformer_2": True} if attr == "transformer_2" else {}
@@ -105,7 +114,13 @@ def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.d
     def load() -> DiffusionPipeline:
         pipe = _base_of_run(config, torch_dtype) if base is None else \
             load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
-        denoiser, train = getattr(pipe, _denoiser_attr(pipe, config)), config["train"]
+        train = config["train"]
+        if config["model"].get("expert") == "both":  # named as the run's ExpertPair names them (high., low.)
+            from diffalign.diffusion.experts import ExpertPair
+
+            denoiser = ExpertPair(pipe.transformer, pipe.transformer_2, boundary=0.0)
+        else:
+            denoiser = getattr(pipe, _denoiser_attr(pipe, config))
         if train["lora_rank"] > 0:
             add_lora(denoiser, train["lora_rank"], alpha=train.get("lora_alpha"),
                      target_modules=list(train["lora_targets"]))
@@ -156,7 +171,9 @@ def finetuned_loader(source: str | Path, *, base: str | Path | None = None, torc
 
         def load_run() -> DiffusionPipeline:
             pipe = _base_of_run(config, torch_dtype)
-            return apply_weights(pipe, weights, torch_dtype, _denoiser_attr(pipe, config))
+            for attr in _denoiser_attrs(pipe, config):
+                apply_weights(pipe, weights, torch_dtype, attr)
+            return pipe
 
         return load_run
     base = resolve_model_path(base, what="the base model")

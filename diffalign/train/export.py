@@ -198,8 +198,12 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, dtype: str = "f
                 state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in
                          kohya_lora_state(lora, base_folder(source)).items()}
                 return _save_file_whole(state, out, {"format": "pt", **_provenance(source)})
+            low = lora.parent / "transformer_2" / LORA_FILE  # a run of both Wan2.2 experts: the low-noise one's
             with _folder_whole(out) as folder:
                 shutil.copyfile(lora, folder / LORA_FILE)
+                if low.is_file():
+                    (folder / "transformer_2").mkdir()
+                    shutil.copyfile(low, folder / "transformer_2" / LORA_FILE)
             return with_usual_permissions(out) / LORA_FILE
     if fmt == "single-file":
         _check_suffix(out, "a single-file checkpoint")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffalign.diffusion import Backbone
+from diffalign.diffusion.experts import ExpertPair
 from diffalign.diffusion.finetuned import LORA_FILE
 from diffalign.paths import with_usual_permissions
 
@@ -41,11 +42,31 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
     the model.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(denoiser, ExpertPair):  # both experts: each saved as a run of that expert alone saves it
+        for name, (attr, expert) in zip(("high", "low"), denoiser.experts()):
+            own = {key.removeprefix(f"{name}."): value for key, value in weights.items() if key.startswith(f"{name}.")}
+            _save_denoiser(type(backbone.pipe), attr, expert, own, folder, lora=lora,
+                           lora_folder=folder if attr == "transformer" else folder / attr)
+        return with_usual_permissions(folder)
+    _save_denoiser(type(backbone.pipe), backbone.denoiser_attr, denoiser, weights, folder, lora=lora,
+                   lora_attr=backbone.lora_file_attr)
+    return with_usual_permissions(folder)
+
+
+def _save_denoiser(pipeline: type, attr: str, denoiser: nn.Module, weights: dict[str, torch.Tensor], folder: Path,
+                   *, lora: bool, lora_attr: str = "transformer", lora_folder: Path | None = None) -> None:
+    """One denoiser's weights under ``folder``: its full weights as the pipeline component ``attr`` (a diffusers
+    sub-folder), or its LoRA as ``pipeline.save_lora_weights`` writes a ``lora_attr`` LoRA, in ``lora_folder``
+    (default ``folder``). Both experts of one run: the low-noise one's LoRA goes in ``transformer_2/`` (diffusers
+    keeps a Wan2.2 expert's LoRA as a transformer LoRA, loaded into the second expert with
+    ``load_into_transformer_2``)."""
+    folder = lora_folder if lora and lora_folder is not None else folder
+    folder.mkdir(parents=True, exist_ok=True)
     if not lora:
-        target = folder / backbone.denoiser_attr
+        target = folder / attr
         denoiser.save_config(target)
         save_torch_state_dict(weights, target, filename_pattern=DIFFUSERS_WEIGHTS, max_shard_size="10GB")
-        return with_usual_permissions(folder)
+        return
     (adapter,) = denoiser.peft_config
     layers = scale_folded_in(get_peft_model_state_dict(denoiser, state_dict=weights), denoiser, adapter)
     renamed = convert_state_dict_to_diffusers(layers)
@@ -54,9 +75,8 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
     # naming would confuse loaders, so it keeps peft's lora_A/lora_B, as diffusers' SD3 scripts write
     if not any(".lora_A." in key or ".lora_B." in key for key in renamed):
         layers = renamed
-    saver = getattr(type(backbone.pipe), "save_lora_weights", None)
+    saver = getattr(pipeline, "save_lora_weights", None)
     if saver is None:  # pipelines without a LoRA loader (PixArt): the same file, written directly
-        save_file({f"{backbone.denoiser_attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
+        save_file({f"{attr}.{k}": v.contiguous() for k, v in layers.items()}, folder / LORA_FILE)
     else:
-        saver(str(folder), **{f"{backbone.lora_file_attr}_lora_layers": layers}, safe_serialization=True)
-    return with_usual_permissions(folder)
+        saver(str(folder), **{f"{lora_attr}_lora_layers": layers}, safe_serialization=True)
