@@ -24,7 +24,8 @@ BACKBONES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klei
              "tiny-qwenimage", "tiny-pixart", "tiny-wan"]
 DATA = {"diffusion_dpo": "pairs", "inpo": "pairs", "smpo": "pairs", "rank_dpo": "ranked", "diffusion_kto": "labelled",
         "self_npo": "images", "ddo": "images", "d3po": None, "grpo": None, "grpo_guard": None, "nft": None, "awm": None, "dgpo": None,
-        "disco": None, "draft": None, "alignprop": None, "refl": None, "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images"}
+        "disco": None, "draft": None, "alignprop": None, "refl": None, "sppo": None, "dno": None, "gpo": None, "inpo_nash": None, "rso": None, "drift": "images",
+        "tempflow_grpo": None}
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,12 @@ def _moved(run: Path, model: str) -> bool:
 # epsilon and one flow model; GRPO-Guard's rounds and step re-scoring are Flow-GRPO's, with the step means recorded
 # beside the trajectories, so it runs on one epsilon model and two flow models of other latent layouts. The
 # reward-gradient methods share one sampling loop (RewardGradientObjective): DRaFT runs on every backbone, AlignProp
-# and ReFL, which differ only in where the gradient starts and in the loss, on SD3.
+# and ReFL, which differ only in where the gradient starts and in the loss, on SD3. TempFlow-GRPO is Flow-GRPO's step
+# re-scoring on rounds whose noise sits at one step (the round driver's window and starting-noise hooks), with a
+# weight of each unit: one epsilon model and two flow models, as GRPO-Guard.
 FEWER = {**{name: ("tiny-sd3",) for name in ("dno", "gpo", "inpo_nash", "rso", "drift", "disco", "alignprop", "refl")},
-         "dgpo": ("tiny-sd15", "tiny-sd3"), "grpo_guard": ("tiny-sd15", "tiny-sd3", "tiny-flux")}
+         "dgpo": ("tiny-sd15", "tiny-sd3"), **{name: ("tiny-sd15", "tiny-sd3", "tiny-flux")
+                                               for name in ("grpo_guard", "tempflow_grpo")}}
 EVERY = [(objective, model) for objective in sorted(DATA) for model in BACKBONES
          if model in FEWER.get(objective, BACKBONES)]
 

@@ -37,6 +37,7 @@ from diffalign.objectives.rso import RSO
 from diffalign.objectives.self_npo import SelfNPO
 from diffalign.objectives.smpo import SmPO
 from diffalign.objectives.sppo import SPPO
+from diffalign.objectives.tempflow_grpo import TempFlowGRPO
 
 OBJECTIVES = {
     "alignprop": AlignProp,
@@ -54,6 +55,7 @@ OBJECTIVES = {
     "gpo": GPO,
     "grpo": FlowGRPO,
     "grpo_guard": GRPOGuard,
+    "tempflow_grpo": TempFlowGRPO,
     "inpo": InPO,
     "inpo_nash": INPONash,
     "lm_disco": LanguageModelDisCO,
@@ -79,6 +81,6 @@ OBJECTIVES = {
 }
 
 __all__ = ["OBJECTIVES", "AWM", "AlignProp", "D3PO", "DDO", "DGPO", "DNO", "DRIFT", "DRaFT", "DiffusionDPO",
-           "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "GRPOGuard", "INPONash", "InPO",
+           "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "GRPOGuard", "TempFlowGRPO", "INPONash", "InPO",
            "LanguageModelDNO", "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline",
            "LanguageModelRank", "LanguageModelSPPO", "RSO", "RankDPO", "ReFL", "SelfNPO", "SmPO", "SPPO"]

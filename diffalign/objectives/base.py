@@ -116,6 +116,17 @@ class OnlineObjective(Objective):
         """The samples per prompt of the run's rounds: ``online.group_size``, else the method's own."""
         return config.online.group_size or cls.group_size
 
+    def starting_noises(self, group_size: int) -> int:
+        """How many distinct starting noises a group of ``group_size`` samples draws (each shared by an equal block
+        of the group, in order): one each (the default; ``shared_noise`` makes it one for the group)."""
+        return group_size
+
+    def stochastic_steps(self, r: int, candidates: Tensor, steps: int) -> Tensor | None:
+        """(steps,) bool: the sampler steps of round r that draw noise, where the method chooses them
+        (TempFlow-GRPO's branching step); ``candidates`` are the steps it may train (in ``objective.t_range``, of
+        the trained expert). None: the run's ``online.sde_window`` chooses (every step without one)."""
+        return None
+
     @classmethod
     def check_config(cls, config) -> None:
         """The rules every online method shares (a source of prompts or real images, exactly one source of

@@ -200,6 +200,9 @@ SHORTER = {"inpo": ["objective.options.inversion_steps=2"], "smpo": ["objective.
            **{name: ["online.groups_per_round=2", "online.group_size=2", "online.steps_per_round=2",
                      "objective.sample_steps=2", "online.reward=jpeg_incompressibility"]
               for name in ("grpo", "grpo_guard", "disco", "nft", "awm", "dgpo")},
+           "tempflow_grpo": ["online.groups_per_round=2", "online.group_size=2", "objective.options.parents=1",
+                             "online.steps_per_round=2", "objective.sample_steps=2",
+                             "online.reward=jpeg_incompressibility"],
            **{name: _SELF_PLAY for name in ("sppo", "dno", "gpo", "inpo_nash")},
            "rso": [*_SELF_PLAY, "objective.options.accepted=2"],
            "drift": ["objective.sample_steps=2", "online.groups_per_round=2", "online.steps_per_round=2"],

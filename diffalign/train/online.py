@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from diffalign.data import example_generator
 from diffalign.data.edit_prompts import EditPrompts
 from diffalign.diffusion import Backbone, Conditioning
-from diffalign.diffusion.logprob import sample_trajectories, step_log_prob
+from diffalign.diffusion.logprob import StepRule, sample_trajectories, step_log_prob
 from diffalign.errors import PausedRound, UserError
 from diffalign.eval.image_stats import image_statistics
 from diffalign.eval.prompts import read_prompts
@@ -211,7 +211,7 @@ class OnlineRounds(RoundDriver):
             save_media(image, tmp / "images" / f"group{groups[j // k]:04d}-{j % k}")
         if not self.objective.keeps_trajectories:
             latents = latents[:, -1:].contiguous()
-        part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=sde_window(self.config, r))
+        part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=self.stochastic(r))
         if self.objective.keeps_step_means:
             part["means"] = torch.cat([batch[4] for batch in batches])
         if batches[0][5] is not None:
@@ -259,10 +259,9 @@ class OnlineRounds(RoundDriver):
         obj, acc, backbone, k = self.config.objective, self.accelerator, self.backbone, self.group_size
         shape = backbone.latent_shape(self.config.data.resolution, self.config.data.width)
         generators = [example_generator(self.config.train.seed, r, 1, i) for i in groups]
-        if self.shared_noise:
-            noise = torch.cat([torch.randn((1, *shape), generator=g).repeat(k, *[1] * len(shape)) for g in generators])
-        else:
-            noise = torch.cat([torch.randn((k, *shape), generator=g) for g in generators])
+        noises = 1 if self.shared_noise else self.objective.starting_noises(k)  # each shared by k / noises samples
+        noise = torch.cat([torch.randn((noises, *shape), generator=g).repeat_interleave(k // noises, dim=0)
+                           for g in generators])
         step_noise = torch.cat([torch.randn((k, obj.sample_steps, *shape), generator=g) for g in generators])
         cond = self._encode(prompts, reference, sources).repeat_items(k)
         uncond = backbone.empty_prompt() if obj.sample_guidance_scale != 1.0 else None
@@ -272,7 +271,7 @@ class OnlineRounds(RoundDriver):
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
                                              uncond=uncond, step_noise=step_noise, progress=label,
                                              denoiser=self.objective.sampling_denoiser(),
-                                             stochastic=sde_window(self.config, r), sampler=obj.sampler,
+                                             stochastic=self.stochastic(r), sampler=obj.sampler,
                                              record_means=self.objective.keeps_step_means)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
             error = self._ratio_error(trajectory, cond, uncond) if check_ratio and self.objective.keeps_trajectories \
@@ -280,6 +279,16 @@ class OnlineRounds(RoundDriver):
         means = None if trajectory.means is None else trajectory.means.cpu().contiguous()
         return (trajectory.latents.cpu().contiguous(), trajectory.log_probs.cpu().contiguous(), images,
                 trajectory.timesteps.float().cpu(), means, error)
+
+    def stochastic(self, r: int) -> Tensor:
+        """(steps,) bool: the sampler steps of round r that draw noise: the objective's choice among the steps it may
+        train (:meth:`OnlineObjective.stochastic_steps`), else :func:`sde_window`'s."""
+        obj = self.config.objective
+        shape = self.backbone.latent_shape(self.config.data.resolution, self.config.data.width)
+        timesteps = StepRule(self.backbone, obj.sample_steps, obj.sample_eta, shape, sampler=obj.sampler).timesteps
+        candidates = self._trained_steps(timesteps.float(), torch.ones(obj.sample_steps, dtype=torch.bool))
+        chosen = self.objective.stochastic_steps(r, candidates, obj.sample_steps)
+        return sde_window(self.config, r) if chosen is None else chosen
 
     def _ratio_error(self, trajectory, cond: Conditioning, uncond: Conditioning | None) -> Tensor | None:
         """The largest |log rho| of the batch's first trajectory (one a round and process: a forward of T rows, not
