@@ -66,7 +66,7 @@ def test_a_run_of_both_experts_trains_each_its_own_lora_and_loads_into_both(tmp_
     """Diffusion-DPO with model.expert=both on 5-frame clips: draws timesteps across the whole schedule, so both
     experts' LoRAs move; final/ holds the high-noise expert's LoRA and final/transformer_2/ the low-noise one's, each
     a transformer LoRA as diffusers saves Wan2.2 LoRAs; the run loads with each in its own expert, a checkpoint too;
-    diffalign export --format lora writes both."""
+    diffalign export --format lora writes both, from the run and from a checkpoint."""
     from diffalign.diffusion.finetuned import load_finetuned
     from diffalign.recipes.samples import pickapic_parquet
     from diffalign.train.export import export_run
@@ -100,6 +100,9 @@ def test_a_run_of_both_experts_trains_each_its_own_lora_and_loads_into_both(tmp_
             assert (outputs[0] - outputs[2]).abs().max() > 1e-4, attr  # the trained expert differs from its base
     exported = export_run(run, "lora", tmp_path / "export")
     assert exported.is_file() and (exported.parent / "transformer_2" / exported.name).is_file()
+    at_step = export_run(run / "checkpoints" / "step-0000004", "lora", tmp_path / "export-step")  # written afresh
+    for name in (at_step.name, f"transformer_2/{at_step.name}"):
+        assert load_file(at_step.parent / name).keys() == load_file(exported.parent / name).keys()
 
 
 @pytest.mark.slow

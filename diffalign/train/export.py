@@ -62,7 +62,8 @@ def lora_file(source: Path, scratch: Path) -> Path:
     one, from the run's base with the checkpoint's adapters on it."""
     if not is_checkpoint(source):
         return source / "final" / LORA_FILE
-    backbone = backbone_for(load_finetuned(source))
+    expert = yaml.safe_load((source.parent.parent / "config.yaml").read_text())["model"].get("expert")
+    backbone = backbone_for(load_finetuned(source), expert=expert)  # a Wan2.2 run's expert, or both
     return save_final_weights(backbone, backbone.denoiser, backbone.denoiser.state_dict(), scratch, lora=True) / LORA_FILE
 
 
