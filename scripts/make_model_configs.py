@@ -603,26 +603,20 @@ def tiny() -> None:
         settings={"boundary_ratio": 0.9})
     # HunyuanVideo 1.5 (diffusers' own test shapes, a 4x-in-time VAE): its transformer reads the noisy latents, an
     # image condition's latents and mask (zeros for text to video), so 2 x 4 + 1 channels
-    write_pipeline("tiny-hunyuanvideo15", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
-        {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
-         "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 16,
-         "text_embed_2_dim": 32, "image_embed_dim": 12, "rope_axes_dim": [2, 2, 4], "target_size": 16,
-         "task_type": "t2v"},
+    tiny_hunyuan = {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+                    "num_layers": 1, "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1,
+                    "text_embed_dim": 16, "text_embed_2_dim": 32, "image_embed_dim": 12, "rope_axes_dim": [2, 2, 4]}
+    tiny_hunyuan_rest = (
         {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 16],
          "layers_per_block": 1, "spatial_compression_ratio": 4, "temporal_compression_ratio": 4,
          "downsample_match_channel": False, "upsample_match_channel": False},
-        qwen25_vl_text_model(16, 2, 2, 2, 16), t5_encoder(32, 2, 4, 64, 8), shift=7.0))
+        qwen25_vl_text_model(16, 2, 2, 2, 16), t5_encoder(32, 2, 4, 64, 8))
+    write_pipeline("tiny-hunyuanvideo15", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
+        {**tiny_hunyuan, "target_size": 16, "task_type": "t2v"}, *tiny_hunyuan_rest, shift=7.0))
     # HunyuanVideo 1.5 image to video: the same transformer set to i2v (its size buckets around 32 px here, so a square
     # frame samples at 32 x 32), with a SigLIP image encoder as wide as its image embedding
     write_pipeline("tiny-hunyuanvideo15-i2v", "HunyuanVideo15ImageToVideoPipeline", hunyuan_video15_i2v_parts(
-        {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
-         "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 16,
-         "text_embed_2_dim": 32, "image_embed_dim": 12, "rope_axes_dim": [2, 2, 4], "target_size": 32,
-         "task_type": "i2v"},
-        {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [16, 16],
-         "layers_per_block": 1, "spatial_compression_ratio": 4, "temporal_compression_ratio": 4,
-         "downsample_match_channel": False, "upsample_match_channel": False},
-        qwen25_vl_text_model(16, 2, 2, 2, 16), t5_encoder(32, 2, 4, 64, 8), shift=7.0,
+        {**tiny_hunyuan, "target_size": 32, "task_type": "i2v"}, *tiny_hunyuan_rest, shift=7.0,
         siglip=siglip_vision(12, 1, 2, 24, 32, 4)))
     write_pipeline(
         "tiny-pixart",
@@ -766,15 +760,14 @@ def full_size() -> None:
     # transformer's defaults in diffusers (54 blocks of width 16 x 128, 8.3B parameters) set to text to video, its
     # 32-channel VAE's defaults, Qwen2.5-VL-7B's text model and the glyph ByT5 encoder (1472 wide, 12 layers); the
     # scheduler's shift is a placeholder (5), as it changes no shape and the released folder has its own
+    hunyuan_encoders = (qwen25_vl_text_model(3584, 28, 28, 4, 18944),
+                        {**t5_encoder(1472, 12, 6, 3584, 64), "vocab_size": 384})
     write_pipeline("hunyuanvideo15-480p-t2v", "HunyuanVideo15Pipeline", hunyuan_video15_parts(
-        {"task_type": "t2v"}, {}, qwen25_vl_text_model(3584, 28, 28, 4, 18944),
-        {**t5_encoder(1472, 12, 6, 3584, 64), "vocab_size": 384}, shift=5.0))
+        {"task_type": "t2v"}, {}, *hunyuan_encoders, shift=5.0))
     # HunyuanVideo 1.5 480p image to video (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v): the same set to
     # i2v, with SigLIP so400m at 384 px (1152 wide, 27 layers, 729 image tokens)
     write_pipeline("hunyuanvideo15-480p-i2v", "HunyuanVideo15ImageToVideoPipeline", hunyuan_video15_i2v_parts(
-        {"task_type": "i2v"}, {}, qwen25_vl_text_model(3584, 28, 28, 4, 18944),
-        {**t5_encoder(1472, 12, 6, 3584, 64), "vocab_size": 384}, shift=5.0,
-        siglip=siglip_vision(1152, 27, 16, 4304, 384, 14)))
+        {"task_type": "i2v"}, {}, *hunyuan_encoders, shift=5.0, siglip=siglip_vision(1152, 27, 16, 4304, 384, 14)))
     # Wan2.2 T2V A14B (Wan-AI/Wan2.2-T2V-A14B-Diffusers): two 14B experts of Wan2.1 14B's shape, the high-noise one for
     # timesteps at or above 0.875 x 1000, on Wan2.1's VAE; its sampling shift of 12 (Wan2.2's t2v_A14B config)
     write_pipeline("wan22-t2v-a14b", "WanPipeline", wan_parts(

@@ -183,3 +183,32 @@ def tiny_geneval_models(folder: Path) -> tuple[Path, Path, Path]:
 def geneval_spec(detector: Path, clip: Path, arch: Path, **options) -> str:
     """The reward spec of the tiny GenEval models, with ``options`` (rule=..., metadata=...)."""
     return ":".join([f"geneval:{detector}", f"clip={clip}", f"arch={arch}", *(f"{k}={v}" for k, v in options.items())])
+
+
+def tiny_qwen2vl(base: Path, chat_template: str, *, hidden: int = 32, max_positions: int = 4096,
+                 special_tokens: tuple[str, ...] = ()):
+    """(processor, config) of a random 2-layer Qwen2-VL, the base of the Qwen2-VL reward models' tests (HPSv3,
+    VideoAlign): Qwen-Image-Edit's tiny processor copied to ``base`` with ``chat_template`` and ``special_tokens``
+    added (each one token, as Qwen's), and a config over its vocabulary with the processor's vision token ids."""
+    from transformers import AutoProcessor, Qwen2VLConfig
+
+    from diffalign.paths import ASSETS
+
+    shutil.copytree(ASSETS / "models" / "tiny-qwenimage-edit" / "processor", base)
+    processor = AutoProcessor.from_pretrained(base)
+    processor.chat_template = chat_template
+    if special_tokens:
+        processor.tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    processor.save_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base)
+    tokenizer = processor.tokenizer
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2), **ids)
+    return processor, config

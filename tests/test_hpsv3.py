@@ -5,15 +5,14 @@ instruction as the authors wrote it, and a checkpoint of another model refused."
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import tiny_qwen2vl
 from safetensors.torch import save_file
 
 from diffalign.errors import UserError
-from diffalign.paths import ASSETS
 from diffalign.rewards import load_reward
 from diffalign.rewards.hpsv3 import INSTRUCTION, REWARD_TOKEN, reward_head
 
@@ -28,23 +27,11 @@ TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %
 def tiny_hpsv3(root: Path, hidden: int = 32) -> tuple[Path, Path]:
     """(the checkpoint file, the base folder): a random 2-layer Qwen2-VL with Qwen-Image-Edit's tiny processor, its
     embeddings resized for <|Reward|>, saved as the authors' ``HPSv3.safetensors`` is."""
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     base = root / "qwen2-vl"
-    shutil.copytree(ASSETS / "models" / "tiny-qwenimage-edit" / "processor", base)
-    processor = AutoProcessor.from_pretrained(base)
-    processor.chat_template = TEMPLATE
-    processor.save_pretrained(base)
+    processor, config = tiny_qwen2vl(base, TEMPLATE, hidden=hidden)
     tokenizer = processor.tokenizer
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    config = Qwen2VLConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2), **ids)
     config.save_pretrained(base)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_grpo import step_after_one_sgd_step
+from test_grpo_guard import _nudged
 
 from diffalign.diffusion import backbone_for, load_pipeline
 from diffalign.diffusion.logprob import gaussian_log_prob, sample_trajectories, step_distribution
@@ -52,16 +53,6 @@ def test_each_unit_s_clipped_surrogate_is_weighted_by_2_25_times_its_step_s_nois
     assert metrics["policy_loss"].item() == pytest.approx((2.25 * std * surrogate).mean().item(), rel=1e-4)
     assert std[1] > std[2]  # past the first step (whose sigma 1 Flow-GRPO's SDE takes as the next one's), the later
     # the step, the less noise and the smaller the weight
-
-
-def _nudged(denoiser: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
-    import copy
-    moved = copy.deepcopy(denoiser)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return moved
 
 
 def test_a_gradient_step_raises_the_log_probability_of_the_positive_advantage_child():

@@ -34,6 +34,30 @@ def _pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
 
 
+def _first_guided_calls(pipe, **call) -> tuple[tuple[dict, torch.Tensor], dict]:
+    """((keyword arguments, output) of the pipeline's first transformer call, the conditional one; the keyword
+    arguments of its second, the unconditional one) of ``pipe(**call)``."""
+    calls = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((dict(kwargs), output[0])), with_kwargs=True)
+    pipe(**call, generator=torch.Generator().manual_seed(0), output_type="latent")
+    handle.remove()
+    return calls[0], calls[1][0]
+
+
+def _predict_is_the_call(backbone, kwargs: dict, output: torch.Tensor, cond, condition: torch.Tensor) -> None:
+    """``predict`` on the call's noisy latents, given the first frame's ``condition``, equals the transformer's output
+    there, and another first frame changes it."""
+    cond.reference = condition[:, None]
+    noisy = kwargs["hidden_states"][:, :backbone.latent_channels]
+    with torch.no_grad():
+        ours = backbone.predict(noisy, kwargs["timestep"].float(), cond)
+        cond.reference = backbone.encode_sources(_pixels(_frame(1)))[:, None]
+        other = backbone.predict(noisy, kwargs["timestep"].float(), cond)
+    torch.testing.assert_close(ours, output)
+    assert (ours - other).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("model, expert", [("tiny-wan21-i2v", None), ("tiny-wan22-i2v", "high")])
 def test_wan_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition(model, expert):
     """The first guided call of WanImageToVideoPipeline (5 frames, 32 px): its latent input is the noisy latents, then
@@ -43,14 +67,10 @@ def test_wan_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition
     transformer's output there, and another first frame changes it."""
     pipe = load_pipeline(MODELS / model, random_init=True, seed=0)
     backbone = backbone_for(pipe, frames=5, expert=expert)
-    calls = []
-    handle = pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((dict(kwargs), output[0])), with_kwargs=True)
     frame = _frame(0)
-    pipe(prompt="the ball rolls away", negative_prompt="", image=frame, height=32, width=32, num_frames=5,
-         num_inference_steps=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="latent")
-    handle.remove()
-    (kwargs, output), (uncond_kwargs, _) = calls[0], calls[1]
+    (kwargs, output), uncond_kwargs = _first_guided_calls(
+        pipe, prompt="the ball rolls away", negative_prompt="", image=frame, height=32, width=32, num_frames=5,
+        num_inference_steps=2, guidance_scale=4.0)
     c = backbone.latent_channels
     condition = backbone.encode_sources(_pixels(frame))
     assert condition.shape == (1, 4 + c, 2, 8, 8) == (1, *backbone.source_shape(backbone.latent_shape(32)))
@@ -65,14 +85,7 @@ def test_wan_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition
     else:  # Wan2.2 I2V reads the frame through its latents only
         assert not backbone.prompt_reads_sources and cond.image_embeds is None
         assert kwargs["encoder_hidden_states_image"] is None
-    cond.reference = condition[:, None]
-    noisy = kwargs["hidden_states"][:, :c]
-    with torch.no_grad():
-        ours = backbone.predict(noisy, kwargs["timestep"].float(), cond)
-        cond.reference = backbone.encode_sources(_pixels(_frame(1)))[:, None]
-        other = backbone.predict(noisy, kwargs["timestep"].float(), cond)
-    torch.testing.assert_close(ours, output)
-    assert (ours - other).abs().max() > 1e-4
+    _predict_is_the_call(backbone, kwargs, output, cond, condition)
 
 
 def test_hunyuanvideo15_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition():
@@ -85,14 +98,9 @@ def test_hunyuanvideo15_i2v_predict_is_the_pipelines_own_call_on_the_first_frame
 
     pipe = load_pipeline(MODELS / "tiny-hunyuanvideo15-i2v", random_init=True, seed=0)
     backbone = backbone_for(pipe, frames=5)
-    calls = []
-    handle = pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((dict(kwargs), output[0])), with_kwargs=True)
     frame = _frame(0)
-    pipe(image=frame, prompt="the ball rolls away", num_frames=5, num_inference_steps=2,
-         generator=torch.Generator().manual_seed(0), output_type="latent")
-    handle.remove()
-    (kwargs, output), (uncond_kwargs, _) = calls[0], calls[1]
+    (kwargs, output), uncond_kwargs = _first_guided_calls(pipe, image=frame, prompt="the ball rolls away",
+                                                          num_frames=5, num_inference_steps=2)
     c = backbone.latent_channels
     condition = backbone.encode_sources(_pixels(frame))
     assert condition.shape == (1, c + 1, 2, 8, 8) == (1, *backbone.source_shape(backbone.latent_shape(32)))
@@ -101,14 +109,7 @@ def test_hunyuanvideo15_i2v_predict_is_the_pipelines_own_call_on_the_first_frame
     cond = backbone.encode_prompts(["the ball rolls away"], _pixels(frame)[None])
     torch.testing.assert_close(cond.image_embeds, kwargs["image_embeds"])
     torch.testing.assert_close(uncond_kwargs["image_embeds"], kwargs["image_embeds"])
-    cond.reference = condition[:, None]
-    noisy = kwargs["hidden_states"][:, :c]
-    with torch.no_grad():
-        ours = backbone.predict(noisy, kwargs["timestep"].float(), cond)
-        cond.reference = backbone.encode_sources(_pixels(_frame(1)))[:, None]
-        other = backbone.predict(noisy, kwargs["timestep"].float(), cond)
-    torch.testing.assert_close(ours, output)
-    assert (ours - other).abs().max() > 1e-4
+    _predict_is_the_call(backbone, kwargs, output, cond, condition)
     with pytest.raises(UserError, match=r"samples at the size bucket nearest its first frame's aspect, 32 x 32 px"):
         generate(pipe, ["a"], [0], steps=1, resolution=32, width=36, frames=5, sources=[[_frame(0)]])
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import tiny_qwen2vl
 from safetensors.torch import save_file
 
 from diffalign.errors import UserError
@@ -38,25 +39,11 @@ def tiny_video_reward(root: Path, hidden: int = 32) -> tuple[Path, Path]:
     reward head, saved as the authors' trainer saves them (checkpoint-10; an empty checkpoint-5 is older)."""
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     base = root / "qwen2-vl"
-    shutil.copytree(ASSETS / "models" / "tiny-qwenimage-edit" / "processor", base)
-    processor = AutoProcessor.from_pretrained(base)
-    processor.chat_template = CHAT
-    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<|video_pad|>"]})  # one token, as Qwen's
-    processor.save_pretrained(base)
-    processor = AutoProcessor.from_pretrained(base)
+    processor, config = tiny_qwen2vl(base, CHAT, max_positions=8192, special_tokens=("<|video_pad|>",))
     tokenizer = processor.tokenizer
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    config = Qwen2VLConfig(
-        text_config=dict(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=8192,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2), **ids)
     torch.manual_seed(0)
     Qwen2VLForConditionalGeneration(config).save_pretrained(base)
     model = Qwen2VLForConditionalGeneration.from_pretrained(base)

@@ -151,3 +151,16 @@ def test_two_processes_train_both_experts_when_a_process_batch_reaches_one(tmp_p
     for path in (tmp_path / "two" / "final" / "pytorch_lora_weights.safetensors",
                  tmp_path / "two" / "final" / "transformer_2" / "pytorch_lora_weights.safetensors"):
         assert max(v.abs().max() for k, v in load_file(path).items() if "lora_B" in k or ".up." in k) > 0, path
+
+
+def test_saving_both_experts_from_a_state_dict_without_their_names_fails_loudly(tmp_path):
+    """The final weights of a run of both experts are split by their names in the pair (high.*, low.*); a state dict
+    named otherwise is refused rather than saved as an empty expert."""
+    from diffalign.train.weights import save_final_weights
+
+    backbone = backbone_for(load_pipeline(TINY_WAN22, random_init=True, seed=0), frames=5, expert="both")
+    unnamed = backbone.denoiser.high.state_dict()
+    with pytest.raises(ValueError, match="no weights of the high-noise expert"):
+        save_final_weights(backbone, backbone.denoiser, unnamed, tmp_path / "final", lora=False)
+    save_final_weights(backbone, backbone.denoiser, backbone.denoiser.state_dict(), tmp_path / "final", lora=False)
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["transformer", "transformer_2"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffalign.diffusion.experts import ExpertPair
 from diffalign.errors import UserError
 
 Tensor = torch.Tensor
@@ -892,7 +893,7 @@ class WanBackbone(VideoBackbone):
     family = "wan"
     denoiser_attr = "transformer"
 
-    EXPERTS = {"high": "transformer", "low": "transformer_2"}
+    EXPERTS = ExpertPair.ATTRS  # each expert's pipeline component
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
                  prompt_tokens: int | None = None) -> None:
@@ -907,8 +908,6 @@ class WanBackbone(VideoBackbone):
                                 "model.expert=high (transformer, the noisier steps), model.expert=low "
                                 "(transformer_2), or model.expert=both (each its own LoRA, in one run)")
             if expert == "both":
-                from diffalign.diffusion.experts import ExpertPair
-
                 self._pair = ExpertPair(pipe.transformer, pipe.transformer_2, self.boundary)
             else:
                 self.denoiser_attr = self.EXPERTS[expert]
@@ -1059,7 +1058,35 @@ class WanBackbone(VideoBackbone):
         return {}
 
 
-class WanI2VBackbone(WanBackbone):
+class FirstFrameSource:
+    """For the image-to-video adapters: the first frame is an edit's one source (``data.source_columns``; online, each
+    prompt's row), and what the denoiser reads of it (:meth:`Backbone.encode_sources`) depends on the clip length, so
+    the latent cache keeps it per ``data.frames``."""
+
+    max_sources = min_sources = 1
+    source_role = "starts each clip from a first-frame image"
+
+    @property
+    def source_cache_kind(self) -> str:
+        return f"{self.family}-condition@{max(self.frames, 1)}frames"
+
+    def first_frame_condition(self, cond: Conditioning, dtype: torch.dtype) -> Tensor:
+        """Each item's first-frame condition (``Conditioning.reference``'s one source), in ``dtype``."""
+        if cond.reference is None:
+            raise ValueError(f"{type(self.pipe).__name__} predicts from a first frame: its condition is "
+                             "Conditioning.reference")
+        return cond.reference[:, 0].to(dtype)
+
+    @staticmethod
+    def first_frames(sources: Tensor) -> list:
+        """Each prompt's first frame, ``sources`` (N, 1, 3, H, W) in [-1, 1], as the PIL image its pipeline's
+        ``encode_image`` reads."""
+        from diffalign.diffusion.sampling import to_pil  # sampling imports this module
+
+        return [to_pil(images[0].float().add(1).div(2)) for images in sources]
+
+
+class WanI2VBackbone(FirstFrameSource, WanBackbone):
     """Wan2.1 I2V and Wan2.2 I2V A14B (WanImageToVideoPipeline): Wan's text-to-video transformer reading a first frame
     beside the noisy latents, as the pipeline feeds it (``prepare_latents``): the frame followed by black frames,
     through the VAE and normalised as latents are, after a mask of the clip's first pixel frame (4 channels, one per
@@ -1074,8 +1101,6 @@ class WanI2VBackbone(WanBackbone):
     first latent frame held clean at timestep 0) is not built: train its text-to-video pipeline (WanPipeline)."""
 
     family = "wan-i2v"
-    max_sources = min_sources = 1
-    source_role = "starts each clip from a first-frame image"
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
                  prompt_tokens: int | None = None) -> None:
@@ -1103,10 +1128,7 @@ class WanI2VBackbone(WanBackbone):
         cond = super().encode_prompts(prompts)
         if sources is None or not self.prompt_reads_sources:  # the text alone: guidance's empty prompt
             return cond
-        from diffalign.diffusion.sampling import to_pil  # sampling imports this module
-
-        frames = [to_pil(images[0].float().add(1).div(2)) for images in sources]
-        return replace(cond, image_embeds=self.pipe.encode_image(frames, self.device))
+        return replace(cond, image_embeds=self.pipe.encode_image(self.first_frames(sources), self.device))
 
     @torch.no_grad()
     def encode_sources(self, pixels: Tensor) -> Tensor:
@@ -1122,15 +1144,9 @@ class WanI2VBackbone(WanBackbone):
     def source_shape(self, latent_shape):
         return (self.temporal_factor + latent_shape[0], *latent_shape[1:])
 
-    @property
-    def source_cache_kind(self) -> str:
-        return f"wan-i2v-condition@{max(self.frames, 1)}frames"
-
     def _hidden_states(self, latents, cond):
         """The noisy latents, then the first frame's condition (``Conditioning.reference``)."""
-        if cond.reference is None:
-            raise ValueError("Wan image-to-video predicts from a first frame: its condition is Conditioning.reference")
-        return torch.cat([latents, cond.reference[:, 0].to(latents.dtype)], dim=1)
+        return torch.cat([latents, self.first_frame_condition(cond, latents.dtype)], dim=1)
 
     def _image_inputs(self, cond):
         return {} if cond.image_embeds is None else {"encoder_hidden_states_image": cond.image_embeds}
@@ -1219,7 +1235,7 @@ class HunyuanVideo15Backbone(VideoBackbone):
         pipe.guider = pipe.guider.new(guidance_scale=guidance_scale)
 
 
-class HunyuanVideo15I2VBackbone(HunyuanVideo15Backbone):
+class HunyuanVideo15I2VBackbone(FirstFrameSource, HunyuanVideo15Backbone):
     """HunyuanVideo 1.5 image to video (HunyuanVideo15ImageToVideoPipeline): the first frame's latents (encoded alone,
     scaled) on the first latent frame and zeros after, then a mask channel of ones on that frame, beside the noisy
     latents; and the frame's SigLIP tokens (the image encoder's last hidden states) as the transformer's image tokens,
@@ -1231,9 +1247,7 @@ class HunyuanVideo15I2VBackbone(HunyuanVideo15Backbone):
     trained."""
 
     family = "hunyuanvideo15-i2v"
-    max_sources = min_sources = 1
     prompt_reads_sources = True
-    source_role = "starts each clip from a first-frame image"
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], sources: Tensor | None = None) -> Conditioning:
@@ -1242,10 +1256,8 @@ class HunyuanVideo15I2VBackbone(HunyuanVideo15Backbone):
         cond = super().encode_prompts(prompts)
         if sources is None:  # the text alone: guidance's empty prompt, which takes each item's tokens
             return cond
-        from diffalign.diffusion.sampling import to_pil  # sampling imports this module
-
-        tokens = torch.cat([self.pipe.encode_image(image=to_pil(images[0].float().add(1).div(2)), batch_size=1,
-                                                   device=self.device, dtype=cond.embeds.dtype) for images in sources])
+        tokens = torch.cat([self.pipe.encode_image(image=frame, batch_size=1, device=self.device,
+                                                   dtype=cond.embeds.dtype) for frame in self.first_frames(sources)])
         return replace(cond, image_embeds=tokens)
 
     @torch.no_grad()
@@ -1262,10 +1274,6 @@ class HunyuanVideo15I2VBackbone(HunyuanVideo15Backbone):
     def source_shape(self, latent_shape):
         return (latent_shape[0] + 1, *latent_shape[1:])
 
-    @property
-    def source_cache_kind(self) -> str:
-        return f"hunyuanvideo15-i2v-condition@{max(self.frames, 1)}frames"
-
     @classmethod
     def pipeline_size(cls, pipe, height, width):
         """None as call arguments: the pipeline samples at the size bucket nearest its first frame's aspect, so a size
@@ -1279,10 +1287,7 @@ class HunyuanVideo15I2VBackbone(HunyuanVideo15Backbone):
         return {}
 
     def _image_condition(self, latents, cond):
-        if cond.reference is None:
-            raise ValueError("HunyuanVideo 1.5 image to video predicts from a first frame: its condition is "
-                             "Conditioning.reference")
-        return cond.reference[:, 0].to(latents.dtype)
+        return self.first_frame_condition(cond, latents.dtype)
 
     def _image_tokens(self, latents, cond):
         return cond.image_embeds.to(latents.dtype)

@@ -16,7 +16,7 @@ class ExpertPair(nn.Module):
     timestep, sigma x 1000). Called as the experts are (``hidden_states``, ``timestep`` of shape (N,), the rest by
     keyword); each item goes to its expert, and the outputs come back in the items' order."""
 
-    ATTRS = {"high": "transformer", "low": "transformer_2"}
+    ATTRS = {"high": "transformer", "low": "transformer_2"}  # each expert's pipeline component
 
     def __init__(self, high: nn.Module, low: nn.Module, boundary: float) -> None:
         super().__init__()
@@ -27,9 +27,9 @@ class ExpertPair(nn.Module):
         """The experts' shared architecture settings (the high-noise expert's config)."""
         return self.high.config
 
-    def experts(self) -> list[tuple[str, nn.Module]]:
-        """(pipeline component, expert) of each expert."""
-        return [(self.ATTRS[name], getattr(self, name)) for name in ("high", "low")]
+    def experts(self) -> tuple[nn.Module, nn.Module]:
+        """The high-noise expert, then the low-noise one."""
+        return self.high, self.low
 
     def forward(self, hidden_states: Tensor, timestep: Tensor, return_dict: bool = False, **inputs) -> tuple[Tensor]:
         """Each item through its expert; ``return_dict`` is accepted as the experts take it, and the output is
@@ -62,13 +62,13 @@ class ExpertPair(nn.Module):
 
     # what the trainer asks of a denoiser, done to each expert
     def add_adapter(self, config, adapter_name: str = "default") -> None:
-        for _, expert in self.experts():
+        for expert in self.experts():
             expert.add_adapter(config, adapter_name=adapter_name)
 
     def enable_gradient_checkpointing(self) -> None:
-        for _, expert in self.experts():
+        for expert in self.experts():
             expert.enable_gradient_checkpointing()
 
     def enable_xformers_memory_efficient_attention(self) -> None:
-        for _, expert in self.experts():
+        for expert in self.experts():
             expert.enable_xformers_memory_efficient_attention()

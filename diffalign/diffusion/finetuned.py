@@ -18,6 +18,7 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
+from diffalign.diffusion.experts import ExpertPair
 from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline, without_diffusers_noise
 from diffalign.diffusion.lora import add_lora, load_lora_file
 from diffalign.paths import resolve_model_path
@@ -37,7 +38,7 @@ def _denoiser_attr(pipe: DiffusionPipeline, config: dict | None = None) -> str:
 def _denoiser_attrs(pipe: DiffusionPipeline, config: dict) -> list[str]:
     """The pipeline components a run trained: :func:`_denoiser_attr`'s, or both experts (``model.expert=both``)."""
     if config["model"].get("expert") == "both":
-        return ["transformer", "transformer_2"]
+        return list(ExpertPair.ATTRS.values())
     return [_denoiser_attr(pipe, config)]
 
 
@@ -116,8 +117,6 @@ def _checkpoint_loader(checkpoint: Path, base: Path | None, torch_dtype: torch.d
             load_pipeline(base, torch_dtype=torch_dtype, variant=base_variant)
         train = config["train"]
         if config["model"].get("expert") == "both":  # named as the run's ExpertPair names them (high., low.)
-            from diffalign.diffusion.experts import ExpertPair
-
             denoiser = ExpertPair(pipe.transformer, pipe.transformer_2, boundary=0.0)
         else:
             denoiser = getattr(pipe, _denoiser_attr(pipe, config))

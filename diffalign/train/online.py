@@ -194,10 +194,11 @@ class OnlineRounds(RoundDriver):
                 for s, image in enumerate(images):
                     to_pil(image.add(1).div(2)).save(tmp / "images" / f"group{group:04d}-source{s}.png")
         label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
+        stochastic = self.stochastic(r)  # the round's noisy steps, the same for every batch
         batches, scored = [], []
         with ThreadPoolExecutor(max_workers=1) as scorer:  # batch i is scored while batch i + 1 samples
             for i in range(0, len(groups), n):
-                batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label,
+                batch = self._sample_groups(r, groups[i:i + n], prompts[i:i + n], label, stochastic,
                                             None if reference is None else reference[i:i + n],
                                             None if sources is None else sources[i:i + n], check_ratio=i == 0)
                 batches.append(batch)
@@ -211,7 +212,7 @@ class OnlineRounds(RoundDriver):
             save_media(image, tmp / "images" / f"group{groups[j // k]:04d}-{j % k}")
         if not self.objective.keeps_trajectories:
             latents = latents[:, -1:].contiguous()
-        part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=self.stochastic(r))
+        part.update(latents=latents, log_probs=log_probs, timesteps=batches[0][3], stochastic=stochastic)
         if self.objective.keeps_step_means:
             part["means"] = torch.cat([batch[4] for batch in batches])
         if batches[0][5] is not None:
@@ -247,10 +248,11 @@ class OnlineRounds(RoundDriver):
                 cond = cond.with_negative(backbone.encode_prompts([""] * len(prompts), sources))
         return cond if reference is None else dataclasses.replace(cond, reference=reference.to(cond.embeds.device))
 
-    def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None,
+    def _sample_groups(self, r: int, groups: list[int], prompts: list[str], label: str | None, stochastic: Tensor,
                        reference: Tensor | None = None, sources: Tensor | None = None, check_ratio: bool = False
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """One batch of groups: (latents, log-probabilities, images in [0, 1], timesteps, step means or None when
+        """One batch of groups, sampled with noise at the round's ``stochastic`` steps (:meth:`stochastic`):
+        (latents, log-probabilities, images in [0, 1], timesteps, step means or None when
         the objective keeps none, the sampler's ratio error (:meth:`_ratio_error`, with ``check_ratio``: the first
         batch of a process's share) or None), on the CPU. Each
         group draws its starting noise and step noise from its own generator, so a group is the same
@@ -271,7 +273,7 @@ class OnlineRounds(RoundDriver):
                                              eta=obj.sample_eta, guidance_scale=obj.sample_guidance_scale,
                                              uncond=uncond, step_noise=step_noise, progress=label,
                                              denoiser=self.objective.sampling_denoiser(),
-                                             stochastic=self.stochastic(r), sampler=obj.sampler,
+                                             stochastic=stochastic, sampler=obj.sampler,
                                              record_means=self.objective.keeps_step_means)
             images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
             error = self._ratio_error(trajectory, cond, uncond) if check_ratio and self.objective.keeps_trajectories \

@@ -43,9 +43,11 @@ def save_final_weights(backbone: Backbone, denoiser: nn.Module, weights: dict[st
     """
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(denoiser, ExpertPair):  # both experts: each saved as a run of that expert alone saves it
-        for name, (attr, expert) in zip(("high", "low"), denoiser.experts()):
+        for name, attr in ExpertPair.ATTRS.items():
             own = {key.removeprefix(f"{name}."): value for key, value in weights.items() if key.startswith(f"{name}.")}
-            _save_denoiser(type(backbone.pipe), attr, expert, own, folder, lora=lora,
+            if not own:  # a state dict named otherwise would save an empty expert
+                raise ValueError(f"the state dict holds no weights of the {name}-noise expert ({name}.*)")
+            _save_denoiser(type(backbone.pipe), attr, getattr(denoiser, name), own, folder, lora=lora,
                            lora_folder=folder if attr == "transformer" else folder / attr)
         return with_usual_permissions(folder)
     _save_denoiser(type(backbone.pipe), backbone.denoiser_attr, denoiser, weights, folder, lora=lora,
