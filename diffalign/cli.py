@@ -330,7 +330,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from diffalign.lm.loading import is_causal_lm_folder
     from diffalign.paths import resolve_model_path
     from diffalign.rewards import load_reward
-    from diffalign.rewards.toy import TOY_REWARDS, check_toy_prompts
+    from diffalign.rewards.toy import TOY_REWARDS, TOY_VIDEO_REWARDS, check_toy_prompts
 
     bench = _benchmark_args(args)
     # checked now, before any model is loaded; a causal-LM base compares language models
@@ -349,8 +349,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.rewards is None:  # the toy world's own judges fit its prompts, and nothing else
         check_toy_prompts(prompts, "--rewards is not given, and its default, toy_preference and toy_adherence,")
     specs = (args.rewards or ",".join(TOY_REWARDS)).split(",")
-    if set(specs) & set(TOY_REWARDS):  # before any image is made
-        check_toy_prompts(prompts, " and ".join(sorted(set(specs) & set(TOY_REWARDS))))
+    toy = set(specs) & set(TOY_REWARDS + TOY_VIDEO_REWARDS)
+    if toy:  # before any image is made
+        check_toy_prompts(prompts, " and ".join(sorted(toy)))
     rewards = [load_reward(name) for name in specs]
     # every model is checked now and loaded in its turn, so only one is in memory at a time
     models, made_by = {"base": lambda: load_pipeline(args.base, torch_dtype=dtype, variant=args.variant)}, {}

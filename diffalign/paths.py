@@ -20,6 +20,7 @@ ASSETS = ROOT / "assets"
 CONFIGS = ROOT / "configs"
 TOY_BASE = ASSETS / "models" / "toy-base"
 TOY_SIGN = ASSETS / "models" / "toy-sign"  # the text-rendering toy world's base (diffalign.toy.sign_world)
+TOY_VIDEO = ASSETS / "models" / "toy-video"  # the toy video world's base (diffalign.toy.video_world)
 PROMPTS = ASSETS / "prompts"
 _HUB_NAME = re.compile(r"([\w.-]+/[\w.-]+)(?:/(.+))?")  # owner/name, optionally a path inside the repository
 

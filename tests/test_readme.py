@@ -55,8 +55,8 @@ NOT_RUN = [
      "tests/test_fsdp2.py two under FSDP2 with the environment configs/accelerate/fsdp2.yaml gives"),
     (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
      "commands as README gives them, with a person's labels given in Chromium"),
-    (r"^python scripts/train_toy_(base|lm)\.py( |$)", "retrains a shipped base model (20-25 minutes on 2 cores); "
-     "tests/test_sign_world.py and the toy tests check the shipped weights"),
+    (r"^python scripts/train_toy_(base|lm|video_base)\.py( |$)", "retrains a shipped base model (20-30 minutes on 2 "
+     "cores); tests/test_sign_world.py, tests/test_toy_video.py and the toy tests check the shipped weights"),
     (r"^python scripts/check_floors\.py$", "builds a venv of the oldest supported versions and runs the suite in it"),
     (r"^python scripts/bench_(alignment|train|lm|reward_time)\.py( |$)", "a benchmark of minutes to hours on a CPU; "
      "tests/test_bench_lm.py and tests/test_bench_reward_time.py run bench_lm.py and bench_reward_time.py small"),

@@ -219,11 +219,12 @@ TOY_PREFIXES = ("toy_", "sign_", "tiny_")  # the shapes and text worlds', the si
 
 def toy_size_overrides(name: str) -> list[str]:
     """What a smoke run changes in the toy config ``name`` (toy_<objective>.yaml, sign_<objective>.yaml): its
-    size, nothing else. The sign world keeps its OCR reward: its base draws words, which the OCR model tells apart."""
+    size, nothing else. The sign and video worlds keep their rewards: their bases draw words and moving shapes, which
+    the OCR model and the toy video preference tell apart."""
     stem = Path(name).name.removesuffix(".yaml")
     objective = _shipped(name)["objective"]["name"]
     keys = [key for key in SHORTER.get(objective, []) if not key.startswith("data.")]
-    if stem.startswith("sign_"):
+    if stem.startswith(("sign_", "toy_video_")):
         keys = [key for key in keys if not key.startswith("online.reward=")]
     return [*SMALLER, *keys]
 

@@ -39,7 +39,7 @@ from diffalign.rewards.ocr import OcrAccuracy
 from diffalign.rewards.openai_judge import OpenAIJudge
 from diffalign.rewards.pairwise_judge import PairwiseJudge
 from diffalign.rewards.remote import RemoteReward
-from diffalign.rewards.toy import ToyAdherence, ToyPreference, ToyPreferenceSoft
+from diffalign.rewards.toy import ToyAdherence, ToyPreference, ToyPreferenceSoft, ToyVideoAdherence, ToyVideoPreference
 from diffalign.rewards.video import TemporalConsistency, frames_reduction
 from diffalign.rewards.videoalign import VideoAlign
 from diffalign.rewards.vlm_judge import VLMJudge
@@ -48,6 +48,8 @@ REWARDS: dict[str, type] = {
     "toy_preference": ToyPreference,
     "toy_adherence": ToyAdherence,
     "toy_preference_soft": ToyPreferenceSoft,
+    "toy_video_preference": ToyVideoPreference,
+    "toy_video_adherence": ToyVideoAdherence,
     "pickscore": PickScore,
     "hps_v2": HPSv2,
     "hps_v2.1": HPSv2,

@@ -1,4 +1,5 @@
-"""The toy world's programmatic reward models: its preference and its prompt-adherence judge."""
+"""The toy worlds' programmatic reward models: the image world's preference and prompt-adherence judge, and the
+video world's (:mod:`diffalign.toy.video_judge`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import torch
 
 from diffalign.errors import UserError
 from diffalign.toy.judge import adheres, images_to_arrays, measure, preference_scores, soft_preference_scores
+from diffalign.toy.video_judge import video_adherence, video_preference_scores
 from diffalign.toy.world import parse_caption
 
 TOY_REWARDS = ("toy_preference", "toy_adherence", "toy_preference_soft")
+TOY_VIDEO_REWARDS = ("toy_video_preference", "toy_video_adherence")
 
 
 def check_toy_prompts(prompts: Sequence[str], reward: str = "the toy rewards") -> None:
@@ -66,3 +69,44 @@ class ToyPreferenceSoft:
         """(N,) scores on the images' device, differentiable in the images."""
         check_toy_prompts(prompts, self.name)
         return soft_preference_scores(images, prompts)
+
+
+class _ToyVideoJudge:
+    """A toy video world judge: reads whole clips (N, 3, F, H, W) of toy prompts."""
+
+    reads_clips = True
+    name: str
+
+    def check(self, clips: torch.Tensor, prompts: Sequence[str]) -> None:
+        if clips.dim() != 5 or clips.shape[2] < 3:
+            raise UserError(f"{self.name} judges how a shape moves over 3 frames or more; it got "
+                            f"{'images' if clips.dim() == 4 else f'{clips.shape[2]}-frame clips'}: sample clips "
+                            "(data.frames, --frames) from a video model")
+        check_toy_prompts(prompts, self.name)
+
+
+class ToyVideoPreference(_ToyVideoJudge):
+    """The toy video world's "human": the asked shape moving smoothly at constant speed scores highest
+    (:func:`diffalign.toy.video_judge.clip_preference_score`)."""
+
+    name = "toy_video_preference"
+    description = ("The toy video world's stand-in for a person's taste: a clip of the asked shape moving scores "
+                   "higher the smoother and steadier its motion (0 at constant speed along a line, -1 for a shaky "
+                   "path), and one that does not show a shape of the asked colour moving 1 lower (the kind of shape "
+                   "is toy_video_adherence's); higher is better.")
+
+    def __call__(self, clips: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        self.check(clips, prompts)
+        return video_preference_scores(clips, prompts)
+
+
+class ToyVideoAdherence(_ToyVideoJudge):
+    """1 when the clip shows the prompt's colour and shape moving, else 0."""
+
+    name = "toy_video_adherence"
+    description = ("The toy video world's judge of prompt adherence: 1 when most frames show the prompt's colour and "
+                   "shape, every frame a shape, and it travels, else 0; higher is better.")
+
+    def __call__(self, clips: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        self.check(clips, prompts)
+        return video_adherence(clips, prompts)

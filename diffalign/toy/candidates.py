@@ -15,36 +15,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from diffalign.diffusion.sampling import generate, to_pil
+from diffalign.diffusion.sampling import CLIP_FPS, generate, to_pil
 from diffalign.toy.judge import preference_scores
 from diffalign.toy.world import parse_caption, random_scene, render
 
 
 def _png(image: torch.Tensor) -> bytes:
+    """An image (3, H, W) as PNG bytes; a clip (3, F, H, W) as a lossless animated WebP's (no codec blurs a frame, so
+    the toy video preference reads the clip the model made), which the data readers decode as a video."""
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
+    if image.dim() == 3:
+        to_pil(image).save(buffer, format="PNG")
+    else:
+        frames = [to_pil(frame) for frame in image.unbind(1)]
+        frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / CLIP_FPS),
+                       loop=0, lossless=True)
     return buffer.getvalue()
 
 
 @dataclass
 class Candidates:
-    """``candidates`` images per group sampled from one model, with their scores (the toy preference's, or another
-    reward's)."""
+    """``candidates`` images (or clips) per group sampled from one model, with their scores (the toy preference's, or
+    another reward's)."""
 
     prompts: list[str]  # one per group
-    images: torch.Tensor  # (G, K, 3, H, W) in [0, 1]
+    images: torch.Tensor  # (G, K, 3, H, W) in [0, 1]; clips (G, K, 3, F, H, W)
     scores: torch.Tensor  # (G, K)
 
 
 def sample_candidates(pipe, prompts: Sequence[str], *, groups_per_prompt: int, candidates: int, seed: int,
                       steps: int, guidance_scale: float,
-                      score: Callable[[torch.Tensor, list[str]], torch.Tensor] = preference_scores) -> Candidates:
-    """Sample K images per group (``groups_per_prompt`` groups per prompt) and ``score`` them (images, prompts)."""
+                      score: Callable[[torch.Tensor, list[str]], torch.Tensor] = preference_scores,
+                      frames: int = 0, resolution: int | None = None) -> Candidates:
+    """Sample K images per group (``groups_per_prompt`` groups per prompt) and ``score`` them (images, prompts); on a
+    video pipeline clips of ``frames`` frames; ``resolution`` pixels square (None: the pipeline's default size)."""
     group_prompts = [p for p in prompts for _ in range(groups_per_prompt)]
     expanded = [p for p in group_prompts for _ in range(candidates)]
     seeds = [seed + i for i in range(len(expanded))]
-    images = generate(pipe, expanded, seeds, steps=steps, guidance_scale=guidance_scale,
-                      progress=f"sampling {len(expanded)} toy images ({candidates} per group) to pair up")
+    images = generate(pipe, expanded, seeds, steps=steps, guidance_scale=guidance_scale, frames=frames,
+                      resolution=resolution,
+                      progress=f"sampling {len(expanded)} toy {'clips' if frames else 'images'} ({candidates} per "
+                               "group) to pair up")
     scores = score(images, expanded)
     return Candidates(group_prompts, images.view(len(group_prompts), candidates, *images.shape[1:]),
                       scores.view(len(group_prompts), candidates))

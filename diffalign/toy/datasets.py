@@ -17,6 +17,16 @@ function of the shipped model and these settings, so every machine makes the sam
 | ``toy:world`` | caption, image | rendered scenes of the world itself, as many (DDO's real data) |
 | ``toy:dissatisfied`` | caption, image | each group's worst image, marked dissatisfying (DRIFT's negatives) |
 
+The toy video world (:mod:`diffalign.toy.video_world`) has its own, made the same way from the shipped toy video model
+(``assets/models/toy-video``: clips of ``VIDEO_FRAMES`` frames, scored by the toy video preference; lossless animated
+WebP cells, which the readers decode as videos):
+
+| name | layout | what |
+| --- | --- | --- |
+| ``toy:video_pairs`` | caption, jpg_0, jpg_1, label_0, score_0, score_1 | each group's smoothest vs roughest clip |
+| ``toy:video_ranked`` | caption, images, scores | each whole group, with the toy video preference's scores |
+| ``toy:video_labelled`` | caption, image, label | every clip, liked when above the mean score |
+
 The toy text world (:mod:`diffalign.toy.text_world`) has its own, made the same way from the shipped toy LM
 (``TEXT_GROUPS_PER_PROMPT`` groups of ``CANDIDATES`` completions per training prompt; seconds):
 
@@ -32,6 +42,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +51,12 @@ from diffalign.errors import UserError
 PREFIX = "toy:"
 NAMES = ("pairs", "ranked", "images", "labelled", "world", "dissatisfied")
 TEXT_NAMES = ("text_pairs", "text_labelled", "text_ranked")
+VIDEO_NAMES = ("video_pairs", "video_ranked", "video_labelled")
 GROUPS_PER_PROMPT = 16
 TEXT_GROUPS_PER_PROMPT = 64
 CANDIDATES = 4
 SEED = 0
+VIDEO_STEPS = 20  # the toy video model's sampling steps for its candidates (UniPC)
 
 
 def is_toy_dataset(source: str | Path) -> bool:
@@ -104,6 +117,26 @@ def make_toy_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, 
     return made_whole(folder, fill)
 
 
+def make_toy_video_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
+    """Sample the shipped toy video model's clips for the video world's training prompts and write the video layouts
+    into ``folder``, whole or not at all."""
+    from diffalign.diffusion import load_pipeline
+    from diffalign.paths import TOY_VIDEO
+    from diffalign.toy.candidates import sample_candidates, write_labelled_images, write_pairs, write_ranked
+    from diffalign.toy.video_judge import video_preference_scores
+    from diffalign.toy.video_world import FRAMES, SIZE, prompts
+
+    def fill(partial: Path) -> None:
+        found = sample_candidates(load_pipeline(TOY_VIDEO), prompts("train"), groups_per_prompt=groups_per_prompt,
+                                  candidates=candidates, seed=seed, steps=VIDEO_STEPS, guidance_scale=5.0,
+                                  score=video_preference_scores, frames=FRAMES, resolution=SIZE)
+        write_pairs(found, partial / "video_pairs.parquet")
+        write_ranked(found, partial / "video_ranked.parquet")
+        write_labelled_images(found, partial / "video_labelled.parquet")
+
+    return made_whole(folder, fill)
+
+
 def make_toy_text_datasets(folder: Path, *, groups_per_prompt: int, candidates: int, seed: int = SEED) -> Path:
     """Sample the shipped toy LM's completions and write the text layouts into ``folder``, whole or not at all."""
     from diffalign.toy.text_data import sample_text_candidates, write_text_labelled, write_text_pairs, write_text_ranked
@@ -134,15 +167,35 @@ def toy_dataset(source: str | Path) -> Path:
     """The parquet file of the toy dataset ``source`` names (``toy:pairs`` ...), made first if it is not
     in the cache. Under several processes the main one makes it while the others wait."""
     name = str(source).removeprefix(PREFIX)
-    if name not in NAMES + TEXT_NAMES:
+    worlds = _worlds()
+    world = next((w for w in worlds if name in w.names), None)
+    if world is None:
         raise UserError(f"{source} names no toy dataset; the toy datasets are "
-                        f"{', '.join(PREFIX + n for n in NAMES + TEXT_NAMES)}")
-    text = name in TEXT_NAMES
-    groups = TEXT_GROUPS_PER_PROMPT if text else GROUPS_PER_PROMPT
-    folder = _folder(groups, CANDIDATES, SEED, "toy-text-data" if text else "toy-data")
-    made_by = "toy LM" if text else "base model"
-    make = make_toy_text_datasets if text else make_toy_datasets
+                        f"{', '.join(PREFIX + n for w in worlds for n in w.names)}")
+    folder = _folder(world.groups_per_prompt, CANDIDATES, SEED, world.folder)
     return made_on_first_use(
-        folder / f"{name}.parquet",
-        f"making the toy {'text ' if text else ''}datasets from the shipped {made_by} into {folder}",
-        lambda: make(folder, groups_per_prompt=groups, candidates=CANDIDATES, seed=SEED))
+        folder / f"{name}.parquet", f"making the {world.what} from the shipped {world.made_by} into {folder}",
+        lambda: world.make(folder, groups_per_prompt=world.groups_per_prompt, candidates=CANDIDATES, seed=SEED))
+
+
+@dataclass(frozen=True)
+class _World:
+    """Where a toy world's datasets come from: their names, their cache folder, how many groups each prompt gets."""
+
+    names: tuple[str, ...]
+    folder: str
+    groups_per_prompt: int
+    what: str
+    made_by: str
+    make: Callable[..., Path]
+
+
+def _worlds() -> tuple[_World, ...]:
+    """The toy worlds' datasets, at the sizes this module's settings give now (a test makes them smaller)."""
+    return (
+        _World(NAMES, "toy-data", GROUPS_PER_PROMPT, "toy datasets", "base model", make_toy_datasets),
+        _World(TEXT_NAMES, "toy-text-data", TEXT_GROUPS_PER_PROMPT, "toy text datasets", "toy LM",
+               make_toy_text_datasets),
+        _World(VIDEO_NAMES, "toy-video-data", GROUPS_PER_PROMPT, "toy video datasets", "toy video model",
+               make_toy_video_datasets),
+    )

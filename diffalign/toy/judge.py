@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 from diffalign.toy.world import BACKGROUND, COLOURS, SIZE, parse_caption
 
 FOREGROUND_DISTANCE = 80.0  # RGB distance from the background that counts as shape
+EDGE_DISTANCE = 20.0  # RGB distance from the background below which a pixel is background in the sub-pixel centre
 _PALETTE = np.array(list(COLOURS.values()), float)
 _NAMES = list(COLOURS)
 
@@ -28,12 +29,16 @@ class Measurement:
     offset: float  # distance of the shape's centroid from the image centre, in half-widths
     colour: str | None  # nearest palette colour of the shape's mean colour
     shape: str | None  # circle, square or triangle, from how much of its bounding box it fills
+    centre: tuple[float, float] | None = None  # (x, y) of the shape's sub-pixel centroid (see measure); None: no shape
 
 
 def measure(image: np.ndarray) -> Measurement:
-    """Measure one RGB image, uint8 or float in [0, 255], shape (H, W, 3)."""
+    """Measure one RGB image, uint8 or float in [0, 255], shape (H, W, 3). The centre weighs each pixel by how much
+    of it the shape covers (its distance from the background over the shape colour's, clipped to [0, 1]; pixels
+    closer to the background than :data:`EDGE_DISTANCE` weigh 0), so it moves smoothly with the shape."""
     image = np.asarray(image, float)
-    mask = np.linalg.norm(image - np.array(BACKGROUND, float), axis=-1) > FOREGROUND_DISTANCE
+    distance = np.linalg.norm(image - np.array(BACKGROUND, float), axis=-1)
+    mask = distance > FOREGROUND_DISTANCE
     h, w = mask.shape
     if mask.sum() < 3:
         return Measurement(0.0, 1.0, None, None)
@@ -44,7 +49,10 @@ def measure(image: np.ndarray) -> Measurement:
     colour = _NAMES[int(np.argmin(np.linalg.norm(_PALETTE - mean_colour, axis=1)))]
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-    return Measurement(float(mask.mean()), offset, colour, shape)
+    cover = np.where(distance > EDGE_DISTANCE, np.clip(distance / np.linalg.norm(mean_colour - BACKGROUND), 0, 1), 0.0)
+    rows, columns = np.indices(cover.shape)
+    centre_xy = (float((cover * columns).sum() / cover.sum()), float((cover * rows).sum() / cover.sum()))
+    return Measurement(float(mask.mean()), offset, colour, shape, centre_xy)
 
 
 WRONG_CONTENT_PENALTY = 1.0
