@@ -18,8 +18,8 @@ function of the shipped model and these settings, so every machine makes the sam
 | ``toy:dissatisfied`` | caption, image | each group's worst image, marked dissatisfying (DRIFT's negatives) |
 
 The toy video world (:mod:`diffalign.toy.video_world`) has its own, made the same way from the shipped toy video model
-(``assets/models/toy-video``: clips of ``VIDEO_FRAMES`` frames, scored by the toy video preference; lossless animated
-WebP cells, which the readers decode as videos):
+(``assets/models/toy-video``: ``GROUPS_PER_PROMPT`` groups of ``CANDIDATES`` clips of ``video_world.FRAMES`` frames per
+training prompt, scored by the toy video preference; lossless animated WebP cells, which the readers decode as videos):
 
 | name | layout | what |
 | --- | --- | --- |

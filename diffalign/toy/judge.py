@@ -72,12 +72,17 @@ def preference_score(m: Measurement, prompt: str | None = None) -> float:
     return score
 
 
-def adheres(m: Measurement, prompt: str) -> float:
-    """1.0 when the image shows the prompt's colour and shape, else 0.0."""
+def asked_content(prompt: str) -> tuple[str, str]:
+    """The (colour, shape) a toy prompt asks for; a ValueError for a prompt that names neither."""
     asked = parse_caption(prompt)
     if asked is None:
         raise ValueError(f"{prompt!r} is not a toy-world prompt (it must name a colour and a shape)")
-    return float((m.colour, m.shape) == asked)
+    return asked
+
+
+def adheres(m: Measurement, prompt: str) -> float:
+    """1.0 when the image shows the prompt's colour and shape, else 0.0."""
+    return float((m.colour, m.shape) == asked_content(prompt))
 
 
 def images_to_arrays(images) -> list[np.ndarray]:
@@ -130,11 +135,6 @@ def soft_preference_scores(images: "torch.Tensor", prompts: Sequence[str]) -> "t
     colour = (pixels * weight[:, None]).flatten(2).sum(dim=2) / mass[:, None]  # (N, 3)
     palette = torch.tensor(_PALETTE, dtype=pixels.dtype, device=pixels.device)
     chance = torch.softmax(-(colour[:, None] - palette[None]).pow(2).sum(dim=2).sqrt() / SOFT_COLOUR_TEMPERATURE, dim=1)
-    asked = []
-    for prompt in prompts:
-        parsed = parse_caption(prompt)
-        if parsed is None:
-            raise ValueError(f"{prompt!r} is not a toy-world prompt (it must name a colour and a shape)")
-        asked.append(_NAMES.index(parsed[0]))
+    asked = [_NAMES.index(asked_content(prompt)[0]) for prompt in prompts]
     right_colour = chance[torch.arange(n, device=pixels.device), torch.tensor(asked, device=pixels.device)]
     return area.add(1e-6).sqrt() - offset - WRONG_CONTENT_PENALTY * (1 - right_colour)

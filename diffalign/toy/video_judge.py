@@ -5,7 +5,7 @@ every pixel far from the background). A clip shows what was asked when every fra
 prompt's colour and shape, and the shape travels at least :data:`MIN_TRAVEL` pixels; the preference asks the same but
 for the kind of shape (see :func:`clip_preference_score`). How smoothly it moves is the
 roughness of its centroid's path: the mean length of the path's second differences, pixels per frame squared, 0 for
-constant speed along a line, about 0.1-0.2 for a shape speeding up or pausing, and 3 or more for a shaky path.
+constant speed along a line, about 0.4 for a shape speeding up, 0.7 for one pausing, and about 2 to 9 for a shaky path.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from diffalign.toy.judge import Measurement, measure
-from diffalign.toy.world import parse_caption
+from diffalign.toy.judge import WRONG_CONTENT_PENALTY, Measurement, asked_content, measure
 
 MIN_TRAVEL = 4.0  # pixels from the first frame's centroid to the last's for a shape that moves
 ROUGHNESS_SCALE = 4.0  # pixels per frame squared that cost a clip 1 (a shaky path's); rougher costs no more
-WRONG_CONTENT_PENALTY = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,11 @@ class ClipMeasurement:
         """The colour most frames show."""
         return Counter(m.colour for m in self.frames).most_common(1)[0][0]
 
+    @property
+    def moves(self) -> bool:
+        """Every frame shows a shape, and it travels :data:`MIN_TRAVEL` or more."""
+        return self.roughness is not None and self.travel >= MIN_TRAVEL
+
 
 def measure_clip(frames: np.ndarray) -> ClipMeasurement:
     """Measure one clip: RGB frames (F, H, W, 3), uint8 or float in [0, 255]."""
@@ -55,18 +58,12 @@ def measure_clip(frames: np.ndarray) -> ClipMeasurement:
 def clip_adheres(m: ClipMeasurement, prompt: str) -> float:
     """1.0 when the clip shows the prompt's colour and shape moving (every frame a shape, most the asked one, travel
     of :data:`MIN_TRAVEL` or more), else 0.0."""
-    asked = parse_caption(prompt)
-    if asked is None:
-        raise ValueError(f"{prompt!r} is not a toy-world prompt (it must name a colour and a shape)")
-    return float(m.roughness is not None and m.travel >= MIN_TRAVEL and m.content == asked)
+    return float(m.moves and m.content == asked_content(prompt))
 
 
 def moves_in_the_asked_colour(m: ClipMeasurement, prompt: str) -> bool:
     """Every frame shows a shape, most frames the prompt's colour, and it travels :data:`MIN_TRAVEL` or more."""
-    asked = parse_caption(prompt)
-    if asked is None:
-        raise ValueError(f"{prompt!r} is not a toy-world prompt (it must name a colour and a shape)")
-    return m.roughness is not None and m.travel >= MIN_TRAVEL and m.colour == asked[0]
+    return m.moves and m.colour == asked_content(prompt)[0]
 
 
 def clip_preference_score(m: ClipMeasurement, prompt: str | None = None) -> float:
