@@ -63,6 +63,27 @@ def test_dpop_pushes_a_chosen_below_its_reference_up_harder_than_dpo():
     assert grads["dpop"] < grads["dpo"] < 0  # descent raises the chosen in both, much more under DPOP
 
 
+def test_flex_dpo_puts_its_own_beta_on_the_rejected_log_ratio():
+    """Flex-DPO: -log sigma(beta+ r_w - beta- r_l), beta- = ratio * beta+; ratio 1 is DPO, and unset it is 0.8."""
+    pc, pr, rc, rr = T([1.0, 0.2]), T([-0.2, -1.0]), T([0.5, 0.5]), T([0.3, 0.0])
+    out = losses.get("flex_dpo")(pc, pr, rc, rr, beta=0.5, beta_rejected_ratio=0.6)
+    close(out, [-logsig(0.5 * 0.5 - 0.3 * -0.5), -logsig(0.5 * -0.3 - 0.3 * -1.0)])
+    dpo = losses.get("dpo")(pc, pr, rc, rr, beta=0.5)
+    close(losses.get("flex_dpo")(pc, pr, rc, rr, beta=0.5, beta_rejected_ratio=1.0), dpo)
+    close(losses.get("flex_dpo")(pc, pr, rc, rr, beta=0.5), [-logsig(0.5 * 0.5 - 0.4 * -0.5), -logsig(0.5 * -0.3 - 0.4 * -1.0)])
+    with pytest.raises(ValueError, match="beta_rejected_ratio"):
+        losses.get("flex_dpo")(pc, pr, rc, rr, beta=0.5, beta_rejected_ratio=0.0)
+
+
+def test_flex_dpo_scales_the_rejected_to_chosen_gradient_ratio_by_beta_minus_over_beta_plus():
+    """The paper's Corollary 1 in log space: under DPO |dl/dr_l| / |dl/dr_w| = 1; Flex-DPO makes it beta- / beta+,
+    so a smaller beta- pushes the rejected down more gently than the chosen is pulled up."""
+    pc, pr = torch.tensor([0.3], requires_grad=True), torch.tensor([-0.4], requires_grad=True)
+    losses.get("flex_dpo")(pc, pr, T([0.0]), T([0.0]), beta=1.0, beta_rejected_ratio=0.25).sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+    assert pr.grad.item() / -pc.grad.item() == pytest.approx(0.25)
+
+
 def madpo_weight_by_hand(h, c_max=2.0, lam=1.0, tau=math.log(999.0)):
     """The authors' MADPOLoss weight (utils/loss_functions.py) for a pair labelled as the reward model ranks it."""
     c_min = 1 / c_max

@@ -10,6 +10,7 @@ REQUIRED = {
     # pairwise with reference
     "dpo", "hinge", "ipo", "cdpo", "robust", "exo", "nca", "bco_pair", "sppo_hard", "apo_zero",
     "apo_down", "aot", "aot_unpaired", "discopop", "f_dpo", "rpo", "madpo", "da_dpo", "dpo_margin", "dpop",
+    "flex_dpo",
     # unpaired
     "kto", "bco", "npo",
     # reference-free
@@ -61,7 +62,7 @@ def _call(name, pc, pr, rc, rr, beta=0.5):
 
 # Losses whose paper says: chosen likelihood up, rejected down (at the reference point).
 CHOSEN_UP_REJECTED_DOWN = [
-    "dpo", "cdpo", "dpo_margin", "dpop", "madpo", "da_dpo", "hinge", "ipo", "robust", "exo", "nca", "bco_pair", "sppo_hard",
+    "dpo", "cdpo", "dpo_margin", "dpop", "flex_dpo", "madpo", "da_dpo", "hinge", "ipo", "robust", "exo", "nca", "bco_pair", "sppo_hard",
     "sppo", "gpo", "inpo_nash", "apo_zero", "f_dpo", "rpo", "dpo_norm", "kto", "bco", "simpo", "cpo", "orpo", "asft",
     "soft_dpo", "smpo",
 ]  # fmt: skip

@@ -39,12 +39,16 @@ class ModelConfig:
     denoiser_file: str | None = None
     # build from `path`'s configs with random weights (tests and benchmarks; no weights needed)
     random_init: bool = False
-    # language models: the reference of the pairwise, unpaired and listwise objectives when it is not the base: a
+    # the reference of the objectives that compare with a fixed one, when it is not the base: for a language model a
     # causal-LM folder or a finished run with the same vocabulary (LLaVA-MoD's teacher as the DPO reference; a
-    # previous stage's policy); unset: the base (a LoRA run: its base with adapters disabled)
+    # previous stage's policy), for a diffusion model a diffusers folder or a finished run of the same architecture
+    # (kept frozen in train.reference_dtype, LoRA runs too); unset: the base (a LoRA run: its base with adapters
+    # disabled)
     reference: str | None = None
     # lm_distill: the teacher a student is distilled from, a causal-LM folder or a finished run with the student's
-    # tokenizer (the student, `path`, may be a smaller architecture with random_init)
+    # tokenizer (the student, `path`, may be a smaller architecture with random_init); diffusion_distill: a diffusers
+    # folder or a finished run of the student's pipeline (its denoiser may differ in size; VAE and text encoders are
+    # the student's)
     teacher: str | None = None
     # the guidance value a guidance-distilled denoiser (FLUX.1-dev) is given in its guidance embedding
     # while it trains and samples rounds (3.5, as diffusers' FLUX training scripts); others ignore it
@@ -205,6 +209,11 @@ class DataConfig:
     completion_column: str = "completion"
     # ... or a ranked list of completions (lm_rank; scores in data.scores_column, else the list is best first)
     completions_column: str = "completions"
+    # ranked text lists: a regular expression marking where each step of a completion begins (TPO's "\nStep \d+:"):
+    # each completion token gets its step's number, for objective.options.adaptive_step_reward of lm_rank. A completion
+    # it marks no step in is a bad row; steps past the fewest of a list fold into its last common one. Needs a fast
+    # tokenizer. None: no steps
+    step_pattern: str | None = None
     # tokens of prompt + completion kept per sequence (the start is kept, as TRL's default max_length 1024)
     max_length: int = 1024
     # language models: pack each micro-batch's sequences end to end into as few rows as fit the longest (position

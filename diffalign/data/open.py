@@ -27,7 +27,7 @@ def open_dataset(dc: Any, layout: str, tokenizer: Any = None) -> ImageRows:
                                        **common)
         if layout == "text_ranked":
             return TextRankedDataset(dc.path, completions_column=dc.completions_column,
-                                     scores_column=dc.scores_column, **common)
+                                     scores_column=dc.scores_column, step_pattern=dc.step_pattern, **common)
         return TextPairDataset(dc.path, chosen_column=dc.chosen_column, rejected_column=dc.rejected_column,
                                weight_column=dc.weight_column, margin_column=dc.margin_column,
                                reward_columns=tuple(dc.reward_columns) or None, **common)

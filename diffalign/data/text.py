@@ -27,7 +27,7 @@ import torch
 from diffalign.data.images import binary_label
 from diffalign.data.pairs import BadRow, ImageRows, per_pair_number
 from diffalign.errors import UserError
-from diffalign.lm.tokenize import TokenizedGroup, is_conversation, split_prompt, tokenize_group
+from diffalign.lm.tokenize import NoStepsError, TokenizedGroup, is_conversation, split_prompt, tokenize_group
 
 Tensor = torch.Tensor
 
@@ -57,6 +57,8 @@ def _text(value: Any, index: int, column: str, what: str) -> Any:
 class TextRows(ImageRows):
     """A table of prompts and completions with a tokenizer; the bad-row policy of the image datasets."""
 
+    step_pattern: str | None = None  # ranked lists: data.step_pattern, TPO's steps
+
     def __init__(self, path: str | Path, *, tokenizer, max_length: int | None, required: list[str],
                  prompt_column: str, on_error: str = "skip", split: str = "train") -> None:
         super().__init__(path, resolution=0, required=required, on_error=on_error, split=split)
@@ -67,9 +69,14 @@ class TextRows(ImageRows):
         checks the texts, not their tokens)."""
         if is_conversation(prompt) != is_conversation(completions[0]):
             raise BadRow(index, column, "prompt and completion must both be text or both be conversations")
+        if self.step_pattern is not None and is_conversation(prompt):
+            raise BadRow(index, column, "data.step_pattern reads plain-text completions; this row holds conversations")
         if self.tokenizer is None:
             return None
-        group = tokenize_group(self.tokenizer, prompt, completions)
+        try:
+            group = tokenize_group(self.tokenizer, prompt, completions, self.step_pattern)
+        except NoStepsError as error:
+            raise BadRow(index, column, f"{error} (data.step_pattern)") from None
         if self.max_length is not None and len(group.prompt) >= self.max_length:
             raise BadRow(index, self.prompt_column, f"the prompt's {len(group.prompt)} tokens fill data.max_length="
                                                     f"{self.max_length}, leaving no completion token")
@@ -196,10 +203,10 @@ class TextRankedDataset(TextRows):
 
     def __init__(self, path: str | Path, *, tokenizer, max_length: int | None = 1024, prompt_column: str = "prompt",
                  completions_column: str = "completions", scores_column: str = "scores", on_error: str = "skip",
-                 split: str = "train") -> None:
+                 split: str = "train", step_pattern: str | None = None) -> None:
         super().__init__(path, tokenizer=tokenizer, max_length=max_length, prompt_column=prompt_column,
                          required=[prompt_column, completions_column], on_error=on_error, split=split)
-        self.completions_column = completions_column
+        self.completions_column, self.step_pattern = completions_column, step_pattern
         self.scores_column = scores_column if scores_column in self.source.columns else None
         sizes = set(self.source.list_lengths(completions_column))
         if len(sizes) != 1 or min(sizes) < 2:

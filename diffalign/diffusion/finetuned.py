@@ -11,18 +11,23 @@ layers, or the whole denoiser), so a run can be evaluated part-way.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import yaml
 from diffusers import DiffusionPipeline
+from torch import nn
 
 from diffalign.diffusion.experts import ExpertPair
-from diffalign.diffusion.loading import MODEL_INDEX, load_pipeline, without_diffusers_noise
+from diffalign.diffusion.loading import MODEL_INDEX, cast_to, load_pipeline, resolve_dtype, without_diffusers_noise
 from diffalign.diffusion.lora import add_lora, load_lora_file
 from diffalign.paths import resolve_model_path
 from diffalign.errors import UserError
+
+if TYPE_CHECKING:
+    from diffalign.diffusion.backbones import Backbone
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -189,3 +194,28 @@ def load_finetuned(source: str | Path, *, base: str | Path | None = None, torch_
     trained), ``variant`` that of ``source`` when it is itself a diffusers folder.
     """
     return finetuned_loader(source, base=base, torch_dtype=torch_dtype, base_variant=base_variant, variant=variant)()
+
+
+def _architecture(denoiser: nn.Module) -> dict:
+    """A denoiser's config without diffusers' bookkeeping (``_name_or_path``, ``_diffusers_version``, ...), as JSON
+    reads it back (a tuple and a list of the same values are one setting)."""
+    return json.loads(json.dumps({k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}))
+
+
+def load_frozen_denoiser(source: str, backbone: "Backbone", device: torch.device, dtype: str, *, what: str,
+                         same_config: bool) -> nn.Module:
+    """The denoiser of ``source`` (a diffusers folder or a finished run, :func:`load_finetuned`), frozen, in ``dtype``
+    (a ``train.reference_dtype`` name) on ``device``: ``model.reference`` of a diffusion run (``same_config``: the
+    trained model's architecture exactly) or a distillation teacher (the same denoiser class, any size). Refused,
+    naming ``what``, when it cannot stand in for the trained denoiser."""
+    pipe = load_finetuned(source)
+    if type(pipe) is not type(backbone.pipe):
+        raise UserError(f"{what}={source} is a {type(pipe).__name__}; the trained model is a "
+                        f"{type(backbone.pipe).__name__}: they must share the latents and the prompt conditioning")
+    attr = backbone.denoiser_attr
+    denoiser, trained = getattr(pipe, attr, None), backbone.denoiser
+    if type(denoiser) is not type(trained) or (same_config and _architecture(denoiser) != _architecture(trained)):
+        raise UserError(f"{what}={source}: its {attr} ({type(denoiser).__name__}) is not the trained model's "
+                        f"architecture ({type(trained).__name__}{' with the same config' if same_config else ''})")
+    denoiser = denoiser.requires_grad_(False).eval()
+    return cast_to(denoiser.to(device), resolve_dtype(dtype, device))

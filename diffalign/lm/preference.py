@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from diffalign import losses
-from diffalign.lm.logprobs import completion_scores, sequence_logps
+from diffalign.lm.logprobs import completion_scores, sequence_logps, token_logps
 from diffalign.lm.packing import packed_forward, packed_token_logps
+from diffalign.lm.step_reward import adaptive_step_weights, step_weighted_scores
 from diffalign.losses.registry import LISTWISE, LOGIT_KINDS, LossSpec
 
 Tensor = torch.Tensor
@@ -130,6 +131,29 @@ def preference_loss(
     return per_example.mean(), metrics
 
 
+def _adaptive_step_scores(policy: torch.nn.Module, reference: torch.nn.Module | None, batch: dict[str, Tensor],
+                          spec: LossSpec, list_size: int) -> tuple[Tensor, Tensor | None]:
+    """TPO's Adaptive Step Reward (:mod:`diffalign.lm.step_reward`): each row's step-weighted mean token log-prob under
+    the policy and the reference, both weighted by the policy's step similarities to the list's best completion."""
+    if "step_index" not in batch:
+        raise ValueError("the adaptive step reward needs each token's step (batch['step_index']): tokenize the lists "
+                         "with a step pattern (data.step_pattern)")
+    if "packed_input_ids" in batch:
+        raise ValueError("the adaptive step reward reads padded rows, not packed ones: turn data.packing off")
+    out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                 output_hidden_states=True)
+    weights = adaptive_step_weights(out.hidden_states[-1], batch["step_index"], list_size)
+    scores = step_weighted_scores(token_logps(out.logits, batch["input_ids"]), batch["step_index"], weights)
+    if not spec.needs_reference:
+        return scores, None
+    with torch.no_grad(), reference_context(policy, reference) as ref_model:
+        ref_logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits
+        ref_scores = step_weighted_scores(token_logps(ref_logits, batch["input_ids"]), batch["step_index"],
+                                          weights.detach())
+    return scores, ref_scores
+
+
 def ranked_preference_loss(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
@@ -141,6 +165,7 @@ def ranked_preference_loss(
     scores: Tensor | None = None,
     average_logps: bool = False,
     ld_alpha: float | None = None,
+    adaptive_step_reward: bool = False,
     **options: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean listwise loss over B prompts with ``list_size`` = K completions each, and metrics.
@@ -148,6 +173,8 @@ def ranked_preference_loss(
     Rows are rank-major (see the module docstring): without ``scores`` the K completions of a
     prompt are ranked best first; ``scores`` (B, K), higher better, give the ranking (and the
     gains of losses that use them). The metrics compare each list's first and last completion.
+    ``adaptive_step_reward`` scores each completion by TPO's Adaptive Step Reward
+    (:mod:`diffalign.lm.step_reward`; the batch needs ``step_index``), in place of the summed log-prob.
     """
     spec = losses.spec(loss)
     if spec.kind != LISTWISE:
@@ -155,7 +182,14 @@ def ranked_preference_loss(
     rows = batch["input_ids"].shape[0]
     if list_size < 2 or rows % list_size:
         raise ValueError(f"a ranked batch holds list_size ({list_size} >= 2) completions per prompt; got {rows} rows")
-    policy_scores, ref_scores, _ = _policy_and_reference_scores(policy, reference, batch, spec, average_logps, ld_alpha)
+    if adaptive_step_reward:
+        if average_logps or ld_alpha is not None:
+            raise ValueError("the adaptive step reward is a score of its own (step means); it takes neither "
+                             "average_logps nor ld_alpha")
+        policy_scores, ref_scores = _adaptive_step_scores(policy, reference, batch, spec, list_size)
+    else:
+        policy_scores, ref_scores, _ = _policy_and_reference_scores(policy, reference, batch, spec, average_logps,
+                                                                    ld_alpha)
     per_prompt = policy_scores.view(list_size, -1).T  # (B, K)
     ref = None if ref_scores is None else ref_scores.view(list_size, -1).T
     per_example = spec.fn(per_prompt, ref, beta=beta, scores=scores, **options)

@@ -127,6 +127,30 @@ def dpop(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float, lambda_
     return -F.logsigmoid(beta * (rw - rl - lambda_dpop * torch.relu(-rw)))
 
 
+@register(
+    "flex_dpo",
+    kind=PAIRWISE,
+    summary="Flex-DPO: DPO with its own beta on the rejected log-ratio, which damps the rejected gradient",
+    paper="Yan et al. 2025 (3D-Properties), arXiv 2406.07327, Sec. 4.3",
+)
+def flex_dpo(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, *, beta: float,
+             beta_rejected_ratio: float = 0.8) -> Tensor:
+    """Flex-DPO (3D-Properties, Sec. 4.3): ``-log sigma(beta+ r_w - beta- r_l)``, ``beta+ = beta``.
+
+    The paper traces DPO's three failure modes (drastic drop of the rejected likelihood, degradation into
+    suppressing responses, dispersion onto unseen ones) to the gradient ratio
+    ``|dl/dpi- / dl/dpi+| = pi+ / pi-`` (its Corollary 1), which grows without bound as the rejected
+    probability falls. A separate ``beta- < beta+`` scales that ratio by ``beta- / beta+``, so the rejected
+    side is pushed down more gently while the chosen side keeps its pull. ``beta_rejected_ratio`` is
+    ``beta- / beta+``, 0.8 by default (the paper sweeps ``beta-`` just below ``beta+`` and finds a small gap
+    best, too small a ``beta-`` turning the objective into SFT on the chosen); 1 is DPO.
+    """
+    rw, rl = _pair_logratios("flex_dpo", pc, pr, rc, rr)
+    if beta_rejected_ratio <= 0:
+        raise ValueError(f"flex_dpo: beta_rejected_ratio must be > 0 (got {beta_rejected_ratio})")
+    return -F.logsigmoid(beta * rw - beta_rejected_ratio * beta * rl)
+
+
 def madpo_weight(reward_gap: Tensor, *, c_max: float = 2.0, lam: float = 1.0,
                  tau: float = math.log(999.0)) -> Tensor:
     """MADPO's instance weight w(h) of a pair whose reward-model margin (winner minus loser) is ``h``.

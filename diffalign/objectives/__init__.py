@@ -7,6 +7,7 @@ from diffalign.objectives.ddo import DDO
 from diffalign.objectives.dgpo import DGPO
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.objectives.disco import DisCO
+from diffalign.objectives.diffusion_distill import DiffusionDistill
 from diffalign.objectives.diffusion_kto import DiffusionKTO
 from diffalign.objectives.diffusion_sparse_po import DiffusionSparsePO
 from diffalign.objectives.dno import DNO
@@ -46,6 +47,7 @@ OBJECTIVES = {
     "ddo": DDO,
     "dgpo": DGPO,
     "diffusion_dpo": DiffusionDPO,
+    "diffusion_distill": DiffusionDistill,
     "diffusion_kto": DiffusionKTO,
     "diffusion_sparse_po": DiffusionSparsePO,
     "disco": DisCO,
@@ -81,6 +83,6 @@ OBJECTIVES = {
 }
 
 __all__ = ["OBJECTIVES", "AWM", "AlignProp", "D3PO", "DDO", "DGPO", "DNO", "DRIFT", "DRaFT", "DiffusionDPO",
-           "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "GRPOGuard", "TempFlowGRPO", "INPONash", "InPO",
+           "DiffusionDistill", "DiffusionKTO", "DiffusionNFT", "DisCO", "FlowGRPO", "GPO", "GRPOGuard", "TempFlowGRPO", "INPONash", "InPO",
            "LanguageModelDNO", "LanguageModelDPO", "LanguageModelINPO", "LanguageModelKTO", "LanguageModelOnline",
            "LanguageModelRank", "LanguageModelSPPO", "RSO", "RankDPO", "ReFL", "SelfNPO", "SmPO", "SPPO"]

@@ -29,6 +29,7 @@ class Objective:
     family = "diffusion"  # the model family it trains: "diffusion" or "lm" (a causal language model)
     dataset = "pairs"
     frozen_reference = True
+    reads_teacher = False  # True: distils from model.teacher (lm_distill, diffusion_distill)
     shadow_weights = False
     loss_kinds: tuple[str, ...] = ()
     # the losses the objective trains (None: any of loss_kinds), and the per-pair loss inputs it estimates

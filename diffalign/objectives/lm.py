@@ -27,7 +27,6 @@ class LanguageModelObjective(Objective):
 
     family = "lm"
     reads_packed = True  # scores a packed batch (data.packing) through diffalign.lm's scores
-    reads_teacher = False  # True: distils from model.teacher (lm_distill)
 
     def __init__(self, config: ObjectiveConfig, tokenizer: Any = None) -> None:
         """``tokenizer``: the model's, for objectives that build token rows of their own (KTO's mismatched rows)."""

@@ -12,6 +12,7 @@ import copy
 import difflib
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,14 @@ def validate(config: Config) -> Config:
         if getattr(config.data, key) and objective.dataset not in ("pairs", "text_pairs"):
             raise UserError(f"data.{key} gives each pair its own number; {config.objective.name} reads "
                             f"{objective.dataset}, not pairs")
+    if config.data.step_pattern is not None:
+        if objective.dataset != "text_ranked":
+            raise UserError(f"data.step_pattern numbers the steps of ranked text completions (lm_rank); "
+                            f"{config.objective.name} reads {objective.dataset}")
+        try:
+            re.compile(config.data.step_pattern)
+        except re.error as error:
+            raise UserError(f"data.step_pattern {config.data.step_pattern!r} is not a regular expression: {error}") from None
     spec = None if own else losses.spec(config.objective.loss)
     if config.data.margin_column is not None and (spec is None or "margin" not in spec.options):
         margins = [s.name for s in losses.specs() if "margin" in s.options]
@@ -185,14 +194,11 @@ def validate(config: Config) -> Config:
     _validate_drift(config)
     if objective.family == "lm":
         _validate_language_model(config, objective)
-    elif config.model.reference is not None or config.model.teacher is not None:
-        key, value = ("model.reference", config.model.reference) if config.model.reference else \
-            ("model.teacher", config.model.teacher)
-        raise UserError(f"{key}={value}: a reference other than the base and a teacher are built for language-model "
-                        f"objectives; {config.objective.name} trains a diffusion model")
     elif config.data.packing:
         raise UserError(f"data.packing packs a language model's token sequences; {config.objective.name} trains "
                         "a diffusion model: remove it")
+    if objective.family != "lm":
+        _validate_other_models(config, objective)
     objective.check_config(config)  # the method's own rules, last: the shared ones above hold by now
     return config
 
@@ -257,6 +263,16 @@ def _validate_language_model(config: Config, objective) -> None:
     if config.model.reference is not None and not objective.frozen_reference:
         raise UserError(f"model.reference={config.model.reference}: {config.objective.name} trains against pi_t, the "
                         "policy as each round began, not a fixed reference; remove it")
+
+def _validate_other_models(config: Config, objective) -> None:
+    """A diffusion run's ``model.teacher`` and ``model.reference``: only for an objective that reads them."""
+    if config.model.teacher is not None and not objective.reads_teacher:
+        raise UserError(f"model.teacher={config.model.teacher}: {config.objective.name} has no teacher; "
+                        "diffusion_distill distils a student from one")
+    if config.model.reference is not None and not objective.frozen_reference:
+        raise UserError(f"model.reference={config.model.reference}: {config.objective.name} has no fixed reference "
+                        "to replace (it compares with pi_t, the policy as each round began, or with nothing); remove it")
+
 
 def _check_loss_inputs(config: Config, objective, spec: LossSpec) -> None:
     """A self-play objective takes the losses that read what it estimates (``loss_names``); a loss with per-pair

@@ -357,8 +357,10 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     extra = list(objective.trained_modules(denoiser).values())
     params = [p for m in (denoiser, *extra) for p in m.parameters() if p.requires_grad]
     # with data.precompute the text encoders and the VAE wait on the CPU during the steps
-    on_gpu = [backbone.denoiser, reference, *extra] if config.data.precompute and not online \
-        else [*modules, *extra]
+    # a distillation teacher (model.teacher, loaded as the run loads it) is held frozen beside the student
+    teacher = [t for t in (getattr(objective, "teacher", None),) if isinstance(t, torch.nn.Module)]
+    on_gpu = [backbone.denoiser, reference, *extra, *teacher] if config.data.precompute and not online \
+        else [*modules, *extra, *teacher]
     weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
     tracker = LiveStorage()
     with tracker:

@@ -23,6 +23,7 @@ from diffalign.diffusion import (
     mixed_precision_dtype,
     resolve_dtype,
 )
+from diffalign.diffusion.finetuned import load_frozen_denoiser
 from diffalign.errors import UserError
 from diffalign.train.config import Config
 
@@ -36,7 +37,8 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     the memory of fp32; autocast computes in that dtype anyway), as diffusers' LoRA examples
     do, and the reference is the same module with adapters disabled, so no reference copy
     exists. A full fine-tune keeps a frozen copy of the base in ``train.reference_dtype``
-    when the objective compares against it. Returns the backbone and that copy (or None).
+    when the objective compares against it. ``model.reference`` replaces the base as that reference (LoRA runs too):
+    another model of the same architecture, loaded frozen. Returns the backbone and the reference (or None).
     """
     mc, tc = config.model, config.train
     weight_dtype = mixed_precision_dtype(tc.mixed_precision)
@@ -51,6 +53,13 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
     configure_denoiser(denoiser, attention=mc.attention, gradient_checkpointing=mc.gradient_checkpointing,
                        channels_last=mc.channels_last)
     reference = None
+    if mc.reference is not None and frozen_reference:  # another model than the base (a previous stage's policy)
+        if device.type == "meta":  # a memory estimate: the other model has the base's architecture, which stands in
+            reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            cast_to(reference, resolve_dtype(tc.reference_dtype, device))
+        else:
+            reference = load_frozen_denoiser(mc.reference, backbone, device, tc.reference_dtype,
+                                             what="model.reference", same_config=True)
     if tc.lora_rank > 0:
         cast_to(denoiser.requires_grad_(False), weight_dtype)
         try:
@@ -58,7 +67,7 @@ def build_models(config: Config, device: torch.device, frozen_reference: bool) -
         except ValueError as err:  # peft: a target that names no module of this denoiser
             raise UserError(f"train.lora_targets={list(tc.lora_targets)}: {err}") from None
         cast_training_params(denoiser, dtype=torch.float32)
-    elif frozen_reference:  # a full fine-tune compares against a frozen copy of the base
+    elif frozen_reference and reference is None:  # a full fine-tune compares against a frozen copy of the base
         reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
         cast_to(reference.to(device), resolve_dtype(tc.reference_dtype, device))
     denoiser.to(device).train()

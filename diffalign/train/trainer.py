@@ -619,6 +619,7 @@ class PreferenceTrainer:
             "data.ensemble": c.data.ensemble,
             "data.ensemble_columns": c.data.ensemble_columns,
             "data.reward_columns": c.data.reward_columns,
+            "data.step_pattern": c.data.step_pattern,
             "data.estimator": [c.data.estimator, c.data.estimator_passes, c.data.estimator_keep],
             "data columns": [c.data.caption_column, *c.data.image_columns, c.data.label_column, *c.data.score_columns,
                              c.data.image_column, c.data.images_column, c.data.scores_column],
