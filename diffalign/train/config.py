@@ -197,8 +197,7 @@ def validate(config: Config) -> Config:
     elif config.data.packing:
         raise UserError(f"data.packing packs a language model's token sequences; {config.objective.name} trains "
                         "a diffusion model: remove it")
-    if objective.family != "lm":
-        _validate_other_models(config, objective)
+    _validate_other_models(config, objective)
     objective.check_config(config)  # the method's own rules, last: the shared ones above hold by now
     return config
 
@@ -257,18 +256,13 @@ def _validate_language_model(config: Config, objective) -> None:
                         "--aligned RUN --prompts PROMPTS --out OUT` (a causal-LM --base compares language models)")
     if dc.max_length < 2:
         raise UserError(f"data.max_length must be >= 2 (a prompt token and a completion token), got {dc.max_length}")
-    if config.model.teacher is not None and not objective.reads_teacher:
-        raise UserError(f"model.teacher={config.model.teacher}: {config.objective.name} has no teacher; lm_distill "
-                        "distils a student from one")
-    if config.model.reference is not None and not objective.frozen_reference:
-        raise UserError(f"model.reference={config.model.reference}: {config.objective.name} trains against pi_t, the "
-                        "policy as each round began, not a fixed reference; remove it")
+
 
 def _validate_other_models(config: Config, objective) -> None:
-    """A diffusion run's ``model.teacher`` and ``model.reference``: only for an objective that reads them."""
+    """``model.teacher`` and ``model.reference``: only for an objective that reads them."""
     if config.model.teacher is not None and not objective.reads_teacher:
-        raise UserError(f"model.teacher={config.model.teacher}: {config.objective.name} has no teacher; "
-                        "diffusion_distill distils a student from one")
+        raise UserError(f"model.teacher={config.model.teacher}: {config.objective.name} has no teacher; lm_distill and "
+                        "diffusion_distill distil a student from one")
     if config.model.reference is not None and not objective.frozen_reference:
         raise UserError(f"model.reference={config.model.reference}: {config.objective.name} has no fixed reference "
                         "to replace (it compares with pi_t, the policy as each round began, or with nothing); remove it")
