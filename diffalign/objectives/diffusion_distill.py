@@ -2,7 +2,7 @@
 teacher's on the same noised image.
 
 BK-SDM (Kim et al. 2023, "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion", arXiv 2305.15798,
-Sec. 3.2) trains a student denoiser with the task loss plus output-level knowledge distillation:
+its distillation section) trains a student denoiser with the task loss plus output-level knowledge distillation:
 ``L = L_task + lambda_out L_outKD`` with ``L_task = ||eps - eps_S(z_t, y, t)||^2`` (the usual denoising loss on the
 data) and ``L_outKD = ||eps_T(z_t, y, t) - eps_S(z_t, y, t)||^2`` (the teacher's prediction at the same noised
 latent z_t, caption y and timestep t), both per element and averaged; here ``L = L_outKD + task_weight * L_task``
@@ -12,8 +12,8 @@ predicts (epsilon, v, or a flow velocity), the teacher's and the student's alike
 
 With ``teacher_guidance_scale = w != 1`` the teacher's output is its classifier-free guided one,
 ``uncond + w (cond - uncond)``: the first stage of guidance distillation (Meng et al. 2023, "On Distillation of
-Guided Diffusion Models", arXiv 2210.03142, Eq. 7), which trains a student that samples at guidance 1 (one denoiser
-call a step instead of two) as the teacher does at w, for one fixed w (the paper's student also takes w as an input).
+Guided Diffusion Models", arXiv 2210.03142), which trains a student that samples at guidance 1 (one denoiser call a
+step instead of two) as the teacher does at w, for one fixed w (the paper's student also takes w as an input).
 
 The student is ``model.path`` as loaded (a LoRA or the whole denoiser), the teacher ``model.teacher``: a diffusers
 folder or a finished run of the same pipeline class, whose denoiser alone is kept (frozen, in
