@@ -1,7 +1,7 @@
 """TPO's Adaptive Step Reward: a completion's score as a weighted mean of its reasoning steps' log-ratios.
 
 TPO (Liao et al. 2024, "Aligning Large Language Models with Multi-branch & Multi-step Preference Trees",
-arXiv 2410.12854, Sec. 3.3) ranks K completions of a prompt whose text is split into steps ("Step 1: ...
+arXiv 2410.12854) ranks K completions of a prompt whose text is split into steps ("Step 1: ...
 Step 2: ..."). Instead of the summed token log-ratio, each completion's implicit reward is the mean over its
 steps of the step's mean token log-ratio, each step weighted by how much it resembles the same step of the
 best completion: ``w = 1 + cos(h_step, h_step of the best)``, ``h`` the mean last hidden state of the step's

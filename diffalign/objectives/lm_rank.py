@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 
 @dataclass
 class LMRankOptions:
-    # TPO's Adaptive Step Reward (Liao et al. 2024, arXiv 2410.12854, Sec. 3.3): a completion's score is the mean of
+    # TPO's Adaptive Step Reward (Liao et al. 2024, arXiv 2410.12854): a completion's score is the mean of
     # its steps' mean token log-probs, each step weighted by 1 + its cosine similarity (policy's last hidden states)
     # to the same step of the list's best completion. Needs data.step_pattern (where steps begin); false: summed log-probs
     adaptive_step_reward: bool = False
