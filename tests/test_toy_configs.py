@@ -14,6 +14,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from run_configs import toy_size_overrides
 
 from diffalign.errors import UserError
@@ -60,3 +61,19 @@ def test_a_missing_local_data_path_is_reported_as_a_missing_file_not_a_hub_name(
     assert "hf download" not in str(err.value) and "toy:pairs" in str(err.value)
     with pytest.raises(UserError, match="no toy dataset; the toy datasets are toy:pairs"):
         datasets.toy_dataset("toy:pears")
+
+
+def test_groups_that_make_no_pair_are_said_and_a_set_that_makes_none_is_refused(tmp_path, capsys):
+    """write_pairs: the best and worst candidate of each group whose scores differ; the dropped groups counted on
+    stderr; no pair at all is an error, not an empty table."""
+    from diffalign.toy.candidates import Candidates, write_pairs
+
+    images = torch.rand(3, 2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    scores = torch.tensor([[0.2, 0.9], [0.5, 0.5], [-1.0, -0.3]])
+    table = pq.read_table(write_pairs(Candidates(["a", "b", "c"], images, scores), tmp_path / "pairs.parquet"))
+    assert table.column("caption").to_pylist() == ["a", "c"]
+    assert table.column("score_0").to_pylist() == pytest.approx([0.9, -0.3])
+    assert "1 of 3 groups dropped" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="none of the 2 groups"):
+        write_pairs(Candidates(["a", "b"], images[:2], torch.zeros(2, 2)), tmp_path / "none.parquet")
+    assert not (tmp_path / "none.parquet").exists()

@@ -5,8 +5,9 @@ data layout the trainer reads (pairs, ranked lists, captioned and labelled image
 from __future__ import annotations
 
 import io
-import random
 import os
+import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,7 +63,9 @@ def sample_candidates(pipe, prompts: Sequence[str], *, groups_per_prompt: int, c
 
 
 def write_pairs(candidates: Candidates, out: Path) -> Path:
-    """Best-vs-worst pair of each group, as a Pick-a-Pic-style parquet file (groups with no spread dropped)."""
+    """Best-vs-worst pair of each group, as a Pick-a-Pic-style parquet file. A group whose candidates all score the same
+    makes no pair (neither image is preferred); how many were dropped is said on stderr, and a set of groups none of
+    which makes a pair is refused rather than written as an empty table."""
     rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "score_0": [], "score_1": []}
     for prompt, images, scores in zip(candidates.prompts, candidates.images, candidates.scores):
         best, worst = int(scores.argmax()), int(scores.argmin())
@@ -74,6 +77,13 @@ def write_pairs(candidates: Candidates, out: Path) -> Path:
         rows["label_0"].append(1.0)
         rows["score_0"].append(float(scores[best]))
         rows["score_1"].append(float(scores[worst]))
+    groups, pairs = len(candidates.prompts), len(rows["caption"])
+    if pairs == 0:
+        raise ValueError(f"none of the {groups} groups of candidates makes a pair: every candidate of each scored the "
+                         "same, so no image is preferred to another")
+    if pairs < groups:
+        print(f"{out.name}: {groups - pairs} of {groups} groups dropped, their candidates all scored the same "
+              f"({pairs} pairs written)", file=sys.stderr, flush=True)
     return write_table(rows, out)
 
 
