@@ -30,12 +30,11 @@ import torch
 from torch import nn
 
 from diffalign.config import ranged
-from diffalign.diffusion import Backbone, Conditioning, TimestepSampler, noised_group, schedule_for
+from diffalign.diffusion import Backbone, Conditioning
 from diffalign.diffusion.finetuned import load_frozen_denoiser
 from diffalign.diffusion.logprob import guided_output
 from diffalign.errors import UserError
-from diffalign.objectives.base import Objective
-from diffalign.objectives.offline import served_range
+from diffalign.objectives.offline import NoisedDataObjective
 
 Tensor = torch.Tensor
 
@@ -49,7 +48,7 @@ class DiffusionDistillOptions:
     teacher_guidance_scale: float = ranged(1.0, "[0, inf)")
 
 
-class DiffusionDistill(Objective):
+class DiffusionDistill(NoisedDataObjective):
     """A student denoiser's prediction regressed onto a frozen teacher's; see the module docstring."""
 
     paper = "BK-SDM (Kim et al. 2023, arXiv 2305.15798) output KD; guidance distillation (Meng et al. 2023)"
@@ -63,11 +62,9 @@ class DiffusionDistill(Objective):
     Options = DiffusionDistillOptions
 
     def __init__(self, config, backbone: Backbone, teacher: nn.Module | None = None) -> None:
+        super().__init__(config, backbone)
         options = self.options_of(config)
         self.task_weight, self.guidance_scale = options.task_weight, options.teacher_guidance_scale
-        self.schedule = schedule_for(backbone.scheduler)
-        self.sampler = TimestepSampler(config.timestep_sampler, t_range=served_range(config.t_range, backbone))
-        self.weighting = config.weighting
         self.guides = self.guidance_scale != 1.0
         self.uncond = backbone.empty_prompt() if self.guides else None
         self.teacher = teacher
@@ -87,16 +84,10 @@ class DiffusionDistill(Objective):
             raise UserError("diffusion_distill distils a student from a teacher: set model.teacher to a diffusers "
                             "folder or a finished run of the student's pipeline")
 
-    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
-        """Each image's timestep and noise, from its own generator (so a resumed run draws the same)."""
-        return {"timesteps": self.sampler.sample(n, self.schedule.num_timesteps, generator),
-                "noise": torch.randn((n, *latent_shape), generator=generator)}
-
     def __call__(self, backbone: Backbone, latents: Tensor, cond: Conditioning, randomness: dict[str, Tensor],
                  policy: nn.Module, reference: nn.Module | None, **targets: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Mean ``L_outKD + task_weight L_task`` over the batch and detached metrics; ``latents`` (B, 1, C, h, w)."""
-        group = noised_group(latents, cond, self.schedule, timesteps=randomness["timesteps"],
-                             noise=randomness["noise"], weighting=self.weighting)
+        group = self.noise(backbone, latents, cond, randomness)
         dtype = next(policy.parameters()).dtype
         x_t, t, cond = group.noisy.to(dtype), group.model_timesteps, group.cond.to(dtype=dtype)
         student = backbone.predict(x_t, t, cond, denoiser=policy).float()

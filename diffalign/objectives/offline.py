@@ -44,7 +44,31 @@ def served_range(t_range: Sequence[float], backbone: Backbone) -> tuple[float, f
     return lo, hi
 
 
-class OfflineDenoisingObjective(Objective):
+class NoisedDataObjective(Objective):
+    """What an objective that trains on the data's clean latents needs to noise them: each group's timestep (from
+    ``objective.timestep_sampler`` over ``objective.t_range``) and noise, drawn per group so a resumed run draws the
+    same, and the group noised with them by the forward process (the offline objectives, distillation)."""
+
+    def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
+        self.weighting = config.weighting
+        self.schedule = schedule_for(backbone.scheduler)
+        self.sampler = TimestepSampler(config.timestep_sampler, t_range=served_range(config.t_range, backbone))
+
+    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
+        """One group's shared timestep and noise, from the group's own generator."""
+        return {
+            "timesteps": self.sampler.sample(n, self.schedule.num_timesteps, generator),
+            "noise": torch.randn((n, *latent_shape), generator=generator),
+        }
+
+    def noise(self, backbone: Backbone, latents: Tensor, cond: Conditioning,
+              randomness: dict[str, Tensor]) -> NoisedGroup:
+        """Where each item sits on its trajectory: by default x_t from the group's shared random noise."""
+        return noised_group(latents, cond, self.schedule, timesteps=randomness["timesteps"],
+                            noise=randomness["noise"], weighting=self.weighting)
+
+
+class OfflineDenoisingObjective(NoisedDataObjective):
     """Base of the offline objectives: no sampling during training; see the module docstring."""
 
     def __init__(self, config: ObjectiveConfig, backbone: Backbone) -> None:
@@ -55,9 +79,7 @@ class OfflineDenoisingObjective(Objective):
         self.needs_reference = self.spec.needs_reference
         self.beta = config.beta
         self.options = dict(config.loss_options)
-        self.weighting = config.weighting
-        self.schedule = schedule_for(backbone.scheduler)
-        self.sampler = TimestepSampler(config.timestep_sampler, t_range=served_range(config.t_range, backbone))
+        NoisedDataObjective.__init__(self, config, backbone)
         # BCO's reward shift delta (Jung et al. 2024, Sec. 3.2): unless loss_options.delta fixes it, the running
         # mean of the implicit rewards over the run, as TRL's BCOTrainer keeps it; saved with every checkpoint
         self.reward_shift = RewardShift() if self.spec.name == "bco" and "delta" not in self.options else None
@@ -96,19 +118,6 @@ class OfflineDenoisingObjective(Objective):
             self.label_reliability.update(self.mean_over_processes(posterior.mean()))
             return {**self.options, "reliability": reliability}
         return dict(self.options)
-
-    def draw(self, n: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
-        """One group's shared timestep and noise, from the group's own generator."""
-        return {
-            "timesteps": self.sampler.sample(n, self.schedule.num_timesteps, generator),
-            "noise": torch.randn((n, *latent_shape), generator=generator),
-        }
-
-    def noise(self, backbone: Backbone, latents: Tensor, cond: Conditioning,
-              randomness: dict[str, Tensor]) -> NoisedGroup:
-        """Where each item sits on its trajectory: by default x_t from the group's shared random noise."""
-        return noised_group(latents, cond, self.schedule, timesteps=randomness["timesteps"],
-                            noise=randomness["noise"], weighting=self.weighting)
 
     def per_group_loss(self, policy: Tensor, reference: Tensor | None, *, preference: Tensor | None,
                        scores: Tensor | None, options: dict[str, Any]) -> Tensor:
