@@ -68,16 +68,12 @@ class NoStepsError(ValueError):
         self.completion = completion
 
 
-def step_numbers(tokenizer, text: str, start: int, cut: int, pattern: str) -> list[int]:
-    """The step of each token of ``text``'s completion (its tokens from ``cut`` on, its characters from ``start``
-    on): the number of ``pattern`` matches in the completion that begin at or before the token's first character,
-    0 before the first one (TPO's ``step_index``, whose pattern is ``\\nStep \\d+:``). Reads the characters
-    behind each token through a fast tokenizer's offsets."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("a step pattern needs a fast tokenizer (its offset mapping says which characters each token "
-                         f"covers); {type(tokenizer).__name__} is not one")
+def step_numbers(offsets: Sequence[tuple[int, int]], text: str, start: int, pattern: str) -> list[int]:
+    """The step of each token whose characters in ``text`` begin at ``offsets`` (a fast tokenizer's offset mapping
+    of the completion's tokens; the completion starts at character ``start``): the number of ``pattern`` matches in
+    the completion that begin at or before the token's first character, 0 before the first one (TPO's
+    ``step_index``, whose pattern is ``\\nStep \\d+:``)."""
     starts = [m.start() + start for m in re.finditer(pattern, text[start:])]
-    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"][cut:]
     return [sum(first <= begin for first in starts) for begin, _ in offsets]
 
 
@@ -98,15 +94,21 @@ def tokenize_group(tokenizer, prompt: Any, completions: Sequence[Any], step_patt
         prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
         full = [_ids(tokenizer, prompt + completion) for completion in completions]
     else:
+        if step_pattern is not None and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("a step pattern needs a fast tokenizer (its offset mapping says which characters each "
+                             f"token covers); {type(tokenizer).__name__} is not one")
         eos = tokenizer.eos_token or ""
         texts = [c if c.endswith(eos) else c + eos for c in completions]
         prompt_ids = _ids(tokenizer, prompt)
-        full = [_ids(tokenizer, prompt + text) for text in texts]
+        # one tokenization per completion gives its ids and, with a step pattern, the characters behind each token
+        encoded = [tokenizer(prompt + text, return_offsets_mapping=step_pattern is not None) for text in texts]
+        full = [list(e["input_ids"]) for e in encoded]
     cut = min(_common_prefix(prompt_ids, ids) for ids in full)
     group = TokenizedGroup(tuple(prompt_ids[:cut]), tuple(tuple(ids[cut:]) for ids in full))
     if step_pattern is None:
         return group
-    steps = [step_numbers(tokenizer, prompt + text, len(prompt), cut, step_pattern) for text in texts]
+    steps = [step_numbers(e["offset_mapping"][cut:], prompt + text, len(prompt), step_pattern)
+             for e, text in zip(encoded, texts)]
     for k, numbers in enumerate(steps):
         if not any(numbers):
             raise NoStepsError(k, step_pattern)
