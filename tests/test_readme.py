@@ -15,6 +15,7 @@ What a CPU cannot do is changed, and only that, in one place each:
   checkpoints every 2 steps (its 200 of 2000, scaled) so that its checkpoint can be exported;
 - toy configs: :func:`test_toy_configs.toy_size_overrides`, on the session's small toy datasets;
 - ``diffalign eval``: ``--seeds 1 --steps 2`` (the size); the export of ``step-0002000`` exports step 2;
+- scripts that train for minutes: the step count in :data:`SCRIPT_STEPS`, appended to the page's own flags;
 - placeholders (RUN, NPO_RUN, DDO_RUN, PAIRS, OUT, FOLDER, CONFIG) and the demo's ``runs/demo-*/run``:
   runs and data the test makes first, named in :func:`scratch`;
 - what cannot run here at all is in :data:`NOT_RUN` with the reason (downloads, real SDXL/SD3 weights,
@@ -52,7 +53,8 @@ NOT_RUN = [
      "as written"),
     (r"^tensorboard ", "serves a page until stopped; tests/test_tracking.py reads the event files it shows"),
     (r"^accelerate launch ", "needs several GPUs; tests/test_train.py runs two processes with torchrun on CPU, "
-     "tests/test_fsdp2.py two under FSDP2 with the environment configs/accelerate/fsdp2.yaml gives"),
+     "tests/test_fsdp2.py two under FSDP2 with the environment configs/accelerate/fsdp2.yaml gives, "
+     "tests/test_context_parallel.py two splitting each clip (train.context_parallel=2)"),
     (r"^diffalign label |online\.labels=", "the human-feedback loop and its page: tests/test_label.py runs these "
      "commands as README gives them, with a person's labels given in Chromium"),
     (r"^python scripts/train_toy_(base|lm|video_base)\.py( |$)", "retrains a shipped base model (20-30 minutes on 2 "
@@ -74,6 +76,8 @@ NOT_RUN = [
     (r"stabilityai/|black-forest-labs/|mhdang/|sdxl_generate_ranked\.yaml",
      "needs real SDXL, SD3, FLUX or PixArt weights and reward models"),
 ]
+# scripts the pages run that train for their own number of steps: the count here, appended (the last flag wins)
+SCRIPT_STEPS = {"scripts/train_gpm.py": ["--steps", "20"]}  # 300 steps, 20 s on 2 cores
 NESTED = ("data",)  # subcommands whose first word is an action (diffalign data check PATH)
 PLACEHOLDERS = ("RUN", "NPO_RUN", "DDO_RUN", "PAIRS", "OUT", "FOLDER", "CONFIG")
 # the checkpoint at step 2000 of 2000, as the 2-step run here has it: at step 2 of 2
@@ -178,7 +182,8 @@ def test_every_command_of_the_readme_and_the_docs_runs_as_written(scratch, capsy
             continue
         words = _filled(words, made)
         if words[0] == "python":  # a script, in its own process as a user runs it
-            done = subprocess.run([sys.executable, *words[1:]], cwd=root, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, *words[1:], *SCRIPT_STEPS.get(words[1], [])], cwd=root,
+                                  capture_output=True, text=True)
             assert done.returncode == 0, f"{page.name}: `{command}` failed:\n{done.stderr[-3000:]}"
         else:
             argv = _train_argv(words, seen, data, line) if words[1] == "train" else words[1:]

@@ -322,6 +322,11 @@ class TrainConfig:
     # GPUs wait while the main process alone saves the final weights (a full SDXL: gathered, then 5-10 GB
     # written), or while the slowest process finishes its share of the validation samples
     distributed_timeout_s: int = 1800
+    # context parallelism (diffalign.train.context_parallel): each sample's tokens split over this many processes
+    # (DeepSpeed-Ulysses through diffusers' ContextParallelConfig), for clips whose activations one GPU cannot hold;
+    # the launched processes form groups of this many, each group one data-parallel share. 1 = off. Wan2.1/2.2,
+    # FLUX.1, FLUX.2 and Qwen-Image; offline diffusion objectives
+    context_parallel: int = 1
     # tensorboard, wandb or none
     report_to: str = "tensorboard"
     # exponential moving average of the trained weights (0 = off; e.g. 0.999). Final weights are the EMA's

@@ -147,7 +147,9 @@ def _memory_lines(config_path: str | Path, overrides: list[str], config: Config,
         return [f"memory: not estimated: a step of {config.objective.name} depends on its data's values, which fake "
                 f"tensors do not hold ({type(err).__name__}); scripts/bench_memory.py --measure measures it on a GPU"]
     table = " | ".join(f"{n} GPU{'s' if n > 1 else ''}: {sharded_per_gpu(row, n)['FSDP2']:.1f}" for n in gpus)
-    return [f"memory: peak per GPU about {row['peak_gb']:.1f} GiB at batch {config.train.batch_size}, estimated on "
+    split = config.train.context_parallel
+    split = f", each sample's tokens split over {split} GPUs (train.context_parallel)" if split > 1 else ""
+    return [f"memory: peak per GPU about {row['peak_gb']:.1f} GiB at batch {config.train.batch_size}{split}, estimated on "
             f"{source} (a lower bound: add 0.5-1 GiB of CUDA context)",
             f"  weights {row['weights_gb']:.2f}, trained {row['trained_weights_gb']:.3f} "
             f"({row['trained_params']:,} parameters), gradients {row['grads_gb']:.2f}, optimiser and EMA "

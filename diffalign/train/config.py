@@ -87,11 +87,13 @@ def validate(config: Config) -> Config:
     for key, value in (("train.batch_size", config.train.batch_size), ("train.max_steps", config.train.max_steps),
                        ("train.gradient_accumulation", config.train.gradient_accumulation),
                        ("data.resolution", config.data.resolution),
-                       ("train.distributed_timeout_s", config.train.distributed_timeout_s)):
+                       ("train.distributed_timeout_s", config.train.distributed_timeout_s),
+                       ("train.context_parallel", config.train.context_parallel)):
         if value < 1:
             raise UserError(f"{key} must be >= 1, got {value}")
     if objective.family != "lm":
         _check_resolution(config)
+    _check_context_parallel(config, objective)
     if config.data.workers is not None and config.data.workers < 0:
         raise UserError(f"data.workers must be >= 0 (0 = read in the training loop), got {config.data.workers}")
     if config.train.lora_rank < 0:
@@ -366,3 +368,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
     which :func:`validate` checks; another schema checks itself with its ``validate`` method)."""
     config = read_config(path, overrides, schema=schema)
     return validate(config) if isinstance(config, Config) else config.validate()
+
+
+def _check_context_parallel(config: Config, objective) -> None:
+    """``train.context_parallel`` > 1 splits one diffusion transformer's forward over a group of processes, which
+    every process of the group must run in step on the same examples: what does not, is refused here."""
+    degree = config.train.context_parallel
+    if degree == 1:
+        return
+    why = None
+    if objective.family == "lm":
+        why = "it splits a diffusion transformer's image or video tokens; a language model's sequences are not split"
+    elif objective.dataset == "online":
+        why = (f"{config.objective.name} samples its rounds on each process apart, and a split transformer needs "
+               "every process of its group to sample the same images in step")
+    elif objective.samples_in_loss:
+        why = f"{config.objective.name} samples inside its loss, each process apart"
+    elif config.model.compile:
+        why = "model.compile traces the transformer before diffusers adds the split and gather around its blocks"
+    if why:
+        raise UserError(f"train.context_parallel={degree}: {why}. Use train.context_parallel=1 (data parallelism "
+                        "and FSDP2 run it)")

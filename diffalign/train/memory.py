@@ -298,9 +298,32 @@ def round_sampling(objective, config, backbone, cond, uncond, every_step: bool =
         backbone.decode_latents(trajectory.final)
 
 
+@contextlib.contextmanager
+def one_of_a_context_parallel_group(degree: int):
+    """Process 0 of a fake process group of ``degree`` processes (torch's FakeProcessGroup: its collectives return
+    tensors of the right shapes and move no data), for the memory of one process of a context-parallel group
+    (:mod:`diffalign.train.context_parallel`): its share of the tokens, the whole weights."""
+    import torch.distributed as dist
+
+    if degree == 1:
+        yield
+        return
+    if dist.is_initialized():
+        raise RuntimeError("the estimate of a context-parallel run makes a process group of its own; run it in a "
+                           "process without one")
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    dist.init_process_group("fake", rank=0, world_size=degree, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def training_step_memory(config, list_size: int = 4, fake: bool = True, every_step: bool = False
                          ) -> dict[str, float]:
-    """Peak bytes of one training step of ``config`` and what the models and states hold.
+    """Peak bytes of one training step of ``config`` on one process and what the models and states hold; under
+    ``train.context_parallel`` = N, on one process of a group that splits each sample's tokens N ways.
 
     With ``fake`` the models are built on the meta device and given fake storage; without,
     the step runs for real on the CPU (the tests compare the two on a tiny model). An online objective's
@@ -308,19 +331,32 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     state already held, as every round after the first; ``peak_gb`` is the larger of the two. The reward models
     are not counted.
     """
-    from diffalign.diffusion import mixed_precision_dtype
     from diffalign.objectives import OBJECTIVES
+    from diffalign.train.context_parallel import enable_context_parallel
     from diffalign.train.models import build_models
 
     tc = config.train
     objective_cls = OBJECTIVES[config.objective.name]
-    online = objective_cls.dataset == "online"
     if objective_cls.family == "lm":
         raise SystemExit(f"{config.objective.name} trains a language model; its memory is not estimated here")
     device = torch.device("meta" if fake else "cpu")
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
     modules = materialise(backbone, [reference] if reference is not None else [], fake)
+    with one_of_a_context_parallel_group(tc.context_parallel):
+        if tc.context_parallel > 1:
+            enable_context_parallel([backbone.denoiser, *([reference] if isinstance(reference, torch.nn.Module) else [])],
+                                    tc.context_parallel, tc.context_parallel, torch.device("cpu"))
+        return _step_memory(config, objective_cls, backbone, reference, modules, list_size, every_step)
+
+
+def _step_memory(config, objective_cls, backbone, reference, modules: list[torch.nn.Module], list_size: int,
+                 every_step: bool) -> dict[str, float]:
+    """:func:`training_step_memory` on models built and materialised."""
+    from diffalign.diffusion import mixed_precision_dtype
+
+    tc = config.train
+    online = objective_cls.dataset == "online"
     autocast = torch.autocast("cpu", dtype=mixed_precision_dtype(tc.mixed_precision),
                               enabled=tc.mixed_precision != "no")
     latent_shape = backbone.latent_shape(config.data.resolution, config.data.width)

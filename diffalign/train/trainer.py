@@ -71,6 +71,7 @@ from diffalign.train.prompt_batches import PromptBatches
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
+from diffalign.train.context_parallel import check_splittable, data_share, enable_context_parallel
 from diffalign.train.fsdp2 import (
     fsdp2_plugin,
     full_weights,
@@ -195,6 +196,7 @@ class PreferenceTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
                              InitProcessGroupKwargs(timeout=timedelta(seconds=tc.distributed_timeout_s))],
         )
+        self.share = data_share(self.accelerator.process_index, self.accelerator.num_processes, tc.context_parallel)
         if tc.resume == "latest" and self.resume_from is None:
             self.accelerator.print(f"train.resume=latest: {self.output_dir} holds no checkpoint yet; starting at step 0")
         # the model's folder; for a Hub id, the cached snapshot, whose name is the revision
@@ -297,6 +299,11 @@ class PreferenceTrainer:
             print(said, file=sys.stderr, flush=True)
         self.backbone, self.reference = build_models(self.config, self.accelerator.device, frozen_reference)
         self.module = self.backbone.denoiser
+        degree = self.config.train.context_parallel
+        if degree > 1:
+            check_splittable(self.module, degree)
+            enable_context_parallel([self.module] + ([self.reference] if isinstance(self.reference, nn.Module) else []),
+                                    degree, self.accelerator.num_processes, self.accelerator.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir
         # the key covers model and resolution: the same image at another size has other latents
@@ -357,10 +364,11 @@ class PreferenceTrainer:
 
     # --- data ----------------------------------------------------------------------------
     def _positions(self, step: int, micro: int) -> range:
-        """Positions in the run's order of this process's share of the global micro-batch (step, micro)."""
-        tc, acc = self.config.train, self.accelerator
-        global_batch = tc.batch_size * acc.num_processes
-        first = (step * tc.gradient_accumulation + micro) * global_batch + acc.process_index * tc.batch_size
+        """Positions in the run's order of this process's share of the global micro-batch (step, micro): its
+        data-parallel group's (one process, or a context-parallel group's every process)."""
+        tc = self.config.train
+        global_batch = tc.batch_size * self.share.count
+        first = (step * tc.gradient_accumulation + micro) * global_batch + self.share.index * tc.batch_size
         return range(first, first + tc.batch_size)
 
     def _examples(self, step: int, micro: int) -> list[tuple[int, Any]]:
@@ -602,7 +610,7 @@ class PreferenceTrainer:
             "train.lora_targets": list(c.train.lora_targets) if c.train.lora_rank > 0 else None,
             "train.seed": c.train.seed,
             "train.gradient_accumulation": c.train.gradient_accumulation,
-            "train.batch_size x processes": c.train.batch_size * self.accelerator.num_processes,
+            "train.batch_size x processes": c.train.batch_size * self.share.count,
             # a local path as an absolute one; a Hub dataset id as given
             "data.path": str(Path(c.data.path).resolve()) if c.data.path and Path(c.data.path).exists()
             else c.data.path,
@@ -752,7 +760,9 @@ class PreferenceTrainer:
                 with acc.autocast():
                     loss, metrics = self._objective_loss(batch)
                 finite = finite & torch.isfinite(loss.detach())
-                acc.backward(loss)
+                # under context parallelism each process's gradients are its tokens' part of the group's sum, which
+                # DDP and FSDP2 average over every process: times the degree, that average is the data-parallel mean
+                acc.backward(loss * tc.context_parallel if tc.context_parallel > 1 else loss)
                 # the batch's own figures (an online round's mean reward) are logged beside the objective's
                 for k, v in {"loss": loss.detach(), **metrics, **batch.get("logged", {})}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach() / tc.gradient_accumulation
@@ -770,7 +780,7 @@ class PreferenceTrainer:
                 ema_step(self.ema, self.params, step, tc.ema_every)
             self.objective.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals["pairs"] = tc.batch_size * acc.num_processes * tc.gradient_accumulation
+        totals["pairs"] = tc.batch_size * self.share.count * tc.gradient_accumulation
         return totals, ok
 
     def _write_final(self, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
@@ -812,7 +822,7 @@ class PreferenceTrainer:
             self._encoders_to(self.accelerator.device)
         with self.accelerator.autocast():
             scores = self.validator.run(self.backbone.pipe, step, self.accelerator.state, train_s=train_s,
-                                        lockstep=self.fsdp2 is not None)
+                                        lockstep=self.fsdp2 is not None, group=self.config.train.context_parallel)
         if self.config.data.precompute:
             self._encoders_to(torch.device("cpu"))
         self._validation_s += time.perf_counter() - began

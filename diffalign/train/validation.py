@@ -52,13 +52,16 @@ class Validator:
         return self.samples / f"step-{step:07d}.png"
 
     def run(self, pipe: DiffusionPipeline, step: int, processes: PartialState, *,
-            train_s: float | None = None, lockstep: bool = False) -> dict[str, float]:
+            train_s: float | None = None, lockstep: bool = False, group: int = 1) -> dict[str, float]:
         """Sample and score this process's share (every N-th image), then on the main process save the grid
         and log (with ``train_s``, the run's training time so far without validations, when given); returns
         {"val_<reward>": mean over every image, "stat_<statistic>": the images' statistic} there, {} on the others.
         ``lockstep``: the denoiser is sharded, so every process samples as many images as the largest share
-        (:func:`~diffalign.train.fsdp2.lockstep_share`) and drops its padding."""
-        mine, own = lockstep_share(len(self.prompts), processes.process_index, processes.num_processes)
+        (:func:`~diffalign.train.fsdp2.lockstep_share`) and drops its padding. ``group``: processes that sample each
+        image together, a context-parallel group of consecutive ranks (:mod:`~diffalign.train.context_parallel`):
+        a group takes a share, and its first process's copy of the images is kept."""
+        member = processes.process_index % group
+        mine, own = lockstep_share(len(self.prompts), processes.process_index // group, processes.num_processes // group)
         mine = mine if lockstep else mine[:own]
         done = []  # (index, 8-bit image, score per reward) of this process's images
         if mine:
@@ -74,7 +77,7 @@ class Validator:
             scores = {r.name: score_media(r, images, prompts).tolist() for r in self.rewards}
             as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what the grid keeps anyway
             done = [(i, as_bytes[k], {name: values[k] for name, values in scores.items()}) for k, i in enumerate(mine)]
-        done = sorted(gather_object(done), key=lambda item: item[0])
+        done = sorted(gather_object(done if member == 0 else []), key=lambda item: item[0])
         if not processes.is_main_process:
             return {}
         self.samples.mkdir(parents=True, exist_ok=True)
