@@ -15,6 +15,13 @@ _DATASETS_CACHE = tempfile.mkdtemp(prefix="diffalign-tests-datasets-")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
 atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
+# pytest-xdist runs a worker per core (pyproject's addopts): each worker's torch, and the processes its tests start,
+# take their share of the cores instead of all of them each (the tiny models' ops gain little from more threads)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

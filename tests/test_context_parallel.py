@@ -37,13 +37,16 @@ def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_d
     context-parallel group (each attends with 1 of the 2 heads over all 12 tokens, and its gradients hold its 6
     tokens' part). Both read the same pairs and draw the same noise, so the LoRA weights agree to float rounding
     (the all-to-all and the gradients' all-reduce sum in another order) and the validation's clips, sampled by the
-    group in step, score the same. Adam's epsilon at 1e-3, as tests/test_train.py's comparison, keeps an update of
-    rounding size from flipping a weight's step."""
+    group in step, score the same. As in tests/test_train.py's comparison of two processes with one, beta 1 instead
+    of 2500 (which multiplies the rounding in the loss: at 2500 the runs drift 20% apart in 3 steps, the loss's
+    sigmoid saturated). Adam's epsilon at 0.1, far above the gradients' scale, makes each update proportional to its
+    gradient (as SGD's), so a gradient off by the group's factor shows as such instead of being normalised away."""
     common = [str(ROOT / "configs" / "wan21_dpo.yaml"), *cpu_overrides("wan21_dpo.yaml", recipe_data(tmp_path / "data")),
-              "train.batch_size=2", "train.max_steps=3", "train.checkpoint_every=0", "train.learning_rate=1e-2",
-              "train.lr_scheduler=constant", "train.warmup_steps=0", "train.adam_epsilon=1e-3",
+              "train.batch_size=2", "train.max_steps=3", "objective.beta=1.0", "train.log_every=1",
+              "train.checkpoint_every=0", "train.learning_rate=1.0", "train.lr_scheduler=constant",
+              "train.warmup_steps=0", "train.adam_epsilon=0.1",
               "train.report_to=none", "data.cache_dir=null", "data.precompute=false",
-              "validation.prompts=[a red square moving right, a blue circle moving left, a green ball]",
+              "validation.prompts=[a red triangle moving, a green circle moving, a blue square moving]",
               "validation.every=3", "validation.images_per_prompt=1", "validation.steps=2",
               "validation.rewards=[toy_video_preference]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,13 +57,14 @@ def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_d
     two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
     one_w, two_w = (load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
-    moved = max(v.abs().max().item() for k, v in one_w.items() if "lora_B" in k)
-    assert moved > 1e-2
+    moved = max(v.abs().max().item() for k, v in one_w.items() if "lora.up" in k)
+    # measured: 3.9e-3, the runs 1.7e-4 apart; without the loss scaled by the degree, 1.9e-3 apart (half the update)
+    assert moved > 1e-3
     for k in one_w:
-        torch.testing.assert_close(one_w[k], two_w[k], atol=moved * 1e-3, rtol=0)
+        torch.testing.assert_close(one_w[k], two_w[k], atol=moved * 0.1, rtol=0)
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "two")]
-    assert [r["raw_model_loss"] for r in logs[1]] == pytest.approx([r["raw_model_loss"] for r in logs[0]], rel=1e-5)
+    assert [r["raw_model_loss"] for r in logs[1]] == pytest.approx([r["raw_model_loss"] for r in logs[0]], rel=1e-4)
     one_val, two_val = ([json.loads(line) for line in (tmp_path / run / "validation.jsonl").read_text().splitlines()]
                         for run in ("one", "two"))
     assert [v["step"] for v in two_val] == [0, 3]
