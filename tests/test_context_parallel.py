@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from fixtures import Started
+from fixtures import Started, launch_env
 from run_configs import cpu_overrides, recipe_data
 from safetensors.torch import load_file
 
@@ -32,9 +32,10 @@ def test_groups_of_consecutive_processes_share_the_data_as_one_process_each():
 
 
 @pytest.mark.slow
-def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_does(tmp_path):
-    """The Wan2.1 recipe on the tiny Wan (12 tokens a clip), 2 clips a step: one process, and two processes of one
-    context-parallel group (each attends with 1 of the 2 heads over all 12 tokens, and its gradients hold its 6
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_does(tmp_path, launcher):
+    """The Wan2.1 recipe on the tiny Wan (12 tokens a clip), 2 clips a step, in fp32: one process, and two processes
+    of one context-parallel group, under DDP or under FSDP2 (configs/accelerate/fsdp2.yaml's environment) (each attends with 1 of the 2 heads over all 12 tokens, and its gradients hold its 6
     tokens' part). Both read the same pairs and draw the same noise, so the LoRA weights agree to float rounding
     (the all-to-all and the gradients' all-reduce sum in another order) and the validation's clips, sampled by the
     group in step, score the same. As in tests/test_train.py's comparison of two processes with one, beta 1 instead
@@ -44,12 +45,13 @@ def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_d
     common = [str(ROOT / "configs" / "wan21_dpo.yaml"), *cpu_overrides("wan21_dpo.yaml", recipe_data(tmp_path / "data")),
               "train.batch_size=2", "train.max_steps=3", "objective.beta=1.0", "train.log_every=1",
               "train.checkpoint_every=0", "train.learning_rate=1.0", "train.lr_scheduler=constant",
-              "train.warmup_steps=0", "train.adam_epsilon=0.1",
+              "train.warmup_steps=0", "train.adam_epsilon=0.1", "train.mixed_precision=no",
               "train.report_to=none", "data.cache_dir=null", "data.precompute=false",
               "validation.prompts=[a red triangle moving, a green circle moving, a blue square moving]",
               "validation.every=3", "validation.images_per_prompt=1", "validation.steps=2",
               "validation.rewards=[toy_video_preference]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = launch_env(ROOT / "configs/accelerate/fsdp2.yaml") if launcher == "fsdp2" else \
+        {**os.environ, "OMP_NUM_THREADS": "1"}
     two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"],
                   env=env)
