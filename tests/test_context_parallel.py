@@ -125,3 +125,10 @@ def test_the_memory_estimate_counts_one_process_s_share_of_the_tokens():
     assert not dist.is_initialized()
     assert rows[2]["weights_gb"] == rows[1]["weights_gb"] and rows[2]["grads_gb"] == rows[1]["grads_gb"]
     assert 0.5 < rows[2]["activations_gb"] / rows[1]["activations_gb"] < 0.7  # measured: 0.656
+
+
+def test_the_plan_counts_a_group_s_samples_per_step():
+    from diffalign.recipes.plan import plan_lines
+
+    text = "\n".join(plan_lines(ROOT / "configs" / "wan21_dpo.yaml", ["train.context_parallel=4"], memory=False))
+    assert "= 32 pairs per group of 4 GPUs per step (each splits every sample's tokens); with N groups" in text

@@ -104,8 +104,11 @@ def _step_lines(config: Config, examples: int | None) -> list[str]:
     tc, objective = config.train, OBJECTIVES[config.objective.name]
     per_step = tc.batch_size * tc.gradient_accumulation
     unit = {"pairs": "pairs", "ranked": "ranked lists", "online": "samples"}.get(objective.dataset, "examples")
+    split = tc.context_parallel
+    who = "per GPU per step; with N GPUs, N times that" if split == 1 else \
+        f"per group of {split} GPUs per step (each splits every sample's tokens); with N groups, N times that"
     lines = [f"steps: {tc.max_steps:,} optimiser steps of {tc.batch_size} x {tc.gradient_accumulation} "
-             f"(batch x accumulation) = {per_step:,} {unit} per GPU per step; with N GPUs, N times that"]
+             f"(batch x accumulation) = {per_step:,} {unit} {who}"]
     if objective.dataset == "online" and objective.samples_in_loss:
         lines.append(f"  each step samples its prompts inside the loss ({config.objective.sample_steps} steps, "
                      "gradients through some of them); no rounds are stored")
