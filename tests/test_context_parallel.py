@@ -18,15 +18,15 @@ from diffalign.diffusion import load_pipeline
 from diffalign.errors import UserError
 from diffalign.paths import ROOT
 from diffalign.train import load_config, train
-from diffalign.train.context_parallel import _token_check, check_splittable, data_share
+from diffalign.train.context_parallel import DataShare, _token_check, check_splittable, data_share
 
 WAN = ROOT / "assets" / "models" / "tiny-wan"
 
 
 def test_groups_of_consecutive_processes_share_the_data_as_one_process_each():
-    shares = [data_share(rank, 4, 2) for rank in range(4)]
-    assert [(s.index, s.count, s.leader) for s in shares] == [(0, 2, True), (0, 2, False), (1, 2, True), (1, 2, False)]
-    assert [(s.index, s.count, s.leader) for s in (data_share(1, 2, 1),)] == [(1, 2, True)]  # off: one per process
+    assert [data_share(rank, 4, 2) for rank in range(4)] == [DataShare(0, 2), DataShare(0, 2), DataShare(1, 2),
+                                                                DataShare(1, 2)]
+    assert data_share(1, 2, 1) == DataShare(1, 2)  # off: one share per process
     with pytest.raises(UserError, match="3 processes must be a multiple of it"):
         data_share(0, 3, 2)
 

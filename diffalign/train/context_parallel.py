@@ -14,12 +14,12 @@ ulysses_degree=N))``; this module fits it into training:
   ``world / N`` groups share the data as ``world / N`` data-parallel processes would (:func:`data_share`);
 - each process's weight gradients hold what its own tokens contributed, so the true gradient is their sum over
   the group; DDP and FSDP2 average over every process, so the loss is multiplied by N before its backward
-  (:data:`~diffalign.train.trainer.Trainer`), which makes their average over ``world`` the data-parallel mean;
+  (:class:`~diffalign.train.trainer.Trainer`), which makes their average over ``world`` the data-parallel mean;
 - validation samples are drawn by every process of a group together, in step, and kept from its first.
 
 Ring attention (``ring_degree``) needs the attention kernel's log-sum-exp, which PyTorch's SDPA on CPU does not
-return, so only Ulysses is offered; its all-to-all needs the heads and the tokens divisible by N (checked before
-the first step, with the numbers).
+return, so only Ulysses is offered; its all-to-all needs the heads and the tokens divisible by N (the heads checked
+when the model is built, the tokens at the first forward, each with the numbers).
 """
 
 from __future__ import annotations
@@ -40,12 +40,10 @@ from diffalign.errors import UserError
 
 @dataclass(frozen=True)
 class DataShare:
-    """This process's place among the data-parallel groups: ``index`` of ``count`` groups, and whether it is the
-    first process of its own group (``leader``: the one whose copy of a group's outputs is kept)."""
+    """This process's place among the data-parallel groups: its group's ``index`` of ``count`` groups."""
 
     index: int
     count: int
-    leader: bool
 
 
 def data_share(process_index: int, num_processes: int, degree: int) -> DataShare:
@@ -54,7 +52,7 @@ def data_share(process_index: int, num_processes: int, degree: int) -> DataShare
         raise UserError(f"train.context_parallel={degree} splits each sample over {degree} processes: the run's "
                         f"{num_processes} processes must be a multiple of it (launch {degree} x the data-parallel "
                         "processes you want)")
-    return DataShare(process_index // degree, num_processes // degree, process_index % degree == 0)
+    return DataShare(process_index // degree, num_processes // degree)
 
 
 def parallel_transformers(denoiser: nn.Module) -> list[nn.Module]:
