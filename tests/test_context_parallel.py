@@ -94,6 +94,16 @@ def test_a_denoiser_diffusers_cannot_split_or_whose_heads_do_not_divide_is_refus
     check_splittable(wan, 2)
     with pytest.raises(UserError, match="1/4 of the attention heads, and WanTransformer3DModel has 2"):
         check_splittable(wan, 4)
+    # the memory estimate refuses the same model rather than estimating it unsplit, and leaves no process group
+    import torch.distributed as dist
+
+    from diffalign.train.memory import training_step_memory
+
+    config = load_config(ROOT / "configs" / "tiny_sdxl_dpo.yaml", [
+        "model.path=" + str(ROOT / "assets" / "models" / "tiny-sdxl"), "train.context_parallel=2"])
+    with pytest.raises(UserError, match="UNet2DConditionModel does not"):
+        training_step_memory(config)
+    assert not dist.is_initialized()
 
 
 def test_tokens_that_do_not_split_evenly_are_named_before_the_transformer_runs():

@@ -76,8 +76,8 @@ def check_splittable(denoiser: nn.Module, degree: int) -> None:
 
 def _token_check(module: nn.Module, module_name: str, splits: dict[str, ContextParallelInput], degree: int):
     """A forward pre-hook that names the token count when an input diffusers splits (``splits``: its name -> how;
-    diffusers splits a tensor of the expected number of dimensions, and passes others whole) does not divide over the processes: the split would hand them unequal shares, and the all-to-all
-    would fail far from the cause."""
+    diffusers splits a tensor of the expected number of dimensions, and passes others whole) does not divide over
+    the processes: the split would hand them unequal shares, and the all-to-all would fail far from the cause."""
     signature = inspect.signature(module.forward)
 
     def check(module, args, kwargs):
@@ -102,20 +102,31 @@ def _device_count_on_cpu(device: torch.device):
         yield
 
 
-def enable_context_parallel(models: list[nn.Module], degree: int, num_processes: int, device: torch.device) -> None:
-    """Split each diffusers transformer in ``models`` (the trained denoiser, a frozen reference) over groups of
-    ``degree`` processes, one device mesh ``(data, 1, degree)`` for all of them."""
+def _split_inputs(plan) -> dict[str, ContextParallelInput]:
+    """The inputs one entry of a ``_cp_plan`` splits on their way in, by name (not outputs split on their way out,
+    nor gathered ones)."""
+    if not isinstance(plan, dict):
+        return {}
+    return {key: p for key, p in plan.items()
+            if isinstance(key, str) and isinstance(p, ContextParallelInput) and not p.split_output}
+
+
+def enable_context_parallel(denoiser: nn.Module, reference: nn.Module | None, degree: int, num_processes: int,
+                            device: torch.device) -> None:
+    """Split each diffusers transformer of the trained ``denoiser`` and of a frozen ``reference`` copy (None, or not a
+    module: a LoRA run's reference is the denoiser itself) over groups of ``degree`` processes, one device mesh
+    ``(data, 1, degree)`` for all of them; a denoiser that cannot be split is refused first
+    (:func:`check_splittable`)."""
+    check_splittable(denoiser, degree)
     mesh = init_device_mesh(device.type, (num_processes // degree, 1, degree),
                             mesh_dim_names=("data", "ring", "ulysses"))
-    for model in models:
-        for transformer in parallel_transformers(model):
-            for name, plan in transformer._cp_plan.items():
-                # the inputs split on the way in (not outputs split on the way out, nor gathered ones), by name
-                splits = {key: p for key, p in plan.items() if isinstance(key, str)
-                          and isinstance(p, ContextParallelInput) and not p.split_output} if isinstance(plan, dict) else {}
-                if splits and "*" not in name:  # (a pattern names every block: the first one's check covers them)
-                    module = transformer.get_submodule(name)
-                    module.register_forward_pre_hook(_token_check(module, name or "the transformer", splits, degree),
-                                                     with_kwargs=True)
-            with _device_count_on_cpu(device):
-                transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))
+    models = [denoiser] + ([reference] if isinstance(reference, nn.Module) else [])
+    for transformer in (t for model in models for t in parallel_transformers(model)):
+        for name, plan in transformer._cp_plan.items():
+            splits = _split_inputs(plan)
+            if splits and "*" not in name:  # (a pattern names every block: the first one's check covers them)
+                module = transformer.get_submodule(name)
+                module.register_forward_pre_hook(_token_check(module, name or "the transformer", splits, degree),
+                                                 with_kwargs=True)
+        with _device_count_on_cpu(device):
+            transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))

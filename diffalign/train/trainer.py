@@ -71,7 +71,7 @@ from diffalign.train.prompt_batches import PromptBatches
 from diffalign.train.online import NeedsLabels, OnlineRounds
 from diffalign.train.run_folder import RunLock, is_rank_zero, is_write_failure, write_failure
 from diffalign.train.run_state import ExtraState, all_finite, json_safe, refuse_pickles
-from diffalign.train.context_parallel import check_splittable, data_share, enable_context_parallel
+from diffalign.train.context_parallel import data_share, enable_context_parallel
 from diffalign.train.fsdp2 import (
     fsdp2_plugin,
     full_weights,
@@ -301,9 +301,8 @@ class PreferenceTrainer:
         self.module = self.backbone.denoiser
         degree = self.config.train.context_parallel
         if degree > 1:
-            check_splittable(self.module, degree)
-            enable_context_parallel([self.module] + ([self.reference] if isinstance(self.reference, nn.Module) else []),
-                                    degree, self.accelerator.num_processes, self.accelerator.device)
+            enable_context_parallel(self.module, self.reference, degree, self.accelerator.num_processes,
+                                    self.accelerator.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir
         # the key covers model and resolution: the same image at another size has other latents

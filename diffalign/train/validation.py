@@ -20,6 +20,7 @@ from diffalign.eval.report import image_grid
 from diffalign.rewards import load_reward
 from diffalign.rewards.video import score_media
 from diffalign.train.config import ValidationConfig
+from diffalign.train.context_parallel import data_share
 from diffalign.train.fsdp2 import lockstep_share
 
 
@@ -60,8 +61,8 @@ class Validator:
         (:func:`~diffalign.train.fsdp2.lockstep_share`) and drops its padding. ``group``: processes that sample each
         image together, a context-parallel group of consecutive ranks (:mod:`~diffalign.train.context_parallel`):
         a group takes a share, and its first process's copy of the images is kept."""
-        member = processes.process_index % group
-        mine, own = lockstep_share(len(self.prompts), processes.process_index // group, processes.num_processes // group)
+        share = data_share(processes.process_index, processes.num_processes, group)
+        mine, own = lockstep_share(len(self.prompts), share.index, share.count)
         mine = mine if lockstep else mine[:own]
         done = []  # (index, 8-bit image, score per reward) of this process's images
         if mine:
@@ -77,7 +78,8 @@ class Validator:
             scores = {r.name: score_media(r, images, prompts).tolist() for r in self.rewards}
             as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what the grid keeps anyway
             done = [(i, as_bytes[k], {name: values[k] for name, values in scores.items()}) for k, i in enumerate(mine)]
-        done = sorted(gather_object(done if member == 0 else []), key=lambda item: item[0])
+        kept = processes.process_index % group == 0  # a group's first process's copy
+        done = sorted(gather_object(done if kept else []), key=lambda item: item[0])
         if not processes.is_main_process:
             return {}
         self.samples.mkdir(parents=True, exist_ok=True)
