@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from diffalign.lm import preference_loss
+from diffalign.losses.self_play import preference_scores
 from diffalign.config import ranged
 from diffalign.errors import UserError
 from diffalign.objectives.base import OnlineObjective
@@ -40,7 +41,8 @@ class LMOnlineDPOOptions(LMSamplingOptions):
     # reward, the better first (all: the ranked pairing of online self-preferring, OSP)
     pairs: str = ranged("extremes", ("extremes", "all"))
     # soft-label losses (soft_dpo, smpo, ...): each pair's preference strength sigma((r_w - r_l) / T), the
-    # Bradley-Terry probability of the reward gap at this temperature T
+    # Bradley-Terry probability of the reward gap at this temperature T; with a comparing reward (gpm:PATH,
+    # self_judge) sigma(s(w, l) / T) of its table's entry
     preference_temperature: float = ranged(1.0, "(0, inf)")
 
 
@@ -67,8 +69,9 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     """Online DPO on an LM (Guo et al. 2024, arXiv 2402.04792; iterative DPO, Xiong et al. 2024, arXiv
     2312.11456): each round the policy samples K completions per prompt, the reward's best and worst (or every two of
     different reward, ``objective.options.pairs=all``) make pairs, and the pairs train ``objective.loss`` (DPO by
-    default; a soft-label loss takes each pair's Bradley-Terry strength from the reward gap, as online self-preferring
-    does with its self-judged strengths) against the base model."""
+    default; a soft-label loss takes each pair's Bradley-Terry strength from the reward gap, or from a comparing
+    reward's table: with ``online.reward=self_judge`` the policy judges its own completions, online self-preferring's
+    self-judged strengths, Zhai et al. 2024, arXiv 2405.14103) against the base model."""
 
     paper = "Guo et al. 2024, arXiv 2402.04792"
 
@@ -76,7 +79,7 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
     group_size = 4
     takes_labels = False
     keeps_trajectories = False
-    reads_preference_tables = False  # True: the rule takes (G, K, K) tables of s(i beats j) (online.reward=gpm:PATH)
+    reads_preference_tables = True  # the rule takes (G, K, K) tables of s(i beats j) (online.reward=gpm:PATH, self_judge)
     Options = LMOnlineDPOOptions
 
     @classmethod
@@ -89,8 +92,8 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
                             f"with one text reward: {', '.join(TEXT_REWARDS)}, classifier:PATH, cdr:STRONG:WEAK or gpm:PATH")
         if is_preference_table_reward(config.online.reward) and not cls.reads_preference_tables:
             raise UserError(f"online.reward={config.online.reward!r} compares a group's completions (a general preference "
-                            f"model gives no score of one completion); {config.objective.name} needs a score per "
-                            "completion: use lm_gpo, or a scalar reward")
+                            f"model or the self judge gives no score of one completion); {config.objective.name} needs "
+                            "a score per completion: use lm_online_dpo or lm_gpo, or a scalar reward")
 
     def __init__(self, config, tokenizer: Any = None) -> None:
         super().__init__(config, tokenizer)
@@ -100,12 +103,19 @@ class LanguageModelOnline(LanguageModelObjective, OnlineObjective):
 
     def pairs(self, rewards: Tensor, generator: Callable[[int], torch.Generator]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(N,) each unit's group, (N, L) its completions (a pair, chosen first; a whole group for DisCO) and (N, ...)
-        per-unit loss inputs, from a round's (G, K) rewards; ``generator(g)`` is group g's own generator, for rules
-        that draw (RSO's acceptance)."""
-        groups, items = (all_ranked_pairs if self.settings.pairs == "all" else best_vs_worst)(rewards)
+        per-unit loss inputs, from a round's (G, K) rewards or (G, K, K) tables of s(i beats j); ``generator(g)`` is
+        group g's own generator, for rules that draw (RSO's acceptance).
+
+        A table ranks each completion by its row's mean (its score against the group) and gives a soft-label
+        loss the pair's own entry s(w, l) as its gap, so a self-judged strength is the judge's (OSP)."""
+        scores = preference_scores(rewards)  # r - mean(r): the same order and the same gaps as the rewards
+        groups, items = (all_ranked_pairs if self.settings.pairs == "all" else best_vs_worst)(scores)
         if self.spec is None or self.spec.kind != "soft-label":
             return groups, items, {}
-        gap = rewards[groups, items[:, 0]] - rewards[groups, items[:, 1]]
+        if rewards.dim() == 3:
+            gap = rewards[groups, items[:, 0], items[:, 1]]
+        else:
+            gap = rewards[groups, items[:, 0]] - rewards[groups, items[:, 1]]
         return groups, items, {"preference": torch.sigmoid(gap / self.settings.preference_temperature)}
 
     def reference_for(self, reference):
@@ -128,6 +138,7 @@ class LanguageModelSelfPlay(PreviousRoundReference, LanguageModelOnline):
     frozen_reference = False
     group_size = 5  # the SPPO and DNO authors' K
     loss_kinds = ("pairwise",)  # each loop's own rule picks its pairs and the inputs its losses read
+    reads_preference_tables = False  # each rule reads a score per completion (GPO's reads tables)
     Options = LMSamplingOptions
 
     def pairs(self, rewards, generator):

@@ -1,6 +1,7 @@
 """Rewards of text completions: the toy text world's preference and judge, any transformers sequence
 classifier (a reward model such as a Skywork or ArmoRM checkpoint saved locally), and a general preference
-model (``gpm:PATH``, :mod:`diffalign.rewards.general_preference`), which compares a group's completions.
+model (``gpm:PATH``, :mod:`diffalign.rewards.general_preference`) and the policy judging itself (``self_judge``,
+:mod:`diffalign.rewards.self_judge`), which compare a group's completions.
 
 A text reward is called as ``reward(completions, prompts)`` and returns one score per completion
 (higher is better), as the image rewards take images and prompts.
@@ -9,13 +10,14 @@ A text reward is called as ``reward(completions, prompts)`` and returns one scor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from diffalign.errors import UserError
 from diffalign.rewards.density_ratio import PREFIX as CDR, DensityRatioReward
 from diffalign.rewards.general_preference import PREFIX as GPM, GeneralPreferenceReward
+from diffalign.rewards.self_judge import SelfJudge, is_self_judge
 from diffalign.toy import text_world
 
 
@@ -66,25 +68,33 @@ CLASSIFIER = "classifier:"
 
 
 def is_text_reward(spec: object) -> bool:
-    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS``, ``classifier:PATH``, ``cdr:STRONG:WEAK`` or
-    ``gpm:PATH``."""
-    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith((CLASSIFIER, CDR, GPM)))
+    """Whether ``spec`` names a text reward: one of ``TEXT_REWARDS``, ``classifier:PATH``, ``cdr:STRONG:WEAK``,
+    ``gpm:PATH`` or ``self_judge``."""
+    return isinstance(spec, str) and (spec in TEXT_REWARDS or spec.startswith((CLASSIFIER, CDR, GPM))
+                                      or is_self_judge(spec))
 
 
 def is_preference_table_reward(spec: object) -> bool:
-    """Whether ``spec`` names a reward that compares a group's completions (``gpm:PATH``) instead of scoring each."""
-    return isinstance(spec, str) and spec.startswith(GPM)
+    """Whether ``spec`` names a reward that compares a group's completions (``gpm:PATH``, ``self_judge``) instead
+    of scoring each."""
+    return isinstance(spec, str) and (spec.startswith(GPM) or is_self_judge(spec))
 
 
-def load_text_reward(spec: str):
+def load_text_reward(spec: str, policy: torch.nn.Module | None = None, tokenizer: Any = None):
     """A text reward by name (``toy_text_preference``, ``toy_text_judge``), ``classifier:PATH``, ``cdr:STRONG:WEAK``
-    (two LMs' log-likelihood ratio, :mod:`diffalign.rewards.density_ratio`) or ``gpm:PATH`` (a general preference
+    (two LMs' log-likelihood ratio, :mod:`diffalign.rewards.density_ratio`), ``gpm:PATH`` (a general preference
     model: :class:`~diffalign.rewards.general_preference.GeneralPreferenceReward`, whose ``tables`` compare a group's
-    completions)."""
+    completions) or ``self_judge`` (``policy`` judging its own completions, read with ``tokenizer``:
+    :class:`~diffalign.rewards.self_judge.SelfJudge`)."""
     if not is_text_reward(spec):
         raise UserError(f"text reward {spec!r} is not known; use {', '.join(TEXT_REWARDS)}, {CLASSIFIER}PATH (a "
-                        f"local transformers sequence classifier), {CDR}STRONG:WEAK (two LMs' density ratio) or "
-                        f"{GPM}PATH (a general preference model)")
+                        f"local transformers sequence classifier), {CDR}STRONG:WEAK (two LMs' density ratio), "
+                        f"{GPM}PATH (a general preference model) or self_judge (the policy judging itself)")
+    if is_self_judge(spec):
+        if policy is None:
+            raise UserError(f"{spec}: the self judge is the policy being trained; it is an online.reward of the "
+                            "LM loops, not a reward of a fixed model")
+        return SelfJudge.parse(spec, policy, tokenizer)
     if spec in TEXT_REWARDS:
         return TEXT_REWARDS[spec]()
     if spec.startswith(CDR):

@@ -4,7 +4,8 @@ Round r covers optimiser steps [r S, (r + 1) S) with S = ``online.steps_per_roun
 policy (as it is then: pi_r of the self-play loops) samples ``online.group_size`` completions for each of
 ``online.groups_per_round`` prompts (cycling through ``online.prompts``), a text reward scores them
 (:mod:`diffalign.rewards.text`: the toy world's, or any local sequence classifier; a general preference model
-gives each group's table of s(i beats j) instead, kept as ``preferences`` with each row's mean as ``rewards``),
+or the policy judging itself gives each group's table of s(i beats j) instead, kept as ``preferences`` with each
+row's mean as ``rewards``),
 and the round is written to ``run/rounds/round-NNNNN/groups.json`` (prompts, completions, rewards). The objective's rule turns the
 groups into pairs (:meth:`~diffalign.objectives.lm_online.LanguageModelSelfPlay.pairs`), which are tokenized
 as offline pairs are; each optimiser step trains a random draw of them. Sampling is seeded by (seed, r), the
@@ -28,6 +29,7 @@ from diffalign.lm.packing import padding_share
 from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.losses.self_play import preference_scores
+from diffalign.rewards.self_judge import SelfJudge
 from diffalign.rewards.text import load_text_reward
 from diffalign.sharded import is_sharded
 from diffalign.train.config import Config
@@ -53,8 +55,10 @@ class TextRounds(RoundDriver):
         else:
             self.real, self.prompts = None, read_prompts(config.online.prompts)
         # one text reward (checked with the config); none for objectives whose pairs are the data against fresh samples
-        self.reward = load_text_reward(config.online.reward) if objective.scored else None
+        self.reward = load_text_reward(config.online.reward, accelerator.unwrap_model(policy),
+                                       tokenizer) if objective.scored else None
         self._sampled: list[str] | None = None  # the round every process sampled (FSDP2), for join
+        self._judged: Tensor | None = None  # and the tables every process judged with the policy (self_judge)
 
     def _rows(self, r: int) -> list[int]:
         g = self.config.online.groups_per_round
@@ -73,10 +77,21 @@ class TextRounds(RoundDriver):
         model.train(was_training)
         return completions
 
+    def _tables(self, r: int, completions: list[str]) -> Tensor:
+        """Each group's (K, K) table of s(i beats j) from a comparing reward (a general preference model, the self
+        judge)."""
+        prompts = [self.prompts[i] for i in self._rows(r)]
+        groups = [completions[i:i + self.group_size] for i in range(0, len(completions), self.group_size)]
+        return self.reward.tables(groups, prompts).float()
+
     def sample_part(self, r: int, folder: Path) -> None:
         """Under FSDP2 the policy's forwards need every process: all sample the round, from the same seeds (the same
-        completions), and the main process keeps them for :meth:`join`. Whole weights: the main samples alone."""
-        self._sampled = self._sample(r) if is_sharded(self.policy) else None
+        completions), and judge it when the policy is its own judge; the main process keeps them for :meth:`join`.
+        Whole weights: the main samples (and judges) alone."""
+        sharded = is_sharded(self.policy)
+        self._sampled = self._sample(r) if sharded else None
+        judges = sharded and isinstance(self.reward, SelfJudge)
+        self._judged = self._tables(r, self._sampled) if judges else None
 
     def join(self, r: int, folder: Path) -> None:
         """Round r's completions and rewards, sampled (see :meth:`sample_part`) and scored by the main process."""
@@ -91,8 +106,8 @@ class TextRounds(RoundDriver):
             record.update(group_size=2, rewards=None, data_rows=rows, completions=[
                 [self.real[i][1], *fresh] if self.objective.real_is_chosen else [*fresh, self.real[i][1]]
                 for i, fresh in zip(rows, groups)])
-        elif hasattr(self.reward, "tables"):  # a general preference model: each group's s(i beats j), and the mean row
-            tables = self.reward.tables(groups, prompts).float()
+        elif hasattr(self.reward, "tables"):  # a comparing reward: each group's s(i beats j), and the mean row
+            tables = self._judged if self._judged is not None else self._tables(r, completions)
             record.update(preferences=tables.tolist(), rewards=preference_scores(tables).tolist())
         else:
             record["rewards"] = self.reward(completions, expanded).float().view(g, self.group_size).tolist()
