@@ -74,8 +74,43 @@ def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_d
         [v["val_toy_video_preference"] for v in one_val], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_a_group_of_two_processes_samples_and_trains_online_rounds_as_one_process(tmp_path):
+    """Flow-GRPO on the tiny Wan2.2 (the Wan2.2 GRPO recipe's CPU overrides; 2 groups of 4 clips a round): one process,
+    and two processes of one context-parallel group, which sample the round's groups together (each forward split
+    over them, the part written by the group's first) and train on the same units (scored by the toy video world's
+preference, which tells the random model's clips apart). The rounds' clips and rewards
+    agree to float rounding, and the LoRA weights after a round's 2 steps too (learning rate 1; the random model's
+    policy gradients are about 1e-7, so Adam's epsilon is 1e-5 here, far above them, for updates proportional to
+    them as above)."""
+    common = [str(ROOT / "configs" / "wan22_grpo.yaml"), *cpu_overrides("wan22_grpo.yaml", recipe_data(tmp_path / "d")),
+              "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=0", "train.learning_rate=1.0",
+              "train.adam_epsilon=1.0e-5", "train.mixed_precision=no", "train.report_to=none",
+              "objective.options.ratio_clip=0.5", "online.reward=toy_video_preference"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"],
+                  env=env)
+    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}"]))  # beside it
+    two = two.result()
+    assert two.returncode == 0, two.stderr[-3000:]
+    rounds = [tmp_path / run / "rounds" / "round-00000" for run in ("one", "two")]
+    records = [json.loads((folder / "groups.json").read_text()) for folder in rounds]
+    assert records[1]["prompts"] == records[0]["prompts"]
+    rewards = [torch.tensor(record["rewards"]) for record in records]
+    assert rewards[0].std(dim=1).min() > 1e-3  # measured 1.4e-3: each group's clips differ, so advantages do
+    torch.testing.assert_close(rewards[1], rewards[0], atol=1e-5, rtol=0)
+    latents = [load_file(folder / "trajectories.safetensors")["latents"] for folder in rounds]
+    torch.testing.assert_close(latents[1], latents[0], atol=1e-4, rtol=0)
+    one_w, two_w = (load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
+    moved = max(v.abs().max().item() for k, v in one_w.items() if "lora.up" in k or "lora_B" in k)
+    assert moved > 1e-3
+    for k in one_w:
+        torch.testing.assert_close(one_w[k], two_w[k], atol=moved * 0.1, rtol=0)
+
+
 @pytest.mark.parametrize("config, keys, why", [
-    ("toy_grpo.yaml", [], "samples its rounds on each process apart"),
+    ("toy_alignprop.yaml", [], "samples inside its loss, each process apart"),
     ("toy_lm_dpo.yaml", [], "a language model's sequences are not split"),
     ("wan21_dpo.yaml", ["model.compile=true"], "model.compile traces the transformer"),
 ])

@@ -379,11 +379,9 @@ def _check_context_parallel(config: Config, objective) -> None:
     why = None
     if objective.family == "lm":
         why = "it splits a diffusion transformer's image or video tokens; a language model's sequences are not split"
-    elif objective.dataset == "online":
-        why = (f"{config.objective.name} samples its rounds on each process apart, and a split transformer needs "
-               "every process of its group to sample the same images in step")
     elif objective.samples_in_loss:
-        why = f"{config.objective.name} samples inside its loss, each process apart"
+        why = (f"{config.objective.name} samples inside its loss, each process apart, and a split transformer needs "
+               "every process of its group to sample the same images in step")
     elif config.model.compile:
         why = "model.compile traces the transformer before diffusers adds the split and gather around its blocks"
     if why:

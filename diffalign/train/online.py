@@ -71,6 +71,7 @@ from diffalign.rewards.video import score_media
 from diffalign.rewards.weighted import combine_rewards, parse_weights, reward_specs, weighted_raw_mean
 from diffalign.label.store import round_pair_winners
 from diffalign.train.config import Config
+from diffalign.train.context_parallel import data_share
 from diffalign.train.rounds import RoundDriver
 
 Tensor = torch.Tensor
@@ -136,9 +137,17 @@ class OnlineRounds(RoundDriver):
     def __init__(self, config: Config, backbone: Backbone, output_dir: Path, accelerator, objective,
                  real: RealExamples | None = None) -> None:
         """``real`` reads the latents and captions of the examples at some positions of the run's order of
-        ``data.path``: the real images of objectives that set ``real_data`` (round r reads positions r G ...)."""
+        ``data.path``: the real images of objectives that set ``real_data`` (round r reads positions r G ...).
+
+        Under context parallelism (``train.context_parallel=N``) a group of N processes is one sampler and one
+        trainer: its processes sample the same groups in step (each forward split over them) and draw the same
+        units, and the group's first process writes its part of the round (:func:`~diffalign.train.
+        context_parallel.data_share`)."""
         super().__init__(config, output_dir, accelerator)
         self.backbone, self.objective = backbone, objective
+        degree = config.train.context_parallel
+        self.share = data_share(accelerator.process_index, accelerator.num_processes, degree)
+        self.writes = accelerator.process_index % degree == 0  # the first process of its group
         self.group_size = objective.round_group_size(config)
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared
@@ -166,18 +175,19 @@ class OnlineRounds(RoundDriver):
 
     # --- one round -----------------------------------------------------------------------
     def sample_part(self, r: int, folder: Path) -> None:
-        """Every process samples and scores every N-th group of round r on its own GPU (the main process joins
-        their parts)."""
-        acc = self.accelerator
-        mine = list(range(acc.process_index, self.config.online.groups_per_round, acc.num_processes))
+        """Every process (every context-parallel group) samples and scores every N-th group of round r on its own
+        GPU (the main process joins their parts)."""
+        mine = list(range(self.share.index, self.config.online.groups_per_round, self.share.count))
         if mine:  # the main process always has group 0, so the round always has its images/ folder
-            (folder / "images").mkdir(exist_ok=True)
+            if self.writes:
+                (folder / "images").mkdir(exist_ok=True)
             self._sample_groups_of(r, mine, folder)
 
     def _sample_groups_of(self, r: int, groups: list[int], tmp: Path) -> None:
         """Round r's groups ``groups``: their trajectories, log-probabilities, rewards (and real images) into
-        ``part-<process>.safetensors``, their prompts into ``part-<process>.json``, their images into
-        ``images/``, ``online.sample_batch_size`` groups at a time."""
+        ``part-<share>.safetensors``, their prompts into ``part-<share>.json``, their images into
+        ``images/``, ``online.sample_batch_size`` groups at a time. A context-parallel group's other processes
+        sample with its first (their forwards are one split forward) and neither score nor write."""
         acc, n, k = self.accelerator, self.config.online.sample_batch_size, self.group_size
         g = self.config.online.groups_per_round
         part = {"groups": torch.tensor(groups)}
@@ -190,7 +200,7 @@ class OnlineRounds(RoundDriver):
             sources = torch.stack(self._sources(r, groups))
             reference = torch.stack([self.backbone.encode_sources(s.to(acc.device)).cpu() for s in sources])
             part["reference"] = reference
-            for group, images in zip(groups, sources):
+            for group, images in zip(groups, sources if self.writes else []):
                 for s, image in enumerate(images):
                     to_pil(image.add(1).div(2)).save(tmp / "images" / f"group{group:04d}-source{s}.png")
         label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
@@ -202,11 +212,13 @@ class OnlineRounds(RoundDriver):
                                             None if reference is None else reference[i:i + n],
                                             None if sources is None else sources[i:i + n], check_ratio=i == 0)
                 batches.append(batch)
-                if self.rewards:  # each image with its group's prompt (and sources, in [0, 1])
+                if self.rewards and self.writes:  # each image with its group's prompt (and sources, in [0, 1])
                     scored.append(scorer.submit(
                         self._score, batch[2], [p for p in prompts[i:i + n] for _ in range(k)],
                         None if sources is None else sources[i:i + n].add(1).div(2).repeat_interleave(k, dim=0)))
             parts = [future.result() for future in scored]
+        if not self.writes:
+            return
         latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
         for j, image in enumerate(images):
             save_media(image, tmp / "images" / f"group{groups[j // k]:04d}-{j % k}")
@@ -219,8 +231,8 @@ class OnlineRounds(RoundDriver):
             part["ratio_error"] = batches[0][5].reshape(1)
         for name in self.rewards:
             part[f"reward/{name}"] = torch.cat([scores[name] for scores in parts]).view(-1, k)
-        save_file(part, str(tmp / f"part-{acc.process_index}.safetensors"))
-        (tmp / f"part-{acc.process_index}.json").write_text(json.dumps(prompts))
+        save_file(part, str(tmp / f"part-{self.share.index}.safetensors"))
+        (tmp / f"part-{self.share.index}.json").write_text(json.dumps(prompts))
 
     def _score(self, images: Tensor, prompts: list[str], sources: Tensor | None) -> dict[str, Tensor]:
         """Each reward model's (N,) raw scores of N images (whole groups, group-major); a model that compares edits
@@ -461,12 +473,12 @@ class OnlineRounds(RoundDriver):
         """This process's units and denoising steps for (step, micro): a pure function of (seed, step, micro)."""
         tc, acc = self.config.train, self.accelerator
         data = self.round(self.round_of(step))
-        global_batch = tc.batch_size * acc.num_processes
+        global_batch = tc.batch_size * self.share.count
         g = example_generator(tc.seed, step, micro, 2)
         units, steps = self.objective.choose_units(len(data["latents"]), data["trained_steps"], global_batch, g)
         dc = self.config.data
         extra = self.objective.draw(global_batch, self.backbone.latent_shape(dc.resolution, dc.width), g)
-        mine = slice(acc.process_index * tc.batch_size, (acc.process_index + 1) * tc.batch_size)
+        mine = slice(self.share.index * tc.batch_size, (self.share.index + 1) * tc.batch_size)
         units, steps = units[mine], steps[mine]
         device = acc.device
         return {
