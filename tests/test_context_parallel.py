@@ -31,6 +31,18 @@ def test_groups_of_consecutive_processes_share_the_data_as_one_process_each():
         data_share(0, 3, 2)
 
 
+def _one_process_and_a_group_of_two(tmp_path, common: list[str], env: dict) -> tuple[dict, dict]:
+    """Train ``common`` (a config, then its overrides) as two processes of one context-parallel group (``two``) and,
+    beside it, as one process (``one``); the final LoRA weights of each."""
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"],
+                  env=env)
+    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}"]))
+    two = two.result()
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tuple(load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
 def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_does(tmp_path, launcher):
@@ -52,13 +64,7 @@ def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_d
               "validation.rewards=[toy_video_preference]"]
     env = launch_env(ROOT / "configs/accelerate/fsdp2.yaml") if launcher == "fsdp2" else \
         {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"],
-                  env=env)
-    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}"]))  # beside it
-    two = two.result()
-    assert two.returncode == 0, two.stderr[-3000:]
-    one_w, two_w = (load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
+    one_w, two_w = _one_process_and_a_group_of_two(tmp_path, common, env)
     moved = max(v.abs().max().item() for k, v in one_w.items() if "lora.up" in k)
     # measured: 3.9e-3, the runs 1.7e-4 apart; without the loss scaled by the degree, 1.9e-3 apart (half the update)
     assert moved > 1e-3
@@ -87,13 +93,7 @@ preference, which tells the random model's clips apart). The rounds' clips and r
               "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=0", "train.learning_rate=1.0",
               "train.adam_epsilon=1.0e-5", "train.mixed_precision=no", "train.report_to=none",
               "objective.options.ratio_clip=0.5", "online.reward=toy_video_preference"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"],
-                  env=env)
-    train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}"]))  # beside it
-    two = two.result()
-    assert two.returncode == 0, two.stderr[-3000:]
+    one_w, two_w = _one_process_and_a_group_of_two(tmp_path, common, {**os.environ, "OMP_NUM_THREADS": "1"})
     rounds = [tmp_path / run / "rounds" / "round-00000" for run in ("one", "two")]
     records = [json.loads((folder / "groups.json").read_text()) for folder in rounds]
     assert records[1]["prompts"] == records[0]["prompts"]
@@ -102,7 +102,6 @@ preference, which tells the random model's clips apart). The rounds' clips and r
     torch.testing.assert_close(rewards[1], rewards[0], atol=1e-5, rtol=0)
     latents = [load_file(folder / "trajectories.safetensors")["latents"] for folder in rounds]
     torch.testing.assert_close(latents[1], latents[0], atol=1e-4, rtol=0)
-    one_w, two_w = (load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
     moved = max(v.abs().max().item() for k, v in one_w.items() if "lora.up" in k or "lora_B" in k)
     assert moved > 1e-3
     for k in one_w:
