@@ -31,12 +31,19 @@ def test_groups_of_consecutive_processes_share_the_data_as_one_process_each():
         data_share(0, 3, 2)
 
 
-def _one_process_and_a_group_of_two(tmp_path, common: list[str], env: dict) -> tuple[dict, dict]:
+def _one_process_and_a_group_of_two(tmp_path, common: list[str], env: dict,
+                                    stopped_at: int | None = None) -> tuple[dict, dict]:
     """Train ``common`` (a config, then its overrides) as two processes of one context-parallel group (``two``) and,
-    beside it, as one process (``one``); the final LoRA weights of each."""
+    beside it, as one process (``one``); the final LoRA weights of each. With ``stopped_at`` the group's run stops
+    at that step's checkpoint and the same launch resumes it (``tests/launch_runs.py``)."""
+    two = [*common[1:], f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"]
+    runs = [[common[0], two]]
+    if stopped_at is not None:
+        runs = [[common[0], [*two, f"train.max_steps={stopped_at}", f"train.checkpoint_every={stopped_at}"]],
+                [common[0], [*two, "train.resume=latest"]]]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
     two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "-m", "diffalign", "train", *common, f"output_dir={tmp_path / 'two'}", "train.context_parallel=2"],
-                  env=env)
+                   str(ROOT / "tests" / "launch_runs.py"), str(tmp_path / "runs.json")], env=env)
     train(load_config(common[0], [*common[1:], f"output_dir={tmp_path / 'one'}"]))
     two = two.result()
     assert two.returncode == 0, two.stderr[-3000:]
@@ -86,14 +93,17 @@ def test_a_group_of_two_processes_samples_and_trains_online_rounds_as_one_proces
     and two processes of one context-parallel group, which sample the round's groups together (each forward split
     over them, the part written by the group's first) and train on the same units (scored by the toy video world's
 preference, which tells the random model's clips apart). The rounds' clips and rewards
-    agree to float rounding, and the LoRA weights after a round's 2 steps too (learning rate 1; the random model's
-    policy gradients are about 1e-7, so Adam's epsilon is 1e-5 here, far above them, for updates proportional to
-    them as above)."""
+    agree to float rounding, and the LoRA weights after a round's 2 steps too, the group's run stopped after its
+    first step and resumed (learning rate 1; the random model's policy gradients are about 1e-7, so Adam's epsilon
+    is 1e-5 here, far above them, for updates proportional to them as above)."""
     common = [str(ROOT / "configs" / "wan22_grpo.yaml"), *cpu_overrides("wan22_grpo.yaml", recipe_data(tmp_path / "d")),
               "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=0", "train.learning_rate=1.0",
               "train.adam_epsilon=1.0e-5", "train.mixed_precision=no", "train.report_to=none",
               "objective.options.ratio_clip=0.5", "online.reward=toy_video_preference"]
-    one_w, two_w = _one_process_and_a_group_of_two(tmp_path, common, {**os.environ, "OMP_NUM_THREADS": "1"})
+    one_w, two_w = _one_process_and_a_group_of_two(tmp_path, common, {**os.environ, "OMP_NUM_THREADS": "1"},
+                                                   stopped_at=1)
+    assert (tmp_path / "two" / "checkpoints" / "step-0000001").is_dir()
+    assert [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     rounds = [tmp_path / run / "rounds" / "round-00000" for run in ("one", "two")]
     records = [json.loads((folder / "groups.json").read_text()) for folder in rounds]
     assert records[1]["prompts"] == records[0]["prompts"]
