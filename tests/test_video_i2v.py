@@ -88,6 +88,74 @@ def test_wan_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition
     _predict_is_the_call(backbone, kwargs, output, cond, condition)
 
 
+def test_wan22_ti2v_animates_a_first_frame_as_its_image_to_video_pipeline_calls_it():
+    """Wan2.2 TI2V-5B's image mode: WanImageToVideoPipeline with ``expand_timesteps`` on the same components (what
+    ``diffalign eval --sources`` samples with). Its first guided call reads the noisy latents with the first latent
+    frame replaced by the frame's latents (the pipeline's own ``prepare_latents`` condition, which ``encode_sources``
+    equals), the first frame's tokens at timestep 0 and the others at the step's; ``predict`` equals the transformer's
+    output on every later frame, and on the first gives (x_t - c) / sigma, the velocity to the condition, whatever the
+    network: the first frame is out of every loss and every ratio. Without a first frame it is text to video."""
+    from diffalign.diffusion.backbones import WanTI2VBackbone
+
+    pipe = load_pipeline(MODELS / "tiny-wan22-ti2v", random_init=True, seed=0)
+    backbone = backbone_for(pipe, frames=5)
+    assert isinstance(backbone, WanTI2VBackbone) and backbone.max_sources == 1 and backbone.min_sources == 0
+    image_pipe = backbone.pipeline_with_sources(pipe)
+    frame = _frame(0)
+    (kwargs, output), uncond_kwargs = _first_guided_calls(
+        image_pipe, prompt="the ball rolls away", negative_prompt="", image=frame, height=32, width=32,
+        num_frames=5, num_inference_steps=2, guidance_scale=4.0)
+    condition = backbone.encode_sources(_pixels(frame))
+    assert condition.shape == (1, 8, 1, 4, 4) == (1, *backbone.source_shape(backbone.latent_shape(32)))
+    _, by_pipeline, _ = image_pipe.prepare_latents(_pixels(frame), 1, 8, 32, 32, 5, torch.float32, "cpu", None)
+    torch.testing.assert_close(condition, by_pipeline)
+    torch.testing.assert_close(kwargs["hidden_states"][:, :, :1], condition)
+    timestep = kwargs["timestep"]
+    assert timestep.shape == (1, 2 * 2 * 2) and timestep[:, :4].eq(0).all() and timestep[:, 4:].gt(0).all()
+    torch.testing.assert_close(uncond_kwargs["hidden_states"], kwargs["hidden_states"])
+    cond = backbone.encode_prompts(["the ball rolls away"])
+    cond.reference = condition[:, None]
+    noisy = torch.cat([torch.randn(1, 8, 1, 4, 4, generator=torch.Generator().manual_seed(1)),
+                       kwargs["hidden_states"][:, :, 1:]], dim=2)  # the first frame's noise: anything
+    t = timestep[:, -1].float()
+    with torch.no_grad():
+        ours = backbone.predict(noisy, t, cond)
+        text_only = backbone.predict(noisy, t, backbone.encode_prompts(["the ball rolls away"]))
+    torch.testing.assert_close(ours[:, :, 1:], output[:, :, 1:])
+    torch.testing.assert_close(ours[:, :, :1], (noisy[:, :, :1] - condition) / (t / 1000).view(-1, 1, 1, 1, 1))
+    assert (text_only[:, :, 1:] - ours[:, :, 1:]).abs().max() > 1e-4  # the frame read changes the others
+
+
+def test_wan22_ti2v_samples_end_on_the_first_frame_and_train_nothing_through_it():
+    """The flow sampler's steps (deterministic, and with SDE noise) end on the condition in the first frame, as the
+    pipeline puts it back (to within UniPC's integer timesteps: measured 4e-3 at most); a clip whose first frame is the condition has no denoising error there, and the score's
+    gradient does not reach the transformer's first-frame output."""
+    from diffalign.diffusion.likelihood import denoising_scores, noised_group
+    from diffalign.diffusion.logprob import sample_trajectories
+
+    pipe = load_pipeline(MODELS / "tiny-wan22-ti2v", random_init=True, seed=0)
+    backbone = backbone_for(pipe, frames=5)
+    cond = backbone.encode_prompts(["the ball rolls away", "a cat sits"])
+    cond.reference = backbone.encode_sources(torch.cat([_pixels(_frame(0)), _pixels(_frame(1))]))[:, None]
+    noise = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
+    for eta in (0.0, 0.7):
+        final = sample_trajectories(backbone, noise, cond, steps=4, eta=eta,
+                                    generator=torch.Generator().manual_seed(0)).final
+        torch.testing.assert_close(final[:, :, :1], cond.reference[:, 0], atol=1e-2, rtol=0)
+        assert (final[:, :, :1] - noise[:, :, :1]).abs().max() > 1  # it moved there from the noise
+    clips = torch.cat([cond.reference[:, 0], torch.randn(2, 8, 1, 4, 4)], dim=2)  # (2, C, 2, h, w)
+    group = noised_group(clips[:, None], cond, backbone.scheduler, timesteps=torch.tensor([300, 700]),
+                         generator=torch.Generator().manual_seed(0))
+    outputs = []
+    handle = pipe.transformer.register_forward_hook(lambda module, args, kwargs, out: outputs.append(out[0]),
+                                                    with_kwargs=True)
+    scores = denoising_scores(backbone, group)
+    handle.remove()
+    outputs[0].retain_grad()
+    scores.sum().backward()
+    assert outputs[0].grad[:, :, :1].abs().max() == 0 and outputs[0].grad[:, :, 1:].abs().max() > 0
+
+
 def test_hunyuanvideo15_i2v_predict_is_the_pipelines_own_call_on_the_first_frames_condition():
     """HunyuanVideo15ImageToVideoPipeline's first call (5 frames, a 32 px frame, its own size bucket 32 x 32): its latent
     input is the noisy latents, the frame's latents on the first latent frame and zeros after, then a mask channel of

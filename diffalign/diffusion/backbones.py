@@ -372,6 +372,17 @@ class Backbone:
         """The family's pipeline arguments for samples ``height`` x ``width`` pixels."""
         return {"height": height, "width": width}
 
+    def companion_denoisers(self) -> list[nn.Module]:
+        """The frozen denoisers :meth:`predict` calls besides :attr:`denoiser` (a two-expert model's other expert,
+        where one is trained); none by default."""
+        return []
+
+    @staticmethod
+    def pipeline_with_sources(pipe):
+        """The pipeline that samples from source images (``diffalign eval --sources``): ``pipe`` itself, unless the
+        model's image mode is another pipeline class on the same components."""
+        return pipe
+
     @classmethod
     def pipeline_images(cls, images: list):
         """An edit's source images (PIL) as the family's pipeline takes them: one image, or a list of several."""
@@ -960,6 +971,12 @@ class WanBackbone(VideoBackbone):
         split = first_high / len(timesteps)
         return (split, 1.0) if self.expert == "high" else (0.0, split)
 
+    def companion_denoisers(self) -> list[nn.Module]:
+        """The other expert of a two-expert model that trains one: it denoises the steps the trained one does not."""
+        if self.expert in (None, "both"):
+            return []
+        return [getattr(self.pipe, self.EXPERTS["low" if self.expert == "high" else "high"])]
+
     def serves(self, timesteps: Tensor) -> Tensor:
         if self.expert in (None, "both"):
             return super().serves(timesteps)
@@ -1028,7 +1045,7 @@ class WanBackbone(VideoBackbone):
         if self.expert not in (None, "both"):  # both experts: the pair sends each item to its own
             mine = self.serves(timesteps)
             if not bool(mine.all()):
-                other = getattr(self.pipe, self.EXPERTS["low" if self.expert == "high" else "high"])
+                other = self.companion_denoisers()[0]
                 parts = []
                 for chosen, module in ((mine, net), (~mine, other)):
                     rows = chosen.nonzero().squeeze(1)  # indices, not a mask: shapes a fake tensor can follow
@@ -1041,13 +1058,18 @@ class WanBackbone(VideoBackbone):
         return self._call(net, latents, timesteps, cond)
 
     def _call(self, net, latents, timesteps, cond):
+        return net(hidden_states=self._hidden_states(latents, cond), timestep=self._timestep(latents, timesteps, cond),
+                   encoder_hidden_states=cond.embeds, return_dict=False, **self._image_inputs(cond))[0]
+
+    def _timestep(self, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+        """(N,) timesteps as the transformer reads them: one per item, or (N, tokens) one per latent token where
+        the pipeline ``expand_timesteps`` (Wan2.2 TI2V)."""
         timestep = timesteps.to(latents.device)
         if getattr(self.pipe.config, "expand_timesteps", False):
-            n, _, f, h, w = latents.shape
-            patch = self.pipe.transformer.config.patch_size  # net may be a DDP wrapper
-            timestep = timestep[:, None].expand(n, (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
-        return net(hidden_states=self._hidden_states(latents, cond), timestep=timestep,
-                   encoder_hidden_states=cond.embeds, return_dict=False, **self._image_inputs(cond))[0]
+            patch = self.pipe.transformer.config.patch_size  # the denoiser called may be a DDP wrapper
+            f, h, w = latents.shape[2:]
+            timestep = timestep[:, None].expand(len(latents), (f // patch[0]) * (h // patch[1]) * (w // patch[2]))
+        return timestep
 
     def _hidden_states(self, latents: Tensor, cond: Conditioning) -> Tensor:
         """What the transformer reads as its latent input: the noisy latents (text to video)."""
@@ -1086,6 +1108,84 @@ class FirstFrameSource:
         return [to_pil(images[0].float().add(1).div(2)) for images in sources]
 
 
+class WanTI2VBackbone(FirstFrameSource, WanBackbone):
+    """Wan2.2 TI2V-5B (WanPipeline with ``expand_timesteps``): text to video, and from a first frame (an edit's one
+    source, ``data.source_columns``; online, each prompt's row) image to video, as WanImageToVideoPipeline runs the
+    same weights with ``expand_timesteps``: the frame's latents (the causal VAE's one latent frame of it, normalised
+    as latents are) replace the first latent frame of the transformer's input, and that frame's tokens read timestep
+    0 while the others read the step's.
+
+    The pipeline discards the transformer's output on the first frame and puts the condition back after its last
+    step. Here that output is replaced, before any loss or sampler step reads it, by (x_t - c) / sigma, the velocity
+    that takes the noisy first frame x_t to the condition c (flow matching: x_t = (1 - sigma) x_0 + sigma eps, velocity
+    eps - x_0). It is computed without the network, so it is the same for the policy, the reference and the sampler:
+
+    - no gradient flows through the first frame, and an item whose first frame is the condition has no error there:
+      the first frame's loss is masked out, as the model's own training masks it (the error's mean over elements
+      still counts them, a constant factor (F' - 1) / F' on the loss of F' latent frames);
+    - a sampler step's mean there is the same under every model, so log-probability ratios read the other frames
+      only, and the last step lands on c, where the pipeline puts it back, up to the sampler's integer timesteps
+      (UniPC's t is 1000 sigma rounded down, so sigma here is off by up to 1e-3, and so is the landing, relative to
+      the last step's distance from c).
+
+    Without a first frame it is WanBackbone's text to video. ``diffalign eval --sources`` samples through
+    WanImageToVideoPipeline built from the same components (:meth:`pipeline_with_sources`)."""
+
+    min_sources = 0  # text to video without one
+    source_role = "starts each clip from a first-frame image, or from text alone"
+
+    @property
+    def source_cache_kind(self) -> str:
+        """The frame's own latents, whatever the clip length: an image's cache entry serves."""
+        return "latent"
+
+    def source_shape(self, latent_shape):
+        return (latent_shape[0], 1, *latent_shape[2:])
+
+    @torch.no_grad()
+    def encode_sources(self, pixels: Tensor) -> Tensor:
+        """First frames (N, 3, H, W) in [-1, 1] -> their normalised latents (N, C, 1, h, w), the VAE's mode, as the
+        pipeline's ``prepare_latents`` encodes ``image`` (``sample_mode="argmax"``)."""
+        return self.encode_images(pixels)
+
+    def _hidden_states(self, latents, cond):
+        """The noisy latents, their first frame replaced by the condition when there is one."""
+        if cond.reference is None:
+            return latents
+        return torch.cat([self.first_frame_condition(cond, latents.dtype), latents[:, :, 1:]], dim=2)
+
+    def _call(self, net, latents, timesteps, cond):
+        out = super()._call(net, latents, timesteps, cond)
+        if cond.reference is None:
+            return out
+        sigma = (timesteps.to(latents.device).float() / self.pipe.scheduler.config.num_train_timesteps).clamp_min(1e-4)
+        first = (latents[:, :, :1].float() - self.first_frame_condition(cond, torch.float32)) / sigma.view(-1, 1, 1, 1, 1)
+        return torch.cat([first.to(out.dtype), out[:, :, 1:]], dim=2)
+
+    def _timestep(self, latents, timesteps, cond):
+        """Every token the step's timestep, the first frame's 0 when it is the condition (the pipeline's
+        ``first_frame_mask * t``)."""
+        timestep = super()._timestep(latents, timesteps, cond)
+        if cond.reference is None:
+            return timestep
+        patch = self.pipe.transformer.config.patch_size
+        first = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])  # the first latent frame's tokens
+        return torch.cat([torch.zeros_like(timestep[:, :first]), timestep[:, first:]], dim=1)
+
+    def companion_denoisers(self) -> list[nn.Module]:
+        """The frozen denoisers :meth:`predict` calls besides :attr:`denoiser` (a two-expert model's other expert,
+        where one is trained); none by default."""
+        return []
+
+    @staticmethod
+    def pipeline_with_sources(pipe):
+        """WanImageToVideoPipeline with ``expand_timesteps`` on ``pipe``'s components: the same model's image mode."""
+        from diffusers import WanImageToVideoPipeline
+
+        return WanImageToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                       scheduler=pipe.scheduler, transformer=pipe.transformer, expand_timesteps=True)
+
+
 class WanI2VBackbone(FirstFrameSource, WanBackbone):
     """Wan2.1 I2V and Wan2.2 I2V A14B (WanImageToVideoPipeline): Wan's text-to-video transformer reading a first frame
     beside the noisy latents, as the pipeline feeds it (``prepare_latents``): the frame followed by black frames,
@@ -1098,16 +1198,12 @@ class WanI2VBackbone(FirstFrameSource, WanBackbone):
     depends on the clip length, so the latent cache keys it by the frames; Wan2.1's image tokens join the prompt's
     conditioning (:attr:`prompt_reads_sources`). The image tokens are split from the text's at 512 text tokens in
     diffusers' attention processor, so Wan2.1 I2V reads its prompts at 512 tokens. Wan2.2 TI2V-5B's image mode (a
-    first latent frame held clean at timestep 0) is not built: train its text-to-video pipeline (WanPipeline)."""
+    first latent frame held clean at timestep 0) is :class:`WanTI2VBackbone`."""
 
     family = "wan-i2v"
 
     def __init__(self, pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
                  prompt_tokens: int | None = None) -> None:
-        if getattr(pipe.config, "expand_timesteps", False):
-            raise UserError("WanImageToVideoPipeline with expand_timesteps (Wan2.2 TI2V-5B's image mode, its first "
-                            "latent frame held clean at timestep 0) is not built; train the model's text-to-video "
-                            "pipeline (WanPipeline in its model_index.json)")
         if getattr(pipe, "image_encoder", None) is not None and prompt_tokens not in (None, 512):
             raise UserError(f"model.prompt_tokens={prompt_tokens}: Wan2.1 I2V's attention splits its CLIP image "
                             "tokens from the text at 512 text tokens (diffusers' WanAttnProcessor); leave "
@@ -1340,16 +1436,24 @@ def pixel_multiple(folder: Path) -> int | None:
         return None
 
 
-def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
-                 prompt_tokens: int | None = None) -> Backbone:
-    """The adapter for a diffusers pipeline, chosen by its class name (:class:`Backbone` for the options)."""
+def backbone_class(pipe) -> type[Backbone]:
+    """The adapter class for a diffusers pipeline, by its class name; a WanPipeline that ``expand_timesteps`` is
+    Wan2.2 TI2V-5B, which also animates a first frame (:class:`WanTI2VBackbone`)."""
     name = type(pipe).__name__
     if name not in BACKBONES:
         raise UserError(
             f"diffalign has no adapter for {name}; supported pipelines: {', '.join(sorted(BACKBONES))}"
         )
-    return BACKBONES[name](pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
-                           prompt_tokens=prompt_tokens)
+    if name in ("WanPipeline", "WanImageToVideoPipeline") and getattr(pipe.config, "expand_timesteps", False):
+        return WanTI2VBackbone
+    return BACKBONES[name]
+
+
+def backbone_for(pipe, *, distilled_guidance: float = 3.5, frames: int = 0, expert: str | None = None,
+                 prompt_tokens: int | None = None) -> Backbone:
+    """The adapter for a diffusers pipeline (:func:`backbone_class`; :class:`Backbone` for the options)."""
+    return backbone_class(pipe)(pipe, distilled_guidance=distilled_guidance, frames=frames, expert=expert,
+                                prompt_tokens=prompt_tokens)
 
 
 def check_sources(backbone: Backbone, source_columns: list[str], validation_every: int = 0) -> None:

@@ -150,8 +150,10 @@ class StepRule:
         if self.flow:
             sigma, nxt = self.sigmas[k].item(), self.sigmas[k + 1].item()
             dt = nxt - sigma
-            # at sigma = 1 the ratio diverges; Flow-GRPO uses the next sigma there
-            std_t = eta * math.sqrt(sigma / (1 - (self.sigmas[1].item() if sigma >= 1 else sigma)))
+            # at sigma = 1 the ratio diverges, and Flow-GRPO uses the grid's second sigma there; a grid that starts
+            # just below 1 (UniPC's for Wan: 1 - 1e-6, where the step's std would be eta x 1000) starts above its
+            # second sigma all the same, so any sigma above it takes it
+            std_t = eta * math.sqrt(sigma / (1 - min(sigma, self.sigmas[1].item())))
             mean = x + (output + std_t ** 2 / (2 * sigma) * (x + (1 - sigma) * output)) * dt
             return mean, torch.tensor(std_t * math.sqrt(-dt))
         t = int(self.timesteps[k])

@@ -15,7 +15,7 @@ from PIL import Image
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from diffalign.diffusion.backbones import BACKBONES, Backbone, sliced_decoding
+from diffalign.diffusion.backbones import BACKBONES, Backbone, backbone_class, sliced_decoding
 from diffalign.errors import UserError
 
 
@@ -49,7 +49,9 @@ def generate(
     if len(prompts) != len(seeds) or (sources is not None and len(sources) != len(prompts)):
         raise ValueError(f"got {len(prompts)} prompts, {len(seeds)} seeds and "
                          f"{'no' if sources is None else len(sources)} sources; give one seed (and sources) per image")
-    family = BACKBONES.get(type(pipe).__name__, Backbone)
+    family = backbone_class(pipe) if type(pipe).__name__ in BACKBONES else Backbone
+    if sources is not None:
+        pipe = family.pipeline_with_sources(pipe)
     if frames and not family.video:
         raise UserError(f"{type(pipe).__name__} makes images, not clips of {frames} frames: leave --frames (frames) "
                         "out for an image model")

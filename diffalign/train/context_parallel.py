@@ -111,16 +111,17 @@ def _split_inputs(plan) -> dict[str, ContextParallelInput]:
             if isinstance(key, str) and isinstance(p, ContextParallelInput) and not p.split_output}
 
 
-def enable_context_parallel(denoiser: nn.Module, reference: nn.Module | None, degree: int, num_processes: int,
+def enable_context_parallel(denoiser: nn.Module, frozen: list, degree: int, num_processes: int,
                             device: torch.device) -> None:
-    """Split each diffusers transformer of the trained ``denoiser`` and of a frozen ``reference`` copy (None, or not a
-    module: a LoRA run's reference is the denoiser itself) over groups of ``degree`` processes, one device mesh
-    ``(data, 1, degree)`` for all of them; a denoiser that cannot be split is refused first
-    (:func:`check_splittable`)."""
+    """Split each diffusers transformer of the trained ``denoiser`` and of the ``frozen`` models the run also calls
+    (a frozen reference copy; the other expert of a Wan2.2 run that trains one, which denoises the other steps;
+    entries that are None or not modules are skipped: a LoRA run's reference is the denoiser itself) over groups of
+    ``degree`` processes, one device mesh ``(data, 1, degree)`` for all of them; a denoiser that cannot be split
+    is refused first (:func:`check_splittable`)."""
     check_splittable(denoiser, degree)
     mesh = init_device_mesh(device.type, (num_processes // degree, 1, degree),
                             mesh_dim_names=("data", "ring", "ulysses"))
-    models = [denoiser] + ([reference] if isinstance(reference, nn.Module) else [])
+    models = [denoiser] + [model for model in frozen if isinstance(model, nn.Module)]
     for transformer in (t for model in models for t in parallel_transformers(model)):
         for name, plan in transformer._cp_plan.items():
             splits = _split_inputs(plan)
