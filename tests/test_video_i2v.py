@@ -127,25 +127,31 @@ def test_wan22_ti2v_animates_a_first_frame_as_its_image_to_video_pipeline_calls_
 
 
 def test_wan22_ti2v_samples_end_on_the_first_frame_and_train_nothing_through_it():
-    """The flow sampler's steps (deterministic, and with SDE noise) end on the condition in the first frame, as the
-    pipeline puts it back (to within UniPC's integer timesteps: measured 4e-3 at most); a clip whose first frame is the condition has no denoising error there, and the score's
+    """The flow sampler's deterministic steps end on the condition in the first frame (to within UniPC's integer
+    timesteps: measured 4e-3 at most), and with SDE noise the rounds put it back as the pipeline does; a clip whose first frame is the condition has no denoising error there, and the score's
     gradient does not reach the transformer's first-frame output."""
     from diffalign.diffusion.likelihood import denoising_scores, noised_group
     from diffalign.diffusion.logprob import sample_trajectories
+    from diffalign.diffusion.schedule import schedule_for
 
     pipe = load_pipeline(MODELS / "tiny-wan22-ti2v", random_init=True, seed=0)
     backbone = backbone_for(pipe, frames=5)
     cond = backbone.encode_prompts(["the ball rolls away", "a cat sits"])
     cond.reference = backbone.encode_sources(torch.cat([_pixels(_frame(0)), _pixels(_frame(1))]))[:, None]
     noise = torch.randn(2, *backbone.latent_shape(32), generator=torch.Generator().manual_seed(0))
-    for eta in (0.0, 0.7):
-        final = sample_trajectories(backbone, noise, cond, steps=4, eta=eta,
-                                    generator=torch.Generator().manual_seed(0)).final
-        torch.testing.assert_close(final[:, :, :1], cond.reference[:, 0], atol=1e-2, rtol=0)
-        assert (final[:, :, :1] - noise[:, :, :1]).abs().max() > 1  # it moved there from the noise
+    final = sample_trajectories(backbone, noise, cond, steps=4, eta=0.0).final
+    torch.testing.assert_close(final[:, :, :1], cond.reference[:, 0], atol=1e-2, rtol=0)
+    assert (final[:, :, :1] - noise[:, :, :1]).abs().max() > 1  # it moved there from the noise
+    noisy = sample_trajectories(backbone, noise, cond, steps=4, eta=0.7, generator=torch.Generator().manual_seed(0))
+    assert noisy.latents.abs().max() < 10  # the first step's noise finite on UniPC's grid, which starts below 1
+    finished = backbone.finish_sample(noisy.final, cond)
+    assert finished[:, :, :1].equal(cond.reference[:, 0]) and finished[:, :, 1:].equal(noisy.final[:, :, 1:])
     clips = torch.cat([cond.reference[:, 0], torch.randn(2, 8, 1, 4, 4)], dim=2)  # (2, C, 2, h, w)
-    group = noised_group(clips[:, None], cond, backbone.scheduler, timesteps=torch.tensor([300, 700]),
+    group = noised_group(clips[:, None], cond, schedule_for(backbone.scheduler), timesteps=torch.tensor([300, 700]),
                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prediction = backbone.predict(group.noisy, group.model_timesteps, group.cond)
+    torch.testing.assert_close(prediction[:, :, :1], group.target[:, :, :1], atol=1e-4, rtol=0)
     outputs = []
     handle = pipe.transformer.register_forward_hook(lambda module, args, kwargs, out: outputs.append(out[0]),
                                                     with_kwargs=True)
@@ -210,11 +216,12 @@ def _i2v_run(tmp_path: Path, model: str, recipe: str, data: Path, *extra: str) -
 
 
 @pytest.mark.parametrize("model, extra", [("tiny-wan21-i2v", ()), ("tiny-wan22-i2v", ("model.expert=low",)),
-                                          ("tiny-hunyuanvideo15-i2v", ())])
+                                          ("tiny-hunyuanvideo15-i2v", ()), ("tiny-wan22-ti2v", ())])
 def test_dpo_trains_wan_i2v_on_clip_pairs_from_their_first_frame_with_the_conditions_cached(model, extra, tmp_path):
     """Diffusion-DPO from configs/wan21_dpo.yaml on pairs of 5-frame clips with a first-frame column: two steps move the
     LoRA and log a finite loss; with data.cache_dir each first frame is cached as its condition for 5-frame clips
-    (beside the clips' latents and the prompts), and a run of 9-frame clips encodes its own conditions."""
+    (beside the clips' latents and the prompts), and a run of 9-frame clips encodes its own conditions (Wan2.2 TI2V's
+    is the frame's own latents, whatever the clip length: the 5-frame run's serve)."""
     from safetensors.torch import load_file
 
     from diffalign.recipes.samples import pickapic_parquet
@@ -231,10 +238,11 @@ def test_dpo_trains_wan_i2v_on_clip_pairs_from_their_first_frame_with_the_condit
     nine = pickapic_parquet(tmp_path / "nine.parquet", 4, frames=9, sources=("source",))
     _i2v_run(tmp_path / "nine", model, "wan21_dpo.yaml", nine, f"data.cache_dir={cache}", "data.frames=9",
              "train.max_steps=1", *extra)
-    assert len(TensorCache(cache)) == entries + 2 * 2 + 2  # new clips and conditions; the prompts were cached
+    conditions = 0 if model == "tiny-wan22-ti2v" else 2
+    assert len(TensorCache(cache)) == entries + 2 * 2 + conditions  # new clips (and conditions); the prompts were cached
 
 
-@pytest.mark.parametrize("model", ["tiny-wan21-i2v", "tiny-wan22-i2v", "tiny-hunyuanvideo15-i2v"])
+@pytest.mark.parametrize("model", ["tiny-wan21-i2v", "tiny-wan22-i2v", "tiny-hunyuanvideo15-i2v", "tiny-wan22-ti2v"])
 def test_guided_grpo_rounds_animate_each_rows_first_frame_and_train_on_what_they_sampled_with(model, tmp_path):
     """Flow-GRPO on a table of prompts with a first frame each, guidance 4: every group samples clips from its row's
     frame (saved beside them), the round keeps the frames' conditions, and the first step's policy ratio, before any
@@ -254,15 +262,16 @@ def test_guided_grpo_rounds_animate_each_rows_first_frame_and_train_on_what_they
     round_dir = next(run.glob("rounds/round*"))
     assert sorted(p.name for p in (round_dir / "images").glob("*source*")) == ["group0000-source0.png",
                                                                                   "group0001-source0.png"]
-    channels = 5 if model == "tiny-hunyuanvideo15-i2v" else 8  # its condition: 4 latent channels and the mask
-    assert load_file(str(round_dir / "trajectories.safetensors"))["reference"].shape == (2, 1, channels, 2, 8, 8)
+    shape = {"tiny-hunyuanvideo15-i2v": (5, 2, 8, 8),  # its condition: 4 latent channels and the mask
+             "tiny-wan22-ti2v": (8, 1, 4, 4)}.get(model, (8, 2, 8, 8))  # TI2V's: the frame's own latents
+    assert load_file(str(round_dir / "trajectories.safetensors"))["reference"].shape == (2, 1, *shape)
 
 
-@pytest.mark.parametrize("name", ["tiny-wan21-i2v", "tiny-hunyuanvideo15-i2v"])
+@pytest.mark.parametrize("name", ["tiny-wan21-i2v", "tiny-hunyuanvideo15-i2v", "tiny-wan22-ti2v"])
 def test_eval_animates_each_rows_first_frame_and_the_report_shows_it_above_the_clips(name, tmp_path, capsys):
-    """`diffalign eval --sources first_frame --frames 5` on Wan2.1 I2V and HunyuanVideo 1.5 I2V: every clip starts from
-    its row's frame through the pipeline's ``image`` argument, and the report shows each row's frame, then plays its
-    clips."""
+    """`diffalign eval --sources first_frame --frames 5` on Wan2.1 I2V, HunyuanVideo 1.5 I2V and Wan2.2 TI2V (its
+    WanPipeline folder sampled through WanImageToVideoPipeline): every clip starts from its row's frame through the
+    pipeline's ``image`` argument, and the report shows each row's frame, then plays its clips."""
     from diffalign.cli import main
     from diffalign.recipes.samples import pickapic_parquet
 
@@ -302,11 +311,11 @@ def _every_i2v_objective() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-wan21-i2v"])
+@pytest.mark.parametrize("model", ["tiny-wan21-i2v", "tiny-wan22-ti2v"])
 @pytest.mark.parametrize("objective", _every_i2v_objective())
 def test_every_objective_that_trains_edits_trains_i2v_on_clips_from_first_frames(objective, model, first_frames,
                                                                                  tmp_path):
-    """Each objective's toy recipe on tiny Wan2.1 I2V: the offline ones on clips with their first frames, the online
+    """Each objective's toy recipe on tiny Wan2.1 I2V and Wan2.2 TI2V's image mode: the offline ones on clips with their first frames, the online
     ones on rounds that animate each prompt's first frame. HunyuanVideo 1.5 I2V, whose condition and image tokens
     reach every objective through the same backbone calls, trains DPO and guided Flow-GRPO in the tests above."""
     from test_every_backbone import DATA, _trains

@@ -377,6 +377,11 @@ class Backbone:
         where one is trained); none by default."""
         return []
 
+    def finish_sample(self, latents: Tensor, cond: Conditioning) -> Tensor:
+        """A sampler's last latents as the pipeline hands them to its VAE after its last step: unchanged, unless the
+        model puts a condition back (Wan2.2 TI2V's first frame)."""
+        return latents
+
     @staticmethod
     def pipeline_with_sources(pipe):
         """The pipeline that samples from source images (``diffalign eval --sources``): ``pipe`` itself, unless the
@@ -1124,9 +1129,9 @@ class WanTI2VBackbone(FirstFrameSource, WanBackbone):
       the first frame's loss is masked out, as the model's own training masks it (the error's mean over elements
       still counts them, a constant factor (F' - 1) / F' on the loss of F' latent frames);
     - a sampler step's mean there is the same under every model, so log-probability ratios read the other frames
-      only, and the last step lands on c, where the pipeline puts it back, up to the sampler's integer timesteps
-      (UniPC's t is 1000 sigma rounded down, so sigma here is off by up to 1e-3, and so is the landing, relative to
-      the last step's distance from c).
+      only; the deterministic steps land near c (up to the sampler's integer timesteps: UniPC's t is 1000 sigma
+      rounded down, so sigma here is off by up to 1e-3), and the rounds decode their clips with c put back
+      (:meth:`finish_sample`), as the pipeline does after its last step, noisy steps or not.
 
     Without a first frame it is WanBackbone's text to video. ``diffalign eval --sources`` samples through
     WanImageToVideoPipeline built from the same components (:meth:`pipeline_with_sources`)."""
@@ -1172,10 +1177,12 @@ class WanTI2VBackbone(FirstFrameSource, WanBackbone):
         first = (latents.shape[3] // patch[1]) * (latents.shape[4] // patch[2])  # the first latent frame's tokens
         return torch.cat([torch.zeros_like(timestep[:, :first]), timestep[:, first:]], dim=1)
 
-    def companion_denoisers(self) -> list[nn.Module]:
-        """The frozen denoisers :meth:`predict` calls besides :attr:`denoiser` (a two-expert model's other expert,
-        where one is trained); none by default."""
-        return []
+    def finish_sample(self, latents, cond):
+        """The first frame put back to the condition (the pipeline's last line before decoding)."""
+        if cond.reference is None:
+            return latents
+        return torch.cat([self.first_frame_condition(cond, latents.dtype).to(latents.device), latents[:, :, 1:]],
+                         dim=2)
 
     @staticmethod
     def pipeline_with_sources(pipe):

@@ -287,7 +287,8 @@ class OnlineRounds(RoundDriver):
                                              denoiser=self.objective.sampling_denoiser(),
                                              stochastic=stochastic, sampler=obj.sampler,
                                              record_means=self.objective.keeps_step_means)
-            images = backbone.decode_latents(trajectory.final.to(acc.device)).float().cpu().add(1).div(2)
+            final = backbone.finish_sample(trajectory.final.to(acc.device), cond)
+            images = backbone.decode_latents(final).float().cpu().add(1).div(2)
             error = self._ratio_error(trajectory, cond, uncond) if check_ratio and self.objective.keeps_trajectories \
                 else None
         means = None if trajectory.means is None else trajectory.means.cpu().contiguous()
