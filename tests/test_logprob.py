@@ -81,6 +81,26 @@ def test_flow_step_is_flow_grpo_sde_by_hand():
     assert rule.sigmas[-1] == 0 and rule.sigmas[0] == 1
 
 
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-wan"])
+def test_the_first_flow_step_takes_the_second_sigma_where_the_grid_starts_at_or_just_below_1(model):
+    """Flow-GRPO's SDE divides by 1 - sigma and uses the grid's second sigma at sigma = 1 (SD3's grid starts there);
+    Wan's UniPC grid starts at 1 - 1e-6, where the same rule read literally gives a std of eta x 1000 and the first
+    step throws the latents out by 1e4. Both grids take the second sigma at their first step."""
+    from diffalign.diffusion.logprob import StepRule
+
+    pipe = load_pipeline(ROOT / "assets/models" / model, random_init=True)
+    backbone = backbone_for(pipe, frames=5) if model == "tiny-wan" else backbone_for(pipe)
+    shape = backbone.latent_shape(32)
+    rule = StepRule(backbone, 8, 0.7, shape)
+    sigma, second = rule.sigmas[0].item(), rule.sigmas[1].item()
+    assert 1 - 1e-5 < sigma <= 1 and (model == "tiny-wan") == (sigma < 1)
+    x, v = torch.randn(1, *shape), torch.randn(1, *shape)
+    mean, std = rule.distribution(0, x, v)
+    std_t = 0.7 * math.sqrt(sigma / (1 - second))
+    assert std.item() == pytest.approx(std_t * math.sqrt(sigma - second), rel=1e-6) and std.item() < 1
+    torch.testing.assert_close(mean, x + (v + std_t ** 2 / (2 * sigma) * (x + (1 - sigma) * v)) * (second - sigma))
+
+
 def test_d3po_step_loss_is_dpo_on_clipped_log_ratios_by_hand():
     from diffalign.objectives.d3po import d3po_step_loss
 
