@@ -108,6 +108,32 @@ def test_online_dpo_trains_on_the_policys_own_judgement(tmp_path, judge_lm):
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_under_fsdp2_both_processes_judge_the_round_in_step(tmp_path, judge_lm):
+    """Two FSDP2 processes (configs/accelerate/fsdp2.yaml's environment): the policy's forwards need both, so both
+    sample and judge the round; the main process's tables are one process's, to float rounding."""
+    import sys
+
+    from fixtures import Started, launch_env
+
+    from diffalign.paths import ROOT
+
+    folder = judge_lm[0]
+    common = [f"model.path={folder}", "online.reward=self_judge", "objective.loss=soft_dpo",
+              "objective.options.pairs=all", "train.lora_rank=0", *SMALL]
+    two = Started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "diffalign", "train", str(CONFIGS / "toy_lm_online_dpo.yaml"), *common, "train.batch_size=2",
+                   f"output_dir={tmp_path / 'two'}"], env=launch_env(ROOT / "configs/accelerate/fsdp2.yaml"))
+    train(load_config(CONFIGS / "toy_lm_online_dpo.yaml", [*common, f"output_dir={tmp_path / 'one'}"]))
+    done = two.result()
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, sharded = (json.loads((tmp_path / run / "rounds" / "round-00000" / "groups.json").read_text())
+                    for run in ("one", "two"))
+    assert sharded["completions"] == one["completions"]
+    torch.testing.assert_close(torch.tensor(sharded["preferences"]), torch.tensor(one["preferences"]), atol=1e-4,
+                               rtol=0)
+
+
 def test_a_judge_that_cannot_judge_says_why(tmp_path, judge_lm):
     folder, model, tokenizer = judge_lm
     with pytest.raises(UserError, match="one known token"):
