@@ -165,7 +165,9 @@ class OnlineRounds(RoundDriver):
             self.prompts = self.edits.captions
         else:
             self.prompts = None if real is not None else read_prompts(config.online.prompts)
-        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) for spec in reward_specs(config.online.reward)}
+        # the reward models, on the processes that score (a context-parallel group's first: its others hold None)
+        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) if self.writes else None
+                        for spec in reward_specs(config.online.reward)}
         comparing = [name for name, model in self.rewards.items() if getattr(model, "reads_sources", False)]
         if comparing and self.edits is None:
             raise UserError(f"online.reward {', '.join(comparing)} compares each edit with its source image, and this "
