@@ -57,6 +57,9 @@ def test_wandb_offline_gets_the_same(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     _toy_run(tmp_path, "wandb")
+    import wandb
+
+    wandb.teardown()  # the run's records reach its file from wandb's service process, done only once it stops
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     assert len(list((offline / "files" / "media" / "images").glob("validation/samples_*.png"))) == 3  # steps 0-2
     record = next(offline.glob("run-*.wandb")).read_bytes()  # protobuf records keep their strings as written
