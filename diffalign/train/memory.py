@@ -60,52 +60,6 @@ class LiveStorage(TorchDispatchMode):
         return out
 
 
-class MasksKeepEveryToken(TorchDispatchMode):
-    """Selections by boolean masks, answered on fake tensors as if every mask kept all it covers.
-
-    A boolean mask's selection has as many rows as the mask holds True values, which fake tensors do not hold, so
-    they stop there (``DynamicOutputShapeException``). HunyuanVideo 1.5's transformer selects so when it reorders its
-    text and image tokens, the valid ones first (``x[mask]``, then ``x[~mask]``). Here such a selection keeps every row
-    of a mask and none of a mask's complement (the ``~`` of a mask seen earlier), so the reordered sequence has its
-    full length, as it has whatever the masks hold; only the two selections between differ from a real step's, by
-    at most the text's own size. The backward's scatters through the same masks return their input's shape, as
-    they do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._complements: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch._subclasses.fake_tensor import DynamicOutputShapeException
-
-        kwargs = kwargs or {}
-        try:
-            out = func(*args, **kwargs)
-        except DynamicOutputShapeException:
-            return self._every_row_kept(func, args)
-        if func in (torch.ops.aten.bitwise_not.default, torch.ops.aten.logical_not.default) \
-                and out.dtype == torch.bool:
-            self._complements.add(id(out))
-            weakref.finalize(out, self._complements.discard, id(out))
-        return out
-
-    def _rows(self, mask: torch.Tensor) -> int:
-        return 0 if id(mask) in self._complements else mask.numel()
-
-    def _every_row_kept(self, func, args):
-        aten = torch.ops.aten
-        if func is aten.index.Tensor and len(args[1]) == 1 and args[1][0].dtype == torch.bool:
-            x, (mask,) = args
-            return x.new_empty((self._rows(mask), *x.shape[mask.dim():]))
-        if func is aten.nonzero.default:
-            return args[0].new_empty((self._rows(args[0]), args[0].dim()), dtype=torch.long)
-        if func in (aten.index_put_.default, aten._index_put_impl_.default):
-            return args[0]
-        if func is aten.index_put.default:
-            return args[0].clone()
-        raise
-
-
 def optimizer_state(params: list[torch.Tensor], adam_8bit: bool) -> list[torch.Tensor]:
     """The tensors AdamW keeps per trained tensor (see the module docstring for the 8-bit rule)."""
     state = []
@@ -459,7 +413,7 @@ def _step_memory(config, objective_cls, backbone, reference, modules: list[torch
         else [*modules, *extra, *teacher]
     weights = [t for m in on_gpu if m is not None for t in (*m.parameters(), *m.buffers())]
     tracker = LiveStorage()
-    with tracker, MasksKeepEveryToken():
+    with tracker:
         tracker.add(*weights, *batch_cond.tensors().values(), latents, *randomness.values(),
                     *(t for t in targets.values() if isinstance(t, torch.Tensor)))
         states = optimizer_state(params, tc.adam_8bit)
