@@ -1153,11 +1153,16 @@ class WanTI2VBackbone(FirstFrameSource, WanBackbone):
         pipeline's ``prepare_latents`` encodes ``image`` (``sample_mode="argmax"``)."""
         return self.encode_images(pixels)
 
-    def _hidden_states(self, latents, cond):
-        """The noisy latents, their first frame replaced by the condition when there is one."""
+    def _condition_first(self, latents: Tensor, cond: Conditioning) -> Tensor:
+        """``latents`` with their first frame replaced by the condition when there is one."""
         if cond.reference is None:
             return latents
-        return torch.cat([self.first_frame_condition(cond, latents.dtype), latents[:, :, 1:]], dim=2)
+        first = self.first_frame_condition(cond, latents.dtype).to(latents.device)
+        return torch.cat([first, latents[:, :, 1:]], dim=2)
+
+    def _hidden_states(self, latents, cond):
+        """The noisy latents, their first frame the condition (:meth:`_condition_first`)."""
+        return self._condition_first(latents, cond)
 
     def _call(self, net, latents, timesteps, cond):
         out = super()._call(net, latents, timesteps, cond)
@@ -1179,10 +1184,7 @@ class WanTI2VBackbone(FirstFrameSource, WanBackbone):
 
     def finish_sample(self, latents, cond):
         """The first frame put back to the condition (the pipeline's last line before decoding)."""
-        if cond.reference is None:
-            return latents
-        return torch.cat([self.first_frame_condition(cond, latents.dtype).to(latents.device), latents[:, :, 1:]],
-                         dim=2)
+        return self._condition_first(latents, cond)
 
     @staticmethod
     def pipeline_with_sources(pipe):

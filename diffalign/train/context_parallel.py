@@ -40,10 +40,12 @@ from diffalign.errors import UserError
 
 @dataclass(frozen=True)
 class DataShare:
-    """This process's place among the data-parallel groups: its group's ``index`` of ``count`` groups."""
+    """This process's place among the data-parallel groups: its group's ``index`` of ``count`` groups, and whether
+    it is the group's ``first`` process (the one whose copy of what the group makes together is kept)."""
 
     index: int
     count: int
+    first: bool
 
 
 def data_share(process_index: int, num_processes: int, degree: int) -> DataShare:
@@ -52,7 +54,7 @@ def data_share(process_index: int, num_processes: int, degree: int) -> DataShare
         raise UserError(f"train.context_parallel={degree} splits each sample over {degree} processes: the run's "
                         f"{num_processes} processes must be a multiple of it (launch {degree} x the data-parallel "
                         "processes you want)")
-    return DataShare(process_index // degree, num_processes // degree)
+    return DataShare(process_index // degree, num_processes // degree, process_index % degree == 0)
 
 
 def parallel_transformers(denoiser: nn.Module) -> list[nn.Module]:
@@ -111,16 +113,19 @@ def _split_inputs(plan) -> dict[str, ContextParallelInput]:
             if isinstance(key, str) and isinstance(p, ContextParallelInput) and not p.split_output}
 
 
-def enable_context_parallel(denoiser: nn.Module, frozen: list, degree: int, num_processes: int,
+def enable_context_parallel(backbone, reference: nn.Module | None, degree: int, num_processes: int,
                             device: torch.device) -> None:
-    """Split each diffusers transformer of the trained ``denoiser`` and of the ``frozen`` models the run also calls
-    (a frozen reference copy; the other expert of a Wan2.2 run that trains one, which denoises the other steps;
-    entries that are None or not modules are skipped: a LoRA run's reference is the denoiser itself) over groups of
-    ``degree`` processes, one device mesh ``(data, 1, degree)`` for all of them; a denoiser that cannot be split
-    is refused first (:func:`check_splittable`)."""
+    """Split each diffusers transformer the run calls over groups of ``degree`` processes, one device mesh
+    ``(data, 1, degree)`` for all of them: the backbone's trained denoiser, the frozen ones it calls beside it (the
+    other expert of a Wan2.2 run that trains one, which denoises the other steps:
+    :meth:`~diffalign.diffusion.backbones.Backbone.companion_denoisers`) and a frozen ``reference`` copy (None, or not
+    a module: a LoRA run's reference is the denoiser itself). A denoiser that cannot be split is refused first
+    (:func:`check_splittable`)."""
+    denoiser = backbone.denoiser
     check_splittable(denoiser, degree)
     mesh = init_device_mesh(device.type, (num_processes // degree, 1, degree),
                             mesh_dim_names=("data", "ring", "ulysses"))
+    frozen = [reference, *backbone.companion_denoisers()]
     models = [denoiser] + [model for model in frozen if isinstance(model, nn.Module)]
     for transformer in (t for model in models for t in parallel_transformers(model)):
         for name, plan in transformer._cp_plan.items():

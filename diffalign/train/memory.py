@@ -358,9 +358,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     modules = materialise(backbone, [reference] if reference is not None else [], fake)
     with one_of_a_context_parallel_group(tc.context_parallel):
         if tc.context_parallel > 1:
-            enable_context_parallel(backbone.denoiser, [reference, *backbone.companion_denoisers()],
-                                    tc.context_parallel, tc.context_parallel,
-                                    torch.device("cpu"))
+            enable_context_parallel(backbone, reference, tc.context_parallel, tc.context_parallel, torch.device("cpu"))
         return _step_memory(config, objective_cls, backbone, reference, modules, list_size, every_step)
 
 

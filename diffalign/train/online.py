@@ -145,9 +145,8 @@ class OnlineRounds(RoundDriver):
         context_parallel.data_share`)."""
         super().__init__(config, output_dir, accelerator)
         self.backbone, self.objective = backbone, objective
-        degree = config.train.context_parallel
-        self.share = data_share(accelerator.process_index, accelerator.num_processes, degree)
-        self.writes = accelerator.process_index % degree == 0  # the first process of its group
+        self.share = data_share(accelerator.process_index, accelerator.num_processes, config.train.context_parallel)
+        self.writes = self.share.first
         self.group_size = objective.round_group_size(config)
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared

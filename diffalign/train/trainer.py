@@ -301,8 +301,7 @@ class PreferenceTrainer:
         self.module = self.backbone.denoiser
         degree = self.config.train.context_parallel
         if degree > 1:
-            enable_context_parallel(self.module, [self.reference, *self.backbone.companion_denoisers()], degree,
-                                    self.accelerator.num_processes,
+            enable_context_parallel(self.backbone, self.reference, degree, self.accelerator.num_processes,
                                     self.accelerator.device)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         cache_dir = self.config.data.cache_dir

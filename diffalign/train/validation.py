@@ -78,8 +78,7 @@ class Validator:
             scores = {r.name: score_media(r, images, prompts).tolist() for r in self.rewards}
             as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8)  # what the grid keeps anyway
             done = [(i, as_bytes[k], {name: values[k] for name, values in scores.items()}) for k, i in enumerate(mine)]
-        kept = processes.process_index % group == 0  # a group's first process's copy
-        done = sorted(gather_object(done if kept else []), key=lambda item: item[0])
+        done = sorted(gather_object(done if share.first else []), key=lambda item: item[0])
         if not processes.is_main_process:
             return {}
         self.samples.mkdir(parents=True, exist_ok=True)
