@@ -55,6 +55,35 @@ def test_the_fake_tensor_step_counts_what_the_real_step_allocates(model, overrid
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model,overrides", [
+    ("tiny-sd15", ["objective.name=diffusion_kto", "objective.loss=kto", "train.lora_rank=4"]),
+    ("tiny-hunyuanvideo15", ["data.frames=5", "data.resolution=32", "train.lora_rank=4"]),
+])
+def test_a_step_that_selects_by_a_masks_values_counts_what_the_real_step_allocates(model, overrides):
+    """KTO selects its desirable and undesirable rows by their labels; HunyuanVideo 1.5's transformer puts each
+    sample's valid text and image tokens first by their attention masks. Fake tensors cannot size such selections;
+    the masks hold real values here, and the estimate sizes by them: the same bytes as the real step."""
+    fake = bench_memory.training_step_memory(_config(model, 2, *overrides), fake=True)
+    real = bench_memory.training_step_memory(_config(model, 2, *overrides), fake=False)
+    assert fake == real and fake["activations_gb"] > 0
+
+
+def test_masked_indexing_of_fake_tensors_is_sized_by_a_real_masks_values_and_refused_for_a_fake_mask():
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+
+    from diffalign.train.memory import MasksReadByValue
+
+    with FakeTensorMode(allow_non_fake_inputs=True):  # as the estimate gives models fake storage
+        x, fake_mask = torch.empty(4, 3, 5), torch.empty(4, 3, dtype=torch.bool)
+    mask = torch.tensor([[True, False, True]] * 3 + [[False] * 3])
+    with MasksReadByValue():
+        assert x[mask].shape == (6, 5) and x[~mask].shape == (6, 5) and x[:, mask[0]].shape == (4, 2, 5)
+        x[mask] = 0.0  # index_put_ by the same mask
+        with pytest.raises(DynamicOutputShapeException):
+            x[fake_mask]
+
+
+@pytest.mark.slow
 def test_memory_grows_with_the_batch_and_checkpointing_saves_activations():
     one, four = (bench_memory.training_step_memory(_config("tiny-sdxl", b)) for b in (1, 4))
     assert four["weights_gb"] == one["weights_gb"]
@@ -148,9 +177,8 @@ ONLINE = {"d3po": ["objective.name=d3po", "online.prompts=toy_train", "online.re
 @pytest.mark.parametrize("model,objective", [("tiny-sd15", "d3po"), ("tiny-qwenimage", "grpo")])
 def test_an_online_step_and_its_rounds_sampling_count_what_the_real_ones_allocate(model, objective):
     """An online objective: one batch of a round's sampling and decoding (with the optimiser's state held), then one
-    step on the units it makes of a round; fake storage and real CPU tensors agree at every moment. On Qwen-Image
-    the fake run encodes its prompt with zero hidden states (its pipeline selects tokens by mask, which fake tensors
-    cannot size), the real one with the text encoder: the shapes, and so the bytes, are the same."""
+    step on the units it makes of a round; fake storage and real CPU tensors agree at every moment (on Qwen-Image too,
+    whose pipeline selects its prompt's tokens by the attention mask: sized by the mask's values)."""
     fake = bench_memory.training_step_memory(_config(model, 2, *ONLINE[objective]), fake=True)
     real = bench_memory.training_step_memory(_config(model, 2, *ONLINE[objective]), fake=False)
     assert fake == real

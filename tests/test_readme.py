@@ -231,3 +231,24 @@ def test_every_docs_page_is_in_the_site_and_the_reference_pages_are_current():
     done = subprocess.run([sys.executable, "scripts/gen_reference.py", "--check"], cwd=ROOT, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
+
+
+def config_comment_commands(text: str) -> list[list[str]]:
+    """The ``diffalign ...`` commands a config's comments give: backticked, or a comment line of its own."""
+    comments = "\n".join(line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#"))
+    quoted = re.findall(r"`(diffalign [^`]+)`", comments)
+    own_lines = [line for line in comments.splitlines() if line.startswith("diffalign ")]
+    return [shlex.split(command.split("...")[0]) for command in quoted + own_lines]
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_command_a_config_comment_gives_has_flags_and_keys_that_exist(config):
+    """A config's comments tell users what to run with it (a tiny backbone's overrides, the eval that reads the
+    run); each such command's flags are its subcommand's and a ``diffalign train`` line's overrides load. Two
+    configs once said ``--set key=value``, which ``diffalign train`` refuses."""
+    from diffalign.train import load_config
+
+    for words in config_comment_commands((ROOT / "configs" / config).read_text()):
+        check_flags(words)
+        if words[1] == "train" and len(words) > 2:
+            load_config(ROOT / words[2], [w for w in words[3:] if "=" in w])

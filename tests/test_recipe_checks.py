@@ -75,10 +75,6 @@ def test_the_plan_of_every_recipe_says_what_it_reads_does_and_needs(recipe, samp
     assert f"steps: {config.train.max_steps:,} optimiser steps" in text
     if objective.dataset.startswith("text_"):
         assert "memory: not estimated for language models" in text
-    elif objective.dataset == "labelled_images":  # KTO's step selects the desirable rows by value
-        assert "memory: not estimated: a step of diffusion_kto depends on its data's values" in text
-    elif config.model.path.endswith("tiny-hunyuanvideo15"):  # its transformer orders tokens by its masks' values
-        assert "memory: not estimated: a step of diffusion_dpo depends on its data's values" in text
     elif objective.samples_in_loss:  # its reward model runs inside the step, on real weights
         assert f"memory: not estimated for {config.objective.name}, which samples and scores inside its loss" in text
         assert "no rounds are stored" in text
@@ -226,7 +222,5 @@ def test_the_plan_of_every_toy_config_reads_its_toy_data_and_estimates_its_memor
         assert "memory: not estimated for language models" in text
     elif online:
         assert "memory:" not in text
-    elif config.objective.name == "diffusion_kto":  # its step selects the desirable rows by value
-        assert "memory: not estimated: a step of diffusion_kto depends on its data's values" in text
     else:
         assert re.search(r"memory: peak per GPU about \d+\.\d GiB", text)

@@ -1,6 +1,7 @@
 """Peak memory of one training step, estimated on any machine: the models built on the meta device with fake
 storage (shapes and dtypes, no data) and one real step of the configured objective run on them, counting the
-bytes of every tensor storage alive at each moment. For an online objective, one batch of a round's sampling and
+bytes of every tensor storage alive at each moment. Selections by a mask that holds real values (KTO's labels, a
+prompt's attention mask) are sized by those values (:class:`MasksReadByValue`). For an online objective, one batch of a round's sampling and
 decoding too (:func:`round_sampling`).
 
 Optimiser state is allocated as the optimiser allocates it: torch AdamW keeps two fp32 tensors per trained
@@ -58,6 +59,32 @@ class LiveStorage(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.add(*(t for t in tree_leaves(out) if isinstance(t, torch.Tensor)))
         return out
+
+
+class MasksReadByValue(TorchDispatchMode):
+    """Boolean-mask indexing of fake tensors by masks that hold real values, sized by those values.
+
+    Fake tensors cannot size ``x[mask]`` (the result's length is the mask's count of True), so a step that selects
+    by a mask would not be estimated. Where the mask itself is real (a tokenizer's attention mask, KTO's labels,
+    HunyuanVideo 1.5's reordering of its text and image tokens) the selection is rewritten into the integer
+    indices it means (``mask.nonzero()``, as PyTorch's own indexing does), which fake tensors size. A mask that is
+    itself fake still raises ``DynamicOutputShapeException``: its values are not known.
+    """
+
+    INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                torch.ops.aten._unsafe_index_put.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if func in self.INDEXING and isinstance(args[0], FakeTensor):
+            indices = []
+            for index in args[1]:
+                by_value = isinstance(index, torch.Tensor) and not isinstance(index, FakeTensor) \
+                    and index.dtype in (torch.bool, torch.uint8)
+                indices.extend(index.nonzero().unbind(1) if by_value else [index])
+            args = (args[0], indices, *args[2:])
+        return func(*args, **(kwargs or {}))
 
 
 def optimizer_state(params: list[torch.Tensor], adam_8bit: bool) -> list[torch.Tensor]:
@@ -152,51 +179,6 @@ def unregistered_tables_on_cpu(module: torch.nn.Module) -> None:
         for name, value in list(vars(sub).items()):
             if isinstance(value, torch.Tensor) and value.is_meta:
                 setattr(sub, name, torch.zeros_like(value, device="cpu"))
-
-
-def _zero_hidden_states(encoder: torch.nn.Module):
-    """A forward for a transformers text encoder that returns zero hidden states of its real width, one per layer
-    plus the embeddings, for the tokens it is given: real tensors, so a pipeline that selects tokens by the
-    attention mask (Qwen-Image's and Z-Image's ``hidden_states[mask]``) gets real shapes."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    text = getattr(encoder.config, "text_config", encoder.config)
-    dtype = next(encoder.parameters()).dtype
-
-    def forward(input_ids=None, inputs_embeds=None, **_):
-        tokens = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        zeros = torch.zeros(*tokens, text.hidden_size, dtype=dtype)
-        return BaseModelOutputWithPast(last_hidden_state=zeros, hidden_states=(zeros,) * (text.num_hidden_layers + 1))
-    return forward
-
-
-@contextlib.contextmanager
-def text_encoders_for_estimate(backbone):
-    """Encode prompts as the estimate needs them: only their shapes matter, since the step's tracker adds the
-    conditioning as an input (the text encoders' own memory is not the step's).
-
-    Encoders on fake storage run as they are; a pipeline whose encoding reads data-dependent shapes (a boolean mask
-    over the hidden states, as Qwen-Image's and Z-Image's: ``nonzero``, which fake tensors cannot size) encodes
-    inside this context with every transformers text encoder answering zeros of its real width
-    (:func:`_zero_hidden_states`).
-    """
-    from torch._subclasses.fake_tensor import DynamicOutputShapeException
-    from transformers import PreTrainedModel
-
-    try:
-        if backbone.prompt_reads_sources:  # encoded with a source image, as its runs encode
-            backbone.encode_prompts(["a probe"], torch.zeros(1, 1, 3, 64, 64))
-        else:
-            backbone.encode_prompts(["a probe"])
-    except DynamicOutputShapeException:
-        encoders = [m for m in backbone.pipe.components.values()
-                    if isinstance(m, PreTrainedModel) and m is not backbone.denoiser]
-        with contextlib.ExitStack() as patches:
-            for encoder in encoders:
-                patches.enter_context(mock.patch.object(encoder, "forward", _zero_hidden_states(encoder)))
-            yield
-        return
-    yield
 
 
 def offline_inputs(objective, config, latent_shape: tuple[int, ...], list_size: int):
@@ -356,7 +338,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
     modules = materialise(backbone, [reference] if reference is not None else [], fake)
-    with one_of_a_context_parallel_group(tc.context_parallel):
+    with one_of_a_context_parallel_group(tc.context_parallel), MasksReadByValue():
         if tc.context_parallel > 1:
             enable_context_parallel(backbone, reference, tc.context_parallel, tc.context_parallel, torch.device("cpu"))
         return _step_memory(config, objective_cls, backbone, reference, modules, list_size, every_step)
@@ -377,7 +359,7 @@ def _step_memory(config, objective_cls, backbone, reference, modules: list[torch
     # dispatches itself), while real tensors (the schedule's tables, the random draws) keep
     # the values objectives read with .item() or nonzero.
     guided = online and config.objective.sample_guidance_scale != 1.0
-    with text_encoders_for_estimate(backbone), torch.no_grad(), autocast:
+    with torch.no_grad(), autocast:
         if objective_cls.samples_in_loss:  # its reward stands in (not counted): a reward model needs its weights
             objective = objective_cls(config.objective, backbone)
             objective.rewards = [(PixelMeanReward(), 1.0)]
