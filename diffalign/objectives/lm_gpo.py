@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from diffalign.losses.self_play import preference_scores
 from diffalign.objectives.gpo import GPO
-from diffalign.objectives.lm_online import LanguageModelSelfPlay
-from diffalign.objectives.self_play import extreme_pairs
+from diffalign.objectives.lm_online import LanguageModelSelfPlay, best_vs_worst
 
 
 class LanguageModelGPO(LanguageModelSelfPlay):
@@ -29,7 +28,6 @@ class LanguageModelGPO(LanguageModelSelfPlay):
 
     def pairs(self, rewards, generator):
         scores = preference_scores(rewards)  # (G, K) rewards or (G, K, K) tables
-        groups, items = extreme_pairs(scores)
-        keep = scores.gather(1, items[:, :1]).squeeze(1) > scores.gather(1, items[:, 1:]).squeeze(1)
-        chosen = scores.gather(1, items)
-        return groups[keep], items[keep], {"score_chosen": chosen[keep, 0], "score_rejected": chosen[keep, 1]}
+        groups, items = best_vs_worst(scores)
+        chosen = scores[groups[:, None], items]
+        return groups, items, {"score_chosen": chosen[:, 0], "score_rejected": chosen[:, 1]}

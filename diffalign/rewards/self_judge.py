@@ -74,6 +74,7 @@ class SelfJudge:
 
     description = ("The policy's own judgement (OSP): its log-odds of answering that one completion is better than "
                    "another, averaged over both orders; a preference table, higher is better.")
+    runs_the_policy = True  # its forwards are the policy's: under FSDP2 every process must judge in step
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, template: str = DEFAULT_TEMPLATE,
                  labels: tuple[str, str] = ("1", "2"), batch_size: int = 16) -> None:

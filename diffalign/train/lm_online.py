@@ -29,7 +29,6 @@ from diffalign.lm.packing import padding_share
 from diffalign.lm.sampling import sample_completions
 from diffalign.lm.tokenize import collate, tokenize_group
 from diffalign.losses.self_play import preference_scores
-from diffalign.rewards.self_judge import SelfJudge
 from diffalign.rewards.text import load_text_reward
 from diffalign.sharded import is_sharded
 from diffalign.train.config import Config
@@ -90,7 +89,7 @@ class TextRounds(RoundDriver):
         Whole weights: the main samples (and judges) alone."""
         sharded = is_sharded(self.policy)
         self._sampled = self._sample(r) if sharded else None
-        judges = sharded and isinstance(self.reward, SelfJudge)
+        judges = sharded and getattr(self.reward, "runs_the_policy", False)
         self._judged = self._tables(r, self._sampled) if judges else None
 
     def join(self, r: int, folder: Path) -> None:
