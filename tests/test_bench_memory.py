@@ -68,19 +68,48 @@ def test_a_step_that_selects_by_a_masks_values_counts_what_the_real_step_allocat
     assert fake == real and fake["activations_gb"] > 0
 
 
-def test_masked_indexing_of_fake_tensors_is_sized_by_a_real_masks_values_and_refused_for_a_fake_mask():
-    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+@pytest.mark.slow
+def test_large_real_tensors_become_fake_with_the_same_bytes(monkeypatch):
+    """HunyuanVideo 1.5's (batch, 1, tokens, tokens) attention mask is built from real token masks in every block:
+    with the threshold low enough that the tiny model's masks are made fake, its step still counts exactly what the
+    real step allocates."""
+    from diffalign.train.memory import RealAndFakeTensors
 
-    from diffalign.train.memory import MasksReadByValue
+    overrides = ["data.frames=5", "data.resolution=32", "train.lora_rank=4"]
+    real = bench_memory.training_step_memory(_config("tiny-hunyuanvideo15", 2, *overrides), fake=False)
+    made_fake = []
+    shapes_only = RealAndFakeTensors._shapes_only
+
+    def recorded(self, func, args, kwargs):
+        out = shapes_only(self, func, args, kwargs)
+        if isinstance(out, torch.Tensor) and out.numel() >= self.large:
+            made_fake.append(func)
+        return out
+
+    # above the (batch, 729, 1152) image tokens, whose values the transformer reads (zeros: text to video)
+    monkeypatch.setattr(RealAndFakeTensors, "large", 65536)
+    monkeypatch.setattr(RealAndFakeTensors, "_shapes_only", recorded)
+    assert bench_memory.training_step_memory(_config("tiny-hunyuanvideo15", 2, *overrides), fake=True) == real
+    assert torch.ops.aten.repeat.default in made_fake  # the mask's repeat over the tokens, at least
+
+
+def test_masked_indexing_of_fake_tensors_is_sized_by_a_real_masks_values_and_refused_for_a_fake_mask():
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensor, FakeTensorMode
+
+    from diffalign.train.memory import RealAndFakeTensors
 
     with FakeTensorMode(allow_non_fake_inputs=True):  # as the estimate gives models fake storage
         x, fake_mask = torch.empty(4, 3, 5), torch.empty(4, 3, dtype=torch.bool)
     mask = torch.tensor([[True, False, True]] * 3 + [[False] * 3])
-    with MasksReadByValue():
+    with RealAndFakeTensors():
         assert x[mask].shape == (6, 5) and x[~mask].shape == (6, 5) and x[:, mask[0]].shape == (4, 2, 5)
         x[mask] = 0.0  # index_put_ by the same mask
         with pytest.raises(DynamicOutputShapeException):
             x[fake_mask]
+        small, large = torch.ones(10, dtype=torch.bool), torch.ones(1, 2**12, dtype=torch.bool)
+        assert not isinstance(small.repeat(10, 1), FakeTensor)  # a small real result stays real, values and all
+        big = large.repeat(2**12, 1)  # 2**24 elements: shapes only
+        assert isinstance(big, FakeTensor) and big.shape == (2**12, 2**12)
 
 
 @pytest.mark.slow

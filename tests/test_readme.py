@@ -106,7 +106,7 @@ def check_flags(words: list[str]) -> None:
     flags = {option for action in sub._actions for option in action.option_strings}
     for word in words[2:]:
         if word.startswith("--"):
-            assert word in flags, f"README: `{shlex.join(words)}`: diffalign {words[1]} has no {word}"
+            assert word in flags, f"`{shlex.join(words)}`: diffalign {words[1]} has no {word}"
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Peak memory of one training step, estimated on any machine: the models built on the meta device with fake
 storage (shapes and dtypes, no data) and one real step of the configured objective run on them, counting the
 bytes of every tensor storage alive at each moment. Selections by a mask that holds real values (KTO's labels, a
-prompt's attention mask) are sized by those values (:class:`MasksReadByValue`). For an online objective, one batch of a round's sampling and
-decoding too (:func:`round_sampling`).
+prompt's attention mask) are sized by those values (:class:`RealAndFakeTensors`). For an online objective, one
+batch of a round's sampling and decoding too (:func:`round_sampling`).
 
 Optimiser state is allocated as the optimiser allocates it: torch AdamW keeps two fp32 tensors per trained
 tensor; bitsandbytes AdamW8bit (``train.adam_8bit``) two uint8 tensors plus one fp32 absmax per 256 values for
@@ -61,22 +61,39 @@ class LiveStorage(TorchDispatchMode):
         return out
 
 
-class MasksReadByValue(TorchDispatchMode):
-    """Boolean-mask indexing of fake tensors by masks that hold real values, sized by those values.
+class RealAndFakeTensors(TorchDispatchMode):
+    """Where the estimate's real tensors (data, masks, the schedule's tables) meet its fake ones, two rules.
 
-    Fake tensors cannot size ``x[mask]`` (the result's length is the mask's count of True), so a step that selects
-    by a mask would not be estimated. Where the mask itself is real (a tokenizer's attention mask, KTO's labels,
-    HunyuanVideo 1.5's reordering of its text and image tokens) the selection is rewritten into the integer
-    indices it means (``mask.nonzero()``, as PyTorch's own indexing does), which fake tensors size. A mask that is
-    itself fake still raises ``DynamicOutputShapeException``: its values are not known.
+    Boolean-mask indexing of a fake tensor by a mask that holds real values is sized by those values: fake tensors
+    cannot size ``x[mask]`` (its length is the mask's count of True), so a step that selects by a mask (KTO's rows by
+    their labels, HunyuanVideo 1.5's text and image tokens reordered by their attention masks, Qwen-Image's prompt
+    tokens) would not be estimated. The selection is rewritten into the integer indices it means (``mask.nonzero()``,
+    as PyTorch's own indexing does), which fake tensors size. A mask that is itself fake still raises
+    ``DynamicOutputShapeException``: its values are not known.
+
+    An op on real tensors alone whose output has ``large`` elements or more gives a fake tensor instead (once the
+    step's fake tensors have shown their mode): HunyuanVideo 1.5 builds a (batch, 1, tokens, tokens) boolean
+    attention mask from each sample's token mask in every block, billions of real values at 81 frames that only
+    the attention reads. Its bytes are counted all the same; computing them made the estimate take an hour.
     """
 
     INDEXING = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
                 torch.ops.aten._unsafe_index_put.default)
 
+    large = 2**24  # elements
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fake_mode = None  # the step's, from the first fake tensor an op reads
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._subclasses.fake_tensor import FakeTensor
 
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        fake = next((t for t in tensors if isinstance(t, FakeTensor)), None)
+        if fake is not None:
+            self.fake_mode = fake.fake_mode
         if func in self.INDEXING and isinstance(args[0], FakeTensor):
             indices = []
             for index in args[1]:
@@ -84,7 +101,21 @@ class MasksReadByValue(TorchDispatchMode):
                     and index.dtype in (torch.bool, torch.uint8)
                 indices.extend(index.nonzero().unbind(1) if by_value else [index])
             args = (args[0], indices, *args[2:])
-        return func(*args, **(kwargs or {}))
+        elif fake is None and tensors and self.fake_mode is not None and not func._schema.is_mutable:
+            shaped = self._shapes_only(func, args, kwargs)
+            if any(isinstance(t, torch.Tensor) and t.numel() >= self.large for t in tree_leaves(shaped)):
+                return shaped
+        return func(*args, **kwargs)
+
+    def _shapes_only(self, func, args, kwargs):
+        """The op's outputs on fake storage, or None where shapes alone cannot give them (a data-dependent op)."""
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+        try:
+            with self.fake_mode:
+                return func(*args, **kwargs)
+        except (DynamicOutputShapeException, DataDependentOutputException):
+            return None
 
 
 def optimizer_state(params: list[torch.Tensor], adam_8bit: bool) -> list[torch.Tensor]:
@@ -338,7 +369,7 @@ def training_step_memory(config, list_size: int = 4, fake: bool = True, every_st
     with device:
         backbone, reference = build_models(config, device, frozen_reference=objective_cls.frozen_reference)
     modules = materialise(backbone, [reference] if reference is not None else [], fake)
-    with one_of_a_context_parallel_group(tc.context_parallel), MasksReadByValue():
+    with one_of_a_context_parallel_group(tc.context_parallel), RealAndFakeTensors():
         if tc.context_parallel > 1:
             enable_context_parallel(backbone, reference, tc.context_parallel, tc.context_parallel, torch.device("cpu"))
         return _step_memory(config, objective_cls, backbone, reference, modules, list_size, every_step)
