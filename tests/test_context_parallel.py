@@ -91,9 +91,9 @@ def test_two_processes_splitting_each_clip_train_and_validate_what_one_process_d
 def test_a_group_of_two_processes_samples_and_trains_online_rounds_as_one_process(tmp_path):
     """Flow-GRPO on the tiny Wan2.2 (the Wan2.2 GRPO recipe's CPU overrides; 2 groups of 4 clips a round): one process,
     and two processes of one context-parallel group, which sample the round's groups together (each forward split
-        over them, the part written by the group's first) and train on the same units (scored by the toy video world's
-    preference, which tells the random model's clips apart). The rounds' clips and rewards agree to float rounding, and the LoRA weights after a round's 2 steps too, the group's run stopped after its
-    first step and resumed (learning rate 1; the random model's policy gradients are about 1e-7, so Adam's epsilon
+    over them, the part written by the group's first) and train on the same units (scored by the toy video world's
+    preference, which tells the random model's clips apart). The rounds' clips and rewards agree to float rounding,
+    and the LoRA weights after a round's 2 steps too, the group's run stopped after its first step and resumed (learning rate 1; the random model's policy gradients are about 1e-7, so Adam's epsilon
     is 1e-5 here, far above them, for updates proportional to them as above)."""
     common = [str(ROOT / "configs" / "wan22_grpo.yaml"), *cpu_overrides("wan22_grpo.yaml", recipe_data(tmp_path / "d")),
               "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=0", "train.learning_rate=1.0",

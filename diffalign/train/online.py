@@ -146,7 +146,6 @@ class OnlineRounds(RoundDriver):
         super().__init__(config, output_dir, accelerator)
         self.backbone, self.objective = backbone, objective
         self.share = data_share(accelerator.process_index, accelerator.num_processes, config.train.context_parallel)
-        self.writes = self.share.first
         self.group_size = objective.round_group_size(config)
         shared = config.online.shared_noise
         self.shared_noise = objective.shared_noise if shared is None else shared
@@ -165,7 +164,7 @@ class OnlineRounds(RoundDriver):
         else:
             self.prompts = None if real is not None else read_prompts(config.online.prompts)
         # the reward models, on the processes that score (a context-parallel group's first: its others hold None)
-        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) if self.writes else None
+        self.rewards = {RewardSpec.parse(spec).name: load_reward(spec) if self.share.first else None
                         for spec in reward_specs(config.online.reward)}
         comparing = [name for name, model in self.rewards.items() if getattr(model, "reads_sources", False)]
         if comparing and self.edits is None:
@@ -180,7 +179,7 @@ class OnlineRounds(RoundDriver):
         GPU (the main process joins their parts)."""
         mine = list(range(self.share.index, self.config.online.groups_per_round, self.share.count))
         if mine:  # the main process always has group 0, so the round always has its images/ folder
-            if self.writes:
+            if self.share.first:
                 (folder / "images").mkdir(exist_ok=True)
             self._sample_groups_of(r, mine, folder)
 
@@ -201,7 +200,7 @@ class OnlineRounds(RoundDriver):
             sources = torch.stack(self._sources(r, groups))
             reference = torch.stack([self.backbone.encode_sources(s.to(acc.device)).cpu() for s in sources])
             part["reference"] = reference
-            for group, images in zip(groups, sources if self.writes else []):
+            for group, images in zip(groups, sources if self.share.first else []):
                 for s, image in enumerate(images):
                     to_pil(image.add(1).div(2)).save(tmp / "images" / f"group{group:04d}-source{s}.png")
         label = f"round {r}: sampling {len(groups)} groups of {k}" if acc.is_local_main_process else None
@@ -213,12 +212,12 @@ class OnlineRounds(RoundDriver):
                                             None if reference is None else reference[i:i + n],
                                             None if sources is None else sources[i:i + n], check_ratio=i == 0)
                 batches.append(batch)
-                if self.rewards and self.writes:  # each image with its group's prompt (and sources, in [0, 1])
+                if self.rewards and self.share.first:  # each image with its group's prompt (and sources, in [0, 1])
                     scored.append(scorer.submit(
                         self._score, batch[2], [p for p in prompts[i:i + n] for _ in range(k)],
                         None if sources is None else sources[i:i + n].add(1).div(2).repeat_interleave(k, dim=0)))
             parts = [future.result() for future in scored]
-        if not self.writes:
+        if not self.share.first:
             return
         latents, log_probs, images = (torch.cat([batch[j] for batch in batches]) for j in range(3))
         for j, image in enumerate(images):
